@@ -1,0 +1,93 @@
+"""Sonde probes: load a causal LM and read or edit its activations through one small API.
+
+>>> from probes import load_model, Mean, l2_norm
+>>> probe = load_model("embedded")                      # SmolLM2-135M-Instruct, offline
+>>> toks = probe.to_tokens("The capital of France is")
+>>> norms = Mean(dims=(0,), transform=l2_norm)
+>>> logits = probe.run(toks, reads={"blocks.10.hook_resid_post": norms})
+>>> norms.finalize().shape                               # [T]
+
+Backends: ``"nnsight"`` (default; the model keeps SDPA attention) and ``"transformer_lens"``
+(TransformerLens 4 ``TransformerBridge``, eager attention). Both give the same numbers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .backend import BACKENDS, ModelInfo, Probe
+from .edits import Ablate, AddVector, AttendTo, Edit, Patch, ZeroAttention, parse_head
+from .errors import (
+    ConfigError,
+    DeviceError,
+    InputError,
+    ModelLoadError,
+    OutOfMemoryError,
+    SondeError,
+    UnknownSiteError,
+    UnsupportedModelError,
+)
+from .loading import EMBEDDED, cache_dir, resolve_device, resolve_dtype
+from .reducers import Collect, Histogram, Max, Mean, Min, Moments, Reducer, Sum, TopK, l2_norm, reducer_from_state
+from .sites import Site, all_sites, parse_site, site
+
+__all__ = [
+    "load_model", "from_hf", "Probe", "ModelInfo", "BACKENDS", "EMBEDDED",
+    "Site", "site", "parse_site", "all_sites",
+    "Reducer", "Mean", "Sum", "Max", "Min", "Moments", "Histogram", "TopK", "Collect", "l2_norm", "reducer_from_state",
+    "Edit", "Ablate", "Patch", "AddVector", "AttendTo", "ZeroAttention", "parse_head",
+    "SondeError", "ConfigError", "InputError", "ModelLoadError", "UnknownSiteError", "UnsupportedModelError",
+    "DeviceError", "OutOfMemoryError", "cache_dir",
+]
+
+
+def from_hf(hf_model: Any, tokenizer: Any, *, backend: str = "nnsight", name: str | None = None, source: str | None = None) -> Probe:
+    """Wrap an already-loaded HF causal LM (e.g. a tiny model built from a config) in a probe.
+
+    The transformer_lens backend switches the model to eager attention in place; give each
+    backend its own model object.
+    """
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown backend {backend!r}.", hint=f"Use one of: {', '.join(BACKENDS)}.")
+    name = name or getattr(hf_model.config, "_name_or_path", None) or hf_model.config.model_type
+    hf_model.eval()
+    if backend == "nnsight":
+        from .nns import NNsightProbe
+
+        return NNsightProbe(hf_model, tokenizer, name=name, source=source or name)
+    from .tl import TransformerLensProbe
+
+    return TransformerLensProbe(hf_model, tokenizer, name=name, source=source or name)
+
+
+def load_model(
+    name: str = EMBEDDED,
+    *,
+    backend: str = "nnsight",
+    device: str = "auto",
+    dtype: str = "auto",
+    device_map: str | dict | None = None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+) -> Probe:
+    """Load a model and wrap it in a :class:`Probe`.
+
+    Args:
+        name: ``"embedded"`` (SmolLM2-135M-Instruct, works offline), a Hugging Face id (local cache
+            first), a local folder saved with ``save_pretrained`` (safetensors), or a ``.gguf`` file.
+        backend: ``"nnsight"`` or ``"transformer_lens"``.
+        device: ``auto`` (CUDA if present), ``cpu``, ``cuda``, ``cuda:N``, ``mps``.
+        dtype: ``auto`` (fp32 on CPU, bf16 on GPU), ``float32``, ``bfloat16``, ``float16``.
+        device_map: passed to accelerate (``"auto"`` spreads a large model over the GPUs).
+        revision: model revision (branch, tag, commit) for hub models.
+        trust_remote_code: run custom modelling code from the model's repository (off by default).
+    """
+    from .loading import load_hf
+
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown backend {backend!r}.", hint=f"Use one of: {', '.join(BACKENDS)}.")
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    model, tok, source = load_hf(name, device=dev, dtype=dt, device_map=device_map, revision=revision,
+                                 trust_remote_code=trust_remote_code)
+    return from_hf(model, tok, backend=backend, name=name, source=source)

@@ -1,0 +1,352 @@
+"""The :class:`Probe`: one model object, whatever backend reads and edits its activations.
+
+A probe owns the HF model, its tokenizer and a summary (:class:`ModelInfo`). Its one run method::
+
+    logits = probe.run(tokens, reads={"blocks.3.hook_resid_post": Mean(dims=(0,))},
+                       edits=[Ablate("blocks.5.attn.hook_z", heads=[3])])
+
+streams each read site's tensor through its reducers inside the hook and applies the edits there.
+Backends (:mod:`probes.tl`, :mod:`probes.nns`) only locate site tensors; edits, derived sites and
+reducer updates happen here, so every backend computes the same statistics the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
+
+import torch
+
+from .arch import ArchSpec, arch_for, get_module
+from .edits import Edit
+from .errors import ConfigError, InputError, OutOfMemoryError, UnknownSiteError, UnsupportedModelError
+from .reducers import Reducer
+from .sites import Site, execution_order, parse_site
+
+__all__ = ["Probe", "ModelInfo", "Reads", "BACKENDS"]
+
+BACKENDS = ("nnsight", "transformer_lens")
+Reads = Mapping["str | Site", "Reducer | Sequence[Reducer]"]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Summary of a loaded model (all sizes are counts)."""
+
+    name: str
+    source: str
+    family: str
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_model: int
+    d_head: int
+    d_mlp: int
+    d_vocab: int
+    n_ctx: int
+    n_params: int
+    positional: str
+    parallel_blocks: bool
+    dtype: str
+    device: str
+    fingerprint: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _fingerprint(model: torch.nn.Module) -> str:
+    """Content hash of the config and a sample of every weight (cheap, stable across loads)."""
+    h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    for name, p in sorted(model.state_dict().items()):
+        flat = p.detach().reshape(-1)
+        step = max(1, flat.numel() // 64)
+        h.update(name.encode())
+        h.update(flat[::step][:64].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _summary(model, name: str, source: str, arch: ArchSpec) -> ModelInfo:
+    c = model.config
+    n_heads = int(getattr(c, arch.n_heads_attr))
+    n_kv = int(getattr(c, arch.n_kv_attr, None) or n_heads) if arch.n_kv_attr else n_heads
+    d_model = int(getattr(c, "hidden_size", None) or getattr(c, "n_embd"))
+    d_head = int(getattr(c, "head_dim", None) or d_model // n_heads)
+    d_mlp = int(getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or 4 * d_model)
+    n_ctx = int(getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None) or 2048)
+    positional = "learned" if arch.pos_embed else "rotary"
+    p = next(model.parameters())
+    n_params = sum(t.numel() for t in {id(t): t for t in model.parameters()}.values())
+    n_layers = len(get_module(model, arch.layers))
+    return ModelInfo(
+        name=name, source=source, family=arch.family, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv,
+        d_model=d_model, d_head=d_head, d_mlp=d_mlp, d_vocab=int(c.vocab_size), n_ctx=n_ctx, n_params=n_params,
+        positional=positional, parallel_blocks=arch.parallel, dtype=str(p.dtype).replace("torch.", ""),
+        device=str(p.device), fingerprint=_fingerprint(model),
+    )
+
+
+class _Plan:
+    """What one run does at each site: reducers to update and edits to apply, in execution order."""
+
+    def __init__(self, probe: "Probe", reads: Reads | None, edits: Sequence[Edit]):
+        self.reads: dict[Site, list[Reducer]] = {}
+        self.edits: dict[Site, list[Edit]] = {}
+        n = probe.info.n_layers
+        for key, reds in (reads or {}).items():
+            s = parse_site(key, n)
+            reds = [reds] if isinstance(reds, Reducer) else list(reds)
+            for r in reds:
+                if not isinstance(r, Reducer):
+                    raise ConfigError(f"reads[{s.name!r}] must be a Reducer (or a list of them), got {type(r).__name__}.")
+            self.reads.setdefault(s, []).extend(reds)
+        for e in edits or ():
+            if not isinstance(e, Edit):
+                raise ConfigError(f"edits must be Edit objects (Ablate, Patch, AddVector, AttendTo ...), got {type(e).__name__}.")
+            s = parse_site(e.site, n)
+            self.edits.setdefault(s, []).append(e)
+        for s in set(self.reads) | set(self.edits):
+            probe._check_site(s)
+        if any(s.kind == "result" for s in self.edits):
+            raise ConfigError("hook_result is read-only; edit blocks.{L}.attn.hook_z (per-head) instead.")
+
+    def sites(self) -> list[Site]:
+        """Sites a backend must visit (``result`` is derived from ``z``)."""
+        need = set(self.reads) | set(self.edits)
+        need = {Site("z", s.layer) if s.kind == "result" else s for s in need}
+        return sorted(need, key=execution_order)
+
+    def pattern_mode(self, layer: int) -> str | None:
+        s = Site("pattern", layer)
+        if s in self.edits:
+            return "edit"
+        return "read" if s in self.reads else None
+
+
+class Probe:
+    """A loaded model with Sonde's read/edit API. Create it with :func:`probes.load_model`."""
+
+    backend: str = "base"
+
+    def __init__(self, hf_model: torch.nn.Module, tokenizer: Any, *, name: str, source: str):
+        self.hf_model = hf_model
+        self.tokenizer = tokenizer
+        self.arch = arch_for(hf_model)
+        self.info = _summary(hf_model, name, source, self.arch)
+
+    # ----------------------------------------------------------------------------- features
+    def supports(self, feature: str) -> bool:
+        """Feature flags: ``resid_mid``, ``pattern``, ``pattern_edit``, ``gqa``, ``generate``, ``remote``."""
+        return {
+            "resid_mid": self.arch.resid_mid is not None,
+            "pattern": True,
+            "pattern_edit": True,
+            "gqa": self.info.n_kv_heads < self.info.n_heads,
+            "generate": True,
+            "remote": False,
+        }.get(feature, False)
+
+    def _check_site(self, s: Site) -> None:
+        if s.kind == "resid_mid" and not self.supports("resid_mid"):
+            raise UnknownSiteError(
+                f"{s.name} does not exist in {self.info.family}: its blocks are parallel (attention and MLP read the same input).",
+                hint="Use hook_resid_pre, hook_attn_out, hook_mlp_out and hook_resid_post.",
+            )
+
+    # ----------------------------------------------------------------------------- tokens
+    @property
+    def device(self) -> torch.device:
+        return next(self.hf_model.parameters()).device
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self.tokenizer.bos_token_id
+
+    def to_tokens(self, text: str | Sequence[str], *, prepend_bos: bool | None = None,
+                  max_length: int | None = None, padding_side: Literal["left", "right"] = "right") -> torch.Tensor:
+        """Tokenize to ``[B, T]`` ids on the model's device.
+
+        ``prepend_bos=None`` follows the tokenizer's default; ``True`` makes sure every row starts with
+        BOS, ``False`` strips it. Several texts are padded (``padding_side``) with the pad token.
+        """
+        texts = [text] if isinstance(text, str) else list(text)
+        if not texts:
+            raise InputError("no text was given.", hint="Pass a non-empty prompt.")
+        rows = []
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise InputError(f"text {i} is a {type(t).__name__}, not a string.")
+            if not t.strip():
+                raise InputError("the prompt is empty." if len(texts) == 1 else f"text {i} is empty.", hint="Type a prompt with at least one word.")
+            ids = self.tokenizer(t, add_special_tokens=True).input_ids
+            bos = self.bos_token_id
+            if prepend_bos is True and bos is not None and (not ids or ids[0] != bos):
+                ids = [bos] + ids
+            elif prepend_bos is False and bos is not None and ids and ids[0] == bos:
+                ids = ids[1:]
+            rows.append(ids)
+        limit = max_length or self.info.n_ctx
+        too_long = [(i, len(r)) for i, r in enumerate(rows) if len(r) > limit]
+        if too_long:
+            i, n = too_long[0]
+            raise InputError(
+                f"the prompt{'' if len(rows) == 1 else f' {i}'} is {n} tokens long; this model takes at most {limit}.",
+                hint="Shorten it (or pass a smaller text).",
+            )
+        T = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        out = torch.full((len(rows), T), pad, dtype=torch.long)
+        for i, r in enumerate(rows):
+            if padding_side == "right":
+                out[i, : len(r)] = torch.tensor(r)
+            else:
+                out[i, T - len(r):] = torch.tensor(r)
+        return out.to(self.device)
+
+    def to_str_tokens(self, tokens: torch.Tensor | Sequence[int]) -> list[str]:
+        """Token strings of one row (as the tokenizer decodes each token alone)."""
+        ids = tokens.tolist() if isinstance(tokens, torch.Tensor) else list(tokens)
+        if ids and isinstance(ids[0], list):
+            if len(ids) != 1:
+                raise InputError("to_str_tokens takes one row; index the batch first.")
+            ids = ids[0]
+        return [self.tokenizer.decode([i]) for i in ids]
+
+    def to_string(self, tokens: torch.Tensor | Sequence[int]) -> str:
+        ids = tokens.tolist() if isinstance(tokens, torch.Tensor) else list(tokens)
+        return self.tokenizer.decode(ids)
+
+    def chat(self, user: str, *, system: str | None = None) -> str:
+        """The prompt text for one user turn under the model's chat template (plain text if it has none)."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            return user
+        msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+        return self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+
+    # ----------------------------------------------------------------------------- weights
+    def module(self, path: str, layer: int | None = None) -> torch.nn.Module:
+        """A module by table path: ``probe.module(probe.arch.o_proj, layer=3)``."""
+        if layer is None:
+            return get_module(self.hf_model, path)
+        return get_module(get_module(self.hf_model, self.arch.layers)[layer], path)
+
+    def linear_weight(self, path: str, layer: int) -> torch.Tensor:
+        """Weight of a block's projection as ``[out, in]`` (GPT-2's Conv1D transposed)."""
+        w = self.module(path, layer).weight
+        return w.T if self.arch.conv1d else w
+
+    def W_O(self, layer: int) -> torch.Tensor:
+        """Per-head output projection ``[H, h, d]`` (head h's slice of o_proj's input columns)."""
+        i = self.info
+        w = self.linear_weight(self.arch.o_proj, layer)  # [d, H*h]
+        return w.T.reshape(i.n_heads, i.d_head, w.shape[0])
+
+    def b_O(self, layer: int) -> torch.Tensor | None:
+        b = getattr(self.module(self.arch.o_proj, layer), "bias", None)
+        return b
+
+    def W_out(self, layer: int) -> torch.Tensor:
+        """MLP output projection ``[F, d]`` (row n is neuron n's write direction)."""
+        return self.linear_weight(self.arch.mlp_down, layer).T
+
+    @property
+    def W_U(self) -> torch.Tensor:
+        """Unembedding ``[d, V]``."""
+        return get_module(self.hf_model, self.arch.lm_head).weight.T
+
+    @property
+    def W_E(self) -> torch.Tensor:
+        """Input embedding ``[V, d]``."""
+        return get_module(self.hf_model, self.arch.embed).weight
+
+    @torch.no_grad()
+    def unembed(self, resid: torch.Tensor, *, apply_norm: bool = True) -> torch.Tensor:
+        """Logit lens: final norm then unembedding of a residual ``[..., d]`` -> ``[..., V]``."""
+        x = resid.to(self.device, next(self.hf_model.parameters()).dtype)
+        if apply_norm:
+            x = get_module(self.hf_model, self.arch.final_norm)(x)
+        logits = get_module(self.hf_model, self.arch.lm_head)(x)
+        softcap = getattr(self.hf_model.config, "final_logit_softcapping", None)
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        return logits
+
+    # ----------------------------------------------------------------------------- running
+    @torch.no_grad()
+    def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Plain forward pass (no hooks) -> logits ``[B, T, V]``."""
+        return self.hf_model(input_ids=self._ids(tokens), attention_mask=attention_mask).logits
+
+    def run(self, tokens: torch.Tensor, reads: Reads | None = None, edits: Sequence[Edit] = (), *,
+            attention_mask: torch.Tensor | None = None, return_logits: bool = True) -> torch.Tensor | None:
+        """One forward pass that updates ``reads``' reducers and applies ``edits`` inside the hooks.
+
+        Args:
+            tokens: ids ``[B, T]`` (or ``[T]``).
+            reads: site name (or :class:`Site`) -> reducer or list of reducers.
+            edits: interventions (:mod:`probes.edits`).
+            attention_mask: ``[B, T]`` padding mask (1 = real token), if the batch is padded.
+            return_logits: return the logits ``[B, T, V]``; ``False`` returns ``None``.
+        """
+        plan = _Plan(self, reads, edits)
+        ids = self._ids(tokens)
+        try:
+            with torch.no_grad():
+                logits = self._run(ids, plan, attention_mask)
+        except torch.cuda.OutOfMemoryError as e:  # pragma: no cover - needs a GPU
+            torch.cuda.empty_cache()
+            raise OutOfMemoryError(
+                f"out of GPU memory on a batch of {ids.shape[0]} x {ids.shape[1]} tokens.",
+                hint="Use a smaller batch size (--batch-size) or shorter texts.",
+            ) from e
+        return logits if return_logits else None
+
+    def cache(self, tokens: torch.Tensor, sites: Iterable[str | Site], edits: Sequence[Edit] = ()) -> dict[str, torch.Tensor]:
+        """Whole activations of a few sites for one (small) batch: ``{name: tensor}`` on the CPU."""
+        from .reducers import Collect
+
+        reds = {parse_site(s, self.info.n_layers): Collect() for s in sites}
+        self.run(tokens, reads=reds, edits=edits, return_logits=False)
+        return {s.name: r.finalize() for s, r in reds.items()}
+
+    def _ids(self, tokens) -> torch.Tensor:
+        if isinstance(tokens, str):
+            raise InputError("run() takes token ids; call probe.to_tokens(text) first.")
+        ids = torch.as_tensor(tokens)
+        if ids.ndim == 1:
+            ids = ids[None]
+        if ids.ndim != 2 or ids.dtype not in (torch.int64, torch.int32):
+            raise InputError(f"tokens must be integer ids of shape [B, T]; got {tuple(ids.shape)} {ids.dtype}.")
+        if ids.numel() == 0:
+            raise InputError("the token batch is empty.")
+        if int(ids.max()) >= self.info.d_vocab or int(ids.min()) < 0:
+            raise InputError(f"token ids must lie in 0..{self.info.d_vocab - 1}.")
+        if ids.shape[1] > self.info.n_ctx:
+            raise InputError(f"the input is {ids.shape[1]} tokens long; this model takes at most {self.info.n_ctx}.")
+        return ids.to(self.device)
+
+    def _visit(self, plan: _Plan, s: Site, x: torch.Tensor) -> torch.Tensor | None:
+        """Called by a backend with a site's tensor (site layout). Returns the edited tensor or None."""
+        new = None
+        for e in plan.edits.get(s, ()):
+            new = e.apply(x if new is None else new)
+        cur = x if new is None else new
+        for r in plan.reads.get(s, ()):
+            r.update(cur)
+        if s.kind == "z":
+            rs = plan.reads.get(Site("result", s.layer))
+            if rs:
+                res = torch.einsum("bthe,hed->bthd", cur.to(self.W_O(s.layer).dtype), self.W_O(s.layer))
+                for r in rs:
+                    r.update(res)
+        return new
+
+    def _run(self, ids: torch.Tensor, plan: _Plan, attention_mask: torch.Tensor | None) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        i = self.info
+        return (f"<{type(self).__name__} {i.name} ({i.family}, {i.n_layers} layers, {i.n_heads} heads/{i.n_kv_heads} kv, "
+                f"d={i.d_model}, {i.n_params / 1e6:.1f}M params) on {i.device}, {i.dtype}>")

