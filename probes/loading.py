@@ -199,7 +199,9 @@ def load_hf(
     Face id (read from the local HF cache first; from the hub only when it is reachable).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     if not isinstance(name, str) or not name.strip():
         raise ModelLoadError("no model was given.", hint="Pass 'embedded', an HF id, a local folder or a .gguf file.")
     name = name.strip()

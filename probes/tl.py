@@ -37,6 +37,9 @@ _NAMES = {
 }
 
 
+_NO_ROTARY_HOOKS = {"gpt_neox"}
+
+
 class TransformerLensProbe(Probe):
     """Probe backed by :class:`transformer_lens.model_bridge.TransformerBridge`."""
 
@@ -58,6 +61,17 @@ class TransformerLensProbe(Probe):
                 logging.getLogger().setLevel(prev)
         hooks = self.bridge.hook_dict
         self._rot = {k: f"blocks.{{L}}.attn.hook_rot_{k}" for k in ("q", "k") if "blocks.0.attn.hook_rot_q" in hooks}
+
+    def _check_site(self, s: Site) -> None:
+        super()._check_site(s)
+        # The bridge exposes post-rotary q/k through hook_rot_q/k, which its GPT-NeoX adapter never fires.
+        if s.kind in ("q", "k") and self.info.family in _NO_ROTARY_HOOKS:
+            from .errors import UnsupportedModelError
+
+            raise UnsupportedModelError(
+                f"the transformer_lens backend gives no post-rotary {s.kind} for {self.info.family} models.",
+                hint="Use backend='nnsight' for hook_q/hook_k on this model (hook_pattern works on both).",
+            )
 
     def hook_name(self, s: Site) -> str:
         """The bridge hook that carries a site."""

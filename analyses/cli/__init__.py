@@ -1,0 +1,30 @@
+"""The ``sonde`` command line.
+
+Verbs: ``info``, ``capture``, ``run <analysis>``, ``results ls|show``, ``dashboard``. Each analysis
+registers its ``run`` verbs in its own module ``analyses/cli/<name>.py`` through a
+``register(run_app)`` function; this package discovers them.
+
+Errors the user can fix (:class:`probes.SondeError`) print one line and exit with status 2;
+``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import sys
+
+import typer
+
+from .common import app, run_app, results_app, main  # noqa: F401
+
+__all__ = ["app", "main"]
+
+for _mod in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+    if _mod in ("common", "core"):
+        continue
+    _m = importlib.import_module(f"{__name__}.{_mod}")
+    if hasattr(_m, "register"):
+        _m.register(run_app)
+
+from . import core  # noqa: E402,F401  (info, capture, results, dashboard)

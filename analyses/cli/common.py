@@ -1,0 +1,120 @@
+"""Shared CLI plumbing: the typer apps, option types, error handling, model loading, output."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Sonde: an interpretability workbench for causal LMs.")
+run_app = typer.Typer(no_args_is_help=True, help="Run an analysis (`sonde run ANALYSIS --help`).")
+results_app = typer.Typer(no_args_is_help=True, help="List and show saved results.")
+app.add_typer(run_app, name="run")
+app.add_typer(results_app, name="results")
+
+_STATE = {"debug": False}
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors.")) -> None:
+    _STATE["debug"] = debug
+
+
+# Reusable options (typer reads the default's metadata)
+ModelOpt = typer.Option("embedded", "--model", "-m", help="'embedded', an HF id, a local folder or a .gguf file.")
+BackendOpt = typer.Option("nnsight", "--backend", help="nnsight or transformer_lens.")
+DeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps.")
+DtypeOpt = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16.")
+JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON.")
+OutOpt = typer.Option(None, "--out", "-o", help="Result folder (default: sonde-results/<key>).")
+
+
+def load_probe(model: str, backend: str = "nnsight", device: str = "auto", dtype: str = "auto",
+               trust_remote_code: bool = False, device_map: str | None = None):
+    from probes import load_model
+
+    with status(f"Loading {model} ({backend})"):
+        return load_model(model, backend=backend, device=device, dtype=dtype,
+                          trust_remote_code=trust_remote_code, device_map=device_map)
+
+
+@contextmanager
+def status(msg: str) -> Iterator[None]:
+    """A spinner on stderr for steps over a second (quiet when not a terminal)."""
+    if sys.stderr.isatty():
+        from rich.console import Console
+
+        with Console(stderr=True).status(msg):
+            yield
+    else:
+        yield
+
+
+def progress(total: int | None, description: str):
+    """A rich progress bar on stderr: ``with progress(n, "texts") as step: ... step(k)``."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    class _P:
+        def __enter__(self):
+            self.p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                              TimeRemainingColumn(), transient=False, disable=not sys.stderr.isatty())
+            self.p.__enter__()
+            self.t = self.p.add_task(description, total=total)
+            return self
+
+        def __call__(self, advance: int = 1, **fields):
+            self.p.update(self.t, advance=advance, **({"description": f"{description} " + " ".join(f"{k}={v}" for k, v in fields.items())} if fields else {}))
+
+        def __exit__(self, *a):
+            return self.p.__exit__(*a)
+
+    return _P()
+
+
+def echo_json(obj: Any) -> None:
+    typer.echo(json.dumps(obj, indent=2, default=str))
+
+
+def saved(path: Path, as_json: bool, summary: dict | None = None) -> None:
+    if as_json:
+        echo_json({"result": str(path), **(summary or {})})
+    else:
+        for k, v in (summary or {}).items():
+            typer.echo(f"{k}: {v}")
+        typer.echo(f"saved {path}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: SondeErrors become one line on stderr and exit status 2."""
+    from probes.errors import SondeError
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        app(args=argv, standalone_mode=False)
+    except SondeError as e:
+        if _STATE["debug"]:
+            raise
+        typer.echo(f"error: {e}", err=True)
+        raise SystemExit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        raise SystemExit(130)
+    except (typer.Exit,) as e:
+        raise SystemExit(e.exit_code)
+    except Exception as e:  # click usage errors
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            raise SystemExit(e.exit_code)
+        if isinstance(e, click.exceptions.Abort):
+            raise SystemExit(1)
+        if _STATE["debug"]:
+            raise
+        typer.echo(f"error: {type(e).__name__}: {e} (run with --debug for the traceback)", err=True)
+        raise SystemExit(1)

@@ -1,0 +1,123 @@
+"""Foundation verbs: info, capture, results ls/show, dashboard."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .common import BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, app, echo_json, load_probe, results_app, status
+
+
+@app.command()
+def info(model: str = ModelOpt, backend: str = BackendOpt, device: str = DeviceOpt, dtype: str = DtypeOpt,
+         hooks: bool = typer.Option(False, "--hooks", help="Also list every hook name."), as_json: bool = JsonOpt,
+         trust_remote_code: bool = typer.Option(False, "--trust-remote-code")) -> None:
+    """Summary of a model: layers, heads, KV heads, widths, vocabulary, parameters."""
+    from probes import all_sites
+
+    probe = load_probe(model, backend, device, dtype, trust_remote_code)
+    d = probe.info.to_dict()
+    if hooks:
+        d["hooks"] = [s.name for s in all_sites(probe.info.n_layers) if not (s.kind == "resid_mid" and not probe.supports("resid_mid"))]
+    if as_json:
+        echo_json(d)
+        return
+    for k, v in d.items():
+        if k != "hooks":
+            typer.echo(f"{k:>16}: {v}")
+    for h in d.get("hooks", []):
+        typer.echo(h)
+
+
+@app.command()
+def capture(
+    model: str = ModelOpt,
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Text to run."),
+    input: Optional[Path] = typer.Option(None, "--input", "-i", help="JSONL (field 'text') or text file, one prompt per line."),
+    hooks: str = typer.Option(..., "--hooks", help="Comma-separated hook names, e.g. blocks.3.hook_resid_post."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output .safetensors file."),
+    backend: str = BackendOpt, device: str = DeviceOpt, dtype: str = DtypeOpt,
+    on_error: str = typer.Option("stop", "--on-error", help="Malformed input line: stop or skip."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Dump activations at some hooks to a safetensors file (one entry per hook and prompt)."""
+    from safetensors.torch import save_file
+
+    from analyses.io import iter_records
+    from probes import Collect, InputError, parse_site
+
+    if (prompt is None) == (input is None):
+        raise InputError("give exactly one of --prompt or --input.")
+    if out.suffix != ".safetensors":
+        raise InputError(f"--out {out} must end in .safetensors.")
+    probe = load_probe(model, backend, device, dtype)
+    names = [h.strip() for h in hooks.split(",") if h.strip()]
+    sites = [parse_site(h, probe.info.n_layers) for h in names]
+    texts = [prompt] if prompt is not None else [r.text for r in iter_records(input, on_error=on_error)]
+    tensors = {}
+    from .common import progress
+
+    with progress(len(texts), "capturing") as step:
+        for i, t in enumerate(texts):
+            toks = probe.to_tokens(t)
+            got = probe.cache(toks, sites)
+            for s in sites:
+                tensors[f"{i}/{s.name}"] = got[s.name][0].contiguous()
+            tensors[f"{i}/tokens"] = toks[0].cpu()
+            step()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata={"model": probe.info.name, "fingerprint": probe.info.fingerprint, "hooks": ",".join(s.name for s in sites)})
+    tmp.replace(out)
+    if as_json:
+        echo_json({"out": str(out), "prompts": len(texts), "hooks": [s.name for s in sites]})
+    else:
+        typer.echo(f"wrote {len(tensors)} tensors for {len(texts)} prompt(s) to {out}")
+
+
+@results_app.command("ls")
+def results_ls(root: Optional[Path] = typer.Argument(None, help="Results folder (default sonde-results)."), as_json: bool = JsonOpt) -> None:
+    """List saved results."""
+    from analyses.store import list_results
+
+    df = list_results(root)
+    if as_json:
+        echo_json(df.to_dict(orient="records"))
+    elif df.empty:
+        typer.echo("no results")
+    else:
+        typer.echo(df.to_string(index=False))
+
+
+@results_app.command("show")
+def results_show(path: Path, as_json: bool = JsonOpt) -> None:
+    """Show one result's manifest and table sizes."""
+    from analyses.store import read_result
+
+    r = read_result(path)
+    if as_json:
+        echo_json(r.manifest)
+        return
+    m = r.manifest
+    typer.echo(f"analysis: {m['analysis']}\nmodel: {m['model'].get('name')} ({m['model'].get('fingerprint')})\ncreated: {m['created_at']}")
+    typer.echo(f"config: {m['config']}")
+    for name, df in r.tables.items():
+        typer.echo(f"table {name}: {len(df)} rows, columns {list(df.columns)}")
+    for name, a in r.arrays.items():
+        typer.echo(f"array {name}: {tuple(a.shape)} {a.dtype}")
+
+
+@app.command()
+def dashboard(host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (default loopback only)."),
+              port: int = typer.Option(8501, "--port"),
+              headless: bool = typer.Option(True, "--headless/--browser", help="Do not open a browser window.")) -> None:
+    """Start the Streamlit dashboard (binds 127.0.0.1 unless --host says otherwise)."""
+    app_path = Path(__file__).resolve().parents[2] / "dashboard" / "app.py"
+    cmd = [sys.executable, "-m", "streamlit", "run", str(app_path), "--server.address", host, "--server.port", str(port),
+           "--server.headless", str(headless).lower(), "--browser.gatherUsageStats", "false"]
+    typer.echo(f"Sonde dashboard on http://{host}:{port}")
+    raise SystemExit(subprocess.call(cmd))

@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).parent))
+
+import tiny_models  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def embedded():
+    """The embedded SmolLM2-135M-Instruct behind the nnsight backend (loaded once per session)."""
+    from probes import load_model
+
+    return load_model("embedded", backend="nnsight", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def embedded_tl():
+    """The embedded model behind the TransformerLens backend (its own model object)."""
+    from probes import load_model
+
+    return load_model("embedded", backend="transformer_lens", device="cpu")
+
+
+@pytest.fixture(params=tiny_models.FAMILIES)
+def tiny_family(request):
+    return request.param
+
+
+@pytest.fixture
+def tiny():
+    """Factory: ``tiny("llama", backend="nnsight")`` -> probe around a fresh tiny random model."""
+    return tiny_models.probe
+
+
+@pytest.fixture
+def results_dir(tmp_path, monkeypatch):
+    d = tmp_path / "results"
+    monkeypatch.setenv("SONDE_RESULTS", str(d))
+    return d
