@@ -110,7 +110,7 @@ def site(kind: str, layer: int | None = None) -> Site:
 
 def _patterns():
     pats = []
-    for kind, tpl in list(_TEMPLATES.items()) + [(k, v) for v, k in ((v, k) for k, v in _ALIASES.items())]:
+    for kind, tpl in list(_TEMPLATES.items()) + [(kind, tpl) for tpl, kind in _ALIASES.items()]:
         rx = "^" + re.escape(tpl).replace(re.escape("{L}"), r"(\d+)") + "$"
         pats.append((re.compile(rx), kind))
     return pats
