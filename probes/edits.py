@@ -96,27 +96,17 @@ class Ablate(Edit):
 
     def apply(self, x):
         kind = self.target.kind
-        idx: list = [slice(None)] * x.ndim
         pos_axis = _POS_AXIS.get(kind, 1)
         p = self._pos_index(x, _idx(self.positions), pos_axis)
-        heads, neurons = _idx(self.heads), _idx(self.neurons)
-        sel = torch.zeros(x.shape, dtype=torch.bool, device=x.device)
-        idx[pos_axis] = p if isinstance(p, slice) else torch.tensor(p, device=x.device)
-        m = torch.ones(x.shape, dtype=torch.bool, device=x.device)
-        if not isinstance(p, slice):
-            pm = torch.zeros(x.shape[pos_axis], dtype=torch.bool, device=x.device)
-            pm[list(p)] = True
-            m &= pm.view(*[-1 if i == pos_axis else 1 for i in range(x.ndim)])
-        if heads is not None:
-            ax = _HEAD_AXIS[kind]
-            hm = torch.zeros(x.shape[ax], dtype=torch.bool, device=x.device)
-            hm[list(heads)] = True
-            m &= hm.view(*[-1 if i == ax else 1 for i in range(x.ndim)])
-        if neurons is not None:
-            nm = torch.zeros(x.shape[-1], dtype=torch.bool, device=x.device)
-            nm[list(neurons)] = True
-            m &= nm.view(*[1] * (x.ndim - 1), -1)
-        sel |= m
+        sel = torch.ones(x.shape, dtype=torch.bool, device=x.device)
+        selectors = [(pos_axis, None if isinstance(p, slice) else p), (_HEAD_AXIS.get(kind), _idx(self.heads)),
+                     (x.ndim - 1, _idx(self.neurons))]
+        for axis, chosen in selectors:
+            if chosen is None:
+                continue
+            m = torch.zeros(x.shape[axis], dtype=torch.bool, device=x.device)
+            m[list(chosen)] = True
+            sel &= m.view(*[-1 if i == axis else 1 for i in range(x.ndim)])
         repl = torch.zeros_like(x) if self.mode == "zero" else self.value.to(x.device, x.dtype).expand_as(x)
         return torch.where(sel, repl, x)
 
