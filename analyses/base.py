@@ -152,9 +152,11 @@ def load_result(path: str | Path) -> Result:
 
     man = store.read_manifest(path)
     name = man["analysis"]
-    if name not in _RESULTS:
+    for modname in (name.replace("-", "_"), name.split(".")[0].split("-")[0]):
+        if name in _RESULTS:
+            break
         try:
-            importlib.import_module(f"analyses.{name.replace('-', '_')}")
+            importlib.import_module(f"analyses.{modname}")
         except ImportError:
             pass
     if name not in _RESULTS:

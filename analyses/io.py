@@ -164,6 +164,8 @@ class Checkpoint:
 
         tensors = load_file(str(self.folder / "states.safetensors"))
         for name, r in reducers.items():
+            if name not in meta["states"]:  # a reducer this checkpoint never saw starts empty
+                continue
             m = dict(meta["states"][name])
             for k in list(m):
                 if isinstance(m[k], dict) and "__tensor_list__" in m[k]:

@@ -1,0 +1,952 @@
+"""Information-flow routes (Ferrando & Voita 2024, "Information Flow Routes: Automatically Interpreting
+Language Models at Scale", arXiv 2403.00824).
+
+Each block's output is split into parts that add up to it (the residual input, one part per
+(source token, head) for attention, the FFN output or its neurons). A part's importance is its
+*proximity* to the whole (paper eq. 2, LLM-TT ``routes/contributions.py``)::
+
+    prox_k = max(‖y‖_p − ‖y − z_k‖_p, ε)          importance_k = prox_k / Σ_m prox_m
+
+with p = 1 and ε = 1e-5 by default, so every row of importances sums to exactly 1 and parts that are
+zero (future keys) get ε / Σ. Attention (layer l, query i)::
+
+    resid_mid[i] = resid_pre[i] + Σ_h Σ_j A_h[i, j] · v_h[j] · W_O,h  (+ b_O)
+
+(v from the value projection including b_V, counted once; GQA value heads are expanded so query head
+h reads KV head h // (H / K)). FFN: parts {mlp_out[i], resid_mid[i]}, whole resid_post[i].
+Parallel-residual blocks (GPT-NeoX, Pythia): one block whose parts are the head-token parts, mlp_out
+and resid_pre, whole resid_post. Neuron level: parts post[i, n] · W_out[n] and the rest of the residual.
+
+The graph uses LLM-TT's node names (``routes/graph.py``): ``X0_t`` embedding at position t, ``A{l}_t``
+residual after layer l's attention, ``M{l}_t`` FFN node, ``I{l}_t`` residual after the FFN (input of
+l + 1); the prediction node at t is ``I{L-1}_t``. A route (paper Algorithm 1) starts at the prediction
+node and walks down, keeping every incoming edge whose weight is above τ (default 0.04, LLM-TT's
+slider). With ``renormalize=True`` (LLM-TT default) τ is applied per (token, head) part and per
+residual part, survivors are divided by their new sum, and extraction keeps edges > 0.
+
+The proximities are computed *inside the forward pass*, layer by layer, by a reducer that receives
+each layer's resid_pre, v, pattern, resid_mid, mlp_out and resid_post in execution order; the
+``[T_q, T_k, H, d]`` parts tensor only ever exists for one chunk of queries of one layer.
+
+Example::
+
+    from probes import load_model
+    from analyses import routes
+    probe = load_model("embedded")
+    res = routes.run(probe, "The Eiffel Tower is located in the city of")
+    res.route().edges(data=True); res.plot()
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Iterable, Literal, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from probes.errors import ConfigError, InputError, OutOfMemoryError, UnsupportedModelError
+from probes.reducers import Reducer
+
+from .base import Config as _BaseConfig
+from .base import Result, Timer, register_result
+from .store import StoredResult, hash_inputs
+
+__all__ = [
+    "Config", "DatasetConfig", "RoutesResult", "RouteStatsResult", "RouteStats", "run", "run_dataset",
+    "proximity", "attention_importance", "ffn_importance", "neuron_importance", "block_importance",
+    "decomposed_attention", "threshold_renormalize", "node_name", "max_prompt_tokens",
+]
+
+Level = Literal["token", "head", "neuron"]
+
+
+# ============================================================================ configs
+@dataclass(frozen=True, kw_only=True)
+class Config(_BaseConfig):
+    """Settings of one route computation (defaults: shared/methods/routes.md)."""
+
+    tau: float = 0.04  # LLM-TT slider default (range 0.01-0.10)
+    renormalize: bool = True  # LLM-TT "renormalize after threshold", default on
+    p: float = 1.0  # proximity norm; L1 because residual streams are anisotropic (paper §3)
+    eps: float = 1e-5  # LLM-TT clip, so every row sums to exactly 1
+    include_bias: bool = False  # b_O as its own part (LLM-TT leaves it out: parts != whole for GPT-2/OPT)
+    level: Level = "token"  # "head" adds per-head edge rows; "neuron" adds per-neuron FFN importances
+    position: int = -1  # prediction position of the default route (negative counts from the end)
+    prepend_bos: bool = True  # a BOS sink, as the paper's models see
+    query_chunk: int | None = None  # queries per chunk; None sizes chunks to chunk_mb
+    chunk_mb: int = 256  # memory budget of one [Q, T, H, d] chunk
+    max_memory_gb: float = 8.0  # refuse prompts whose stored importances would exceed this
+    keep_residuals: bool = False  # keep resid vectors so nodes can be read through the logit lens
+    dtype: Literal["float32", "float64"] = "float32"  # LLM-TT computes in fp32
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.tau, (int, float)) and 0.0 < self.tau < 1.0):
+            raise ConfigError(f"tau={self.tau!r} is outside (0, 1).", hint="Use a threshold such as 0.04 (LLM-TT's range is 0.01-0.10).")
+        if not (isinstance(self.p, (int, float)) and self.p >= 1):
+            raise ConfigError(f"p={self.p!r}; the proximity norm must be >= 1.", hint="Use p=1 (default) or p=2.")
+        if not (isinstance(self.eps, (int, float)) and 0.0 < self.eps < 1e-2):
+            raise ConfigError(f"eps={self.eps!r} is outside (0, 0.01).", hint="Use the reference 1e-5.")
+        if self.level not in ("token", "head", "neuron"):
+            raise ConfigError(f"level={self.level!r}; use 'token', 'head' or 'neuron'.")
+        if self.dtype not in ("float32", "float64"):
+            raise ConfigError(f"dtype={self.dtype!r}; use 'float32' or 'float64'.")
+        if self.query_chunk is not None and (not isinstance(self.query_chunk, int) or self.query_chunk < 1):
+            raise ConfigError(f"query_chunk={self.query_chunk!r}; use a positive integer or None (automatic).")
+        if not (isinstance(self.chunk_mb, int) and self.chunk_mb >= 1):
+            raise ConfigError(f"chunk_mb={self.chunk_mb!r}; use a positive integer (megabytes).")
+        if not (isinstance(self.max_memory_gb, (int, float)) and self.max_memory_gb > 0):
+            raise ConfigError(f"max_memory_gb={self.max_memory_gb!r}; use a positive number of gigabytes.")
+        if not isinstance(self.position, int):
+            raise ConfigError(f"position={self.position!r}; use an integer token index (-1 = last).")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DatasetConfig(Config):
+    """Dataset mode: route statistics of the prediction at ``position`` of every prompt."""
+
+    max_tokens: int = 128  # prompts are cut to this many tokens (memory stays bounded)
+    checkpoint_every: int = 16  # prompts between checkpoints
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not (isinstance(self.max_tokens, int) and self.max_tokens >= 2):
+            raise ConfigError(f"max_tokens={self.max_tokens!r}; use an integer >= 2.")
+        if not (isinstance(self.checkpoint_every, int) and self.checkpoint_every >= 1):
+            raise ConfigError(f"checkpoint_every={self.checkpoint_every!r}; use an integer >= 1.")
+
+
+# ============================================================================ math (no model)
+def _norm(x: torch.Tensor, p: float) -> torch.Tensor:
+    if p == 1:
+        return x.abs().sum(-1)
+    if p == 2:
+        return torch.linalg.vector_norm(x, ord=2, dim=-1)
+    return torch.linalg.vector_norm(x, ord=p, dim=-1)
+
+
+@torch.no_grad()
+def _prox(whole: torch.Tensor, parts: torch.Tensor, p: float, eps: float) -> torch.Tensor:
+    """Unnormalised proximity: whole [..., d], parts [..., P, d] -> [..., P] (clipped at eps)."""
+    return (_norm(whole, p).unsqueeze(-1) - _norm(whole.unsqueeze(-2) - parts, p)).clamp_min(eps)
+
+
+@torch.no_grad()
+def proximity(whole: torch.Tensor, parts: torch.Tensor, *, p: float = 1.0, eps: float = 1e-5) -> torch.Tensor:
+    """Importances of parts for a whole: whole [..., d], parts [..., P, d] -> [..., P], rows sum to 1."""
+    pr = _prox(whole, parts, p, eps)
+    return pr / pr.sum(-1, keepdim=True)
+
+
+@torch.no_grad()
+def decomposed_attention(pattern: torch.Tensor, vo: torch.Tensor, queries: slice | None = None) -> torch.Tensor:
+    """Per (query, key, head) attention parts.
+
+    Args:
+        pattern: [H, T_q, T_k] attention probabilities.
+        vo: [T_k, H, d] value vectors already multiplied by each head's W_O slice (v_h[j] · W_O,h).
+        queries: which query rows (default all).
+
+    Returns:
+        [Q, T_k, H, d]: z[i, j, h] = A_h[i, j] · vo[j, h].
+    """
+    a = pattern if queries is None else pattern[:, queries]
+    return a.permute(1, 2, 0).unsqueeze(-1) * vo.unsqueeze(0)
+
+
+def _chunk_size(T: int, H: int, d: int, chunk_mb: int, itemsize: int = 4) -> int:
+    per_query = max(1, T * H * d * itemsize * 2)  # parts + the (whole - parts) temporary
+    return max(1, min(T, int(chunk_mb * 2**20 // per_query)))
+
+
+@torch.no_grad()
+def attention_importance(resid_pre: torch.Tensor, whole: torch.Tensor, pattern: torch.Tensor, vo: torch.Tensor, *,
+                         p: float = 1.0, eps: float = 1e-5, extra_parts: torch.Tensor | None = None,
+                         query_chunk: int | None = None, chunk_mb: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Importances of an attention block's parts, computed in chunks of queries.
+
+    Args:
+        resid_pre: [T, d] residual input (one part).
+        whole: [T, d] block output residual (resid_mid; resid_post for parallel blocks).
+        pattern: [H, T, T] attention probabilities (causal: zero for keys after the query).
+        vo: [T, H, d] v_h[j] · W_O,h per key and head.
+        extra_parts: [T, E, d] further parts per query (b_O, a parallel block's mlp_out), or None.
+
+    Returns:
+        attn [T, T, H] (query, key, head), resid [T], extra [T, E] or None; each query's entries sum to 1,
+        keys after the query get exactly eps / Σ.
+    """
+    T, H, d = vo.shape
+    qc = query_chunk or _chunk_size(T, H, d, chunk_mb, vo.element_size())
+    attn = torch.full((T, T, H), eps, dtype=vo.dtype, device=vo.device)
+    resid = _prox(whole, resid_pre.unsqueeze(-2), p, eps)[..., 0]  # [T]
+    extra = None if extra_parts is None else _prox(whole, extra_parts, p, eps)  # [T, E]
+    for q0 in range(0, T, qc):
+        q1 = min(T, q0 + qc)
+        parts = decomposed_attention(pattern[:, :, :q1], vo[:q1], slice(q0, q1))  # [Q, q1, H, d]
+        pr = _prox(whole[q0:q1, None], parts, p, eps)  # [Q, q1, H]
+        # keys after the query hold exact zero parts; pin them to eps (float reduction order aside)
+        future = torch.arange(q1, device=vo.device)[None, :] > torch.arange(q0, q1, device=vo.device)[:, None]
+        pr.masked_fill_(future[..., None], eps)
+        attn[q0:q1, :q1] = pr
+        del parts, pr
+    total = attn.sum((1, 2)) + resid + (0 if extra is None else extra.sum(-1))
+    attn /= total[:, None, None]
+    resid = resid / total
+    if extra is not None:
+        extra = extra / total[:, None]
+    return attn, resid, extra
+
+
+@torch.no_grad()
+def ffn_importance(resid_mid: torch.Tensor, mlp_out: torch.Tensor, resid_post: torch.Tensor, *, p: float = 1.0,
+                   eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """FFN block: parts {mlp_out, resid_mid} of whole resid_post, all [T, d] -> (ffn [T], resid [T])."""
+    imp = proximity(resid_post, torch.stack([mlp_out, resid_mid], dim=-2), p=p, eps=eps)
+    return imp[..., 0], imp[..., 1]
+
+
+@torch.no_grad()
+def block_importance(whole: torch.Tensor, parts: Sequence[torch.Tensor], *, p: float = 1.0, eps: float = 1e-5) -> torch.Tensor:
+    """Generic block: whole [T, d], parts list of [T, d] -> [T, P] importances (rows sum to 1)."""
+    return proximity(whole, torch.stack(list(parts), dim=-2), p=p, eps=eps)
+
+
+@torch.no_grad()
+def neuron_importance(rest: torch.Tensor, post: torch.Tensor, W_out: torch.Tensor, whole: torch.Tensor, *,
+                      p: float = 1.0, eps: float = 1e-5, query_chunk: int | None = None,
+                      chunk_mb: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Neuron-level FFN parts.
+
+    Args:
+        rest: [T, d] the residual part (whole minus the MLP output; resid_mid for sequential blocks).
+        post: [T, F] MLP hidden activations; W_out: [F, d] write directions; whole: [T, d] resid_post.
+
+    Returns:
+        neurons [T, F] and resid [T]; rows sum to 1.
+    """
+    T, F = post.shape
+    d = W_out.shape[1]
+    qc = query_chunk or max(1, min(T, int(chunk_mb * 2**20 // max(1, F * d * post.element_size() * 2))))
+    neurons = torch.empty(T, F, dtype=post.dtype, device=post.device)
+    resid = _prox(whole, rest.unsqueeze(-2), p, eps)[..., 0]
+    for q0 in range(0, T, qc):
+        q1 = min(T, q0 + qc)
+        parts = post[q0:q1, :, None] * W_out[None]  # [Q, F, d]
+        neurons[q0:q1] = _prox(whole[q0:q1], parts, p, eps)
+    total = neurons.sum(-1) + resid
+    return neurons / total[:, None], resid / total
+
+
+@torch.no_grad()
+def threshold_renormalize(parts: torch.Tensor, resid: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """LLM-TT ``apply_threshold_and_renormalize``: zero every part (and residual) with importance <= tau,
+    divide survivors by their new sum (residual included).
+
+    Args:
+        parts: [..., P] block parts per target; resid: [...] residual part.
+
+    Returns:
+        (parts, resid) with the same shapes; a target whose parts are all <= tau gets all zeros (not NaN).
+    """
+    pk = torch.where(parts > tau, parts, torch.zeros_like(parts))
+    rk = torch.where(resid > tau, resid, torch.zeros_like(resid))
+    s = pk.sum(-1) + rk
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    return pk / safe.unsqueeze(-1), rk / safe
+
+
+def node_name(kind: Literal["X", "A", "M", "I"], layer: int, pos: int) -> str:
+    """LLM-TT node name: ``X0_t``, ``A{l}_t``, ``M{l}_t``, ``I{l}_t``."""
+    return f"X0_{pos}" if kind == "X" else f"{kind}{layer}_{pos}"
+
+
+def max_prompt_tokens(n_layers: int, n_heads: int, max_memory_gb: float, itemsize: int = 4) -> int:
+    """Longest prompt whose stored [L, T, T, H] importances fit in ``max_memory_gb``."""
+    return int(math.sqrt(max_memory_gb * 2**30 / (n_layers * n_heads * itemsize)))
+
+
+# ============================================================================ hook plumbing
+class _Tap(Reducer):
+    """A reducer that hands each incoming site tensor to a callback (the layer's decomposer)."""
+
+    kind = "tap"
+
+    def __init__(self, fn: Callable[[torch.Tensor], None]):
+        super().__init__(dims=None)
+        self.fn = fn
+
+    def _update(self, x: torch.Tensor) -> None:
+        self.fn(x)
+
+    def _state(self) -> dict[str, Any]:
+        return {}
+
+    def finalize(self) -> None:
+        return None
+
+
+class _Decomposer:
+    """Computes one prompt's importances layer by layer as the forward pass produces the sites.
+
+    It keeps at most one layer's resid_pre, v, pattern (and MLP hidden) at a time and writes rows
+    of the output arrays; the per-layer parts tensor is built chunk by chunk and dropped.
+    """
+
+    def __init__(self, probe, T: int, cfg: Config):
+        i = probe.info
+        self.probe, self.cfg, self.T = probe, cfg, T
+        self.L, self.H, self.d = i.n_layers, i.n_heads, i.d_model
+        self.parallel = i.parallel_blocks
+        self.dt = getattr(torch, cfg.dtype)
+        dev = probe.device
+        z = lambda *s: torch.zeros(*s, dtype=self.dt, device=dev)  # noqa: E731
+        self.attn = z(self.L, T, T, self.H)
+        self.attn_resid = z(self.L, T)
+        self.ffn = z(self.L, T)
+        self.ffn_resid = z(self.L, T)
+        self.attn_bias = z(self.L, T) if cfg.include_bias else None
+        self.neurons = z(self.L, T, i.d_mlp) if cfg.level == "neuron" else None
+        self.neuron_resid = z(self.L, T) if cfg.level == "neuron" else None
+        self.res = {k: z(self.L, T, self.d) for k in ("resid_mid", "mlp_out", "resid_post")} if cfg.keep_residuals else None
+        self.embed = None
+        self._cur: dict[str, torch.Tensor] = {}
+
+    def reads(self) -> dict[str, Reducer]:
+        r: dict[str, Reducer] = {}
+        for L in range(self.L):
+            kinds = ["resid_pre", "v", "pattern", "mlp_out", "resid_post"]
+            if not self.parallel:
+                kinds.append("resid_mid")
+            if self.cfg.level == "neuron":
+                kinds.append("mlp_post")
+            for k in kinds:
+                name = ("blocks.{L}.attn.hook_" if k in ("v", "pattern") else "blocks.{L}.mlp.hook_" if k == "mlp_post"
+                        else "blocks.{L}.hook_").format(L=L) + ("post" if k == "mlp_post" else k)
+                r[name] = _Tap(lambda x, L=L, k=k: self.visit(L, k, x))
+        return r
+
+    def visit(self, L: int, kind: str, x: torch.Tensor) -> None:
+        x = x[0].to(self.dt)  # batch of one
+        c, cfg = self._cur, self.cfg
+        c[kind] = x
+        if kind == "resid_pre" and L == 0:
+            self.embed = x.clone()
+        if kind == "resid_mid" or (kind == "resid_post" and self.parallel):
+            W_O = self.probe.W_O(L).to(self.dt)  # [H, h, d]
+            v = c.pop("v")
+            if v.shape[1] != self.H:  # GQA: query head h reads KV head h // (H / K)
+                from probes.attention import expand_kv
+
+                v = expand_kv(v, self.H, dim=1)
+            vo = torch.einsum("thk,hkd->thd", v, W_O)  # [T, H, d]
+            extras = []
+            b_O = self.probe.b_O(L)
+            if cfg.include_bias and b_O is not None:
+                extras.append(b_O.to(self.dt).expand(self.T, self.d))
+            if self.parallel:
+                extras.append(c["mlp_out"])
+            a, r, e = attention_importance(c["resid_pre"], x, c.pop("pattern"), vo,
+                                           p=cfg.p, eps=cfg.eps, extra_parts=torch.stack(extras, 1) if extras else None,
+                                           query_chunk=cfg.query_chunk, chunk_mb=cfg.chunk_mb)
+            self.attn[L], self.attn_resid[L] = a, r
+            if cfg.include_bias:
+                self.attn_bias[L] = e[:, 0] if (b_O is not None) else 0.0
+            if self.parallel:
+                self.ffn[L] = e[:, -1]
+        if kind == "resid_post":
+            if not self.parallel:
+                self.ffn[L], self.ffn_resid[L] = ffn_importance(c["resid_mid"], c["mlp_out"], x, p=cfg.p, eps=cfg.eps)
+            if cfg.level == "neuron":
+                W_out = self.probe.W_out(L).to(self.dt)
+                n, r = neuron_importance(x - c["mlp_out"], c.pop("mlp_post"), W_out, x, p=cfg.p, eps=cfg.eps,
+                                         query_chunk=cfg.query_chunk, chunk_mb=cfg.chunk_mb)
+                self.neurons[L], self.neuron_resid[L] = n, r
+            if self.res is not None:
+                self.res["resid_post"][L] = x
+                self.res["mlp_out"][L] = c["mlp_out"]
+                self.res["resid_mid"][L] = c.get("resid_mid", x - c["mlp_out"])
+            self._cur = {}
+
+
+def _check_supported(probe) -> None:
+    a = probe.arch
+    if a.attn_out[0] != a.attn:
+        raise UnsupportedModelError(
+            f"{probe.info.family} normalises the attention output before adding it to the residual "
+            f"(attn_out is {a.attn_out[0]}.{a.attn_out[1]}), so per-head parts do not add up to the block output.",
+            hint="Routes support pre-LN blocks: llama, mistral, qwen2, qwen3, olmo, gpt2 and gpt_neox.",
+        )
+
+
+def _resolve_position(position: int, T: int) -> int:
+    if not -T <= position < T:
+        raise InputError(f"position={position} is outside the prompt of {T} tokens.",
+                         hint=f"Use a position in {-T}..{T - 1} (-1 = the last token).")
+    return position % T
+
+
+@torch.no_grad()
+def _compute(probe, tokens: torch.Tensor, cfg: Config) -> _Decomposer:
+    _check_supported(probe)
+    T = tokens.shape[-1]
+    i = probe.info
+    limit = max_prompt_tokens(i.n_layers, i.n_heads, cfg.max_memory_gb, 8 if cfg.dtype == "float64" else 4)
+    if T > limit:
+        raise OutOfMemoryError(
+            f"the prompt is {T} tokens long; with max_memory_gb={cfg.max_memory_gb} this model's route importances "
+            f"fit prompts of at most {limit} tokens.", hint="Shorten the prompt or raise max_memory_gb.")
+    dec = _Decomposer(probe, T, cfg)
+    probe.run(tokens, reads=dec.reads(), return_logits=False)
+    return dec
+
+
+# ============================================================================ result
+def _renorm_arrays(attn, attn_resid, ffn, ffn_resid, tau: float, parallel: bool):
+    """Threshold + renormalise every block (attention over T*H parts + resid; FFN over 2 parts)."""
+    L, T, _, H = attn.shape
+    if parallel:
+        parts = torch.cat([attn.reshape(L, T, T * H), ffn.unsqueeze(-1)], -1)
+        pk, rk = threshold_renormalize(parts, attn_resid, tau)
+        return pk[..., : T * H].reshape(L, T, T, H), rk, pk[..., -1], torch.zeros_like(ffn_resid)
+    pk, rk = threshold_renormalize(attn.reshape(L, T, T * H), attn_resid, tau)
+    fk, frk = threshold_renormalize(ffn.unsqueeze(-1), ffn_resid, tau)
+    return pk.reshape(L, T, T, H), rk, fk[..., 0], frk
+
+
+@register_result
+@dataclass(frozen=True, kw_only=True)
+class RoutesResult(Result):
+    """Edge importances of every block at every position of one prompt.
+
+    Arrays (L layers, T positions, H query heads, F MLP hidden units; raw, ε-clipped importances):
+        attn [L, T_q, T_k, H]; attn_resid [L, T]; ffn [L, T]; ffn_resid [L, T] (zeros for parallel blocks,
+        whose residual part is attn_resid); attn_bias [L, T] if include_bias; neurons [L, T, F] and
+        neuron_resid [L, T] at level "neuron"; residuals {resid_mid, mlp_out, resid_post: [L, T, d], embed: [T, d]}
+        if keep_residuals.
+    """
+
+    analysis: ClassVar[str] = "routes"
+
+    tokens: torch.Tensor
+    str_tokens: list[str]
+    attn: torch.Tensor
+    attn_resid: torch.Tensor
+    ffn: torch.Tensor
+    ffn_resid: torch.Tensor
+    parallel: bool = False
+    attn_bias: torch.Tensor | None = None
+    neurons: torch.Tensor | None = None
+    neuron_resid: torch.Tensor | None = None
+    residuals: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ shape helpers
+    @property
+    def n_layers(self) -> int:
+        return self.attn.shape[0]
+
+    @property
+    def n_tokens(self) -> int:
+        return self.attn.shape[1]
+
+    @property
+    def n_heads(self) -> int:
+        return self.attn.shape[3]
+
+    @property
+    def position(self) -> int:
+        return _resolve_position(self.config.position, self.n_tokens)
+
+    def weights(self, tau: float | None = None, renormalize: bool | None = None):
+        """Edge weights used by the graph: (attn, attn_resid, ffn, ffn_resid, extraction threshold)."""
+        tau = self.config.tau if tau is None else tau
+        renorm = self.config.renormalize if renormalize is None else renormalize
+        if not 0 < tau < 1:
+            raise ConfigError(f"tau={tau!r} is outside (0, 1).", hint="Use a threshold such as 0.04.")
+        if renorm:
+            return (*_renorm_arrays(self.attn, self.attn_resid, self.ffn, self.ffn_resid, tau, self.parallel), 0.0)
+        return self.attn, self.attn_resid, self.ffn, self.ffn_resid, tau
+
+    # ------------------------------------------------------------------ graph
+    def graph(self, tau: float | None = None, renormalize: bool | None = None):
+        """The full graph over all positions as a networkx DiGraph (edges bottom-up).
+
+        Edges at or below the extraction threshold are left out (they can never be on a route), so
+        the graph stays sparse. Edge attributes: ``weight``, ``kind`` (attn|resid|ffn), ``layer``, and
+        ``heads`` (per-head weights, attention edges only). Node attributes: ``kind``, ``layer``, ``pos``, ``token``.
+        """
+        import networkx as nx
+
+        attn, ar, ffn, fr, thr = self.weights(tau, renormalize)
+        attn, ar, ffn, fr = (t.detach().cpu().double().numpy() for t in (attn, ar, ffn, fr))
+        L, T = self.n_layers, self.n_tokens
+        g = nx.DiGraph()
+
+        def add_node(name, kind, layer, pos):
+            if name not in g:
+                g.add_node(name, kind=kind, layer=layer, pos=pos, token=self.str_tokens[pos])
+
+        def add_edge(u, v, w, kind, layer, heads=None):
+            if g.has_edge(u, v):  # the self-attention edge and the residual edge share (u, v)
+                g[u][v]["weight"] += w
+                return
+            g.add_edge(u, v, weight=float(w), kind=kind, layer=layer, **({"heads": heads} if heads is not None else {}))
+
+        for t in range(T):
+            add_node(node_name("X", 0, t), "X", -1, t)
+        def src(l, j):  # the residual node feeding layer l at position j
+            name = node_name("X", 0, j) if l == 0 else node_name("I", l - 1, j)
+            add_node(name, "X" if l == 0 else "I", l - 1, j)
+            return name
+
+        for l in range(L):
+            tgt_a = "I" if self.parallel else "A"
+            summed = attn[l].sum(-1)  # [T, T]
+            qi, kj = np.nonzero(summed > thr)
+            for i, j in zip(qi.tolist(), kj.tolist()):
+                add_node(node_name(tgt_a, l, i), tgt_a, l, i)
+                add_edge(src(l, j), node_name(tgt_a, l, i), summed[i, j], "attn", l, [float(x) for x in attn[l, i, j]])
+            for i in np.nonzero(ar[l] > thr)[0].tolist():
+                add_node(node_name(tgt_a, l, i), tgt_a, l, i)
+                add_edge(src(l, i), node_name(tgt_a, l, i), ar[l, i], "resid", l)
+            for i in np.nonzero(ffn[l] > thr)[0].tolist():
+                m, out = node_name("M", l, i), node_name("I", l, i)
+                if self.parallel:
+                    inp = src(l, i)
+                else:
+                    inp = node_name("A", l, i)
+                    add_node(inp, "A", l, i)
+                for n, k in ((m, "M"), (out, "I")):
+                    add_node(n, k, l, i)
+                add_edge(inp, m, ffn[l, i], "ffn", l)
+                add_edge(m, out, ffn[l, i], "ffn", l)
+            if not self.parallel:
+                for i in np.nonzero(fr[l] > thr)[0].tolist():
+                    add_node(node_name("A", l, i), "A", l, i)
+                    add_node(node_name("I", l, i), "I", l, i)
+                    add_edge(node_name("A", l, i), node_name("I", l, i), fr[l, i], "resid", l)
+        return g
+
+    def route(self, position: int | None = None, tau: float | None = None, renormalize: bool | None = None, graph=None):
+        """The route to the prediction at ``position`` (LLM-TT ``build_paths_to_predictions``): reverse the
+        graph, keep edges above the threshold, DFS from ``I{L-1}_position``, keep the visited edges."""
+        import networkx as nx
+
+        pos = _resolve_position(self.config.position if position is None else position, self.n_tokens)
+        g = graph if graph is not None else self.graph(tau, renormalize)
+        top = node_name("I", self.n_layers - 1, pos)
+        sub = nx.DiGraph(pos=pos)
+        sub.add_node(top, **(g.nodes[top] if top in g else dict(kind="I", layer=self.n_layers - 1, pos=pos, token=self.str_tokens[pos])))
+        if top not in g:
+            return sub
+        rev = g.reverse(copy=False)
+        for u, v in nx.edge_dfs(rev, top):
+            sub.add_node(u, **g.nodes[u])
+            sub.add_node(v, **g.nodes[v])
+            sub.add_edge(v, u, **g[v][u])
+        return sub
+
+    def head_importance(self, position: int | None = None, tau: float | None = None, renormalize: bool | None = None,
+                        route=None) -> torch.Tensor:
+        """[L, H]: Σ of each head's part importances over the attention edges of the route."""
+        r = route if route is not None else self.route(position, tau, renormalize)
+        out = torch.zeros(self.n_layers, self.n_heads, dtype=torch.float64)
+        for _, _, e in r.edges(data=True):
+            if "heads" in e:
+                out[e["layer"]] += torch.tensor(e["heads"], dtype=torch.float64)
+        return out
+
+    def head_importance_all(self) -> torch.Tensor:
+        """[L, H]: mean over query positions of each head's total importance (no threshold)."""
+        return self.attn.sum(2).mean(1).double().cpu()
+
+    def to_graphml(self, path: str | Path, position: int | None = None, *, full: bool = False) -> Path:
+        """Write the route (or the full thresholded graph) as GraphML (per-head vectors as JSON strings)."""
+        import json
+
+        import networkx as nx
+
+        g = self.graph() if full else self.route(position)
+        h = nx.DiGraph()
+        h.add_nodes_from((n, {k: v for k, v in d.items()}) for n, d in g.nodes(data=True))
+        for u, v, d in g.edges(data=True):
+            h.add_edge(u, v, **{k: (json.dumps(val) if isinstance(val, list) else val) for k, val in d.items()})
+        path = Path(path)
+        nx.write_graphml(h, path)
+        return path
+
+    def logit_lens(self, probe, nodes: Iterable[str], k: int = 5) -> dict[str, list[tuple[str, float]]]:
+        """Top-k tokens of each node's residual read through the final norm and unembedding (needs keep_residuals)."""
+        if not self.residuals:
+            raise ConfigError("this result kept no residual vectors.", hint="Run with Config(keep_residuals=True).")
+        nodes = list(nodes)
+        vecs, names = [], []
+        for n in nodes:
+            kind, rest = n[0], n[1:]
+            layer, pos = (int(x) for x in rest.split("_"))
+            if kind == "X":
+                vecs.append(self.residuals["embed"][pos])
+            else:
+                key = {"A": "resid_mid", "M": "mlp_out", "I": "resid_post"}[kind]
+                vecs.append(self.residuals[key][layer, pos])
+            names.append(n)
+        if not vecs:
+            return {}
+        logits = probe.unembed(torch.stack(vecs).float()).float()
+        top = logits.softmax(-1).topk(k, dim=-1)
+        tok = probe.tokenizer
+        return {n: [(tok.decode([int(i)]), float(p)) for p, i in zip(top.values[r], top.indices[r])] for r, n in enumerate(names)}
+
+    # ------------------------------------------------------------------ tables & plots
+    def to_frame(self) -> pd.DataFrame:
+        """Tidy edge table of raw importances: one row per (layer, target pos, source pos, kind[, head]).
+
+        Columns: model, layer, head (per-head attention rows at level 'head'; otherwise attention rows are
+        head-summed and head is <NA>), pos, token, source_pos, source_token, kind (attn|attn_resid|ffn|ffn_resid), value.
+        """
+        L, T, _, H = self.attn.shape
+        toks = np.array(self.str_tokens, dtype=object)
+        model = self.model.get("name", "")
+        frames = []
+        lower = np.tril_indices(T)
+        a = self.attn.detach().cpu().double().numpy()
+        for l in range(L):
+            if self.config.level == "head":
+                vals = a[l][lower]  # [n, H]
+                qi = np.repeat(lower[0], H)
+                kj = np.repeat(lower[1], H)
+                frames.append(pd.DataFrame({"layer": l, "head": np.tile(np.arange(H), len(lower[0])), "pos": qi,
+                                            "source_pos": kj, "kind": "attn", "value": vals.reshape(-1)}))
+            else:
+                frames.append(pd.DataFrame({"layer": l, "head": None, "pos": lower[0], "source_pos": lower[1],
+                                            "kind": "attn", "value": a[l].sum(-1)[lower]}))
+        ar, f, fr = (t.detach().cpu().double().numpy() for t in (self.attn_resid, self.ffn, self.ffn_resid))
+        pos = np.arange(T)
+        for l in range(L):
+            frames.append(pd.DataFrame({"layer": l, "head": None, "pos": pos, "source_pos": pos, "kind": "attn_resid", "value": ar[l]}))
+            frames.append(pd.DataFrame({"layer": l, "head": None, "pos": pos, "source_pos": pos, "kind": "ffn", "value": f[l]}))
+            if not self.parallel:
+                frames.append(pd.DataFrame({"layer": l, "head": None, "pos": pos, "source_pos": pos, "kind": "ffn_resid", "value": fr[l]}))
+        df = pd.concat(frames, ignore_index=True)
+        df["head"] = df["head"].astype("Int64")
+        df.insert(0, "model", model)
+        df["token"] = toks[df["pos"].to_numpy()]
+        df["source_token"] = toks[df["source_pos"].to_numpy()]
+        return df[["model", "layer", "head", "pos", "token", "source_pos", "source_token", "kind", "value"]]
+
+    def route_frame(self, position: int | None = None, tau: float | None = None, renormalize: bool | None = None) -> pd.DataFrame:
+        """The route's edges: source, target, kind, layer, weight."""
+        r = self.route(position, tau, renormalize)
+        return pd.DataFrame([{"source": u, "target": v, "kind": d["kind"], "layer": d["layer"], "weight": d["weight"]}
+                             for u, v, d in r.edges(data=True)], columns=["source", "target", "kind", "layer", "weight"])
+
+    def plot(self, position: int | None = None, tau: float | None = None, renormalize: bool | None = None,
+             hover: dict[str, str] | None = None, route=None):
+        """Route graph over the prompt: tokens left to right, layers bottom to top, edge width by weight."""
+        import plotly.graph_objects as go
+
+        r = route if route is not None else self.route(position, tau, renormalize)
+        L, T = self.n_layers, self.n_tokens
+        sub_y = {"X": -1.0, "A": 0.0, "M": 0.33, "I": 0.66}
+
+        def xy(n):
+            d = r.nodes[n]
+            k = d["kind"]
+            y = -1.0 if k == "X" else d["layer"] + (sub_y[k] if not self.parallel else {"M": 0.33, "I": 0.66}.get(k, 0))
+            return d["pos"] + (0.25 if k == "M" else 0.0), y
+
+        colours = {"attn": "#1f77b4", "resid": "#aaaaaa", "ffn": "#d62728"}
+        fig = go.Figure()
+        maxw = max((d["weight"] for *_, d in r.edges(data=True)), default=1.0) or 1.0
+        for u, v, d in r.edges(data=True):
+            (x0, y0), (x1, y1) = xy(u), xy(v)
+            fig.add_trace(go.Scatter(x=[x0, x1], y=[y0, y1], mode="lines", hoverinfo="text",
+                                     text=f"{u} → {v}: {d['weight']:.3f}", showlegend=False,
+                                     line=dict(width=0.5 + 6 * d["weight"] / maxw, color=colours.get(d["kind"], "#888"))))
+        nodes = list(r.nodes)
+        xs, ys = zip(*(xy(n) for n in nodes)) if nodes else ((), ())
+        text = [f"{n} ({r.nodes[n]['token']!r})" + (f"<br>{hover[n]}" if hover and n in hover else "") for n in nodes]
+        fig.add_trace(go.Scatter(x=xs, y=ys, mode="markers", hoverinfo="text", text=text, customdata=nodes, showlegend=False,
+                                 marker=dict(size=8, color=["#2ca02c" if r.nodes[n]["kind"] == "M" else "#333" for n in nodes])))
+        fig.update_layout(
+            xaxis=dict(tickmode="array", tickvals=list(range(T)), ticktext=[repr(s)[1:-1] for s in self.str_tokens], title="token"),
+            yaxis=dict(title="layer", range=[-1.5, L]), height=max(400, 22 * L), margin=dict(l=40, r=20, t=30, b=40),
+            title=f"Route to position {r.graph.get('pos', '')}",
+        )
+        return fig
+
+    def plot_heads(self, position: int | None = None, tau: float | None = None, renormalize: bool | None = None):
+        """Layer × head heat map of head importance in the route."""
+        import plotly.express as px
+
+        m = self.head_importance(position, tau, renormalize).numpy()
+        fig = px.imshow(m, origin="lower", aspect="auto", color_continuous_scale="Blues",
+                        labels=dict(x="head", y="layer", color="importance"))
+        fig.update_layout(height=max(300, 14 * self.n_layers), margin=dict(l=40, r=20, t=30, b=40))
+        return fig
+
+    # ------------------------------------------------------------------ store
+    def tables(self) -> dict[str, pd.DataFrame]:
+        return {"edges": self.to_frame(), "route": self.route_frame()}
+
+    def arrays(self) -> dict[str, torch.Tensor]:
+        out = {"tokens": self.tokens, "attn": self.attn, "attn_resid": self.attn_resid, "ffn": self.ffn, "ffn_resid": self.ffn_resid,
+               "head_importance": self.head_importance().float()}
+        for k in ("attn_bias", "neurons", "neuron_resid"):
+            if getattr(self, k) is not None:
+                out[k] = getattr(self, k)
+        for k, v in self.residuals.items():
+            out[f"residual.{k}"] = v
+        return out
+
+    def extra(self) -> dict[str, Any]:
+        import networkx as nx
+
+        r = self.route()
+        return {"str_tokens": self.str_tokens, "parallel": self.parallel, "position": self.position,
+                "route": nx.node_link_data(r, edges="links")}
+
+    @classmethod
+    def _from_stored(cls, stored: StoredResult, base: dict[str, Any]) -> "RoutesResult":
+        a, x = stored.arrays, stored.extra
+        return cls(**base, tokens=a["tokens"], str_tokens=list(x["str_tokens"]), attn=a["attn"], attn_resid=a["attn_resid"],
+                   ffn=a["ffn"], ffn_resid=a["ffn_resid"], parallel=bool(x.get("parallel", False)), attn_bias=a.get("attn_bias"),
+                   neurons=a.get("neurons"), neuron_resid=a.get("neuron_resid"),
+                   residuals={k.split(".", 1)[1]: v for k, v in a.items() if k.startswith("residual.")})
+
+
+def run(probe, prompt: str | torch.Tensor, *, config: Config = Config(), timer: Timer | None = None) -> RoutesResult:
+    """Information-flow routes of one prompt (all positions from one forward pass).
+
+    Args:
+        probe: a loaded :class:`probes.Probe` (pre-LN decoder: llama/mistral/qwen/olmo/gpt2/gpt_neox families).
+        prompt: text, or token ids [T] / [1, T].
+        config: :class:`Config`.
+
+    Returns:
+        :class:`RoutesResult`; ``.route()`` is the route to ``config.position``.
+    """
+    if not isinstance(config, Config):
+        raise ConfigError(f"config must be analyses.routes.Config, got {type(config).__name__}.")
+    timer = timer or Timer()
+    if isinstance(prompt, str):
+        tokens = probe.to_tokens(prompt, prepend_bos=config.prepend_bos)
+    else:
+        tokens = torch.as_tensor(prompt)
+        tokens = tokens[None] if tokens.ndim == 1 else tokens
+        if tokens.ndim != 2 or tokens.shape[0] != 1:
+            raise InputError(f"routes take one prompt; got token ids of shape {tuple(tokens.shape)}.", hint="Pass ids of shape [T] or [1, T].")
+    T = tokens.shape[-1]
+    _resolve_position(config.position, T)
+    with timer("routes"):
+        dec = _compute(probe, tokens, config)
+    res = {}
+    if dec.res is not None:
+        res = {k: v.cpu() for k, v in dec.res.items()}
+        res["embed"] = dec.embed.cpu()
+    cpu = lambda t: None if t is None else t.cpu()  # noqa: E731
+    return RoutesResult(
+        config=config, model=probe.info.to_dict(), input_hash=hash_inputs(tokens.cpu()), timings=dict(timer.seconds),
+        tokens=tokens[0].cpu(), str_tokens=probe.to_str_tokens(tokens[0]), attn=dec.attn.cpu(), attn_resid=dec.attn_resid.cpu(),
+        ffn=dec.ffn.cpu(), ffn_resid=dec.ffn_resid.cpu(), parallel=dec.parallel, attn_bias=cpu(dec.attn_bias),
+        neurons=cpu(dec.neurons), neuron_resid=cpu(dec.neuron_resid), residuals=res,
+    )
+
+
+# ============================================================================ dataset mode
+class RouteStats(Reducer):
+    """Streaming per-domain route statistics (mergeable across shards, checkpointable).
+
+    For each domain: n prompts; head_on [L, H] prompts whose route uses the head; head_sum [L, H]
+    summed head importance in the route; ffn_on [L] prompts whose route passes an FFN node of layer l;
+    ffn_sum [L] summed FFN edge weight on the route.
+    """
+
+    kind = "route_stats"
+
+    def __init__(self, n_layers: int, n_heads: int):
+        super().__init__(dims=None)
+        self.n_layers, self.n_heads = n_layers, n_heads
+        self._reset()
+
+    def _settings(self):
+        return super()._settings() + ("n_layers", "n_heads")
+
+    def _reset(self):
+        super()._reset()
+        self.domains: list[str] = []
+        self.n = torch.zeros(0, dtype=torch.float64)
+        self.head_on = torch.zeros(0, self.n_layers, self.n_heads, dtype=torch.float64)
+        self.head_sum = torch.zeros(0, self.n_layers, self.n_heads, dtype=torch.float64)
+        self.ffn_on = torch.zeros(0, self.n_layers, dtype=torch.float64)
+        self.ffn_sum = torch.zeros(0, self.n_layers, dtype=torch.float64)
+
+    def _index(self, domain: str) -> int:
+        if domain not in self.domains:
+            self.domains = list(self.domains) + [domain]
+            self.n = torch.cat([self.n, torch.zeros(1, dtype=torch.float64)])
+            self.head_on = torch.cat([self.head_on, torch.zeros(1, self.n_layers, self.n_heads, dtype=torch.float64)])
+            self.head_sum = torch.cat([self.head_sum, torch.zeros(1, self.n_layers, self.n_heads, dtype=torch.float64)])
+            self.ffn_on = torch.cat([self.ffn_on, torch.zeros(1, self.n_layers, dtype=torch.float64)])
+            self.ffn_sum = torch.cat([self.ffn_sum, torch.zeros(1, self.n_layers, dtype=torch.float64)])
+        return self.domains.index(domain)
+
+    def add(self, domain: str, head_imp: torch.Tensor, ffn_imp: torch.Tensor) -> None:
+        """Fold one prompt: head_imp [L, H] head importance in its route, ffn_imp [L] FFN weight on its route."""
+        k = self._index(domain)
+        self.n[k] += 1
+        self.head_on[k] += (head_imp > 0).double()
+        self.head_sum[k] += head_imp.double()
+        self.ffn_on[k] += (ffn_imp > 0).double()
+        self.ffn_sum[k] += ffn_imp.double()
+        self.n_updates += 1
+
+    def _update(self, x):  # pragma: no cover - fed through add()
+        raise ConfigError("RouteStats is fed with add(domain, head_imp, ffn_imp), not through a hook.")
+
+    def _merge(self, other: "RouteStats") -> None:
+        for j, dom in enumerate(other.domains):
+            k = self._index(dom)
+            self.n[k] += other.n[j]
+            self.head_on[k] += other.head_on[j]
+            self.head_sum[k] += other.head_sum[j]
+            self.ffn_on[k] += other.ffn_on[j]
+            self.ffn_sum[k] += other.ffn_sum[j]
+
+    def _state(self):
+        return {"domains": list(self.domains), "n": self.n, "head_on": self.head_on, "head_sum": self.head_sum,
+                "ffn_on": self.ffn_on, "ffn_sum": self.ffn_sum}
+
+    def load_state(self, st):
+        super().load_state(st)
+        self.domains = list(self.domains)
+        for k in ("n", "head_on", "head_sum", "ffn_on", "ffn_sum"):
+            setattr(self, k, getattr(self, k).to(torch.float64))
+
+    def finalize(self) -> dict[str, Any]:
+        n = self.n.clamp_min(1)
+        return {"domains": list(self.domains), "n": self.n.clone(), "head_freq": self.head_on / n[:, None, None],
+                "head_mean": self.head_sum / n[:, None, None], "ffn_freq": self.ffn_on / n[:, None], "ffn_mean": self.ffn_sum / n[:, None]}
+
+
+@register_result
+@dataclass(frozen=True, kw_only=True)
+class RouteStatsResult(Result):
+    """Dataset-mode statistics per domain D: head_freq/head_mean [D, L, H], ffn_freq/ffn_mean [D, L], n [D]."""
+
+    analysis: ClassVar[str] = "routes.dataset"  # load_result imports analyses.routes (".dataset" is a suffix)
+    config_class: ClassVar[type] = DatasetConfig
+
+    domains: list[str]
+    n: torch.Tensor
+    head_freq: torch.Tensor
+    head_mean: torch.Tensor
+    ffn_freq: torch.Tensor
+    ffn_mean: torch.Tensor
+    n_skipped: int = 0
+
+    def to_frame(self) -> pd.DataFrame:
+        """Columns: model, domain, layer, head (None for FFN rows), component, freq, mean_importance, n."""
+        D, L, H = self.head_freq.shape
+        rows = []
+        model = self.model.get("name", "")
+        for k, dom in enumerate(self.domains):
+            for l in range(L):
+                for h in range(H):
+                    rows.append((model, dom, l, h, f"L{l}H{h}", float(self.head_freq[k, l, h]), float(self.head_mean[k, l, h]), int(self.n[k])))
+                rows.append((model, dom, l, None, f"L{l}FFN", float(self.ffn_freq[k, l]), float(self.ffn_mean[k, l]), int(self.n[k])))
+        df = pd.DataFrame(rows, columns=["model", "domain", "layer", "head", "component", "freq", "mean_importance", "n"])
+        df["head"] = df["head"].astype("Int64")
+        return df
+
+    def plot(self, domain: str | None = None, value: Literal["freq", "mean"] = "mean"):
+        """Layer × head heat map for one domain (default: all prompts pooled)."""
+        import plotly.express as px
+
+        arr = self.head_freq if value == "freq" else self.head_mean
+        if domain is None:
+            w = self.n / self.n.sum().clamp_min(1)
+            m = (arr * w[:, None, None]).sum(0)
+            title = "all domains"
+        else:
+            if domain not in self.domains:
+                raise ConfigError(f"domain {domain!r} is not in this result.", hint=f"Domains: {', '.join(self.domains)}.")
+            m = arr[self.domains.index(domain)]
+            title = domain
+        fig = px.imshow(m.numpy(), origin="lower", aspect="auto", color_continuous_scale="Blues",
+                        labels=dict(x="head", y="layer", color=value), title=f"Head {value} on routes: {title}")
+        return fig
+
+    def tables(self):
+        return {"components": self.to_frame()}
+
+    def arrays(self):
+        return {"n": self.n, "head_freq": self.head_freq, "head_mean": self.head_mean, "ffn_freq": self.ffn_freq, "ffn_mean": self.ffn_mean}
+
+    def extra(self):
+        return {"domains": self.domains, "n_skipped": self.n_skipped}
+
+    @classmethod
+    def _from_stored(cls, stored, base):
+        a, x = stored.arrays, stored.extra
+        return cls(**base, domains=list(x["domains"]), n=a["n"], head_freq=a["head_freq"], head_mean=a["head_mean"],
+                   ffn_freq=a["ffn_freq"], ffn_mean=a["ffn_mean"], n_skipped=int(x.get("n_skipped", 0)))
+
+
+def _ffn_on_route(route, n_layers: int) -> torch.Tensor:
+    out = torch.zeros(n_layers, dtype=torch.float64)
+    for u, v, d in route.edges(data=True):
+        if d["kind"] == "ffn" and u.startswith("M"):
+            out[d["layer"]] += d["weight"]
+    return out
+
+
+def run_dataset(probe, records: Iterable, *, config: DatasetConfig = DatasetConfig(), checkpoint=None,
+                on_progress: Callable[[int], None] | None = None, input_hash: str = "") -> RouteStatsResult:
+    """Route statistics over many prompts (memory independent of their number).
+
+    Args:
+        records: :class:`analyses.io.Record` items (or plain strings); ``domain`` groups the statistics
+            ("all" when absent).
+        checkpoint: an :class:`analyses.io.Checkpoint`; a re-run with the same one resumes after the last save.
+        on_progress: called with 1 after each prompt.
+    """
+    if not isinstance(config, DatasetConfig):
+        raise ConfigError(f"config must be analyses.routes.DatasetConfig, got {type(config).__name__}.")
+    _check_supported(probe)
+    timer = Timer()
+    stats = RouteStats(probe.info.n_layers, probe.info.n_heads)
+    done = checkpoint.restore({"stats": stats}) if checkpoint is not None else 0
+    skipped = int(getattr(checkpoint, "extra", {}).get("skipped", 0)) if done else 0
+    n_seen = 0
+    with timer("routes"):
+        for rec in records:
+            n_seen += 1
+            if n_seen <= done:
+                continue
+            text = rec if isinstance(rec, str) else rec.text
+            domain = (None if isinstance(rec, str) else rec.domain) or "all"
+            toks = probe.to_tokens(text, prepend_bos=config.prepend_bos)[:, : config.max_tokens]
+            T = toks.shape[-1]
+            if not -T <= config.position < T:
+                skipped += 1
+            else:
+                dec = _compute(probe, toks, config)
+                r = RoutesResult(config=config, model={}, tokens=toks[0].cpu(), str_tokens=[""] * T, attn=dec.attn.cpu(),
+                                 attn_resid=dec.attn_resid.cpu(), ffn=dec.ffn.cpu(), ffn_resid=dec.ffn_resid.cpu(), parallel=dec.parallel)
+                route = r.route()
+                stats.add(domain, r.head_importance(route=route), _ffn_on_route(route, probe.info.n_layers))
+            if checkpoint is not None and n_seen % config.checkpoint_every == 0:
+                checkpoint.save(n_seen, {"stats": stats}, extra={"skipped": skipped})
+            if on_progress:
+                on_progress(1)
+    if stats.n_updates == 0:
+        raise InputError("no prompt could be used (the input is empty or every prompt is shorter than the position).",
+                         hint="Check the file, or use --position -1.")
+    f = stats.finalize()
+    return RouteStatsResult(config=config, model=probe.info.to_dict(), input_hash=input_hash, timings=dict(timer.seconds),
+                            domains=f["domains"], n=f["n"], head_freq=f["head_freq"].float(), head_mean=f["head_mean"].float(),
+                            ffn_freq=f["ffn_freq"].float(), ffn_mean=f["ffn_mean"].float(), n_skipped=skipped)

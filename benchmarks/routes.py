@@ -1,0 +1,107 @@
+"""Benchmark: information-flow routes (all positions) against a plain forward pass of the same input.
+
+    .venv/bin/python benchmarks/routes.py                       # embedded SmolLM2-135M on CPU, T=128
+    .venv/bin/python benchmarks/routes.py --lengths 128 512
+    .venv/bin/python benchmarks/routes.py --device cuda --gpu-shape llama3-8b --lengths 512
+
+Prints, per prompt length, the forward time, the routes time (hooks + proximities, one pass), their
+ratio, the graph/route extraction time and the peak memory (CUDA: max allocated; CPU: process max RSS).
+The GPU shape builds a random-weight model from a config (no download).
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+SHAPES = {
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0),
+    "llama3-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, head_dim=64),
+}
+
+
+def build_probe(args):
+    from probes import from_hf, load_model
+
+    if args.gpu_shape is None:
+        return load_model(args.model, device=args.device, dtype=args.dtype)
+    import transformers as T
+
+    import tiny_models
+
+    cfg = T.LlamaConfig(**SHAPES[args.gpu_shape], architectures=["LlamaForCausalLM"])
+    dt = {"auto": torch.bfloat16, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[args.dtype]
+    torch.manual_seed(0)
+    with torch.device(args.device):
+        model = T.AutoModelForCausalLM.from_config(cfg, dtype=dt).eval()
+    return from_hf(model, tiny_models.tokenizer(), name=f"random-{args.gpu_shape}")
+
+
+def sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timeit(fn, dev, repeat):
+    best = float("inf")
+    for _ in range(repeat):
+        sync(dev)
+        t0 = time.perf_counter()
+        fn()
+        sync(dev)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="embedded")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--gpu-shape", choices=sorted(SHAPES), default=None)
+    ap.add_argument("--lengths", type=int, nargs="+", default=[128])
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--chunk-mb", type=int, default=256)
+    args = ap.parse_args()
+
+    from analyses import routes
+
+    probe = build_probe(args)
+    dev = probe.device
+    print(f"model {probe.info.name}: {probe.info.n_layers} layers, {probe.info.n_heads} heads/{probe.info.n_kv_heads} kv, "
+          f"d={probe.info.d_model}, {probe.info.dtype} on {dev}; torch threads {torch.get_num_threads()}")
+    cfg = routes.Config(chunk_mb=args.chunk_mb, max_memory_gb=64)
+    print(f"{'T':>6} {'forward s':>10} {'routes s':>10} {'ratio':>7} {'graph+route s':>14} {'peak MB':>9}")
+    for T in args.lengths:
+        g = torch.Generator().manual_seed(T)
+        ids = torch.randint(4, min(probe.info.d_vocab, 30000), (1, T), generator=g).to(dev)
+        t_fwd = timeit(lambda: probe.forward(ids), dev, args.repeat)
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        res = None
+
+        def go():
+            nonlocal res
+            res = routes.run(probe, ids, config=cfg)
+
+        t_routes = timeit(go, dev, args.repeat)
+        peak = torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        t0 = time.perf_counter()
+        r = res.route()
+        t_graph = time.perf_counter() - t0
+        print(f"{T:>6} {t_fwd:>10.3f} {t_routes:>10.3f} {t_routes / t_fwd:>7.1f} {t_graph:>14.3f} {peak:>9.0f}   "
+              f"(route: {r.number_of_nodes()} nodes, {r.number_of_edges()} edges)")
+
+
+if __name__ == "__main__":
+    main()
