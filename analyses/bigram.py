@@ -1,0 +1,1022 @@
+"""Bigram subnetworks: the sparse set of block weights that turns the current token into a bigram prediction.
+
+Chang & Bergen (2025), "Bigram Subnetworks: Mapping to Next Tokens in Transformer Language Models"
+(arXiv 2504.15471; code tylerachang/bigram-subnetworks, masking via mlepori1/NeuroSurgeon).
+
+Target (Sec. 3.1). An empirical bigram model from a reference corpus tokenized with the model's own
+tokenizer: raw counts, no smoothing, ``P(w_i | w_{i-1}) = c(w_{i-1}, w_i) / c(w_{i-1}, ·)``; an unseen
+context backs off to the unigram distribution, and with no counts at all to uniform ``1/V``. The
+target at position t is the whole V-dim row of the *current* token t. Counts are kept sparse (CSR);
+dense ``[B, T, V]`` targets are built per batch only.
+
+Mask search (continuous sparsification, Sec. 3.2). One real logit ``s`` per weight of every weight
+matrix inside the decoder blocks (embeddings, unembedding, norms and biases are never masked; base
+weights frozen). The soft mask is ``m = σ(β·s)``, ``s₀ = 0`` (m = 0.5), ``β₀ = 1`` and ``β ← 1.001·β``
+after every optimizer step; the effective weight is ``W ⊙ m``. The loss is
+
+    L = CE(p_target, softmax(subnetwork logits)) + (λ / N) · Σ σ(β·s)                 (Eq. 1)
+
+(soft-label cross-entropy averaged over positions plus the continuous L0 surrogate normalised by the
+number N of mask parameters), minimised with AdamW (lr 5e-5). Training stops early when the
+"undecided" masks (0.1 < σ < 0.9) number fewer than 1 % of the masks above 0.9. The final binary
+mask keeps a weight iff ``s > 0`` (σ > 0.5). ``target="self"`` replaces the bigram target by the
+full model's own next-token distribution (the paper's "optimal pruning" subnetworks).
+
+Evaluation (Sec. 4). ``ngram_xent``: soft CE (nats) between subnetwork logits and bigram rows;
+Pearson r between per-token surprisals (bits) of the subnetwork and of the bigram model (infinite
+bigram surprisals clipped to the largest finite one; a second r drops them); the ablation table of
+mean surprisal for full model, subnetwork, random same-size subnetwork (mask shuffled within each
+matrix), complement and random complement; sparsity overall, per layer, matrix, head and MLP neuron.
+
+Masks are applied with ``torch.nn.utils.parametrize`` on the HF model's own modules (no copy), so
+every backend and every other analysis sees the masked weights inside :func:`apply_mask`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Iterator, Literal, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from probes.errors import ConfigError, InputError, UnsupportedModelError
+
+from .base import Config as _BaseConfig
+from .base import Result, Timer, register_result
+from . import store
+
+__all__ = [
+    "Config", "BigramResult", "BigramTable", "MaskSet", "run", "evaluate", "train_mask", "apply_mask",
+    "load_corpus_ids", "builtin_corpus_text", "masked_weights", "mask_overlap", "unit_sparsity",
+    "compare_predictions", "soft_cross_entropy", "surprisal_bits", "binarize", "temperature_after",
+]
+
+Target = Literal["bigram", "self"]
+Mode = Literal["keep", "complement", "random", "random_complement"]
+MODES: tuple[str, ...] = ("keep", "complement", "random", "random_complement")
+
+
+# ============================================================================== config
+@dataclass(frozen=True, kw_only=True)
+class Config(_BaseConfig):
+    """Settings of a bigram-subnetwork run (defaults: ../shared/methods/bigram.md, the paper's code).
+
+    ``steps`` counts optimizer steps; each uses ``batch × grad_accum`` rows of ``seq_len`` tokens.
+    """
+
+    lam: float = 10.0  # λ; paper default for Pythia ≤410M / GPT-2 ≤ medium (100 for ~1B). math.inf = keep nothing
+    lr: float = 5e-5  # AdamW learning rate (paper)
+    weight_decay: float = 0.01  # torch AdamW default, as in the reference code
+    temp_mult: float = 1.001  # β multiplier per optimizer step (paper)
+    init: float = 0.0  # initial mask logit s₀ (σ = 0.5; NeuroSurgeon mask_init_value)
+    steps: int = 15000  # maximum optimizer steps (paper)
+    batch: int = 32  # rows per micro-batch (paper)
+    seq_len: int = 128  # tokens per row (paper code comment)
+    grad_accum: int = 1  # micro-batches per optimizer step (paper: 2 for 1B models)
+    target: Target = "bigram"  # "self" = optimal pruning (distil the full model)
+    stop_undecided: float | None = 0.01  # early stop when undecided < this × (#σ>0.9); None = never
+    layers: tuple[int, ...] | None = None  # blocks to mask; None = every block (paper)
+    eval_rows: int = 10000  # at most this many held-out rows (paper: 10k), capped at 10 % of the corpus
+    reuse: bool = False  # paper: no row is used twice; True cycles a small corpus
+    seed: int = 0  # data order and random-mask baselines
+    log_every: int = 10  # steps between curve points / early-stop checks
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.lam, (int, float)) or math.isnan(self.lam) or self.lam < 0:
+            raise ConfigError(f"lam={self.lam!r} is not allowed: λ must be ≥ 0 (math.inf gives the keep-nothing baseline).",
+                              hint="Use e.g. lam=10 (paper default; 1, 10, 100, 500 in its grid).")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"lr={self.lr!r}; the learning rate must be a positive number.", hint="The paper uses 5e-5.")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay={self.weight_decay!r}; it must be ≥ 0.", hint="Use 0.01 (AdamW default).")
+        if not self.temp_mult >= 1.0:
+            raise ConfigError(f"temp_mult={self.temp_mult!r}; β must not shrink, so temp_mult must be ≥ 1.", hint="The paper uses 1.001.")
+        for name in ("steps", "batch", "seq_len", "grad_accum", "eval_rows", "log_every"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"{name}={v!r}; it must be a positive integer.")
+        if self.seq_len < 2:
+            raise ConfigError(f"seq_len={self.seq_len}; rows need at least 2 tokens.", hint="Use 128 (paper) or 32 for quick runs.")
+        if self.target not in ("bigram", "self"):
+            raise ConfigError(f"target={self.target!r}; use 'bigram' (bigram subnetwork) or 'self' (optimal pruning).")
+        if self.stop_undecided is not None and not (0 <= self.stop_undecided < 1):
+            raise ConfigError(f"stop_undecided={self.stop_undecided!r}; use a fraction in [0, 1) or None.", hint="The paper uses 0.01.")
+        if self.layers is not None:
+            if not self.layers or any(not isinstance(l, int) or l < 0 for l in self.layers):
+                raise ConfigError(f"layers={self.layers!r}; give block indices ≥ 0 (or None for every block).")
+
+
+def temperature_after(k: int, temp_mult: float = 1.001) -> float:
+    """β after ``k`` optimizer steps: ``temp_mult ** k`` (β₀ = 1)."""
+    return float(temp_mult) ** k
+
+
+# ============================================================================== corpus and bigram table
+def builtin_corpus_text() -> str:
+    """An offline English text of ~465k characters: the Python reference manual's topic help
+    (``pydoc_data.topics``), joined in key order."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+def load_corpus_ids(probe, corpus: "str | Path | torch.Tensor | Sequence[int]" = "builtin") -> torch.Tensor:
+    """Token ids ``[N]`` of a corpus: ``"builtin"``, a UTF-8 text file, a JSONL file (field ``text``)
+    or ids already tokenized (a tensor / list). Texts are tokenized with the probe's tokenizer,
+    without special tokens, into one stream (documents separated by EOS when the tokenizer has one)."""
+    if isinstance(corpus, torch.Tensor) or (isinstance(corpus, (list, tuple)) and corpus and isinstance(corpus[0], int)):
+        ids = torch.as_tensor(corpus, dtype=torch.long).reshape(-1)
+        V = probe.info.d_vocab
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= V):
+            raise InputError(f"corpus ids must lie in 0..{V - 1}; got {int(ids.min())}..{int(ids.max())}.",
+                             hint="Tokenize with this model's tokenizer.")
+        return ids
+    if not isinstance(corpus, (str, Path)):
+        raise InputError(f"corpus must be 'builtin', a file path or token ids; got {type(corpus).__name__}.")
+    if str(corpus) == "builtin":
+        docs = [builtin_corpus_text()]
+    else:
+        p = Path(corpus)
+        if not p.is_file():
+            raise InputError(f"corpus file {str(p)!r} does not exist.", hint="Pass --corpus builtin or the path of a UTF-8 .txt or .jsonl file.")
+        if p.suffix in (".jsonl", ".ndjson", ".json"):
+            from .io import iter_records
+
+            docs = [r.text for r in iter_records(p)]
+        else:
+            from .io import read_text
+
+            docs = [read_text(p)]
+    tok = probe.tokenizer
+    eos = tok.eos_token_id
+    out: list[int] = []
+    for d in docs:
+        if not d.strip():
+            continue
+        out.extend(tok(d, add_special_tokens=False).input_ids)
+        if eos is not None and len(docs) > 1:
+            out.append(eos)
+    if not out:
+        raise InputError(f"corpus {str(corpus)!r} holds no text.", hint="Give a non-empty UTF-8 file.")
+    return torch.tensor(out, dtype=torch.long)
+
+
+@dataclass(frozen=True)
+class BigramTable:
+    """Sparse empirical bigram counts in CSR form over a vocabulary of V tokens.
+
+    Attributes:
+        crow: ``[V+1]`` int64 row pointers (row = context token).
+        col: ``[nnz]`` int64 next-token ids.
+        count: ``[nnz]`` float32 counts.
+        row_total: ``[V]`` float32 count of each context.
+        unigram: ``[V]`` float32 unigram counts (every corpus token).
+    """
+
+    crow: torch.Tensor
+    col: torch.Tensor
+    count: torch.Tensor
+    row_total: torch.Tensor
+    unigram: torch.Tensor
+
+    @property
+    def V(self) -> int:
+        return int(self.row_total.numel())
+
+    @property
+    def nnz(self) -> int:
+        return int(self.col.numel())
+
+    @classmethod
+    @torch.no_grad()
+    def from_ids(cls, ids: torch.Tensor, vocab_size: int) -> "BigramTable":
+        """Count pairs ``(ids[..., i], ids[..., i+1])`` along the last axis of ``ids`` (``[N]`` or ``[R, T]``;
+        rows never pair across their boundary)."""
+        ids = torch.as_tensor(ids, dtype=torch.long).cpu()
+        rows = ids.reshape(-1, ids.shape[-1]) if ids.ndim > 1 else ids[None]
+        V = int(vocab_size)
+        prev, nxt = rows[:, :-1].reshape(-1), rows[:, 1:].reshape(-1)
+        key = prev * V + nxt  # < V² ≤ 2^63 for any real vocabulary
+        uniq, cnt = torch.unique(key, sorted=True, return_counts=True)
+        r, c = uniq // V, uniq % V
+        crow = torch.zeros(V + 1, dtype=torch.long)
+        crow[1:] = torch.cumsum(torch.bincount(r, minlength=V), 0)
+        row_total = torch.zeros(V, dtype=torch.float32).index_add_(0, r, cnt.float())
+        unigram = torch.bincount(rows.reshape(-1), minlength=V).float()
+        return cls(crow=crow, col=c, count=cnt.float(), row_total=row_total, unigram=unigram)
+
+    def to_sparse_csr(self) -> torch.Tensor:
+        """The counts as a ``torch.sparse_csr_tensor`` ``[V, V]``."""
+        import warnings
+
+        with warnings.catch_warnings():  # torch flags sparse CSR as beta
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.sparse_csr_tensor(self.crow, self.col, self.count, size=(self.V, self.V))
+
+    @torch.no_grad()
+    def targets(self, tokens: torch.Tensor, *, device: torch.device | str | None = None) -> torch.Tensor:
+        """Dense bigram rows for the current tokens: ``[B, T] -> [B, T, V]`` float32 (each row sums to 1).
+
+        Seen context → normalised bigram counts; unseen context → unigram; empty table → uniform.
+        """
+        dev = torch.device(device) if device is not None else tokens.device
+        flat = tokens.reshape(-1).cpu()
+        N, V = flat.numel(), self.V
+        uni_total = float(self.unigram.sum())
+        backoff = self.unigram / uni_total if uni_total > 0 else torch.full((V,), 1.0 / V)
+        seen = self.row_total[flat] > 0
+        out = torch.zeros(N, V, dtype=torch.float32)
+        out[~seen] = backoff
+        pos = torch.nonzero(seen).reshape(-1)
+        if pos.numel():
+            ctx = flat[pos]
+            start, length = self.crow[ctx], self.crow[ctx + 1] - self.crow[ctx]
+            rep_pos = torch.repeat_interleave(pos, length)
+            # index of each entry: start of its row + offset within the row
+            offs = torch.arange(int(length.sum())) - torch.repeat_interleave(torch.cumsum(length, 0) - length, length)
+            idx = torch.repeat_interleave(start, length) + offs
+            out[rep_pos, self.col[idx]] = self.count[idx] / self.row_total[flat[rep_pos]]
+        return out.reshape(*tokens.shape, V).to(dev)
+
+    @torch.no_grad()
+    def next_prob(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Bigram probability of each actual next token: ``[B, T] -> [B, T-1]`` (0 for unseen pairs)."""
+        return self.targets(tokens[:, :-1]).gather(-1, tokens[:, 1:].cpu()[..., None]).squeeze(-1)
+
+
+# ============================================================================== pure math
+@torch.no_grad()
+def binarize(logits: torch.Tensor) -> torch.Tensor:
+    """Final mask: keep iff ``s > 0`` (equivalently σ(β·s) > 0.5 for any β > 0). Same shape, bool."""
+    return logits > 0
+
+
+def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of ``-Σ_v p_v log softmax(logits)_v`` (nats). ``logits, target: [..., V]``."""
+    V = target.shape[-1]
+    logp = torch.log_softmax(logits[..., :V].float(), dim=-1)
+    return -(target * logp).sum(-1).mean()
+
+
+@torch.no_grad()
+def surprisal_bits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """``-log2 p(next token)``: logits ``[B, T, V]``, tokens ``[B, T]`` -> ``[B, T-1]``."""
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    return -logp.gather(-1, tokens[:, 1:, None].to(logp.device)).squeeze(-1) / math.log(2)
+
+
+@torch.no_grad()
+def pearson_r(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Pearson correlation of two equal-length vectors (NaN if either is constant)."""
+    x, y = x.double().reshape(-1), y.double().reshape(-1)
+    if x.numel() < 2:
+        return float("nan")
+    xc, yc = x - x.mean(), y - y.mean()
+    den = (xc.square().sum() * yc.square().sum()).sqrt()
+    return float((xc * yc).sum() / den) if den > 0 else float("nan")
+
+
+@torch.no_grad()
+def mask_overlap(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """Overlap of two binary masks over their shared weights.
+
+    Returns ``kept_a, kept_b, intersection, jaccard, frac_a_in_b, frac_b_in_a`` and ``expected_random``
+    (the intersection two independent random masks of the same sizes would have) and ``ratio_to_random``.
+    """
+    names = sorted(set(a) & set(b))
+    if not names:
+        raise InputError("the two masks share no weight names.", hint="Compare masks trained on the same model.")
+    ka = kb = inter = union = total = 0
+    for n in names:
+        x, y = a[n].bool(), b[n].bool()
+        if x.shape != y.shape:
+            raise InputError(f"mask {n!r} has shape {tuple(x.shape)} in one mask and {tuple(y.shape)} in the other.")
+        ka += int(x.sum()); kb += int(y.sum()); inter += int((x & y).sum()); union += int((x | y).sum()); total += x.numel()
+    exp = ka * kb / total if total else 0.0
+    return {"total": float(total), "kept_a": float(ka), "kept_b": float(kb), "intersection": float(inter),
+            "jaccard": inter / union if union else float("nan"), "frac_a_in_b": inter / ka if ka else float("nan"),
+            "frac_b_in_a": inter / kb if kb else float("nan"), "expected_random": exp,
+            "ratio_to_random": inter / exp if exp else float("nan")}
+
+
+@torch.no_grad()
+def transform_mask(mask: Mapping[str, torch.Tensor], mode: Mode, seed: int = 0) -> dict[str, torch.Tensor]:
+    """``keep`` (as is), ``complement`` (~m), ``random`` (m shuffled within each matrix, same count),
+    ``random_complement`` (complement of the random mask)."""
+    if mode not in MODES:
+        raise ConfigError(f"mode={mode!r}; use one of {', '.join(MODES)}.")
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for n, m in mask.items():
+        m = m.bool()
+        if mode in ("random", "random_complement"):
+            perm = torch.randperm(m.numel(), generator=g)
+            m = m.reshape(-1).cpu()[perm].reshape(m.shape).to(m.device)
+        if mode in ("complement", "random_complement"):
+            m = ~m
+        out[n] = m
+    return out
+
+
+# ============================================================================== masked weights
+@dataclass(frozen=True)
+class MaskedWeight:
+    """One maskable weight: full module path, block index, block-relative name, storage shape."""
+
+    path: str
+    layer: int
+    name: str
+    shape: tuple[int, ...]
+
+
+def masked_weights(probe, layers: Sequence[int] | None = None) -> list[MaskedWeight]:
+    """Every weight matrix in the decoder blocks that the masker handles (``probe.arch.weight_names``;
+    biases, norms and embeddings excluded). GPT-2 Conv1D weights keep their ``[in, out]`` storage."""
+    arch = probe.arch
+    n = probe.info.n_layers
+    layers = list(range(n)) if layers is None else list(layers)
+    bad = [l for l in layers if l >= n]
+    if bad:
+        raise ConfigError(f"layers={tuple(layers)} includes {bad}; this model has blocks 0..{n - 1}.")
+    names = arch.weight_names
+    if not names:
+        raise UnsupportedModelError(f"the {probe.info.family} table entry lists no block weight matrices to mask.",
+                                    hint="Add weight_names to its ArchSpec in probes/arch.py.")
+    out = []
+    for l in layers:
+        for wn in names:
+            try:
+                w = _weight_owner(probe.hf_model, f"{arch.layers}.{l}.{wn}").weight
+            except AttributeError:
+                w = None
+            if w is None or w.ndim != 2:
+                continue
+            out.append(MaskedWeight(f"{arch.layers}.{l}.{wn}", l, wn, tuple(w.shape)))
+    if not out:
+        raise UnsupportedModelError(
+            f"no weight matrix of {probe.info.family} blocks matched the masker's names {list(names)}.",
+            hint="Check the ArchSpec weight_names in probes/arch.py for this model.")
+    return out
+
+
+def _weight_owner(root: torch.nn.Module, path: str) -> torch.nn.Module:
+    """The module that owns the ``weight`` Parameter at ``path`` (TransformerLens bridges replace HF
+    modules in the tree by wrappers that keep the original under ``original_component``)."""
+    from probes.arch import get_module
+
+    mod = get_module(root, path)
+    while not isinstance(mod._parameters.get("weight"), torch.Tensor) and not _is_parametrized(mod):
+        inner = getattr(mod, "original_component", None)
+        if not isinstance(inner, torch.nn.Module):
+            raise AttributeError(f"{path} has no weight")
+        mod = inner
+    return mod
+
+
+def _storage_aliases(root: torch.nn.Module) -> dict[int, list[torch.nn.Module]]:
+    """Modules with a ``weight`` Parameter, grouped by the storage that weight lives in."""
+    out: dict[int, list[torch.nn.Module]] = {}
+    for mod in root.modules():
+        w = mod._parameters.get("weight") if hasattr(mod, "_parameters") else None
+        if isinstance(w, torch.Tensor) and w.ndim == 2:
+            out.setdefault(w.untyped_storage().data_ptr(), []).append(mod)
+    return out
+
+
+def _is_parametrized(mod: torch.nn.Module) -> bool:
+    from torch.nn.utils import parametrize
+
+    return parametrize.is_parametrized(mod, "weight")
+
+
+class _Multiply(torch.nn.Module):
+    """Parametrization ``W -> W ⊙ f()`` (``f`` is a closure, so no parameter joins the model)."""
+
+    def __init__(self, fn: Callable[[], torch.Tensor]):
+        super().__init__()
+        self._fn = [fn]  # a list hides the bound method from nn.Module attribute registration
+
+    def forward(self, W: torch.Tensor) -> torch.Tensor:
+        m = self._fn[0]()
+        return W if m is None else W * m.to(W.dtype)
+
+
+@contextmanager
+def _parametrized(probe, factors: Mapping[str, Callable[[], torch.Tensor | None]]) -> Iterator[None]:
+    """Register ``W -> W ⊙ factor()`` on each named module's weight; always removed on exit."""
+    from torch.nn.utils import parametrize
+
+    mods = []
+    aliases = _storage_aliases(probe.hf_model)
+
+    def register(mod, fn, path):
+        if parametrize.is_parametrized(mod, "weight"):
+            raise ConfigError(f"{path}.weight already carries a mask.", hint="Leave the other apply_mask block first (masks do not nest).")
+        parametrize.register_parametrization(mod, "weight", _Multiply(fn), unsafe=True)
+        mods.append(mod)
+
+    try:
+        for path, fn in factors.items():
+            mod = _weight_owner(probe.hf_model, path)
+            W = mod.weight
+            # TransformerLens splits fused weights (GPT-2 c_attn) into q/k/v Linears that are views of
+            # the same storage; mask those views with the matching strided view of the mask.
+            for other in aliases.get(W.untyped_storage().data_ptr(), ()):
+                w2 = other.weight
+                if other is mod or w2 is W:
+                    continue
+                if not W.is_contiguous():
+                    raise UnsupportedModelError(f"{path}.weight is shared with a view but is not contiguous; cannot mask it.")
+                off = w2.storage_offset() - W.storage_offset()
+                register(other, (lambda fn=fn, shp=tuple(w2.shape), st=w2.stride(), off=off:
+                                 None if (f := fn()) is None else f.contiguous().as_strided(shp, st, off)), path)
+            register(mod, fn, path)
+        yield
+    finally:
+        for mod in mods:
+            parametrize.remove_parametrizations(mod, "weight", leave_parametrized=False)
+
+
+class MaskSet(torch.nn.Module):
+    """Mask logits ``s`` (one per weight, fp32) for a list of :class:`MaskedWeight`, plus β and a mode.
+
+    ``mode``: ``"soft"`` σ(β·s) (training), ``"hard"`` (s > 0), ``"off"`` (full model, for the
+    ``self`` target).
+    """
+
+    def __init__(self, weights: Sequence[MaskedWeight], *, init: float = 0.0, device=None):
+        super().__init__()
+        self.weights = list(weights)
+        self.logits = torch.nn.ParameterList(
+            [torch.nn.Parameter(torch.full(w.shape, float(init), dtype=torch.float32, device=device)) for w in self.weights])
+        self.beta = 1.0
+        self.mode: Literal["soft", "hard", "off"] = "soft"
+
+    @property
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.logits)
+
+    def factor(self, i: int) -> torch.Tensor | None:
+        s = self.logits[i]
+        if self.mode == "off":
+            return None
+        if self.mode == "hard":
+            return (s > 0).to(s.dtype)
+        return torch.sigmoid(self.beta * s)
+
+    def l0(self) -> torch.Tensor:
+        """Continuous L0 surrogate ``Σ σ(β·s)`` (scalar, differentiable)."""
+        return sum(torch.sigmoid(self.beta * s).sum() for s in self.logits)
+
+    @torch.no_grad()
+    def stats(self) -> dict[str, float]:
+        """``kept`` (s>0), ``above`` (σ>0.9), ``below`` (σ<0.1), ``undecided`` fractions and mean σ."""
+        n = self.n_params
+        kept = above = below = 0
+        msum = 0.0
+        for s in self.logits:
+            m = torch.sigmoid(self.beta * s)
+            kept += int((s > 0).sum()); above += int((m > 0.9).sum()); below += int((m < 0.1).sum()); msum += float(m.sum())
+        return {"kept": kept / n, "above": above / n, "below": below / n, "undecided": (n - above - below) / n,
+                "mean_sigma": msum / n, "n_above": above, "n_undecided": n - above - below}
+
+    @torch.no_grad()
+    def binary(self) -> dict[str, torch.Tensor]:
+        return {w.path: binarize(s).cpu() for w, s in zip(self.weights, self.logits)}
+
+    @contextmanager
+    def applied(self, probe) -> Iterator["MaskSet"]:
+        with _parametrized(probe, {w.path: (lambda i=i: self.factor(i)) for i, w in enumerate(self.weights)}):
+            yield self
+
+
+@contextmanager
+def apply_mask(probe, mask: "Mapping[str, torch.Tensor] | BigramResult | str | Path", mode: Mode = "keep", *,
+               seed: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    """Run any analysis on the masked model: inside the block every masked weight is ``W ⊙ mask``.
+
+    >>> with apply_mask(probe, result, mode="complement"):
+    ...     logits = probe.run(tokens)
+
+    Args:
+        mask: ``{module path: bool [storage shape]}``, a :class:`BigramResult` or its saved folder.
+        mode: ``keep``, ``complement``, ``random`` (same per-matrix count, shuffled) or ``random_complement``.
+        seed: seed of the random variants.
+    Yields the applied ``{path: bool}`` dict. Unmasked weights (embeddings, norms, biases, other
+    modules) stay as they are; the model is restored on exit, even after an error.
+    """
+    if isinstance(mask, (str, Path)):
+        mask = BigramResult.load(mask)
+    if isinstance(mask, BigramResult):
+        mask = mask.masks
+    dev = probe.device
+    m = transform_mask(mask, mode, seed)
+    for path, t in m.items():
+        try:
+            w = _weight_owner(probe.hf_model, path).weight
+        except AttributeError:
+            raise InputError(f"mask entry {path!r} names no weight of {probe.info.name}.",
+                             hint="Apply a mask trained on this model (same architecture and sizes).") from None
+        if tuple(w.shape) != tuple(t.shape):
+            raise InputError(f"mask {path!r} has shape {tuple(t.shape)} but the weight is {tuple(w.shape)}.",
+                             hint="Apply a mask trained on this model.")
+    factors = {p: (lambda t=t.to(dev): t) for p, t in m.items()}
+    with _parametrized(probe, factors):
+        yield m
+
+
+# ============================================================================== sparsity summaries
+def _role(probe, wname: str) -> str:
+    a = probe.arch
+    if wname == a.o_proj:
+        return "o"
+    if wname == a.mlp_down:
+        return "mlp_down"
+    if wname in a.mlp_in:
+        return "mlp_in"
+    leaf = wname.rsplit(".", 1)[-1]
+    if leaf in ("q_proj", "k_proj", "v_proj"):
+        return leaf[0]
+    if leaf in ("c_attn", "query_key_value"):
+        return "qkv"
+    return "other"
+
+
+@torch.no_grad()
+def unit_sparsity(probe, mask: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, pd.DataFrame]:
+    """Kept fractions per head ``[L, H]``, per MLP neuron ``[L, F]`` (NaN where a layer is unmasked) and
+    per matrix (DataFrame ``layer, matrix, kept, total, fraction``).
+
+    A head counts its q rows, its KV group's k/v rows and its o_proj input columns; a neuron counts
+    its rows of the MLP input projections and its column of the down projection.
+    """
+    i, a = probe.info, probe.arch
+    L, H, Hkv, dh, F = i.n_layers, i.n_heads, i.n_kv_heads, i.d_head, i.d_mlp
+    hk, ht = torch.zeros(L, H), torch.zeros(L, H)
+    nk, nt = torch.zeros(L, F), torch.zeros(L, F)
+    rows = []
+    prefix = a.layers + "."
+    for path, m in mask.items():
+        rest = path[len(prefix):] if path.startswith(prefix) else path
+        l_s, _, wname = rest.partition(".")
+        l = int(l_s)
+        m = m.bool().cpu()
+        rows.append({"layer": l, "matrix": wname, "kept": int(m.sum()), "total": m.numel()})
+        m = (m.T if a.conv1d else m).float()  # [out, in]
+        role = _role(probe, wname)
+        per_row, per_col = m.sum(1), m.sum(0)
+        rlen, clen = float(m.shape[1]), float(m.shape[0])
+        if role == "q" or (role == "o"):
+            v = per_row if role == "q" else per_col
+            ln = rlen if role == "q" else clen
+            if v.numel() == H * dh:
+                hk[l] += v.reshape(H, dh).sum(1); ht[l] += ln * dh
+        elif role in ("k", "v"):
+            if per_row.numel() == Hkv * dh:
+                g = per_row.reshape(Hkv, dh).sum(1).repeat_interleave(H // Hkv)
+                hk[l] += g; ht[l] += rlen * dh
+        elif role == "qkv" and per_row.numel() == 3 * H * dh:
+            if i.family == "gpt_neox":
+                hk[l] += per_row.reshape(H, 3 * dh).sum(1)
+            else:
+                hk[l] += per_row.reshape(3, H, dh).sum((0, 2))
+            ht[l] += rlen * 3 * dh
+        elif role == "mlp_in" and per_row.numel() == F:
+            nk[l] += per_row; nt[l] += rlen
+        elif role == "mlp_down" and per_col.numel() == F:
+            nk[l] += per_col; nt[l] += clen
+    df = pd.DataFrame(rows, columns=["layer", "matrix", "kept", "total"])
+    df["fraction"] = df["kept"] / df["total"].clip(lower=1)
+    return hk / ht, nk / nt, df.sort_values(["layer", "matrix"]).reset_index(drop=True)
+
+
+# ============================================================================== data
+def _split_rows(ids: torch.Tensor, cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cut the stream into rows ``[R, seq_len]``; the last rows (≤10 %, ≤ eval_rows, ≥1) are held out."""
+    R = ids.numel() // cfg.seq_len
+    if R < 2:
+        raise InputError(f"the corpus has {ids.numel()} tokens, fewer than two rows of seq_len={cfg.seq_len}.",
+                         hint="Give a longer --corpus or a smaller --seq-len.")
+    rows = ids[: R * cfg.seq_len].reshape(R, cfg.seq_len)
+    n_eval = max(1, min(cfg.eval_rows, R // 10))
+    return rows[: R - n_eval], rows[R - n_eval:]
+
+
+def _batch_index(step: int, micro: int, n_train: int, cfg: Config, perm: torch.Tensor) -> torch.Tensor:
+    k = (step * cfg.grad_accum + micro) * cfg.batch
+    idx = torch.arange(k, k + cfg.batch) % n_train
+    return perm[idx]
+
+
+# ============================================================================== training
+def _state_fingerprint(probe, cfg: Config, input_hash: str) -> str:
+    return store.hash_inputs("bigram-train", probe.info.fingerprint, cfg.to_dict(), input_hash)
+
+
+def _save_checkpoint(folder: Path, fp: str, step: int, masks: MaskSet, opt: torch.optim.Optimizer, curve: list[dict]) -> None:
+    """Mask logits + AdamW state as safetensors and progress as JSON, published atomically (no pickle)."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {f"logits.{j}": s.detach().cpu().contiguous() for j, s in enumerate(masks.logits)}
+    sd = opt.state_dict()
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            tensors[f"opt.{pid}.{k}"] = (v if isinstance(v, torch.Tensor) else torch.tensor(v)).detach().cpu().contiguous()
+    meta = {"fingerprint": fp, "step": step, "beta": masks.beta, "param_groups": sd["param_groups"], "curve": curve}
+    tmp = Path(tempfile.mkdtemp(prefix=".ck-", dir=folder))
+    save_file(tensors, str(tmp / "mask_state.safetensors"))
+    (tmp / "progress.json").write_text(json.dumps(meta, default=str))
+    os.replace(tmp / "mask_state.safetensors", folder / "mask_state.safetensors")
+    os.replace(tmp / "progress.json", folder / "progress.json")
+    tmp.rmdir()
+
+
+def _load_checkpoint(folder: Path, fp: str, masks: MaskSet, opt: torch.optim.Optimizer) -> tuple[int, list[dict]]:
+    prog = folder / "progress.json"
+    if not prog.is_file():
+        return 0, []
+    meta = json.loads(prog.read_text())
+    if meta.get("fingerprint") != fp:
+        return 0, []
+    from safetensors.torch import load_file
+
+    t = load_file(str(folder / "mask_state.safetensors"))
+    with torch.no_grad():
+        for j, s in enumerate(masks.logits):
+            s.copy_(t[f"logits.{j}"])
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for k, v in t.items():
+        if k.startswith("opt."):
+            _, pid, name = k.split(".", 2)
+            state.setdefault(int(pid), {})[name] = v.to(masks.logits[int(pid)].device) if name != "step" else v
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    masks.beta = float(meta["beta"])
+    return int(meta["step"]), list(meta.get("curve", []))
+
+
+def train_mask(probe, train_rows: torch.Tensor, table: BigramTable | None, cfg: Config, *,
+               checkpoint: str | Path | None = None, checkpoint_every: int = 50, input_hash: str = "",
+               callback: Callable[[dict], None] | None = None) -> tuple[MaskSet, pd.DataFrame, int, bool]:
+    """Continuous sparsification (Eq. 1) of the probe's block weights toward the bigram (or self) target.
+
+    Args:
+        train_rows: ``[R, T]`` token rows.
+        table: the bigram table (unused for ``target="self"``).
+        checkpoint: folder for resumable state (mask logits + AdamW state, safetensors); a run with the
+            same model, config and inputs resumes from it.
+        callback: called with each curve point (dict) — the CLI's progress bar.
+    Returns ``(mask set, curve DataFrame, steps done, stopped early)``.
+    """
+    weights = masked_weights(probe, cfg.layers)
+    dev = probe.device
+    masks = MaskSet(weights, init=cfg.init, device=dev)
+    N = masks.n_params
+    opt = torch.optim.AdamW(masks.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ck = Path(checkpoint) if checkpoint is not None else None
+    fp = _state_fingerprint(probe, cfg, input_hash)
+    start, curve = (_load_checkpoint(ck, fp, masks, opt) if ck is not None else (0, []))
+    n_train = train_rows.shape[0]
+    perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(cfg.seed))
+    model = probe.hf_model
+    flags = {id(p): p.requires_grad for p in model.parameters()}
+    stopped = False
+    step = start
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        with masks.applied(probe):
+            while step < cfg.steps:
+                opt.zero_grad(set_to_none=True)
+                xent_sum = 0.0
+                for micro in range(cfg.grad_accum):
+                    ids = train_rows[_batch_index(step, micro, n_train, cfg, perm)].to(dev)
+                    if cfg.target == "self":
+                        masks.mode = "off"
+                        with torch.no_grad():
+                            target = torch.softmax(model(input_ids=ids, use_cache=False).logits.float(), -1)
+                        masks.mode = "soft"
+                    else:
+                        target = table.targets(ids, device=dev)
+                    logits = model(input_ids=ids, use_cache=False).logits
+                    xent = soft_cross_entropy(logits, target)
+                    loss = (xent + cfg.lam / N * masks.l0()) / cfg.grad_accum
+                    loss.backward()
+                    xent_sum += float(xent.detach()) / cfg.grad_accum
+                opt.step()
+                step += 1
+                check = step % cfg.log_every == 0 or step == cfg.steps
+                if check:
+                    st = masks.stats()
+                    point = {"step": step, "xent": xent_sum, "loss": xent_sum + cfg.lam * st["mean_sigma"],
+                             "kept": st["kept"], "undecided": st["undecided"], "mean_sigma": st["mean_sigma"], "beta": masks.beta}
+                    curve.append(point)
+                    if callback is not None:
+                        callback(point)
+                    # paper code: stop when undecided < 1 % of the masks above 0.9 (checked before β grows)
+                    if cfg.stop_undecided is not None and st["n_undecided"] < cfg.stop_undecided * max(st["n_above"], 1):
+                        stopped = True
+                masks.beta *= cfg.temp_mult
+                if ck is not None and (step % checkpoint_every == 0 or stopped):
+                    _save_checkpoint(ck, fp, step, masks, opt, curve)
+                if stopped:
+                    break
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(flags.get(id(p), True))
+    masks.mode = "hard"
+    cols = ["step", "xent", "loss", "kept", "undecided", "mean_sigma", "beta"]
+    return masks, pd.DataFrame(curve, columns=cols), step, stopped
+
+
+# ============================================================================== evaluation
+@torch.no_grad()
+def evaluate_mask(probe, mask: Mapping[str, torch.Tensor], eval_rows: torch.Tensor, table: BigramTable, *,
+                  batch: int = 8, seed: int = 0) -> pd.DataFrame:
+    """The ablation table: one row per variant (``full``, ``subnetwork``, ``random``, ``complement``,
+    ``random_complement``) with ``kept_fraction``, ``mean_surprisal_bits``, ``bigram_xent_nats``,
+    ``pearson_r`` (inf bigram surprisals clipped) and ``pearson_r_finite`` (those tokens dropped).
+
+    Batches are the outer loop, so each batch's dense ``[b, T, V]`` target is built once."""
+    total = sum(m.numel() for m in mask.values())
+    variants: dict[str, dict[str, torch.Tensor] | None] = {"full": None}
+    for name, mode in (("subnetwork", "keep"), ("random", "random"), ("complement", "complement"),
+                       ("random_complement", "random_complement")):
+        variants[name] = transform_mask(mask, mode, seed)
+    ce = {k: 0.0 for k in variants}
+    surp: dict[str, list[torch.Tensor]] = {k: [] for k in variants}
+    big_p, n = [], 0
+    for k in range(0, eval_rows.shape[0], batch):
+        ids = eval_rows[k: k + batch].to(probe.device)
+        tgt = table.targets(ids)
+        big_p.append(tgt[:, :-1].gather(-1, ids[:, 1:, None].cpu()).reshape(-1))
+        n += ids.numel()
+        for name, m in variants.items():
+            if m is None:
+                logits = probe.run(ids)
+            else:
+                with apply_mask(probe, m, "keep"):
+                    logits = probe.run(ids)
+            ce[name] += float(soft_cross_entropy(logits, tgt.to(logits.device))) * ids.numel()
+            surp[name].append(surprisal_bits(logits, ids).reshape(-1).cpu())
+    big = -torch.log2(torch.cat(big_p).double())
+    finite = torch.isfinite(big)
+    big_clip = big.clone()
+    if (~finite).any():
+        big_clip[~finite] = big[finite].max() if finite.any() else 0.0
+    rows = []
+    for name, m in variants.items():
+        s = torch.cat(surp[name])
+        kept = 1.0 if m is None else sum(int(x.sum()) for x in m.values()) / max(total, 1)
+        rows.append({"variant": name, "kept_fraction": kept, "mean_surprisal_bits": float(s.double().mean()),
+                     "bigram_xent_nats": ce[name] / n, "pearson_r": pearson_r(s, big_clip),
+                     "pearson_r_finite": pearson_r(s[finite], big[finite])})
+    rows.append({"variant": "bigram", "kept_fraction": float("nan"), "mean_surprisal_bits": float(big_clip.mean()),
+                 "bigram_xent_nats": float("nan"), "pearson_r": 1.0, "pearson_r_finite": 1.0})
+    return pd.DataFrame(rows)
+
+
+@torch.no_grad()
+def compare_predictions(probe, mask: "Mapping[str, torch.Tensor] | BigramResult", table: BigramTable, prompt: str) -> pd.DataFrame:
+    """Token-level comparison for one prompt: for each position the current token and the top next-token
+    prediction (with its probability) of the bigram model, the full model and the subnetwork, plus the
+    surprisal (bits) of the actual next token under each. Columns: ``pos, token, next, bigram, full,
+    subnetwork, p_bigram, p_full, p_subnetwork, s_bigram, s_full, s_subnetwork``."""
+    ids = probe.to_tokens(prompt)
+    tgt = table.targets(ids, device="cpu")[0]
+    full = torch.softmax(probe.run(ids).float(), -1)[0, :, : table.V].cpu()
+    with apply_mask(probe, mask):
+        sub = torch.softmax(probe.run(ids).float(), -1)[0, :, : table.V].cpu()
+    toks = probe.to_str_tokens(ids[0])
+    ids0 = ids[0].tolist()
+    rows = []
+    for t in range(len(ids0)):
+        r = {"pos": t, "token": toks[t], "next": toks[t + 1] if t + 1 < len(ids0) else ""}
+        for name, p in (("bigram", tgt[t]), ("full", full[t]), ("subnetwork", sub[t])):
+            j = int(p.argmax())
+            r[name] = probe.tokenizer.decode([j])
+            r[f"p_{name}"] = float(p[j])
+            r[f"s_{name}"] = float(-torch.log2(p[ids0[t + 1]])) if t + 1 < len(ids0) else float("nan")
+        rows.append(r)
+    return pd.DataFrame(rows)
+
+
+# ============================================================================== result
+def _pack(m: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(np.packbits(m.reshape(-1).cpu().numpy().astype(np.uint8)))
+
+
+def _unpack(p: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    n = int(np.prod(shape))
+    return torch.from_numpy(np.unpackbits(p.numpy())[:n].astype(bool)).reshape(*shape)
+
+
+@register_result
+@dataclass(frozen=True, kw_only=True)
+class BigramResult(Result):
+    """A learned binary mask and its evaluation.
+
+    Attributes:
+        masks: ``{module path: bool tensor}`` in the weight's storage layout (GPT-2 Conv1D: ``[in, out]``).
+        matrices: per matrix ``layer, matrix, kept, total, fraction``.
+        head_kept: ``[L, H]`` kept fraction per head (labels ``L{l}H{h}``; NaN for unmasked layers).
+        neuron_kept: ``[L, F]`` kept fraction per MLP neuron (labels ``L{l}N{n}``).
+        curve: training curve ``step, xent, loss, kept, undecided, mean_sigma, beta``.
+        ablation: :func:`evaluate_mask` table (empty when not evaluated).
+        sparsity: kept / total masked weights.
+        corpus: what the corpus was (``builtin``, a path, or ``ids``).
+    """
+
+    analysis: ClassVar[str] = "bigram"
+
+    masks: dict[str, torch.Tensor]
+    matrices: pd.DataFrame
+    head_kept: torch.Tensor
+    neuron_kept: torch.Tensor
+    curve: pd.DataFrame
+    ablation: pd.DataFrame
+    sparsity: float
+    steps_done: int = 0
+    stopped_early: bool = False
+    corpus: str = "builtin"
+    overlaps: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    # ---- views
+    def per_layer(self) -> pd.DataFrame:
+        """Kept fraction per layer: ``layer, kept, total, fraction``."""
+        g = self.matrices.groupby("layer", as_index=False)[["kept", "total"]].sum()
+        g["fraction"] = g["kept"] / g["total"]
+        return g
+
+    def head_labels(self) -> list[str]:
+        L, H = self.head_kept.shape
+        return [f"L{l}H{h}" for l in range(L) for h in range(H)]
+
+    def to_frame(self) -> pd.DataFrame:
+        """Tidy per-matrix sparsity: ``model, layer, matrix, kept, total, value`` (value = kept fraction)."""
+        df = self.matrices.rename(columns={"fraction": "value"}).copy()
+        df.insert(0, "model", self.model.get("name", ""))
+        return df
+
+    def apply(self, probe, mode: Mode = "keep", seed: int = 0):
+        """Context manager applying this mask to ``probe`` (see :func:`apply_mask`)."""
+        return apply_mask(probe, self.masks, mode, seed=seed)
+
+    # ---- plots
+    def plot(self, **kwargs):
+        """Grouped bar chart: kept fraction per layer and matrix."""
+        import plotly.express as px
+
+        df = self.to_frame()
+        fig = px.bar(df, x="layer", y="value", color="matrix", barmode="group",
+                     labels={"value": "kept fraction", "layer": "layer"},
+                     title=f"Bigram subnetwork: {self.sparsity:.3%} of block weights kept", **kwargs)
+        return fig
+
+    def plot_heads(self):
+        import plotly.express as px
+
+        return px.imshow(self.head_kept.numpy(), aspect="auto", color_continuous_scale="Blues",
+                         labels={"x": "head", "y": "layer", "color": "kept"}, title="Kept fraction per head")
+
+    def plot_neurons(self):
+        import plotly.express as px
+
+        return px.imshow(self.neuron_kept.numpy(), aspect="auto", color_continuous_scale="Blues",
+                         labels={"x": "neuron", "y": "layer", "color": "kept"}, title="Kept fraction per MLP neuron")
+
+    def plot_curve(self):
+        import plotly.graph_objects as go
+        from plotly.subplots import make_subplots
+
+        c = self.curve
+        fig = make_subplots(specs=[[{"secondary_y": True}]])
+        fig.add_trace(go.Scatter(x=c["step"], y=c["xent"], name="xent (nats)"), secondary_y=False)
+        fig.add_trace(go.Scatter(x=c["step"], y=c["kept"], name="kept (s>0)"), secondary_y=True)
+        fig.add_trace(go.Scatter(x=c["step"], y=c["undecided"], name="undecided"), secondary_y=True)
+        fig.update_layout(title="Training curve", xaxis_title="step")
+        return fig
+
+    # ---- storage
+    def tables(self) -> dict[str, pd.DataFrame]:
+        return {"main": self.to_frame(), "curve": self.curve, "ablation": self.ablation}
+
+    def arrays(self) -> dict[str, torch.Tensor]:
+        out = {f"mask.{k}": _pack(v) for k, v in self.masks.items()}
+        out["head_kept"] = self.head_kept.float()
+        out["neuron_kept"] = self.neuron_kept.float()
+        return out
+
+    def extra(self) -> dict[str, Any]:
+        return {"mask_shapes": {k: list(v.shape) for k, v in self.masks.items()}, "sparsity": self.sparsity,
+                "steps_done": self.steps_done, "stopped_early": self.stopped_early, "corpus": self.corpus,
+                "overlaps": self.overlaps}
+
+    @classmethod
+    def _from_stored(cls, stored, base):
+        ex = stored.extra
+        masks = {k: _unpack(stored.arrays[f"mask.{k}"], shp) for k, shp in ex["mask_shapes"].items()}
+        mat = stored.tables["main"].drop(columns=["model"]).rename(columns={"value": "fraction"})
+        return cls(**base, masks=masks, matrices=mat, head_kept=stored.arrays["head_kept"],
+                   neuron_kept=stored.arrays["neuron_kept"], curve=stored.tables["curve"],
+                   ablation=stored.tables["ablation"], sparsity=float(ex["sparsity"]),
+                   steps_done=int(ex.get("steps_done", 0)), stopped_early=bool(ex.get("stopped_early", False)),
+                   corpus=str(ex.get("corpus", "builtin")), overlaps=dict(ex.get("overlaps", {})))
+
+
+# ============================================================================== entry points
+def _check_corpus_size(n_train: int, cfg: Config) -> None:
+    need = cfg.steps * cfg.batch * cfg.grad_accum
+    if need > n_train and not cfg.reuse:
+        raise InputError(
+            f"the corpus gives {n_train} training rows of {cfg.seq_len} tokens, but steps={cfg.steps} × batch={cfg.batch}"
+            f" × grad_accum={cfg.grad_accum} needs {need} (the paper never reuses a row).",
+            hint=f"Give a bigger corpus, lower steps to ≤ {max(n_train // (cfg.batch * cfg.grad_accum), 0)}, "
+                 "or allow reuse (reuse=True, --reuse).")
+
+
+def _corpus_label(corpus) -> str:
+    return str(corpus) if isinstance(corpus, (str, Path)) else "ids"
+
+
+def run(probe, corpus: "str | Path | torch.Tensor | Sequence[int]" = "builtin", config: Config = Config(), *,
+        evaluate: bool = True, checkpoint: str | Path | None = None, checkpoint_every: int = 50,
+        callback: Callable[[dict], None] | None = None, table: BigramTable | None = None) -> BigramResult:
+    """Learn a bigram (or optimal-pruning) subnetwork of ``probe``'s blocks and evaluate it.
+
+    Args:
+        corpus: ``"builtin"``, a text/JSONL file, or token ids ``[N]``; the bigram table is counted on
+            the whole stream, training uses its rows and the held-out rows evaluate.
+        evaluate: compute the ablation table on the held-out rows.
+        checkpoint: folder for resumable training state (see :func:`train_mask`).
+        table: a prebuilt bigram table (else counted from ``corpus``).
+    """
+    if not isinstance(config, Config):
+        raise ConfigError(f"config must be analyses.bigram.Config, got {type(config).__name__}.")
+    timer = Timer()
+    with timer("tokenize"):
+        ids = load_corpus_ids(probe, corpus)
+        train_rows, eval_rows = _split_rows(ids, config)
+        table = table or BigramTable.from_ids(ids, probe.info.d_vocab)
+    input_hash = store.hash_inputs(_corpus_label(corpus), ids)
+    weights = masked_weights(probe, config.layers)  # fail early on a model the masker does not handle
+    if math.isinf(config.lam):  # keep-nothing baseline: no training
+        masks = {w.path: torch.zeros(w.shape, dtype=torch.bool) for w in weights}
+        curve, steps, stopped = pd.DataFrame(columns=["step", "xent", "loss", "kept", "undecided", "mean_sigma", "beta"]), 0, False
+    else:
+        _check_corpus_size(train_rows.shape[0], config)
+        with timer("train"):
+            ms, curve, steps, stopped = train_mask(probe, train_rows, table, config, checkpoint=checkpoint,
+                                                   checkpoint_every=checkpoint_every, input_hash=input_hash, callback=callback)
+        masks = ms.binary()
+    return _finish(probe, masks, config, input_hash, curve, steps, stopped, _corpus_label(corpus),
+                   eval_rows if evaluate else None, table, timer)
+
+
+def _finish(probe, masks, config, input_hash, curve, steps, stopped, corpus, eval_rows, table, timer) -> BigramResult:
+    head, neuron, mat = unit_sparsity(probe, masks)
+    total = sum(m.numel() for m in masks.values())
+    ablation = pd.DataFrame(columns=["variant", "kept_fraction", "mean_surprisal_bits", "bigram_xent_nats", "pearson_r", "pearson_r_finite"])
+    if eval_rows is not None:
+        with timer("evaluate"):
+            ablation = evaluate_mask(probe, masks, eval_rows, table, batch=8, seed=config.seed)
+    return BigramResult(config=config, model=probe.info.to_dict(), input_hash=input_hash, timings=timer.seconds,
+                        masks=masks, matrices=mat, head_kept=head, neuron_kept=neuron, curve=curve, ablation=ablation,
+                        sparsity=sum(int(m.sum()) for m in masks.values()) / max(total, 1), steps_done=steps,
+                        stopped_early=stopped, corpus=corpus)
+
+
+def evaluate(probe, result: "BigramResult | str | Path", corpus: "str | Path | torch.Tensor | None" = None, *,
+             compare: "BigramResult | str | Path | None" = None, eval_rows: int | None = None) -> BigramResult:
+    """Re-evaluate a saved mask on ``probe`` (default corpus: the one it was trained on).
+
+    ``compare`` adds the overlap with another mask (e.g. the optimal-pruning one, or another λ) under
+    ``result.overlaps["compare"]``. Returns a new result with the fresh ablation table.
+    """
+    if isinstance(result, (str, Path)):
+        result = BigramResult.load(result)
+    corpus = corpus if corpus is not None else result.corpus
+    if corpus == "ids":
+        raise InputError("this mask was trained on raw token ids, so its corpus cannot be re-read.", hint="Pass --corpus FILE or builtin.")
+    cfg = result.config if eval_rows is None else result.config.replace(eval_rows=eval_rows)
+    ids = load_corpus_ids(probe, corpus)
+    _, rows = _split_rows(ids, cfg)
+    table = BigramTable.from_ids(ids, probe.info.d_vocab)
+    timer = Timer()
+    with timer("evaluate"):
+        ablation = evaluate_mask(probe, result.masks, rows, table, batch=8, seed=cfg.seed)
+    overlaps = dict(result.overlaps)
+    if compare is not None:
+        other = BigramResult.load(compare) if isinstance(compare, (str, Path)) else compare
+        overlaps["compare"] = mask_overlap(result.masks, other.masks)
+    return dataclasses.replace(result, ablation=ablation, overlaps=overlaps, timings={**result.timings, **timer.seconds},
+                               corpus=_corpus_label(corpus), config=cfg)

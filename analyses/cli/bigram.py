@@ -1,0 +1,129 @@
+"""``sonde run bigram`` (learn a bigram subnetwork) and ``sonde run bigram-eval`` (re-evaluate a saved mask)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .common import BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OutOpt, echo_json, load_probe, progress, saved, status
+
+__all__ = ["register"]
+
+
+def _layers(spec: Optional[str]):
+    from probes import ConfigError
+
+    if spec is None or spec.strip() in ("", "all"):
+        return None
+    try:
+        return tuple(int(x) for x in spec.split(",") if x.strip())
+    except ValueError:
+        raise ConfigError(f"--layers {spec!r} is not a comma-separated list of block indices.", hint="E.g. --layers 0,1 or --layers all.") from None
+
+
+def _ablation_lines(df) -> list[str]:
+    return [f"{r.variant:>18}: kept={r.kept_fraction:.4%} surprisal={r.mean_surprisal_bits:.3f} bits "
+            f"bigram_xent={r.bigram_xent_nats:.3f} nats r={r.pearson_r:.3f}" for r in df.itertuples()]
+
+
+def register(run_app: typer.Typer) -> None:
+    @run_app.command("bigram")
+    def bigram_cmd(
+        model: str = ModelOpt,
+        corpus: str = typer.Option("builtin", "--corpus", "-c", help="'builtin' (Python's pydoc topics, offline), a UTF-8 .txt or a .jsonl (field 'text')."),
+        lam: float = typer.Option(10.0, "--lambda", help="Sparsity weight λ ≥ 0 (paper: 10; 100 for ~1B models; inf = keep nothing)."),
+        lr: float = typer.Option(5e-5, "--lr", help="AdamW learning rate (paper 5e-5; ~0.05 for short CPU runs)."),
+        steps: int = typer.Option(15000, "--steps", help="Maximum optimizer steps (paper 15000)."),
+        batch: int = typer.Option(32, "--batch-size", help="Rows per micro-batch (paper 32)."),
+        seq_len: int = typer.Option(128, "--seq-len", help="Tokens per row (paper 128)."),
+        grad_accum: int = typer.Option(1, "--grad-accum", help="Micro-batches per optimizer step."),
+        temp_mult: float = typer.Option(1.001, "--temp-mult", help="β multiplier per step (paper 1.001)."),
+        target: str = typer.Option("bigram", "--target", help="bigram, or self (optimal pruning: distil the full model)."),
+        layers: Optional[str] = typer.Option(None, "--layers", help="Blocks to mask, e.g. 0,1 (default: all)."),
+        eval_rows: int = typer.Option(10000, "--eval-rows", help="Held-out rows for evaluation (≤10 % of the corpus)."),
+        reuse: bool = typer.Option(False, "--reuse", help="Cycle through a corpus smaller than steps × batch (the paper never reuses rows)."),
+        seed: int = typer.Option(0, "--seed"),
+        no_eval: bool = typer.Option(False, "--no-eval", help="Skip the ablation table."),
+        checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Folder for resumable state (default: under the results root)."),
+        out: Optional[Path] = OutOpt,
+        backend: str = BackendOpt, device: str = DeviceOpt, dtype: str = DtypeOpt,
+        as_json: bool = JsonOpt,
+    ) -> None:
+        """Bigram subnetwork (Chang & Bergen 2025): learn the sparse mask of block weights that predicts bigrams.
+
+        A killed run resumes from its checkpoint when the same command is run again.
+        """
+        import shutil
+
+        from analyses import bigram, store
+
+        cfg = bigram.Config(lam=lam, lr=lr, steps=steps, batch=batch, seq_len=seq_len, grad_accum=grad_accum,
+                            temp_mult=temp_mult, target=target, layers=_layers(layers), eval_rows=eval_rows,
+                            reuse=reuse, seed=seed)
+        probe = load_probe(model, backend, device, dtype)
+        ck = checkpoint or store.results_root() / ".bigram-progress" / store.hash_inputs(probe.info.fingerprint, cfg.to_dict(), corpus)
+        with progress(cfg.steps, "masking") as step:
+            last = [0]
+
+            def cb(point):
+                step(point["step"] - last[0], loss=f"{point['loss']:.3f}", kept=f"{point['kept']:.3%}",
+                     undecided=f"{point['undecided']:.3%}")
+                last[0] = point["step"]
+
+            res = bigram.run(probe, corpus, cfg, evaluate=not no_eval, checkpoint=ck, callback=cb)
+        path = res.save(out)
+        if checkpoint is None:
+            shutil.rmtree(ck, ignore_errors=True)
+        summary = {"sparsity": f"{res.sparsity:.4%}", "steps": res.steps_done, "stopped_early": res.stopped_early,
+                   "top_layer": int(res.per_layer().sort_values("fraction").iloc[-1]["layer"]) if len(res.matrices) else None}
+        if as_json:
+            summary["ablation"] = res.ablation.to_dict(orient="records")
+        else:
+            for line in _ablation_lines(res.ablation):
+                typer.echo(line)
+        saved(path, as_json, summary)
+
+    @run_app.command("bigram-eval")
+    def bigram_eval_cmd(
+        mask: Path = typer.Option(..., "--mask", help="Folder of a saved `sonde run bigram` result."),
+        model: Optional[str] = typer.Option(None, "--model", "-m", help="Model (default: the one the mask was trained on)."),
+        corpus: Optional[str] = typer.Option(None, "--corpus", "-c", help="Evaluation corpus (default: the training corpus's held-out rows)."),
+        eval_rows: Optional[int] = typer.Option(None, "--eval-rows", help="Held-out rows to evaluate."),
+        compare: Optional[Path] = typer.Option(None, "--compare", help="Another mask folder: report the overlap."),
+        out: Optional[Path] = OutOpt,
+        backend: str = BackendOpt, device: str = DeviceOpt, dtype: str = DtypeOpt,
+        as_json: bool = JsonOpt,
+    ) -> None:
+        """Ablation table (full / subnetwork / random / complement / random complement) and sparsity of a saved mask."""
+        from analyses import bigram
+        from probes import InputError
+
+        with status("Reading mask"):
+            res = bigram.BigramResult.load(mask)
+        probe = load_probe(model or res.model.get("source") or res.model.get("name", "embedded"), backend, device, dtype)
+        if probe.info.fingerprint != res.model.get("fingerprint"):
+            names = {w.path: w.shape for w in bigram.masked_weights(probe)}
+            if any(names.get(k) != tuple(v.shape) for k, v in res.masks.items()):
+                raise InputError(f"the mask in {str(mask)!r} was trained on {res.model.get('name')!r} and does not fit {probe.info.name!r}.",
+                                 hint="Pass --model with the model the mask was trained on.")
+        with status("Evaluating"):
+            ev = bigram.evaluate(probe, res, corpus, compare=compare, eval_rows=eval_rows)
+        summary = {"sparsity": f"{ev.sparsity:.4%}", "ablation": ev.ablation.to_dict(orient="records")}
+        if "compare" in ev.overlaps:
+            summary["overlap"] = ev.overlaps["compare"]
+        if out is not None:
+            path = ev.save(out)
+            summary["result"] = str(path)
+        if as_json:
+            echo_json(summary)
+            return
+        typer.echo(f"sparsity: {summary['sparsity']}")
+        for line in _ablation_lines(ev.ablation):
+            typer.echo(line)
+        if "overlap" in summary:
+            o = summary["overlap"]
+            typer.echo(f"overlap: jaccard={o['jaccard']:.4f} a_in_b={o['frac_a_in_b']:.4f} ratio_to_random={o['ratio_to_random']:.2f}")
+        if out is not None:
+            typer.echo(f"saved {summary['result']}")

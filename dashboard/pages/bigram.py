@@ -1,0 +1,103 @@
+"""Bigram subnetwork page: learn (briefly) or load a mask, then see where it lives and what it predicts."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from analyses import bigram as B
+from probes import ConfigError, SondeError
+from dashboard.state import DEFAULT_PROMPT, cached, query_param, show_error, sidebar_probe
+
+st.title("Bigram subnetwork")
+st.caption("Chang & Bergen (2025): the sparse set of block weights that maps the current token to bigram "
+           "next-token predictions (continuous sparsification, soft mask σ(β·s), keep s > 0).")
+
+probe = sidebar_probe()
+if probe is None:
+    st.stop()
+
+
+def _table(probe, corpus: str) -> B.BigramTable:
+    return B.BigramTable.from_ids(B.load_corpus_ids(probe, corpus), probe.info.d_vocab)
+
+
+def _load(path: str) -> B.BigramResult:
+    return B.BigramResult.load(path)
+
+
+with st.sidebar:
+    st.markdown("### Bigram mask")
+    saved_dir = st.text_input("Load a saved result folder (optional)", value=query_param("mask", ""),
+                              help="A folder written by `sonde run bigram`; leave empty to train a short run here.")
+    corpus = st.text_input("Corpus", value=query_param("corpus", "builtin"), help="'builtin' or a UTF-8 .txt/.jsonl path.")
+    lam = st.number_input("λ (sparsity)", min_value=0.0, value=float(query_param("lam", "10")), step=1.0)
+    steps = st.number_input("Steps", min_value=1, max_value=2000, value=int(query_param("steps", "4")),
+                            help="Short CPU schedule; the paper uses up to 15,000 steps at lr 5e-5.")
+    lr = st.number_input("Learning rate", min_value=1e-6, max_value=1.0, value=float(query_param("lr", "0.05")), format="%.5f")
+    layers_txt = st.text_input("Blocks to mask", value=query_param("layers", "0"), help="Comma-separated block indices, or 'all'.")
+    target = st.selectbox("Target", ["bigram", "self"], index=["bigram", "self"].index(query_param("target", "bigram")),
+                          help="'self' = optimal pruning (distil the full model).")
+for k, v in {"corpus": corpus, "lam": str(lam), "steps": str(steps), "lr": str(lr), "layers": layers_txt, "target": target}.items():
+    st.query_params[k] = v
+
+try:
+    layers = None if layers_txt.strip() in ("", "all") else tuple(int(x) for x in layers_txt.split(",") if x.strip())
+    cfg = B.Config(lam=lam, lr=lr, steps=int(steps), batch=1, seq_len=32, eval_rows=2, reuse=True, layers=layers,
+                   target=target, log_every=1)
+except (ValueError, ConfigError) as e:
+    show_error(e)
+    st.stop()
+
+if saved_dir.strip():
+    st.query_params["mask"] = saved_dir
+    res = cached(_load, saved_dir.strip())
+else:
+    with st.spinner("Learning a mask (short schedule)…"):
+        res = cached(B.run, corpus, cfg, _probe=probe)
+if res is None:
+    st.stop()
+
+c1, c2, c3, c4 = st.columns(4)
+c1.metric("Kept (of masked weights)", f"{res.sparsity:.3%}")
+c2.metric("Steps", res.steps_done)
+c3.metric("Masked matrices", len(res.masks))
+top = res.per_layer().sort_values("fraction").iloc[-1]
+c4.metric("Densest layer", f"L{int(top['layer'])}", f"{top['fraction']:.3%} kept")
+st.markdown(f"Mask kept fraction **{res.sparsity:.4%}** over {int(res.matrices['total'].sum()):,} block weights "
+            f"(corpus: `{res.corpus}`, λ = {res.config.lam}, target = {res.config.target}).")
+
+st.subheader("Sparsity by layer and matrix")
+st.plotly_chart(res.plot(), width="stretch")
+h1, h2 = st.columns(2)
+with h1:
+    st.plotly_chart(res.plot_heads(), width="stretch")
+with h2:
+    st.plotly_chart(res.plot_neurons(), width="stretch")
+
+st.subheader("Ablations")
+st.caption("Mean surprisal of held-out tokens (bits), soft CE to the bigram rows (nats), Pearson r with bigram surprisal.")
+if len(res.ablation):
+    st.dataframe(res.ablation, hide_index=True)
+else:
+    st.info("This result has no ablation table (run `sonde run bigram-eval --mask DIR`).")
+
+st.subheader("Predictions for a prompt")
+prompt = st.text_input("Prompt", value=query_param("prompt", DEFAULT_PROMPT))
+st.query_params["prompt"] = prompt
+if res.model.get("fingerprint") != probe.info.fingerprint:
+    st.warning("This mask was trained on another model; pick that model in the sidebar to compare predictions.")
+else:
+    corpus_for_table = res.corpus if res.corpus != "ids" else "builtin"
+    table = cached(_table, corpus_for_table, _probe=probe)
+    if table is not None:
+        try:
+            df = B.compare_predictions(probe, res, table, prompt)
+            st.dataframe(df, hide_index=True)
+        except SondeError as e:
+            show_error(e)
+
+st.subheader("Training curve")
+if len(res.curve):
+    st.plotly_chart(res.plot_curve(), width="stretch")
+else:
+    st.info("No training curve (λ = ∞ baseline or a loaded mask without one).")
