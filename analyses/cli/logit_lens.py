@@ -1,0 +1,65 @@
+"""``sonde run logit-lens``: the logit lens of one prompt, saved to the results store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .common import BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OutOpt, load_probe, saved, status
+
+
+def _parse_layers(text: Optional[str]) -> tuple[int, ...] | None:
+    from probes import ConfigError
+
+    if text is None or text.strip() in ("", "all"):
+        return None
+    out = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            if "-" in part:
+                a, b = part.split("-", 1)
+                out.extend(range(int(a), int(b) + 1))
+            else:
+                out.append(int(part))
+        except ValueError:
+            raise ConfigError(f"--layers {text!r} is not a list of block indices.",
+                              hint="Use e.g. --layers 0,5,10 or --layers 0-29 (or 'all').") from None
+    return tuple(out)
+
+
+def register(run_app: typer.Typer) -> None:
+    @run_app.command("logit-lens")
+    def logit_lens_cmd(
+        prompt: str = typer.Option("The Eiffel Tower is located in the city of", "--prompt", "-p", help="Text to read."),
+        model: str = ModelOpt,
+        layers: Optional[str] = typer.Option(None, "--layers", help="Blocks to read: 'all' (default), '0,5,10' or '10-20'."),
+        k: int = typer.Option(5, "--k", help="Top tokens kept per (layer, position)."),
+        prepend_bos: bool = typer.Option(False, "--bos/--no-bos", help="Start the prompt with BOS."),
+        backend: str = BackendOpt, device: str = DeviceOpt, dtype: str = DtypeOpt,
+        out: Optional[Path] = OutOpt,
+        html: Optional[Path] = typer.Option(None, "--html", help="Also write the heat map as an HTML file."),
+        as_json: bool = JsonOpt,
+    ) -> None:
+        """Logit lens: each layer's residual stream read through the final norm and unembedding."""
+        from analyses import logit_lens
+
+        cfg = logit_lens.Config(layers=_parse_layers(layers), k=k, prepend_bos=prepend_bos)
+        probe = load_probe(model, backend, device, dtype)
+        with status("Running the logit lens"):
+            res = logit_lens.run(probe, prompt, config=cfg)
+        path = res.save(out)
+        if html is not None:
+            html.parent.mkdir(parents=True, exist_ok=True)
+            res.plot().write_html(str(html), include_plotlyjs="cdn")
+        # the first block where the lens already ranks the final prediction first, per position
+        first = []
+        for t in range(len(res.str_tokens)):
+            hit = [res.layers[i] for i in range(len(res.layers)) if int(res.top_ids[i, t, 0]) == int(res.next_ids[t, 0])]
+            first.append(hit[0] if hit else None)
+        summary = {"tokens": len(res.str_tokens), "layers": len(res.layers),
+                   "next_token": res.final_strs[-1], "p_next": round(float(res.next_probs[-1, 0]), 4),
+                   "first_layer_top1_last_pos": first[-1], "seconds": round(sum(res.timings.values()), 3)}
+        saved(path, as_json, summary)

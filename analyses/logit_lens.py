@@ -1,0 +1,289 @@
+"""Logit lens: read each layer's residual stream through the model's own unembedding.
+
+nostalgebraist (2020), "interpreting GPT: the logit lens" (LessWrong); formalised as the identity
+("no translation") probe in Belrose et al. (2023), "Eliciting Latent Predictions from Transformers with
+the Tuned Lens", eq. (1)-(2):
+
+    LogitLens_l(h_l) = W_U · LayerNorm_final(h_l),        p_l(· | x_{<=t}) = softmax(LogitLens_l(h_{l,t}))
+
+where ``h_l = blocks.{l}.hook_resid_post`` (the residual after block ``l``). For the last block this is
+exactly the model's output distribution (final norm then unembedding), which the tests check.
+
+For every (layer, position) cell the result keeps the top-``k`` lens tokens and their probabilities,
+and the probability the lens gives to the *final* prediction at that position (the model's top-1
+output token), the quantity usually drawn in logit-lens heat maps. It also keeps the model's own
+next-token top-``k`` per position (the output logits of the same forward pass).
+
+Axis order everywhere: ``[layer, pos, rank]``; ``layers`` labels axis 0, ``str_tokens`` axis 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, Sequence
+
+import pandas as pd
+import torch
+
+from probes import Collect, ConfigError, InputError, Probe
+
+from . import store
+from .base import Config as _BaseConfig
+from .base import Result, Timer, register_result
+
+__all__ = ["Config", "LogitLensResult", "run", "lens_topk", "target_probs"]
+
+_CHUNK_ELEMS = 1 << 24  # at most ~16M logits (64 MB in fp32) alive at once
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config(_BaseConfig):
+    """Logit-lens settings.
+
+    Attributes:
+        layers: blocks whose ``hook_resid_post`` is read; ``None`` = every block (the usual heat map).
+        k: top tokens kept per cell (5 is what the hover shows; nostalgebraist's plots show the top-1).
+        prepend_bos: start the prompt with BOS (SmolLM2's tokenizer does not add one by default).
+        apply_norm: apply the final norm before unembedding (the logit lens does; ``False`` is the
+            "raw" variant without the norm, rarely useful except to see why the norm matters).
+    """
+
+    layers: tuple[int, ...] | None = None
+    k: int = 5
+    prepend_bos: bool = False
+    apply_norm: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.k, int) or isinstance(self.k, bool) or not 1 <= self.k <= 100:
+            raise ConfigError(f"k={self.k!r} is not allowed.", hint="Use an integer from 1 to 100 (top tokens per cell).")
+        if self.layers is not None:
+            if not isinstance(self.layers, tuple) or not self.layers:
+                raise ConfigError(f"layers={self.layers!r} is not allowed.",
+                                  hint="Give a non-empty tuple of block indices, e.g. layers=(0, 10, 29), or None for all.")
+            for layer in self.layers:
+                if not isinstance(layer, int) or isinstance(layer, bool) or layer < 0:
+                    raise ConfigError(f"layers contains {layer!r}.", hint="Block indices are integers >= 0.")
+            if len(set(self.layers)) != len(self.layers):
+                raise ConfigError(f"layers={self.layers!r} repeats a layer.", hint="List each block once.")
+
+
+# ------------------------------------------------------------------------------------------ math
+@torch.no_grad()
+def lens_topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``k`` tokens of softmax(logits).
+
+    Args:
+        logits: ``[..., V]`` lens (or output) logits.
+        k: how many tokens to keep.
+
+    Returns:
+        ``(probs [..., k] float32, ids [..., k] int64)``, descending by probability.
+    """
+    p = torch.softmax(logits.float(), dim=-1)
+    vals, ids = p.topk(min(k, p.shape[-1]), dim=-1)
+    return vals, ids
+
+
+@torch.no_grad()
+def target_probs(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Probability softmax(logits) gives each position's target token.
+
+    Args:
+        logits: ``[T, V]`` lens logits of one layer.
+        target: ``[T]`` token ids (the model's final top-1 at each position).
+
+    Returns:
+        ``[T]`` float32 probabilities.
+    """
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    return lp.gather(-1, target[:, None].to(lp.device)).squeeze(-1).exp()
+
+
+# ------------------------------------------------------------------------------------------ result
+@register_result
+@dataclass(frozen=True, kw_only=True)
+class LogitLensResult(Result):
+    """Logit lens of one prompt.
+
+    Arrays (CPU): ``top_ids``/``top_probs`` ``[L, T, k]`` (lens top-k per layer and position),
+    ``target`` ``[L, T]`` (lens probability of the final top-1 token ``final_ids[t]``),
+    ``next_ids``/``next_probs`` ``[T, k]`` (the model's own output top-k), ``token_ids`` ``[T]``.
+    Labels: ``layers`` (axis 0, block indices), ``str_tokens`` (axis 1), ``top_strs`` ``[L][T][k]``
+    and ``next_strs`` ``[T][k]`` (decoded tokens).
+    """
+
+    analysis: ClassVar[str] = "logit_lens"
+
+    layers: list[int]
+    str_tokens: list[str]
+    token_ids: torch.Tensor
+    top_ids: torch.Tensor
+    top_probs: torch.Tensor
+    target: torch.Tensor
+    next_ids: torch.Tensor
+    next_probs: torch.Tensor
+    top_strs: list[list[list[str]]]
+    next_strs: list[list[str]]
+
+    @property
+    def final_strs(self) -> list[str]:
+        """The model's top-1 next token at each position (the heat map's colour target)."""
+        return [row[0] for row in self.next_strs]
+
+    # --- frames ------------------------------------------------------------------------------
+    def to_frame(self) -> pd.DataFrame:
+        """Tidy lens table: one row per (layer, pos, rank); ``value`` is the lens probability."""
+        L, T, k = self.top_ids.shape
+        rows = []
+        name = self.model.get("name")
+        for li, layer in enumerate(self.layers):
+            for t in range(T):
+                for r in range(k):
+                    rows.append((name, layer, t, self.str_tokens[t], r, int(self.top_ids[li, t, r]), self.top_strs[li][t][r],
+                                 float(self.top_probs[li, t, r]), float(self.target[li, t])))
+        return pd.DataFrame(rows, columns=["model", "layer", "pos", "token", "rank", "pred_id", "pred_token", "value",
+                                           "final_token_prob"])
+
+    def next_frame(self) -> pd.DataFrame:
+        """The model's next-token top-k per position (wide: one row per position)."""
+        T, k = self.next_ids.shape
+        data: dict[str, list[Any]] = {"pos": list(range(T)), "token": list(self.str_tokens)}
+        for r in range(k):
+            data[f"top{r + 1}"] = [self.next_strs[t][r] for t in range(T)]
+            data[f"p{r + 1}"] = [round(float(self.next_probs[t, r]), 4) for t in range(T)]
+        return pd.DataFrame(data)
+
+    def tables(self) -> dict[str, pd.DataFrame]:
+        T, k = self.next_ids.shape
+        nxt = pd.DataFrame([(t, self.str_tokens[t], r, int(self.next_ids[t, r]), self.next_strs[t][r], float(self.next_probs[t, r]))
+                            for t in range(T) for r in range(k)],
+                           columns=["pos", "token", "rank", "pred_id", "pred_token", "value"])
+        return {"main": self.to_frame(), "next": nxt}
+
+    def arrays(self) -> dict[str, torch.Tensor]:
+        return {"token_ids": self.token_ids, "top_ids": self.top_ids, "top_probs": self.top_probs, "target": self.target,
+                "next_ids": self.next_ids, "next_probs": self.next_probs}
+
+    def extra(self) -> dict[str, Any]:
+        return {"layers": list(self.layers), "str_tokens": list(self.str_tokens)}
+
+    @classmethod
+    def _from_stored(cls, stored: store.StoredResult, base: dict[str, Any]) -> "LogitLensResult":
+        a, ex = stored.arrays, stored.extra
+        layers = [int(x) for x in ex["layers"]]
+        L, T, k = a["top_ids"].shape
+        main = stored.tables["main"].sort_values(["layer", "pos", "rank"])
+        strs = main["pred_token"].tolist()
+        pos_of = {layer: i for i, layer in enumerate(layers)}
+        top_strs = [[[""] * k for _ in range(T)] for _ in range(L)]
+        for layer, t, r, s in zip(main["layer"], main["pos"], main["rank"], strs):
+            top_strs[pos_of[int(layer)]][int(t)][int(r)] = s
+        nxt = stored.tables["next"]
+        next_strs = [[""] * a["next_ids"].shape[1] for _ in range(T)]
+        for t, r, s in zip(nxt["pos"], nxt["rank"], nxt["pred_token"]):
+            next_strs[int(t)][int(r)] = s
+        return cls(**base, layers=layers, str_tokens=list(ex["str_tokens"]), token_ids=a["token_ids"], top_ids=a["top_ids"],
+                   top_probs=a["top_probs"], target=a["target"], next_ids=a["next_ids"], next_probs=a["next_probs"],
+                   top_strs=top_strs, next_strs=next_strs)
+
+    # --- plot --------------------------------------------------------------------------------
+    def plot(self, *, color: Literal["final", "top1"] = "final", max_label: int = 10, show_text: bool = True):
+        """Interactive heat map, layers (rows, bottom = first block) x positions (columns).
+
+        Args:
+            color: ``"final"`` colours each cell by the lens probability of the model's final top-1
+                token at that position; ``"top1"`` by the lens top-1 probability.
+            max_label: truncate token labels to this many characters.
+            show_text: write each cell's lens top-1 token in the cell.
+        """
+        import plotly.graph_objects as go
+
+        if color not in ("final", "top1"):
+            raise ConfigError(f"color={color!r} is not allowed.", hint="Use 'final' or 'top1'.")
+        L, T, k = self.top_ids.shape
+
+        def short(s: str) -> str:
+            s = s.replace("\n", "⏎").replace(" ", "␣") if s.strip() == "" else s.replace("\n", "⏎")
+            return s if len(s) <= max_label else s[: max_label - 1] + "…"
+
+        z = (self.target if color == "final" else self.top_probs[..., 0]).float().numpy()
+        xlab = [f"{t}:{short(s)}" for t, s in enumerate(self.str_tokens)]
+        ylab = [f"L{layer}" for layer in self.layers]
+        hover = [[("<b>L%d · pos %d %r</b><br>final top-1 %r: p=%.3f<br>" % (layer, t, self.str_tokens[t], self.final_strs[t],
+                                                                             float(self.target[li, t])))
+                  + "<br>".join(f"{r + 1}. {self.top_strs[li][t][r]!r} {float(self.top_probs[li, t, r]):.3f}" for r in range(k))
+                  for t in range(T)] for li, layer in enumerate(self.layers)]
+        text = [[short(self.top_strs[li][t][0]) for t in range(T)] for li in range(L)]
+        fig = go.Figure(go.Heatmap(
+            z=z, x=list(range(T)), y=list(range(L)), customdata=hover, hovertemplate="%{customdata}<extra></extra>",
+            text=text if show_text else None, texttemplate="%{text}" if show_text else None, textfont={"size": 9},
+            colorscale="Blues", zmin=0.0, zmax=1.0,
+            colorbar={"title": {"text": "p(final top-1)" if color == "final" else "p(top-1)"}},
+        ))
+        fig.update_layout(
+            title=f"Logit lens · {self.model.get('name')} · colour = "
+                  + ("lens probability of the model's final prediction" if color == "final" else "lens top-1 probability"),
+            xaxis={"title": "position: input token", "tickmode": "array", "tickvals": list(range(T)), "ticktext": xlab,
+                   "tickangle": -45},
+            yaxis={"title": "layer (resid_post)", "tickmode": "array", "tickvals": list(range(L)), "ticktext": ylab},
+            height=max(420, 18 * L + 160), margin={"l": 60, "r": 20, "t": 60, "b": 90},
+        )
+        return fig
+
+
+# ------------------------------------------------------------------------------------------ run
+def run(probe: Probe, prompt: str | torch.Tensor | Sequence[int], *, config: Config = Config()) -> LogitLensResult:
+    """Logit lens of one prompt (text, or token ids ``[T]`` / ``[1, T]``).
+
+    One forward pass collects ``blocks.{l}.hook_resid_post`` for the chosen layers (``[1, T, d]``
+    each, a few hundred KB for a short prompt); the residuals are then unembedded in row chunks so at
+    most ~16M logits (64 MB) are alive at a time.
+    """
+    n = probe.info.n_layers
+    layers = list(config.layers) if config.layers is not None else list(range(n))
+    bad = [layer for layer in layers if layer >= n]
+    if bad:
+        raise ConfigError(f"layers={tuple(layers)} includes {bad[0]}, but {probe.info.name} has {n} blocks (0..{n - 1}).",
+                          hint=f"Pick block indices from 0 to {n - 1}, or layers=None for all.")
+    timer = Timer()
+    if isinstance(prompt, str):
+        tokens = probe.to_tokens(prompt, prepend_bos=config.prepend_bos)
+    else:
+        tokens = torch.as_tensor(prompt)
+        if tokens.ndim == 1:
+            tokens = tokens[None]
+        if tokens.ndim != 2 or tokens.shape[0] != 1:
+            raise InputError(f"the logit lens takes one prompt; got token ids of shape {tuple(tokens.shape)}.",
+                             hint="Pass a string or ids of shape [T] / [1, T].")
+    reads = {f"blocks.{layer}.hook_resid_post": Collect() for layer in layers}
+    with timer("forward"):
+        out_logits = probe.run(tokens, reads=reads)
+    with timer("unembed"):
+        next_probs, next_ids = lens_topk(out_logits[0], config.k)  # [T, k]
+        final = next_ids[:, 0]
+        resid = torch.stack([reads[f"blocks.{layer}.hook_resid_post"].finalize()[0] for layer in layers])  # [L, T, d]
+        L, T, d = resid.shape
+        flat, tgt = resid.reshape(L * T, d), final.cpu().repeat(L)  # row l*T + t
+        # unembed many rows per matmul: the [d, V] unembedding is read once per chunk, not once per layer
+        step = max(1, _CHUNK_ELEMS // probe.info.d_vocab)
+        tp, ti, tg = [], [], []
+        for s in range(0, L * T, step):
+            lg = probe.unembed(flat[s:s + step], apply_norm=config.apply_norm)  # [rows, V]
+            p, i = lens_topk(lg, config.k)
+            tp.append(p.cpu())
+            ti.append(i.cpu())
+            tg.append(target_probs(lg, tgt[s:s + step]).cpu())
+            del lg
+    kk = tp[0].shape[-1]
+    top_probs, top_ids, target = torch.cat(tp).reshape(L, T, kk), torch.cat(ti).reshape(L, T, kk), torch.cat(tg).reshape(L, T)
+    ids_row = tokens[0].cpu()
+    # decode each distinct id once (vocabularies are large, a heat map repeats tokens a lot)
+    uniq = torch.unique(torch.cat([top_ids.reshape(-1), next_ids.reshape(-1).cpu()])).tolist()
+    dec = dict(zip(uniq, probe.to_str_tokens(uniq)))
+    top_strs = [[[dec[i] for i in row] for row in layer_ids] for layer_ids in top_ids.tolist()]
+    next_strs = [[dec[i] for i in row] for row in next_ids.cpu().tolist()]
+    return LogitLensResult(
+        config=config, model=probe.info.to_dict(), input_hash=store.hash_inputs(ids_row), timings=timer.seconds,
+        layers=layers, str_tokens=probe.to_str_tokens(ids_row), token_ids=ids_row, top_ids=top_ids, top_probs=top_probs,
+        target=target, next_ids=next_ids.cpu(), next_probs=next_probs.cpu(), top_strs=top_strs, next_strs=next_strs,
+    )

@@ -1,0 +1,91 @@
+"""Model & prompt: the tokenized prompt, next-token top-k per position, and a logit-lens heat map.
+
+Opens on ``state.DEFAULT_PROMPT`` so a result shows without typing. All numbers come from
+``analyses.logit_lens.run``; this page only renders them.
+"""
+
+from __future__ import annotations
+
+import html
+import sys
+from pathlib import Path
+
+_ROOT = Path(__file__).resolve().parents[2]
+if str(_ROOT) not in sys.path:  # run as a file (AppTest, `streamlit run dashboard/pages/model.py`)
+    sys.path.insert(0, str(_ROOT))
+
+import streamlit as st  # noqa: E402
+
+from analyses import logit_lens  # noqa: E402
+from dashboard import components, state  # noqa: E402
+from probes import SondeError  # noqa: E402
+
+st.title("Model & prompt")
+probe = state.sidebar_probe()
+if probe is None:
+    st.stop()
+
+COLORS = {"final": "p(final prediction)", "top1": "p(lens top-1)"}
+
+with st.form("prompt_form", border=False):
+    prompt = st.text_area("Prompt", value=state.query_param("prompt", state.DEFAULT_PROMPT), height=80, key="model_prompt")
+    c1, c2, c3, c4 = st.columns([1, 1, 2, 1])
+    with c1:
+        k = st.number_input("Top-k", min_value=1, max_value=20, value=int(state.query_param("k", "5")), key="model_k")
+    with c2:
+        bos = st.checkbox("Prepend BOS", value=state.query_param("bos", "0") == "1", key="model_bos",
+                          help="SmolLM2's tokenizer adds no BOS by default.")
+    with c3:
+        color_q = state.query_param("color", "final")
+        color = st.radio("Heat-map colour", list(COLORS), format_func=COLORS.get, horizontal=True,
+                         index=list(COLORS).index(color_q) if color_q in COLORS else 0, key="model_color")
+    with c4:
+        st.form_submit_button("Run", type="primary", icon=":material/play_arrow:")
+
+st.query_params.update({"prompt": prompt, "k": str(int(k)), "bos": "1" if bos else "0", "color": color})
+
+try:
+    cfg = logit_lens.Config(k=int(k), prepend_bos=bool(bos))
+except SondeError as e:
+    state.show_error(e)
+    st.stop()
+
+with st.spinner("Running the logit lens…"):
+    res = state.cached(logit_lens.run, prompt, config=cfg, _probe=probe)
+if res is None:  # the error is already shown
+    st.stop()
+
+# --- tokenized prompt ------------------------------------------------------------------------------
+st.subheader("Tokens")
+chips = " ".join(
+    f"<span title='id {int(i)} · pos {t}' style='display:inline-block;margin:2px;padding:1px 6px;border-radius:6px;"
+    f"background:rgba(49,51,63,0.08);font-family:monospace;white-space:pre'>{html.escape(s.replace(chr(10), '⏎'))}</span>"
+    for t, (s, i) in enumerate(zip(res.str_tokens, res.token_ids.tolist())))
+st.markdown(chips, unsafe_allow_html=True)
+st.caption(f"{len(res.str_tokens)} tokens · model {probe.info.name} · {probe.backend} backend · "
+           f"computed in {sum(res.timings.values()):.2f} s")
+
+# --- logit lens ----------------------------------------------------------------------------------
+st.subheader("Logit lens")
+st.caption("Each cell: block L's residual stream (resid_post) at one position, read through the final norm and the "
+           "unembedding. The text is the lens's top-1 token; hover for the top-k. The top row is the model's output.")
+fig = res.plot(color=color)
+st.plotly_chart(fig, key="logit_lens_heatmap", config={"displaylogo": False})
+components.download_figure(fig, "logit-lens", key="dl-lens-fig")
+
+# --- next-token predictions ----------------------------------------------------------------------
+st.subheader(f"Next-token top-{cfg.k} per position")
+nxt = res.next_frame()
+st.dataframe(nxt, hide_index=True)
+components.download_frame(res.to_frame(), "logit-lens", key="dl-lens-table")
+
+components.notebook_snippet(f"""
+from probes import load_model
+from analyses import logit_lens
+
+probe = load_model({probe.info.name!r}, backend={probe.backend!r})
+res = logit_lens.run(probe, {prompt!r}, config=logit_lens.{cfg!r})
+res.plot(color={color!r}).show()
+res.next_frame()          # next-token top-k per position
+res.save()                # -> sonde-results/<key>, listed on the Results page
+""")

@@ -1,0 +1,104 @@
+"""Results: browse saved results (CLI, notebooks, dashboard all write the same folders).
+
+Lists ``analyses.store.list_results(folder)``; for a chosen result shows its manifest and tables and,
+when its analysis module is registered, re-plots it with ``analyses.base.load_result(path).plot()``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+_ROOT = Path(__file__).resolve().parents[2]
+if str(_ROOT) not in sys.path:  # run as a file (AppTest)
+    sys.path.insert(0, str(_ROOT))
+
+import streamlit as st  # noqa: E402
+
+from analyses import store  # noqa: E402
+from analyses.base import load_result  # noqa: E402
+from dashboard import components, state  # noqa: E402
+from probes import SondeError  # noqa: E402
+
+st.title("Results")
+st.caption("Results saved by `sonde run …`, notebooks (`result.save()`) and the dashboard. "
+           "Each is a folder with manifest.json, Parquet tables and safetensors arrays.")
+
+folder = st.text_input("Results folder", value=state.query_param("dir", str(store.results_root())), key="results_dir",
+                       help="Default: $SONDE_RESULTS or ./sonde-results")
+st.query_params["dir"] = folder
+root = Path(folder).expanduser()
+if not root.is_dir():
+    st.info(f"No folder {str(root)!r} yet. Save a result first, e.g. `sonde run logit-lens`, "
+            "or point this box at another results folder.", icon=":material/folder_off:")
+    st.stop()
+
+df = store.list_results(root)
+if df.empty:
+    st.info(f"No saved results under {str(root)!r}. Try `sonde run logit-lens --prompt \"...\"`.", icon=":material/inbox:")
+    st.stop()
+
+analyses_found = sorted(a for a in df["analysis"].dropna().unique())
+pick = st.multiselect("Analyses", analyses_found, default=analyses_found, key="results_filter")
+shown = df[df["analysis"].isin(pick)].sort_values("created_at", ascending=False).reset_index(drop=True)
+st.dataframe(shown, hide_index=True, column_config={"seconds": st.column_config.NumberColumn(format="%.2f")})
+if shown.empty:
+    st.stop()
+
+
+def _label(p: str) -> str:
+    row = shown[shown["path"] == p].iloc[0]
+    return f"{row['analysis']} · {row['model']} · {row['created_at']} · {Path(p).name}"
+
+
+paths = shown["path"].tolist()
+wanted = state.query_param("result", paths[0])
+path = st.selectbox("Result", paths, index=paths.index(wanted) if wanted in paths else 0, format_func=_label, key="results_pick")
+st.query_params["result"] = path
+
+try:
+    stored = store.read_result(path)
+except SondeError as e:
+    state.show_error(e)
+    st.stop()
+
+man = stored.manifest
+st.subheader(f"{man['analysis']} on {man.get('model', {}).get('name')}")
+c1, c2, c3 = st.columns(3)
+c1.metric("Tables", len(stored.tables))
+c2.metric("Arrays", len(stored.arrays))
+c3.metric("Seconds", f"{sum(v for v in man.get('timings', {}).values() if isinstance(v, (int, float))):.2f}")
+
+try:
+    res = load_result(path)
+except SondeError as e:
+    st.info(f"No plot: {e} (its analysis module is not installed here).", icon=":material/info:")
+    res = None
+except Exception as e:  # a stored result from another version that no longer reads back
+    st.warning(f"Could not rebuild this result for plotting: {type(e).__name__}: {e}")
+    res = None
+if res is not None:
+    try:
+        fig = res.plot()
+    except NotImplementedError:
+        fig = None
+    if fig is not None:
+        st.plotly_chart(fig, key="result_plot", config={"displaylogo": False})
+        components.download_figure(fig, Path(path).name, key="dl-result-fig")
+
+with st.expander("Manifest", icon=":material/description:"):
+    st.json(man, expanded=1)
+for name, table in stored.tables.items():
+    with st.expander(f"Table `{name}` · {len(table)} rows", expanded=name == "main" and len(stored.tables) == 1):
+        st.dataframe(table.head(1000), hide_index=True)
+        components.download_frame(table, f"{Path(path).name}-{name}", key=f"dl-{name}")
+if stored.arrays:
+    st.caption("Arrays: " + ", ".join(f"{k} {tuple(v.shape)} {str(v.dtype).replace('torch.', '')}" for k, v in stored.arrays.items()))
+
+module = man["analysis"].replace("-", "_")
+components.notebook_snippet(f"""
+from analyses.base import load_result
+res = load_result({path!r})       # {module} result
+res.to_frame()
+res.plot().show()
+""")

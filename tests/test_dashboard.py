@@ -1,0 +1,142 @@
+"""Dashboard shell: AppTest runs of dashboard/app.py, the Model & prompt page and the Results page."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from streamlit.testing.v1 import AppTest  # noqa: E402
+
+TIMEOUT = 240  # the first run loads the embedded model and runs the lens on a busy 2-core CPU
+
+
+def _app(rel: str) -> AppTest:
+    return AppTest.from_file(str(ROOT / rel), default_timeout=TIMEOUT)
+
+
+def _ok(at: AppTest) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+
+
+def _charts(at: AppTest):
+    return at.get("plotly_chart")
+
+
+def test_app_opens_on_model_page_with_heat_map():
+    at = _app("dashboard/app.py").run()
+    _ok(at)
+    assert at.title[0].value == "Model & prompt"
+    assert len(_charts(at)) == 1
+
+
+def test_model_page_default_prompt_and_controls():
+    at = _app("dashboard/pages/model.py").run()
+    _ok(at)
+    assert at.text_area("model_prompt").value.startswith("The Eiffel Tower")
+    assert len(_charts(at)) == 1
+    assert len(at.dataframe) == 1  # next-token top-k table
+    df = at.dataframe[0].value
+    assert df["top1"].iloc[-1] == " Paris"
+    # switch the colour and top-k through the form: still one chart, k columns follow
+    at.radio("model_color").set_value("top1")
+    at.number_input("model_k").set_value(3)
+    at.button[0].click().run()  # the form's Run button
+    _ok(at)
+    assert len(_charts(at)) == 1
+    assert "top3" in at.dataframe[0].value.columns and "top4" not in at.dataframe[0].value.columns
+
+
+def test_model_page_bad_model_shows_error_not_exception():
+    at = _app("dashboard/pages/model.py").run()
+    at.sidebar.text_input("sonde_model").set_value("no-such-org/no-such-model").run()
+    assert not at.exception
+    assert at.error and "no-such-org/no-such-model" in at.error[0].value
+    assert len(_charts(at)) == 0
+
+
+def test_model_page_empty_prompt_shows_error():
+    at = _app("dashboard/pages/model.py")
+    at.query_params["prompt"] = "   "
+    at.run()
+    assert not at.exception
+    assert at.error and "empty" in at.error[0].value
+    assert len(_charts(at)) == 0
+
+
+def test_results_page_lists_and_replots(embedded, tmp_path, monkeypatch):
+    from analyses import logit_lens
+
+    root = tmp_path / "res"
+    logit_lens.run(embedded, "Hello world", config=logit_lens.Config(layers=(0, 29), k=2)).save(root / "one")
+    monkeypatch.setenv("SONDE_RESULTS", str(root))
+    at = _app("dashboard/pages/results.py").run()
+    _ok(at)
+    assert at.title[0].value == "Results"
+    assert len(_charts(at)) == 1  # re-plotted through load_result(...).plot()
+    assert at.dataframe[0].value["analysis"].tolist() == ["logit_lens"]
+
+
+def test_results_page_empty_and_missing_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("SONDE_RESULTS", str(tmp_path / "nothing-here"))
+    at = _app("dashboard/pages/results.py").run()
+    _ok(at)
+    assert at.info and "No folder" in at.info[0].value
+    (tmp_path / "empty").mkdir()
+    at.text_input("results_dir").set_value(str(tmp_path / "empty")).run()
+    _ok(at)
+    assert at.info and "No saved results" in at.info[0].value
+
+
+def test_results_page_unregistered_analysis_shows_tables(tmp_path, monkeypatch):
+    import pandas as pd
+
+    from analyses import store
+
+    root = tmp_path / "res"
+    store.write_result(root / "x", analysis="not_a_module", model={"name": "m", "fingerprint": "f"}, config={}, input_hash="h",
+                       tables={"main": pd.DataFrame({"a": [1, 2]})})
+    monkeypatch.setenv("SONDE_RESULTS", str(root))
+    at = _app("dashboard/pages/results.py").run()
+    assert not at.exception
+    assert len(_charts(at)) == 0
+    assert any("No plot" in i.value for i in at.info)
+
+
+def test_components_helpers():
+    import pandas as pd
+    import plotly.graph_objects as go
+
+    from dashboard import components
+
+    assert components.safe_name("a b/c?") == "a-b-c"
+    html = components.figure_to_html(go.Figure(go.Heatmap(z=[[1, 2]])))
+    assert html.lower().startswith(b"<!doctype html>") and b"plotly" in html
+    df = pd.DataFrame({"x": [1, 2]})
+    import io
+
+    assert pd.read_parquet(io.BytesIO(components.frame_to_parquet(df))).equals(df)
+
+
+def test_analyses_do_not_import_streamlit():
+    import ast
+
+    for f in (ROOT / "analyses").rglob("*.py"):
+        tree = ast.parse(f.read_text())
+        for node in ast.walk(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not any(n.split(".")[0] == "streamlit" for n in names), f"{f} imports streamlit"
+
+
+@pytest.mark.parametrize("page", ["model.py", "results.py"])
+def test_pages_listed_in_app(page):
+    # app.py runs st.navigation on import, so read its page table instead of importing it
+    assert f'("{page}"' in (ROOT / "dashboard" / "app.py").read_text()
+    assert (ROOT / "dashboard" / "pages" / page).is_file()
