@@ -70,6 +70,9 @@ def progress(total: int | None, description: str):
         def __call__(self, advance: int = 1, **fields):
             self.p.update(self.t, advance=advance, **({"description": f"{description} " + " ".join(f"{k}={v}" for k, v in fields.items())} if fields else {}))
 
+        def set(self, completed: int, total: int | None = None):
+            self.p.update(self.t, completed=completed, **({"total": total} if total is not None else {}))
+
         def __exit__(self, *a):
             return self.p.__exit__(*a)
 

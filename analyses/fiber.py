@@ -1,0 +1,925 @@
+"""Fiber-bundle / manifold null test on token embeddings.
+
+Robinson, Dey & Chiang (2025), "Token embeddings violate the manifold hypothesis" (NeurIPS 2025; arXiv v2),
+with the authors' released procedure ``kb1dds/stratified_estimator`` (``split_geo_estimator.py``).
+
+Every row ``ψ`` of an embedding matrix ``E ∈ R^{V×ℓ}`` is a point. If the cloud near ``ψ`` is a smooth
+manifold (or a fibered manifold ``p: T → S``), the number of points within radius ``r`` grows like
+``r^{dim T}`` below a radius ``ρ(ψ)`` and like ``const + (r − ρ)^{dim S}`` beyond (Thm 1). In
+log-volume vs log-radius this is piecewise linear and **slopes can only drop** as ``r`` grows, so
+
+* a significant slope change (below the reach) rejects "manifold" at ``ψ``;
+* a significant slope *increase* also rejects "fiber bundle": at the smaller radius (1st change) or
+  the larger radius (2nd change).
+
+Algorithm (the released script; method page ``shared/methods/fiber.md``):
+
+1. ``r_k`` = Euclidean distance from ``ψ`` to its ``k``-th nearest row, ``v_k = k`` for
+   ``k = vol_min … vol_max−1`` (index 0 is the point itself). Zero radii (duplicate rows) are skipped.
+2. pointwise slope ``s_k = Δ log v_k / Δ log r_k`` (centred differences, one-sided at the ends);
+3. sliding Welch t-test at each index ``w`` between the slopes in ``[w−2ws, w−ws)`` and
+   ``[w+ws, w+2ws)``; slopes that are non-finite or ``|s| ≤ 1e−5`` are dropped; the first ``w`` with
+   ``p < α'`` is a change point; the search restarts there, ``n_strata`` times;
+4. per segment, least squares ``log v = a + D log r``: local dimension ``D`` and scale ``e^a / V``
+   (Miller log-normal debias ``× exp(½ RSS)``).
+
+Two modes (method page, "Calibration"):
+
+* ``parity``: the published procedure: float16 cast of the matrix, ``α' = α / n_strata`` on the raw
+  Welch p-values (Bonferroni over strata only). The window scan is a multiple test, so smooth data
+  is over-rejected (≈1.7 % of a uniform 2-sphere at α = 1e−3).
+* ``calibrated`` (default): each raw p is mapped through the null distribution of the *minimum* p of
+  the whole scan, so a token's false-alarm rate is ≈ α. The null is simulated from a homogeneous
+  Poisson process, where ``r_k^D ∝ Γ_k`` (a sum of ``k`` unit exponentials); the Welch t statistic is
+  invariant to scaling the slopes, so this null does not depend on the local dimension ``D`` and is
+  cached per (vol_min, vol_max, window). The tail is extrapolated as ``p_cal = 1 − (1 − p)^{m(p)}``
+  with ``m(p) = m_ref · max(1, z(p)/z_ref)`` (the upcrossing rate of a smooth field grows ∝ z).
+
+Across the vocabulary the per-token p-values are reported raw and Holm / Benjamini–Hochberg adjusted.
+
+Nearest neighbours are found by a blocked exact kNN in fp32 (``‖a‖² + ‖b‖² − 2 a·b`` on the centred
+matrix, never a dense V×V matrix); selected distances whose fp32 rounding bound is not small are
+recomputed exactly in fp64 (all of them on CUDA, where it is cheap).
+
+Axis order: rows of every per-token array follow ``token_ids``; segment arrays are ``[token, segment]``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Literal, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from probes import ConfigError, InputError, Probe
+
+from . import store
+from .base import Config as _BaseConfig
+from .base import Result, Timer, register_result
+
+__all__ = [
+    "Config", "FiberResult", "run", "load_matrix", "knn_distances", "pointwise_slopes", "welch_scan",
+    "stratify", "calibration", "calibrate_p", "adjust_p", "token_kind", "neighborhood",
+]
+
+Mode = Literal["calibrated", "parity"]
+Correction = Literal["none", "holm", "bh"]
+_EPS_SLOPE = 1e-5  # slopes at or below this are dropped from a window (released code)
+_ZERO_RADIUS = 1e-10  # radii at or below this are duplicates and skipped (released code)
+
+
+# ------------------------------------------------------------------------------------------ config
+@dataclass(frozen=True, kw_only=True)
+class Config(_BaseConfig):
+    """Fiber-bundle test settings (defaults: method page ``shared/methods/fiber.md``).
+
+    Attributes:
+        matrix: ``"input"`` (``W_E``), ``"output"`` (``W_U.T``, only if untied) or a ``.npy`` /
+            ``.safetensors`` file holding a ``[V, ℓ]`` matrix.
+        matrix_key: tensor name inside a ``.safetensors`` file with several tensors.
+        tokens: rows to test (their neighbours always come from the whole matrix); ``None`` = all.
+        vol_min, vol_max: neighbour ranks used, ``k = vol_min … vol_max−1`` (page: 10 and 1000; the
+            released CLI's 50 is too short to test anything).
+        window: Welch window ``ws`` (paper: 10); the test needs more than ``4·ws`` radii.
+        alpha: per-token level (paper: 1e−3).
+        n_strata: sequential change searches (paper: 3).
+        mode: ``calibrated`` (default; scan-corrected p) or ``parity`` (published procedure).
+        correction: which vocabulary-level p drives the ``reject_*`` columns (all three are reported).
+        exact: ``auto`` recomputes in fp64 only the selected distances whose fp32 rounding bound is not
+            small (all of them on CUDA); ``all`` recomputes every selected distance (slower on CPU;
+            bit-for-bit parity with the released script's float64 distances).
+        duplicates: ``skip`` zero radii of duplicate rows (released code; reported as a warning) or
+            ``error``.
+        block_size: query rows per kNN block (memory ``block_size·V·4`` bytes; results do not depend on it).
+        device: ``cpu``, ``cuda`` or ``auto``.
+        keep_curves: keep the sorted radii and neighbour ids of ``all`` tokens, only ``rejected`` ones,
+            or ``none`` (full-vocabulary radii are ``V·vol_max·4`` bytes).
+        n_neighbors: neighbour ids kept per kept token (for the neighbourhood view).
+        n_sims, seed: size and seed of the calibration simulation.
+    """
+
+    matrix: str = "input"
+    matrix_key: str | None = None
+    tokens: tuple[int, ...] | None = None
+    vol_min: int = 10
+    vol_max: int = 1000
+    window: int = 10
+    alpha: float = 1e-3
+    n_strata: int = 3
+    mode: Mode = "calibrated"
+    correction: Correction = "none"
+    duplicates: Literal["skip", "error"] = "skip"
+    exact: Literal["auto", "all"] = "auto"
+    block_size: int = 2048
+    device: str = "auto"
+    keep_curves: Literal["all", "rejected", "none"] = "rejected"
+    n_neighbors: int = 50
+    n_sims: int = 4000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        def _int(name: str, lo: int, hi: int | None = None) -> None:
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo or (hi is not None and v > hi):
+                rng = f"from {lo} to {hi}" if hi is not None else f">= {lo}"
+                raise ConfigError(f"{name}={v!r} is not allowed.", hint=f"Use an integer {rng}.")
+
+        _int("vol_min", 2)
+        _int("vol_max", 3)
+        _int("window", 2, 1000)
+        _int("n_strata", 1, 10)
+        _int("block_size", 1)
+        _int("n_neighbors", 1)
+        _int("n_sims", 200)
+        _int("seed", 0)
+        if self.vol_max - self.vol_min <= 4 * self.window:
+            raise ConfigError(
+                f"vol_max - vol_min = {self.vol_max} - {self.vol_min} = {self.vol_max - self.vol_min} radii is too short for "
+                f"window={self.window}: the sliding test needs more than 4*window = {4 * self.window} radii.",
+                hint=f"Raise vol_max to at least {self.vol_min + 4 * self.window + 1} (page default 1000) or lower window.")
+        if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or not 0 < self.alpha < 1:
+            raise ConfigError(f"alpha={self.alpha!r} is not allowed.", hint="Use a level in (0, 1), e.g. 1e-3 (paper).")
+        for name, legal in (("mode", ("calibrated", "parity")), ("correction", ("none", "holm", "bh")),
+                            ("duplicates", ("skip", "error")), ("exact", ("auto", "all")), ("keep_curves", ("all", "rejected", "none"))):
+            if getattr(self, name) not in legal:
+                raise ConfigError(f"{name}={getattr(self, name)!r} is not allowed.", hint=f"Use one of: {', '.join(legal)}.")
+        if not isinstance(self.matrix, str) or not self.matrix:
+            raise ConfigError(f"matrix={self.matrix!r} is not allowed.",
+                              hint="Use 'input', 'output', or a path to a .npy / .safetensors file.")
+        if self.matrix not in ("input", "output") and not self.matrix.endswith((".npy", ".safetensors")):
+            raise ConfigError(f"matrix={self.matrix!r} is neither 'input', 'output' nor a .npy/.safetensors file.",
+                              hint="Use 'input' (W_E), 'output' (W_U.T) or a path ending in .npy or .safetensors.")
+        if self.tokens is not None:
+            if not isinstance(self.tokens, tuple) or not self.tokens:
+                raise ConfigError(f"tokens={self.tokens!r} is not allowed.", hint="Give a non-empty tuple of row ids, or None for all.")
+            for t in self.tokens:
+                if not isinstance(t, int) or isinstance(t, bool) or t < 0:
+                    raise ConfigError(f"tokens contains {t!r}.", hint="Row ids are integers >= 0.")
+        if not isinstance(self.device, str) or not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
+            raise ConfigError(f"device={self.device!r} is not allowed.", hint="Use auto, cpu, cuda or cuda:N.")
+
+
+# ------------------------------------------------------------------------------------------ matrix
+def load_matrix(path: str | Path, key: str | None = None) -> torch.Tensor:
+    """Read a ``[V, ℓ]`` matrix from ``.npy`` (``allow_pickle=False``) or ``.safetensors``."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"matrix file {str(p)!r} does not exist.", hint="Give an existing .npy or .safetensors file.")
+    if p.suffix == ".npy":
+        try:
+            a = np.load(p, allow_pickle=False)
+        except ValueError as e:
+            raise InputError(f"{str(p)!r} cannot be read without pickle ({e}).",
+                             hint="Save a plain numeric array with numpy.save(path, array).") from None
+        t = torch.from_numpy(np.ascontiguousarray(a))
+    else:
+        from safetensors.torch import load_file
+
+        d = load_file(str(p))
+        if key is not None:
+            if key not in d:
+                raise InputError(f"{str(p)!r} has no tensor {key!r}.", hint=f"Tensors: {sorted(d)[:20]}.")
+            t = d[key]
+        elif len(d) == 1:
+            t = next(iter(d.values()))
+        else:
+            raise InputError(f"{str(p)!r} holds {len(d)} tensors; which one is the embedding?",
+                             hint=f"Pass matrix_key (--matrix-key), one of {sorted(d)[:20]}.")
+    if t.ndim != 2 or not (t.is_floating_point() or t.dtype in (torch.int32, torch.int64)):
+        raise InputError(f"{str(p)!r} holds a {tuple(t.shape)} {t.dtype} tensor, not a 2-D numeric [V, dim] matrix.",
+                         hint="Save the embedding matrix with one row per token.")
+    return t
+
+
+def _check_matrix(E: torch.Tensor, vol_max: int) -> None:
+    if E.ndim != 2:
+        raise InputError(f"the embedding matrix has shape {tuple(E.shape)}; need 2-D [V, dim].", hint="Pass one row per token.")
+    bad = ~torch.isfinite(E)
+    if bad.any():
+        rows = bad.any(1).nonzero()[:, 0]
+        raise InputError(f"the embedding matrix has {int(bad.sum())} NaN/Inf entries in {rows.numel()} rows "
+                         f"(first: row {int(rows[0])}).", hint="Drop or repair those rows before the test.")
+    if vol_max > E.shape[0]:
+        raise ConfigError(f"vol_max={vol_max} is larger than the number of rows ({E.shape[0]}).",
+                          hint=f"Use vol_max <= {E.shape[0]} (each radius needs that many neighbours).")
+
+
+# ------------------------------------------------------------------------------------------ math: kNN
+@torch.no_grad()
+def knn_distances(X: torch.Tensor, k: int, *, queries: torch.Tensor | None = None, block_size: int = 2048,
+                  exact: Literal["auto", "all"] = "auto", progress: Callable[[int, int], None] | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact ``k`` smallest Euclidean distances from query rows to all rows of ``X`` (self included).
+
+    Blocked: one ``[block_size, V]`` fp32 block of ``‖a‖² + ‖b‖² − 2a·b`` at a time (TF32 off), on the
+    row-centred matrix (translation-invariant, smaller norms ⇒ less cancellation). ``k + 8``
+    candidates are kept; those whose typical rounding error ``ε32·√ℓ·(‖a‖²+‖b‖²)`` exceeds ``2e−5·d²``
+    (or all, with ``exact="all"``) are recomputed in fp64 from the difference, then re-sorted.
+
+    Args:
+        X: ``[V, ℓ]`` points (any float dtype; the device of ``X`` is used).
+        k: neighbours per query (``<= V``).
+        queries: ``[n]`` row ids of the query points (default all rows).
+
+    Returns:
+        ``(dist [n, k] float64 ascending, idx [n, k] int64)`` (float64 so that the fp64-recomputed
+        distances keep their precision: consecutive radii differ by ~1/(D·k) relative).
+    """
+    V, dim = X.shape
+    if not 1 <= k <= V:
+        raise ConfigError(f"k={k} neighbours is not possible with {V} points.", hint=f"Use k <= {V}.")
+    Xc = X.double()
+    Xc = (Xc - Xc.mean(0, keepdim=True)).float()
+    sq = (Xc * Xc).sum(1)
+    q_ids = torch.arange(V, device=X.device) if queries is None else queries.to(X.device)
+    kc = min(V, k + 8)
+    # typical fp32 rounding of ‖a‖²+‖b‖²−2a·b is ~ε·√ℓ·(‖a‖²+‖b‖²); recompute when that exceeds 2e-5·d²
+    # (1e-5 relative in d), i.e. near-duplicates and points far from the centre
+    tol = torch.finfo(torch.float32).eps * math.sqrt(dim) / 2e-5
+    all_exact = exact == "all"
+    out_d, out_i = [], []
+    n_blocks = (q_ids.numel() + block_size - 1) // block_size
+    prev_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        for b in range(n_blocks):
+            ids = q_ids[b * block_size:(b + 1) * block_size]
+            Q = Xc[ids]
+            d2 = torch.addmm(sq[None, :], Q, Xc.T, beta=1.0, alpha=-2.0)
+            d2 += sq[ids, None]
+            v, i = d2.topk(kc, dim=1, largest=False, sorted=False)
+            del d2
+            v = v.double().clamp_min_(0.0)
+            risky = torch.ones_like(v, dtype=torch.bool) if all_exact else (sq[ids, None] + sq[i]).double() * tol > v
+            if risky.any():
+                r, c = risky.nonzero(as_tuple=True)
+                for s in range(0, r.numel(), 1 << 16):  # bounded gather
+                    rr, cc = r[s:s + 1 << 16], c[s:s + 1 << 16]
+                    diff = X[ids[rr]].double() - X[i[rr, cc]].double()
+                    v[rr, cc] = (diff * diff).sum(1)
+            v, order = v.sort(dim=1)
+            out_d.append(v[:, :k].sqrt().cpu())
+            out_i.append(i.gather(1, order[:, :k]).cpu())
+            if progress is not None:
+                progress(b + 1, n_blocks)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev_tf32
+    return torch.cat(out_d), torch.cat(out_i)
+
+
+# ------------------------------------------------------------------------------------------ math: test
+@torch.no_grad()
+def pointwise_slopes(log_r: torch.Tensor, log_v: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    """Local dimension ``Δ log v / Δ log r`` per radius, numpy-gradient style on the segment ``[start, n)``.
+
+    Args:
+        log_r: ``[B, n]`` log radii (ascending; entries before ``start`` may be ``-inf``).
+        log_v: ``[n]`` log volumes.
+        start: ``[B]`` first index of each row's segment.
+
+    Returns:
+        ``[B, n]`` float64 slopes, NaN before ``start``; centred inside, one-sided at ``start`` and ``n−1``.
+    """
+    lr = log_r.double()
+    lv = log_v.double().to(lr.device)
+    B, n = lr.shape
+    s = torch.full_like(lr, float("nan"))
+    s[:, 1:-1] = (lv[2:] - lv[:-2]) / (lr[:, 2:] - lr[:, :-2])
+    s[:, -1] = (lv[-1] - lv[-2]) / (lr[:, -1] - lr[:, -2])
+    st = start.clamp(max=n - 2).long()
+    rows = torch.arange(B, device=lr.device)
+    s[rows, st] = (lv[st + 1] - lv[st]) / (lr[rows, st + 1] - lr[rows, st])
+    idx = torch.arange(n, device=lr.device)
+    s[idx[None, :] < start[:, None]] = float("nan")
+    return s
+
+
+@torch.no_grad()
+def welch_scan(slopes: torch.Tensor, start: torch.Tensor, ws: int) -> np.ndarray:
+    """Welch two-sample p-values of the sliding test, slopes ``[w−2ws, w−ws)`` vs ``[w+ws, w+2ws)``.
+
+    Args:
+        slopes: ``[B, n]`` pointwise slopes (NaN = not in segment).
+        start: ``[B]`` segment starts; positions ``w < start + 2ws`` get ``p = 1``.
+        ws: window size.
+
+    Returns:
+        ``[B, n]`` float64 two-sided p-values at each index ``w`` (1 where no test is made: outside
+        ``[start+2ws, n−2ws)``, fewer than 2 usable slopes in a window, or zero variance and equal means).
+    """
+    from scipy.special import stdtr
+
+    B, n = slopes.shape
+    p = np.ones((B, n))
+    if n - 2 * ws <= 2 * ws:
+        return p
+    valid = torch.isfinite(slopes) & (slopes.abs() > _EPS_SLOPE)
+    x = torch.where(valid, slopes, torch.zeros_like(slopes))
+    win = x.unfold(1, ws, 1)  # [B, n-ws+1, ws]
+    cnt = valid.double().unfold(1, ws, 1).sum(-1)
+    mean = win.sum(-1) / cnt.clamp_min(1)
+    dev = torch.where(valid.unfold(1, ws, 1), win - mean[..., None], torch.zeros_like(win))
+    var = (dev * dev).sum(-1) / (cnt - 1).clamp_min(1)
+    w = torch.arange(2 * ws, n - 2 * ws, device=slopes.device)
+    a, b = w - 2 * ws, w + ws
+    n1, n2, m1, m2 = cnt[:, a], cnt[:, b], mean[:, a], mean[:, b]
+    e1, e2 = var[:, a] / n1.clamp_min(1), var[:, b] / n2.clamp_min(1)
+    se2 = e1 + e2
+    diff = m1 - m2
+    t = diff / se2.sqrt()
+    df = se2 ** 2 / (e1 ** 2 / (n1 - 1).clamp_min(1) + e2 ** 2 / (n2 - 1).clamp_min(1))
+    pw = (2.0 * stdtr(df.cpu().numpy(), -t.abs().cpu().numpy()))
+    zero = (se2 == 0).cpu().numpy()
+    pw = np.where(zero, np.where((diff != 0).cpu().numpy(), 0.0, 1.0), pw)
+    ok = ((n1 >= 2) & (n2 >= 2) & (w[None, :] >= start[:, None] + 2 * ws)).cpu().numpy()
+    pw = np.where(ok & np.isfinite(pw), pw, 1.0)
+    p[:, 2 * ws:n - 2 * ws] = np.minimum(pw, 1.0)
+    return p
+
+
+def _sidak_m(p: np.ndarray, cal: dict[str, float]) -> np.ndarray:
+    from scipy.stats import norm
+
+    z = norm.isf(np.clip(p, 1e-300, 1.0) / 2)
+    return cal["m_ref"] * np.maximum(1.0, z / cal["z_ref"])
+
+
+def calibrate_p(p: np.ndarray, cal: dict[str, float]) -> np.ndarray:
+    """Scan-calibrated p: ``1 − (1 − p)^{m(p)}``, ``m(p) = m_ref · max(1, z(p)/z_ref)`` (see module docstring)."""
+    p = np.asarray(p, dtype=np.float64)
+    m = _sidak_m(p, cal)
+    return np.clip(-np.expm1(m * np.log1p(-np.clip(p, 0.0, 1.0 - 1e-16))), 0.0, 1.0)
+
+
+@functools.lru_cache(maxsize=16)
+def calibration(vol_min: int, vol_max: int, window: int, n_sims: int = 4000, seed: int = 0, q_ref: float = 0.02) -> dict[str, float]:
+    """Null distribution of the minimum raw p over one full scan, simulated from a Poisson process.
+
+    For a homogeneous Poisson process in any dimension ``D``, ``r_k^D ∝ Γ_k = E_1 + … + E_k``
+    (``E_i`` iid unit exponentials); slopes scale by ``D`` and the Welch t is scale-free, so ``D = 1``
+    serves all dimensions. ``m_ref`` is the Šidák effective number of tests at the ``q_ref`` quantile.
+
+    Returns:
+        ``{"m_ref", "x_ref", "z_ref", "q_ref", "n_sims", "n_windows"}``.
+    """
+    from scipy.stats import norm
+
+    g = torch.Generator().manual_seed(seed)
+    gam = torch.empty(n_sims, vol_max, dtype=torch.float64).exponential_(1.0, generator=g).cumsum(1)
+    log_r = gam.log()[:, vol_min:vol_max]  # rank k ↔ column k (column 0 would be the point itself)
+    log_v = torch.arange(vol_min, vol_max, dtype=torch.float64).log()
+    start = torch.zeros(n_sims, dtype=torch.long)
+    minp = welch_scan(pointwise_slopes(log_r, log_v, start), start, window).min(1)
+    x_ref = float(np.quantile(minp, q_ref))
+    m_ref = max(1.0, math.log1p(-q_ref) / math.log1p(-max(x_ref, 1e-300)))
+    return {"m_ref": m_ref, "x_ref": x_ref, "z_ref": float(norm.isf(x_ref / 2)), "q_ref": q_ref, "n_sims": n_sims,
+            "n_windows": max(0, (vol_max - vol_min) - 4 * window)}
+
+
+@torch.no_grad()
+def _fit_segments(log_r: torch.Tensor, log_v: torch.Tensor, a: torch.Tensor, b: torch.Tensor, n_points: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Least squares ``log v = c + D log r`` on ``[a, b)`` per row → ``(D [B], scale [B])`` (NaN if < 2 points)."""
+    n = log_r.shape[1]
+    idx = torch.arange(n)
+    m = (idx[None] >= a[:, None]) & (idx[None] < b[:, None])
+    x = torch.where(m, log_r.double(), torch.zeros((), dtype=torch.float64))
+    y = torch.where(m, log_v.double()[None].expand_as(x), torch.zeros((), dtype=torch.float64))
+    c = m.double().sum(1)
+    mx, my = x.sum(1) / c.clamp_min(1), y.sum(1) / c.clamp_min(1)
+    dx = torch.where(m, x - mx[:, None], torch.zeros((), dtype=torch.float64))
+    dy = torch.where(m, y - my[:, None], torch.zeros((), dtype=torch.float64))
+    D = (dx * dy).sum(1) / (dx * dx).sum(1)
+    icpt = my - D * mx
+    rss = torch.where(m, y - icpt[:, None] - D[:, None] * x, torch.zeros((), dtype=torch.float64)).pow(2).sum(1)
+    scale = torch.exp(icpt) / n_points * torch.exp(0.5 * rss)
+    bad = c < 2
+    return D.masked_fill(bad, float("nan")), scale.masked_fill(bad, float("nan"))
+
+
+@torch.no_grad()
+def stratify(radii: torch.Tensor, vol_min: int, *, window: int = 10, alpha: float = 1e-3, n_strata: int = 3,
+             mode: Mode = "calibrated", cal: dict[str, float] | None = None, n_points: int | None = None) -> dict[str, Any]:
+    """Sequential change-point search and segment fits for a batch of tokens.
+
+    Args:
+        radii: ``[B, n]`` sorted distances to neighbours of rank ``vol_min … vol_min+n−1``.
+        vol_min: rank of column 0 (volumes are ``vol_min + column``).
+        mode: ``parity`` thresholds raw p at ``alpha / n_strata``; ``calibrated`` thresholds the
+            scan-calibrated p (``cal`` from :func:`calibration`) at ``alpha``.
+
+    Returns:
+        dict of ``[B, n_strata]`` arrays ``start_index`` (column; −1 = no segment), ``start_radius``,
+        ``dim``, ``scale``, ``p`` (effective p of the change that ends the segment, 1 if none) and ``[B]``
+        arrays ``n_segments``, ``p_scan`` (effective min p of the first scan), ``p_raw_min`` (raw min p of
+        the first scan), ``first_start`` (first non-zero radius column), ``testable``.
+    """
+    B, n = radii.shape
+    if mode == "calibrated" and cal is None:
+        raise ConfigError("stratify(mode='calibrated') needs cal=calibration(...).")
+    n_points = n_points or B
+    log_r = radii.double().clamp_min(1e-300).log()
+    log_r = torch.where(radii > _ZERO_RADIUS, log_r, torch.full_like(log_r, -math.inf))
+    log_v = torch.arange(vol_min, vol_min + n, dtype=torch.float64).log()
+    thr = alpha / n_strata if mode == "parity" else alpha
+    S = n_strata
+    start_idx = torch.full((B, S), -1, dtype=torch.long)
+    start_rad = torch.full((B, S), float("nan"), dtype=torch.float64)
+    dims = torch.full((B, S), float("nan"), dtype=torch.float64)
+    scales = torch.full((B, S), float("nan"), dtype=torch.float64)
+    pj = torch.ones((B, S), dtype=torch.float64)
+    first = (radii > _ZERO_RADIUS).double().argmax(1)
+    first = torch.where((radii > _ZERO_RADIUS).any(1), first, torch.full_like(first, n))
+    testable = (n - first) > 4 * window
+    p_scan = np.ones(B)
+    p_raw_min = np.ones(B)
+    active = torch.arange(B)
+    cur = first.clone()
+    cur_active = first < n - 1
+    active = active[cur_active]
+    for j in range(S):
+        if active.numel() == 0:
+            break
+        st = cur[active]
+        lr = log_r[active]
+        praw = welch_scan(pointwise_slopes(lr, log_v, st), st, window)
+        peff = calibrate_p(praw, cal) if mode == "calibrated" else praw
+        hit = peff < thr
+        found = hit.any(1)
+        w = np.where(found, hit.argmax(1), n)
+        if mode == "parity":
+            pchange = np.where(found, praw[np.arange(len(w)), np.minimum(w, n - 1)], 1.0)
+        else:
+            pchange = np.where(found, peff.min(1), 1.0)
+        if j == 0:
+            p_raw_min[active.numpy()] = praw.min(1)
+            p_scan[active.numpy()] = np.minimum(1.0, praw.min(1) * n_strata) if mode == "parity" else peff.min(1)
+        wt = torch.as_tensor(w, dtype=torch.long)
+        D, sc = _fit_segments(lr, log_v, st, wt, n_points)
+        start_idx[active, j] = st
+        start_rad[active, j] = radii[active, st].double()
+        dims[active, j], scales[active, j] = D, sc
+        pj[active, j] = torch.as_tensor(pchange, dtype=torch.float64)
+        keep = torch.as_tensor(found)
+        cur[active[keep]] = wt[keep]
+        active = active[keep]
+    n_seg = (start_idx >= 0).sum(1)
+    return {"start_index": start_idx, "start_radius": start_rad, "dim": dims, "scale": scales, "p": pj,
+            "n_segments": n_seg, "p_scan": torch.as_tensor(p_scan), "p_raw_min": torch.as_tensor(p_raw_min),
+            "first_start": first, "testable": testable}
+
+
+def adjust_p(p: np.ndarray, method: Correction) -> np.ndarray:
+    """Vocabulary-level adjustment: ``none``, ``holm`` (FWER) or ``bh`` (Benjamini–Hochberg FDR)."""
+    p = np.asarray(p, dtype=np.float64)
+    n = p.size
+    if method == "none" or n == 0:
+        return p.copy()
+    order = np.argsort(p, kind="stable")
+    ps = p[order]
+    if method == "holm":
+        adj = np.maximum.accumulate(np.minimum(1.0, (n - np.arange(n)) * ps))
+    elif method == "bh":
+        adj = np.minimum.accumulate((ps * n / np.arange(1, n + 1))[::-1])[::-1]
+        adj = np.minimum(adj, 1.0)
+    else:
+        raise ConfigError(f"correction={method!r} is not allowed.", hint="Use none, holm or bh.")
+    out = np.empty(n)
+    out[order] = adj
+    return out
+
+
+# ------------------------------------------------------------------------------------------ token kinds
+KINDS = ("number", "whole word", "word piece", "whitespace/bytes", "punctuation/other")
+
+
+def token_kind(s: str) -> str:
+    """Coarse kind of a decoded token: number, whole word (leading space), word piece, whitespace/bytes, other."""
+    core = s.strip()
+    if core == "" or "\ufffd" in s or (core.startswith("<0x") and core.endswith(">")) or not s.isprintable() and not core:
+        return "whitespace/bytes"
+    if "\ufffd" in core or any(not ch.isprintable() for ch in core):
+        return "whitespace/bytes"
+    if core.replace(",", "").replace(".", "").isdigit():
+        return "number"
+    if core.isalpha():
+        return "whole word" if s[:1].isspace() else "word piece"
+    return "punctuation/other"
+
+
+# ------------------------------------------------------------------------------------------ result
+@register_result
+@dataclass(frozen=True, kw_only=True)
+class FiberResult(Result):
+    """Fiber-bundle / manifold test of one embedding matrix.
+
+    Per-token arrays (axis 0 follows ``token_ids``): ``p_manifold`` (effective token p: parity
+    ``min(1, n_strata·p_raw)``, calibrated scan-corrected), ``p_raw_min``, ``p_large`` (effective p of
+    the 2nd change, 1 if none), ``n_segments``, ``testable``, ``n_zero`` (duplicate radii skipped).
+    Segment arrays ``[token, n_strata]``: ``seg_start_volume`` (−1 = none), ``seg_start_radius``,
+    ``seg_dim``, ``seg_scale``, ``seg_p``. Curves: ``curve_rows`` (rows into ``token_ids``),
+    ``radii`` ``[m, vol_max]`` (rank 0 … vol_max−1; rank 0 = self), ``neighbors`` ``[m, n_neighbors]``.
+    """
+
+    analysis: ClassVar[str] = "fiber"
+
+    source: str
+    n_points: int
+    dim: int
+    token_ids: torch.Tensor
+    token_strs: list[str]
+    kinds: list[str]
+    p_manifold: torch.Tensor
+    p_raw_min: torch.Tensor
+    p_large: torch.Tensor
+    n_segments: torch.Tensor
+    testable: torch.Tensor
+    n_zero: torch.Tensor
+    seg_start_volume: torch.Tensor
+    seg_start_radius: torch.Tensor
+    seg_dim: torch.Tensor
+    seg_scale: torch.Tensor
+    seg_p: torch.Tensor
+    curve_rows: torch.Tensor
+    radii: torch.Tensor
+    neighbors: torch.Tensor
+    calibration: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    # --- verdicts -------------------------------------------------------------------------------
+    @property
+    def mode_label(self) -> str:
+        c = self.config
+        return f"{c.mode} mode" + (" (published procedure)" if c.mode == "parity" else " (scan-corrected)")
+
+    def adjusted(self, method: Correction | None = None) -> np.ndarray:
+        """Token p-values adjusted over the tested tokens (``method`` default: ``config.correction``)."""
+        method = method or self.config.correction
+        p = self.p_manifold.numpy().copy()
+        t = self.testable.numpy()
+        out = np.ones_like(p)
+        out[t] = adjust_p(p[t], method)
+        return out
+
+    def verdicts(self, method: Correction | None = None) -> dict[str, np.ndarray]:
+        """Boolean ``reject_manifold``, ``reject_fb_small``, ``reject_fb_large`` per token."""
+        a = self.config.alpha
+        method = method or self.config.correction
+        rm = self.adjusted(method) < a
+        d = self.seg_dim.numpy()
+        inc1 = (d[:, 1] > d[:, 0]) if d.shape[1] > 1 else np.zeros(len(d), bool)
+        inc2 = (d[:, 2] > d[:, 1]) if d.shape[1] > 2 else np.zeros(len(d), bool)
+        pl = self.p_large.numpy().copy()
+        t = self.testable.numpy()
+        pl_adj = np.ones_like(pl)
+        pl_adj[t] = adjust_p(pl[t], method)
+        return {"reject_manifold": rm, "reject_fb_small": rm & inc1, "reject_fb_large": rm & (pl_adj < a) & inc2}
+
+    def counts(self) -> pd.DataFrame:
+        """Rejection counts under each vocabulary-level correction (rows: none, holm, bh)."""
+        rows = []
+        for m in ("none", "holm", "bh"):
+            v = self.verdicts(m)
+            rows.append({"correction": m, "tested": int(self.testable.sum()), **{k: int(x.sum()) for k, x in v.items()}})
+        return pd.DataFrame(rows)
+
+    def summary(self) -> dict[str, Any]:
+        """Headline numbers: counts, median dimension per segment, warnings."""
+        c = self.counts().set_index("correction")
+        d = self.seg_dim.numpy()
+        out: dict[str, Any] = {"mode": self.config.mode, "tokens": len(self.token_strs), "tested": int(self.testable.sum())}
+        for m in ("none", "holm", "bh"):
+            out[f"reject_manifold[{m}]"] = int(c.loc[m, "reject_manifold"])
+        out["reject_fb_small/large[" + self.config.correction + "]"] = (
+            f"{int(c.loc[self.config.correction, 'reject_fb_small'])}/{int(c.loc[self.config.correction, 'reject_fb_large'])}")
+        for j in range(d.shape[1]):
+            col = d[:, j][np.isfinite(d[:, j])]
+            if col.size:
+                out[f"median_dim_segment{j + 1}"] = round(float(np.median(col)), 2)
+        out["min_p"] = float(self.p_manifold.min()) if len(self.p_manifold) else 1.0
+        for w in self.warnings:
+            out.setdefault("warnings", []).append(w)
+        return out
+
+    def kind_table(self, method: Correction | None = None) -> pd.DataFrame:
+        """Tokens and manifold rejections by kind (numbers, whole words, word pieces, whitespace/bytes, other)."""
+        v = self.verdicts(method)
+        df = pd.DataFrame({"kind": self.kinds, "reject": v["reject_manifold"], "testable": self.testable.numpy()})
+        g = df.groupby("kind").agg(tokens=("testable", "size"), tested=("testable", "sum"), rejected=("reject", "sum"))
+        g["rate"] = g["rejected"] / g["tested"].clip(lower=1)
+        return g.reset_index()
+
+    # --- frames ------------------------------------------------------------------------------
+    def to_frame(self) -> pd.DataFrame:
+        """One row per token: verdicts (under ``config.correction``), p-values and segment dims."""
+        v = self.verdicts()
+        S = self.seg_dim.shape[1]
+        data: dict[str, Any] = {
+            "model": self.model.get("name"), "mode": self.config.mode, "token_id": self.token_ids.numpy(),
+            "token": self.token_strs, "kind": self.kinds, "testable": self.testable.numpy(),
+            "n_segments": self.n_segments.numpy(), "p_manifold": self.p_manifold.numpy(), "p_raw_min": self.p_raw_min.numpy(),
+            "p_holm": self.adjusted("holm"), "p_bh": self.adjusted("bh"), **v,
+        }
+        for j in range(S):
+            data[f"dim_{j + 1}"] = self.seg_dim[:, j].numpy()
+            if j:
+                data[f"change_volume_{j}"] = self.seg_start_volume[:, j].numpy()
+                data[f"change_radius_{j}"] = self.seg_start_radius[:, j].numpy()
+        data["n_zero"] = self.n_zero.numpy()
+        return pd.DataFrame(data)
+
+    def segments_frame(self) -> pd.DataFrame:
+        """Tidy segments: one row per (token, segment)."""
+        n, S = self.seg_dim.shape
+        m = self.seg_start_volume.numpy() >= 0
+        r, j = np.nonzero(m)
+        return pd.DataFrame({"token_id": self.token_ids.numpy()[r], "token": [self.token_strs[i] for i in r], "segment": j + 1,
+                             "start_volume": self.seg_start_volume.numpy()[r, j],
+                             "start_radius": self.seg_start_radius.numpy()[r, j], "dim": self.seg_dim.numpy()[r, j],
+                             "scale": self.seg_scale.numpy()[r, j], "p": self.seg_p.numpy()[r, j]})
+
+    def _row(self, token_id: int) -> int:
+        hits = (self.token_ids == int(token_id)).nonzero()
+        if hits.numel() == 0:
+            raise InputError(f"token {token_id} was not tested in this result.", hint="Pick one of result.token_ids.")
+        return int(hits[0, 0])
+
+    def curve(self, token_id: int) -> pd.DataFrame:
+        """The log-log volume curve of one token: ``volume, radius, log_r, log_v, slope, segment``."""
+        row = self._row(token_id)
+        hit = (self.curve_rows == row).nonzero()
+        if hit.numel() == 0:
+            raise InputError(f"the curve of token {token_id} was not kept (keep_curves={self.config.keep_curves!r}).",
+                             hint="Re-run with keep_curves='all' (or pass this token in tokens=...).")
+        c = self.config
+        r = self.radii[int(hit[0, 0]), c.vol_min:c.vol_max].double()
+        vol = torch.arange(c.vol_min, c.vol_max, dtype=torch.float64)
+        lr = torch.where(r > _ZERO_RADIUS, r.clamp_min(1e-300).log(), torch.full_like(r, -math.inf))
+        st = torch.tensor([int((r > _ZERO_RADIUS).double().argmax())])
+        slope = pointwise_slopes(lr[None], vol.log(), st)[0]
+        seg = np.zeros(len(vol), dtype=int)
+        for j, v0 in enumerate(self.seg_start_volume[row].tolist()):
+            if v0 >= 0:
+                seg[vol.numpy() >= v0] = j + 1
+        return pd.DataFrame({"volume": vol.numpy(), "radius": r.numpy(), "log_r": lr.numpy(), "log_v": vol.log().numpy(),
+                             "slope": slope.numpy(), "segment": seg})
+
+    # --- store -------------------------------------------------------------------------------
+    def tables(self) -> dict[str, pd.DataFrame]:
+        return {"main": self.to_frame(), "segments": self.segments_frame()}
+
+    def arrays(self) -> dict[str, torch.Tensor]:
+        return {k: getattr(self, k).contiguous() for k in (
+            "token_ids", "p_manifold", "p_raw_min", "p_large", "n_segments", "testable", "n_zero", "seg_start_volume",
+            "seg_start_radius", "seg_dim", "seg_scale", "seg_p", "curve_rows", "radii", "neighbors")}
+
+    def extra(self) -> dict[str, Any]:
+        return {"source": self.source, "n_points": self.n_points, "dim": self.dim, "token_strs": list(self.token_strs),
+                "kinds": list(self.kinds), "calibration": dict(self.calibration), "warnings": list(self.warnings)}
+
+    @classmethod
+    def _from_stored(cls, stored: store.StoredResult, base: dict[str, Any]) -> "FiberResult":
+        a, ex = stored.arrays, stored.extra
+        return cls(**base, source=ex["source"], n_points=int(ex["n_points"]), dim=int(ex["dim"]), token_strs=list(ex["token_strs"]),
+                   kinds=list(ex["kinds"]), calibration=dict(ex.get("calibration", {})), warnings=list(ex.get("warnings", [])),
+                   **{k: a[k] for k in ("token_ids", "p_manifold", "p_raw_min", "p_large", "n_segments", "testable", "n_zero",
+                                        "seg_start_volume", "seg_start_radius", "seg_dim", "seg_scale", "seg_p", "curve_rows",
+                                        "radii", "neighbors")})
+
+    # --- plots -------------------------------------------------------------------------------
+    def _title(self, what: str) -> str:
+        return f"{what} · {self.model.get('name')} ({self.source}) · {self.mode_label}"
+
+    def plot(self, kind: Literal["hist", "curve", "counts"] = "hist", *, token_id: int | None = None):
+        """``hist``: dimension histograms per segment; ``curve``: one token's log-log curve; ``counts``: by kind."""
+        if kind == "hist":
+            return self.plot_hist()
+        if kind == "curve":
+            if token_id is None:
+                raise ConfigError("plot(kind='curve') needs token_id.", hint="Pass token_id=<a tested token id>.")
+            return self.plot_curve(token_id)
+        if kind == "counts":
+            return self.plot_kinds()
+        raise ConfigError(f"kind={kind!r} is not allowed.", hint="Use hist, curve or counts.")
+
+    def plot_hist(self, bins: int = 60):
+        """Histogram of fitted local dimension, one trace per segment (the paper's multimodal histogram)."""
+        import plotly.graph_objects as go
+
+        fig = go.Figure()
+        for j in range(self.seg_dim.shape[1]):
+            d = self.seg_dim[:, j].numpy()
+            d = d[np.isfinite(d)]
+            if d.size:
+                fig.add_trace(go.Histogram(x=d, nbinsx=bins, name=f"segment {j + 1} (n={d.size})", opacity=0.6))
+        fig.update_layout(barmode="overlay", title=self._title("Local dimension per segment"),
+                          xaxis_title="fitted dimension D (slope of log volume vs log radius)", yaxis_title="tokens",
+                          height=420, margin={"t": 60})
+        return fig
+
+    def plot_curve(self, token_id: int):
+        """Log volume vs log radius with the fitted segments and change points."""
+        import plotly.graph_objects as go
+
+        df = self.curve(token_id)
+        row = self._row(token_id)
+        fig = go.Figure(go.Scatter(x=df["log_r"], y=df["log_v"], mode="markers", marker={"size": 4, "color": "#888"},
+                                   name="neighbours", customdata=df[["volume", "slope"]],
+                                   hovertemplate="k=%{customdata[0]}<br>log r=%{x:.4f}<br>slope=%{customdata[1]:.1f}<extra></extra>"))
+        for j in range(self.seg_dim.shape[1]):
+            v0 = int(self.seg_start_volume[row, j])
+            if v0 < 0:
+                continue
+            seg = df[df["segment"] == j + 1]
+            seg = seg[np.isfinite(seg["log_r"])]
+            if len(seg) < 2:
+                continue
+            D = float(self.seg_dim[row, j])
+            c = float(np.mean(seg["log_v"] - D * seg["log_r"]))
+            fig.add_trace(go.Scatter(x=seg["log_r"], y=c + D * seg["log_r"], mode="lines", name=f"segment {j + 1}: D={D:.1f}"))
+            if j > 0:
+                fig.add_vline(x=float(np.log(self.seg_start_radius[row, j])), line_dash="dash",
+                              annotation_text=f"change {j} (p={float(self.seg_p[row, j - 1]):.1e})")
+        v = {k: bool(x[row]) for k, x in self.verdicts().items()}
+        tag = "rejects manifold" if v["reject_manifold"] else "no rejection"
+        if v["reject_fb_small"] or v["reject_fb_large"]:
+            tag += " and fiber bundle (" + ("small" if v["reject_fb_small"] else "large") + " radius)"
+        fig.update_layout(title=self._title(f"Token {token_id} {self.token_strs[row]!r}: {tag}"),
+                          xaxis_title="log radius", yaxis_title="log volume (neighbour count)", height=440, margin={"t": 60})
+        return fig
+
+    def plot_kinds(self):
+        """Manifold rejections by token kind (under ``config.correction``)."""
+        import plotly.express as px
+
+        kt = self.kind_table()
+        fig = px.bar(kt, x="kind", y="rejected", hover_data=["tokens", "tested", "rate"],
+                     title=self._title(f"Manifold rejections by token kind ({self.config.correction})"))
+        fig.update_layout(height=380, margin={"t": 60})
+        return fig
+
+    @staticmethod
+    def plot_neighbors(frame: pd.DataFrame, title: str = "Neighbourhood"):
+        """2-D/3-D scatter of a :func:`neighborhood` frame."""
+        import plotly.express as px
+
+        kw = dict(color="rank", hover_name="token", hover_data=["token_id", "distance"], title=title)
+        if "pc3" in frame:
+            fig = px.scatter_3d(frame, x="pc1", y="pc2", z="pc3", **kw)
+        else:
+            fig = px.scatter(frame, x="pc1", y="pc2", **kw)
+        fig.update_layout(height=480, margin={"t": 60})
+        return fig
+
+
+def neighborhood(E: torch.Tensor, result: FiberResult, token_id: int, *, n: int | None = None, n_components: int = 3) -> pd.DataFrame:
+    """PCA coordinates of a token and its kept nearest neighbours (rank 0 = the token).
+
+    Args:
+        E: ``[V, ℓ]`` the matrix the result was computed on.
+        n: neighbours to show (default all kept).
+        n_components: 2 or 3.
+
+    Returns:
+        frame ``rank, token_id, token, distance, pc1, pc2[, pc3]``.
+    """
+    if n_components not in (2, 3):
+        raise ConfigError(f"n_components={n_components!r} is not allowed.", hint="Use 2 or 3.")
+    row = result._row(token_id)
+    hit = (result.curve_rows == row).nonzero()
+    if hit.numel() == 0:
+        raise InputError(f"neighbours of token {token_id} were not kept.", hint="Re-run with keep_curves='all'.")
+    nb = result.neighbors[int(hit[0, 0])].long()
+    nb = nb[: (n or nb.numel())]
+    ids = torch.cat([torch.tensor([int(token_id)]), nb[nb != int(token_id)]])
+    P = E[ids].double()
+    P = P - P.mean(0)
+    U, S, _ = torch.linalg.svd(P, full_matrices=False)
+    coords = (U[:, :n_components] * S[:n_components]).numpy()
+    dist = (E[ids].double() - E[int(token_id)].double()).norm(dim=1).numpy()
+    strs = result.token_strs
+    lookup = dict(zip(result.token_ids.tolist(), strs))
+    df = pd.DataFrame({"rank": np.arange(len(ids)), "token_id": ids.numpy(), "token": [lookup.get(i, str(i)) for i in ids.tolist()],
+                       "distance": dist})
+    for c in range(coords.shape[1]):
+        df[f"pc{c + 1}"] = coords[:, c]
+    return df
+
+
+# ------------------------------------------------------------------------------------------ run
+def _resolve(probe: Probe | None, embeddings: Any, config: Config) -> tuple[torch.Tensor, str]:
+    if embeddings is not None:
+        E = torch.as_tensor(np.asarray(embeddings)) if not isinstance(embeddings, torch.Tensor) else embeddings
+        return E.detach(), "array"
+    if config.matrix in ("input", "output"):
+        if probe is None:
+            raise ConfigError(f"matrix={config.matrix!r} needs a model.", hint="Pass a probe, or matrix=<file.npy|.safetensors>.")
+        if config.matrix == "input":
+            return probe.W_E.detach(), "input (W_E)"
+        WU = probe.W_U.detach()
+        WE = probe.W_E.detach()
+        if WU.data_ptr() == WE.data_ptr() or (WU.shape[::-1] == WE.shape and torch.equal(WU.T, WE)):
+            raise ConfigError(f"{probe.info.name} ties its output embedding to its input embedding, so matrix='output' "
+                              "is the same matrix.", hint="Use matrix='input'.")
+        return WU.T, "output (W_U.T)"
+    return load_matrix(config.matrix, config.matrix_key), Path(config.matrix).name
+
+
+def run(probe: Probe | None = None, *, embeddings: Any = None, token_strs: Sequence[str] | None = None, config: Config = Config(),
+        progress: Callable[[int, int], None] | None = None) -> FiberResult:
+    """Run the fiber-bundle / manifold test.
+
+    Args:
+        probe: model whose ``W_E`` / ``W_U`` is tested (optional with a file or ``embeddings``).
+        embeddings: a ``[V, ℓ]`` array to test instead (overrides ``config.matrix``).
+        token_strs: labels of the rows (default: the tokenizer's, else the row ids).
+        progress: ``progress(done_blocks, total_blocks)`` called after each kNN block.
+    """
+    timer = Timer()
+    with timer("load"):
+        E, source = _resolve(probe, embeddings, config)
+        E = E.float()
+        _check_matrix(E, config.vol_max)
+        if config.mode == "parity":  # the released script casts to float16 before the distances
+            E16 = E.half()
+            if not torch.isfinite(E16).all():
+                raise InputError("the matrix overflows float16, which parity mode reproduces.", hint="Use mode='calibrated'.")
+            E = E16.float()
+    V, dim = E.shape
+    dev = config.device
+    if dev == "auto":
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        from probes import DeviceError
+
+        raise DeviceError(f"device={config.device!r} but CUDA is not available.", hint="Use device='cpu' or 'auto'.")
+    q = torch.arange(V) if config.tokens is None else torch.tensor(config.tokens, dtype=torch.long)
+    if q.numel() and int(q.max()) >= V:
+        raise ConfigError(f"tokens includes {int(q.max())}, but the matrix has {V} rows (0..{V - 1}).",
+                          hint=f"Pick row ids below {V}.")
+    # duplicate rows: zero radii, which the released code skips
+    warnings: list[str] = []
+    with timer("duplicates"):
+        _, inv, cnt = torch.unique(E, dim=0, return_inverse=True, return_counts=True)
+        dup_rows = int((cnt[inv] > 1).sum())
+    if dup_rows:
+        if config.duplicates == "error":
+            first = int((cnt[inv] > 1).nonzero()[0, 0])
+            raise InputError(f"the matrix has {dup_rows} rows that duplicate another row (first: row {first}); their "
+                             "nearest radii are 0 and log r is undefined.",
+                             hint="Use duplicates='skip' (the released code's behaviour) or de-duplicate the matrix.")
+        warnings.append(f"{dup_rows} rows duplicate another row; their zero radii were skipped (released code's behaviour).")
+    with timer("knn"):
+        Ed = E.to(dev)
+        dist, idx = knn_distances(Ed, config.vol_max, queries=q, block_size=config.block_size,
+                                  exact="all" if dev.startswith("cuda") or config.exact == "all" else "auto", progress=progress)
+    with timer("calibration"):
+        cal = calibration(config.vol_min, config.vol_max, config.window, config.n_sims, config.seed) if config.mode == "calibrated" else {}
+    with timer("test"):
+        radii = dist[:, config.vol_min:config.vol_max]
+        parts = []
+        for s in range(0, radii.shape[0], 1024):
+            parts.append(stratify(radii[s:s + 1024], config.vol_min, window=config.window, alpha=config.alpha,
+                                  n_strata=config.n_strata, mode=config.mode, cal=cal or None, n_points=V))
+        st = {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else {}
+    n_zero = (dist[:, 1:] <= _ZERO_RADIUS).sum(1)
+    untestable = int((~st["testable"]).sum())
+    if untestable:
+        warnings.append(f"{untestable} tokens have too few non-zero radii (<= 4*window) to be tested.")
+    if token_strs is not None:
+        if len(token_strs) != V:
+            raise InputError(f"token_strs has {len(token_strs)} labels for {V} rows.", hint="Give one label per row.")
+        strs = [token_strs[i] for i in q.tolist()]
+    elif probe is not None and V <= probe.info.d_vocab:
+        strs = probe.to_str_tokens(q.tolist())
+    else:
+        strs = [str(i) for i in q.tolist()]
+    kinds = [token_kind(s) for s in strs] if (probe is not None or token_strs is not None) else ["row"] * len(strs)
+    S = config.n_strata
+    seg_vol = torch.where(st["start_index"] >= 0, st["start_index"] + config.vol_min, torch.full_like(st["start_index"], -1))
+    p_large = st["p"][:, 1] * (S if config.mode == "parity" else 1) if S > 1 else torch.ones(len(q), dtype=torch.float64)
+    p_large = p_large.clamp(max=1.0)
+    # which curves to keep
+    if config.keep_curves == "all":
+        rows = torch.arange(len(q))
+    elif config.keep_curves == "none":
+        rows = torch.zeros(0, dtype=torch.long)
+    else:
+        rows = (torch.as_tensor(st["p_scan"]) < config.alpha).nonzero()[:, 0]
+    model = probe.info.to_dict() if probe is not None else {"name": source, "fingerprint": store.hash_inputs(E)[:16]}
+    if probe is not None and source not in ("input (W_E)", "output (W_U.T)") and embeddings is None:
+        model = {**model, "fingerprint": store.hash_inputs(model.get("fingerprint", ""), E)[:16]}
+    return FiberResult(
+        config=config, model=model, input_hash=store.hash_inputs(source, q) if embeddings is None else store.hash_inputs(E, q),
+        timings=timer.seconds, source=source, n_points=V, dim=dim, token_ids=q, token_strs=strs, kinds=kinds,
+        p_manifold=st["p_scan"].double(), p_raw_min=st["p_raw_min"].double(), p_large=p_large.double(),
+        n_segments=st["n_segments"], testable=st["testable"], n_zero=n_zero, seg_start_volume=seg_vol,
+        seg_start_radius=st["start_radius"], seg_dim=st["dim"], seg_scale=st["scale"], seg_p=st["p"],
+        curve_rows=rows, radii=dist[rows].float().contiguous(), neighbors=idx[rows, : config.n_neighbors].int().contiguous(),
+        calibration=dict(cal), warnings=warnings,
+    )

@@ -1,0 +1,86 @@
+"""Embedding geometry: fiber-bundle / manifold test of token embeddings (Robinson, Dey & Chiang 2025)."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from dashboard.state import cached, query_param, show_error, sidebar_probe
+
+from analyses import fiber as F
+from analyses.cli.fiber import parse_tokens
+from probes import SondeError
+
+st.title("Embedding geometry")
+st.caption("Does the cloud of token embeddings look like a manifold around each token? Log neighbour count vs log radius "
+           "should be piecewise linear with slopes that only drop; a significant change rejects the manifold hypothesis, "
+           "an increase also rejects the fiber bundle (Robinson, Dey & Chiang 2025).")
+
+probe = sidebar_probe()
+if probe is None:
+    st.stop()
+
+V = probe.info.d_vocab
+with st.sidebar:
+    st.markdown("### Test")
+    default_tokens = f"0:{V}:{max(1, V // 600)}"
+    spec = st.text_input("Tokens", value=query_param("tokens", default_tokens),
+                         help="Rows to test: 0:5000, 0:49152:10 or 17,42,99 (neighbours come from the whole vocabulary). "
+                              "The full vocabulary takes minutes on CPU: use `sonde run fiber` for it.")
+    matrix = st.selectbox("Matrix", ["input", "output"], index=["input", "output"].index(query_param("matrix", "input")))
+    vol_max = st.number_input("vol_max", 51, 5000, int(query_param("vol_max", "300")), step=50,
+                              help="Largest neighbour rank (page default 1000 for the CLI; 300 here to stay fast).")
+    mode = st.radio("Mode", ["calibrated", "parity"], index=["calibrated", "parity"].index(query_param("mode", "calibrated")),
+                    help="calibrated: false alarms of the whole window scan held at alpha; parity: the published procedure.")
+    alpha = st.select_slider("alpha", [1e-4, 1e-3, 1e-2, 5e-2], value=1e-3)
+    correction = st.radio("Vocabulary correction", ["none", "holm", "bh"], horizontal=True,
+                          index=["none", "holm", "bh"].index(query_param("correction", "none")))
+st.query_params.update({"tokens": spec, "matrix": matrix, "vol_max": str(vol_max), "mode": mode, "correction": correction})
+
+try:
+    cfg = F.Config(matrix=matrix, tokens=parse_tokens(spec), vol_max=int(vol_max), mode=mode, alpha=float(alpha),  # type: ignore[arg-type]
+                   correction=correction, keep_curves="all")  # type: ignore[arg-type]
+except SondeError as e:
+    show_error(e)
+    st.stop()
+
+with st.spinner("Nearest neighbours and change-point tests…"):
+    res = cached(F.run, config=cfg, _probe=probe)
+if res is None:
+    st.stop()
+
+st.markdown(f"**{res.mode_label}** · {res.source} · {len(res.token_strs)} tokens tested against {res.n_points} rows "
+            f"(dim {res.dim}) · volumes {cfg.vol_min}–{cfg.vol_max - 1} · α = {cfg.alpha:g}")
+for w in res.warnings:
+    st.warning(w)
+c1, c2 = st.columns([1, 1])
+with c1:
+    st.dataframe(res.counts(), hide_index=True)
+with c2:
+    st.dataframe(res.kind_table(), hide_index=True)
+
+df = res.to_frame()
+q = st.text_input("Search tokens", value="", help="Substring of the token text.")
+view = df[df["token"].str.contains(q, regex=False)] if q else df
+view = view.sort_values("p_manifold")
+cols = ["token_id", "token", "kind", "p_manifold", "p_holm", "p_bh", "reject_manifold", "reject_fb_small", "reject_fb_large",
+        "dim_1", "dim_2", "change_volume_1"]
+st.dataframe(view[[c for c in cols if c in view]], hide_index=True, height=280)
+
+ids = view["token_id"].tolist() or df["token_id"].tolist()
+labels = {int(r.token_id): f"{r.token_id}: {r.token!r} (p={r.p_manifold:.1e})" for r in view.itertuples()}
+tok = st.selectbox("Token", ids[:500], format_func=lambda i: labels.get(int(i), str(i)))
+tab1, tab2, tab3 = st.tabs(["Volume curve", "Neighbourhood", "Dimension histogram"])
+with tab1:
+    st.plotly_chart(res.plot_curve(int(tok)), use_container_width=True)
+with tab2:
+    n3 = st.radio("View", ["3-D", "2-D"], horizontal=True)
+    E = (probe.W_E if matrix == "input" else probe.W_U.T).detach().float()
+    try:
+        nb = F.neighborhood(E, res, int(tok), n_components=3 if n3 == "3-D" else 2)
+        st.plotly_chart(res.plot_neighbors(nb, title=f"{cfg.n_neighbors} nearest neighbours of {labels.get(int(tok), tok)} "
+                                                     f"(PCA) · {res.mode_label}"), use_container_width=True)
+    except SondeError as e:
+        show_error(e)
+with tab3:
+    st.plotly_chart(res.plot_hist(), use_container_width=True)
+    st.plotly_chart(res.plot_kinds(), use_container_width=True)
