@@ -63,7 +63,7 @@ def register(run_app: typer.Typer) -> None:
         probe = None if matrix not in ("input", "output") and model == "embedded" else load_probe(model, backend, "cpu")
         with progress(None, "kNN blocks") as step:
             def cb(done: int, total: int) -> None:
-                step.p.update(step.t, completed=done, total=total)
+                step.set(done, total)
 
             res = F.run(probe, config=cfg, progress=cb)
         path = res.save(out)
