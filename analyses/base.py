@@ -152,7 +152,7 @@ def load_result(path: str | Path) -> Result:
 
     man = store.read_manifest(path)
     name = man["analysis"]
-    for modname in (name.replace("-", "_"), name.split(".")[0].split("-")[0]):
+    for modname in (name.replace("-", "_"), name.replace("-", ""), name.split(".")[0].split("-")[0]):
         if name in _RESULTS:
             break
         try:

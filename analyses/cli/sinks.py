@@ -1,0 +1,117 @@
+"""``sonde run sinks``, ``sonde run dormant`` and ``sonde run bb-toy``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .common import BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OutOpt, load_probe, progress, saved
+
+
+def _positions(text: str) -> tuple[int, ...]:
+    from probes.errors import ConfigError
+
+    try:
+        return tuple(int(p) for p in text.split(",") if p.strip())
+    except ValueError:
+        raise ConfigError(f"--positions {text!r} is not a comma-separated list of integers.", hint="E.g. --positions 0,1.") from None
+
+
+def register(run_app: typer.Typer) -> None:
+    @run_app.command("sinks")
+    def sinks_cmd(
+        model: str = ModelOpt,
+        prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="One text (must reach T tokens)."),
+        input: Optional[Path] = typer.Option(None, "--input", "-i", help="JSONL (field 'text') or text file."),
+        domain: Optional[str] = typer.Option(None, "--domain", "-d", help="Built-in domain: prose, code, arithmetic, random, repeat."),
+        eps: float = typer.Option(0.3, "--eps", help="Sink threshold ε in (0, 1)."),
+        positions: str = typer.Option("0", "--positions", help="Key positions k (0-indexed), e.g. 0,1."),
+        T: int = typer.Option(64, "--T", help="Sequence length (texts truncated; shorter ones skipped)."),
+        n_samples: int = typer.Option(100, "--n-samples", "-n"),
+        bos: str = typer.Option("tokenizer", "--bos", help="tokenizer, always or never."),
+        batch_size: int = typer.Option(8, "--batch-size"),
+        ablation: bool = typer.Option(True, "--ablation/--no-ablation", help="Find the MLPs that write the residual peak."),
+        on_error: str = typer.Option("stop", "--on-error", help="Malformed input line: stop or skip."),
+        backend: str = BackendOpt, device: str = DeviceOpt, dtype: str = DtypeOpt, out: Optional[Path] = OutOpt,
+        as_json: bool = JsonOpt,
+    ) -> None:
+        """Attention-sink metric Sink_k^ε (Gu et al. 2024), value drains and residual peaks."""
+        from analyses import sinks
+        from analyses.io import iter_records
+        from probes.errors import InputError
+
+        cfg = sinks.Config(eps=eps, positions=_positions(positions), T=T, n_samples=n_samples, bos=bos,
+                           batch_size=batch_size, mlp_ablation=ablation)
+        if sum(x is not None for x in (prompt, input, domain)) > 1:
+            raise InputError("give at most one of --prompt, --input or --domain.")
+        if domain is not None:
+            from analyses.domains import check_domains
+
+            check_domains([domain])
+        texts = [prompt] if prompt is not None else [r.text for r in iter_records(input, on_error=on_error)] if input else None
+        probe = load_probe(model, backend, device, dtype)
+        with progress(n_samples, "samples") as step:
+            res = sinks.run(probe, texts, domain=domain if texts is None else None, config=cfg, step=step)
+        path = res.save(out)
+        saved(path, as_json, res.summary())
+
+    @run_app.command("dormant")
+    def dormant_cmd(
+        model: str = ModelOpt,
+        domains: str = typer.Option("prose,code,arithmetic", "--domains", help="Comma-separated built-in domains."),
+        input: Optional[Path] = typer.Option(None, "--input", "-i", help="JSONL with 'text' and 'domain' fields (replaces --domains)."),
+        theta: float = typer.Option(0.9, "--theta", help="Dormant threshold θ in (0, 1) on the sink mass."),
+        sink_pos: int = typer.Option(0, "--sink-pos", help="Sink position (0 = BOS)."),
+        heads: Optional[str] = typer.Option(None, "--heads", help="Heads for the causal check, e.g. L5H3,L20H6."),
+        max_heads: int = typer.Option(6, "--max-heads", help="Heads tested when --heads is not given (0 = none)."),
+        intervention: str = typer.Option("attn_to_sink", "--intervention", help="attn_to_sink, zero or none."),
+        T: int = typer.Option(64, "--T"),
+        n_samples: int = typer.Option(32, "--n-samples", "-n", help="Samples per domain."),
+        bos: str = typer.Option("always", "--bos", help="tokenizer, always or never."),
+        on_error: str = typer.Option("stop", "--on-error"),
+        backend: str = BackendOpt, device: str = DeviceOpt, dtype: str = DtypeOpt, out: Optional[Path] = OutOpt,
+        as_json: bool = JsonOpt,
+    ) -> None:
+        """Active vs dormant heads per domain (Guo et al. 2024), with a per-head causal check."""
+        from analyses import dormant
+        from analyses.domains import check_domains, load_jsonl
+
+        cfg = dormant.Config(theta=theta, sink_pos=sink_pos, T=T, n_samples=n_samples, bos=bos, intervention=intervention,
+                             heads=tuple(h.strip() for h in heads.split(",") if h.strip()) if heads else None, max_heads=max_heads)
+        if input is not None:
+            doms = load_jsonl(input, on_error=on_error)
+        else:
+            doms = [d.strip() for d in domains.split(",") if d.strip()]
+            check_domains(doms)
+        probe = load_probe(model, backend, device, dtype)
+        n_dom = len(doms)
+        with progress(n_samples * n_dom, "samples") as step:
+            res = dormant.run(probe, doms, config=cfg, step=step)
+        path = res.save(out)
+        summ = res.summary()
+        summ["flips"] = ", ".join(res.flips["head"].tolist()[:20]) or "none"
+        saved(path, as_json, summ)
+
+    @run_app.command("bb-toy")
+    def bbtoy_cmd(
+        layers: int = typer.Option(1, "--layers", help="1 or 3."),
+        steps: int = typer.Option(400, "--steps"),
+        attention: str = typer.Option("softmax", "--attention", help="softmax or relu."),
+        optimizer: str = typer.Option("adam", "--optimizer", help="adam or sgd."),
+        d_model: int = typer.Option(32, "--d-model"),
+        seq_len: int = typer.Option(32, "--seq-len"),
+        batch_size: int = typer.Option(32, "--batch-size"),
+        lr: Optional[float] = typer.Option(None, "--lr"),
+        seed: int = typer.Option(0, "--seed"),
+        out: Optional[Path] = OutOpt, as_json: bool = JsonOpt,
+    ) -> None:
+        """Train the Bigram-Backcopy toy (Guo et al. 2024) on the CPU and log its sink dynamics."""
+        from analyses import bbtoy
+
+        cfg = bbtoy.Config(n_layers=layers, steps=steps, attention=attention, optimizer=optimizer, d_model=d_model,
+                           seq_len=seq_len, batch_size=batch_size, lr=lr, seed=seed)
+        with progress(steps, "steps") as step:
+            res = bbtoy.run(cfg, step=step)
+        saved(res.save(out), as_json, res.summary())

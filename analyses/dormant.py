@@ -1,0 +1,282 @@
+"""Active vs dormant attention heads per domain (Guo et al. 2024, arXiv 2410.13835, §2–3).
+
+A head is **dormant** on a domain when its attention collapses onto the sink token s (position 0,
+BOS by default): the mean attention on s over the queries that see it,
+
+    m_s^{l,h}(domain) = mean_samples α_s^{l,h}   (α as in Gu et al. 2024, eq. for α_k; see analyses.sinks)
+
+exceeds θ (default 0.9, dormant.md; Sandoval-Segura et al. calibrate 0.78–0.93 on Llama-3.1-8B).
+It is **active** otherwise. Because the sink's value state is drained (‖v_s W_O,h‖ ≈ 0), a dormant
+head writes ≈ nothing, which a causal check confirms: per tested head, the change in next-token
+loss per domain when its attention rows are moved to the sink ("move_attn_to_bos", ``AttendTo``) or
+zeroed ("zero_out_attn", ``ZeroAttention``). Heads whose status differs between domains are the
+key output (Llama-2-7B L16H25: dormant on Wikipedia, active on GitHub).
+
+Statistics stream through reducers (:func:`analyses.sinks.collect_stats`); interventions cost one
+pass per (tested head, domain), so only a head subset is tested (``heads`` or the ``max_heads``
+with the largest spread of sink mass across domains).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, Mapping, Sequence
+
+import pandas as pd
+import torch
+
+from probes import AttendTo, ZeroAttention, parse_head
+from probes.errors import ConfigError, InputError
+
+from . import base, domains as _domains
+from .sinks import bos_flag, collect_stats, next_token_loss
+from .store import hash_inputs
+
+__all__ = ["Config", "DormantResult", "run", "dormant_map", "status_flips"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config(base.Config):
+    """Dormant-head settings (defaults from shared/methods/dormant.md)."""
+
+    T: int = 64  # dormant.md: max_len=64
+    theta: float = 0.9  # dormant.md: dormant ⇔ mean_t A[t, s] > θ, θ = 0.9
+    sink_pos: int = 0  # dormant.md: s = BOS / position 0
+    n_samples: int = 32
+    bos: Literal["tokenizer", "always", "never"] = "always"  # the sink is BOS (Guo et al.)
+    intervention: Literal["none", "attn_to_sink", "zero"] = "attn_to_sink"  # move_attn_to_bos / zero_out_attn
+    heads: tuple[str, ...] | None = None  # heads to test, e.g. ("L5H3",); None = top max_heads by spread
+    max_heads: int = 6
+    delta: float | None = None  # optional causal rule: dormant also needs |Δloss| < delta on the domain
+    batch_size: int = 8
+    seed: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.T, int) or self.T < 2:
+            raise ConfigError(f"T={self.T!r}; use an integer sequence length >= 2.")
+        if not (isinstance(self.theta, (int, float)) and 0 < self.theta < 1):
+            raise ConfigError(f"theta={self.theta!r} is outside (0, 1).", hint="Use e.g. --theta 0.9 (the default).")
+        if self.sink_pos is None or not 0 <= self.sink_pos < self.T:
+            raise ConfigError(f"sink_pos={self.sink_pos!r}; use a position in 0..T-1 (0 = the first token/BOS).")
+        if self.intervention not in ("none", "attn_to_sink", "zero"):
+            raise ConfigError(f"intervention={self.intervention!r}; use none, attn_to_sink or zero.")
+        if self.bos not in ("tokenizer", "always", "never"):
+            raise ConfigError(f"bos={self.bos!r}; use 'tokenizer', 'always' or 'never'.")
+        for name in ("n_samples", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)}; use at least 1.")
+        if self.max_heads < 0:
+            raise ConfigError(f"max_heads={self.max_heads}; use 0 (no causal check) or more.")
+        if self.heads is not None:
+            for h in self.heads:
+                parse_head(h)
+        if self.delta is not None and self.delta <= 0:
+            raise ConfigError(f"delta={self.delta}; use a positive loss tolerance or None.")
+
+
+# ----------------------------------------------------------------------------- math
+@torch.no_grad()
+def dormant_map(sink_mass: torch.Tensor, theta: float) -> torch.Tensor:
+    """``bool [D, L, H]``: sink mass ``[D, L, H]`` above θ."""
+    return sink_mass > theta
+
+
+def status_flips(dormant: torch.Tensor, domains: Sequence[str]) -> pd.DataFrame:
+    """Heads dormant on some domains and active on others.
+
+    Args:
+        dormant: ``bool [D, L, H]``.
+    Returns:
+        frame ``head, layer, head_index, dormant_on, active_on``.
+    """
+    D, L, H = dormant.shape
+    rows = []
+    any_d, all_d = dormant.any(dim=0), dormant.all(dim=0)
+    for l, h in (any_d & ~all_d).nonzero().tolist():
+        rows.append({"head": f"L{l}H{h}", "layer": l, "head_index": h,
+                     "dormant_on": ",".join(d for i, d in enumerate(domains) if dormant[i, l, h]),
+                     "active_on": ",".join(d for i, d in enumerate(domains) if not dormant[i, l, h])})
+    return pd.DataFrame(rows, columns=["head", "layer", "head_index", "dormant_on", "active_on"])
+
+
+# ----------------------------------------------------------------------------- result
+@base.register_result
+@dataclass(frozen=True, kw_only=True)
+class DormantResult(base.Result):
+    """Per-domain head map.
+
+    Arrays (D domains, L layers, H heads, T positions): ``sink_mass [D, L, H]`` (mean α at the sink),
+    ``max_other_mass [D, L, H]`` (largest mean α of any other key), ``value_norm [D, L, H, T]``,
+    ``resid_norm [D, L+1, T]``, ``loss [D]`` (mean next-token CE), ``delta_loss [D, L, H]`` (loss change
+    under the intervention; NaN for heads not tested), ``dormant bool [D, L, H]``.
+    """
+
+    analysis: ClassVar[str] = "dormant"
+
+    domains: tuple[str, ...]
+    sink_mass: torch.Tensor
+    max_other_mass: torch.Tensor
+    value_norm: torch.Tensor
+    resid_norm: torch.Tensor
+    loss: torch.Tensor
+    delta_loss: torch.Tensor
+    dormant: torch.Tensor
+    tested: tuple[str, ...] = ()
+    n_samples: tuple[int, ...] = ()
+    n_skipped: tuple[int, ...] = ()
+
+    @property
+    def flips(self) -> pd.DataFrame:
+        """Heads whose status differs between domains (see :func:`status_flips`)."""
+        return status_flips(self.dormant, self.domains)
+
+    def summary(self) -> dict[str, Any]:
+        D, L, H = self.dormant.shape
+        out = {f"dormant heads on {d}": f"{int(self.dormant[i].sum())}/{L * H}" for i, d in enumerate(self.domains)}
+        out["heads that flip between domains"] = len(self.flips)
+        out["tested heads"] = ", ".join(self.tested) or "none"
+        out.update({f"loss on {d}": round(float(self.loss[i]), 3) for i, d in enumerate(self.domains)})
+        out["skipped (shorter than T)"] = dict(zip(self.domains, self.n_skipped))
+        return out
+
+    def causal_frame(self) -> pd.DataFrame:
+        """``head, domain, sink_mass, dormant, delta_loss`` for the tested heads."""
+        rows = []
+        for lab in self.tested:
+            l, h = parse_head(lab)
+            for i, d in enumerate(self.domains):
+                rows.append({"head": lab, "domain": d, "sink_mass": float(self.sink_mass[i, l, h]),
+                             "dormant": bool(self.dormant[i, l, h]), "delta_loss": float(self.delta_loss[i, l, h])})
+        return pd.DataFrame(rows, columns=["head", "domain", "sink_mass", "dormant", "delta_loss"])
+
+    def to_frame(self) -> pd.DataFrame:
+        """Tidy: ``model, domain, layer, head, sink_mass, max_other_mass, dormant, delta_loss``."""
+        D, L, H = self.sink_mass.shape
+        idx = pd.MultiIndex.from_product([range(D), range(L), range(H)], names=["d", "layer", "head"]).to_frame(index=False)
+        df = pd.DataFrame({"model": self.model.get("name", ""), "domain": [self.domains[i] for i in idx["d"]],
+                           "layer": idx["layer"], "head": idx["head"],
+                           "sink_mass": self.sink_mass.reshape(-1).numpy(), "max_other_mass": self.max_other_mass.reshape(-1).numpy(),
+                           "dormant": self.dormant.reshape(-1).numpy(), "delta_loss": self.delta_loss.reshape(-1).numpy()})
+        return df
+
+    def tables(self):
+        return {"main": self.to_frame(), "flips": self.flips, "causal": self.causal_frame()}
+
+    def arrays(self):
+        return {"sink_mass": self.sink_mass, "max_other_mass": self.max_other_mass, "value_norm": self.value_norm,
+                "resid_norm": self.resid_norm, "loss": self.loss, "delta_loss": self.delta_loss,
+                "dormant": self.dormant.to(torch.uint8)}
+
+    def extra(self):
+        return {"domains": list(self.domains), "tested": list(self.tested), "n_samples": list(self.n_samples),
+                "n_skipped": list(self.n_skipped), "summary": self.summary()}
+
+    @classmethod
+    def _from_stored(cls, stored, base_kw):
+        a, e = stored.arrays, stored.extra
+        return cls(**base_kw, domains=tuple(e["domains"]), sink_mass=a["sink_mass"], max_other_mass=a["max_other_mass"],
+                   value_norm=a["value_norm"], resid_norm=a["resid_norm"], loss=a["loss"], delta_loss=a["delta_loss"],
+                   dormant=a["dormant"].bool(), tested=tuple(e.get("tested", ())), n_samples=tuple(e.get("n_samples", ())),
+                   n_skipped=tuple(e.get("n_skipped", ())))
+
+    def plot(self, kind: Literal["map", "diff", "delta"] = "map", domain: str | None = None, other: str | None = None):
+        """``map``: sink mass [layer × head] on ``domain``; ``diff``: ``domain − other``; ``delta``: Δloss of tested heads."""
+        import plotly.graph_objects as go
+
+        D, L, H = self.sink_mass.shape
+        di = self.domains.index(domain) if domain in self.domains else 0
+        x, y = [f"H{h}" for h in range(H)], [f"L{l}" for l in range(L)]
+        if kind == "map":
+            fig = go.Figure(go.Heatmap(z=self.sink_mass[di].numpy(), x=x, y=y, zmin=0, zmax=1, colorscale="Viridis",
+                                       colorbar={"title": "sink mass"}))
+            fig.update_layout(title=f"Sink mass on {self.domains[di]} (dormant if > {self.config.theta})", yaxis_autorange="reversed")
+        elif kind == "diff":
+            oi = self.domains.index(other) if other in self.domains else (1 if D > 1 else 0)
+            z = (self.sink_mass[di] - self.sink_mass[oi]).numpy()
+            fig = go.Figure(go.Heatmap(z=z, x=x, y=y, zmid=0, colorscale="RdBu", colorbar={"title": "Δ mass"}))
+            fig.update_layout(title=f"Sink mass: {self.domains[di]} − {self.domains[oi]}", yaxis_autorange="reversed")
+        elif kind == "delta":
+            df = self.causal_frame()
+            fig = go.Figure()
+            for d in self.domains:
+                s = df[df.domain == d]
+                fig.add_trace(go.Bar(x=s["head"], y=s["delta_loss"], name=d))
+            fig.update_layout(title=f"Δ loss when the head's attention is {'moved to the sink' if self.config.intervention == 'attn_to_sink' else 'zeroed'}",
+                              barmode="group", yaxis_title="Δ loss (nats)")
+        else:
+            raise ConfigError(f"plot kind={kind!r}; use map, diff or delta.")
+        return fig
+
+
+# ----------------------------------------------------------------------------- entry point
+def _pick_heads(config: Config, sink_mass: torch.Tensor, dormant: torch.Tensor, n_layers: int, n_heads: int) -> list[tuple[int, int]]:
+    if config.intervention == "none":
+        return []
+    if config.heads is not None:
+        out = [parse_head(h) for h in config.heads]
+        bad = [f"L{l}H{h}" for l, h in out if not (0 <= l < n_layers and 0 <= h < n_heads)]
+        if bad:
+            raise ConfigError(f"head {bad[0]} does not exist.", hint=f"Layers 0..{n_layers - 1}, heads 0..{n_heads - 1}.")
+        return out
+    # heads whose status flips first, then by spread of sink mass across domains, then by mass
+    spread = sink_mass.max(dim=0).values - sink_mass.min(dim=0).values
+    flip = (dormant.any(0) & ~dormant.all(0)).float()
+    score = flip * 10 + spread + 1e-3 * sink_mass.mean(0)
+    idx = score.reshape(-1).argsort(descending=True)[: config.max_heads]
+    return [(int(i) // n_heads, int(i) % n_heads) for i in idx]
+
+
+def run(probe, domains: Sequence[str] | Mapping[str, Sequence[str]] = ("prose", "code", "arithmetic"), *,
+        config: Config = Config(), step=None) -> DormantResult:
+    """Sink mass, value drains, residual peaks and the dormant map per domain, plus the causal check.
+
+    Args:
+        probe: a loaded probe.
+        domains: built-in domain names, or ``{name: texts}`` (e.g. :func:`analyses.domains.load_jsonl`).
+        config: :class:`Config`.
+        step: optional progress callback ``step(n)``.
+    """
+    timer = base.Timer()
+    with timer("tokenize"):
+        batches = _domains.resolve(probe, domains, n=config.n_samples, T=config.T, seed=config.seed,
+                                   prepend_bos=bos_flag(config.bos))
+    for b in batches:
+        if b.tokens.shape[0] == 0:
+            raise InputError(f"domain {b.name!r}: all {b.n_skipped} texts are shorter than T={config.T} tokens.",
+                             hint="Give longer texts or a smaller T (--T).")
+    names = tuple(b.name for b in batches)
+    L, H = probe.info.n_layers, probe.info.n_heads
+    s = config.sink_pos
+    stats = []
+    with timer("stats"):
+        for b in batches:
+            stats.append(collect_stats(probe, b.tokens, positions=(s,), eps_grid=(config.theta,),
+                                       batch_size=config.batch_size, loss=True, step=step))
+    alpha = torch.stack([st["alpha_mean"] for st in stats])  # [D, L, H, T]
+    sink_mass = alpha[..., s]
+    others = torch.cat([alpha[..., :s], alpha[..., s + 1:]], dim=-1)
+    max_other = others.max(dim=-1).values
+    dormant = dormant_map(sink_mass, config.theta)
+    loss = torch.tensor([st["loss"] for st in stats])
+    delta = torch.full((len(batches), L, H), float("nan"))
+    heads = _pick_heads(config, sink_mass, dormant, L, H)
+    with timer("interventions"):
+        for l, h in heads:
+            edit = AttendTo(layer=l, heads=[h], key=s) if config.intervention == "attn_to_sink" else ZeroAttention(layer=l, heads=[h])
+            for i, b in enumerate(batches):
+                losses = []
+                for j in range(0, b.tokens.shape[0], config.batch_size):
+                    t = b.tokens[j:j + config.batch_size]
+                    losses.append(next_token_loss(probe.run(t, edits=[edit]), t).cpu())
+                delta[i, l, h] = float(torch.cat(losses).mean()) - float(loss[i])
+    if config.delta is not None:
+        tested = ~torch.isnan(delta)
+        dormant = dormant & ~(tested & (delta.abs() >= config.delta))
+    return DormantResult(
+        config=config, model=probe.info.to_dict(), input_hash=hash_inputs([b.tokens for b in batches], list(names)),
+        timings=timer.seconds, domains=names, sink_mass=sink_mass, max_other_mass=max_other,
+        value_norm=torch.stack([st["value_norm"] for st in stats]), resid_norm=torch.stack([st["resid_norm"] for st in stats]),
+        loss=loss, delta_loss=delta, dormant=dormant, tested=tuple(f"L{l}H{h}" for l, h in heads),
+        n_samples=tuple(int(b.tokens.shape[0]) for b in batches), n_skipped=tuple(b.n_skipped for b in batches),
+    )

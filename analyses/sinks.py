@@ -1,0 +1,480 @@
+"""Attention sinks, value-state drains and residual-state peaks.
+
+Gu et al. 2024, "When Attention Sink Emerges in Language Models: An Empirical View" (arXiv 2410.10781,
+ICLR 2025; code sail-sg/Attention-Sink), §3 metric:
+
+* per layer l, head h and (0-indexed) key position k, with causal probabilities ``A[t, k]``::
+
+      α_k^{l,h} = 1/(T − k) · Σ_{t=k..T−1} A[t, k]                         (mean attention key k receives)
+
+  (1/T ≤ α_0 ≤ 1; the paper writes keys 1-indexed, so Sink_1 is position 0 here);
+* a head is a sink head on a sample when ``α_k > ε``; ``Sink_k^ε = 100 · mean_{sample,layer,head} 1[α_k > ε]``
+  (the printed 1/T factor is a typo; the reference code averages the indicator), ε = 0.3, T = 64.
+
+Guo et al. 2024, "Active-Dormant Attention Heads" (arXiv 2410.13835), §2 companions:
+
+* value-state drain: ``‖v_h[j] W_O,h‖₂`` per head and position (small at the sink);
+* residual-state peak: ``‖x_l[j]‖₂`` per layer and position (huge at the sink), and which layers' MLPs
+  write it (zero ``blocks.L.hook_mlp_out`` and re-measure).
+
+Everything is streamed: α is reduced inside the ``hook_pattern`` hook by :class:`SinkAlpha`
+(per-head α sum over samples plus exceedance counts on a fixed ε grid), so [S, L, H, T, T] is never
+stored and shards merge exactly. Under the nnsight backend the probabilities are recomputed from the
+hooked post-rotary q/k (the model keeps SDPA); the TransformerLens backend reads eager probabilities —
+the test suite checks the two agree.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, Mapping, Sequence
+
+import pandas as pd
+import torch
+
+from probes import Ablate, Mean, Reducer, l2_norm
+from probes.attention import expand_kv
+from probes.errors import ConfigError, InputError
+
+from . import base, domains as _domains
+from .store import hash_inputs
+
+__all__ = ["Config", "SinksResult", "SinkAlpha", "run", "alpha_from_pattern", "sink_percentage", "collect_stats",
+           "EPS_GRID", "bos_flag"]
+
+EPS_GRID = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+
+
+# ----------------------------------------------------------------------------- config
+@dataclass(frozen=True, kw_only=True)
+class Config(base.Config):
+    """Sink-metric settings (defaults from shared/methods/sinks.md)."""
+
+    T: int = 64  # sinks.md: "T must be fixed for comparisons: T = 64"
+    eps: float = 0.3  # sinks.md: default ε = 0.3 (strict yet insensitive to T)
+    positions: tuple[int, ...] = (0,)  # 0-indexed keys; Sink_1 of the paper = position 0
+    n_samples: int = 100  # sinks.md: 100 natural-text sequences
+    bos: Literal["tokenizer", "always", "never"] = "tokenizer"  # sinks.md: tokenizer defaults (GPT-2 no BOS)
+    batch_size: int = 8
+    seed: int = 0
+    values: bool = True  # value-state drain ‖v_h W_O,h‖ per position (dormant.md)
+    mlp_ablation: bool = True  # which MLPs write the residual peak (dormant.md, Guo et al. notebook)
+    ablation_layers: int = 8  # test the MLPs of the first N layers (the paper: the first two write it)
+    ablation_samples: int = 4
+    peak_layer: int | None = None  # layer whose residual peak is explained; None = strongest peak
+
+    def __post_init__(self):
+        if not isinstance(self.T, int) or self.T < 2:
+            raise ConfigError(f"T={self.T!r}; use an integer sequence length >= 2 (the paper uses 64).")
+        if not (isinstance(self.eps, (int, float)) and 0 < self.eps < 1):
+            raise ConfigError(f"eps={self.eps!r} is outside (0, 1).", hint="Use e.g. --eps 0.3 (the paper's default).")
+        if not self.positions:
+            raise ConfigError("positions is empty: there is no sink position to measure.",
+                              hint="Give --positions 0 (the first token, BOS when the tokenizer adds one).")
+        if any((not isinstance(p, int)) or p < 0 or p >= self.T for p in self.positions):
+            raise ConfigError(f"positions={self.positions}; each must be an integer in 0..T-1 = 0..{self.T - 1}.")
+        if self.bos not in ("tokenizer", "always", "never"):
+            raise ConfigError(f"bos={self.bos!r}; use 'tokenizer', 'always' or 'never'.")
+        for name in ("n_samples", "batch_size", "ablation_samples"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)}; use at least 1.")
+        if self.ablation_layers < 0:
+            raise ConfigError(f"ablation_layers={self.ablation_layers}; use 0 (off) or more.")
+
+
+def bos_flag(bos: str) -> bool | None:
+    return {"tokenizer": None, "always": True, "never": False}[bos]
+
+
+# ----------------------------------------------------------------------------- math
+@torch.no_grad()
+def alpha_from_pattern(pattern: torch.Tensor) -> torch.Tensor:
+    """Mean attention each key receives from the queries that can see it.
+
+    Args:
+        pattern: causal probabilities ``[..., Tq=T, Tk=T]`` (rows = queries).
+    Returns:
+        ``α [..., T]``: ``α_k = Σ_t A[t, k] / (T − k)`` (upper-triangle zeros make the column sum exact).
+    """
+    T = pattern.shape[-1]
+    denom = torch.arange(T, 0, -1, device=pattern.device, dtype=torch.float32)
+    return pattern.float().sum(dim=-2) / denom
+
+
+@torch.no_grad()
+def sink_percentage(alpha: torch.Tensor, eps: float, position: int = 0) -> float:
+    """``Sink_k^ε`` in percent from per-sample α ``[S, L, H, T]`` (or any ``[..., T]``)."""
+    return float((alpha[..., position] > eps).float().mean() * 100)
+
+
+@torch.no_grad()
+def head_value_norms(v: torch.Tensor, W_O: torch.Tensor) -> torch.Tensor:
+    """Value-state norms after each head's output slice.
+
+    Args:
+        v: values ``[B, T, K, h]`` (K KV heads; expanded to H query heads).
+        W_O: per-head output projection ``[H, h, d]``.
+    Returns:
+        ``‖v_h[t] W_O,h‖₂`` as ``[B, T, H]``.
+    """
+    v = expand_kv(v, W_O.shape[0], dim=2)
+    return torch.einsum("bthe,hed->bthd", v.to(W_O.dtype), W_O).float().norm(dim=-1)
+
+
+class _ValueNorm:
+    """Reducer transform: ``[B, T, K, h]`` values -> ``[B, T, H]`` norms after W_O (see :func:`head_value_norms`)."""
+
+    def __init__(self, W_O: torch.Tensor):
+        self.W_O = W_O.detach()
+
+    def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        return head_value_norms(v, self.W_O.to(v.device))
+
+
+class SinkAlpha(Reducer):
+    """Streams α per head from ``hook_pattern`` ``[B, H, T, T]``.
+
+    State: ``alpha_sum [H, T]`` (float64 sum over samples), ``exceed [E, H, K]`` (samples with
+    ``α_k > ε_e`` for each ε of ``eps_grid`` and each tracked key of ``positions``), ``n`` samples.
+    Merging two shards adds the states, so shards give the one-pass answer exactly.
+    """
+
+    def __init__(self, positions: Sequence[int] = (0,), eps_grid: Sequence[float] = EPS_GRID):
+        super().__init__(dims=(0,))
+        self.positions = tuple(int(p) for p in positions)
+        self.eps_grid = tuple(float(e) for e in eps_grid)
+        self._reset()
+
+    def _settings(self):
+        return super()._settings() + ("positions", "eps_grid")
+
+    def _reset(self):
+        super()._reset()
+        self.alpha_sum: torch.Tensor | None = None
+        self.exceed: torch.Tensor | None = None
+        self.n = 0
+
+    def _update(self, x):
+        a = alpha_from_pattern(x)  # [B, H, T]
+        a_k = a[..., list(self.positions)]  # [B, H, K]
+        eps = torch.tensor(self.eps_grid, device=a.device).view(-1, 1, 1, 1)
+        ex = (a_k.unsqueeze(0) > eps).sum(dim=1)  # [E, H, K]
+        s = a.to(torch.float64).sum(dim=0)
+        self._check_shape("alpha_sum", self.alpha_sum, s)
+        self.alpha_sum = s if self.alpha_sum is None else self.alpha_sum + s.to(self.alpha_sum.device)
+        self.exceed = ex if self.exceed is None else self.exceed + ex.to(self.exceed.device)
+        self.n += x.shape[0]
+
+    def _merge(self, other):
+        self._check_shape("alpha_sum", self.alpha_sum, other.alpha_sum)
+        self.alpha_sum = self.alpha_sum + other.alpha_sum.to(self.alpha_sum.device)
+        self.exceed = self.exceed + other.exceed.to(self.exceed.device)
+        self.n += other.n
+
+    def _state(self):
+        return {"alpha_sum": self.alpha_sum, "exceed": self.exceed, "n": self.n}
+
+    def finalize(self) -> dict[str, torch.Tensor]:
+        """``alpha_mean [H, T]``, ``exceed [E, H, K]`` counts and ``n``."""
+        if self.alpha_sum is None:
+            raise ConfigError("SinkAlpha.finalize() called before any update.")
+        return {"alpha_mean": (self.alpha_sum / max(self.n, 1)).float().cpu(), "exceed": self.exceed.cpu(), "n": self.n}
+
+
+# ----------------------------------------------------------------------------- hook plumbing
+def make_reducers(probe, positions: Sequence[int], eps_grid: Sequence[float], *, values: bool = True,
+                  resid: bool = True) -> dict[str, Reducer]:
+    """Site -> reducer map for one statistics pass (α per layer, value norms, residual norms)."""
+    n = probe.info.n_layers
+    reads: dict[str, Reducer] = {}
+    for L in range(n):
+        reads[f"blocks.{L}.attn.hook_pattern"] = SinkAlpha(positions, eps_grid)
+        if values:
+            reads[f"blocks.{L}.attn.hook_v"] = Mean(dims=(0,), transform=_ValueNorm(probe.W_O(L)))
+    if resid:
+        reads["blocks.0.hook_resid_pre"] = Mean(dims=(0,), transform=l2_norm)
+        for L in range(n):
+            reads[f"blocks.{L}.hook_resid_post"] = Mean(dims=(0,), transform=l2_norm)
+    return reads
+
+
+@torch.no_grad()
+def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy per sample: logits ``[B, T, V]``, tokens ``[B, T]`` -> ``[B]``."""
+    lp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    nll = -lp.gather(-1, tokens[:, 1:, None].to(lp.device)).squeeze(-1)
+    return nll.mean(dim=1)
+
+
+def collect_stats(probe, tokens: torch.Tensor, *, positions: Sequence[int], eps_grid: Sequence[float] = EPS_GRID,
+                  batch_size: int = 8, values: bool = True, resid: bool = True, loss: bool = False,
+                  step=None) -> dict[str, Any]:
+    """One streamed pass over ``tokens [S, T]``.
+
+    Returns ``alpha_mean [L, H, T]``, ``exceed [E, L, H, K]``, ``n``, and when asked
+    ``value_norm [L, H, T]``, ``resid_norm [L+1, T]``, ``loss`` (mean next-token CE, float).
+    """
+    if tokens.ndim != 2 or tokens.shape[0] == 0:
+        raise InputError("no sample is left to measure (every text was shorter than T tokens).",
+                         hint="Give longer texts, more texts, or a smaller T.")
+    reads = make_reducers(probe, positions, eps_grid, values=values, resid=resid)
+    losses = []
+    for i in range(0, tokens.shape[0], batch_size):
+        b = tokens[i:i + batch_size]
+        logits = probe.run(b, reads=reads, return_logits=loss)
+        if loss:
+            losses.append(next_token_loss(logits, b).cpu())
+        if step is not None:
+            step(b.shape[0])
+    n = probe.info.n_layers
+    alphas = [reads[f"blocks.{L}.attn.hook_pattern"].finalize() for L in range(n)]
+    out: dict[str, Any] = {
+        "alpha_mean": torch.stack([a["alpha_mean"] for a in alphas]),
+        "exceed": torch.stack([a["exceed"] for a in alphas], dim=1),
+        "n": alphas[0]["n"],
+    }
+    if values:
+        out["value_norm"] = torch.stack([reads[f"blocks.{L}.attn.hook_v"].finalize().float().T for L in range(n)])
+    if resid:
+        out["resid_norm"] = torch.stack([reads["blocks.0.hook_resid_pre"].finalize().float()]
+                                        + [reads[f"blocks.{L}.hook_resid_post"].finalize().float() for L in range(n)])
+    if loss:
+        out["loss"] = float(torch.cat(losses).mean())
+    return out
+
+
+@torch.no_grad()
+def peak_ratio(resid_norm: torch.Tensor, pos: int) -> torch.Tensor:
+    """Residual peak per layer: ``‖x[pos]‖ / max_{j≠pos} ‖x[j]‖`` from ``resid_norm [L+1, T]`` -> ``[L+1]``."""
+    others = torch.cat([resid_norm[:, :pos], resid_norm[:, pos + 1:]], dim=1)
+    return resid_norm[:, pos] / others.max(dim=1).values.clamp_min(1e-12)
+
+
+def mlp_ablation(probe, tokens: torch.Tensor, *, layer: int, pos: int, layers: Sequence[int]) -> pd.DataFrame:
+    """Residual norm at ``pos`` after block ``layer`` with each listed layer's MLP output zeroed.
+
+    Returns a frame ``ablated, sink_norm, max_other_norm, ratio`` (first row ``ablated="none"``).
+    """
+    site = f"blocks.{layer}.hook_resid_post"
+    rows = []
+    for abl in [None, *layers]:
+        red = Mean(dims=(0,), transform=l2_norm)
+        edits = [] if abl is None else [Ablate(f"blocks.{abl}.hook_mlp_out")]
+        probe.run(tokens, reads={site: red}, edits=edits, return_logits=False)
+        norms = red.finalize().float()
+        other = torch.cat([norms[:pos], norms[pos + 1:]]).max()
+        rows.append({"ablated": "none" if abl is None else f"L{abl} MLP", "layer": abl if abl is not None else pd.NA,
+                     "sink_norm": float(norms[pos]), "max_other_norm": float(other),
+                     "ratio": float(norms[pos] / other.clamp_min(1e-12))})
+    df = pd.DataFrame(rows)
+    df["layer"] = df["layer"].astype("Int64")
+    return df
+
+
+# ----------------------------------------------------------------------------- result
+@base.register_result
+@dataclass(frozen=True, kw_only=True)
+class SinksResult(base.Result):
+    """Sink statistics of one corpus.
+
+    Arrays (L layers, H query heads, T positions, E = len(eps_grid), K = len(config.positions)):
+    ``alpha_mean [L, H, T]`` (α_k averaged over samples), ``exceed [E, L, H, K]`` (samples with α_k > ε),
+    ``value_norm [L, H, T]`` (mean ‖v_h W_O,h‖ per position; empty if off), ``resid_norm [L+1, T]``
+    (mean ‖x‖ per position: row 0 = embeddings/resid_pre 0, row l+1 = after block l).
+    ``ablation``: residual peak at ``peak_layer`` with single MLPs zeroed.
+    """
+
+    analysis: ClassVar[str] = "sinks"
+
+    alpha_mean: torch.Tensor
+    exceed: torch.Tensor
+    eps_grid: tuple[float, ...]
+    n_samples: int
+    n_skipped: int
+    value_norm: torch.Tensor
+    resid_norm: torch.Tensor
+    ablation: pd.DataFrame = field(default_factory=pd.DataFrame)
+    peak_layer: int | None = None
+    source: str = ""
+    tokens: tuple[str, ...] = ()  # string tokens of the first sample (axis labels)
+
+    # -- derived --------------------------------------------------------------------------------
+    def _eps_index(self, eps: float | None) -> int:
+        eps = self.config.eps if eps is None else eps
+        for i, e in enumerate(self.eps_grid):
+            if abs(e - eps) < 1e-9:
+                return i
+        raise ConfigError(f"eps={eps} was not measured.", hint=f"Measured ε values: {', '.join(map(str, self.eps_grid))}.")
+
+    def _pos_index(self, position: int | None) -> int:
+        position = self.config.positions[0] if position is None else position
+        if position not in self.config.positions:
+            raise ConfigError(f"position {position} was not tracked.", hint=f"Tracked: {self.config.positions}; rerun with --positions.")
+        return self.config.positions.index(position)
+
+    def sink_pct(self, eps: float | None = None, position: int | None = None, layers: Sequence[int] | None = None) -> float:
+        """``Sink_k^ε`` (%) over (sample, layer, head); ``layers`` restricts the layers."""
+        ex = self.exceed[self._eps_index(eps), :, :, self._pos_index(position)]  # [L, H]
+        if layers is not None:
+            ex = ex[list(layers)]
+        return float(ex.double().sum() / (self.n_samples * ex.numel()) * 100)
+
+    def sink_fraction(self, eps: float | None = None, position: int | None = None) -> torch.Tensor:
+        """Fraction of samples on which each head is a sink head, ``[L, H]``."""
+        return self.exceed[self._eps_index(eps), :, :, self._pos_index(position)].float() / self.n_samples
+
+    def sink_heads(self, eps: float | None = None, position: int | None = None) -> torch.Tensor:
+        """``bool [L, H]``: sink head on the majority of samples."""
+        return self.sink_fraction(eps, position) > 0.5
+
+    def summary(self) -> dict[str, Any]:
+        L = self.alpha_mean.shape[0]
+        out = {f"Sink_{p + 1}^{self.config.eps} (%)": round(self.sink_pct(position=p), 2) for p in self.config.positions}
+        p0 = self.config.positions[0]
+        out[f"Sink_{p0 + 1} past layer 1 (%)"] = round(self.sink_pct(position=p0, layers=range(2, L)), 2) if L > 2 else None
+        out["sink heads (majority)"] = f"{int(self.sink_heads().sum())}/{self.sink_heads().numel()}"
+        out["samples"] = self.n_samples
+        out["skipped (shorter than T)"] = self.n_skipped
+        if self.resid_norm.numel():
+            r = peak_ratio(self.resid_norm, p0)
+            out["max residual peak ratio"] = round(float(r.max()), 2)
+            out["peak layer"] = self.peak_layer
+        return out
+
+    # -- Result API --------------------------------------------------------------------------------
+    def to_frame(self) -> pd.DataFrame:
+        """Tidy α: ``model, layer, head, pos, token, value`` (value = mean α_pos over samples)."""
+        L, H, T = self.alpha_mean.shape
+        lab = list(self.tokens) + [""] * max(0, T - len(self.tokens))
+        idx = pd.MultiIndex.from_product([range(L), range(H), range(T)], names=["layer", "head", "pos"]).to_frame(index=False)
+        idx.insert(0, "model", self.model.get("name", ""))
+        idx["token"] = [lab[p] for p in idx["pos"]]
+        idx["value"] = self.alpha_mean.reshape(-1).numpy()
+        return idx
+
+    def tables(self):
+        t = {"main": self.to_frame()}
+        if len(self.ablation):
+            t["ablation"] = self.ablation
+        return t
+
+    def arrays(self):
+        return {"alpha_mean": self.alpha_mean, "exceed": self.exceed, "value_norm": self.value_norm, "resid_norm": self.resid_norm}
+
+    def extra(self):
+        return {"eps_grid": list(self.eps_grid), "n_samples": self.n_samples, "n_skipped": self.n_skipped,
+                "peak_layer": self.peak_layer, "source": self.source, "tokens": list(self.tokens), "summary": self.summary()}
+
+    @classmethod
+    def _from_stored(cls, stored, base_kw):
+        e = stored.extra
+        return cls(**base_kw, alpha_mean=stored.arrays["alpha_mean"], exceed=stored.arrays["exceed"],
+                   value_norm=stored.arrays["value_norm"], resid_norm=stored.arrays["resid_norm"],
+                   eps_grid=tuple(e["eps_grid"]), n_samples=int(e["n_samples"]), n_skipped=int(e["n_skipped"]),
+                   ablation=stored.tables.get("ablation", pd.DataFrame()), peak_layer=e.get("peak_layer"),
+                   source=e.get("source", ""), tokens=tuple(e.get("tokens", ())))
+
+    def plot(self, kind: Literal["heads", "layers", "values", "resid", "eps"] = "heads", position: int | None = None):
+        """``heads``: α heat map [layer × head]; ``layers``: Sink % per layer; ``values``: value norm per
+        position (mean over heads, per layer); ``resid``: residual norm [layer × position]; ``eps``: Sink % vs ε."""
+        import plotly.graph_objects as go
+
+        p = self.config.positions[0] if position is None else position
+        L, H, T = self.alpha_mean.shape
+        if kind == "heads":
+            fig = go.Figure(go.Heatmap(z=self.alpha_mean[:, :, p].numpy(), x=[f"H{h}" for h in range(H)],
+                                       y=[f"L{l}" for l in range(L)], zmin=0, zmax=1, colorscale="Viridis",
+                                       colorbar={"title": f"α_{p + 1}"}))
+            fig.update_layout(title=f"Mean attention on position {p} (α_{p + 1}) per head", yaxis_autorange="reversed")
+        elif kind == "layers":
+            frac = self.sink_fraction(position=p).mean(dim=1) * 100
+            fig = go.Figure(go.Bar(x=list(range(L)), y=frac.numpy()))
+            fig.update_layout(title=f"Sink_{p + 1}^{self.config.eps} per layer (%)", xaxis_title="layer", yaxis_title="%")
+        elif kind == "values":
+            fig = go.Figure()
+            for l in range(L):
+                fig.add_trace(go.Scatter(y=self.value_norm[l].mean(dim=0).numpy(), name=f"L{l}", mode="lines"))
+            fig.update_layout(title="Value-state norm ‖v W_O,h‖ per position (mean over heads)", xaxis_title="position",
+                              yaxis_type="log")
+        elif kind == "resid":
+            fig = go.Figure(go.Heatmap(z=self.resid_norm.clamp_min(1e-6).log10().numpy(), y=["embed"] + [f"L{l}" for l in range(L)],
+                                       colorbar={"title": "log10 ‖x‖"}))
+            fig.update_layout(title="Residual norm per layer and position", xaxis_title="position", yaxis_autorange="reversed")
+        elif kind == "eps":
+            ys = [self.sink_pct(eps=e, position=p) for e in self.eps_grid]
+            fig = go.Figure(go.Scatter(x=list(self.eps_grid), y=ys, mode="lines+markers"))
+            fig.update_layout(title=f"Sink_{p + 1}^ε vs ε", xaxis_title="ε", yaxis_title="%")
+        else:
+            raise ConfigError(f"plot kind={kind!r}; use heads, layers, values, resid or eps.")
+        return fig
+
+
+# ----------------------------------------------------------------------------- entry point
+def _tokens_for(probe, config: Config, texts, tokens, domain) -> tuple[torch.Tensor, int, str]:
+    given = sum(x is not None for x in (texts, tokens, domain))
+    if given != 1:
+        raise InputError("give exactly one of texts=, tokens= or domain=.")
+    if tokens is not None:
+        t = torch.as_tensor(tokens)
+        if t.ndim == 1:
+            t = t[None]
+        if t.shape[1] < config.T:
+            raise InputError(f"tokens have {t.shape[1]} positions; T={config.T} needs at least that many.",
+                             hint="Pass longer sequences or a smaller T.")
+        return t[: config.n_samples, : config.T].to(probe.device), 0, "tokens"
+    if texts is not None:
+        if isinstance(texts, str):
+            texts = [texts]
+        batch = _domains.domain_tokens(probe, "texts", n=config.n_samples, T=config.T, seed=config.seed,
+                                       prepend_bos=bos_flag(config.bos), texts=list(texts))
+        return batch.tokens, batch.n_skipped, "texts"
+    _domains.check_domains([domain])
+    batch = _domains.domain_tokens(probe, domain, n=config.n_samples, T=config.T, seed=config.seed,
+                                   prepend_bos=bos_flag(config.bos))
+    return batch.tokens, batch.n_skipped, domain
+
+
+def run(probe, texts: Sequence[str] | str | None = None, *, tokens: torch.Tensor | None = None,
+        domain: str | None = None, config: Config = Config(), step=None) -> SinksResult:
+    """Sink metric, value drains and residual peaks over a corpus.
+
+    Args:
+        probe: a loaded :class:`probes.Probe`.
+        texts: texts (each must tokenize to ≥ T tokens; shorter ones are skipped and counted).
+        tokens: or ids ``[S, ≥T]`` (e.g. the random/repeat controls).
+        domain: or a built-in domain name (``prose``, ``code``, ``arithmetic``, ``random``, ``repeat``).
+        config: :class:`Config`.
+        step: optional progress callback ``step(n_samples_done)``.
+    """
+    if texts is None and tokens is None and domain is None:
+        domain = "prose"
+    timer = base.Timer()
+    with timer("tokenize"):
+        toks, skipped, source = _tokens_for(probe, config, texts, tokens, domain)
+    if toks.shape[0] == 0:
+        raise InputError(f"all {skipped} texts are shorter than T={config.T} tokens; nothing to measure.",
+                         hint="Give longer texts or a smaller T (--T).")
+    eps_grid = tuple(sorted(set(EPS_GRID) | {float(config.eps)}))
+    with timer("stats"):
+        st = collect_stats(probe, toks, positions=config.positions, eps_grid=eps_grid, batch_size=config.batch_size,
+                           values=config.values, resid=True, step=step)
+    p0 = config.positions[0]
+    ratios = peak_ratio(st["resid_norm"], p0)
+    n = probe.info.n_layers
+    if config.peak_layer is not None and not 0 <= config.peak_layer < n:
+        raise ConfigError(f"peak_layer={config.peak_layer}; the model has layers 0..{n - 1}.")
+    peak_layer = config.peak_layer if config.peak_layer is not None else int(ratios[1:].argmax())
+    ablation = pd.DataFrame()
+    if config.mlp_ablation and config.ablation_layers > 0:
+        with timer("mlp_ablation"):
+            layers = list(range(min(config.ablation_layers, peak_layer + 1)))
+            ablation = mlp_ablation(probe, toks[: config.ablation_samples], layer=peak_layer, pos=p0, layers=layers)
+    L, H = probe.info.n_layers, probe.info.n_heads
+    return SinksResult(
+        config=config, model=probe.info.to_dict(), input_hash=hash_inputs(toks),
+        timings=timer.seconds, alpha_mean=st["alpha_mean"], exceed=st["exceed"], eps_grid=eps_grid,
+        n_samples=int(st["n"]), n_skipped=skipped,
+        value_norm=st.get("value_norm", torch.zeros(L, H, 0)), resid_norm=st["resid_norm"], ablation=ablation,
+        peak_layer=peak_layer, source=source, tokens=tuple(probe.to_str_tokens(toks[0])),
+    )

@@ -1,0 +1,108 @@
+"""Sinks & dormant heads: sink mass per head and domain, value drains, residual peaks, the BB toy."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from analyses import bbtoy, dormant, sinks
+from analyses.domains import BUILTIN
+from dashboard.state import cached, query_param, show_error, sidebar_probe
+
+st.title("Sinks & dormant heads")
+st.caption("Attention sinks (Gu et al. 2024), value-state drains, residual-state peaks and active/dormant heads "
+           "(Guo et al. 2024). Small defaults so the page answers in seconds on a CPU.")
+
+probe = sidebar_probe()
+tab_sink, tab_dorm, tab_toy = st.tabs(["Sink metric", "Dormant heads by domain", "Bigram-Backcopy toy"])
+
+with tab_sink:
+    c1, c2, c3, c4 = st.columns(4)
+    domain = c1.selectbox("Domain", BUILTIN, index=BUILTIN.index(query_param("domain", "prose")))
+    eps = c2.slider("ε", 0.05, 0.95, float(query_param("eps", "0.3")), 0.05)
+    n = c3.number_input("Samples", 1, 100, int(query_param("n", "2")))
+    T = c4.number_input("T", 8, 256, int(query_param("T", "64")))
+    st.query_params.update({"domain": domain, "eps": str(eps), "n": str(n), "T": str(T)})
+    res = None
+    if probe is not None:
+        try:
+            cfg = sinks.Config(eps=round(eps, 2), n_samples=int(n), T=int(T), batch_size=int(n), mlp_ablation=False)
+        except Exception as e:  # ConfigError
+            show_error(e)
+            cfg = None
+        if cfg is not None:
+            with st.spinner("Measuring α per head…"):
+                res = cached(sinks.run, domain=domain, config=cfg, _probe=probe)
+    if res is not None:
+        s = res.summary()
+        m1, m2, m3 = st.columns(3)
+        m1.metric(f"Sink_1^{cfg.eps}", f"{res.sink_pct():.1f}%")
+        L = res.alpha_mean.shape[0]
+        m2.metric("Sink_1 past layer 1", f"{res.sink_pct(layers=range(2, L)) if L > 2 else res.sink_pct():.1f}%")
+        m3.metric("Max residual peak ratio", f"{s['max residual peak ratio']:.1f}×")
+        st.markdown(f"**Sink heads** (majority of samples): {s['sink heads (majority)']} · samples {res.n_samples}, "
+                    f"skipped {res.n_skipped}")
+        st.plotly_chart(res.plot("heads"), use_container_width=True)
+        a, b = st.columns(2)
+        a.plotly_chart(res.plot("values"), use_container_width=True)
+        b.plotly_chart(res.plot("resid"), use_container_width=True)
+        st.plotly_chart(res.plot("eps"), use_container_width=True)
+
+with tab_dorm:
+    doms = st.multiselect("Domains", BUILTIN, default=["prose", "code"])
+    c1, c2, c3 = st.columns(3)
+    theta = c1.slider("θ (dormant threshold)", 0.5, 0.99, 0.9, 0.01)
+    nd = c2.number_input("Samples per domain", 1, 64, 2)
+    head_txt = c3.text_input("Heads for the causal check (e.g. L20H6)", "")
+    go = st.button("Compute dormant map", help="One forward per domain, plus one per tested head and domain.")
+    if go and probe is not None and doms:
+        try:
+            dcfg = dormant.Config(theta=theta, n_samples=int(nd), batch_size=int(nd),
+                                  heads=tuple(h.strip() for h in head_txt.split(",") if h.strip()) or None,
+                                  max_heads=0 if not head_txt.strip() else 6,
+                                  intervention="attn_to_sink" if head_txt.strip() else "none")
+            st.session_state["dormant_res"] = cached(dormant.run, tuple(doms), config=dcfg, _probe=probe)
+        except Exception as e:
+            show_error(e)
+    dres = st.session_state.get("dormant_res")
+    if dres is not None:
+        view = st.radio("View", ["map", "diff"], horizontal=True)
+        d1 = st.selectbox("Domain", dres.domains)
+        d2 = st.selectbox("minus", dres.domains, index=min(1, len(dres.domains) - 1)) if view == "diff" else None
+        st.plotly_chart(dres.plot(view, domain=d1, other=d2), use_container_width=True)
+        st.markdown(f"**Heads that flip between domains:** {len(dres.flips)}")
+        st.dataframe(dres.flips, use_container_width=True)
+        if dres.tested:
+            st.plotly_chart(dres.plot("delta"), use_container_width=True)
+        lab = st.text_input("Show a head's attention on a prompt (e.g. L20H6)", "")
+        prompt = st.text_input("Prompt", "Summer is warm. Winter is cold.")
+        if lab and probe is not None:
+            try:
+                from probes import parse_head
+
+                l, h = parse_head(lab)
+                toks = probe.to_tokens(prompt, prepend_bos=True)
+                A = probe.cache(toks, [f"blocks.{l}.attn.hook_pattern"])[f"blocks.{l}.attn.hook_pattern"][0, h]
+                import plotly.graph_objects as pgo
+
+                strs = probe.to_str_tokens(toks[0])
+                st.plotly_chart(pgo.Figure(pgo.Heatmap(z=A.numpy(), x=strs, y=strs, colorscale="Viridis")).update_layout(
+                    title=f"{lab} attention", yaxis_autorange="reversed"), use_container_width=True)
+            except Exception as e:
+                show_error(e)
+
+with tab_toy:
+    c1, c2, c3, c4 = st.columns(4)
+    layers = c1.selectbox("Layers", [1, 3])
+    att = c2.selectbox("Attention", ["softmax", "relu"])
+    opt = c3.selectbox("Optimizer", ["adam", "sgd"])
+    steps = c4.number_input("Steps", 10, 5000, 200)
+    if st.button("Train the toy", help="A few seconds per 100 steps on a CPU."):
+        try:
+            st.session_state["bb_res"] = cached(bbtoy.run, bbtoy.Config(n_layers=layers, attention=att, optimizer=opt,
+                                                                          steps=int(steps)))
+        except Exception as e:
+            show_error(e)
+    bres = st.session_state.get("bb_res")
+    if bres is not None:
+        st.plotly_chart(bres.plot(), use_container_width=True)
+        st.json(bres.summary())
