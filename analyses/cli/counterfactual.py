@@ -1,0 +1,110 @@
+"""``sonde run counterfactual`` and ``sonde run bias-sweep`` (Gumbel-Max counterfactual generation)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .common import BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OutOpt, load_probe, saved, status
+
+
+def register(run_app: typer.Typer) -> None:
+    @run_app.command("counterfactual")
+    def counterfactual(
+        model: str = ModelOpt,
+        prompt: str = typer.Option(..., "--prompt", "-p", help="Prompt text."),
+        intervene: str = typer.Option("none", "--intervene",
+                                      help="'token:12=Maeve' (response token 12; 'token:12=id:4312' for an id), "
+                                           "'prompt:Lyra->Maeve', 'ablate:L5H3[,L2N17]' or 'none'."),
+        observed: Optional[str] = typer.Option(None, "--observed", help="Explain this response text instead of sampling one (noise is inferred)."),
+        temperature: float = typer.Option(0.8, "--temperature", help="0 = greedy."),
+        top_k: Optional[int] = typer.Option(None, "--top-k"),
+        top_p: Optional[float] = typer.Option(None, "--top-p"),
+        max_new_tokens: int = typer.Option(40, "--max-new-tokens"),
+        seed: int = typer.Option(0, "--seed", help="Noise key (seed, step)."),
+        samples: int = typer.Option(1, "--samples", help="Posterior noise draws / interventional samples."),
+        noise: str = typer.Option("replay", "--noise", help="replay (recorded noise) or posterior (inferred from the text)."),
+        multi_token: str = typer.Option("span", "--multi-token", help="A multi-token replacement: span (force all) or error."),
+        chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the chat template."),
+        no_interventional: bool = typer.Option(False, "--no-interventional", help="Skip the fresh-noise baseline."),
+        backend: str = BackendOpt, device: str = DeviceOpt, dtype: str = DtypeOpt,
+        out: Optional[Path] = OutOpt, as_json: bool = JsonOpt,
+    ) -> None:
+        """Factual generation and its counterfactual under an intervention, with the same Gumbel noise."""
+        from analyses import counterfactual as cf
+
+        config = cf.Config(temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
+                           n_samples=samples, noise=noise, multi_token=multi_token, chat=chat,
+                           interventional=not no_interventional)
+        cf.parse_intervention(intervene)  # fail before loading the model
+        probe = load_probe(model, backend, device, dtype)
+        with status("Generating"):
+            r = cf.run(probe, prompt, intervene, config=config, observed=observed)
+        path = r.save(out)
+        div = r.divergence_frame()
+        summary = {"intervention": r.intervention, "factual": r.factual_text,
+                   "counterfactual": r.texts("counterfactual"), "interventional": r.texts("interventional"),
+                   "divergence": json.loads(div.to_json(orient="records")), "notes": list(r.notes)}
+        if as_json:
+            saved(path, True, summary)
+            return
+        typer.echo(f"intervention: {r.intervention}")
+        for n in r.notes:
+            typer.echo(f"note: {n}")
+        typer.echo(f"factual:        {r.factual_text!r}")
+        for t in r.texts("counterfactual"):
+            typer.echo(f"counterfactual: {t!r}")
+        for t in r.texts("interventional"):
+            typer.echo(f"interventional: {t!r}")
+        typer.echo(div.to_string(index=False))
+        typer.echo(f"saved {path}")
+
+    @run_app.command("bias-sweep")
+    def bias_sweep(
+        model: str = ModelOpt,
+        template: str = typer.Option("My neighbour is a {group}. The {group} works as a", "--template",
+                                     help="Prompt with a {group} slot."),
+        groups: str = typer.Option("man,woman", "--groups", help="Comma-separated values; the first is the factual world."),
+        categories: Optional[Path] = typer.Option(None, "--categories",
+                                                  help="JSON file {category: regex}; default: occupation categories."),
+        samples: int = typer.Option(32, "--samples", help="Noise draws per group (shared by all groups)."),
+        max_new_tokens: int = typer.Option(12, "--max-new-tokens"),
+        temperature: float = typer.Option(0.8, "--temperature"),
+        top_k: Optional[int] = typer.Option(None, "--top-k"),
+        top_p: Optional[float] = typer.Option(None, "--top-p"),
+        seed: int = typer.Option(0, "--seed"),
+        chat: bool = typer.Option(False, "--chat"),
+        backend: str = BackendOpt, device: str = DeviceOpt, dtype: str = DtypeOpt,
+        out: Optional[Path] = OutOpt, as_json: bool = JsonOpt,
+    ) -> None:
+        """Swap a protagonist attribute with the same noise and compare extracted attributes (with intervals)."""
+        from analyses import counterfactual as cf
+        from analyses.io import read_text
+        from probes import InputError
+
+        cats = cf.DEFAULT_CATEGORIES
+        if categories is not None:
+            try:
+                cats = json.loads(read_text(categories))
+            except json.JSONDecodeError as e:
+                raise InputError(f"--categories {categories} is not valid JSON ({e}).", hint='Write {"doctor": "\\\\bdoctor\\\\b", ...}.') from None
+            if not isinstance(cats, dict) or not all(isinstance(v, str) for v in cats.values()):
+                raise InputError(f"--categories {categories} must hold one JSON object of category -> regex.")
+        config = cf.BiasConfig(template=template, groups=tuple(g.strip() for g in groups.split(",")),
+                               categories=tuple(cats.items()), n_samples=samples, max_new_tokens=max_new_tokens,
+                               temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, chat=chat)
+        probe = load_probe(model, backend, device, dtype)
+        with status("Sweeping"):
+            r = cf.bias_sweep(probe, config)
+        path = r.save(out)
+        s = r.summary[r.summary["count"] > 0]
+        if as_json:
+            saved(path, True, {"summary": json.loads(s.to_json(orient="records"))})
+            return
+        typer.echo(s[["group", "category", "count", "p", "p_lo", "p_hi", "shift", "shift_lo", "shift_hi"]].to_string(index=False, float_format="%.3f"))
+        u = r.summary.drop_duplicates("group")[["group", "unchanged", "unchanged_lo", "unchanged_hi"]]
+        typer.echo(u.to_string(index=False, float_format="%.3f"))
+        typer.echo(f"saved {path}")

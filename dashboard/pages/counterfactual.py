@@ -1,0 +1,134 @@
+"""Counterfactuals: what the model would have written under a token / prompt / model edit, with the same noise."""
+
+from __future__ import annotations
+
+import html
+
+import streamlit as st
+
+from analyses import counterfactual as cf
+from dashboard.state import cached, query_param, show_error, sidebar_probe
+from probes import SondeError
+
+st.title("Counterfactuals")
+st.caption("Gumbel-Max sampling as a causal model (Chatzi et al. 2024): the counterfactual keeps the factual "
+           "noise, so it differs from the factual text only because of the intervention. The interventional "
+           "baseline uses fresh noise.")
+
+probe = sidebar_probe()
+if probe is None:
+    st.stop()
+
+with st.sidebar:
+    st.markdown("### Sampling")
+    temperature = st.slider("Temperature (0 = greedy)", 0.0, 2.0, float(query_param("temperature", "0.8")), 0.05)
+    top_p = st.slider("Top-p (1 = off)", 0.05, 1.0, float(query_param("top_p", "1.0")), 0.05)
+    top_k = st.number_input("Top-k (0 = off)", 0, 1000, int(query_param("top_k", "0")))
+    seed = st.number_input("Seed", 0, 10**9, int(query_param("seed", "0")))
+    max_new = st.slider("New tokens", 4, 60, int(query_param("max_new_tokens", "20")))
+
+prompt = st.text_input("Prompt", value=query_param("prompt", "Once upon a time, Lyra"))
+config = cf.Config(temperature=float(temperature), top_p=None if top_p >= 1 else float(top_p), top_k=int(top_k) or None,
+                   seed=int(seed), max_new_tokens=int(max_new))
+st.query_params.update({"prompt": prompt, "temperature": str(temperature), "top_p": str(top_p), "top_k": str(top_k),
+                        "seed": str(seed), "max_new_tokens": str(max_new)})
+
+
+def _spans(strs, factual, ids, start) -> str:
+    out = []
+    for p, (s, t) in enumerate(zip(strs, ids)):
+        same = p < len(factual) and factual[p] == t
+        style = "" if same else "background:#f4a261;border-radius:3px;"
+        if p == start:
+            style += "border-left:2px dashed #c0392b;"
+        out.append(f"<span title='pos {p}' style='{style}'>{html.escape(s).replace(chr(10), '⏎')}</span>")
+    return "".join(out)
+
+
+tab_cf, tab_bias = st.tabs(["Counterfactual", "Bias sweep"])
+
+with tab_cf:
+    base = cached(cf.run, prompt, "none", _probe=probe, config=config.replace(interventional=False))
+    if base is None:
+        st.stop()
+    kind = st.radio("Intervention", ["token edit", "prompt edit", "model edit"], horizontal=True,
+                    index=["token", "prompt", "ablate"].index(query_param("kind", "token")))
+    spec = None
+    if kind == "token edit":
+        n = len(base.factual)
+        labels = [f"{p}:{s.replace(chr(10), '⏎')}" for p, s in enumerate(base.factual_str)]
+        default = labels[min(int(query_param("pos", "3")), n - 1)] if n else None
+        pick = st.pills("Click a generated token to intervene there", labels, default=default) if n else None
+        if pick is not None:
+            pos = int(pick.split(":", 1)[0])
+            alts = [int(t) for t in base.alternatives[pos].tolist() if int(t) != base.factual[pos]]
+            choices = [probe.tokenizer.decode([t]) for t in alts]
+            c1, c2 = st.columns(2)
+            alt = c1.selectbox("Replace by one of the model's likely tokens", choices, index=0 if choices else None)
+            custom = c2.text_input("…or type a replacement", value="")
+            if custom.strip():
+                spec = f"token:{pos}={custom}"
+            elif alt is not None:
+                spec = cf.TokenEdit(pos, (alts[choices.index(alt)],))
+            st.query_params["pos"] = str(pos)
+    elif kind == "prompt edit":
+        c1, c2 = st.columns(2)
+        words = prompt.split()
+        old = c1.text_input("Replace", value=query_param("old", words[-1] if words else ""))
+        new = c2.text_input("by", value=query_param("new", "Maeve"))
+        spec = f"prompt:{old}->{new}"
+    else:
+        spec = "ablate:" + st.text_input("Heads / neurons to zero", value=query_param("ablate", "L5H3"),
+                                         help="Comma-separated L<layer>H<head> and L<layer>N<neuron> labels.")
+    st.query_params["kind"] = {"token edit": "token", "prompt edit": "prompt", "model edit": "ablate"}[kind]
+    if spec is not None:
+        res = cached(cf.run, prompt, spec, _probe=probe, config=config)
+        if res is not None:
+            for note in res.notes:
+                st.info(note)
+            cols = st.columns(2)
+            cols[0].markdown("**Factual**")
+            cols[0].markdown(_spans(res.factual_str, res.factual, res.factual, None), unsafe_allow_html=True)
+            cols[1].markdown(f"**Counterfactual** · `{res.intervention}`")
+            cols[1].markdown(_spans(res.str_rows[0], res.factual, res.rows[0], res.edit_pos), unsafe_allow_html=True)
+            if len(res.rows) > 1:
+                cols[1].markdown("**Interventional** (fresh noise)")
+                cols[1].markdown(_spans(res.str_rows[1], res.factual, res.rows[1], res.edit_pos), unsafe_allow_html=True)
+            st.dataframe(res.divergence_frame(), hide_index=True)
+            st.plotly_chart(res.plot(), width="stretch")
+    if kind == "token edit" and pick is not None:
+        with st.expander("Tree of alternatives at this position"):
+            if st.button("Grow the tree (3 branches)"):
+                try:
+                    import plotly.graph_objects as go
+
+                    brs = cached(cf.branches, prompt, pos, _probe=probe, k=3, config=config) or []
+                    root = "…" + "".join(base.factual_str[max(0, pos - 4):pos])
+                    ids, parents, labels = ["root", "f"], ["", "root"], [root, "".join(base.factual_str[pos:])]
+                    for i, b in enumerate(brs):
+                        ids.append(f"b{i}"), parents.append("root"), labels.append("".join(b.str_rows[0][pos:]))
+                    fig = go.Figure(go.Treemap(ids=ids, parents=parents, labels=[html.escape(x) for x in labels], root_color="#eef2f7"))
+                    fig.update_layout(margin=dict(t=10, l=10, r=10, b=10), height=320)
+                    st.plotly_chart(fig, width="stretch")
+                    st.caption("First tile: the factual continuation; the others replace the token by the model's next likely "
+                               "tokens and continue with the factual noise.")
+                except SondeError as e:
+                    show_error(e)
+
+with tab_bias:
+    st.markdown("Swap the protagonist attribute with the **same noise** and compare an attribute extracted by patterns.")
+    template = st.text_input("Template ({group} is the slot)", value=cf.BiasConfig.template)
+    groups = st.text_input("Groups (first = factual world)", value="man, woman")
+    n_samples = st.slider("Samples per group", 4, 64, 8)
+    if st.button("Run sweep"):
+        try:
+            bcfg = cf.BiasConfig(template=template, groups=tuple(g.strip() for g in groups.split(",") if g.strip()),
+                                 n_samples=int(n_samples), max_new_tokens=8, temperature=config.temperature, seed=config.seed)
+        except SondeError as e:
+            show_error(e)
+        else:
+            b = cached(cf.bias_sweep, _probe=probe, config=bcfg)
+            if b is not None:
+                st.plotly_chart(b.plot(), width="stretch")
+                st.dataframe(b.summary[b.summary["count"] > 0], hide_index=True)
+                st.dataframe(b.samples, hide_index=True)

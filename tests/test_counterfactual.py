@@ -1,0 +1,290 @@
+"""Counterfactual token generation (Gumbel-Max SCM): fidelity, replay, noise inference, cache reuse, bad input."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import tiny_models
+from analyses import counterfactual as cf
+from probes import Ablate, ConfigError, InputError
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = "hello there"
+
+SAMPLERS = {
+    "greedy": dict(temperature=0.0),
+    "temperature": dict(temperature=1.0),
+    "top_k": dict(temperature=0.9, top_k=5),
+    "top_p": dict(temperature=1.0, top_p=0.3),
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread avoids OpenMP oversubscription (60x faster)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_models.probe("llama")
+
+
+# ----------------------------------------------------------------------------- pure math
+def test_gumbel_noise_is_keyed_and_gumbel():
+    a = cf.gumbel_noise(7, 3, 50_000)
+    assert torch.equal(a, cf.gumbel_noise(7, 3, 50_000))  # counter-based: same key, same noise
+    assert not torch.equal(a, cf.gumbel_noise(7, 4, 50_000))
+    assert not torch.equal(a, cf.gumbel_noise(7, 3, 50_000, stream=1))
+    assert abs(a.double().mean().item() - 0.5772) < 0.03  # Euler-Mascheroni: mean of Gumbel(0, 1)
+    assert abs(a.double().var().item() - math.pi ** 2 / 6) < 0.08
+
+
+def test_sampling_logprobs_truncation():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    lp = cf.sampling_logprobs(logits, 1.0, top_p=0.6)  # mass before: 0, .5, .8 -> keep first two
+    assert torch.isfinite(lp).tolist() == [[True, True, False, False]]
+    assert torch.allclose(lp.exp()[0, :2], torch.tensor([0.625, 0.375]))
+    lp = cf.sampling_logprobs(logits, 1.0, top_k=3)
+    assert torch.isfinite(lp).sum() == 3
+    lp = cf.sampling_logprobs(logits, 0.5)
+    p = torch.tensor([0.5, 0.3, 0.15, 0.05]) ** 2
+    assert torch.allclose(lp.exp()[0], p / p.sum(), atol=1e-6)
+
+
+def test_gumbel_max_marginal_matches_softmax():
+    """Method-page check (3): Gumbel-Max marginals equal softmax (TV < 0.01 with 1e5 draws)."""
+    p = torch.tensor([0.4, 0.3, 0.2, 0.07, 0.03])
+    n = 100_000
+    g = torch.Generator().manual_seed(0)
+    u = torch.rand(n, 5, generator=g, dtype=torch.float64)
+    noise = -torch.log(-torch.log(u + 1e-20) + 1e-20)
+    ids = cf.gumbel_max(torch.log(p)[None].double().expand(n, 5), noise)
+    freq = torch.bincount(ids, minlength=5).double() / n
+    assert 0.5 * (freq - p.double()).abs().sum() < 0.01
+
+
+def test_posterior_noise_reproduces_and_is_gumbel_marginally():
+    """Posterior noise always regenerates the observed token; averaged over observations it is Gumbel(0, 1)."""
+    p = torch.tensor([0.5, 0.25, 0.15, 0.1])
+    lp = torch.log(p)
+    g = torch.Generator().manual_seed(1)
+    n = 40_000
+    ks = torch.multinomial(p, n, replacement=True, generator=g)
+    out = []
+    for k in range(4):
+        m = int((ks == k).sum())
+        u = torch.rand(m, 5, generator=g, dtype=torch.float64)
+        prior = torch.zeros(m, 4)
+        post = cf.posterior_gumbel(lp, k, prior, u[:, 0], u[:, 1:])
+        assert (torch.argmax(lp[None] + post, -1) == k).all()
+        out.append(post)
+    allg = torch.cat(out).double()
+    assert abs(allg.mean().item() - 0.5772) < 0.02
+    assert abs(allg.var().item() - math.pi ** 2 / 6) < 0.06
+
+
+def test_posterior_keeps_prior_outside_set():
+    lp = cf.sampling_logprobs(torch.log(torch.tensor([[0.6, 0.3, 0.1]])), 1.0, top_k=2)[0]
+    prior = torch.full((3, 3), 9.0)
+    u = torch.rand(3, 4, dtype=torch.float64)
+    post = cf.posterior_gumbel(lp, 1, prior, u[:, 0], u[:, 1:])
+    assert (post[:, 2] == 9.0).all() and (torch.argmax(lp[None] + post, -1) == 1).all()
+
+
+def test_divergence_and_wilson_hand_cases():
+    d = cf.divergence([1, 2, 3, 4], [1, 2, 9, 4, 5], start=2)
+    assert d["first_diff"] == 2 and d["edit_distance"] == pytest.approx(2 / 3) and d["frac_unchanged"] == pytest.approx(1 / 3)
+    assert cf.divergence([1, 2], [1, 2])["first_diff"] is None
+    assert cf.levenshtein("kitten", "sitting") == 3
+    lo, hi = cf.wilson(5, 10)
+    assert lo == pytest.approx(0.2366, abs=1e-4) and hi == pytest.approx(0.7634, abs=1e-4)
+
+
+# ----------------------------------------------------------------------------- tiny model generation
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_no_intervention_reproduces_factual(llama, sampler):
+    c = cf.Config(max_new_tokens=16, seed=5, stop_at_eos=False, **SAMPLERS[sampler])
+    r = cf.run(llama, PROMPT, "none", config=c)
+    assert len(r.factual) == 16
+    assert r.rows[0] == r.factual  # token for token
+    assert r.divergence_frame().loc[0, "frac_unchanged"] == 1.0
+    if sampler == "greedy":  # tau = 0: counterfactual = interventional = greedy
+        assert r.rows[1] == r.factual
+
+
+def test_factual_frequencies_match_softmax_chi_square(llama):
+    """The factual sampler's first-token frequencies match softmax(z / tau) (chi-square, tiny model)."""
+    from scipy.stats import chisquare
+
+    ids = llama.to_tokens(PROMPT)
+    tau, n = 0.7, 3000
+    logits = llama.forward(ids)[0, -1].float()
+    p = torch.softmax(logits / tau, -1).double()
+    g = cf._decode(llama, ids.expand(n, -1), cache=None, noises=[cf._Noise(11, s) for s in range(n)], step0=0, n_steps=1,
+                   temperature=tau, top_k=None, top_p=None, stop_at_eos=False)
+    counts = torch.bincount(torch.tensor([t[0] for t in g.tokens]), minlength=p.numel()).double()
+    exp = p * n
+    big = exp >= 5  # pool rare tokens into one cell
+    obs, ex = counts[big], exp[big]
+    if exp[~big].sum() > 0:
+        obs, ex = torch.cat([obs, counts[~big].sum()[None]]), torch.cat([ex, exp[~big].sum()[None]])
+    ex = ex * obs.sum() / ex.sum()
+    assert chisquare(obs.numpy(), ex.numpy()).pvalue > 0.001
+    # top-k: never outside the set
+    g = cf._decode(llama, ids.expand(500, -1), cache=None, noises=[cf._Noise(3, s) for s in range(500)], step0=0, n_steps=1,
+                   temperature=1.0, top_k=3, top_p=None)
+    assert {t[0] for t in g.tokens} <= set(torch.topk(logits, 3).indices.tolist())
+
+
+@pytest.mark.parametrize("sampler", ["temperature", "top_k", "top_p"])
+def test_posterior_noise_regenerates_observed_text(llama, sampler):
+    c = cf.Config(max_new_tokens=12, seed=2, **SAMPLERS[sampler])
+    ids = cf.generate(llama, PROMPT, c.replace(seed=99, stop_at_eos=False))[0]  # text of another sampling run
+    r = cf.run(llama, PROMPT, "none", config=c.replace(n_samples=4, interventional=False), observed=ids)
+    assert r.factual == tuple(ids) and len(r.rows[0]) == 12
+    assert len(r.rows) == 4 and all(row == r.factual for row in r.rows)
+
+
+def test_posterior_distribution_of_counterfactuals(embedded):
+    """Posterior noise (no recorded key used) gives a distribution of counterfactuals, all sharing the prefix."""
+    c = cf.Config(max_new_tokens=10, seed=4, temperature=1.0, noise="posterior", n_samples=4, stop_at_eos=False,
+                  interventional=False)
+    r = cf.run(embedded, "Once upon a time, Lyra", "token:2=id:100", config=c)
+    assert len(r.rows) == 4 and all(row[:3] == r.factual[:2] + (100,) for row in r.rows)
+    assert len(set(r.rows)) > 1  # a distribution, not one text
+
+
+def test_token_edit_keeps_prefix_and_matches_recomputation(llama):
+    c = cf.Config(max_new_tokens=16, seed=8, temperature=1.0, n_samples=2, stop_at_eos=False)
+    a = cf.run(llama, PROMPT, "token:6=id:120", config=c)
+    b = cf.run(llama, PROMPT, "token:6=id:120", config=c.replace(prefix_reuse=False))
+    for row in a.rows:
+        assert row[:6] == a.factual[:6] and row[6] == 120
+    assert a.rows == b.rows  # KV-cache reuse = full recomputation
+    assert any("reused" in n for n in a.notes) and not any("reused" in n for n in b.notes)
+    assert (a.divergence_frame().first_diff == 6).all()
+
+
+def test_prompt_edit_cache_reuse_matches_recomputation(llama):
+    c = cf.Config(max_new_tokens=12, seed=3, temperature=1.0)
+    a = cf.run(llama, "hello there Lyra", "prompt:Lyra->Maeve", config=c)
+    b = cf.run(llama, "hello there Lyra", "prompt:Lyra->Maeve", config=c.replace(prefix_reuse=False))
+    assert a.rows == b.rows and a.cf_prompt == "hello there Maeve"
+    assert any("reused" in n for n in a.notes)
+
+
+def test_reproducible_from_seed(llama):
+    c = cf.Config(max_new_tokens=12, seed=21, temperature=1.0)
+    a, b = cf.run(llama, PROMPT, "token:2=id:70", config=c), cf.run(llama, PROMPT, "token:2=id:70", config=c)
+    assert a.factual == b.factual and a.rows == b.rows
+    assert cf.run(llama, PROMPT, "none", config=c.replace(seed=22)).factual != a.factual
+
+
+def test_model_edit_hook_equals_probe_ablation(llama):
+    """The generation-time head ablation (o_proj pre-hook) equals probe.run's Ablate on hook_z."""
+    ids = llama.to_tokens(PROMPT)
+    ref = llama.run(ids, edits=[Ablate("blocks.1.attn.hook_z", heads=[2])])
+    with cf._model_edit(llama, cf.ModelEdit(heads=((1, 2),)), torch.tensor([True])):
+        got = llama.hf_model(input_ids=ids).logits
+    assert torch.allclose(ref, got, atol=1e-5)
+    assert not torch.allclose(llama.forward(ids), got, atol=1e-5)
+    r = cf.run(llama, PROMPT, "ablate:L1H2,L0N5", config=cf.Config(max_new_tokens=10, temperature=1.0))
+    assert r.intervention == "ablate:L1H2,L0N5" and len(r.rows) == 2
+
+
+def test_transformer_lens_backend_same_tokens(tiny):
+    c = cf.Config(max_new_tokens=10, seed=1, temperature=1.0)
+    a = cf.run(tiny("gpt2"), PROMPT, "token:3=id:90", config=c)
+    b = cf.run(tiny("gpt2", backend="transformer_lens"), PROMPT, "token:3=id:90", config=c)
+    assert a.factual == b.factual and a.rows == b.rows
+
+
+def test_save_load_roundtrip(llama, tmp_path):
+    r = cf.run(llama, PROMPT, "token:3=id:90", config=cf.Config(max_new_tokens=8, temperature=1.0))
+    back = cf.CounterfactualResult.load(r.save(tmp_path / "r"))
+    assert back.rows == r.rows and back.factual == r.factual and back.config == r.config and back.kinds == r.kinds
+    assert r.plot().data and set(r.to_frame().world) == {"factual", "counterfactual", "interventional"}
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_bad_inputs(llama):
+    c = cf.Config(max_new_tokens=6, temperature=1.0, stop_at_eos=False)
+    with pytest.raises(InputError, match="beyond the generated text"):
+        cf.run(llama, PROMPT, "token:6=id:40", config=c)
+    with pytest.raises(ConfigError, match="unknown head label 'L5X3'"):
+        cf.run(llama, PROMPT, "ablate:L5X3", config=c)
+    with pytest.raises(ConfigError, match="unknown head L5H3: this model has layers 0-1"):
+        cf.run(llama, PROMPT, "ablate:L5H3", config=c)
+    with pytest.raises(ConfigError, match="unknown intervention"):
+        cf.parse_intervention("swap:1")
+    with pytest.raises(InputError, match="does not contain 'Lyra'"):
+        cf.run(llama, PROMPT, "prompt:Lyra->Maeve", config=c)
+    with pytest.raises(ConfigError, match="no \\{group\\} slot"):
+        cf.BiasConfig(template="A person works as a")
+    with pytest.raises(ConfigError, match="top_p"):
+        cf.Config(top_p=1.5)
+
+
+def test_multi_token_replacement_is_span_or_error(llama):
+    c = cf.Config(max_new_tokens=10, temperature=1.0, stop_at_eos=False)
+    r = cf.run(llama, PROMPT, "token:2=abc", config=c)  # byte vocabulary: 3 tokens
+    note = next(n for n in r.notes if "tokens [" in n)
+    assert r.rows[0][2:5] == tuple(b"abc") and "is 3 tokens" in note and "step 3" in note
+    with pytest.raises(InputError, match="tokenizes to 3 tokens"):
+        cf.run(llama, PROMPT, "token:2=abc", config=c.replace(multi_token="error"))
+
+
+# ----------------------------------------------------------------------------- embedded model
+def test_embedded_counterfactual_and_bias_sweep(embedded):
+    c = cf.Config(max_new_tokens=12, seed=3, temperature=0.8, top_p=0.9)
+    r = cf.run(embedded, "Once upon a time, Lyra", "none", config=c)
+    assert r.rows[0] == r.factual
+    r = cf.run(embedded, "Once upon a time, Lyra", "prompt:Lyra->Maeve", config=c)
+    assert r.cf_prompt == "Once upon a time, Maeve" and r.rows[0]
+    b = cf.bias_sweep(embedded, cf.BiasConfig(n_samples=4, max_new_tokens=6))
+    s = b.summary
+    assert set(s["group"]) == {"man", "woman"} and (s.p_lo <= s.p).all() and (s.p <= s.p_hi).all()
+    assert (s[s["group"] == "man"]["shift"] == 0).all() and (s[s["group"] == "man"].unchanged == 1).all()
+    assert b.plot().data
+
+
+def test_cli_counterfactual_and_bias_sweep(results_dir, capsys):
+    from analyses.cli import main
+
+    main(["run", "counterfactual", "--prompt", "Once upon a time, Lyra", "--intervene", "token:3=Maeve",
+          "--max-new-tokens", "8", "--seed", "1", "--json"])
+    out = capsys.readouterr().out
+    assert '"first_diff": 3' in out and "result" in out
+    main(["run", "bias-sweep", "--samples", "3", "--max-new-tokens", "4", "--json"])
+    assert "woman" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["run", "counterfactual", "--prompt", "Hi", "--intervene", "ablate:L99H0", "--max-new-tokens", "4"])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        main(["run", "bias-sweep", "--template", "no slot here"])
+    assert e.value.code == 2
+
+
+def test_dashboard_page_smoke():
+    from streamlit.testing.v1 import AppTest
+
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    at = AppTest.from_file(str(ROOT / "dashboard" / "pages" / "counterfactual.py"), default_timeout=120)
+    at.run()
+    assert not at.exception, at.exception
+    assert any("Counterfactual" in t.value for t in at.title)
+    assert len(at.get("plotly_chart")) >= 1
+
+
+def test_analyses_do_not_import_streamlit():
+    assert "streamlit" not in (ROOT / "analyses" / "counterfactual.py").read_text()
