@@ -1,0 +1,101 @@
+"""`sonde run critical` (rollout search for critical tokens) and `sonde run contrastive-train` (LoRA θ_p/θ_n)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .common import BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OutOpt, load_probe, progress, saved
+
+TaskOpt = typer.Option("builtin-arith", "--task", "-t", help="builtin-arith, builtin-multistep or a GSM8K-style JSONL file.")
+
+
+def register(run_app: typer.Typer) -> None:
+    @run_app.command("critical")
+    def critical(
+        model: str = ModelOpt,
+        task: str = TaskOpt,
+        problems: int = typer.Option(1, "--problems", "-n", help="Number of problems to take from the task."),
+        samples: int = typer.Option(16, "--samples", help="Trajectories sampled per problem (to find an incorrect one)."),
+        rollouts: int = typer.Option(32, "--rollouts", help="Rollouts per prefix (paper: 64)."),
+        granularity: str = typer.Option("step", "--granularity", help="token, step or bisect."),
+        bisect: bool = typer.Option(True, "--bisect/--no-bisect", help="Refine the step where the score falls to 0 by bisection."),
+        max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Cap on tokens per rollout / trajectory."),
+        temperature: float = typer.Option(0.7, "--temperature"),
+        alternatives: str = typer.Option("sample", "--alternatives", help="Counterfactual check: sample, topk or none."),
+        n_alternatives: int = typer.Option(32, "--n-alternatives"),
+        batch_size: int = typer.Option(64, "--batch-size", help="Rollouts per generate call."),
+        max_rollouts: int = typer.Option(20_000, "--max-rollouts", help="Refuse searches planning more rollouts than this."),
+        adapters: Optional[Path] = typer.Option(None, "--adapters", help="Folder from `contrastive-train`: adds CE scores per token."),
+        seed: int = typer.Option(0, "--seed"),
+        on_error: str = typer.Option("stop", "--on-error", help="Malformed JSONL line: stop or skip."),
+        backend: str = BackendOpt, device: str = DeviceOpt, dtype: str = DtypeOpt,
+        out: Optional[Path] = OutOpt, as_json: bool = JsonOpt,
+    ) -> None:
+        """Find the tokens of failed reasoning traces after which no rollout succeeds (Lin et al. 2024)."""
+        from dataclasses import replace
+
+        from analyses import critical as C
+        from analyses.tasks import load_task
+
+        cfg = C.Config(n_samples=samples, n_rollouts=rollouts, granularity=granularity, bisect=bisect,  # type: ignore[arg-type]
+                       max_new_tokens=max_new_tokens, temperature=temperature, alternatives=alternatives,  # type: ignore[arg-type]
+                       n_alternatives=n_alternatives, batch_size=batch_size, max_rollouts=max_rollouts, seed=seed)
+        probs = load_task(task, problems, seed=seed, on_error=on_error)  # type: ignore[arg-type]
+        probe = load_probe(model, backend, device, dtype)
+        with progress(None, "prefixes rolled out") as step:
+            res = C.run(probe, probs, cfg, progress=step)
+        if adapters is not None:
+            import pandas as pd
+
+            ce_rows, stats = [], []
+            for i, row in res.traces.iterrows():
+                ce = C.contrastive_scores(probe, adapters, res.ids["prompt"][i], res.ids["response"][i])
+                ce_rows.append(ce.assign(trace=row.trace))
+                stats.append(C.compare_contrastive(res, ce, int(row.trace)))
+            ce_all = pd.concat(ce_rows, ignore_index=True)
+            tokens = res.tokens.merge(ce_all[["trace", "pos", "p_ce", "weight", "log_ratio"]], on=["trace", "pos"], how="left")
+            traces = res.traces.assign(ce_spearman=[s["spearman"] for s in stats], ce_precision_at_k=[s["precision_at_k"] for s in stats])
+            res = replace(res, tokens=tokens, traces=traces)
+        path = res.save(out)
+        summary = {"traces": len(res.traces)}
+        for _, r in res.traces.iterrows():
+            summary[f"trace {r.trace}"] = (f"critical token {r.critical_token!r} at {r.critical_pos} "
+                                           f"(score {r.score_before} -> {r.score_after}, alternatives {r.alt_success})"
+                                           if r.critical_pos == r.critical_pos and r.critical_pos is not None else r.note)
+        saved(path, as_json, summary)
+
+    @run_app.command("contrastive-train")
+    def contrastive_train(
+        model: str = ModelOpt,
+        task: str = TaskOpt,
+        problems: int = typer.Option(8, "--problems", "-n"),
+        samples: int = typer.Option(16, "--samples", help="Trajectories sampled per problem."),
+        max_new_tokens: int = typer.Option(256, "--max-new-tokens"),
+        temperature: float = typer.Option(0.7, "--temperature"),
+        r: int = typer.Option(8, "--r", help="LoRA rank (method page: 8)."),
+        lr: float = typer.Option(3e-4, "--lr"),
+        epochs: int = typer.Option(1, "--epochs"),
+        seed: int = typer.Option(0, "--seed"),
+        on_error: str = typer.Option("stop", "--on-error"),
+        backend: str = BackendOpt, device: str = DeviceOpt, dtype: str = DtypeOpt,
+        out: Path = typer.Option(..., "--out", "-o", help="Folder for the adapters (OUT/pos, OUT/neg)."),
+        as_json: bool = JsonOpt,
+    ) -> None:
+        """Sample trajectories and LoRA-train θ_p on correct and θ_n on incorrect ones (for CE scores)."""
+        from analyses import critical as C
+        from analyses.tasks import format_prompt, load_task
+
+        cfg = C.Config(n_samples=samples, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+        tcfg = C.TrainConfig(r=r, lr=lr, epochs=epochs, seed=seed)
+        probs = load_task(task, problems, seed=seed, on_error=on_error)  # type: ignore[arg-type]
+        probe = load_probe(model, backend, device, dtype)
+        trajs = C.sample_trajectories(probe, probs, cfg)
+        prompts = {i: probe.to_tokens(format_prompt(probe, p))[0].tolist() for i, p in enumerate(probs)}
+        good = [(prompts[t.problem], t.response_ids) for t in trajs if t.correct and t.response_ids]
+        bad = [(prompts[t.problem], t.response_ids) for t in trajs if not t.correct and t.response_ids]
+        with progress(len(good) + len(bad), "LoRA steps") as step:
+            path = C.train_contrastive(probe, good, bad, out, tcfg, progress=step)
+        saved(path, as_json, {"correct": len(good), "incorrect": len(bad)})

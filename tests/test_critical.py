@@ -1,0 +1,288 @@
+"""Critical tokens (Lin et al. 2024): tasks, rollout search, contrastive estimation, CLI, page."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from analyses import critical as C
+from analyses.tasks import (CallableChecker, ExactChecker, NumericChecker, Problem, builtin_arith, extract_answer,
+                            load_task, make_checker, read_gsm8k)
+from probes import ConfigError, InputError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Constructed task on a tiny random byte-level model: the response is correct unless it contains
+# "Z", so forcing the wrong token "Z" (index 6) makes every continuation wrong, while continuations
+# of earlier prefixes almost never emit "Z" (success ~1).
+PROMPT = [1] + list(b"Q: 2+3=? A:")
+RESP = list(b"ab cd Z ef gh")
+NO_Z = CallableChecker(lambda t: "Z" not in t)
+FAST = C.Config(n_rollouts=6, max_new_tokens=3, stop_at_answer=False, alternatives="topk", n_alternatives=2, alt_rollouts=2)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    import tiny_models
+
+    return tiny_models.probe("llama")
+
+
+# ------------------------------------------------------------------------------ tasks
+@pytest.mark.parametrize("text,want", [
+    ("3 + 4 = 7. The answer is 7.", "7"),
+    ("We get 12 then 15.\n#### 1,200", "1200"),
+    ("so \\boxed{42} is it", "42"),
+    ("The answer: $3.50 total", "3.50"),
+    ("first 3 then 9", "9"),
+    ("The answer is 3. Actually the answer is 5.", "3"),  # first marked answer (rollouts stop there)
+    ("no digits here", None),
+])
+def test_extract_answer(text, want):
+    assert extract_answer(text) == want
+
+
+def test_checkers_hand_cases():
+    assert NumericChecker(7.0)("The answer is 7.")
+    assert not NumericChecker(7.0)("The answer is 8.")
+    assert NumericChecker(3.5, tol=0.01)("answer is 3.505")
+    assert not NumericChecker(1.0)("nothing")
+    assert ExactChecker("Paris")("The answer is paris".replace("paris", "12")) is False
+    assert ExactChecker("12")("the answer is 12")
+    assert ExactChecker("Paris", extract=False)("  paris ")
+    assert CallableChecker(lambda t: "ok" in t)("ok!")
+    assert make_checker(Problem("q", 5.0))("#### 5")
+    with pytest.raises(InputError, match="not a number"):
+        make_checker(Problem("q", "five"))
+
+
+def test_builtin_tasks_seeded_and_exact():
+    a, b = builtin_arith(5, seed=3), builtin_arith(5, seed=3)
+    assert a == b and a != builtin_arith(5, seed=4)
+    for p in a + builtin_arith(5, seed=1, kind="multistep"):
+        nums = [int(x) for x in __import__("re").findall(r"\d+", p.question)]
+        assert p.answer in {nums[0] + nums[1], nums[0] - nums[1], nums[0] * nums[1]} | (
+            {nums[0] * nums[1] - nums[2]} if len(nums) > 2 else set())
+
+
+def test_read_gsm8k_and_bad_lines(tmp_path):
+    f = tmp_path / "g.jsonl"
+    f.write_text(json.dumps({"question": "1+1?", "answer": "1+1=2\n#### 2"}) + "\n" +
+                 json.dumps({"question": "big?", "answer": "#### 1,000"}) + "\n")
+    ps = read_gsm8k(f)
+    assert [p.answer for p in ps] == [2.0, 1000.0] and ps[1].line == 2
+    assert load_task(str(f), 1)[0].question == "1+1?"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "q"}) + "\n")
+    with pytest.raises(InputError, match="line 1 has no 'answer'"):
+        read_gsm8k(bad)
+    bad.write_text(json.dumps({"question": "q", "answer": "#### many"}) + "\n")
+    with pytest.raises(InputError, match="line 1 has an answer the extractor cannot parse"):
+        read_gsm8k(bad)
+    with pytest.raises(InputError, match="neither a built-in task"):
+        load_task("nonsense-task")
+
+
+# ------------------------------------------------------------------------------ pure math
+def test_pass_at_k_matches_brute_force():
+    for n, c in [(5, 0), (5, 2), (6, 3), (4, 4)]:
+        items = [1] * c + [0] * (n - c)
+        for k in range(1, n + 1):
+            subs = list(itertools.combinations(items, k))
+            brute = sum(any(s) for s in subs) / len(subs)
+            assert C.pass_at_k(n, c, k) == pytest.approx(brute, abs=1e-12)
+
+
+def test_find_critical_released_rule():
+    assert C.find_critical({0: .5, 3: .4, 5: 0., 8: 0.}) == 5
+    assert C.find_critical({0: .5, 3: 0., 5: .2, 8: 0.}) == 8      # recovery (> 3/64) discards the first mark
+    assert C.find_critical({0: .5, 3: 0., 5: 1 / 64, 8: 0.}) == 3  # 1/64 is not a recovery
+    assert C.find_critical({0: .5, 8: .1}) is None                  # never hopeless
+    assert C.find_critical({0: 0., 8: 0.}) is None                  # hopeless from the start
+
+
+def test_ce_identical_models_give_plain_softmax():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(7, 50, generator=g)
+    y = torch.randint(0, 50, (7,), generator=g)
+    s = C.ce_token_scores(z, z, y, beta=1.0)
+    assert torch.all(s["log_ratio"] == 0)
+    torch.testing.assert_close(s["p_ce"], torch.softmax(z, -1)[torch.arange(7), y])
+    s2 = C.ce_token_scores(z, torch.randn(7, 50, generator=g), y)
+    assert torch.all((s2["p_ce"] >= 0) & (s2["p_ce"] <= 1))
+    torch.testing.assert_close(s2["weight"], 1 - s2["p_ce"])
+
+
+def test_step_cuts():
+    toks = ["Tom", " has", " 3", ".", " So", " 3", "+", "4", "=", "7", ".\n", "The", " answer"]
+    assert C.step_cuts(toks) == [0, 4, 11, 13]
+
+
+# ------------------------------------------------------------------------------ rollouts
+def test_rollout_rate_equals_direct_monte_carlo(tiny_llama):
+    """Shared-prefix-cache rollouts = plain full-prefix sampling with the same seed."""
+    cfg = C.Config(n_rollouts=16, max_new_tokens=4, stop_at_answer=False, batch_size=16, temperature=1.0)
+    chk = lambda t: t.replace(" ", "")[-1:] < "\x80"  # noqa: E731 - continuation ends in an ASCII byte
+    k = 5
+    c, texts = C.rollout_success(tiny_llama, PROMPT, RESP, k, chk, 16, cfg, seed=11)
+    m = tiny_llama.hf_model
+    ids = torch.tensor([PROMPT + RESP[:k]])
+    with torch.random.fork_rng():
+        torch.manual_seed(C._seed_for(11, k))
+        gen = m.generate(input_ids=ids.expand(16, -1), attention_mask=torch.ones(16, ids.shape[1], dtype=torch.long),
+                         do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=4, pad_token_id=3, eos_token_id=[2])
+    direct = [tiny_llama.tokenizer.decode(RESP[:k] + C._strip(r, {2}, 3), skip_special_tokens=True) for r in gen[:, ids.shape[1]:].tolist()]
+    assert texts == direct
+    assert c == sum(chk(t) for t in direct)
+    assert 0 < c < 16  # a non-trivial rate
+    # and the no-cache engine gives the same
+    c2, texts2 = C.rollout_success(tiny_llama, PROMPT, RESP, k, chk, 16, cfg.replace(prefix_cache=False, batch_size=5), seed=11)
+    assert c2 == c or texts2 != texts  # different batching changes the seeds; rates are still a valid MC estimate
+
+
+@pytest.mark.parametrize("granularity", ["token", "bisect"])
+def test_forced_token_is_found(tiny_llama, granularity):
+    r = C.search(tiny_llama, PROMPT, RESP, NO_Z, FAST.replace(granularity=granularity))
+    t = r.traces.iloc[0]
+    assert t.critical_pos == 6 and t.critical_token == "Z" and t.exact
+    assert t.score_before == 1.0 and t.score_after == 0.0 and t["drop"] == 1.0
+    # method-page check (1): the full response scores 0, the critical prefix scores 0 < score(i-1)
+    curve = r.curve(0).set_index("prefix_len").score
+    assert curve[len(RESP)] == 0 and curve[7] == 0 < curve[6]
+    # the counterfactual: replacing "Z" restores success
+    assert (r.alternatives.token_id != ord("Z")).all() and r.traces.alt_success[0] == 1.0
+    pk = r.pass_at_k
+    assert (pk.with_token == 0).all() and (pk.dropna().without_token == 1).all()
+    if granularity == "bisect":
+        assert r.traces.n_prefixes[0] <= 2 + math.ceil(math.log2(len(RESP)))
+    assert r.top_critical_tokens().token.tolist() == ["Z"]
+
+
+def test_reproducible_and_save_load(tiny_llama, tmp_path):
+    cfg = FAST.replace(granularity="token", alternatives="sample", n_alternatives=4, alt_rollouts=1, seed=5)
+    chk = lambda t: t.replace(" ", "")[-1:] < "\x80"  # noqa: E731
+    a = C.search(tiny_llama, PROMPT, RESP[:4], chk, cfg)
+    b = C.search(tiny_llama, PROMPT, RESP[:4], chk, cfg)
+    pd.testing.assert_frame_equal(a.prefixes, b.prefixes)
+    pd.testing.assert_frame_equal(a.alternatives, b.alternatives)
+    p = a.save(tmp_path / "r")
+    back = C.CriticalResult.load(p)
+    pd.testing.assert_frame_equal(back.prefixes.reset_index(drop=True), a.prefixes, check_dtype=False)
+    assert back.ids["response"] == [RESP[:4]]
+    assert {"model", "trace", "pos", "token", "value"} <= set(a.to_frame().columns)
+    assert a.plot().data
+
+
+def test_budget_message(tiny_llama):
+    with pytest.raises(ConfigError, match="granularity='step'.*'bisect'"):
+        C.search(tiny_llama, PROMPT, RESP, NO_Z, FAST.replace(granularity="token", n_rollouts=64, max_rollouts=100))
+
+
+def test_all_correct_says_nothing_to_analyse(tiny_llama):
+    cfg = C.Config(n_samples=3, max_new_tokens=2, stop_at_answer=False)
+    with pytest.raises(InputError, match="nothing to analyse"):
+        C.run(tiny_llama, [Problem("2+3?", 5.0)], cfg, checkers=[lambda t: True])
+
+
+def test_run_samples_and_searches(tiny_llama):
+    cfg = FAST.replace(n_samples=3, granularity="bisect", alternatives="none")
+    # grade: wrong iff the sample contains a byte >= 128 (the random model emits many)
+    r = C.run(tiny_llama, [Problem("2+3?", 5.0)], cfg, checkers=[lambda t: all(ord(ch) < 128 for ch in t)])
+    assert len(r.trajectories) == 3 and (~r.trajectories.correct).any()
+    assert len(r.traces) == 1 and r.traces.problem[0] == 0
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(n_rollouts=0), "n_rollouts=0"), (dict(granularity="word"), "granularity='word'"),
+    (dict(temperature=0.0), "temperature=0.0"), (dict(alternatives="all"), "alternatives='all'"),
+])
+def test_config_errors(kw, match):
+    with pytest.raises(ConfigError, match=match):
+        C.Config(**kw)
+
+
+def test_search_empty_response(tiny_llama):
+    with pytest.raises(InputError, match="response is empty"):
+        C.search(tiny_llama, PROMPT, "  ", NO_Z)
+
+
+# ------------------------------------------------------------------------------ contrastive estimation
+def test_identical_adapters_give_zero_scores(tiny_llama, tmp_path):
+    data = [(PROMPT, RESP)]
+    out = C.train_contrastive(tiny_llama, data, data, tmp_path / "ad", C.TrainConfig(r=2, seed=0))
+    assert (out / "pos" / "adapter_config.json").is_file() and (out / "neg" / "adapter_config.json").is_file()
+    ce = C.contrastive_scores(tiny_llama, out, PROMPT, RESP)
+    assert len(ce) == len(RESP) and (ce.log_ratio == 0).all()
+    base = torch.softmax(tiny_llama.forward(torch.tensor([PROMPT + RESP]))[0, len(PROMPT) - 1:-1].float(), -1)
+    trained = ce.p_ce.to_numpy()
+    assert not torch.allclose(torch.tensor(trained), base[torch.arange(len(RESP)), torch.tensor(RESP)], atol=1e-6)  # adapters trained
+    # the probe's own model is untouched by LoRA training
+    assert not any("lora" in n for n, _ in tiny_llama.hf_model.named_modules())
+    # different data -> non-zero scores, compared with the rollout ground truth
+    out2 = C.train_contrastive(tiny_llama, data, [(PROMPT, list(b"ab cd Z Z Z"))], tmp_path / "ad2", C.TrainConfig(r=2, lr=1e-2))
+    ce2 = C.contrastive_scores(tiny_llama, out2, PROMPT, RESP)
+    assert (ce2.log_ratio != 0).any()
+    r = C.search(tiny_llama, PROMPT, RESP, NO_Z, FAST.replace(granularity="token", alternatives="none"))
+    cmp = C.compare_contrastive(r, ce2, k=1)
+    assert cmp["n"] == len(RESP) and -1 <= cmp["spearman"] <= 1 and cmp["precision_at_k"] in (0.0, 1.0)
+    with pytest.raises(InputError, match="not a LoRA adapter folder"):
+        C.contrastive_scores(tiny_llama, tmp_path, PROMPT, RESP)
+    with pytest.raises(InputError, match="needs correct and incorrect"):
+        C.train_contrastive(tiny_llama, data, [], tmp_path / "x")
+
+
+# ------------------------------------------------------------------------------ embedded model
+def test_embedded_wrong_digit(embedded):
+    """Real model: in '3 + 4 = 8.' the forced wrong digit '8' is the critical token (the model writes 7 otherwise)."""
+    from analyses.tasks import format_prompt
+
+    p = Problem("Tom has 3 apples and buys 4 more. How many apples does he have?", 7.0)
+    cfg = C.Config(n_rollouts=2, max_new_tokens=2, granularity="token", alternatives="none", seed=0)
+    r = C.search(embedded, format_prompt(embedded, p), "3 + 4 = 8.", make_checker(p), cfg)
+    t = r.traces.iloc[0]
+    curve = r.curve(0).set_index("prefix_len").score
+    assert curve.iloc[-1] == 0.0
+    assert t.critical_token.strip() == "8" and t.score_before > 0 and t.score_after == 0
+
+
+# ------------------------------------------------------------------------------ CLI and page
+def test_cli_bad_input_and_budget(tmp_path, capsys):
+    from analyses.cli import main
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "q"}) + "\n")
+    with pytest.raises(SystemExit) as e:
+        main(["run", "critical", "--task", str(bad)])
+    assert e.value.code == 2 and "line 1 has no 'answer'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["run", "critical", "--granularity", "words"])
+    assert e.value.code == 2 and "granularity='words'" in capsys.readouterr().err
+
+
+def test_cli_runs(tmp_path, results_dir, capsys):
+    from analyses.cli import main
+
+    main(["run", "critical", "--device", "cpu", "--samples", "2", "--rollouts", "1", "--max-new-tokens", "8",
+          "--granularity", "bisect", "--alternatives", "none", "--temperature", "1.0", "--out", str(tmp_path / "res"), "--json"])
+    out = json.loads(capsys.readouterr().out)
+    r = C.CriticalResult.load(out["result"])
+    assert len(r.traces) == 1 and len(r.trajectories) == 2
+
+
+def test_dashboard_page_smoke():
+    from streamlit.testing.v1 import AppTest
+
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    at = AppTest.from_file(str(ROOT / "dashboard" / "pages" / "critical.py"), default_timeout=180)
+    at.run()
+    assert not at.exception, at.exception
+    assert any("Critical" in t.value for t in at.title)
+    assert len(at.get("plotly_chart")) >= 1
