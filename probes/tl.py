@@ -18,21 +18,9 @@ from .sites import Site
 
 __all__ = ["TransformerLensProbe"]
 
-_NAMES = {
-    "embed": "hook_embed",
-    "resid_pre": "blocks.{L}.hook_resid_pre",
-    "q": "blocks.{L}.attn.hook_q",
-    "k": "blocks.{L}.attn.hook_k",
-    "v": "blocks.{L}.attn.hook_v",
-    "pattern": "blocks.{L}.attn.hook_pattern",
-    "z": "blocks.{L}.attn.hook_z",
-    "attn_out": "blocks.{L}.hook_attn_out",
-    "resid_mid": "blocks.{L}.hook_resid_mid",
-    "mlp_pre": "blocks.{L}.mlp.hook_pre",
-    "mlp_post": "blocks.{L}.mlp.hook_post",
-    "mlp_out": "blocks.{L}.hook_mlp_out",
-    "resid_post": "blocks.{L}.hook_resid_post",
-    "ln_final": "ln_final.hook_out",
+# Sonde's site names are TransformerLens names, except where the bridge differs
+_OVERRIDES = {
+    "ln_final": "ln_final.hook_out",  # the bridge's hook_normalized is before the norm's weight
     "logits": "unembed.hook_out",
 }
 
@@ -75,8 +63,9 @@ class TransformerLensProbe(Probe):
 
     def hook_name(self, s: Site) -> str:
         """The bridge hook that carries a site."""
-        tpl = self._rot.get(s.kind) or _NAMES[s.kind]
-        return tpl.format(L=s.layer)
+        if s.kind in self._rot:
+            return self._rot[s.kind].format(L=s.layer)
+        return _OVERRIDES.get(s.kind, s.name)
 
     def _run(self, ids: torch.Tensor, plan: _Plan, attention_mask):
         hooks = []
