@@ -45,3 +45,20 @@ def results_dir(tmp_path, monkeypatch):
     d = tmp_path / "results"
     monkeypatch.setenv("SONDE_RESULTS", str(d))
     return d
+
+
+@pytest.fixture
+def run_page():
+    """Run a dashboard page headless: ``run_page("routes.py")`` -> the finished AppTest."""
+    from streamlit.testing.v1 import AppTest
+
+    root = Path(__file__).resolve().parents[1]
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+
+    def _run(file: str, timeout: float = 120):
+        at = AppTest.from_file(str(root / "dashboard" / "pages" / file), default_timeout=timeout)
+        at.run()
+        return at
+
+    return _run

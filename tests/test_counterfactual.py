@@ -274,13 +274,8 @@ def test_cli_counterfactual_and_bias_sweep(results_dir, capsys):
     assert e.value.code == 2
 
 
-def test_dashboard_page_smoke():
-    from streamlit.testing.v1 import AppTest
-
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    at = AppTest.from_file(str(ROOT / "dashboard" / "pages" / "counterfactual.py"), default_timeout=120)
-    at.run()
+def test_dashboard_page_smoke(run_page):
+    at = run_page("counterfactual.py", timeout=120)
     assert not at.exception, at.exception
     assert any("Counterfactual" in t.value for t in at.title)
     assert len(at.get("plotly_chart")) >= 1

@@ -276,13 +276,8 @@ def test_cli_runs(tmp_path, results_dir, capsys):
     assert len(r.traces) == 1 and len(r.trajectories) == 2
 
 
-def test_dashboard_page_smoke():
-    from streamlit.testing.v1 import AppTest
-
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    at = AppTest.from_file(str(ROOT / "dashboard" / "pages" / "critical.py"), default_timeout=180)
-    at.run()
+def test_dashboard_page_smoke(run_page):
+    at = run_page("critical.py", timeout=180)
     assert not at.exception, at.exception
     assert any("Critical" in t.value for t in at.title)
     assert len(at.get("plotly_chart")) >= 1
