@@ -56,7 +56,7 @@ from .base import Result, Timer, register_result
 from .store import StoredResult, hash_inputs
 
 __all__ = [
-    "Config", "DatasetConfig", "RoutesResult", "RouteStatsResult", "RouteStats", "run", "run_dataset",
+    "Config", "DatasetConfig", "RoutesResult", "RouteStatsResult", "RouteStats", "run", "run_dataset", "accumulate", "stats_result",
     "proximity", "attention_importance", "ffn_importance", "neuron_importance", "block_importance",
     "decomposed_attention", "threshold_renormalize", "node_name", "max_prompt_tokens",
 ]
@@ -904,6 +904,57 @@ def _ffn_on_route(route, n_layers: int) -> torch.Tensor:
     return out
 
 
+def accumulate(probe, records: Iterable, *, config: DatasetConfig = DatasetConfig(), stats: RouteStats | None = None,
+               checkpoint=None, on_progress: Callable[[int], None] | None = None) -> tuple[RouteStats, int]:
+    """Fold prompts into a :class:`RouteStats` reducer (the unit a shard worker runs).
+
+    Returns ``(stats, n_skipped)``; ``stats`` can be merged with other shards' (``stats.merge``) and
+    turned into a result with :func:`stats_result`.
+    """
+    if not isinstance(config, DatasetConfig):
+        raise ConfigError(f"config must be analyses.routes.DatasetConfig, got {type(config).__name__}.")
+    _check_supported(probe)
+    stats = stats if stats is not None else RouteStats(probe.info.n_layers, probe.info.n_heads)
+    done = checkpoint.restore({"stats": stats}) if checkpoint is not None else 0
+    skipped = int(getattr(checkpoint, "extra", {}).get("skipped", 0)) if done else 0
+    n_seen = 0
+    for rec in records:
+        n_seen += 1
+        if n_seen <= done:
+            continue
+        text = rec if isinstance(rec, str) else rec.text
+        domain = (None if isinstance(rec, str) else rec.domain) or "all"
+        toks = probe.to_tokens(text, prepend_bos=config.prepend_bos)[:, : config.max_tokens]
+        T = toks.shape[-1]
+        if not -T <= config.position < T:
+            skipped += 1
+        else:
+            dec = _compute(probe, toks, config)
+            r = RoutesResult(config=config, model={}, tokens=toks[0].cpu(), str_tokens=[""] * T, attn=dec.attn.cpu(),
+                             attn_resid=dec.attn_resid.cpu(), ffn=dec.ffn.cpu(), ffn_resid=dec.ffn_resid.cpu(), parallel=dec.parallel)
+            route = r.route()
+            stats.add(domain, r.head_importance(route=route), _ffn_on_route(route, probe.info.n_layers))
+        if checkpoint is not None and n_seen % config.checkpoint_every == 0:
+            checkpoint.save(n_seen, {"stats": stats}, extra={"skipped": skipped})
+        if on_progress:
+            on_progress(1)
+    return stats, skipped
+
+
+def stats_result(probe_or_info, stats: RouteStats, *, config: DatasetConfig, n_skipped: int = 0, input_hash: str = "",
+                 timings: dict[str, float] | None = None) -> RouteStatsResult:
+    """A :class:`RouteStatsResult` from a (possibly merged) :class:`RouteStats`."""
+    if stats.n_updates == 0 and float(stats.n.sum()) == 0:
+        raise InputError("no prompt could be used (the input is empty or every prompt is shorter than the position).",
+                         hint="Check the file, or use --position -1.")
+    info = getattr(probe_or_info, "info", probe_or_info)
+    model = info.to_dict() if hasattr(info, "to_dict") else dict(info)
+    f = stats.finalize()
+    return RouteStatsResult(config=config, model=model, input_hash=input_hash, timings=dict(timings or {}),
+                            domains=f["domains"], n=f["n"], head_freq=f["head_freq"].float(), head_mean=f["head_mean"].float(),
+                            ffn_freq=f["ffn_freq"].float(), ffn_mean=f["ffn_mean"].float(), n_skipped=n_skipped)
+
+
 def run_dataset(probe, records: Iterable, *, config: DatasetConfig = DatasetConfig(), checkpoint=None,
                 on_progress: Callable[[int], None] | None = None, input_hash: str = "") -> RouteStatsResult:
     """Route statistics over many prompts (memory independent of their number).
@@ -914,39 +965,7 @@ def run_dataset(probe, records: Iterable, *, config: DatasetConfig = DatasetConf
         checkpoint: an :class:`analyses.io.Checkpoint`; a re-run with the same one resumes after the last save.
         on_progress: called with 1 after each prompt.
     """
-    if not isinstance(config, DatasetConfig):
-        raise ConfigError(f"config must be analyses.routes.DatasetConfig, got {type(config).__name__}.")
-    _check_supported(probe)
     timer = Timer()
-    stats = RouteStats(probe.info.n_layers, probe.info.n_heads)
-    done = checkpoint.restore({"stats": stats}) if checkpoint is not None else 0
-    skipped = int(getattr(checkpoint, "extra", {}).get("skipped", 0)) if done else 0
-    n_seen = 0
     with timer("routes"):
-        for rec in records:
-            n_seen += 1
-            if n_seen <= done:
-                continue
-            text = rec if isinstance(rec, str) else rec.text
-            domain = (None if isinstance(rec, str) else rec.domain) or "all"
-            toks = probe.to_tokens(text, prepend_bos=config.prepend_bos)[:, : config.max_tokens]
-            T = toks.shape[-1]
-            if not -T <= config.position < T:
-                skipped += 1
-            else:
-                dec = _compute(probe, toks, config)
-                r = RoutesResult(config=config, model={}, tokens=toks[0].cpu(), str_tokens=[""] * T, attn=dec.attn.cpu(),
-                                 attn_resid=dec.attn_resid.cpu(), ffn=dec.ffn.cpu(), ffn_resid=dec.ffn_resid.cpu(), parallel=dec.parallel)
-                route = r.route()
-                stats.add(domain, r.head_importance(route=route), _ffn_on_route(route, probe.info.n_layers))
-            if checkpoint is not None and n_seen % config.checkpoint_every == 0:
-                checkpoint.save(n_seen, {"stats": stats}, extra={"skipped": skipped})
-            if on_progress:
-                on_progress(1)
-    if stats.n_updates == 0:
-        raise InputError("no prompt could be used (the input is empty or every prompt is shorter than the position).",
-                         hint="Check the file, or use --position -1.")
-    f = stats.finalize()
-    return RouteStatsResult(config=config, model=probe.info.to_dict(), input_hash=input_hash, timings=dict(timer.seconds),
-                            domains=f["domains"], n=f["n"], head_freq=f["head_freq"].float(), head_mean=f["head_mean"].float(),
-                            ffn_freq=f["ffn_freq"].float(), ffn_mean=f["ffn_mean"].float(), n_skipped=skipped)
+        stats, skipped = accumulate(probe, records, config=config, checkpoint=checkpoint, on_progress=on_progress)
+    return stats_result(probe, stats, config=config, n_skipped=skipped, input_hash=input_hash, timings=timer.seconds)
