@@ -58,7 +58,7 @@ from .store import StoredResult, hash_inputs
 __all__ = [
     "Config", "DatasetConfig", "RoutesResult", "RouteStatsResult", "RouteStats", "run", "run_dataset", "accumulate", "stats_result",
     "proximity", "attention_importance", "ffn_importance", "neuron_importance", "block_importance",
-    "decomposed_attention", "threshold_renormalize", "node_name", "max_prompt_tokens",
+    "decomposed_attention", "threshold_renormalize", "node_name", "max_prompt_tokens", "describe_edit",
 ]
 
 Level = Literal["token", "head", "neuron"]
@@ -76,6 +76,7 @@ class Config(_BaseConfig):
     include_bias: bool = False  # b_O as its own part (LLM-TT leaves it out: parts != whole for GPT-2/OPT)
     level: Level = "token"  # "head" adds per-head edge rows; "neuron" adds per-neuron FFN importances
     position: int = -1  # prediction position of the default route (negative counts from the end)
+    mode: Literal["all", "route"] = "all"  # "all": every position; "route": only the queries on the route to `position`
     prepend_bos: bool = True  # a BOS sink, as the paper's models see
     query_chunk: int | None = None  # queries per chunk; None sizes chunks to chunk_mb
     chunk_mb: int = 256  # memory budget of one [Q, T, H, d] chunk
@@ -92,6 +93,8 @@ class Config(_BaseConfig):
             raise ConfigError(f"eps={self.eps!r} is outside (0, 0.01).", hint="Use the reference 1e-5.")
         if self.level not in ("token", "head", "neuron"):
             raise ConfigError(f"level={self.level!r}; use 'token', 'head' or 'neuron'.")
+        if self.mode not in ("all", "route"):
+            raise ConfigError(f"mode={self.mode!r}; use 'all' (graph of every position) or 'route' (top-down, one prediction).")
         if self.dtype not in ("float32", "float64"):
             raise ConfigError(f"dtype={self.dtype!r}; use 'float32' or 'float64'.")
         if self.query_chunk is not None and (not isinstance(self.query_chunk, int) or self.query_chunk < 1):
@@ -109,6 +112,7 @@ class DatasetConfig(Config):
     """Dataset mode: route statistics of the prediction at ``position`` of every prompt."""
 
     max_tokens: int = 128  # prompts are cut to this many tokens (memory stays bounded)
+    mode: Literal["all", "route"] = "route"  # only the prediction's route is counted: compute it top-down
     checkpoint_every: int = 16  # prompts between checkpoints
 
     def __post_init__(self) -> None:
@@ -165,7 +169,8 @@ def _chunk_size(T: int, H: int, d: int, chunk_mb: int, itemsize: int = 4) -> int
 @torch.no_grad()
 def attention_importance(resid_pre: torch.Tensor, whole: torch.Tensor, pattern: torch.Tensor, vo: torch.Tensor, *,
                          p: float = 1.0, eps: float = 1e-5, extra_parts: torch.Tensor | None = None,
-                         query_chunk: int | None = None, chunk_mb: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                         query_chunk: int | None = None, chunk_mb: int = 256,
+                         queries: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Importances of an attention block's parts, computed in chunks of queries.
 
     Args:
@@ -174,24 +179,30 @@ def attention_importance(resid_pre: torch.Tensor, whole: torch.Tensor, pattern: 
         pattern: [H, T, T] attention probabilities (causal: zero for keys after the query).
         vo: [T, H, d] v_h[j] · W_O,h per key and head.
         extra_parts: [T, E, d] further parts per query (b_O, a parallel block's mlp_out), or None.
+        queries: optional sorted query positions [Q] (top-down mode computes only these rows).
 
     Returns:
-        attn [T, T, H] (query, key, head), resid [T], extra [T, E] or None; each query's entries sum to 1,
-        keys after the query get exactly eps / Σ.
+        attn [Q, T, H] (query, key, head), resid [Q], extra [Q, E] or None (Q = T when ``queries`` is None);
+        each query's entries sum to 1, keys after the query get exactly eps / Σ.
     """
     T, H, d = vo.shape
+    qidx = torch.arange(T, device=vo.device) if queries is None else torch.as_tensor(queries, device=vo.device).long()
+    Q = qidx.numel()
     qc = query_chunk or _chunk_size(T, H, d, chunk_mb, vo.element_size())
-    attn = torch.full((T, T, H), eps, dtype=vo.dtype, device=vo.device)
-    resid = _prox(whole, resid_pre.unsqueeze(-2), p, eps)[..., 0]  # [T]
-    extra = None if extra_parts is None else _prox(whole, extra_parts, p, eps)  # [T, E]
-    for q0 in range(0, T, qc):
-        q1 = min(T, q0 + qc)
-        parts = decomposed_attention(pattern[:, :, :q1], vo[:q1], slice(q0, q1))  # [Q, q1, H, d]
-        pr = _prox(whole[q0:q1, None], parts, p, eps)  # [Q, q1, H]
+    attn = torch.full((Q, T, H), eps, dtype=vo.dtype, device=vo.device)
+    w = whole[qidx]
+    resid = _prox(w, resid_pre[qidx].unsqueeze(-2), p, eps)[..., 0]  # [Q]
+    extra = None if extra_parts is None else _prox(w, extra_parts[qidx], p, eps)  # [Q, E]
+    for c0 in range(0, Q, qc):
+        c1 = min(Q, c0 + qc)
+        qs = qidx[c0:c1]
+        k1 = int(qs.max()) + 1  # causal: no key after the last query of the chunk matters
+        parts = pattern[:, qs, :k1].permute(1, 2, 0).unsqueeze(-1) * vo[:k1].unsqueeze(0)  # [C, k1, H, d]
+        pr = _prox(w[c0:c1, None], parts, p, eps)  # [C, k1, H]
         # keys after the query hold exact zero parts; pin them to eps (float reduction order aside)
-        future = torch.arange(q1, device=vo.device)[None, :] > torch.arange(q0, q1, device=vo.device)[:, None]
+        future = torch.arange(k1, device=vo.device)[None, :] > qs[:, None]
         pr.masked_fill_(future[..., None], eps)
-        attn[q0:q1, :q1] = pr
+        attn[c0:c1, :k1] = pr
         del parts, pr
     total = attn.sum((1, 2)) + resid + (0 if extra is None else extra.sum(-1))
     attn /= total[:, None, None]
@@ -290,10 +301,13 @@ class _Tap(Reducer):
 
 
 class _Decomposer:
-    """Computes one prompt's importances layer by layer as the forward pass produces the sites.
+    """Computes one prompt's importances layer by layer.
 
-    It keeps at most one layer's resid_pre, v, pattern (and MLP hidden) at a time and writes rows
-    of the output arrays; the per-layer parts tensor is built chunk by chunk and dropped.
+    ``mode="all"``: inside the forward pass, as each layer's sites arrive; it keeps at most one layer's
+    resid_pre, v, pattern (and MLP hidden) at a time, and the ``[Q, T, H, d]`` parts tensor exists for one
+    chunk of queries only. ``mode="route"`` (top-down): the forward pass keeps each layer's residuals,
+    v and pattern (``[H, T, T]``, no ``d`` axis), then :meth:`walk` goes from the prediction node down and
+    computes only the rows of the queries the route can reach at each layer. Rows not computed stay 0.
     """
 
     def __init__(self, probe, T: int, cfg: Config):
@@ -302,6 +316,7 @@ class _Decomposer:
         self.L, self.H, self.d = i.n_layers, i.n_heads, i.d_model
         self.parallel = i.parallel_blocks
         self.dt = getattr(torch, cfg.dtype)
+        self.route_mode = cfg.mode == "route"
         dev = probe.device
         z = lambda *s: torch.zeros(*s, dtype=self.dt, device=dev)  # noqa: E731
         self.attn = z(self.L, T, T, self.H)
@@ -312,8 +327,10 @@ class _Decomposer:
         self.neurons = z(self.L, T, i.d_mlp) if cfg.level == "neuron" else None
         self.neuron_resid = z(self.L, T) if cfg.level == "neuron" else None
         self.res = {k: z(self.L, T, self.d) for k in ("resid_mid", "mlp_out", "resid_post")} if cfg.keep_residuals else None
+        self.computed = torch.zeros(self.L, T, dtype=torch.bool)
         self.embed = None
         self._cur: dict[str, torch.Tensor] = {}
+        self._layers: list[dict[str, torch.Tensor]] = [{} for _ in range(self.L)]
 
     def reads(self) -> dict[str, Reducer]:
         r: dict[str, Reducer] = {}
@@ -331,45 +348,125 @@ class _Decomposer:
 
     def visit(self, L: int, kind: str, x: torch.Tensor) -> None:
         x = x[0].to(self.dt)  # batch of one
-        c, cfg = self._cur, self.cfg
-        c[kind] = x
         if kind == "resid_pre" and L == 0:
             self.embed = x.clone()
+        if self.route_mode:
+            self._layers[L][kind] = x
+            return
+        c = self._cur
+        c[kind] = x
         if kind == "resid_mid" or (kind == "resid_post" and self.parallel):
-            W_O = self.probe.W_O(L).to(self.dt)  # [H, h, d]
-            v = c.pop("v")
-            if v.shape[1] != self.H:  # GQA: query head h reads KV head h // (H / K)
-                from probes.attention import expand_kv
-
-                v = expand_kv(v, self.H, dim=1)
-            vo = torch.einsum("thk,hkd->thd", v, W_O)  # [T, H, d]
-            extras = []
-            b_O = self.probe.b_O(L)
-            if cfg.include_bias and b_O is not None:
-                extras.append(b_O.to(self.dt).expand(self.T, self.d))
-            if self.parallel:
-                extras.append(c["mlp_out"])
-            a, r, e = attention_importance(c["resid_pre"], x, c.pop("pattern"), vo,
-                                           p=cfg.p, eps=cfg.eps, extra_parts=torch.stack(extras, 1) if extras else None,
-                                           query_chunk=cfg.query_chunk, chunk_mb=cfg.chunk_mb)
-            self.attn[L], self.attn_resid[L] = a, r
-            if cfg.include_bias:
-                self.attn_bias[L] = e[:, 0] if (b_O is not None) else 0.0
-            if self.parallel:
-                self.ffn[L] = e[:, -1]
+            self._attention(L, c, None)
         if kind == "resid_post":
             if not self.parallel:
-                self.ffn[L], self.ffn_resid[L] = ffn_importance(c["resid_mid"], c["mlp_out"], x, p=cfg.p, eps=cfg.eps)
-            if cfg.level == "neuron":
-                W_out = self.probe.W_out(L).to(self.dt)
-                n, r = neuron_importance(x - c["mlp_out"], c.pop("mlp_post"), W_out, x, p=cfg.p, eps=cfg.eps,
-                                         query_chunk=cfg.query_chunk, chunk_mb=cfg.chunk_mb)
-                self.neurons[L], self.neuron_resid[L] = n, r
-            if self.res is not None:
-                self.res["resid_post"][L] = x
-                self.res["mlp_out"][L] = c["mlp_out"]
-                self.res["resid_mid"][L] = c.get("resid_mid", x - c["mlp_out"])
+                self._ffn(L, c, None)
+            self._neurons_and_residuals(L, c, None)
+            self.computed[L] = True
             self._cur = {}
+
+    # -------------------------------------------------------------- one block, some (or all) queries
+    def _attention(self, L: int, c: dict[str, torch.Tensor], rows: torch.Tensor | None) -> None:
+        cfg = self.cfg
+        whole = c["resid_post"] if self.parallel else c["resid_mid"]
+        W_O = self.probe.W_O(L).to(self.dt)  # [H, h, d]
+        v = c["v"]
+        if v.shape[1] != self.H:  # GQA: query head h reads KV head h // (H / K)
+            from probes.attention import expand_kv
+
+            v = expand_kv(v, self.H, dim=1)
+        vo = torch.einsum("thk,hkd->thd", v, W_O)  # [T, H, d]
+        extras = []
+        b_O = self.probe.b_O(L)
+        if cfg.include_bias and b_O is not None:
+            extras.append(b_O.to(self.dt).expand(self.T, self.d))
+        if self.parallel:
+            extras.append(c["mlp_out"])
+        a, r, e = attention_importance(c["resid_pre"], whole, c["pattern"], vo, p=cfg.p, eps=cfg.eps,
+                                       extra_parts=torch.stack(extras, 1) if extras else None,
+                                       query_chunk=cfg.query_chunk, chunk_mb=cfg.chunk_mb, queries=rows)
+        idx = slice(None) if rows is None else rows
+        self.attn[L, idx], self.attn_resid[L, idx] = a, r
+        if cfg.include_bias:
+            self.attn_bias[L, idx] = e[:, 0] if (b_O is not None) else 0.0
+        if self.parallel:
+            self.ffn[L, idx] = e[:, -1]
+
+    def _ffn(self, L: int, c: dict[str, torch.Tensor], rows: torch.Tensor | None) -> None:
+        idx = slice(None) if rows is None else rows
+        f, r = ffn_importance(c["resid_mid"][idx], c["mlp_out"][idx], c["resid_post"][idx], p=self.cfg.p, eps=self.cfg.eps)
+        self.ffn[L, idx], self.ffn_resid[L, idx] = f, r
+
+    def _neurons_and_residuals(self, L: int, c: dict[str, torch.Tensor], rows: torch.Tensor | None) -> None:
+        cfg = self.cfg
+        idx = slice(None) if rows is None else rows
+        post_resid = c["resid_post"]
+        if cfg.level == "neuron":
+            W_out = self.probe.W_out(L).to(self.dt)
+            n, r = neuron_importance((post_resid - c["mlp_out"])[idx], c["mlp_post"][idx], W_out, post_resid[idx],
+                                     p=cfg.p, eps=cfg.eps, query_chunk=cfg.query_chunk, chunk_mb=cfg.chunk_mb)
+            self.neurons[L, idx], self.neuron_resid[L, idx] = n, r
+        if self.res is not None:
+            self.res["resid_post"][L] = post_resid
+            self.res["mlp_out"][L] = c["mlp_out"]
+            self.res["resid_mid"][L] = c.get("resid_mid", post_resid - c["mlp_out"])
+
+    # -------------------------------------------------------------- top-down walk
+    def walk(self, position: int) -> None:
+        """Top-down: compute the rows of layer l only for positions whose residual node the route reaches.
+
+        The reachable set of layer l - 1 follows from layer l's thresholded weights exactly as the graph
+        builds its edges, so the route equals the one from ``mode="all"``.
+        """
+        cfg = self.cfg
+        need = torch.tensor([position])
+        for L in range(self.L - 1, -1, -1):
+            c = self._layers[L]
+            rows = need.sort().values
+            if not self.parallel:
+                self._ffn(L, c, rows)
+            self._attention(L, c, rows)
+            self._neurons_and_residuals(L, c, rows)
+            self.computed[L, rows] = True
+            self._layers[L] = {}
+            if L == 0:
+                break
+            # positions j whose node I{L-1}_j has an edge into a reached node of layer L
+            att, ar, ffn, fr = self.attn[L, rows], self.attn_resid[L, rows], self.ffn[L, rows], self.ffn_resid[L, rows]
+            if cfg.renormalize:
+                att, ar, ffn, fr = _renorm_arrays(att[None], ar[None], ffn[None], fr[None], cfg.tau, self.parallel)
+                att, ar, ffn, fr, thr = att[0], ar[0], ffn[0], fr[0], 0.0
+            else:
+                thr = cfg.tau
+            reach = (att.sum(-1) > thr).any(0)  # [T] keys feeding any reached query
+            reach[rows[ar > thr]] = True  # the residual edge keeps the position
+            if self.parallel:
+                reach[rows[ffn > thr]] = True  # M{L}_i reads I{L-1}_i
+            need = torch.nonzero(reach).flatten()
+            if need.numel() == 0:
+                break
+
+
+_ROUTE_EDIT_KINDS = ("pattern", "q", "k", "v", "mlp_pre", "mlp_post", "mlp_out")
+
+
+def _route_edits(edits: Sequence) -> list:
+    """Edits a decomposition stays exact under; zero-ablating heads at hook_z becomes zero attention."""
+    from probes.edits import Ablate, ZeroAttention
+
+    out = []
+    for e in edits or ():
+        kind = e.target.kind
+        if isinstance(e, Ablate) and kind in ("z", "result") and e.mode == "zero" and e.positions is None and e.neurons is None:
+            out.append(ZeroAttention(layer=e.target.layer, heads=e.heads))  # A_h = 0  <=>  z_h = 0
+        elif kind in _ROUTE_EDIT_KINDS:
+            out.append(e)
+        else:
+            raise ConfigError(
+                f"routes cannot decompose a run edited at {e.target.name} ({type(e).__name__}): the parts would no "
+                f"longer add up to the block output.",
+                hint="Edit attention patterns, q/k/v or MLP sites, or zero-ablate whole heads at hook_z "
+                     "(Ablate('blocks.L.attn.hook_z', heads=[h])).")
+    return out
 
 
 def _check_supported(probe) -> None:
@@ -390,7 +487,7 @@ def _resolve_position(position: int, T: int) -> int:
 
 
 @torch.no_grad()
-def _compute(probe, tokens: torch.Tensor, cfg: Config) -> _Decomposer:
+def _compute(probe, tokens: torch.Tensor, cfg: Config, edits: Sequence = ()) -> _Decomposer:
     _check_supported(probe)
     T = tokens.shape[-1]
     i = probe.info
@@ -400,21 +497,26 @@ def _compute(probe, tokens: torch.Tensor, cfg: Config) -> _Decomposer:
             f"the prompt is {T} tokens long; with max_memory_gb={cfg.max_memory_gb} this model's route importances "
             f"fit prompts of at most {limit} tokens.", hint="Shorten the prompt or raise max_memory_gb.")
     dec = _Decomposer(probe, T, cfg)
-    probe.run(tokens, reads=dec.reads(), return_logits=False)
+    probe.run(tokens, reads=dec.reads(), edits=_route_edits(edits), return_logits=False)
+    if dec.route_mode:
+        dec.walk(_resolve_position(cfg.position, T))
     return dec
 
 
 # ============================================================================ result
 def _renorm_arrays(attn, attn_resid, ffn, ffn_resid, tau: float, parallel: bool):
-    """Threshold + renormalise every block (attention over T*H parts + resid; FFN over 2 parts)."""
-    L, T, _, H = attn.shape
+    """Threshold + renormalise every block (attention over T_k*H parts + resid; FFN over 2 parts).
+
+    attn [L, Q, T_k, H]; the others [L, Q] (Q = T_k for a whole result, fewer for a top-down subset).
+    """
+    L, Q, K, H = attn.shape
     if parallel:
-        parts = torch.cat([attn.reshape(L, T, T * H), ffn.unsqueeze(-1)], -1)
+        parts = torch.cat([attn.reshape(L, Q, K * H), ffn.unsqueeze(-1)], -1)
         pk, rk = threshold_renormalize(parts, attn_resid, tau)
-        return pk[..., : T * H].reshape(L, T, T, H), rk, pk[..., -1], torch.zeros_like(ffn_resid)
-    pk, rk = threshold_renormalize(attn.reshape(L, T, T * H), attn_resid, tau)
+        return pk[..., : K * H].reshape(L, Q, K, H), rk, pk[..., -1], torch.zeros_like(ffn_resid)
+    pk, rk = threshold_renormalize(attn.reshape(L, Q, K * H), attn_resid, tau)
     fk, frk = threshold_renormalize(ffn.unsqueeze(-1), ffn_resid, tau)
-    return pk.reshape(L, T, T, H), rk, fk[..., 0], frk
+    return pk.reshape(L, Q, K, H), rk, fk[..., 0], frk
 
 
 @register_result
@@ -442,6 +544,8 @@ class RoutesResult(Result):
     neurons: torch.Tensor | None = None
     neuron_resid: torch.Tensor | None = None
     residuals: dict[str, torch.Tensor] = field(default_factory=dict)
+    computed: torch.Tensor | None = None  # [L, T] rows computed (top-down mode); None = every row
+    edits: tuple[str, ...] = ()  # interventions applied during the forward pass (e.g. "ZeroAttention L5 heads=[3]")
 
     # ------------------------------------------------------------------ shape helpers
     @property
@@ -536,6 +640,7 @@ class RoutesResult(Result):
         import networkx as nx
 
         pos = _resolve_position(self.config.position if position is None else position, self.n_tokens)
+        self._check_partial(pos, tau, renormalize)
         g = graph if graph is not None else self.graph(tau, renormalize)
         top = node_name("I", self.n_layers - 1, pos)
         sub = nx.DiGraph(pos=pos)
@@ -548,6 +653,18 @@ class RoutesResult(Result):
             sub.add_node(v, **g.nodes[v])
             sub.add_edge(v, u, **g[v][u])
         return sub
+
+    def _check_partial(self, pos: int, tau: float | None, renormalize: bool | None) -> None:
+        """A top-down result holds only the rows its own route reaches: other routes need mode='all'."""
+        if self.computed is None or bool(self.computed.all()):
+            return
+        same = (pos == self.position and (tau is None or tau == self.config.tau)
+                and (renormalize is None or renormalize == self.config.renormalize))
+        if not same:
+            raise ConfigError(
+                f"this result was computed top-down (mode='route') for position {self.position} at tau={self.config.tau}; "
+                f"it has no rows for position {pos} or another threshold.",
+                hint="Re-run with routes.Config(mode='all') to explore every position and threshold.")
 
     def head_importance(self, position: int | None = None, tau: float | None = None, renormalize: bool | None = None,
                         route=None) -> torch.Tensor:
@@ -700,6 +817,8 @@ class RoutesResult(Result):
                 out[k] = getattr(self, k)
         for k, v in self.residuals.items():
             out[f"residual.{k}"] = v
+        if self.computed is not None:
+            out["computed"] = self.computed
         return out
 
     def extra(self) -> dict[str, Any]:
@@ -707,7 +826,7 @@ class RoutesResult(Result):
 
         r = self.route()
         return {"str_tokens": self.str_tokens, "parallel": self.parallel, "position": self.position,
-                "route": nx.node_link_data(r, edges="links")}
+                "edits": list(self.edits), "route": nx.node_link_data(r, edges="links")}
 
     @classmethod
     def _from_stored(cls, stored: StoredResult, base: dict[str, Any]) -> "RoutesResult":
@@ -715,16 +834,32 @@ class RoutesResult(Result):
         return cls(**base, tokens=a["tokens"], str_tokens=list(x["str_tokens"]), attn=a["attn"], attn_resid=a["attn_resid"],
                    ffn=a["ffn"], ffn_resid=a["ffn_resid"], parallel=bool(x.get("parallel", False)), attn_bias=a.get("attn_bias"),
                    neurons=a.get("neurons"), neuron_resid=a.get("neuron_resid"),
-                   residuals={k.split(".", 1)[1]: v for k, v in a.items() if k.startswith("residual.")})
+                   residuals={k.split(".", 1)[1]: v for k, v in a.items() if k.startswith("residual.")},
+                   computed=a["computed"].bool() if "computed" in a else None, edits=tuple(x.get("edits", ())))
 
 
-def run(probe, prompt: str | torch.Tensor, *, config: Config = Config(), timer: Timer | None = None) -> RoutesResult:
-    """Information-flow routes of one prompt (all positions from one forward pass).
+def describe_edit(e) -> str:
+    """A short label of an edit for manifests and titles: ``"ZeroAttention blocks.5.attn.hook_pattern heads=[3]"``."""
+    bits = [type(e).__name__, e.target.name]
+    for k in ("heads", "neurons", "positions", "key", "mode", "scale"):
+        v = getattr(e, k, None)
+        if v is not None and not (k == "mode" and v == "zero") and not (k == "scale" and v == 1.0):
+            bits.append(f"{k}={list(v) if isinstance(v, (tuple, list)) else v}")
+    return " ".join(bits)
+
+
+def run(probe, prompt: str | torch.Tensor, *, config: Config = Config(), edits: Sequence = (),
+        timer: Timer | None = None) -> RoutesResult:
+    """Information-flow routes of one prompt.
 
     Args:
         probe: a loaded :class:`probes.Probe` (pre-LN decoder: llama/mistral/qwen/olmo/gpt2/gpt_neox families).
         prompt: text, or token ids [T] / [1, T].
-        config: :class:`Config`.
+        config: :class:`Config`; ``mode="all"`` (default) gives every position's graph from one forward pass,
+            ``mode="route"`` computes top-down only the rows on the route to ``config.position`` (faster).
+        edits: interventions applied during the forward pass, e.g. ``[Ablate("blocks.5.attn.hook_z", heads=[3])]``
+            to compare routes with a head ablated. Edits must keep the parts adding up to each block output:
+            attention patterns, q/k/v, MLP sites, or zero-ablation of whole heads.
 
     Returns:
         :class:`RoutesResult`; ``.route()`` is the route to ``config.position``.
@@ -733,6 +868,8 @@ def run(probe, prompt: str | torch.Tensor, *, config: Config = Config(), timer: 
         raise ConfigError(f"config must be analyses.routes.Config, got {type(config).__name__}.")
     timer = timer or Timer()
     if isinstance(prompt, str):
+        if not prompt.strip():
+            raise InputError("the prompt is empty.", hint="Type a prompt of at least one token.")
         tokens = probe.to_tokens(prompt, prepend_bos=config.prepend_bos)
     else:
         tokens = torch.as_tensor(prompt)
@@ -742,7 +879,7 @@ def run(probe, prompt: str | torch.Tensor, *, config: Config = Config(), timer: 
     T = tokens.shape[-1]
     _resolve_position(config.position, T)
     with timer("routes"):
-        dec = _compute(probe, tokens, config)
+        dec = _compute(probe, tokens, config, edits)
     res = {}
     if dec.res is not None:
         res = {k: v.cpu() for k, v in dec.res.items()}
@@ -753,6 +890,7 @@ def run(probe, prompt: str | torch.Tensor, *, config: Config = Config(), timer: 
         tokens=tokens[0].cpu(), str_tokens=probe.to_str_tokens(tokens[0]), attn=dec.attn.cpu(), attn_resid=dec.attn_resid.cpu(),
         ffn=dec.ffn.cpu(), ffn_resid=dec.ffn_resid.cpu(), parallel=dec.parallel, attn_bias=cpu(dec.attn_bias),
         neurons=cpu(dec.neurons), neuron_resid=cpu(dec.neuron_resid), residuals=res,
+        computed=None if bool(dec.computed.all()) else dec.computed, edits=tuple(describe_edit(e) for e in edits or ()),
     )
 
 
@@ -931,7 +1069,8 @@ def accumulate(probe, records: Iterable, *, config: DatasetConfig = DatasetConfi
         else:
             dec = _compute(probe, toks, config)
             r = RoutesResult(config=config, model={}, tokens=toks[0].cpu(), str_tokens=[""] * T, attn=dec.attn.cpu(),
-                             attn_resid=dec.attn_resid.cpu(), ffn=dec.ffn.cpu(), ffn_resid=dec.ffn_resid.cpu(), parallel=dec.parallel)
+                             attn_resid=dec.attn_resid.cpu(), ffn=dec.ffn.cpu(), ffn_resid=dec.ffn_resid.cpu(), parallel=dec.parallel,
+                             computed=None if bool(dec.computed.all()) else dec.computed)
             route = r.route()
             stats.add(domain, r.head_importance(route=route), _ffn_on_route(route, probe.info.n_layers))
         if checkpoint is not None and n_seen % config.checkpoint_every == 0:

@@ -1,4 +1,4 @@
-"""Benchmark: information-flow routes (all positions) against a plain forward pass of the same input.
+"""Benchmark: information-flow routes (all positions, and top-down for one prediction) against a plain forward pass of the same input.
 
     .venv/bin/python benchmarks/routes.py                       # embedded SmolLM2-135M on CPU, T=128
     .venv/bin/python benchmarks/routes.py --lengths 128 512
@@ -81,7 +81,8 @@ def main() -> None:
     print(f"model {probe.info.name}: {probe.info.n_layers} layers, {probe.info.n_heads} heads/{probe.info.n_kv_heads} kv, "
           f"d={probe.info.d_model}, {probe.info.dtype} on {dev}; torch threads {torch.get_num_threads()}")
     cfg = routes.Config(chunk_mb=args.chunk_mb, max_memory_gb=64)
-    print(f"{'T':>6} {'forward s':>10} {'routes s':>10} {'ratio':>7} {'graph+route s':>14} {'peak MB':>9}")
+    top_cfg = cfg.replace(mode="route")
+    print(f"{'T':>6} {'forward s':>10} {'all-pos s':>10} {'ratio':>7} {'top-down s':>11} {'ratio':>7} {'graph+route s':>14} {'peak MB':>9}")
     for T in args.lengths:
         g = torch.Generator().manual_seed(T)
         ids = torch.randint(4, min(probe.info.d_vocab, 30000), (1, T), generator=g).to(dev)
@@ -95,11 +96,13 @@ def main() -> None:
             res = routes.run(probe, ids, config=cfg)
 
         t_routes = timeit(go, dev, args.repeat)
+        t_top = timeit(lambda: routes.run(probe, ids, config=top_cfg), dev, args.repeat)
         peak = torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         t0 = time.perf_counter()
         r = res.route()
         t_graph = time.perf_counter() - t0
-        print(f"{T:>6} {t_fwd:>10.3f} {t_routes:>10.3f} {t_routes / t_fwd:>7.1f} {t_graph:>14.3f} {peak:>9.0f}   "
+        print(f"{T:>6} {t_fwd:>10.3f} {t_routes:>10.3f} {t_routes / t_fwd:>7.1f} {t_top:>11.3f} {t_top / t_fwd:>7.1f} "
+              f"{t_graph:>14.3f} {peak:>9.0f}   "
               f"(route: {r.number_of_nodes()} nodes, {r.number_of_edges()} edges)")
 
 

@@ -279,6 +279,67 @@ def _as_stats(r, k, dom, n):
     return s
 
 
+# ----------------------------------------------------------------------------- top-down mode and edits
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox"])
+@pytest.mark.parametrize("tau,renorm", [(0.04, True), (0.02, False)])
+def test_top_down_route_equals_full_graph_route(tiny, family, tau, renorm):
+    probe = tiny(family)
+    ids = torch.tensor([[1, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50]])
+    for pos in (-1, 5):
+        full = routes.run(probe, ids, config=Config(tau=tau, renormalize=renorm, position=pos))
+        top = routes.run(probe, ids, config=Config(tau=tau, renormalize=renorm, position=pos, mode="route"))
+        a, b = full.route(), top.route()
+        assert set(a.edges()) == set(b.edges()) and a.number_of_edges() > 0
+        for u, v in a.edges():
+            assert a[u][v]["weight"] == pytest.approx(b[u][v]["weight"], abs=1e-6)
+        torch.testing.assert_close(full.head_importance(), top.head_importance())
+        # computed rows are exactly the full result's rows; the rest were never touched
+        m = top.computed
+        assert m is not None and 0 < int(m.sum()) < m.numel() and bool(m[-1, top.position])
+        torch.testing.assert_close(top.attn[m], full.attn[m])
+
+
+def test_top_down_embedded_and_partial_guard(embedded):
+    text = "The Eiffel Tower is located in the city of Paris, which is the capital of"
+    full = routes.run(embedded, text)
+    top = routes.run(embedded, text, config=Config(mode="route"))
+    assert set(full.route().edges()) == set(top.route().edges())
+    assert int(top.computed.sum()) < top.computed.numel() // 2  # the route touches a minority of rows
+    with pytest.raises(ConfigError, match="mode='all'"):
+        top.route(position=3)
+    with pytest.raises(ConfigError, match="mode='all'"):
+        top.route(tau=0.01)
+
+
+def test_route_with_ablated_head(tiny):
+    from probes import Ablate, AddVector
+
+    probe = tiny("llama")
+    ids = torch.tensor([[1, 40, 41, 42, 43, 44, 45, 46]])
+    base = routes.run(probe, ids)
+    abl = routes.run(probe, ids, edits=[Ablate("blocks.1.attn.hook_z", heads=[2])])
+    eps_share = abl.attn[1, :, :, 2].max().item()
+    assert eps_share < 1e-4 < base.attn[1, :, :, 2].max().item()  # the ablated head carries nothing
+    assert abl.edits == ("Ablate blocks.1.attn.hook_z heads=[2]",)
+    # the decomposition stays exact under the edit: every row still sums to 1
+    rows = abl.attn[1].sum((1, 2)) + abl.attn_resid[1]
+    torch.testing.assert_close(rows, torch.ones_like(rows), atol=1e-5, rtol=0)
+    # a residual edit would break parts == whole: refused with one message
+    with pytest.raises(ConfigError, match="cannot decompose"):
+        routes.run(probe, ids, edits=[AddVector("blocks.0.hook_resid_mid", vector=torch.ones(64))])
+
+
+def test_dataset_mode_top_down_equals_full(tiny):
+    from analyses.io import Record
+
+    probe = tiny("gpt2")
+    recs = [Record(text=t, domain=d) for t, d in [("abc def", "a"), ("ghi jk", "b"), ("jkl mno p", "a")]]
+    top = routes.run_dataset(probe, recs, config=DatasetConfig())
+    full = routes.run_dataset(probe, recs, config=DatasetConfig(mode="all"))
+    torch.testing.assert_close(top.head_mean, full.head_mean)
+    torch.testing.assert_close(top.ffn_freq, full.ffn_freq)
+
+
 # ----------------------------------------------------------------------------- CLI and page
 def test_cli(tmp_path, capsys):
     from analyses.cli import main
