@@ -52,7 +52,7 @@ from .tasks import ANSWER_STOP, Checker, CallableChecker, Problem, format_prompt
 __all__ = [
     "Config", "CriticalResult", "run", "search", "sample_trajectories", "rollout_success", "pass_at_k",
     "find_critical", "step_cuts", "Trajectory", "TrainConfig", "train_contrastive", "contrastive_scores",
-    "ce_token_scores", "compare_contrastive", "estimate_rollouts",
+    "ce_token_scores", "compare_contrastive", "estimate_rollouts", "vllm_engine",
 ]
 
 
@@ -77,7 +77,8 @@ class Config(_BaseConfig):
     prefix_cache: bool = True    # share the prefix KV cache across a prefix's rollouts
     stop_at_answer: bool = True  # stop a rollout once its final answer is written
     max_rollouts: int = 20_000   # budget: prefixes x rollouts beyond this is refused
-    checker: Literal["numeric", "exact"] = "numeric"
+    checker: Literal["auto", "numeric", "exact"] = "auto"  # auto: numeric when the reference answer is a number
+    engine: Literal["hf", "vllm"] = "hf"  # rollouts through transformers' generate, or vLLM (GPU, prefix caching)
     tol: float = 1e-6            # numeric checker tolerance
     seed: int = 0
 
@@ -96,8 +97,10 @@ class Config(_BaseConfig):
             raise ConfigError(f"granularity={self.granularity!r} is not known.", hint="Use 'token', 'step' or 'bisect'.")
         if self.alternatives not in ("sample", "topk", "none"):
             raise ConfigError(f"alternatives={self.alternatives!r} is not known.", hint="Use 'sample', 'topk' or 'none'.")
-        if self.checker not in ("numeric", "exact"):
-            raise ConfigError(f"checker={self.checker!r} is not known.", hint="Use 'numeric' or 'exact' (or pass a callable to run()).")
+        if self.checker not in ("auto", "numeric", "exact"):
+            raise ConfigError(f"checker={self.checker!r} is not known.", hint="Use 'auto', 'numeric' or 'exact' (or pass a callable to run()).")
+        if self.engine not in ("hf", "vllm"):
+            raise ConfigError(f"engine={self.engine!r} is not known.", hint="Use 'hf' (transformers generate) or 'vllm'.")
         if not (0 <= self.zero_tol < 1) or not (0 <= self.recover_frac < 1):
             raise ConfigError(f"zero_tol={self.zero_tol}, recover_frac={self.recover_frac} must lie in [0, 1).")
 
@@ -237,6 +240,8 @@ def _generate(probe, prompt_ids: list[int], prefix_resp: list[int], n: int, cfg:
     for each batch of rollouts (``cfg.prefix_cache``); sampling uses ``seed`` for the first batch and
     ``seed + b`` for batch ``b`` (in a forked RNG, so the global RNG is untouched).
     """
+    if cfg.engine == "vllm":
+        return _generate_vllm(probe, prompt_ids, prefix_resp, n, cfg, seed)
     from transformers import DynamicCache, StoppingCriteriaList
 
     model, tok = probe.hf_model, probe.tokenizer
@@ -271,6 +276,50 @@ def _generate(probe, prompt_ids: list[int], prefix_resp: list[int], n: int, cfg:
         for row in gen[:, T:].tolist():
             out.append(_strip(row, eos, pad))
     return out
+
+
+_VLLM: dict[str, Any] = {}
+
+
+def vllm_engine(probe) -> Any:
+    """A vLLM ``LLM`` over the probe's weights (one per model, prefix caching on), or one clear error.
+
+    vLLM needs a CUDA GPU and the ``vllm`` package; it loads the model from the folder the probe was
+    loaded from (the embedded model's safetensors cache, a local folder or an HF id), never via pickle.
+    """
+    key = probe.info.fingerprint
+    if key in _VLLM:
+        return _VLLM[key]
+    try:
+        import vllm
+    except ImportError as e:
+        raise ConfigError("engine='vllm' needs the vllm package, which is not installed.",
+                          hint="pip install vllm on a CUDA machine, or use engine='hf' (--engine hf).") from e
+    if not torch.cuda.is_available():
+        raise ConfigError("engine='vllm' needs a CUDA GPU; none is visible.", hint="Use engine='hf' (--engine hf) on this machine.")
+    src = probe.info.source
+    if probe.info.name == "embedded":
+        from probes.loading import embedded_model_dir
+
+        src = str(embedded_model_dir())
+    _VLLM[key] = vllm.LLM(model=src, tokenizer=src, enable_prefix_caching=True, seed=0, trust_remote_code=False,
+                          dtype="auto", gpu_memory_utilization=0.6)
+    return _VLLM[key]
+
+
+def _generate_vllm(probe, prompt_ids: list[int], prefix_resp: list[int], n: int, cfg: Config, seed: int) -> list[list[int]]:
+    """``n`` continuations through vLLM: one request with ``n`` samples, prefix blocks shared by its cache."""
+    import vllm
+
+    llm = vllm_engine(probe)
+    eos = _eos_ids(probe)
+    room = probe.info.n_ctx - len(prompt_ids) - len(prefix_resp)
+    if room < 1:
+        raise InputError(f"prompt + response prefix is {len(prompt_ids) + len(prefix_resp)} tokens; the model takes at most {probe.info.n_ctx}.")
+    sp = vllm.SamplingParams(n=n, temperature=cfg.temperature, top_p=cfg.top_p, top_k=-1, seed=seed,
+                             max_tokens=min(cfg.max_new_tokens, room), stop_token_ids=sorted(eos) or None)
+    out = llm.generate([{"prompt_token_ids": list(prompt_ids) + list(prefix_resp)}], sp, use_tqdm=False)[0]
+    return [_strip(list(c.token_ids), eos, None) for c in out.outputs]
 
 
 def _seed_for(seed: int, *parts: int) -> int:
@@ -359,6 +408,8 @@ def run(probe, problems: Sequence[Problem] | None = None, config: Config = Confi
     if not problems:
         raise InputError("no problems were given.", hint="Pass at least one Problem (e.g. analyses.tasks.builtin_arith(1)).")
     chks = list(checkers) if checkers is not None else [make_checker(p, config.checker, config.tol) for p in problems]
+    if config.engine == "vllm":
+        vllm_engine(probe)  # fail before any sampling when vLLM or a GPU is missing
     timer = Timer()
     with timer("sample"):
         trajs = sample_trajectories(probe, problems, config, chks)

@@ -3,8 +3,11 @@
 * :func:`builtin_arith` — a seeded generator of grade-school arithmetic word problems
   (``kind="word"``: one operation in a short story; ``kind="multistep"``: two or three chained
   operations), each with its exact answer.
-* :func:`read_gsm8k` — a GSM8K-style JSONL file (``question``, ``answer`` ending in ``#### n``),
+* :func:`read_gsm8k` — a JSONL file in GSM8K style (``question``, ``answer`` ending in ``#### n``) or
+  MATH style (``problem``, ``solution`` whose final answer is the last ``\\boxed{...}``, or ``answer``),
   read through :func:`analyses.io.iter_jsonl` (line-numbered errors).
+* :func:`read_hf` — the same two styles from a Hugging Face dataset (``hf:openai/gsm8k:main:test``),
+  streamed; offline it fails with one clear message.
 * :func:`extract_answer` — the final answer of a model response: ``#### n``, then
   ``answer is n`` / ``answer: n``, then ``\\boxed{n}``, else the last number. The *first* marked
   answer wins, matching rollouts that stop as soon as an answer is written.
@@ -23,7 +26,7 @@ from typing import Any, Callable, Literal, Sequence
 from probes.errors import ConfigError, InputError
 
 __all__ = [
-    "Problem", "builtin_arith", "read_gsm8k", "load_task", "extract_answer", "parse_number", "ANSWER_STOP",
+    "Problem", "builtin_arith", "read_gsm8k", "read_hf", "load_task", "extract_answer", "extract_boxed", "parse_number", "ANSWER_STOP",
     "Checker", "NumericChecker", "ExactChecker", "CallableChecker", "make_checker", "format_prompt", "INSTRUCTION",
 ]
 
@@ -76,6 +79,23 @@ def extract_answer(text: str) -> str | None:
     return _clean(nums[-1]) if nums else None
 
 
+def extract_boxed(text: str) -> str | None:
+    """Content of the last ``\\boxed{...}`` (nested braces allowed), or ``None``.
+
+    >>> extract_boxed(r"so $x = \\boxed{\\frac{1}{2}}$")
+    '\\\\frac{1}{2}'
+    """
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    i, depth = start + len("\\boxed{"), 1
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i:j].strip()
+    return None
+
+
 def _clean(s: str) -> str:
     s = s.replace(",", "").replace("$", "")
     return s[:-1] if s.endswith(".") else s
@@ -110,8 +130,15 @@ class ExactChecker(Checker):
     extract: bool = True
 
     def __call__(self, text: str) -> bool:
-        got = extract_answer(text) if self.extract else text
-        return got is not None and got.strip().lower() == str(self.answer).strip().lower()
+        want = _norm_answer(str(self.answer))
+        if not self.extract:
+            return _norm_answer(text) == want
+        cands = [extract_boxed(text), extract_answer(text)]
+        return any(c is not None and _norm_answer(c) == want for c in cands)
+
+
+def _norm_answer(s: str) -> str:
+    return re.sub(r"\s+", "", s.strip().strip("$").rstrip(".")).lower()
 
 
 @dataclass(frozen=True)
@@ -124,8 +151,11 @@ class CallableChecker(Checker):
         return bool(self.fn(text))
 
 
-def make_checker(problem: Problem, kind: Literal["numeric", "exact"] = "numeric", tol: float = 1e-6) -> Checker:
-    """The checker for ``problem``'s reference answer."""
+def make_checker(problem: Problem, kind: Literal["auto", "numeric", "exact"] = "numeric", tol: float = 1e-6) -> Checker:
+    """The checker for ``problem``'s reference answer (``"auto"``: numeric when the answer is a number)."""
+    if kind == "auto":
+        num = isinstance(problem.answer, (int, float)) or parse_number(str(problem.answer)) is not None
+        kind = "numeric" if num else "exact"
     if kind == "numeric":
         v = problem.answer if isinstance(problem.answer, (int, float)) else parse_number(str(problem.answer))
         if v is None:
@@ -134,7 +164,7 @@ def make_checker(problem: Problem, kind: Literal["numeric", "exact"] = "numeric"
         return NumericChecker(float(v), tol)
     if kind == "exact":
         return ExactChecker(str(problem.answer))
-    raise ConfigError(f"checker={kind!r} is not known.", hint="Use 'numeric' or 'exact' (or pass a callable).")
+    raise ConfigError(f"checker={kind!r} is not known.", hint="Use 'auto', 'numeric' or 'exact' (or pass a callable).")
 
 
 # ------------------------------------------------------------------------------ built-in tasks
@@ -178,11 +208,40 @@ def builtin_arith(n: int = 1, *, seed: int = 0, kind: Literal["word", "multistep
     return [Problem(p.question, p.answer, source=f"builtin-{kind}", line=i + 1) for i, p in ((i, make(rng)) for i in range(n))]
 
 
-def read_gsm8k(path: str | Path, *, limit: int | None = None, on_error: Literal["skip", "stop"] = "stop") -> list[Problem]:
-    """Problems from a GSM8K-style JSONL file: ``{"question": ..., "answer": "... #### 42"}``.
+def _problem_from(obj: dict[str, Any], where: str) -> tuple[Problem | None, str]:
+    """One GSM8K- or MATH-style record -> (Problem, "") or (None, why it cannot be used)."""
+    q = obj.get("question", obj.get("problem"))
+    if not isinstance(q, str) or not q.strip():
+        return None, "an empty or missing question ('question' or 'problem')"
+    raw = obj.get("answer")
+    if raw is None and isinstance(obj.get("solution"), str):  # MATH: the last boxed expression
+        raw = extract_boxed(obj["solution"])
+        if raw is None:
+            return None, "a solution without a \\boxed{...} final answer"
+    if raw is None:
+        return None, "no answer ('answer', or 'solution' with \\boxed{...})"
+    ref: float | str | None = None
+    if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+        ref = float(raw)
+    elif isinstance(raw, str) and raw.strip():
+        m = re.search(r"####\s*(.+?)\s*$", raw.strip())
+        if m:
+            ref = parse_number(m.group(1))
+        elif "solution" in obj or "problem" in obj:  # MATH answers may be expressions
+            ref = parse_number(raw) if parse_number(raw) is not None else raw.strip()
+        else:
+            ref = parse_number(raw)
+    if ref is None:
+        return None, f"an answer the extractor cannot parse ({str(raw)[-40:]!r})"
+    return Problem(q.strip(), ref, source=where), ""
 
-    A line without ``question``/``answer`` or whose answer has no parsable ``#### n`` (or final
-    number) raises :class:`InputError` naming the line (``on_error="skip"`` skips it with a warning).
+
+def read_gsm8k(path: str | Path, *, limit: int | None = None, on_error: Literal["skip", "stop"] = "stop") -> list[Problem]:
+    """Problems from a JSONL file, GSM8K style ``{"question": ..., "answer": "... #### 42"}`` or MATH style
+    ``{"problem": ..., "solution": "... \\boxed{42}"}`` (or ``"answer"``).
+
+    A line without a question/answer, or whose answer cannot be parsed, raises :class:`InputError`
+    naming the line (``on_error="skip"`` skips it with a warning).
     """
     import warnings
 
@@ -190,41 +249,86 @@ def read_gsm8k(path: str | Path, *, limit: int | None = None, on_error: Literal[
 
     out: list[Problem] = []
     name = Path(path).name
-    for no, obj in iter_jsonl(path, on_error=on_error, required=("question", "answer")):
-        raw = obj["answer"]
-        ref = None
-        if isinstance(raw, (int, float)) and not isinstance(raw, bool):
-            ref = float(raw)
-        elif isinstance(raw, str):
-            m = re.search(r"####\s*(.+?)\s*$", raw.strip())
-            ref = parse_number(m.group(1)) if m else (parse_number(raw) if raw.strip() else None)
-        if ref is None or not isinstance(obj["question"], str) or not obj["question"].strip():
-            what = "an empty question" if not isinstance(obj["question"], str) or not obj["question"].strip() else \
-                f"an answer the extractor cannot parse ({str(raw)[-40:]!r})"
-            msg = f"{name} line {no} has {what}."
+    for no, obj in iter_jsonl(path, on_error=on_error):
+        prob, why = _problem_from(obj, name)
+        if prob is None:
+            msg = f"{name} line {no} has {why}."
             if on_error == "stop":
-                raise InputError(msg, hint="GSM8K answers end with '#### <number>'; fix the line or pass --on-error skip.")
+                raise InputError(msg, hint="GSM8K answers end with '#### <number>', MATH solutions with \\boxed{...}; "
+                                           "fix the line or pass --on-error skip.")
             warnings.warn(msg + " Skipped.", stacklevel=2)
             continue
-        out.append(Problem(obj["question"].strip(), ref, source=name, line=no))
+        out.append(Problem(prob.question, prob.answer, source=name, line=no))
         if limit is not None and len(out) >= limit:
             break
     if not out:
-        raise InputError(f"{name} holds no usable problem.", hint="Each line needs 'question' and 'answer' ('... #### n').")
+        raise InputError(f"{name} holds no usable problem.",
+                         hint="Each line needs 'question' + 'answer' ('... #### n') or 'problem' + 'solution' (\\boxed{...}).")
+    return out
+
+
+def read_hf(spec: str, *, limit: int | None = None, on_error: Literal["skip", "stop"] = "stop") -> list[Problem]:
+    """Problems from a Hugging Face dataset, streamed: ``hf:NAME[:CONFIG][:SPLIT]`` (split default ``test``),
+    e.g. ``hf:openai/gsm8k:main:test``. Needs the ``datasets`` package and network (or its local cache)."""
+    import os
+    import warnings
+
+    parts = spec[3:].split(":") if spec.startswith("hf:") else spec.split(":")
+    if not parts or not parts[0]:
+        raise InputError(f"--task {spec!r} names no dataset.", hint="Use hf:NAME[:CONFIG][:SPLIT], e.g. hf:openai/gsm8k:main:test.")
+    name, rest = parts[0], parts[1:]
+    splits = ("train", "test", "validation")
+    if len(rest) > 2:
+        raise InputError(f"--task {spec!r} has too many ':' parts.", hint="Use hf:NAME[:CONFIG][:SPLIT].")
+    config = rest[0] if (len(rest) == 2 or (len(rest) == 1 and rest[0] not in splits)) else None
+    split = rest[-1] if rest and (len(rest) == 2 or rest[0] in splits) else "test"
+    try:
+        import datasets
+    except ImportError as e:
+        raise InputError(f"--task {spec} needs the 'datasets' package.", hint="pip install datasets, or download the split as JSONL.") from e
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
+    try:
+        ds = datasets.load_dataset(name, config, split=split, streaming=not offline)
+        rows = iter(ds)
+        first = next(rows, None)
+    except Exception as e:  # no network, unknown dataset, or not in the local cache
+        why = "the hub is not reachable (offline)" if offline or "connect" in str(e).lower() or "offline" in str(e).lower() else str(e).splitlines()[0][:160]
+        raise InputError(f"could not open Hugging Face dataset {name!r} (config {config!r}, split {split!r}): {why}.",
+                         hint="Go online (or pre-download it into the datasets cache), or save the split as GSM8K/MATH-style JSONL and pass its path.") from e
+    import itertools
+
+    out: list[Problem] = []
+    i = 0
+    for obj in itertools.chain([] if first is None else [first], rows):
+        i += 1
+        prob, why = _problem_from(dict(obj), f"hf:{name}")
+        if prob is None:
+            if on_error == "stop":
+                raise InputError(f"hf:{name} row {i} has {why}.", hint="Pass --on-error skip, or pick a GSM8K/MATH-style dataset.")
+            warnings.warn(f"hf:{name} row {i} has {why}. Skipped.", stacklevel=2)
+            continue
+        out.append(Problem(prob.question, prob.answer, source=f"hf:{name}", line=i))
+        if limit is not None and len(out) >= limit:
+            break
+    if not out:
+        raise InputError(f"hf:{name} gave no usable problem.", hint="It needs 'question'+'answer' or 'problem'+'solution' fields.")
     return out
 
 
 def load_task(task: str, n: int = 1, *, seed: int = 0, on_error: Literal["skip", "stop"] = "stop") -> list[Problem]:
-    """``builtin-arith`` / ``builtin-multistep`` (generated) or a path to a GSM8K-style JSONL file."""
+    """``builtin-arith`` / ``builtin-multistep`` (generated), ``hf:NAME[:CONFIG][:SPLIT]`` (Hugging Face
+    datasets, streamed) or a path to a GSM8K- or MATH-style JSONL file."""
     if task in ("builtin-arith", "builtin-word"):
         return builtin_arith(n, seed=seed, kind="word")
     if task == "builtin-multistep":
         return builtin_arith(n, seed=seed, kind="multistep")
+    if task.startswith("hf:"):
+        return read_hf(task, limit=n, on_error=on_error)
     p = Path(task)
     if p.suffix in (".jsonl", ".json", ".ndjson") or p.exists():
         return read_gsm8k(p, limit=n, on_error=on_error)
-    raise InputError(f"--task {task!r} is neither a built-in task nor an existing file.",
-                     hint="Use builtin-arith, builtin-multistep or a GSM8K-style .jsonl path.")
+    raise InputError(f"--task {task!r} is neither a built-in task, an hf: dataset nor an existing file.",
+                     hint="Use builtin-arith, builtin-multistep, hf:openai/gsm8k:main:test or a GSM8K/MATH-style .jsonl path.")
 
 
 def format_prompt(probe: Any, problem: Problem | str, *, instruction: str = INSTRUCTION) -> str:

@@ -53,6 +53,7 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=96)
     ap.add_argument("--new", type=int, default=16)
     ap.add_argument("--positions", type=int, default=3, help="prefix positions for the reuse comparison")
+    ap.add_argument("--vllm", action="store_true", help="also time rollouts through vLLM (CUDA, `pip install vllm`)")
     args = ap.parse_args()
 
     from analyses import critical as C
@@ -89,6 +90,11 @@ def main() -> None:
     print(f"plain generate     : {n_plain / t_plain:8.1f} tok/s ({t_plain:.2f} s)")
     print(f"rollouts (cached)  : {n_roll / t_roll:8.1f} tok/s ({t_roll:.2f} s)  ratio {t_plain / t_roll * n_roll / n_plain:.2f}x (goal >= 0.8x)")
     print(f"{args.positions} positions      : cached {t_cache:.2f} s vs uncached {t_nocache:.2f} s  -> prefix reuse {t_nocache / t_cache:.2f}x")
+    if args.vllm:
+        vcfg = cfg.replace(engine="vllm")
+        C.rollout_success(probe, prompt, resp, len(resp), never_eos, args.batch, vcfg)  # engine start + warm-up
+        t_v, _ = timed(lambda: C.rollout_success(probe, prompt, resp, len(resp), never_eos, args.batch, vcfg), sync)
+        print(f"rollouts (vLLM)    : {n_roll / t_v:8.1f} tok/s ({t_v:.2f} s)  ratio {t_plain / t_v * n_roll / n_plain:.2f}x vs plain generate")
     print(f"peak memory        : {peak:.0f} MiB ({'CUDA allocated' if dev.type == 'cuda' else 'max RSS'})")
 
 

@@ -81,13 +81,54 @@ def test_read_gsm8k_and_bad_lines(tmp_path):
     assert load_task(str(f), 1)[0].question == "1+1?"
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"question": "q"}) + "\n")
-    with pytest.raises(InputError, match="line 1 has no 'answer'"):
+    with pytest.raises(InputError, match="line 1 has no answer"):
         read_gsm8k(bad)
     bad.write_text(json.dumps({"question": "q", "answer": "#### many"}) + "\n")
     with pytest.raises(InputError, match="line 1 has an answer the extractor cannot parse"):
         read_gsm8k(bad)
     with pytest.raises(InputError, match="neither a built-in task"):
         load_task("nonsense-task")
+
+
+def test_math_style_and_auto_checker(tmp_path):
+    from analyses.tasks import extract_boxed, make_checker
+
+    f = tmp_path / "math.jsonl"
+    f.write_text(json.dumps({"problem": "Half of 1?", "solution": "It is $\\boxed{\\frac{1}{2}}$."}) + "\n" +
+                 json.dumps({"problem": "2+3?", "solution": "2+3=\\boxed{5}"}) + "\n" +
+                 json.dumps({"problem": "no box", "solution": "it is 4"}) + "\n")
+    with pytest.warns(UserWarning, match="line 3 has a solution without a"):
+        ps = read_gsm8k(f, on_error="skip")
+    assert [p.answer for p in ps] == ["\\frac{1}{2}", 5.0]
+    assert extract_boxed("x \\boxed{a{b}c} y") == "a{b}c"
+    frac, five = make_checker(ps[0], "auto"), make_checker(ps[1], "auto")
+    assert frac("so the answer is $\\boxed{\\frac{1}{2}}$") and not frac("\\boxed{\\frac{1}{3}}")
+    assert five("The answer is 5.") and not five("The answer is 6.")
+    with pytest.raises(InputError, match="line 3 has a solution without"):
+        read_gsm8k(f)
+
+
+def test_hf_datasets_task(tmp_path, monkeypatch):
+    """hf: specs go through `datasets` (a local dataset folder here; the hub is unreachable offline)."""
+    pytest.importorskip("datasets")
+    d = tmp_path / "gsm"
+    d.mkdir()
+    (d / "test.jsonl").write_text("".join(json.dumps({"question": f"{i}+1?", "answer": f"#### {i + 1}"}) + "\n" for i in range(5)))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    ps = load_task(f"hf:{d}:test", 3)
+    assert [p.answer for p in ps] == [1.0, 2.0, 3.0] and ps[0].source.startswith("hf:")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(InputError, match="could not open Hugging Face dataset 'no-such/dataset'"):
+        load_task("hf:no-such/dataset:main:test", 2)
+
+
+def test_vllm_engine_says_what_it_needs(tiny_llama):
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None and torch.cuda.is_available():
+        pytest.skip("vLLM and a GPU are present: the engine would start")
+    with pytest.raises(ConfigError, match="engine='vllm' needs"):
+        C.run(tiny_llama, builtin_arith(1), C.Config(engine="vllm", n_samples=1))
 
 
 # ------------------------------------------------------------------------------ pure math
@@ -260,7 +301,7 @@ def test_cli_bad_input_and_budget(tmp_path, capsys):
     bad.write_text(json.dumps({"question": "q"}) + "\n")
     with pytest.raises(SystemExit) as e:
         main(["run", "critical", "--task", str(bad)])
-    assert e.value.code == 2 and "line 1 has no 'answer'" in capsys.readouterr().err
+    assert e.value.code == 2 and "line 1 has no answer" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         main(["run", "critical", "--granularity", "words"])
     assert e.value.code == 2 and "granularity='words'" in capsys.readouterr().err

@@ -9,7 +9,7 @@ import typer
 
 from .common import BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OutOpt, load_probe, progress, saved
 
-TaskOpt = typer.Option("builtin-arith", "--task", "-t", help="builtin-arith, builtin-multistep or a GSM8K-style JSONL file.")
+TaskOpt = typer.Option("builtin-arith", "--task", "-t", help="builtin-arith, builtin-multistep, hf:NAME[:CONFIG][:SPLIT] (Hugging Face datasets) or a GSM8K/MATH-style JSONL file.")
 
 
 def register(run_app: typer.Typer) -> None:
@@ -29,6 +29,8 @@ def register(run_app: typer.Typer) -> None:
         batch_size: int = typer.Option(64, "--batch-size", help="Rollouts per generate call."),
         max_rollouts: int = typer.Option(20_000, "--max-rollouts", help="Refuse searches planning more rollouts than this."),
         adapters: Optional[Path] = typer.Option(None, "--adapters", help="Folder from `contrastive-train`: adds CE scores per token."),
+        checker: str = typer.Option("auto", "--checker", help="auto, numeric or exact (auto: numeric for number answers)."),
+        engine: str = typer.Option("hf", "--engine", help="hf (transformers generate, shared prefix cache) or vllm (CUDA, prefix caching)."),
         seed: int = typer.Option(0, "--seed"),
         on_error: str = typer.Option("stop", "--on-error", help="Malformed JSONL line: stop or skip."),
         backend: str = BackendOpt, device: str = DeviceOpt, dtype: str = DtypeOpt,
@@ -42,7 +44,8 @@ def register(run_app: typer.Typer) -> None:
 
         cfg = C.Config(n_samples=samples, n_rollouts=rollouts, granularity=granularity, bisect=bisect,  # type: ignore[arg-type]
                        max_new_tokens=max_new_tokens, temperature=temperature, alternatives=alternatives,  # type: ignore[arg-type]
-                       n_alternatives=n_alternatives, batch_size=batch_size, max_rollouts=max_rollouts, seed=seed)
+                       n_alternatives=n_alternatives, batch_size=batch_size, max_rollouts=max_rollouts, seed=seed,
+                       checker=checker, engine=engine)  # type: ignore[arg-type]
         probs = load_task(task, problems, seed=seed, on_error=on_error)  # type: ignore[arg-type]
         probe = load_probe(model, backend, device, dtype)
         with progress(None, "prefixes rolled out") as step:
