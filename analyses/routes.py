@@ -58,7 +58,7 @@ from .store import StoredResult, hash_inputs
 __all__ = [
     "Config", "DatasetConfig", "RoutesResult", "RouteStatsResult", "RouteStats", "run", "run_dataset", "accumulate", "stats_result",
     "proximity", "attention_importance", "ffn_importance", "neuron_importance", "block_importance",
-    "decomposed_attention", "threshold_renormalize", "node_name", "max_prompt_tokens", "describe_edit",
+    "decomposed_attention", "threshold_renormalize", "node_name", "max_prompt_tokens", "describe_edit", "resolve_kernel",
 ]
 
 Level = Literal["token", "head", "neuron"]
@@ -83,6 +83,7 @@ class Config(_BaseConfig):
     max_memory_gb: float = 8.0  # refuse prompts whose stored importances would exceed this
     keep_residuals: bool = False  # keep resid vectors so nodes can be read through the logit lens
     dtype: Literal["float32", "float64"] = "float32"  # LLM-TT computes in fp32
+    kernel: Literal["auto", "compiled", "eager"] = "auto"  # proximity kernel; auto = compiled for large prompts
 
     def __post_init__(self) -> None:
         if not (isinstance(self.tau, (int, float)) and 0.0 < self.tau < 1.0):
@@ -97,6 +98,8 @@ class Config(_BaseConfig):
             raise ConfigError(f"mode={self.mode!r}; use 'all' (graph of every position) or 'route' (top-down, one prediction).")
         if self.dtype not in ("float32", "float64"):
             raise ConfigError(f"dtype={self.dtype!r}; use 'float32' or 'float64'.")
+        if self.kernel not in ("auto", "compiled", "eager"):
+            raise ConfigError(f"kernel={self.kernel!r}; use 'auto', 'compiled' (torch.compile: fused C++/Triton) or 'eager'.")
         if self.query_chunk is not None and (not isinstance(self.query_chunk, int) or self.query_chunk < 1):
             raise ConfigError(f"query_chunk={self.query_chunk!r}; use a positive integer or None (automatic).")
         if not (isinstance(self.chunk_mb, int) and self.chunk_mb >= 1):
@@ -145,6 +148,53 @@ def proximity(whole: torch.Tensor, parts: torch.Tensor, *, p: float = 1.0, eps: 
     return pr / pr.sum(-1, keepdim=True)
 
 
+# A fused proximity kernel: torch.compile turns the expression below into one loop (C++/OpenMP on
+# CPU, Triton on GPU) that never materialises the [C, K, H, d] parts tensor; eager PyTorch needs four
+# passes over it. Same arithmetic, reductions in another order (differences ~1e-6 relative).
+_COMPILED: dict[float, Callable] = {}
+_COMPILE_FAILED: list[str] = []
+AUTO_COMPILE_WORK = 5e8  # L·T²·H·d element operations above which kernel="auto" compiles
+
+
+def _scaled_prox(w: torch.Tensor, a: torch.Tensor, u: torch.Tensor, p: float, eps: float) -> torch.Tensor:
+    """w [C, d], a [C, K, H], u [K, H, d] -> clipped proximity of parts a[c, k, h] · u[k, h] to w[c]: [C, K, H]."""
+    diff = w[:, None, None, :] - a.unsqueeze(-1) * u.unsqueeze(0)
+    if p == 1:
+        return (w.abs().sum(-1)[:, None, None] - diff.abs().sum(-1)).clamp_min(eps)
+    if p == 2:
+        return (w.pow(2).sum(-1).sqrt()[:, None, None] - diff.pow(2).sum(-1).sqrt()).clamp_min(eps)
+    return (w.abs().pow(p).sum(-1).pow(1 / p)[:, None, None] - diff.abs().pow(p).sum(-1).pow(1 / p)).clamp_min(eps)
+
+
+def _prox_kernel(kernel: str) -> Callable:
+    """The proximity function for ``kernel`` ("compiled" falls back to eager, with a warning, when
+    torch.compile is unavailable, e.g. no C++ compiler)."""
+    if kernel != "compiled" or _COMPILE_FAILED:
+        return _scaled_prox
+
+    def run(w, a, u, p, eps):
+        fn = _COMPILED.get(p)
+        if fn is None:
+            fn = _COMPILED[p] = torch.compile(lambda w, a, u, eps: _scaled_prox(w, a, u, p, eps), dynamic=True)
+        try:
+            return fn(w, a, u, eps)
+        except Exception as e:  # compiler missing or unsupported platform: keep going, eagerly
+            import warnings
+
+            _COMPILE_FAILED.append(f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+            warnings.warn(f"routes: torch.compile failed ({_COMPILE_FAILED[-1]}); using the eager proximity kernel.", stacklevel=2)
+            return _scaled_prox(w, a, u, p, eps)
+
+    return run
+
+
+def resolve_kernel(kernel: str, n_layers: int, T: int, n_heads: int, d_model: int) -> str:
+    """``"auto"`` -> ``"compiled"`` when the all-position work ``L·T²·H·d`` exceeds :data:`AUTO_COMPILE_WORK`."""
+    if kernel != "auto":
+        return kernel
+    return "compiled" if n_layers * T * T * n_heads * d_model >= AUTO_COMPILE_WORK else "eager"
+
+
 @torch.no_grad()
 def decomposed_attention(pattern: torch.Tensor, vo: torch.Tensor, queries: slice | None = None) -> torch.Tensor:
     """Per (query, key, head) attention parts.
@@ -169,8 +219,8 @@ def _chunk_size(T: int, H: int, d: int, chunk_mb: int, itemsize: int = 4) -> int
 @torch.no_grad()
 def attention_importance(resid_pre: torch.Tensor, whole: torch.Tensor, pattern: torch.Tensor, vo: torch.Tensor, *,
                          p: float = 1.0, eps: float = 1e-5, extra_parts: torch.Tensor | None = None,
-                         query_chunk: int | None = None, chunk_mb: int = 256,
-                         queries: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                         query_chunk: int | None = None, chunk_mb: int = 256, queries: torch.Tensor | None = None,
+                         kernel: Literal["eager", "compiled"] = "eager") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Importances of an attention block's parts, computed in chunks of queries.
 
     Args:
@@ -180,6 +230,7 @@ def attention_importance(resid_pre: torch.Tensor, whole: torch.Tensor, pattern: 
         vo: [T, H, d] v_h[j] · W_O,h per key and head.
         extra_parts: [T, E, d] further parts per query (b_O, a parallel block's mlp_out), or None.
         queries: optional sorted query positions [Q] (top-down mode computes only these rows).
+        kernel: "eager" (chunks of the [Q, T, H, d] parts tensor) or "compiled" (one fused loop, no parts tensor).
 
     Returns:
         attn [Q, T, H] (query, key, head), resid [Q], extra [Q, E] or None (Q = T when ``queries`` is None);
@@ -188,7 +239,10 @@ def attention_importance(resid_pre: torch.Tensor, whole: torch.Tensor, pattern: 
     T, H, d = vo.shape
     qidx = torch.arange(T, device=vo.device) if queries is None else torch.as_tensor(queries, device=vo.device).long()
     Q = qidx.numel()
-    qc = query_chunk or _chunk_size(T, H, d, chunk_mb, vo.element_size())
+    fused = kernel == "compiled"
+    # eager chunks hold [C, T, H, d] parts; the fused kernel only its [C, T, H] output
+    qc = query_chunk or (_chunk_size(T, H, 1, chunk_mb, vo.element_size()) if fused else _chunk_size(T, H, d, chunk_mb, vo.element_size()))
+    prox_fn = _prox_kernel(kernel)
     attn = torch.full((Q, T, H), eps, dtype=vo.dtype, device=vo.device)
     w = whole[qidx]
     resid = _prox(w, resid_pre[qidx].unsqueeze(-2), p, eps)[..., 0]  # [Q]
@@ -197,13 +251,18 @@ def attention_importance(resid_pre: torch.Tensor, whole: torch.Tensor, pattern: 
         c1 = min(Q, c0 + qc)
         qs = qidx[c0:c1]
         k1 = int(qs.max()) + 1  # causal: no key after the last query of the chunk matters
-        parts = pattern[:, qs, :k1].permute(1, 2, 0).unsqueeze(-1) * vo[:k1].unsqueeze(0)  # [C, k1, H, d]
-        pr = _prox(w[c0:c1, None], parts, p, eps)  # [C, k1, H]
+        a = pattern[:, qs, :k1].permute(1, 2, 0)  # [C, k1, H]
+        if fused:
+            pr = prox_fn(w[c0:c1].contiguous(), a.contiguous(), vo[:k1].contiguous(), float(p), float(eps))
+        else:
+            parts = a.unsqueeze(-1) * vo[:k1].unsqueeze(0)  # [C, k1, H, d]
+            pr = _prox(w[c0:c1, None], parts, p, eps)  # [C, k1, H]
+            del parts
         # keys after the query hold exact zero parts; pin them to eps (float reduction order aside)
         future = torch.arange(k1, device=vo.device)[None, :] > qs[:, None]
         pr.masked_fill_(future[..., None], eps)
         attn[c0:c1, :k1] = pr
-        del parts, pr
+        del pr
     total = attn.sum((1, 2)) + resid + (0 if extra is None else extra.sum(-1))
     attn /= total[:, None, None]
     resid = resid / total
@@ -317,6 +376,7 @@ class _Decomposer:
         self.parallel = i.parallel_blocks
         self.dt = getattr(torch, cfg.dtype)
         self.route_mode = cfg.mode == "route"
+        self.kernel = resolve_kernel(cfg.kernel, self.L, T, self.H, self.d)
         dev = probe.device
         z = lambda *s: torch.zeros(*s, dtype=self.dt, device=dev)  # noqa: E731
         self.attn = z(self.L, T, T, self.H)
@@ -383,7 +443,7 @@ class _Decomposer:
             extras.append(c["mlp_out"])
         a, r, e = attention_importance(c["resid_pre"], whole, c["pattern"], vo, p=cfg.p, eps=cfg.eps,
                                        extra_parts=torch.stack(extras, 1) if extras else None,
-                                       query_chunk=cfg.query_chunk, chunk_mb=cfg.chunk_mb, queries=rows)
+                                       query_chunk=cfg.query_chunk, chunk_mb=cfg.chunk_mb, queries=rows, kernel=self.kernel)
         idx = slice(None) if rows is None else rows
         self.attn[L, idx], self.attn_resid[L, idx] = a, r
         if cfg.include_bias:

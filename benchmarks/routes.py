@@ -72,6 +72,8 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=[128])
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--chunk-mb", type=int, default=256)
+    ap.add_argument("--kernel", choices=["auto", "compiled", "eager"], default="compiled",
+                    help="proximity kernel (compiled = torch.compile: C++ on CPU, Triton on GPU; warmed up before timing)")
     args = ap.parse_args()
 
     from analyses import routes
@@ -80,7 +82,8 @@ def main() -> None:
     dev = probe.device
     print(f"model {probe.info.name}: {probe.info.n_layers} layers, {probe.info.n_heads} heads/{probe.info.n_kv_heads} kv, "
           f"d={probe.info.d_model}, {probe.info.dtype} on {dev}; torch threads {torch.get_num_threads()}")
-    cfg = routes.Config(chunk_mb=args.chunk_mb, max_memory_gb=64)
+    cfg = routes.Config(chunk_mb=args.chunk_mb, max_memory_gb=64, kernel=args.kernel)
+    print(f"proximity kernel: {args.kernel}")
     top_cfg = cfg.replace(mode="route")
     print(f"{'T':>6} {'forward s':>10} {'all-pos s':>10} {'ratio':>7} {'top-down s':>11} {'ratio':>7} {'graph+route s':>14} {'peak MB':>9}")
     for T in args.lengths:

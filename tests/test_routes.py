@@ -311,6 +311,20 @@ def test_top_down_embedded_and_partial_guard(embedded):
         top.route(tau=0.01)
 
 
+@pytest.mark.parametrize("p", [1.0, 2.0])
+def test_compiled_kernel_matches_eager(tiny, p):
+    """The fused (torch.compile) proximity kernel gives the eager numbers and the same route."""
+    probe = tiny("llama")
+    ids = torch.tensor([[1] + list(range(40, 63))])
+    eager = routes.run(probe, ids, config=Config(kernel="eager", p=p))
+    fused = routes.run(probe, ids, config=Config(kernel="compiled", p=p))
+    assert not routes._COMPILE_FAILED, routes._COMPILE_FAILED
+    torch.testing.assert_close(fused.attn, eager.attn, atol=2e-5, rtol=1e-3)
+    torch.testing.assert_close(fused.attn_resid, eager.attn_resid, atol=2e-5, rtol=1e-3)
+    assert set(fused.route().edges()) == set(eager.route().edges())
+    assert routes.resolve_kernel("auto", 30, 512, 32, 4096) == "compiled" and routes.resolve_kernel("auto", 2, 8, 4, 64) == "eager"
+
+
 def test_route_with_ablated_head(tiny):
     from probes import Ablate, AddVector
 
