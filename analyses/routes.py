@@ -288,7 +288,7 @@ def block_importance(whole: torch.Tensor, parts: Sequence[torch.Tensor], *, p: f
 @torch.no_grad()
 def neuron_importance(rest: torch.Tensor, post: torch.Tensor, W_out: torch.Tensor, whole: torch.Tensor, *,
                       p: float = 1.0, eps: float = 1e-5, query_chunk: int | None = None,
-                      chunk_mb: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+                      chunk_mb: int = 256, kernel: Literal["eager", "compiled"] = "eager") -> tuple[torch.Tensor, torch.Tensor]:
     """Neuron-level FFN parts.
 
     Args:
@@ -300,13 +300,20 @@ def neuron_importance(rest: torch.Tensor, post: torch.Tensor, W_out: torch.Tenso
     """
     T, F = post.shape
     d = W_out.shape[1]
-    qc = query_chunk or max(1, min(T, int(chunk_mb * 2**20 // max(1, F * d * post.element_size() * 2))))
+    fused = kernel == "compiled"
+    per_query = F * (1 if fused else d) * post.element_size() * 2
+    qc = query_chunk or max(1, min(T, int(chunk_mb * 2**20 // max(1, per_query))))
     neurons = torch.empty(T, F, dtype=post.dtype, device=post.device)
     resid = _prox(whole, rest.unsqueeze(-2), p, eps)[..., 0]
+    prox_fn = _prox_kernel(kernel)
     for q0 in range(0, T, qc):
         q1 = min(T, q0 + qc)
-        parts = post[q0:q1, :, None] * W_out[None]  # [Q, F, d]
-        neurons[q0:q1] = _prox(whole[q0:q1], parts, p, eps)
+        if fused:  # parts post[i, n] · W_out[n] as the scaled-part kernel with one "head"
+            neurons[q0:q1] = prox_fn(whole[q0:q1].contiguous(), post[q0:q1, :, None].contiguous(),
+                                     W_out[:, None, :].contiguous(), float(p), float(eps))[..., 0]
+        else:
+            parts = post[q0:q1, :, None] * W_out[None]  # [Q, F, d]
+            neurons[q0:q1] = _prox(whole[q0:q1], parts, p, eps)
     total = neurons.sum(-1) + resid
     return neurons / total[:, None], resid / total
 
@@ -463,7 +470,7 @@ class _Decomposer:
         if cfg.level == "neuron":
             W_out = self.probe.W_out(L).to(self.dt)
             n, r = neuron_importance((post_resid - c["mlp_out"])[idx], c["mlp_post"][idx], W_out, post_resid[idx],
-                                     p=cfg.p, eps=cfg.eps, query_chunk=cfg.query_chunk, chunk_mb=cfg.chunk_mb)
+                                     p=cfg.p, eps=cfg.eps, query_chunk=cfg.query_chunk, chunk_mb=cfg.chunk_mb, kernel=self.kernel)
             self.neurons[L, idx], self.neuron_resid[L, idx] = n, r
         if self.res is not None:
             self.res["resid_post"][L] = post_resid

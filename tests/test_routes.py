@@ -316,10 +316,11 @@ def test_compiled_kernel_matches_eager(tiny, p):
     """The fused (torch.compile) proximity kernel gives the eager numbers and the same route."""
     probe = tiny("llama")
     ids = torch.tensor([[1] + list(range(40, 63))])
-    eager = routes.run(probe, ids, config=Config(kernel="eager", p=p))
-    fused = routes.run(probe, ids, config=Config(kernel="compiled", p=p))
+    eager = routes.run(probe, ids, config=Config(kernel="eager", p=p, level="neuron"))
+    fused = routes.run(probe, ids, config=Config(kernel="compiled", p=p, level="neuron"))
     assert not routes._COMPILE_FAILED, routes._COMPILE_FAILED
     torch.testing.assert_close(fused.attn, eager.attn, atol=2e-5, rtol=1e-3)
+    torch.testing.assert_close(fused.neurons, eager.neurons, atol=2e-5, rtol=1e-3)
     torch.testing.assert_close(fused.attn_resid, eager.attn_resid, atol=2e-5, rtol=1e-3)
     assert set(fused.route().edges()) == set(eager.route().edges())
     assert routes.resolve_kernel("auto", 30, 512, 32, 4096) == "compiled" and routes.resolve_kernel("auto", 2, 8, 4, 64) == "eager"
