@@ -67,8 +67,10 @@ def load_model(
     device: str = "auto",
     dtype: str = "auto",
     device_map: str | dict | None = None,
+    max_memory: str | dict | None = None,
     revision: str | None = None,
     trust_remote_code: bool = False,
+    remote: bool = False,
 ) -> Probe:
     """Load a model and wrap it in a :class:`Probe`.
 
@@ -78,16 +80,30 @@ def load_model(
         backend: ``"nnsight"`` or ``"transformer_lens"``.
         device: ``auto`` (CUDA if present), ``cpu``, ``cuda``, ``cuda:N``, ``mps``.
         dtype: ``auto`` (fp32 on CPU, bf16 on GPU), ``float32``, ``bfloat16``, ``float16``.
-        device_map: passed to accelerate (``"auto"`` spreads a large model over the GPUs).
+        device_map: passed to accelerate (``"auto"`` spreads a large model over the GPUs, then the CPU).
+        max_memory: per-device limits for ``device_map``: ``{0: "20GiB", "cpu": "64GiB"}`` or the string
+            ``"0=20GiB,cpu=64GiB"``.
         revision: model revision (branch, tag, commit) for hub models.
         trust_remote_code: run custom modelling code from the model's repository (off by default).
+        remote: run the model on NDIF through nnsight (needs an API key and network; see
+            :mod:`probes.remote`). Only hub ids, the nnsight backend and module-output sites.
     """
     from .loading import load_hf
 
     if backend not in BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}.", hint=f"Use one of: {', '.join(BACKENDS)}.")
+    if remote:
+        if backend != "nnsight":
+            raise ConfigError(f"remote=True runs through nnsight; backend={backend!r} cannot run remotely.",
+                              hint="Use backend='nnsight' (CLI: --backend nnsight) with --remote.")
+        if device_map is not None or max_memory is not None:
+            raise ConfigError("remote=True places the model on NDIF; device_map and max_memory do not apply.",
+                              hint="Drop --device-map/--max-memory, or drop --remote to place it on local devices.")
+        from .remote import load_remote
+
+        return load_remote(name, revision=revision)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    model, tok, source = load_hf(name, device=dev, dtype=dt, device_map=device_map, revision=revision,
-                                 trust_remote_code=trust_remote_code)
+    model, tok, source = load_hf(name, device=dev, dtype=dt, device_map=device_map, max_memory=max_memory,
+                                 revision=revision, trust_remote_code=trust_remote_code)
     return from_hf(model, tok, backend=backend, name=name, source=source)

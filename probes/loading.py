@@ -35,7 +35,12 @@ __all__ = [
     "resolve_device",
     "resolve_dtype",
     "load_hf",
+    "parse_max_memory",
+    "DEVICE_MAPS",
 ]
+
+#: device_map strings accelerate understands (a dict {module path: device} is accepted too)
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
 EMBEDDED = "embedded"
 _EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -171,6 +176,62 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return _DTYPES[dtype]
 
 
+def parse_max_memory(spec: str | dict | None) -> dict[int | str, str | int] | None:
+    """Per-device memory limits for accelerate: ``"0=20GiB,1=20GiB,cpu=64GiB"`` -> ``{0: "20GiB", 1: "20GiB", "cpu": "64GiB"}``.
+
+    Keys are GPU indices, ``cpu``, ``mps`` or ``disk``; values are sizes accelerate reads (``20GiB``,
+    ``500MB``) or integers (bytes). A dict is checked and passed through.
+    """
+    from .errors import ConfigError
+
+    if spec is None or (isinstance(spec, str) and not spec.strip()):
+        return None
+    hint = "Write it as DEVICE=SIZE pairs, e.g. --max-memory 0=20GiB,1=20GiB,cpu=64GiB."
+    items = spec.items() if isinstance(spec, dict) else []
+    if isinstance(spec, str):
+        pairs = []
+        for part in spec.split(","):
+            if "=" not in part:
+                raise ConfigError(f"max_memory {spec!r}: {part.strip()!r} has no '='.", hint=hint)
+            k, v = part.split("=", 1)
+            pairs.append((k.strip(), v.strip()))
+        items = pairs
+    out: dict[int | str, str | int] = {}
+    for k, v in items:
+        key: int | str = int(k) if isinstance(k, int) or str(k).isdigit() else str(k)
+        if isinstance(key, str) and key not in ("cpu", "mps", "disk"):
+            raise ConfigError(f"max_memory device {k!r} is not a GPU index, 'cpu', 'mps' or 'disk'.", hint=hint)
+        if isinstance(v, str):
+            import re
+
+            if not re.fullmatch(r"[0-9]*\.?[0-9]+\s*([KMGT]i?B)?", v.strip(), flags=re.I):
+                raise ConfigError(f"max_memory[{k!r}]={v!r} is not a size.", hint=hint)
+        elif not isinstance(v, int) or v <= 0:
+            raise ConfigError(f"max_memory[{k!r}]={v!r} is not a size.", hint=hint)
+        out[key] = v
+    if not out:
+        raise ConfigError(f"max_memory {spec!r} names no device.", hint=hint)
+    return out
+
+
+def _check_device_map(device_map: str | dict | None, max_memory: dict | None) -> None:
+    from .errors import ConfigError
+
+    if device_map is None:
+        if max_memory is not None:
+            raise ConfigError("max_memory was given without device_map; the limits only steer accelerate's placement.",
+                              hint="Add device_map='auto' (CLI: --device-map auto).")
+        return
+    if isinstance(device_map, dict):
+        if not device_map:
+            raise ConfigError("device_map is an empty dict.", hint="Map module paths to devices, or use device_map='auto'.")
+        return
+    if not isinstance(device_map, str) or (device_map not in DEVICE_MAPS and device_map not in ("cpu", "mps")
+                                            and not device_map.startswith("cuda")):
+        raise ConfigError(f"device_map={device_map!r} is not known.",
+                          hint=f"Use one of {', '.join(DEVICE_MAPS)}, a device (cpu, cuda:0) or a dict of module -> device.")
+
+
 def _hub_reachable(timeout: float = 3.0) -> bool:
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         return False
@@ -189,6 +250,7 @@ def load_hf(
     device: torch.device,
     dtype: torch.dtype,
     device_map: str | dict | None = None,
+    max_memory: str | dict | None = None,
     revision: str | None = None,
     trust_remote_code: bool = False,
     attn_implementation: str = "sdpa",
@@ -197,6 +259,8 @@ def load_hf(
 
     ``name`` is ``"embedded"``, a local folder with ``config.json``, a ``.gguf`` file, or a Hugging
     Face id (read from the local HF cache first; from the hub only when it is reachable).
+    ``device_map`` and ``max_memory`` (per-device limits, see :func:`parse_max_memory`) go to
+    accelerate, which places whole blocks on devices and moves activations between them.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -208,8 +272,12 @@ def load_hf(
     kw: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn_implementation, "trust_remote_code": trust_remote_code}
     if revision:
         kw["revision"] = revision
+    max_memory = parse_max_memory(max_memory)
+    _check_device_map(device_map, max_memory)
     if device_map is not None:
         kw["device_map"] = device_map
+    if max_memory is not None:
+        kw["max_memory"] = dict(max_memory)  # accelerate rewrites the dict it gets
     source = name
     path = Path(name).expanduser()
     if name == EMBEDDED:
@@ -265,6 +333,13 @@ def load_hf(
         raise ModelLoadError(f"could not load model {name!r}: {e}") from e
     if device_map is None:
         model = model.to(device)
+    else:
+        offloaded = sorted({n.rsplit(".", 1)[0] for n, p in model.named_parameters() if p.device.type == "meta"})
+        if offloaded:  # accelerate sent these to disk: their weights are not in memory for hooks or W_O reads
+            raise ModelLoadError(
+                f"device_map={device_map!r} with max_memory={max_memory} leaves no room for the weights of "
+                f"{len(offloaded)} modules (e.g. {offloaded[0]}); accelerate offloaded them to disk, which Sonde cannot read from.",
+                hint="Raise the limits (e.g. --max-memory 0=70GiB,cpu=200GiB), use a smaller dtype, or run it on NDIF (--remote).")
     model.eval()
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token

@@ -113,3 +113,17 @@ def test_analyses_never_import_streamlit():
            "assert 'streamlit' not in sys.modules, 'analyses/probes imported streamlit'\n"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_model_options_reach_the_loader(capsys):
+    """Every model-loading verb takes --device-map/--max-memory/--revision/--remote (one decorator) and the
+    loader answers bad combinations with one line."""
+    from analyses.cli import main
+
+    for argv, want in ((["info", "--max-memory", "0=1GiB"], "without device_map"),
+                       (["run", "logit-lens", "--prompt", "x", "--max-memory", "cpu=1GiB"], "without device_map"),
+                       (["run", "critical", "--remote"], "NDIF")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and want in err and err.count("\n") == 1, (argv, err)

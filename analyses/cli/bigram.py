@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .common import BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OutOpt, echo_json, load_probe, progress, saved, status
+from .common import model_options, BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OutOpt, echo_json, load_probe, progress, saved, status
 
 __all__ = ["register"]
 
@@ -30,6 +30,7 @@ def _ablation_lines(df) -> list[str]:
 
 def register(run_app: typer.Typer) -> None:
     @run_app.command("bigram")
+    @model_options
     def bigram_cmd(
         model: str = ModelOpt,
         corpus: str = typer.Option("builtin", "--corpus", "-c", help="'builtin' (Python's pydoc topics, offline), a UTF-8 .txt or a .jsonl (field 'text')."),
@@ -86,6 +87,8 @@ def register(run_app: typer.Typer) -> None:
         saved(path, as_json, summary)
 
     @run_app.command("bigram-eval")
+
+    @model_options
     def bigram_eval_cmd(
         mask: Path = typer.Option(..., "--mask", help="Folder of a saved `sonde run bigram` result."),
         model: Optional[str] = typer.Option(None, "--model", "-m", help="Model (default: the one the mask was trained on)."),

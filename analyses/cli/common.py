@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextvars
+import functools
+import inspect
 import json
 import os
 import sys
@@ -30,17 +33,66 @@ ModelOpt = typer.Option("embedded", "--model", "-m", help="'embedded', an HF id,
 BackendOpt = typer.Option("nnsight", "--backend", help="nnsight or transformer_lens.")
 DeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps.")
 DtypeOpt = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16.")
+DeviceMapOpt = typer.Option(None, "--device-map", help="Spread the model with accelerate: auto, balanced, sequential (GPUs, then CPU).")
+MaxMemoryOpt = typer.Option(None, "--max-memory", help="Per-device limits for --device-map, e.g. 0=20GiB,1=20GiB,cpu=64GiB.")
+RemoteOpt = typer.Option(False, "--remote", help="Run the model on NDIF through nnsight (needs NDIF_API_KEY and network).")
+RevisionOpt = typer.Option(None, "--revision", help="Model revision (branch, tag or commit) of a hub id.")
 JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON.")
 OutOpt = typer.Option(None, "--out", "-o", help="Result folder (default: sonde-results/<key>).")
 
 
+_SCALE_OPTS: dict[str, tuple[Any, Any]] = {  # name -> (annotation, typer option), added by @model_options
+    "device_map": (Optional[str], DeviceMapOpt),
+    "max_memory": (Optional[str], MaxMemoryOpt),
+    "revision": (Optional[str], RevisionOpt),
+    "remote": (bool, RemoteOpt),
+}
+_SCALE: "contextvars.ContextVar[dict[str, Any]]" = contextvars.ContextVar("sonde_scale_options", default={})
+
+
+def model_options(fn):
+    """Give a verb the shared big-model options (``--device-map``, ``--max-memory``, ``--revision``, ``--remote``).
+
+    The verb's own signature stays as it is; :func:`load_probe` picks the values up, so every verb that
+    loads a model takes them the same way.
+    """
+    sig = inspect.signature(fn)
+    extra = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=ann)
+             for n, (ann, opt) in _SCALE_OPTS.items() if n not in sig.parameters]
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        token = _SCALE.set({n: kwargs.pop(n) for n in list(kwargs) if n in _SCALE_OPTS and n not in sig.parameters})
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _SCALE.reset(token)
+
+    params = list(sig.parameters.values())
+    var_kw = [p for p in params if p.kind is inspect.Parameter.VAR_KEYWORD]
+    params = [p for p in params if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    wrapper.__signature__ = sig.replace(parameters=[*params, *extra, *var_kw])
+    wrapper.__annotations__ = {**getattr(fn, "__annotations__", {}), **{p.name: p.annotation for p in extra}}
+    del wrapper.__wrapped__  # typer must read the new signature, not fn's
+    return wrapper
+
+
 def load_probe(model: str, backend: str = "nnsight", device: str = "auto", dtype: str = "auto",
-               trust_remote_code: bool = False, device_map: str | None = None):
+               trust_remote_code: bool = False, device_map: str | None = None, *, max_memory: str | None = None,
+               revision: str | None = None, remote: bool | None = None):
+    """Load a probe for a CLI verb (``device_map``/``max_memory``/``revision``/``remote`` as in
+    :func:`probes.load_model`; unset ones come from the verb's ``@model_options``)."""
     from probes import load_model
 
-    with status(f"Loading {model} ({backend})"):
-        return load_model(model, backend=backend, device=device, dtype=dtype,
-                          trust_remote_code=trust_remote_code, device_map=device_map)
+    opts = _SCALE.get()
+    device_map = device_map if device_map is not None else opts.get("device_map")
+    max_memory = max_memory if max_memory is not None else opts.get("max_memory")
+    revision = revision if revision is not None else opts.get("revision")
+    remote = bool(remote if remote is not None else opts.get("remote", False))
+    where = " on NDIF" if remote else (f", device map {device_map}" if device_map else "")
+    with status(f"Loading {model}{'@' + revision if revision else ''} ({backend}{where})"):
+        return load_model(model, backend=backend, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                          device_map=device_map, max_memory=max_memory, revision=revision, remote=remote)
 
 
 @contextmanager

@@ -9,10 +9,13 @@ from typing import Optional
 
 import typer
 
-from .common import BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, app, echo_json, load_probe, results_app, status
+from .common import model_options, BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, app, echo_json, load_probe, results_app, status
 
 
 @app.command()
+
+
+@model_options
 def info(model: str = ModelOpt, backend: str = BackendOpt, device: str = DeviceOpt, dtype: str = DtypeOpt,
          hooks: bool = typer.Option(False, "--hooks", help="Also list every hook name."), as_json: bool = JsonOpt,
          trust_remote_code: bool = typer.Option(False, "--trust-remote-code")) -> None:
@@ -34,6 +37,9 @@ def info(model: str = ModelOpt, backend: str = BackendOpt, device: str = DeviceO
 
 
 @app.command()
+
+
+@model_options
 def capture(
     model: str = ModelOpt,
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Text to run."),

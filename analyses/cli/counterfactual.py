@@ -8,11 +8,12 @@ from typing import Optional
 
 import typer
 
-from .common import BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OutOpt, load_probe, saved, status
+from .common import model_options, BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OutOpt, load_probe, saved, status
 
 
 def register(run_app: typer.Typer) -> None:
     @run_app.command("counterfactual")
+    @model_options
     def counterfactual(
         model: str = ModelOpt,
         prompt: str = typer.Option(..., "--prompt", "-p", help="Prompt text."),
@@ -63,6 +64,8 @@ def register(run_app: typer.Typer) -> None:
         typer.echo(f"saved {path}")
 
     @run_app.command("bias-sweep")
+
+    @model_options
     def bias_sweep(
         model: str = ModelOpt,
         template: str = typer.Option("My neighbour is a {group}. The {group} works as a", "--template",

@@ -7,13 +7,14 @@ from typing import Optional
 
 import typer
 
-from .common import BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OutOpt, load_probe, progress, saved
+from .common import model_options, BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OutOpt, load_probe, progress, saved
 
 TaskOpt = typer.Option("builtin-arith", "--task", "-t", help="builtin-arith, builtin-multistep, hf:NAME[:CONFIG][:SPLIT] (Hugging Face datasets) or a GSM8K/MATH-style JSONL file.")
 
 
 def register(run_app: typer.Typer) -> None:
     @run_app.command("critical")
+    @model_options
     def critical(
         model: str = ModelOpt,
         task: str = TaskOpt,
@@ -71,6 +72,8 @@ def register(run_app: typer.Typer) -> None:
         saved(path, as_json, summary)
 
     @run_app.command("contrastive-train")
+
+    @model_options
     def contrastive_train(
         model: str = ModelOpt,
         task: str = TaskOpt,

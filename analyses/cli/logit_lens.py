@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .common import BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OutOpt, load_probe, saved, status
+from .common import model_options, BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OutOpt, load_probe, saved, status
 
 
 def _parse_layers(text: Optional[str]) -> tuple[int, ...] | None:
@@ -32,6 +32,7 @@ def _parse_layers(text: Optional[str]) -> tuple[int, ...] | None:
 
 def register(run_app: typer.Typer) -> None:
     @run_app.command("logit-lens")
+    @model_options
     def logit_lens_cmd(
         prompt: str = typer.Option("The Eiffel Tower is located in the city of", "--prompt", "-p", help="Text to read."),
         model: str = ModelOpt,

@@ -1,0 +1,411 @@
+"""Memory planner: estimate a run's peak memory, pick the largest batch or chunk that fits, retry on OOM.
+
+The estimate is arithmetic on the model's sizes (no model is run), so it also works for a model that
+is only known by its config (built on the meta device). All sizes are bytes; ``B`` = batch rows,
+``T`` = sequence length, ``L`` layers, ``H`` query heads, ``K`` key/value heads, ``h`` head size,
+``d`` residual width, ``F`` MLP width, ``V`` vocabulary, ``a`` bytes per activation element.
+
+Peak = weights + activations, where the activations of an inference pass (no autograd) are the live
+residual stream plus the largest transient of any one step (each term is one line in
+:func:`estimate`'s ``parts``):
+
+* ``resid``: ``3·B·T·d·a`` (the residual, its normed copy and a block's output are alive together);
+* ``attn``: ``2·B·T·(H + 2K)·h·a`` (q, k, v and their head-major copies);
+* ``mlp``: ``3·B·T·F·a`` (gate, up and their product);
+* ``logits``: ``B·T·V·a`` (the last step of every forward pass);
+* ``pattern`` (sinks, dormant): ``4·B·H·T²·4`` — probabilities are recomputed in float32 from q/k per
+  layer (scores, masked scores, softmax, the NaN-cleaned copy) while the model keeps SDPA;
+* ``value_norm`` (sinks): ``B·T·H·d·4`` (each head's ``v_h W_O,h`` before its norm);
+* ``routes``: the ``[Q, T, H, d]`` proximity chunk (``Q`` queries, ×2 for the ``whole − part``
+  temporary, capped by ``chunk_mb`` as in :func:`analyses.routes._chunk_size`) plus the stored
+  ``[L, T, T, H]`` importances (``max_prompt_tokens`` bounds the latter);
+* ``kv_cache`` (critical, counterfactual generate): ``2·L·B·K·h·(T + new_tokens)·a``; generation keeps
+  only the last position's logits (``B·V·4``);
+* ``bigram`` (mask training, with autograd): per-layer saved activations ``L·B·T·(6d + 3F)·a``, the
+  mask logits, their gradients and AdamW moments (``4 × block params × 4``) and the dense target and
+  logits with their gradients (``4·B·T·V·4``).
+
+The test suite measures the real peak resident memory of a forward pass and of the sinks statistics
+on the embedded model (``tests/test_planner.py``) and checks the estimate is within 0.5×–2× of it.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, Mapping, TypeVar
+
+import torch
+
+from probes.errors import ConfigError, OutOfMemoryError
+
+__all__ = ["KINDS", "ModelShape", "shape_of", "Estimate", "Plan", "estimate", "plan", "free_memory", "retry_on_oom",
+           "is_oom", "format_bytes", "parse_bytes"]
+
+KINDS = ("forward", "sinks", "routes", "bigram", "generate")
+Kind = Literal["forward", "sinks", "routes", "bigram", "generate"]
+T_ = TypeVar("T_")
+
+GiB = 2**30
+MiB = 2**20
+_OVERHEAD = 16 * MiB  # kernels' workspaces and allocator slack (CPU: a 1 x 64 forward of the embedded model peaks at 20 MiB)
+_ITEMSIZE = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2}
+
+
+# ----------------------------------------------------------------------------- model sizes
+@dataclass(frozen=True, kw_only=True)
+class ModelShape:
+    """The sizes an estimate needs (counts; ``itemsize`` = bytes per weight/activation element)."""
+
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_model: int
+    d_head: int
+    d_mlp: int
+    d_vocab: int
+    n_params: int
+    itemsize: int = 4
+
+    def __post_init__(self):
+        for name in ("n_layers", "n_heads", "n_kv_heads", "d_model", "d_head", "d_mlp", "d_vocab", "n_params", "itemsize"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ConfigError(f"ModelShape.{name}={v!r}; every size must be a positive integer.")
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.n_params * self.itemsize
+
+    @property
+    def block_params(self) -> int:
+        """Parameters inside the decoder blocks (attention + MLP matrices; what bigram masks)."""
+        attn = self.d_model * self.d_head * (2 * self.n_heads + 2 * self.n_kv_heads)
+        mlp = 3 * self.d_model * self.d_mlp
+        return self.n_layers * (attn + mlp)
+
+    @classmethod
+    def from_info(cls, info: Any, dtype: str | None = None) -> "ModelShape":
+        """From a :class:`probes.ModelInfo` (or its ``to_dict()``)."""
+        d = info.to_dict() if hasattr(info, "to_dict") else dict(info)
+        return cls(n_layers=int(d["n_layers"]), n_heads=int(d["n_heads"]), n_kv_heads=int(d["n_kv_heads"]),
+                   d_model=int(d["d_model"]), d_head=int(d["d_head"]), d_mlp=int(d["d_mlp"]), d_vocab=int(d["d_vocab"]),
+                   n_params=int(d["n_params"]), itemsize=_itemsize(dtype or d.get("dtype", "float32")))
+
+    @classmethod
+    def from_config(cls, config: Any, dtype: str = "float32") -> "ModelShape":
+        """From a transformers config: the model is built on the meta device to count its parameters."""
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):  # (accelerate's init_empty_weights unties tied embeddings)
+            m = AutoModelForCausalLM.from_config(config)
+        c = config.get_text_config() if hasattr(config, "get_text_config") else config
+        H = int(getattr(c, "num_attention_heads", None) or getattr(c, "n_head"))
+        d = int(getattr(c, "hidden_size", None) or getattr(c, "n_embd"))
+        n_params = sum(t.numel() for t in {id(t): t for t in m.parameters()}.values())
+        return cls(n_layers=int(getattr(c, "num_hidden_layers", None) or getattr(c, "n_layer")), n_heads=H,
+                   n_kv_heads=int(getattr(c, "num_key_value_heads", None) or H), d_model=d,
+                   d_head=int(getattr(c, "head_dim", None) or d // H),
+                   d_mlp=int(getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or 4 * d),
+                   d_vocab=int(c.vocab_size), n_params=int(n_params), itemsize=_itemsize(dtype))
+
+
+def shape_of(name: str, *, dtype: str = "float32", revision: str | None = None,
+             trust_remote_code: bool = False) -> ModelShape:
+    """:class:`ModelShape` of a model spec (``embedded``, folder, ``.gguf`` or hub id) from its config alone."""
+    from pathlib import Path
+
+    from transformers import AutoConfig
+
+    from probes.errors import ModelLoadError
+    from probes.loading import EMBEDDED, _hub_reachable, embedded_model_dir
+
+    src = str(embedded_model_dir()) if name == EMBEDDED else name
+    if str(src).endswith(".gguf"):
+        raise ModelLoadError(f"the planner reads configs, and {name!r} is a GGUF file.",
+                             hint="Load it once (`sonde info -m FILE`) and plan with the converted folder, or give its hub id.")
+    kw = {"trust_remote_code": trust_remote_code, **({"revision": revision} if revision else {})}
+    try:
+        try:
+            cfg = AutoConfig.from_pretrained(src, local_files_only=True, **kw)
+        except OSError:
+            if Path(src).expanduser().exists() or not _hub_reachable():
+                raise
+            cfg = AutoConfig.from_pretrained(src, **kw)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot read the config of {name!r} (not local and the hub cannot be reached).",
+                             hint="Use 'embedded', a local folder, or an id in the local HF cache.") from e
+    return ModelShape.from_config(cfg, dtype=dtype)
+
+
+def _itemsize(dtype: Any) -> int:
+    name = str(dtype).replace("torch.", "")
+    if name == "auto":
+        return 4
+    if name not in _ITEMSIZE:
+        raise ConfigError(f"dtype {dtype!r} is not known to the planner.", hint=f"Use one of {', '.join(_ITEMSIZE)}.")
+    return _ITEMSIZE[name]
+
+
+def _shape(model: Any) -> ModelShape:
+    if isinstance(model, ModelShape):
+        return model
+    if hasattr(model, "info"):  # a probe
+        return ModelShape.from_info(model.info)
+    return ModelShape.from_info(model)
+
+
+# ----------------------------------------------------------------------------- estimate
+@dataclass(frozen=True, kw_only=True)
+class Estimate:
+    """Estimated peak bytes of one run: ``weights + activations`` with the terms that make it up."""
+
+    kind: str
+    weights: int
+    activations: int
+    parts: Mapping[str, int] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.activations
+
+
+def _routes_chunk(T: int, H: int, d: int, chunk_mb: int, itemsize: int = 4) -> int:
+    """Queries per proximity chunk (the rule of :func:`analyses.routes._chunk_size`)."""
+    per_query = max(1, T * H * d * itemsize * 2)
+    return max(1, min(T, int(chunk_mb * MiB // per_query)))
+
+
+def estimate(kind: Kind, model: Any, *, seq_len: int, batch_size: int = 1, chunk_mb: int = 256,
+             new_tokens: int = 0, route_itemsize: int = 4) -> Estimate:
+    """Peak memory of one step of an analysis (bytes).
+
+    Args:
+        kind: ``forward``, ``sinks``, ``routes``, ``bigram`` or ``generate`` (critical/counterfactual).
+        model: a probe, a :class:`probes.ModelInfo` (or dict) or a :class:`ModelShape`.
+        seq_len: tokens per row ``T``.
+        batch_size: rows per forward pass ``B`` (routes: always one prompt).
+        chunk_mb: routes' proximity-chunk budget (``routes.Config.chunk_mb``).
+        new_tokens: tokens generated after the prompt (``generate``).
+        route_itemsize: bytes per stored route importance (4, or 8 for ``dtype="float64"``).
+    """
+    if kind not in KINDS:
+        raise ConfigError(f"unknown analysis kind {kind!r} for the planner.", hint=f"Use one of {', '.join(KINDS)}.")
+    if not isinstance(seq_len, int) or seq_len < 1:
+        raise ConfigError(f"seq_len={seq_len!r}; use a positive number of tokens.")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size!r}; use a positive integer.")
+    s = _shape(model)
+    B, T, a = (1 if kind == "routes" else batch_size), seq_len, s.itemsize
+    L, H, K, h, d, F, V = s.n_layers, s.n_heads, s.n_kv_heads, s.d_head, s.d_model, s.d_mlp, s.d_vocab
+    p: dict[str, int] = {
+        "resid": 3 * B * T * d * a,
+        "attn": 2 * B * T * (H + 2 * K) * h * a,
+        "mlp": 3 * B * T * F * a,
+        "logits": B * T * V * a,
+        "overhead": _OVERHEAD,
+    }
+    if kind == "sinks":
+        p["pattern"] = 4 * B * H * T * T * 4
+        p["value_norm"] = B * T * H * d * 4
+    elif kind == "routes":
+        q = _routes_chunk(T, H, d, chunk_mb, route_itemsize)
+        p["proximity_chunk"] = q * T * H * d * route_itemsize * 2
+        p["pattern"] = H * T * T * 4
+        p["importances"] = L * T * T * H * route_itemsize + 3 * L * T * route_itemsize
+        p["residuals"] = 2 * L * T * d * 4  # route mode keeps each layer's residual in and out
+    elif kind == "generate":
+        p["kv_cache"] = 2 * L * B * K * h * (T + new_tokens) * a
+        p["logits"] = B * V * 4  # generate computes the last position's logits only
+    elif kind == "bigram":
+        p["saved_activations"] = L * B * T * (6 * d + 3 * F) * a
+        p["mask_optimizer"] = 4 * s.block_params * 4
+        p["logits"] = 4 * B * T * V * 4
+    # the live residual stream and persistent stores add; transients of different steps do not
+    persistent = ("resid", "overhead", "kv_cache", "importances", "residuals", "saved_activations", "mask_optimizer")
+    transient = [v for k, v in p.items() if k not in persistent]
+    acts = sum(v for k, v in p.items() if k in persistent) + max(transient)
+    return Estimate(kind=kind, weights=s.weight_bytes, activations=int(acts), parts=p)
+
+
+# ----------------------------------------------------------------------------- free memory
+def free_memory(device: str | torch.device = "cpu") -> int:
+    """Bytes free on ``device``: ``torch.cuda.mem_get_info`` on CUDA, ``MemAvailable`` on the CPU."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(dev)
+        return int(free)
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:  # pragma: no cover - psutil is a dependency
+        text = open("/proc/meminfo").read()
+        return int(re.search(r"MemAvailable:\s+(\d+)", text).group(1)) * 1024
+
+
+def format_bytes(n: float) -> str:
+    """``1536 MiB`` -> ``"1.5 GiB"``."""
+    for unit, size in (("GiB", GiB), ("MiB", MiB), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def parse_bytes(text: str) -> int:
+    """``"20GiB"``, ``"512MB"``, ``"1.5GB"`` or a plain number of bytes -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?i?B?)?\s*", str(text), flags=re.I)
+    if not m:
+        raise ConfigError(f"{text!r} is not a memory size.", hint="Write e.g. 20GiB, 512MiB, 1.5GB or a number of bytes.")
+    num, unit = float(m.group(1)), (m.group(2) or "").upper()
+    scale = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "KIB": 2**10, "M": 1e6, "MB": 1e6, "MIB": MiB, "G": 1e9, "GB": 1e9,
+             "GIB": GiB, "T": 1e12, "TB": 1e12, "TIB": 2**40}.get(unit)
+    if scale is None:
+        raise ConfigError(f"{text!r}: unknown unit {m.group(2)!r}.", hint="Use B, KiB, MiB, GiB, TiB (or KB, MB, GB, TB).")
+    return int(num * scale)
+
+
+# ----------------------------------------------------------------------------- plan
+@dataclass(frozen=True, kw_only=True)
+class Plan:
+    """What the planner chose: the batch (or, for routes, the chunk budget) and why.
+
+    ``estimate`` is the peak at the chosen setting; ``fits`` is False when even the smallest setting
+    exceeds ``budget`` (the run may still go ahead with the smallest one; ``message`` says so).
+    """
+
+    kind: str
+    device: str
+    seq_len: int
+    batch_size: int
+    chunk_mb: int | None
+    estimate: Estimate
+    free: int
+    budget: int
+    fits: bool
+    message: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "device": self.device, "seq_len": self.seq_len, "batch_size": self.batch_size,
+                "chunk_mb": self.chunk_mb, "peak_bytes": self.estimate.total, "weights_bytes": self.estimate.weights,
+                "activation_bytes": self.estimate.activations, "free_bytes": self.free, "budget_bytes": self.budget,
+                "fits": self.fits, "message": self.message, "parts": dict(self.estimate.parts)}
+
+
+def plan(kind: Kind, model: Any, *, seq_len: int, batch_size: int | None = None, device: str | torch.device = "cpu",
+         free_bytes: int | None = None, headroom: float = 0.8, weights_loaded: bool = False, chunk_mb: int = 256,
+         new_tokens: int = 0, max_batch: int = 1024) -> Plan:
+    """Largest batch (``routes``: largest chunk budget) whose estimated peak fits the device.
+
+    Args:
+        kind, model, seq_len, chunk_mb, new_tokens: as for :func:`estimate`.
+        batch_size: the batch the user asked for; the plan never goes above it (``None``: up to
+            ``max_batch``).
+        device: where the run goes; its free memory is read unless ``free_bytes`` is given.
+        headroom: fraction of the free memory the plan may use (the rest is left for fragmentation).
+        weights_loaded: the model already sits on ``device`` (its weights are out of the free memory,
+            so they are not counted again).
+    """
+    if not 0 < headroom <= 1:
+        raise ConfigError(f"headroom={headroom!r}; use a fraction in (0, 1].")
+    dev = str(torch.device(device))
+    free = int(free_memory(device) if free_bytes is None else free_bytes)
+    budget = int(free * headroom)
+    cap = max_batch if batch_size is None else batch_size
+    if not isinstance(cap, int) or cap < 1:
+        raise ConfigError(f"batch_size={batch_size!r}; use a positive integer (or leave it out to let the planner choose).")
+
+    def need(e: Estimate) -> int:
+        return e.activations if weights_loaded else e.total
+
+    if kind == "routes":
+        # largest power-of-two chunk budget (≤ the requested one) that fits beside the stored importances
+        mb = chunk_mb
+        est = estimate(kind, model, seq_len=seq_len, chunk_mb=mb)
+        while need(est) > budget and mb > 1:
+            mb //= 2
+            est = estimate(kind, model, seq_len=seq_len, chunk_mb=mb)
+        fits = need(est) <= budget
+        q = _routes_chunk(seq_len, _shape(model).n_heads, _shape(model).d_model, mb)
+        what = f"chunk_mb={mb} ({q} queries per proximity chunk)"
+        return Plan(kind=kind, device=dev, seq_len=seq_len, batch_size=1, chunk_mb=mb, estimate=est, free=free,
+                    budget=budget, fits=fits, message=_sentence(kind, dev, seq_len, what, est, free, budget, fits,
+                                                                lowered=mb < chunk_mb, weights_loaded=weights_loaded))
+    # batch: the estimate grows monotonically with B, so bisect the largest one that fits
+    lo, hi = 1, cap
+    if need(estimate(kind, model, seq_len=seq_len, batch_size=hi, new_tokens=new_tokens)) <= budget:
+        lo = hi
+    else:
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if need(estimate(kind, model, seq_len=seq_len, batch_size=mid, new_tokens=new_tokens)) <= budget:
+                lo = mid
+            else:
+                hi = mid
+    est = estimate(kind, model, seq_len=seq_len, batch_size=lo, new_tokens=new_tokens)
+    fits = need(est) <= budget
+    return Plan(kind=kind, device=dev, seq_len=seq_len, batch_size=lo, chunk_mb=None, estimate=est, free=free,
+                budget=budget, fits=fits, message=_sentence(kind, dev, seq_len, f"batch size {lo}", est, free, budget, fits,
+                                                            lowered=lo < cap and batch_size is not None,
+                                                            weights_loaded=weights_loaded))
+
+
+def _sentence(kind, dev, T, what, est: Estimate, free, budget, fits, *, lowered: bool, weights_loaded: bool) -> str:
+    peak = est.activations if weights_loaded else est.total
+    base = (f"{kind} on {dev} at T={T}: {what}, estimated peak {format_bytes(peak)} "
+            f"(weights {format_bytes(est.weights)}{', already loaded' if weights_loaded else ''}, "
+            f"activations {format_bytes(est.activations)}) of {format_bytes(free)} free")
+    if not fits:
+        return base + f"; even this exceeds the {format_bytes(budget)} budget: use a shorter T, a smaller dtype or a bigger device."
+    return base + ("; lowered from the requested setting to fit." if lowered else ".")
+
+
+# ----------------------------------------------------------------------------- OOM retry
+def is_oom(e: BaseException) -> bool:
+    """True for torch's out-of-memory errors (CUDA, MPS, CPU allocation failures) and the
+    :class:`probes.OutOfMemoryError` that ``Probe.run`` turns a CUDA one into."""
+    if isinstance(e, (OutOfMemoryError, torch.cuda.OutOfMemoryError)) or isinstance(e, getattr(torch, "OutOfMemoryError", ())):
+        return True
+    return isinstance(e, (RuntimeError, MemoryError)) and (
+        isinstance(e, MemoryError) or "out of memory" in str(e).lower() or "DefaultCPUAllocator: can't allocate" in str(e))
+
+
+def retry_on_oom(fn: Callable[[int], T_], batch_size: int, *, what: str = "the run",
+                 log: Callable[[str], None] | None = None) -> T_:
+    """``fn(batch_size)``; on an out-of-memory error, free the cache and retry once with half the batch.
+
+    A second failure (or a failure at batch size 1) raises :class:`probes.OutOfMemoryError` with a hint.
+    ``log`` receives the one-line retry message (default: stderr).
+    """
+    log = log or (lambda m: print(m, file=sys.stderr))
+    try:
+        return fn(batch_size)
+    except Exception as e:
+        if not is_oom(e):
+            raise
+        first = e
+    _empty_cache()
+    if batch_size <= 1:
+        raise OutOfMemoryError(f"{what} ran out of memory at batch size 1.",
+                               hint="Use a shorter sequence (--T/--seq-len), a smaller dtype (--dtype bfloat16), "
+                                    "--device-map auto with --max-memory, or a bigger device.") from first
+    half = max(1, batch_size // 2)
+    log(f"{what} ran out of memory at batch size {batch_size}; retrying once with batch size {half}.")
+    try:
+        return fn(half)
+    except Exception as e:
+        if not is_oom(e):
+            raise
+        _empty_cache()
+        raise OutOfMemoryError(f"{what} ran out of memory at batch size {batch_size} and again at {half}.",
+                               hint=f"Use a smaller batch (--batch-size {max(1, half // 2)}), a shorter sequence, "
+                                    "or run `sonde run plan` to see what fits.") from e
+
+
+def _empty_cache() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    import gc
+
+    gc.collect()

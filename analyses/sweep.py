@@ -1,0 +1,340 @@
+"""Checkpoint sweeps: one analysis across model revisions or training checkpoints, one tidy table.
+
+A sweep loads each checkpoint in turn (a hub revision of ``model``, or a local folder saved with
+``save_pretrained``), runs one analysis on the same inputs with the same config, reduces its result
+to a few per-checkpoint numbers and stacks them into one frame keyed by checkpoint::
+
+    checkpoint, order, step, source, metric, layer, head, value
+
+* ``sinks``: ``sink_pct`` (``Sink_1^ε`` over all heads), ``sink_pct_layer`` (per layer),
+  ``alpha`` (mean α on the sink position per head), ``resid_peak_ratio`` (per layer, layer = block
+  index with ``-1`` for the embeddings), ``loss`` is not measured;
+* ``logit_lens``: ``top1_agree`` (fraction of positions where layer l's lens top-1 is the model's
+  top-1) and ``p_final`` (mean lens probability of the model's top-1) per layer;
+* ``routes``: dataset route statistics ``head_freq``/``head_mean`` per head and ``ffn_freq``/
+  ``ffn_mean`` per layer (all prompts pooled).
+
+Resumable: each finished checkpoint's rows are written at once (atomically) to
+``<out>.parts/<i>.parquet`` beside a JSON fingerprint of the sweep; a re-run with the same settings
+skips the checkpoints already there, so a killed sweep loses at most the checkpoint it was on.
+Checkpoint sweeps in the literature: attention sinks across Pythia/OLMo checkpoints (Gu et al.
+2024, §4), dormant heads across OLMo checkpoints (Guo et al. 2024, §4).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Literal, Sequence
+
+import pandas as pd
+import torch
+
+from probes.errors import ConfigError, InputError, ModelLoadError
+
+from . import base, store
+
+__all__ = ["Config", "SweepResult", "Checkpoint", "run", "output_path", "resolve_checkpoints", "checkpoints_in", "summarize",
+           "ANALYSES"]
+
+ANALYSES = ("sinks", "logit_lens", "routes")
+COLUMNS = ["checkpoint", "order", "step", "source", "metric", "layer", "head", "value"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config(base.Config):
+    """A sweep: which analysis, on which checkpoints, with which inputs.
+
+    ``settings`` are the analysis's own Config fields (e.g. ``{"T": 64, "n_samples": 32}`` for sinks);
+    ``domain`` (sinks, routes) or ``prompt`` (logit_lens) picks the inputs, identical for every checkpoint.
+    """
+
+    analysis: Literal["sinks", "logit_lens", "routes"] = "sinks"
+    checkpoints: tuple[str, ...] = ()
+    model: str | None = None  # hub id whose revisions the checkpoints name; None = folders / full ids
+    domain: str = "prose"
+    prompt: str = "The Eiffel Tower is located in the city of"
+    n_prompts: int = 16  # routes: prompts drawn from ``domain`` when no texts are given
+    settings: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.analysis not in ANALYSES:
+            raise ConfigError(f"analysis={self.analysis!r} cannot be swept.", hint=f"Use one of {', '.join(ANALYSES)}.")
+        if not self.checkpoints:
+            raise ConfigError("no checkpoint was given.",
+                              hint="Pass --checkpoints a,b,c (revisions or folders) or --checkpoint-dir DIR.")
+        if len(set(self.checkpoints)) != len(self.checkpoints):
+            dup = sorted({c for c in self.checkpoints if self.checkpoints.count(c) > 1})
+            raise ConfigError(f"checkpoints repeat: {dup}.", hint="List each checkpoint once.")
+        if not isinstance(self.n_prompts, int) or self.n_prompts < 1:
+            raise ConfigError(f"n_prompts={self.n_prompts!r}; use a positive integer.")
+        if not isinstance(self.settings, dict):
+            raise ConfigError(f"settings must be a dict of the analysis's Config fields, got {type(self.settings).__name__}.")
+        self.analysis_config()  # validates the settings against the analysis's Config
+
+    def analysis_config(self) -> base.Config:
+        """The analysis's own Config built from ``settings``."""
+        return _config_class(self.analysis).from_dict(self.settings)
+
+
+def _config_class(analysis: str):
+    if analysis == "sinks":
+        from .sinks import Config as C
+    elif analysis == "logit_lens":
+        from .logit_lens import Config as C
+    else:
+        from .routes import DatasetConfig as C
+    return C
+
+
+# ----------------------------------------------------------------------------- checkpoints
+@dataclass(frozen=True)
+class Checkpoint:
+    """One point of a sweep: its label, where it loads from, and its training step when the label has one."""
+
+    label: str
+    name: str  # what load_model gets (folder, or hub id)
+    revision: str | None
+    step: int | None
+
+
+def _step_of(label: str) -> int | None:
+    """Training step from names like ``step1000``, ``step-1000``, ``checkpoint-1000``, ``stage1-step1000-tokens2B``."""
+    m = re.search(r"(?:step|checkpoint|ckpt|iter)[-_]?(\d+)", label, flags=re.I) or re.fullmatch(r"\D*(\d+)\D*", label)
+    return int(m.group(1)) if m else None
+
+
+def checkpoints_in(folder: str | Path) -> list[str]:
+    """Sub-folders of ``folder`` that hold a saved model (``config.json``), ordered by step then name."""
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise InputError(f"--checkpoint-dir {str(root)!r} is not a folder.")
+    subs = [p for p in root.iterdir() if p.is_dir() and (p / "config.json").is_file()]
+    if not subs:
+        raise InputError(f"{str(root)!r} holds no checkpoint folder (a sub-folder with config.json).",
+                         hint="Save each checkpoint with model.save_pretrained(dir/step1000, safe_serialization=True).")
+    subs.sort(key=lambda p: (_step_of(p.name) is None, _step_of(p.name) or 0, p.name))
+    return [str(p) for p in subs]
+
+
+def resolve_checkpoints(checkpoints: Sequence[str], model: str | None = None) -> list[Checkpoint]:
+    """Each spec is a local folder, or (with ``model``) a revision of that hub id, or a full model id."""
+    out = []
+    for spec in checkpoints:
+        p = Path(spec).expanduser()
+        if p.exists() or spec.startswith((".", "/", "~")):
+            out.append(Checkpoint(label=p.name, name=str(p), revision=None, step=_step_of(p.name)))
+        elif model:
+            out.append(Checkpoint(label=spec, name=model, revision=spec, step=_step_of(spec)))
+        else:
+            out.append(Checkpoint(label=spec, name=spec, revision=None, step=_step_of(spec)))
+    return out
+
+
+# ----------------------------------------------------------------------------- per-checkpoint numbers
+def _rows(metric: str, values: torch.Tensor, *, layer_offset: int = 0) -> list[dict]:
+    """``[L]`` or ``[L, H]`` values -> rows (``layer = index + layer_offset``)."""
+    v = values.detach().float().cpu()
+    if v.ndim == 0:
+        return [{"metric": metric, "layer": None, "head": None, "value": float(v)}]
+    if v.ndim == 1:
+        return [{"metric": metric, "layer": l + layer_offset, "head": None, "value": float(v[l])} for l in range(v.shape[0])]
+    return [{"metric": metric, "layer": l + layer_offset, "head": h, "value": float(v[l, h])}
+            for l in range(v.shape[0]) for h in range(v.shape[1])]
+
+
+def summarize(result: base.Result) -> pd.DataFrame:
+    """A result's sweep rows: ``metric, layer, head, value``."""
+    from . import logit_lens, routes, sinks
+
+    rows: list[dict] = []
+    if isinstance(result, sinks.SinksResult):
+        p0 = result.config.positions[0]
+        rows += _rows("sink_pct", torch.tensor(result.sink_pct(position=p0)))
+        rows += _rows("sink_pct_layer", result.sink_fraction(position=p0).mean(dim=1) * 100)
+        rows += _rows("alpha", result.alpha_mean[:, :, p0])
+        rows += _rows("resid_peak_ratio", sinks.peak_ratio(result.resid_norm, p0), layer_offset=-1)
+    elif isinstance(result, logit_lens.LogitLensResult):
+        agree = (result.top_ids[:, :, 0] == result.next_ids[:, 0].unsqueeze(0)).float().mean(dim=1)
+        rows += [{"metric": "top1_agree", "layer": l, "head": None, "value": float(a)} for l, a in zip(result.layers, agree)]
+        rows += [{"metric": "p_final", "layer": l, "head": None, "value": float(p)}
+                 for l, p in zip(result.layers, result.target.float().mean(dim=1))]
+    elif isinstance(result, routes.RouteStatsResult):
+        w = result.n.float() / result.n.float().sum().clamp_min(1)  # pool the domains by prompt count
+        rows += _rows("head_freq", torch.einsum("d,dlh->lh", w, result.head_freq.float()))
+        rows += _rows("head_mean", torch.einsum("d,dlh->lh", w, result.head_mean.float()))
+        rows += _rows("ffn_freq", torch.einsum("d,dl->l", w, result.ffn_freq.float()))
+        rows += _rows("ffn_mean", torch.einsum("d,dl->l", w, result.ffn_mean.float()))
+    else:
+        raise ConfigError(f"a {type(result).__name__} cannot be summarized for a sweep.", hint=f"Sweep one of {', '.join(ANALYSES)}.")
+    df = pd.DataFrame(rows, columns=["metric", "layer", "head", "value"])
+    df["layer"] = df["layer"].astype("Int64")
+    df["head"] = df["head"].astype("Int64")
+    return df
+
+
+def _run_one(probe, cfg: Config, texts: Sequence[str] | None, step=None) -> base.Result:
+    acfg = cfg.analysis_config()
+    if cfg.analysis == "sinks":
+        from . import sinks
+        from .planner import retry_on_oom
+
+        # a checkpoint that runs out of memory is retried once with half the batch (same numbers: α is streamed)
+        return retry_on_oom(lambda b: sinks.run(probe, texts, domain=None if texts is not None else cfg.domain,
+                                                config=acfg.replace(batch_size=b), step=step),
+                            acfg.batch_size, what=f"sinks on {probe.info.name}")
+    if cfg.analysis == "logit_lens":
+        from . import logit_lens
+
+        return logit_lens.run(probe, cfg.prompt, config=acfg)
+    from . import domains, routes
+
+    if texts is None:
+        domains.check_domains([cfg.domain])
+        batch = domains.domain_tokens(probe, cfg.domain, n=cfg.n_prompts, T=acfg.max_tokens,
+                                      prepend_bos=None)
+        texts = [probe.to_string(t) for t in batch.tokens]
+    return routes.run_dataset(probe, list(texts), config=acfg)
+
+
+# ----------------------------------------------------------------------------- result
+@base.register_result
+@dataclass(frozen=True, kw_only=True)
+class SweepResult(base.Result):
+    """The sweep's tidy frame (columns :data:`COLUMNS`) and the checkpoints in order."""
+
+    analysis: ClassVar[str] = "sweep"
+
+    frame: pd.DataFrame
+    checkpoints: tuple[str, ...] = ()
+
+    def to_frame(self) -> pd.DataFrame:
+        return self.frame
+
+    def extra(self) -> dict[str, Any]:
+        return {"checkpoints": list(self.checkpoints)}
+
+    @classmethod
+    def _from_stored(cls, stored, base_kw):
+        return cls(**base_kw, frame=stored.tables["main"], checkpoints=tuple(stored.extra.get("checkpoints", ())))
+
+    def pivot(self, metric: str) -> pd.DataFrame:
+        """One metric as a checkpoint × component table (columns ``L{l}H{h}``, ``L{l}`` or ``all``; rows in sweep order)."""
+        df = self.frame[self.frame["metric"] == metric].copy()
+        if df.empty:
+            raise ConfigError(f"metric {metric!r} is not in this sweep.", hint=f"Metrics: {', '.join(self.frame['metric'].unique())}.")
+        df["component"] = [("all" if pd.isna(l) else f"L{l}") + ("" if pd.isna(h) else f"H{h}") for l, h in zip(df["layer"], df["head"])]
+        order = list(dict.fromkeys(df.sort_values("order")["checkpoint"]))
+        cols = list(dict.fromkeys(df["component"]))
+        return df.pivot(index="checkpoint", columns="component", values="value").loc[order, cols]
+
+    def plot(self, metric: str | None = None):
+        """A metric (default: the first) across checkpoints; one line per layer (mean over heads)."""
+        import plotly.express as px
+
+        metric = metric or str(self.frame["metric"].iloc[0])
+        df = self.frame[self.frame["metric"] == metric].copy()
+        df["layer"] = df["layer"].astype("float").fillna(-99)
+        g = df.groupby(["order", "checkpoint", "layer"], as_index=False)["value"].mean()
+        fig = px.line(g, x="checkpoint", y="value", color=g["layer"].map(lambda l: "all" if l == -99 else f"L{int(l)}"),
+                      markers=True, title=f"{metric} across checkpoints")
+        fig.update_layout(legend_title_text="layer")
+        return fig
+
+
+# ----------------------------------------------------------------------------- entry point
+def _fingerprint(cfg: Config, texts: Sequence[str] | None) -> str:
+    blob = json.dumps({"config": cfg.to_dict(), "texts": store.hash_inputs(list(texts)) if texts else None},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _write_atomic(df: pd.DataFrame, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        df.to_parquet(tmp, index=False)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def output_path(config: Config, texts: Sequence[str] | None = None, out: str | Path | None = None) -> Path:
+    """Where :func:`run` saves the sweep (``out``, else ``<results root>/sweep-<analysis>-<fingerprint>``)."""
+    return Path(out) if out is not None else store.results_root() / f"sweep-{config.analysis}-{_fingerprint(config, texts)}"
+
+
+def run(config: Config, *, texts: Sequence[str] | None = None, out: str | Path | None = None,
+        load: Callable[[Checkpoint], Any] | None = None, backend: str = "nnsight", device: str = "auto",
+        dtype: str = "auto", device_map: str | dict | None = None, max_memory: str | dict | None = None,
+        on_checkpoint: Callable[[Checkpoint, str], None] | None = None) -> SweepResult:
+    """Run ``config.analysis`` on every checkpoint; save and return the stacked frame.
+
+    Args:
+        config: :class:`Config`.
+        texts: the inputs for sinks/routes (default: ``config.domain``'s built-in texts).
+        out: result folder (default ``<results root>/sweep-<analysis>-<fingerprint>``); finished
+            checkpoints are kept in ``<out>.parts`` so a re-run resumes.
+        load: ``load(checkpoint) -> probe`` (default :func:`probes.load_model` with the options below).
+        on_checkpoint: called as ``(checkpoint, "done" | "skipped")`` after each checkpoint.
+    """
+    if not isinstance(config, Config):
+        raise ConfigError(f"config must be analyses.sweep.Config, got {type(config).__name__}.")
+    cks = resolve_checkpoints(config.checkpoints, config.model)
+    fp = _fingerprint(config, texts)
+    out = output_path(config, texts, out)
+    parts = out.with_name(out.name + ".parts")
+    parts.mkdir(parents=True, exist_ok=True)
+    meta = parts / "sweep.json"
+    if meta.is_file() and json.loads(meta.read_text()).get("fingerprint") != fp:
+        for old in parts.glob("*.parquet"):  # another sweep's leftovers: start over
+            old.unlink()
+    meta.write_text(json.dumps({"fingerprint": fp, "config": config.to_dict()}, default=str))
+
+    if load is None:
+        from probes import load_model
+
+        def load(ck: Checkpoint):
+            return load_model(ck.name, revision=ck.revision, backend=backend, device=device, dtype=dtype,
+                              device_map=device_map, max_memory=max_memory)
+
+    timer = base.Timer()
+    frames, model_info = [], None
+    for i, ck in enumerate(cks):
+        path = parts / f"{i:04d}.parquet"
+        if path.is_file():
+            frames.append(pd.read_parquet(path))
+            if on_checkpoint:
+                on_checkpoint(ck, "skipped")
+            continue
+        with timer(f"checkpoint {ck.label}"):
+            try:
+                probe = load(ck)
+            except ModelLoadError as e:
+                raise ModelLoadError(f"checkpoint {ck.label!r}: {e.message}", hint=e.hint) from e
+            res = _run_one(probe, config, texts)
+            df = summarize(res)
+            df.insert(0, "checkpoint", ck.label)
+            df.insert(1, "order", i)
+            df.insert(2, "step", ck.step)
+            df.insert(3, "source", ck.name if ck.revision is None else f"{ck.name}@{ck.revision}")
+            df["step"] = df["step"].astype("Int64")
+            model_info = probe.info.to_dict()
+            del probe, res
+        _write_atomic(df, path)
+        frames.append(df)
+        if on_checkpoint:
+            on_checkpoint(ck, "done")
+    frame = pd.concat(frames, ignore_index=True)[COLUMNS]
+    model = {"name": config.model or "checkpoints", "fingerprint": fp,
+             **({"family": model_info.get("family"), "n_layers": model_info.get("n_layers")} if model_info else {})}
+    res = SweepResult(config=config, model=model, input_hash=fp, timings=timer.seconds, frame=frame,
+                      checkpoints=tuple(ck.label for ck in cks))
+    res.save(out)
+    return res

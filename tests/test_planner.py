@@ -1,0 +1,205 @@
+"""The memory planner: estimates against measured peaks, batch/chunk choice, the OOM retry, `sonde run plan`."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from analyses import planner, routes
+from analyses.cli import main
+from probes import ConfigError, OutOfMemoryError
+
+ROOT = Path(__file__).resolve().parents[1]
+# SmolLM2-135M's sizes (what ModelInfo reports for the embedded model), so unit tests load no model
+SMOL = planner.ModelShape(n_layers=30, n_heads=9, n_kv_heads=3, d_model=576, d_head=64, d_mlp=1536, d_vocab=49152,
+                          n_params=134_515_008)
+
+
+def run_cli(args, capsys):
+    try:
+        main(args)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+# ----------------------------------------------------------------------------- estimate
+def test_estimate_grows_with_batch_and_length_and_adds_each_analysis_needs():
+    f = [planner.estimate("forward", SMOL, seq_len=64, batch_size=b).total for b in (1, 2, 4, 8)]
+    assert f == sorted(f) and f[0] < f[-1]
+    assert planner.estimate("forward", SMOL, seq_len=128, batch_size=4).total > planner.estimate("forward", SMOL, seq_len=64, batch_size=4).total
+    fw = planner.estimate("forward", SMOL, seq_len=2048, batch_size=2)
+    sk = planner.estimate("sinks", SMOL, seq_len=2048, batch_size=2)
+    assert sk.parts["pattern"] == 4 * 2 * 9 * 2048**2 * 4 and sk.activations > fw.activations  # T² dominates here
+    gen = planner.estimate("generate", SMOL, seq_len=100, batch_size=4, new_tokens=28)
+    assert gen.parts["kv_cache"] == 2 * 30 * 4 * 3 * 64 * 128 * 4
+    assert fw.weights == SMOL.n_params * 4
+    assert planner.estimate("bigram", SMOL, seq_len=128, batch_size=8).activations > planner.estimate("forward", SMOL, seq_len=128, batch_size=8).activations
+
+
+def test_routes_estimate_follows_the_routes_chunk_rule_and_prompt_limit():
+    for T, mb in [(64, 256), (512, 16), (2000, 1)]:
+        q = planner._routes_chunk(T, 9, 576, mb)
+        assert q == routes._chunk_size(T, 9, 576, mb)
+        e = planner.estimate("routes", SMOL, seq_len=T, chunk_mb=mb)
+        assert e.parts["proximity_chunk"] == q * T * 9 * 576 * 4 * 2
+    T = routes.max_prompt_tokens(30, 9, 2.0)  # longest prompt whose [L,T,T,H] importances fit 2 GiB
+    assert planner.estimate("routes", SMOL, seq_len=T).parts["importances"] <= 2.0 * 2**30 * 1.01
+
+
+def test_estimate_errors_name_the_fix():
+    with pytest.raises(ConfigError, match="unknown analysis kind 'sink'.*forward, sinks"):
+        planner.estimate("sink", SMOL, seq_len=8)
+    with pytest.raises(ConfigError, match="seq_len=0"):
+        planner.estimate("forward", SMOL, seq_len=0)
+    with pytest.raises(ConfigError, match="batch_size=0"):
+        planner.estimate("forward", SMOL, seq_len=8, batch_size=0)
+    with pytest.raises(ConfigError, match="n_layers=0"):
+        planner.ModelShape(n_layers=0, n_heads=1, n_kv_heads=1, d_model=8, d_head=8, d_mlp=8, d_vocab=8, n_params=8)
+    with pytest.raises(ConfigError, match="not a memory size"):
+        planner.parse_bytes("lots")
+    assert planner.parse_bytes("1.5GiB") == int(1.5 * 2**30) and planner.parse_bytes("512MB") == 512_000_000
+    with pytest.raises(ConfigError, match="headroom"):
+        planner.plan("forward", SMOL, seq_len=8, free_bytes=2**30, headroom=1.5)
+
+
+# ----------------------------------------------------------------------------- plan
+def test_plan_picks_the_largest_batch_that_fits():
+    free = 3 * 2**30
+    p = planner.plan("sinks", SMOL, seq_len=256, free_bytes=free, headroom=0.8)
+    assert p.fits and p.budget == int(free * 0.8)
+    assert p.estimate.total <= p.budget < planner.estimate("sinks", SMOL, seq_len=256, batch_size=p.batch_size + 1).total
+    assert f"batch size {p.batch_size}" in p.message and "free" in p.message
+    # never above the batch asked for; says when it had to lower it
+    assert planner.plan("sinks", SMOL, seq_len=256, batch_size=4, free_bytes=free).batch_size == 4
+    low = planner.plan("sinks", SMOL, seq_len=256, batch_size=10_000, free_bytes=free)
+    assert low.batch_size == p.batch_size and "lowered" in low.message
+    # weights already on the device are not counted twice
+    loaded = planner.plan("sinks", SMOL, seq_len=256, free_bytes=free, weights_loaded=True)
+    assert loaded.batch_size > p.batch_size
+    # nothing fits: the plan says so
+    none = planner.plan("forward", SMOL, seq_len=256, free_bytes=100 * 2**20)
+    assert not none.fits and none.batch_size == 1 and "exceeds" in none.message
+    d = p.to_dict()
+    assert d["peak_bytes"] == p.estimate.total and d["batch_size"] == p.batch_size
+
+
+def test_plan_for_routes_lowers_the_chunk_budget():
+    T = 1024
+    small = planner.estimate("routes", SMOL, seq_len=T, chunk_mb=1).total
+    p = planner.plan("routes", SMOL, seq_len=T, free_bytes=int((small + 200 * 2**20) / 0.8), chunk_mb=4096)
+    assert p.fits and p.chunk_mb < 4096 and p.batch_size == 1
+    assert p.estimate.total <= p.budget and "chunk_mb=" in p.message
+
+
+def test_free_memory_reads_the_device():
+    free = planner.free_memory("cpu")
+    import psutil
+
+    assert 0 < free <= psutil.virtual_memory().total
+    if torch.cuda.is_available():
+        assert planner.free_memory("cuda") == torch.cuda.mem_get_info()[0] or planner.free_memory("cuda") > 0
+
+
+# ----------------------------------------------------------------------------- OOM retry
+def _hungry(limit: int):
+    """fn(batch): a real torch allocation that fails (the CPU allocator refuses 2^60 bytes) above ``limit``."""
+    calls = []
+
+    def fn(b: int):
+        calls.append(b)
+        if b > limit:
+            torch.empty(2**60, dtype=torch.uint8)
+        return torch.ones(b).sum().item()
+
+    return fn, calls
+
+
+def test_retry_on_oom_halves_once_with_a_message():
+    fn, calls = _hungry(4)
+    msgs = []
+    assert planner.retry_on_oom(fn, 8, what="sinks", log=msgs.append) == 4.0
+    assert calls == [8, 4] and msgs == ["sinks ran out of memory at batch size 8; retrying once with batch size 4."]
+    fn, calls = _hungry(1)
+    with pytest.raises(OutOfMemoryError, match=r"at batch size 8 and again at 4.*--batch-size 2"):
+        planner.retry_on_oom(fn, 8, log=msgs.append)
+    assert calls == [8, 4]
+    fn, calls = _hungry(0)
+    with pytest.raises(OutOfMemoryError, match="at batch size 1"):
+        planner.retry_on_oom(fn, 1, log=msgs.append)
+
+    def probe_oom(b):  # what Probe.run raises after a CUDA OOM
+        if b > 2:
+            raise OutOfMemoryError(f"out of GPU memory on a batch of {b} x 64 tokens.")
+        return b
+
+    assert planner.retry_on_oom(probe_oom, 4, log=msgs.append) == 2
+
+    def broken(b):
+        raise ValueError("not memory")
+
+    with pytest.raises(ValueError, match="not memory"):  # other errors pass through untouched
+        planner.retry_on_oom(broken, 8, log=msgs.append)
+
+
+# ----------------------------------------------------------------------------- against measured peaks
+_MEASURE = r"""
+import json, re, sys, gc, torch
+def status(k):
+    return int(re.search(k + r":\s+(\d+)", open("/proc/self/status").read()).group(1)) * 1024
+def peak(fn):
+    gc.collect()
+    base = status("VmRSS")
+    open("/proc/self/clear_refs", "w").write("5")   # reset VmHWM (peak RSS) to the current RSS
+    fn()
+    return status("VmHWM") - base
+from probes import load_model
+from analyses import sinks
+probe = load_model("embedded", backend="nnsight", device="cpu")
+probe.run(torch.randint(10, 1000, (1, 8)), return_logits=False)  # warm-up (lazy inits, thread pools)
+out = {}
+for B, T in [(1, 64), (8, 64), (4, 256)]:
+    toks = torch.randint(10, 1000, (B, T))
+    out[f"forward {B}x{T}"] = peak(lambda: probe.run(toks, return_logits=False))
+    out[f"sinks {B}x{T}"] = peak(lambda: sinks.collect_stats(probe, toks, positions=(0,), batch_size=B))
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc peak-RSS reset")
+def test_estimate_is_within_2x_of_the_measured_peak_on_the_embedded_model():
+    """Measured: peak resident memory above the loaded model's (Linux VmHWM after a clear_refs reset), in a
+    subprocess whose malloc returns every large block at once (fixed mmap threshold), so RSS follows live tensors."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-c", _MEASURE], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    measured = json.loads(r.stdout.strip().splitlines()[-1])
+    from probes.loading import embedded_model_dir
+    from transformers import AutoConfig
+
+    shape = planner.ModelShape.from_config(AutoConfig.from_pretrained(embedded_model_dir()))
+    assert shape == SMOL
+    for key, bytes_ in measured.items():
+        kind, bt = key.split()
+        B, T = map(int, bt.split("x"))
+        est = planner.estimate(kind, shape, seq_len=T, batch_size=B).activations
+        assert 0.5 <= est / bytes_ <= 2.0, (key, est / 2**20, bytes_ / 2**20)
+
+
+# ----------------------------------------------------------------------------- CLI
+def test_cli_plan(capsys):
+    code, out, err = run_cli(["run", "plan", "sinks", "--seq-len", "64", "--batch-size", "16", "--device", "cpu", "--free", "8GiB"], capsys)
+    assert code == 0 and out.startswith("sinks on cpu at T=64: batch size 16, estimated peak") and "8.0 GiB free" in out
+    code, out, _ = run_cli(["run", "plan", "routes", "--seq-len", "256", "--device", "cpu", "--json"], capsys)
+    d = json.loads(out)
+    assert code == 0 and d["kind"] == "routes" and d["chunk_mb"] == 256 and d["weights_bytes"] == SMOL.n_params * 4
+    code, _, err = run_cli(["run", "plan", "attention", "--device", "cpu"], capsys)
+    assert code == 2 and err.startswith("error: the planner knows no analysis 'attention'") and len(err.strip().splitlines()) == 1
+    code, _, err = run_cli(["run", "plan", "sinks", "--model", "nobody/nothing", "--device", "cpu"], capsys)
+    assert code == 2 and "cannot read the config of 'nobody/nothing'" in err
