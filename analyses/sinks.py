@@ -33,7 +33,7 @@ from typing import Any, ClassVar, Literal, Mapping, Sequence
 import pandas as pd
 import torch
 
-from probes import Ablate, Mean, Reducer, l2_norm
+from probes import Ablate, Mean, Reducer, l2_norm, reducer_from_state
 from probes.attention import expand_kv
 from probes.errors import ConfigError, InputError
 
@@ -41,7 +41,7 @@ from . import base, domains as _domains
 from .store import hash_inputs
 
 __all__ = ["Config", "SinksResult", "SinkAlpha", "run", "alpha_from_pattern", "sink_percentage", "collect_stats",
-           "EPS_GRID", "bos_flag"]
+           "EPS_GRID", "bos_flag", "accumulate", "merge_states", "result_from_states", "eps_grid_for"]
 
 EPS_GRID = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 
@@ -227,7 +227,14 @@ def collect_stats(probe, tokens: torch.Tensor, *, positions: Sequence[int], eps_
             losses.append(next_token_loss(logits, b).cpu())
         if step is not None:
             step(b.shape[0])
-    n = probe.info.n_layers
+    out = _finalize_reads(reads, probe.info.n_layers, values=values, resid=resid)
+    if loss:
+        out["loss"] = float(torch.cat(losses).mean())
+    return out
+
+
+def _finalize_reads(reads: Mapping[str, Reducer], n: int, *, values: bool, resid: bool) -> dict[str, Any]:
+    """Statistics from the (possibly merged) reducers of :func:`make_reducers` (n layers)."""
     alphas = [reads[f"blocks.{L}.attn.hook_pattern"].finalize() for L in range(n)]
     out: dict[str, Any] = {
         "alpha_mean": torch.stack([a["alpha_mean"] for a in alphas]),
@@ -239,8 +246,6 @@ def collect_stats(probe, tokens: torch.Tensor, *, positions: Sequence[int], eps_
     if resid:
         out["resid_norm"] = torch.stack([reads["blocks.0.hook_resid_pre"].finalize().float()]
                                         + [reads[f"blocks.{L}.hook_resid_post"].finalize().float() for L in range(n)])
-    if loss:
-        out["loss"] = float(torch.cat(losses).mean())
     return out
 
 
@@ -455,10 +460,22 @@ def run(probe, texts: Sequence[str] | str | None = None, *, tokens: torch.Tensor
     if toks.shape[0] == 0:
         raise InputError(f"all {skipped} texts are shorter than T={config.T} tokens; nothing to measure.",
                          hint="Give longer texts or a smaller T (--T).")
-    eps_grid = tuple(sorted(set(EPS_GRID) | {float(config.eps)}))
+    eps_grid = eps_grid_for(config)
     with timer("stats"):
         st = collect_stats(probe, toks, positions=config.positions, eps_grid=eps_grid, batch_size=config.batch_size,
                            values=config.values, resid=True, step=step)
+    return _result(probe, st, toks[: config.ablation_samples], config=config, eps_grid=eps_grid, n_skipped=skipped,
+                   source=source, input_hash=hash_inputs(toks), timer=timer)
+
+
+def eps_grid_for(config: Config) -> tuple[float, ...]:
+    """The ε grid whose exceedance counts are kept: the fixed grid plus ``config.eps``."""
+    return tuple(sorted(set(EPS_GRID) | {float(config.eps)}))
+
+
+def _result(probe, st: Mapping[str, Any], head: torch.Tensor, *, config: Config, eps_grid: tuple[float, ...],
+            n_skipped: int, source: str, input_hash: str, timer: base.Timer) -> SinksResult:
+    """Peak layer, MLP ablation (on ``head``, the first samples ``[k, T]``) and the result object."""
     p0 = config.positions[0]
     ratios = peak_ratio(st["resid_norm"], p0)
     n = probe.info.n_layers
@@ -469,12 +486,70 @@ def run(probe, texts: Sequence[str] | str | None = None, *, tokens: torch.Tensor
     if config.mlp_ablation and config.ablation_layers > 0:
         with timer("mlp_ablation"):
             layers = list(range(min(config.ablation_layers, peak_layer + 1)))
-            ablation = mlp_ablation(probe, toks[: config.ablation_samples], layer=peak_layer, pos=p0, layers=layers)
+            ablation = mlp_ablation(probe, head.to(probe.device), layer=peak_layer, pos=p0, layers=layers)
     L, H = probe.info.n_layers, probe.info.n_heads
     return SinksResult(
-        config=config, model=probe.info.to_dict(), input_hash=hash_inputs(toks),
+        config=config, model=probe.info.to_dict(), input_hash=input_hash,
         timings=timer.seconds, alpha_mean=st["alpha_mean"], exceed=st["exceed"], eps_grid=eps_grid,
-        n_samples=int(st["n"]), n_skipped=skipped,
+        n_samples=int(st["n"]), n_skipped=n_skipped,
         value_norm=st.get("value_norm", torch.zeros(L, H, 0)), resid_norm=st["resid_norm"], ablation=ablation,
-        peak_layer=peak_layer, source=source, tokens=tuple(probe.to_str_tokens(toks[0])),
+        peak_layer=peak_layer, source=source, tokens=tuple(probe.to_str_tokens(head[0])),
     )
+
+
+# ----------------------------------------------------------------------------- shards (sweeps)
+def accumulate(probe, texts: Sequence[str], config: Config = Config(), *, step=None) -> dict[str, Any]:
+    """One shard of a sweep: tokenize ``texts`` (shorter than T tokens: skipped and counted) and stream them.
+
+    Returns a plain, picklable partial state: ``reads`` (site -> reducer ``state()``), ``n_skipped``,
+    ``n_texts`` and ``head`` (the first ``ablation_samples`` token rows ``[k, T]``, for the MLP ablation).
+    Partial states of consecutive shards combine with :func:`merge_states`; batches never straddle a
+    shard, so with ``shard_size`` a multiple of ``batch_size`` the batches are those of one pass.
+    """
+    toks, skipped = _domains.texts_to_tokens(probe, list(texts), config.T, prepend_bos=bos_flag(config.bos))
+    reads = make_reducers(probe, config.positions, eps_grid_for(config), values=config.values, resid=True)
+    for i in range(0, toks.shape[0], config.batch_size):
+        b = toks[i:i + config.batch_size]
+        probe.run(b, reads=reads, return_logits=False)
+        if step is not None:
+            step(b.shape[0])
+    return {"reads": {k: r.state() for k, r in reads.items()}, "n_skipped": int(skipped), "n_texts": len(texts),
+            "head": toks[: config.ablation_samples].cpu()}
+
+
+def _template(st: Mapping[str, Any], config: Config) -> Reducer:
+    kind = st.get("__kind__")
+    if kind == "SinkAlpha":
+        return SinkAlpha(config.positions, eps_grid_for(config))
+    if kind == "Mean":
+        return Mean(dims=(0,))
+    raise ConfigError(f"a sinks shard state holds a reducer of kind {kind!r}; expected SinkAlpha or Mean.")
+
+
+def merge_states(a: Mapping[str, Any] | None, b: Mapping[str, Any], config: Config = Config()) -> dict[str, Any]:
+    """Combine the partial states of two consecutive shards (``a`` first; ``None`` = empty)."""
+    if a is None:
+        return dict(b)
+    reads = {}
+    for site, sa in a["reads"].items():
+        ra = reducer_from_state(sa, _template(sa, config))
+        ra.merge(reducer_from_state(b["reads"][site], _template(sa, config)))
+        reads[site] = ra.state()
+    head = torch.cat([a["head"], b["head"].to(a["head"].dtype)])[: config.ablation_samples]
+    return {"reads": reads, "n_skipped": a["n_skipped"] + b["n_skipped"], "n_texts": a["n_texts"] + b["n_texts"],
+            "head": head}
+
+
+def result_from_states(probe, state: Mapping[str, Any], config: Config = Config(), *, source: str = "texts",
+                       input_hash: str = "", timings: Mapping[str, float] | None = None) -> SinksResult:
+    """Finish a (merged) shard state into a :class:`SinksResult` (runs the MLP ablation on ``probe``)."""
+    if state is None or int(state["head"].shape[0]) == 0:
+        n = 0 if state is None else state["n_skipped"]
+        raise InputError(f"all {n} texts are shorter than T={config.T} tokens; nothing to measure.",
+                         hint="Give longer texts or a smaller T (--T).")
+    reads = {k: reducer_from_state(v, _template(v, config)) for k, v in state["reads"].items()}
+    st = _finalize_reads(reads, probe.info.n_layers, values=config.values, resid=True)
+    timer = base.Timer()
+    timer.seconds.update(dict(timings or {}))
+    return _result(probe, st, state["head"], config=config, eps_grid=eps_grid_for(config), n_skipped=state["n_skipped"],
+                   source=source, input_hash=input_hash, timer=timer)

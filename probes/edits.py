@@ -66,6 +66,12 @@ class Edit:
         return list(positions)
 
 
+def _check_range(name: str, chosen: Sequence[int] | None, n: int, edit: "Edit") -> None:
+    bad = [i for i in (chosen or ()) if not -n <= i < n]
+    if bad:
+        raise ConfigError(f"{type(edit).__name__} at {edit.target.name}: {name} {bad} out of range; the site has {name} 0..{n - 1}.")
+
+
 # axis of heads / positions / features for each site kind's layout
 _HEAD_AXIS = {"q": 2, "k": 2, "v": 2, "z": 2, "result": 2, "pattern": 1}
 _POS_AXIS = {"pattern": 2}
@@ -101,9 +107,10 @@ class Ablate(Edit):
         sel = torch.ones(x.shape, dtype=torch.bool, device=x.device)
         selectors = [(pos_axis, None if isinstance(p, slice) else p), (_HEAD_AXIS.get(kind), _idx(self.heads)),
                      (x.ndim - 1, _idx(self.neurons))]
-        for axis, chosen in selectors:
+        for (axis, chosen), what in zip(selectors, ("positions", "heads", "features")):
             if chosen is None:
                 continue
+            _check_range(what, chosen, x.shape[axis], self)
             m = torch.zeros(x.shape[axis], dtype=torch.bool, device=x.device)
             m[list(chosen)] = True
             sel &= m.view(*[-1 if i == axis else 1 for i in range(x.ndim)])
@@ -167,6 +174,7 @@ class AttendTo(Edit):
     def apply(self, x):
         out = x.clone()
         heads = _idx(self.heads)
+        _check_range("heads", heads, x.shape[1], self)
         h = slice(None) if heads is None else list(heads)
         T = x.shape[-1]
         if not -T <= self.key < T:
@@ -190,5 +198,6 @@ class ZeroAttention(Edit):
     def apply(self, x):
         out = x.clone()
         heads = _idx(self.heads)
+        _check_range("heads", heads, x.shape[1], self)
         out[:, slice(None) if heads is None else list(heads)] = 0.0
         return out

@@ -1,4 +1,8 @@
-"""``sonde run routes``: information-flow routes of one prompt, or route statistics over a dataset."""
+"""``sonde run routes``: information-flow routes of one prompt, or route statistics over a dataset.
+
+Dataset mode reads ``--input`` (JSONL, Parquet, text, ``hf:NAME[:CONFIG]:SPLIT[:FIELD]``) or the built-in
+corpus ``--domains prose,code,arithmetic``; ``--engine local|ray`` runs it as a sharded, resumable sweep.
+"""
 
 from __future__ import annotations
 
@@ -7,17 +11,19 @@ from typing import Optional
 
 import typer
 
-from .common import BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OutOpt, load_probe, progress, saved, status
+from .common import model_options, BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OutOpt, load_probe, progress, saved, status
+from .sinks import AddressOpt, EngineOpt, GpusOpt, ResumeOpt, RetriesOpt, ShardOpt, WorkersOpt, run_sweep, sweep_summary
 
 __all__ = ["register"]
 
 
 def register(run_app: typer.Typer) -> None:
     @run_app.command("routes")
+    @model_options
     def routes_cmd(
         model: str = ModelOpt,
         prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Text whose routes to compute."),
-        input: Optional[Path] = typer.Option(None, "--input", "-i", help="Dataset mode: JSONL (fields 'text', optional 'domain') or text file."),
+        input: Optional[Path] = typer.Option(None, "--input", "-i", help="Dataset mode: JSONL/Parquet (fields 'text', optional 'domain'), text file or hf:NAME:SPLIT."),
         position: int = typer.Option(-1, "--position", help="Prediction position of the route (-1 = last token)."),
         tau: float = typer.Option(0.04, "--tau", help="Edge threshold in (0, 1) (LLM-TT default 0.04)."),
         renormalize: bool = typer.Option(True, "--renormalize/--no-renormalize", help="Renormalise after thresholding."),
@@ -26,25 +32,42 @@ def register(run_app: typer.Typer) -> None:
         include_bias: bool = typer.Option(False, "--include-bias", help="Count the attention output bias as its own part."),
         max_tokens: int = typer.Option(128, "--max-tokens", help="Dataset mode: cut prompts to this many tokens."),
         graphml: Optional[Path] = typer.Option(None, "--graphml", help="Also write the route as GraphML to this file."),
+        mode: str = typer.Option("all", "--mode", help="all (graph of every position) or route (top-down: only the route to --position)."),
+        kernel: str = typer.Option("auto", "--kernel", help="Proximity kernel: auto, compiled (torch.compile) or eager."),
+        ablate: Optional[str] = typer.Option(None, "--ablate", help="Zero-ablate heads during the pass, e.g. L5H3,L7H0 (compare routes)."),
         on_error: str = typer.Option("stop", "--on-error", help="Malformed input line: stop or skip."),
         out: Optional[Path] = OutOpt,
         backend: str = BackendOpt, device: str = DeviceOpt, dtype: str = DtypeOpt,
         as_json: bool = JsonOpt,
+        domains: Optional[str] = typer.Option(None, "--domains", help="Dataset mode on the built-in corpus, e.g. prose,code,arithmetic."),
+        n_samples: int = typer.Option(32, "--n-samples", "-n", help="With --domains: texts per domain; with hf: rows read."),
+        engine: Optional[str] = EngineOpt, address: Optional[str] = AddressOpt, workers: Optional[int] = WorkersOpt,
+        gpus_per_worker: float = GpusOpt, shard_size: int = ShardOpt, max_retries: int = RetriesOpt, resume: bool = ResumeOpt,
     ) -> None:
         """Information-flow routes (Ferrando & Voita 2024): edge importances of every block, the route to a prediction."""
         from analyses import routes
         from probes import InputError
 
-        if (prompt is None) == (input is None):
-            raise InputError("give exactly one of --prompt or --input.", hint="--prompt TEXT for one prompt, --input FILE.jsonl for a dataset.")
-        if graphml is not None and input is not None:
+        if sum(x is not None for x in (prompt, input, domains)) != 1:
+            raise InputError("give exactly one of --prompt, --input or --domains.",
+                             hint="--prompt TEXT for one prompt, --input FILE.jsonl or --domains prose,code for a dataset.")
+        if engine is not None and prompt is not None:
+            raise InputError("--engine shards a dataset; one --prompt has nothing to shard.", hint="Use --input or --domains.")
+        if graphml is not None and prompt is None:
             raise InputError("--graphml needs --prompt (a dataset has no single route).")
-        common = dict(tau=tau, renormalize=renormalize, level=level, p=p, include_bias=include_bias, position=position)
+        common = dict(tau=tau, renormalize=renormalize, level=level, p=p, include_bias=include_bias, position=position,
+                      kernel=kernel)
+        if ablate is not None and prompt is None:
+            raise InputError("--ablate compares one prompt's routes; give --prompt.")
         if prompt is not None:
-            cfg = routes.Config(**common)
+            from probes import Ablate, parse_head
+
+            cfg = routes.Config(**common, mode=mode)  # type: ignore[arg-type]
+            edits = [Ablate(f"blocks.{l}.attn.hook_z", heads=[h]) for l, h in
+                     (parse_head(x) for x in (ablate.split(",") if ablate else []) if x.strip())]
             probe = load_probe(model, backend, device, dtype)
             with status("Computing routes"):
-                res = routes.run(probe, prompt, config=cfg)
+                res = routes.run(probe, prompt, config=cfg, edits=edits)
             path = res.save(out)
             if graphml is not None:
                 res.to_graphml(graphml)
@@ -60,15 +83,32 @@ def register(run_app: typer.Typer) -> None:
         from analyses.io import Checkpoint, iter_records
         from analyses.store import hash_inputs, result_key, results_root
 
+        from analyses.domains import corpus_records
+        from analyses.io import is_hf_spec
+
         cfg = routes.DatasetConfig(**common, max_tokens=max_tokens)
-        if not input.is_file():
-            raise InputError(f"file {str(input)!r} does not exist.", hint="Check the --input path.")
-        data = input.read_bytes()
-        records = list(iter_records(input, on_error=on_error))
+        if domains is not None:
+            records = corpus_records([d.strip() for d in domains.split(",") if d.strip()], n=n_samples)
+            ih, src = hash_inputs("corpus", domains, n_samples), domains
+        elif is_hf_spec(input):
+            records = list(iter_records(str(input), on_error=on_error, limit=n_samples))
+            ih, src = hash_inputs(str(input), n_samples), str(input)
+        else:
+            if not input.is_file():
+                raise InputError(f"file {str(input)!r} does not exist.", hint="Check the --input path.")
+            records = list(iter_records(input, on_error=on_error))
+            ih, src = hash_inputs(input.read_bytes()), str(input)
         if not records:
-            raise InputError(f"{str(input)!r} holds no prompts.", hint="Put one JSON object per line with a 'text' field.")
+            raise InputError(f"{src!r} holds no prompts.", hint="Put one JSON object per line with a 'text' field.")
+        if engine is not None:
+            res, report, path = run_sweep("routes", records, cfg, engine=engine, address=address, workers=workers,
+                                          gpus_per_worker=gpus_per_worker, shard_size=shard_size, max_retries=max_retries,
+                                          resume=resume, model=model, backend=backend, device=device, dtype=dtype, out=out,
+                                          input_hash=ih, source=src)
+            saved(path, as_json, {"prompts": int(res.n.sum()), "skipped": res.n_skipped, "domains": ", ".join(res.domains),
+                                  **sweep_summary(report)})
+            return
         probe = load_probe(model, backend, device, dtype)
-        ih = hash_inputs(data)
         key = result_key(routes.RouteStatsResult.analysis, probe.info.fingerprint, cfg.to_dict(), ih)
         out_dir = Path(out) if out is not None else results_root() / key
         ck = Checkpoint(out_dir.parent / f".{out_dir.name}.progress", fingerprint=key)

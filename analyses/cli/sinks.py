@@ -1,4 +1,8 @@
-"""``sonde run sinks``, ``sonde run dormant`` and ``sonde run bb-toy``."""
+"""``sonde run sinks``, ``sonde run dormant`` and ``sonde run bb-toy``.
+
+``--engine local|ray`` turns ``sinks`` (and ``routes --input``) into a sharded, resumable dataset
+sweep (:mod:`analyses.cluster`); the sweep options and :func:`run_sweep` are shared with ``routes``.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,55 @@ from typing import Optional
 
 import typer
 
-from .common import BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OutOpt, load_probe, progress, saved
+from .common import model_options, BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OutOpt, load_probe, progress, saved, status
+
+# sweep options (shared with `sonde run routes`)
+EngineOpt = typer.Option(None, "--engine", help="Sharded dataset sweep: local (this process) or ray. Default: one pass, no shards.")
+AddressOpt = typer.Option(None, "--address", help="Ray cluster to join ('auto', 'ray://head:10001'); default: start Ray here.")
+WorkersOpt = typer.Option(None, "--workers", help="Ray workers (default: one per GPU with --gpus-per-worker, else 2).")
+GpusOpt = typer.Option(0.0, "--gpus-per-worker", help="GPUs per Ray worker (1 = one model per GPU).")
+ShardOpt = typer.Option(32, "--shard-size", help="Items per shard (a multiple of --batch-size keeps one-pass batches).")
+RetriesOpt = typer.Option(2, "--max-retries", help="Extra attempts of a failing shard.")
+ResumeOpt = typer.Option(True, "--resume/--no-resume", help="Resume from the shards of an interrupted sweep (merge ledger).")
+
+
+def run_sweep(analysis: str, items, config, *, engine: str, address, workers, gpus_per_worker: float, shard_size: int,
+              max_retries: int, resume: bool, model: str, backend: str, device: str, dtype: str, out, input_hash: str,
+              source: str):
+    """Run a sweep, save the result (+ ``sweep.json``) and drop the merge ledger; returns ``(result, report, path)``."""
+    from analyses import cluster
+    from analyses.store import result_key, results_root
+
+    scfg = cluster.SweepConfig(engine=engine, address=address, workers=workers, gpus_per_worker=gpus_per_worker,
+                               shard_size=shard_size, max_retries=max_retries, resume=resume)
+    spec = cluster.ModelSpec(model, backend, device, dtype)
+    if engine == "local":
+        eng = cluster.LocalEngine(load_probe(model, backend, device, dtype), max_retries=max_retries)
+    else:
+        with status(f"Starting Ray workers ({model})"):
+            eng = cluster.RayEngine(spec, scfg)
+    try:
+        key = result_key(cluster.SHARDABLE[analysis].result_name, eng.info["fingerprint"], config.to_dict(), input_hash)
+        out_dir = Path(out) if out is not None else results_root() / key
+        ledger = cluster.default_ledger(out_dir)
+        n_shards = len(cluster.plan_shards(len(items), shard_size))
+        with progress(n_shards, "shards") as step:
+            run = cluster.sweep(analysis, items, config=config, engine=eng, sweep_config=scfg, ledger=ledger,
+                                input_hash=input_hash, source=source, on_progress=lambda d, n: step.set(d, n))
+    finally:
+        eng.close()
+    path = run.result.save(out_dir)
+    run.report.save(path)
+    import shutil
+
+    shutil.rmtree(ledger, ignore_errors=True)
+    return run.result, run.report, path
+
+
+def sweep_summary(report) -> dict:
+    return {"engine": report.engine, "workers": report.workers, "shards": report.n_shards,
+            "shards resumed": report.shards_resumed,
+            "retried shards": ", ".join(f"{k} ({v} attempts)" for k, v in sorted(report.retried.items())) or "none"}
 
 
 def _positions(text: str) -> tuple[int, ...]:
@@ -21,10 +73,11 @@ def _positions(text: str) -> tuple[int, ...]:
 
 def register(run_app: typer.Typer) -> None:
     @run_app.command("sinks")
+    @model_options
     def sinks_cmd(
         model: str = ModelOpt,
         prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="One text (must reach T tokens)."),
-        input: Optional[Path] = typer.Option(None, "--input", "-i", help="JSONL (field 'text') or text file."),
+        input: Optional[Path] = typer.Option(None, "--input", "-i", help="JSONL/Parquet (field 'text'), text file or hf:NAME:SPLIT."),
         domain: Optional[str] = typer.Option(None, "--domain", "-d", help="Built-in domain: prose, code, arithmetic, random, repeat."),
         eps: float = typer.Option(0.3, "--eps", help="Sink threshold ε in (0, 1)."),
         positions: str = typer.Option("0", "--positions", help="Key positions k (0-indexed), e.g. 0,1."),
@@ -36,8 +89,13 @@ def register(run_app: typer.Typer) -> None:
         on_error: str = typer.Option("stop", "--on-error", help="Malformed input line: stop or skip."),
         backend: str = BackendOpt, device: str = DeviceOpt, dtype: str = DtypeOpt, out: Optional[Path] = OutOpt,
         as_json: bool = JsonOpt,
+        engine: Optional[str] = EngineOpt, address: Optional[str] = AddressOpt, workers: Optional[int] = WorkersOpt,
+        gpus_per_worker: float = GpusOpt, shard_size: int = ShardOpt, max_retries: int = RetriesOpt, resume: bool = ResumeOpt,
     ) -> None:
-        """Attention-sink metric Sink_k^ε (Gu et al. 2024), value drains and residual peaks."""
+        """Attention-sink metric Sink_k^ε (Gu et al. 2024), value drains and residual peaks.
+
+        --input takes JSONL, Parquet, a text file or hf:NAME[:CONFIG]:SPLIT[:FIELD] (streamed, online).
+        """
         from analyses import sinks
         from analyses.io import iter_records
         from probes.errors import InputError
@@ -50,6 +108,27 @@ def register(run_app: typer.Typer) -> None:
             from analyses.domains import check_domains
 
             check_domains([domain])
+        if engine is not None:
+            from analyses import domains as _dom
+            from analyses.store import hash_inputs
+
+            if input is not None:
+                items = [r.text for r in iter_records(input, on_error=on_error, limit=n_samples)][:n_samples]
+                src = str(input)
+            elif prompt is not None:
+                items, src = [prompt], "texts"
+            else:
+                src = domain or "prose"
+                if src in _dom.TOKEN_DOMAINS:
+                    raise InputError(f"--domain {src} is token-level; a sweep needs texts.",
+                                     hint=f"Use a text domain ({', '.join(_dom.TEXT_DOMAINS)}) or --input FILE.")
+                items = _dom.domain_texts(src, n=n_samples, seed=cfg.seed)
+            res, report, path = run_sweep("sinks", items, cfg, engine=engine, address=address, workers=workers,
+                                          gpus_per_worker=gpus_per_worker, shard_size=shard_size, max_retries=max_retries,
+                                          resume=resume, model=model, backend=backend, device=device, dtype=dtype, out=out,
+                                          input_hash=hash_inputs(items), source=src)
+            saved(path, as_json, {**res.summary(), **sweep_summary(report)})
+            return
         texts = [prompt] if prompt is not None else [r.text for r in iter_records(input, on_error=on_error)] if input else None
         probe = load_probe(model, backend, device, dtype)
         with progress(n_samples, "samples") as step:
@@ -58,6 +137,7 @@ def register(run_app: typer.Typer) -> None:
         saved(path, as_json, res.summary())
 
     @run_app.command("dormant")
+    @model_options
     def dormant_cmd(
         model: str = ModelOpt,
         domains: str = typer.Option("prose,code,arithmetic", "--domains", help="Comma-separated built-in domains."),

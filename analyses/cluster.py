@@ -1,0 +1,631 @@
+"""Dataset sweeps: shard a corpus, run an analysis on workers, merge the partial reducer states.
+
+A sweep cuts the input items (texts or :class:`analyses.io.Record`) into contiguous shards
+(:func:`analyses.domains.shard_ranges`), runs one analysis' shard function on each, and folds the
+shards' partial states **in shard order** into one state, which the analysis turns into its usual
+result. Because every statistic is a float64 sum or an integer count kept in a streaming reducer
+(:mod:`probes.reducers`), the merged result is the one-pass result: the same items in the same
+order, grouped into sums differently (≤ 1e-12 relative on the float64 sums; counts exactly).
+
+Engines (one code path for both; the analysis code is the same):
+
+* ``local``: the shards run one after another on a probe in this process (the reference);
+* ``ray``: one Ray actor per worker loads the model once (``gpus_per_worker`` GPUs each, so one
+  worker per GPU on a multi-GPU box) and takes shards as they come (``ray.wait``). On a laptop
+  ``ray.init`` starts a local instance; ``address="auto"`` joins a running cluster.
+
+Failures: a shard that raises is retried by Ray on its actor (``max_task_retries`` with
+``retry_exceptions``; a crashed actor is restarted, ``max_restarts``) and, locally, by the same
+retry budget here. Retried shards and their attempts are reported (``SweepReport.retried``, the
+result's ``timings["sweep.retries"]`` and ``sweep.json`` next to the manifest). A shard that still
+fails after ``1 + max_retries`` attempts raises one :class:`probes.SondeError` naming the shard.
+
+Resume: the **merge ledger** (a folder) holds the fold of the contiguous prefix of finished shards
+(``ledger.pt``: fingerprint, ``through`` = shards folded, the merged state) and each finished shard
+past a gap (``shard-NNNNN.pt``). Every file is written to a temporary name and renamed, shard file
+before ledger, so a sweep killed at any instant resumes with each shard counted exactly once. A
+ledger whose fingerprint (analysis, model, config, input, sharding) differs is ignored.
+
+Test hooks (read by the driver; documented here because tests use them):
+
+* ``SONDE_FAULT_SHARD="3"`` makes shard 3 raise on its first attempt; ``"3:2,5:always"`` makes
+  shard 3 fail twice and shard 5 on every attempt;
+* ``SONDE_FAULT_EXIT_AFTER=N`` ends the driver process (``os._exit(75)``, no clean-up, like a kill)
+  once N shards are folded into the ledger.
+
+Shardable analyses (:data:`SHARDABLE`): ``sinks`` (items: texts; :func:`analyses.sinks.accumulate`)
+and ``routes`` (dataset mode; items: records with domains; :func:`analyses.routes.accumulate`).
+``dormant`` is not shardable: its causal check re-runs the data once per tested head after the
+statistics are known.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
+
+import torch
+
+from probes.errors import ConfigError, InputError, SondeError
+
+from . import base
+from .domains import shard_ranges
+from .store import hash_inputs
+
+__all__ = ["SweepConfig", "ModelSpec", "Shard", "Shardable", "SHARDABLE", "SweepReport", "SweepRun", "Ledger",
+           "LocalEngine", "RayEngine", "make_engine", "plan_shards", "sweep", "parse_faults", "ShardFailedError",
+           "default_ledger"]
+
+FAULT_ENV = "SONDE_FAULT_SHARD"
+EXIT_ENV = "SONDE_FAULT_EXIT_AFTER"
+
+
+# ============================================================================ config
+@dataclass(frozen=True, kw_only=True)
+class SweepConfig(base.Config):
+    """How a sweep runs (not what it measures: that is the analysis' own config)."""
+
+    engine: Literal["local", "ray"] = "local"
+    address: str | None = None  # None: start Ray here (laptop, one box); "auto" / "ray://host:10001": join a cluster
+    workers: int | None = None  # None: one per GPU when gpus_per_worker > 0, else 2
+    gpus_per_worker: float = 0.0  # 1 = one model per GPU
+    cpus_per_worker: float = 1.0
+    shard_size: int = 32  # items per shard; a multiple of the analysis' batch_size keeps one-pass batches
+    max_retries: int = 2  # extra attempts of a failing shard
+    resume: bool = True  # reuse a matching merge ledger
+
+    def __post_init__(self):
+        if self.engine not in ("local", "ray"):
+            raise ConfigError(f"engine={self.engine!r}; use 'local' (this process) or 'ray'.")
+        if self.workers is not None and (not isinstance(self.workers, int) or self.workers < 1):
+            raise ConfigError(f"workers={self.workers!r}; use a positive number of workers (or leave it unset).")
+        if not (isinstance(self.gpus_per_worker, (int, float)) and self.gpus_per_worker >= 0):
+            raise ConfigError(f"gpus_per_worker={self.gpus_per_worker!r}; use 0 (CPU), a fraction or a whole number of GPUs.")
+        if not (isinstance(self.cpus_per_worker, (int, float)) and self.cpus_per_worker > 0):
+            raise ConfigError(f"cpus_per_worker={self.cpus_per_worker!r}; use a positive number of CPUs.")
+        if not isinstance(self.shard_size, int) or self.shard_size < 1:
+            raise ConfigError(f"shard_size={self.shard_size!r}; use a positive number of items per shard.")
+        if not isinstance(self.max_retries, int) or self.max_retries < 0:
+            raise ConfigError(f"max_retries={self.max_retries!r}; use 0 (no retry) or more.")
+        if self.engine == "local" and (self.address is not None or self.gpus_per_worker):
+            raise ConfigError("address/gpus_per_worker are Ray settings but engine='local'.",
+                              hint="Pass --engine ray, or drop --address/--gpus-per-worker.")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a worker loads: the arguments of :func:`probes.load_model`."""
+
+    name: str = "embedded"
+    backend: str = "nnsight"
+    device: str = "auto"
+    dtype: str = "auto"
+
+    def load(self):
+        from probes import load_model
+
+        return load_model(self.name, backend=self.backend, device=self.device, dtype=self.dtype)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Items ``[start, stop)`` of the input, shard number ``index``."""
+
+    index: int
+    start: int
+    stop: int
+
+    def __str__(self) -> str:
+        return f"shard {self.index} (items {self.start}..{self.stop - 1})"
+
+
+def plan_shards(n_items: int, shard_size: int) -> list[Shard]:
+    """Contiguous shards covering ``n_items`` in order."""
+    if n_items < 1:
+        raise InputError("the input holds no items; there is nothing to sweep.", hint="Check --input / --domains.")
+    return [Shard(i, a, b) for i, (a, b) in enumerate(shard_ranges(n_items, shard_size))]
+
+
+def parse_faults(text: str | None) -> dict[int, float]:
+    """``"3"`` / ``"3:2,5:always"`` -> ``{shard: failing attempts}`` (``inf`` = always)."""
+    out: dict[int, float] = {}
+    for part in (text or "").split(","):
+        if not part.strip():
+            continue
+        idx, _, n = part.strip().partition(":")
+        try:
+            out[int(idx)] = math.inf if n == "always" else float(int(n or 1))
+        except ValueError:
+            raise ConfigError(f"{FAULT_ENV}={text!r} is not understood.", hint="Use e.g. 3 or 3:2,5:always.") from None
+    return out
+
+
+class ShardFault(RuntimeError):
+    """The injected failure of the test hook ``SONDE_FAULT_SHARD``."""
+
+
+class ShardFailedError(SondeError):
+    """A shard failed on every attempt."""
+
+
+# ============================================================================ shardable analyses
+@dataclass(frozen=True)
+class Shardable:
+    """An analysis a sweep can shard.
+
+    ``accumulate(probe, items, config) -> state`` runs on a worker; ``merge(a | None, b, config, info)``
+    folds consecutive shards' states (``a`` first); ``finish(probe_or_info, state, config, input_hash,
+    timings, source) -> Result`` (``needs_probe``: it runs on a worker holding the model).
+    """
+
+    name: str
+    config_cls: Callable[[], type]
+    accumulate: Callable[..., Any]
+    merge: Callable[..., Any]
+    finish: Callable[..., Any]
+    needs_probe: bool = False
+    result_name: str = ""  # the result's ``analysis`` (its key prefix)
+
+
+def _sinks_cfg():
+    from . import sinks
+    return sinks.Config
+
+
+def _sinks_acc(probe, items, config):
+    from . import sinks
+    return sinks.accumulate(probe, [it if isinstance(it, str) else it.text for it in items], config)
+
+
+def _sinks_merge(a, b, config, info):
+    from . import sinks
+    return sinks.merge_states(a, b, config)
+
+
+def _sinks_finish(probe, state, config, input_hash, timings, source):
+    from . import sinks
+    return sinks.result_from_states(probe, state, config, source=source, input_hash=input_hash, timings=timings)
+
+
+def _routes_cfg():
+    from . import routes
+    return routes.DatasetConfig
+
+
+def _routes_acc(probe, items, config):
+    from . import routes
+    stats, skipped = routes.accumulate(probe, items, config=config)
+    return {"stats": stats.state(), "n_skipped": int(skipped)}
+
+
+def _route_stats(st, info):
+    from . import routes
+    r = routes.RouteStats(int(info["n_layers"]), int(info["n_heads"]))
+    r.load_state(st)
+    return r
+
+
+def _routes_merge(a, b, config, info):
+    if a is None:
+        return dict(b)
+    r = _route_stats(a["stats"], info)
+    r.merge(_route_stats(b["stats"], info))
+    return {"stats": r.state(), "n_skipped": a["n_skipped"] + b["n_skipped"]}
+
+
+def _routes_finish(info, state, config, input_hash, timings, source):
+    from . import routes
+    stats = _route_stats(state["stats"], info)
+    return routes.stats_result(_Info(info), stats, config=config, n_skipped=state["n_skipped"], input_hash=input_hash,
+                               timings=timings)
+
+
+class _Info:
+    """Model summary dict with the ``to_dict()`` that result builders call."""
+
+    def __init__(self, d: Mapping[str, Any]):
+        self._d = dict(d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self._d)
+
+
+SHARDABLE: dict[str, Shardable] = {
+    "sinks": Shardable("sinks", _sinks_cfg, _sinks_acc, _sinks_merge, _sinks_finish, needs_probe=True, result_name="sinks"),
+    "routes": Shardable("routes", _routes_cfg, _routes_acc, _routes_merge, _routes_finish, result_name="routes.dataset"),
+}
+
+
+def _shardable(name: str) -> Shardable:
+    if name not in SHARDABLE:
+        raise ConfigError(f"analysis {name!r} cannot be swept over shards.",
+                          hint=f"Shardable analyses: {', '.join(SHARDABLE)}.")
+    return SHARDABLE[name]
+
+
+def default_ledger(out_dir: str | Path) -> Path:
+    """The merge-ledger folder of a result folder: a hidden sibling ``.<name>.sweep``."""
+    out_dir = Path(out_dir)
+    return out_dir.parent / f".{out_dir.name}.sweep"
+
+
+def _run_shard(probe, analysis: str, config, items: Sequence, shard: Shard, attempt: int, faults: Mapping[int, float]):
+    """The worker side of one shard attempt (shared by both engines)."""
+    if attempt <= faults.get(shard.index, 0):
+        raise ShardFault(f"injected fault ({FAULT_ENV}) in {shard}, attempt {attempt}")
+    t0 = time.perf_counter()
+    state = SHARDABLE[analysis].accumulate(probe, items, config)
+    return {"state": state, "seconds": time.perf_counter() - t0, "attempts": attempt,
+            "worker": f"{socket.gethostname()}:{os.getpid()}"}
+
+
+# ============================================================================ ledger
+class Ledger:
+    """The on-disk merge ledger of one sweep (see the module docstring); ``folder=None`` keeps it in memory."""
+
+    def __init__(self, folder: str | Path | None, *, fingerprint: str, n_shards: int, merge: Callable[[Any, Any], Any]):
+        self.folder = None if folder is None else Path(folder)
+        self.fingerprint, self.n_shards, self._merge = fingerprint, n_shards, merge
+        self.through = 0
+        self.state: Any = None
+        self.pending: dict[int, dict] = {}
+        self.meta: dict[int, dict] = {}
+
+    # -- io ----------------------------------------------------------------------------------------
+    def _write(self, name: str, obj: Any) -> None:
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=self.folder)
+        os.close(fd)
+        torch.save(obj, tmp)
+        os.replace(tmp, self.folder / name)
+
+    def load(self) -> int:
+        """Restore a matching ledger; returns the number of shards already done (0 if none matches)."""
+        if self.folder is None or not (self.folder / "ledger.pt").is_file():
+            return 0
+        led = torch.load(self.folder / "ledger.pt", weights_only=False)
+        if led.get("fingerprint") != self.fingerprint or led.get("n_shards") != self.n_shards:
+            return 0
+        self.through, self.state, self.meta = int(led["through"]), led["state"], dict(led["meta"])
+        for f in sorted(self.folder.glob("shard-*.pt")):
+            rec = torch.load(f, weights_only=False)
+            if rec.get("fingerprint") == self.fingerprint and rec["index"] >= self.through:
+                self.pending[rec["index"]] = rec
+                self.meta[rec["index"]] = rec["meta"]
+        self._fold()
+        return len(self.done)
+
+    def clear(self) -> None:
+        import shutil
+
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+    # -- bookkeeping -----------------------------------------------------------------------------
+    @property
+    def done(self) -> set[int]:
+        return set(range(self.through)) | set(self.pending)
+
+    def record(self, index: int, state: Any, meta: Mapping[str, Any]) -> None:
+        """Store one finished shard (durably before it counts) and fold the contiguous prefix."""
+        if index in self.done:  # a duplicate completion (a retried task that had in fact finished)
+            return
+        rec = {"fingerprint": self.fingerprint, "index": index, "state": state, "meta": dict(meta)}
+        self.meta[index] = dict(meta)
+        if self.folder is not None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            if index != self.through:
+                self._write(f"shard-{index:05d}.pt", rec)
+        self.pending[index] = rec
+        self._fold()
+
+    def _fold(self) -> None:
+        folded = []
+        while self.through in self.pending:
+            rec = self.pending.pop(self.through)
+            self.state = self._merge(self.state, rec["state"])
+            folded.append(self.through)
+            self.through += 1
+        if folded and self.folder is not None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self._write("ledger.pt", {"fingerprint": self.fingerprint, "n_shards": self.n_shards, "through": self.through,
+                                      "state": self.state, "meta": self.meta})
+            for i in folded:  # after the ledger: a crash in between leaves files the ledger already covers
+                (self.folder / f"shard-{i:05d}.pt").unlink(missing_ok=True)
+
+
+# ============================================================================ engines
+class LocalEngine:
+    """Shards run one after another on a probe of this process (the single-process reference)."""
+
+    name = "local"
+
+    def __init__(self, probe, *, max_retries: int = 2):
+        self.probe, self.max_retries = probe, max_retries
+        self.workers = 1
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return self.probe.info.to_dict()
+
+    def map(self, analysis: str, config, items: Sequence, shards: Sequence[Shard], faults: Mapping[int, float]
+            ) -> Iterator[tuple[Shard, dict | BaseException]]:
+        for sh in shards:
+            err: BaseException | None = None
+            for attempt in range(1, self.max_retries + 2):
+                try:
+                    out = _run_shard(self.probe, analysis, config, items[sh.start:sh.stop], sh, attempt, faults)
+                    yield sh, out
+                    break
+                except SondeError:
+                    raise  # bad input or config: the same on every attempt
+                except Exception as e:  # noqa: BLE001 - any other failure of a shard is retried
+                    err = e
+            else:
+                yield sh, err
+
+    def finish(self, analysis: str, state, config, input_hash: str, timings: dict, source: str):
+        spec = SHARDABLE[analysis]
+        return spec.finish(self.probe if spec.needs_probe else self.info, state, config, input_hash, timings, source)
+
+    def close(self) -> None:
+        pass
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("engine='ray' needs Ray, which is not installed.", hint="pip install 'sonde[cluster]'.") from None
+    return ray
+
+
+def _worker_class(ray):
+    @ray.remote(max_restarts=1)
+    class SondeWorker:
+        """One Ray actor = one loaded model; it runs shard after shard."""
+
+        def __init__(self, spec: ModelSpec):
+            self.probe = spec.load()
+            self.attempts: dict[tuple[str, int], int] = {}
+
+        def info(self) -> dict[str, Any]:
+            return self.probe.info.to_dict()
+
+        def run_shard(self, key: str, analysis: str, config, items, shard: Shard, faults):
+            k = (key, shard.index)
+            self.attempts[k] = self.attempts.get(k, 0) + 1
+            return _run_shard(self.probe, analysis, config, items, shard, self.attempts[k], faults)
+
+        def finish(self, analysis: str, state, config, input_hash: str, timings: dict, source: str):
+            return SHARDABLE[analysis].finish(self.probe, state, config, input_hash, timings, source)
+
+    return SondeWorker
+
+
+class RayEngine:
+    """One Ray actor per worker, each holding one loaded model; shards go to whichever actor is free."""
+
+    name = "ray"
+
+    def __init__(self, model: ModelSpec, sweep: SweepConfig = SweepConfig(engine="ray"), *, ray_init: Mapping[str, Any] | None = None):
+        ray = self.ray = _ray()
+        self.sweep = sweep
+        self._started = False
+        if not ray.is_initialized():
+            kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
+                                  "runtime_env": {"env_vars": {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM",
+                                                                                          "SONDE_RESULTS", "HF_HOME")
+                                                               if k in os.environ}}}
+            if sweep.address is None:
+                kw["num_cpus"] = max(os.cpu_count() or 1, math.ceil((sweep.workers or 2) * sweep.cpus_per_worker))
+            else:
+                kw["address"] = sweep.address
+            kw.update(ray_init or {})
+            try:
+                ray.init(**kw)
+            except ConnectionError as e:
+                raise ConfigError(f"cannot reach a Ray cluster at address={sweep.address!r} ({e}).",
+                                  hint="Start one with `ray start --head`, or leave --address out to run Ray here.") from None
+            self._started = True
+        res = ray.cluster_resources()
+        if sweep.gpus_per_worker > 0:
+            gpus = res.get("GPU", 0)
+            if gpus < sweep.gpus_per_worker:
+                raise ConfigError(f"gpus_per_worker={sweep.gpus_per_worker} but the Ray cluster has {gpus:g} GPUs.",
+                                  hint="Use --gpus-per-worker 0 on CPU machines.")
+            n = sweep.workers or int(gpus // sweep.gpus_per_worker)
+        else:
+            n = sweep.workers or 2
+        self.workers = n
+        Worker = _worker_class(ray)
+        self.actors = [Worker.options(num_cpus=sweep.cpus_per_worker, num_gpus=sweep.gpus_per_worker).remote(model)
+                       for _ in range(n)]
+        try:
+            infos = ray.get([a.info.remote() for a in self.actors])
+        except ray.exceptions.RayError as e:
+            self.close()
+            raise ConfigError(f"a Ray worker could not load model {model.name!r}: {_cause(e)}",
+                              hint="Check the model name and that every node can reach it (same path or hub access).") from None
+        if len({i["fingerprint"] for i in infos}) != 1:
+            self.close()
+            raise ConfigError("Ray workers loaded different models (fingerprints differ).",
+                              hint="Give every node the same model files (or an HF id with the same revision).")
+        self.info = infos[0]
+
+    def map(self, analysis: str, config, items: Sequence, shards: Sequence[Shard], faults: Mapping[int, float]
+            ) -> Iterator[tuple[Shard, dict | BaseException]]:
+        ray = self.ray
+        key = hash_inputs(analysis, config.to_dict(), len(items), time.time_ns())
+        queue = list(shards)
+        inflight: dict[Any, tuple[Shard, Any]] = {}
+
+        def submit(actor) -> None:
+            if queue:
+                sh = queue.pop(0)
+                ref = actor.run_shard.options(max_task_retries=self.sweep.max_retries, retry_exceptions=True).remote(
+                    key, analysis, config, list(items[sh.start:sh.stop]), sh, dict(faults))
+                inflight[ref] = (sh, actor)
+
+        for _ in range(2):  # one shard per actor first, then a second so a worker never waits for the driver
+            for a in self.actors:
+                submit(a)
+        while inflight:
+            ready, _ = ray.wait(list(inflight), num_returns=1)
+            sh, actor = inflight.pop(ready[0])
+            try:
+                out: dict | BaseException = ray.get(ready[0])
+            except ray.exceptions.RayError as e:
+                out = e
+            submit(actor)
+            yield sh, out
+
+    def finish(self, analysis: str, state, config, input_hash: str, timings: dict, source: str):
+        spec = SHARDABLE[analysis]
+        if not spec.needs_probe:
+            return spec.finish(self.info, state, config, input_hash, timings, source)
+        return self.ray.get(self.actors[0].finish.remote(analysis, state, config, input_hash, timings, source))
+
+    def close(self) -> None:
+        for a in getattr(self, "actors", []):
+            self.ray.kill(a)
+        self.actors = []
+        if self._started:
+            self.ray.shutdown()
+            self._started = False
+
+
+def make_engine(sweep_cfg: SweepConfig, *, model: ModelSpec | None = None, probe=None):
+    """The engine of ``sweep_cfg``: local needs ``probe`` (or loads ``model``); Ray needs ``model``."""
+    if sweep_cfg.engine == "local":
+        return LocalEngine(probe if probe is not None else (model or ModelSpec()).load(), max_retries=sweep_cfg.max_retries)
+    return RayEngine(model or ModelSpec(), sweep_cfg)
+
+
+def _cause(e: BaseException) -> str:
+    c = getattr(e, "cause", None) or e
+    return f"{type(c).__name__}: {str(c).strip().splitlines()[-1][:200] if str(c).strip() else ''}"
+
+
+# ============================================================================ driver
+@dataclass(frozen=True, kw_only=True)
+class SweepReport:
+    """What a sweep did: shards planned / run / resumed, retried shards ``{index: attempts}``, seconds."""
+
+    engine: str
+    workers: int
+    n_items: int
+    n_shards: int
+    shards_run: int
+    shards_resumed: int
+    retried: dict[int, int] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)  # map (shards), merge (folding), finish
+    shard_seconds: dict[int, float] = field(default_factory=dict)
+    shard_workers: dict[int, str] = field(default_factory=dict)  # host:pid that ran each shard
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"engine": self.engine, "workers": self.workers, "n_items": self.n_items, "n_shards": self.n_shards,
+                "shards_run": self.shards_run, "shards_resumed": self.shards_resumed,
+                "retried": {str(k): v for k, v in self.retried.items()}, "seconds": dict(self.seconds),
+                "shard_seconds": {str(k): round(v, 4) for k, v in self.shard_seconds.items()},
+                "shard_workers": {str(k): v for k, v in self.shard_workers.items()}}
+
+    def save(self, result_dir: str | Path) -> Path:
+        import json
+
+        p = Path(result_dir) / "sweep.json"
+        p.write_text(json.dumps(self.to_dict(), indent=2))
+        return p
+
+
+@dataclass(frozen=True)
+class SweepRun:
+    """The merged result and the report of one sweep."""
+
+    result: base.Result
+    report: SweepReport
+
+
+def sweep(analysis: str, items: Sequence, *, config, engine, sweep_config: SweepConfig = SweepConfig(),
+          ledger: str | Path | None = None, input_hash: str = "", source: str = "texts",
+          on_progress: Callable[[int, int], None] | None = None) -> SweepRun:
+    """Run ``analysis`` over ``items`` in shards on ``engine`` and merge the shards exactly.
+
+    Args:
+        analysis: a name in :data:`SHARDABLE` (``sinks``: items are texts; ``routes``: records with domains).
+        items: the whole input, in order (shards are contiguous slices of it).
+        config: the analysis' config (``sinks.Config`` / ``routes.DatasetConfig``).
+        engine: :class:`LocalEngine` or :class:`RayEngine` (see :func:`make_engine`).
+        ledger: merge-ledger folder; a re-run with the same folder resumes (``sweep_config.resume``).
+        input_hash: identifies the input in the result key and the ledger fingerprint.
+        on_progress: ``on_progress(shards_done, n_shards)`` after each shard.
+    Returns:
+        :class:`SweepRun` (the analysis' usual result, with ``timings["sweep.*"]``, and a report).
+    """
+    spec = _shardable(analysis)
+    cfg_cls = spec.config_cls()
+    if not isinstance(config, cfg_cls):
+        raise ConfigError(f"config for a {analysis} sweep must be {cfg_cls.__module__}.{cfg_cls.__name__}, "
+                          f"got {type(config).__name__}.")
+    items = list(items)
+    shards = plan_shards(len(items), sweep_config.shard_size)
+    info = engine.info
+    input_hash = input_hash or hash_inputs([it if isinstance(it, str) else (it.text, it.domain) for it in items])
+    fp = hash_inputs(analysis, info.get("fingerprint", ""), config.to_dict(), input_hash, sweep_config.shard_size, len(items))
+    led = Ledger(ledger, fingerprint=fp, n_shards=len(shards), merge=lambda a, b: spec.merge(a, b, config, info))
+    resumed = led.load() if sweep_config.resume else 0
+    if not sweep_config.resume:
+        led.clear()
+    todo = [s for s in shards if s.index not in led.done]
+    faults = parse_faults(os.environ.get(FAULT_ENV))
+    exit_after = int(os.environ[EXIT_ENV]) if os.environ.get(EXIT_ENV) else None
+    if on_progress:
+        on_progress(len(led.done), len(shards))
+    t_map, t_merge, failed = time.perf_counter(), 0.0, []
+    retried: dict[int, int] = {}
+    shard_seconds: dict[int, float] = {}
+    shard_workers: dict[int, str] = {}
+    ran = 0
+    for sh, out in engine.map(analysis, config, items, todo, faults):
+        if isinstance(out, BaseException):
+            failed.append((sh, out))
+            continue
+        if out["attempts"] > 1:
+            retried[sh.index] = out["attempts"]
+        shard_seconds[sh.index] = out["seconds"]
+        shard_workers[sh.index] = out["worker"]
+        t0 = time.perf_counter()
+        led.record(sh.index, out["state"], {"attempts": out["attempts"], "seconds": out["seconds"], "worker": out["worker"]})
+        t_merge += time.perf_counter() - t0
+        ran += 1
+        if on_progress:
+            on_progress(len(led.done), len(shards))
+        if exit_after is not None and led.through >= exit_after:
+            os._exit(75)  # test hook: die like a killed process (no clean-up)
+    t_map = time.perf_counter() - t_map - t_merge
+    if failed:
+        sh, err = min(failed, key=lambda f: f[0].index)
+        more = f" ({len(failed) - 1} more shards failed too)" if len(failed) > 1 else ""
+        raise ShardFailedError(f"{sh} failed after {sweep_config.max_retries + 1} attempts: {_cause(err)}{more}.",
+                               hint=(f"The {len(led.done)} finished shards are kept in the merge ledger {str(ledger)!r}; fix the "
+                                     "cause and re-run the same command to resume.") if ledger else
+                               "Fix the cause and re-run (a ledger folder keeps finished shards for a resume).")
+    for i, m in led.meta.items():  # shards retried in an earlier, interrupted run
+        if m.get("attempts", 1) > 1:
+            retried.setdefault(i, m["attempts"])
+    timings = {"sweep.map": t_map, "sweep.merge": t_merge, "sweep.retries": float(len(retried)),
+               "sweep.shards": float(len(shards)), "sweep.workers": float(engine.workers)}
+    t0 = time.perf_counter()
+    result = engine.finish(analysis, led.state, config, input_hash, timings, source)
+    t_finish = time.perf_counter() - t0
+    result.timings["sweep.finish"] = t_finish
+    report = SweepReport(engine=engine.name, workers=engine.workers, n_items=len(items), n_shards=len(shards),
+                         shards_run=ran, shards_resumed=resumed, retried=retried,
+                         seconds={"map": round(t_map, 4), "merge": round(t_merge, 4), "finish": round(t_finish, 4)},
+                         shard_seconds=shard_seconds, shard_workers={i: out for i, out in shard_workers.items()})
+    return SweepRun(result, report)
