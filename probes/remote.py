@@ -167,11 +167,9 @@ class RemoteProbe(Probe):
                 hint=f"Remote runs read {', '.join(REMOTE_SITES)} sites; load the model locally for patterns and q/k/v.")
 
     def _envoy(self, path: str, layer: int | None = None):
-        root = self.nn
-        full = path if layer is None else f"{self.arch.layers}.{layer}.{path}"
-        for part in full.split("."):
-            root = root[int(part)] if part.isdigit() else getattr(root, part)
-        return root
+        from .nns import NNsightProbe
+
+        return NNsightProbe._envoy(self, path, layer)  # the same envoy tree as the local nnsight backend
 
     def _locate(self, s: Site):
         from .nns import NNsightProbe

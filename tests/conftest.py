@@ -62,3 +62,16 @@ def run_page():
         return at
 
     return _run
+
+
+def run_cli(args, capsys):
+    """Run the `sonde` CLI in-process: (exit code, stdout, stderr)."""
+    from analyses.cli import main
+
+    try:
+        main(args)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err

@@ -12,16 +12,7 @@ import torch
 from analyses.cli import main
 from probes import ConfigError, DeviceError, ModelLoadError, load_model
 from probes.loading import embedded_gguf_path, embedded_model_dir
-
-
-def run_cli(args, capsys):
-    try:
-        main(args)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
+from conftest import run_cli
 
 
 def test_embedded_cache_is_fast_and_identical(embedded):

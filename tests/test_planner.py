@@ -12,21 +12,12 @@ import torch
 from analyses import planner, routes
 from analyses.cli import main
 from probes import ConfigError, OutOfMemoryError
+from conftest import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 # SmolLM2-135M's sizes (what ModelInfo reports for the embedded model), so unit tests load no model
 SMOL = planner.ModelShape(n_layers=30, n_heads=9, n_kv_heads=3, d_model=576, d_head=64, d_mlp=1536, d_vocab=49152,
                           n_params=134_515_008)
-
-
-def run_cli(args, capsys):
-    try:
-        main(args)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 # ----------------------------------------------------------------------------- estimate

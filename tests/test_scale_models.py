@@ -13,16 +13,7 @@ from analyses.cli import main
 from probes import Collect, ConfigError, DeviceError, Mean, ModelLoadError, UnknownSiteError, Ablate, from_hf, l2_norm, load_model
 from probes.loading import parse_max_memory
 from probes.remote import RemoteProbe, check_ndif
-
-
-def run_cli(args, capsys):
-    try:
-        main(args)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
+from conftest import run_cli
 
 
 def _save(tmp: Path, name: str, seed: int = 0, family: str = "llama") -> Path:
