@@ -20,6 +20,7 @@ PAGES = [
     ("fiber.py", "Embedding geometry", ":material/scatter_plot:"),
     ("critical.py", "Critical tokens", ":material/priority_high:"),
     ("counterfactual.py", "Counterfactuals", ":material/call_split:"),
+    ("component.py", "Component", ":material/memory:"),
     ("results.py", "Results", ":material/folder_open:"),
 ]
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import streamlit as st
 
-__all__ = ["download_figure", "download_frame", "notebook_snippet", "frame_to_parquet", "figure_to_html", "safe_name"]
+__all__ = ["download_figure", "download_frame", "notebook_snippet", "frame_to_parquet", "figure_to_html", "safe_name", "export_bar"]
 
 
 def safe_name(name: str) -> str:
@@ -57,3 +57,42 @@ def notebook_snippet(code: str, *, title: str = "Reproduce in a notebook", expan
     """A collapsible box with the Python that reproduces the current view."""
     with st.expander(title, expanded=expanded, icon=":material/code:"):
         st.code(code.strip("\n"), language="python")
+
+
+def export_bar(name: str, *, figure: Any = None, table: Any = None, result: Any = None, graph: Any = None,
+               graph_position: int | None = None, figures: dict[str, Any] | None = None, tables: dict[str, Any] | None = None,
+               notes: tuple[str, ...] = (), code: str | None = None, key: str | None = None) -> None:
+    """One row of exports for the current view: chart (HTML/PNG/SVG), table (CSV/Parquet), route graph (GraphML)
+    and a one-file HTML report of ``result`` with its manifest. Every file is built only when its button is clicked.
+
+    ``graph`` is a routes result (its route to ``graph_position`` goes to GraphML); ``figures``/``tables`` go into
+    the report (default: ``figure`` and ``table``).
+    """
+    from analyses import report
+
+    stem = safe_name(name)
+    k = key or f"exp-{stem}"
+    buttons: list[tuple[str, Any, str, str, str | None]] = []  # (label, data, file, mime, disabled reason)
+    if figure is not None:
+        why = report.static_export_available()
+        buttons += [("Chart HTML", lambda: report.figure_bytes(figure, "html"), f"{stem}.html", "text/html", None),
+                    ("PNG", lambda: report.figure_bytes(figure, "png"), f"{stem}.png", "image/png", why),
+                    ("SVG", lambda: report.figure_bytes(figure, "svg"), f"{stem}.svg", "image/svg+xml", why)]
+    if table is not None:
+        buttons += [("CSV", lambda: report.table_bytes(table, "csv"), f"{stem}.csv", "text/csv", None),
+                    ("Parquet", lambda: report.table_bytes(table, "parquet"), f"{stem}.parquet", "application/octet-stream", None)]
+    if graph is not None:
+        buttons.append(("GraphML", lambda: report.graphml_bytes(graph, graph_position), f"{stem}.graphml", "application/xml", None))
+    if result is not None:
+        figs = figures if figures is not None else ({name: figure} if figure is not None else None)
+        tabs = tables if tables is not None else ({name: table} if table is not None else None)
+        buttons.append(("Report", lambda: report.html_report(result, figures=figs, tables=tabs, notes=notes, code=code),
+                        f"{stem}-report.html", "text/html", None))
+    if not buttons:
+        return
+    cols = st.columns(len(buttons), gap="small")
+    for col, (label, data, file, mime, why) in zip(cols, buttons):
+        with col:
+            st.download_button(label, data=data, file_name=file, mime=mime, on_click="ignore", key=f"{k}-{label.lower().replace(' ', '-')}",
+                               icon=":material/description:" if label == "Report" else ":material/download:",
+                               disabled=why is not None, help=why or f"Download {file}", type="primary" if label == "Report" else "secondary")

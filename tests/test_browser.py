@@ -129,3 +129,80 @@ def test_results_page_lists_and_plots(server, browser):
     assert "logit_lens" in page.inner_text("body")
     page.screenshot(path=str(ARTIFACTS / "results_page.png"), full_page=True)
     page.close()
+
+
+def _wait_text(page, text: str, timeout_s: float) -> None:
+    page.wait_for_function("t => document.body.innerText.includes(t)", arg=text, timeout=timeout_s * 1000)
+
+
+def test_user_path_routes_head_panel_counterfactual_report(server, browser):
+    """The researcher's path: Information flow → click a head → its sink panel → ablate it in a counterfactual
+    → export the report → the downloaded HTML opens and renders."""
+    import re
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page = browser.new_page(viewport={"width": 1500, "height": 1400}, accept_downloads=True)
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(server["url"] + "/routes?prompt=The+Eiffel+Tower+is+located+in+the+city+of", wait_until="domcontentloaded")
+    heads = page.locator(".st-key-routes_heads .js-plotly-plot")
+    heads.wait_for(state="visible", timeout=COLD_START_S * 1000)
+    page.wait_for_selector(".st-key-routes_heads .js-plotly-plot .heatmaplayer image, .st-key-routes_heads .js-plotly-plot .hm image",
+                           timeout=30_000)
+    _wait_text(page, "Sink mass per domain", 120)  # the panel of the default (most important) head
+    _no_exception(page)
+    page.screenshot(path=str(ARTIFACTS / "routes_page.png"), full_page=True)
+
+    # click one cell of the layer x head heat map: layer 5, head 3, placed through plotly's own axes
+    heads.scroll_into_view_if_needed()
+    x, y = heads.evaluate("""(el, [h, l]) => { const r = el.getBoundingClientRect(), f = el._fullLayout;
+        return [r.left + f.xaxis._offset + f.xaxis.l2p(h), r.top + f.yaxis._offset + f.yaxis.l2p(l)]; }""", [3, 5])
+    page.mouse.click(x, y)
+    try:
+        _wait_text(page, "Component L5H3", 60)
+        clicked = True
+    except Exception:  # noqa: BLE001 - plotly builds without click selection on heat maps: use the selection fallback
+        clicked = False
+    if not clicked:
+        page.locator(".st-key-routes_component input").click()
+        page.keyboard.type("L5H3 ")
+        page.keyboard.press("Enter")
+        _wait_text(page, "Component L5H3", 60)
+    panel = page.locator(".st-key-routes-cp-panel")
+    panel.wait_for(state="visible", timeout=60_000)
+    panel.locator(".js-plotly-plot").first.wait_for(state="visible", timeout=60_000)
+    page.wait_for_timeout(1000)
+    _no_exception(page)
+    text = panel.inner_text()
+    assert "Sink mass per domain" in text and "prose" in text and "Status" in text, text[:500]
+    panel.scroll_into_view_if_needed()
+    panel.screenshot(path=str(ARTIFACTS / "component_panel.png"))
+    (ARTIFACTS / "click_selected_head.txt").write_text("heat-map click" if clicked else "selection fallback")
+
+    # ablate it in a counterfactual
+    panel.get_by_role("button", name=re.compile("Ablate in a counterfactual")).click()
+    page.get_by_role("heading", name="Counterfactuals").wait_for(timeout=120_000)
+    _wait_text(page, "ablate:L5H3", 180)
+    page.locator("[data-testid='stMarkdownContainer']:has-text('Factual')").first.wait_for(timeout=60_000)
+    page.wait_for_timeout(1500)
+    _no_exception(page)
+    assert "ablate=L5H3" in page.url and "kind=ablate" in page.url, page.url
+    body = page.inner_text("body")
+    assert "Counterfactual" in body and "Interventional" in body
+    page.screenshot(path=str(ARTIFACTS / "counterfactual_ablated.png"), full_page=True)
+
+    # export the report and open it
+    with page.expect_download(timeout=120_000) as dl:
+        page.locator(".st-key-exp-cf-report button").first.click()
+    out = ARTIFACTS / "counterfactual_report.html"
+    dl.value.save_as(str(out))
+    html = out.read_text()
+    assert "Manifest" in html and "ablate:L5H3" in html and "counterfactual" in html
+    rep = browser.new_page(viewport={"width": 1300, "height": 1000})
+    rep.goto(out.as_uri(), wait_until="load")
+    rep.locator(".js-plotly-plot").first.wait_for(state="visible", timeout=30_000)
+    assert rep.get_by_role("heading", name="Manifest").count() == 1
+    rep.screenshot(path=str(ARTIFACTS / "counterfactual_report.png"), full_page=True)
+    rep.close()
+    assert not errors, errors
+    page.close()

@@ -135,8 +135,99 @@ def test_analyses_do_not_import_streamlit():
             assert not any(n.split(".")[0] == "streamlit" for n in names), f"{f} imports streamlit"
 
 
-@pytest.mark.parametrize("page", ["model.py", "results.py"])
+@pytest.mark.parametrize("page", ["model.py", "results.py", "routes.py", "sinks.py", "component.py", "counterfactual.py"])
 def test_pages_listed_in_app(page):
     # app.py runs st.navigation on import, so read its page table instead of importing it
     assert f'("{page}"' in (ROOT / "dashboard" / "app.py").read_text()
     assert (ROOT / "dashboard" / "pages" / page).is_file()
+
+
+# ----------------------------------------------------------------------------- every page through the app
+def _page(page: str, **query) -> AppTest:
+    at = _app("dashboard/app.py")
+    at.switch_page(f"pages/{page}")
+    at.query_params.update(query)
+    return at.run()
+
+
+# (page, query, expected title, a label of a download button every page shows)
+PAGE_CASES = [
+    ("routes.py", {"prompt": "The Eiffel Tower is in"}, "Information flow"),
+    ("sinks.py", {"T": "16", "n": "1"}, "Sinks & dormant heads"),
+    ("component.py", {"component": "L3H4"}, "Component"),
+    ("counterfactual.py", {"prompt": "Once upon a time, Lyra", "max_new_tokens": "6"}, "Counterfactuals"),
+    ("fiber.py", {"tokens": "0:49152:2000", "vol_max": "100"}, "Embedding geometry"),
+]
+
+
+@pytest.mark.parametrize("page,query,title", PAGE_CASES, ids=[c[0] for c in PAGE_CASES])
+def test_every_page_renders_with_exports_and_notebook_line(page, query, title, tmp_path, monkeypatch):
+    monkeypatch.setenv("SONDE_RESULTS", str(tmp_path / "res"))
+    at = _page(page, **query)
+    _ok(at)
+    assert at.title[0].value == title
+    assert len(_charts(at)) >= 1
+    labels = {d.label for d in at.get("download_button")}
+    assert {"Chart HTML", "CSV", "Report"} <= labels, labels
+    assert any(e.label == "Reproduce in a notebook" for e in at.expander)
+    for k, v in query.items():  # the URL keeps the view's settings
+        got = at.query_params[k]
+        assert (got[0] if isinstance(got, list) else got) == v, k
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("page,query,title", [
+    ("bigram.py", {"steps": "2", "component": "L0H1"}, "Bigram subnetwork"),
+    ("critical.py", {"rollouts": "1", "max_new": "1"}, "Critical tokens"),
+], ids=["bigram.py", "critical.py"])
+def test_slow_pages_render(page, query, title, tmp_path, monkeypatch):
+    monkeypatch.setenv("SONDE_RESULTS", str(tmp_path / "res"))
+    at = _page(page, **query)
+    _ok(at)
+    assert at.title[0].value == title
+    assert any(d.label == "Report" for d in at.get("download_button"))
+    if page == "bigram.py":
+        assert any(m.value.startswith("#### Component L0H1") for m in at.markdown)
+
+
+def test_routes_token_opens_counterfactual_prompt_edit(tmp_path, monkeypatch):
+    monkeypatch.setenv("SONDE_RESULTS", str(tmp_path / "res"))
+    at = _page("routes.py", prompt="The Eiffel Tower is in")
+    _ok(at)
+    at.selectbox(key="routes_node").set_value("X0_4").run()  # BOS, "The", " E", "iffel", " Tower"
+    _ok(at)
+    [b for b in at.button if b.key == "routes_token_cf"][0].click().run()
+    _ok(at)
+    assert at.title[0].value == "Counterfactuals"
+    assert at.radio[0].value == "prompt edit"
+    assert at.text_input[1].value == "Tower"  # the token is the intervention point ("Replace")
+
+
+@pytest.mark.slow
+def test_critical_token_opens_counterfactual_at_that_position(tmp_path, monkeypatch):
+    monkeypatch.setenv("SONDE_RESULTS", str(tmp_path / "res"))
+    at = _page("critical.py", rollouts="2", max_new="2")
+    _ok(at)
+    hits = [b for b in at.button if b.key == "critical_to_cf"]
+    if not hits:
+        pytest.skip("this search found no critical token")
+    hits[0].click().run()
+    _ok(at)
+    assert at.title[0].value == "Counterfactuals"
+    assert at.text_area(key="cf_observed").value == "3 + 4 = 8."
+    assert at.radio[0].value == "token edit"
+
+
+def test_head_from_selection_reads_clicks():
+    import plotly.express as px
+
+    from dashboard import workbench
+
+    fig = workbench.selectable_heads(px.imshow([[0.1, 0.2, 0.3], [0.4, 0.5, 0.6]], origin="lower"))
+    over = fig.data[-1]
+    assert over.type == "scatter" and len(over.x) == 6 and list(over.customdata[:2]) == ["L0H0", "L0H1"]
+    assert list(fig.layout.yaxis.range) == [-0.5, 1.5]
+    assert workbench.head_from_selection({"selection": {"points": [{"x": 2, "y": 1, "customdata": "L1H2"}]}}) == "L1H2"
+    assert workbench.head_from_selection({"selection": {"points": [{"x": "H4", "y": "L7"}]}}) == "L7H4"
+    assert workbench.head_from_selection({"selection": {"points": []}}) is None
+    assert workbench.node_from_selection({"selection": {"points": [{"customdata": "A5_3"}]}}) == "A5_3"

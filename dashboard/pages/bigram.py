@@ -6,6 +6,7 @@ import streamlit as st
 
 from analyses import bigram as B
 from probes import ConfigError, SondeError
+from dashboard import components, workbench
 from dashboard.state import DEFAULT_PROMPT, cached, query_param, show_error, sidebar_probe
 
 st.title("Bigram subnetwork")
@@ -70,9 +71,19 @@ st.subheader("Sparsity by layer and matrix")
 st.plotly_chart(res.plot(), width="stretch")
 h1, h2 = st.columns(2)
 with h1:
-    st.plotly_chart(res.plot_heads(), width="stretch")
+    ev = st.plotly_chart(workbench.selectable_heads(res.plot_heads()), width="stretch", key="bigram_heads", on_select="rerun", selection_mode="points")
+    head = workbench.head_from_selection(ev)
+    if head is not None and head != st.session_state.get("_bigram_last_click"):
+        st.session_state["_bigram_last_click"] = head
+        st.query_params["component"] = head
 with h2:
     st.plotly_chart(res.plot_neurons(), width="stretch")
+sel = query_param("component", "")
+if sel and res.model.get("fingerprint") == probe.info.fingerprint:
+    workbench.component_panel(probe, sel, prompt=query_param("prompt", DEFAULT_PROMPT), key="bigram-cp")
+else:
+    st.caption("Click a head in the heat map to open its component panel (save this mask with `sonde run bigram` or "
+               "`res.save()` so panels show its membership).")
 
 st.subheader("Ablations")
 st.caption("Mean surprisal of held-out tokens (bits), soft CE to the bigram rows (nats), Pearson r with bigram surprisal.")
@@ -101,3 +112,10 @@ if len(res.curve):
     st.plotly_chart(res.plot_curve(), width="stretch")
 else:
     st.info("No training curve (λ = ∞ baseline or a loaded mask without one).")
+
+_code = (f"from probes import load_model\nfrom analyses import bigram as B\n\nprobe = load_model({probe.info.name!r}, backend={probe.backend!r})\n"
+         + (f"res = B.BigramResult.load({saved_dir.strip()!r})\n" if saved_dir.strip() else f"res = B.run(probe, {corpus!r}, B.{cfg!r})\n")
+         + "res.plot().show(); res.plot_heads().show()\nres.save()   # component panels then show bigram-mask membership")
+components.export_bar("bigram", figure=res.plot(), table=res.to_frame(), result=res, code=_code, key="exp-bigram",
+                      figures={"Sparsity": res.plot(), "Heads": res.plot_heads()})
+components.notebook_snippet(_code)

@@ -6,9 +6,17 @@ import html
 
 import streamlit as st
 
-from analyses import counterfactual as cf
-from dashboard.state import cached, query_param, show_error, sidebar_probe
-from probes import SondeError
+import sys
+from pathlib import Path
+
+_ROOT = Path(__file__).resolve().parents[2]
+if str(_ROOT) not in sys.path:  # run as a file (AppTest)
+    sys.path.insert(0, str(_ROOT))
+
+from analyses import counterfactual as cf  # noqa: E402
+from dashboard import components  # noqa: E402
+from dashboard.state import cached, query_param, show_error, sidebar_probe  # noqa: E402
+from probes import SondeError  # noqa: E402
 
 st.title("Counterfactuals")
 st.caption("Gumbel-Max sampling as a causal model (Chatzi et al. 2024): the counterfactual keeps the factual "
@@ -28,8 +36,18 @@ with st.sidebar:
     max_new = st.slider("New tokens", 4, 60, int(query_param("max_new_tokens", "20")))
 
 prompt = st.text_input("Prompt", value=query_param("prompt", "Once upon a time, Lyra"))
+observed = query_param("observed", "")
+if observed:
+    c_obs, c_clear = st.columns([5, 1])
+    observed = c_obs.text_area("Observed response (its noise is inferred instead of sampling a new one)", value=observed,
+                               key="cf_observed", height=70)
+    if c_clear.button("Sample instead", key="cf_clear_observed"):
+        del st.query_params["observed"]
+        st.rerun()
 config = cf.Config(temperature=float(temperature), top_p=None if top_p >= 1 else float(top_p), top_k=int(top_k) or None,
                    seed=int(seed), max_new_tokens=int(max_new))
+if observed:
+    st.query_params["observed"] = observed
 st.query_params.update({"prompt": prompt, "temperature": str(temperature), "top_p": str(top_p), "top_k": str(top_k),
                         "seed": str(seed), "max_new_tokens": str(max_new)})
 
@@ -48,16 +66,18 @@ def _spans(strs, factual, ids, start) -> str:
 tab_cf, tab_bias = st.tabs(["Counterfactual", "Bias sweep"])
 
 with tab_cf:
-    base = cached(cf.run, prompt, "none", _probe=probe, config=config.replace(interventional=False))
+    obs = {"observed": observed} if observed else {}
+    base = cached(cf.run, prompt, "none", _probe=probe, config=config.replace(interventional=False), **obs)
     if base is None:
         st.stop()
     kind = st.radio("Intervention", ["token edit", "prompt edit", "model edit"], horizontal=True,
-                    index=["token", "prompt", "ablate"].index(query_param("kind", "token")))
+                    index={"token": 0, "prompt": 1, "ablate": 2}.get(query_param("kind", "token"), 0))
     spec = None
     if kind == "token edit":
         n = len(base.factual)
         labels = [f"{p}:{s.replace(chr(10), '⏎')}" for p, s in enumerate(base.factual_str)]
-        default = labels[min(int(query_param("pos", "3")), n - 1)] if n else None
+        qpos = query_param("pos", "3")
+        default = labels[min(int(qpos) if qpos.isdigit() else 3, n - 1)] if n else None
         pick = st.pills("Click a generated token to intervene there", labels, default=default) if n else None
         if pick is not None:
             pos = int(pick.split(":", 1)[0])
@@ -82,7 +102,7 @@ with tab_cf:
                                          help="Comma-separated L<layer>H<head> and L<layer>N<neuron> labels.")
     st.query_params["kind"] = {"token edit": "token", "prompt edit": "prompt", "model edit": "ablate"}[kind]
     if spec is not None:
-        res = cached(cf.run, prompt, spec, _probe=probe, config=config)
+        res = cached(cf.run, prompt, spec, _probe=probe, config=config, **obs)
         if res is not None:
             for note in res.notes:
                 st.info(note)
@@ -95,7 +115,18 @@ with tab_cf:
                 cols[1].markdown("**Interventional** (fresh noise)")
                 cols[1].markdown(_spans(res.str_rows[1], res.factual, res.rows[1], res.edit_pos), unsafe_allow_html=True)
             st.dataframe(res.divergence_frame(), hide_index=True)
-            st.plotly_chart(res.plot(), width="stretch")
+            fig = res.plot()
+            st.plotly_chart(fig, width="stretch", key="cf_plot")
+            code = (f"from probes import load_model\nfrom analyses import counterfactual as cf\n\n"
+                    f"probe = load_model({probe.info.name!r}, backend={probe.backend!r})\n"
+                    f"res = cf.run(probe, {prompt!r}, {res.intervention!r}, config=cf.{config!r}"
+                    + (f", observed={observed!r}" if observed else "") + ")\nres.divergence_frame(); res.plot().show()")
+            components.export_bar(f"counterfactual-{res.intervention}", figure=fig, table=res.to_frame(), result=res,
+                                  tables={"divergence": res.divergence_frame(), "rows": res.to_frame()},
+                                  notes=(f"Prompt: {prompt!r}", f"Factual: {''.join(res.factual_str)!r}",
+                                         f"Counterfactual ({res.intervention}): {''.join(res.str_rows[0])!r}"),
+                                  code=code, key="exp-cf")
+            components.notebook_snippet(code)
     if kind == "token edit" and pick is not None:
         with st.expander("Tree of alternatives at this position"):
             if st.button("Grow the tree (3 branches)"):

@@ -8,6 +8,7 @@ import streamlit as st
 
 from analyses import critical as C
 from analyses.tasks import Problem, format_prompt, make_checker
+from dashboard import components, workbench
 from dashboard.state import cached, query_param, show_error, sidebar_probe
 
 st.title("Critical tokens")
@@ -101,7 +102,20 @@ for _, t in tok.iterrows():
 st.markdown("<div style='font-family:monospace;line-height:2'>" + "".join(spans) + "</div>", unsafe_allow_html=True)
 st.caption("Green: rollouts after this token still succeed; red: they fail; grey: prefix not evaluated. Hover for details.")
 
-st.plotly_chart(res.plot(0), use_container_width=True)
+if row.critical_pos is not None and row.critical_pos == row.critical_pos:
+    cpos = int(row.critical_pos)
+    if st.button(f"Open the critical token (position {cpos}) in Counterfactuals", key="critical_to_cf", icon=":material/call_split:",
+                 help="The response is kept as the observed text (its sampling noise is inferred); the token at this "
+                      "position is the intervention point."):
+        workbench.go("counterfactual", prompt=prompt, observed=response, kind="token", pos=cpos)
+fig = res.plot(0)
+st.plotly_chart(fig, use_container_width=True)
+_code = (f"from probes import load_model\nfrom analyses import critical as C\nfrom analyses.tasks import Problem, format_prompt, make_checker\n\n"
+         f"probe = load_model({probe.info.name!r}, backend={probe.backend!r})\n"
+         f"problem = Problem({question!r}, {reference!r})\n"
+         f"res = C.search(probe, format_prompt(probe, problem), {response!r}, make_checker(problem), C.{cfg!r})\nres.plot(0).show()")
+components.export_bar("critical", figure=fig, table=res.tokens, result=res, code=_code, key="exp-critical")
+components.notebook_snippet(_code)
 
 if len(alts):
     st.subheader("Counterfactual: alternatives at the critical position")

@@ -84,3 +84,11 @@ with tab2:
 with tab3:
     st.plotly_chart(res.plot_hist(), use_container_width=True)
     st.plotly_chart(res.plot_kinds(), use_container_width=True)
+
+from dashboard import components  # noqa: E402
+
+_code = (f"from probes import load_model\nfrom analyses import fiber as F\n\nprobe = load_model({probe.info.name!r}, backend={probe.backend!r})\n"
+         f"res = F.run(probe, config=F.{cfg!r})\nres.counts(); res.plot_hist().show()")
+components.export_bar("fiber", figure=res.plot_hist(), table=res.to_frame(), result=res, code=_code, key="exp-fiber",
+                      figures={"Dimension histogram": res.plot_hist(), "Kinds": res.plot_kinds()})
+components.notebook_snippet(_code)

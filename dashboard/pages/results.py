@@ -86,6 +86,7 @@ if res is not None:
         st.plotly_chart(fig, key="result_plot", config={"displaylogo": False})
         components.download_figure(fig, Path(path).name, key="dl-result-fig")
 
+components.export_bar(Path(path).name, result=path, key="exp-result")  # one-file HTML report with the manifest
 with st.expander("Manifest", icon=":material/description:"):
     st.json(man, expanded=1)
 for name, table in stored.tables.items():

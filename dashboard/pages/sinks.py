@@ -6,11 +6,13 @@ import streamlit as st
 
 from analyses import bbtoy, dormant, sinks
 from analyses.domains import BUILTIN
-from dashboard.state import cached, query_param, show_error, sidebar_probe
+from dashboard import components, workbench
+from dashboard.state import DEFAULT_PROMPT, cached, query_param, show_error, sidebar_probe
 
 st.title("Sinks & dormant heads")
 st.caption("Attention sinks (Gu et al. 2024), value-state drains, residual-state peaks and active/dormant heads "
-           "(Guo et al. 2024). Small defaults so the page answers in seconds on a CPU.")
+           "(Guo et al. 2024). Small defaults so the page answers in seconds on a CPU. Click a head in a heat map to "
+           "open its component panel.")
 
 probe = sidebar_probe()
 tab_sink, tab_dorm, tab_toy = st.tabs(["Sink metric", "Dormant heads by domain", "Bigram-Backcopy toy"])
@@ -41,34 +43,60 @@ with tab_sink:
         m3.metric("Max residual peak ratio", f"{s['max residual peak ratio']:.1f}×")
         st.markdown(f"**Sink heads** (majority of samples): {s['sink heads (majority)']} · samples {res.n_samples}, "
                     f"skipped {res.n_skipped}")
-        st.plotly_chart(res.plot("heads"), use_container_width=True)
+        heads_fig = workbench.selectable_heads(res.plot("heads"))
+        ev = st.plotly_chart(heads_fig, key="sinks_heads", on_select="rerun", selection_mode="points")
+        head = workbench.head_from_selection(ev)
+        if head is not None and head != st.session_state.get("_sinks_last_click"):
+            st.session_state["_sinks_last_click"] = head
+            st.query_params["component"] = head
+        if not query_param("component", ""):
+            st.caption("Click a cell of the heat map to open that head's component panel (below the tabs).")
         a, b = st.columns(2)
         a.plotly_chart(res.plot("values"), use_container_width=True)
         b.plotly_chart(res.plot("resid"), use_container_width=True)
         st.plotly_chart(res.plot("eps"), use_container_width=True)
+        code = (f"from probes import load_model\nfrom analyses import sinks\n\nprobe = load_model({probe.info.name!r}, backend={probe.backend!r})\n"
+                f"res = sinks.run(probe, domain={domain!r}, config=sinks.{cfg!r})\nres.summary(); res.plot('heads').show()")
+        components.export_bar(f"sinks-{domain}", figure=heads_fig, table=res.to_frame(), result=res, code=code, key="exp-sinks",
+                              figures={"Sink mass per head": heads_fig, "Sink % vs ε": res.plot("eps")})
+        components.notebook_snippet(code)
 
 with tab_dorm:
     doms = st.multiselect("Domains", BUILTIN, default=["prose", "code"])
     c1, c2, c3 = st.columns(3)
     theta = c1.slider("θ (dormant threshold)", 0.5, 0.99, 0.9, 0.01)
-    nd = c2.number_input("Samples per domain", 1, 64, 2)
+    nd = c2.number_input("Samples per domain", 1, 64, 2, key="dormant_n")
     head_txt = c3.text_input("Heads for the causal check (e.g. L20H6)", "")
-    go = st.button("Compute dormant map", help="One forward per domain, plus one per tested head and domain.")
+    go = st.button("Compute dormant map", key="dormant_go", help="One forward per domain, plus one per tested head and domain; runs in the "
+                   "background with a progress bar and Cancel.")
     if go and probe is not None and doms:
         try:
-            dcfg = dormant.Config(theta=theta, n_samples=int(nd), batch_size=int(nd),
+            dcfg = dormant.Config(theta=theta, n_samples=int(nd), batch_size=1,
                                   heads=tuple(h.strip() for h in head_txt.split(",") if h.strip()) or None,
                                   max_heads=0 if not head_txt.strip() else 6,
                                   intervention="attn_to_sink" if head_txt.strip() else "none")
-            st.session_state["dormant_res"] = cached(dormant.run, tuple(doms), config=dcfg, _probe=probe)
         except Exception as e:
             show_error(e)
+        else:
+            st.session_state.pop("dormant_res", None)
+            locked = workbench.LockedProbe(probe)
+            workbench.run_job("dormant", "Dormant map", lambda job: dormant.run(locked, tuple(doms), config=dcfg, step=job.step),
+                              total=int(nd) * len(doms), restart=True)
+    job = workbench.job_view("dormant")
+    if job is not None and job.finished and job.result is not None:
+        st.session_state["dormant_res"] = job.result
     dres = st.session_state.get("dormant_res")
     if dres is not None:
         view = st.radio("View", ["map", "diff"], horizontal=True)
         d1 = st.selectbox("Domain", dres.domains)
         d2 = st.selectbox("minus", dres.domains, index=min(1, len(dres.domains) - 1)) if view == "diff" else None
-        st.plotly_chart(dres.plot(view, domain=d1, other=d2), use_container_width=True)
+        dfig = workbench.selectable_heads(dres.plot(view, domain=d1, other=d2))
+        ev = st.plotly_chart(dfig, key="dormant_map", on_select="rerun", selection_mode="points")
+        head = workbench.head_from_selection(ev)
+        if head is not None and head != st.session_state.get("_dormant_last_click"):
+            st.session_state["_dormant_last_click"] = head
+            st.query_params["component"] = head
+        components.export_bar("dormant-map", figure=dfig, table=dres.to_frame(), result=dres, key="exp-dormant")
         st.markdown(f"**Heads that flip between domains:** {len(dres.flips)}")
         st.dataframe(dres.flips, use_container_width=True)
         if dres.tested:
@@ -106,3 +134,8 @@ with tab_toy:
     if bres is not None:
         st.plotly_chart(bres.plot(), use_container_width=True)
         st.json(bres.summary())
+
+sel = query_param("component", "")
+if sel and probe is not None:
+    st.divider()
+    workbench.component_panel(probe, sel, prompt=query_param("prompt", DEFAULT_PROMPT), key="sinks-cp")

@@ -1,0 +1,356 @@
+"""One component across analyses: a head ``L5H3`` or an MLP neuron ``L2N17`` seen by every method.
+
+A :class:`ComponentProfile` gathers, for one component,
+
+* **sink mass per domain** m_s^{l,h}(domain) and the **active/dormant status** (Guo et al. 2024, §2; see
+  :mod:`analyses.dormant`): from a saved ``dormant`` result of the same model when the results store holds
+  one, else from a small fresh run (``n_samples`` texts of ``T`` tokens per built-in domain);
+* **route frequency**: the fraction of a dataset's prediction routes the head lies on (Ferrando & Voita 2024;
+  :class:`analyses.routes.RouteStatsResult`, saved by ``sonde run routes --dataset``), else the head's
+  importance on the current prompt's route (:meth:`analyses.routes.RoutesResult.head_importance`);
+* **bigram-mask membership**: the kept fraction of the head's (or neuron's) weights in a saved bigram
+  subnetwork mask (Chang & Bergen 2025; :class:`analyses.bigram.BigramResult`);
+* **top logit-lens tokens of the output direction**: what the component writes, read through the
+  unembedding. A head writes in the row space of W_O,h ``[d_head, d_model]``; its principal direction is
+  the first right singular vector u₁ (basis-independent, unlike single rows), and the sign of the value
+  depends on the input, so both ends are listed: tokens promoted along +u₁ and along −u₁. A neuron writes
+  along its row of W_out ``[d_mlp, d_model]`` (positive activations promote the "+" tokens). Directions go
+  through the final norm and the unembedding with the norm's bias removed: score(v) = U(v) − U(0).
+
+Only the math here touches tensors; saved results are read through :mod:`analyses.store`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Sequence
+
+import pandas as pd
+import torch
+
+from probes.errors import ConfigError, InputError
+
+from . import base, store
+from .domains import BUILTIN
+
+__all__ = ["Config", "ComponentProfile", "parse_component", "principal_direction", "direction_tokens",
+           "saved_result", "sink_maps", "profile"]
+
+Kind = Literal["head", "neuron"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config(base.Config):
+    """Settings of a component profile (small defaults: a profile answers in seconds on a CPU)."""
+
+    domains: tuple[str, ...] = BUILTIN  # the built-in domains of analyses.domains
+    n_samples: int = 2  # texts per domain for a fresh sink map (dormant.md uses 32; 2 keeps it interactive)
+    T: int = 32  # tokens per text (dormant.md: 64)
+    theta: float = 0.9  # dormant.md: dormant ⇔ sink mass > θ
+    k: int = 8  # logit-lens tokens per side
+    tau: float = 0.04  # route threshold when the current prompt's route is used (LLM-TT default)
+    use_saved: bool = True  # read dormant / routes.dataset / bigram results from the store when present
+
+    def __post_init__(self) -> None:
+        if not self.domains:
+            raise ConfigError("domains=() is empty.", hint=f"Use some of {', '.join(BUILTIN)} (the default is all).")
+        if self.n_samples < 1 or self.T < 2:
+            raise ConfigError(f"n_samples={self.n_samples}, T={self.T}; use n_samples >= 1 and T >= 2.")
+        if not 0 < self.theta < 1:
+            raise ConfigError(f"theta={self.theta!r} is outside (0, 1).", hint="Use e.g. 0.9 (the default).")
+        if not 1 <= self.k <= 100:
+            raise ConfigError(f"k={self.k}; use 1..100 tokens per side.")
+        if not 0 < self.tau < 1:
+            raise ConfigError(f"tau={self.tau!r} is outside (0, 1).", hint="Use a threshold such as 0.04.")
+
+
+# ----------------------------------------------------------------------------- labels
+_LABEL = re.compile(r"\s*L(\d+)([HN])(\d+)\s*", flags=re.I)
+
+
+def parse_component(label: str, info=None) -> tuple[Kind, int, int]:
+    """``"L5H3"`` -> ("head", 5, 3); ``"L2N17"`` -> ("neuron", 2, 17); checked against ``info`` when given."""
+    m = _LABEL.fullmatch(str(label))
+    if not m:
+        raise InputError(f"component={label!r} is not a head or neuron label.",
+                         hint="Use L<layer>H<head> for a head (e.g. L5H3) or L<layer>N<neuron> for an MLP neuron (e.g. L2N17).")
+    kind: Kind = "head" if m.group(2).upper() == "H" else "neuron"
+    layer, idx = int(m.group(1)), int(m.group(3))
+    if info is not None:
+        if layer >= info.n_layers:
+            raise InputError(f"component={label!r}: layer {layer} does not exist ({info.name} has {info.n_layers} layers).",
+                             hint=f"Use a layer in 0..{info.n_layers - 1}.")
+        n = info.n_heads if kind == "head" else info.d_mlp
+        if idx >= n:
+            raise InputError(f"component={label!r}: {kind} {idx} does not exist ({info.name} has {n} {kind}s per layer).",
+                             hint=f"Use a {kind} index in 0..{n - 1}.")
+    return kind, layer, idx
+
+
+def _label(kind: Kind, layer: int, idx: int) -> str:
+    return f"L{layer}{'H' if kind == 'head' else 'N'}{idx}"
+
+
+# ----------------------------------------------------------------------------- math
+@torch.no_grad()
+def principal_direction(W: torch.Tensor) -> torch.Tensor:
+    """[r, d] write matrix (a head's W_O,h) -> [d] unit first right singular vector (sign: largest |entry| > 0)."""
+    W = W.detach().float().cpu()
+    _, _, Vh = torch.linalg.svd(W, full_matrices=False)
+    u = Vh[0]
+    return u if u[u.abs().argmax()] > 0 else -u
+
+
+@torch.no_grad()
+def direction_tokens(scores: torch.Tensor, decode, k: int) -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
+    """[V] logit scores of one direction -> (top-k promoted, top-k suppressed) as ``(token, score)``."""
+    s = scores.detach().float().cpu()
+    top = s.topk(k)
+    bot = (-s).topk(k)
+    return ([(decode(int(i)), float(v)) for v, i in zip(top.values, top.indices)],
+            [(decode(int(i)), float(-v)) for v, i in zip(bot.values, bot.indices)])
+
+
+def _direction_scores(probe, u: torch.Tensor) -> torch.Tensor:
+    """[d] direction -> [V] scores U(u) − U(0): the final norm's bias (LayerNorm β) and lm_head bias cancel."""
+    x = torch.stack([u, torch.zeros_like(u)])
+    logits = probe.unembed(x).float().cpu()
+    return logits[0] - logits[1]
+
+
+# ----------------------------------------------------------------------------- store look-ups
+def saved_result(analysis: str, fingerprint: str, root: str | Path | None = None) -> Path | None:
+    """The newest saved result of ``analysis`` for the model with this fingerprint, if any."""
+    df = store.list_results(root)
+    if df.empty:
+        return None
+    df = df[df["analysis"] == analysis].sort_values("created_at")
+    for p in reversed(df["path"].tolist()):
+        try:
+            fp = store.read_manifest(p).get("model", {}).get("fingerprint")
+        except Exception:  # noqa: BLE001 - a broken folder is skipped, not fatal
+            continue
+        if fp == fingerprint:
+            return Path(p)
+    return None
+
+
+def sink_maps(probe, config: Config = Config(), *, root: str | Path | None = None):
+    """The per-domain sink map of every head: a saved ``dormant`` result of this model, else a small fresh run.
+
+    Returns ``(DormantResult, source)`` where source is the result folder or ``"computed"``.
+    """
+    from . import dormant
+
+    if config.use_saved:
+        p = saved_result("dormant", probe.info.fingerprint, root)
+        if p is not None:
+            return dormant.DormantResult.load(p), str(p)
+    cfg = dormant.Config(T=config.T, theta=config.theta, n_samples=config.n_samples, batch_size=config.n_samples,
+                         intervention="none", max_heads=0)
+    return dormant.run(probe, tuple(config.domains), config=cfg), "computed"
+
+
+# ----------------------------------------------------------------------------- result
+@base.register_result
+@dataclass(frozen=True, kw_only=True)
+class ComponentProfile(base.Result):
+    """Everything Sonde knows about one head or neuron.
+
+    Attributes:
+        component: the label (``L5H3`` or ``L2N17``); ``kind``, ``layer``, ``index`` parse it.
+        sink: per domain ``domain, sink_mass, dormant`` (heads; empty for neurons).
+        status: ``active`` | ``dormant`` | ``mixed`` (dormant on some domains) | ``n/a`` (neurons).
+        route: ``domain, freq, mean_importance`` per domain of a saved routes dataset, or one row
+            ``domain="prompt"`` (freq 1 if on the current route else 0; importance Σ over its edges).
+        bigram_kept: kept fraction of the component's masked weights (None: no bigram result saved or layer unmasked).
+        top_tokens / bottom_tokens: ``(token, score)`` promoted along +u / −u (scores: logits per unit direction).
+        sources: where each part came from (a result folder, ``computed``, ``prompt`` or a reason it is missing).
+    """
+
+    analysis: ClassVar[str] = "component"
+
+    component: str
+    kind: Kind
+    layer: int
+    index: int
+    sink: pd.DataFrame
+    status: str
+    route: pd.DataFrame
+    bigram_kept: float | None
+    top_tokens: tuple[tuple[str, float], ...]
+    bottom_tokens: tuple[tuple[str, float], ...]
+    sources: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def route_frequency(self) -> float | None:
+        """Route frequency pooled over domains (weighted by nothing: the mean of the per-domain rows)."""
+        return None if self.route.empty else float(self.route["freq"].mean())
+
+    @property
+    def bigram_member(self) -> bool | None:
+        return None if self.bigram_kept is None else self.bigram_kept > 0
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"component": self.component, "status": self.status}
+        if not self.sink.empty:
+            out["sink mass"] = {r.domain: round(float(r.sink_mass), 3) for r in self.sink.itertuples()}
+        out["route frequency"] = None if self.route_frequency is None else round(self.route_frequency, 3)
+        out["bigram mask"] = (self.sources.get("bigram", "no bigram result saved") if self.bigram_kept is None
+                              else f"{'member' if self.bigram_member else 'not in the mask'} (kept {self.bigram_kept:.3%})")
+        out["promotes"] = [t for t, _ in self.top_tokens[:5]]
+        out["suppresses"] = [t for t, _ in self.bottom_tokens[:5]]
+        return out
+
+    def to_frame(self) -> pd.DataFrame:
+        """Tidy: ``model, component, domain, sink_mass, dormant, route_freq, route_importance``."""
+        doms = list(dict.fromkeys(list(self.sink["domain"]) + list(self.route["domain"])))
+        s = self.sink.set_index("domain") if not self.sink.empty else pd.DataFrame()
+        r = self.route.set_index("domain") if not self.route.empty else pd.DataFrame()
+        rows = []
+        for d in doms:
+            rows.append({"model": self.model.get("name", ""), "component": self.component, "domain": d,
+                         "sink_mass": float(s.loc[d, "sink_mass"]) if d in s.index else float("nan"),
+                         "dormant": bool(s.loc[d, "dormant"]) if d in s.index else None,
+                         "route_freq": float(r.loc[d, "freq"]) if d in r.index else float("nan"),
+                         "route_importance": float(r.loc[d, "mean_importance"]) if d in r.index else float("nan")})
+        return pd.DataFrame(rows, columns=["model", "component", "domain", "sink_mass", "dormant", "route_freq", "route_importance"])
+
+    def tokens_frame(self) -> pd.DataFrame:
+        """``rank, promoted, promoted_score, suppressed, suppressed_score``."""
+        return pd.DataFrame([{"rank": i, "promoted": a[0], "promoted_score": a[1], "suppressed": b[0], "suppressed_score": b[1]}
+                             for i, (a, b) in enumerate(zip(self.top_tokens, self.bottom_tokens))])
+
+    def plot(self, **kwargs):
+        """Bar chart: sink mass per domain (θ marked) for heads; the promoted-token scores for neurons."""
+        import plotly.graph_objects as go
+
+        if not self.sink.empty:
+            theta = getattr(self.config, "theta", 0.9)
+            colors = ["#6c757d" if d else "#1f77b4" for d in self.sink["dormant"]]
+            fig = go.Figure(go.Bar(x=self.sink["domain"], y=self.sink["sink_mass"], marker_color=colors,
+                                   hovertemplate="%{x}: %{y:.3f}<extra></extra>"))
+            fig.add_hline(y=theta, line_dash="dash", annotation_text=f"θ = {theta} (dormant above)")
+            fig.update_layout(title=f"{self.component}: sink mass per domain ({self.status})", yaxis_range=[0, 1],
+                              yaxis_title="mean attention on the sink", height=320, margin=dict(t=50, b=40))
+        else:
+            fig = go.Figure(go.Bar(x=[t for t, _ in self.top_tokens], y=[s for _, s in self.top_tokens]))
+            fig.update_layout(title=f"{self.component}: tokens its output direction promotes", height=320)
+        return fig
+
+    def tables(self) -> dict[str, pd.DataFrame]:
+        return {"main": self.to_frame(), "sink": self.sink, "route": self.route, "tokens": self.tokens_frame()}
+
+    def extra(self) -> dict[str, Any]:
+        return {"component": self.component, "kind": self.kind, "layer": self.layer, "index": self.index, "status": self.status,
+                "bigram_kept": self.bigram_kept, "sources": self.sources, "summary": self.summary()}
+
+    @classmethod
+    def _from_stored(cls, stored, base_kw):
+        x, t = stored.extra, stored.tables
+        tok = t.get("tokens", pd.DataFrame(columns=["promoted", "promoted_score", "suppressed", "suppressed_score"]))
+        return cls(**base_kw, component=x["component"], kind=x["kind"], layer=int(x["layer"]), index=int(x["index"]),
+                   sink=t["sink"], status=x["status"], route=t["route"], bigram_kept=x.get("bigram_kept"),
+                   top_tokens=tuple(zip(tok["promoted"], tok["promoted_score"].astype(float))),
+                   bottom_tokens=tuple(zip(tok["suppressed"], tok["suppressed_score"].astype(float))),
+                   sources=dict(x.get("sources", {})))
+
+
+# ----------------------------------------------------------------------------- entry point
+def _status(dormant_flags: Sequence[bool]) -> str:
+    if all(dormant_flags):
+        return "dormant"
+    return "mixed" if any(dormant_flags) else "active"
+
+
+def profile(probe, component: str, *, config: Config = Config(), sinks=None, routes_result=None, position: int | None = None,
+            root: str | Path | None = None) -> ComponentProfile:
+    """Profile one head (``"L5H3"``) or neuron (``"L2N17"``).
+
+    Args:
+        probe: a loaded probe.
+        component: the label.
+        config: :class:`Config`.
+        sinks: a :class:`analyses.dormant.DormantResult` to reuse (e.g. one map for many heads); None = the
+            store's newest of this model, else a small fresh run (:func:`sink_maps`).
+        routes_result: the current prompt's :class:`analyses.routes.RoutesResult`, used when no routes dataset is saved.
+        position: prediction position of that route (None = the result's own).
+        root: results folder (default ``$SONDE_RESULTS`` or ./sonde-results).
+    """
+    kind, layer, idx = parse_component(component, probe.info)
+    label = _label(kind, layer, idx)
+    timer = base.Timer()
+    sources: dict[str, str] = {}
+    fp = probe.info.fingerprint
+
+    # sink mass per domain / status (heads only: a neuron has no attention)
+    if kind == "head":
+        with timer("sinks"):
+            if sinks is None:
+                sinks, sources["sinks"] = sink_maps(probe, config, root=root)
+            else:
+                sources["sinks"] = "given"
+        sm = sinks.sink_mass[:, layer, idx]
+        dm = sinks.dormant[:, layer, idx]
+        sink = pd.DataFrame({"domain": list(sinks.domains), "sink_mass": sm.float().numpy(), "dormant": dm.bool().numpy()})
+        status = _status(sink["dormant"].tolist())
+    else:
+        sink = pd.DataFrame(columns=["domain", "sink_mass", "dormant"])
+        status = "n/a"
+        sources["sinks"] = "sink mass applies to attention heads"
+
+    # route frequency
+    route = pd.DataFrame(columns=["domain", "freq", "mean_importance"])
+    with timer("routes"):
+        p = saved_result("routes.dataset", fp, root) if config.use_saved else None
+        if p is not None:
+            from .routes import RouteStatsResult
+
+            rs = RouteStatsResult.load(p)
+            if kind == "head":
+                f, m = rs.head_freq[:, layer, idx], rs.head_mean[:, layer, idx]
+            else:  # dataset statistics are per FFN block; a neuron inherits its block's
+                f, m = rs.ffn_freq[:, layer], rs.ffn_mean[:, layer]
+            route = pd.DataFrame({"domain": list(rs.domains), "freq": f.float().numpy(), "mean_importance": m.float().numpy()})
+            sources["route"] = str(p) + ("" if kind == "head" else " (FFN block of this neuron)")
+        elif routes_result is not None and kind == "head":
+            imp = float(routes_result.head_importance(position, tau=config.tau)[layer, idx])
+            route = pd.DataFrame({"domain": ["prompt"], "freq": [1.0 if imp > 0 else 0.0], "mean_importance": [imp]})
+            sources["route"] = "prompt"
+        else:
+            sources["route"] = "no routes dataset saved" + ("" if kind == "head" else " (neurons need a saved dataset)")
+
+    # bigram-mask membership
+    bigram_kept = None
+    with timer("bigram"):
+        p = saved_result("bigram", fp, root) if config.use_saved else None
+        if p is None:
+            sources["bigram"] = "no bigram result saved"
+        else:
+            from .bigram import BigramResult
+
+            b = BigramResult.load(p)
+            arr = b.head_kept if kind == "head" else b.neuron_kept
+            v = float(arr[layer, idx]) if layer < arr.shape[0] and idx < arr.shape[1] else float("nan")
+            if v != v:
+                sources["bigram"] = f"{p} (layer {layer} was not masked)"
+            else:
+                bigram_kept = v
+                sources["bigram"] = str(p)
+
+    # logit lens of the output direction
+    with timer("logit_lens"):
+        if kind == "head":
+            u = principal_direction(probe.W_O(layer)[idx])
+        else:  # the neuron's own write direction, sign kept: positive activations promote the "+" tokens
+            w = probe.W_out(layer)[idx].detach().float().cpu()
+            u = w / w.norm().clamp_min(1e-12)
+        dec = lambda i: probe.tokenizer.decode([i])  # noqa: E731
+        top, bot = direction_tokens(_direction_scores(probe, u), dec, config.k)
+
+    return ComponentProfile(config=config, model=probe.info.to_dict(), input_hash=store.hash_inputs(label, sources),
+                            timings=timer.seconds, component=label, kind=kind, layer=layer, index=idx, sink=sink,
+                            status=status, route=route, bigram_kept=bigram_kept, top_tokens=tuple(top),
+                            bottom_tokens=tuple(bot), sources=sources)

@@ -1,0 +1,350 @@
+"""What ties the pages into one workbench: cross-page links, the component panel and background runs.
+
+* :func:`go` opens another page with its settings in the URL query string (so the link is also shareable);
+* :func:`head_from_selection` turns a click on a layer × head heat map into ``"L5H3"``;
+* :func:`component_panel` shows one head or neuron as every analysis sees it
+  (:func:`analyses.component.profile`) with actions: ablate it in a counterfactual, compare routes with it ablated;
+* :func:`run_job` runs a long analysis in a background thread with a progress bar, a Cancel button and,
+  where the analysis streams, partial results; the page never freezes.
+
+Pages stay thin: they call ``analyses.*`` and these helpers, nothing touches hooks.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import streamlit as st
+
+from probes import SondeError
+
+__all__ = ["PAGES", "go", "page_link", "selectable_heads", "head_from_selection", "node_from_selection", "component_panel", "profile_for", "Job",
+           "Cancelled", "LockedProbe", "run_job", "job_view"]
+
+ROOT = Path(__file__).resolve().parent
+# page name -> (file, title); the files are the ones dashboard/app.py puts in st.navigation
+PAGES = {
+    "model": ("model.py", "Model & prompt"), "routes": ("routes.py", "Information flow"),
+    "sinks": ("sinks.py", "Sinks & dormant heads"), "bigram": ("bigram.py", "Bigram subnetwork"),
+    "fiber": ("fiber.py", "Embedding geometry"), "critical": ("critical.py", "Critical tokens"),
+    "counterfactual": ("counterfactual.py", "Counterfactuals"), "component": ("component.py", "Component"),
+    "results": ("results.py", "Results"),
+}
+
+
+# ----------------------------------------------------------------------------- links
+def _params(params: dict[str, Any]) -> dict[str, str]:
+    return {k: str(v) for k, v in params.items() if v is not None and str(v) != ""}
+
+
+def go(page: str, **params: Any) -> None:
+    """Switch to ``page`` (a key of :data:`PAGES`) with ``params`` as its URL query string.
+
+    When the page runs on its own (``streamlit run dashboard/pages/x.py``, AppTest of one file) there is no
+    navigation to switch in: the parameters are written to this page's URL and a link is shown instead.
+    """
+    from streamlit.errors import StreamlitAPIException
+
+    file, title = PAGES[page]
+    q = _params(params)
+    st.session_state["_sonde_link"] = {"page": page, **q}  # what the last link asked for (tests and the target page read it)
+    try:
+        st.switch_page(str(ROOT / "pages" / file), query_params=q)
+    except StreamlitAPIException:
+        st.query_params.update(q)
+        st.info(f"Open the **{title}** page with `?" + "&".join(f"{k}={v}" for k, v in q.items()) + "` (this page runs "
+                "outside the dashboard's navigation).", icon=":material/link:")
+
+
+def page_link(page: str, label: str, *, icon: str | None = None, **params: Any) -> None:
+    """A link to another page carrying ``params`` (falls back to a caption outside the navigation)."""
+    from streamlit.errors import StreamlitAPIException
+
+    file, title = PAGES[page]
+    try:
+        st.page_link(str(ROOT / "pages" / file), label=label, icon=icon, query_params=_params(params))
+    except (StreamlitAPIException, KeyError):
+        st.caption(f"{label}: the {title} page")
+
+
+def _axis_int(v: Any) -> int | None:
+    if isinstance(v, (int, float)) and float(v).is_integer():
+        return int(v)
+    m = re.fullmatch(r"[LH]?(\d+)", str(v).strip())
+    return int(m.group(1)) if m else None
+
+
+def selectable_heads(fig: Any) -> Any:
+    """Make each cell of a layer (y) × head (x) heat map clickable.
+
+    Plotly heat maps do not take part in selections, so a transparent marker is laid over every cell; a click
+    selects it and :func:`head_from_selection` reads the head. The markers repeat the cell's hover text.
+    """
+    import plotly.graph_objects as go
+
+    hm = next((t for t in fig.data if t.type == "heatmap"), None)
+    if hm is None:
+        return fig
+    import numpy as np
+
+    z = np.asarray(hm.z, dtype=float)
+    L, H = z.shape
+    xs = list(hm.x) if hm.x is not None else list(range(H))
+    ys = list(hm.y) if hm.y is not None else list(range(L))
+    px_, py_, text = [], [], []
+    for l in range(L):
+        for h in range(H):
+            px_.append(xs[h])
+            py_.append(ys[l])
+            text.append(f"L{l}H{h}: {z[l, h]:.3f}")
+    fig.add_trace(go.Scatter(x=px_, y=py_, mode="markers", customdata=[t.split(":")[0] for t in text], text=text,
+                             hovertemplate="%{text}<extra>click to open</extra>", showlegend=False,
+                             marker=dict(symbol="square", size=max(6, min(24, int(300 / max(L, H)))), opacity=0.01,
+                                         color="#000")))
+    # keep the heat map's extent (markers would otherwise pad the autorange and shift the cells)
+    rev = getattr(fig.layout.yaxis, "autorange", None) == "reversed"
+    fig.update_layout(clickmode="event+select", dragmode=False,
+                      xaxis=dict(range=[-0.5, H - 0.5], autorange=False),
+                      yaxis=dict(range=[L - 0.5, -0.5] if rev else [-0.5, L - 0.5], autorange=False))
+    return fig
+
+
+def head_from_selection(event: Any) -> str | None:
+    """The head label of the first clicked cell of a layer (y) × head (x) heat map, or None."""
+    try:
+        points = event["selection"]["points"]
+    except (KeyError, TypeError):
+        points = getattr(getattr(event, "selection", None), "points", None) or []
+    for p in points or []:
+        cd = p.get("customdata")
+        if isinstance(cd, (list, tuple)):
+            cd = cd[0] if cd else None
+        if isinstance(cd, str) and re.fullmatch(r"L\d+H\d+", cd):
+            return cd
+        x, y = _axis_int(p.get("x")), _axis_int(p.get("y"))
+        if x is not None and y is not None:
+            return f"L{y}H{x}"
+    return None
+
+
+def node_from_selection(event: Any) -> str | None:
+    """The route-graph node (``X0_3``, ``A5_3`` …) of the first clicked marker, or None."""
+    try:
+        points = event["selection"]["points"]
+    except (KeyError, TypeError):
+        return None
+    for p in points or []:
+        cd = p.get("customdata")
+        if isinstance(cd, (list, tuple)):
+            cd = cd[0] if cd else None
+        if isinstance(cd, str) and re.fullmatch(r"[XAMI]\d+_\d+", cd):
+            return cd
+    return None
+
+
+# ----------------------------------------------------------------------------- component panel
+def _session_memo(name: str, key: tuple, fn: Callable[[], Any], limit: int = 16) -> Any:
+    store = st.session_state.setdefault(name, {})
+    if key not in store:
+        store[key] = fn()
+        if len(store) > limit:
+            store.pop(next(iter(store)))
+    return store[key]
+
+
+def profile_for(probe, label: str, *, routes_result=None, position: int | None = None):
+    """A cached :class:`analyses.component.ComponentProfile` (the sink map is computed once per model)."""
+    from analyses import component
+
+    cfg = component.Config()
+    fp = probe.info.fingerprint
+    from dashboard.state import model_lock
+
+    if component.parse_component(label, probe.info)[0] == "head":
+        with st.spinner("Sink map per domain (once per model)…"), model_lock():
+            maps, src = _session_memo("_sonde_sinkmaps", (fp, probe.backend, repr(cfg)), lambda: component.sink_maps(probe, cfg), 2)
+    else:
+        maps, src = None, None
+    rkey = (routes_result.input_hash, repr(routes_result.config), position) if routes_result is not None else None
+    with model_lock():
+        prof = _session_memo("_sonde_profiles", (fp, probe.backend, label, rkey),
+                             lambda: component.profile(probe, label, config=cfg, sinks=maps, routes_result=routes_result,
+                                                       position=position))
+    if src is not None and prof.sources.get("sinks") == "given":
+        prof.sources["sinks"] = src
+    return prof
+
+
+def component_panel(probe, label: str, *, prompt: str, routes_result=None, position: int | None = None,
+                    key: str = "cp", actions: bool = True) -> Any:
+    """Render one head/neuron's profile and its actions. Returns the profile (None after an error)."""
+    from dashboard import components
+
+    try:
+        prof = profile_for(probe, label, routes_result=routes_result, position=position)
+    except SondeError as e:
+        st.error(str(e), icon="⚠️")
+        return None
+    with st.container(border=True, key=f"{key}-panel"):
+        st.markdown(f"#### Component {prof.component}")
+        m1, m2, m3, m4 = st.columns(4)
+        m1.metric("Status", prof.status, help="dormant: sink mass > θ on a domain (Guo et al. 2024)")
+        sink_max = f"{prof.sink['sink_mass'].max():.2f}" if len(prof.sink) else "—"
+        m2.metric("Max sink mass", sink_max)
+        rf = prof.route_frequency
+        m3.metric("Route frequency" if prof.sources.get("route") != "prompt" else "On this route",
+                  "—" if rf is None else (f"{rf:.2f}" if prof.sources.get("route") != "prompt" else ("yes" if rf > 0 else "no")))
+        m4.metric("Bigram mask", "—" if prof.bigram_kept is None else ("member" if prof.bigram_member else "not in mask"))
+        if prof.bigram_kept is None:
+            st.caption(f"Bigram mask: {prof.sources.get('bigram')}.")
+        if len(prof.sink):
+            st.markdown("**Sink mass per domain** · " + " · ".join(f"{r.domain} {r.sink_mass:.3f}{' (dormant)' if r.dormant else ''}"
+                                                                    for r in prof.sink.itertuples()))
+            st.plotly_chart(prof.plot(), key=f"{key}-sink-chart", config={"displaylogo": False})
+        st.markdown("**Output direction through the unembedding** · promotes "
+                    + ", ".join(f"`{t!r}`" for t, _ in prof.top_tokens[:6]) + " · suppresses "
+                    + ", ".join(f"`{t!r}`" for t, _ in prof.bottom_tokens[:6]))
+        st.caption("Sources: " + "; ".join(f"{k}: {v}" for k, v in prof.sources.items()))
+        if actions:
+            c1, c2, c3 = st.columns(3)
+            if c1.button("Ablate in a counterfactual", key=f"{key}-ablate", icon=":material/call_split:",
+                         help=f"Generate from the prompt with {prof.component} zeroed, same noise as the factual run."):
+                go("counterfactual", prompt=prompt, kind="ablate", ablate=prof.component)
+            if prof.kind == "head" and c2.button("Compare routes with it ablated", key=f"{key}-routes", icon=":material/account_tree:"):
+                go("routes", prompt=prompt, component=prof.component, ablated=prof.component,
+                   position=position if position is not None else None)
+            with c3:
+                page_link("component", "Open the Component page", icon=":material/open_in_new:", component=prof.component,
+                          prompt=prompt)
+        components.export_bar(prof.component, figure=prof.plot(), table=prof.to_frame(), result=prof, key=f"{key}-export",
+                              code=_profile_code(probe, prof.component))
+    return prof
+
+
+def _profile_code(probe, label: str) -> str:
+    return (f"from probes import load_model\nfrom analyses import component\n\n"
+            f"probe = load_model({probe.info.name!r}, backend={probe.backend!r})\n"
+            f"prof = component.profile(probe, {label!r})   # sink mass per domain, status, routes, bigram, logit lens\n"
+            f"prof.summary()")
+
+
+# ----------------------------------------------------------------------------- background runs
+class LockedProbe:
+    """A probe whose forward passes take :func:`dashboard.state.model_lock` (for use inside background runs)."""
+
+    _LOCKED = ("run", "forward", "cache", "generate")
+
+    def __init__(self, probe):
+        self._probe = probe
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._probe, name)
+        if name in self._LOCKED and callable(attr):
+            from dashboard.state import model_lock
+
+            def locked(*a, **k):
+                with model_lock():
+                    return attr(*a, **k)
+
+            return locked
+        return attr
+
+
+class Cancelled(SondeError):
+    """Raised inside a background run when the user pressed Cancel."""
+
+
+@dataclass
+class Job:
+    """A background run: progress in [0, 1], a cancel flag checked between steps, the result or the error."""
+
+    label: str
+    total: int | None = None
+    done_steps: int = 0
+    result: Any = None
+    partial: Any = None
+    error: str | None = None
+    finished: bool = False
+    started: float = field(default_factory=time.time)
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def progress(self) -> float:
+        return 0.0 if not self.total else min(1.0, self.done_steps / self.total)
+
+    def step(self, n: int = 1) -> None:
+        """Progress callback for the analysis (``step=`` / ``on_progress=``): counts and checks the cancel flag."""
+        self.done_steps += int(n)
+        if self.cancel.is_set():
+            raise Cancelled(f"{self.label} was cancelled after {self.done_steps} steps.", hint="Start it again to rerun.")
+
+
+@st.cache_resource(show_spinner=False)
+def _executor() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=2, thread_name_prefix="sonde-job")
+
+
+def _jobs() -> dict[str, Job]:
+    return st.session_state.setdefault("_sonde_jobs", {})
+
+
+def run_job(key: str, label: str, fn: Callable[[Job], Any], *, total: int | None = None, restart: bool = False) -> Job:
+    """Start ``fn(job)`` in the background unless the job ``key`` exists (or ``restart``); return the job."""
+    jobs = _jobs()
+    job = jobs.get(key)
+    if job is not None and not restart:
+        return job
+    if job is not None and not job.finished:
+        job.cancel.set()
+    job = Job(label=label, total=total)
+    jobs[key] = job
+
+    def work():
+        try:
+            job.result = fn(job)
+        except Cancelled as e:
+            job.error = str(e)
+        except SondeError as e:
+            job.error = str(e)
+        except Exception as e:  # noqa: BLE001 - shown on the page, not lost in a thread
+            job.error = f"{type(e).__name__}: {e}"
+        finally:
+            job.finished = True
+
+    _executor().submit(work)
+    return job
+
+
+def job_view(key: str, *, partial: Callable[[Any], None] | None = None, poll_s: float = 0.5) -> Job | None:
+    """Progress bar + Cancel for job ``key`` (re-drawn every ``poll_s`` s); reruns the page once it finishes."""
+    job = _jobs().get(key)
+    if job is None:
+        return None
+    if job.finished:
+        if job.error:
+            st.warning(job.error, icon=":material/cancel:" if "cancelled" in job.error else "⚠️")
+        return job
+
+    @st.fragment(run_every=poll_s)
+    def _poll():
+        j = _jobs().get(key)
+        if j is None:
+            return
+        if j.finished:
+            st.rerun(scope="app")
+        frac = j.progress
+        txt = f"{j.label}: {j.done_steps}/{j.total}" if j.total else f"{j.label}…"
+        st.progress(frac, text=f"{txt} · {time.time() - j.started:.0f} s")
+        if st.button("Cancel", key=f"{key}-cancel", icon=":material/stop_circle:"):
+            j.cancel.set()
+        if partial is not None and j.partial is not None:
+            partial(j.partial)
+
+    _poll()
+    return job
