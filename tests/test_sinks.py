@@ -186,7 +186,9 @@ def test_cli_sinks(results_dir, capsys):
     assert e.value.code == 2 and "no sink position" in capsys.readouterr().err
     main(["run", "sinks", "--domain", "arithmetic", "--n-samples", "2", "--T", "16", "--no-ablation", "--device", "cpu",
           "--json", "--out", str(results_dir / "cli")])
-    assert "Sink_1" in capsys.readouterr().out
+    io = capsys.readouterr()
+    assert "Sink_1" in io.out
+    assert "planner: sinks on cpu at T=16: batch size" in io.err  # the memory planner says what it chose
     assert (results_dir / "cli" / "manifest.json").is_file()
 
 

@@ -66,6 +66,12 @@ def register(run_app: typer.Typer) -> None:
             edits = [Ablate(f"blocks.{l}.attn.hook_z", heads=[h]) for l, h in
                      (parse_head(x) for x in (ablate.split(",") if ablate else []) if x.strip())]
             probe = load_probe(model, backend, device, dtype)
+            from analyses.planner import plan
+
+            T = probe.to_tokens(prompt, prepend_bos=cfg.prepend_bos).shape[-1]
+            pl = plan("routes", probe, seq_len=T, chunk_mb=cfg.chunk_mb, device=probe.device, weights_loaded=True)
+            typer.echo(f"planner: {pl.message}", err=True)
+            cfg = cfg.replace(chunk_mb=pl.chunk_mb or cfg.chunk_mb)
             with status("Computing routes"):
                 res = routes.run(probe, prompt, config=cfg, edits=edits)
             path = res.save(out)

@@ -131,8 +131,16 @@ def register(run_app: typer.Typer) -> None:
             return
         texts = [prompt] if prompt is not None else [r.text for r in iter_records(input, on_error=on_error)] if input else None
         probe = load_probe(model, backend, device, dtype)
-        with progress(n_samples, "samples") as step:
-            res = sinks.run(probe, texts, domain=domain if texts is None else None, config=cfg, step=step)
+        from analyses.planner import plan, retry_on_oom
+
+        pl = plan("sinks", probe, seq_len=cfg.T, batch_size=cfg.batch_size, device=probe.device, weights_loaded=True)
+        typer.echo(f"planner: {pl.message}", err=True)
+
+        def go(b: int):
+            with progress(n_samples, "samples") as step:
+                return sinks.run(probe, texts, domain=domain if texts is None else None, config=cfg.replace(batch_size=b), step=step)
+
+        res = retry_on_oom(go, pl.batch_size, what="the sink statistics")
         path = res.save(out)
         saved(path, as_json, res.summary())
 
