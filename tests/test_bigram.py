@@ -359,7 +359,16 @@ def test_dashboard_page(monkeypatch):
     from streamlit.testing.v1 import AppTest
 
     monkeypatch.syspath_prepend(str(ROOT))
+    import time
+
     at = AppTest.from_file(str(ROOT / "dashboard/pages/bigram.py"), default_timeout=120).run()
+    assert not at.exception, at.exception
+    # training runs in the background: a progress bar (with Cancel) first, the result when it finishes
+    assert at.get("progress") or at.get("plotly_chart")
+    deadline = time.time() + 240
+    while time.time() < deadline and not at.get("plotly_chart"):
+        time.sleep(0.5)
+        at.run()
     assert not at.exception, at.exception
     assert any("kept" in m.value for m in at.markdown) or at.metric
     assert at.get("plotly_chart")
