@@ -58,8 +58,7 @@ def run_page():
 
     def _run(file: str, timeout: float = 120):
         at = AppTest.from_file(str(root / "dashboard" / "pages" / file), default_timeout=timeout)
-        at.run()
-        return at
+        return wait_background(at.run(), timeout=240)
 
     return _run
 
@@ -75,3 +74,14 @@ def run_cli(args, capsys):
         code = e.code
     out = capsys.readouterr()
     return code, out.out, out.err
+
+
+def wait_background(at, timeout: float = 240):
+    """Re-run an AppTest while a page shows a background run's progress bar (the run finishes in a thread)."""
+    import time
+
+    deadline = time.time() + timeout
+    while at.get("progress") and not at.exception and time.time() < deadline:
+        time.sleep(0.5)
+        at.run()
+    return at

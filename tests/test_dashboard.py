@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from streamlit.testing.v1 import AppTest  # noqa: E402
+from conftest import wait_background  # noqa: E402
 
 TIMEOUT = 240  # the first run loads the embedded model and runs the lens on a busy 2-core CPU
 
@@ -148,7 +148,7 @@ def _page(page: str, **query) -> AppTest:
     at = _app("dashboard/app.py")
     at.switch_page(f"pages/{page}")
     at.query_params.update(query)
-    return at.run()
+    return wait_background(at.run())  # bigram training and the critical search run in the background
 
 
 # (page, query, expected title, a label of a download button every page shows)
@@ -184,10 +184,6 @@ def test_every_page_renders_with_exports_and_notebook_line(page, query, title, t
 def test_slow_pages_render(page, query, title, tmp_path, monkeypatch):
     monkeypatch.setenv("SONDE_RESULTS", str(tmp_path / "res"))
     at = _page(page, **query)
-    deadline = time.time() + 240  # the bigram mask trains in the background
-    while page == "bigram.py" and time.time() < deadline and not any(d.label == "Report" for d in at.get("download_button")):
-        time.sleep(0.5)
-        at.run()
     _ok(at)
     assert at.title[0].value == title
     assert any(d.label == "Report" for d in at.get("download_button"))
