@@ -24,7 +24,7 @@ import torch
 from probes.errors import InputError
 from probes.reducers import Reducer
 
-__all__ = ["Record", "read_text", "iter_jsonl", "iter_parquet", "iter_hf", "parse_hf_spec", "HFSpec", "iter_records",
+__all__ = ["Record", "read_text", "iter_jsonl", "iter_parquet", "iter_hf", "open_hf", "parse_hf_spec", "HFSpec", "iter_records",
            "is_hf_spec", "Checkpoint"]
 
 
@@ -160,13 +160,14 @@ def parse_hf_spec(spec: str) -> HFSpec:
     return HFSpec(parts[0], parts[1], parts[2], parts[3])
 
 
-def iter_hf(spec: str | HFSpec, *, limit: int | None = None, on_error: Literal["skip", "stop"] = "stop",
-            domain_field: str = "domain") -> Iterator[Record]:
-    """Records streamed from a Hugging Face data set (``datasets.load_dataset(..., streaming=True)``).
+def open_hf(spec: str | HFSpec) -> tuple[str, Iterator[dict[str, Any]]]:
+    """``(label, rows)``: a Hugging Face data set streamed row by row (``datasets.load_dataset(..., streaming=True)``).
 
-    Offline (``HF_HUB_OFFLINE=1`` or no network) this raises one :class:`InputError` naming the set.
-    ``line`` is the 1-based row number; ``limit`` stops after that many rows.
+    Offline (``HF_HUB_OFFLINE=1`` or no network), without the ``datasets`` package, or for an unknown set this
+    raises one :class:`InputError` naming the set.
     """
+    import itertools
+
     s = parse_hf_spec(spec) if isinstance(spec, str) else spec
     label = f"hf:{s.name}" + (f":{s.config}" if s.config else "") + f":{s.split}"
     try:
@@ -175,17 +176,26 @@ def iter_hf(spec: str | HFSpec, *, limit: int | None = None, on_error: Literal["
         raise InputError(f"{label} needs the 'datasets' package.", hint="pip install 'sonde[cluster]'.") from None
     offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or os.environ.get("HF_DATASETS_OFFLINE", "") not in ("", "0")
     try:
-        ds = datasets.load_dataset(s.name, s.config, split=s.split, streaming=True)
-        it = iter(ds)
+        it = iter(datasets.load_dataset(s.name, s.config, split=s.split, streaming=True))
         first = next(it, None)
     except Exception as e:
         why = "offline (HF_HUB_OFFLINE is set)" if offline else f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
         raise InputError(f"cannot stream {label}: {why}.",
                          hint="Go online (unset HF_HUB_OFFLINE), or export the data set to JSONL/Parquet and pass --input FILE.") from None
-    row = 0
-    obj = first
-    while obj is not None and (limit is None or row < limit):
-        row += 1
+    return label, itertools.chain([] if first is None else [first], it)
+
+
+def iter_hf(spec: str | HFSpec, *, limit: int | None = None, on_error: Literal["skip", "stop"] = "stop",
+            domain_field: str = "domain") -> Iterator[Record]:
+    """Records streamed from a Hugging Face data set (see :func:`open_hf`).
+
+    ``line`` is the 1-based row number; ``limit`` stops after that many rows.
+    """
+    s = parse_hf_spec(spec) if isinstance(spec, str) else spec
+    label, rows = open_hf(s)
+    for row, obj in enumerate(rows, start=1):
+        if limit is not None and row > limit:
+            break
         if s.field not in obj:
             raise InputError(f"{label} has no field {s.field!r} (fields: {', '.join(obj)}).",
                              hint="Name the text field: hf:NAME[:CONFIG]:SPLIT:FIELD.")
@@ -195,7 +205,6 @@ def iter_hf(spec: str | HFSpec, *, limit: int | None = None, on_error: Literal["
         else:
             dom = obj.get(domain_field)
             yield Record(text=text, domain=None if dom is None else str(dom), line=row, fields=obj)
-        obj = next(it, None)
 
 
 def iter_records(path: str | Path, *, on_error: Literal["skip", "stop"] = "stop", text_field: str = "text",

@@ -7,7 +7,7 @@
   MATH style (``problem``, ``solution`` whose final answer is the last ``\\boxed{...}``, or ``answer``),
   read through :func:`analyses.io.iter_jsonl` (line-numbered errors).
 * :func:`read_hf` — the same two styles from a Hugging Face dataset (``hf:openai/gsm8k:main:test``),
-  streamed; offline it fails with one clear message.
+  streamed through :func:`analyses.io.open_hf`; offline it fails with one clear message.
 * :func:`extract_answer` — the final answer of a model response: ``#### n``, then
   ``answer is n`` / ``answer: n``, then ``\\boxed{n}``, else the last number. The *first* marked
   answer wins, matching rollouts that stop as soon as an answer is written.
@@ -268,55 +268,31 @@ def read_gsm8k(path: str | Path, *, limit: int | None = None, on_error: Literal[
 
 
 def read_hf(spec: str, *, limit: int | None = None, on_error: Literal["skip", "stop"] = "stop") -> list[Problem]:
-    """Problems from a Hugging Face dataset, streamed: ``hf:NAME[:CONFIG][:SPLIT]`` (split default ``test``),
-    e.g. ``hf:openai/gsm8k:main:test``. Needs the ``datasets`` package and network (or its local cache)."""
-    import os
+    """Problems from a Hugging Face dataset in GSM8K or MATH style, streamed: ``hf:NAME[:CONFIG]:SPLIT``
+    (:func:`analyses.io.parse_hf_spec`), e.g. ``hf:openai/gsm8k:main:test``."""
     import warnings
 
-    parts = spec[3:].split(":") if spec.startswith("hf:") else spec.split(":")
-    if not parts or not parts[0]:
-        raise InputError(f"--task {spec!r} names no dataset.", hint="Use hf:NAME[:CONFIG][:SPLIT], e.g. hf:openai/gsm8k:main:test.")
-    name, rest = parts[0], parts[1:]
-    splits = ("train", "test", "validation")
-    if len(rest) > 2:
-        raise InputError(f"--task {spec!r} has too many ':' parts.", hint="Use hf:NAME[:CONFIG][:SPLIT].")
-    config = rest[0] if (len(rest) == 2 or (len(rest) == 1 and rest[0] not in splits)) else None
-    split = rest[-1] if rest and (len(rest) == 2 or rest[0] in splits) else "test"
-    try:
-        import datasets
-    except ImportError as e:
-        raise InputError(f"--task {spec} needs the 'datasets' package.", hint="pip install datasets, or download the split as JSONL.") from e
-    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
-    try:
-        ds = datasets.load_dataset(name, config, split=split, streaming=not offline)
-        rows = iter(ds)
-        first = next(rows, None)
-    except Exception as e:  # no network, unknown dataset, or not in the local cache
-        why = "the hub is not reachable (offline)" if offline or "connect" in str(e).lower() or "offline" in str(e).lower() else str(e).splitlines()[0][:160]
-        raise InputError(f"could not open Hugging Face dataset {name!r} (config {config!r}, split {split!r}): {why}.",
-                         hint="Go online (or pre-download it into the datasets cache), or save the split as GSM8K/MATH-style JSONL and pass its path.") from e
-    import itertools
+    from .io import open_hf
 
+    label, rows = open_hf(spec)
     out: list[Problem] = []
-    i = 0
-    for obj in itertools.chain([] if first is None else [first], rows):
-        i += 1
-        prob, why = _problem_from(dict(obj), f"hf:{name}")
+    for i, obj in enumerate(rows, start=1):
+        prob, why = _problem_from(dict(obj), label)
         if prob is None:
             if on_error == "stop":
-                raise InputError(f"hf:{name} row {i} has {why}.", hint="Pass --on-error skip, or pick a GSM8K/MATH-style dataset.")
-            warnings.warn(f"hf:{name} row {i} has {why}. Skipped.", stacklevel=2)
+                raise InputError(f"{label} row {i} has {why}.", hint="Pass --on-error skip, or pick a GSM8K/MATH-style dataset.")
+            warnings.warn(f"{label} row {i} has {why}. Skipped.", stacklevel=2)
             continue
-        out.append(Problem(prob.question, prob.answer, source=f"hf:{name}", line=i))
+        out.append(Problem(prob.question, prob.answer, source=label, line=i))
         if limit is not None and len(out) >= limit:
             break
     if not out:
-        raise InputError(f"hf:{name} gave no usable problem.", hint="It needs 'question'+'answer' or 'problem'+'solution' fields.")
+        raise InputError(f"{label} gave no usable problem.", hint="It needs 'question'+'answer' or 'problem'+'solution' fields.")
     return out
 
 
 def load_task(task: str, n: int = 1, *, seed: int = 0, on_error: Literal["skip", "stop"] = "stop") -> list[Problem]:
-    """``builtin-arith`` / ``builtin-multistep`` (generated), ``hf:NAME[:CONFIG][:SPLIT]`` (Hugging Face
+    """``builtin-arith`` / ``builtin-multistep`` (generated), ``hf:NAME[:CONFIG]:SPLIT`` (Hugging Face
     datasets, streamed) or a path to a GSM8K- or MATH-style JSONL file."""
     if task in ("builtin-arith", "builtin-word"):
         return builtin_arith(n, seed=seed, kind="word")

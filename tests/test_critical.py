@@ -118,7 +118,7 @@ def test_hf_datasets_task(tmp_path, monkeypatch):
     ps = load_task(f"hf:{d}:test", 3)
     assert [p.answer for p in ps] == [1.0, 2.0, 3.0] and ps[0].source.startswith("hf:")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(InputError, match="could not open Hugging Face dataset 'no-such/dataset'"):
+    with pytest.raises(InputError, match="cannot stream hf:no-such/dataset:main:test: offline"):
         load_task("hf:no-such/dataset:main:test", 2)
 
 

@@ -9,7 +9,7 @@ import typer
 
 from .common import model_options, BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OutOpt, load_probe, progress, saved
 
-TaskOpt = typer.Option("builtin-arith", "--task", "-t", help="builtin-arith, builtin-multistep, hf:NAME[:CONFIG][:SPLIT] (Hugging Face datasets) or a GSM8K/MATH-style JSONL file.")
+TaskOpt = typer.Option("builtin-arith", "--task", "-t", help="builtin-arith, builtin-multistep, hf:NAME[:CONFIG]:SPLIT (Hugging Face datasets) or a GSM8K/MATH-style JSONL file.")
 
 
 def register(run_app: typer.Typer) -> None:
