@@ -348,3 +348,30 @@ def job_view(key: str, *, partial: Callable[[Any], None] | None = None, poll_s: 
 
     _poll()
     return job
+
+
+def background_result(key: str, label: str, sig: Any, fn: Callable[[Job], Any], *, total: int | None = None,
+                      waiting: str = "Running in the background; results appear when it finishes.", keep: int = 4) -> Any:
+    """The result of ``fn(job)`` for settings ``sig``, computed in the background: starts the run when ``sig``
+    is new, shows its progress bar and Cancel, and stops the page until it finishes (a cancelled or failed run
+    offers "Run again"). Finished results are kept per ``sig`` (the last ``keep``) in the session.
+    """
+    done = st.session_state.setdefault(f"_bg_results_{key}", {})
+    if sig in done:
+        return done[sig]
+    if st.session_state.get(f"_bg_sig_{key}") != sig:
+        st.session_state[f"_bg_sig_{key}"] = sig
+        run_job(key, label, fn, total=total, restart=True)
+    job = job_view(key)
+    if job is not None and job.finished and job.result is None:
+        if st.button("Run again", key=f"{key}-again", icon=":material/replay:"):
+            st.session_state[f"_bg_sig_{key}"] = None
+            st.rerun()
+        st.stop()
+    if job is None or not job.finished:
+        st.caption(waiting)
+        st.stop()
+    done[sig] = job.result
+    while len(done) > keep:
+        done.pop(next(iter(done)))
+    return job.result

@@ -54,31 +54,15 @@ if saved_dir.strip():
     res = cached(_load, saved_dir.strip())
 else:
     # training runs in the background (progress bar + Cancel); the page stays usable meanwhile
-    sig = (probe.info.fingerprint, probe.backend, corpus, repr(cfg))
-    done = st.session_state.setdefault("_bigram_results", {})
-    res = done.get(sig)
-    if res is None:
-        def _train(job, probe=probe, corpus=corpus, cfg=cfg):
-            from dashboard.state import model_lock
+    def _train(job, probe=probe, corpus=corpus, cfg=cfg):
+        from dashboard.state import model_lock
 
-            with model_lock():  # the mask is trained on the shared model: no other forward pass meanwhile
-                return B.run(probe, corpus, cfg, callback=lambda point: job.step(1))
+        with model_lock():  # the mask is trained on the shared model: no other forward pass meanwhile
+            return B.run(probe, corpus, cfg, callback=lambda point: job.step(1))
 
-        if st.session_state.get("_bigram_sig") != sig:
-            st.session_state["_bigram_sig"] = sig
-            workbench.run_job("bigram_train", "Learning a mask", _train, total=cfg.steps, restart=True)
-        job = workbench.job_view("bigram_train")
-        if job is not None and job.finished and job.result is None:
-            if st.button("Train again", key="bigram_retrain", icon=":material/replay:"):
-                st.session_state["_bigram_sig"] = None
-                st.rerun()
-            st.stop()
-        if job is None or not job.finished:
-            st.caption("The mask is being learned in the background; results appear when it finishes.")
-            st.stop()
-        res = done[sig] = job.result
-        if len(done) > 4:
-            done.pop(next(iter(done)))
+    res = workbench.background_result("bigram_train", "Learning a mask", (probe.info.fingerprint, probe.backend, corpus, repr(cfg)),
+                                      _train, total=cfg.steps,
+                                      waiting="The mask is being learned in the background; results appear when it finishes.")
 if res is None:
     st.stop()
 

@@ -53,32 +53,17 @@ prompt = format_prompt(probe, problem)
 
 
 # the rollout search runs in the background (progress per rolled-out prefix, Cancel); results are kept per setting
-_sig = (probe.info.fingerprint, probe.backend, prompt, response, reference, repr(cfg))
-_done = st.session_state.setdefault("_critical_results", {})
-res = _done.get(_sig)
-if res is None:
-    def _work(job, probe=probe, args=(prompt, response, reference, cfg), q=question):
-        from dashboard.state import model_lock
+def _work(job, probe=probe, args=(prompt, response, reference, cfg), q=question):
+    from dashboard.state import model_lock
 
-        p, r, ref, c = args
-        with model_lock():  # rollouts call the shared model's generate directly
-            return C.search(probe, p, r, make_checker(Problem("", ref)), c, question=q, reference=ref, progress=job.step)
+    p, r, ref, c = args
+    with model_lock():  # rollouts call the shared model's generate directly
+        return C.search(probe, p, r, make_checker(Problem("", ref)), c, question=q, reference=ref, progress=job.step)
 
-    if st.session_state.get("_critical_sig") != _sig:
-        st.session_state["_critical_sig"] = _sig
-        workbench.run_job("critical_search", "Rolling out prefixes", _work, restart=True)
-    job = workbench.job_view("critical_search")
-    if job is not None and job.finished and job.result is None:
-        if st.button("Search again", key="critical_research", icon=":material/replay:"):
-            st.session_state["_critical_sig"] = None
-            st.rerun()
-        st.stop()
-    if job is None or not job.finished:
-        st.caption("Rollouts run in the background; the trace appears when the search finishes.")
-        st.stop()
-    res = _done[_sig] = job.result
-    if len(_done) > 8:
-        _done.pop(next(iter(_done)))
+
+res = workbench.background_result("critical_search", "Rolling out prefixes",
+                                  (probe.info.fingerprint, probe.backend, prompt, response, reference, repr(cfg)), _work,
+                                  waiting="Rollouts run in the background; the trace appears when the search finishes.", keep=8)
 row = res.traces.iloc[0]
 tok = res.tokens
 
