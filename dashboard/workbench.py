@@ -115,18 +115,29 @@ def selectable_heads(fig: Any) -> Any:
     return fig
 
 
-def head_from_selection(event: Any) -> str | None:
-    """The head label of the first clicked cell of a layer (y) × head (x) heat map, or None."""
+def _selected_points(event: Any) -> list[dict]:
+    """The clicked points of a plotly selection event (dict or attribute form)."""
     try:
         points = event["selection"]["points"]
     except (KeyError, TypeError):
-        points = getattr(getattr(event, "selection", None), "points", None) or []
-    for p in points or []:
-        cd = p.get("customdata")
-        if isinstance(cd, (list, tuple)):
-            cd = cd[0] if cd else None
-        if isinstance(cd, str) and re.fullmatch(r"L\d+H\d+", cd):
-            return cd
+        points = getattr(getattr(event, "selection", None), "points", None)
+    return list(points or [])
+
+
+def _label(p: dict, pattern: str) -> str | None:
+    """The point's customdata label when it matches ``pattern``."""
+    cd = p.get("customdata")
+    if isinstance(cd, (list, tuple)):
+        cd = cd[0] if cd else None
+    return cd if isinstance(cd, str) and re.fullmatch(pattern, cd) else None
+
+
+def head_from_selection(event: Any) -> str | None:
+    """The head label of the first clicked cell of a layer (y) × head (x) heat map, or None."""
+    for p in _selected_points(event):
+        label = _label(p, r"L\d+H\d+")
+        if label:
+            return label
         x, y = _axis_int(p.get("x")), _axis_int(p.get("y"))
         if x is not None and y is not None:
             return f"L{y}H{x}"
@@ -135,17 +146,7 @@ def head_from_selection(event: Any) -> str | None:
 
 def node_from_selection(event: Any) -> str | None:
     """The route-graph node (``X0_3``, ``A5_3`` …) of the first clicked marker, or None."""
-    try:
-        points = event["selection"]["points"]
-    except (KeyError, TypeError):
-        return None
-    for p in points or []:
-        cd = p.get("customdata")
-        if isinstance(cd, (list, tuple)):
-            cd = cd[0] if cd else None
-        if isinstance(cd, str) and re.fullmatch(r"[XAMI]\d+_\d+", cd):
-            return cd
-    return None
+    return next((lab for p in _selected_points(event) if (lab := _label(p, r"[XAMI]\d+_\d+"))), None)
 
 
 # ----------------------------------------------------------------------------- component panel
