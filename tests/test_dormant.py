@@ -85,11 +85,8 @@ def test_embedded_dormant_head_is_causally_silent(embedded):
 
 
 def test_cli_dormant(results_dir, capsys):
-    from analyses.cli import main
+    from conftest import run_cli
 
-    with pytest.raises(SystemExit) as e:
-        main(["run", "dormant", "--theta", "1.5"])
-    assert e.value.code == 2 and "theta" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as e:
-        main(["run", "dormant", "--domains", "prose,wiki"])
-    assert e.value.code == 2 and "unknown domain 'wiki'" in capsys.readouterr().err
+    for argv, want in ((["--theta", "1.5"], "theta"), (["--domains", "prose,wiki"], "unknown domain 'wiki'")):
+        code, _, err = run_cli(["run", "dormant", *argv], capsys)
+        assert code == 2 and want in err

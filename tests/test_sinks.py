@@ -172,23 +172,16 @@ def test_embedded_sinks_past_first_layers(emb_result, results_dir):
 
 
 def test_cli_sinks(results_dir, capsys):
-    from analyses.cli import main
+    from conftest import run_cli
 
-    with pytest.raises(SystemExit) as e:
-        main(["run", "sinks", "--eps", "1.2"])
-    assert e.value.code == 2
-    assert "eps=1.2" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as e:
-        main(["run", "sinks", "--domain", "poetry"])
-    assert e.value.code == 2 and "unknown domain" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as e:
-        main(["run", "sinks", "--positions", ""])
-    assert e.value.code == 2 and "no sink position" in capsys.readouterr().err
-    main(["run", "sinks", "--domain", "arithmetic", "--n-samples", "2", "--T", "16", "--no-ablation", "--device", "cpu",
-          "--json", "--out", str(results_dir / "cli")])
-    io = capsys.readouterr()
-    assert "Sink_1" in io.out
-    assert "planner: sinks on cpu at T=16: batch size" in io.err  # the memory planner says what it chose
+    for argv, want in ((["--eps", "1.2"], "eps=1.2"), (["--domain", "poetry"], "unknown domain"),
+                       (["--positions", ""], "no sink position")):
+        code, _, err = run_cli(["run", "sinks", *argv], capsys)
+        assert code == 2 and want in err
+    code, out, err = run_cli(["run", "sinks", "--domain", "arithmetic", "--n-samples", "2", "--T", "16", "--no-ablation",
+                              "--device", "cpu", "--json", "--out", str(results_dir / "cli")], capsys)
+    assert code == 0 and "Sink_1" in out
+    assert "planner: sinks on cpu at T=16: batch size" in err  # the memory planner says what it chose
     assert (results_dir / "cli" / "manifest.json").is_file()
 
 
