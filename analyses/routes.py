@@ -159,11 +159,7 @@ AUTO_COMPILE_WORK = 5e8  # L·T²·H·d element operations above which kernel="a
 def _scaled_prox(w: torch.Tensor, a: torch.Tensor, u: torch.Tensor, p: float, eps: float) -> torch.Tensor:
     """w [C, d], a [C, K, H], u [K, H, d] -> clipped proximity of parts a[c, k, h] · u[k, h] to w[c]: [C, K, H]."""
     diff = w[:, None, None, :] - a.unsqueeze(-1) * u.unsqueeze(0)
-    if p == 1:
-        return (w.abs().sum(-1)[:, None, None] - diff.abs().sum(-1)).clamp_min(eps)
-    if p == 2:
-        return (w.pow(2).sum(-1).sqrt()[:, None, None] - diff.pow(2).sum(-1).sqrt()).clamp_min(eps)
-    return (w.abs().pow(p).sum(-1).pow(1 / p)[:, None, None] - diff.abs().pow(p).sum(-1).pow(1 / p)).clamp_min(eps)
+    return (_norm(w, p)[:, None, None] - _norm(diff, p)).clamp_min(eps)
 
 
 def _prox_kernel(kernel: str) -> Callable:
