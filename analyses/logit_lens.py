@@ -255,27 +255,29 @@ def run(probe: Probe, prompt: str | torch.Tensor | Sequence[int], *, config: Con
         if tokens.ndim != 2 or tokens.shape[0] != 1:
             raise InputError(f"the logit lens takes one prompt; got token ids of shape {tuple(tokens.shape)}.",
                              hint="Pass a string or ids of shape [T] / [1, T].")
-    reads = {f"blocks.{layer}.hook_resid_post": Collect() for layer in layers}
+    reads = {f"blocks.{layer}.hook_resid_post": Collect(on_device=True) for layer in layers}  # no copy inside the hooks
     with timer("forward"):
         out_logits = probe.run(tokens, reads=reads)
     with timer("unembed"):
         next_probs, next_ids = lens_topk(out_logits[0], config.k)  # [T, k]
         final = next_ids[:, 0]
-        resid = torch.stack([reads[f"blocks.{layer}.hook_resid_post"].finalize()[0] for layer in layers])  # [L, T, d]
+        resid = torch.stack([reads[f"blocks.{layer}.hook_resid_post"].finalize()[0].to(probe.device) for layer in layers])  # [L, T, d]
         L, T, d = resid.shape
-        flat, tgt = resid.reshape(L * T, d), final.cpu().repeat(L)  # row l*T + t
+        flat, tgt = resid.reshape(L * T, d), final.repeat(L)  # row l*T + t
         # unembed many rows per matmul: the [d, V] unembedding is read once per chunk, not once per layer
         step = max(1, _CHUNK_ELEMS // probe.info.d_vocab)
         tp, ti, tg = [], [], []
         for s in range(0, L * T, step):
             lg = probe.unembed(flat[s:s + step], apply_norm=config.apply_norm)  # [rows, V]
             p, i = lens_topk(lg, config.k)
-            tp.append(p.cpu())
-            ti.append(i.cpu())
-            tg.append(target_probs(lg, tgt[s:s + step]).cpu())
+            tp.append(p)
+            ti.append(i)
+            tg.append(target_probs(lg, tgt[s:s + step].to(lg.device)))
             del lg
     kk = tp[0].shape[-1]
-    top_probs, top_ids, target = torch.cat(tp).reshape(L, T, kk), torch.cat(ti).reshape(L, T, kk), torch.cat(tg).reshape(L, T)
+    # one device-to-host copy per array, after the last chunk
+    top_probs, top_ids, target = (torch.cat(x).cpu() for x in (tp, ti, tg))
+    top_probs, top_ids, target = top_probs.reshape(L, T, kk), top_ids.reshape(L, T, kk), target.reshape(L, T)
     ids_row = tokens[0].cpu()
     # decode each distinct id once (vocabularies are large, a heat map repeats tokens a lot)
     uniq = torch.unique(torch.cat([top_ids.reshape(-1), next_ids.reshape(-1).cpu()])).tolist()

@@ -412,23 +412,26 @@ class Collect(Reducer):
     """Keeps every batch (concatenated along axis 0 on the CPU).
 
     Use only for data you really need whole (``sonde capture``, small test inputs); prefer a
-    statistic reducer for anything over a corpus.
+    statistic reducer for anything over a corpus. ``on_device=True`` keeps the batches (and the
+    finalized tensor) on the device they came from: no device-to-host copy inside the hook, for a
+    caller that goes on computing on the device (the logit lens).
     """
 
-    def __init__(self, transform=None, dtype: torch.dtype | None = None):
+    def __init__(self, transform=None, dtype: torch.dtype | None = None, on_device: bool = False):
         super().__init__(None, transform)
         self.dtype = dtype
+        self.on_device = on_device
         self._reset()
 
     def _settings(self):
-        return super()._settings() + ("dtype",)
+        return super()._settings() + ("dtype", "on_device")
 
     def _reset(self):
         super()._reset()
         self.chunks: list[torch.Tensor] = []
 
     def _update(self, x):
-        x = x.detach().to("cpu")
+        x = x.detach() if getattr(self, "on_device", False) else x.detach().to("cpu")
         self.chunks.append(x.to(self.dtype) if self.dtype is not None else x.clone())
 
     def _merge(self, other):
