@@ -233,7 +233,8 @@ def attention_importance(resid_pre: torch.Tensor, whole: torch.Tensor, pattern: 
         each query's entries sum to 1, keys after the query get exactly eps / Σ.
     """
     T, H, d = vo.shape
-    qidx = torch.arange(T, device=vo.device) if queries is None else torch.as_tensor(queries, device=vo.device).long()
+    qhost = None if queries is None else torch.as_tensor(queries).cpu().long()  # chunk bounds without a device sync
+    qidx = torch.arange(T, device=vo.device) if qhost is None else qhost.to(vo.device)
     Q = qidx.numel()
     fused = kernel == "compiled"
     # eager chunks hold [C, T, H, d] parts; the fused kernel only its [C, T, H] output
@@ -246,7 +247,7 @@ def attention_importance(resid_pre: torch.Tensor, whole: torch.Tensor, pattern: 
     for c0 in range(0, Q, qc):
         c1 = min(Q, c0 + qc)
         qs = qidx[c0:c1]
-        k1 = int(qs.max()) + 1  # causal: no key after the last query of the chunk matters
+        k1 = c1 if qhost is None else int(qhost[c0:c1].max()) + 1  # causal: no key after the last query of the chunk matters
         a = pattern[:, qs, :k1].permute(1, 2, 0)  # [C, k1, H]
         if fused:
             pr = prox_fn(w[c0:c1].contiguous(), a.contiguous(), vo[:k1].contiguous(), float(p), float(eps))
@@ -501,10 +502,11 @@ class _Decomposer:
             else:
                 thr = cfg.tau
             reach = (att.sum(-1) > thr).any(0)  # [T] keys feeding any reached query
-            reach[rows[ar > thr]] = True  # the residual edge keeps the position
+            rows_d = rows.to(reach.device)
+            reach[rows_d] |= ar > thr  # the residual edge keeps the position
             if self.parallel:
-                reach[rows[ffn > thr]] = True  # M{L}_i reads I{L-1}_i
-            need = torch.nonzero(reach).flatten()
+                reach[rows_d] |= ffn > thr  # M{L}_i reads I{L-1}_i
+            need = torch.nonzero(reach).flatten().cpu()  # the one host sync per layer: which rows to compute next
             if need.numel() == 0:
                 break
 
