@@ -481,11 +481,12 @@ class MaskSet(torch.nn.Module):
     def stats(self) -> dict[str, float]:
         """``kept`` (s>0), ``above`` (σ>0.9), ``below`` (σ<0.1), ``undecided`` fractions and mean σ."""
         n = self.n_params
-        kept = above = below = 0
-        msum = 0.0
+        parts = []
         for s in self.logits:
             m = torch.sigmoid(self.beta * s)
-            kept += int((s > 0).sum()); above += int((m > 0.9).sum()); below += int((m < 0.1).sum()); msum += float(m.sum())
+            parts.append(torch.stack([(s > 0).sum(), (m > 0.9).sum(), (m < 0.1).sum(), m.sum()]).double())
+        kept, above, below, msum = torch.stack(parts).sum(0).tolist()  # one host sync for all weights
+        kept, above, below = int(kept), int(above), int(below)
         return {"kept": kept / n, "above": above / n, "below": below / n, "undecided": (n - above - below) / n,
                 "mean_sigma": msum / n, "n_above": above, "n_undecided": n - above - below}
 
