@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ROOT / "docs" / "readme"
 ANALYSES = ["logit_lens", "routes", "sinks", "bigram", "fiber", "critical", "counterfactual"]
-SCALE = ["cluster", "scale"]
+SCALE = ["cluster", "scale", "gpu"]
 START, END = "## Dashboard", "## Development"
 
 
