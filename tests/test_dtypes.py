@@ -240,6 +240,37 @@ def test_fiber_on_a_bf16_matrix():
     _check({"fiber.radii_rel": _maxrel(lo.radii[:, 10:], full.radii[:, 10:])})
 
 
+def test_other_entry_points_run_in_bf16():
+    """Entry points not compared above run on a bf16 model without dtype errors and give finite numbers."""
+    from analyses import bigram as B
+    from analyses import counterfactual as cf
+    from analyses import critical as C
+    from analyses import dormant
+    from analyses import fiber as F
+    from analyses import routes
+    from analyses import sinks
+    from analyses.tasks import Problem
+
+    _, p = twins("llama")
+    ids = torch.randint(4, 40, (4000,), generator=torch.Generator().manual_seed(0))
+    b = B.run(p, ids, B.Config(lr=0.05, steps=4, batch=2, seq_len=16, eval_rows=4, reuse=True, log_every=2))
+    assert all(m.dtype == torch.bool for m in b.masks.values())
+    f = F.run(p, config=F.Config(vol_min=10, vol_max=60))
+    assert torch.isfinite(f.p_manifold).all()
+    s = sinks.run(p, tokens=torch.randint(4, 250, (4, 32), generator=torch.Generator().manual_seed(2)),
+                  config=sinks.Config(T=32, n_samples=4, mlp_ablation=True, ablation_layers=2, ablation_samples=2))
+    assert len(s.ablation) > 0
+    d = dormant.run(p, ["prose"], config=dormant.Config(T=32, n_samples=4, batch_size=4, heads=("L1H0",), intervention="zero"))
+    assert torch.isfinite(d.delta_loss[0, 1, 0])
+    assert len(cf.branches(p, "hello there", 2, k=2, config=cf.Config(max_new_tokens=5, stop_at_eos=False))) == 2
+    cf.run(p, "hello there", "ablate:L1H0", config=cf.Config(max_new_tokens=5, stop_at_eos=False, n_samples=2))
+    cf.run(p, "hello there Lyra", "prompt:Lyra->Maeve", config=cf.Config(max_new_tokens=5))
+    C.run(p, [Problem("2+3?", 5.0)], C.Config(n_samples=3, max_new_tokens=2, stop_at_answer=False, n_rollouts=2,
+                                                alt_rollouts=1, n_alternatives=1), checkers=[lambda t: all(ord(ch) < 128 for ch in t)])
+    r = routes.run(p, "abc def", config=routes.Config(kernel="eager", keep_residuals=True))
+    assert r.residuals["resid_post"].dtype == torch.float32 and r.logit_lens(p, ["I1_2"])
+
+
 # ----------------------------------------------------------------------------- float16
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_logit_lens_and_sinks_fp16(family):
