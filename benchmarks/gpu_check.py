@@ -210,6 +210,7 @@ class Check:
             r["top_down_ratio"] = round(r["top_down_s"] / r["forward_s"], 2)
             r["top_down_rows"] = int(res.computed.sum()) if res.computed is not None else None
             del res
+        rec["compile_failed"] = list(routes._COMPILE_FAILED)  # non-empty: the eager kernel was timed instead
 
     def _left(self) -> float:
         return float(getattr(signal, "getitimer")(signal.ITIMER_REAL)[0])
@@ -420,6 +421,8 @@ def markdown(r: dict) -> str:
     st = s.get("setup", {})
     rows.append(("setup", "device / model", f"{st.get('gpu', r['device'])}, {st.get('shape', '?')}, bf16, "
                  f"torch {st.get('torch', '?')}, build {_f(st.get('build_s'), ' s')}"))
+    if s.get("routes", {}).get("compile_failed"):
+        rows.append(("routes", "kernel", "torch.compile failed, eager kernel timed: " + s["routes"]["compile_failed"][0].replace("|", "/")))
     for T, v in s.get("routes", {}).get("lengths", {}).items():
         rows.append(("routes", f"all-position, T={T}", f"{_f(v.get('all_ratio'), '×')} forward ({_f(v.get('all_s'), ' s')} vs "
                      f"{_f(v.get('forward_s'), ' s')}); peak {_f(v.get('all_peak_mib'), ' MiB')}" + (f" ({v['all_note']})" if v.get("all_note") else "")))
