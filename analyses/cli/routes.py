@@ -86,7 +86,7 @@ def register(run_app: typer.Typer) -> None:
                                   "seconds": round(sum(res.timings.values()), 2)})
             return
 
-        from analyses.io import Checkpoint, iter_records
+        from analyses.io import Checkpoint, iter_records, work_dir
         from analyses.store import hash_inputs, result_key, results_root
 
         from analyses.domains import corpus_records
@@ -117,7 +117,7 @@ def register(run_app: typer.Typer) -> None:
         probe = load_probe(model, backend, device, dtype)
         key = result_key(routes.RouteStatsResult.analysis, probe.info.fingerprint, cfg.to_dict(), ih)
         out_dir = Path(out) if out is not None else results_root() / key
-        ck = Checkpoint(out_dir.parent / f".{out_dir.name}.progress", fingerprint=key)
+        ck = Checkpoint(work_dir(out_dir, "progress"), fingerprint=key)
         with progress(len(records), "routes") as step:
             res = routes.run_dataset(probe, records, config=cfg, checkpoint=ck, on_progress=step, input_hash=ih)
         path = res.save(out_dir)
