@@ -304,7 +304,9 @@ class Ledger:
         self.through, self.state, self.meta = int(meta["through"]), tree["state"], dict(tree["meta"])
         for f in sorted(self.folder.glob("shard-*.safetensors")):
             rec = load_state(f, self.fingerprint)
-            if rec is not None and rec[1]["index"] >= self.through:
+            if rec is not None and rec[1]["index"] < self.through:  # already folded (killed before its clean-up)
+                f.unlink(missing_ok=True)
+            elif rec is not None:
                 idx = int(rec[1]["index"])
                 self.pending[idx] = {"index": idx, "state": rec[0]["state"], "meta": rec[0]["meta"]}
                 self.meta[idx] = rec[0]["meta"]

@@ -424,7 +424,7 @@ def work_dir(out_dir: str | Path, kind: str) -> Path:
     """
     from probes.loading import cache_dir
 
-    out = Path(out_dir).expanduser().absolute()
+    out = os.path.abspath(Path(out_dir).expanduser())
     digest = hashlib.sha256(os.fsencode(out)).hexdigest()[:20]
     return cache_dir() / "work" / f"{kind}-{digest}"
 
