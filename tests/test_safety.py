@@ -139,6 +139,20 @@ def test_kill_between_ledger_saves_counts_each_shard_once(tmp_path, k, stage):
     assert sorted(p.name for p in (tmp_path / "L").iterdir() if not p.name.endswith(".tmp")) == ["ledger.safetensors"]
 
 
+def test_sweep_fingerprint_covers_checkpoint_contents(tmp_path):
+    from analyses import sweep
+
+    ck = tmp_path / "step100"
+    ck.mkdir()
+    (ck / "config.json").write_text("{}")
+    (ck / "model.safetensors").write_bytes(b"weights one")
+    cfg = sweep.Config(analysis="logit_lens", checkpoints=(str(ck),))
+    a = sweep._fingerprint(cfg, None)
+    assert sweep._fingerprint(cfg, None) == a
+    (ck / "model.safetensors").write_bytes(b"weights two")  # retrained into the same folder name
+    assert sweep._fingerprint(cfg, None) != a
+
+
 # ----------------------------------------------------------------------------- the result store
 def _write(out, *, replace=False, tables=None, key_cfg=1):
     return store.write_result(out, analysis="demo", model={"name": "m", "fingerprint": "f"}, config={"c": key_cfg}, input_hash="h",

@@ -113,6 +113,38 @@ def check_out_file(out: Path, replace: bool, is_ours) -> None:
                          hint="Give a writable --out.") from None
 
 
+def check_side_file(path: Path | None, option: str) -> None:
+    """Check an extra output file (``--html``, ``--graphml``) before any work: a new file in a writable
+    folder; an existing one only with ``--replace`` (and only a plain file)."""
+    if path is None:
+        return
+    from analyses import store
+
+    try:
+        check_out_file(path, store._REPLACE.get(), lambda p: True)
+    except Exception as e:
+        from probes.errors import InputError
+
+        if isinstance(e, InputError):
+            raise InputError(e.message.replace("--out", option), hint=(e.hint or "").replace("--out", option)) from None
+        raise
+
+
+def write_side_file(path: Path, write: Any) -> None:
+    """``write(tmp_name)`` then one rename onto ``path`` (no half-written file is ever visible)."""
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def output_options(*apps: typer.Typer) -> None:
     """Give every registered verb that has an ``out`` parameter the shared ``--replace`` flag and check
     its ``--out`` before any work: a result folder must be new, empty, or a Sonde result (replaced
@@ -272,13 +304,13 @@ def _main(argv, SondeError) -> None:
         typer.echo(f"error: cannot use{where}: {e.strerror or e}.", err=True)
         raise SystemExit(2)
     except Exception as e:  # click usage errors
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):  # one line, like every other bad input
+        names = {c.__name__ for c in type(e).__mro__}  # click's classes, or typer's vendored copy of them
+        if "ClickException" in names:  # one line, like every other bad input
             msg = " ".join(e.format_message().split())
-            typer.echo(f"error: {msg}" + (" (see --help)" if isinstance(e, click.exceptions.UsageError) else ""), err=True)
-            raise SystemExit(2 if isinstance(e, click.exceptions.UsageError) else e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
+            usage = "UsageError" in names
+            typer.echo(f"error: {msg}" + (" (see --help)" if usage else ""), err=True)
+            raise SystemExit(2 if usage else e.exit_code)
+        if "Abort" in names:
             raise SystemExit(1)
         if _STATE["debug"]:
             raise

@@ -113,7 +113,10 @@ def _is_capture(path: Path) -> bool:
 def results_ls(root: Optional[Path] = typer.Argument(None, help="Results folder (default sonde-results)."), as_json: bool = JsonOpt) -> None:
     """List saved results."""
     from analyses.store import list_results
+    from probes.errors import InputError
 
+    if root is not None and root.exists() and not root.is_dir():
+        raise InputError(f"{str(root)!r} is not a folder of results.", hint="Give the results folder (default sonde-results).")
     df = list_results(root)
     if as_json:
         echo_json(df.to_dict(orient="records"))
