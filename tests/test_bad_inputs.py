@@ -203,7 +203,7 @@ CASES = [
     ("results-show-escaping-table", ["results", "show", "{ws}/escape"], "not allowed"),
     ("results-show-missing", ["results", "show", "{ws}/missing"], "not a Sonde result"),
     ("results-ls-a-file", ["results", "ls", "{ws}/file.txt"], "not a folder"),
-    ("dashboard-bad-port", ["dashboard", "--port", "eighty"], "eighty"),
+    ("dashboard-bad-port", ["dashboard", "--port", "eighty"], "--port"),
 ]
 
 
@@ -227,3 +227,40 @@ def test_bad_input_is_one_line_and_loses_nothing(name, argv, fragment, tmp_path,
 
 def test_the_table_is_big_enough():
     assert len(CASES) >= 60
+
+
+# ----------------------------------------------------------------------------- good runs leave only their result
+def test_skipped_line_is_one_warning_line(tmp_path, tiny_dir, capsys, monkeypatch):
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    _user_tree(ws)
+    monkeypatch.chdir(ws)
+    code, out, err = run_cli(["capture", "-m", str(tiny_dir), "--input", str(ws / "bad.jsonl"), "--on-error", "skip",
+                              "--hooks", "blocks.0.hook_resid_post", "--out", str(ws / "acts.safetensors")], capsys)
+    assert code == 0, err
+    warn = [line for line in err.splitlines() if line.strip()]
+    assert warn == ["warning: bad.jsonl line 2 is not valid JSON (Expecting property name enclosed in double quotes at column 2); "
+                    "skipped."], err
+    # the capture file is Sonde's: --replace may overwrite it, and nothing else appeared
+    code, _, err = run_cli(["capture", "-m", str(tiny_dir), "--prompt", "hi", "--hooks", "blocks.0.hook_resid_post",
+                            "--out", str(ws / "acts.safetensors"), "--replace"], capsys)
+    assert code == 0, err
+    assert not [p for p in ws.iterdir() if p.name.startswith(".")]
+
+
+def test_bigram_with_out_writes_only_the_result(tmp_path, tiny_dir, capsys, monkeypatch):
+    from analyses.io import work_dir
+
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    monkeypatch.chdir(ws)
+    monkeypatch.delenv("SONDE_RESULTS", raising=False)
+    out = ws / "mask"
+    code, _, err = run_cli(["run", "bigram", "-m", str(tiny_dir), "--steps", "2", "--batch-size", "2", "--seq-len", "16",
+                            "--eval-rows", "2", "--no-eval", "--lr", "0.05", "--device", "cpu", "--out", str(out)], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in ws.iterdir()) == ["mask"]  # no ./sonde-results/.bigram-progress
+    probe = work_dir(out, "x")  # this run's checkpoint folder is gone from the per-user cache
+    assert not list(probe.parent.glob(f"bigram-*-{probe.name.rsplit('-', 1)[1]}"))
+    code, _, err = run_cli(["run", "bigram", "-m", str(tiny_dir), "--steps", "2", "--out", str(out)], capsys)
+    assert code == 2 and err.count("error:") == 1 and "--replace" in err
