@@ -67,7 +67,7 @@ class ModelShape:
     d_vocab: int
     n_params: int
     itemsize: int = 4
-    n_ctx: int | None = None  # context length (max positions), when known
+    n_ctx: int | None = field(default=None, compare=False)  # context length (max positions), when known
 
     def __post_init__(self):
         for name in ("n_layers", "n_heads", "n_kv_heads", "d_model", "d_head", "d_mlp", "d_vocab", "n_params", "itemsize"):
