@@ -271,7 +271,6 @@ def write_result(
         }
         # the manifest is written last inside the temp folder; the rename publishes everything at once
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a result folder gets the usual permissions
         _publish(tmp, out_dir)
     except OSError as e:
         _cleanup(tmp, made)
@@ -281,12 +280,6 @@ def write_result(
         _cleanup(tmp, made)
         raise
     return out_dir
-
-
-def _umask() -> int:
-    m = os.umask(0o022)
-    os.umask(m)
-    return m
 
 
 def _cleanup(tmp: Path | None, made: list[Path]) -> None:
@@ -299,10 +292,35 @@ def _cleanup(tmp: Path | None, made: list[Path]) -> None:
             break
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    import ctypes
+    import errno
+
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
 def _publish(tmp: Path, out_dir: Path) -> None:
-    """Move the finished temp folder to ``out_dir``; an existing result is set aside first and removed
-    only after the new one is in place (put back if the swap fails)."""
-    if os.path.lexists(out_dir) and any(os.scandir(out_dir)):
+    """Move the finished temp folder to ``out_dir``. An existing result is swapped out in one atomic
+    exchange where the system has one (else set aside by a rename and put back if the second rename
+    fails), and removed only after the new one is in place."""
+    if os.path.lexists(out_dir) and (not out_dir.is_dir() or any(os.scandir(out_dir))):
+        if out_dir.is_symlink() or _load_manifest(out_dir) is None:  # changed since the check: never touch it
+            raise InputError(f"{str(out_dir)!r} is no longer empty or a Sonde result; refusing to replace it.",
+                             hint="Give a new folder for --out.")
+        if _exchange(tmp, out_dir):
+            shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old result
+            return
         old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
         os.rmdir(old)
         os.replace(out_dir, old)
