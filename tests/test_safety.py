@@ -259,3 +259,15 @@ def test_the_scan_catches_what_it_should():
     ok = ["torch.load(p, weights_only=True)", "np.load(f, allow_pickle=False)", "safetensors.torch.load_file(p)"]
     assert all(any(p.search(b) for p, _ in UNPICKLING) for b in bad)
     assert not any(p.search(o) for o in ok for p, _ in UNPICKLING)
+
+
+def test_results_ls_skips_a_damaged_manifest_with_one_line(tmp_path, capsys):
+    from conftest import run_cli
+
+    _write(tmp_path / "good")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "manifest.json").write_text("[1, 2]")
+    code, out, err = run_cli(["results", "ls", str(tmp_path)], capsys)
+    assert code == 0 and "good" in out and "bad" not in out
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning: ") and lines[0].endswith("; skipped.") and "bad" in lines[0]
