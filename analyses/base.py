@@ -116,12 +116,13 @@ class Result:
     def key(self) -> str:
         return store.result_key(self.analysis, str(self.model.get("fingerprint", "")), self.config.to_dict(), self.input_hash)
 
-    def save(self, out_dir: str | Path | None = None) -> Path:
-        """Write the result (atomically); default folder ``<results_root>/<key>``."""
+    def save(self, out_dir: str | Path | None = None, *, replace: bool = False) -> Path:
+        """Write the result (atomically); default folder ``<results_root>/<key>``. An existing result
+        at ``out_dir`` is replaced only with ``replace=True`` (see :func:`analyses.store.write_result`)."""
         out = Path(out_dir) if out_dir is not None else store.results_root() / self.key
         return store.write_result(
             out, analysis=self.analysis, model=self.model, config=self.config.to_dict(), input_hash=self.input_hash,
-            tables=self.tables(), arrays=self.arrays(), extra=self.extra(), timings=self.timings,
+            tables=self.tables(), arrays=self.arrays(), extra=self.extra(), timings=self.timings, replace=replace,
         )
 
     @classmethod

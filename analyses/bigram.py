@@ -35,10 +35,7 @@ every backend and every other analysis sees the masked weights inside :func:`app
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -624,42 +621,31 @@ def _state_fingerprint(probe, cfg: Config, input_hash: str) -> str:
 
 
 def _save_checkpoint(folder: Path, fp: str, step: int, masks: MaskSet, opt: torch.optim.Optimizer, curve: list[dict]) -> None:
-    """Mask logits + AdamW state as safetensors and progress as JSON, published atomically (no pickle)."""
-    from safetensors.torch import save_file
+    """Mask logits + AdamW state + progress in one state file (:func:`analyses.io.save_state`:
+    safetensors + JSON header, one atomic rename, private folder; no pickle)."""
+    from .io import private_dir, save_state
 
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {f"logits.{j}": s.detach().cpu().contiguous() for j, s in enumerate(masks.logits)}
+    private_dir(folder)
     sd = opt.state_dict()
-    for pid, st in sd["state"].items():
-        for k, v in st.items():
-            tensors[f"opt.{pid}.{k}"] = (v if isinstance(v, torch.Tensor) else torch.tensor(v)).detach().cpu().contiguous()
-    meta = {"fingerprint": fp, "step": step, "beta": masks.beta, "param_groups": sd["param_groups"], "curve": curve}
-    tmp = Path(tempfile.mkdtemp(prefix=".ck-", dir=folder))
-    save_file(tensors, str(tmp / "mask_state.safetensors"))
-    (tmp / "progress.json").write_text(json.dumps(meta, default=str))
-    os.replace(tmp / "mask_state.safetensors", folder / "mask_state.safetensors")
-    os.replace(tmp / "progress.json", folder / "progress.json")
-    tmp.rmdir()
+    tree = {"logits": [s.detach() for s in masks.logits],
+            "opt": {int(pid): {k: (v if isinstance(v, torch.Tensor) else torch.tensor(v)) for k, v in st.items()}
+                    for pid, st in sd["state"].items()}}
+    save_state(folder / "mask_state.safetensors", tree, fingerprint=fp,
+               meta={"step": step, "beta": masks.beta, "param_groups": sd["param_groups"], "curve": curve})
 
 
 def _load_checkpoint(folder: Path, fp: str, masks: MaskSet, opt: torch.optim.Optimizer) -> tuple[int, list[dict]]:
-    prog = folder / "progress.json"
-    if not prog.is_file():
-        return 0, []
-    meta = json.loads(prog.read_text())
-    if meta.get("fingerprint") != fp:
-        return 0, []
-    from safetensors.torch import load_file
+    from .io import load_state
 
-    t = load_file(str(folder / "mask_state.safetensors"))
+    got = load_state(folder / "mask_state.safetensors", fp)
+    if got is None:
+        return 0, []
+    tree, meta = got
     with torch.no_grad():
-        for j, s in enumerate(masks.logits):
-            s.copy_(t[f"logits.{j}"])
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for k, v in t.items():
-        if k.startswith("opt."):
-            _, pid, name = k.split(".", 2)
-            state.setdefault(int(pid), {})[name] = v.to(masks.logits[int(pid)].device) if name != "step" else v
+        for s, t in zip(masks.logits, tree["logits"]):
+            s.copy_(t)
+    state = {int(pid): {k: (v.to(masks.logits[int(pid)].device) if k != "step" else v) for k, v in st.items()}
+             for pid, st in tree["opt"].items()}
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     masks.beta = float(meta["beta"])
     return int(meta["step"]), list(meta.get("curve", []))

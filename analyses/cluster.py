@@ -20,11 +20,14 @@ retry budget here. Retried shards and their attempts are reported (``SweepReport
 result's ``timings["sweep.retries"]`` and ``sweep.json`` next to the manifest). A shard that still
 fails after ``1 + max_retries`` attempts raises one :class:`probes.SondeError` naming the shard.
 
-Resume: the **merge ledger** (a folder) holds the fold of the contiguous prefix of finished shards
-(``ledger.pt``: fingerprint, ``through`` = shards folded, the merged state) and each finished shard
-past a gap (``shard-NNNNN.pt``). Every file is written to a temporary name and renamed, shard file
-before ledger, so a sweep killed at any instant resumes with each shard counted exactly once. A
-ledger whose fingerprint (analysis, model, config, input, sharding) differs is ignored.
+Resume: the **merge ledger** (a private folder, mode 0700; by default in the per-user cache,
+:func:`default_ledger`) holds the fold of the contiguous prefix of finished shards
+(``ledger.safetensors``: ``through`` = shards folded, the merged state) and each finished shard past
+a gap (``shard-NNNNN.safetensors``), all in the one state format of :func:`analyses.io.save_state`
+(safetensors + a JSON header; no pickle). Every file is written to a temporary name and renamed,
+shard file before ledger, so a sweep killed at any instant resumes with each shard counted exactly
+once. A file whose fingerprint (analysis, model, config, input, sharding), read from its JSON header
+before any tensor, differs is ignored.
 
 Test hooks (read by the driver; documented here because tests use them):
 
@@ -250,9 +253,11 @@ def _shardable(name: str) -> Shardable:
 
 
 def default_ledger(out_dir: str | Path) -> Path:
-    """The merge-ledger folder of a result folder: a hidden sibling ``.<name>.sweep``."""
-    out_dir = Path(out_dir)
-    return out_dir.parent / f".{out_dir.name}.sweep"
+    """The merge-ledger folder of a result folder: a private folder in the per-user cache keyed by the
+    result's absolute path (:func:`analyses.io.work_dir`), never a guessable path beside the result."""
+    from .io import work_dir
+
+    return work_dir(out_dir, "sweep")
 
 
 def _run_shard(probe, analysis: str, config, items: Sequence, shard: Shard, attempt: int, faults: Mapping[int, float]):
@@ -278,25 +283,33 @@ class Ledger:
         self.meta: dict[int, dict] = {}
 
     # -- io ----------------------------------------------------------------------------------------
-    def _write(self, name: str, obj: Any) -> None:
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=self.folder)
-        os.close(fd)
-        torch.save(obj, tmp)
-        os.replace(tmp, self.folder / name)
+    LEDGER = "ledger.safetensors"
+
+    def _write(self, name: str, tree: Any, meta: Mapping[str, Any]) -> None:
+        from .io import private_dir, save_state
+
+        private_dir(self.folder)
+        save_state(self.folder / name, tree, fingerprint=self.fingerprint, meta=meta)
 
     def load(self) -> int:
         """Restore a matching ledger; returns the number of shards already done (0 if none matches)."""
-        if self.folder is None or not (self.folder / "ledger.pt").is_file():
+        from .io import load_state
+
+        if self.folder is None:
             return 0
-        led = torch.load(self.folder / "ledger.pt", weights_only=False)
-        if led.get("fingerprint") != self.fingerprint or led.get("n_shards") != self.n_shards:
+        got = load_state(self.folder / self.LEDGER, self.fingerprint)
+        if got is None or got[1].get("n_shards") != self.n_shards:
             return 0
-        self.through, self.state, self.meta = int(led["through"]), led["state"], dict(led["meta"])
-        for f in sorted(self.folder.glob("shard-*.pt")):
-            rec = torch.load(f, weights_only=False)
-            if rec.get("fingerprint") == self.fingerprint and rec["index"] >= self.through:
-                self.pending[rec["index"]] = rec
-                self.meta[rec["index"]] = rec["meta"]
+        (tree, meta) = got
+        self.through, self.state, self.meta = int(meta["through"]), tree["state"], dict(tree["meta"])
+        for f in sorted(self.folder.glob("shard-*.safetensors")):
+            rec = load_state(f, self.fingerprint)
+            if rec is not None and rec[1]["index"] < self.through:  # already folded (killed before its clean-up)
+                f.unlink(missing_ok=True)
+            elif rec is not None:
+                idx = int(rec[1]["index"])
+                self.pending[idx] = {"index": idx, "state": rec[0]["state"], "meta": rec[0]["meta"]}
+                self.meta[idx] = rec[0]["meta"]
         self._fold()
         return len(self.done)
 
@@ -315,12 +328,10 @@ class Ledger:
         """Store one finished shard (durably before it counts) and fold the contiguous prefix."""
         if index in self.done:  # a duplicate completion (a retried task that had in fact finished)
             return
-        rec = {"fingerprint": self.fingerprint, "index": index, "state": state, "meta": dict(meta)}
+        rec = {"index": index, "state": state, "meta": dict(meta)}
         self.meta[index] = dict(meta)
-        if self.folder is not None:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            if index != self.through:
-                self._write(f"shard-{index:05d}.pt", rec)
+        if self.folder is not None and index != self.through:
+            self._write(f"shard-{index:05d}.safetensors", {"state": state, "meta": dict(meta)}, {"index": index})
         self.pending[index] = rec
         self._fold()
 
@@ -332,11 +343,9 @@ class Ledger:
             folded.append(self.through)
             self.through += 1
         if folded and self.folder is not None:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            self._write("ledger.pt", {"fingerprint": self.fingerprint, "n_shards": self.n_shards, "through": self.through,
-                                      "state": self.state, "meta": self.meta})
+            self._write(self.LEDGER, {"state": self.state, "meta": self.meta}, {"n_shards": self.n_shards, "through": self.through})
             for i in folded:  # after the ledger: a crash in between leaves files the ledger already covers
-                (self.folder / f"shard-{i:05d}.pt").unlink(missing_ok=True)
+                (self.folder / f"shard-{i:05d}.safetensors").unlink(missing_ok=True)
 
 
 # ============================================================================ engines

@@ -11,8 +11,11 @@ where it stopped with no row lost or counted twice.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
+import stat
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -21,11 +24,12 @@ from typing import Any, Iterator, Literal, Mapping
 
 import torch
 
-from probes.errors import InputError
+from probes.errors import InputError, SondeWarning
 from probes.reducers import Reducer
 
 __all__ = ["Record", "read_text", "iter_jsonl", "iter_parquet", "iter_hf", "open_hf", "parse_hf_spec", "HFSpec", "iter_records",
-           "is_hf_spec", "Checkpoint"]
+           "is_hf_spec", "Checkpoint", "save_state", "load_state", "read_state_header", "private_dir", "work_dir",
+           "skipped"]
 
 
 @dataclass(frozen=True)
@@ -81,18 +85,24 @@ def iter_jsonl(path: str | Path, *, on_error: Literal["skip", "stop"] = "stop", 
             except json.JSONDecodeError as e:
                 problem = f"is not valid JSON ({e.msg} at column {e.colno})"
             if problem:
-                msg = f"{p.name} line {no} {problem}."
+                msg = f"{p.name} line {no} {problem}"
                 if on_error == "stop":
-                    raise InputError(msg, hint="Fix the line, or pass --on-error skip to skip bad lines.")
-                warnings.warn(msg + " Skipped.", stacklevel=2)
+                    raise InputError(msg + ".", hint="Fix the line, or pass --on-error skip to skip bad lines.")
+                skipped(msg)
                 continue
             yield no, obj
+
+
+def skipped(msg: str) -> None:
+    """Report a skipped input item: one :class:`probes.errors.SondeWarning` (the CLI prints it as one
+    ``warning: <msg>; skipped.`` line on stderr)."""
+    warnings.warn(SondeWarning(f"{msg.rstrip('.')}; skipped."), stacklevel=3)
 
 
 def _bad_text(msg: str, on_error: str) -> None:
     if on_error == "stop":
         raise InputError(msg, hint="Fix the input, or pass --on-error skip.")
-    warnings.warn(msg + " Skipped.", stacklevel=3)
+    skipped(msg)
 
 
 def iter_parquet(path: str | Path, *, on_error: Literal["skip", "stop"] = "stop", text_field: str = "text",
@@ -225,7 +235,7 @@ def iter_records(path: str | Path, *, on_error: Literal["skip", "stop"] = "stop"
                 msg = f"{p.name} line {no}: field {text_field!r} is empty or not a string."
                 if on_error == "stop":
                     raise InputError(msg, hint="Fix the line, or pass --on-error skip.")
-                warnings.warn(msg + " Skipped.", stacklevel=2)
+                skipped(msg)
                 continue
             dom = obj.get(domain_field)
             yield Record(text=text, domain=None if dom is None else str(dom), line=no, fields=obj)
@@ -235,12 +245,200 @@ def iter_records(path: str | Path, *, on_error: Literal["skip", "stop"] = "stop"
                 yield Record(text=line, line=no)
 
 
+# ============================================================================== resumable state
+#: The one on-disk format of every resumable state (batch checkpoints, merge ledgers, mask training):
+#: one safetensors file whose header metadata (plain JSON, read before any tensor) holds the
+#: fingerprint, the JSON skeleton of the saved tree and small JSON values; tensors hold the numbers.
+STATE_FORMAT = 1
+_STATE_META = "sonde.state"
+_RESERVED = ("__tensor__", "__tuple__", "__map__", "__float__")
+#: Test hook: ``SONDE_FAULT_SAVE="K:write"`` ends the process (``os._exit(75)``, no clean-up, like a
+#: kill) in the K-th :func:`save_state` of the process after the temporary file is written and before
+#: it is renamed into place; ``"K:rename"`` right after the rename, before the caller goes on.
+SAVE_FAULT_ENV = "SONDE_FAULT_SAVE"
+_SAVES = [0]
+_MAX_HEADER = 64 << 20
+
+
+def _encode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, torch.Tensor):
+        name = f"t{len(tensors)}"
+        tensors[name] = obj
+        return {"__tensor__": name}
+    if obj is None or isinstance(obj, (bool, str)):
+        return obj
+    if isinstance(obj, int):
+        return int(obj)
+    if isinstance(obj, float):
+        return float(obj) if math.isfinite(obj) else {"__float__": repr(float(obj))}
+    if type(obj).__module__ == "numpy":
+        if hasattr(obj, "shape") and getattr(obj, "shape", ()) != ():
+            return _encode(torch.from_numpy(obj.copy()), tensors)
+        return _encode(obj.item(), tensors)
+    if isinstance(obj, tuple):  # torch.Size too
+        return {"__tuple__": [_encode(v, tensors) for v in obj]}
+    if isinstance(obj, list):
+        return [_encode(v, tensors) for v in obj]
+    if isinstance(obj, Mapping):
+        if all(isinstance(k, str) for k in obj) and not (len(obj) == 1 and next(iter(obj)) in _RESERVED):
+            return {k: _encode(v, tensors) for k, v in obj.items()}
+        return {"__map__": [[_encode(k, tensors), _encode(v, tensors)] for k, v in obj.items()]}
+    raise TypeError(f"cannot save a {type(obj).__name__} in a Sonde state (tensors, numbers, strings, lists and dicts only).")
+
+
+def _decode(obj: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+    if isinstance(obj, list):
+        return [_decode(v, tensors) for v in obj]
+    if isinstance(obj, dict):
+        if len(obj) == 1:
+            (k, v), = obj.items()
+            if k == "__tensor__":
+                return tensors[v]
+            if k == "__tuple__":
+                return tuple(_decode(x, tensors) for x in v)
+            if k == "__map__":
+                return {_hashable(_decode(a, tensors)): _decode(b, tensors) for a, b in v}
+            if k == "__float__":
+                return float(v)
+        return {k: _decode(v, tensors) for k, v in obj.items()}
+    return obj
+
+
+def _hashable(k: Any) -> Any:
+    return tuple(_hashable(x) for x in k) if isinstance(k, list) else k
+
+
+def _fault(stage: str) -> None:
+    spec = os.environ.get(SAVE_FAULT_ENV)
+    if spec:
+        k, _, at = spec.partition(":")
+        if at == stage and str(_SAVES[0]) == k.strip():
+            os._exit(75)
+
+
+def save_state(path: str | Path, tree: Any, *, fingerprint: str, meta: Mapping[str, Any] | None = None) -> Path:
+    """Write ``tree`` (nested dicts/lists/tuples of tensors and JSON scalars) to one safetensors file.
+
+    The file is written under a temporary name in the same folder, flushed to disk, and published by
+    one ``os.replace``: a process killed at any instant leaves either the previous state or the new
+    one, never a mix. Tensors are stored on the CPU; bfloat16 stays bfloat16. No pickle.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = _encode(tree, tensors)
+    out, seen = {}, set()
+    for name, t in tensors.items():
+        t = t.detach().to("cpu").contiguous()
+        ptr = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        if ptr in seen or t.untyped_storage().nbytes() != t.numel() * t.element_size():
+            t = t.clone()  # safetensors stores each tensor on its own storage
+        seen.add((t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()))
+        out[name] = t
+    loose: dict[str, torch.Tensor] = {}
+    header = {"format": STATE_FORMAT, "fingerprint": fingerprint, "tree": skeleton, "meta": _encode(dict(meta or {}), loose)}
+    if loose:
+        raise TypeError("save_state: meta holds JSON values only; put tensors in the tree.")
+    _SAVES[0] += 1
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(out, tmp, metadata={_STATE_META: json.dumps(header)})
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        _fault("write")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fault("rename")
+    return path
+
+
+def read_state_header(path: str | Path) -> dict[str, Any] | None:
+    """The JSON header of a state file (fingerprint, meta) without reading any tensor; ``None`` when
+    the file is missing or is not a Sonde state."""
+    p = Path(path)
+    try:
+        with p.open("rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 0 < n <= _MAX_HEADER:
+                return None
+            head = json.loads(f.read(n).decode("utf-8"))
+        info = json.loads(head["__metadata__"][_STATE_META])
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return None
+    return info if isinstance(info, dict) and info.get("format") == STATE_FORMAT else None
+
+
+def load_state(path: str | Path, fingerprint: str) -> tuple[Any, dict[str, Any]] | None:
+    """``(tree, meta)`` saved by :func:`save_state` with this ``fingerprint``; ``None`` when the file is
+    missing, is not a Sonde state, or belongs to another run (the fingerprint, read from the JSON
+    header, is checked before any tensor is read)."""
+    info = read_state_header(path)
+    if info is None or info.get("fingerprint") != fingerprint:
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        return _decode(info["tree"], tensors), _decode(info.get("meta", {}), {})
+    except (OSError, KeyError, ValueError, RuntimeError) as e:
+        warnings.warn(SondeWarning(f"ignoring the unreadable saved state {str(path)!r} ({type(e).__name__}); starting over."))
+        return None
+
+
+def private_dir(path: str | Path) -> Path:
+    """Create a folder only this user can use (mode 0700), or reuse one that this user owns, that is
+    not a symbolic link and that no other user can write to; anything else is refused (InputError)."""
+    p = Path(path)
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.mkdir(p, 0o700)
+        created = True
+    except FileExistsError:
+        created = False
+    except OSError as e:
+        raise InputError(f"cannot create the run-state folder {str(p)!r} ({e.strerror or e}).",
+                         hint="Set SONDE_CACHE (or --checkpoint) to a writable folder of your own.") from None
+    st = os.lstat(p)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or (not created and st.st_mode & 0o022):
+        raise InputError(f"{str(p)!r} is not a private folder of this user (another owner, a link, or writable by others); "
+                         "refusing to keep run state there.", hint="Remove it, or set SONDE_CACHE to a folder of your own.")
+    if created and stat.S_IMODE(st.st_mode) != 0o700:
+        os.chmod(p, 0o700)
+    return p
+
+
+def work_dir(out_dir: str | Path, kind: str) -> Path:
+    """The private scratch folder of a run writing ``out_dir`` (its checkpoint or merge ledger).
+
+    It lives in Sonde's per-user cache (``$SONDE_CACHE``, else ``$XDG_CACHE_HOME/sonde``, else
+    ``~/.cache/sonde``) under ``work/<kind>-<hash of the absolute result path>``, never beside the
+    result (so nothing appears in the user's folders and no other user can plant or read it: the
+    folders are created with mode 0700 and must be owned by this user). The same command finds the
+    same folder again, which is how a killed run resumes. The path is returned, not created; the
+    first save creates it (:func:`private_dir`).
+    """
+    from probes.loading import cache_dir
+
+    out = os.path.abspath(Path(out_dir).expanduser())
+    digest = hashlib.sha256(os.fsencode(out)).hexdigest()[:20]
+    return cache_dir() / "work" / f"{kind}-{digest}"
+
+
 class Checkpoint:
-    """Atomic on-disk progress of a batch run: items done + reducers' partial states (safetensors + JSON).
+    """Atomic on-disk progress of a batch run: items done + reducers' partial states.
+
+    One file, ``state.safetensors`` (:func:`save_state`: tensors + a JSON header with the fingerprint
+    and the count), replaced by one atomic rename per save, so a run killed at any instant resumes
+    from the last completed save with no item lost or counted twice. The folder is private (0700).
 
     Usage::
 
-        ck = Checkpoint(out_dir / ".progress", fingerprint=run_key)
+        ck = Checkpoint(work_dir(out_dir, "progress"), fingerprint=run_key)
         done = ck.restore(reducers)              # number of items already folded in (0 on a fresh run)
         for i, item in enumerate(items):
             if i < done: continue
@@ -249,61 +447,28 @@ class Checkpoint:
         ck.clear()
     """
 
+    FILE = "state.safetensors"
+
     def __init__(self, folder: str | Path, *, fingerprint: str):
         self.folder = Path(folder)
         self.fingerprint = fingerprint
+        self.extra: dict[str, Any] = {}
 
     def save(self, n_done: int, reducers: Mapping[str, Reducer], extra: Mapping[str, Any] | None = None) -> None:
-        from safetensors.torch import save_file
-
-        tensors, meta = {}, {"fingerprint": self.fingerprint, "n_done": n_done, "extra": dict(extra or {}), "states": {}}
-        for name, r in reducers.items():
-            st = r.state()
-            m = {}
-            for k, v in st.items():
-                if isinstance(v, torch.Tensor):
-                    tensors[f"{name}::{k}"] = v.contiguous()
-                elif isinstance(v, list) and v and all(isinstance(t, torch.Tensor) for t in v):
-                    for j, t in enumerate(v):
-                        tensors[f"{name}::{k}::{j}"] = t.contiguous()
-                    m[k] = {"__tensor_list__": len(v)}
-                else:
-                    m[k] = v
-            meta["states"][name] = m
-        self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".ck-", dir=self.folder))
-        save_file(tensors, str(tmp / "states.safetensors"))
-        (tmp / "progress.json").write_text(json.dumps(meta, default=str))
-        # publish: replace the two files (progress.json last, so it never points at missing tensors)
-        os.replace(tmp / "states.safetensors", self.folder / "states.safetensors.new")
-        os.replace(self.folder / "states.safetensors.new", self.folder / "states.safetensors")
-        os.replace(tmp / "progress.json", self.folder / "progress.json")
-        tmp.rmdir()
+        private_dir(self.folder)
+        save_state(self.folder / self.FILE, {name: r.state() for name, r in reducers.items()}, fingerprint=self.fingerprint,
+                   meta={"n_done": int(n_done), "extra": dict(extra or {})})
 
     def restore(self, reducers: Mapping[str, Reducer]) -> int:
         """Load saved states into ``reducers``; returns items done (0 if nothing matches this run)."""
-        prog = self.folder / "progress.json"
-        if not prog.is_file():
+        got = load_state(self.folder / self.FILE, self.fingerprint)
+        if got is None:
             return 0
-        meta = json.loads(prog.read_text())
-        if meta.get("fingerprint") != self.fingerprint:
-            return 0
-        from safetensors.torch import load_file
-
-        tensors = load_file(str(self.folder / "states.safetensors"))
+        states, meta = got
         for name, r in reducers.items():
-            if name not in meta["states"]:  # a reducer this checkpoint never saw starts empty
-                continue
-            m = dict(meta["states"][name])
-            for k in list(m):
-                if isinstance(m[k], dict) and "__tensor_list__" in m[k]:
-                    m[k] = [tensors[f"{name}::{k}::{j}"] for j in range(m[k]["__tensor_list__"])]
-            for key, t in tensors.items():
-                nm, _, k = key.partition("::")
-                if nm == name and "::" not in k:
-                    m[k] = t
-            r.load_state(m)
-        self.extra = meta.get("extra", {})
+            if name in states:  # a reducer this checkpoint never saw starts empty
+                r.load_state(dict(states[name]))
+        self.extra = dict(meta.get("extra", {}))
         return int(meta["n_done"])
 
     def clear(self) -> None:

@@ -67,6 +67,7 @@ class ModelShape:
     d_vocab: int
     n_params: int
     itemsize: int = 4
+    n_ctx: int | None = field(default=None, compare=False)  # context length (max positions), when known
 
     def __post_init__(self):
         for name in ("n_layers", "n_heads", "n_kv_heads", "d_model", "d_head", "d_mlp", "d_vocab", "n_params", "itemsize"):
@@ -91,7 +92,8 @@ class ModelShape:
         d = info.to_dict() if hasattr(info, "to_dict") else dict(info)
         return cls(n_layers=int(d["n_layers"]), n_heads=int(d["n_heads"]), n_kv_heads=int(d["n_kv_heads"]),
                    d_model=int(d["d_model"]), d_head=int(d["d_head"]), d_mlp=int(d["d_mlp"]), d_vocab=int(d["d_vocab"]),
-                   n_params=int(d["n_params"]), itemsize=_itemsize(dtype or d.get("dtype", "float32")))
+                   n_params=int(d["n_params"]), itemsize=_itemsize(dtype or d.get("dtype", "float32")),
+                   n_ctx=int(d["n_ctx"]) if d.get("n_ctx") else None)
 
     @classmethod
     def from_config(cls, config: Any, dtype: str = "float32") -> "ModelShape":
@@ -108,7 +110,8 @@ class ModelShape:
                    n_kv_heads=int(getattr(c, "num_key_value_heads", None) or H), d_model=d,
                    d_head=int(getattr(c, "head_dim", None) or d // H),
                    d_mlp=int(getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or 4 * d),
-                   d_vocab=int(c.vocab_size), n_params=int(n_params), itemsize=_itemsize(dtype))
+                   d_vocab=int(c.vocab_size), n_params=int(n_params), itemsize=_itemsize(dtype),
+                   n_ctx=int(getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None) or 0) or None)
 
 
 def shape_of(name: str, *, dtype: str = "float32", revision: str | None = None,
@@ -119,8 +122,9 @@ def shape_of(name: str, *, dtype: str = "float32", revision: str | None = None,
     from transformers import AutoConfig
 
     from probes.errors import ModelLoadError
-    from probes.loading import EMBEDDED, _hub_reachable, embedded_model_dir
+    from probes.loading import EMBEDDED, _hub_reachable, check_revision, embedded_model_dir
 
+    check_revision(name, revision)
     src = str(embedded_model_dir()) if name == EMBEDDED else name
     if str(src).endswith(".gguf"):
         raise ModelLoadError(f"the planner reads configs, and {name!r} is a GGUF file.",
@@ -146,6 +150,12 @@ def _itemsize(dtype: Any) -> int:
     if name not in _ITEMSIZE:
         raise ConfigError(f"dtype {dtype!r} is not known to the planner.", hint=f"Use one of {', '.join(_ITEMSIZE)}.")
     return _ITEMSIZE[name]
+
+
+def _check_context(s: ModelShape, tokens: int) -> None:
+    if s.n_ctx is not None and tokens > s.n_ctx:
+        raise ConfigError(f"{tokens} tokens per row is more than the model's context length of {s.n_ctx} tokens.",
+                          hint=f"Use --seq-len (plus --new-tokens) of at most {s.n_ctx}.")
 
 
 def _shape(model: Any) -> ModelShape:
@@ -197,6 +207,7 @@ def estimate(kind: Kind, model: Any, *, seq_len: int, batch_size: int = 1, chunk
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size={batch_size!r}; use a positive integer.")
     s = _shape(model)
+    _check_context(s, seq_len + (new_tokens if kind == "generate" else 0))
     B, T, a = (1 if kind == "routes" else batch_size), seq_len, s.itemsize
     L, H, K, h, d, F, V = s.n_layers, s.n_heads, s.n_kv_heads, s.d_head, s.d_model, s.d_mlp, s.d_vocab
     p: dict[str, int] = {

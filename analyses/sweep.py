@@ -14,9 +14,12 @@ to a few per-checkpoint numbers and stacks them into one frame keyed by checkpoi
 * ``routes``: dataset route statistics ``head_freq``/``head_mean`` per head and ``ffn_freq``/
   ``ffn_mean`` per layer (all prompts pooled).
 
-Resumable: each finished checkpoint's rows are written at once (atomically) to
-``<out>.parts/<i>.parquet`` beside a JSON fingerprint of the sweep; a re-run with the same settings
-skips the checkpoints already there, so a killed sweep loses at most the checkpoint it was on.
+Resumable: each finished checkpoint's rows are written at once (atomically) to ``<i>.parquet`` in a
+private work folder of the per-user cache (:func:`analyses.io.work_dir`, keyed by the result path)
+beside a JSON fingerprint of the sweep (config, inputs, and for local checkpoint folders the names,
+sizes, mtimes and header hashes of their files); a re-run with the same settings skips the
+checkpoints already there, so a killed sweep loses at most the checkpoint it was on. The work folder
+is removed once the result is saved.
 Checkpoint sweeps in the literature: attention sinks across Pythia/OLMo checkpoints (Gu et al.
 2024, §4), dormant heads across OLMo checkpoints (Guo et al. 2024, §4).
 """
@@ -27,6 +30,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +41,7 @@ import torch
 
 from probes.errors import ConfigError, InputError, ModelLoadError
 
-from . import base, store
+from . import base, io, store
 
 __all__ = ["Config", "SweepResult", "Checkpoint", "run", "output_path", "resolve_checkpoints", "checkpoints_in", "summarize",
            "ANALYSES"]
@@ -248,8 +252,32 @@ class SweepResult(base.Result):
 
 
 # ----------------------------------------------------------------------------- entry point
+def _content_fingerprint(ck: Checkpoint) -> Any:
+    """What a local checkpoint folder holds: for each weight/config file its name, size, mtime and a
+    hash of its first and last MiB (a safetensors file's first bytes are its header: tensor names,
+    shapes, dtypes and offsets), so retraining into the same folder names is noticed without reading
+    whole checkpoints. Hub revisions are named by their revision (a commit pins them)."""
+    p = Path(ck.name).expanduser()
+    if ck.revision is not None or not p.is_dir():
+        return None
+    out = []
+    for f in sorted(p.iterdir()):
+        if not f.is_file() or not f.name.endswith((".safetensors", ".bin", ".json", ".model", ".gguf", ".pt")):
+            continue
+        st = f.stat()
+        h = hashlib.sha256()
+        with f.open("rb") as fh:
+            h.update(fh.read(1 << 20))
+            if st.st_size > 2 << 20:
+                fh.seek(-(1 << 20), os.SEEK_END)
+                h.update(fh.read(1 << 20))
+        out.append([f.name, st.st_size, st.st_mtime_ns, h.hexdigest()[:16]])
+    return out
+
+
 def _fingerprint(cfg: Config, texts: Sequence[str] | None) -> str:
-    blob = json.dumps({"config": cfg.to_dict(), "texts": store.hash_inputs(list(texts)) if texts else None},
+    content = [_content_fingerprint(ck) for ck in resolve_checkpoints(cfg.checkpoints, cfg.model)]
+    blob = json.dumps({"config": cfg.to_dict(), "texts": store.hash_inputs(list(texts)) if texts else None, "content": content},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -280,7 +308,7 @@ def run(config: Config, *, texts: Sequence[str] | None = None, out: str | Path |
         config: :class:`Config`.
         texts: the inputs for sinks/routes (default: ``config.domain``'s built-in texts).
         out: result folder (default ``<results root>/sweep-<analysis>-<fingerprint>``); finished
-            checkpoints are kept in ``<out>.parts`` so a re-run resumes.
+            checkpoints are kept in a private work folder so a re-run resumes (removed on success).
         load: ``load(checkpoint) -> probe`` (default :func:`probes.load_model` with the options below).
         on_checkpoint: called as ``(checkpoint, "done" | "skipped")`` after each checkpoint.
     """
@@ -288,12 +316,17 @@ def run(config: Config, *, texts: Sequence[str] | None = None, out: str | Path |
         raise ConfigError(f"config must be analyses.sweep.Config, got {type(config).__name__}.")
     cks = resolve_checkpoints(config.checkpoints, config.model)
     fp = _fingerprint(config, texts)
+    default_out = out is None
     out = output_path(config, texts, out)
-    parts = out.with_name(out.name + ".parts")
-    parts.mkdir(parents=True, exist_ok=True)
+    store.check_destination(out, replace=True if default_out else None)
+    parts = io.private_dir(io.work_dir(out, "sweep-parts"))
     meta = parts / "sweep.json"
-    if meta.is_file() and json.loads(meta.read_text()).get("fingerprint") != fp:
-        for old in parts.glob("*.parquet"):  # another sweep's leftovers: start over
+    try:
+        same = json.loads(meta.read_text()).get("fingerprint") == fp
+    except (OSError, ValueError):
+        same = False
+    if not same:
+        for old in parts.glob("*.parquet"):  # another sweep's leftovers (in our private folder): start over
             old.unlink()
     meta.write_text(json.dumps({"fingerprint": fp, "config": config.to_dict()}, default=str))
 
@@ -336,5 +369,6 @@ def run(config: Config, *, texts: Sequence[str] | None = None, out: str | Path |
              **({"family": model_info.get("family"), "n_layers": model_info.get("n_layers")} if model_info else {})}
     res = SweepResult(config=config, model=model, input_hash=fp, timings=timer.seconds, frame=frame,
                       checkpoints=tuple(ck.label for ck in cks))
-    res.save(out)
+    res.save(out, replace=default_out)  # the default folder is this sweep's own (named by its fingerprint)
+    shutil.rmtree(parts, ignore_errors=True)
     return res

@@ -243,9 +243,7 @@ def read_gsm8k(path: str | Path, *, limit: int | None = None, on_error: Literal[
     A line without a question/answer, or whose answer cannot be parsed, raises :class:`InputError`
     naming the line (``on_error="skip"`` skips it with a warning).
     """
-    import warnings
-
-    from .io import iter_jsonl
+    from .io import iter_jsonl, skipped
 
     out: list[Problem] = []
     name = Path(path).name
@@ -256,7 +254,7 @@ def read_gsm8k(path: str | Path, *, limit: int | None = None, on_error: Literal[
             if on_error == "stop":
                 raise InputError(msg, hint="GSM8K answers end with '#### <number>', MATH solutions with \\boxed{...}; "
                                            "fix the line or pass --on-error skip.")
-            warnings.warn(msg + " Skipped.", stacklevel=2)
+            skipped(msg)
             continue
         out.append(Problem(prob.question, prob.answer, source=name, line=no))
         if limit is not None and len(out) >= limit:
@@ -270,9 +268,7 @@ def read_gsm8k(path: str | Path, *, limit: int | None = None, on_error: Literal[
 def read_hf(spec: str, *, limit: int | None = None, on_error: Literal["skip", "stop"] = "stop") -> list[Problem]:
     """Problems from a Hugging Face dataset in GSM8K or MATH style, streamed: ``hf:NAME[:CONFIG]:SPLIT``
     (:func:`analyses.io.parse_hf_spec`), e.g. ``hf:openai/gsm8k:main:test``."""
-    import warnings
-
-    from .io import open_hf
+    from .io import open_hf, skipped
 
     label, rows = open_hf(spec)
     out: list[Problem] = []
@@ -281,7 +277,7 @@ def read_hf(spec: str, *, limit: int | None = None, on_error: Literal["skip", "s
         if prob is None:
             if on_error == "stop":
                 raise InputError(f"{label} row {i} has {why}.", hint="Pass --on-error skip, or pick a GSM8K/MATH-style dataset.")
-            warnings.warn(f"{label} row {i} has {why}. Skipped.", stacklevel=2)
+            skipped(f"{label} row {i} has {why}")
             continue
         out.append(Problem(prob.question, prob.answer, source=label, line=i))
         if limit is not None and len(out) >= limit:

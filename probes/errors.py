@@ -16,6 +16,7 @@ __all__ = [
     "UnsupportedModelError",
     "DeviceError",
     "OutOfMemoryError",
+    "SondeWarning",
 ]
 
 
@@ -57,3 +58,9 @@ class DeviceError(SondeError):
 
 class OutOfMemoryError(SondeError):
     """The run did not fit in memory; the message suggests a smaller batch or chunk."""
+
+
+class SondeWarning(UserWarning):
+    """Something was skipped or ignored but the run goes on (a malformed input line with
+    ``on_error="skip"``, an unreadable result folder in a listing). The CLI prints each as one
+    ``warning: ...`` line on stderr; Python callers can filter or record them as usual."""

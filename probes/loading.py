@@ -244,6 +244,18 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def check_revision(name: str, revision: str | None) -> None:
+    """Refuse a revision where there is nothing to choose from (the embedded model, a local folder, a GGUF file)."""
+    if not revision:
+        return
+    if name == EMBEDDED:
+        raise ModelLoadError(f"the embedded model has no revisions (got --revision {revision!r}).",
+                             hint="Drop --revision, or give a hub id with -m.")
+    if name.endswith(".gguf") or Path(name).expanduser().exists() or name.startswith((".", "/", "~")):
+        raise ModelLoadError(f"{name!r} is a local file or folder and has no revisions (got --revision {revision!r}).",
+                             hint="Drop --revision, or point -m at the checkpoint folder you want.")
+
+
 def load_hf(
     name: str = EMBEDDED,
     *,
@@ -269,6 +281,7 @@ def load_hf(
     if not isinstance(name, str) or not name.strip():
         raise ModelLoadError("no model was given.", hint="Pass 'embedded', an HF id, a local folder or a .gguf file.")
     name = name.strip()
+    check_revision(name, revision)
     kw: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn_implementation, "trust_remote_code": trust_remote_code}
     if revision:
         kw["revision"] = revision

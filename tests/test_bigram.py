@@ -4,6 +4,7 @@ ablations, backends, storage, resume, CLI and the dashboard page."""
 from __future__ import annotations
 
 import math
+import stat
 import sys
 from pathlib import Path
 
@@ -284,7 +285,8 @@ def test_resume_after_kill_matches_uninterrupted(trained, tmp_path):
     ck = tmp_path / "ck"
     with pytest.raises(KeyboardInterrupt):
         B.run(probe, ids, cfg, evaluate=False, checkpoint=ck, checkpoint_every=10, callback=die)
-    assert (ck / "mask_state.safetensors").is_file() and not list(ck.glob("*.pickle"))
+    assert sorted(p.name for p in ck.iterdir()) == ["mask_state.safetensors"]  # one file, one rename per save
+    assert stat.S_IMODE(ck.stat().st_mode) == 0o700
     seen = []
     resumed = B.run(probe, ids, cfg, evaluate=False, checkpoint=ck, checkpoint_every=10, callback=seen.append)
     assert [p["step"] for p in seen] == [20, 30]  # continued from step 10

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ import pytest
 import torch
 
 from analyses import cluster, domains, routes, sinks
-from analyses.io import iter_records, parse_hf_spec
+from analyses.io import iter_records, parse_hf_spec, read_state_header
 from probes import ConfigError, InputError, SondeError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +53,7 @@ def test_ledger_folds_in_order_and_resumes(tmp_path):
     led.record(2, [2], {"attempts": 1})
     led.record(0, [0], {"attempts": 2})
     assert led.through == 1 and led.state == [0] and sorted(led.done) == [0, 2]
-    assert sorted(p.name for p in (tmp_path / "L").iterdir()) == ["ledger.pt", "shard-00002.pt"]
+    assert sorted(p.name for p in (tmp_path / "L").iterdir()) == ["ledger.safetensors", "shard-00002.safetensors"]
     led.record(2, [99], {})  # a duplicate completion is ignored
     # a "killed" driver: a fresh ledger object resumes from disk
     again = cluster.Ledger(tmp_path / "L", fingerprint="f", n_shards=4, merge=add)
@@ -60,7 +61,7 @@ def test_ledger_folds_in_order_and_resumes(tmp_path):
     again.record(1, [1], {})
     again.record(3, [3], {})
     assert again.through == 4 and again.state == [0, 1, 2, 3]
-    assert sorted(p.name for p in (tmp_path / "L").iterdir()) == ["ledger.pt"]
+    assert sorted(p.name for p in (tmp_path / "L").iterdir()) == ["ledger.safetensors"]
     other = cluster.Ledger(tmp_path / "L", fingerprint="g", n_shards=4, merge=add)  # another sweep: not reused
     assert other.load() == 0 and other.state is None
 
@@ -152,8 +153,9 @@ def test_killed_sweep_resumes_without_duplicates(tmp_path, embedded):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", cluster.EXIT_ENV: "3"}
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert p.returncode == 75, p.stderr[-2000:]
-    led = torch.load(cluster.default_ledger(out) / "ledger.pt", weights_only=False)
-    assert led["through"] == 3 and not out.exists()
+    led = read_state_header(cluster.default_ledger(out) / "ledger.safetensors")  # JSON header only, no pickle
+    assert led["meta"]["through"] == 3 and not out.exists()
+    assert stat.S_IMODE(cluster.default_ledger(out).stat().st_mode) == 0o700  # a private folder
     env.pop(cluster.EXIT_ENV)
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]

@@ -283,7 +283,11 @@ def test_cli_sweep_logit_lens_and_errors(ckpt_dir, tmp_path, capsys):
     last = res.frame[(res.frame.metric == "top1_agree") & (res.frame.layer == 1)]
     assert (last["value"] == 1.0).all()  # the last block's lens is the model's own prediction
     code, _, err = run_cli(["run", "sweep", "logit-lens", "--checkpoint-dir", str(ckpt_dir), "--device", "cpu", "--out", str(out)], capsys)
+    assert code == 2 and "already holds a Sonde result" in err and "--replace" in err  # never replaced unasked
+    code, _, err = run_cli(["run", "sweep", "logit-lens", "--checkpoint-dir", str(ckpt_dir), "--device", "cpu", "--out", str(out),
+                            "--replace"], capsys)
     assert code == 0 and "step0: skipped" not in err  # a different prompt is a different sweep: no stale parts
+    assert not [p.name for p in tmp_path.iterdir() if p.name not in ("ll", "ckpts")]  # no <out>.parts or work folder beside it
     code, _, err = run_cli(["run", "sweep", "sinks", "--device", "cpu"], capsys)
     assert code == 2 and "exactly one of --checkpoints or --checkpoint-dir" in err
     code, _, err = run_cli(["run", "sweep", "sinks", "--checkpoints", f"{ckpt_dir}/step0,{tmp_path}/missing", "--set", "T=16",

@@ -92,3 +92,25 @@ def test_checkpoint_resume_is_exact(tmp_path):
     assert torch.allclose(r2.finalize(), full.finalize())
     assert r2.count == full.count
     assert Checkpoint(tmp_path / "ck", fingerprint="other").restore({"m": Mean()}) == 0
+
+
+def test_killed_replacement_keeps_the_old_result(tmp_path):
+    """A process killed while writing a replacement (``replace=True``) leaves the old result readable."""
+    old = store.write_result(tmp_path / "r", analysis="demo", model={}, config={"v": 1}, input_hash="",
+                             tables={"a": pd.DataFrame({"x": [1]})})
+    code = textwrap.dedent(f"""
+        import os, pandas as pd
+        from analyses import store
+        real = pd.DataFrame.to_parquet
+        def slow(self, *a, **k):
+            real(self, *a, **k)
+            os._exit(9)   # die mid-write
+        pd.DataFrame.to_parquet = slow
+        store.write_result({str(old)!r}, analysis='demo', model={{}}, config={{'v': 2}}, input_hash='', replace=True,
+                           tables={{'a': pd.DataFrame({{'x': [2]}})}})
+    """)
+    rc = subprocess.run([sys.executable, "-c", code]).returncode
+    assert rc == 9
+    r = store.read_result(old)
+    assert r.config == {"v": 1} and r.tables["a"]["x"].tolist() == [1]
+    assert store.list_results(tmp_path)["path"].tolist() == [str(old)]

@@ -5,7 +5,9 @@ registers its ``run`` verbs in its own module ``analyses/cli/<name>.py`` through
 ``register(run_app)`` function; this package discovers them.
 
 Errors the user can fix (:class:`probes.SondeError`) print one line and exit with status 2;
-``--debug`` shows the traceback instead.
+``--debug`` shows the traceback instead. Every verb with ``--out`` also takes ``--replace``
+(:func:`common.output_options`): ``--out`` must be new, an empty folder, or a Sonde result, which is
+replaced only with ``--replace``; this is checked before the model loads.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import sys
 
 import typer
 
-from .common import app, run_app, results_app, main  # noqa: F401
+from .common import app, run_app, results_app, main, output_options  # noqa: F401
 
 __all__ = ["app", "main"]
 
@@ -28,3 +30,5 @@ for _mod in sorted(m.name for m in pkgutil.iter_modules(__path__)):
         _m.register(run_app)
 
 from . import core  # noqa: E402,F401  (info, capture, results, dashboard)
+
+output_options(app)  # --replace and the --out check for every verb that writes a result

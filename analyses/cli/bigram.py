@@ -47,7 +47,7 @@ def register(run_app: typer.Typer) -> None:
         reuse: bool = typer.Option(False, "--reuse", help="Cycle through a corpus smaller than steps × batch (the paper never reuses rows)."),
         seed: int = typer.Option(0, "--seed"),
         no_eval: bool = typer.Option(False, "--no-eval", help="Skip the ablation table."),
-        checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Folder for resumable state (default: under the results root)."),
+        checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Folder for resumable state (default: a private folder in the per-user cache, removed after success)."),
         out: Optional[Path] = OutOpt,
         backend: str = BackendOpt, device: str = DeviceOpt, dtype: str = DtypeOpt,
         as_json: bool = JsonOpt,
@@ -59,12 +59,14 @@ def register(run_app: typer.Typer) -> None:
         import shutil
 
         from analyses import bigram, store
+        from analyses.io import work_dir
 
         cfg = bigram.Config(lam=lam, lr=lr, steps=steps, batch=batch, seq_len=seq_len, grad_accum=grad_accum,
                             temp_mult=temp_mult, target=target, layers=_layers(layers), eval_rows=eval_rows,
                             reuse=reuse, seed=seed)
         probe = load_probe(model, backend, device, dtype)
-        ck = checkpoint or store.results_root() / ".bigram-progress" / store.hash_inputs(probe.info.fingerprint, cfg.to_dict(), corpus)
+        run_fp = store.hash_inputs(probe.info.fingerprint, cfg.to_dict(), corpus)
+        ck = checkpoint or work_dir(out if out is not None else store.results_root(), f"bigram-{run_fp}")
         with progress(cfg.steps, "masking") as step:
             last = [0]
 

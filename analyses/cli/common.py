@@ -38,7 +38,8 @@ MaxMemoryOpt = typer.Option(None, "--max-memory", help="Per-device limits for --
 RemoteOpt = typer.Option(False, "--remote", help="Run the model on NDIF through nnsight (needs NDIF_API_KEY and network).")
 RevisionOpt = typer.Option(None, "--revision", help="Model revision (branch, tag or commit) of a hub id.")
 JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON.")
-OutOpt = typer.Option(None, "--out", "-o", help="Result folder (default: sonde-results/<key>).")
+OutOpt = typer.Option(None, "--out", "-o", help="Result folder (default: sonde-results/<key>); must be new, empty, or a Sonde result (with --replace).")
+ReplaceOpt = typer.Option(False, "--replace", help="Replace an existing Sonde result at --out (never anything else; the old one stays until the new one is in place).")
 
 
 _SCALE_OPTS: dict[str, tuple[Any, Any]] = {  # name -> (annotation, typer option), added by @model_options
@@ -74,6 +75,122 @@ def model_options(fn):
     wrapper.__signature__ = sig.replace(parameters=[*params, *extra, *var_kw])
     wrapper.__annotations__ = {**getattr(fn, "__annotations__", {}), **{p.name: p.annotation for p in extra}}
     del wrapper.__wrapped__  # typer must read the new signature, not fn's
+    wrapper.__sonde_globals__ = getattr(fn, "__sonde_globals__", fn.__globals__)  # where fn's annotations resolve
+    return wrapper
+
+
+def writes_file(fn):
+    """Mark a verb whose ``--out`` is a file (not a result folder): :func:`output_options` gives it
+    ``--replace`` but leaves the check of the file to the verb (:func:`check_out_file`)."""
+    fn.__sonde_out_file__ = True
+    return fn
+
+
+def check_out_file(out: Path, replace: bool, is_ours) -> None:
+    """Refuse an output file that exists unless ``replace`` and ``is_ours(out)`` (a file Sonde wrote);
+    refuse an unwritable location. One line each (InputError)."""
+    import tempfile
+
+    from probes.errors import InputError
+
+    if os.path.lexists(out):
+        if out.is_symlink() or not out.is_file():
+            raise InputError(f"--out {str(out)!r} exists and is not a file Sonde wrote; refusing to overwrite it.",
+                             hint="Give a new file name.")
+        if not replace:
+            raise InputError(f"--out {str(out)!r} already exists; not replacing it.", hint="Pass --replace, or give a new file name.")
+        if not is_ours(out):
+            raise InputError(f"--out {str(out)!r} is not a file Sonde wrote; refusing to overwrite it.", hint="Give a new file name.")
+    base = out.parent
+    while not os.path.lexists(base) and base != base.parent:
+        base = base.parent
+    try:
+        if not base.is_dir():
+            raise NotADirectoryError(20, "Not a directory")
+        os.rmdir(tempfile.mkdtemp(prefix=".sonde-write-test-", dir=base))
+    except OSError as e:
+        raise InputError(f"cannot write {str(out)!r}: {str(base)!r} is not a writable folder ({e.strerror or e}).",
+                         hint="Give a writable --out.") from None
+
+
+def check_side_file(path: Path | None, option: str) -> None:
+    """Check an extra output file (``--html``, ``--graphml``) before any work: a new file in a writable
+    folder; an existing one only with ``--replace`` (and only a plain file)."""
+    if path is None:
+        return
+    from analyses import store
+
+    try:
+        check_out_file(path, store._REPLACE.get(), lambda p: True)
+    except Exception as e:
+        from probes.errors import InputError
+
+        if isinstance(e, InputError):
+            raise InputError(e.message.replace("--out", option), hint=(e.hint or "").replace("--out", option)) from None
+        raise
+
+
+def write_side_file(path: Path, write: Any) -> None:
+    """``write(tmp_name)`` then one rename onto ``path`` (no half-written file is ever visible)."""
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def output_options(*apps: typer.Typer) -> None:
+    """Give every registered verb that has an ``out`` parameter the shared ``--replace`` flag and check
+    its ``--out`` before any work: a result folder must be new, empty, or a Sonde result (replaced
+    only with ``--replace``, :func:`analyses.store.check_destination`), and writable. Called once after
+    all verbs are registered, so verbs need nothing of their own."""
+    for a in apps:
+        for info in a.registered_commands:
+            if info.callback is not None and not getattr(info.callback, "__sonde_output__", False):
+                info.callback = _with_output(info.callback)
+        for grp in a.registered_groups:
+            if grp.typer_instance is not None:
+                output_options(grp.typer_instance)
+
+
+def _with_output(fn):
+    sig = inspect.signature(fn)
+    if "out" not in sig.parameters:
+        return fn
+    own = "replace" in sig.parameters
+    file_out = getattr(fn, "__sonde_out_file__", False)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from analyses import store
+
+        replace = bool(kwargs["replace"] if own else kwargs.pop("replace", False))
+        out = kwargs.get("out")
+        if out is not None and not file_out:
+            store.check_destination(out, replace=replace)
+        if not replace:
+            return fn(*args, **kwargs)
+        with store.replacing(True):
+            return fn(*args, **kwargs)
+
+    ns = getattr(fn, "__sonde_globals__", getattr(fn, "__globals__", {}))
+    params = [p.replace(annotation=eval(p.annotation, ns)) if isinstance(p.annotation, str) else p  # noqa: S307 (own code)
+              for p in sig.parameters.values()]
+    if not own:
+        var_kw = [p for p in params if p.kind is inspect.Parameter.VAR_KEYWORD]
+        params = [p for p in params if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        params += [inspect.Parameter("replace", inspect.Parameter.KEYWORD_ONLY, default=ReplaceOpt, annotation=bool), *var_kw]
+    wrapper.__signature__ = sig.replace(parameters=params)
+    wrapper.__annotations__ = {p.name: p.annotation for p in params}
+    wrapper.__sonde_output__ = True
+    if hasattr(wrapper, "__wrapped__"):
+        del wrapper.__wrapped__
     return wrapper
 
 
@@ -144,11 +261,30 @@ def saved(path: Path, as_json: bool, summary: dict | None = None) -> None:
         typer.echo(f"saved {path}")
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None, _orig=None):
+    from probes.errors import SondeWarning
+
+    if issubclass(category, SondeWarning):
+        typer.echo(f"warning: {message}", err=True)
+    else:
+        _orig(message, category, filename, lineno, file, line)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: SondeErrors become one line on stderr and exit status 2."""
-    from probes.errors import SondeError
+    """Console entry point: SondeErrors become one line on stderr and exit status 2; Sonde's warnings
+    (a skipped input line, a damaged result in a listing) become one ``warning: ...`` line each."""
+    import warnings
+
+    from probes.errors import SondeError, SondeWarning
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", SondeWarning)
+        warnings.showwarning = functools.partial(_show_warning, _orig=warnings.showwarning)
+        _main(argv, SondeError)
+
+
+def _main(argv, SondeError) -> None:
     try:
         app(args=argv, standalone_mode=False)
     except SondeError as e:
@@ -161,13 +297,20 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(130)
     except (typer.Exit,) as e:
         raise SystemExit(e.exit_code)
+    except OSError as e:  # a path the user gave that cannot be read or written
+        if _STATE["debug"]:
+            raise
+        where = f" {e.filename!r}" if e.filename else ""
+        typer.echo(f"error: cannot use{where}: {e.strerror or e}.", err=True)
+        raise SystemExit(2)
     except Exception as e:  # click usage errors
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            raise SystemExit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
+        names = {c.__name__ for c in type(e).__mro__}  # click's classes, or typer's vendored copy of them
+        if "ClickException" in names:  # one line, like every other bad input
+            msg = " ".join(e.format_message().split())
+            usage = "UsageError" in names
+            typer.echo(f"error: {msg}" + (" (see --help)" if usage else ""), err=True)
+            raise SystemExit(2 if usage else e.exit_code)
+        if "Abort" in names:
             raise SystemExit(1)
         if _STATE["debug"]:
             raise

@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from .common import model_options, BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, app, echo_json, load_probe, results_app, status
+from .common import check_out_file, model_options, writes_file, BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, app, echo_json, load_probe, results_app, status
 
 
 @app.command()
@@ -37,9 +37,8 @@ def info(model: str = ModelOpt, backend: str = BackendOpt, device: str = DeviceO
 
 
 @app.command()
-
-
 @model_options
+@writes_file
 def capture(
     model: str = ModelOpt,
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Text to run."),
@@ -49,6 +48,7 @@ def capture(
     backend: str = BackendOpt, device: str = DeviceOpt, dtype: str = DtypeOpt,
     on_error: str = typer.Option("stop", "--on-error", help="Malformed input line: stop or skip."),
     as_json: bool = JsonOpt,
+    replace: bool = typer.Option(False, "--replace", help="Replace an existing capture file Sonde wrote (never any other file)."),
 ) -> None:
     """Dump activations at some hooks to a safetensors file (one entry per hook and prompt)."""
     from safetensors.torch import save_file
@@ -60,6 +60,7 @@ def capture(
         raise InputError("give exactly one of --prompt or --input.")
     if out.suffix != ".safetensors":
         raise InputError(f"--out {out} must end in .safetensors.")
+    check_out_file(out, replace, _is_capture)
     probe = load_probe(model, backend, device, dtype)
     names = [h.strip() for h in hooks.split(",") if h.strip()]
     sites = [parse_site(h, probe.info.n_layers) for h in names]
@@ -75,21 +76,47 @@ def capture(
                 tensors[f"{i}/{s.name}"] = got[s.name][0].contiguous()
             tensors[f"{i}/tokens"] = toks[0].cpu()
             step()
+    import os
+    import tempfile
+
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={"model": probe.info.name, "fingerprint": probe.info.fingerprint, "hooks": ",".join(s.name for s in sites)})
-    tmp.replace(out)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"sonde": "capture", "model": probe.info.name, "fingerprint": probe.info.fingerprint,
+                                          "hooks": ",".join(s.name for s in sites)})
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     if as_json:
         echo_json({"out": str(out), "prompts": len(texts), "hooks": [s.name for s in sites]})
     else:
         typer.echo(f"wrote {len(tensors)} tensors for {len(texts)} prompt(s) to {out}")
 
 
+def _is_capture(path: Path) -> bool:
+    """A safetensors file written by ``sonde capture`` (its header names the hooks and the model)."""
+    from analyses.io import _MAX_HEADER
+    import json
+
+    try:
+        with path.open("rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            meta = json.loads(f.read(n).decode()).get("__metadata__", {}) if 0 < n <= _MAX_HEADER else {}
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(meta, dict) and {"model", "fingerprint", "hooks"} <= set(meta)
+
+
 @results_app.command("ls")
 def results_ls(root: Optional[Path] = typer.Argument(None, help="Results folder (default sonde-results)."), as_json: bool = JsonOpt) -> None:
     """List saved results."""
     from analyses.store import list_results
+    from probes.errors import InputError
 
+    if root is not None and root.exists() and not root.is_dir():
+        raise InputError(f"{str(root)!r} is not a folder of results.", hint="Give the results folder (default sonde-results).")
     df = list_results(root)
     if as_json:
         echo_json(df.to_dict(orient="records"))

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .common import model_options, BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OutOpt, load_probe, saved, status
+from .common import check_side_file, write_side_file, model_options, BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OutOpt, load_probe, saved, status
 
 
 def _parse_layers(text: Optional[str]) -> tuple[int, ...] | None:
@@ -48,13 +48,14 @@ def register(run_app: typer.Typer) -> None:
         from analyses import logit_lens
 
         cfg = logit_lens.Config(layers=_parse_layers(layers), k=k, prepend_bos=prepend_bos)
+        check_side_file(html, "--html")
         probe = load_probe(model, backend, device, dtype)
         with status("Running the logit lens"):
             res = logit_lens.run(probe, prompt, config=cfg)
         path = res.save(out)
         if html is not None:
-            html.parent.mkdir(parents=True, exist_ok=True)
-            res.plot().write_html(str(html), include_plotlyjs="cdn")
+            fig = res.plot()
+            write_side_file(html, lambda tmp: fig.write_html(tmp, include_plotlyjs="cdn"))
         # the first block where the lens already ranks the final prediction first, per position
         first = []
         for t in range(len(res.str_tokens)):

@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from .common import model_options, BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OutOpt, load_probe, progress, saved, status
+from .common import check_side_file, write_side_file, model_options, BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OutOpt, load_probe, progress, saved, status
 from .sinks import AddressOpt, EngineOpt, GpusOpt, ResumeOpt, RetriesOpt, ShardOpt, WorkersOpt, run_sweep, sweep_summary
 
 __all__ = ["register"]
@@ -55,6 +55,7 @@ def register(run_app: typer.Typer) -> None:
             raise InputError("--engine shards a dataset; one --prompt has nothing to shard.", hint="Use --input or --domains.")
         if graphml is not None and prompt is None:
             raise InputError("--graphml needs --prompt (a dataset has no single route).")
+        check_side_file(graphml, "--graphml")
         common = dict(tau=tau, renormalize=renormalize, level=level, p=p, include_bias=include_bias, position=position,
                       kernel=kernel)
         if ablate is not None and prompt is None:
@@ -76,7 +77,7 @@ def register(run_app: typer.Typer) -> None:
                 res = routes.run(probe, prompt, config=cfg, edits=edits)
             path = res.save(out)
             if graphml is not None:
-                res.to_graphml(graphml)
+                write_side_file(graphml, res.to_graphml)
             r = res.route()
             hi = res.head_importance(route=r)
             top = sorted(((float(hi[l, h]), f"L{l}H{h}") for l in range(hi.shape[0]) for h in range(hi.shape[1])), reverse=True)[:5]
@@ -86,7 +87,7 @@ def register(run_app: typer.Typer) -> None:
                                   "seconds": round(sum(res.timings.values()), 2)})
             return
 
-        from analyses.io import Checkpoint, iter_records
+        from analyses.io import Checkpoint, iter_records, work_dir
         from analyses.store import hash_inputs, result_key, results_root
 
         from analyses.domains import corpus_records
@@ -117,7 +118,7 @@ def register(run_app: typer.Typer) -> None:
         probe = load_probe(model, backend, device, dtype)
         key = result_key(routes.RouteStatsResult.analysis, probe.info.fingerprint, cfg.to_dict(), ih)
         out_dir = Path(out) if out is not None else results_root() / key
-        ck = Checkpoint(out_dir.parent / f".{out_dir.name}.progress", fingerprint=key)
+        ck = Checkpoint(work_dir(out_dir, "progress"), fingerprint=key)
         with progress(len(records), "routes") as step:
             res = routes.run_dataset(probe, records, config=cfg, checkpoint=ck, on_progress=step, input_hash=ih)
         path = res.save(out_dir)
