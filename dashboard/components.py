@@ -42,14 +42,15 @@ def download_figure(fig: Any, name: str, *, key: str | None = None) -> None:
 
 
 def download_frame(df: Any, name: str, *, key: str | None = None) -> None:
-    """Two download buttons for a table: CSV and Parquet, side by side."""
+    """Two download buttons for a table: CSV and Parquet, side by side (``df`` may be a function building it on click)."""
     stem = safe_name(name)
+    frame = df if callable(df) else (lambda: df)
     c1, c2 = st.columns(2)
     with c1:
-        st.download_button("Download table (CSV)", data=lambda: df.to_csv(index=False).encode("utf-8"), file_name=f"{stem}.csv",
+        st.download_button("Download table (CSV)", data=lambda: frame().to_csv(index=False).encode("utf-8"), file_name=f"{stem}.csv",
                            mime="text/csv", on_click="ignore", key=(key or f"dl-df-{stem}") + "-csv", icon=":material/download:")
     with c2:
-        st.download_button("Download table (Parquet)", data=lambda: frame_to_parquet(df), file_name=f"{stem}.parquet",
+        st.download_button("Download table (Parquet)", data=lambda: frame_to_parquet(frame()), file_name=f"{stem}.parquet",
                            mime="application/octet-stream", on_click="ignore", key=(key or f"dl-df-{stem}") + "-parquet", icon=":material/download:")
 
 
