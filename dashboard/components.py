@@ -15,7 +15,7 @@ from typing import Any
 
 import streamlit as st
 
-__all__ = ["download_figure", "download_frame", "notebook_snippet", "frame_to_parquet", "figure_to_html", "safe_name", "export_bar"]
+__all__ = ["download_figure", "download_frame", "notebook_snippet", "frame_to_parquet", "figure_to_html", "safe_name", "export_bar", "axis_titles"]
 
 
 def safe_name(name: str) -> str:
@@ -32,6 +32,17 @@ def frame_to_parquet(df: Any) -> bytes:
     buf = io.BytesIO()
     df.to_parquet(buf, index=False)
     return buf.getvalue()
+
+
+def axis_titles(fig: Any, x: str | None = None, y: str | None = None, y2: str | None = None) -> Any:
+    """Give a figure's axes titles where they have none (analysis figures built for notebooks leave some out)."""
+    if x and not (fig.layout.xaxis.title and fig.layout.xaxis.title.text):
+        fig.update_xaxes(title_text=x, selector=dict(anchor="y") if y2 else None)
+    if y and not (fig.layout.yaxis.title and fig.layout.yaxis.title.text):
+        fig.update_layout(yaxis_title=y)
+    if y2 is not None and "yaxis2" in fig.layout and not (fig.layout.yaxis2.title and fig.layout.yaxis2.title.text):
+        fig.update_layout(yaxis2_title=y2)
+    return fig
 
 
 def download_figure(fig: Any, name: str, *, key: str | None = None) -> None:

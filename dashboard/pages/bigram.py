@@ -134,16 +134,16 @@ st.markdown(f"Mask kept fraction **{res.sparsity:.4%}** over {int(res.matrices['
             f"(corpus: `{res.corpus}`, λ = {res.config.lam}, target = {res.config.target}).")
 
 st.subheader("Sparsity by layer and matrix")
-st.plotly_chart(res.plot(), width="stretch")
+st.plotly_chart(components.axis_titles(res.plot(), "layer", "kept fraction"), width="stretch")
 h1, h2 = st.columns(2)
 with h1:
-    ev = st.plotly_chart(workbench.selectable_heads(res.plot_heads()), width="stretch", key="bigram_heads", on_select="rerun", selection_mode="points")
+    ev = st.plotly_chart(workbench.selectable_heads(components.axis_titles(res.plot_heads(), "head", "layer")), width="stretch", key="bigram_heads", on_select="rerun", selection_mode="points")
     head = workbench.head_from_selection(ev)
     if head is not None and head != st.session_state.get("_bigram_last_click"):
         st.session_state["_bigram_last_click"] = head
         st.query_params["component"] = head
 with h2:
-    st.plotly_chart(res.plot_neurons(), width="stretch")
+    st.plotly_chart(components.axis_titles(res.plot_neurons(), "neuron", "layer"), width="stretch")
 sel = param("component", "", check=workbench.component_check(probe))
 if sel and res.model.get("fingerprint") == probe.info.fingerprint:
     workbench.component_panel(probe, sel, prompt=state.context()["prompt"], key="bigram-cp")
@@ -168,13 +168,15 @@ else:
     if table is not None:
         try:
             df = B.compare_predictions(probe, res, table, prompt)
-            st.dataframe(df, hide_index=True)
+            if len(df) > 64:
+                st.caption(f"The prompt has {len(df):,} positions: the last 64 are shown; the export holds all of them.")
+            st.dataframe(df.tail(64), hide_index=True)
         except SondeError as e:
             show_error(e)
 
 st.subheader("Training curve")
 if len(res.curve):
-    st.plotly_chart(res.plot_curve(), width="stretch")
+    st.plotly_chart(components.axis_titles(res.plot_curve(), "step", "cross-entropy (nats)", "fraction of masked weights"), width="stretch")
 else:
     st.info("No training curve (λ = ∞ baseline or a loaded mask without one).")
 

@@ -105,8 +105,15 @@ with tab_cf:
             alts = [int(t) for t in base.alternatives[pos].tolist() if int(t) != base.factual[pos]]
             choices = [probe.tokenizer.decode([t]) for t in alts]
             c1, c2 = st.columns(2)
-            alt = c1.selectbox("Replace by one of the model's likely tokens", choices, index=0 if choices else None)
-            custom = c2.text_input("…or type a replacement", value="")
+            alt_q = param("alt", choices[0] if choices else "", check=lambda v: None if v in choices else "not one of the model's likely tokens here")
+            alt = c1.selectbox("Replace by one of the model's likely tokens", choices, index=choices.index(alt_q) if choices else None)
+            custom = c2.text_input("…or type a replacement", value=param("new", ""))
+            if alt is not None:
+                st.query_params["alt"] = alt
+            if custom:
+                st.query_params["new"] = custom
+            elif "new" in st.query_params:
+                del st.query_params["new"]
             if custom.strip():
                 spec = f"token:{pos}={custom}"
             elif alt is not None:
@@ -118,10 +125,14 @@ with tab_cf:
         old = c1.text_input("Replace", value=param("old", words[-1] if words else "",
                                                    check=lambda v: None if v in prompt else "not a part of the prompt"))
         new = c2.text_input("by", value=param("new", "Maeve"))
+        st.query_params.update({"old": old, "new": new})
         spec = f"prompt:{old}->{new}"
     else:
-        spec = "ablate:" + st.text_input("Heads / neurons to zero", value=param("ablate", "L5H3" if probe.info.n_layers > 5 and probe.info.n_heads > 3 else "L0H0", check=_components_ok),
-                                         help="Comma-separated L<layer>H<head> and L<layer>N<neuron> labels.")
+        heads_txt = st.text_input("Heads / neurons to zero", value=param("ablate", "L5H3" if probe.info.n_layers > 5 and probe.info.n_heads > 3 else "L0H0",
+                                                                        check=_components_ok),
+                                  help="Comma-separated L<layer>H<head> and L<layer>N<neuron> labels.")
+        st.query_params["ablate"] = heads_txt
+        spec = "ablate:" + heads_txt
     st.query_params["kind"] = {"token edit": "token", "prompt edit": "prompt", "model edit": "ablate"}[kind]
     if spec is not None:
         res = cached(cf.run, prompt, spec, _probe=probe, config=config, **obs)

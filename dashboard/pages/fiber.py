@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
+from dashboard import components
 from dashboard.state import cached, param, show_error, sidebar_probe
 
 from analyses import fiber as F
@@ -102,7 +103,10 @@ labels = {int(r.token_id): f"{r.token_id}: {r.token!r} (p={r.p_manifold:.1e})" f
 tok = st.selectbox("Token", ids[:500], format_func=lambda i: labels.get(int(i), str(i)))
 tab1, tab2, tab3 = st.tabs(["Volume curve", "Neighbourhood", "Dimension histogram"])
 with tab1:
-    st.plotly_chart(res.plot_curve(int(tok)), width="stretch")
+    cfig = res.plot_curve(int(tok))
+    for i, ann in enumerate(cfig.layout.annotations or ()):  # change-point labels: stagger them so none overlap
+        ann.update(yshift=-16 * i, font=dict(size=10), bgcolor="rgba(255,255,255,0.8)")
+    st.plotly_chart(components.axis_titles(cfig, "log radius", "log neighbour count"), width="stretch")
 with tab2:
     n3 = st.radio("View", ["3-D", "2-D"], horizontal=True)
     E = (probe.W_E if matrix == "input" else probe.W_U.T).detach().float()

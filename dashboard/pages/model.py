@@ -74,6 +74,9 @@ st.caption("Each cell: block L's residual stream (resid_post) at one position, r
            "unembedding. The text is the lens's top-1 token; hover for the top-k. The top row is the model's output.")
 T = len(res.str_tokens)
 a, b = 0, T
+if st.session_state.get("_model_window_T") != T:  # a new prompt starts on its last positions
+    st.session_state.pop("model_window", None)
+    st.session_state["_model_window_T"] = T
 if T > WINDOW:
     a = st.slider("First position shown", 0, T - WINDOW, max(0, T - WINDOW), key="model_window",
                   help=f"The heat map shows {WINDOW} positions at a time; slide to move the window.")

@@ -36,6 +36,11 @@ def _lens_cached(probe, res, nodes):
     return store[key]
 
 
+import time  # noqa: E402
+
+IMPORTANCE = "route importance (Σ over edges, mean per prompt)"
+
+
 def _dataset_job(probe, recs, cfg):
     """Background work: fold prompts into route statistics, publishing a partial result after each prompt."""
 
@@ -51,7 +56,8 @@ def _dataset_job(probe, recs, cfg):
 
         stats, skipped = routes.accumulate(workbench.LockedProbe(probe, job), recs, config=cfg, stats=stats, on_progress=progress)
         res = routes.stats_result(probe, stats, config=cfg, n_skipped=skipped,
-                                  input_hash=hash_inputs([r.text for r in recs], [r.domain for r in recs]))
+                                  input_hash=hash_inputs([r.text for r in recs], [r.domain for r in recs]),
+                                  timings={"routes": time.time() - job.started})
         try:  # saved, so component panels read route frequencies from it
             res.save()
         except OSError:
@@ -64,9 +70,16 @@ def _dataset_job(probe, recs, cfg):
 def _show_stats(stats, key: str) -> None:
     dom = st.selectbox("Domain", ["(all)"] + stats.domains, key=f"routes_domain_{key}")
     fig = stats.plot(None if dom == "(all)" else dom)
+    # head_mean is, per prompt, the head's importance summed over the route's attention edges, then averaged over
+    # prompts: a mean of sums (it exceeds 1 when a head carries several edges), so it is labelled as such
+    fig.update_layout(coloraxis_colorbar_title_text="Σ importance<br>(mean/prompt)",
+                      title=f"Head importance on routes, summed over edges, mean per prompt: {dom}")
     st.plotly_chart(fig, key=f"routes_stats_{key}")
     df = stats.to_frame()
-    st.dataframe(df.sort_values("mean_importance", ascending=False).head(30), hide_index=True)
+    st.caption(f"**{IMPORTANCE}**: for each prompt, the head's importance summed over the attention edges of its route "
+               "(several edges per head, so above 1 is possible), averaged over prompts; **freq**: share of prompts whose route uses it.")
+    st.dataframe(df.sort_values("mean_importance", ascending=False).head(30).rename(columns={"mean_importance": IMPORTANCE}),
+                 hide_index=True)
     if key == "final":
         components.export_bar("routes-dataset", figure=fig, table=df, result=stats, key="exp-routes-dataset")
 

@@ -45,7 +45,7 @@ with tab_sink:
         m3.metric("Max residual peak ratio", f"{s['max residual peak ratio']:.1f}×")
         st.markdown(f"**Sink heads** (majority of samples): {s['sink heads (majority)']} · samples {res.n_samples}, "
                     f"skipped {res.n_skipped}")
-        heads_fig = workbench.selectable_heads(res.plot("heads"))
+        heads_fig = workbench.selectable_heads(components.axis_titles(res.plot("heads"), "head", "layer"))
         ev = st.plotly_chart(heads_fig, key="sinks_heads", on_select="rerun", selection_mode="points")
         head = workbench.head_from_selection(ev)
         if head is not None and head != st.session_state.get("_sinks_last_click"):
@@ -53,10 +53,17 @@ with tab_sink:
             st.query_params["component"] = head
         if not st.query_params.get("component"):
             st.caption("Click a cell of the heat map to open that head's component panel (below the tabs).")
+        vfig = components.axis_titles(res.plot("values"), "position", "‖v W_O,h‖ (log scale)")
+        import plotly.colors as pc
+
+        nL = len(vfig.data)
+        for l, tr in enumerate(vfig.data):  # one colour ramp over the layers, so 30 lines stay tellable apart
+            tr.line.color = pc.sample_colorscale("Viridis", [l / max(1, nL - 1)])[0]
+        vfig.update_layout(height=max(420, 17 * nL + 90), legend=dict(font=dict(size=10), tracegroupgap=0, title_text="layer"))
+        st.plotly_chart(vfig, width="stretch", key="sinks_values")
         a, b = st.columns(2)
-        a.plotly_chart(res.plot("values"), width="stretch")
-        b.plotly_chart(res.plot("resid"), width="stretch")
-        st.plotly_chart(res.plot("eps"), width="stretch")
+        a.plotly_chart(components.axis_titles(res.plot("resid"), "position", "layer"), width="stretch", key="sinks_resid")
+        b.plotly_chart(components.axis_titles(res.plot("eps"), "ε", "%"), width="stretch", key="sinks_eps")
         code = (f"from probes import load_model\nfrom analyses import sinks\n\nprobe = load_model({probe.info.name!r}, backend={probe.backend!r})\n"
                 f"res = sinks.run(probe, domain={domain!r}, config=sinks.{cfg!r})\nres.summary(); res.plot('heads').show()")
         components.export_bar(f"sinks-{domain}", figure=heads_fig, table=res.to_frame(), result=res, code=code, key="exp-sinks",
@@ -92,7 +99,7 @@ with tab_dorm:
         view = st.radio("View", ["map", "diff"], horizontal=True)
         d1 = st.selectbox("Domain", dres.domains)
         d2 = st.selectbox("minus", dres.domains, index=min(1, len(dres.domains) - 1)) if view == "diff" else None
-        dfig = workbench.selectable_heads(dres.plot(view, domain=d1, other=d2))
+        dfig = workbench.selectable_heads(components.axis_titles(dres.plot(view, domain=d1, other=d2), "head", "layer"))
         ev = st.plotly_chart(dfig, key="dormant_map", on_select="rerun", selection_mode="points")
         head = workbench.head_from_selection(ev)
         if head is not None and head != st.session_state.get("_dormant_last_click"):
@@ -102,7 +109,7 @@ with tab_dorm:
         st.markdown(f"**Heads that flip between domains:** {len(dres.flips)}")
         st.dataframe(dres.flips, width="stretch")
         if dres.tested:
-            st.plotly_chart(dres.plot("delta"), width="stretch")
+            st.plotly_chart(components.axis_titles(dres.plot("delta"), None, None), width="stretch")
         lab = st.text_input("Show a head's attention on a prompt (e.g. L20H6)", "")
         prompt = st.text_input("Prompt", "Summer is warm. Winter is cold.")
         if lab and probe is not None:
