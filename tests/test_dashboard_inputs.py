@@ -179,3 +179,54 @@ def test_bad_jsonl_upload_names_the_line(env):
     at.file_uploader(key="routes_dataset").set_value(("p.jsonl", b'{"text": "a"}\n{oops\n', "application/json")).run()
     assert not at.exception
     assert len(at.error) == 1 and "line 2" in at.error[0].value
+
+
+# ----------------------------------------------------------------------------- one context across pages
+def test_context_survives_page_switch_and_links_carry_it(env):
+    """Model, prompt and BOS set on Model & prompt stay when Information flow opens (the same tokens: the same
+    BOS policy), and the URL of every page carries them."""
+    at = AppTest.from_file(str(ROOT / "dashboard" / "app.py"), default_timeout=TIMEOUT)
+    at.switch_page("pages/model.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    at.text_area("ctx_prompt").set_value("Paris is the capital of")
+    at.button[0].click().run()  # the form's Run
+    at.sidebar.toggle("ctx_bos").set_value(True).run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    n_model = len(at.dataframe[0].value)  # next-token table: one row per position
+    at.switch_page("pages/routes.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.title[0].value == "Information flow"
+    assert at.text_input("ctx_prompt").value == "Paris is the capital of"
+    assert at.sidebar.toggle("ctx_bos").value is True
+    assert at.sidebar.text_input("ctx_model").value == env["model"]
+    assert len(at.selectbox("routes_position").options) == n_model  # same tokens, BOS included on both pages
+    q = {k: (v[0] if isinstance(v, list) else v) for k, v in at.query_params.items()}
+    assert q["prompt"] == "Paris is the capital of" and q["bos"] == "1" and q["model"] == env["model"]
+
+
+def test_new_prompt_resets_the_predicted_position(env):
+    at = _page("routes.py", {"prompt": "Hello there friend", "position": "2"})
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert at.selectbox("routes_position").value == 2
+    at.text_input("ctx_prompt").set_value("A much longer prompt than the first one").run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    sel = at.selectbox("routes_position")
+    assert sel.value == len(sel.options) - 1  # the new prompt's last position, not the old index
+
+
+def test_bos_default_is_one_policy():
+    from analyses import logit_lens, routes
+
+    assert logit_lens.Config().prepend_bos is routes.Config().prepend_bos is False
+
+
+def test_ablated_routes_have_their_own_content_key(env):
+    from analyses import routes
+    from probes import Ablate, load_model
+
+    probe = load_model(env["model"], backend="nnsight", device="cpu")
+    cfg = routes.Config()
+    a = routes.run(probe, "Hello world", config=cfg)
+    b = routes.run(probe, "Hello world", config=cfg, edits=[Ablate("blocks.1.attn.hook_z", heads=[1])])
+    assert a.input_hash != b.input_hash and a.key != b.key
+    assert routes.run(probe, "Hello world", config=cfg).key == a.key  # unedited runs keep one key
