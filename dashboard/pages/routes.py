@@ -430,6 +430,28 @@ def main() -> None:
         else:
             st.caption("No edge enters this node (a token embedding).")
         npos = int(node.split("_")[1])
+        nlayer = int(node[1:].split("_")[0])
+        parts = [k for k, _ in sorted(contrib.items(), key=lambda kv: -kv[1]) if k.startswith("L")] if node[0] == "A" else []
+        if node[0] in ("M", "I"):
+            parts = [f"L{nlayer}FFN"] + parts
+        if parts:
+            part = st.selectbox("Vocabulary projection of", parts, key="routes_part",
+                                help="What this head (z_h W_O,h) or FFN writes at this position, read through the unembedding.")
+            from analyses import component as _component
+
+            key = ("routes_part_lens", probe.info.fingerprint, res.input_hash, part, npos)
+            memo = st.session_state.setdefault("_routes_part_lens", {})
+            if key not in memo:
+                try:
+                    with state.model_lock():
+                        memo[key] = _component.output_lens(probe, res.tokens, part, npos, k=6)
+                except SondeError as e:
+                    show_error(e)
+                    memo[key] = None
+            if memo.get(key):
+                up_, down_ = memo[key]
+                st.markdown(f"**{part} at position {npos}** promotes " + ", ".join(f"`{t!r}`" for t, _ in up_)
+                            + " · suppresses " + ", ".join(f"`{t!r}`" for t, _ in down_))
         tok = res.str_tokens[npos]
         if tok.strip() and npos > 0:
             # propose what the model itself found likely at this position (its prediction one token earlier)
