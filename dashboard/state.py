@@ -199,8 +199,9 @@ def _ensure_navigation() -> None:
         st.rerun()
 
 
-def sidebar_probe(*, prompt: bool = True) -> Probe | None:
-    """Render the shared context in the sidebar and return the loaded probe (None after an error)."""
+def sidebar_probe(*, load: bool = True) -> Probe | None:
+    """Render the shared context in the sidebar and return the loaded probe (None after an error, or with
+    ``load=False``: pages that need no model still show and carry the context)."""
     _ensure_navigation()
     context()
     with st.sidebar:
@@ -219,6 +220,11 @@ def sidebar_probe(*, prompt: bool = True) -> Probe | None:
     if "prompt" not in st.query_params:  # every URL carries the prompt, also on pages that do not show it
         _publish("prompt")
     model = str(ctx["model"]).strip()
+    if not load:
+        with st.sidebar:
+            p = str(ctx["prompt"])
+            st.caption(f"Prompt: {p[:80]!r}{'…' if len(p) > 80 else ''} · BOS {'on' if ctx['bos'] else 'off'}")
+        return None
     if not model:
         st.error("The model name is empty: type 'embedded', an HF id, a local folder or a .gguf file.", icon="⚠️")
         return None

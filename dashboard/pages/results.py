@@ -21,6 +21,7 @@ from dashboard import components, state  # noqa: E402
 from probes import SondeError  # noqa: E402
 
 st.title("Results")
+state.sidebar_probe(load=False)  # the shared context stays in the sidebar and the URL
 st.caption("Results saved by `sonde run …`, notebooks (`result.save()`) and the dashboard. "
            "Each is a folder with manifest.json, Parquet tables and safetensors arrays.")
 

@@ -229,7 +229,8 @@ def route_figure(res, r, *, hover=None, head=None, compare=None, compare_label="
         xaxis=dict(tickmode="array", tickvals=list(range(T)), ticktext=[f"{t}" for t in ticks], title="prompt token (position →)",
                    range=[-0.6, T - 0.4], tickangle=-45 if T > 12 else 0),
         yaxis=dict(title="layer (−1 = embeddings)", range=[-1.5, L]), height=max(460, 22 * L),
-        margin=dict(l=60, r=20, t=40, b=90), legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0, font=dict(size=11)),
+        margin=dict(l=60, r=20, t=110, b=90), legend=dict(orientation="h", yanchor="bottom", y=1.01, x=0, font=dict(size=11)),
+        title=dict(y=0.995, yanchor="top", x=0.01, xanchor="left", font=dict(size=15)),
         clickmode="event+select", dragmode=False,
     )
     return fig
@@ -284,10 +285,11 @@ def _ablation_view(probe, res, tokens, cfg, label: str, pos: int, tau: float, re
 
 
 def _edge_table(res, pos, tau, renorm):
-    """The route's edges by weight, attention and FFN edges first (residual edges are the trivial stay-in-place path)."""
+    """The route's edges by weight; trivial edges last: residual edges (the stay-in-place path) and the FFN reading
+    its own block's attention output (A_l → M_l, weight 1 by construction)."""
     df = res.route_frame(pos, tau=tau, renormalize=renorm)
-    df = df.assign(_resid=df["kind"].eq("resid")).sort_values(["_resid", "weight"], ascending=[True, False]).drop(columns="_resid")
-    return df
+    trivial = df["kind"].eq("resid") | (df["source"].str.startswith("A") & df["target"].str.startswith("M"))
+    return df.assign(_t=trivial).sort_values(["_t", "weight"], ascending=[True, False]).drop(columns="_t").reset_index(drop=True)
 
 
 def _head_label_ok(probe):
@@ -463,7 +465,7 @@ def main() -> None:
                                              help="Opens Counterfactuals with a prompt edit: the token replaced by the model's own "
                                                   "next most likely token at that position."):
                 workbench.go("counterfactual", **state.url_context(), kind="prompt", old=tok.strip(), new=alt.strip())
-        st.caption("Edges by weight (attention and FFN first; residual edges are the trivial stay-in-place path).")
+        st.caption("Edges by weight; trivial edges last (residual stay-in-place edges and each FFN reading its own block's input).")
         st.dataframe(_edge_table(res, pos, tau, renorm).head(30), width="stretch", hide_index=True)
 
     # ---- the component panel: a click on the heat map, or the selection fallback
