@@ -65,14 +65,18 @@ def _to_url(v: Any) -> str:
 
 
 def param(name: str, default: Any, *, kind: type = str, choices: Sequence[Any] | None = None, lo: float | None = None,
-          hi: float | None = None, check: Callable[[Any], str | None] | None = None) -> Any:
+          hi: float | None = None, check: Callable[[Any], str | None] | None = None, widget: str | None = None) -> Any:
     """A page setting from the URL (``?prompt=...``), validated: the one reader of query parameters.
 
     ``kind`` is ``str``, ``int``, ``float`` or ``bool`` (``1/0/true/false``); ``choices`` the allowed values;
     ``lo``/``hi`` an inclusive range; ``check(value)`` returns a reason to refuse the value, or None. A missing or
     empty parameter gives ``default``. A bad one shows one ``st.error`` line, is replaced by the default in the URL
-    (so it is reported once) and gives ``default``: a pasted link never raises.
+    (so it is reported once) and gives ``default``: a pasted link never raises. With ``widget`` (the key of the
+    widget the value initialises) the URL is read only while that widget does not exist yet: afterwards the widget's
+    own value wins, and a value the user typed is judged by the page, not reported as a bad link.
     """
+    if widget is not None and widget in st.session_state:
+        return default
     raw = st.query_params.get(name)
     if raw is None or raw == "":
         return default
@@ -99,7 +103,7 @@ def param(name: str, default: Any, *, kind: type = str, choices: Sequence[Any] |
         if check is not None and (why := check(value)):
             raise ValueError(why)
     except (ValueError, TypeError, OverflowError, SondeError) as e:
-        st.error(f"Ignored the link's `{name}={_show(raw)}`: {e}; using {_show(_to_url(default)) or 'the default'!r}.", icon="⚠️")
+        st.error(f"Ignored `{name}={_show(raw)}` in the URL: {e}; using {_show(_to_url(default)) or 'the default'!r}.", icon="⚠️")
         if default is None or default == "":
             del st.query_params[name]
         else:

@@ -30,7 +30,8 @@ if probe is None:
 
 c1, c2 = st.columns([1, 3])
 label = c1.text_input("Head or neuron", value=state.param("component", "L5H3" if probe.info.n_layers > 5 else "L0H0",
-                                                        check=workbench.component_check(probe)), key="component_label",
+                                                        check=workbench.component_check(probe), widget="component_label"),
+                    key="component_label",
                       help="L<layer>H<head> (e.g. L5H3) or L<layer>N<neuron> (e.g. L2N17).")
 with c2:
     prompt = state.prompt_input("Prompt (for the actions)")

@@ -32,10 +32,10 @@ with st.form("prompt_form", border=False):
     prompt = state.prompt_input(area=True)
     c1, c3, c4 = st.columns([1, 2, 1])
     with c1:
-        k = st.number_input("Top-k", min_value=1, max_value=20, value=state.param("k", 5, kind=int, lo=1, hi=20), key="model_k")
+        k = st.number_input("Top-k", min_value=1, max_value=20, value=state.param("k", 5, kind=int, lo=1, hi=20, widget="model_k"), key="model_k")
     with c3:
         color = st.radio("Heat-map colour", list(COLORS), format_func=COLORS.get, horizontal=True,
-                         index=list(COLORS).index(state.param("color", "final", choices=list(COLORS))), key="model_color")
+                         index=list(COLORS).index(state.param("color", "final", choices=list(COLORS), widget="model_color")), key="model_color")
     with c4:
         st.form_submit_button("Run", type="primary", icon=":material/play_arrow:")
 bos = state.bos()

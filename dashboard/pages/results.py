@@ -32,7 +32,7 @@ def _dir_ok(v: str) -> str | None:
     return None if state.inside_results(v, ROOT) is not None else f"only folders inside the results root {str(ROOT)!r} are browsed"
 
 
-folder = st.text_input("Results folder", value=state.param("dir", str(ROOT), check=_dir_ok), key="results_dir",
+folder = st.text_input("Results folder", value=state.param("dir", str(ROOT), check=_dir_ok, widget="results_dir"), key="results_dir",
                        help="A folder inside the results root ($SONDE_RESULTS or ./sonde-results).")
 st.query_params["dir"] = folder
 root = state.inside_results(folder, ROOT)

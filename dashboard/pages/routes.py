@@ -318,8 +318,8 @@ def main() -> None:
     prompt = state.prompt_input()
     bos = state.bos()
     c1, c2, c3 = st.columns([2, 1, 2])
-    tau = c1.slider("τ (threshold)", 0.01, 0.10, param("tau", 0.04, kind=float, lo=0.01, hi=0.10), 0.01, key="routes_tau")
-    renorm = c2.checkbox("Renormalize", value=param("renorm", True, kind=bool), key="routes_renorm")
+    tau = c1.slider("τ (threshold)", 0.01, 0.10, param("tau", 0.04, kind=float, lo=0.01, hi=0.10, widget="routes_tau"), 0.01, key="routes_tau")
+    renorm = c2.checkbox("Renormalize", value=param("renorm", True, kind=bool, widget="routes_renorm"), key="routes_renorm")
     st.query_params.update({"tau": f"{tau:.2f}", "renorm": "1" if renorm else "0"})
     if not prompt.strip():
         show_error(SondeError("the prompt is empty.", hint="Type a prompt of at least one token."))

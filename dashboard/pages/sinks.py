@@ -56,10 +56,17 @@ with tab_sink:
         vfig = components.axis_titles(res.plot("values"), "position", "‖v W_O,h‖ (log scale)")
         import plotly.colors as pc
 
+        import plotly.graph_objects as pgo
+
         nL = len(vfig.data)
-        for l, tr in enumerate(vfig.data):  # one colour ramp over the layers, so 30 lines stay tellable apart
+        for l, tr in enumerate(vfig.data):  # one colour ramp over the layers and a colour bar instead of a 30-entry legend
             tr.line.color = pc.sample_colorscale("Viridis", [l / max(1, nL - 1)])[0]
-        vfig.update_layout(height=max(420, 17 * nL + 90), legend=dict(font=dict(size=10), tracegroupgap=0, title_text="layer"))
+            tr.showlegend = False
+            tr.hovertemplate = f"layer {l}<br>position %{{x}}<br>‖v W_O‖ %{{y:.3g}}<extra></extra>"
+        vfig.add_trace(pgo.Scatter(x=[None], y=[None], mode="markers", showlegend=False, hoverinfo="skip",
+                                   marker=dict(colorscale="Viridis", cmin=0, cmax=max(1, nL - 1), color=[0], showscale=True,
+                                               colorbar=dict(title="layer", thickness=14))))
+        vfig.update_layout(height=440)
         st.plotly_chart(vfig, width="stretch", key="sinks_values")
         a, b = st.columns(2)
         a.plotly_chart(components.axis_titles(res.plot("resid"), "position", "layer"), width="stretch", key="sinks_resid")
