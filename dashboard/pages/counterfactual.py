@@ -88,7 +88,8 @@ tab_cf, tab_bias = st.tabs(["Counterfactual", "Bias sweep"])
 
 with tab_cf:
     obs = {"observed": observed} if observed else {}
-    base = cached(cf.run, prompt, "none", _probe=probe, config=config.replace(interventional=False), **obs)
+    with st.spinner("Sampling the factual continuation…"):
+        base = cached(cf.run, prompt, "none", _probe=probe, config=config.replace(interventional=False), **obs)
     if base is None:
         st.stop()
     kind = st.radio("Intervention", ["token edit", "prompt edit", "model edit"], horizontal=True,
@@ -135,7 +136,8 @@ with tab_cf:
         spec = "ablate:" + heads_txt
     st.query_params["kind"] = {"token edit": "token", "prompt edit": "prompt", "model edit": "ablate"}[kind]
     if spec is not None:
-        res = cached(cf.run, prompt, spec, _probe=probe, config=config, **obs)
+        with st.spinner("Counterfactual and interventional continuations…"):
+            res = cached(cf.run, prompt, spec, _probe=probe, config=config, **obs)
         if res is not None:
             for note in res.notes:
                 st.info(note)
