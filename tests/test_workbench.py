@@ -334,7 +334,7 @@ def test_shared_url_reproduces_view_and_reads_store(store_dir, monkeypatch):
     again.run()
     _ok(again)
     assert any("Loaded from the results store" in c.value for c in again.caption)
-    assert again.selectbox(key="routes_position").value == 3
+    assert again.selectbox(key="routes_position").value.startswith("3:")
     assert again.selectbox(key="routes_component").value == "L5H3"
     assert [m.value for m in again.markdown if m.value.startswith("**Route to")] == \
         [m.value for m in first.markdown if m.value.startswith("**Route to")]

@@ -357,10 +357,11 @@ def main() -> None:
         return
     T = res.n_tokens
     default_pos = param("position", T - 1, kind=int, lo=0, hi=T - 1)
-    if st.session_state.get("routes_position") is not None and not (0 <= st.session_state["routes_position"] < T):
+    labels = [f"{t}: {tok!r}" for t, tok in enumerate(res.str_tokens)]
+    if st.session_state.get("routes_position") not in (None, *labels):
         st.session_state.pop("routes_position")
-    pos = c3.selectbox("Predicted position", list(range(T)), index=default_pos, key="routes_position",
-                       format_func=lambda t: f"{t}: {res.str_tokens[t]!r}")
+    choice = c3.selectbox("Predicted position", labels, index=default_pos, key="routes_position")
+    pos = labels.index(choice)
     st.query_params["position"] = str(pos)
     try:
         route = res.route(pos, tau=tau, renormalize=renorm)
