@@ -31,9 +31,15 @@ def env(tmp_path_factory):
     """A tiny llama saved as a local folder (the dashboard's model) and a results root with good and bad results."""
     base = tmp_path_factory.mktemp("dash-inputs")
     model_dir = base / "tiny-llama"
-    m, tok = tiny_models.build("llama")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_models.config("llama")
+    cfg.max_position_embeddings = 4096  # room for the long-prompt cases (~3,000 byte tokens)
+    torch.manual_seed(0)
+    m = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     m.save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
+    tiny_models.tokenizer().save_pretrained(model_dir)
     res = base / "results"
     from analyses import logit_lens
     from probes import load_model
@@ -236,3 +242,30 @@ def test_ablated_routes_have_their_own_content_key(env):
     b = routes.run(probe, "Hello world", config=cfg, edits=[Ablate("blocks.1.attn.hook_z", heads=[1])])
     assert a.input_hash != b.input_hash and a.key != b.key
     assert routes.run(probe, "Hello world", config=cfg).key == a.key  # unedited runs keep one key
+
+
+# ----------------------------------------------------------------------------- long prompts: capped views
+LONG = "The quick brown fox jumps over the lazy dog. " * 67  # ~3,000 byte tokens on the tiny model
+
+
+def test_long_prompt_model_page_draws_a_window(env):
+    import time
+
+    t0 = time.perf_counter()
+    at = _page("model.py", {"prompt": LONG})
+    elapsed = time.perf_counter() - t0
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    fig = at.get("plotly_chart")[0]
+    spec = json.loads(fig.proto.spec)
+    assert len(spec["data"][0]["x"]) == 48  # 48 columns, not 3,000
+    assert any("tokens: positions" in c.value for c in at.caption)
+    assert len(at.dataframe[0].value) == 48  # the next-token table follows the window
+    assert elapsed < 120, elapsed
+
+
+def test_long_prompt_routes_trace_a_window(env):
+    at = _page("routes.py", {"prompt": LONG})
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert at.slider("routes_window").value == 256  # "Tokens to trace", the control the note points at
+    assert any("Tokens to trace" in c.value for c in at.caption)
+    assert len(at.selectbox("routes_position").options) == 256

@@ -356,7 +356,7 @@ def main() -> None:
     if res is None:
         return
     T = res.n_tokens
-    default_pos = param("position", T - 1, kind=int, lo=0, hi=T - 1)
+    default_pos = param("position", T - 1, kind=int, lo=0, hi=T - 1, widget="routes_position")
     labels = [f"{t}: {tok!r}" for t, tok in enumerate(res.str_tokens)]
     if st.session_state.get("routes_position") not in (None, *labels):
         st.session_state.pop("routes_position")
@@ -382,8 +382,8 @@ def main() -> None:
     imp = res.head_importance(pos, tau=tau, renormalize=renorm)
     order = sorted(((f"L{l}H{h}", float(imp[l, h])) for l in range(imp.shape[0]) for h in range(imp.shape[1])), key=lambda kv: -kv[1])
     head_labels = [k for k, _ in order]
-    wanted = param("component", head_labels[0], check=_head_label_ok(probe))
-    wanted_node = param("node", last, check=lambda v: None if v in nodes else "not a node of this route")
+    wanted = param("component", head_labels[0], check=_head_label_ok(probe), widget="routes_component")
+    wanted_node = param("node", last, check=lambda v: None if v in nodes else "not a node of this route", widget="routes_node")
     graph_ph = st.container()
 
     left, right = st.columns(2)
@@ -411,7 +411,8 @@ def main() -> None:
         st.subheader("Inspect a node")
         if st.session_state.get("routes_node") not in nodes:
             st.session_state.pop("routes_node", None)
-        node = st.selectbox("Node", nodes, index=nodes.index(wanted_node), key="routes_node")
+        node = st.selectbox("Node", nodes, index=nodes.index(wanted_node) if wanted_node in nodes else nodes.index(last) if last in nodes else 0,
+                            key="routes_node")
         st.query_params["node"] = node
         st.markdown("Logit lens: " + ", ".join(f"`{t!r}` {p:.3f}" for t, p in lens.get(node, [])))
         contrib = {}
@@ -471,7 +472,7 @@ def main() -> None:
 
     # ---- the component panel: a click on the heat map, or the selection fallback
     comp = st.selectbox("Component (heads by importance on this route)", head_labels,
-                        index=head_labels.index(wanted), key="routes_component",
+                        index=head_labels.index(wanted) if wanted in head_labels else 0, key="routes_component",
                         format_func=lambda k: f"{k} · {dict(order)[k]:.3f}")
     st.query_params["component"] = comp
     workbench.component_panel(probe, comp, prompt=prompt, routes_result=res, position=pos, key="routes-cp")
