@@ -36,7 +36,7 @@ from . import base, store
 from .domains import BUILTIN
 
 __all__ = ["Config", "ComponentProfile", "parse_component", "principal_direction", "direction_tokens",
-           "saved_result", "sink_maps", "profile"]
+           "saved_result", "sink_maps", "profile", "output_lens"]
 
 Kind = Literal["head", "neuron"]
 
@@ -118,6 +118,40 @@ def _direction_scores(probe, u: torch.Tensor) -> torch.Tensor:
     x = torch.stack([u, torch.zeros_like(u)])
     logits = probe.unembed(x).float().cpu()
     return logits[0] - logits[1]
+
+
+@torch.no_grad()
+def output_lens(probe, tokens: torch.Tensor, part: str, position: int, *, k: int = 8,
+                edits: Sequence = ()) -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
+    """What one block part writes into the residual stream at ``position``, read through the unembedding.
+
+    ``part`` is a head (``"L5H3"``: its output z_h W_O,h) or a block's FFN (``"L5FFN"``: hook_mlp_out). The vector is
+    scored bias-free, U(x) − U(0), as the output directions of :func:`profile`. Returns (promoted, suppressed) top-k
+    tokens with their logit scores.
+    """
+    import re
+
+    m = re.fullmatch(r"L(\d+)(?:H(\d+)|FFN)", part.strip())
+    if m is None:
+        raise ConfigError(f"part={part!r} is not a head (L5H3) or a block's FFN (L5FFN).")
+    layer = int(m.group(1))
+    if not 0 <= layer < probe.info.n_layers or (m.group(2) is not None and not 0 <= int(m.group(2)) < probe.info.n_heads):
+        raise ConfigError(f"{part} is outside this model ({probe.info.n_layers} layers × {probe.info.n_heads} heads).")
+    tokens = torch.as_tensor(tokens)
+    tokens = tokens[None] if tokens.ndim == 1 else tokens
+    if not 0 <= position < tokens.shape[-1]:
+        raise ConfigError(f"position={position} is outside the prompt of {tokens.shape[-1]} tokens.")
+    if m.group(2) is not None:
+        h = int(m.group(2))
+        site = f"blocks.{layer}.attn.hook_z"
+        z = probe.cache(tokens[:, : position + 1], [site], edits=edits)[site][0, position, h]
+        W = probe.W_O(layer)[h].detach().float().cpu()
+        vec = z.float().cpu() @ W
+    else:
+        site = f"blocks.{layer}.hook_mlp_out"
+        vec = probe.cache(tokens[:, : position + 1], [site], edits=edits)[site][0, position].float().cpu()
+    scores = _direction_scores(probe, vec)
+    return direction_tokens(scores, lambda i: probe.tokenizer.decode([i]), k)
 
 
 # ----------------------------------------------------------------------------- store look-ups

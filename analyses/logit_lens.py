@@ -187,7 +187,8 @@ class LogitLensResult(Result):
                    top_strs=top_strs, next_strs=next_strs)
 
     # --- plot --------------------------------------------------------------------------------
-    def plot(self, *, color: Literal["final", "top1"] = "final", max_label: int = 10, show_text: bool = True):
+    def plot(self, *, color: Literal["final", "top1"] = "final", max_label: int = 10, show_text: bool = True,
+             positions: tuple[int, int] | None = None):
         """Interactive heat map, layers (rows, bottom = first block) x positions (columns).
 
         Args:
@@ -195,27 +196,32 @@ class LogitLensResult(Result):
                 token at that position; ``"top1"`` by the lens top-1 probability.
             max_label: truncate token labels to this many characters.
             show_text: write each cell's lens top-1 token in the cell.
+            positions: ``(start, stop)``: draw only these positions (a readable window of a long prompt).
         """
         import plotly.graph_objects as go
 
         if color not in ("final", "top1"):
             raise ConfigError(f"color={color!r} is not allowed.", hint="Use 'final' or 'top1'.")
         L, T, k = self.top_ids.shape
+        a, b = (0, T) if positions is None else (max(0, int(positions[0])), min(T, int(positions[1])))
+        if a >= b:
+            raise ConfigError(f"positions={positions!r} selects no position of {T}.", hint=f"Use 0 <= start < stop <= {T}.")
+        cols = range(a, b)
 
         def short(s: str) -> str:
             s = s.replace("\n", "⏎").replace(" ", "␣") if s.strip() == "" else s.replace("\n", "⏎")
             return s if len(s) <= max_label else s[: max_label - 1] + "…"
 
-        z = (self.target if color == "final" else self.top_probs[..., 0]).float().numpy()
-        xlab = [f"{t}:{short(s)}" for t, s in enumerate(self.str_tokens)]
+        z = (self.target if color == "final" else self.top_probs[..., 0]).float().numpy()[:, a:b]
+        xlab = [f"{t}:{short(self.str_tokens[t])}" for t in cols]
         ylab = [f"L{layer}" for layer in self.layers]
         hover = [[("<b>L%d · pos %d %r</b><br>final top-1 %r: p=%.3f<br>" % (layer, t, self.str_tokens[t], self.final_strs[t],
                                                                              float(self.target[li, t])))
                   + "<br>".join(f"{r + 1}. {self.top_strs[li][t][r]!r} {float(self.top_probs[li, t, r]):.3f}" for r in range(k))
-                  for t in range(T)] for li, layer in enumerate(self.layers)]
-        text = [[short(self.top_strs[li][t][0]) for t in range(T)] for li in range(L)]
+                  for t in cols] for li, layer in enumerate(self.layers)]
+        text = [[short(self.top_strs[li][t][0]) for t in cols] for li in range(L)]
         fig = go.Figure(go.Heatmap(
-            z=z, x=list(range(T)), y=list(range(L)), customdata=hover, hovertemplate="%{customdata}<extra></extra>",
+            z=z, x=list(cols), y=list(range(L)), customdata=hover, hovertemplate="%{customdata}<extra></extra>",
             text=text if show_text else None, texttemplate="%{text}" if show_text else None, textfont={"size": 9},
             colorscale="Blues", zmin=0.0, zmax=1.0,
             colorbar={"title": {"text": "p(final top-1)" if color == "final" else "p(top-1)"}},
@@ -223,7 +229,7 @@ class LogitLensResult(Result):
         fig.update_layout(
             title=f"Logit lens · {self.model.get('name')} · colour = "
                   + ("lens probability of the model's final prediction" if color == "final" else "lens top-1 probability"),
-            xaxis={"title": "position: input token", "tickmode": "array", "tickvals": list(range(T)), "ticktext": xlab,
+            xaxis={"title": "position: input token", "tickmode": "array", "tickvals": list(cols), "ticktext": xlab,
                    "tickangle": -45},
             yaxis={"title": "layer (resid_post)", "tickmode": "array", "tickvals": list(range(L)), "ticktext": ylab},
             height=max(420, 18 * L + 160), margin={"l": 60, "r": 20, "t": 60, "b": 90},

@@ -77,7 +77,7 @@ class Config(_BaseConfig):
     level: Level = "token"  # "head" adds per-head edge rows; "neuron" adds per-neuron FFN importances
     position: int = -1  # prediction position of the default route (negative counts from the end)
     mode: Literal["all", "route"] = "all"  # "all": every position; "route": only the queries on the route to `position`
-    prepend_bos: bool = True  # a BOS sink, as the paper's models see
+    prepend_bos: bool = False  # one BOS policy with every analysis: the tokenizer's default (pass True for a BOS sink)
     query_chunk: int | None = None  # queries per chunk; None sizes chunks to chunk_mb
     chunk_mb: int = 256  # memory budget of one [Q, T, H, d] chunk
     max_memory_gb: float = 8.0  # refuse prompts whose stored importances would exceed this
@@ -950,12 +950,15 @@ def run(probe, prompt: str | torch.Tensor, *, config: Config = Config(), edits: 
         res = {k: v.cpu() for k, v in dec.res.items()}
         res["embed"] = dec.embed.cpu()
     cpu = lambda t: None if t is None else t.cpu()  # noqa: E731
+    described = tuple(describe_edit(e) for e in edits or ())
+    # the edits are part of the input: an ablated run must not share the content key of the unedited one
+    input_hash = hash_inputs(tokens.cpu(), *described) if described else hash_inputs(tokens.cpu())
     return RoutesResult(
-        config=config, model=probe.info.to_dict(), input_hash=hash_inputs(tokens.cpu()), timings=dict(timer.seconds),
+        config=config, model=probe.info.to_dict(), input_hash=input_hash, timings=dict(timer.seconds),
         tokens=tokens[0].cpu(), str_tokens=probe.to_str_tokens(tokens[0]), attn=dec.attn.cpu(), attn_resid=dec.attn_resid.cpu(),
         ffn=dec.ffn.cpu(), ffn_resid=dec.ffn_resid.cpu(), parallel=dec.parallel, attn_bias=cpu(dec.attn_bias),
         neurons=cpu(dec.neurons), neuron_resid=cpu(dec.neuron_resid), residuals=res,
-        computed=None if bool(dec.computed.all()) else dec.computed, edits=tuple(describe_edit(e) for e in edits or ()),
+        computed=None if bool(dec.computed.all()) else dec.computed, edits=described,
     )
 
 

@@ -29,7 +29,12 @@ def main() -> None:
     st.set_page_config(page_title="Sonde", page_icon="🔭", layout="wide")
     pages = [st.Page(str(ROOT / "pages" / f), title=t, icon=i, url_path=f[:-3])
              for f, t, i in PAGES if (ROOT / "pages" / f).is_file()]
-    st.navigation(pages).run()
+
+    def home() -> None:
+        # the root URL opens Model & prompt under its own path, so /model (and every in-app link) names its page
+        st.switch_page(pages[0], query_params=dict(st.query_params.to_dict()))
+
+    st.navigation([st.Page(home, title="Sonde", url_path="home", default=True, visibility="hidden")] + pages).run()
 
 
 main()

@@ -15,7 +15,7 @@ from typing import Any
 
 import streamlit as st
 
-__all__ = ["download_figure", "download_frame", "notebook_snippet", "frame_to_parquet", "figure_to_html", "safe_name", "export_bar"]
+__all__ = ["download_figure", "download_frame", "notebook_snippet", "frame_to_parquet", "figure_to_html", "safe_name", "export_bar", "axis_titles"]
 
 
 def safe_name(name: str) -> str:
@@ -34,6 +34,17 @@ def frame_to_parquet(df: Any) -> bytes:
     return buf.getvalue()
 
 
+def axis_titles(fig: Any, x: str | None = None, y: str | None = None, y2: str | None = None) -> Any:
+    """Give a figure's axes titles where they have none (analysis figures built for notebooks leave some out)."""
+    if x and not (fig.layout.xaxis.title and fig.layout.xaxis.title.text):
+        fig.update_xaxes(title_text=x, selector=dict(anchor="y") if y2 else None)
+    if y and not (fig.layout.yaxis.title and fig.layout.yaxis.title.text):
+        fig.update_layout(yaxis_title=y)
+    if y2 is not None and "yaxis2" in fig.layout and not (fig.layout.yaxis2.title and fig.layout.yaxis2.title.text):
+        fig.update_layout(yaxis2_title=y2)
+    return fig
+
+
 def download_figure(fig: Any, name: str, *, key: str | None = None) -> None:
     """A download button for a figure as interactive HTML (built only when clicked)."""
     stem = safe_name(name)
@@ -42,14 +53,15 @@ def download_figure(fig: Any, name: str, *, key: str | None = None) -> None:
 
 
 def download_frame(df: Any, name: str, *, key: str | None = None) -> None:
-    """Two download buttons for a table: CSV and Parquet, side by side."""
+    """Two download buttons for a table: CSV and Parquet, side by side (``df`` may be a function building it on click)."""
     stem = safe_name(name)
+    frame = df if callable(df) else (lambda: df)
     c1, c2 = st.columns(2)
     with c1:
-        st.download_button("Download table (CSV)", data=lambda: df.to_csv(index=False).encode("utf-8"), file_name=f"{stem}.csv",
+        st.download_button("Download table (CSV)", data=lambda: frame().to_csv(index=False).encode("utf-8"), file_name=f"{stem}.csv",
                            mime="text/csv", on_click="ignore", key=(key or f"dl-df-{stem}") + "-csv", icon=":material/download:")
     with c2:
-        st.download_button("Download table (Parquet)", data=lambda: frame_to_parquet(df), file_name=f"{stem}.parquet",
+        st.download_button("Download table (Parquet)", data=lambda: frame_to_parquet(frame()), file_name=f"{stem}.parquet",
                            mime="application/octet-stream", on_click="ignore", key=(key or f"dl-df-{stem}") + "-parquet", icon=":material/download:")
 
 

@@ -8,19 +8,27 @@ device, dtype) and shared across sessions, so at most two stay in memory) and
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import threading
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import streamlit as st
 
 from probes import BACKENDS, Probe, SondeError
 
-__all__ = ["sidebar_probe", "get_probe", "cached", "show_error", "DEFAULT_PROMPT", "query_param", "model_lock"]
+__all__ = ["sidebar_probe", "get_probe", "cached", "show_error", "DEFAULT_PROMPT", "param", "context", "prompt_input",
+           "model_lock", "inside_results", "safe_results_listing", "decode_upload", "url_context", "BACKENDS", "DTYPES", "DEVICES"]
 
 DEFAULT_PROMPT = "The Eiffel Tower is located in the city of"
-DEFAULT_MODEL = os.environ.get("SONDE_MODEL", "embedded")
+DEVICES = ["auto", "cpu", "cuda", "mps"]
+DTYPES = ["auto", "float32", "bfloat16", "float16"]
+
+
+def default_model() -> str:
+    return os.environ.get("SONDE_MODEL", "embedded")
 
 
 @st.cache_resource(max_entries=2, show_spinner=False)
@@ -39,10 +47,136 @@ def model_lock() -> threading.RLock:
     return threading.RLock()
 
 
-def query_param(name: str, default: str) -> str:
-    """A page setting from the URL (``?prompt=...``) so a pasted link reproduces the view."""
-    v = st.query_params.get(name)
-    return v if v else default
+# ----------------------------------------------------------------------------- query parameters (user input)
+_MISSING = object()
+
+
+def _show(v: Any) -> str:
+    s = str(v)
+    return s if len(s) <= 60 else s[:57] + "…"
+
+
+def _to_url(v: Any) -> str:
+    if isinstance(v, bool):
+        return "1" if v else "0"
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v)
+
+
+def param(name: str, default: Any, *, kind: type = str, choices: Sequence[Any] | None = None, lo: float | None = None,
+          hi: float | None = None, check: Callable[[Any], str | None] | None = None, widget: str | None = None) -> Any:
+    """A page setting from the URL (``?prompt=...``), validated: the one reader of query parameters.
+
+    ``kind`` is ``str``, ``int``, ``float`` or ``bool`` (``1/0/true/false``); ``choices`` the allowed values;
+    ``lo``/``hi`` an inclusive range; ``check(value)`` returns a reason to refuse the value, or None. A missing or
+    empty parameter gives ``default``. A bad one shows one ``st.error`` line, is replaced by the default in the URL
+    (so it is reported once) and gives ``default``: a pasted link never raises. With ``widget`` (the key of the
+    widget the value initialises) the URL is read only while that widget does not exist yet: afterwards the widget's
+    own value wins, and a value the user typed is judged by the page, not reported as a bad link.
+    """
+    if widget is not None and widget in st.session_state:
+        return default
+    raw = st.query_params.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        if kind is bool:
+            low = raw.strip().lower()
+            if low not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                raise ValueError("expected 1 or 0")
+            value: Any = low in ("1", "true", "yes", "on")
+        elif kind is int:
+            if not re.fullmatch(r"\s*[+-]?\d{1,12}\s*", raw):
+                raise ValueError("expected a whole number")
+            value = int(raw)
+        elif kind is float:
+            value = float(raw)
+            if not math.isfinite(value):
+                raise ValueError("expected a finite number")
+        else:
+            value = raw
+        if choices is not None and value not in choices:
+            raise ValueError("expected one of " + ", ".join(map(str, choices)))
+        if lo is not None and value < lo or hi is not None and value > hi:
+            raise ValueError(f"expected a value in [{_to_url(lo) if lo is not None else '-∞'}, {_to_url(hi) if hi is not None else '∞'}]")
+        if check is not None and (why := check(value)):
+            raise ValueError(why)
+    except (ValueError, TypeError, OverflowError, SondeError) as e:
+        st.error(f"Ignored `{name}={_show(raw)}` in the URL: {e}; using {_show(_to_url(default)) or 'the default'!r}.", icon="⚠️")
+        if default is None or default == "":
+            del st.query_params[name]
+        else:
+            st.query_params[name] = _to_url(default)
+        return default
+    return value
+
+
+# ----------------------------------------------------------------------------- one context for every page
+# model, backend, device, dtype, prompt and BOS policy: one session state, shown in the sidebar of every page and
+# written into every URL; a link that carries them sets them, switching pages keeps them.
+_CTX_SPECS: dict[str, dict[str, Any]] = {
+    "model": {}, "backend": {"choices": list(BACKENDS)}, "device": {"choices": DEVICES}, "dtype": {"choices": DTYPES},
+    "prompt": {"check": lambda v: "the prompt is empty" if not v.strip() else None}, "bos": {"kind": bool},
+}
+
+
+def _ctx_defaults() -> dict[str, Any]:
+    return {"model": default_model(), "backend": "nnsight", "device": "auto", "dtype": "auto", "prompt": DEFAULT_PROMPT, "bos": False}
+
+
+def context() -> dict[str, Any]:
+    """The session's shared context (model, backend, device, dtype, prompt, bos), with a link's values applied."""
+    ctx = st.session_state.setdefault("_sonde_ctx", _ctx_defaults())
+    written = st.session_state.setdefault("_sonde_url", {})
+    for name, spec in _CTX_SPECS.items():
+        wkey = f"ctx_{name}"
+        if wkey in st.session_state and st.session_state[wkey] is not None:  # a widget the user just changed on this page
+            ctx[name] = st.session_state[wkey]
+        raw = st.query_params.get(name)
+        if raw is not None and raw != written.get(name):  # a link (or the user) set it in the URL
+            ctx[name] = param(name, ctx[name], **spec)
+    return ctx
+
+
+def _bind(name: str) -> str:
+    """Prepare the widget of context field ``name`` (its state follows the context across pages); returns its key."""
+    ctx = context()
+    st.session_state[f"ctx_{name}"] = ctx[name]
+    return f"ctx_{name}"
+
+
+def _publish(name: str) -> Any:
+    """Read the widget of context field ``name`` back into the context and the URL."""
+    ctx = st.session_state["_sonde_ctx"]
+    v = st.session_state.get(f"ctx_{name}", ctx[name])
+    ctx[name] = v
+    s = _to_url(v)
+    st.query_params[name] = s
+    st.session_state.setdefault("_sonde_url", {})[name] = s
+    return v
+
+
+def url_context() -> dict[str, str]:
+    """The context as URL parameters (in-app links carry the model, backend, dtype, prompt and BOS policy)."""
+    ctx = context()
+    return {k: _to_url(ctx[k]) for k in ("model", "backend", "device", "dtype", "prompt", "bos")}
+
+
+def prompt_input(label: str = "Prompt", *, area: bool = False, where: Any = None, height: int | None = None, help: str | None = None) -> str:
+    """The shared prompt's input box (the same prompt on every page)."""
+    key = _bind("prompt")
+    w = where if where is not None else st
+    if area:
+        w.text_area(label, key=key, height=height or 80, help=help)
+    else:
+        w.text_input(label, key=key, help=help)
+    return _publish("prompt")
+
+
+def bos() -> bool:
+    """The BOS policy (one toggle in the sidebar; default off: the tokenizer's own default for SmolLM2)."""
+    return bool(context()["bos"])
 
 
 def _ensure_navigation() -> None:
@@ -69,21 +203,38 @@ def _ensure_navigation() -> None:
         st.rerun()
 
 
-def sidebar_probe() -> Probe | None:
-    """Render the model selector in the sidebar and return the loaded probe (None after an error)."""
+def sidebar_probe(*, load: bool = True) -> Probe | None:
+    """Render the shared context in the sidebar and return the loaded probe (None after an error, or with
+    ``load=False``: pages that need no model still show and carry the context)."""
     _ensure_navigation()
+    context()
     with st.sidebar:
         st.markdown("### Model")
-        model = st.text_input("Model", value=query_param("model", DEFAULT_MODEL),
-                              help="'embedded' (SmolLM2-135M-Instruct, offline), an HF id, a local folder, or a .gguf file.",
-                              key="sonde_model")
-        backend = st.selectbox("Backend", BACKENDS, index=BACKENDS.index(query_param("backend", "nnsight")), key="sonde_backend")
-        device = st.selectbox("Device", ["auto", "cpu", "cuda", "mps"], key="sonde_device")
-        dtype = st.selectbox("Dtype", ["auto", "float32", "bfloat16", "float16"], key="sonde_dtype")
-    st.query_params["model"] = model
+        st.text_input("Model", key=_bind("model"),
+                      help="'embedded' (SmolLM2-135M-Instruct, offline), an HF id, a local folder, or a .gguf file.")
+        st.selectbox("Backend", list(BACKENDS), key=_bind("backend"))
+        st.selectbox("Device", DEVICES, key=_bind("device"))
+        st.selectbox("Dtype", DTYPES, key=_bind("dtype"))
+        st.toggle("Prepend BOS", key=_bind("bos"),
+                  help="One policy for every page, the CLI (--bos) and notebooks (prepend_bos=True): off = the tokenizer's "
+                       "default (SmolLM2 adds no BOS).")
+    for name in ("model", "backend", "device", "dtype", "bos"):
+        _publish(name)
+    ctx = context()
+    if "prompt" not in st.query_params:  # every URL carries the prompt, also on pages that do not show it
+        _publish("prompt")
+    model = str(ctx["model"]).strip()
+    if not load:
+        with st.sidebar:
+            p = str(ctx["prompt"])
+            st.caption(f"Prompt: {p[:80]!r}{'…' if len(p) > 80 else ''} · BOS {'on' if ctx['bos'] else 'off'}")
+        return None
+    if not model:
+        st.error("The model name is empty: type 'embedded', an HF id, a local folder or a .gguf file.", icon="⚠️")
+        return None
     try:
         with st.spinner(f"Loading {model}…"):
-            probe = get_probe(model.strip(), backend, device, dtype)
+            probe = get_probe(model, ctx["backend"], ctx["device"], ctx["dtype"])
     except SondeError as e:
         show_error(e)
         return None
@@ -91,7 +242,95 @@ def sidebar_probe() -> Probe | None:
         i = probe.info
         st.caption(f"{i.family} · {i.n_layers} layers · {i.n_heads} heads ({i.n_kv_heads} KV) · d={i.d_model} · "
                    f"{i.n_params / 1e6:.0f}M params · {i.device} · {i.dtype}")
+        p = str(ctx["prompt"])
+        st.caption(f"Prompt: {p[:80]!r}{'…' if len(p) > 80 else ''} · BOS {'on' if ctx['bos'] else 'off'}")
     return probe
+
+
+# ----------------------------------------------------------------------------- results root, uploads
+def inside_results(path: str | Path, root: str | Path | None = None) -> Path | None:
+    """``path`` resolved (symlinks followed) when it lies inside the results root, else None."""
+    from analyses import store as _store
+
+    base = Path(root if root is not None else _store.results_root()).expanduser().resolve()
+    try:
+        p = Path(path).expanduser()
+        p = (p if p.is_absolute() else base / p).resolve()
+    except (OSError, RuntimeError, ValueError):
+        return None
+    return p if p == base or base in p.parents else None
+
+
+def _valid_manifest(folder: Path, man: Any) -> str | None:
+    """Why a manifest cannot be shown (None when it can): a dict whose tables/arrays stay inside the folder."""
+    if not isinstance(man, dict):
+        return f"its top level is a {type(man).__name__}, not an object"
+    if not isinstance(man.get("analysis"), str):
+        return "it names no analysis"
+    tables = man.get("tables", [])
+    if not isinstance(tables, list) or not all(isinstance(t, str) for t in tables):
+        return "its 'tables' is not a list of names"
+    for t in tables:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", t) or t.startswith("."):
+            return f"table name {t!r} is not a plain file name"
+        f = (folder / f"{t}.parquet")
+        if f.is_symlink() or inside_results(f, folder) is None:
+            return f"table {t!r} lies outside the result folder"
+    for k in ("model", "timings", "config"):
+        if k in man and not isinstance(man[k], dict):
+            return f"its {k!r} is not an object"
+    return None
+
+
+def read_manifest_safe(folder: Path) -> tuple[dict | None, str | None]:
+    """(manifest, None) for a well-formed manifest inside ``folder``, else (None, reason)."""
+    import json
+
+    f = folder / "manifest.json"
+    if f.is_symlink():
+        return None, "manifest.json is a symbolic link"
+    try:
+        man = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        return None, f"manifest.json does not read as JSON ({type(e).__name__})"
+    why = _valid_manifest(folder, man)
+    return (None, why) if why else (man, None)
+
+
+def safe_results_listing(root: Path, limit: int = 5000):
+    """Saved results under ``root`` (inside the results root; symbolic links are not followed), with the
+    malformed ones as ``(path, reason)`` pairs: ``(DataFrame, skipped)``."""
+    import pandas as pd
+
+    rows, skipped = [], []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and not os.path.islink(os.path.join(dirpath, d)))
+        if "manifest.json" not in filenames:
+            continue
+        folder = Path(dirpath)
+        man, why = read_manifest_safe(folder)
+        if man is None:
+            skipped.append((str(folder), why))
+            continue
+        t = man.get("timings") or {}
+        secs = [v for v in t.values() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        rows.append({"path": str(folder), "analysis": man.get("analysis"), "model": (man.get("model") or {}).get("name"),
+                     "created_at": str(man.get("created_at", "")), "key": man.get("key"),
+                     "seconds": sum(secs) if secs and sum(secs) > 0 else None})
+        if len(rows) >= limit:
+            break
+    return pd.DataFrame(rows, columns=["path", "analysis", "model", "created_at", "key", "seconds"]), skipped
+
+
+def decode_upload(name: str, data: bytes) -> str:
+    """An uploaded file as UTF-8 text; other encodings are refused with the byte offset (as the CLI's read_text)."""
+    from analyses.io import InputError
+
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{name!r} is not UTF-8 text (bad byte at offset {e.start}).",
+                         hint="Convert it, e.g. `iconv -f latin1 -t utf-8`.") from e
 
 
 def show_error(e: Exception) -> None:
@@ -106,7 +345,7 @@ def _stored_folder(key: tuple) -> "Path":
     from analyses import store as _store
 
     digest = hashlib.sha256(repr(key).encode()).hexdigest()[:20]
-    return _store.results_root() / "dashboard" / f"{key[0].split('.')[-1]}-{key[1].split('.')[-1]}-{digest}"
+    return _store.results_root() / "dashboard" / f"{key[0].split('.')[-1].strip('_') or 'page'}-{key[1].split('.')[-1]}-{digest}"
 
 
 def cached(fn: Callable[..., Any], *args: Any, _probe: Probe | None = None, _store: bool = False, **kwargs: Any) -> Any:

@@ -25,7 +25,7 @@ import streamlit as st
 from probes import SondeError
 
 __all__ = ["PAGES", "go", "page_link", "selectable_heads", "head_from_selection", "node_from_selection", "component_panel", "profile_for", "Job",
-           "Cancelled", "LockedProbe", "run_job", "job_view"]
+           "Cancelled", "LockedProbe", "run_job", "job_view", "component_check"]
 
 ROOT = Path(__file__).resolve().parent
 # page name -> (file, title); the files are the ones dashboard/app.py puts in st.navigation
@@ -51,8 +51,10 @@ def go(page: str, **params: Any) -> None:
     """
     from streamlit.errors import StreamlitAPIException
 
+    from dashboard.state import url_context
+
     file, title = PAGES[page]
-    q = _params(params)
+    q = _params({**url_context(), **params})  # every link carries the model, backend, dtype, prompt and BOS policy
     st.session_state["_sonde_link"] = {"page": page, **q}  # what the last link asked for (tests and the target page read it)
     try:
         st.switch_page(str(ROOT / "pages" / file), query_params=q)
@@ -66,9 +68,11 @@ def page_link(page: str, label: str, *, icon: str | None = None, **params: Any) 
     """A link to another page carrying ``params`` (falls back to a caption outside the navigation)."""
     from streamlit.errors import StreamlitAPIException
 
+    from dashboard.state import url_context
+
     file, title = PAGES[page]
     try:
-        st.page_link(str(ROOT / "pages" / file), label=label, icon=icon, query_params=_params(params))
+        st.page_link(str(ROOT / "pages" / file), label=label, icon=icon, query_params=_params({**url_context(), **params}))
     except (StreamlitAPIException, KeyError):
         st.caption(f"{label}: the {title} page")
 
@@ -149,6 +153,21 @@ def node_from_selection(event: Any) -> str | None:
     return next((lab for p in _selected_points(event) if (lab := _label(p, r"[XAMI]\d+_\d+"))), None)
 
 
+def component_check(probe) -> Callable[[str], str | None]:
+    """A ``state.param`` check for a head/neuron label of this model (``L5H3``, ``L2N17``)."""
+
+    def check(v: str) -> str | None:
+        from analyses.component import parse_component
+
+        try:
+            parse_component(v, probe.info)
+        except SondeError as e:
+            return str(e).rstrip(".")
+        return None
+
+    return check
+
+
 # ----------------------------------------------------------------------------- component panel
 def _session_memo(name: str, key: tuple, fn: Callable[[], Any], limit: int = 16) -> Any:
     store = st.session_state.setdefault(name, {})
@@ -159,11 +178,24 @@ def _session_memo(name: str, key: tuple, fn: Callable[[], Any], limit: int = 16)
     return store[key]
 
 
+def _store_readable() -> bool:
+    """Whether the results store lists without error (a malformed manifest there must not break a panel)."""
+    from analyses import store
+
+    try:
+        store.list_results()
+    except Exception as e:  # noqa: BLE001 - any unreadable manifest: panels compute from the model alone
+        st.warning(f"The results store has a malformed result ({type(e).__name__}); panels ignore saved results.",
+                   icon=":material/report:")
+        return False
+    return True
+
+
 def profile_for(probe, label: str, *, routes_result=None, position: int | None = None):
     """A cached :class:`analyses.component.ComponentProfile` (the sink map is computed once per model)."""
     from analyses import component
 
-    cfg = component.Config()
+    cfg = component.Config(use_saved=_store_readable())
     fp = probe.info.fingerprint
     from dashboard.state import model_lock
 
@@ -237,12 +269,15 @@ def _profile_code(probe, label: str) -> str:
 
 # ----------------------------------------------------------------------------- background runs
 class LockedProbe:
-    """A probe whose forward passes take :func:`dashboard.state.model_lock` (for use inside background runs)."""
+    """A probe whose forward passes take :func:`dashboard.state.model_lock` (for use inside background runs).
+
+    With ``job`` given, a pressed Cancel stops the run before its next forward pass (within one step)."""
 
     _LOCKED = ("run", "forward", "cache", "generate")
 
-    def __init__(self, probe):
+    def __init__(self, probe, job: "Job | None" = None):
         self._probe = probe
+        self._job = job
 
     def __getattr__(self, name: str):
         attr = getattr(self._probe, name)
@@ -250,6 +285,8 @@ class LockedProbe:
             from dashboard.state import model_lock
 
             def locked(*a, **k):
+                if self._job is not None and self._job.cancel.is_set():
+                    raise Cancelled(f"{self._job.label} was cancelled after {self._job.done_steps} steps.", hint="Start it again to rerun.")
                 with model_lock():
                     return attr(*a, **k)
 
@@ -340,10 +377,13 @@ def job_view(key: str, *, partial: Callable[[Any], None] | None = None, poll_s: 
         if j.finished:
             st.rerun(scope="app")
         frac = j.progress
-        txt = f"{j.label}: {j.done_steps}/{j.total}" if j.total else f"{j.label}…"
+        txt = f"{j.label}: {j.done_steps}/{j.total} steps" if j.total else f"{j.label}: {j.done_steps} steps"
         st.progress(frac, text=f"{txt} · {time.time() - j.started:.0f} s")
-        if st.button("Cancel", key=f"{key}-cancel", icon=":material/stop_circle:"):
+        if j.cancel.is_set():
+            st.info("Cancelling: the run stops before its next step.", icon=":material/hourglass_top:")
+        elif st.button("Cancel", key=f"{key}-cancel", icon=":material/stop_circle:", help="Stops the run within one step."):
             j.cancel.set()
+            st.info("Cancelling: the run stops before its next step.", icon=":material/hourglass_top:")
         if partial is not None and j.partial is not None:
             partial(j.partial)
 

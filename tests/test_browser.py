@@ -206,3 +206,31 @@ def test_user_path_routes_head_panel_counterfactual_report(server, browser):
     rep.close()
     assert not errors, errors
     page.close()
+
+
+LONG_PROMPT_BOUND_S = 600  # a 3,000-token lens (forward + 30 x 3,000 x 49,152 unembedding) on a shared 2-core CPU, then a 48-column map
+
+
+def test_long_prompt_answers_with_a_window(server, browser):
+    """A ~3,000-token prompt on Model & prompt (under its own /model path): the page answers within a bound with
+    a 48-position window of the heat map and a note, instead of a 90,000-cell figure that freezes the tab."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page = browser.new_page(viewport={"width": 1400, "height": 1100})
+    page.goto(server["url"] + "/model", wait_until="domcontentloaded")
+    page.locator(".js-plotly-plot").first.wait_for(state="visible", timeout=COLD_START_S * 1000)
+    assert page.get_by_role("heading", name="Model & prompt").count() == 1  # /model is a page, not "Page not found"
+    prompt = " ".join(["The quick brown fox jumps over the lazy dog."] * 300)  # 10 tokens each: ~3,000 tokens
+    box = page.locator(".st-key-ctx_prompt textarea")
+    box.fill(prompt)
+    t0 = time.time()
+    page.get_by_role("button", name="Run").click()
+    _wait_text(page, "tokens: positions", LONG_PROMPT_BOUND_S)  # "The prompt has 3,000 tokens: positions 2952–2999 are drawn"
+    page.wait_for_selector(".js-plotly-plot .xtick text", timeout=60_000)
+    elapsed = time.time() - t0
+    _no_exception(page)
+    n_ticks = page.locator(".st-key-logit_lens_heatmap .xtick").count()
+    assert 0 < n_ticks <= 48, n_ticks
+    assert elapsed < LONG_PROMPT_BOUND_S
+    (ARTIFACTS / "long_prompt_seconds.txt").write_text(f"{elapsed:.1f}\n")
+    page.screenshot(path=str(ARTIFACTS / "model_long_prompt.png"), full_page=False)
+    page.close()

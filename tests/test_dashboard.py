@@ -40,7 +40,7 @@ def test_app_opens_on_model_page_with_heat_map():
 def test_model_page_default_prompt_and_controls():
     at = _app("dashboard/pages/model.py").run()
     _ok(at)
-    assert at.text_area("model_prompt").value.startswith("The Eiffel Tower")
+    assert at.text_area("ctx_prompt").value.startswith("The Eiffel Tower")
     assert len(_charts(at)) == 1
     assert len(at.dataframe) == 1  # next-token top-k table
     df = at.dataframe[0].value
@@ -56,7 +56,7 @@ def test_model_page_default_prompt_and_controls():
 
 def test_model_page_bad_model_shows_error_not_exception():
     at = _app("dashboard/pages/model.py").run()
-    at.sidebar.text_input("sonde_model").set_value("no-such-org/no-such-model").run()
+    at.sidebar.text_input("ctx_model").set_value("no-such-org/no-such-model").run()
     assert not at.exception
     assert at.error and "no-such-org/no-such-model" in at.error[0].value
     assert len(_charts(at)) == 0
@@ -65,7 +65,12 @@ def test_model_page_bad_model_shows_error_not_exception():
 def test_model_page_empty_prompt_shows_error():
     at = _app("dashboard/pages/model.py")
     at.query_params["prompt"] = "   "
-    at.run()
+    at.run()  # a link's empty prompt: one error line, the default prompt kept
+    assert not at.exception
+    assert len(at.error) == 1 and "empty" in at.error[0].value
+    assert at.text_area("ctx_prompt").value.startswith("The Eiffel Tower") and len(_charts(at)) == 1
+    at.text_area("ctx_prompt").set_value("   ")
+    at.button[0].click().run()  # typed: the lens refuses it
     assert not at.exception
     assert at.error and "empty" in at.error[0].value
     assert len(_charts(at)) == 0
@@ -89,8 +94,8 @@ def test_results_page_empty_and_missing_folder(tmp_path, monkeypatch):
     at = _app("dashboard/pages/results.py").run()
     _ok(at)
     assert at.info and "No folder" in at.info[0].value
-    (tmp_path / "empty").mkdir()
-    at.text_input("results_dir").set_value(str(tmp_path / "empty")).run()
+    (tmp_path / "nothing-here" / "empty").mkdir(parents=True)
+    at.text_input("results_dir").set_value(str(tmp_path / "nothing-here" / "empty")).run()
     _ok(at)
     assert at.info and "No saved results" in at.info[0].value
 
@@ -195,13 +200,18 @@ def test_routes_token_opens_counterfactual_prompt_edit(tmp_path, monkeypatch):
     monkeypatch.setenv("SONDE_RESULTS", str(tmp_path / "res"))
     at = _page("routes.py", prompt="The Eiffel Tower is in")
     _ok(at)
-    at.selectbox(key="routes_node").set_value("X0_4").run()  # BOS, "The", " E", "iffel", " Tower"
+    at.selectbox(key="routes_node").set_value("X0_3").run()  # "The", " E", "iffel", " Tower" (no BOS by default)
     _ok(at)
-    [b for b in at.button if b.key == "routes_token_cf"][0].click().run()
+    button = [b for b in at.button if b.key == "routes_token_cf"][0]
+    assert "' Tower' →" in button.label  # proposes the model's own alternative, not a fixed name
+    button.click().run()
     _ok(at)
     assert at.title[0].value == "Counterfactuals"
     assert at.radio[0].value == "prompt edit"
-    assert at.text_input[1].value == "Tower"  # the token is the intervention point ("Replace")
+    replace = [w for w in at.text_input if w.label == "Replace"][0]
+    by = [w for w in at.text_input if w.label == "by"][0]
+    assert replace.value == "Tower" and by.value not in ("", "Tower", "Maeve")  # the token is the intervention point
+    assert at.sidebar.text_input("ctx_model").value == "embedded"  # the link carried the model
 
 
 @pytest.mark.slow

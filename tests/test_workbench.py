@@ -399,3 +399,31 @@ def test_sinks_dormant_map_runs_in_background_and_cancels(store_dir, monkeypatch
         at.run()
     _ok(at)
     assert any(c.key == "dormant_map" for c in at.get("plotly_chart"))
+
+
+def test_output_lens_of_a_head_and_an_ffn(tiny):
+    """A part's output read through the unembedding: the head vector is z_h W_O,h at the position, it depends only
+    on the tokens up to the position (causal), and bad parts/positions are one clear error."""
+    import torch
+
+    from analyses import component
+    from probes import ConfigError
+
+    probe = tiny("llama")
+    ids = probe.to_tokens("hello world")[0]
+    up, down = component.output_lens(probe, ids, "L1H2", 3, k=4)
+    assert len(up) == len(down) == 4 and [s for _, s in up] == sorted((s for _, s in up), reverse=True)
+    # causal: appending tokens after the position changes nothing
+    up2, _ = component.output_lens(probe, torch.cat([ids, ids]), "L1H2", 3, k=4)
+    assert [t for t, _ in up2] == [t for t, _ in up]
+    for a, b in zip(up2, up):
+        assert abs(a[1] - b[1]) < 1e-4
+    # the head's vector by hand: hook_z at the position times W_O,h
+    z = probe.cache(ids[None, :4], ["blocks.1.attn.hook_z"])["blocks.1.attn.hook_z"][0, 3, 2].float()
+    scores = component._direction_scores(probe, z @ probe.W_O(1)[2].detach().float())
+    assert [t for t, _ in component.direction_tokens(scores, lambda i: probe.tokenizer.decode([i]), 4)[0]] == [t for t, _ in up]
+    ffn_up, _ = component.output_lens(probe, ids, "L0FFN", 2, k=3)
+    assert len(ffn_up) == 3
+    for bad, pos in (("L9H0", 1), ("L0H9", 1), ("X1", 1), ("L0H0", 99)):
+        with pytest.raises(ConfigError):
+            component.output_lens(probe, ids, bad, pos)

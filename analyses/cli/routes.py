@@ -36,6 +36,7 @@ def register(run_app: typer.Typer) -> None:
         kernel: str = typer.Option("auto", "--kernel", help="Proximity kernel: auto, compiled (torch.compile) or eager."),
         ablate: Optional[str] = typer.Option(None, "--ablate", help="Zero-ablate heads during the pass, e.g. L5H3,L7H0 (compare routes)."),
         on_error: str = typer.Option("stop", "--on-error", help="Malformed input line: stop or skip."),
+        prepend_bos: bool = typer.Option(False, "--bos/--no-bos", help="Start each prompt with BOS (default: the tokenizer's own)."),
         out: Optional[Path] = OutOpt,
         backend: str = BackendOpt, device: str = DeviceOpt, dtype: str = DtypeOpt,
         as_json: bool = JsonOpt,
@@ -57,7 +58,7 @@ def register(run_app: typer.Typer) -> None:
             raise InputError("--graphml needs --prompt (a dataset has no single route).")
         check_side_file(graphml, "--graphml")
         common = dict(tau=tau, renormalize=renormalize, level=level, p=p, include_bias=include_bias, position=position,
-                      kernel=kernel)
+                      kernel=kernel, prepend_bos=prepend_bos)
         if ablate is not None and prompt is None:
             raise InputError("--ablate compares one prompt's routes; give --prompt.")
         if prompt is not None:

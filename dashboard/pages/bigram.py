@@ -7,7 +7,10 @@ import streamlit as st
 from analyses import bigram as B
 from probes import ConfigError, SondeError
 from dashboard import components, workbench
-from dashboard.state import DEFAULT_PROMPT, cached, query_param, show_error, sidebar_probe
+from pathlib import Path
+
+from dashboard import state
+from dashboard.state import cached, param, show_error, sidebar_probe
 
 st.title("Bigram subnetwork")
 st.caption("Chang & Bergen (2025): the sparse set of block weights that maps the current token to bigram "
@@ -26,22 +29,49 @@ def _load(path: str) -> B.BigramResult:
     return B.BigramResult.load(path)
 
 
+def _layers_ok(v: str) -> str | None:
+    if v.strip() in ("", "all"):
+        return None
+    try:
+        got = [int(x) for x in v.split(",") if x.strip()]
+    except ValueError:
+        return "expected comma-separated block indices or 'all'"
+    bad = [x for x in got if not 0 <= x < probe.info.n_layers]
+    return f"block {bad[0]} is outside 0–{probe.info.n_layers - 1}" if bad else None
+
+
+def _mask_ok(v: str) -> str | None:
+    if state.inside_results(v) is None:
+        return "the folder is outside the results root"
+    return None if (Path(state.inside_results(v)) / "manifest.json").is_file() else "no saved result there"
+
+
+def _corpus_ok(v: str) -> str | None:
+    if v == "builtin":
+        return None
+    return None if state.inside_results(v) is not None and Path(v).suffix in (".txt", ".jsonl") else \
+        "a link may name 'builtin' or a .txt/.jsonl file inside the results root"
+
+
 with st.sidebar:
     st.markdown("### Bigram mask")
-    saved_dir = st.text_input("Load a saved result folder (optional)", value=query_param("mask", ""),
-                              help="A folder written by `sonde run bigram`; leave empty to train a short run here.")
-    corpus = st.text_input("Corpus", value=query_param("corpus", "builtin"), help="'builtin' or a UTF-8 .txt/.jsonl path.")
-    lam = st.number_input("λ (sparsity)", min_value=0.0, value=float(query_param("lam", "10")), step=1.0)
-    steps = st.number_input("Steps", min_value=1, max_value=2000, value=int(query_param("steps", "4")),
+    saved_dir = st.text_input("Load a saved result folder (optional)", value=param("mask", "", check=_mask_ok),
+                              help="A folder written by `sonde run bigram` (inside the results root). Empty: the newest saved "
+                                   "bigram result of this model, if any.")
+    corpus = st.text_input("Corpus", value=param("corpus", "builtin", check=_corpus_ok), help="'builtin' or a UTF-8 .txt/.jsonl path.")
+    lam = st.number_input("λ (sparsity)", min_value=0.0, max_value=1e6, value=param("lam", 10.0, kind=float, lo=0.0, hi=1e6), step=1.0)
+    steps = st.number_input("Steps", min_value=1, max_value=2000, value=param("steps", 4, kind=int, lo=1, hi=2000),
                             help="Short CPU schedule; the paper uses up to 15,000 steps at lr 5e-5.")
-    lr = st.number_input("Learning rate", min_value=1e-6, max_value=1.0, value=float(query_param("lr", "0.05")), format="%.5f")
-    layers_txt = st.text_input("Blocks to mask", value=query_param("layers", "0"), help="Comma-separated block indices, or 'all'.")
-    target = st.selectbox("Target", ["bigram", "self"], index=["bigram", "self"].index(query_param("target", "bigram")),
+    lr = st.number_input("Learning rate", min_value=1e-6, max_value=1.0, value=param("lr", 0.05, kind=float, lo=1e-6, hi=1.0), format="%.5f")
+    layers_txt = st.text_input("Blocks to mask", value=param("layers", "0", check=_layers_ok), help="Comma-separated block indices, or 'all'.")
+    target = st.selectbox("Target", ["bigram", "self"], index=["bigram", "self"].index(param("target", "bigram", choices=["bigram", "self"])),
                           help="'self' = optimal pruning (distil the full model).")
-for k, v in {"corpus": corpus, "lam": str(lam), "steps": str(steps), "lr": str(lr), "layers": layers_txt, "target": target}.items():
+for k, v in {"corpus": corpus, "lam": f"{lam:g}", "steps": str(steps), "lr": f"{lr:g}", "layers": layers_txt, "target": target}.items():
     st.query_params[k] = v
 
 try:
+    if (why := _layers_ok(layers_txt)):
+        raise ConfigError(f"Blocks to mask: {why}.")
     layers = None if layers_txt.strip() in ("", "all") else tuple(int(x) for x in layers_txt.split(",") if x.strip())
     cfg = B.Config(lam=lam, lr=lr, steps=int(steps), batch=1, seq_len=32, eval_rows=2, reuse=True, layers=layers,
                    target=target, log_every=1)
@@ -49,10 +79,35 @@ except (ValueError, ConfigError) as e:
     show_error(e)
     st.stop()
 
+
+def _newest_saved() -> str | None:
+    from analyses.component import saved_result
+
+    try:
+        p = saved_result("bigram", probe.info.fingerprint)
+    except Exception:  # noqa: BLE001 - an unreadable results store: nothing saved to show
+        return None
+    return str(p) if p is not None and state.inside_results(p) is not None else None
+
+
+train_sig = st.session_state.get("bigram_train_sig")
+if st.button("Train a mask with these settings", key="bigram_train", icon=":material/model_training:",
+             help="Runs in the background (progress bar + Cancel); the page stays usable."):
+    st.session_state["bigram_train_sig"] = train_sig = (probe.info.fingerprint, probe.backend, corpus, repr(cfg))
+source = None
 if saved_dir.strip():
+    if state.inside_results(saved_dir.strip()) is None:
+        show_error(SondeError(f"{saved_dir.strip()!r} is outside the results root.", hint="Pick a folder the Results page lists."))
+        st.stop()
     st.query_params["mask"] = saved_dir
-    res = cached(_load, saved_dir.strip())
-else:
+    source = str(state.inside_results(saved_dir.strip()))
+elif train_sig is None:
+    source = _newest_saved()
+if source is not None:
+    res = cached(_load, source)
+    if res is not None:
+        st.caption(f"Showing the saved bigram result `{source}`. **Train a mask with these settings** learns a new one.")
+elif train_sig is not None:
     # training runs in the background (progress bar + Cancel); the page stays usable meanwhile
     def _train(job, probe=probe, corpus=corpus, cfg=cfg):
         from dashboard.state import model_lock
@@ -60,9 +115,12 @@ else:
         with model_lock():  # the mask is trained on the shared model: no other forward pass meanwhile
             return B.run(probe, corpus, cfg, callback=lambda point: job.step(1))
 
-    res = workbench.background_result("bigram_train", "Learning a mask", (probe.info.fingerprint, probe.backend, corpus, repr(cfg)),
-                                      _train, total=cfg.steps,
+    res = workbench.background_result("bigram_train", "Learning a mask", train_sig, _train, total=cfg.steps,
                                       waiting="The mask is being learned in the background; results appear when it finishes.")
+else:
+    st.info("No saved bigram result for this model yet. Click **Train a mask with these settings** (a short CPU run), or "
+            "save one with `sonde run bigram`.", icon=":material/info:")
+    st.stop()
 if res is None:
     st.stop()
 
@@ -76,19 +134,19 @@ st.markdown(f"Mask kept fraction **{res.sparsity:.4%}** over {int(res.matrices['
             f"(corpus: `{res.corpus}`, λ = {res.config.lam}, target = {res.config.target}).")
 
 st.subheader("Sparsity by layer and matrix")
-st.plotly_chart(res.plot(), width="stretch")
+st.plotly_chart(components.axis_titles(res.plot(), "layer", "kept fraction"), width="stretch")
 h1, h2 = st.columns(2)
 with h1:
-    ev = st.plotly_chart(workbench.selectable_heads(res.plot_heads()), width="stretch", key="bigram_heads", on_select="rerun", selection_mode="points")
+    ev = st.plotly_chart(workbench.selectable_heads(components.axis_titles(res.plot_heads(), "head", "layer")), width="stretch", key="bigram_heads", on_select="rerun", selection_mode="points")
     head = workbench.head_from_selection(ev)
     if head is not None and head != st.session_state.get("_bigram_last_click"):
         st.session_state["_bigram_last_click"] = head
         st.query_params["component"] = head
 with h2:
-    st.plotly_chart(res.plot_neurons(), width="stretch")
-sel = query_param("component", "")
+    st.plotly_chart(components.axis_titles(res.plot_neurons(), "neuron", "layer"), width="stretch")
+sel = param("component", "", check=workbench.component_check(probe))
 if sel and res.model.get("fingerprint") == probe.info.fingerprint:
-    workbench.component_panel(probe, sel, prompt=query_param("prompt", DEFAULT_PROMPT), key="bigram-cp")
+    workbench.component_panel(probe, sel, prompt=state.context()["prompt"], key="bigram-cp")
 else:
     st.caption("Click a head in the heat map to open its component panel (save this mask with `sonde run bigram` or "
                "`res.save()` so panels show its membership).")
@@ -101,8 +159,7 @@ else:
     st.info("This result has no ablation table (run `sonde run bigram-eval --mask DIR`).")
 
 st.subheader("Predictions for a prompt")
-prompt = st.text_input("Prompt", value=query_param("prompt", DEFAULT_PROMPT))
-st.query_params["prompt"] = prompt
+prompt = state.prompt_input()
 if res.model.get("fingerprint") != probe.info.fingerprint:
     st.warning("This mask was trained on another model; pick that model in the sidebar to compare predictions.")
 else:
@@ -111,13 +168,15 @@ else:
     if table is not None:
         try:
             df = B.compare_predictions(probe, res, table, prompt)
-            st.dataframe(df, hide_index=True)
+            if len(df) > 64:
+                st.caption(f"The prompt has {len(df):,} positions: the last 64 are shown; the export holds all of them.")
+            st.dataframe(df.tail(64), hide_index=True)
         except SondeError as e:
             show_error(e)
 
 st.subheader("Training curve")
 if len(res.curve):
-    st.plotly_chart(res.plot_curve(), width="stretch")
+    st.plotly_chart(components.axis_titles(res.plot_curve(), "step", "cross-entropy (nats)", "fraction of masked weights"), width="stretch")
 else:
     st.info("No training curve (λ = ∞ baseline or a loaded mask without one).")
 

@@ -29,10 +29,13 @@ if probe is None:
     st.stop()
 
 c1, c2 = st.columns([1, 3])
-label = c1.text_input("Head or neuron", value=state.query_param("component", "L5H3"), key="component_label",
+label = c1.text_input("Head or neuron", value=state.param("component", "L5H3" if probe.info.n_layers > 5 else "L0H0",
+                                                        check=workbench.component_check(probe), widget="component_label"),
+                    key="component_label",
                       help="L<layer>H<head> (e.g. L5H3) or L<layer>N<neuron> (e.g. L2N17).")
-prompt = c2.text_input("Prompt (for the actions)", value=state.query_param("prompt", state.DEFAULT_PROMPT), key="component_prompt")
-st.query_params.update({"component": label.strip(), "prompt": prompt})
+with c2:
+    prompt = state.prompt_input("Prompt (for the actions)")
+st.query_params["component"] = label.strip()
 
 try:
     kind, layer, idx = component.parse_component(label, probe.info)

@@ -14,8 +14,8 @@ if str(_ROOT) not in sys.path:  # run as a file (AppTest)
     sys.path.insert(0, str(_ROOT))
 
 from analyses import counterfactual as cf  # noqa: E402
-from dashboard import components  # noqa: E402
-from dashboard.state import cached, query_param, show_error, sidebar_probe  # noqa: E402
+from dashboard import components, state  # noqa: E402
+from dashboard.state import cached, param, show_error, sidebar_probe  # noqa: E402
 from probes import SondeError  # noqa: E402
 
 st.title("Counterfactuals")
@@ -29,14 +29,14 @@ if probe is None:
 
 with st.sidebar:
     st.markdown("### Sampling")
-    temperature = st.slider("Temperature (0 = greedy)", 0.0, 2.0, float(query_param("temperature", "0.8")), 0.05)
-    top_p = st.slider("Top-p (1 = off)", 0.05, 1.0, float(query_param("top_p", "1.0")), 0.05)
-    top_k = st.number_input("Top-k (0 = off)", 0, 1000, int(query_param("top_k", "0")))
-    seed = st.number_input("Seed", 0, 10**9, int(query_param("seed", "0")))
-    max_new = st.slider("New tokens", 4, 60, int(query_param("max_new_tokens", "20")))
+    temperature = st.slider("Temperature (0 = greedy)", 0.0, 2.0, param("temperature", 0.8, kind=float, lo=0.0, hi=2.0), 0.05)
+    top_p = st.slider("Top-p (1 = off)", 0.05, 1.0, param("top_p", 1.0, kind=float, lo=0.05, hi=1.0), 0.05)
+    top_k = st.number_input("Top-k (0 = off)", 0, 1000, param("top_k", 0, kind=int, lo=0, hi=1000))
+    seed = st.number_input("Seed", 0, 10**9, param("seed", 0, kind=int, lo=0, hi=10**9))
+    max_new = st.slider("New tokens", 4, 60, param("max_new_tokens", 20, kind=int, lo=4, hi=60))
 
-prompt = st.text_input("Prompt", value=query_param("prompt", "Once upon a time, Lyra"))
-observed = query_param("observed", "")
+prompt = state.prompt_input()
+observed = param("observed", "")
 if observed:
     c_obs, c_clear = st.columns([5, 1])
     observed = c_obs.text_area("Observed response (its noise is inferred instead of sampling a new one)", value=observed,
@@ -48,8 +48,29 @@ config = cf.Config(temperature=float(temperature), top_p=None if top_p >= 1 else
                    seed=int(seed), max_new_tokens=int(max_new))
 if observed:
     st.query_params["observed"] = observed
-st.query_params.update({"prompt": prompt, "temperature": str(temperature), "top_p": str(top_p), "top_k": str(top_k),
+st.query_params.update({"temperature": str(temperature), "top_p": str(top_p), "top_k": str(top_k),
                         "seed": str(seed), "max_new_tokens": str(max_new)})
+
+
+def _readable(label: str) -> str:
+    """An intervention label with token ids shown as their text (``token:3=id:253`` -> ``token:3=' Paris'``)."""
+    import re
+
+    def text(m):
+        return repr(probe.tokenizer.decode([int(x) for x in m.group(1).split(",") if x.strip()]))
+
+    return re.sub(r"id:([\d,]+)", text, label)
+
+
+def _components_ok(v: str) -> str | None:
+    from analyses.component import parse_component
+
+    try:
+        for part in v.split(","):
+            parse_component(part.strip(), probe.info)
+    except SondeError as e:
+        return str(e).rstrip(".")
+    return None
 
 
 def _spans(strs, factual, ids, start) -> str:
@@ -67,25 +88,33 @@ tab_cf, tab_bias = st.tabs(["Counterfactual", "Bias sweep"])
 
 with tab_cf:
     obs = {"observed": observed} if observed else {}
-    base = cached(cf.run, prompt, "none", _probe=probe, config=config.replace(interventional=False), **obs)
+    with st.spinner("Sampling the factual continuation…"):
+        base = cached(cf.run, prompt, "none", _probe=probe, config=config.replace(interventional=False), **obs)
     if base is None:
         st.stop()
     kind = st.radio("Intervention", ["token edit", "prompt edit", "model edit"], horizontal=True,
-                    index={"token": 0, "prompt": 1, "ablate": 2}.get(query_param("kind", "token"), 0))
+                    index={"token": 0, "prompt": 1, "ablate": 2}[param("kind", "token", choices=["token", "prompt", "ablate"])])
     spec = None
     if kind == "token edit":
         n = len(base.factual)
         labels = [f"{p}:{s.replace(chr(10), '⏎')}" for p, s in enumerate(base.factual_str)]
-        qpos = query_param("pos", "3")
-        default = labels[min(int(qpos) if qpos.isdigit() else 3, n - 1)] if n else None
+        qpos = param("pos", min(3, max(n - 1, 0)), kind=int, lo=0, hi=max(n - 1, 0))
+        default = labels[qpos] if n else None
         pick = st.pills("Click a generated token to intervene there", labels, default=default) if n else None
         if pick is not None:
             pos = int(pick.split(":", 1)[0])
             alts = [int(t) for t in base.alternatives[pos].tolist() if int(t) != base.factual[pos]]
             choices = [probe.tokenizer.decode([t]) for t in alts]
             c1, c2 = st.columns(2)
-            alt = c1.selectbox("Replace by one of the model's likely tokens", choices, index=0 if choices else None)
-            custom = c2.text_input("…or type a replacement", value="")
+            alt_q = param("alt", choices[0] if choices else "", check=lambda v: None if v in choices else "not one of the model's likely tokens here")
+            alt = c1.selectbox("Replace by one of the model's likely tokens", choices, index=choices.index(alt_q) if choices else None)
+            custom = c2.text_input("…or type a replacement", value=param("new", ""))
+            if alt is not None:
+                st.query_params["alt"] = alt
+            if custom:
+                st.query_params["new"] = custom
+            elif "new" in st.query_params:
+                del st.query_params["new"]
             if custom.strip():
                 spec = f"token:{pos}={custom}"
             elif alt is not None:
@@ -94,22 +123,28 @@ with tab_cf:
     elif kind == "prompt edit":
         c1, c2 = st.columns(2)
         words = prompt.split()
-        old = c1.text_input("Replace", value=query_param("old", words[-1] if words else ""))
-        new = c2.text_input("by", value=query_param("new", "Maeve"))
+        old = c1.text_input("Replace", value=param("old", words[-1] if words else "",
+                                                   check=lambda v: None if v in prompt else "not a part of the prompt"))
+        new = c2.text_input("by", value=param("new", "Maeve"))
+        st.query_params.update({"old": old, "new": new})
         spec = f"prompt:{old}->{new}"
     else:
-        spec = "ablate:" + st.text_input("Heads / neurons to zero", value=query_param("ablate", "L5H3"),
-                                         help="Comma-separated L<layer>H<head> and L<layer>N<neuron> labels.")
+        heads_txt = st.text_input("Heads / neurons to zero", value=param("ablate", "L5H3" if probe.info.n_layers > 5 and probe.info.n_heads > 3 else "L0H0",
+                                                                        check=_components_ok),
+                                  help="Comma-separated L<layer>H<head> and L<layer>N<neuron> labels.")
+        st.query_params["ablate"] = heads_txt
+        spec = "ablate:" + heads_txt
     st.query_params["kind"] = {"token edit": "token", "prompt edit": "prompt", "model edit": "ablate"}[kind]
     if spec is not None:
-        res = cached(cf.run, prompt, spec, _probe=probe, config=config, **obs)
+        with st.spinner("Counterfactual and interventional continuations…"):
+            res = cached(cf.run, prompt, spec, _probe=probe, config=config, **obs)
         if res is not None:
             for note in res.notes:
                 st.info(note)
             cols = st.columns(2)
             cols[0].markdown("**Factual**")
             cols[0].markdown(_spans(res.factual_str, res.factual, res.factual, None), unsafe_allow_html=True)
-            cols[1].markdown(f"**Counterfactual** · `{res.intervention}`")
+            cols[1].markdown(f"**Counterfactual** · `{_readable(res.intervention)}`")
             cols[1].markdown(_spans(res.str_rows[0], res.factual, res.rows[0], res.edit_pos), unsafe_allow_html=True)
             if len(res.rows) > 1:
                 cols[1].markdown("**Interventional** (fresh noise)")
@@ -137,7 +172,9 @@ with tab_cf:
                     root = "…" + "".join(base.factual_str[max(0, pos - 4):pos])
                     ids, parents, labels = ["root", "f"], ["", "root"], [root, "".join(base.factual_str[pos:])]
                     for i, b in enumerate(brs):
-                        ids.append(f"b{i}"), parents.append("root"), labels.append("".join(b.str_rows[0][pos:]))
+                        ids.append(f"b{i}")
+                        parents.append("root")
+                        labels.append("".join(b.str_rows[0][pos:]))
                     fig = go.Figure(go.Treemap(ids=ids, parents=parents, labels=[html.escape(x) for x in labels], root_color="#eef2f7"))
                     fig.update_layout(margin=dict(t=10, l=10, r=10, b=10), height=320)
                     st.plotly_chart(fig, width="stretch")

@@ -9,7 +9,7 @@ import streamlit as st
 from analyses import critical as C
 from analyses.tasks import Problem, format_prompt, make_checker
 from dashboard import components, workbench
-from dashboard.state import cached, query_param, show_error, sidebar_probe
+from dashboard.state import cached, param, show_error, sidebar_probe
 
 st.title("Critical tokens")
 st.caption("Rollout search on an incorrect reasoning trace (Lin et al. 2024, *Critical Tokens Matter*): each prefix of the "
@@ -22,15 +22,17 @@ if probe is None:
 
 DEFAULT_Q = "Tom has 3 apples and buys 4 more. How many apples does he have?"
 c1, c2 = st.columns([3, 1])
-question = c1.text_area("Question", value=query_param("question", DEFAULT_Q), height=70)
-reference = c2.text_input("Reference answer", value=query_param("answer", "7"))
-response = st.text_area("Incorrect response to analyse", value=query_param("response", "3 + 4 = 8."), height=70,
+_nonempty = lambda v: "it is empty" if not v.strip() else None  # noqa: E731
+question = c1.text_area("Question", value=param("question", DEFAULT_Q, check=_nonempty), height=70)
+reference = c2.text_input("Reference answer", value=param("answer", "7", check=_nonempty))
+response = st.text_area("Incorrect response to analyse", value=param("response", "3 + 4 = 8.", check=_nonempty), height=70,
                         help="The trace y whose prefixes are rolled out. Sample one with the model under 'Across problems'.")
 with st.expander("Search settings", expanded=False):
     s1, s2, s3, s4 = st.columns(4)
-    n_rollouts = s1.number_input("Rollouts per prefix", 1, 256, int(query_param("rollouts", "3")))
-    max_new = s2.number_input("Max new tokens", 1, 1024, int(query_param("max_new", "2")))
-    granularity = s3.selectbox("Granularity", ["token", "step", "bisect"], index=["token", "step", "bisect"].index(query_param("granularity", "token")))
+    n_rollouts = s1.number_input("Rollouts per prefix", 1, 256, param("rollouts", 3, kind=int, lo=1, hi=256))
+    max_new = s2.number_input("Max new tokens", 1, 1024, param("max_new", 2, kind=int, lo=1, hi=1024))
+    granularity = s3.selectbox("Granularity", ["token", "step", "bisect"],
+                               index=["token", "step", "bisect"].index(param("granularity", "token", choices=["token", "step", "bisect"])))
     temperature = s4.number_input("Temperature", 0.05, 2.0, 0.7, step=0.05)
     a1, a2, a3 = st.columns(3)
     alternatives = a1.selectbox("Counterfactual", ["topk", "sample", "none"])
@@ -61,8 +63,13 @@ def _work(job, probe=probe, args=(prompt, response, reference, cfg), q=question)
         return C.search(probe, p, r, make_checker(Problem("", ref)), c, question=q, reference=ref, progress=job.step)
 
 
+try:  # the progress bar's total: prefixes the search rolls out (an estimate for step/bisect)
+    _ids = probe.tokenizer(response, add_special_tokens=False).input_ids
+    n_prefixes = int(C.estimate_rollouts(len(_ids), cfg, probe.to_str_tokens(_ids))[0]) or None
+except Exception:  # noqa: BLE001 - no total: the bar counts steps
+    n_prefixes = None
 res = workbench.background_result("critical_search", "Rolling out prefixes",
-                                  (probe.info.fingerprint, probe.backend, prompt, response, reference, repr(cfg)), _work,
+                                  (probe.info.fingerprint, probe.backend, prompt, response, reference, repr(cfg)), _work, total=n_prefixes,
                                   waiting="Rollouts run in the background; the trace appears when the search finishes.", keep=8)
 row = res.traces.iloc[0]
 tok = res.tokens
@@ -113,7 +120,7 @@ if row.critical_pos is not None and row.critical_pos == row.critical_pos:
                       "position is the intervention point."):
         workbench.go("counterfactual", prompt=prompt, observed=response, kind="token", pos=cpos)
 fig = res.plot(0)
-st.plotly_chart(fig, use_container_width=True)
+st.plotly_chart(fig, width="stretch")
 _code = (f"from probes import load_model\nfrom analyses import critical as C\nfrom analyses.tasks import Problem, format_prompt, make_checker\n\n"
          f"probe = load_model({probe.info.name!r}, backend={probe.backend!r})\n"
          f"problem = Problem({question!r}, {reference!r})\n"

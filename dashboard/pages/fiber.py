@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import streamlit as st
 
-from dashboard.state import cached, query_param, show_error, sidebar_probe
+from dashboard import components
+from dashboard.state import cached, param, show_error, sidebar_probe
 
 from analyses import fiber as F
 from analyses.cli.fiber import parse_tokens
@@ -20,23 +21,54 @@ if probe is None:
     st.stop()
 
 V = probe.info.d_vocab
+
+
+MAX_TESTED = 5000  # tokens tested per page run (the whole vocabulary takes minutes on a CPU: `sonde run fiber`)
+
+
+def _tokens_ok(v: str) -> str | None:
+    """Why a token spec cannot run on this page (None when it can); checked before any range is expanded."""
+    if v.strip() in ("", "all"):
+        return f"the whole vocabulary ({V:,} tokens) takes minutes here; use `sonde run fiber`, or a range such as 0:{V}:10"
+    n = 0
+    for part in v.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            a = [int(x) for x in part.split(":")]
+        except ValueError:
+            return f"{part!r} is not an id or a range a:b[:step]"
+        if len(a) > 3 or (len(a) == 3 and a[2] <= 0):
+            return f"{part!r} is not an id or a range a:b[:step]"
+        if any(not 0 <= x <= V for x in a[:2]):
+            return f"{part!r} reaches outside the vocabulary (0–{V - 1})"
+        n += len(range(*a)) if len(a) > 1 else 1
+    if n == 0:
+        return "it selects no token"
+    return f"it selects {n:,} tokens; this page tests at most {MAX_TESTED:,}" if n > MAX_TESTED else None
+
+
 with st.sidebar:
     st.markdown("### Test")
     default_tokens = f"0:{V}:{max(1, V // 600)}"
-    spec = st.text_input("Tokens", value=query_param("tokens", default_tokens),
+    spec = st.text_input("Tokens", value=param("tokens", default_tokens, check=_tokens_ok),
                          help="Rows to test: 0:5000, 0:49152:10 or 17,42,99 (neighbours come from the whole vocabulary). "
                               "The full vocabulary takes minutes on CPU: use `sonde run fiber` for it.")
-    matrix = st.selectbox("Matrix", ["input", "output"], index=["input", "output"].index(query_param("matrix", "input")))
-    vol_max = st.number_input("vol_max", 51, 5000, int(query_param("vol_max", "300")), step=50,
+    matrix = st.selectbox("Matrix", ["input", "output"], index=["input", "output"].index(param("matrix", "input", choices=["input", "output"])))
+    vmax = max(51, min(5000, V))
+    vol_max = st.number_input("vol_max", 51, vmax, param("vol_max", min(300, vmax), kind=int, lo=51, hi=vmax), step=50,
                               help="Largest neighbour rank (page default 1000 for the CLI; 300 here to stay fast).")
-    mode = st.radio("Mode", ["calibrated", "parity"], index=["calibrated", "parity"].index(query_param("mode", "calibrated")),
+    mode = st.radio("Mode", ["calibrated", "parity"], index=["calibrated", "parity"].index(param("mode", "calibrated", choices=["calibrated", "parity"])),
                     help="calibrated: false alarms of the whole window scan held at alpha; parity: the published procedure.")
     alpha = st.select_slider("alpha", [1e-4, 1e-3, 1e-2, 5e-2], value=1e-3)
     correction = st.radio("Vocabulary correction", ["none", "holm", "bh"], horizontal=True,
-                          index=["none", "holm", "bh"].index(query_param("correction", "none")))
+                          index=["none", "holm", "bh"].index(param("correction", "none", choices=["none", "holm", "bh"])))
 st.query_params.update({"tokens": spec, "matrix": matrix, "vol_max": str(vol_max), "mode": mode, "correction": correction})
 
 try:
+    if (why := _tokens_ok(spec)):
+        raise SondeError(f"Tokens {spec!r}: {why}.")
     cfg = F.Config(matrix=matrix, tokens=parse_tokens(spec), vol_max=int(vol_max), mode=mode, alpha=float(alpha),  # type: ignore[arg-type]
                    correction=correction, keep_curves="all")  # type: ignore[arg-type]
 except SondeError as e:
@@ -71,19 +103,22 @@ labels = {int(r.token_id): f"{r.token_id}: {r.token!r} (p={r.p_manifold:.1e})" f
 tok = st.selectbox("Token", ids[:500], format_func=lambda i: labels.get(int(i), str(i)))
 tab1, tab2, tab3 = st.tabs(["Volume curve", "Neighbourhood", "Dimension histogram"])
 with tab1:
-    st.plotly_chart(res.plot_curve(int(tok)), use_container_width=True)
+    cfig = res.plot_curve(int(tok))
+    for i, ann in enumerate(cfig.layout.annotations or ()):  # change-point labels: stagger them so none overlap
+        ann.update(yshift=-16 * i, font=dict(size=10), bgcolor="rgba(255,255,255,0.8)")
+    st.plotly_chart(components.axis_titles(cfig, "log radius", "log neighbour count"), width="stretch")
 with tab2:
     n3 = st.radio("View", ["3-D", "2-D"], horizontal=True)
     E = (probe.W_E if matrix == "input" else probe.W_U.T).detach().float()
     try:
         nb = F.neighborhood(E, res, int(tok), n_components=3 if n3 == "3-D" else 2)
         st.plotly_chart(res.plot_neighbors(nb, title=f"{cfg.n_neighbors} nearest neighbours of {labels.get(int(tok), tok)} "
-                                                     f"(PCA) · {res.mode_label}"), use_container_width=True)
+                                                     f"(PCA) · {res.mode_label}"), width="stretch")
     except SondeError as e:
         show_error(e)
 with tab3:
-    st.plotly_chart(res.plot_hist(), use_container_width=True)
-    st.plotly_chart(res.plot_kinds(), use_container_width=True)
+    st.plotly_chart(res.plot_hist(), width="stretch")
+    st.plotly_chart(res.plot_kinds(), width="stretch")
 
 from dashboard import components  # noqa: E402
 

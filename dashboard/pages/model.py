@@ -25,24 +25,22 @@ probe = state.sidebar_probe()
 if probe is None:
     st.stop()
 
+WINDOW = 48  # heat-map columns drawn at once (a 3,000-token prompt would be 90,000 text cells)
 COLORS = {"final": "p(final prediction)", "top1": "p(lens top-1)"}
 
 with st.form("prompt_form", border=False):
-    prompt = st.text_area("Prompt", value=state.query_param("prompt", state.DEFAULT_PROMPT), height=80, key="model_prompt")
-    c1, c2, c3, c4 = st.columns([1, 1, 2, 1])
+    prompt = state.prompt_input(area=True)
+    c1, c3, c4 = st.columns([1, 2, 1])
     with c1:
-        k = st.number_input("Top-k", min_value=1, max_value=20, value=int(state.query_param("k", "5")), key="model_k")
-    with c2:
-        bos = st.checkbox("Prepend BOS", value=state.query_param("bos", "0") == "1", key="model_bos",
-                          help="SmolLM2's tokenizer adds no BOS by default.")
+        k = st.number_input("Top-k", min_value=1, max_value=20, value=state.param("k", 5, kind=int, lo=1, hi=20, widget="model_k"), key="model_k")
     with c3:
-        color_q = state.query_param("color", "final")
         color = st.radio("Heat-map colour", list(COLORS), format_func=COLORS.get, horizontal=True,
-                         index=list(COLORS).index(color_q) if color_q in COLORS else 0, key="model_color")
+                         index=list(COLORS).index(state.param("color", "final", choices=list(COLORS), widget="model_color")), key="model_color")
     with c4:
         st.form_submit_button("Run", type="primary", icon=":material/play_arrow:")
+bos = state.bos()
 
-st.query_params.update({"prompt": prompt, "k": str(int(k)), "bos": "1" if bos else "0", "color": color})
+st.query_params.update({"k": str(int(k)), "color": color})
 
 try:
     cfg = logit_lens.Config(k=int(k), prepend_bos=bool(bos))
@@ -57,10 +55,15 @@ if res is None:  # the error is already shown
 
 # --- tokenized prompt ------------------------------------------------------------------------------
 st.subheader("Tokens")
+MAX_CHIPS = 400
+ids = res.token_ids.tolist()
+shown = range(max(0, len(ids) - MAX_CHIPS), len(ids))
 chips = " ".join(
-    f"<span title='id {int(i)} · pos {t}' style='display:inline-block;margin:2px;padding:1px 6px;border-radius:6px;"
-    f"background:rgba(49,51,63,0.08);font-family:monospace;white-space:pre'>{html.escape(s.replace(chr(10), '⏎'))}</span>"
-    for t, (s, i) in enumerate(zip(res.str_tokens, res.token_ids.tolist())))
+    f"<span title='id {int(ids[t])} · pos {t}' style='display:inline-block;margin:2px;padding:1px 6px;border-radius:6px;"
+    f"background:rgba(49,51,63,0.08);font-family:monospace;white-space:pre'>{html.escape(res.str_tokens[t].replace(chr(10), '⏎'))}</span>"
+    for t in shown)
+if len(ids) > MAX_CHIPS:
+    st.caption(f"Showing the last {MAX_CHIPS} of {len(ids):,} tokens.")
 st.markdown(chips, unsafe_allow_html=True)
 st.caption(f"{len(res.str_tokens)} tokens · model {probe.info.name} · {probe.backend} backend · "
            f"computed in {sum(res.timings.values()):.2f} s")
@@ -69,15 +72,26 @@ st.caption(f"{len(res.str_tokens)} tokens · model {probe.info.name} · {probe.b
 st.subheader("Logit lens")
 st.caption("Each cell: block L's residual stream (resid_post) at one position, read through the final norm and the "
            "unembedding. The text is the lens's top-1 token; hover for the top-k. The top row is the model's output.")
-fig = res.plot(color=color)
+T = len(res.str_tokens)
+a, b = 0, T
+if st.session_state.get("_model_window_T") != T:  # a new prompt starts on its last positions
+    st.session_state.pop("model_window", None)
+    st.session_state["_model_window_T"] = T
+if T > WINDOW:
+    a = st.slider("First position shown", 0, T - WINDOW, max(0, T - WINDOW), key="model_window",
+                  help=f"The heat map shows {WINDOW} positions at a time; slide to move the window.")
+    b = a + WINDOW
+    st.caption(f"The prompt has {T:,} tokens: positions {a}–{b - 1} are drawn (move **First position shown**); "
+               "the downloads hold every position.")
+fig = res.plot(color=color, positions=(a, b))
 st.plotly_chart(fig, key="logit_lens_heatmap", config={"displaylogo": False})
 components.download_figure(fig, "logit-lens", key="dl-lens-fig")
 
 # --- next-token predictions ----------------------------------------------------------------------
 st.subheader(f"Next-token top-{cfg.k} per position")
 nxt = res.next_frame()
-st.dataframe(nxt, hide_index=True)
-components.download_frame(res.to_frame(), "logit-lens", key="dl-lens-table")
+st.dataframe(nxt.iloc[a:b] if T > WINDOW else nxt, hide_index=True)
+components.download_frame(res.to_frame, "logit-lens", key="dl-lens-table")
 
 components.notebook_snippet(f"""
 from probes import load_model

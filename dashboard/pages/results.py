@@ -21,19 +21,35 @@ from dashboard import components, state  # noqa: E402
 from probes import SondeError  # noqa: E402
 
 st.title("Results")
+state.sidebar_probe(load=False)  # the shared context stays in the sidebar and the URL
 st.caption("Results saved by `sonde run …`, notebooks (`result.save()`) and the dashboard. "
            "Each is a folder with manifest.json, Parquet tables and safetensors arrays.")
 
-folder = st.text_input("Results folder", value=state.query_param("dir", str(store.results_root())), key="results_dir",
-                       help="Default: $SONDE_RESULTS or ./sonde-results")
+ROOT = Path(store.results_root()).expanduser().resolve()
+
+
+def _dir_ok(v: str) -> str | None:
+    return None if state.inside_results(v, ROOT) is not None else f"only folders inside the results root {str(ROOT)!r} are browsed"
+
+
+folder = st.text_input("Results folder", value=state.param("dir", str(ROOT), check=_dir_ok, widget="results_dir"), key="results_dir",
+                       help="A folder inside the results root ($SONDE_RESULTS or ./sonde-results).")
 st.query_params["dir"] = folder
-root = Path(folder).expanduser()
+root = state.inside_results(folder, ROOT)
+if root is None:
+    state.show_error(SondeError(f"{folder!r} is outside the results root {str(ROOT)!r}.",
+                                hint="Point $SONDE_RESULTS at another folder to browse it."))
+    st.stop()
 if not root.is_dir():
     st.info(f"No folder {str(root)!r} yet. Save a result first, e.g. `sonde run logit-lens`, "
-            "or point this box at another results folder.", icon=":material/folder_off:")
+            "or point this box at another folder inside the results root.", icon=":material/folder_off:")
     st.stop()
 
-df = store.list_results(root)
+df, skipped = state.safe_results_listing(root)
+if skipped:
+    st.warning(f"Skipped {len(skipped)} malformed result folder{'s' if len(skipped) > 1 else ''}: "
+               + "; ".join(f"`{Path(p).name}` ({why})" for p, why in skipped[:3]) + ("…" if len(skipped) > 3 else ""),
+               icon=":material/report:")
 if df.empty:
     st.info(f"No saved results under {str(root)!r}. Try `sonde run logit-lens --prompt \"...\"`.", icon=":material/inbox:")
     st.stop()
@@ -52,22 +68,28 @@ def _label(p: str) -> str:
 
 
 paths = shown["path"].tolist()
-wanted = state.query_param("result", paths[0])
-path = st.selectbox("Result", paths, index=paths.index(wanted) if wanted in paths else 0, format_func=_label, key="results_pick")
+wanted = state.param("result", paths[0], check=lambda v: None if v in paths else "not a result listed under this folder")
+path = st.selectbox("Result", paths, index=paths.index(wanted), format_func=_label, key="results_pick")
 st.query_params["result"] = path
 
+man, why = state.read_manifest_safe(Path(path))
+if man is None:
+    st.warning(f"Skipped `{Path(path).name}`: {why}.", icon=":material/report:")
+    st.stop()
 try:
     stored = store.read_result(path)
-except SondeError as e:
-    state.show_error(e)
+except (SondeError, OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+    st.warning(f"Could not read `{Path(path).name}`: {type(e).__name__}: {e}", icon=":material/report:")
     st.stop()
 
 man = stored.manifest
-st.subheader(f"{man['analysis']} on {man.get('model', {}).get('name')}")
+st.subheader(f"{man['analysis']} on {(man.get('model') or {}).get('name')}")
 c1, c2, c3 = st.columns(3)
 c1.metric("Tables", len(stored.tables))
 c2.metric("Arrays", len(stored.arrays))
-c3.metric("Seconds", f"{sum(v for v in man.get('timings', {}).values() if isinstance(v, (int, float))):.2f}")
+secs = [v for v in (man.get("timings") or {}).values() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+c3.metric("Seconds", f"{sum(secs):.2f}" if secs and sum(secs) > 0 else "—",
+          help=None if secs and sum(secs) > 0 else "This result recorded no timings.")
 
 try:
     res = load_result(path)
@@ -81,6 +103,9 @@ if res is not None:
     try:
         fig = res.plot()
     except NotImplementedError:
+        fig = None
+    except Exception as e:  # noqa: BLE001 - a result that cannot be drawn still shows its tables
+        st.warning(f"Could not plot this result: {type(e).__name__}: {e}")
         fig = None
     if fig is not None:
         st.plotly_chart(fig, key="result_plot", config={"displaylogo": False})

@@ -13,9 +13,17 @@ import streamlit as st  # noqa: E402
 
 from analyses import routes  # noqa: E402
 from dashboard import components, workbench  # noqa: E402
-from dashboard.state import DEFAULT_PROMPT, cached, query_param, show_error, sidebar_probe  # noqa: E402
+from dashboard import state  # noqa: E402
+from dashboard.state import cached, param, show_error, sidebar_probe  # noqa: E402
 from analyses.store import hash_inputs  # noqa: E402
 from probes import SondeError  # noqa: E402
+
+
+def run_ids(probe, ids: tuple, *, config, edits=()):
+    """``routes.run`` on token ids given as a tuple (hashable and fully in the cache key, unlike a tensor's repr)."""
+    import torch
+
+    return routes.run(probe, torch.tensor(ids, dtype=torch.long), config=config, edits=edits)
 
 
 def _lens_cached(probe, res, nodes):
@@ -26,6 +34,11 @@ def _lens_cached(probe, res, nodes):
         if len(store) > 16:
             store.pop(next(iter(store)))
     return store[key]
+
+
+import time  # noqa: E402
+
+IMPORTANCE = "route importance (Σ over edges, mean per prompt)"
 
 
 def _dataset_job(probe, recs, cfg):
@@ -41,9 +54,10 @@ def _dataset_job(probe, recs, cfg):
                 pass
             job.step(n)
 
-        stats, skipped = routes.accumulate(workbench.LockedProbe(probe), recs, config=cfg, stats=stats, on_progress=progress)
+        stats, skipped = routes.accumulate(workbench.LockedProbe(probe, job), recs, config=cfg, stats=stats, on_progress=progress)
         res = routes.stats_result(probe, stats, config=cfg, n_skipped=skipped,
-                                  input_hash=hash_inputs([r.text for r in recs], [r.domain for r in recs]))
+                                  input_hash=hash_inputs([r.text for r in recs], [r.domain for r in recs]),
+                                  timings={"routes": time.time() - job.started})
         try:  # saved, so component panels read route frequencies from it
             res.save()
         except OSError:
@@ -56,9 +70,16 @@ def _dataset_job(probe, recs, cfg):
 def _show_stats(stats, key: str) -> None:
     dom = st.selectbox("Domain", ["(all)"] + stats.domains, key=f"routes_domain_{key}")
     fig = stats.plot(None if dom == "(all)" else dom)
+    # head_mean is, per prompt, the head's importance summed over the route's attention edges, then averaged over
+    # prompts: a mean of sums (it exceeds 1 when a head carries several edges), so it is labelled as such
+    fig.update_layout(coloraxis_colorbar_title_text="Σ importance<br>(mean/prompt)",
+                      title=f"Head importance on routes, summed over edges, mean per prompt: {dom}")
     st.plotly_chart(fig, key=f"routes_stats_{key}")
     df = stats.to_frame()
-    st.dataframe(df.sort_values("mean_importance", ascending=False).head(30), hide_index=True)
+    st.caption(f"**{IMPORTANCE}**: for each prompt, the head's importance summed over the attention edges of its route "
+               "(several edges per head, so above 1 is possible), averaged over prompts; **freq**: share of prompts whose route uses it.")
+    st.dataframe(df.sort_values("mean_importance", ascending=False).head(30).rename(columns={"mean_importance": IMPORTANCE}),
+                 hide_index=True)
     if key == "final":
         components.export_bar("routes-dataset", figure=fig, table=df, result=stats, key="exp-routes-dataset")
 
@@ -77,7 +98,12 @@ def _dataset_view(probe) -> None:
 
         recs = []
         if up is not None:
-            for no, line in enumerate(up.getvalue().decode("utf-8", errors="replace").splitlines(), start=1):
+            try:
+                text = state.decode_upload(up.name, up.getvalue())
+            except SondeError as e:
+                show_error(e)
+                return
+            for no, line in enumerate(text.splitlines(), start=1):
                 if not line.strip():
                     continue
                 try:
@@ -109,8 +135,115 @@ def _dataset_view(probe) -> None:
             _show_stats(job.result, "final")
 
 
-def _ablation_view(probe, res, prompt: str, cfg, label: str, pos: int, tau: float, renorm: bool) -> None:
-    """The route recomputed with one head zero-ablated, beside the original (head importance difference)."""
+
+COLOURS = {"attn": "#1f77b4", "ffn": "#d62728", "resid": "#bbbbbb"}
+NODE_COLOURS = {"X": "#7f7f7f", "A": "#1f77b4", "M": "#d62728", "I": "#333333"}
+NODE_NAMES = {"X": "token embedding", "A": "after attention", "M": "FFN output", "I": "block output"}
+MAX_TOKENS = 256  # longest window the page traces by default (routes over thousands of tokens take minutes on a CPU)
+
+
+def _xy(res, r, n):
+    d = r.nodes[n]
+    k = d["kind"]
+    y = -1.0 if k == "X" else d["layer"] + ({"A": 0.0, "M": 0.33, "I": 0.66}[k] if not res.parallel else {"M": 0.33, "I": 0.66}.get(k, 0))
+    return d["pos"] + (0.25 if k == "M" else 0.0), y
+
+
+def _edge_traces(fig, res, r, edges, *, name, colour=None, dash=None, maxw=1.0, legend=True, width_scale=6.0):
+    """One trace per edge kind (lines joined with None gaps), so the legend names each kind once."""
+    import plotly.graph_objects as go
+
+    by_kind: dict[str, list] = {}
+    for u, v, d in edges:
+        by_kind.setdefault(d["kind"], []).append((u, v, d))
+    for kind, es in sorted(by_kind.items()):
+        # widths differ per edge: bucket them so one trace carries one width
+        buckets: dict[float, list] = {}
+        for u, v, d in es:
+            w = round(0.6 + width_scale * d["weight"] / maxw, 0)
+            buckets.setdefault(w, []).append((u, v, d))
+        first = True
+        for w, bes in sorted(buckets.items()):
+            xs, ys, tx = [], [], []
+            for u, v, d in bes:
+                (x0, y0), (x1, y1) = _xy(res, r, u), _xy(res, r, v)
+                xs += [x0, (x0 + x1) / 2, x1, None]
+                ys += [y0, (y0 + y1) / 2, y1, None]
+                t = f"{u} → {v} · {d['kind']} · weight {d['weight']:.3f}"
+                tx += [t, t, t, None]
+            fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", hoverinfo="text", text=tx, legendgroup=f"{name}-{kind}",
+                                     name=f"{name}{kind} edge" if name else f"{kind} edge", showlegend=legend and first,
+                                     line=dict(width=w, color=colour or COLOURS.get(kind, "#888"), dash=dash)))
+            first = False
+
+
+def route_figure(res, r, *, hover=None, head=None, compare=None, compare_label="ablated"):
+    """The route over the whole prompt (every token on the x axis) with a legend; ``head`` ("L5H3") highlights the
+    attention edges that head carries; ``compare`` (another route) draws kept / lost / gained edges on one graph."""
+    import plotly.graph_objects as go
+
+    L, T = res.n_layers, res.n_tokens
+    fig = go.Figure()
+    e0 = {(u, v): d for u, v, d in r.edges(data=True)}
+    maxw = max((d["weight"] for d in e0.values()), default=1.0) or 1.0
+    if compare is None:
+        _edge_traces(fig, res, r, [(u, v, d) for (u, v), d in e0.items()], name="", maxw=maxw)
+        graphs = [r]
+    else:
+        e1 = {(u, v): d for u, v, d in compare.edges(data=True)}
+        maxw = max([maxw] + [d["weight"] for d in e1.values()])
+        _edge_traces(fig, res, r, [(u, v, d) for (u, v), d in e0.items() if (u, v) in e1], name="kept ", colour="#8c8c8c", maxw=maxw)
+        _edge_traces(fig, res, r, [(u, v, d) for (u, v), d in e0.items() if (u, v) not in e1], name="lost ", colour="#d62728",
+                     dash="dot", maxw=maxw)
+        _edge_traces(fig, res, compare, [(u, v, d) for (u, v), d in e1.items() if (u, v) not in e0], name="gained ",
+                     colour="#2ca02c", maxw=maxw)
+        graphs = [r, compare]
+    if head:
+        from probes import parse_head
+
+        hl, hh = parse_head(head)
+        hx, hy, ht = [], [], []
+        for u, v, d in r.edges(data=True):
+            hs = d.get("heads") or []
+            if d["kind"] == "attn" and d["layer"] == hl and hh < len(hs) and hs[hh] > 0:
+                (x0, y0), (x1, y1) = _xy(res, r, u), _xy(res, r, v)
+                hx += [x0, x1, None]
+                hy += [y0, y1, None]
+                ht += [f"{head}: {hs[hh]:.3f} of {u} → {v}"] * 2 + [None]
+        fig.add_trace(go.Scatter(x=hx or [None], y=hy or [None], mode="lines", hoverinfo="text", text=ht or [None],
+                                 name=f"{head} (selected head)", line=dict(width=5, color="#ff7f0e")))
+    seen = {}
+    for g in graphs:
+        for n in g.nodes:
+            seen.setdefault(n, g)
+    for kind in ("X", "A", "M", "I"):
+        ns = [n for n, g in seen.items() if g.nodes[n]["kind"] == kind]
+        if not ns:
+            continue
+        xs, ys = zip(*(_xy(res, seen[n], n) for n in ns))
+        text = [f"{n} ({seen[n].nodes[n]['token']!r})" + (f"<br>{hover[n]}" if hover and n in hover else "") for n in ns]
+        fig.add_trace(go.Scatter(x=xs, y=ys, mode="markers", hoverinfo="text", text=text, customdata=ns,
+                                 name=NODE_NAMES[kind], marker=dict(size=9, color=NODE_COLOURS[kind], line=dict(width=1, color="white"))))
+    ticks = [repr(s)[1:-1] or "·" for s in res.str_tokens]
+    fig.update_layout(
+        xaxis=dict(tickmode="array", tickvals=list(range(T)), ticktext=[f"{t}" for t in ticks], title="prompt token (position →)",
+                   range=[-0.6, T - 0.4], tickangle=-45 if T > 12 else 0),
+        yaxis=dict(title="layer (−1 = embeddings)", range=[-1.5, L]), height=max(460, 22 * L),
+        margin=dict(l=60, r=20, t=110, b=90), legend=dict(orientation="h", yanchor="bottom", y=1.01, x=0, font=dict(size=11)),
+        title=dict(y=0.995, yanchor="top", x=0.01, xanchor="left", font=dict(size=15)),
+        clickmode="event+select", dragmode=False,
+    )
+    return fig
+
+
+def _pred_prob(probe, result, pos: int, token: str) -> float | None:
+    """Probability of ``token`` in the model's output distribution at ``pos`` (read from the last block output)."""
+    lens = result.logit_lens(probe, [f"I{result.n_layers - 1}_{pos}"], k=50)
+    return next((p for t, p in lens.get(f"I{result.n_layers - 1}_{pos}", []) if t == token), 0.0)
+
+
+def _ablation_view(probe, res, tokens, cfg, label: str, pos: int, tau: float, renorm: bool, pred_token: str | None) -> None:
+    """The route recomputed with one head zero-ablated, drawn on ONE graph with the original: kept, lost, gained edges."""
     from probes import Ablate, parse_head
 
     try:
@@ -120,7 +253,7 @@ def _ablation_view(probe, res, prompt: str, cfg, label: str, pos: int, tau: floa
         show_error(e)
         return
     with st.spinner(f"Routes with {label} ablated…"):
-        abl = cached(routes.run, prompt, config=cfg, edits=edits, _probe=probe, _store=True)
+        abl = cached(run_ids, tokens, config=cfg, edits=edits, _probe=probe, _store=True)
     if abl is None:
         return
     st.subheader(f"Routes with {label} ablated")
@@ -130,13 +263,16 @@ def _ablation_view(probe, res, prompt: str, cfg, label: str, pos: int, tau: floa
         show_error(e)
         return
     e0, e1 = set(r0.edges()), set(r1.edges())
-    c1, c2, c3 = st.columns(3)
+    c1, c2, c3, c4 = st.columns(4)
     c1.metric("Edges kept", len(e0 & e1))
     c2.metric("Edges lost", len(e0 - e1))
     c3.metric("Edges gained", len(e1 - e0))
-    a, b = st.columns(2)
-    a.plotly_chart(res.plot(route=r0).update_layout(title="original", height=420), key="routes_cmp_orig")
-    b.plotly_chart(abl.plot(route=r1).update_layout(title=f"{label} ablated", height=420), key="routes_cmp_abl")
+    if pred_token is not None:
+        with state.model_lock():
+            p0, p1 = _pred_prob(probe, res, pos, pred_token), _pred_prob(probe, abl, pos, pred_token)
+        c4.metric(f"p({pred_token!r})", f"{p1:.3f}", f"{p1 - p0:+.3f} vs original {p0:.3f}")
+    fig = route_figure(res, r0, compare=r1).update_layout(title=f"Original route vs {label} ablated: grey kept, red dotted lost, green gained")
+    st.plotly_chart(fig, key="routes_cmp", config={"displaylogo": False})
     d = (abl.head_importance(pos, tau=tau, renormalize=renorm) - res.head_importance(pos, tau=tau, renormalize=renorm))
     import pandas as pd
 
@@ -144,8 +280,31 @@ def _ablation_view(probe, res, prompt: str, cfg, label: str, pos: int, tau: floa
     df = pd.DataFrame(sorted(flat, key=lambda kv: -abs(kv[1]))[:15], columns=["head", "Δ importance"])
     st.caption("Heads whose importance on the route changed most when the head is ablated.")
     st.dataframe(df, hide_index=True)
-    components.export_bar(f"routes-{label}-ablated", figure=abl.plot(route=r1), table=abl.route_frame(pos, tau=tau, renormalize=renorm),
+    components.export_bar(f"routes-{label}-ablated", figure=fig, table=abl.route_frame(pos, tau=tau, renormalize=renorm),
                           graph=abl, graph_position=pos, result=abl, key="exp-routes-ablated")
+
+
+def _edge_table(res, pos, tau, renorm):
+    """The route's edges by weight; trivial edges last: residual edges (the stay-in-place path) and the FFN reading
+    its own block's attention output (A_l → M_l, weight 1 by construction)."""
+    df = res.route_frame(pos, tau=tau, renormalize=renorm)
+    trivial = df["kind"].eq("resid") | (df["source"].str.startswith("A") & df["target"].str.startswith("M"))
+    return df.assign(_t=trivial).sort_values(["_t", "weight"], ascending=[True, False]).drop(columns="_t").reset_index(drop=True)
+
+
+def _head_label_ok(probe):
+    from probes import parse_head
+
+    def check(v):
+        try:
+            l, h = parse_head(v)
+        except SondeError as e:
+            return str(e).rstrip(".")
+        if not (0 <= l < probe.info.n_layers and 0 <= h < probe.info.n_heads):
+            return f"this model has {probe.info.n_layers} layers × {probe.info.n_heads} heads"
+        return None
+
+    return check
 
 
 def main() -> None:
@@ -156,28 +315,51 @@ def main() -> None:
     probe = sidebar_probe()
     if probe is None:
         return
-    prompt = st.text_input("Prompt", value=query_param("prompt", DEFAULT_PROMPT), key="routes_prompt")
-    st.query_params["prompt"] = prompt
+    prompt = state.prompt_input()
+    bos = state.bos()
     c1, c2, c3 = st.columns([2, 1, 2])
-    tau = c1.slider("τ (threshold)", 0.01, 0.10, float(query_param("tau", "0.04")), 0.01, key="routes_tau")
-    renorm = c2.checkbox("Renormalize", value=True, key="routes_renorm")
-    st.query_params["tau"] = f"{tau:.2f}"
+    tau = c1.slider("τ (threshold)", 0.01, 0.10, param("tau", 0.04, kind=float, lo=0.01, hi=0.10, widget="routes_tau"), 0.01, key="routes_tau")
+    renorm = c2.checkbox("Renormalize", value=param("renorm", True, kind=bool, widget="routes_renorm"), key="routes_renorm")
+    st.query_params.update({"tau": f"{tau:.2f}", "renorm": "1" if renorm else "0"})
+    if not prompt.strip():
+        show_error(SondeError("the prompt is empty.", hint="Type a prompt of at least one token."))
+        return
     try:
-        cfg = routes.Config(keep_residuals=True)
+        cfg = routes.Config(keep_residuals=True, prepend_bos=bos)
+        all_ids = probe.to_tokens(prompt, prepend_bos=bos)[0]
     except SondeError as e:
         show_error(e)
         return
+    n_all = int(all_ids.shape[0])
+    tokens = all_ids
+    if n_all > MAX_TOKENS:
+        window = st.slider("Tokens to trace (the last N of the prompt)", 2, n_all, MAX_TOKENS, key="routes_window",
+                           help="Routes over thousands of tokens take minutes on a CPU and their graph is unreadable.")
+        tokens = all_ids[-int(window):]
+        st.caption(f"The prompt has {n_all:,} tokens; the route is traced over its last {int(window):,} (positions "
+                   f"{n_all - int(window)}–{n_all - 1}; set **Tokens to trace** above).")
+    # a new prompt starts at its last position; a link's position applies to the prompt it came with
+    sig = (prompt, bos, int(tokens.shape[0]))
+    if st.session_state.get("_routes_sig") not in (None, sig):
+        st.session_state.pop("routes_position", None)
+        for k in ("position", "node"):
+            if k in st.query_params:
+                del st.query_params[k]
+    st.session_state["_routes_sig"] = sig
+    limit = routes.max_prompt_tokens(probe.info.n_layers, probe.info.n_heads, cfg.max_memory_gb)
+    if tokens.shape[0] > limit:
+        show_error(SondeError(f"{int(tokens.shape[0])} tokens exceed the {limit} this model's route importances fit in "
+                              f"{cfg.max_memory_gb:g} GB.", hint="Lower **Tokens to trace** above."))
+        return
     with st.spinner("Computing routes…"):
-        res = cached(routes.run, prompt, config=cfg, _probe=probe, _store=True)
+        res = cached(run_ids, tuple(int(t) for t in tokens.tolist()), config=cfg, _probe=probe, _store=True)
     if res is None:
         return
     T = res.n_tokens
-    labels = [f"{t}: {s!r}" for t, s in enumerate(res.str_tokens)]
-    try:
-        default_pos = int(query_param("position", str(T - 1)))
-    except ValueError:
-        default_pos = T - 1
-    default_pos = default_pos if 0 <= default_pos < T else T - 1
+    default_pos = param("position", T - 1, kind=int, lo=0, hi=T - 1, widget="routes_position")
+    labels = [f"{t}: {tok!r}" for t, tok in enumerate(res.str_tokens)]
+    if st.session_state.get("routes_position") not in (None, *labels):
+        st.session_state.pop("routes_position")
     choice = c3.selectbox("Predicted position", labels, index=default_pos, key="routes_position")
     pos = labels.index(choice)
     st.query_params["position"] = str(pos)
@@ -187,86 +369,134 @@ def main() -> None:
         show_error(e)
         return
     nodes = tuple(sorted(route.nodes))
-    lens = _lens_cached(probe, res, nodes)
+    last = f"I{res.n_layers - 1}_{pos}"
+    with state.model_lock():
+        lens = _lens_cached(probe, res, nodes)
     hover = {n: "lens: " + ", ".join(f"{t!r} {p:.2f}" for t, p in top[:3]) for n, top in lens.items()}
-    pred = lens.get(f"I{res.n_layers - 1}_{pos}", [])
+    pred = lens.get(last, [])
     st.markdown(f"**Route to position {pos}** ({res.str_tokens[pos]!r}) — {route.number_of_nodes()} nodes, "
                 f"{route.number_of_edges()} edges; model predicts "
                 + ", ".join(f"`{t!r}` ({p:.2f})" for t, p in pred[:3]))
-    graph_fig = res.plot(route=route, hover=hover)
-    ev_graph = st.plotly_chart(graph_fig, key="routes_graph", on_select="rerun", selection_mode="points")
-    clicked_node = workbench.node_from_selection(ev_graph)
-    if clicked_node is not None and clicked_node != st.session_state.get("_routes_last_node"):
-        st.session_state["_routes_last_node"] = clicked_node
-        st.session_state["routes_node"] = clicked_node
+
+    # the selected head and node (from the URL, a click, or the boxes below)
+    imp = res.head_importance(pos, tau=tau, renormalize=renorm)
+    order = sorted(((f"L{l}H{h}", float(imp[l, h])) for l in range(imp.shape[0]) for h in range(imp.shape[1])), key=lambda kv: -kv[1])
+    head_labels = [k for k, _ in order]
+    wanted = param("component", head_labels[0], check=_head_label_ok(probe), widget="routes_component")
+    wanted_node = param("node", last, check=lambda v: None if v in nodes else "not a node of this route", widget="routes_node")
+    graph_ph = st.container()
 
     left, right = st.columns(2)
     with left:
         st.subheader("Head importance in this route")
         heads_fig = workbench.selectable_heads(res.plot_heads(pos, tau=tau, renormalize=renorm))
+        heads_fig.update_layout(title="Click a head to open its panel and highlight its edges")
         ev = st.plotly_chart(heads_fig, key="routes_heads", on_select="rerun", selection_mode="points")
         clicked = workbench.head_from_selection(ev)
-    with right:
-        st.subheader("Inspect a node")
-        if st.session_state.get("routes_node") not in nodes:
-            st.session_state.pop("routes_node", None)
-        node = st.selectbox("Node", nodes, index=nodes.index(f"I{res.n_layers - 1}_{pos}") if f"I{res.n_layers - 1}_{pos}" in nodes else 0,
-                            key="routes_node")
-        st.markdown("Logit lens: " + ", ".join(f"`{t!r}` {p:.3f}" for t, p in lens.get(node, [])))
-        heads = {}
-        for u, v, d in route.in_edges(node, data=True):
-            for h, w in enumerate(d.get("heads", [])):
-                heads[f"L{d['layer']}H{h}"] = heads.get(f"L{d['layer']}H{h}", 0.0) + w
-        top = sorted(heads.items(), key=lambda kv: -kv[1])[:5]
-        if top:
-            st.markdown("Top contributing heads: " + ", ".join(f"{k} ({w:.3f})" for k, w in top if w > 0))
-        else:
-            st.caption("No attention edge enters this node.")
-        npos = int(node.split("_")[1])
-        tok = res.str_tokens[npos]
-        if tok.strip() and npos > 0:
-            if st.button(f"Intervene on token {npos} ({tok!r}) in a counterfactual", key="routes_token_cf",
-                         icon=":material/call_split:", help="Opens the Counterfactuals page with a prompt edit at this token."):
-                workbench.go("counterfactual", prompt=prompt, kind="prompt", old=tok.strip(), new="")
-        st.dataframe(res.route_frame(pos, tau=tau, renormalize=renorm).sort_values("weight", ascending=False).head(20),
-                     use_container_width=True, hide_index=True)
-
-    # ---- the component panel: a click on the heat map, or the selection fallback
-    imp = res.head_importance(pos, tau=tau, renormalize=renorm)
-    order = sorted(((f"L{l}H{h}", float(imp[l, h])) for l in range(imp.shape[0]) for h in range(imp.shape[1])), key=lambda kv: -kv[1])
-    head_labels = [k for k, _ in order]
     if clicked is not None and clicked != st.session_state.get("_routes_last_click"):
         st.session_state["_routes_last_click"] = clicked
         st.session_state["routes_component"] = clicked
     if st.session_state.get("routes_component") not in head_labels:
         st.session_state.pop("routes_component", None)
-    wanted = query_param("component", head_labels[0])
+    with graph_ph:
+        selected_head = st.session_state.get("routes_component", wanted)
+        graph_fig = route_figure(res, route, hover=hover, head=selected_head)
+        graph_fig.update_layout(title=f"Route to position {pos} · {selected_head} highlighted · click a node to inspect it")
+        ev_graph = st.plotly_chart(graph_fig, key="routes_graph", on_select="rerun", selection_mode="points")
+        clicked_node = workbench.node_from_selection(ev_graph)
+        if clicked_node is not None and clicked_node != st.session_state.get("_routes_last_node"):
+            st.session_state["_routes_last_node"] = clicked_node
+            st.session_state["routes_node"] = clicked_node
+    with right:
+        st.subheader("Inspect a node")
+        if st.session_state.get("routes_node") not in nodes:
+            st.session_state.pop("routes_node", None)
+        node = st.selectbox("Node", nodes, index=nodes.index(wanted_node) if wanted_node in nodes else nodes.index(last) if last in nodes else 0,
+                            key="routes_node")
+        st.query_params["node"] = node
+        st.markdown("Logit lens: " + ", ".join(f"`{t!r}` {p:.3f}" for t, p in lens.get(node, [])))
+        contrib = {}
+        for u, v, d in route.in_edges(node, data=True):
+            if d["kind"] == "attn" and d.get("heads"):
+                for h, w in enumerate(d["heads"]):
+                    if w > 0:
+                        contrib[f"L{d['layer']}H{h}"] = contrib.get(f"L{d['layer']}H{h}", 0.0) + w
+            else:
+                contrib[f"{u} ({d['kind']})"] = contrib.get(f"{u} ({d['kind']})", 0.0) + d["weight"]
+        if contrib:
+            import plotly.graph_objects as go
+
+            top = sorted(contrib.items(), key=lambda kv: -kv[1])[:10]
+            bar = go.Figure(go.Bar(x=[w for _, w in top][::-1], y=[k for k, _ in top][::-1], orientation="h", marker_color="#1f77b4"))
+            bar.update_layout(height=60 + 26 * len(top), margin=dict(l=10, r=10, t=30, b=40), title=f"What flows into {node}",
+                              xaxis_title="contribution (edge weight on the route)", yaxis_title=None)
+            st.plotly_chart(bar, key="routes_node_contrib", config={"displaylogo": False})
+        else:
+            st.caption("No edge enters this node (a token embedding).")
+        npos = int(node.split("_")[1])
+        nlayer = int(node[1:].split("_")[0])
+        parts = [k for k, _ in sorted(contrib.items(), key=lambda kv: -kv[1]) if k.startswith("L")] if node[0] == "A" else []
+        if node[0] in ("M", "I"):
+            parts = [f"L{nlayer}FFN"] + parts
+        if parts:
+            part = st.selectbox("Vocabulary projection of", parts, key="routes_part",
+                                help="What this head (z_h W_O,h) or FFN writes at this position, read through the unembedding.")
+            from analyses import component as _component
+
+            key = ("routes_part_lens", probe.info.fingerprint, res.input_hash, part, npos)
+            memo = st.session_state.setdefault("_routes_part_lens", {})
+            if key not in memo:
+                try:
+                    with state.model_lock():
+                        memo[key] = _component.output_lens(probe, res.tokens, part, npos, k=6)
+                except SondeError as e:
+                    show_error(e)
+                    memo[key] = None
+            if memo.get(key):
+                up_, down_ = memo[key]
+                st.markdown(f"**{part} at position {npos}** promotes " + ", ".join(f"`{t!r}`" for t, _ in up_)
+                            + " · suppresses " + ", ".join(f"`{t!r}`" for t, _ in down_))
+        tok = res.str_tokens[npos]
+        if tok.strip() and npos > 0:
+            # propose what the model itself found likely at this position (its prediction one token earlier)
+            with state.model_lock():
+                prev = res.logit_lens(probe, [f"I{res.n_layers - 1}_{npos - 1}"], k=8).get(f"I{res.n_layers - 1}_{npos - 1}", [])
+            alt = next((t for t, _ in prev if t.strip() and t.strip() != tok.strip()), None)
+            if alt is not None and st.button(f"Intervene on token {npos} ({tok!r} → {alt!r}) in a counterfactual", key="routes_token_cf",
+                                             icon=":material/call_split:",
+                                             help="Opens Counterfactuals with a prompt edit: the token replaced by the model's own "
+                                                  "next most likely token at that position."):
+                workbench.go("counterfactual", **state.url_context(), kind="prompt", old=tok.strip(), new=alt.strip())
+        st.caption("Edges by weight; trivial edges last (residual stay-in-place edges and each FFN reading its own block's input).")
+        st.dataframe(_edge_table(res, pos, tau, renorm).head(30), width="stretch", hide_index=True)
+
+    # ---- the component panel: a click on the heat map, or the selection fallback
     comp = st.selectbox("Component (heads by importance on this route)", head_labels,
                         index=head_labels.index(wanted) if wanted in head_labels else 0, key="routes_component",
                         format_func=lambda k: f"{k} · {dict(order)[k]:.3f}")
     st.query_params["component"] = comp
     workbench.component_panel(probe, comp, prompt=prompt, routes_result=res, position=pos, key="routes-cp")
 
-    ablated = query_param("ablated", "")
+    ablated = param("ablated", "", check=_head_label_ok(probe))
     if ablated:
         st.query_params["ablated"] = ablated
-        _ablation_view(probe, res, prompt, cfg, ablated, pos, tau, renorm)
+        _ablation_view(probe, res, tuple(int(t) for t in tokens.tolist()), cfg, ablated, pos, tau, renorm, pred[0][0] if pred else None)
         if st.button("Hide the ablated comparison", key="routes_hide_ablated"):
             del st.query_params["ablated"]
             st.rerun()
 
     st.subheader("Export")
-    components.export_bar(f"routes-{pos}", figure=graph_fig, table=res.route_frame(pos, tau=tau, renormalize=renorm), graph=res,
+    components.export_bar(f"routes-{pos}", figure=graph_fig, table=_edge_table(res, pos, tau, renorm), graph=res,
                           graph_position=pos, result=res, figures={"Route graph": graph_fig, "Head importance": heads_fig},
-                          notes=(f"Prompt: {prompt!r}; position {pos}; τ = {tau:.2f}; renormalize = {renorm}.",),
-                          code=_code(probe, prompt, pos, tau), key="exp-routes")
+                          notes=(f"Prompt: {prompt!r}; position {pos}; τ = {tau:.2f}; renormalize = {renorm}; BOS {bos}.",),
+                          code=_code(probe, prompt, pos, tau, bos), key="exp-routes")
     _dataset_view(probe)
-    components.notebook_snippet(_code(probe, prompt, pos, tau))
+    components.notebook_snippet(_code(probe, prompt, pos, tau, bos))
 
 
-def _code(probe, prompt: str, pos: int, tau: float) -> str:
+def _code(probe, prompt: str, pos: int, tau: float, bos: bool) -> str:
     return (f"from probes import load_model\nfrom analyses import routes\n\nprobe = load_model({probe.info.name!r}, backend={probe.backend!r})\n"
-            f"res = routes.run(probe, {prompt!r}, config=routes.Config(keep_residuals=True))\n"
+            f"res = routes.run(probe, {prompt!r}, config=routes.Config(keep_residuals=True, prepend_bos={bos!r}))\n"
             f"res.plot({pos}, tau={tau:.2f}).show(); res.plot_heads({pos}, tau={tau:.2f}).show()")
 
 

@@ -7,7 +7,8 @@ import streamlit as st
 from analyses import bbtoy, dormant, sinks
 from analyses.domains import BUILTIN
 from dashboard import components, workbench
-from dashboard.state import DEFAULT_PROMPT, cached, query_param, show_error, sidebar_probe
+from dashboard import state
+from dashboard.state import cached, param, show_error, sidebar_probe
 
 st.title("Sinks & dormant heads")
 st.caption("Attention sinks (Gu et al. 2024), value-state drains, residual-state peaks and active/dormant heads "
@@ -19,15 +20,16 @@ tab_sink, tab_dorm, tab_toy = st.tabs(["Sink metric", "Dormant heads by domain",
 
 with tab_sink:
     c1, c2, c3, c4 = st.columns(4)
-    domain = c1.selectbox("Domain", BUILTIN, index=BUILTIN.index(query_param("domain", "prose")))
-    eps = c2.slider("ε", 0.05, 0.95, float(query_param("eps", "0.3")), 0.05)
-    n = c3.number_input("Samples", 1, 100, int(query_param("n", "2")))
-    T = c4.number_input("T", 8, 256, int(query_param("T", "64")))
+    domain = c1.selectbox("Domain", BUILTIN, index=BUILTIN.index(param("domain", "prose", choices=list(BUILTIN))))
+    eps = c2.slider("ε", 0.05, 0.95, param("eps", 0.3, kind=float, lo=0.05, hi=0.95), 0.05)
+    n = c3.number_input("Samples", 1, 100, param("n", 2, kind=int, lo=1, hi=100))
+    T = c4.number_input("T", 8, 256, param("T", 64, kind=int, lo=8, hi=256))
     st.query_params.update({"domain": domain, "eps": str(eps), "n": str(n), "T": str(T)})
     res = None
     if probe is not None:
         try:
-            cfg = sinks.Config(eps=round(eps, 2), n_samples=int(n), T=int(T), batch_size=int(n), mlp_ablation=False)
+            cfg = sinks.Config(eps=round(eps, 2), n_samples=int(n), T=int(T), batch_size=int(n), mlp_ablation=False,
+                               bos="always" if state.bos() else "tokenizer")
         except Exception as e:  # ConfigError
             show_error(e)
             cfg = None
@@ -43,18 +45,32 @@ with tab_sink:
         m3.metric("Max residual peak ratio", f"{s['max residual peak ratio']:.1f}×")
         st.markdown(f"**Sink heads** (majority of samples): {s['sink heads (majority)']} · samples {res.n_samples}, "
                     f"skipped {res.n_skipped}")
-        heads_fig = workbench.selectable_heads(res.plot("heads"))
+        heads_fig = workbench.selectable_heads(components.axis_titles(res.plot("heads"), "head", "layer"))
         ev = st.plotly_chart(heads_fig, key="sinks_heads", on_select="rerun", selection_mode="points")
         head = workbench.head_from_selection(ev)
         if head is not None and head != st.session_state.get("_sinks_last_click"):
             st.session_state["_sinks_last_click"] = head
             st.query_params["component"] = head
-        if not query_param("component", ""):
+        if not st.query_params.get("component"):
             st.caption("Click a cell of the heat map to open that head's component panel (below the tabs).")
+        vfig = components.axis_titles(res.plot("values"), "position", "‖v W_O,h‖ (log scale)")
+        import plotly.colors as pc
+
+        import plotly.graph_objects as pgo
+
+        nL = len(vfig.data)
+        for l, tr in enumerate(vfig.data):  # one colour ramp over the layers and a colour bar instead of a 30-entry legend
+            tr.line.color = pc.sample_colorscale("Viridis", [l / max(1, nL - 1)])[0]
+            tr.showlegend = False
+            tr.hovertemplate = f"layer {l}<br>position %{{x}}<br>‖v W_O‖ %{{y:.3g}}<extra></extra>"
+        vfig.add_trace(pgo.Scatter(x=[None], y=[None], mode="markers", showlegend=False, hoverinfo="skip",
+                                   marker=dict(colorscale="Viridis", cmin=0, cmax=max(1, nL - 1), color=[0], showscale=True,
+                                               colorbar=dict(title="layer", thickness=14))))
+        vfig.update_layout(height=440)
+        st.plotly_chart(vfig, width="stretch", key="sinks_values")
         a, b = st.columns(2)
-        a.plotly_chart(res.plot("values"), use_container_width=True)
-        b.plotly_chart(res.plot("resid"), use_container_width=True)
-        st.plotly_chart(res.plot("eps"), use_container_width=True)
+        a.plotly_chart(components.axis_titles(res.plot("resid"), "position", "layer"), width="stretch", key="sinks_resid")
+        b.plotly_chart(components.axis_titles(res.plot("eps"), "ε", "%"), width="stretch", key="sinks_eps")
         code = (f"from probes import load_model\nfrom analyses import sinks\n\nprobe = load_model({probe.info.name!r}, backend={probe.backend!r})\n"
                 f"res = sinks.run(probe, domain={domain!r}, config=sinks.{cfg!r})\nres.summary(); res.plot('heads').show()")
         components.export_bar(f"sinks-{domain}", figure=heads_fig, table=res.to_frame(), result=res, code=code, key="exp-sinks",
@@ -79,8 +95,8 @@ with tab_dorm:
             show_error(e)
         else:
             st.session_state.pop("dormant_res", None)
-            locked = workbench.LockedProbe(probe)
-            workbench.run_job("dormant", "Dormant map", lambda job: dormant.run(locked, tuple(doms), config=dcfg, step=job.step),
+            workbench.run_job("dormant", "Dormant map",
+                              lambda job: dormant.run(workbench.LockedProbe(probe, job), tuple(doms), config=dcfg, step=job.step),
                               total=int(nd) * len(doms), restart=True)
     job = workbench.job_view("dormant")
     if job is not None and job.finished and job.result is not None:
@@ -90,7 +106,7 @@ with tab_dorm:
         view = st.radio("View", ["map", "diff"], horizontal=True)
         d1 = st.selectbox("Domain", dres.domains)
         d2 = st.selectbox("minus", dres.domains, index=min(1, len(dres.domains) - 1)) if view == "diff" else None
-        dfig = workbench.selectable_heads(dres.plot(view, domain=d1, other=d2))
+        dfig = workbench.selectable_heads(components.axis_titles(dres.plot(view, domain=d1, other=d2), "head", "layer"))
         ev = st.plotly_chart(dfig, key="dormant_map", on_select="rerun", selection_mode="points")
         head = workbench.head_from_selection(ev)
         if head is not None and head != st.session_state.get("_dormant_last_click"):
@@ -98,9 +114,9 @@ with tab_dorm:
             st.query_params["component"] = head
         components.export_bar("dormant-map", figure=dfig, table=dres.to_frame(), result=dres, key="exp-dormant")
         st.markdown(f"**Heads that flip between domains:** {len(dres.flips)}")
-        st.dataframe(dres.flips, use_container_width=True)
+        st.dataframe(dres.flips, width="stretch")
         if dres.tested:
-            st.plotly_chart(dres.plot("delta"), use_container_width=True)
+            st.plotly_chart(components.axis_titles(dres.plot("delta"), None, None), width="stretch")
         lab = st.text_input("Show a head's attention on a prompt (e.g. L20H6)", "")
         prompt = st.text_input("Prompt", "Summer is warm. Winter is cold.")
         if lab and probe is not None:
@@ -114,7 +130,7 @@ with tab_dorm:
 
                 strs = probe.to_str_tokens(toks[0])
                 st.plotly_chart(pgo.Figure(pgo.Heatmap(z=A.numpy(), x=strs, y=strs, colorscale="Viridis")).update_layout(
-                    title=f"{lab} attention", yaxis_autorange="reversed"), use_container_width=True)
+                    title=f"{lab} attention", yaxis_autorange="reversed"), width="stretch")
             except Exception as e:
                 show_error(e)
 
@@ -132,10 +148,10 @@ with tab_toy:
             show_error(e)
     bres = st.session_state.get("bb_res")
     if bres is not None:
-        st.plotly_chart(bres.plot(), use_container_width=True)
+        st.plotly_chart(bres.plot(), width="stretch")
         st.json(bres.summary())
 
-sel = query_param("component", "")
+sel = param("component", "", check=workbench.component_check(probe)) if probe is not None else ""
 if sel and probe is not None:
     st.divider()
-    workbench.component_panel(probe, sel, prompt=query_param("prompt", DEFAULT_PROMPT), key="sinks-cp")
+    workbench.component_panel(probe, sel, prompt=state.context()["prompt"], key="sinks-cp")

@@ -1,0 +1,271 @@
+"""Dashboard input safety: every page's query parameters and uploads are user input.
+
+A table of bad links and uploads, each run headless (``streamlit.testing.v1.AppTest``) on a tiny random model
+saved to a local folder: the page raises nothing, shows exactly one ``st.error`` line and keeps its defaults.
+Results browsing stays inside the results root (``?dir=/``, ``..``, symbolic links, manifests naming tables
+outside the result, manifests that are not objects).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from streamlit.testing.v1 import AppTest  # noqa: E402
+
+import tiny_models  # noqa: E402
+
+TIMEOUT = 180
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """A tiny llama saved as a local folder (the dashboard's model) and a results root with good and bad results."""
+    base = tmp_path_factory.mktemp("dash-inputs")
+    model_dir = base / "tiny-llama"
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_models.config("llama")
+    cfg.max_position_embeddings = 4096  # room for the long-prompt cases (~3,000 byte tokens)
+    torch.manual_seed(0)
+    m = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    m.save_pretrained(model_dir)
+    tiny_models.tokenizer().save_pretrained(model_dir)
+    res = base / "results"
+    from analyses import logit_lens
+    from probes import load_model
+
+    probe = load_model(str(model_dir), backend="nnsight", device="cpu")
+    logit_lens.run(probe, "Hello world", config=logit_lens.Config(k=2)).save(res / "good")
+    (res / "listtop").mkdir(parents=True)
+    (res / "listtop" / "manifest.json").write_text("[1, 2, 3]")
+    (res / "escape").mkdir()
+    (base / "secret.parquet").write_bytes(b"not yours")
+    (res / "escape" / "manifest.json").write_text(json.dumps({"analysis": "logit-lens", "tables": ["../../secret"]}))
+    (res / "broken").mkdir()
+    (res / "broken" / "manifest.json").write_text("{not json")
+    os.symlink("/", res / "rootlink")  # a symbolic link out of the results root: never walked
+    old = {k: os.environ.get(k) for k in ("SONDE_MODEL", "SONDE_RESULTS")}
+    os.environ["SONDE_MODEL"] = str(model_dir)
+    os.environ["SONDE_RESULTS"] = str(res)
+    yield {"model": str(model_dir), "results": res, "base": base}
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def _page(file: str, params: dict[str, str]) -> AppTest:
+    at = AppTest.from_file(str(ROOT / "dashboard" / "pages" / file), default_timeout=TIMEOUT)
+    at.query_params.update(params)
+    return at.run()
+
+
+def _w(at, kind: str, key: str):
+    hits = [w for w in getattr(at, kind) if w.key == key]
+    assert hits, f"no {kind} {key!r}"
+    return hits[0]
+
+
+def _by_label(at, kind: str, label: str):
+    hits = [w for w in getattr(at, kind) if w.label == label]
+    assert hits, f"no {kind} labelled {label!r}; have {[w.label for w in getattr(at, kind)]}"
+    return hits[0]
+
+
+def _q(at, name: str) -> str:
+    v = at.query_params[name]
+    return v[0] if isinstance(v, list) else v
+
+
+# (page, query parameters, check that the defaults were kept)
+CASES = [
+    # Model & prompt
+    ("model.py", {"backend": "foo"}, lambda at: _w(at, "selectbox", "ctx_backend").value == "nnsight"),
+    ("model.py", {"dtype": "fp8"}, lambda at: _w(at, "selectbox", "ctx_dtype").value == "auto"),
+    ("model.py", {"device": "tpu"}, lambda at: _w(at, "selectbox", "ctx_device").value == "auto"),
+    ("model.py", {"bos": "maybe"}, lambda at: _w(at, "toggle", "ctx_bos").value is False),
+    ("model.py", {"k": "abc"}, lambda at: _w(at, "number_input", "model_k").value == 5),
+    ("model.py", {"k": "99"}, lambda at: _w(at, "number_input", "model_k").value == 5),
+    ("model.py", {"color": "purple"}, lambda at: _w(at, "radio", "model_color").value == "final"),
+    ("model.py", {"prompt": "   "}, lambda at: _w(at, "text_area", "ctx_prompt").value.startswith("The Eiffel Tower")),
+    # Information flow
+    ("routes.py", {"tau": "abc"}, lambda at: _w(at, "slider", "routes_tau").value == pytest.approx(0.04)),
+    ("routes.py", {"tau": "nan"}, lambda at: _w(at, "slider", "routes_tau").value == pytest.approx(0.04)),
+    ("routes.py", {"position": "999"}, lambda at: _w(at, "selectbox", "routes_position").value == _w(at, "selectbox", "routes_position").options[-1]),
+    ("routes.py", {"component": "L99H0"}, lambda at: _w(at, "selectbox", "routes_component").value is not None),
+    ("routes.py", {"ablated": "L0H99"}, lambda at: "ablated" not in at.query_params),
+    ("routes.py", {"node": "Z9_9"}, lambda at: _w(at, "selectbox", "routes_node").value.startswith("I")),
+    ("routes.py", {"renorm": "maybe"}, lambda at: _w(at, "checkbox", "routes_renorm").value is True),
+    # Counterfactuals
+    ("counterfactual.py", {"temperature": "abc"}, lambda at: _by_label(at, "slider", "Temperature (0 = greedy)").value == pytest.approx(0.8)),
+    ("counterfactual.py", {"temperature": "inf"}, lambda at: _by_label(at, "slider", "Temperature (0 = greedy)").value == pytest.approx(0.8)),
+    ("counterfactual.py", {"top_p": "5"}, lambda at: _by_label(at, "slider", "Top-p (1 = off)").value == pytest.approx(1.0)),
+    ("counterfactual.py", {"max_new_tokens": "100000"}, lambda at: _by_label(at, "slider", "New tokens").value == 20),
+    ("counterfactual.py", {"kind": "foo"}, lambda at: _by_label(at, "radio", "Intervention").value == "token edit"),
+    ("counterfactual.py", {"kind": "ablate", "ablate": "L99H0"}, lambda at: _by_label(at, "text_input", "Heads / neurons to zero").value == "L0H0"),
+    # Sinks & dormant heads
+    ("sinks.py", {"domain": "nope"}, lambda at: _by_label(at, "selectbox", "Domain").value == "prose"),
+    ("sinks.py", {"eps": "abc"}, lambda at: _by_label(at, "slider", "ε").value == pytest.approx(0.3)),
+    ("sinks.py", {"T": "99999"}, lambda at: _by_label(at, "number_input", "T").value == 64),
+    ("sinks.py", {"component": "L99H0"}, lambda at: not any("Component L99H0" in m.value for m in at.markdown)),
+    # Bigram subnetwork
+    ("bigram.py", {"lam": "abc"}, lambda at: _by_label(at, "number_input", "λ (sparsity)").value == pytest.approx(10.0)),
+    ("bigram.py", {"steps": "0"}, lambda at: _by_label(at, "number_input", "Steps").value == 4),
+    ("bigram.py", {"layers": "7,8"}, lambda at: _by_label(at, "text_input", "Blocks to mask").value == "0"),
+    ("bigram.py", {"target": "x"}, lambda at: _by_label(at, "selectbox", "Target").value == "bigram"),
+    ("bigram.py", {"mask": "/etc"}, lambda at: _by_label(at, "text_input", "Load a saved result folder (optional)").value == ""),
+    ("bigram.py", {"corpus": "/etc/passwd"}, lambda at: _by_label(at, "text_input", "Corpus").value == "builtin"),
+    # Embedding geometry
+    ("fiber.py", {"matrix": "foo"}, lambda at: _by_label(at, "selectbox", "Matrix").value == "input"),
+    ("fiber.py", {"tokens": "0:999999999999"}, lambda at: _by_label(at, "text_input", "Tokens").value.startswith("0:256")),
+    ("fiber.py", {"vol_max": "abc"}, lambda at: _by_label(at, "number_input", "vol_max").value == 256),
+    # Critical tokens
+    ("critical.py", {"rollouts": "abc"}, lambda at: _by_label(at, "number_input", "Rollouts per prefix").value == 3),
+    ("critical.py", {"granularity": "foo"}, lambda at: _by_label(at, "selectbox", "Granularity").value == "token"),
+    # Component
+    ("component.py", {"component": "L99H0"}, lambda at: _w(at, "text_input", "component_label").value == "L0H0"),
+    # Results: browsing confined to the results root
+    ("results.py", {"dir": "/"}, lambda at: Path(_w(at, "text_input", "results_dir").value) == Path(os.environ["SONDE_RESULTS"]).resolve()),
+    ("results.py", {"dir": "../.."}, lambda at: Path(_w(at, "text_input", "results_dir").value) == Path(os.environ["SONDE_RESULTS"]).resolve()),
+    ("results.py", {"result": "/etc"}, lambda at: _q(at, "result") != "/etc" and Path(_q(at, "result")).resolve().is_relative_to(Path(os.environ["SONDE_RESULTS"]).resolve())),
+]
+
+
+@pytest.mark.parametrize("page,params,kept", CASES, ids=[f"{p[:-3]}-{'&'.join(f'{k}={v}' for k, v in q.items())}" for p, q, _ in CASES])
+def test_bad_query_parameter(env, page, params, kept):
+    at = _page(page, params)
+    assert not at.exception, [e.value for e in at.exception]
+    assert len(at.error) == 1, [e.value for e in at.error]
+    name = next(iter(params)) if len(params) == 1 else list(params)[-1]
+    assert name in at.error[0].value
+    assert kept(at)
+
+
+def test_results_page_skips_malformed_and_escaping_manifests(env):
+    at = _page("results.py", {})
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+    listed = _w(at, "selectbox", "results_pick").options  # labels "analysis · model · created · folder"
+    assert any(x.endswith("· good") for x in listed)  # (routes the other tests stored under dashboard/ may be listed too)
+    assert not any(x.endswith(("· listtop", "· escape", "· broken")) for x in listed)
+    warn = " ".join(w.value for w in at.warning)
+    assert "Skipped 3 malformed" in warn and "listtop" in warn and "escape" in warn and "broken" in warn
+    assert "rootlink" not in warn  # the symbolic link to / was not followed
+
+
+def test_inside_results_refuses_symlinks_out(env):
+    from dashboard.state import inside_results
+
+    res = env["results"]
+    assert inside_results(res / "good") == (res / "good").resolve()
+    assert inside_results(res / "rootlink") is None
+    assert inside_results(res / "rootlink" / "etc") is None
+    assert inside_results(res / ".." / "secret.parquet") is None
+    assert inside_results("/") is None
+
+
+def test_latin1_upload_refused_with_offset(env):
+    at = _page("routes.py", {})
+    assert not at.exception
+    text = "Caf\u00e9 au lait".encode("latin-1")
+    at.file_uploader(key="routes_dataset").set_value(("prompts.txt", text, "text/plain")).run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert len(at.error) == 1, [e.value for e in at.error]
+    assert "not UTF-8" in at.error[0].value and "offset 3" in at.error[0].value
+    assert not at.get("progress")  # nothing started
+
+
+def test_bad_jsonl_upload_names_the_line(env):
+    at = _page("routes.py", {})
+    at.file_uploader(key="routes_dataset").set_value(("p.jsonl", b'{"text": "a"}\n{oops\n', "application/json")).run()
+    assert not at.exception
+    assert len(at.error) == 1 and "line 2" in at.error[0].value
+
+
+# ----------------------------------------------------------------------------- one context across pages
+def test_context_survives_page_switch_and_links_carry_it(env):
+    """Model, prompt and BOS set on Model & prompt stay when Information flow opens (the same tokens: the same
+    BOS policy), and the URL of every page carries them."""
+    at = AppTest.from_file(str(ROOT / "dashboard" / "app.py"), default_timeout=TIMEOUT)
+    at.switch_page("pages/model.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    at.text_area("ctx_prompt").set_value("Paris is the capital of")
+    at.button[0].click().run()  # the form's Run
+    at.sidebar.toggle("ctx_bos").set_value(True).run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    n_model = len(at.dataframe[0].value)  # next-token table: one row per position
+    at.switch_page("pages/routes.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.title[0].value == "Information flow"
+    assert at.text_input("ctx_prompt").value == "Paris is the capital of"
+    assert at.sidebar.toggle("ctx_bos").value is True
+    assert at.sidebar.text_input("ctx_model").value == env["model"]
+    assert len(at.selectbox("routes_position").options) == n_model  # same tokens, BOS included on both pages
+    q = {k: (v[0] if isinstance(v, list) else v) for k, v in at.query_params.items()}
+    assert q["prompt"] == "Paris is the capital of" and q["bos"] == "1" and q["model"] == env["model"]
+
+
+def test_new_prompt_resets_the_predicted_position(env):
+    at = _page("routes.py", {"prompt": "Hello there friend", "position": "2"})
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert at.selectbox("routes_position").value.startswith("2:")
+    at.text_input("ctx_prompt").set_value("A much longer prompt than the first one").run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    sel = at.selectbox("routes_position")
+    assert sel.value == sel.options[-1] and len(sel.options) > 3  # the new prompt's last position, not the old index
+
+
+def test_bos_default_is_one_policy():
+    from analyses import logit_lens, routes
+
+    assert logit_lens.Config().prepend_bos is routes.Config().prepend_bos is False
+
+
+def test_ablated_routes_have_their_own_content_key(env):
+    from analyses import routes
+    from probes import Ablate, load_model
+
+    probe = load_model(env["model"], backend="nnsight", device="cpu")
+    cfg = routes.Config()
+    a = routes.run(probe, "Hello world", config=cfg)
+    b = routes.run(probe, "Hello world", config=cfg, edits=[Ablate("blocks.1.attn.hook_z", heads=[1])])
+    assert a.input_hash != b.input_hash and a.key != b.key
+    assert routes.run(probe, "Hello world", config=cfg).key == a.key  # unedited runs keep one key
+
+
+# ----------------------------------------------------------------------------- long prompts: capped views
+LONG = "The quick brown fox jumps over the lazy dog. " * 67  # ~3,000 byte tokens on the tiny model
+
+
+def test_long_prompt_model_page_draws_a_window(env):
+    import time
+
+    t0 = time.perf_counter()
+    at = _page("model.py", {"prompt": LONG})
+    elapsed = time.perf_counter() - t0
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    fig = at.get("plotly_chart")[0]
+    spec = json.loads(fig.proto.spec)
+    assert len(spec["data"][0]["x"]) == 48  # 48 columns, not 3,000
+    assert any("tokens: positions" in c.value for c in at.caption)
+    assert len(at.dataframe[0].value) == 48  # the next-token table follows the window
+    assert elapsed < 120, elapsed
+
+
+def test_long_prompt_routes_trace_a_window(env):
+    at = _page("routes.py", {"prompt": LONG})
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert at.slider("routes_window").value == 256  # "Tokens to trace", the control the note points at
+    assert any("Tokens to trace" in c.value for c in at.caption)
+    assert len(at.selectbox("routes_position").options) == 256
