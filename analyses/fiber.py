@@ -1007,6 +1007,13 @@ def run(probe: Probe | None = None, *, embeddings: Any = None, token_strs: Seque
         token_strs: labels of the rows (default: the tokenizer's, else the row ids).
         progress: ``progress(done_blocks, total_blocks)`` called after each kNN block.
     """
+    prep = _prepare(probe, embeddings, config, progress)
+    return _finish(config, **prep, probe=probe, embeddings=embeddings, token_strs=token_strs)
+
+
+def _prepare(probe: Probe | None, embeddings: Any, config: Config, progress: Callable[[int, int], None] | None
+             ) -> dict[str, Any]:
+    """Matrix, duplicate check and nearest-neighbour distances up to ``config.vol_max``."""
     timer = Timer()
     with timer("load"):
         E, source = _resolve(probe, embeddings, config)
@@ -1045,6 +1052,16 @@ def run(probe: Probe | None = None, *, embeddings: Any = None, token_strs: Seque
         Ed = E.to(dev)
         dist, idx = knn_distances(Ed, config.vol_max, queries=q, block_size=config.block_size,
                                   exact="all" if dev.startswith("cuda") or config.exact == "all" else "auto", progress=progress)
+    return {"dist": dist, "idx": idx, "q": q, "E": E, "source": source, "warnings": warnings, "timer": timer}
+
+
+def _finish(config: Config, *, dist: torch.Tensor, idx: torch.Tensor, q: torch.Tensor, E: torch.Tensor, source: str,
+            probe: Probe | None, embeddings: Any, token_strs: Sequence[str] | None, warnings: list[str], timer: Timer
+            ) -> FiberResult:
+    """The tests and the result, from the sorted neighbour distances ``dist [n, ≥ vol_max]`` of the rows ``q``."""
+    V, dim = E.shape
+    warnings = list(warnings)
+    dist, idx = dist[:, :config.vol_max], idx[:, :config.vol_max]
     with timer("calibration"):
         cal = calibration(config.vol_min, config.vol_max, config.window, config.n_sims, config.seed) if config.mode == "calibrated" else {}
     with timer("test"):
@@ -1090,3 +1107,116 @@ def run(probe: Probe | None = None, *, embeddings: Any = None, token_strs: Seque
         curve_rows=rows, radii=dist[rows].float().contiguous(), neighbors=idx[rows, : config.n_neighbors].int().contiguous(),
         calibration=dict(cal), warnings=warnings,
     )
+
+
+# ------------------------------------------------------------------------------------------ stability
+STABILITY_RANGES: tuple[tuple[int, int], ...] = ((10, 200), (10, 300), (10, 500), (10, 1000))
+
+
+def _jaccard(a: set[int], b: set[int]) -> float:
+    return 1.0 if not a and not b else len(a & b) / len(a | b)
+
+
+def volume_stability(probe: Probe | None = None, *, embeddings: Any = None, token_strs: Sequence[str] | None = None,
+                     config: Config = Config(), ranges: Sequence[tuple[int, int]] = STABILITY_RANGES,
+                     correction: Correction | None = None, progress: Callable[[int, int], None] | None = None,
+                     return_results: bool = False) -> pd.DataFrame | tuple[pd.DataFrame, list[FiberResult]]:
+    """How the rejections depend on the volume range: one nearest-neighbour pass, one test per range.
+
+    Args:
+        config: every setting except ``vol_min`` / ``vol_max`` (taken from ``ranges``).
+        ranges: ``(vol_min, vol_max)`` pairs (each checked like a :class:`Config`).
+        correction: vocabulary correction of the counted rejections (default ``config.correction``).
+
+    Returns:
+        one row per range: ``volumes``, ``vol_min``, ``vol_max``, ``tested``, ``reject_manifold``,
+        ``reject_fb_small``, ``reject_fb_large`` and ``jaccard <volumes>`` per range (Jaccard index of the
+        two sets of manifold rejections; 1 when both are empty); with ``return_results`` also the
+        :class:`FiberResult` of each range.
+    """
+    if not ranges:
+        raise ConfigError("ranges is empty.", hint="Give (vol_min, vol_max) pairs, e.g. ((10, 200), (10, 1000)).")
+    cfgs = [config.replace(vol_min=int(a), vol_max=int(b), keep_curves="none") for a, b in ranges]
+    top = max(cfgs, key=lambda c: c.vol_max)
+    prep = _prepare(probe, embeddings, top, progress)
+    method = correction or config.correction
+    rows, sets, results = [], [], []
+    for c in cfgs:
+        res = _finish(c, **{**prep, "timer": Timer()}, probe=probe, embeddings=embeddings, token_strs=token_strs)
+        v = res.verdicts(method)
+        ids = res.token_ids.numpy()
+        sets.append(set(ids[v["reject_manifold"]].tolist()))
+        results.append(res)
+        rows.append({"volumes": f"{c.vol_min}–{c.vol_max}", "vol_min": c.vol_min, "vol_max": c.vol_max,
+                     "tested": int(res.testable.sum()), **{k: int(x.sum()) for k, x in v.items()}})
+    df = pd.DataFrame(rows)
+    for j, r in enumerate(rows):
+        df[f"jaccard {r['volumes']}"] = [round(_jaccard(s, sets[j]), 3) for s in sets]
+    df.attrs.update(mode=config.mode, correction=method, alpha=config.alpha)
+    return (df, results) if return_results else df
+
+
+# ------------------------------------------------------------------------------------------ README numbers
+README_SUBSET = (0, 49152, 50)  # the notebook's tokens: every 50th row
+
+
+def readme_numbers(probe: Probe, *, full: bool = True, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Every number the README's fiber section states, computed by today's code.
+
+    ``full=False`` skips the full-vocabulary runs (minutes on CPU) and returns the fast part: duplicate
+    rows, the uniform 2-sphere check and the notebook subset (every 50th token, volumes 10–300).
+    """
+    E = probe.W_E.detach().float()
+    _, inv, cnt = torch.unique(E, dim=0, return_inverse=True, return_counts=True)
+    out: dict[str, Any] = {"vocab": int(E.shape[0]), "duplicate_rows": int((cnt[inv] > 1).sum())}
+    x = np.random.default_rng(0).normal(size=(1000, 3))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    for mode in ("parity", "calibrated"):
+        r = run(embeddings=x, config=Config(vol_min=10, vol_max=100, mode=mode, keep_curves="none"))  # type: ignore[arg-type]
+        out[f"sphere_{mode}"] = int(r.verdicts()["reject_manifold"].sum())
+    toks = tuple(range(*README_SUBSET))
+    for mode in ("calibrated", "parity"):
+        r = run(probe, config=Config(tokens=toks, vol_max=300, mode=mode, keep_curves="none"))  # type: ignore[arg-type]
+        c = r.counts().set_index("correction")
+        out[f"subset_{mode}"] = {m: int(c.loc[m, "reject_manifold"]) for m in ("none", "holm", "bh")}
+    out["subset_tokens"] = len(toks)
+    if full:
+        st, results = volume_stability(probe, config=Config(keep_curves="none"), progress=progress, return_results=True)
+        res = results[[r.config.vol_max for r in results].index(1000)]
+        c = res.counts().set_index("correction")
+        out["full_calibrated"] = {m: {k: int(c.loc[m, k]) for k in ("reject_manifold", "reject_fb_small", "reject_fb_large")}
+                                  for m in ("none", "holm", "bh")}
+        out["full_tested"] = int(res.testable.sum())
+        out["stability"] = st.to_dict(orient="records")
+    return out
+
+
+def readme_phrases(numbers: dict[str, Any]) -> list[str]:
+    """The sentences of the README's fiber section that carry :func:`readme_numbers` (a test checks them)."""
+    n = numbers
+    out = [f"the embedded model has {n['duplicate_rows']} such rows",
+           f"it flags {n['sphere_parity']}/1000 points, where calibrated mode flags {n['sphere_calibrated']}/1000",
+           (f"On every 50th token ({n['subset_tokens']} tokens, volumes 10–300, as in the notebook) "
+            f"{n['subset_calibrated']['none']} tokens reject “manifold” in calibrated mode "
+            f"({n['subset_calibrated']['holm']} with Holm, {n['subset_calibrated']['bh']} with BH) and "
+            f"{n['subset_parity']['none']} in parity mode ({n['subset_parity']['holm']} with Holm)")]
+    if "full_calibrated" in n:
+        fc = n["full_calibrated"]
+        out.append(f"{fc['none']['reject_manifold']} of {n['full_tested']} tokens reject “manifold” with no correction, "
+                   f"{fc['holm']['reject_manifold']} with Holm and {fc['bh']['reject_manifold']} with BH")
+        out.append(f"{fc['none']['reject_fb_small']} also reject “fiber bundle” at the smaller radius and "
+                   f"{fc['none']['reject_fb_large']} at the larger")
+        out.append(stability_markdown(n["stability"]))
+    return out
+
+
+def stability_markdown(records: Sequence[dict[str, Any]]) -> str:
+    """A :func:`volume_stability` table (``to_dict(orient="records")``) as a Markdown table."""
+    labels = [r["volumes"] for r in records]
+    head = ["volumes", "tested", "reject manifold", "fb small", "fb large", *[f"Jaccard vs {v}" for v in labels]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in records:
+        cells = [r["volumes"], r["tested"], r["reject_manifold"], r["reject_fb_small"], r["reject_fb_large"],
+                 *[f"{float(r[f'jaccard {v}']):.2f}" for v in labels]]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)

@@ -390,3 +390,37 @@ def test_page_smoke(monkeypatch):
     at.run()
     assert not at.exception, at.exception
     assert any("mode" in m.value for m in at.markdown) or len(at.get("plotly_chart")) >= 2
+
+
+# ---------------------------------------------------------------------------------------------- README numbers
+def _readme_text() -> str:
+    return (ROOT / "docs" / "readme" / "fiber.md").read_text()
+
+
+def test_readme_numbers_fast(embedded):
+    """Duplicate rows, the sphere check and the notebook subset, as stated in docs/readme/fiber.md."""
+    nums = F.readme_numbers(embedded, full=False)
+    text = _readme_text()
+    for phrase in F.readme_phrases(nums):
+        assert phrase in text, phrase
+
+
+@pytest.mark.slow
+def test_readme_numbers_full_vocabulary(embedded):
+    """Every count of the README's fiber section, including the full-vocabulary runs and the stability table."""
+    nums = F.readme_numbers(embedded, full=True)
+    text = _readme_text()
+    for phrase in F.readme_phrases(nums):
+        assert phrase in text, phrase
+
+
+def test_volume_stability_table():
+    X = sphere(800)
+    df = F.volume_stability(embeddings=X, config=F.Config(alpha=1e-2), ranges=((10, 100), (10, 200)))
+    assert list(df["volumes"]) == ["10–100", "10–200"] and (df["tested"] == 800).all()
+    assert (df["jaccard 10–100"].iloc[0] == 1.0) and 0 <= df["jaccard 10–200"].iloc[0] <= 1
+    one = F.run(embeddings=X, config=F.Config(alpha=1e-2, vol_max=200, keep_curves="none"))
+    assert df["reject_manifold"].iloc[1] == int(one.verdicts()["reject_manifold"].sum())
+    assert "| 10–100 |" in F.stability_markdown(df.to_dict(orient="records"))
+    with pytest.raises(ConfigError, match="too short"):
+        F.volume_stability(embeddings=X, ranges=((10, 30),))
