@@ -120,6 +120,20 @@ with tab3:
     st.plotly_chart(res.plot_hist(), width="stretch")
     st.plotly_chart(res.plot_kinds(), width="stretch")
 
+with st.expander("Stability across volume ranges"):
+    st.markdown("Which tokens are rejected depends on the range of neighbour counts tested: a wider range can see "
+                "structure at larger radii (and curvature), a narrower one has fewer window positions to correct for. "
+                "The table tests the same tokens over several ranges (one nearest-neighbour pass) and gives the "
+                "Jaccard index of the sets of manifold rejections between every two ranges.")
+    top = min(1000, res.n_points)
+    ranges = tuple((10, b) for b in (200, 300, 500, 1000) if b <= top)
+    if ranges and st.button("Compute", key="fiber-stability"):
+        stab = cached(F.volume_stability, config=cfg.replace(keep_curves="none"), ranges=ranges, _probe=probe)
+        if stab is not None:
+            st.dataframe(stab, hide_index=True)
+            st.caption(f"{res.mode_label} · α = {cfg.alpha:g} · correction: {cfg.correction}. Default volumes 10–1000 "
+                       "(the method page's recommendation: the paper's figures span about 10–1000).")
+
 from dashboard import components  # noqa: E402
 
 _code = (f"from probes import load_model\nfrom analyses import fiber as F\n\nprobe = load_model({probe.info.name!r}, backend={probe.backend!r})\n"
