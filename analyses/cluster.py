@@ -460,15 +460,19 @@ class _loopback_only:
     """
 
     def __enter__(self):
-        from ray._private import ray_constants
-
+        try:  # read once when Ray is imported: set it on the loaded module too
+            from ray._private import ray_constants
+        except ImportError:
+            ray_constants = None
         self.const = ray_constants
         self.old_env, self.old = os.environ.get(_LOOPBACK_ENV), getattr(ray_constants, "ENABLE_RAY_CLUSTER", True)
         os.environ[_LOOPBACK_ENV] = "0"
-        ray_constants.ENABLE_RAY_CLUSTER = False
+        if ray_constants is not None:
+            ray_constants.ENABLE_RAY_CLUSTER = False
 
     def __exit__(self, *exc):
-        self.const.ENABLE_RAY_CLUSTER = self.old
+        if self.const is not None:
+            self.const.ENABLE_RAY_CLUSTER = self.old
         if self.old_env is None:
             os.environ.pop(_LOOPBACK_ENV, None)
         else:
