@@ -7,12 +7,20 @@ result. Because every statistic is a float64 sum or an integer count kept in a s
 (:mod:`probes.reducers`), the merged result is the one-pass result: the same items in the same
 order, grouped into sums differently (≤ 1e-12 relative on the float64 sums; counts exactly).
 
+Threads: a float32 matmul's result depends on how many torch threads split it (≈ 1e-7 relative per
+product, up to ≈ 1e-6 on the statistics), so every shard and the finishing step run with the same
+torch thread count, ``SweepConfig.threads`` (default: the driver's current ``torch.get_num_threads()``;
+the CLI's ``--threads``, default 1, also pins the one-pass run). At equal threads the local engine,
+Ray workers and the one-pass run agree bit for bit (tests: tolerance 0).
+
 Engines (one code path for both; the analysis code is the same):
 
 * ``local``: the shards run one after another on a probe in this process (the reference);
 * ``ray``: one Ray actor per worker loads the model once (``gpus_per_worker`` GPUs each, so one
   worker per GPU on a multi-GPU box) and takes shards as they come (``ray.wait``). On a laptop
-  ``ray.init`` starts a local instance; ``address="auto"`` joins a running cluster.
+  ``ray.init`` starts a local instance bound to 127.0.0.1 (no dashboard); ``address="auto"`` joins a
+  running cluster. Every model option of :class:`ModelSpec` reaches the workers; combinations the
+  workers cannot honour (``remote``, a device without ``gpus_per_worker``) are refused before Ray starts.
 
 Failures: a shard that raises is retried by Ray on its actor (``max_task_retries`` with
 ``retry_exceptions``; a crashed actor is restarted, ``max_restarts``) and, locally, by the same
@@ -62,7 +70,7 @@ from .domains import shard_ranges
 from .store import hash_inputs
 
 __all__ = ["SweepConfig", "ModelSpec", "Shard", "Shardable", "SHARDABLE", "SweepReport", "SweepRun", "Ledger",
-           "LocalEngine", "RayEngine", "make_engine", "plan_shards", "sweep", "parse_faults", "ShardFailedError",
+           "LocalEngine", "RayEngine", "make_engine", "check_ray_model", "plan_shards", "sweep", "parse_faults", "ShardFailedError",
            "default_ledger"]
 
 FAULT_ENV = "SONDE_FAULT_SHARD"
@@ -82,6 +90,7 @@ class SweepConfig(base.Config):
     shard_size: int = 32  # items per shard; a multiple of the analysis' batch_size keeps one-pass batches
     max_retries: int = 2  # extra attempts of a failing shard
     resume: bool = True  # reuse a matching merge ledger
+    threads: int | None = None  # torch threads of every shard and of the finish (None: the driver's current count)
 
     def __post_init__(self):
         if self.engine not in ("local", "ray"):
@@ -94,6 +103,8 @@ class SweepConfig(base.Config):
             raise ConfigError(f"cpus_per_worker={self.cpus_per_worker!r}; use a positive number of CPUs.")
         if not isinstance(self.shard_size, int) or self.shard_size < 1:
             raise ConfigError(f"shard_size={self.shard_size!r}; use a positive number of items per shard.")
+        if self.threads is not None and (not isinstance(self.threads, int) or isinstance(self.threads, bool) or self.threads < 1):
+            raise ConfigError(f"threads={self.threads!r}; use a positive number of torch threads (or leave it unset).")
         if not isinstance(self.max_retries, int) or self.max_retries < 0:
             raise ConfigError(f"max_retries={self.max_retries!r}; use 0 (no retry) or more.")
         if self.engine == "local" and (self.address is not None or self.gpus_per_worker):
@@ -103,17 +114,58 @@ class SweepConfig(base.Config):
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """What a worker loads: the arguments of :func:`probes.load_model`."""
+    """What a worker loads: the arguments of :func:`probes.load_model` (all of them reach Ray workers)."""
 
     name: str = "embedded"
     backend: str = "nnsight"
     device: str = "auto"
     dtype: str = "auto"
+    revision: str | None = None
+    device_map: str | None = None
+    max_memory: str | None = None
+    remote: bool = False
 
     def load(self):
         from probes import load_model
 
-        return load_model(self.name, backend=self.backend, device=self.device, dtype=self.dtype)
+        return load_model(self.name, backend=self.backend, device=self.device, dtype=self.dtype, revision=self.revision,
+                          device_map=self.device_map, max_memory=self.max_memory, remote=self.remote)
+
+
+def check_ray_model(model: ModelSpec, sweep: SweepConfig) -> None:
+    """Refuse, before Ray starts, model options that Ray workers cannot honour (one :class:`ConfigError` line)."""
+    from probes.backend import BACKENDS
+    from probes.errors import DeviceError
+    from probes.loading import _check_device_map, parse_max_memory, resolve_device, resolve_dtype
+
+    if model.remote:
+        raise ConfigError("--remote runs the model on NDIF, but --engine ray loads it on Ray workers.",
+                          hint="Drop --remote to shard over Ray workers, or drop --engine ray to run remotely.")
+    if model.backend not in BACKENDS:
+        raise ConfigError(f"unknown backend {model.backend!r}.", hint=f"Use one of: {', '.join(BACKENDS)}.")
+    _check_device_map(model.device_map, parse_max_memory(model.max_memory))
+    try:
+        dev = torch.device(model.device) if model.device != "auto" else None
+    except (RuntimeError, TypeError):
+        raise DeviceError(f"unknown device {model.device!r}.", hint="Use auto, cpu, cuda, cuda:N or mps.") from None
+    resolve_dtype(model.dtype, dev or torch.device("cpu"))
+    gpu = sweep.gpus_per_worker > 0
+    if dev is not None and dev.type == "cuda":
+        if not gpu:
+            raise ConfigError(f"--device {model.device} with --engine ray: a Ray worker sees a GPU only when it is given one.",
+                              hint="Add --gpus-per-worker 1 (one model per GPU), or use --device cpu.")
+        if dev.index not in (None, 0):
+            raise ConfigError(f"--device {model.device} with --engine ray: each worker numbers its own GPUs from 0.",
+                              hint="Use --device cuda (Ray assigns each worker its GPUs).")
+    if dev is not None and dev.type != "cuda" and gpu:
+        raise ConfigError(f"--device {model.device} with --gpus-per-worker {sweep.gpus_per_worker:g}: the workers' GPUs would sit idle.",
+                          hint="Use --device auto or cuda with --gpus-per-worker, or drop --gpus-per-worker.")
+    if sweep.address is None:  # Ray would start here: this machine's devices are the workers' devices
+        if gpu and torch.cuda.device_count() < sweep.gpus_per_worker:
+            raise DeviceError(f"--gpus-per-worker {sweep.gpus_per_worker:g}, but this machine has {torch.cuda.device_count()} CUDA GPU(s).",
+                              hint="Use --gpus-per-worker 0 on a CPU machine, or --address to join a cluster with GPUs.")
+        if dev is not None and dev.type == "mps":
+            resolve_device(model.device)
 
 
 @dataclass(frozen=True)
@@ -260,12 +312,30 @@ def default_ledger(out_dir: str | Path) -> Path:
     return work_dir(out_dir, "sweep")
 
 
-def _run_shard(probe, analysis: str, config, items: Sequence, shard: Shard, attempt: int, faults: Mapping[int, float]):
+class _threads:
+    """``with _threads(n):`` runs torch with ``n`` intra-op threads (None: unchanged), then restores the count."""
+
+    def __init__(self, n: int | None):
+        self.n, self.old = n, None
+
+    def __enter__(self):
+        if self.n is not None:
+            self.old = torch.get_num_threads()
+            torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        if self.old is not None:
+            torch.set_num_threads(self.old)
+
+
+def _run_shard(probe, analysis: str, config, items: Sequence, shard: Shard, attempt: int, faults: Mapping[int, float],
+               threads: int | None = None):
     """The worker side of one shard attempt (shared by both engines)."""
     if attempt <= faults.get(shard.index, 0):
         raise ShardFault(f"injected fault ({FAULT_ENV}) in {shard}, attempt {attempt}")
     t0 = time.perf_counter()
-    state = SHARDABLE[analysis].accumulate(probe, items, config)
+    with _threads(threads):
+        state = SHARDABLE[analysis].accumulate(probe, items, config)
     return {"state": state, "seconds": time.perf_counter() - t0, "attempts": attempt,
             "worker": f"{socket.gethostname()}:{os.getpid()}"}
 
@@ -362,13 +432,13 @@ class LocalEngine:
     def info(self) -> dict[str, Any]:
         return self.probe.info.to_dict()
 
-    def map(self, analysis: str, config, items: Sequence, shards: Sequence[Shard], faults: Mapping[int, float]
-            ) -> Iterator[tuple[Shard, dict | BaseException]]:
+    def map(self, analysis: str, config, items: Sequence, shards: Sequence[Shard], faults: Mapping[int, float],
+            threads: int | None = None) -> Iterator[tuple[Shard, dict | BaseException]]:
         for sh in shards:
             err: BaseException | None = None
             for attempt in range(1, self.max_retries + 2):
                 try:
-                    out = _run_shard(self.probe, analysis, config, items[sh.start:sh.stop], sh, attempt, faults)
+                    out = _run_shard(self.probe, analysis, config, items[sh.start:sh.stop], sh, attempt, faults, threads)
                     yield sh, out
                     break
                 except SondeError:
@@ -378,12 +448,44 @@ class LocalEngine:
             else:
                 yield sh, err
 
-    def finish(self, analysis: str, state, config, input_hash: str, timings: dict, source: str):
+    def finish(self, analysis: str, state, config, input_hash: str, timings: dict, source: str, threads: int | None = None):
         spec = SHARDABLE[analysis]
-        return spec.finish(self.probe if spec.needs_probe else self.info, state, config, input_hash, timings, source)
+        with _threads(threads):
+            return spec.finish(self.probe if spec.needs_probe else self.info, state, config, input_hash, timings, source)
 
     def close(self) -> None:
         pass
+
+
+_LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+class _loopback_only:
+    """Start Ray bound to 127.0.0.1: its single-node mode (the one Ray uses on macOS/Windows), where the node IP
+    is the loopback address and every Ray process (GCS, raylet, agents, workers) listens on it only.
+
+    ``_node_ip_address="127.0.0.1"`` alone does not do it: Ray swaps a loopback address for the routable one.
+    The variable reaches the processes Ray starts now; the driver's copy is restored afterwards.
+    """
+
+    def __enter__(self):
+        try:  # read once when Ray is imported: set it on the loaded module too
+            from ray._private import ray_constants
+        except ImportError:
+            ray_constants = None
+        self.const = ray_constants
+        self.old_env, self.old = os.environ.get(_LOOPBACK_ENV), getattr(ray_constants, "ENABLE_RAY_CLUSTER", True)
+        os.environ[_LOOPBACK_ENV] = "0"
+        if ray_constants is not None:
+            ray_constants.ENABLE_RAY_CLUSTER = False
+
+    def __exit__(self, *exc):
+        if self.const is not None:
+            self.const.ENABLE_RAY_CLUSTER = self.old
+        if self.old_env is None:
+            os.environ.pop(_LOOPBACK_ENV, None)
+        else:
+            os.environ[_LOOPBACK_ENV] = self.old_env
 
 
 def _ray():
@@ -406,13 +508,14 @@ def _worker_class(ray):
         def info(self) -> dict[str, Any]:
             return self.probe.info.to_dict()
 
-        def run_shard(self, key: str, analysis: str, config, items, shard: Shard, faults):
+        def run_shard(self, key: str, analysis: str, config, items, shard: Shard, faults, threads=None):
             k = (key, shard.index)
             self.attempts[k] = self.attempts.get(k, 0) + 1
-            return _run_shard(self.probe, analysis, config, items, shard, self.attempts[k], faults)
+            return _run_shard(self.probe, analysis, config, items, shard, self.attempts[k], faults, threads)
 
-        def finish(self, analysis: str, state, config, input_hash: str, timings: dict, source: str):
-            return SHARDABLE[analysis].finish(self.probe, state, config, input_hash, timings, source)
+        def finish(self, analysis: str, state, config, input_hash: str, timings: dict, source: str, threads=None):
+            with _threads(threads):
+                return SHARDABLE[analysis].finish(self.probe, state, config, input_hash, timings, source)
 
     return SondeWorker
 
@@ -423,6 +526,7 @@ class RayEngine:
     name = "ray"
 
     def __init__(self, model: ModelSpec, sweep: SweepConfig = SweepConfig(engine="ray"), *, ray_init: Mapping[str, Any] | None = None):
+        check_ray_model(model, sweep)
         ray = self.ray = _ray()
         self.sweep = sweep
         self._started = False
@@ -437,7 +541,11 @@ class RayEngine:
                 kw["address"] = sweep.address
             kw.update(ray_init or {})
             try:
-                ray.init(**kw)
+                if sweep.address is None:
+                    with _loopback_only():
+                        ray.init(**kw, _node_ip_address="127.0.0.1")
+                else:
+                    ray.init(**kw)
             except ConnectionError as e:
                 raise ConfigError(f"cannot reach a Ray cluster at address={sweep.address!r} ({e}).",
                                   hint="Start one with `ray start --head`, or leave --address out to run Ray here.") from None
@@ -467,8 +575,8 @@ class RayEngine:
                               hint="Give every node the same model files (or an HF id with the same revision).")
         self.info = infos[0]
 
-    def map(self, analysis: str, config, items: Sequence, shards: Sequence[Shard], faults: Mapping[int, float]
-            ) -> Iterator[tuple[Shard, dict | BaseException]]:
+    def map(self, analysis: str, config, items: Sequence, shards: Sequence[Shard], faults: Mapping[int, float],
+            threads: int | None = None) -> Iterator[tuple[Shard, dict | BaseException]]:
         ray = self.ray
         key = hash_inputs(analysis, config.to_dict(), len(items), time.time_ns())
         queue = list(shards)
@@ -478,7 +586,7 @@ class RayEngine:
             if queue:
                 sh = queue.pop(0)
                 ref = actor.run_shard.options(max_task_retries=self.sweep.max_retries, retry_exceptions=True).remote(
-                    key, analysis, config, list(items[sh.start:sh.stop]), sh, dict(faults))
+                    key, analysis, config, list(items[sh.start:sh.stop]), sh, dict(faults), threads)
                 inflight[ref] = (sh, actor)
 
         for _ in range(2):  # one shard per actor first, then a second so a worker never waits for the driver
@@ -494,11 +602,12 @@ class RayEngine:
             submit(actor)
             yield sh, out
 
-    def finish(self, analysis: str, state, config, input_hash: str, timings: dict, source: str):
+    def finish(self, analysis: str, state, config, input_hash: str, timings: dict, source: str, threads: int | None = None):
         spec = SHARDABLE[analysis]
         if not spec.needs_probe:
-            return spec.finish(self.info, state, config, input_hash, timings, source)
-        return self.ray.get(self.actors[0].finish.remote(analysis, state, config, input_hash, timings, source))
+            with _threads(threads):
+                return spec.finish(self.info, state, config, input_hash, timings, source)
+        return self.ray.get(self.actors[0].finish.remote(analysis, state, config, input_hash, timings, source, threads))
 
     def close(self) -> None:
         for a in getattr(self, "actors", []):
@@ -533,13 +642,14 @@ class SweepReport:
     shards_run: int
     shards_resumed: int
     retried: dict[int, int] = field(default_factory=dict)
+    threads: int = 0  # torch threads of every shard and of the finish
     seconds: dict[str, float] = field(default_factory=dict)  # map (shards), merge (folding), finish
     shard_seconds: dict[int, float] = field(default_factory=dict)
     shard_workers: dict[int, str] = field(default_factory=dict)  # host:pid that ran each shard
 
     def to_dict(self) -> dict[str, Any]:
         return {"engine": self.engine, "workers": self.workers, "n_items": self.n_items, "n_shards": self.n_shards,
-                "shards_run": self.shards_run, "shards_resumed": self.shards_resumed,
+                "shards_run": self.shards_run, "shards_resumed": self.shards_resumed, "threads": self.threads,
                 "retried": {str(k): v for k, v in self.retried.items()}, "seconds": dict(self.seconds),
                 "shard_seconds": {str(k): round(v, 4) for k, v in self.shard_seconds.items()},
                 "shard_workers": {str(k): v for k, v in self.shard_workers.items()}}
@@ -585,7 +695,9 @@ def sweep(analysis: str, items: Sequence, *, config, engine, sweep_config: Sweep
     shards = plan_shards(len(items), sweep_config.shard_size)
     info = engine.info
     input_hash = input_hash or hash_inputs([it if isinstance(it, str) else (it.text, it.domain) for it in items])
-    fp = hash_inputs(analysis, info.get("fingerprint", ""), config.to_dict(), input_hash, sweep_config.shard_size, len(items))
+    threads = sweep_config.threads or torch.get_num_threads()
+    fp = hash_inputs(analysis, info.get("fingerprint", ""), config.to_dict(), input_hash, sweep_config.shard_size, len(items),
+                     threads)
     led = Ledger(ledger, fingerprint=fp, n_shards=len(shards), merge=lambda a, b: spec.merge(a, b, config, info))
     resumed = led.load() if sweep_config.resume else 0
     if not sweep_config.resume:
@@ -600,7 +712,7 @@ def sweep(analysis: str, items: Sequence, *, config, engine, sweep_config: Sweep
     shard_seconds: dict[int, float] = {}
     shard_workers: dict[int, str] = {}
     ran = 0
-    for sh, out in engine.map(analysis, config, items, todo, faults):
+    for sh, out in engine.map(analysis, config, items, todo, faults, threads=threads):
         if isinstance(out, BaseException):
             failed.append((sh, out))
             continue
@@ -628,13 +740,14 @@ def sweep(analysis: str, items: Sequence, *, config, engine, sweep_config: Sweep
         if m.get("attempts", 1) > 1:
             retried.setdefault(i, m["attempts"])
     timings = {"sweep.map": t_map, "sweep.merge": t_merge, "sweep.retries": float(len(retried)),
-               "sweep.shards": float(len(shards)), "sweep.workers": float(engine.workers)}
+               "sweep.shards": float(len(shards)), "sweep.workers": float(engine.workers),
+               "sweep.threads": float(threads)}
     t0 = time.perf_counter()
-    result = engine.finish(analysis, led.state, config, input_hash, timings, source)
+    result = engine.finish(analysis, led.state, config, input_hash, timings, source, threads=threads)
     t_finish = time.perf_counter() - t0
     result.timings["sweep.finish"] = t_finish
     report = SweepReport(engine=engine.name, workers=engine.workers, n_items=len(items), n_shards=len(shards),
-                         shards_run=ran, shards_resumed=resumed, retried=retried,
+                         shards_run=ran, shards_resumed=resumed, retried=retried, threads=threads,
                          seconds={"map": round(t_map, 4), "merge": round(t_merge, 4), "finish": round(t_finish, 4)},
                          shard_seconds=shard_seconds, shard_workers={i: out for i, out in shard_workers.items()})
     return SweepRun(result, report)

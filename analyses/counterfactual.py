@@ -58,7 +58,7 @@ from .base import Result, Timer, register_result
 
 __all__ = [
     "Config", "BiasConfig", "CounterfactualResult", "BiasSweepResult", "TokenEdit", "PromptEdit", "ModelEdit",
-    "NoEdit", "parse_intervention", "run", "generate", "bias_sweep", "branches", "gumbel_noise", "sampling_logprobs",
+    "NoEdit", "parse_intervention", "run", "generate", "decision_scores", "bias_sweep", "branches", "gumbel_noise", "sampling_logprobs",
     "gumbel_max", "posterior_gumbel", "levenshtein", "divergence", "wilson", "DEFAULT_CATEGORIES",
 ]
 
@@ -500,8 +500,13 @@ def _decode(probe: Probe, suffix: torch.Tensor, *, cache: Any, noises: Sequence[
     done = torch.zeros(B, dtype=torch.bool)
     tops, step_logp = [], []
     with _model_edit(probe, edit, edit_rows):
+        past = cache.get_seq_length() if cache is not None else 0
         out = _forward(model, suffix.to(probe.device), cache)
         cache = out.past_key_values
+        # A model whose attention ignores the KV cache (the TransformerLens bridge wraps the HF attention and
+        # leaves the cache empty) would decode every later token from that token alone: re-run the whole
+        # sequence each step instead (a cache handed in was built by this model, so it is never in this case).
+        seq = suffix.to(probe.device) if cache is None or cache.get_seq_length() != past + suffix.shape[1] else None
         for i in range(n_steps):
             logits = out.logits[:, -1, :].float()
             if Vt < logits.shape[-1]:
@@ -527,7 +532,11 @@ def _decode(probe: Probe, suffix: torch.Tensor, *, cache: Any, noises: Sequence[
                         done[b] = True
             if bool(done.all()) or i == n_steps - 1:
                 break
-            out = _forward(model, nxt[:, None], cache)
+            if seq is None:
+                out = _forward(model, nxt[:, None], cache)
+            else:
+                seq = torch.cat([seq, nxt[:, None].to(seq.device)], dim=1)
+                out = model(input_ids=seq)
     return _Gen(toks, lps, torch.stack(tops) if tops else None, step_logp, cache if keep_cache else None)
 
 
@@ -690,6 +699,29 @@ def generate(probe: Probe, prompt: str, config: Config = Config(), *, stream: in
                 n_steps=config.max_new_tokens, temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
                 stop_at_eos=config.stop_at_eos)
     return g.tokens[0], g.logprob[0]
+
+
+@torch.no_grad()
+def decision_scores(probe: Probe, prompt: str, tokens: Sequence[int], config: Config = Config(), *, stream: int = 0) -> torch.Tensor:
+    """The scores each sampling step compared when ``tokens`` were generated after ``prompt``: ``[len(tokens), V]``.
+
+    Step ``t`` teacher-forces ``prompt + tokens[:t]`` (one forward) and returns the Gumbel-perturbed sampling
+    log-probs ``logp_t + G(seed, t, stream)`` (``tau = 0``: the logits) whose argmax picks token ``t``. The gap
+    between a step's two best scores is its decision margin: a numeric change smaller than half of it cannot
+    change the token (used to compare sampled tokens across backends, threads or machines).
+    """
+    ids = _prompt_ids(probe, prompt, config.chat)
+    tokens = [int(t) for t in tokens]
+    if not tokens:
+        return torch.zeros(0, probe.info.d_vocab)
+    logits = probe.hf_model(input_ids=torch.tensor([ids + tokens[:-1]], device=probe.device)).logits[0, len(ids) - 1:].float().cpu()
+    Vt = _vocab_limit(probe)
+    if Vt < logits.shape[-1]:
+        logits[:, Vt:] = float("-inf")
+    if config.temperature == 0:
+        return logits
+    logp = sampling_logprobs(logits, config.temperature, config.top_k, config.top_p)
+    return logp + torch.stack([gumbel_noise(config.seed, t, logits.shape[-1], stream=stream) for t in range(len(tokens))])
 
 
 def _replacement(probe: Probe, iv: TokenEdit, factual: list[int], config: Config, notes: list[str]) -> list[int]:

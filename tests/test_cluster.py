@@ -1,9 +1,10 @@
 """Dataset sweeps (analyses.cluster): shard planning, the merge ledger, retries, resume, Ray workers.
 
-The Ray tests share one local Ray instance (2 CPUs) and one pair of workers per module because Ray
-startup is slow here; they are exact: a 2-worker sweep equals the local single-process sweep with
-``torch.equal`` (float64 sums of identical batches, folded in shard order), and the local sweep equals
-``sinks.run`` / ``routes.run_dataset`` the same way.
+The Ray tests share one local Ray instance (started by the engine, bound to 127.0.0.1) and one pair of
+workers per module because Ray startup is slow here; they are exact: at the same torch thread count a
+2-worker sweep equals the local single-process sweep and ``sinks.run`` / ``routes.run_dataset`` with
+``torch.equal`` (identical batches, float64 sums folded in shard order), at 1 and 2 threads, in
+this process and through the CLI in subprocesses whose own thread counts differ.
 """
 
 from __future__ import annotations
@@ -167,16 +168,117 @@ def test_killed_sweep_resumes_without_duplicates(tmp_path, embedded):
     assert torch.equal(res.head_freq, ref.head_freq) and torch.equal(res.ffn_mean, ref.ffn_mean)
 
 
+def _same_sinks(got, ref, what):
+    for k in ("alpha_mean", "exceed", "value_norm", "resid_norm"):
+        assert torch.equal(getattr(got, k), getattr(ref, k)), (what, k, (getattr(got, k).double() - getattr(ref, k).double()).abs().max())
+    assert (got.n_samples, got.n_skipped, got.peak_layer, got.tokens) == (ref.n_samples, ref.n_skipped, ref.peak_layer, ref.tokens), what
+    pd.testing.assert_frame_equal(got.ablation, ref.ablation, check_exact=True, obj=what)
+
+
+# ----------------------------------------------------------------------------- Ray: refused before it starts
+def test_model_options_reach_the_worker_spec():
+    from analyses.cli import common
+    from analyses.cli.sinks import _model_spec
+
+    token = common._SCALE.set({"revision": "v2", "device_map": "auto", "max_memory": "cpu=1GiB", "remote": False})
+    try:
+        spec = _model_spec("some/model", "nnsight", "cpu", "float32")
+    finally:
+        common._SCALE.reset(token)
+    assert (spec.revision, spec.device_map, spec.max_memory, spec.remote) == ("v2", "auto", "cpu=1GiB", False)
+    with pytest.raises(ConfigError, match="max_memory was given without device_map"):  # load() passes every field on
+        cluster.ModelSpec("embedded", device="cpu", max_memory="cpu=1GiB").load()
+
+
+REFUSED = [(["--remote"], "--remote runs the model on NDIF"),
+           (["--device", "cuda"], "sees a GPU only when it is given one"),
+           (["--device", "cpu", "--gpus-per-worker", "1"], "would sit idle"),
+           (["--device", "cuda:1", "--gpus-per-worker", "1"], "numbers its own GPUs from 0"),
+           (["--max-memory", "cpu=1GiB"], "max_memory was given without device_map"),
+           (["--dtype", "float7"], "unknown dtype"),
+           (["--backend", "jax"], "unknown backend"),
+           (["--input", "EMPTY"], "holds no items")]
+if not torch.cuda.is_available():
+    REFUSED.append((["--gpus-per-worker", "1"], "this machine has 0 CUDA GPU"))
+
+
+@pytest.mark.parametrize("args, match", REFUSED)
+def test_cli_ray_refuses_before_ray_starts(args, match, tmp_path, capsys):
+    pytest.importorskip("ray")
+    import ray
+    from analyses.cli import main
+
+    (tmp_path / "empty.jsonl").write_text("")
+    args = [str(tmp_path / "empty.jsonl") if a == "EMPTY" else a for a in args]
+    src = [] if "--input" in args else ["--domain", "prose"]
+    with pytest.raises(SystemExit) as e:
+        main(["run", "sinks", *src, "-n", "4", "--engine", "ray", *args])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and match in err and err.strip().startswith("error:"), err
+    assert not ray.is_initialized()
+
+
+def test_cli_engines_agree_at_defaults(tmp_path):
+    """CLI defaults (T=64, batch 8, shard 32, ablation on, --threads 1): one pass, local and 2 Ray workers give identical
+    statistics, whatever the driver process's own thread count (the subprocesses start with 1 or 2 torch threads)."""
+    pytest.importorskip("ray")
+    data = tmp_path / "prose.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in domains.domain_texts("prose", n=36)))
+    runs = {"one": ([], 2), "local": (["--engine", "local"], 1), "ray": (["--engine", "ray", "--workers", "2"], 2)}
+    got = {}
+    for name, (extra, nt) in runs.items():
+        code = f"import torch; torch.set_num_threads({nt}); from analyses.cli import main; main()"
+        cmd = [sys.executable, "-c", code, "run", "sinks", "--input", str(data), "-n", "36", "--device", "cpu", "--json",
+               "--out", str(tmp_path / name), *extra]
+        p = subprocess.run(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(nt)}, capture_output=True,
+                           text=True, cwd=ROOT, timeout=1200)
+        assert p.returncode == 0, (name, p.stderr[-2000:])
+        got[name] = sinks.SinksResult.load(tmp_path / name)
+    assert got["one"].n_samples + got["one"].n_skipped == 36 and got["one"].n_samples > 8
+    sw = json.loads((tmp_path / "ray" / "sweep.json").read_text())
+    assert sw["threads"] == 1 and sw["n_shards"] == 2 and len(set(sw["shard_workers"].values())) == 2
+    _same_sinks(got["local"], got["one"], "local")
+    _same_sinks(got["ray"], got["one"], "ray")
+
+
 # ----------------------------------------------------------------------------- Ray (2 local workers on CPU)
 @pytest.fixture(scope="module")
 def ray_engine():
-    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     eng = cluster.RayEngine(cluster.ModelSpec("embedded", device="cpu"), cluster.SweepConfig(engine="ray", workers=2))
+    assert eng._started  # this engine started Ray (bound to 127.0.0.1) and stops it on close
     yield eng
     eng.close()
-    ray.shutdown()
+
+
+def test_ray_binds_loopback(ray_engine):
+    psutil = pytest.importorskip("psutil")
+    listening = []
+    for p in psutil.Process().children(recursive=True):  # GCS, raylet, agents, workers
+        try:
+            listening += [(p.name(), c.laddr.ip) for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+        except psutil.Error:
+            continue
+    assert len({name for name, _ in listening}) >= 3, listening
+    assert all(ip in ("127.0.0.1", "::1", "::ffff:127.0.0.1") for _, ip in listening), listening
+
+
+@pytest.mark.parametrize("shape", [dict(T=16, batch_size=4, shard_size=4, n=20), dict(T=24, batch_size=3, shard_size=6, n=12)])
+def test_engines_agree_at_each_thread_count(ray_engine, embedded, shape):
+    """Statistics depend on the torch thread count in the last bits; at a fixed count every engine agrees exactly."""
+    n, shard = shape.pop("n"), shape.pop("shard_size")
+    texts = domains.domain_texts("prose", n=n)
+    cfg = sinks.Config(n_samples=n, **shape) if shape["T"] == 16 else sinks.Config(n_samples=n, ablation_layers=2, **shape)
+    for threads in (1, 2):
+        with cluster._threads(threads):
+            one = sinks.run(embedded, texts, config=cfg)
+        scfg = cluster.SweepConfig(shard_size=shard, threads=threads)
+        loc = cluster.sweep("sinks", texts, config=cfg, engine=cluster.LocalEngine(embedded), sweep_config=scfg).result
+        ray_ = cluster.sweep("sinks", texts, config=cfg, engine=ray_engine, sweep_config=scfg.replace(engine="ray")).result
+        _same_sinks(loc, one, f"local, {threads} threads")
+        _same_sinks(ray_, one, f"ray, {threads} threads")
+        assert ray_.timings["sweep.threads"] == threads
 
 
 def test_ray_sweep_is_exact(ray_engine, embedded, local_sinks):
@@ -184,17 +286,19 @@ def test_ray_sweep_is_exact(ray_engine, embedded, local_sinks):
     texts, _, local = local_sinks
     scfg = cluster.SweepConfig(engine="ray", shard_size=4)
     got = cluster.sweep("sinks", texts, config=SINKS_CFG, engine=ray_engine, sweep_config=scfg)
-    for k in ("alpha_mean", "exceed", "value_norm", "resid_norm"):  # tolerance 0: identical batches, same fold order
-        assert torch.equal(getattr(got.result, k), getattr(local.result, k)), k
+    _same_sinks(got.result, local.result, "ray")  # tolerance 0: identical batches, same threads, same fold order
     assert got.result.n_samples == local.result.n_samples and got.result.peak_layer == local.result.peak_layer
     assert got.report.workers == 2 and len(set(got.report.shard_workers.values())) == 2  # both workers took shards
 
     recs = domains.corpus_records(("prose", "code", "arithmetic"), n=3)
-    ref = routes.run_dataset(embedded, recs, config=ROUTES_CFG)
-    got = cluster.sweep("routes", recs, config=ROUTES_CFG, engine=ray_engine, sweep_config=scfg.replace(shard_size=2)).result
-    assert got.domains == ref.domains and got.n.tolist() == ref.n.tolist() == [3.0, 3.0, 3.0]
-    for k in ("head_freq", "head_mean", "ffn_freq", "ffn_mean"):
-        assert torch.equal(getattr(got, k), getattr(ref, k)), k
+    for threads in (1, 2):
+        with cluster._threads(threads):
+            ref = routes.run_dataset(embedded, recs, config=ROUTES_CFG)
+        got = cluster.sweep("routes", recs, config=ROUTES_CFG, engine=ray_engine,
+                            sweep_config=scfg.replace(shard_size=2, threads=threads)).result
+        assert got.domains == ref.domains and got.n.tolist() == ref.n.tolist() == [3.0, 3.0, 3.0]
+        for k in ("head_freq", "head_mean", "ffn_freq", "ffn_mean"):
+            assert torch.equal(getattr(got, k), getattr(ref, k)), (threads, k)
 
 
 def test_ray_retry_failure_and_resume(ray_engine, tmp_path, monkeypatch):

@@ -38,10 +38,14 @@ def test_last_layer_lens_is_the_model_output(embedded, eiffel):
     assert (L, T, k) == (embedded.info.n_layers, len(r.str_tokens), 5)
     out = torch.softmax(embedded.forward(embedded.to_tokens(PROMPT))[0].float(), -1)
     vals, ids = out.topk(5, -1)
-    # resid_post of the last block -> final norm -> unembedding is exactly the output distribution
-    assert torch.equal(r.top_ids[-1], ids.cpu())
+    # resid_post of the last block -> final norm -> unembedding is the output distribution (up to float rounding)
     assert torch.allclose(r.top_probs[-1], vals.cpu(), atol=1e-5)
-    assert torch.equal(r.next_ids, ids.cpu())
+    # ranks are compared where the probability gaps to the neighbouring ranks exceed the measured difference
+    tol = max(20 * (r.top_probs[-1] - vals.cpu()).abs().max().item(), 1e-7)
+    gaps = -out.topk(6, -1).values.cpu().diff(dim=-1)  # [T, 5]: rank j -> j + 1
+    safe = (gaps > tol) & torch.cat([torch.ones_like(gaps[:, :1], dtype=torch.bool), gaps[:, :-1] > tol], dim=1)
+    assert safe.float().mean() > 0.8, (safe.float().mean(), tol)
+    assert torch.equal(r.top_ids[-1][safe], ids.cpu()[safe]) and torch.equal(r.next_ids[safe], ids.cpu()[safe])
     assert torch.allclose(r.target[-1], r.next_probs[:, 0], atol=1e-5)
     assert ((r.target >= 0) & (r.target <= 1)).all()
 

@@ -12,7 +12,8 @@ from typing import Optional
 import typer
 
 from .common import check_side_file, write_side_file, model_options, BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OutOpt, load_probe, progress, saved, status
-from .sinks import AddressOpt, EngineOpt, GpusOpt, ResumeOpt, RetriesOpt, ShardOpt, WorkersOpt, run_sweep, sweep_summary
+from .sinks import (AddressOpt, EngineOpt, GpusOpt, ResumeOpt, RetriesOpt, ShardOpt, ThreadsOpt, WorkersOpt, run_sweep,
+                    sweep_summary)
 
 __all__ = ["register"]
 
@@ -44,6 +45,7 @@ def register(run_app: typer.Typer) -> None:
         n_samples: int = typer.Option(32, "--n-samples", "-n", help="With --domains: texts per domain; with hf: rows read."),
         engine: Optional[str] = EngineOpt, address: Optional[str] = AddressOpt, workers: Optional[int] = WorkersOpt,
         gpus_per_worker: float = GpusOpt, shard_size: int = ShardOpt, max_retries: int = RetriesOpt, resume: bool = ResumeOpt,
+        threads: int = ThreadsOpt,
     ) -> None:
         """Information-flow routes (Ferrando & Voita 2024): edge importances of every block, the route to a prediction."""
         from analyses import routes
@@ -112,7 +114,7 @@ def register(run_app: typer.Typer) -> None:
             res, report, path = run_sweep("routes", records, cfg, engine=engine, address=address, workers=workers,
                                           gpus_per_worker=gpus_per_worker, shard_size=shard_size, max_retries=max_retries,
                                           resume=resume, model=model, backend=backend, device=device, dtype=dtype, out=out,
-                                          input_hash=ih, source=src)
+                                          input_hash=ih, source=src, threads=threads)
             saved(path, as_json, {"prompts": int(res.n.sum()), "skipped": res.n_skipped, "domains": ", ".join(res.domains),
                                   **sweep_summary(report)})
             return
@@ -120,7 +122,9 @@ def register(run_app: typer.Typer) -> None:
         key = result_key(routes.RouteStatsResult.analysis, probe.info.fingerprint, cfg.to_dict(), ih)
         out_dir = Path(out) if out is not None else results_root() / key
         ck = Checkpoint(work_dir(out_dir, "progress"), fingerprint=key)
-        with progress(len(records), "routes") as step:
+        from analyses.cluster import _threads
+
+        with progress(len(records), "routes") as step, _threads(threads):
             res = routes.run_dataset(probe, records, config=cfg, checkpoint=ck, on_progress=step, input_hash=ih)
         path = res.save(out_dir)
         ck.clear()

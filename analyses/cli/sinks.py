@@ -21,18 +21,38 @@ GpusOpt = typer.Option(0.0, "--gpus-per-worker", help="GPUs per Ray worker (1 = 
 ShardOpt = typer.Option(32, "--shard-size", help="Items per shard (a multiple of --batch-size keeps one-pass batches).")
 RetriesOpt = typer.Option(2, "--max-retries", help="Extra attempts of a failing shard.")
 ResumeOpt = typer.Option(True, "--resume/--no-resume", help="Resume from the shards of an interrupted sweep (merge ledger).")
+ThreadsOpt = typer.Option(1, "--threads", min=1, help="Torch CPU threads of the statistics, the same in every engine and the "
+                          "one-pass run (so they agree bit for bit); more is faster on a many-core CPU.")
+
+
+def _model_spec(model: str, backend: str, device: str, dtype: str):
+    """The worker's model: the verb's model options, including the ``@model_options`` ones (revision, device map...)."""
+    from analyses import cluster
+
+    from .common import _SCALE
+
+    opts = _SCALE.get()
+    return cluster.ModelSpec(model, backend, device, dtype, revision=opts.get("revision"), device_map=opts.get("device_map"),
+                             max_memory=opts.get("max_memory"), remote=bool(opts.get("remote", False)))
 
 
 def run_sweep(analysis: str, items, config, *, engine: str, address, workers, gpus_per_worker: float, shard_size: int,
               max_retries: int, resume: bool, model: str, backend: str, device: str, dtype: str, out, input_hash: str,
-              source: str):
-    """Run a sweep, save the result (+ ``sweep.json``) and drop the merge ledger; returns ``(result, report, path)``."""
+              source: str, threads: int | None = 1):
+    """Run a sweep, save the result (+ ``sweep.json``) and drop the merge ledger; returns ``(result, report, path)``.
+
+    Options and input are checked before any worker (or Ray) starts.
+    """
     from analyses import cluster
     from analyses.store import result_key, results_root
 
     scfg = cluster.SweepConfig(engine=engine, address=address, workers=workers, gpus_per_worker=gpus_per_worker,
-                               shard_size=shard_size, max_retries=max_retries, resume=resume)
-    spec = cluster.ModelSpec(model, backend, device, dtype)
+                               shard_size=shard_size, max_retries=max_retries, resume=resume, threads=threads)
+    spec = _model_spec(model, backend, device, dtype)
+    n_shards = len(cluster.plan_shards(len(items), shard_size))
+    if engine == "ray":
+        cluster.check_ray_model(spec, scfg)
+        cluster._ray()
     if engine == "local":
         eng = cluster.LocalEngine(load_probe(model, backend, device, dtype), max_retries=max_retries)
     else:
@@ -42,7 +62,6 @@ def run_sweep(analysis: str, items, config, *, engine: str, address, workers, gp
         key = result_key(cluster.SHARDABLE[analysis].result_name, eng.info["fingerprint"], config.to_dict(), input_hash)
         out_dir = Path(out) if out is not None else results_root() / key
         ledger = cluster.default_ledger(out_dir)
-        n_shards = len(cluster.plan_shards(len(items), shard_size))
         with progress(n_shards, "shards") as step:
             run = cluster.sweep(analysis, items, config=config, engine=eng, sweep_config=scfg, ledger=ledger,
                                 input_hash=input_hash, source=source, on_progress=lambda d, n: step.set(d, n))
@@ -91,6 +110,7 @@ def register(run_app: typer.Typer) -> None:
         as_json: bool = JsonOpt,
         engine: Optional[str] = EngineOpt, address: Optional[str] = AddressOpt, workers: Optional[int] = WorkersOpt,
         gpus_per_worker: float = GpusOpt, shard_size: int = ShardOpt, max_retries: int = RetriesOpt, resume: bool = ResumeOpt,
+        threads: int = ThreadsOpt,
     ) -> None:
         """Attention-sink metric Sink_k^ε (Gu et al. 2024), value drains and residual peaks.
 
@@ -126,7 +146,7 @@ def register(run_app: typer.Typer) -> None:
             res, report, path = run_sweep("sinks", items, cfg, engine=engine, address=address, workers=workers,
                                           gpus_per_worker=gpus_per_worker, shard_size=shard_size, max_retries=max_retries,
                                           resume=resume, model=model, backend=backend, device=device, dtype=dtype, out=out,
-                                          input_hash=hash_inputs(items), source=src)
+                                          input_hash=hash_inputs(items), source=src, threads=threads)
             saved(path, as_json, {**res.summary(), **sweep_summary(report)})
             return
         texts = [prompt] if prompt is not None else [r.text for r in iter_records(input, on_error=on_error)] if input else None
@@ -136,8 +156,10 @@ def register(run_app: typer.Typer) -> None:
         pl = plan("sinks", probe, seq_len=cfg.T, batch_size=cfg.batch_size, device=probe.device, weights_loaded=True)
         typer.echo(f"planner: {pl.message}", err=True)
 
+        from analyses.cluster import _threads
+
         def go(b: int):
-            with progress(n_samples, "samples") as step:
+            with progress(n_samples, "samples") as step, _threads(threads):
                 return sinks.run(probe, texts, domain=domain if texts is None else None, config=cfg.replace(batch_size=b), step=step)
 
         res = retry_on_oom(go, pl.batch_size, what="the sink statistics")
