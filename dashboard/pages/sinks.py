@@ -52,7 +52,13 @@ with tab_sink:
         if not query_param("component", ""):
             st.caption("Click a cell of the heat map to open that head's component panel (below the tabs).")
         a, b = st.columns(2)
-        a.plotly_chart(res.plot("values"), use_container_width=True)
+        norm_kinds = {"value drain ‖v W_O‖": "values", "raw value ‖v‖": "raw_values", "key ‖k‖": "keys"}
+        if not res.key_norm.numel():  # the backend gives no keys for this model
+            norm_kinds.pop("key ‖k‖")
+        if not res.value_state_norm.numel():
+            norm_kinds.pop("raw value ‖v‖")
+        metric = a.selectbox("Norm per position", list(norm_kinds), key="sinks_norm_metric")
+        a.plotly_chart(res.plot(norm_kinds[metric]), use_container_width=True)
         b.plotly_chart(res.plot("resid"), use_container_width=True)
         st.plotly_chart(res.plot("eps"), use_container_width=True)
         code = (f"from probes import load_model\nfrom analyses import sinks\n\nprobe = load_model({probe.info.name!r}, backend={probe.backend!r})\n"
