@@ -36,7 +36,7 @@ from typing import Any, ClassVar, Literal, Mapping, Sequence
 import pandas as pd
 import torch
 
-from probes import Ablate, Mean, Reducer, l2_norm, reducer_from_state
+from probes import Ablate, Collect, Mean, Reducer, l2_norm, reducer_from_state
 from probes.attention import expand_kv
 from probes.errors import ConfigError, InputError, SondeError
 from probes.sites import parse_site
@@ -243,17 +243,21 @@ def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 def collect_stats(probe, tokens: torch.Tensor, *, positions: Sequence[int], eps_grid: Sequence[float] = EPS_GRID,
                   batch_size: int = 8, values: bool = True, resid: bool = True, loss: bool = False,
-                  kv_norms: bool = False, step=None) -> dict[str, Any]:
+                  kv_norms: bool = False, per_sample: bool = False, step=None) -> dict[str, Any]:
     """One streamed pass over ``tokens [S, T]``.
 
     Returns ``alpha_mean [L, H, T]``, ``exceed [E, L, H, K]``, ``n``, and when asked
     ``value_norm [L, H, T]`` (after W_O), ``key_norm`` / ``value_state_norm [L, H_kv, T]`` (per KV head; the key
-    norm is ``[L, H_kv, 0]`` when the backend gives no keys), ``resid_norm [L+1, T]``, ``loss`` (mean next-token CE).
+    norm is ``[L, H_kv, 0]`` when the backend gives no keys), ``resid_norm [L+1, T]``, ``loss`` (mean next-token CE),
+    and with ``per_sample`` the per-sample ``alpha [S, L, H, T]`` (reduced in the hook: T, not T², per head).
     """
     if tokens.ndim != 2 or tokens.shape[0] == 0:
         raise InputError("no sample is left to measure (every text was shorter than T tokens).",
                          hint="Give longer texts, more texts, or a smaller T.")
     reads = make_reducers(probe, positions, eps_grid, values=values, resid=resid, kv_norms=kv_norms)
+    per = {L: Collect(transform=alpha_from_pattern) for L in range(probe.info.n_layers)} if per_sample else {}
+    for L, r in per.items():
+        reads[f"blocks.{L}.attn.hook_pattern"] = [reads[f"blocks.{L}.attn.hook_pattern"], r]
     losses = []
     for i in range(0, tokens.shape[0], batch_size):
         b = tokens[i:i + batch_size]
@@ -262,7 +266,12 @@ def collect_stats(probe, tokens: torch.Tensor, *, positions: Sequence[int], eps_
             losses.append(next_token_loss(logits, b).cpu())
         if step is not None:
             step(b.shape[0])
+    if per:
+        for L, r in per.items():
+            reads[f"blocks.{L}.attn.hook_pattern"] = reads[f"blocks.{L}.attn.hook_pattern"][0]
     out = _finalize_reads(reads, probe.info.n_layers, values=values, resid=resid, kv_norms=kv_norms)
+    if per:
+        out["alpha"] = torch.stack([per[L].finalize().float() for L in range(probe.info.n_layers)], dim=1)
     if loss:
         out["loss"] = float(torch.cat(losses).mean())
     return out
