@@ -283,3 +283,73 @@ def test_dashboard_page_smoke(run_page):
 
 def test_analyses_do_not_import_streamlit():
     assert "streamlit" not in (ROOT / "analyses" / "counterfactual.py").read_text()
+
+
+# ----------------------------------------------------------------------------- token edits keep the word boundary
+def _metaspace_tokenizer():
+    """A SentencePiece-style tokenizer (Metaspace "▁" marker, dummy prefix; decoding one token drops its marker)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "▁": 3}
+    for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ,.":
+        vocab[c] = len(vocab)
+    merges = [("▁", "M"), ("▁M", "a"), ("e", "v"), ("ev", "e"), ("▁", "t"), ("▁t", "h"), ("▁th", "e")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tk.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_word_boundary_rule_and_quoting():
+    sp = _metaspace_tokenizer()
+    ma = sp.convert_tokens_to_ids("▁Ma")
+    assert sp.decode([ma]) == "Ma"  # decoding alone loses the marker: the vocabulary string must be read
+    assert cf.starts_word("▁Ma", "Ma") and cf.starts_word("ĠMa") and cf.starts_word(" Ma") and not cf.starts_word("Ma", "Ma")
+    assert sp.convert_ids_to_tokens(cf.encode_piece(sp, " Maeve")) == ["▁Ma", "eve"]
+    assert sp.convert_ids_to_tokens(cf.encode_piece(sp, "Maeve")) == ["M", "a", "eve"]  # no invented boundary
+    assert cf.parse_intervention('token:5="Maeve"') == cf.TokenEdit(5, "Maeve", True)
+    assert cf.parse_intervention("token:5=' Maeve'") == cf.TokenEdit(5, " Maeve", True)
+    assert cf.parse_intervention("token:5=Maeve") == cf.TokenEdit(5, "Maeve", False)
+    assert cf.parse_intervention('token:5="Maeve"').label() == 'token:5="Maeve"'
+    assert cf.parse_intervention('token:5="').new == '"'  # a lone quote is text, not quoting
+
+
+def test_token_edit_word_boundary_sentencepiece_model():
+    """A tiny llama behind the SentencePiece-style tokenizer: replacing a word-initial token ("▁…") adds the
+    boundary, replacing a mid-word token does not, and a quoted replacement is forced exactly as written."""
+    from probes import from_hf
+
+    model, _ = tiny_models.build("llama")
+    sp = _metaspace_tokenizer()
+    p = from_hf(model, sp, name="tiny-llama-sp")
+    c = cf.Config(max_new_tokens=16, seed=0, temperature=1.0, stop_at_eos=False, interventional=False)
+    base = cf.run(p, "the", "none", config=c)
+    pieces = sp.convert_ids_to_tokens(list(base.factual))
+    word = next(i for i, t in enumerate(pieces) if t.startswith("▁"))
+    inner = next(i for i, t in enumerate(pieces) if not t.startswith("▁") and i > 0)
+    r = cf.run(p, "the", f"token:{word}=Maeve", config=c)
+    assert sp.convert_ids_to_tokens(list(r.forced)) == ["▁Ma", "eve"] and r.rows[0][word:word + 2] == r.forced
+    assert r.forced_str == tuple(sp.decode([t]) for t in r.forced) and any("leading space" in n for n in r.notes)
+    r = cf.run(p, "the", f"token:{inner}=Maeve", config=c)
+    assert sp.convert_ids_to_tokens(list(r.forced)) == ["M", "a", "eve"]
+    r = cf.run(p, "the", f'token:{word}="Maeve"', config=c)  # quoted: no boundary even at a word start
+    assert sp.convert_ids_to_tokens(list(r.forced)) == ["M", "a", "eve"] and not any("leading space" in n for n in r.notes)
+
+
+def test_token_edit_word_boundary_embedded(embedded, tmp_path):
+    """Byte-level BPE (Ġ marker). Seed 3's response starts "'s brother, Alanna,": position 1 is " brother" (starts a
+    word: the replacement gets a space), position 5 is "," (glued to "Alanna": the replacement is used as given,
+    unless quoted with a space). The result records the forced tokens."""
+    c = cf.Config(max_new_tokens=8, seed=3, interventional=False)
+    r = cf.run(embedded, "Once upon a time, Lyra", "token:1=sister", config=c)
+    assert r.factual_str[:2] == ("'s", " brother") and r.factual_str[5] == ","
+    assert r.forced_str == (" sister",) and r.counterfactual_text.startswith("'s sister")
+    r = cf.run(embedded, "Once upon a time, Lyra", "token:5=Maeve", config=c)
+    assert "".join(r.forced_str) == "Maeve" and "AlannaMaeve" in r.counterfactual_text
+    r = cf.run(embedded, "Once upon a time, Lyra", 'token:5=" Maeve"', config=c)
+    assert "".join(r.forced_str) == " Maeve" and "Alanna Maeve" in r.counterfactual_text
+    back = cf.CounterfactualResult.load(r.save(tmp_path / "r"))
+    assert back.forced == r.forced and back.forced_str == r.forced_str
