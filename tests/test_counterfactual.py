@@ -486,3 +486,41 @@ def test_posterior_noise_replays_observed_text_model_free():
             assert sample([post[t][s] for t in range(T)], kw) == observed
         # fresh noise does not reproduce it (the replay is not vacuous)
         assert sample([cf.gumbel_noise(1, t, V, stream=3) for t in range(T)], kw) != observed
+
+
+# ----------------------------------------------------------------------------- README figures
+def _readme_numbers():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("readme_numbers", ROOT / "docs" / "readme_numbers.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_readme_counterfactual_figures_are_reproduced(embedded):
+    """Every figure of docs/readme/counterfactual.md's worked example comes from docs/readme_numbers.py, and the
+    stated defaults are the code's."""
+    import inspect
+
+    from analyses.cli import counterfactual as cli
+
+    text = (ROOT / "docs" / "readme" / "counterfactual.md").read_text(encoding="utf-8")
+    assert _readme_numbers().counterfactual_example(embedded) in text
+    assert "`temperature 0.8`" in text and cf.Config().temperature == 0.8
+    assert "40 new tokens (CLI) / 20 (page)" in text
+    assert 'typer.Option(40, "--max-new-tokens")' in inspect.getsource(cli)
+    assert '"max_new_tokens", "20"' in (ROOT / "dashboard" / "pages" / "counterfactual.py").read_text()
+
+
+def test_notebook_06_text_matches_its_code():
+    """The numbers the notebook's text states are the ones its code uses (model-free: reads the notebook)."""
+    import json
+
+    nb = json.loads((ROOT / "notebooks" / "06_counterfactual.ipynb").read_text(encoding="utf-8"))
+    md = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown")
+    code = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
+    pairs = [("kept short (20 tokens)", "cf.Config(max_new_tokens=20,"), ("replace response token 1", "'token:1=sister'"),
+             ("(8 draws, 6 tokens)", "cf.BiasConfig(n_samples=8, max_new_tokens=6)"), ("token 1 is `' brother'`", "factual_str[1] == ' brother'")]
+    for said, done in pairs:
+        assert said in md and done in code, (said, done)

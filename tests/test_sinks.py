@@ -296,3 +296,17 @@ def test_sink_metric_and_kv_norms_match_eager_embedded(embedded):
     _check_against_eager(r, alpha, key, val, a_tol=1e-5, n_tol=1e-5)
     # the companion-script pattern: the sink token's keys and values are small (Gu et al. 2024, Fig. 5)
     assert r.summary()["raw value norm at pos 0 / mean of others"] < 1
+
+
+def test_notebook_02_text_matches_its_code():
+    """The numbers the notebook's text states are the code's defaults or are asserted by its cells."""
+    import json
+
+    from analyses import dormant
+
+    nb = json.loads((ROOT / "notebooks" / "02_sinks_dormant.ipynb").read_text(encoding="utf-8"))
+    md = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown")
+    code = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
+    assert "Sink_1^0.3 on built-in prose (T = 64)" in md and Config().T == 64 and Config().eps == 0.3
+    assert "(Sink_1 = 0)" in md and "assert rep.sink_pct() == 0.0" in code
+    assert "θ = 0.9" in md and dormant.Config().theta == 0.9
