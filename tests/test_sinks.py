@@ -310,3 +310,15 @@ def test_notebook_02_text_matches_its_code():
     assert "Sink_1^0.3 on built-in prose (T = 64)" in md and Config().T == 64 and Config().eps == 0.3
     assert "(Sink_1 = 0)" in md and "assert rep.sink_pct() == 0.0" in code
     assert "θ = 0.9" in md and dormant.Config().theta == 0.9
+
+
+@pytest.mark.slow
+def test_readme_sinks_figures_are_reproduced(embedded):
+    """Every figure of docs/readme/sinks.md's "Measured" bullets comes from docs/readme_numbers.py (about a minute)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("readme_numbers", ROOT / "docs" / "readme_numbers.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    text = (ROOT / "docs" / "readme" / "sinks.md").read_text(encoding="utf-8")
+    assert mod.sinks_measured(embedded) in text
