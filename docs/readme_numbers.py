@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-__all__ = ["sinks_measured", "counterfactual_example", "CF_PROMPT", "CF_CONFIG"]
+__all__ = ["sinks_measured", "sinks_parts", "render_sinks", "counterfactual_example", "CF_PROMPT", "CF_CONFIG"]
 
 SINK_SAMPLES = 16
 DORMANT_SAMPLES = 8
@@ -28,60 +28,89 @@ def _fmt(x: float, nd: int = 1) -> str:
     return f"{x:.{nd}f}"
 
 
-def sinks_measured(probe=None) -> str:
-    """The "Measured" bullets of docs/readme/sinks.md (about a minute on a CPU)."""
-    import torch
+def _sink_part(probe, bos: str) -> dict:
+    from analyses import sinks
 
-    from analyses import bbtoy, dormant, sinks
+    a = sinks.run(probe, domain="prose", config=sinks.Config(n_samples=SINK_SAMPLES, batch_size=8, ablation_samples=4, bos=bos))
+    L = a.alpha_mean.shape[0]
+    s = a.summary()
+    abl = a.ablation.set_index("ablated")
+    return {"n": a.n_samples, "pct": a.sink_pct(), "late": a.sink_pct(layers=range(2, L)), "early": a.sink_pct(layers=[0, 1]),
+            "quiet": [l for l in range(2, L) if a.sink_pct(layers=[l]) < 1], "majority": s["sink heads (majority)"],
+            "key": s["key norm at pos 0 / mean of others"], "raw": s["raw value norm at pos 0 / mean of others"],
+            "drain": s["value drain (after W_O) norm at pos 0 / mean of others"],
+            "peak": float(sinks.peak_ratio(a.resid_norm, 0).max()), "peak_layer": a.peak_layer,
+            "abl": {k: float(v) for k, v in abl["ratio"].items()}}
+
+
+def _dormant_part(probe) -> dict:
+    from analyses import dormant
+
+    d = dormant.run(probe, ["prose", "code", "arithmetic"], config=dormant.Config(n_samples=DORMANT_SAMPLES, heads=("L20H6",)))
+    out = {"LH": int(d.dormant[0].numel()), "n": [int(d.dormant[i].sum()) for i in range(3)], "flips": len(d.flips)}
+    for dom in ("code", "arithmetic"):
+        i = d.domains.index(dom)
+        out[dom] = {"dormant": bool(d.dormant[i, 20, 6]), "mass": float(d.sink_mass[i, 20, 6]), "dl": float(d.delta_loss[i, 20, 6])}
+    return out
+
+
+def _bb_part() -> dict:
+    from analyses import bbtoy
+
+    out = {}
+    for att in ("softmax", "relu"):
+        bb = bbtoy.run(bbtoy.Config(steps=BB_STEPS, attention=att))
+        h = bb.history[(bb.history.metric == "bos_mass") & (bb.history.layer == 0)]
+        out[att] = {"first": float(h[h.step == h.step.min()]["value"].mean()), "mass": bb.final("bos_mass", 0),
+                    "prev": bb.final("prev_mass", 0), "value": bb.final("bos_value", 0)}
+    return out
+
+
+def sinks_parts(probe=None) -> dict:
+    """The measurements behind :func:`render_sinks` (JSON-able)."""
     from probes import load_model
 
     probe = probe or load_model("embedded", device="cpu")
-    cfg = sinks.Config(n_samples=SINK_SAMPLES, batch_size=8, ablation_samples=4)
-    a = sinks.run(probe, domain="prose", config=cfg)
-    b = sinks.run(probe, domain="prose", config=cfg.replace(bos="always"))
-    L = a.alpha_mean.shape[0]
-    LH = a.alpha_mean.shape[0] * a.alpha_mean.shape[1]
-    late = [l for l in range(L) if a.sink_pct(layers=[l]) < 1 and l >= 2]
-    s = a.summary()
-    abl_a, abl_b = a.ablation.set_index("ablated"), b.ablation.set_index("ablated")
-    peak = float(sinks.peak_ratio(a.resid_norm, 0).max())
-    kept = [f"L{l}" for l in range(2, min(4, len(abl_b) - 1)) if abl_b.loc[f"L{l} MLP", "ratio"] > 0.5 * abl_b.loc["none", "ratio"]]
-    d = dormant.run(probe, ["prose", "code", "arithmetic"], config=dormant.Config(n_samples=DORMANT_SAMPLES, heads=("L20H6",)))
-    n_d = [int(d.dormant[i].sum()) for i in range(3)]
-    code, ar = d.domains.index("code"), d.domains.index("arithmetic")
-    bb = bbtoy.run(bbtoy.Config(steps=BB_STEPS))
-    br = bbtoy.run(bbtoy.Config(steps=BB_STEPS, attention="relu"))
-    h = bb.history
-    first_mass = float(h[(h.layer == 0)].sort_values("step").bos_mass.iloc[0])
-    lines = [
-        f"* Prose, {a.n_samples} samples, T = 64, tokenizer default (no BOS): Sink_1^0.3 = {_fmt(a.sink_pct())} %; "
-        f"**{_fmt(a.sink_pct(layers=range(2, L)))} % of heads past layers 0–1**",
-        f"  are sink heads, {_fmt(a.sink_pct(layers=[0, 1]))} % in layers 0–1 (below 1 % also in layers "
-        f"{', '.join(map(str, late)) or 'none'}); {s['sink heads (majority)']} heads are sink heads on most samples. "
-        f"With BOS prepended: {_fmt(b.sink_pct())} % / {_fmt(b.sink_pct(layers=range(2, L)))} %.",
+    return {"never": _sink_part(probe, "tokenizer"), "bos": _sink_part(probe, "always"), "dormant": _dormant_part(probe),
+            "bb": _bb_part()}
+
+
+def render_sinks(parts: dict) -> str:
+    a, b, d, bb = parts["never"], parts["bos"], parts["dormant"], parts["bb"]
+    abl_a, abl_b = a["abl"], b["abl"]
+    kept = [f"L{l}" for l in (2, 3) if f"L{l} MLP" in abl_b and abl_b[f"L{l} MLP"] > 0.5 * abl_b["none"]]
+    LH = d["LH"]
+    role = lambda x: "dormant" if x else "active"  # noqa: E731
+    c, r = d["code"], d["arithmetic"]
+    sm, rl = bb["softmax"], bb["relu"]
+    return "\n".join([
+        f"* Prose, {a['n']} samples, T = 64, tokenizer default (no BOS): Sink_1^0.3 = {_fmt(a['pct'])} %; "
+        f"**{_fmt(a['late'])} % of heads past layers 0–1**",
+        f"  are sink heads, {_fmt(a['early'])} % in layers 0–1 (below 1 % also in layers "
+        f"{', '.join(map(str, a['quiet'])) or 'none'}); {a['majority']} heads are sink heads on most samples. "
+        f"With BOS prepended: {_fmt(b['pct'])} % / {_fmt(b['late'])} %.",
         f"* Key and value norms at the sink (no BOS, mean over layers and heads, relative to the other positions): "
-        f"keys {_fmt(s['key norm at pos 0 / mean of others'], 2)}×, raw values {_fmt(s['raw value norm at pos 0 / mean of others'], 2)}×, "
-        f"value drain after W_O {_fmt(s['value drain (after W_O) norm at pos 0 / mean of others'], 2)}×.",
-        f"* Residual peak at position 0: up to {peak:.0f}× the largest other position (peak at layer {a.peak_layer}). "
+        f"keys {_fmt(a['key'], 2)}×, raw values {_fmt(a['raw'], 2)}×, value drain after W_O {_fmt(a['drain'], 2)}×.",
+        f"* Residual peak at position 0: up to {a['peak']:.0f}× the largest other position (peak at layer {a['peak_layer']}). "
         f"Zeroing the **layer-0 MLP** removes it on the first 4 samples",
-        f"  (ratio {abl_a.loc['none', 'ratio']:.0f} → {abl_a.loc['L0 MLP', 'ratio']:.1f} without BOS, "
-        f"{abl_b.loc['none', 'ratio']:.0f} → {abl_b.loc['L0 MLP', 'ratio']:.2f} with BOS); layer-1 MLP with BOS "
-        f"{abl_b.loc['none', 'ratio']:.0f} → {abl_b.loc['L1 MLP', 'ratio']:.1f}; "
+        f"  (ratio {abl_a['none']:.0f} → {abl_a['L0 MLP']:.1f} without BOS, {abl_b['none']:.0f} → {abl_b['L0 MLP']:.2f} with BOS); "
+        f"layer-1 MLP with BOS {abl_b['none']:.0f} → {abl_b['L1 MLP']:.1f}; "
         f"{'zeroing layers ' + ' and '.join(kept) + ' leaves more than half of it' if kept else 'no later MLP keeps half of it'}.",
-        f"* Dormant heads (θ = 0.9, BOS prepended, {DORMANT_SAMPLES} samples per domain): {n_d[0]}/{LH} on prose, "
-        f"{n_d[1]}/{LH} on code, {n_d[2]}/{LH} on",
-        f"  arithmetic; {len(d.flips)} heads flip between domains. **L20H6** is "
-        f"{'dormant' if d.dormant[code, 20, 6] else 'active'} on code (sink mass {float(d.sink_mass[code, 20, 6]):.2f}, "
-        f"Δloss {float(d.delta_loss[code, 20, 6]):+.3f} when moved to",
-        f"  BOS) and {'dormant' if d.dormant[ar, 20, 6] else 'active'} on arithmetic ({float(d.sink_mass[ar, 20, 6]):.2f}, "
-        f"Δloss {float(d.delta_loss[ar, 20, 6]):+.3f}).",
+        f"* Dormant heads (θ = 0.9, BOS prepended, {DORMANT_SAMPLES} samples per domain): {d['n'][0]}/{LH} on prose, "
+        f"{d['n'][1]}/{LH} on code, {d['n'][2]}/{LH} on",
+        f"  arithmetic; {d['flips']} heads flip between domains. **L20H6** is {role(c['dormant'])} on code (sink mass "
+        f"{c['mass']:.2f}, Δloss {c['dl']:+.3f} when moved to",
+        f"  BOS) and {role(r['dormant'])} on arithmetic ({r['mass']:.2f}, Δloss {r['dl']:+.3f}).",
         f"* BB toy (1 layer, d = 32, seq 32, batch 32, {BB_STEPS} Adam steps): BOS mass at non-trigger positions "
-        f"{first_mass:.2f} → {bb.final('bos_mass', 0):.2f},",
-        f"  previous-token mass at triggers {bb.final('prev_mass', 0):.2f}, BOS value norm {bb.final('bos_value', 0):.2f}× the "
-        f"others; ReLU attention: BOS weight {br.final('bos_mass', 0):.2f}, value {br.final('bos_value', 0):.2f}×.",
-    ]
-    del torch
-    return "\n".join(lines)
+        f"{sm['first']:.2f} → {sm['mass']:.2f},",
+        f"  previous-token mass at triggers {sm['prev']:.2f}, BOS value norm {sm['value']:.2f}× the others; ReLU attention: "
+        f"BOS weight {rl['mass']:.2f}, value {rl['value']:.2f}×.",
+    ])
+
+
+def sinks_measured(probe=None) -> str:
+    """The "Measured" bullets of docs/readme/sinks.md (a few minutes on a CPU)."""
+    return render_sinks(sinks_parts(probe))
 
 
 CF_PROMPT = "Once upon a time, Lyra"
@@ -112,5 +141,20 @@ def counterfactual_example(probe=None) -> str:
 
 
 if __name__ == "__main__":
+    import json
+
     which = sys.argv[1] if len(sys.argv) > 1 else "sinks"
-    print({"sinks": sinks_measured, "counterfactual": counterfactual_example}[which]())
+    if which.startswith("part:"):  # one measurement as JSON (parts can run in parallel): part:never|bos|dormant|bb
+        from probes import load_model
+
+        name = which[5:]
+        if name == "bb":
+            print(json.dumps(_bb_part()))
+        else:
+            pr = load_model("embedded", device="cpu")
+            print(json.dumps(_dormant_part(pr) if name == "dormant" else _sink_part(pr, "always" if name == "bos" else "tokenizer")))
+    elif which == "render":  # render from part files: render never.json bos.json dormant.json bb.json
+        parts = dict(zip(("never", "bos", "dormant", "bb"), (json.loads(Path(f).read_text()) for f in sys.argv[2:6])))
+        print(render_sinks(parts))
+    else:
+        print({"sinks": sinks_measured, "counterfactual": counterfactual_example}[which]())
