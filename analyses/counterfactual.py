@@ -59,7 +59,8 @@ from .base import Result, Timer, register_result
 __all__ = [
     "Config", "BiasConfig", "CounterfactualResult", "BiasSweepResult", "TokenEdit", "PromptEdit", "ModelEdit",
     "NoEdit", "parse_intervention", "run", "generate", "decision_scores", "bias_sweep", "branches", "gumbel_noise", "sampling_logprobs",
-    "gumbel_max", "posterior_gumbel", "levenshtein", "divergence", "wilson", "DEFAULT_CATEGORIES",
+    "gumbel_max", "posterior_gumbel", "levenshtein", "divergence", "wilson", "DEFAULT_CATEGORIES", "starts_word",
+    "encode_piece",
 ]
 
 _EPS = 1e-20  # reference sampler: G = -log(-log(U + eps) + eps)
@@ -203,13 +204,23 @@ class NoEdit:
 
 @dataclass(frozen=True)
 class TokenEdit:
-    """Replace response token ``pos`` by ``new`` (text, or token ids)."""
+    """Replace response token ``pos`` by ``new`` (text, or token ids).
+
+    Word boundary: a text replacement takes the replaced token's place in the word structure. When the replaced
+    token starts a word (its vocabulary string starts with a space or the tokenizer's word-boundary marker,
+    ``Ġ`` in byte-level BPE, ``▁`` in SentencePiece) and ``new`` does not start with whitespace, a leading space
+    is added; otherwise ``new`` is used as given. ``verbatim=True`` (``token:5="Maeve"`` in a spec string) uses
+    ``new`` exactly as written: ``token:5=" Maeve"`` forces a space, ``token:5="Maeve"`` forbids one.
+    """
 
     pos: int
     new: str | tuple[int, ...]
+    verbatim: bool = False
 
     def label(self) -> str:
-        return f"token:{self.pos}={self.new if isinstance(self.new, str) else 'id:' + ','.join(map(str, self.new))}"
+        if not isinstance(self.new, str):
+            return f"token:{self.pos}=id:{','.join(map(str, self.new))}"
+        return f"token:{self.pos}=" + (f'"{self.new}"' if self.verbatim else self.new)
 
 
 @dataclass(frozen=True)
@@ -235,7 +246,8 @@ class ModelEdit:
 
 
 Intervention = NoEdit | TokenEdit | PromptEdit | ModelEdit
-_SPEC_HELP = "Use 'token:12=Maeve', 'token:12=id:4312', 'prompt:Lyra->Maeve', 'ablate:L5H3' (or 'ablate:L5H3,L2N17'), or 'none'."
+_SPEC_HELP = ("Use 'token:12=Maeve' (or 'token:12=\" Maeve\"' quoted, exactly as written), 'token:12=id:4312', "
+              "'prompt:Lyra->Maeve', 'ablate:L5H3' (or 'ablate:L5H3,L2N17'), or 'none'.")
 
 
 def parse_intervention(spec: str | Intervention, probe: Probe | None = None) -> Intervention:
@@ -258,10 +270,13 @@ def parse_intervention(spec: str | Intervention, probe: Probe | None = None) -> 
             if not m or m.group(2) == "":
                 raise ConfigError(f"token edit {spec!r} is not of the form token:<position>=<text>.", hint=_SPEC_HELP)
             new: str | tuple[int, ...] = m.group(2)
+            verbatim = len(new) >= 3 and new[0] == new[-1] and new[0] in "\"'"  # quoted: exactly as written
             idm = re.fullmatch(r"id:([\d,\s]+)", new.strip())
-            if idm:
+            if verbatim:
+                new = new[1:-1]
+            elif idm:
                 new = tuple(int(x) for x in idm.group(1).split(",") if x.strip())
-            iv = TokenEdit(int(m.group(1)), new)
+            iv = TokenEdit(int(m.group(1)), new, verbatim)
         elif kind == "prompt":
             if "->" not in body:
                 raise ConfigError(f"prompt edit {spec!r} has no '->'.", hint=_SPEC_HELP)
@@ -586,6 +601,8 @@ class CounterfactualResult(Result):
     str_rows: tuple[tuple[str, ...], ...]
     kinds: tuple[str, ...]
     notes: tuple[str, ...] = ()
+    forced: tuple[int, ...] = ()  # token edit: the ids forced at edit_pos (replacing factual[edit_pos]); () otherwise
+    forced_str: tuple[str, ...] = ()  # their token strings
 
     @property
     def factual_text(self) -> str:
@@ -634,7 +651,8 @@ class CounterfactualResult(Result):
 
     def extra(self) -> dict[str, Any]:
         return {"prompt": self.prompt, "cf_prompt": self.cf_prompt, "intervention": self.intervention,
-                "edit_pos": self.edit_pos, "notes": list(self.notes), "kinds": list(self.kinds)}
+                "edit_pos": self.edit_pos, "notes": list(self.notes), "kinds": list(self.kinds),
+                "forced": list(self.forced), "forced_str": list(self.forced_str)}
 
     @classmethod
     def _from_stored(cls, stored: store.StoredResult, base: dict[str, Any]) -> "CounterfactualResult":
@@ -650,7 +668,8 @@ class CounterfactualResult(Result):
         return cls(**base, prompt=ex["prompt"], cf_prompt=ex["cf_prompt"], intervention=ex["intervention"],
                    edit_pos=int(ex["edit_pos"]), factual=tuple(int(x) for x in f.token_id), factual_str=tuple(str(x) for x in f.token),
                    factual_logprob=stored.arrays["factual_logprob"], alternatives=stored.arrays["alternatives"],
-                   rows=tuple(rows), str_rows=tuple(strs), kinds=tuple(ex["kinds"]), notes=tuple(ex.get("notes", ())))
+                   rows=tuple(rows), str_rows=tuple(strs), kinds=tuple(ex["kinds"]), notes=tuple(ex.get("notes", ())),
+                   forced=tuple(int(x) for x in ex.get("forced", ())), forced_str=tuple(ex.get("forced_str", ())))
 
     def plot(self, *, max_rows: int = 6, width: int = 28):
         """Token grid: factual on top, counterfactual / interventional rows below; changed tokens coloured."""
@@ -731,11 +750,14 @@ def _replacement(probe: Probe, iv: TokenEdit, factual: list[int], config: Config
             raise ConfigError(f"replacement ids {list(iv.new)} are not all in 0..{probe.info.d_vocab - 1}.", hint="Give valid token ids.")
         return list(iv.new)
     text = iv.new
-    old = probe.tokenizer.decode([factual[iv.pos]])
-    if old.startswith(" ") and not text.startswith(" "):
+    tok = probe.tokenizer
+    old_id = factual[iv.pos]
+    old_piece = tok.convert_ids_to_tokens([old_id])[0]
+    if not iv.verbatim and starts_word(old_piece, tok.decode([old_id])) and not text[:1].isspace():
         text = " " + text  # the replaced token starts a word: keep the word boundary
-        notes.append(f"a leading space was added to {iv.new!r} because the replaced token {old!r} starts with one")
-    new = probe.tokenizer(text, add_special_tokens=False).input_ids
+        notes.append(f"a leading space was added to {iv.new!r} because the replaced token {old_piece!r} starts a word "
+                     "(quote the replacement to force it exactly as written)")
+    new = encode_piece(tok, text)
     if not new:
         raise InputError(f"the replacement {iv.new!r} tokenizes to nothing.", hint="Give a non-empty replacement.")
     if len(new) > 1:
@@ -746,6 +768,32 @@ def _replacement(probe: Probe, iv: TokenEdit, factual: list[int], config: Config
         notes.append(f"the replacement {text!r} is {len(new)} tokens {pieces}: all are forced at position {iv.pos}, and the factual "
                      f"noise continues from step {iv.pos + 1} (alignment by step count)")
     return new
+
+
+_WORD_MARKERS = (" ", "Ġ", "▁")  # a leading space: plain, byte-level BPE (GPT-2, Llama 3), SentencePiece (Llama 2)
+
+
+def starts_word(piece: str, text: str = "") -> bool:
+    """Whether a token begins a word: its vocabulary string ``piece`` starts with a space or a word-boundary marker,
+    or its decoded ``text`` starts with whitespace."""
+    return (piece or "").startswith(_WORD_MARKERS) or (text or "")[:1].isspace()
+
+
+def encode_piece(tok: Any, text: str) -> list[int]:
+    """Token ids of ``text`` as it reads mid-sentence: with its leading space as a word boundary, without one glued
+    to the previous token. A tokenizer that prepends a boundary to every text (SentencePiece's dummy prefix) is
+    given ``text`` after an anchor character whose ids are then dropped, so no boundary is invented."""
+    ids = tok(text, add_special_tokens=False).input_ids
+    if not ids or text[:1].isspace():
+        return ids
+    pieces = tok.convert_ids_to_tokens(ids)
+    if not starts_word(pieces[0]):
+        return ids
+    anchor = tok("a", add_special_tokens=False).input_ids
+    both = tok("a" + text, add_special_tokens=False).input_ids
+    if both[: len(anchor)] == anchor and len(both) > len(anchor):
+        return both[len(anchor):]
+    return ids
 
 
 def run(probe: Probe, prompt: str, intervention: str | Intervention = "none", *, config: Config = Config(),
@@ -836,6 +884,7 @@ def run(probe: Probe, prompt: str, intervention: str | Intervention = "none", *,
     # ---- counterfactual (and interventional) rows
     cf_prompt = prompt
     edit_pos = 0
+    forced: list[int] = []
     B = S + n_int
     if not (joint and not posterior):
         with timer("counterfactual"):
@@ -844,6 +893,7 @@ def run(probe: Probe, prompt: str, intervention: str | Intervention = "none", *,
                     raise InputError(f"token edit position {iv.pos} is beyond the generated text ({len(factual)} tokens, positions 0-{len(factual) - 1}).",
                                      hint="Pick a position inside the factual response.")
                 new = _replacement(probe, iv, factual, c, notes)
+                forced = list(new)
                 edit_pos = iv.pos
                 prefix = prompt_ids + factual[: iv.pos]
                 cache = _reuse(fgen.cache, len(prefix), B) if c.prefix_reuse else None
@@ -889,6 +939,7 @@ def run(probe: Probe, prompt: str, intervention: str | Intervention = "none", *,
         factual=tuple(factual), factual_str=_strs(probe, factual), factual_logprob=torch.tensor(flp, dtype=torch.float32),
         alternatives=top[: len(factual)].long() if top is not None else torch.zeros(0, 5, dtype=torch.long),
         rows=tuple(tuple(r) for r in rows_out), str_rows=tuple(_strs(probe, r) for r in rows_out), kinds=kinds, notes=tuple(notes),
+        forced=tuple(forced), forced_str=_strs(probe, forced),
     )
 
 

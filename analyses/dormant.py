@@ -12,6 +12,16 @@ loss per domain when its attention rows are moved to the sink ("move_attn_to_bos
 zeroed ("zero_out_attn", ``ZeroAttention``). Heads whose status differs between domains are the
 key output (Llama-2-7B L16H25: dormant on Wikipedia, active on GitHub).
 
+The sink need not be the first token. With ``sink="auto"`` it is found from the attention statistics
+(dormant.md: Guo et al. track BOS and a delimiter such as "."): per sample, the key with the largest
+mean α over all layers and heads among the keys that at least half of the queries see (``k < T/2``, so
+late keys with few queries cannot win by noise). If most samples peak at position 0, the sink is the
+first token (BOS when present); otherwise it is the token id most of the samples peak on (e.g. "\n" or
+"."), located per sample at its first occurrence (samples without it fall back to position 0 and are
+counted). ``sink_token="\n"`` names the token instead. The mass and the dormant criterion are then
+taken at each sample's own sink position: ``m_s = mean_samples α_{s_b}`` over the queries that see it,
+and "move attention to the sink" moves the rows of those queries (``t ≥ s_b``) only.
+
 Statistics stream through reducers (:func:`analyses.sinks.collect_stats`); interventions cost one
 pass per (tested head, domain), so only a head subset is tested (``heads`` or the ``max_heads``
 with the largest spread of sink mass across domains).
@@ -26,14 +36,15 @@ from typing import Any, ClassVar, Literal, Mapping, Sequence
 import pandas as pd
 import torch
 
-from probes import AttendTo, ZeroAttention, parse_head
+from probes import AttendTo, Edit, ZeroAttention, parse_head
 from probes.errors import ConfigError, InputError
+from probes.sites import site as _site
 
 from . import base, domains as _domains
 from .sinks import bos_flag, collect_stats, next_token_loss
 from .store import hash_inputs
 
-__all__ = ["Config", "DormantResult", "run", "dormant_map", "status_flips"]
+__all__ = ["Config", "DormantResult", "run", "dormant_map", "status_flips", "detect_sink", "sink_mass_at", "AttendToPositions"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,6 +54,8 @@ class Config(base.Config):
     T: int = 64  # dormant.md: max_len=64
     theta: float = 0.9  # dormant.md: dormant ⇔ mean_t A[t, s] > θ, θ = 0.9
     sink_pos: int = 0  # dormant.md: s = BOS / position 0
+    sink: Literal["position", "auto"] = "position"  # auto: the model's sink token from the attention statistics
+    sink_token: str | None = None  # or name it (e.g. "\n", "."): first occurrence per sample (dormant.md, delimiter)
     n_samples: int = 32
     bos: Literal["tokenizer", "always", "never"] = "always"  # the sink is BOS (Guo et al.)
     intervention: Literal["none", "attn_to_sink", "zero"] = "attn_to_sink"  # move_attn_to_bos / zero_out_attn
@@ -59,6 +72,10 @@ class Config(base.Config):
             raise ConfigError(f"theta={self.theta!r} is outside (0, 1).", hint="Use e.g. --theta 0.9 (the default).")
         if self.sink_pos is None or not 0 <= self.sink_pos < self.T:
             raise ConfigError(f"sink_pos={self.sink_pos!r}; use a position in 0..T-1 (0 = the first token/BOS).")
+        if self.sink not in ("position", "auto"):
+            raise ConfigError(f"sink={self.sink!r}; use 'position' (sink_pos) or 'auto' (found from the attention statistics).")
+        if self.sink_token is not None and (not isinstance(self.sink_token, str) or self.sink_token == ""):
+            raise ConfigError(f"sink_token={self.sink_token!r}; give the token's text (e.g. '\\n' or '.') or None.")
         if self.intervention not in ("none", "attn_to_sink", "zero"):
             raise ConfigError(f"intervention={self.intervention!r}; use none, attn_to_sink or zero.")
         if self.bos not in ("tokenizer", "always", "never"):
@@ -80,6 +97,88 @@ class Config(base.Config):
 def dormant_map(sink_mass: torch.Tensor, theta: float) -> torch.Tensor:
     """``bool [D, L, H]``: sink mass ``[D, L, H]`` above θ."""
     return sink_mass > theta
+
+
+@torch.no_grad()
+def detect_sink(alpha: torch.Tensor, tokens: torch.Tensor) -> tuple[int | None, torch.Tensor]:
+    """The model's sink from per-sample α.
+
+    Args:
+        alpha: ``[S, L, H, T]`` per-sample mean attention each key receives (see :func:`analyses.sinks.alpha_from_pattern`).
+        tokens: ids ``[S, T]``.
+    Returns:
+        ``(token_id, peaks)``: ``token_id`` is None when most samples peak at position 0 (the sink is the first
+        token), else the id most samples peak on; ``peaks [S]`` the per-sample argmax over ``k < max(1, T // 2)``
+        of α averaged over layers and heads.
+    """
+    S, L, H, T = alpha.shape
+    score = alpha.double().mean(dim=(1, 2))[:, : max(1, T // 2)]  # [S, T/2]
+    peaks = score.argmax(dim=-1)
+    if int((peaks == 0).sum()) * 2 >= S:
+        return None, peaks
+    ids = tokens[torch.arange(S), peaks.to(tokens.device)].cpu()
+    ids = ids[peaks.cpu() != 0]
+    vals, counts = ids.unique(return_counts=True)
+    return int(vals[counts.argmax()]), peaks
+
+
+def sink_positions(tokens: torch.Tensor, token_id: int | None, default: int = 0) -> tuple[torch.Tensor, int]:
+    """Per sample the first position of ``token_id`` in ``tokens [S, T]`` (``default`` where absent, or for None).
+
+    Returns ``(positions [S], n_absent)``.
+    """
+    S = tokens.shape[0]
+    if token_id is None:
+        return torch.full((S,), default, dtype=torch.long), 0
+    hit = tokens.cpu() == token_id
+    has = hit.any(dim=1)
+    pos = torch.where(has, hit.float().argmax(dim=1), torch.full((S,), default))
+    return pos.long(), int((~has).sum())
+
+
+@torch.no_grad()
+def sink_mass_at(alpha: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean α at each sample's sink and the largest mean α of any other key.
+
+    Args:
+        alpha: ``[S, L, H, T]``; positions: ``[S]`` sink position per sample.
+    Returns:
+        ``sink_mass [L, H]`` (mean over samples of ``α_{s_b}``) and ``max_other [L, H]`` (max over keys of the mean
+        over the samples where that key is not the sink).
+    """
+    S, L, H, T = alpha.shape
+    idx = positions.view(S, 1, 1, 1).expand(S, L, H, 1).to(alpha.device)
+    mass = alpha.gather(-1, idx).squeeze(-1).double().mean(0)
+    other = alpha.double().scatter(-1, idx, float("nan"))
+    max_other = other.nanmean(0).nan_to_num(nan=float("-inf")).max(dim=-1).values
+    return mass.float(), max_other.float()
+
+
+@dataclass(frozen=True)
+class AttendToPositions(Edit):
+    """Move the attention rows of ``heads`` in ``layer`` to one key per batch row (``keys[b]``), for the queries
+    that can see it (``t ≥ keys[b]``); earlier queries keep their rows ("move_attn_to_bos" with a delimiter sink)."""
+
+    site: str = ""
+    layer: int = 0
+    heads: tuple[int, ...] = ()
+    keys: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "site", _site("pattern", self.layer).name)
+
+    def apply(self, x):
+        B, _, T, _ = x.shape
+        if len(self.keys) != B:
+            raise ConfigError(f"AttendToPositions has {len(self.keys)} keys for a batch of {B} rows.")
+        out = x.clone()
+        h = list(self.heads)
+        for b, k in enumerate(self.keys):
+            rows = out[b, h, k:]  # [h, T - k, T]
+            rows.zero_()
+            rows[..., k] = 1.0
+            out[b, h, k:] = rows
+        return out
 
 
 def status_flips(dormant: torch.Tensor, domains: Sequence[str]) -> pd.DataFrame:
@@ -125,6 +224,11 @@ class DormantResult(base.Result):
     tested: tuple[str, ...] = ()
     n_samples: tuple[int, ...] = ()
     n_skipped: tuple[int, ...] = ()
+    sink_token: str = "position 0"  # "position p" or the sink token's text (repr) with its id
+    sink_token_id: int | None = None  # None: a fixed position (config.sink_pos)
+    sink_positions: tuple[tuple[int, ...], ...] = ()  # per domain, per sample
+    sink_agreement: tuple[float, ...] = ()  # per domain: share of samples whose α peak (k < T/2) is at their sink
+    n_fallback: tuple[int, ...] = ()  # per domain: samples without the sink token (position sink_pos used)
 
     @property
     def flips(self) -> pd.DataFrame:
@@ -133,7 +237,12 @@ class DormantResult(base.Result):
 
     def summary(self) -> dict[str, Any]:
         D, L, H = self.dormant.shape
-        out = {f"dormant heads on {d}": f"{int(self.dormant[i].sum())}/{L * H}" for i, d in enumerate(self.domains)}
+        out = {"sink": self.sink_token}
+        if self.sink_agreement:
+            out["samples peaking at the sink"] = {d: round(a, 3) for d, a in zip(self.domains, self.sink_agreement)}
+        if self.sink_token_id is not None:
+            out["samples without the sink token"] = dict(zip(self.domains, self.n_fallback))
+        out.update({f"dormant heads on {d}": f"{int(self.dormant[i].sum())}/{L * H}" for i, d in enumerate(self.domains)})
         out["heads that flip between domains"] = len(self.flips)
         out["tested heads"] = ", ".join(self.tested) or "none"
         out.update({f"loss on {d}": round(float(self.loss[i]), 3) for i, d in enumerate(self.domains)})
@@ -170,7 +279,9 @@ class DormantResult(base.Result):
 
     def extra(self):
         return {"domains": list(self.domains), "tested": list(self.tested), "n_samples": list(self.n_samples),
-                "n_skipped": list(self.n_skipped), "summary": self.summary()}
+                "n_skipped": list(self.n_skipped), "sink_token": self.sink_token, "sink_token_id": self.sink_token_id,
+                "sink_positions": [list(p) for p in self.sink_positions], "sink_agreement": list(self.sink_agreement),
+                "n_fallback": list(self.n_fallback), "summary": self.summary()}
 
     @classmethod
     def _from_stored(cls, stored, base_kw):
@@ -178,7 +289,9 @@ class DormantResult(base.Result):
         return cls(**base_kw, domains=tuple(e["domains"]), sink_mass=a["sink_mass"], max_other_mass=a["max_other_mass"],
                    value_norm=a["value_norm"], resid_norm=a["resid_norm"], loss=a["loss"], delta_loss=a["delta_loss"],
                    dormant=a["dormant"].bool(), tested=tuple(e.get("tested", ())), n_samples=tuple(e.get("n_samples", ())),
-                   n_skipped=tuple(e.get("n_skipped", ())))
+                   n_skipped=tuple(e.get("n_skipped", ())), sink_token=e.get("sink_token", "position 0"),
+                   sink_token_id=e.get("sink_token_id"), sink_positions=tuple(tuple(p) for p in e.get("sink_positions", ())),
+                   sink_agreement=tuple(e.get("sink_agreement", ())), n_fallback=tuple(e.get("n_fallback", ())))
 
     def plot(self, kind: Literal["map", "diff", "delta"] = "map", domain: str | None = None, other: str | None = None):
         """``map``: sink mass [layer × head] on ``domain``; ``diff``: ``domain − other``; ``delta``: Δloss of tested heads."""
@@ -248,26 +361,59 @@ def run(probe, domains: Sequence[str] | Mapping[str, Sequence[str]] = ("prose", 
     names = tuple(b.name for b in batches)
     L, H = probe.info.n_layers, probe.info.n_heads
     s = config.sink_pos
+    follow = config.sink == "auto" or config.sink_token is not None  # the sink position varies per sample
     stats = []
     with timer("stats"):
         for b in batches:
-            stats.append(collect_stats(probe, b.tokens, positions=(s,), eps_grid=(config.theta,),
-                                       batch_size=config.batch_size, loss=True, step=step))
-    alpha = torch.stack([st["alpha_mean"] for st in stats])  # [D, L, H, T]
-    sink_mass = alpha[..., s]
-    others = torch.cat([alpha[..., :s], alpha[..., s + 1:]], dim=-1)
-    max_other = others.max(dim=-1).values
+            stats.append(collect_stats(probe, b.tokens, positions=(s,), eps_grid=(config.theta,), batch_size=config.batch_size,
+                                       loss=True, per_sample=follow, step=step))
+    token_id, agreement, label = None, (), f"position {s}"
+    if config.sink_token is not None:
+        ids = probe.tokenizer(config.sink_token, add_special_tokens=False).input_ids
+        if len(ids) != 1:
+            raise ConfigError(f"sink_token={config.sink_token!r} is {len(ids)} tokens for this tokenizer; it must be one.",
+                              hint="Give a single token's text, e.g. '\\n' or '.', or use sink='auto'.")
+        token_id = ids[0]
+    elif config.sink == "auto":
+        token_id, _ = detect_sink(torch.cat([st["alpha"] for st in stats]), torch.cat([b.tokens for b in batches]))
+        if token_id is None:
+            s = 0  # most samples peak on the first token
+            label = "position 0"
+    positions, fallback = [], []
+    for b in batches:
+        pos, n_abs = sink_positions(b.tokens, token_id, default=s)
+        positions.append(pos)
+        fallback.append(n_abs)
+    if token_id is not None:
+        label = f"token {probe.tokenizer.decode([token_id])!r} (id {token_id})"
+    if follow:
+        masses = [sink_mass_at(st["alpha"], pos) for st, pos in zip(stats, positions)]
+        sink_mass = torch.stack([m for m, _ in masses])
+        max_other = torch.stack([o for _, o in masses])
+        T = stats[0]["alpha"].shape[-1]
+        agreement = tuple(float((st["alpha"].double().mean(dim=(1, 2))[:, : max(1, T // 2)].argmax(-1) == pos).double().mean())
+                          for st, pos in zip(stats, positions))
+    else:
+        alpha = torch.stack([st["alpha_mean"] for st in stats])  # [D, L, H, T]
+        sink_mass = alpha[..., s]
+        others = torch.cat([alpha[..., :s], alpha[..., s + 1:]], dim=-1)
+        max_other = others.max(dim=-1).values
     dormant = dormant_map(sink_mass, config.theta)
     loss = torch.tensor([st["loss"] for st in stats])
     delta = torch.full((len(batches), L, H), float("nan"))
     heads = _pick_heads(config, sink_mass, dormant, L, H)
     with timer("interventions"):
         for l, h in heads:
-            edit = AttendTo(layer=l, heads=[h], key=s) if config.intervention == "attn_to_sink" else ZeroAttention(layer=l, heads=[h])
             for i, b in enumerate(batches):
                 losses = []
                 for j in range(0, b.tokens.shape[0], config.batch_size):
                     t = b.tokens[j:j + config.batch_size]
+                    if config.intervention == "zero":
+                        edit = ZeroAttention(layer=l, heads=[h])
+                    elif follow:
+                        edit = AttendToPositions(layer=l, heads=(h,), keys=tuple(int(k) for k in positions[i][j:j + config.batch_size]))
+                    else:
+                        edit = AttendTo(layer=l, heads=[h], key=s)
                     losses.append(next_token_loss(probe.run(t, edits=[edit]), t).cpu())
                 delta[i, l, h] = float(torch.cat(losses).mean()) - float(loss[i])
     if config.delta is not None:
@@ -279,4 +425,6 @@ def run(probe, domains: Sequence[str] | Mapping[str, Sequence[str]] = ("prose", 
         value_norm=torch.stack([st["value_norm"] for st in stats]), resid_norm=torch.stack([st["resid_norm"] for st in stats]),
         loss=loss, delta_loss=delta, dormant=dormant, tested=tuple(f"L{l}H{h}" for l, h in heads),
         n_samples=tuple(int(b.tokens.shape[0]) for b in batches), n_skipped=tuple(b.n_skipped for b in batches),
+        sink_token=label, sink_token_id=token_id, sink_positions=tuple(tuple(int(x) for x in p) for p in positions),
+        sink_agreement=agreement, n_fallback=tuple(fallback),
     )

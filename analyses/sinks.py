@@ -14,6 +14,9 @@ ICLR 2025; code sail-sg/Attention-Sink), §3 metric:
 Guo et al. 2024, "Active-Dormant Attention Heads" (arXiv 2410.13835), §2 companions:
 
 * value-state drain: ``‖v_h[j] W_O,h‖₂`` per head and position (small at the sink);
+* key and raw value norms (Gu et al.'s companion script): ``‖k_{h'}[j]‖₂`` and ``‖v_{h'}[j]‖₂`` per KV head h' and
+  position, read from the states the KV cache holds (post-rotary / post-k-norm keys, values before W_O); a query
+  head h reads KV head ``h // (H / H_kv)``;
 * residual-state peak: ``‖x_l[j]‖₂`` per layer and position (huge at the sink), and which layers' MLPs
   write it (zero ``blocks.L.hook_mlp_out`` and re-measure).
 
@@ -33,15 +36,16 @@ from typing import Any, ClassVar, Literal, Mapping, Sequence
 import pandas as pd
 import torch
 
-from probes import Ablate, Mean, Reducer, l2_norm, reducer_from_state
+from probes import Ablate, Collect, Mean, Reducer, l2_norm, reducer_from_state
 from probes.attention import expand_kv
-from probes.errors import ConfigError, InputError
+from probes.errors import ConfigError, InputError, SondeError
+from probes.sites import parse_site
 
 from . import base, domains as _domains
 from .store import hash_inputs
 
 __all__ = ["Config", "SinksResult", "SinkAlpha", "run", "alpha_from_pattern", "sink_percentage", "collect_stats",
-           "EPS_GRID", "bos_flag", "accumulate", "merge_states", "result_from_states", "eps_grid_for"]
+           "EPS_GRID", "bos_flag", "accumulate", "merge_states", "result_from_states", "eps_grid_for", "kv_to_heads"]
 
 EPS_GRID = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 
@@ -59,6 +63,7 @@ class Config(base.Config):
     batch_size: int = 8
     seed: int = 0
     values: bool = True  # value-state drain ‖v_h W_O,h‖ per position (dormant.md)
+    kv_norms: bool = True  # key and raw value norms per KV head and position (sinks.md, companion script)
     mlp_ablation: bool = True  # which MLPs write the residual peak (dormant.md, Guo et al. notebook)
     ablation_layers: int = 8  # test the MLPs of the first N layers (the paper: the first two write it)
     ablation_samples: int = 4
@@ -120,6 +125,22 @@ def head_value_norms(v: torch.Tensor, W_O: torch.Tensor) -> torch.Tensor:
     """
     v = expand_kv(v, W_O.shape[0], dim=2)
     return torch.einsum("bthe,hed->bthd", v.to(W_O.dtype), W_O).float().norm(dim=-1)
+
+
+@torch.no_grad()
+def kv_to_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Per-KV-head statistics ``[L, K, T]`` mapped to query heads ``[L, H, T]`` (query head h reads KV head
+    ``h // (H / K)``, the grouping of :func:`probes.attention.expand_kv`)."""
+    return expand_kv(x, n_heads, dim=1)
+
+
+def _has_site(probe, name: str) -> bool:
+    """Whether the probe's backend exposes ``name`` (e.g. TransformerLens gives no post-rotary keys for GPT-NeoX)."""
+    try:
+        probe._check_site(parse_site(name, probe.info.n_layers))
+    except SondeError:
+        return False
+    return True
 
 
 class _ValueNorm:
@@ -184,14 +205,27 @@ class SinkAlpha(Reducer):
 
 # ----------------------------------------------------------------------------- hook plumbing
 def make_reducers(probe, positions: Sequence[int], eps_grid: Sequence[float], *, values: bool = True,
-                  resid: bool = True) -> dict[str, Reducer]:
-    """Site -> reducer map for one statistics pass (α per layer, value norms, residual norms)."""
+                  resid: bool = True, kv_norms: bool = False) -> dict[str, Reducer]:
+    """Site -> reducer map for one statistics pass (α per layer, value drains, key / raw value norms, residual norms).
+
+    With ``kv_norms`` the ``hook_k`` / ``hook_v`` sites ``[B, T, K, h]`` get a second reducer each: the mean
+    ``‖·‖₂`` over samples per position and KV head (``[T, K]``); only norms are kept, never the states.
+    Keys are skipped when the backend cannot read them (see :func:`_has_site`).
+    """
     n = probe.info.n_layers
-    reads: dict[str, Reducer] = {}
+    reads: dict[str, Reducer | list[Reducer]] = {}
+    keys = kv_norms and _has_site(probe, "blocks.0.attn.hook_k")
     for L in range(n):
         reads[f"blocks.{L}.attn.hook_pattern"] = SinkAlpha(positions, eps_grid)
+        v: list[Reducer] = []
         if values:
-            reads[f"blocks.{L}.attn.hook_v"] = Mean(dims=(0,), transform=_ValueNorm(probe.W_O(L)))
+            v.append(Mean(dims=(0,), transform=_ValueNorm(probe.W_O(L))))
+        if kv_norms:
+            v.append(Mean(dims=(0,), transform=l2_norm))
+        if v:
+            reads[f"blocks.{L}.attn.hook_v"] = v
+        if keys:
+            reads[f"blocks.{L}.attn.hook_k"] = Mean(dims=(0,), transform=l2_norm)
     if resid:
         reads["blocks.0.hook_resid_pre"] = Mean(dims=(0,), transform=l2_norm)
         for L in range(n):
@@ -209,16 +243,21 @@ def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 def collect_stats(probe, tokens: torch.Tensor, *, positions: Sequence[int], eps_grid: Sequence[float] = EPS_GRID,
                   batch_size: int = 8, values: bool = True, resid: bool = True, loss: bool = False,
-                  step=None) -> dict[str, Any]:
+                  kv_norms: bool = False, per_sample: bool = False, step=None) -> dict[str, Any]:
     """One streamed pass over ``tokens [S, T]``.
 
     Returns ``alpha_mean [L, H, T]``, ``exceed [E, L, H, K]``, ``n``, and when asked
-    ``value_norm [L, H, T]``, ``resid_norm [L+1, T]``, ``loss`` (mean next-token CE, float).
+    ``value_norm [L, H, T]`` (after W_O), ``key_norm`` / ``value_state_norm [L, H_kv, T]`` (per KV head; the key
+    norm is ``[L, H_kv, 0]`` when the backend gives no keys), ``resid_norm [L+1, T]``, ``loss`` (mean next-token CE),
+    and with ``per_sample`` the per-sample ``alpha [S, L, H, T]`` (reduced in the hook: T, not T², per head).
     """
     if tokens.ndim != 2 or tokens.shape[0] == 0:
         raise InputError("no sample is left to measure (every text was shorter than T tokens).",
                          hint="Give longer texts, more texts, or a smaller T.")
-    reads = make_reducers(probe, positions, eps_grid, values=values, resid=resid)
+    reads = make_reducers(probe, positions, eps_grid, values=values, resid=resid, kv_norms=kv_norms)
+    per = {L: Collect(transform=alpha_from_pattern) for L in range(probe.info.n_layers)} if per_sample else {}
+    for L, r in per.items():
+        reads[f"blocks.{L}.attn.hook_pattern"] = [reads[f"blocks.{L}.attn.hook_pattern"], r]
     losses = []
     for i in range(0, tokens.shape[0], batch_size):
         b = tokens[i:i + batch_size]
@@ -227,13 +266,19 @@ def collect_stats(probe, tokens: torch.Tensor, *, positions: Sequence[int], eps_
             losses.append(next_token_loss(logits, b).cpu())
         if step is not None:
             step(b.shape[0])
-    out = _finalize_reads(reads, probe.info.n_layers, values=values, resid=resid)
+    if per:
+        for L, r in per.items():
+            reads[f"blocks.{L}.attn.hook_pattern"] = reads[f"blocks.{L}.attn.hook_pattern"][0]
+    out = _finalize_reads(reads, probe.info.n_layers, values=values, resid=resid, kv_norms=kv_norms)
+    if per:
+        out["alpha"] = torch.stack([per[L].finalize().float() for L in range(probe.info.n_layers)], dim=1)
     if loss:
         out["loss"] = float(torch.cat(losses).mean())
     return out
 
 
-def _finalize_reads(reads: Mapping[str, Reducer], n: int, *, values: bool, resid: bool) -> dict[str, Any]:
+def _finalize_reads(reads: Mapping[str, Reducer | list[Reducer]], n: int, *, values: bool, resid: bool,
+                    kv_norms: bool = False) -> dict[str, Any]:
     """Statistics from the (possibly merged) reducers of :func:`make_reducers` (n layers)."""
     alphas = [reads[f"blocks.{L}.attn.hook_pattern"].finalize() for L in range(n)]
     out: dict[str, Any] = {
@@ -241,8 +286,15 @@ def _finalize_reads(reads: Mapping[str, Reducer], n: int, *, values: bool, resid
         "exceed": torch.stack([a["exceed"] for a in alphas], dim=1),
         "n": alphas[0]["n"],
     }
-    if values:
-        out["value_norm"] = torch.stack([reads[f"blocks.{L}.attn.hook_v"].finalize().float().T for L in range(n)])
+    v_reads = [reads[f"blocks.{L}.attn.hook_v"] if (values or kv_norms) else [] for L in range(n)]
+    if values:  # [T, H] per layer -> [L, H, T]
+        out["value_norm"] = torch.stack([v[0].finalize().float().T for v in v_reads])
+    if kv_norms:  # [T, K] per layer -> [L, K, T]
+        out["value_state_norm"] = torch.stack([v[-1].finalize().float().T for v in v_reads])
+        if f"blocks.0.attn.hook_k" in reads:
+            out["key_norm"] = torch.stack([reads[f"blocks.{L}.attn.hook_k"].finalize().float().T for L in range(n)])
+        else:
+            out["key_norm"] = torch.zeros(n, out["value_state_norm"].shape[1], 0)
     if resid:
         out["resid_norm"] = torch.stack([reads["blocks.0.hook_resid_pre"].finalize().float()]
                                         + [reads[f"blocks.{L}.hook_resid_post"].finalize().float() for L in range(n)])
@@ -254,6 +306,13 @@ def peak_ratio(resid_norm: torch.Tensor, pos: int) -> torch.Tensor:
     """Residual peak per layer: ``‖x[pos]‖ / max_{j≠pos} ‖x[j]‖`` from ``resid_norm [L+1, T]`` -> ``[L+1]``."""
     others = torch.cat([resid_norm[:, :pos], resid_norm[:, pos + 1:]], dim=1)
     return resid_norm[:, pos] / others.max(dim=1).values.clamp_min(1e-12)
+
+
+@torch.no_grad()
+def _pos_ratio(x: torch.Tensor, pos: int) -> torch.Tensor:
+    """Mean over layers and heads of ``x[..., pos]`` divided by the mean of the other positions (``x [L, K, T]``)."""
+    others = torch.cat([x[..., :pos], x[..., pos + 1:]], dim=-1)
+    return x[..., pos].mean() / others.mean().clamp_min(1e-12)
 
 
 def mlp_ablation(probe, tokens: torch.Tensor, *, layer: int, pos: int, layers: Sequence[int]) -> pd.DataFrame:
@@ -287,6 +346,9 @@ class SinksResult(base.Result):
     ``alpha_mean [L, H, T]`` (α_k averaged over samples), ``exceed [E, L, H, K]`` (samples with α_k > ε),
     ``value_norm [L, H, T]`` (mean ‖v_h W_O,h‖ per position; empty if off), ``resid_norm [L+1, T]``
     (mean ‖x‖ per position: row 0 = embeddings/resid_pre 0, row l+1 = after block l).
+    Per KV head (H_kv KV heads; :meth:`per_head` maps them to query heads): ``key_norm [L, H_kv, T]`` (mean ‖k‖ of the
+    cached, post-rotary keys) and ``value_state_norm [L, H_kv, T]`` (mean ‖v‖ before W_O); ``[L, H_kv, 0]`` when off
+    (``key_norm`` also when the backend gives no keys).
     ``ablation``: residual peak at ``peak_layer`` with single MLPs zeroed.
     """
 
@@ -303,6 +365,15 @@ class SinksResult(base.Result):
     peak_layer: int | None = None
     source: str = ""
     tokens: tuple[str, ...] = ()  # string tokens of the first sample (axis labels)
+    key_norm: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0, 0))
+    value_state_norm: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0, 0))
+
+    def per_head(self, name: Literal["key_norm", "value_state_norm"]) -> torch.Tensor:
+        """A per-KV-head array ``[L, H_kv, T]`` mapped to query heads ``[L, H, T]``."""
+        x = getattr(self, name)
+        if x.numel() == 0:
+            raise ConfigError(f"{name} was not measured for this result.", hint="Run with kv_norms=True (the default).")
+        return kv_to_heads(x, self.alpha_mean.shape[1])
 
     # -- derived --------------------------------------------------------------------------------
     def _eps_index(self, eps: float | None) -> int:
@@ -345,6 +416,10 @@ class SinksResult(base.Result):
             r = peak_ratio(self.resid_norm, p0)
             out["max residual peak ratio"] = round(float(r.max()), 2)
             out["peak layer"] = self.peak_layer
+        for name, lab in (("key_norm", "key"), ("value_state_norm", "raw value"), ("value_norm", "value drain (after W_O)")):
+            x = getattr(self, name)
+            if x.numel() and x.shape[-1] > 1:
+                out[f"{lab} norm at pos {p0} / mean of others"] = round(float(_pos_ratio(x, p0)), 3)
         return out
 
     # -- Result API --------------------------------------------------------------------------------
@@ -358,14 +433,33 @@ class SinksResult(base.Result):
         idx["value"] = self.alpha_mean.reshape(-1).numpy()
         return idx
 
+    def norms_frame(self) -> pd.DataFrame:
+        """Tidy per-head norms: ``model, layer, head, kv_head, pos, token, key_norm, value_state_norm, value_norm``
+        (query heads; ``kv_head`` is the KV head they read; a column is NaN when it was not measured)."""
+        L, H, T = self.alpha_mean.shape
+        lab = list(self.tokens) + [""] * max(0, T - len(self.tokens))
+        idx = pd.MultiIndex.from_product([range(L), range(H), range(T)], names=["layer", "head", "pos"]).to_frame(index=False)
+        idx.insert(0, "model", self.model.get("name", ""))
+        K = next((x.shape[1] for x in (self.key_norm, self.value_state_norm) if x.numel()), self.model.get("n_kv_heads") or H)
+        idx.insert(3, "kv_head", idx["head"] // max(H // K, 1))
+        idx["token"] = [lab[p] for p in idx["pos"]]
+        for name in ("key_norm", "value_state_norm", "value_norm"):
+            x = getattr(self, name)
+            if x.numel() and x.shape[-1] == T:
+                idx[name] = (self.per_head(name) if name != "value_norm" else x).reshape(-1).numpy()
+            else:
+                idx[name] = float("nan")
+        return idx
+
     def tables(self):
-        t = {"main": self.to_frame()}
+        t = {"main": self.to_frame(), "norms": self.norms_frame()}
         if len(self.ablation):
             t["ablation"] = self.ablation
         return t
 
     def arrays(self):
-        return {"alpha_mean": self.alpha_mean, "exceed": self.exceed, "value_norm": self.value_norm, "resid_norm": self.resid_norm}
+        return {"alpha_mean": self.alpha_mean, "exceed": self.exceed, "value_norm": self.value_norm, "resid_norm": self.resid_norm,
+                "key_norm": self.key_norm.contiguous(), "value_state_norm": self.value_state_norm.contiguous()}
 
     def extra(self):
         return {"eps_grid": list(self.eps_grid), "n_samples": self.n_samples, "n_skipped": self.n_skipped,
@@ -378,11 +472,15 @@ class SinksResult(base.Result):
                    value_norm=stored.arrays["value_norm"], resid_norm=stored.arrays["resid_norm"],
                    eps_grid=tuple(e["eps_grid"]), n_samples=int(e["n_samples"]), n_skipped=int(e["n_skipped"]),
                    ablation=stored.tables.get("ablation", pd.DataFrame()), peak_layer=e.get("peak_layer"),
-                   source=e.get("source", ""), tokens=tuple(e.get("tokens", ())))
+                   source=e.get("source", ""), tokens=tuple(e.get("tokens", ())),
+                   key_norm=stored.arrays.get("key_norm", torch.zeros(0, 0, 0)),
+                   value_state_norm=stored.arrays.get("value_state_norm", torch.zeros(0, 0, 0)))
 
-    def plot(self, kind: Literal["heads", "layers", "values", "resid", "eps"] = "heads", position: int | None = None):
-        """``heads``: α heat map [layer × head]; ``layers``: Sink % per layer; ``values``: value norm per
-        position (mean over heads, per layer); ``resid``: residual norm [layer × position]; ``eps``: Sink % vs ε."""
+    def plot(self, kind: Literal["heads", "layers", "values", "keys", "raw_values", "resid", "eps"] = "heads",
+             position: int | None = None):
+        """``heads``: α heat map [layer × head]; ``layers``: Sink % per layer; ``values``: value drain ‖v W_O,h‖ per
+        position (mean over heads, per layer); ``keys`` / ``raw_values``: key / raw value norm per position (mean over
+        KV heads, per layer); ``resid``: residual norm [layer × position]; ``eps``: Sink % vs ε."""
         import plotly.graph_objects as go
 
         p = self.config.positions[0] if position is None else position
@@ -402,6 +500,14 @@ class SinksResult(base.Result):
                 fig.add_trace(go.Scatter(y=self.value_norm[l].mean(dim=0).numpy(), name=f"L{l}", mode="lines"))
             fig.update_layout(title="Value-state norm ‖v W_O,h‖ per position (mean over heads)", xaxis_title="position",
                               yaxis_type="log")
+        elif kind in ("keys", "raw_values"):
+            name = "key_norm" if kind == "keys" else "value_state_norm"
+            x = self.per_head(name)
+            fig = go.Figure()
+            for l in range(L):
+                fig.add_trace(go.Scatter(y=x[l].mean(dim=0).numpy(), name=f"L{l}", mode="lines"))
+            what = "Key norm ‖k‖ (cached, post-rotary)" if kind == "keys" else "Raw value norm ‖v‖ (before W_O)"
+            fig.update_layout(title=f"{what} per position (mean over heads)", xaxis_title="position", yaxis_type="log")
         elif kind == "resid":
             fig = go.Figure(go.Heatmap(z=self.resid_norm.clamp_min(1e-6).log10().numpy(), y=["embed"] + [f"L{l}" for l in range(L)],
                                        colorbar={"title": "log10 ‖x‖"}))
@@ -411,7 +517,7 @@ class SinksResult(base.Result):
             fig = go.Figure(go.Scatter(x=list(self.eps_grid), y=ys, mode="lines+markers"))
             fig.update_layout(title=f"Sink_{p + 1}^ε vs ε", xaxis_title="ε", yaxis_title="%")
         else:
-            raise ConfigError(f"plot kind={kind!r}; use heads, layers, values, resid or eps.")
+            raise ConfigError(f"plot kind={kind!r}; use heads, layers, values, keys, raw_values, resid or eps.")
         return fig
 
 
@@ -463,7 +569,7 @@ def run(probe, texts: Sequence[str] | str | None = None, *, tokens: torch.Tensor
     eps_grid = eps_grid_for(config)
     with timer("stats"):
         st = collect_stats(probe, toks, positions=config.positions, eps_grid=eps_grid, batch_size=config.batch_size,
-                           values=config.values, resid=True, step=step)
+                           values=config.values, resid=True, kv_norms=config.kv_norms, step=step)
     return _result(probe, st, toks[: config.ablation_samples], config=config, eps_grid=eps_grid, n_skipped=skipped,
                    source=source, input_hash=hash_inputs(toks), timer=timer)
 
@@ -494,6 +600,8 @@ def _result(probe, st: Mapping[str, Any], head: torch.Tensor, *, config: Config,
         n_samples=int(st["n"]), n_skipped=n_skipped,
         value_norm=st.get("value_norm", torch.zeros(L, H, 0)), resid_norm=st["resid_norm"], ablation=ablation,
         peak_layer=peak_layer, source=source, tokens=tuple(probe.to_str_tokens(head[0])),
+        key_norm=st.get("key_norm", torch.zeros(L, probe.info.n_kv_heads, 0)),
+        value_state_norm=st.get("value_state_norm", torch.zeros(L, probe.info.n_kv_heads, 0)),
     )
 
 
@@ -507,14 +615,26 @@ def accumulate(probe, texts: Sequence[str], config: Config = Config(), *, step=N
     shard, so with ``shard_size`` a multiple of ``batch_size`` the batches are those of one pass.
     """
     toks, skipped = _domains.texts_to_tokens(probe, list(texts), config.T, prepend_bos=bos_flag(config.bos))
-    reads = make_reducers(probe, config.positions, eps_grid_for(config), values=config.values, resid=True)
+    reads = make_reducers(probe, config.positions, eps_grid_for(config), values=config.values, resid=True,
+                          kv_norms=config.kv_norms)
     for i in range(0, toks.shape[0], config.batch_size):
         b = toks[i:i + config.batch_size]
         probe.run(b, reads=reads, return_logits=False)
         if step is not None:
             step(b.shape[0])
-    return {"reads": {k: r.state() for k, r in reads.items()}, "n_skipped": int(skipped), "n_texts": len(texts),
+    return {"reads": {k: _state_of(r) for k, r in reads.items()}, "n_skipped": int(skipped), "n_texts": len(texts),
             "head": toks[: config.ablation_samples].cpu()}
+
+
+def _state_of(r: Reducer | list[Reducer]):
+    """A reducer's state, or the list of states of a site read by several reducers."""
+    return [x.state() for x in r] if isinstance(r, list) else r.state()
+
+
+def _from_state(st, config: Config) -> Reducer | list[Reducer]:
+    if isinstance(st, list):
+        return [reducer_from_state(x, _template(x, config)) for x in st]
+    return reducer_from_state(st, _template(st, config))
 
 
 def _template(st: Mapping[str, Any], config: Config) -> Reducer:
@@ -532,9 +652,10 @@ def merge_states(a: Mapping[str, Any] | None, b: Mapping[str, Any], config: Conf
         return dict(b)
     reads = {}
     for site, sa in a["reads"].items():
-        ra = reducer_from_state(sa, _template(sa, config))
-        ra.merge(reducer_from_state(b["reads"][site], _template(sa, config)))
-        reads[site] = ra.state()
+        ra, rb = _from_state(sa, config), _from_state(b["reads"][site], config)
+        for x, y in zip(ra, rb) if isinstance(ra, list) else [(ra, rb)]:
+            x.merge(y)
+        reads[site] = _state_of(ra)
     head = torch.cat([a["head"], b["head"].to(a["head"].dtype)])[: config.ablation_samples]
     return {"reads": reads, "n_skipped": a["n_skipped"] + b["n_skipped"], "n_texts": a["n_texts"] + b["n_texts"],
             "head": head}
@@ -547,8 +668,8 @@ def result_from_states(probe, state: Mapping[str, Any], config: Config = Config(
         n = 0 if state is None else state["n_skipped"]
         raise InputError(f"all {n} texts are shorter than T={config.T} tokens; nothing to measure.",
                          hint="Give longer texts or a smaller T (--T).")
-    reads = {k: reducer_from_state(v, _template(v, config)) for k, v in state["reads"].items()}
-    st = _finalize_reads(reads, probe.info.n_layers, values=config.values, resid=True)
+    reads = {k: _from_state(v, config) for k, v in state["reads"].items()}
+    st = _finalize_reads(reads, probe.info.n_layers, values=config.values, resid=True, kv_norms=config.kv_norms)
     timer = base.Timer()
     timer.seconds.update(dict(timings or {}))
     return _result(probe, st, state["head"], config=config, eps_grid=eps_grid_for(config), n_skipped=state["n_skipped"],

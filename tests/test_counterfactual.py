@@ -297,3 +297,244 @@ def test_dashboard_page_smoke(run_page):
 
 def test_analyses_do_not_import_streamlit():
     assert "streamlit" not in (ROOT / "analyses" / "counterfactual.py").read_text()
+
+
+# ----------------------------------------------------------------------------- token edits keep the word boundary
+def _metaspace_tokenizer():
+    """A SentencePiece-style tokenizer (Metaspace "▁" marker, dummy prefix; decoding one token drops its marker)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "▁": 3}
+    for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ,.":
+        vocab[c] = len(vocab)
+    merges = [("▁", "M"), ("▁M", "a"), ("e", "v"), ("ev", "e"), ("▁", "t"), ("▁t", "h"), ("▁th", "e")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tk.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_word_boundary_rule_and_quoting():
+    sp = _metaspace_tokenizer()
+    ma = sp.convert_tokens_to_ids("▁Ma")
+    assert sp.decode([ma]) == "Ma"  # decoding alone loses the marker: the vocabulary string must be read
+    assert cf.starts_word("▁Ma", "Ma") and cf.starts_word("ĠMa") and cf.starts_word(" Ma") and not cf.starts_word("Ma", "Ma")
+    assert sp.convert_ids_to_tokens(cf.encode_piece(sp, " Maeve")) == ["▁Ma", "eve"]
+    assert sp.convert_ids_to_tokens(cf.encode_piece(sp, "Maeve")) == ["M", "a", "eve"]  # no invented boundary
+    assert cf.parse_intervention('token:5="Maeve"') == cf.TokenEdit(5, "Maeve", True)
+    assert cf.parse_intervention("token:5=' Maeve'") == cf.TokenEdit(5, " Maeve", True)
+    assert cf.parse_intervention("token:5=Maeve") == cf.TokenEdit(5, "Maeve", False)
+    assert cf.parse_intervention('token:5="Maeve"').label() == 'token:5="Maeve"'
+    assert cf.parse_intervention('token:5="').new == '"'  # a lone quote is text, not quoting
+
+
+def test_token_edit_word_boundary_sentencepiece_model():
+    """A tiny llama behind the SentencePiece-style tokenizer: replacing a word-initial token ("▁…") adds the
+    boundary, replacing a mid-word token does not, and a quoted replacement is forced exactly as written."""
+    from probes import from_hf
+
+    model, _ = tiny_models.build("llama")
+    sp = _metaspace_tokenizer()
+    p = from_hf(model, sp, name="tiny-llama-sp")
+    c = cf.Config(max_new_tokens=16, seed=0, temperature=1.0, stop_at_eos=False, interventional=False)
+    base = cf.run(p, "the", "none", config=c)
+    pieces = sp.convert_ids_to_tokens(list(base.factual))
+    word = next(i for i, t in enumerate(pieces) if t.startswith("▁"))
+    inner = next(i for i, t in enumerate(pieces) if not t.startswith("▁") and i > 0)
+    r = cf.run(p, "the", f"token:{word}=Maeve", config=c)
+    assert sp.convert_ids_to_tokens(list(r.forced)) == ["▁Ma", "eve"] and r.rows[0][word:word + 2] == r.forced
+    assert r.forced_str == tuple(sp.decode([t]) for t in r.forced) and any("leading space" in n for n in r.notes)
+    r = cf.run(p, "the", f"token:{inner}=Maeve", config=c)
+    assert sp.convert_ids_to_tokens(list(r.forced)) == ["M", "a", "eve"]
+    r = cf.run(p, "the", f'token:{word}="Maeve"', config=c)  # quoted: no boundary even at a word start
+    assert sp.convert_ids_to_tokens(list(r.forced)) == ["M", "a", "eve"] and not any("leading space" in n for n in r.notes)
+
+
+def test_token_edit_word_boundary_embedded(embedded, tmp_path):
+    """Byte-level BPE (Ġ marker). Seed 3's response starts "'s brother, Alanna,": position 1 is " brother" (starts a
+    word: the replacement gets a space), position 5 is "," (glued to "Alanna": the replacement is used as given,
+    unless quoted with a space). The result records the forced tokens."""
+    c = cf.Config(max_new_tokens=8, seed=3, interventional=False)
+    r = cf.run(embedded, "Once upon a time, Lyra", "token:1=sister", config=c)
+    assert r.factual_str[:2] == ("'s", " brother") and r.factual_str[5] == ","
+    assert r.forced_str == (" sister",) and r.counterfactual_text.startswith("'s sister")
+    r = cf.run(embedded, "Once upon a time, Lyra", "token:5=Maeve", config=c)
+    assert "".join(r.forced_str) == "Maeve" and "AlannaMaeve" in r.counterfactual_text
+    r = cf.run(embedded, "Once upon a time, Lyra", 'token:5=" Maeve"', config=c)
+    assert "".join(r.forced_str) == " Maeve" and "Alanna Maeve" in r.counterfactual_text
+    back = cf.CounterfactualResult.load(r.save(tmp_path / "r"))
+    assert back.forced == r.forced and back.forced_str == r.forced_str
+
+
+# ----------------------------------------------------------------------------- sampler and posterior, model-free
+def _tv_bound(n: int, k: int, delta: float = 1e-6) -> float:
+    """Total-variation radius that an empirical distribution of ``n`` draws over ``k`` categories exceeds with
+    probability at most ``delta`` (Bretagnolle-Huber-Carol: P(Σ|p̂ - p| ≥ λ) ≤ 2^k exp(-nλ²/2))."""
+    return 0.5 * math.sqrt(2 * (k * math.log(2) + math.log(1 / delta)) / n)
+
+
+TRUNCATIONS = {
+    "top_k": dict(temperature=0.7, top_k=4),
+    "top_p": dict(temperature=1.0, top_p=0.6),
+    "top_k+top_p": dict(temperature=1.3, top_k=6, top_p=0.8),
+}
+
+
+@pytest.mark.parametrize("name", list(TRUNCATIONS))
+def test_keyed_gumbel_max_frequencies_match_truncated_softmax(name):
+    """The sampler as used in generation (keyed noise per stream, sampling_logprobs, gumbel_max): frequencies over
+    n draws are within the 1e-6-failure TV radius of softmax(z/τ) restricted to the top-k / top-p set and
+    renormalised, and outside that radius of the untruncated softmax (so ignoring the truncation fails)."""
+    kw = TRUNCATIONS[name]
+    z = torch.tensor([2.0, 1.6, 1.3, 1.1, 0.9, 0.4, 0.2, 0.0, -0.5, -1.0, -1.5, -2.0])
+    V, n = z.numel(), 20_000
+    tau = kw["temperature"]
+    # the target, computed directly: sort, keep top k, then the tokens whose preceding mass is <= p
+    p = torch.softmax(z.double() / tau, -1)
+    order = p.argsort(descending=True)
+    keep = torch.zeros(V, dtype=torch.bool)
+    mass = 0.0
+    for rank, i in enumerate(order.tolist()):
+        if kw.get("top_k") is not None and rank >= kw["top_k"]:
+            break
+        keep[i] = True  # kept while the mass before it is <= p (of the top-k renormalised distribution)
+        mass += float(p[i])
+    if kw.get("top_p") is not None:
+        q = torch.where(keep, p, torch.zeros_like(p))
+        q = q / q.sum()
+        keep2 = torch.zeros(V, dtype=torch.bool)
+        before = 0.0
+        for i in q.argsort(descending=True).tolist():
+            if q[i] == 0 or before > kw["top_p"]:
+                break
+            keep2[i] = True
+            before += float(q[i])
+        keep = keep2
+    target = torch.where(keep, p, torch.zeros_like(p))
+    target /= target.sum()
+    logp = cf.sampling_logprobs(z[None], tau, kw.get("top_k"), kw.get("top_p"))
+    noise = torch.stack([cf.gumbel_noise(11, 0, V, stream=s) for s in range(n)])
+    ids = cf.gumbel_max(logp.expand(n, V), noise)
+    freq = torch.bincount(ids, minlength=V).double() / n
+    assert set(ids.unique().tolist()) <= set(keep.nonzero().flatten().tolist())  # never outside the set
+    bound = _tv_bound(n, V)  # 0.0235 for n = 20000, V = 12
+    tv = 0.5 * float((freq - target).abs().sum())
+    assert tv < bound, (tv, bound)  # measured TV 0.002 / 0.003 / 0.004 (top_k / top_p / both)
+    assert 0.5 * float((p - target).abs().sum()) > 2 * bound  # the untruncated softmax is far outside (0.18-0.40)
+
+
+def _gumbel_cdf(x, loc):
+    return torch.exp(-torch.exp(-(x - loc)))
+
+
+def test_posterior_noise_conditionals_are_truncated_gumbel():
+    """Posterior noise given observed token k (method page): the observed token is the argmax in every draw; the
+    maximum M = l_k + g_k is Gumbel(logsumexp l); given M, every other l_v + g_v is Gumbel(l_v) truncated below M
+    (one-sample KS, fixed seed); and the whole vector matches prior noise conditioned on argmax = k by rejection
+    (two-sample KS). Thresholds: KS critical values at 1e-6 failure probability."""
+    from scipy.stats import ks_2samp, kstest
+
+    lp = torch.log_softmax(torch.tensor([1.5, 0.7, 0.2, -0.4, -1.0], dtype=torch.float64), -1)
+    V, k, n = lp.numel(), 2, 20_000
+    g = torch.Generator().manual_seed(0)
+    u = torch.rand(n, V + 1, generator=g, dtype=torch.float64)
+    post = cf.posterior_gumbel(lp, k, torch.zeros(n, V), u[:, 0], u[:, 1:]).double()
+    x = lp[None] + post
+    assert (x.argmax(-1) == k).all()  # every draw regenerates the observed token
+    crit1 = math.sqrt(math.log(2 / 1e-6) / 2) / math.sqrt(n)  # one-sample KS at 1e-6
+    M = x[:, k]
+    lse = float(torch.logsumexp(lp, 0))
+    assert kstest(M.numpy(), lambda t: _gumbel_cdf(torch.as_tensor(t), lse).numpy()).statistic < crit1
+    # given M fixed (a low maximum, so the truncation bites): x_v ~ Gumbel(l_v) truncated to (-inf, M)
+    u2 = torch.rand(n, V + 1, generator=g, dtype=torch.float64)
+    u2[:, 0] = 0.02
+    m0 = lse - math.log(-math.log(0.02 + 1e-20) + 1e-20)
+    xs = lp[None] + cf.posterior_gumbel(lp, k, torch.zeros(n, V), u2[:, 0], u2[:, 1:]).double()
+    assert torch.allclose(xs[:, k], torch.full((n,), m0, dtype=torch.float64), atol=1e-5)  # float32 noise
+    for v in range(V):
+        if v == k:
+            continue
+        F = lambda t, v=v: (_gumbel_cdf(torch.as_tensor(t), lp[v]) / _gumbel_cdf(torch.tensor(m0), lp[v])).clamp(max=1).numpy()
+        st = kstest(xs[:, v].numpy(), F).statistic
+        assert st < crit1, (v, st)  # measured 0.005-0.008 vs 0.019 (M itself: 0.007)
+        # the untruncated Gumbel(l_v) is rejected (the check can fail)
+        assert kstest(xs[:, v].numpy(), lambda t, v=v: _gumbel_cdf(torch.as_tensor(t), lp[v]).numpy()).statistic > crit1
+    # the joint law: prior Gumbel vectors kept when their argmax is k (rejection sampling)
+    prior = -torch.log(-torch.log(torch.rand(6 * n, V, generator=g, dtype=torch.float64)))
+    acc = prior[(lp[None] + prior).argmax(-1) == k]
+    crit2 = math.sqrt(math.log(2 / 1e-6) / 2) * math.sqrt((len(acc) + n) / (len(acc) * n))
+    for v in range(V):
+        assert ks_2samp(acc[:, v].numpy(), post[:, v].numpy()).statistic < crit2, v  # measured 0.005-0.010 vs 0.028
+    # ... and the unconditioned prior differs from the posterior at the observed coordinate (the check can fail)
+    assert ks_2samp(prior[:n, k].numpy(), post[:, k].numpy()).statistic > crit2
+
+
+def test_posterior_noise_replays_observed_text_model_free():
+    """A toy autoregressive sampler (logits a fixed function of the previous token): noise inferred from a text
+    sampled with other noise regenerates that text exactly under every draw, with and without truncation."""
+    V, T, S = 9, 30, 16
+    table = torch.randn(V, V, generator=torch.Generator().manual_seed(4)) * 2
+
+    def sample(noises, kw, start=0):
+        out, prev = [], start
+        for t in range(T):
+            lp = cf.sampling_logprobs(table[prev][None], kw["temperature"], kw.get("top_k"), kw.get("top_p"))[0]
+            prev = int(cf.gumbel_max(lp[None], noises[t][None])[0])
+            out.append(prev)
+        return out
+
+    for kw in TRUNCATIONS.values():
+        observed = sample([cf.gumbel_noise(99, t, V) for t in range(T)], kw)
+        post = []
+        prev = 0
+        for t, y in enumerate(observed):
+            lp = cf.sampling_logprobs(table[prev][None], kw["temperature"], kw.get("top_k"), kw.get("top_p"))[0]
+            prior = torch.stack([cf.gumbel_noise(1, t, V, stream=5 + s) for s in range(S)])
+            u = cf._uniform(1, t, 7, (S, V + 1))
+            post.append(cf.posterior_gumbel(lp, y, prior, u[:, 0], u[:, 1:]))
+            prev = y
+        for s in range(S):
+            assert sample([post[t][s] for t in range(T)], kw) == observed
+        # fresh noise does not reproduce it (the replay is not vacuous)
+        assert sample([cf.gumbel_noise(1, t, V, stream=3) for t in range(T)], kw) != observed
+
+
+# ----------------------------------------------------------------------------- README figures
+def _readme_numbers():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("readme_numbers", ROOT / "docs" / "readme_numbers.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_readme_counterfactual_figures_are_reproduced(embedded):
+    """Every figure of docs/readme/counterfactual.md's worked example comes from docs/readme_numbers.py, and the
+    stated defaults are the code's."""
+    import inspect
+
+    from analyses.cli import counterfactual as cli
+
+    text = (ROOT / "docs" / "readme" / "counterfactual.md").read_text(encoding="utf-8")
+    assert _readme_numbers().counterfactual_example(embedded) in text
+    assert "`temperature 0.8`" in text and cf.Config().temperature == 0.8
+    assert "40 new tokens (CLI) / 20 (page)" in text
+    assert 'typer.Option(40, "--max-new-tokens")' in inspect.getsource(cli)
+    assert '"max_new_tokens", "20"' in (ROOT / "dashboard" / "pages" / "counterfactual.py").read_text()
+
+
+def test_notebook_06_text_matches_its_code():
+    """The numbers the notebook's text states are the ones its code uses (model-free: reads the notebook)."""
+    import json
+
+    nb = json.loads((ROOT / "notebooks" / "06_counterfactual.ipynb").read_text(encoding="utf-8"))
+    md = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown")
+    code = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
+    pairs = [("kept short (20 tokens)", "cf.Config(max_new_tokens=20,"), ("replace response token 1", "'token:1=sister'"),
+             ("(8 draws, 6 tokens)", "cf.BiasConfig(n_samples=8, max_new_tokens=6)"), ("token 1 is `' brother'`", "factual_str[1] == ' brother'")]
+    for said, done in pairs:
+        assert said in md and done in code, (said, done)

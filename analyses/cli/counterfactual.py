@@ -18,8 +18,10 @@ def register(run_app: typer.Typer) -> None:
         model: str = ModelOpt,
         prompt: str = typer.Option(..., "--prompt", "-p", help="Prompt text."),
         intervene: str = typer.Option("none", "--intervene",
-                                      help="'token:12=Maeve' (response token 12; 'token:12=id:4312' for an id), "
-                                           "'prompt:Lyra->Maeve', 'ablate:L5H3[,L2N17]' or 'none'."),
+                                      help="'token:12=Maeve' (response token 12; a leading space is added when the replaced "
+                                           "token starts a word; quote it, 'token:12=\"Maeve\"', to force it exactly as "
+                                           "written; 'token:12=id:4312' for an id), 'prompt:Lyra->Maeve', "
+                                           "'ablate:L5H3[,L2N17]' or 'none'."),
         observed: Optional[str] = typer.Option(None, "--observed", help="Explain this response text instead of sampling one (noise is inferred)."),
         temperature: float = typer.Option(0.8, "--temperature", help="0 = greedy."),
         top_k: Optional[int] = typer.Option(None, "--top-k"),
@@ -46,15 +48,23 @@ def register(run_app: typer.Typer) -> None:
             r = cf.run(probe, prompt, intervene, config=config, observed=observed)
         path = r.save(out)
         div = r.divergence_frame()
+        forced = [{"id": t, "token": s} for t, s in zip(r.forced, r.forced_str)]
         summary = {"intervention": r.intervention, "factual": r.factual_text,
                    "counterfactual": r.texts("counterfactual"), "interventional": r.texts("interventional"),
                    "divergence": json.loads(div.to_json(orient="records")), "notes": list(r.notes)}
+        if r.forced:
+            summary["forced"] = {"position": r.edit_pos, "replaced": {"id": r.factual[r.edit_pos], "token": r.factual_str[r.edit_pos]},
+                                 "tokens": forced}
         if as_json:
             saved(path, True, summary)
             return
         typer.echo(f"intervention: {r.intervention}")
         for n in r.notes:
             typer.echo(f"note: {n}")
+        if r.forced:
+            toks = " ".join(f"{s!r} (id {t})" for t, s in zip(r.forced, r.forced_str))
+            typer.echo(f"forced at response position {r.edit_pos}: {toks}, replacing {r.factual_str[r.edit_pos]!r} "
+                       f"(id {r.factual[r.edit_pos]})")
         typer.echo(f"factual:        {r.factual_text!r}")
         for t in r.texts("counterfactual"):
             typer.echo(f"counterfactual: {t!r}")

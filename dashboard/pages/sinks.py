@@ -53,7 +53,13 @@ with tab_sink:
             st.query_params["component"] = head
         if not st.query_params.get("component"):
             st.caption("Click a cell of the heat map to open that head's component panel (below the tabs).")
-        vfig = components.axis_titles(res.plot("values"), "position", "‖v W_O,h‖ (log scale)")
+        norm_kinds = {"value drain ‖v W_O,h‖": "values", "raw value ‖v‖": "raw_values", "key ‖k‖": "keys"}
+        if not res.key_norm.numel():  # the backend gives no keys for this model
+            norm_kinds.pop("key ‖k‖")
+        if not res.value_state_norm.numel():
+            norm_kinds.pop("raw value ‖v‖")
+        metric = st.selectbox("Norm per position", list(norm_kinds), key="sinks_norm_metric")
+        vfig = components.axis_titles(res.plot(norm_kinds[metric]), "position", f"{metric} (log scale)")
         import plotly.colors as pc
 
         import plotly.graph_objects as pgo
@@ -62,7 +68,7 @@ with tab_sink:
         for l, tr in enumerate(vfig.data):  # one colour ramp over the layers and a colour bar instead of a 30-entry legend
             tr.line.color = pc.sample_colorscale("Viridis", [l / max(1, nL - 1)])[0]
             tr.showlegend = False
-            tr.hovertemplate = f"layer {l}<br>position %{{x}}<br>‖v W_O‖ %{{y:.3g}}<extra></extra>"
+            tr.hovertemplate = f"layer {l}<br>position %{{x}}<br>norm %{{y:.3g}}<extra></extra>"
         vfig.add_trace(pgo.Scatter(x=[None], y=[None], mode="markers", showlegend=False, hoverinfo="skip",
                                    marker=dict(colorscale="Viridis", cmin=0, cmax=max(1, nL - 1), color=[0], showscale=True,
                                                colorbar=dict(title="layer", thickness=14))))
