@@ -166,6 +166,79 @@ def test_step_cuts():
     assert C.step_cuts(toks) == [0, 4, 11, 13]
 
 
+# ------------------------------------------------------------------------------ recovery decision (statistics)
+def test_clopper_pearson_hand_values():
+    lo, hi = C.clopper_pearson(8, 0, 0.05)
+    assert lo == 0.0 and hi == pytest.approx(1 - 0.025 ** (1 / 8), abs=1e-12)   # closed form for c = 0
+    lo, hi = C.clopper_pearson(8, 8, 0.05)
+    assert hi == 1.0 and lo == pytest.approx(0.025 ** (1 / 8), abs=1e-12)
+    lo, hi = C.clopper_pearson(20, 5, 0.05)
+    assert (lo, hi) == pytest.approx((0.0866, 0.4910), abs=1e-4)                 # tabulated exact interval
+    assert all(math.isnan(x) for x in C.clopper_pearson(0, 0))
+
+
+def test_one_of_eight_then_zero_of_eight_is_undecided_not_critical():
+    t = C.Config().sprt()
+    before, after = t.decide(8, 1), t.decide(8, 0)
+    assert (before, after) == ("undecided", "undecided")
+    assert C.token_decision(before, after, False) == "undecided"
+    # a clear drop is critical, a later recovery or a dead "before" is not
+    assert C.token_decision(t.decide(8, 8), t.decide(32, 0), False) == "critical"
+    assert C.token_decision(t.decide(8, 8), t.decide(32, 0), True) == "not critical"
+    assert C.token_decision(t.decide(32, 1), t.decide(32, 0), False) == "not critical"
+    assert t.min_dead() == 13 and t.min_alive() == 2
+
+
+def test_sprt_error_rates_on_simulated_bernoulli_streams():
+    """Thousands of simulated prefixes: at p = p_dead the test calls "alive" at most ~alpha of the time,
+    at p = p_alive it calls "dead" at most ~beta; between, it mostly decides within the budget."""
+    import numpy as np
+
+    t = C.SPRT(p_dead=3 / 64, p_alive=0.25, alpha=0.05, beta=0.05)
+    rng = np.random.default_rng(0)
+    sims, budget = 4000, 200
+    a, b = math.log(t.p_alive / t.p_dead), math.log((1 - t.p_alive) / (1 - t.p_dead))
+
+    def simulate(p):
+        x = rng.random((sims, budget)) < p
+        llr = np.cumsum(np.where(x, a, b), axis=1)
+        hit_hi = np.where((llr >= t.upper).any(1), (llr >= t.upper).argmax(1), budget)
+        hit_lo = np.where((llr <= t.lower).any(1), (llr <= t.lower).argmax(1), budget)
+        alive, dead = hit_hi < hit_lo, hit_lo < hit_hi
+        n_used = np.minimum(hit_hi, hit_lo) + 1
+        return alive.mean(), dead.mean(), n_used.mean()
+
+    se = math.sqrt(0.05 * 0.95 / sims)
+    alive, dead, n_dead = simulate(t.p_dead)
+    assert alive <= t.alpha / (1 - t.beta) + 4 * se and dead > 0.9
+    alive, dead, n_alive = simulate(t.p_alive)
+    assert dead <= t.beta / (1 - t.alpha) + 4 * se and alive > 0.9
+    assert n_dead < 40 and n_alive < 40   # far fewer rollouts than a fixed 64 on average
+    # the simulated test and SPRT.run agree on a stream
+    stream = [False] * 12 + [True] + [False] * 30
+    assert t.run(stream) == ("dead", 21, 1)  # 12 failures stop just short (-2.88 > -2.94); after the success, 8 more
+    assert t.run(stream, budget=8) == ("undecided", 8, 0)
+
+
+def test_search_reports_interval_decision_and_warning(tiny_llama):
+    # 6 rollouts per prefix cannot call "all wrong" dead (needs 13): the candidate is undecided, with a warning
+    r = C.search(tiny_llama, PROMPT, RESP, NO_Z, FAST.replace(granularity="token", alternatives="none"))
+    t = r.traces.iloc[0]
+    assert t.critical_pos == 6 and t.decision == "undecided" and "raise --rollouts" in t.warning
+    assert t.ci_after_lo == 0 and t.ci_after_hi == pytest.approx(1 - 0.025 ** (1 / 6))
+    assert r.warnings() and not r.tokens.critical.any() and r.tokens.candidate.sum() == 1
+    assert r.top_critical_tokens().empty
+    # a budget of 16, spent sequentially: every prefix stops once decided, and the drop is critical
+    r = C.search(tiny_llama, PROMPT, RESP, NO_Z, FAST.replace(granularity="token", alternatives="none", n_rollouts=16, chunk=4))
+    t = r.traces.iloc[0]
+    assert t.decision == "critical" and t.warning == "" and not r.warnings()
+    assert t.n_after == 16 and t.n_before == 4     # 4 successes decide "alive"; 13 failures need the whole budget
+    pre = r.prefixes.set_index("prefix_len")
+    assert (pre.loc[:6, "state"] == "alive").all() and (pre.loc[7:, "state"] == "dead").all()
+    assert r.tokens.set_index("pos").decision[6] == "critical" and r.tokens.critical.sum() == 1
+    assert r.top_critical_tokens().token.tolist() == ["Z"]
+
+
 # ------------------------------------------------------------------------------ rollouts
 def test_rollout_rate_equals_direct_monte_carlo(tiny_llama):
     """Shared-prefix-cache rollouts = plain full-prefix sampling with the same seed."""
@@ -203,7 +276,7 @@ def test_forced_token_is_found(tiny_llama, granularity):
     assert (pk.with_token == 0).all() and (pk.dropna().without_token == 1).all()
     if granularity == "bisect":
         assert r.traces.n_prefixes[0] <= 2 + math.ceil(math.log2(len(RESP)))
-    assert r.top_critical_tokens().token.tolist() == ["Z"]
+    assert r.top_critical_tokens(decided_only=False).token.tolist() == ["Z"]
 
 
 def test_reproducible_and_save_load(tiny_llama, tmp_path):

@@ -20,7 +20,12 @@ def register(run_app: typer.Typer) -> None:
         task: str = TaskOpt,
         problems: int = typer.Option(1, "--problems", "-n", help="Number of problems to take from the task."),
         samples: int = typer.Option(16, "--samples", help="Trajectories sampled per problem (to find an incorrect one)."),
-        rollouts: int = typer.Option(32, "--rollouts", help="Rollouts per prefix (paper: 64)."),
+        rollouts: int = typer.Option(32, "--rollouts", help="Rollout budget per prefix (paper: 64). A prefix with no success needs >= 13 "
+                                     "to be called hopeless at the default --alpha/--p-alive; fewer leave candidates 'undecided'."),
+        sequential: bool = typer.Option(True, "--sequential/--fixed", help="SPRT: roll out in chunks and stop a prefix once decided (default), or spend the whole budget."),
+        chunk: int = typer.Option(8, "--chunk", help="Rollouts per sequential step."),
+        p_alive: float = typer.Option(0.25, "--p-alive", help="Success rate the test calls 'alive' (the 'dead' level is the paper's 3/64)."),
+        alpha: float = typer.Option(0.05, "--alpha", help="Error rate of each prefix test and 1 - confidence of the Clopper-Pearson intervals."),
         granularity: str = typer.Option("step", "--granularity", help="token, step or bisect."),
         bisect: bool = typer.Option(True, "--bisect/--no-bisect", help="Refine the step where the score falls to 0 by bisection."),
         max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Cap on tokens per rollout / trajectory."),
@@ -46,7 +51,7 @@ def register(run_app: typer.Typer) -> None:
         cfg = C.Config(n_samples=samples, n_rollouts=rollouts, granularity=granularity, bisect=bisect,  # type: ignore[arg-type]
                        max_new_tokens=max_new_tokens, temperature=temperature, alternatives=alternatives,  # type: ignore[arg-type]
                        n_alternatives=n_alternatives, batch_size=batch_size, max_rollouts=max_rollouts, seed=seed,
-                       checker=checker, engine=engine)  # type: ignore[arg-type]
+                       checker=checker, engine=engine, sequential=sequential, chunk=chunk, p_alive=p_alive, alpha=alpha)  # type: ignore[arg-type]
         probs = load_task(task, problems, seed=seed, on_error=on_error)  # type: ignore[arg-type]
         probe = load_probe(model, backend, device, dtype)
         with progress(None, "prefixes rolled out") as step:
@@ -66,9 +71,16 @@ def register(run_app: typer.Typer) -> None:
         path = res.save(out)
         summary = {"traces": len(res.traces)}
         for _, r in res.traces.iterrows():
-            summary[f"trace {r.trace}"] = (f"critical token {r.critical_token!r} at {r.critical_pos} "
-                                           f"(score {r.score_before} -> {r.score_after}, alternatives {r.alt_success})"
-                                           if r.critical_pos == r.critical_pos and r.critical_pos is not None else r.note)
+            if r.critical_pos == r.critical_pos and r.critical_pos is not None:
+                summary[f"trace {r.trace}"] = (
+                    f"{r.decision}: candidate {r.critical_token!r} at {r.critical_pos}, success "
+                    f"{r.score_before:.2f} [{r.ci_before_lo:.2f}, {r.ci_before_hi:.2f}] ({r.n_before} rollouts) -> "
+                    f"{r.score_after:.2f} [{r.ci_after_lo:.2f}, {r.ci_after_hi:.2f}] ({r.n_after}), "
+                    f"{1 - cfg.alpha:.0%} Clopper-Pearson; alternatives {r.alt_success}")
+            else:
+                summary[f"trace {r.trace}"] = r.note
+        for w in res.warnings():
+            typer.echo(f"warning: {w}", err=True)
         saved(path, as_json, summary)
 
     @run_app.command("contrastive-train")
