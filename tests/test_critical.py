@@ -395,3 +395,67 @@ def test_dashboard_page_smoke(run_page):
     assert not at.exception, at.exception
     assert any("Critical" in t.value for t in at.title)
     assert len(at.get("plotly_chart")) >= 1
+
+
+# ------------------------------------------------------------------------------ cDPO
+def test_cdpo_loss_matches_hand_computation():
+    pc = torch.tensor([[-1.0, -2.0, -0.5]])
+    rc = torch.tensor([[-1.5, -2.0, -1.0]])
+    pr = torch.tensor([[-3.0, -1.0]])
+    rr = torch.tensor([[-2.0, -1.5]])
+    w = torch.tensor([[0.9, 0.2]])
+    # sequence form by hand: chosen margin (0.5 + 0 + 0.5) = 1.0; rejected 0.9·(−1) + 0.2·(0.5) = −0.8
+    want = math.log1p(math.exp(-0.1 * (1.0 - (-0.8))))
+    got = C.cdpo_loss(pc, pr, rc, rr, w, beta=0.1)
+    assert float(got) == pytest.approx(want, abs=1e-7)
+    # position-wise form (released trainer): pad to 3, d = [0.5 − (−0.9), 0 − 0.1, 0.5 − 0], mean of −log σ(β d)
+    d = [1.4, -0.1, 0.5]
+    want_pw = sum(math.log1p(math.exp(-0.1 * x)) for x in d) / 3
+    assert float(C.cdpo_loss(pc, pr, rc, rr, w, beta=0.1, form="positionwise")) == pytest.approx(want_pw, abs=1e-7)
+    # padding: a masked-out rejected token changes nothing
+    pr2, rr2, w2 = torch.cat([pr, torch.tensor([[-9.0]])], 1), torch.cat([rr, torch.tensor([[-1.0]])], 1), torch.cat([w, torch.tensor([[1.0]])], 1)
+    m2 = torch.tensor([[1.0, 1.0, 0.0]])
+    assert float(C.cdpo_loss(pc, pr2, rc, rr2, w2, rejected_mask=m2, beta=0.1)) == pytest.approx(want, abs=1e-7)
+
+
+def test_cdpo_with_unit_weights_is_dpo():
+    g = torch.Generator().manual_seed(0)
+    pc, rc, pr, rr = (torch.randn(4, 7, generator=g) - 2 for _ in range(4))
+    dpo = -torch.nn.functional.logsigmoid(0.1 * ((pc - rc).sum(1) - (pr - rr).sum(1))).mean()
+    torch.testing.assert_close(C.cdpo_loss(pc, pr, rc, rr, torch.ones(4, 7), beta=0.1), dpo, rtol=0, atol=1e-6)
+    with pytest.raises(ConfigError, match="form='tokens'"):
+        C.cdpo_loss(pc, pr, rc, rr, torch.ones(4, 7), form="tokens")
+
+
+def test_select_pairs_and_sft_follow_the_method_page():
+    T = C.Trajectory
+    trajs = [T(0, 0, (1,), "a", "7", True), T(0, 1, (2,), "b", "8", False), T(0, 2, (3,), "c", "7", True),
+             T(0, 3, (4,), "d", "9", False), T(0, 4, (5,), "e", "8", False), T(0, 5, (6,), "f", "6", False),
+             T(1, 0, (7,), "g", "1", True)]
+    pairs = C.select_pairs(trajs)
+    assert [(c.sample, r.sample) for c, r in pairs] == [(0, 1)]   # problem 1 has no wrong answer
+    pos, neg = C.select_sft(trajs)
+    assert [(t.problem, t.sample) for t in pos] == [(0, 0), (1, 0)]
+    assert [t.sample for t in neg] == [1, 4]                       # answer "8" covers 2 of 4 wrong samples (half)
+
+
+def test_cdpo_training_lowers_the_loss_and_saves_safetensors(tiny_llama, tmp_path):
+    chosen, rejected = list(b" ab cd"), list(b" Zq rs")
+    w = [1.0, 0.2, 0.2, 0.2, 0.2, 0.2]
+    pairs = [dict(prompt_ids=PROMPT, chosen_ids=chosen, rejected_ids=rejected, weights=w)]
+    cfg = C.CDPOConfig(r=4, alpha=8, lr=2e-3, epochs=12, warmup=0.0, beta=0.5, seed=0)
+    res = C.train_cdpo(tiny_llama, pairs, tmp_path / "pol", cfg)
+    losses = res["losses"]
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-6)        # LoRA starts at zero: policy = reference
+    assert losses[-1] < losses[0] - 0.05, losses
+    files = {p.name for p in res["path"].iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "cdpo.json"} <= files
+    assert not any(f.endswith((".bin", ".pt", ".pkl", ".pickle")) for f in files)
+    meta = json.loads((res["path"] / "cdpo.json").read_text())
+    assert meta["losses"] == losses and meta["n_pairs"] == 1
+    # the probe's own model is untouched
+    assert not any("lora" in n for n, _ in tiny_llama.hf_model.named_parameters())
+    with pytest.raises(InputError, match="not empty"):
+        C.train_cdpo(tiny_llama, pairs, tmp_path / "pol", cfg)
+    with pytest.raises(InputError, match="one weight per rejected token"):
+        C.train_cdpo(tiny_llama, [dict(pairs[0], weights=[1.0])], tmp_path / "pol2", cfg)
