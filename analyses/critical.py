@@ -199,6 +199,53 @@ class SPRT:
         return "undecided", n, c
 
 
+def simulate_sprt(test: SPRT, p: float, *, sims: int = 4000, budget: int = 200, seed: int = 0) -> dict[str, float]:
+    """Monte-Carlo check of :class:`SPRT` on simulated Bernoulli(``p``) rollout streams, cut at ``budget``.
+
+    Returns the fractions called ``alive`` / ``dead`` / ``undecided`` and the mean rollouts used."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    a, b = math.log(test.p_alive / test.p_dead), math.log((1 - test.p_alive) / (1 - test.p_dead))
+    x = rng.random((sims, budget)) < p
+    llr = np.cumsum(np.where(x, a, b), axis=1)
+    up, lo = llr >= test.upper - 1e-12, llr <= test.lower + 1e-12
+    hit_up = np.where(up.any(1), up.argmax(1), budget)
+    hit_lo = np.where(lo.any(1), lo.argmax(1), budget)
+    alive, dead = hit_up < hit_lo, hit_lo < hit_up
+    used = np.minimum(np.minimum(hit_up, hit_lo) + 1, budget)
+    return {"alive": float(alive.mean()), "dead": float(dead.mean()), "undecided": float((~alive & ~dead).mean()),
+            "mean_rollouts": float(used.mean())}
+
+
+def doc_example(probe) -> "CriticalResult":
+    """The README's example: the forced wrong digit in ``3 + 4 = 8.`` on a word problem (embedded model)."""
+    from .tasks import Problem, format_prompt, make_checker
+
+    p = Problem("Tom has 3 apples and buys 4 more. How many apples does he have?", 7.0)
+    cfg = Config(n_rollouts=32, granularity="token", max_new_tokens=4, alternatives="topk", n_alternatives=3, alt_rollouts=4)
+    return search(probe, format_prompt(probe, p), "3 + 4 = 8.", make_checker(p), cfg)
+
+
+def doc_figures(example: "CriticalResult | None" = None) -> dict[str, str]:
+    """Every figure the README's critical-token section states, as the text it shows (the documentation
+    test checks each appears there). ``example``: the result of :func:`doc_example` (adds its figures)."""
+    t = Config().sprt()
+    f = {"min_dead": f"{t.min_dead()} rollouts", "min_alive": f"{t.min_alive()} successes",
+         "one_vs_zero": f"1 of 8 then 0 of 8 is `{token_decision(t.decide(8, 1), t.decide(8, 0), False)}`"}
+    dead, alive = simulate_sprt(t, t.p_dead), simulate_sprt(t, t.p_alive)
+    f["sim_dead"] = f"p = 3/64: called alive {dead['alive']:.1%}, {dead['mean_rollouts']:.1f} rollouts on average"
+    f["sim_alive"] = f"p = 0.25: called dead {alive['dead']:.1%}, {alive['mean_rollouts']:.1f} rollouts on average"
+    if example is not None:
+        r = example.traces.iloc[0]
+        f["example"] = (f"{r.decision}: {r.critical_token.strip()!r} at {r.critical_pos}, success {r.score_before:.2f} "
+                        f"[{r.ci_before_lo:.2f}, {r.ci_before_hi:.2f}] ({r.n_before} rollouts) -> {r.score_after:.2f} "
+                        f"[{r.ci_after_lo:.2f}, {r.ci_after_hi:.2f}] ({r.n_after} rollouts)")
+        alts = example.alternatives
+        f["alternatives"] = ", ".join(f"{a.token.strip()!r} {a.n_correct}/{a.n}" for a in alts.itertuples())
+    return f
+
+
 def token_decision(before: str | None, after: str | None, later_alive: bool) -> str | None:
     """Decision for one token from the SPRT states of the prefixes before and after it.
 

@@ -256,6 +256,16 @@ def test_shipped_result_round_trip(short, tmp_path):
         B.default_result(tmp_path)
 
 
+def test_readme_figures_are_todays(short):
+    """Every figure the README's bigram section states comes from today's code (B.doc_figures)."""
+    text = " ".join((ROOT / "docs" / "readme" / "bigram.md").read_text().split())
+    for name, value in B.doc_figures(short).items():
+        assert value in text, (name, value)
+    if (B.DEFAULT_RESULT / "result.json").is_file():
+        for name, value in B.doc_figures(B.default_result()).items():
+            assert value in text, ("shipped", name, value)
+
+
 def test_complement_ablation_hurts_more_than_random(learned):
     ab = learned.ablation.set_index("variant")
     assert ab.loc["complement", "mean_surprisal_bits"] > ab.loc["random_complement", "mean_surprisal_bits"] + 0.05, ab
@@ -432,9 +442,14 @@ def test_cli_run_and_eval(tmp_path, capsys, monkeypatch):
     corpus = tmp_path / "c.txt"
     corpus.write_text("the cat sat on the mat. " * 200)
     out = tmp_path / "r"
-    main(["run", "bigram", "--corpus", str(corpus), "--steps", "2", "--batch-size", "1", "--seq-len", "16",
-          "--layers", "0", "--lr", "0.05", "--eval-rows", "2", "--out", str(out), "--json"])
+    main(["run", "bigram", "--corpus", str(corpus), "--schedule", "short", "--steps", "2", "--batch-size", "1", "--seq-len", "16",
+          "--layers", "0", "--eval-rows", "2", "--out", str(out), "--json"])
     assert (out / "manifest.json").is_file()
+    cfg = B.BigramResult.load(out).config
+    assert (cfg.lam, cfg.lr, cfg.reuse) == (100.0, 0.05, True) and cfg.temp_mult == pytest.approx(1000 ** 0.5)
+    with pytest.raises(SystemExit) as e:
+        main(["run", "bigram", "--schedule", "fast"])
+    assert e.value.code == 2 and "--schedule 'fast'" in capsys.readouterr().err
     main(["run", "bigram-eval", "--mask", str(out), "--compare", str(out), "--json"])
     text = capsys.readouterr().out
     assert "subnetwork" in text and "jaccard" in text

@@ -195,25 +195,24 @@ def test_sprt_error_rates_on_simulated_bernoulli_streams():
     import numpy as np
 
     t = C.SPRT(p_dead=3 / 64, p_alive=0.25, alpha=0.05, beta=0.05)
-    rng = np.random.default_rng(0)
-    sims, budget = 4000, 200
-    a, b = math.log(t.p_alive / t.p_dead), math.log((1 - t.p_alive) / (1 - t.p_dead))
-
-    def simulate(p):
-        x = rng.random((sims, budget)) < p
-        llr = np.cumsum(np.where(x, a, b), axis=1)
-        hit_hi = np.where((llr >= t.upper).any(1), (llr >= t.upper).argmax(1), budget)
-        hit_lo = np.where((llr <= t.lower).any(1), (llr <= t.lower).argmax(1), budget)
-        alive, dead = hit_hi < hit_lo, hit_lo < hit_hi
-        n_used = np.minimum(hit_hi, hit_lo) + 1
-        return alive.mean(), dead.mean(), n_used.mean()
-
+    sims = 4000
     se = math.sqrt(0.05 * 0.95 / sims)
-    alive, dead, n_dead = simulate(t.p_dead)
-    assert alive <= t.alpha / (1 - t.beta) + 4 * se and dead > 0.9
-    alive, dead, n_alive = simulate(t.p_alive)
-    assert dead <= t.beta / (1 - t.alpha) + 4 * se and alive > 0.9
-    assert n_dead < 40 and n_alive < 40   # far fewer rollouts than a fixed 64 on average
+    at_dead = C.simulate_sprt(t, t.p_dead, sims=sims, budget=200, seed=0)
+    assert at_dead["alive"] <= t.alpha / (1 - t.beta) + 4 * se and at_dead["dead"] > 0.9
+    at_alive = C.simulate_sprt(t, t.p_alive, sims=sims, budget=200, seed=1)
+    assert at_alive["dead"] <= t.beta / (1 - t.alpha) + 4 * se and at_alive["alive"] > 0.9
+    assert at_dead["mean_rollouts"] < 40 and at_alive["mean_rollouts"] < 40   # far fewer than a fixed 64
+    # a truncated budget only adds "undecided", never errors beyond the bounds
+    short = C.simulate_sprt(t, t.p_dead, sims=sims, budget=8, seed=2)
+    assert short["alive"] <= at_dead["alive"] + 4 * se and short["undecided"] > 0.5
+    # the simulation agrees with a direct loop over SPRT.run on the same draws
+    import numpy as np
+
+    x = np.random.default_rng(3).random((300, 60)) < 0.12
+    runs = [t.run(list(row)) for row in x]
+    sim = C.simulate_sprt(t, 0.12, sims=300, budget=60, seed=3)
+    assert sim["alive"] == pytest.approx(sum(r[0] == "alive" for r in runs) / 300, abs=1e-12)
+    assert sim["mean_rollouts"] == pytest.approx(sum(r[1] for r in runs) / 300, abs=1e-12)
     # the simulated test and SPRT.run agree on a stream
     stream = [False] * 12 + [True] + [False] * 30
     assert t.run(stream) == ("dead", 21, 1)  # 12 failures stop just short (-2.88 > -2.94); after the success, 8 more
@@ -366,6 +365,14 @@ def test_embedded_wrong_digit(embedded):
     assert t.critical_token.strip() == "8" and t.score_before > 0 and t.score_after == 0
 
 
+def test_readme_figures_are_todays(embedded):
+    """Every figure the README's critical-token section states comes from today's code."""
+    text = " ".join((ROOT / "docs" / "readme" / "critical.md").read_text().split())
+    figs = C.doc_figures(C.doc_example(embedded))
+    for name, value in figs.items():
+        assert value in text, (name, value)
+
+
 # ------------------------------------------------------------------------------ CLI and page
 def test_cli_bad_input_and_budget(tmp_path, capsys):
     from analyses.cli import main
@@ -459,3 +466,16 @@ def test_cdpo_training_lowers_the_loss_and_saves_safetensors(tiny_llama, tmp_pat
         C.train_cdpo(tiny_llama, pairs, tmp_path / "pol", cfg)
     with pytest.raises(InputError, match="one weight per rejected token"):
         C.train_cdpo(tiny_llama, [dict(pairs[0], weights=[1.0])], tmp_path / "pol2", cfg)
+
+
+def test_cdpo_cli_bad_input(tmp_path, capsys):
+    from analyses.cli import main
+
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "keep.txt").write_text("x")
+    for args, msg in ((["--out", str(tmp_path / "busy")], "not empty"), (["--out", str(tmp_path / "n"), "--form", "tokens"], "form='tokens'"),
+                      (["--out", str(tmp_path / "n"), "--lr", "0"], "lr=0.0")):
+        with pytest.raises(SystemExit) as e:
+            main(["run", "cdpo", *args])
+        assert e.value.code == 2 and msg in capsys.readouterr().err
+    assert (tmp_path / "busy" / "keep.txt").read_text() == "x" and not (tmp_path / "n").exists()
