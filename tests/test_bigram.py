@@ -266,6 +266,15 @@ def test_readme_figures_are_todays(short):
             assert value in text, ("shipped", name, value)
 
 
+def test_shipped_default_result_loads():
+    r = B.default_result()
+    assert r.model["name"] == "embedded" and len(r.masks) == 210 and r.sparsity < 0.01
+    assert r.curve["undecided"].iloc[-1] < 0.05
+    ab = r.ablation.set_index("variant")
+    assert ab.loc["subnetwork", "bigram_xent_nats"] < ab.loc["random", "bigram_xent_nats"]
+    assert sum(int(m.sum()) for m in r.masks.values()) == round(r.sparsity * sum(m.numel() for m in r.masks.values()))
+
+
 def test_complement_ablation_hurts_more_than_random(learned):
     ab = learned.ablation.set_index("variant")
     assert ab.loc["complement", "mean_surprisal_bits"] > ab.loc["random_complement", "mean_surprisal_bits"] + 0.05, ab
