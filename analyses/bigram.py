@@ -53,8 +53,9 @@ from . import store
 
 __all__ = [
     "Config", "BigramResult", "BigramTable", "MaskSet", "run", "evaluate", "train_mask", "apply_mask",
-    "load_corpus_ids", "builtin_corpus_text", "masked_weights", "mask_overlap", "unit_sparsity",
+    "load_corpus_ids", "builtin_corpus_text", "train_table", "masked_weights", "mask_overlap", "unit_sparsity",
     "compare_predictions", "soft_cross_entropy", "surprisal_bits", "binarize", "temperature_after",
+    "short_run_config", "bigram_entropy_nats", "ship_result", "default_result", "DEFAULT_RESULT", "doc_figures",
 ]
 
 Target = Literal["bigram", "self"]
@@ -82,6 +83,7 @@ class Config(_BaseConfig):
     target: Target = "bigram"  # "self" = optimal pruning (distil the full model)
     stop_undecided: float | None = 0.01  # early stop when undecided < this × (#σ>0.9); None = never
     layers: tuple[int, ...] | None = None  # blocks to mask; None = every block (paper)
+    others: Literal["keep", "drop"] = "keep"  # blocks outside `layers`: kept whole, or dropped (mask 0; skipped in training)
     eval_rows: int = 10000  # at most this many held-out rows (paper: 10k), capped at 10 % of the corpus
     reuse: bool = False  # paper: no row is used twice; True cycles a small corpus
     seed: int = 0  # data order and random-mask baselines
@@ -110,11 +112,37 @@ class Config(_BaseConfig):
         if self.layers is not None:
             if not self.layers or any(not isinstance(l, int) or l < 0 for l in self.layers):
                 raise ConfigError(f"layers={self.layers!r}; give block indices ≥ 0 (or None for every block).")
+        if self.others not in ("keep", "drop"):
+            raise ConfigError(f"others={self.others!r}; use 'keep' (blocks outside `layers` stay whole) or 'drop'.")
 
 
 def temperature_after(k: int, temp_mult: float = 1.001) -> float:
     """β after ``k`` optimizer steps: ``temp_mult ** k`` (β₀ = 1)."""
     return float(temp_mult) ** k
+
+
+SHORT_FINAL_BETA = 1000.0  # β at the end of a short run: |β·s| > 2.2 then holds for all but a sliver of entries
+
+
+def short_run_config(steps: int = 250, *, lam: float = 100.0, lr: float = 0.05, final_beta: float = SHORT_FINAL_BETA,
+                     **kw: Any) -> Config:
+    """Settings for a run of a few hundred steps that still ends with a binary mask.
+
+    The paper's schedule (lr 5e-5, β ×1.001 per step, 15k steps) reaches β ≈ 3·10⁶; cut to a few
+    hundred steps, β stays near 1 and almost every σ(β·s) is still between 0.1 and 0.9. A short run
+    therefore needs all three knobs together: a large learning rate (0.05: Adam moves each logit by up
+    to ~lr per step), a temperature multiplier that reaches ``final_beta`` at the last step
+    (``temp_mult = final_beta ** (1 / steps)``, e.g. 1.028 for 250 steps) and a sparsity weight strong
+    enough to beat the minibatch noise of the CE gradient (λ ≈ 100 with λ/N normalisation, against the
+    paper's 10 over 15k steps of 32 × 128 tokens). ``kw`` sets any other :class:`Config` field
+    (``reuse`` defaults to True: the built-in corpus is small).
+    """
+    if not isinstance(steps, int) or steps < 1:
+        raise ConfigError(f"steps={steps!r}; it must be a positive integer.")
+    if not final_beta >= 1:
+        raise ConfigError(f"final_beta={final_beta!r}; it must be ≥ 1.", hint=f"Use {SHORT_FINAL_BETA:g}.")
+    kw.setdefault("reuse", True)
+    return Config(lam=lam, lr=lr, steps=steps, temp_mult=float(final_beta) ** (1.0 / steps), **kw)
 
 
 # ============================================================================== corpus and bigram table
@@ -443,6 +471,56 @@ def _parametrized(probe, factors: Mapping[str, Callable[[], torch.Tensor | None]
             parametrize.remove_parametrizations(mod, "weight", leave_parametrized=False)
 
 
+def dropped_weights(probe, cfg: Config) -> list[MaskedWeight]:
+    """The block weights that ``others="drop"`` removes from the subnetwork (empty otherwise)."""
+    if cfg.others != "drop" or cfg.layers is None:
+        return []
+    keep = set(cfg.layers)
+    return [w for w in masked_weights(probe, None) if w.layer not in keep]
+
+
+@contextmanager
+def _only_blocks(probe, keep: Sequence[int]) -> Iterator[None]:
+    """Run the model with only the blocks in ``keep`` (in order). For blocks whose masked weights are
+    all zero this is exact when they have no bias: attention and MLP then add nothing to the residual
+    stream (pre-norm blocks). Raises for blocks with biases. Restored on exit."""
+    from probes.arch import get_module
+
+    arch = probe.arch
+    root = _inner(probe.hf_model)
+    parent_path, _, attr = arch.layers.rpartition(".")
+    parent = get_module(root, parent_path) if parent_path else root
+    blocks = getattr(parent, attr)
+    for l, b in enumerate(blocks):
+        if l in keep:
+            continue
+        for n, p in b.named_parameters():
+            if n.endswith("bias") and p is not None and bool((p != 0).any()):
+                raise ConfigError(f"others='drop' needs bias-free blocks; block {l} has {n}.",
+                                  hint="Use others='keep' (--others keep) or mask every block (--layers all) on this model.")
+    cfg = probe.hf_model.config
+    n_old = getattr(cfg, "num_hidden_layers", None)
+    types = getattr(cfg, "layer_types", None)
+    setattr(parent, attr, torch.nn.ModuleList([blocks[l] for l in sorted(keep)]))
+    try:
+        if n_old is not None:
+            cfg.num_hidden_layers = len(keep)
+        if isinstance(types, list):
+            cfg.layer_types = [types[l] for l in sorted(keep)]
+        yield
+    finally:
+        setattr(parent, attr, blocks)
+        if n_old is not None:
+            cfg.num_hidden_layers = n_old
+        if isinstance(types, list):
+            cfg.layer_types = types
+
+
+def _inner(model: torch.nn.Module) -> torch.nn.Module:
+    """The HF model under a TransformerLens/nnsight wrapper (the module that owns ``arch.layers``)."""
+    return getattr(model, "original_model", model)
+
+
 class MaskSet(torch.nn.Module):
     """Mask logits ``s`` (one per weight, fp32) for a list of :class:`MaskedWeight`, plus β and a mode.
 
@@ -609,6 +687,13 @@ def _split_rows(ids: torch.Tensor, cfg: Config) -> tuple[torch.Tensor, torch.Ten
     return rows[: R - n_eval], rows[R - n_eval:]
 
 
+def train_table(ids: torch.Tensor, cfg: Config, vocab_size: int) -> BigramTable:
+    """The bigram table counted on the training part of the stream only (every token before the first
+    held-out row), so held-out rows are seen neither by training nor by the table that scores them."""
+    train_rows, _ = _split_rows(ids, cfg)
+    return BigramTable.from_ids(ids[: train_rows.numel()], vocab_size)
+
+
 def _batch_index(step: int, micro: int, n_train: int, cfg: Config, perm: torch.Tensor) -> torch.Tensor:
     k = (step * cfg.grad_accum + micro) * cfg.batch
     idx = torch.arange(k, k + cfg.batch) % n_train
@@ -678,10 +763,13 @@ def train_mask(probe, train_rows: torch.Tensor, table: BigramTable | None, cfg: 
     flags = {id(p): p.requires_grad for p in model.parameters()}
     stopped = False
     step = start
+    from contextlib import nullcontext
+
+    skip = _only_blocks(probe, sorted(set(cfg.layers))) if (cfg.others == "drop" and cfg.layers is not None) else nullcontext()
     try:
         for p in model.parameters():
             p.requires_grad_(False)
-        with masks.applied(probe):
+        with masks.applied(probe), skip:  # paths resolve on the full block list first
             while step < cfg.steps:
                 opt.zero_grad(set_to_none=True)
                 xent_sum = 0.0
@@ -741,10 +829,11 @@ def evaluate_mask(probe, mask: Mapping[str, torch.Tensor], eval_rows: torch.Tens
         variants[name] = transform_mask(mask, mode, seed)
     ce = {k: 0.0 for k in variants}
     surp: dict[str, list[torch.Tensor]] = {k: [] for k in variants}
-    big_p, n = [], 0
+    big_p, n, ent = [], 0, 0.0
     for k in range(0, eval_rows.shape[0], batch):
         ids = eval_rows[k: k + batch].to(probe.device)
         tgt = table.targets(ids)
+        ent += float(-(tgt * torch.log(tgt.clamp_min(1e-30))).sum(-1).sum())
         big_p.append(tgt[:, :-1].gather(-1, ids[:, 1:, None].cpu()).reshape(-1))
         n += ids.numel()
         for name, m in variants.items():
@@ -767,8 +856,9 @@ def evaluate_mask(probe, mask: Mapping[str, torch.Tensor], eval_rows: torch.Tens
         rows.append({"variant": name, "kept_fraction": kept, "mean_surprisal_bits": float(s.double().mean()),
                      "bigram_xent_nats": ce[name] / n, "pearson_r": pearson_r(s, big_clip),
                      "pearson_r_finite": pearson_r(s[finite], big[finite])})
+    # the floor: the bigram rows' own entropy (CE of the target with itself), averaged like the others
     rows.append({"variant": "bigram", "kept_fraction": float("nan"), "mean_surprisal_bits": float(big_clip.mean()),
-                 "bigram_xent_nats": float("nan"), "pearson_r": 1.0, "pearson_r_finite": 1.0})
+                 "bigram_xent_nats": ent / n, "pearson_r": 1.0, "pearson_r_finite": 1.0})
     return pd.DataFrame(rows)
 
 
@@ -941,11 +1031,13 @@ def run(probe, corpus: "str | Path | torch.Tensor | Sequence[int]" = "builtin", 
     """Learn a bigram (or optimal-pruning) subnetwork of ``probe``'s blocks and evaluate it.
 
     Args:
-        corpus: ``"builtin"``, a text/JSONL file, or token ids ``[N]``; the bigram table is counted on
-            the whole stream, training uses its rows and the held-out rows evaluate.
+        corpus: ``"builtin"``, a text/JSONL file, or token ids ``[N]``; the stream is cut into rows, the
+            last rows are held out, and the bigram table is counted on the training part only
+            (:func:`train_table`), so the evaluation is strictly held out.
         evaluate: compute the ablation table on the held-out rows.
         checkpoint: folder for resumable training state (see :func:`train_mask`).
-        table: a prebuilt bigram table (else counted from ``corpus``).
+        table: a prebuilt bigram table (else counted from the training rows of ``corpus``); to keep the
+            evaluation held out it must not have seen the held-out rows.
     """
     if not isinstance(config, Config):
         raise ConfigError(f"config must be analyses.bigram.Config, got {type(config).__name__}.")
@@ -953,7 +1045,7 @@ def run(probe, corpus: "str | Path | torch.Tensor | Sequence[int]" = "builtin", 
     with timer("tokenize"):
         ids = load_corpus_ids(probe, corpus)
         train_rows, eval_rows = _split_rows(ids, config)
-        table = table or BigramTable.from_ids(ids, probe.info.d_vocab)
+        table = table or train_table(ids, config, probe.info.d_vocab)
     input_hash = store.hash_inputs(_corpus_label(corpus), ids)
     weights = masked_weights(probe, config.layers)  # fail early on a model the masker does not handle
     if math.isinf(config.lam):  # keep-nothing baseline: no training
@@ -965,6 +1057,8 @@ def run(probe, corpus: "str | Path | torch.Tensor | Sequence[int]" = "builtin", 
             ms, curve, steps, stopped = train_mask(probe, train_rows, table, config, checkpoint=checkpoint,
                                                    checkpoint_every=checkpoint_every, input_hash=input_hash, callback=callback)
         masks = ms.binary()
+    for w in dropped_weights(probe, config):  # others="drop": outside `layers` nothing is kept
+        masks[w.path] = torch.zeros(w.shape, dtype=torch.bool)
     return _finish(probe, masks, config, input_hash, curve, steps, stopped, _corpus_label(corpus),
                    eval_rows if evaluate else None, table, timer)
 
@@ -997,7 +1091,7 @@ def evaluate(probe, result: "BigramResult | str | Path", corpus: "str | Path | t
     cfg = result.config if eval_rows is None else result.config.replace(eval_rows=eval_rows)
     ids = load_corpus_ids(probe, corpus)
     _, rows = _split_rows(ids, cfg)
-    table = BigramTable.from_ids(ids, probe.info.d_vocab)
+    table = train_table(ids, cfg, probe.info.d_vocab)
     timer = Timer()
     with timer("evaluate"):
         ablation = evaluate_mask(probe, result.masks, rows, table, batch=8, seed=cfg.seed)
@@ -1007,3 +1101,86 @@ def evaluate(probe, result: "BigramResult | str | Path", corpus: "str | Path | t
         overlaps["compare"] = mask_overlap(result.masks, other.masks)
     return dataclasses.replace(result, ablation=ablation, overlaps=overlaps, timings={**result.timings, **timer.seconds},
                                corpus=_corpus_label(corpus), config=cfg)
+
+
+# ============================================================================== the shipped default result
+DEFAULT_RESULT = Path(__file__).resolve().parent / "data" / "bigram_default"
+
+
+def bigram_entropy_nats(result: "BigramResult") -> float:
+    """The floor of the held-out bigram CE: the entropy of the bigram rows (``bigram`` row of the ablation)."""
+    ab = result.ablation.set_index("variant")
+    return float(ab.loc["bigram", "bigram_xent_nats"]) if "bigram" in ab.index else float("nan")
+
+
+def ship_result(result: "BigramResult", folder: str | Path) -> Path:
+    """Write a compact copy of ``result``: masks with any kept weight bit-packed in ``masks.safetensors``
+    (all-zero masks listed by shape only), per-head/neuron fractions, and every table plus the config
+    and model summary in ``result.json``. No pickle. The folder is written whole or not at all."""
+    from safetensors.torch import save_file
+
+    out = Path(folder)
+    if out.exists() and not (out / "result.json").is_file() and any(out.iterdir()):
+        raise InputError(f"{str(out)!r} exists and is not a shipped bigram result; not overwriting it.", hint="Pass a new folder.")
+    tensors = {f"mask.{k}": _pack(v) for k, v in result.masks.items() if bool(v.any())}
+    tensors["head_kept"] = result.head_kept.float().contiguous()
+    tensors["neuron_kept"] = result.neuron_kept.float().contiguous()
+    meta = {"format": "sonde-bigram-compact-1", "config": result.config.to_dict(), "model": result.model,
+            "input_hash": result.input_hash, "timings": result.timings, "sparsity": result.sparsity,
+            "steps_done": result.steps_done, "stopped_early": result.stopped_early, "corpus": result.corpus,
+            "mask_shapes": {k: list(v.shape) for k, v in result.masks.items()},
+            "tables": {name: json.loads(df.to_json(orient="records")) for name, df in
+                       (("matrices", result.matrices), ("curve", result.curve), ("ablation", result.ablation))}}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".ship-", dir=out.parent))
+    try:
+        save_file(tensors, str(tmp / "masks.safetensors"))
+        (tmp / "result.json").write_text(json.dumps(meta, indent=1, default=str))
+        out.mkdir(exist_ok=True)
+        for f in ("masks.safetensors", "result.json"):
+            os.replace(tmp / f, out / f)
+    finally:
+        for f in tmp.iterdir():
+            f.unlink()
+        tmp.rmdir()
+    return out
+
+
+def default_result(folder: str | Path | None = None) -> "BigramResult":
+    """The bigram subnetwork shipped with Sonde (embedded SmolLM2-135M, built-in corpus; see
+    ``benchmarks/RESULTS.md`` for how it was trained), or a folder written by :func:`ship_result`.
+    Loads in well under a second and needs no model."""
+    from safetensors.torch import load_file
+
+    d = Path(folder) if folder is not None else DEFAULT_RESULT
+    if not (d / "result.json").is_file():
+        raise InputError(f"{str(d)!r} holds no shipped bigram result (no result.json).",
+                         hint="Use analyses.bigram.ship_result(result, folder) to write one, or load a result folder with BigramResult.load.")
+    meta = json.loads((d / "result.json").read_text())
+    t = load_file(str(d / "masks.safetensors"))
+    masks = {k: (_unpack(t[f"mask.{k}"], shp) if f"mask.{k}" in t else torch.zeros(shp, dtype=torch.bool))
+             for k, shp in meta["mask_shapes"].items()}
+    tab = {k: pd.DataFrame.from_records(v) for k, v in meta["tables"].items()}
+    return BigramResult(config=Config.from_dict(meta["config"]), model=meta["model"], input_hash=meta["input_hash"],
+                        timings=meta["timings"], masks=masks, matrices=tab["matrices"], head_kept=t["head_kept"],
+                        neuron_kept=t["neuron_kept"], curve=tab["curve"], ablation=tab["ablation"],
+                        sparsity=float(meta["sparsity"]), steps_done=int(meta["steps_done"]),
+                        stopped_early=bool(meta["stopped_early"]), corpus=str(meta["corpus"]))
+
+
+def doc_figures(result: "BigramResult | None" = None) -> dict[str, str]:
+    """The figures the README's bigram section states, as the text it shows (the documentation test
+    checks each appears there): the paper schedule cut to 250 steps, and for ``result`` its sparsity,
+    final undecided fraction and held-out bigram CE against the random same-size mask, the full model and
+    the bigram rows' own entropy."""
+    f = {"paper_250": f"β = {temperature_after(250):.2f} after 250 steps",
+         "short_250": f"temp_mult = {short_run_config(250).temp_mult:.4f}"}
+    if result is not None:
+        ab = result.ablation.set_index("variant")
+        und = float(result.curve["undecided"].iloc[-1]) if len(result.curve) else float("nan")
+        f["kept"] = f"{result.sparsity:.2%} of block weights kept"
+        f["undecided"] = f"{und:.3%} of mask entries undecided"
+        f["ce"] = (f"held-out bigram CE {ab.loc['subnetwork', 'bigram_xent_nats']:.2f} nats (random same-size mask "
+                   f"{ab.loc['random', 'bigram_xent_nats']:.2f}, full model {ab.loc['full', 'bigram_xent_nats']:.2f}, "
+                   f"bigram entropy {ab.loc['bigram', 'bigram_xent_nats']:.2f})")
+    return f

@@ -52,7 +52,8 @@ from .tasks import ANSWER_STOP, Checker, CallableChecker, Problem, format_prompt
 __all__ = [
     "Config", "CriticalResult", "run", "search", "sample_trajectories", "rollout_success", "pass_at_k",
     "find_critical", "step_cuts", "Trajectory", "TrainConfig", "train_contrastive", "contrastive_scores",
-    "ce_token_scores", "compare_contrastive", "estimate_rollouts", "vllm_engine",
+    "ce_token_scores", "compare_contrastive", "estimate_rollouts", "vllm_engine", "clopper_pearson", "SPRT",
+    "token_decision", "cdpo_loss", "sequence_logps", "select_pairs", "select_sft", "CDPOConfig", "train_cdpo",
 ]
 
 
@@ -70,6 +71,10 @@ class Config(_BaseConfig):
     max_steps: int = 30          # at most this many step cut points (method page: ~10-30)
     zero_tol: float = 0.0        # score <= zero_tol counts as "all wrong" (released analyse: score 0)
     recover_frac: float = 3 / 64  # a later prefix above this discards the mark (released: >3/64)
+    sequential: bool = True      # SPRT: roll a prefix out in chunks and stop once its state is decided
+    chunk: int = 8               # rollouts per SPRT step (the budget per prefix stays n_rollouts)
+    p_alive: float = 0.25        # SPRT: "alive" level of the success rate (the "dead" level is recover_frac)
+    alpha: float = 0.05          # SPRT error rates (both kinds) and 1 − confidence of the Clopper-Pearson intervals
     alternatives: Literal["sample", "topk", "none"] = "sample"  # counterfactual check (method page step 4)
     n_alternatives: int = 32     # K alternative tokens (method page: K=16-64)
     alt_rollouts: int = 1        # rollouts per alternative (paper: one each)
@@ -83,7 +88,7 @@ class Config(_BaseConfig):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("n_samples", "n_rollouts", "max_new_tokens", "batch_size", "max_rollouts", "max_steps", "alt_rollouts"):
+        for name in ("n_samples", "n_rollouts", "max_new_tokens", "batch_size", "max_rollouts", "max_steps", "alt_rollouts", "chunk"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{name}={v!r} must be a positive integer.", hint=f"Pass {name}=1 or more.")
@@ -103,6 +108,11 @@ class Config(_BaseConfig):
             raise ConfigError(f"engine={self.engine!r} is not known.", hint="Use 'hf' (transformers generate) or 'vllm'.")
         if not (0 <= self.zero_tol < 1) or not (0 <= self.recover_frac < 1):
             raise ConfigError(f"zero_tol={self.zero_tol}, recover_frac={self.recover_frac} must lie in [0, 1).")
+        self.sprt()  # validates p_alive / alpha against recover_frac
+
+    def sprt(self) -> "SPRT":
+        """The prefix test: dead level ``recover_frac``, alive level ``p_alive``, error rates ``alpha``."""
+        return SPRT(p_dead=max(self.recover_frac, 1e-6), p_alive=self.p_alive, alpha=self.alpha, beta=self.alpha)
 
 
 # ====================================================================================== pure math
@@ -113,6 +123,142 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     if n - c < k:
         return 1.0
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def clopper_pearson(n: int, c: int, alpha: float = 0.05) -> tuple[float, float]:
+    """Two-sided ``1 − alpha`` Clopper–Pearson (exact binomial) interval for ``c`` successes in ``n``.
+
+    ``(nan, nan)`` when ``n = 0``. Lower bound 0 when ``c = 0``, upper bound 1 when ``c = n``."""
+    from scipy.stats import beta as _beta
+
+    if n <= 0:
+        return float("nan"), float("nan")
+    lo = 0.0 if c <= 0 else float(_beta.ppf(alpha / 2, c, n - c + 1))
+    hi = 1.0 if c >= n else float(_beta.ppf(1 - alpha / 2, c + 1, n - c))
+    return lo, hi
+
+
+@dataclass(frozen=True)
+class SPRT:
+    """Wald's sequential probability ratio test of a rollout success rate ``p``.
+
+    ``H_dead: p = p_dead`` (the prefix is hopeless) against ``H_alive: p = p_alive`` (a correct answer
+    is still reachable), with error rates ``alpha`` (call a dead prefix alive) and ``beta`` (call an
+    alive prefix dead). After ``n`` rollouts with ``c`` successes the log likelihood ratio is
+    ``llr = c·log(p_alive/p_dead) + (n−c)·log((1−p_alive)/(1−p_dead))``; the test says ``"alive"`` once
+    ``llr ≥ log((1−beta)/alpha)``, ``"dead"`` once ``llr ≤ log(beta/(1−alpha))`` and ``"undecided"``
+    between (Wald's bounds keep the error rates at most ``alpha/(1−beta)`` and ``beta/(1−alpha)``;
+    stopping at a budget only lowers them). For ``p`` between the two levels either answer is acceptable.
+    """
+
+    p_dead: float = 3 / 64
+    p_alive: float = 0.25
+    alpha: float = 0.05
+    beta: float = 0.05
+
+    def __post_init__(self) -> None:
+        if not (0 < self.p_dead < self.p_alive < 1):
+            raise ConfigError(f"p_dead={self.p_dead}, p_alive={self.p_alive}: need 0 < p_dead < p_alive < 1.",
+                              hint="Use e.g. p_dead=3/64 (the paper's recovery level) and p_alive=0.25.")
+        if not (0 < self.alpha < 0.5 and 0 < self.beta < 0.5):
+            raise ConfigError(f"alpha={self.alpha}, beta={self.beta}: error rates must lie in (0, 0.5).", hint="Use 0.05.")
+
+    @property
+    def upper(self) -> float:
+        return math.log((1 - self.beta) / self.alpha)
+
+    @property
+    def lower(self) -> float:
+        return math.log(self.beta / (1 - self.alpha))
+
+    def llr(self, n: int, c: int) -> float:
+        return c * math.log(self.p_alive / self.p_dead) + (n - c) * math.log((1 - self.p_alive) / (1 - self.p_dead))
+
+    def decide(self, n: int, c: int) -> str:
+        """``"alive"``, ``"dead"`` or ``"undecided"`` after ``c`` successes in ``n`` rollouts."""
+        v = self.llr(n, c)
+        return "alive" if v >= self.upper - 1e-12 else ("dead" if v <= self.lower + 1e-12 else "undecided")
+
+    def min_dead(self) -> int:
+        """Rollouts needed to call a prefix dead when none succeeds."""
+        return math.ceil(self.lower / math.log((1 - self.p_alive) / (1 - self.p_dead)) - 1e-12)
+
+    def min_alive(self) -> int:
+        """Rollouts needed to call a prefix alive when all succeed."""
+        return math.ceil(self.upper / math.log(self.p_alive / self.p_dead) - 1e-12)
+
+    def run(self, stream: Sequence[bool], budget: int | None = None) -> tuple[str, int, int]:
+        """Feed Bernoulli outcomes one at a time up to ``budget``: ``(decision, n used, successes)``."""
+        n = c = 0
+        for x in stream[: budget if budget is not None else len(stream)]:
+            n += 1
+            c += bool(x)
+            d = self.decide(n, c)
+            if d != "undecided":
+                return d, n, c
+        return "undecided", n, c
+
+
+def simulate_sprt(test: SPRT, p: float, *, sims: int = 4000, budget: int = 200, seed: int = 0) -> dict[str, float]:
+    """Monte-Carlo check of :class:`SPRT` on simulated Bernoulli(``p``) rollout streams, cut at ``budget``.
+
+    Returns the fractions called ``alive`` / ``dead`` / ``undecided`` and the mean rollouts used."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    a, b = math.log(test.p_alive / test.p_dead), math.log((1 - test.p_alive) / (1 - test.p_dead))
+    x = rng.random((sims, budget)) < p
+    llr = np.cumsum(np.where(x, a, b), axis=1)
+    up, lo = llr >= test.upper - 1e-12, llr <= test.lower + 1e-12
+    hit_up = np.where(up.any(1), up.argmax(1), budget)
+    hit_lo = np.where(lo.any(1), lo.argmax(1), budget)
+    alive, dead = hit_up < hit_lo, hit_lo < hit_up
+    used = np.minimum(np.minimum(hit_up, hit_lo) + 1, budget)
+    return {"alive": float(alive.mean()), "dead": float(dead.mean()), "undecided": float((~alive & ~dead).mean()),
+            "mean_rollouts": float(used.mean())}
+
+
+def doc_example(probe) -> "CriticalResult":
+    """The README's example: the forced wrong digit in ``3 + 4 = 8.`` on a word problem (embedded model)."""
+    from .tasks import Problem, format_prompt, make_checker
+
+    p = Problem("Tom has 3 apples and buys 4 more. How many apples does he have?", 7.0)
+    cfg = Config(n_rollouts=32, granularity="token", max_new_tokens=4, alternatives="topk", n_alternatives=3, alt_rollouts=4)
+    return search(probe, format_prompt(probe, p), "3 + 4 = 8.", make_checker(p), cfg)
+
+
+def doc_figures(example: "CriticalResult | None" = None) -> dict[str, str]:
+    """Every figure the README's critical-token section states, as the text it shows (the documentation
+    test checks each appears there). ``example``: the result of :func:`doc_example` (adds its figures)."""
+    t = Config().sprt()
+    f = {"min_dead": f"{t.min_dead()} rollouts", "min_alive": f"{t.min_alive()} successes",
+         "one_vs_zero": f"1 of 8 then 0 of 8 is `{token_decision(t.decide(8, 1), t.decide(8, 0), False)}`"}
+    dead, alive = simulate_sprt(t, t.p_dead), simulate_sprt(t, t.p_alive)
+    f["sim_dead"] = f"p = 3/64: called alive {dead['alive']:.1%}, {dead['mean_rollouts']:.1f} rollouts on average"
+    f["sim_alive"] = f"p = 0.25: called dead {alive['dead']:.1%}, {alive['mean_rollouts']:.1f} rollouts on average"
+    if example is not None:
+        r = example.traces.iloc[0]
+        f["example"] = (f"{r.decision}: {r.critical_token.strip()!r} at {r.critical_pos}, success {r.score_before:.2f} "
+                        f"[{r.ci_before_lo:.2f}, {r.ci_before_hi:.2f}] ({r.n_before} rollouts) -> {r.score_after:.2f} "
+                        f"[{r.ci_after_lo:.2f}, {r.ci_after_hi:.2f}] ({r.n_after} rollouts)")
+        alts = example.alternatives
+        f["alternatives"] = ", ".join(f"{a.token.strip()!r} {a.n_correct}/{a.n}" for a in alts.itertuples())
+    return f
+
+
+def token_decision(before: str | None, after: str | None, later_alive: bool) -> str | None:
+    """Decision for one token from the SPRT states of the prefixes before and after it.
+
+    ``"critical"``: the prefix before it is alive, the one after it dead, and no later prefix is alive;
+    ``"not critical"``: the prefix before it is already dead, the one after it is alive, or a later
+    prefix recovers; ``"undecided"`` otherwise (the budget could not tell); ``None`` if not measured."""
+    if before is None or after is None:
+        return None
+    if before == "dead" or after == "alive" or later_alive:
+        return "not critical"
+    if before == "alive" and after == "dead":
+        return "critical"
+    return "undecided"
 
 
 def find_critical(scores: dict[int, float], *, zero_tol: float = 0.0, recover_frac: float = 3 / 64) -> int | None:
@@ -445,13 +591,24 @@ def _search_trace(probe, tr: _Trace, checker, cfg: Config, timer: Timer, progres
                  f"(~{cheaper['bisect'][1]} rollouts), fewer rollouts, or raise max_rollouts (--max-rollouts).")
     evals: dict[int, tuple[int, int, str]] = {}  # k -> (n, n_correct, stage)
     examples: dict[int, str] = {}
+    test = cfg.sprt()
 
     def ev(k: int, stage: str) -> float:
         if k not in evals:
+            n = c = 0
+            texts: list[str] = []
+            base_seed = _seed_for(cfg.seed, tr.trace)
+            step = cfg.chunk if cfg.sequential else cfg.n_rollouts
             with timer("rollouts"):
-                c, texts = rollout_success(probe, tr.prompt_ids, tr.response_ids, k, checker, cfg.n_rollouts, cfg,
-                                           seed=_seed_for(cfg.seed, tr.trace))
-            evals[k] = (cfg.n_rollouts, c, stage)
+                while n < cfg.n_rollouts:  # sequential: stop as soon as the SPRT decides
+                    m = min(step, cfg.n_rollouts - n)
+                    seed = base_seed if n == 0 else _seed_for(base_seed, k, 5000 + n)
+                    ci, t = rollout_success(probe, tr.prompt_ids, tr.response_ids, k, checker, m, cfg, seed=seed)
+                    n, c = n + m, c + ci
+                    texts.extend(t)
+                    if cfg.sequential and test.decide(n, c) != "undecided":
+                        break
+            evals[k] = (n, c, stage)
             examples[k] = texts[0] if texts else ""
             if progress:
                 progress(1)
@@ -485,15 +642,38 @@ def _search_trace(probe, tr: _Trace, checker, cfg: Config, timer: Timer, progres
         with timer("alternatives"):
             alts = _alternatives(probe, tr, crit, checker, cfg)
 
+    state = {k: test.decide(n, c) for k, (n, c, _) in evals.items()}
+    ci = {k: clopper_pearson(n, c, cfg.alpha) for k, (n, c, _) in evals.items()}
+    alive_after = {k: any(state[q] == "alive" for q in state if q > k) for k in state}
+
+    def decide(j: int) -> str | None:  # token j sits between prefixes j and j+1
+        if j not in state or (j + 1) not in state:
+            return None
+        return token_decision(state[j], state[j + 1], alive_after[j + 1])
+
     rows = []
     for j, s in enumerate(strs):
         before, after = sc.get(j), sc.get(j + 1)
+        d = decide(j)
         rows.append(dict(trace=tr.trace, pos=j, token=s, token_id=tr.response_ids[j],
                          score_before=before, score_after=after,
                          drop=(before - after) if before is not None and after is not None else None,
-                         critical=(j == crit)))
-    prefixes = pd.DataFrame([dict(trace=tr.trace, prefix_len=k, n=n, n_correct=c, score=c / n, stage=st,
-                                  example=examples.get(k, "")) for k, (n, c, st) in sorted(evals.items())])
+                         n_before=evals[j][0] if j in evals else None, n_after=evals[j + 1][0] if j + 1 in evals else None,
+                         ci_after_lo=ci[j + 1][0] if j + 1 in ci else None, ci_after_hi=ci[j + 1][1] if j + 1 in ci else None,
+                         candidate=(j == crit), decision=d, critical=(j == crit and d == "critical")))
+    prefixes = pd.DataFrame([dict(trace=tr.trace, prefix_len=k, n=n, n_correct=c, score=c / n, ci_lo=ci[k][0], ci_hi=ci[k][1],
+                                  state=state[k], stage=st, example=examples.get(k, "")) for k, (n, c, st) in sorted(evals.items())])
+    # the candidate's decision: exact (both neighbouring prefixes measured) or over the bracketing segment
+    decision = None
+    if crit is not None:
+        decision = decide(crit) if exact else token_decision(state[prev], state[mark], alive_after[mark])
+    warning = ""
+    if decision == "undecided":
+        nb, cb = evals[prev][:2]
+        na, ca = evals[mark][:2]
+        warning = (f"undecided: {cb}/{nb} rollouts succeed before the candidate and {ca}/{na} after it; with "
+                   f"{cfg.n_rollouts} rollouts per prefix the test cannot tell p <= {test.p_dead:.3g} from p >= {test.p_alive:.3g} "
+                   f"at alpha={cfg.alpha} (a prefix with no success needs >= {test.min_dead()} rollouts): raise --rollouts")
     n_with = cfg.n_rollouts
     c_with = evals[mark][1] if mark is not None else 0
     n_wo = sum(a["n"] for a in alts)
@@ -507,6 +687,11 @@ def _search_trace(probe, tr: _Trace, checker, cfg: Config, timer: Timer, progres
                    critical_pos=crit, critical_token=None if crit is None else strs[crit],
                    exact=exact, score_before=None if prev is None else sc[prev], score_after=None if mark is None else sc[mark],
                    drop=None if prev is None else sc[prev] - sc[mark], alt_success=(c_wo / n_wo) if n_wo else None,
+                   decision=decision,
+                   ci_before_lo=None if prev is None else ci[prev][0], ci_before_hi=None if prev is None else ci[prev][1],
+                   ci_after_lo=None if mark is None else ci[mark][0], ci_after_hi=None if mark is None else ci[mark][1],
+                   n_before=None if prev is None else evals[prev][0], n_after=None if mark is None else evals[mark][0],
+                   warning=warning,
                    n_prefixes=len(evals), n_rollouts=sum(n for n, _, _ in evals.values()) + n_wo,
                    note=("" if crit is not None else ("already hopeless before the first response token" if sc.get(0, 1) <= cfg.zero_tol
                                                       else "the score never stays at zero (no critical token)")))
@@ -588,9 +773,20 @@ class CriticalResult(Result):
         """Evaluated prefix lengths and success rates of one trace."""
         return self.prefixes[self.prefixes.trace == trace].sort_values("prefix_len").reset_index(drop=True)
 
-    def top_critical_tokens(self) -> pd.DataFrame:
-        """Critical tokens across traces, most frequent first (``token, count, mean_drop``)."""
+    def warnings(self) -> list[str]:
+        """One line per trace whose candidate the rollout budget could not decide (empty if none)."""
+        if "warning" not in self.traces:
+            return []
+        return [f"trace {r.trace}: {r.warning}" for r in self.traces.itertuples() if isinstance(r.warning, str) and r.warning]
+
+    def top_critical_tokens(self, decided_only: bool = True) -> pd.DataFrame:
+        """Critical tokens across traces, most frequent first (``token, count, mean_drop``).
+
+        ``decided_only``: only candidates the test called ``"critical"`` (results saved before the
+        test existed have no decision column and keep every candidate)."""
         d = self.traces.dropna(subset=["critical_token"])
+        if decided_only and "decision" in d:
+            d = d[d.decision == "critical"]
         if d.empty:
             return pd.DataFrame(columns=["token", "count", "mean_drop"])
         g = d.assign(token=d.critical_token.str.strip()).groupby("token").agg(count=("trace", "size"), mean_drop=("drop", "mean"))
@@ -739,3 +935,217 @@ def compare_contrastive(result: CriticalResult, ce: pd.DataFrame, trace: int = 0
     top_ce = set(t.pos.to_numpy()[crit.argsort()[::-1][:kk]])
     top_gt = set(t.sort_values("drop", ascending=False).pos.to_numpy()[:kk])
     return {"n": float(len(t)), "spearman": float(rho), "precision_at_k": len(top_ce & top_gt) / kk, "k": float(kk)}
+
+
+# ====================================================================================== cDPO
+def select_sft(trajectories: Sequence[Trajectory]) -> tuple[list[Trajectory], list[Trajectory]]:
+    """The method page's SFT data for θ_p / θ_n, per problem: one response of the most frequent
+    correct answer (positive), and every response of the most frequent wrong answers, taken in order
+    of frequency until they cover at least half of that problem's wrong samples (negative)."""
+    from collections import Counter
+
+    pos: list[Trajectory] = []
+    neg: list[Trajectory] = []
+    by_problem: dict[int, list[Trajectory]] = {}
+    for t in trajectories:
+        if t.response_ids:
+            by_problem.setdefault(t.problem, []).append(t)
+    for pi in sorted(by_problem):
+        ts = by_problem[pi]
+        good = [t for t in ts if t.correct]
+        if good:
+            top = Counter(str(t.answer) for t in good).most_common(1)[0][0]
+            pos.append(next(t for t in good if str(t.answer) == top))
+        bad = [t for t in ts if not t.correct]
+        covered = 0
+        for ans, cnt in Counter(str(t.answer) for t in bad).most_common():
+            if covered * 2 >= len(bad):
+                break
+            neg.extend(t for t in bad if str(t.answer) == ans)
+            covered += cnt
+    return pos, neg
+
+
+def select_pairs(trajectories: Sequence[Trajectory]) -> list[tuple[Trajectory, Trajectory]]:
+    """cDPO pairs (method page, top-k = 1): per problem with both kinds, ``(chosen, rejected)`` = the first
+    response of the most frequent correct answer and the first of the most frequent wrong answer."""
+    from collections import Counter
+
+    out = []
+    by_problem: dict[int, list[Trajectory]] = {}
+    for t in trajectories:
+        if t.response_ids:
+            by_problem.setdefault(t.problem, []).append(t)
+    for pi in sorted(by_problem):
+        ts = by_problem[pi]
+        good, bad = [t for t in ts if t.correct], [t for t in ts if not t.correct]
+        if not good or not bad:
+            continue
+        g = Counter(str(t.answer) for t in good).most_common(1)[0][0]
+        b = Counter(str(t.answer) for t in bad).most_common(1)[0][0]
+        out.append((next(t for t in good if str(t.answer) == g), next(t for t in bad if str(t.answer) == b)))
+    return out
+
+
+def cdpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
+              weights: torch.Tensor, *, chosen_mask: torch.Tensor | None = None, rejected_mask: torch.Tensor | None = None,
+              chosen_weights: torch.Tensor | None = None, beta: float = 0.1,
+              form: Literal["sequence", "positionwise"] = "sequence") -> torch.Tensor:
+    """Token-weighted DPO loss of cDPO (mean over the batch).
+
+    Args:
+        policy_chosen, ref_chosen: per-token log-probabilities ``[B, T+]`` of the chosen responses under
+            the policy and the frozen reference; ``policy_rejected, ref_rejected``: ``[B, T−]``.
+        weights: rejected-token weights ``w_t = 1 − p_ce(t)`` ``[B, T−]``.
+        chosen_mask, rejected_mask: 1 on real tokens, 0 on padding (default: all ones).
+        chosen_weights: optional chosen-token weights (default 1, the paper's ``only_neg=True``).
+        form: ``"sequence"`` (the paper's description)::
+
+                −log σ(β·[Σ_t c_t (π(y⁺_t) − π_ref(y⁺_t)) − Σ_t w_t (π(y⁻_t) − π_ref(y⁻_t))])
+
+            or ``"positionwise"`` (the released trainer): the weighted log-ratios are subtracted
+            position by position (both padded to ``max(T+, T−)`` with zeros), ``−log σ(β·d_t)`` is
+            taken per position and averaged over ``B × T`` padding included.
+    With all weights 1 the sequence form is standard DPO.
+    """
+    if form not in ("sequence", "positionwise"):
+        raise ConfigError(f"form={form!r} is not known.", hint="Use 'sequence' (paper) or 'positionwise' (released trainer).")
+    if not beta > 0:
+        raise ConfigError(f"beta={beta} must be > 0.", hint="The paper uses 0.1.")
+    mc = torch.ones_like(policy_chosen) if chosen_mask is None else chosen_mask.to(policy_chosen.dtype)
+    mr = torch.ones_like(policy_rejected) if rejected_mask is None else rejected_mask.to(policy_rejected.dtype)
+    wc = mc if chosen_weights is None else chosen_weights.to(policy_chosen.dtype) * mc
+    wr = weights.to(policy_rejected.dtype) * mr
+    dc = (policy_chosen - ref_chosen) * wc
+    dr = (policy_rejected - ref_rejected) * wr
+    if form == "sequence":
+        return -torch.nn.functional.logsigmoid(beta * (dc.sum(-1) - dr.sum(-1))).mean()
+    T = max(dc.shape[-1], dr.shape[-1])
+    dc = torch.nn.functional.pad(dc, (0, T - dc.shape[-1]))
+    dr = torch.nn.functional.pad(dr, (0, T - dr.shape[-1]))
+    return -torch.nn.functional.logsigmoid(beta * (dc - dr)).mean()
+
+
+def sequence_logps(model: torch.nn.Module, prompt_ids: Sequence[int], response_ids: Sequence[int], device=None) -> torch.Tensor:
+    """Per-token log-probabilities ``[L]`` of ``response_ids`` after ``prompt_ids`` under ``model``
+    (differentiable; wrap in ``torch.no_grad()`` for the reference)."""
+    P = len(prompt_ids)
+    ids = torch.tensor([list(prompt_ids) + list(response_ids)], device=device)
+    logits = model(input_ids=ids, use_cache=False).logits[0, P - 1: -1].float()
+    return torch.log_softmax(logits, -1).gather(-1, ids[0, P:, None]).squeeze(-1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CDPOConfig(_BaseConfig):
+    """cDPO training (method page: LoRA r=16, α=32 on all attention + MLP projections, lr 4e-5, 3 epochs,
+    warm-up 10 %, weight decay 0.01, β = 0.1, sequence form, chosen tokens weighted 1)."""
+
+    r: int = 16
+    alpha: int = 32
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    lr: float = 4e-5
+    epochs: int = 3
+    warmup: float = 0.1
+    weight_decay: float = 0.01
+    beta: float = 0.1
+    form: Literal["sequence", "positionwise"] = "sequence"
+    grad_accum: int = 1
+    max_len: int = 1500
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.r < 1 or self.epochs < 1 or self.grad_accum < 1 or self.max_len < 2:
+            raise ConfigError(f"r={self.r}, epochs={self.epochs}, grad_accum={self.grad_accum}, max_len={self.max_len} must be positive.")
+        if not self.lr > 0 or not self.beta > 0:
+            raise ConfigError(f"lr={self.lr}, beta={self.beta} must be > 0.", hint="The paper uses lr 4e-5 and beta 0.1.")
+        if not 0 <= self.warmup < 1:
+            raise ConfigError(f"warmup={self.warmup} must be a fraction in [0, 1).")
+        if self.form not in ("sequence", "positionwise"):
+            raise ConfigError(f"form={self.form!r} is not known.", hint="Use 'sequence' or 'positionwise'.")
+
+
+def train_cdpo(probe, pairs: Sequence[dict[str, Any]], out_dir: str | Path, config: CDPOConfig = CDPOConfig(), *,
+               progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Train a LoRA policy with the cDPO objective; the reference is the base model (adapter disabled).
+
+    Args:
+        pairs: dicts with ``prompt_ids``, ``chosen_ids``, ``rejected_ids`` and ``weights`` (one per
+            rejected token, ``1 − p_ce``; see :func:`contrastive_scores`).
+        out_dir: a new (or empty) folder: the adapter (``adapter_model.safetensors`` +
+            ``adapter_config.json``) and ``cdpo.json`` (config, per-step losses). No pickle.
+    Returns ``{"path", "losses", "n_pairs", "steps"}``. The probe's model is never modified.
+    """
+    import json
+
+    from peft import LoraConfig, get_peft_model
+
+    if not pairs:
+        raise InputError("cDPO needs at least one (chosen, rejected) pair.",
+                         hint="Sample more trajectories (--samples) so that some problem has both a correct and a wrong answer.")
+    for i, p in enumerate(pairs):
+        if len(p["weights"]) != len(p["rejected_ids"]) or not p["chosen_ids"] or not p["rejected_ids"]:
+            raise InputError(f"pair {i}: needs non-empty chosen/rejected ids and one weight per rejected token "
+                             f"(got {len(p['weights'])} weights for {len(p['rejected_ids'])} tokens).")
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise InputError(f"{str(out)!r} exists and is not empty; cDPO writes a new adapter folder.", hint="Pass a new --out folder.")
+    names = {n.rsplit(".", 1)[-1] for n, _ in probe.hf_model.named_modules()}
+    targets = [m for m in config.target_modules if m in names]
+    if not targets:
+        raise ConfigError(f"target_modules={config.target_modules} match no module of {probe.info.name}.",
+                          hint="Name linear layers of this model, e.g. ('c_attn', 'c_fc', 'c_proj') for GPT-2.")
+    dev = probe.device
+    cut = lambda p, r: list(r)[: max(1, config.max_len - len(p))]  # noqa: E731
+    data = [dict(prompt=list(p["prompt_ids"]), chosen=cut(p["prompt_ids"], p["chosen_ids"]),
+                 rejected=cut(p["prompt_ids"], p["rejected_ids"]),
+                 weights=torch.as_tensor(list(p["weights"]), dtype=torch.float32)[: len(cut(p["prompt_ids"], p["rejected_ids"]))])
+            for p in pairs]
+    torch.manual_seed(config.seed)
+    model = get_peft_model(_peft_copy(probe), LoraConfig(r=config.r, lora_alpha=config.alpha, target_modules=targets,
+                                                         lora_dropout=0.0, task_type="CAUSAL_LM"))
+    # reference log-probabilities once, offline (the base model = the adapter disabled)
+    model.eval()
+    with torch.no_grad(), model.disable_adapter():
+        for d in data:
+            d["ref_c"] = sequence_logps(model, d["prompt"], d["chosen"], dev)
+            d["ref_r"] = sequence_logps(model, d["prompt"], d["rejected"], dev)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    total = math.ceil(len(data) / config.grad_accum) * config.epochs
+    warm = int(config.warmup * total)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / (warm + 1) if s < warm else max(0.0, (total - s) / max(1, total - warm)))
+    g = torch.Generator().manual_seed(config.seed)
+    losses: list[float] = []
+    model.train()
+    step = 0
+    for _ in range(config.epochs):
+        order = torch.randperm(len(data), generator=g).tolist()
+        for j in range(0, len(order), config.grad_accum):
+            group = [data[i] for i in order[j: j + config.grad_accum]]
+            acc = 0.0
+            for d in group:
+                pc = sequence_logps(model, d["prompt"], d["chosen"], dev)[None]
+                pr = sequence_logps(model, d["prompt"], d["rejected"], dev)[None]
+                loss = cdpo_loss(pc, pr, d["ref_c"][None], d["ref_r"][None], d["weights"].to(dev)[None],
+                                 beta=config.beta, form=config.form) / len(group)
+                loss.backward()
+                acc += float(loss.detach())
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(acc)
+            step += 1
+            if progress:
+                progress(1)
+    model.eval()
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".partial"
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    for f in tmp.iterdir():
+        f.replace(out / f.name)
+    tmp.rmdir()
+    (out / "cdpo.json").write_text(json.dumps({"config": config.to_dict(), "losses": losses, "n_pairs": len(data), "steps": step,
+                                               "model": probe.info.name}, indent=1, default=str))
+    del model
+    return {"path": out, "losses": losses, "n_pairs": len(data), "steps": step}

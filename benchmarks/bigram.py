@@ -3,11 +3,17 @@
     python benchmarks/bigram.py                       # CPU, embedded model, block 0 masked, short rows
     python benchmarks/bigram.py --layers all --seq-len 64
     python benchmarks/bigram.py --device cuda --gpu-shape llama3-8b --layers 0,1 --batch 4 --seq-len 128
+    python benchmarks/bigram.py --long --out sonde-results/bigram-long   # a full mask search (see below)
 
 Prints seconds per step for: a plain forward, a fine-tuning step (AdamW over the same weights the
 mask covers), a mask step (soft mask + soft-label CE + L0, AdamW over the mask logits), the ratio
 mask/fine-tune (issue goal ≤ 1.5x), the mask state memory (logits + 2 Adam moments + grad) and peak
 memory (CUDA) or RSS (CPU).
+
+``--long`` trains one whole mask on the embedded model with the short-run schedule
+(:func:`analyses.bigram.short_run_config`) and prints the curve, the held-out ablation table,
+the sparsity over all block weights and the wall time; ``--out`` saves the result folder and
+``--ship DIR`` writes the compact copy that :func:`analyses.bigram.default_result` loads.
 """
 
 from __future__ import annotations
@@ -56,8 +62,52 @@ def timeit(fn, n):
     return (time.perf_counter() - t) / n
 
 
+def long_run(args) -> None:
+    """One mask search on the embedded model, held-out evaluation, timings."""
+    import json
+    import platform
+
+    torch.set_num_threads(args.threads)
+    from probes import load_model
+
+    probe = load_model(args.model, device=args.device)
+    layers = None if args.layers == "all" else tuple(int(x) for x in args.layers.split(","))
+    cfg = B.short_run_config(args.steps, lam=args.lam, batch=args.batch, seq_len=args.seq_len, layers=layers,
+                             others=args.others, eval_rows=args.eval_rows)
+    print(f"config: {json.dumps(cfg.to_dict(), default=str)}", flush=True)
+    t0 = time.perf_counter()
+
+    def cb(p):
+        print(f"{time.perf_counter() - t0:8.1f}s step {p['step']:5d} xent {p['xent']:.3f} kept {p['kept']:.4%} "
+              f"undecided {p['undecided']:.4%} beta {p['beta']:.1f}", flush=True)
+
+    ck = (args.out.rstrip("/") + "-checkpoint") if args.out else None  # a crash after training resumes from here
+    res = B.run(probe, "builtin", cfg, callback=cb, checkpoint=ck)
+    wall = time.perf_counter() - t0
+    print(res.ablation.to_string(), flush=True)
+    ab = res.ablation.set_index("variant")
+    print(f"sparsity (kept / all block weights) {res.sparsity:.4%}; steps {res.steps_done}; wall {wall:.0f} s "
+          f"(train {res.timings.get('train', float('nan')):.0f} s, evaluate {res.timings.get('evaluate', float('nan')):.0f} s); "
+          f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads", flush=True)
+    print(f"bigram CE (held out): subnetwork {ab.loc['subnetwork', 'bigram_xent_nats']:.3f}, full {ab.loc['full', 'bigram_xent_nats']:.3f}, "
+          f"random same-size {ab.loc['random', 'bigram_xent_nats']:.3f}, bigram entropy {B.bigram_entropy_nats(res):.3f} nats", flush=True)
+    print(res.per_layer().to_string(), flush=True)
+    if args.out:
+        print("saved", res.save(args.out), flush=True)
+    if args.ship:
+        print("shipped", B.ship_result(res, args.ship), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--long", action="store_true", help="train one whole mask (see the module docstring)")
+    ap.add_argument("--steps", type=int, default=250)
+    ap.add_argument("--lam", type=float, default=100.0)
+    ap.add_argument("--others", default="drop", choices=["keep", "drop"])
+    ap.add_argument("--eval-rows", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--ship", default=None)
     ap.add_argument("--model", default="embedded")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--gpu-shape", default=None, choices=[None, "llama3-8b"])
@@ -66,6 +116,8 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
+    if args.long:
+        return long_run(args)
     probe = build_probe(args)
     model = probe.hf_model
     layers = None if args.layers == "all" else tuple(int(x) for x in args.layers.split(","))

@@ -165,6 +165,117 @@ def test_mask_reaches_bigram_xent_far_below_full_model(learned):
     assert ab.loc["random", "bigram_xent_nats"] > sub + 0.1
 
 
+@pytest.fixture(scope="module")
+def short(trained):
+    """The short-run schedule the CLI advises (lr 0.05, β reaching 1000 at the last step, λ/N pressure)."""
+    probe, ids = trained
+    return B.run(probe, ids, B.short_run_config(80, lam=3.0, batch=8, seq_len=32, eval_rows=20))
+
+
+def test_short_run_schedule_binarises(short):
+    cfg = short.config
+    assert cfg.temp_mult == pytest.approx(B.SHORT_FINAL_BETA ** (1 / 80)) and cfg.lr == 0.05
+    last = short.curve.iloc[-1]
+    assert last["undecided"] < 0.05, short.curve.tail()          # measured 0.005 %
+    assert last["beta"] == pytest.approx(cfg.temp_mult ** (last["step"] - 1), rel=1e-9)  # logged before that step's β update
+    assert short.stopped_early or short.steps_done == 80          # the paper's early stop may end it sooner
+    assert short.sparsity < 0.1                                   # measured 2.9 %
+
+
+def test_trained_mask_beats_random_mask_of_equal_sparsity(short):
+    ab = short.ablation.set_index("variant")
+    sub, rnd = ab.loc["subnetwork", "bigram_xent_nats"], ab.loc["random", "bigram_xent_nats"]
+    assert ab.loc["random", "kept_fraction"] == pytest.approx(ab.loc["subnetwork", "kept_fraction"])
+    assert sub < rnd - 0.2, ab                                    # measured 2.78 vs 3.29 nats
+    assert sub - ab.loc["bigram", "bigram_xent_nats"] < 0.15, ab  # near the bigram rows' own entropy (2.76)
+    assert sub < ab.loc["full", "bigram_xent_nats"] - 0.5, ab
+
+
+def test_table_counts_training_rows_only(trained):
+    probe, ids = trained
+    cfg = B.Config(seq_len=32, eval_rows=20)
+    train, held = B._split_rows(ids, cfg)
+    V = probe.info.d_vocab
+    # a pair that occurs only in the held-out rows never reaches the table
+    ids2 = ids.clone()
+    ids2[-40], ids2[-39] = 250, 251
+    assert not ((ids2[:-40] == 250).any() or (ids2[:-40] == 251).any())
+    t = B.train_table(ids2, cfg, V)
+    assert t.row_total[250] == 0 and t.unigram[250] == 0 and t.unigram[251] == 0
+    ref = B.BigramTable.from_ids(ids2[: train.numel()], V)
+    assert torch.equal(t.crow, ref.crow) and torch.equal(t.count, ref.count)
+    assert t.unigram.sum() == train.numel()
+
+
+def test_run_evaluates_with_the_training_table(trained, short):
+    probe, ids = trained
+    cfg = short.config
+    _, held = B._split_rows(ids, cfg)
+    again = B.evaluate_mask(probe, short.masks, held, B.train_table(ids, cfg, probe.info.d_vocab), batch=8, seed=cfg.seed)
+    whole = B.evaluate_mask(probe, short.masks, held, B.BigramTable.from_ids(ids, probe.info.d_vocab), batch=8, seed=cfg.seed)
+    got = short.ablation.set_index("variant").bigram_xent_nats
+    assert got.to_numpy() == pytest.approx(again.set_index("variant").bigram_xent_nats.to_numpy(), nan_ok=True)
+    assert got["bigram"] != pytest.approx(whole.set_index("variant").bigram_xent_nats["bigram"], abs=1e-6)
+
+
+def test_others_drop_equals_skipping_the_blocks(trained):
+    probe, ids = trained
+    cfg = B.Config(layers=(0,), others="drop", seq_len=32)
+    x = ids[:64].reshape(2, 32)
+    kept = {w.path: torch.rand(w.shape, generator=torch.Generator().manual_seed(0)) > 0.5 for w in B.masked_weights(probe, (0,))}
+    full = dict(kept, **{w.path: torch.zeros(w.shape, dtype=torch.bool) for w in B.dropped_weights(probe, cfg)})
+    with torch.no_grad():
+        with B.apply_mask(probe, full):
+            a = probe.hf_model(input_ids=x).logits
+        with B.apply_mask(probe, kept), B._only_blocks(probe, [0]):
+            b = probe.hf_model(input_ids=x).logits
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    r = B.run(probe, ids, B.short_run_config(4, lam=3.0, batch=2, seq_len=32, eval_rows=4, layers=(0,), others="drop"), evaluate=False)
+    assert set(r.masks) == {w.path for w in B.masked_weights(probe)}
+    assert not any(r.masks[w.path].any() for w in B.dropped_weights(probe, cfg))
+
+
+def test_gpt2_blocks_with_biases_refuse_drop(tiny):
+    probe = tiny("gpt2")
+    for p in probe.hf_model.parameters():
+        p.data.add_(0.01)  # GPT-2 biases start at zero; make them count
+    ids = torch.randint(4, 200, (2000,))
+    with pytest.raises(ConfigError, match="bias-free"):
+        B.run(probe, ids, B.short_run_config(2, batch=2, seq_len=16, eval_rows=4, layers=(0,), others="drop"), evaluate=False)
+
+
+def test_shipped_result_round_trip(short, tmp_path):
+    d = B.ship_result(short, tmp_path / "ship")
+    back = B.default_result(d)
+    assert back.masks.keys() == short.masks.keys()
+    assert all(torch.equal(back.masks[k], v) for k, v in short.masks.items())
+    assert back.sparsity == short.sparsity and back.config == short.config
+    pd_eq = __import__("pandas").testing.assert_frame_equal
+    pd_eq(back.ablation, short.ablation, check_dtype=False)
+    assert sorted(p.name for p in d.iterdir()) == ["masks.safetensors", "result.json"]
+    with pytest.raises(InputError, match="no shipped bigram result"):
+        B.default_result(tmp_path)
+
+
+def test_readme_figures_are_todays(short):
+    """Every figure the README's bigram section states comes from today's code (B.doc_figures)."""
+    text = " ".join((ROOT / "docs" / "readme" / "bigram.md").read_text().split())
+    for name, value in B.doc_figures(short).items():
+        assert value in text, (name, value)
+    if (B.DEFAULT_RESULT / "result.json").is_file():
+        for name, value in B.doc_figures(B.default_result()).items():
+            assert value in text, ("shipped", name, value)
+
+
+def test_shipped_default_result_loads():
+    r = B.default_result()
+    assert r.model["name"] == "embedded" and len(r.masks) == 210 and r.sparsity < 0.01
+    assert r.curve["undecided"].iloc[-1] < 0.05
+    ab = r.ablation.set_index("variant")
+    assert ab.loc["subnetwork", "bigram_xent_nats"] < ab.loc["random", "bigram_xent_nats"]
+    assert sum(int(m.sum()) for m in r.masks.values()) == round(r.sparsity * sum(m.numel() for m in r.masks.values()))
+
+
 def test_complement_ablation_hurts_more_than_random(learned):
     ab = learned.ablation.set_index("variant")
     assert ab.loc["complement", "mean_surprisal_bits"] > ab.loc["random_complement", "mean_surprisal_bits"] + 0.05, ab
@@ -342,9 +453,14 @@ def test_cli_run_and_eval(tmp_path, capsys, monkeypatch):
     corpus = tmp_path / "c.txt"
     corpus.write_text("the cat sat on the mat. " * 200)
     out = tmp_path / "r"
-    main(["run", "bigram", "--corpus", str(corpus), "--steps", "2", "--batch-size", "1", "--seq-len", "16",
-          "--layers", "0", "--lr", "0.05", "--eval-rows", "2", "--out", str(out), "--json"])
+    main(["run", "bigram", "--corpus", str(corpus), "--schedule", "short", "--steps", "2", "--batch-size", "1", "--seq-len", "16",
+          "--layers", "0", "--eval-rows", "2", "--out", str(out), "--json"])
     assert (out / "manifest.json").is_file()
+    cfg = B.BigramResult.load(out).config
+    assert (cfg.lam, cfg.lr, cfg.reuse) == (100.0, 0.05, True) and cfg.temp_mult == pytest.approx(1000 ** 0.5)
+    with pytest.raises(SystemExit) as e:
+        main(["run", "bigram", "--schedule", "fast"])
+    assert e.value.code == 2 and "--schedule 'fast'" in capsys.readouterr().err
     main(["run", "bigram-eval", "--mask", str(out), "--compare", str(out), "--json"])
     text = capsys.readouterr().out
     assert "subnetwork" in text and "jaccard" in text

@@ -166,6 +166,78 @@ def test_step_cuts():
     assert C.step_cuts(toks) == [0, 4, 11, 13]
 
 
+# ------------------------------------------------------------------------------ recovery decision (statistics)
+def test_clopper_pearson_hand_values():
+    lo, hi = C.clopper_pearson(8, 0, 0.05)
+    assert lo == 0.0 and hi == pytest.approx(1 - 0.025 ** (1 / 8), abs=1e-12)   # closed form for c = 0
+    lo, hi = C.clopper_pearson(8, 8, 0.05)
+    assert hi == 1.0 and lo == pytest.approx(0.025 ** (1 / 8), abs=1e-12)
+    lo, hi = C.clopper_pearson(20, 5, 0.05)
+    assert (lo, hi) == pytest.approx((0.0866, 0.4910), abs=1e-4)                 # tabulated exact interval
+    assert all(math.isnan(x) for x in C.clopper_pearson(0, 0))
+
+
+def test_one_of_eight_then_zero_of_eight_is_undecided_not_critical():
+    t = C.Config().sprt()
+    before, after = t.decide(8, 1), t.decide(8, 0)
+    assert (before, after) == ("undecided", "undecided")
+    assert C.token_decision(before, after, False) == "undecided"
+    # a clear drop is critical, a later recovery or a dead "before" is not
+    assert C.token_decision(t.decide(8, 8), t.decide(32, 0), False) == "critical"
+    assert C.token_decision(t.decide(8, 8), t.decide(32, 0), True) == "not critical"
+    assert C.token_decision(t.decide(32, 1), t.decide(32, 0), False) == "not critical"
+    assert t.min_dead() == 13 and t.min_alive() == 2
+
+
+def test_sprt_error_rates_on_simulated_bernoulli_streams():
+    """Thousands of simulated prefixes: at p = p_dead the test calls "alive" at most ~alpha of the time,
+    at p = p_alive it calls "dead" at most ~beta; between, it mostly decides within the budget."""
+    import numpy as np
+
+    t = C.SPRT(p_dead=3 / 64, p_alive=0.25, alpha=0.05, beta=0.05)
+    sims = 4000
+    se = math.sqrt(0.05 * 0.95 / sims)
+    at_dead = C.simulate_sprt(t, t.p_dead, sims=sims, budget=200, seed=0)
+    assert at_dead["alive"] <= t.alpha / (1 - t.beta) + 4 * se and at_dead["dead"] > 0.9
+    at_alive = C.simulate_sprt(t, t.p_alive, sims=sims, budget=200, seed=1)
+    assert at_alive["dead"] <= t.beta / (1 - t.alpha) + 4 * se and at_alive["alive"] > 0.9
+    assert at_dead["mean_rollouts"] < 40 and at_alive["mean_rollouts"] < 40   # far fewer than a fixed 64
+    # a truncated budget only adds "undecided", never errors beyond the bounds
+    short = C.simulate_sprt(t, t.p_dead, sims=sims, budget=8, seed=2)
+    assert short["alive"] <= at_dead["alive"] + 4 * se and short["undecided"] > 0.5
+    # the simulation agrees with a direct loop over SPRT.run on the same draws
+    import numpy as np
+
+    x = np.random.default_rng(3).random((300, 60)) < 0.12
+    runs = [t.run(list(row)) for row in x]
+    sim = C.simulate_sprt(t, 0.12, sims=300, budget=60, seed=3)
+    assert sim["alive"] == pytest.approx(sum(r[0] == "alive" for r in runs) / 300, abs=1e-12)
+    assert sim["mean_rollouts"] == pytest.approx(sum(r[1] for r in runs) / 300, abs=1e-12)
+    # the simulated test and SPRT.run agree on a stream
+    stream = [False] * 12 + [True] + [False] * 30
+    assert t.run(stream) == ("dead", 21, 1)  # 12 failures stop just short (-2.88 > -2.94); after the success, 8 more
+    assert t.run(stream, budget=8) == ("undecided", 8, 0)
+
+
+def test_search_reports_interval_decision_and_warning(tiny_llama):
+    # 6 rollouts per prefix cannot call "all wrong" dead (needs 13): the candidate is undecided, with a warning
+    r = C.search(tiny_llama, PROMPT, RESP, NO_Z, FAST.replace(granularity="token", alternatives="none"))
+    t = r.traces.iloc[0]
+    assert t.critical_pos == 6 and t.decision == "undecided" and "raise --rollouts" in t.warning
+    assert t.ci_after_lo == 0 and t.ci_after_hi == pytest.approx(1 - 0.025 ** (1 / 6))
+    assert r.warnings() and not r.tokens.critical.any() and r.tokens.candidate.sum() == 1
+    assert r.top_critical_tokens().empty
+    # a budget of 16, spent sequentially: every prefix stops once decided, and the drop is critical
+    r = C.search(tiny_llama, PROMPT, RESP, NO_Z, FAST.replace(granularity="token", alternatives="none", n_rollouts=16, chunk=4))
+    t = r.traces.iloc[0]
+    assert t.decision == "critical" and t.warning == "" and not r.warnings()
+    assert t.n_after == 16 and t.n_before == 4     # 4 successes decide "alive"; 13 failures need the whole budget
+    pre = r.prefixes.set_index("prefix_len")
+    assert (pre.loc[:6, "state"] == "alive").all() and (pre.loc[7:, "state"] == "dead").all()
+    assert r.tokens.set_index("pos").decision[6] == "critical" and r.tokens.critical.sum() == 1
+    assert r.top_critical_tokens().token.tolist() == ["Z"]
+
+
 # ------------------------------------------------------------------------------ rollouts
 def test_rollout_rate_equals_direct_monte_carlo(tiny_llama):
     """Shared-prefix-cache rollouts = plain full-prefix sampling with the same seed."""
@@ -203,7 +275,7 @@ def test_forced_token_is_found(tiny_llama, granularity):
     assert (pk.with_token == 0).all() and (pk.dropna().without_token == 1).all()
     if granularity == "bisect":
         assert r.traces.n_prefixes[0] <= 2 + math.ceil(math.log2(len(RESP)))
-    assert r.top_critical_tokens().token.tolist() == ["Z"]
+    assert r.top_critical_tokens(decided_only=False).token.tolist() == ["Z"]
 
 
 def test_reproducible_and_save_load(tiny_llama, tmp_path):
@@ -293,6 +365,14 @@ def test_embedded_wrong_digit(embedded):
     assert t.critical_token.strip() == "8" and t.score_before > 0 and t.score_after == 0
 
 
+def test_readme_figures_are_todays(embedded):
+    """Every figure the README's critical-token section states comes from today's code."""
+    text = " ".join((ROOT / "docs" / "readme" / "critical.md").read_text().split())
+    figs = C.doc_figures(C.doc_example(embedded))
+    for name, value in figs.items():
+        assert value in text, (name, value)
+
+
 # ------------------------------------------------------------------------------ CLI and page
 def test_cli_bad_input_and_budget(tmp_path, capsys):
     from analyses.cli import main
@@ -322,3 +402,80 @@ def test_dashboard_page_smoke(run_page):
     assert not at.exception, at.exception
     assert any("Critical" in t.value for t in at.title)
     assert len(at.get("plotly_chart")) >= 1
+
+
+# ------------------------------------------------------------------------------ cDPO
+def test_cdpo_loss_matches_hand_computation():
+    pc = torch.tensor([[-1.0, -2.0, -0.5]])
+    rc = torch.tensor([[-1.5, -2.0, -1.0]])
+    pr = torch.tensor([[-3.0, -1.0]])
+    rr = torch.tensor([[-2.0, -1.5]])
+    w = torch.tensor([[0.9, 0.2]])
+    # sequence form by hand: chosen margin (0.5 + 0 + 0.5) = 1.0; rejected 0.9·(−1) + 0.2·(0.5) = −0.8
+    want = math.log1p(math.exp(-0.1 * (1.0 - (-0.8))))
+    got = C.cdpo_loss(pc, pr, rc, rr, w, beta=0.1)
+    assert float(got) == pytest.approx(want, abs=1e-7)
+    # position-wise form (released trainer): pad to 3, d = [0.5 − (−0.9), 0 − 0.1, 0.5 − 0], mean of −log σ(β d)
+    d = [1.4, -0.1, 0.5]
+    want_pw = sum(math.log1p(math.exp(-0.1 * x)) for x in d) / 3
+    assert float(C.cdpo_loss(pc, pr, rc, rr, w, beta=0.1, form="positionwise")) == pytest.approx(want_pw, abs=1e-7)
+    # padding: a masked-out rejected token changes nothing
+    pr2, rr2, w2 = torch.cat([pr, torch.tensor([[-9.0]])], 1), torch.cat([rr, torch.tensor([[-1.0]])], 1), torch.cat([w, torch.tensor([[1.0]])], 1)
+    m2 = torch.tensor([[1.0, 1.0, 0.0]])
+    assert float(C.cdpo_loss(pc, pr2, rc, rr2, w2, rejected_mask=m2, beta=0.1)) == pytest.approx(want, abs=1e-7)
+
+
+def test_cdpo_with_unit_weights_is_dpo():
+    g = torch.Generator().manual_seed(0)
+    pc, rc, pr, rr = (torch.randn(4, 7, generator=g) - 2 for _ in range(4))
+    dpo = -torch.nn.functional.logsigmoid(0.1 * ((pc - rc).sum(1) - (pr - rr).sum(1))).mean()
+    torch.testing.assert_close(C.cdpo_loss(pc, pr, rc, rr, torch.ones(4, 7), beta=0.1), dpo, rtol=0, atol=1e-6)
+    with pytest.raises(ConfigError, match="form='tokens'"):
+        C.cdpo_loss(pc, pr, rc, rr, torch.ones(4, 7), form="tokens")
+
+
+def test_select_pairs_and_sft_follow_the_method_page():
+    T = C.Trajectory
+    trajs = [T(0, 0, (1,), "a", "7", True), T(0, 1, (2,), "b", "8", False), T(0, 2, (3,), "c", "7", True),
+             T(0, 3, (4,), "d", "9", False), T(0, 4, (5,), "e", "8", False), T(0, 5, (6,), "f", "6", False),
+             T(1, 0, (7,), "g", "1", True)]
+    pairs = C.select_pairs(trajs)
+    assert [(c.sample, r.sample) for c, r in pairs] == [(0, 1)]   # problem 1 has no wrong answer
+    pos, neg = C.select_sft(trajs)
+    assert [(t.problem, t.sample) for t in pos] == [(0, 0), (1, 0)]
+    assert [t.sample for t in neg] == [1, 4]                       # answer "8" covers 2 of 4 wrong samples (half)
+
+
+def test_cdpo_training_lowers_the_loss_and_saves_safetensors(tiny_llama, tmp_path):
+    chosen, rejected = list(b" ab cd"), list(b" Zq rs")
+    w = [1.0, 0.2, 0.2, 0.2, 0.2, 0.2]
+    pairs = [dict(prompt_ids=PROMPT, chosen_ids=chosen, rejected_ids=rejected, weights=w)]
+    cfg = C.CDPOConfig(r=4, alpha=8, lr=2e-3, epochs=12, warmup=0.0, beta=0.5, seed=0)
+    res = C.train_cdpo(tiny_llama, pairs, tmp_path / "pol", cfg)
+    losses = res["losses"]
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-6)        # LoRA starts at zero: policy = reference
+    assert losses[-1] < losses[0] - 0.05, losses
+    files = {p.name for p in res["path"].iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "cdpo.json"} <= files
+    assert not any(f.endswith((".bin", ".pt", ".pkl", ".pickle")) for f in files)
+    meta = json.loads((res["path"] / "cdpo.json").read_text())
+    assert meta["losses"] == losses and meta["n_pairs"] == 1
+    # the probe's own model is untouched
+    assert not any("lora" in n for n, _ in tiny_llama.hf_model.named_parameters())
+    with pytest.raises(InputError, match="not empty"):
+        C.train_cdpo(tiny_llama, pairs, tmp_path / "pol", cfg)
+    with pytest.raises(InputError, match="one weight per rejected token"):
+        C.train_cdpo(tiny_llama, [dict(pairs[0], weights=[1.0])], tmp_path / "pol2", cfg)
+
+
+def test_cdpo_cli_bad_input(tmp_path, capsys):
+    from analyses.cli import main
+
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "keep.txt").write_text("x")
+    for args, msg in ((["--out", str(tmp_path / "busy")], "not empty"), (["--out", str(tmp_path / "n"), "--form", "tokens"], "form='tokens'"),
+                      (["--out", str(tmp_path / "n"), "--lr", "0"], "lr=0.0")):
+        with pytest.raises(SystemExit) as e:
+            main(["run", "cdpo", *args])
+        assert e.value.code == 2 and msg in capsys.readouterr().err
+    assert (tmp_path / "busy" / "keep.txt").read_text() == "x" and not (tmp_path / "n").exists()

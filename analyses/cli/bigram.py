@@ -34,17 +34,24 @@ def register(run_app: typer.Typer) -> None:
     def bigram_cmd(
         model: str = ModelOpt,
         corpus: str = typer.Option("builtin", "--corpus", "-c", help="'builtin' (Python's pydoc topics, offline), a UTF-8 .txt or a .jsonl (field 'text')."),
-        lam: float = typer.Option(10.0, "--lambda", help="Sparsity weight λ ≥ 0 (paper: 10; 100 for ~1B models; inf = keep nothing)."),
-        lr: float = typer.Option(5e-5, "--lr", help="AdamW learning rate (paper 5e-5; ~0.05 for short CPU runs)."),
-        steps: int = typer.Option(15000, "--steps", help="Maximum optimizer steps (paper 15000)."),
+        schedule: str = typer.Option("paper", "--schedule", help="paper: λ 10, lr 5e-5, β ×1.001 per step, 15000 steps. short: a few hundred "
+                                     "steps that still end binary: λ 100, lr 0.05, β ×1000^(1/steps) (reaches 1000 at the last step), "
+                                     "250 steps, --reuse. Options given explicitly override either."),
+        lam: Optional[float] = typer.Option(None, "--lambda", help="Sparsity weight λ ≥ 0, normalised per mask entry (paper 10, 100 for ~1B models; "
+                                            "short runs need ~100 to beat minibatch noise; inf = keep nothing)."),
+        lr: Optional[float] = typer.Option(None, "--lr", help="AdamW learning rate (paper 5e-5; short 0.05)."),
+        steps: Optional[int] = typer.Option(None, "--steps", help="Maximum optimizer steps (paper 15000; short 250)."),
         batch: int = typer.Option(32, "--batch-size", help="Rows per micro-batch (paper 32)."),
         seq_len: int = typer.Option(128, "--seq-len", help="Tokens per row (paper 128)."),
         grad_accum: int = typer.Option(1, "--grad-accum", help="Micro-batches per optimizer step."),
-        temp_mult: float = typer.Option(1.001, "--temp-mult", help="β multiplier per step (paper 1.001)."),
+        temp_mult: Optional[float] = typer.Option(None, "--temp-mult", help="β multiplier per step (paper 1.001; short: 1000^(1/steps), e.g. 1.028 "
+                                                  "for 250 steps). With 1.001 a 250-step run ends at β≈1.3 and leaves almost every mask entry undecided."),
+        layers_drop: bool = typer.Option(False, "--drop-other-layers", help="With --layers: blocks outside them are left out of the subnetwork "
+                                         "(mask 0) and skipped in training — much faster; exact for bias-free blocks (Llama family)."),
         target: str = typer.Option("bigram", "--target", help="bigram, or self (optimal pruning: distil the full model)."),
         layers: Optional[str] = typer.Option(None, "--layers", help="Blocks to mask, e.g. 0,1 (default: all)."),
         eval_rows: int = typer.Option(10000, "--eval-rows", help="Held-out rows for evaluation (≤10 % of the corpus)."),
-        reuse: bool = typer.Option(False, "--reuse", help="Cycle through a corpus smaller than steps × batch (the paper never reuses rows)."),
+        reuse: Optional[bool] = typer.Option(None, "--reuse/--no-reuse", help="Cycle through a corpus smaller than steps × batch (paper: never; short: on)."),
         seed: int = typer.Option(0, "--seed"),
         no_eval: bool = typer.Option(False, "--no-eval", help="Skip the ablation table."),
         checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Folder for resumable state (default: a private folder in the per-user cache, removed after success)."),
@@ -61,9 +68,17 @@ def register(run_app: typer.Typer) -> None:
         from analyses import bigram, store
         from analyses.io import work_dir
 
-        cfg = bigram.Config(lam=lam, lr=lr, steps=steps, batch=batch, seq_len=seq_len, grad_accum=grad_accum,
-                            temp_mult=temp_mult, target=target, layers=_layers(layers), eval_rows=eval_rows,
-                            reuse=reuse, seed=seed)
+        from probes import ConfigError
+
+        if schedule not in ("paper", "short"):
+            raise ConfigError(f"--schedule {schedule!r} is not known.", hint="Use paper or short.")
+        given = {k: v for k, v in dict(lam=lam, lr=lr, temp_mult=temp_mult, reuse=reuse).items() if v is not None}
+        rest = dict(batch=batch, seq_len=seq_len, grad_accum=grad_accum, target=target, layers=_layers(layers),
+                    others="drop" if layers_drop else "keep", eval_rows=eval_rows, seed=seed)
+        if schedule == "short":
+            cfg = bigram.short_run_config(steps if steps is not None else 250, **rest).replace(**given)
+        else:
+            cfg = bigram.Config(steps=steps if steps is not None else 15000, **rest, **given)
         probe = load_probe(model, backend, device, dtype)
         run_fp = store.hash_inputs(probe.info.fingerprint, cfg.to_dict(), corpus)
         ck = checkpoint or work_dir(out if out is not None else store.results_root(), f"bigram-{run_fp}")
