@@ -35,6 +35,9 @@ every backend and every other analysis sees the masked weights inside :func:`app
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import tempfile
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field

@@ -524,7 +524,7 @@ def test_readme_counterfactual_figures_are_reproduced(embedded):
     assert "`temperature 0.8`" in text and cf.Config().temperature == 0.8
     assert "40 new tokens (CLI) / 20 (page)" in text
     assert 'typer.Option(40, "--max-new-tokens")' in inspect.getsource(cli)
-    assert '"max_new_tokens", "20"' in (ROOT / "dashboard" / "pages" / "counterfactual.py").read_text()
+    assert 'param("max_new_tokens", 20,' in (ROOT / "dashboard" / "pages" / "counterfactual.py").read_text()
 
 
 def test_notebook_06_text_matches_its_code():

@@ -242,3 +242,13 @@ def test_head_from_selection_reads_clicks():
     assert workbench.head_from_selection({"selection": {"points": [{"x": "H4", "y": "L7"}]}}) == "L7H4"
     assert workbench.head_from_selection({"selection": {"points": []}}) is None
     assert workbench.node_from_selection({"selection": {"points": [{"customdata": "A5_3"}]}}) == "A5_3"
+
+
+def test_bigram_page_shows_the_shipped_mask_without_training(tmp_path, monkeypatch):
+    """A fresh results root on the embedded model: the page shows the mask shipped with Sonde at once."""
+    monkeypatch.setenv("SONDE_RESULTS", str(tmp_path / "res"))
+    at = _page("bigram.py")
+    _ok(at)
+    assert any("shipped with Sonde" in c.value for c in at.caption)
+    assert any(m.label.startswith("Kept") for m in at.metric)
+    assert not (tmp_path / "res").exists() or not any((tmp_path / "res").rglob("manifest.json"))  # nothing was trained

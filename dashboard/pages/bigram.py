@@ -80,6 +80,19 @@ except (ValueError, ConfigError) as e:
     st.stop()
 
 
+def _shipped_fingerprint() -> str | None:
+    import json
+
+    try:
+        return json.loads((B.DEFAULT_RESULT / "result.json").read_text())["model"]["fingerprint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _load_shipped() -> B.BigramResult:
+    return B.default_result()
+
+
 def _newest_saved() -> str | None:
     from analyses.component import saved_result
 
@@ -103,7 +116,13 @@ if saved_dir.strip():
     source = str(state.inside_results(saved_dir.strip()))
 elif train_sig is None:
     source = _newest_saved()
-if source is not None:
+    if source is None and (B.DEFAULT_RESULT / "result.json").is_file() and _shipped_fingerprint() == probe.info.fingerprint:
+        source = "shipped"
+if source == "shipped":
+    res = cached(_load_shipped)
+    st.caption("Showing the mask shipped with Sonde for this model (trained by `benchmarks/bigram.py --long`; see "
+               "benchmarks/RESULTS.md). **Train a mask with these settings** learns a new one.")
+elif source is not None:
     res = cached(_load, source)
     if res is not None:
         st.caption(f"Showing the saved bigram result `{source}`. **Train a mask with these settings** learns a new one.")
