@@ -470,11 +470,24 @@ def _model_edit(probe: Probe, edit: ModelEdit | None, rows: torch.Tensor | None)
             h.remove()
 
 
+def _cache_kw(model) -> str:
+    """The forward keyword for the KV cache: ``cache`` in current transformers, ``past_key_values`` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def _forward(model, ids: torch.Tensor, cache):
+    if cache is None:
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=model.config)
+    kw = {_cache_kw(model): cache, "use_cache": True}
     try:
-        return model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=ids, logits_to_keep=1, **kw)
     except TypeError:  # models without logits_to_keep
-        return model(input_ids=ids, past_key_values=cache, use_cache=True)
+        out = model(input_ids=ids, **kw)
+    return out, cache  # the cache object is updated in place
 
 
 def _vocab_limit(probe: Probe) -> int:
@@ -500,8 +513,7 @@ def _decode(probe: Probe, suffix: torch.Tensor, *, cache: Any, noises: Sequence[
     done = torch.zeros(B, dtype=torch.bool)
     tops, step_logp = [], []
     with _model_edit(probe, edit, edit_rows):
-        out = _forward(model, suffix.to(probe.device), cache)
-        cache = out.past_key_values
+        out, cache = _forward(model, suffix.to(probe.device), cache)
         for i in range(n_steps):
             logits = out.logits[:, -1, :].float()
             if Vt < logits.shape[-1]:
@@ -527,7 +539,7 @@ def _decode(probe: Probe, suffix: torch.Tensor, *, cache: Any, noises: Sequence[
                         done[b] = True
             if bool(done.all()) or i == n_steps - 1:
                 break
-            out = _forward(model, nxt[:, None], cache)
+            out, cache = _forward(model, nxt[:, None], cache)
     return _Gen(toks, lps, torch.stack(tops) if tops else None, step_logp, cache if keep_cache else None)
 
 
