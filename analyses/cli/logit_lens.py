@@ -53,8 +53,9 @@ def register(run_app: typer.Typer) -> None:
             res = logit_lens.run(probe, prompt, config=cfg)
         path = res.save(out)
         if html is not None:
-            html.parent.mkdir(parents=True, exist_ok=True)
-            res.plot().write_html(str(html), include_plotlyjs="cdn")
+            from analyses.report import write_html
+
+            write_html(res.plot(), html)  # plotly.js inlined: the file opens offline
         # the first block where the lens already ranks the final prediction first, per position
         first = []
         for t in range(len(res.str_tokens)):
