@@ -45,7 +45,7 @@ import math
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterator, Literal, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Literal, Sequence
 
 import pandas as pd
 import torch
@@ -935,9 +935,9 @@ def extract_category(text: str, categories: Sequence[tuple[str, str]]) -> str:
     return best
 
 
-def bias_sweep(probe: Probe, config: BiasConfig = BiasConfig()) -> BiasSweepResult:
+def bias_sweep(probe: Probe, config: BiasConfig = BiasConfig(), *, progress: Callable[[int], None] | None = None) -> BiasSweepResult:
     """Generate ``n_samples`` continuations per group with the same noise streams and compare the
-    extracted attribute distributions (paper §4.3, prompt-edit form; total effect)."""
+    extracted attribute distributions (paper §4.3, prompt-edit form; total effect). ``progress(1)`` after each group."""
     c = config
     timer = Timer()
     S = c.n_samples
@@ -956,6 +956,8 @@ def bias_sweep(probe: Probe, config: BiasConfig = BiasConfig()) -> BiasSweepResu
                 cat = extract_category(text, c.categories)
                 labels[g].append(cat)
                 recs.append({"group": g, "sample": s, "text": text, "category": cat})
+            if progress:
+                progress(1)
     gen_ = torch.Generator().manual_seed(_mix64(c.seed, 7))
     boot = torch.randint(0, S, (c.n_boot, S), generator=gen_)
     base = c.groups[0]
