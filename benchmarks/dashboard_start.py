@@ -62,11 +62,12 @@ def once(chromium: str, timeout: float) -> tuple[float, float]:
                 b.close()
         return t_health, t_chart
     finally:
-        os.killpg(proc.pid, 15)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
+        if proc.poll() is None:
+            os.killpg(proc.pid, 15)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, 9)
 
 
 def main() -> int:
