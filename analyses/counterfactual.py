@@ -45,7 +45,7 @@ import math
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterator, Literal, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Literal, Sequence
 
 import pandas as pd
 import torch
@@ -485,11 +485,24 @@ def _model_edit(probe: Probe, edit: ModelEdit | None, rows: torch.Tensor | None)
             h.remove()
 
 
+def _cache_kw(model) -> str:
+    """The forward keyword for the KV cache: ``cache`` in current transformers, ``past_key_values`` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def _forward(model, ids: torch.Tensor, cache):
+    if cache is None:
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=model.config)
+    kw = {_cache_kw(model): cache, "use_cache": True}
     try:
-        return model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=ids, logits_to_keep=1, **kw)
     except TypeError:  # models without logits_to_keep
-        return model(input_ids=ids, past_key_values=cache, use_cache=True)
+        out = model(input_ids=ids, **kw)
+    return out, cache  # the cache object is updated in place
 
 
 def _vocab_limit(probe: Probe) -> int:
@@ -516,8 +529,7 @@ def _decode(probe: Probe, suffix: torch.Tensor, *, cache: Any, noises: Sequence[
     tops, step_logp = [], []
     with _model_edit(probe, edit, edit_rows):
         past = cache.get_seq_length() if cache is not None else 0
-        out = _forward(model, suffix.to(probe.device), cache)
-        cache = out.past_key_values
+        out, cache = _forward(model, suffix.to(probe.device), cache)
         # A model whose attention ignores the KV cache (the TransformerLens bridge wraps the HF attention and
         # leaves the cache empty) would decode every later token from that token alone: re-run the whole
         # sequence each step instead (a cache handed in was built by this model, so it is never in this case).
@@ -548,7 +560,7 @@ def _decode(probe: Probe, suffix: torch.Tensor, *, cache: Any, noises: Sequence[
             if bool(done.all()) or i == n_steps - 1:
                 break
             if seq is None:
-                out = _forward(model, nxt[:, None], cache)
+                out, cache = _forward(model, nxt[:, None], cache)
             else:
                 seq = torch.cat([seq, nxt[:, None].to(seq.device)], dim=1)
                 out = model(input_ids=seq)
@@ -1006,9 +1018,9 @@ def extract_category(text: str, categories: Sequence[tuple[str, str]]) -> str:
     return best
 
 
-def bias_sweep(probe: Probe, config: BiasConfig = BiasConfig()) -> BiasSweepResult:
+def bias_sweep(probe: Probe, config: BiasConfig = BiasConfig(), *, progress: Callable[[int], None] | None = None) -> BiasSweepResult:
     """Generate ``n_samples`` continuations per group with the same noise streams and compare the
-    extracted attribute distributions (paper §4.3, prompt-edit form; total effect)."""
+    extracted attribute distributions (paper §4.3, prompt-edit form; total effect). ``progress(1)`` after each group."""
     c = config
     timer = Timer()
     S = c.n_samples
@@ -1027,6 +1039,8 @@ def bias_sweep(probe: Probe, config: BiasConfig = BiasConfig()) -> BiasSweepResu
                 cat = extract_category(text, c.categories)
                 labels[g].append(cat)
                 recs.append({"group": g, "sample": s, "text": text, "category": cat})
+            if progress:
+                progress(1)
     gen_ = torch.Generator().manual_seed(_mix64(c.seed, 7))
     boot = torch.randint(0, S, (c.n_boot, S), generator=gen_)
     base = c.groups[0]

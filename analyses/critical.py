@@ -33,6 +33,7 @@ likely critical). :func:`compare_contrastive` ranks tokens by CE and by the roll
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import re
 from dataclasses import dataclass, field
@@ -391,6 +392,8 @@ def _generate(probe, prompt_ids: list[int], prefix_resp: list[int], n: int, cfg:
     from transformers import DynamicCache, StoppingCriteriaList
 
     model, tok = probe.hf_model, probe.tokenizer
+    # the KV-cache keyword: ``cache`` in current transformers, ``past_key_values`` before
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     ids = torch.tensor([prompt_ids + prefix_resp], device=probe.device)
     T = ids.shape[1]
     room = probe.info.n_ctx - T
@@ -402,7 +405,7 @@ def _generate(probe, prompt_ids: list[int], prefix_resp: list[int], n: int, cfg:
     base = None
     if cfg.prefix_cache and T > 1:
         base = DynamicCache(config=model.config)
-        model(input_ids=ids[:, :-1], past_key_values=base, use_cache=True)
+        model(input_ids=ids[:, :-1], use_cache=True, **{cache_kw: base})
     out: list[list[int]] = []
     devices = [probe.device] if probe.device.type == "cuda" else []
     for b, start in enumerate(range(0, n, cfg.batch_size)):
@@ -411,7 +414,7 @@ def _generate(probe, prompt_ids: list[int], prefix_resp: list[int], n: int, cfg:
         if base is not None:
             c = copy.deepcopy(base)
             c.batch_repeat_interleave(m)
-            kw["past_key_values"] = c
+            kw[cache_kw] = c
         if cfg.stop_at_answer:
             kw["stopping_criteria"] = StoppingCriteriaList([_AnswerStop(tok, prefix_resp, T)])
         with torch.random.fork_rng(devices=devices):

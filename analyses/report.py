@@ -3,6 +3,8 @@
 * :func:`figure_bytes` — a plotly figure as ``html`` (self-contained, plotly.js inlined, always available),
   ``png`` or ``svg`` (static images through kaleido, which drives a headless Chrome; Debian's
   ``/usr/bin/chromium`` is used when no other browser is configured).
+* :func:`write_html` — a figure written to an ``.html`` file that opens offline (atomically; every HTML file the CLI
+  and the dashboard produce goes through :func:`figure_bytes` or :func:`html_report`, never a CDN link).
 * :func:`table_bytes` — a table as ``csv`` or ``parquet``.
 * :func:`graphml_bytes` — a routes result's route (or full thresholded graph) as GraphML
   (:meth:`analyses.routes.RoutesResult.to_graphml`; networkx reads it back with ``read_graphml``).
@@ -30,7 +32,7 @@ from probes.errors import ConfigError, SondeError
 
 from . import store
 
-__all__ = ["FIGURE_FORMATS", "TABLE_FORMATS", "ExportError", "figure_bytes", "table_bytes", "graphml_bytes",
+__all__ = ["FIGURE_FORMATS", "TABLE_FORMATS", "ExportError", "figure_bytes", "write_html", "table_bytes", "graphml_bytes",
            "manifest_of", "html_report", "static_export_available"]
 
 FIGURE_FORMATS = ("html", "png", "svg")
@@ -68,7 +70,7 @@ def figure_bytes(fig: Any, fmt: Literal["html", "png", "svg"] = "html", *, width
     if fmt not in FIGURE_FORMATS:
         raise ConfigError(f"figure format {fmt!r} is not supported.", hint=f"Use one of {', '.join(FIGURE_FORMATS)}.")
     if fmt == "html":
-        return fig.to_html(include_plotlyjs=True, full_html=True).encode("utf-8")
+        return _figure_html(fig, full=True).encode("utf-8")
     why = static_export_available()
     if why is not None:
         raise ExportError(f"cannot write a {fmt.upper()} image: {why.split(':', 1)[0]}.", hint=why)
@@ -79,6 +81,26 @@ def figure_bytes(fig: Any, fmt: Literal["html", "png", "svg"] = "html", *, width
     except Exception as e:  # noqa: BLE001 - kaleido/choreographer raise many types; one clear error instead
         raise ExportError(f"the {fmt.upper()} export failed ({type(e).__name__}: {str(e)[:200]}).",
                           hint="Check that the browser at BROWSER_PATH starts headless; the HTML export works without it.") from e
+
+
+def _figure_html(fig: Any, *, full: bool, plotlyjs: bool = True) -> str:
+    """The one place plotly HTML is made: plotly.js inlined (``include_plotlyjs=True``), never loaded from a CDN."""
+    return fig.to_html(include_plotlyjs=bool(plotlyjs), full_html=full)
+
+
+def write_html(fig: Any, path: str | Path) -> Path:
+    """Write ``fig`` as a self-contained interactive HTML file (opens offline); the file appears complete or not at all."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(figure_bytes(fig, "html"))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
 
 
 def table_bytes(df: pd.DataFrame, fmt: Literal["csv", "parquet"] = "csv") -> bytes:
@@ -190,7 +212,7 @@ def html_report(result: Any, *, figures: Mapping[str, Any] | Sequence[Any] | Non
     first = True
     for cap, fig in figures.items():
         parts.append(f"<h2>{esc(cap or 'Chart')}</h2>")
-        parts.append(fig.to_html(include_plotlyjs=True if first else False, full_html=False))
+        parts.append(_figure_html(fig, full=False, plotlyjs=first))
         first = False
     for name, df in tables.items():
         if df is None or not len(df.columns):

@@ -25,7 +25,9 @@ def safe_name(name: str) -> str:
 
 def figure_to_html(fig: Any) -> bytes:
     """A self-contained interactive HTML file of a plotly figure (plotly.js inlined, works offline)."""
-    return fig.to_html(include_plotlyjs=True, full_html=True).encode("utf-8")
+    from analyses.report import figure_bytes
+
+    return figure_bytes(fig, "html")
 
 
 def frame_to_parquet(df: Any) -> bytes:

@@ -329,7 +329,7 @@ def load_hf(
                 raise ModelLoadError(
                     f"model {name!r} is not in the local Hugging Face cache and the hub cannot be reached (offline).",
                     hint="Use 'embedded', a local folder, a .gguf file, or download it once while online "
-                    "(e.g. `huggingface-cli download " + name + "`).",
+                    "(e.g. `hf download " + name + "`).",
                 ) from local_err
             tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code, **({"revision": revision} if revision else {}))
             model = AutoModelForCausalLM.from_pretrained(name, **model_kw)

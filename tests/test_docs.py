@@ -16,8 +16,9 @@ def _builder():
 
 
 def test_readme_is_assembled_from_sections():
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    assert _builder().build(readme) == readme, "README.md is out of date: run python docs/build_readme.py"
+    for path, text in _builder().outputs().items():
+        assert path.is_file() and path.read_text(encoding="utf-8") == text, \
+            f"{path.relative_to(ROOT)} is out of date: run python docs/build_readme.py"
 
 
 def test_readme_opens_with_the_two_commands():
@@ -26,3 +27,72 @@ def test_readme_opens_with_the_two_commands():
     assert cmds == ["make dashboard", "make test"]
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
     assert "make test" in ci and "TORCH_SPEC" in ci
+
+
+def _sonde_lines(text: str) -> list[str]:
+    """The `sonde ...` commands of a markdown text's bash blocks (continuations joined, `[optional]` groups dropped)."""
+    import re
+
+    lines, block, fenced = [], [], False
+    for line in text.splitlines():
+        if line.startswith("```"):
+            fenced = line.strip() == "```bash" if not fenced else False
+            continue
+        if fenced:
+            block.append(line)
+    joined = "\n".join(block).replace("\\\n", " ")
+    for line in joined.splitlines():
+        line = line.strip()
+        for cmd in re.split(r"\s(?:&&|;)\s", line):
+            cmd = re.sub(r"^(\.venv/bin/)?(?=sonde )", "", cmd.strip())
+            if cmd.startswith("sonde "):
+                lines.append(re.sub(r"\s\[[^\]]*\]", "", cmd))
+    return lines
+
+
+def _parse(argv: list[str]):
+    """Resolve `sonde ARGS` down to its command with click's parser and parse its arguments (nothing runs)."""
+    import typer.main
+
+    from analyses.cli import app
+
+    cmd = typer.main.get_command(app)
+    ctx = cmd.make_context("sonde", list(argv), resilient_parsing=False)
+    while hasattr(cmd, "resolve_command"):
+        args = [*(getattr(ctx, "_protected_args", None) or getattr(ctx, "protected_args", None) or []), *ctx.args]
+        name, cmd, rest = cmd.resolve_command(ctx, args)
+        ctx = cmd.make_context(name, rest, parent=ctx, resilient_parsing=False)
+    return cmd
+
+
+def test_every_sonde_command_in_the_docs_parses():
+    import shlex
+
+    texts = {p: p.read_text(encoding="utf-8") for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]}
+    seen, bad = 0, []
+    for path, text in texts.items():
+        for line in _sonde_lines(text):
+            seen += 1
+            try:
+                _parse(shlex.split(line, comments=True)[1:])
+            except Exception as e:  # typer vendors click: its exceptions are matched by shape, not class
+                if type(e).__name__ == "Exit":  # --help
+                    continue
+                if not hasattr(e, "format_message"):
+                    raise
+                bad.append(f"{path.relative_to(ROOT)}: {line}\n    -> {e.format_message()}")
+    assert seen >= 20, f"found only {seen} sonde commands in the docs"
+    assert not bad, "commands in the docs that the CLI rejects:\n" + "\n".join(bad)
+
+
+def test_readme_has_contents_and_no_leftovers():
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    head = "\n".join(text.splitlines()[:40])
+    assert "## Contents" in text and ".venv/bin/sonde" in head and "source .venv/bin/activate" in head
+    for stale in ("<!-- analysis sections -->", "shared/STYLE.md", "as before", "huggingface-cli", "\n#### "):
+        assert stale not in text, f"README.md still says {stale!r}"
+    import re
+
+    for img in re.findall(r"!\[[^\]]*\]\((docs/img/[^)]+)\)", text):
+        p = ROOT / img
+        assert p.is_file() and p.stat().st_size < 150_000, f"{img} is missing or over 150 KB"

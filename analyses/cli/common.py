@@ -224,28 +224,70 @@ def status(msg: str) -> Iterator[None]:
         yield
 
 
-def progress(total: int | None, description: str):
-    """A rich progress bar on stderr: ``with progress(n, "texts") as step: ... step(k)``."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+def progress(total: int | None, description: str, *, every: float = 15.0):
+    """A progress bar with elapsed time and ETA on stderr: ``with progress(n, "texts") as step: ... step(k)``.
+
+    ``step(k)`` advances by ``k``; ``step.set(done, total)`` sets both. On a terminal it is a rich bar; otherwise
+    (a log, CI) one plain line every ``every`` seconds and one at the end, so a long run is never silent.
+    stdout stays clean (``--json``).
+    """
+    import time
 
     class _P:
         def __enter__(self):
-            self.p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                              TimeRemainingColumn(), transient=False, disable=not sys.stderr.isatty())
-            self.p.__enter__()
-            self.t = self.p.add_task(description, total=total)
+            self.done, self.total, self.t0, self.last, self.fields = 0, total, time.monotonic(), time.monotonic(), ""
+            self.tty = sys.stderr.isatty()
+            if self.tty:
+                from rich.console import Console
+                from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+                self.p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                  TextColumn("ETA"), TimeRemainingColumn(), console=Console(stderr=True), transient=False)
+                self.p.__enter__()
+                self.t = self.p.add_task(description, total=total)
             return self
 
+        def _line(self) -> None:
+            el = time.monotonic() - self.t0
+            eta = ""
+            if self.total and self.done:
+                eta = f", ETA {_seconds(el * (self.total - self.done) / self.done)}"
+            of = f"/{self.total}" if self.total else ""
+            print(f"{description}{self.fields}: {self.done}{of}, {_seconds(el)} elapsed{eta}", file=sys.stderr, flush=True)
+            self.last, self.shown = time.monotonic(), self.done
+
+        def _tick(self) -> None:
+            if not self.tty and time.monotonic() - self.last >= every:
+                self._line()
+
         def __call__(self, advance: int = 1, **fields):
-            self.p.update(self.t, advance=advance, **({"description": f"{description} " + " ".join(f"{k}={v}" for k, v in fields.items())} if fields else {}))
+            self.done += int(advance)
+            self.fields = (" " + " ".join(f"{k}={v}" for k, v in fields.items())) if fields else self.fields
+            if self.tty:
+                self.p.update(self.t, advance=advance, **({"description": description + self.fields} if fields else {}))
+            self._tick()
 
         def set(self, completed: int, total: int | None = None):
-            self.p.update(self.t, completed=completed, **({"total": total} if total is not None else {}))
+            self.done = int(completed)
+            if total is not None:
+                self.total = total
+            if self.tty:
+                self.p.update(self.t, completed=completed, **({"total": total} if total is not None else {}))
+            self._tick()
 
         def __exit__(self, *a):
-            return self.p.__exit__(*a)
+            if self.tty:
+                return self.p.__exit__(*a)
+            if a[0] is None and time.monotonic() - self.t0 >= every and getattr(self, "shown", None) != self.done:
+                self._line()
+            return None
 
     return _P()
+
+
+def _seconds(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
 
 def echo_json(obj: Any) -> None:

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from .common import model_options, BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OutOpt, load_probe, saved, status
+from .common import model_options, BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OutOpt, load_probe, progress, saved, status
 
 
 def register(run_app: typer.Typer) -> None:
@@ -110,8 +110,8 @@ def register(run_app: typer.Typer) -> None:
                                categories=tuple(cats.items()), n_samples=samples, max_new_tokens=max_new_tokens,
                                temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, chat=chat)
         probe = load_probe(model, backend, device, dtype)
-        with status("Sweeping"):
-            r = cf.bias_sweep(probe, config)
+        with progress(len(config.groups), "groups") as step:
+            r = cf.bias_sweep(probe, config, progress=step)
         path = r.save(out)
         s = r.summary[r.summary["count"] > 0]
         if as_json:

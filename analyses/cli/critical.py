@@ -54,7 +54,7 @@ def register(run_app: typer.Typer) -> None:
                        checker=checker, engine=engine, sequential=sequential, chunk=chunk, p_alive=p_alive, alpha=alpha)  # type: ignore[arg-type]
         probs = load_task(task, problems, seed=seed, on_error=on_error)  # type: ignore[arg-type]
         probe = load_probe(model, backend, device, dtype)
-        with progress(None, "prefixes rolled out") as step:
+        with progress(None, "prefixes rolled out (after sampling the trajectories)") as step:
             res = C.run(probe, probs, cfg, progress=step)
         if adapters is not None:
             import pandas as pd

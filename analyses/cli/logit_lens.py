@@ -54,8 +54,10 @@ def register(run_app: typer.Typer) -> None:
             res = logit_lens.run(probe, prompt, config=cfg)
         path = res.save(out)
         if html is not None:
+            from analyses.report import write_html
+
             fig = res.plot()
-            write_side_file(html, lambda tmp: fig.write_html(tmp, include_plotlyjs="cdn"))
+            write_side_file(html, lambda tmp: write_html(fig, tmp))  # plotly.js inlined: the file opens offline
         # the first block where the lens already ranks the final prediction first, per position
         first = []
         for t in range(len(res.str_tokens)):
