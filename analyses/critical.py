@@ -941,6 +941,15 @@ def compare_contrastive(result: CriticalResult, ce: pd.DataFrame, trace: int = 0
 
 
 # ====================================================================================== cDPO
+def _by_problem(trajectories: Sequence[Trajectory]) -> list[list[Trajectory]]:
+    """Trajectories with a response, grouped by problem (in problem order, each group in input order)."""
+    groups: dict[int, list[Trajectory]] = {}
+    for t in trajectories:
+        if t.response_ids:
+            groups.setdefault(t.problem, []).append(t)
+    return [groups[p] for p in sorted(groups)]
+
+
 def select_sft(trajectories: Sequence[Trajectory]) -> tuple[list[Trajectory], list[Trajectory]]:
     """The method page's SFT data for θ_p / θ_n, per problem: one response of the most frequent
     correct answer (positive), and every response of the most frequent wrong answers, taken in order
@@ -949,12 +958,7 @@ def select_sft(trajectories: Sequence[Trajectory]) -> tuple[list[Trajectory], li
 
     pos: list[Trajectory] = []
     neg: list[Trajectory] = []
-    by_problem: dict[int, list[Trajectory]] = {}
-    for t in trajectories:
-        if t.response_ids:
-            by_problem.setdefault(t.problem, []).append(t)
-    for pi in sorted(by_problem):
-        ts = by_problem[pi]
+    for ts in _by_problem(trajectories):
         good = [t for t in ts if t.correct]
         if good:
             top = Counter(str(t.answer) for t in good).most_common(1)[0][0]
@@ -975,12 +979,7 @@ def select_pairs(trajectories: Sequence[Trajectory]) -> list[tuple[Trajectory, T
     from collections import Counter
 
     out = []
-    by_problem: dict[int, list[Trajectory]] = {}
-    for t in trajectories:
-        if t.response_ids:
-            by_problem.setdefault(t.problem, []).append(t)
-    for pi in sorted(by_problem):
-        ts = by_problem[pi]
+    for ts in _by_problem(trajectories):
         good, bad = [t for t in ts if t.correct], [t for t in ts if not t.correct]
         if not good or not bad:
             continue

@@ -40,6 +40,17 @@ def tiny():
     return tiny_models.probe
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module (tiny matmuls on a shared 2-core box run far slower with threads fighting)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def results_dir(tmp_path, monkeypatch):
     d = tmp_path / "results"

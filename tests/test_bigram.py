@@ -18,13 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 K = 16  # content tokens 4..19, noise tokens 20..35
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny matmuls on a shared 2-core box run ~50x slower with several threads fighting
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matmuls on 2 shared cores run faster on one thread
 
 
 def synthetic_language(n_pairs: int, seed: int = 0) -> torch.Tensor:

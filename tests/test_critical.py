@@ -473,7 +473,7 @@ def test_cdpo_cli_bad_input(tmp_path, capsys):
 
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "keep.txt").write_text("x")
-    for args, msg in ((["--out", str(tmp_path / "busy")], "not empty"), (["--out", str(tmp_path / "n"), "--form", "tokens"], "form='tokens'"),
+    for args, msg in ((["--out", str(tmp_path / "busy")], "non-empty folder"), (["--out", str(tmp_path / "n"), "--form", "tokens"], "form='tokens'"),
                       (["--out", str(tmp_path / "n"), "--lr", "0"], "lr=0.0")):
         with pytest.raises(SystemExit) as e:
             main(["run", "cdpo", *args])

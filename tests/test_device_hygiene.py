@@ -223,12 +223,7 @@ ANALYSES = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matmuls on 2 shared cores run faster on one thread
 
 
 def _watch(fn, n_layers: int, ours: tuple[str, ...] = OURS) -> DeviceWatch:

@@ -54,12 +54,7 @@ TOL_EMBEDDED = {"logit_lens.top_probs": 0.2, "logit_lens.target": 0.2,   # measu
                 "sinks.alpha_mean": 0.045}                                # measured 0.014
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matmuls on 2 shared cores run faster on one thread
 
 
 def twins(family: str, dtype=BF16, seed: int = 0):

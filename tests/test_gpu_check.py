@@ -19,12 +19,7 @@ import gpu_check  # noqa: E402
 SECTIONS = ("setup", "routes", "sinks", "fiber", "counterfactual", "critical", "pytest_gpu", "agreement")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matmuls on 2 shared cores run faster on one thread
 
 
 def test_tiny_dry_run_fills_every_section(tmp_path, monkeypatch):

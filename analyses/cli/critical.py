@@ -140,7 +140,6 @@ def register(run_app: typer.Typer) -> None:
                                      "loss_first": round(loss[0], 4), "loss_last": round(loss[-1], 4)})
 
     @run_app.command("contrastive-train")
-
     @model_options
     def contrastive_train(
         model: str = ModelOpt,
