@@ -228,8 +228,9 @@ def test_long_prompt_answers_with_a_window(server, browser):
     page.wait_for_selector(".js-plotly-plot .xtick text", timeout=60_000)
     elapsed = time.time() - t0
     _no_exception(page)
-    n_ticks = page.locator(".st-key-logit_lens_heatmap .xtick").count()
-    assert 0 < n_ticks <= 48, n_ticks
+    cols = page.evaluate("""() => { const g = document.querySelector('.st-key-logit_lens_heatmap .js-plotly-plot');
+                                     return g && g.calcdata ? g.calcdata.map(c => (c[0] && c[0].z && c[0].z[0] ? c[0].z[0].length : 0)) : null; }""")
+    assert cols and 0 < max(cols) <= 48, cols  # the heat map holds a 48-position window, not 3,000 columns
     assert elapsed < LONG_PROMPT_BOUND_S
     (ARTIFACTS / "long_prompt_seconds.txt").write_text(f"{elapsed:.1f}\n")
     page.screenshot(path=str(ARTIFACTS / "model_long_prompt.png"), full_page=False)

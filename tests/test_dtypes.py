@@ -109,7 +109,14 @@ def m_routes(p32, plo, level="head", mode="all") -> dict[str, float]:
     # (a whole-graph result can be thresholded anywhere: try a few tau; a top-down one only at its own)
     wa, wb = _route_weights(a), _route_weights(b)
     diff = float((wa - wb).abs().max())
-    for tau in (cfg.tau,) + ((0.02, 0.06, 0.1, 0.15, 0.2, 0.3) if mode == "all" else ()):
+    taus = (cfg.tau,)
+    if mode == "all":  # also threshold in the middle of the three widest gaps between the fp32 weights
+        w = torch.unique(wa.flatten().double())
+        w = w[(w > 1e-3) & (w < 0.9)]
+        if len(w) > 1:
+            gaps = w[1:] - w[:-1]
+            taus += tuple(float((w[i] + w[i + 1]) / 2) for i in gaps.argsort(descending=True)[:3].tolist())
+    for tau in taus:
         sure = float((wa - tau).abs().min()) > 2 * diff
         ROUTES_COMPARED.append(sure)
         if sure:
