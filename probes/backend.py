@@ -57,9 +57,14 @@ class ModelInfo:
         return asdict(self)
 
 
+_NOT_CONTENT = ("_name_or_path", "name_or_path", "transformers_version", "_commit_hash")
+
+
 def _fingerprint(model: torch.nn.Module) -> str:
-    """Content hash of the config and a sample of every weight (cheap, stable across loads)."""
-    h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    """Content hash of the config and a sample of every weight (cheap, stable across loads, folders and machines:
+    where the weights were read from and which transformers wrote the config do not count)."""
+    cfg = {k: v for k, v in model.config.to_dict().items() if k not in _NOT_CONTENT}
+    h = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode())
     for name, p in sorted(model.state_dict().items()):
         flat = p.detach().reshape(-1)
         step = max(1, flat.numel() // 64)

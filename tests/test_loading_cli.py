@@ -42,6 +42,19 @@ def test_load_errors():
             load_model("embedded", device="cuda")
 
 
+def test_fingerprint_is_the_content_not_the_folder(tmp_path):
+    """The same weights saved in two folders have one fingerprint (so results keyed by it are found on every
+    machine, whatever its cache path); other weights have another."""
+    import tiny_models
+
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        m, tok = tiny_models.build("llama", seed)
+        m.save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    fa, fb, fc = (load_model(str(tmp_path / n), device="cpu").info.fingerprint for n in "abc")
+    assert fa == fb != fc
+
+
 def test_local_folder_refuses_pickle(tmp_path):
     import tiny_models
 
