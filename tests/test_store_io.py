@@ -30,16 +30,20 @@ def test_write_read_round_trip(tmp_path):
     assert store.find_result(r.manifest["key"], tmp_path) == out
 
 
+_DIE_MID_WRITE = textwrap.dedent("""
+    import os, pandas as pd
+    from analyses import store
+    real = pd.DataFrame.to_parquet
+    def slow(self, *a, **k):
+        real(self, *a, **k)
+        os._exit(9)   # die mid-write
+    pd.DataFrame.to_parquet = slow
+""")
+
+
 def test_killed_write_leaves_no_complete_result(tmp_path):
     """A process killed while writing leaves only a hidden temp folder, which readers ignore."""
-    code = textwrap.dedent(f"""
-        import os, pandas as pd
-        from analyses import store
-        real = pd.DataFrame.to_parquet
-        def slow(self, *a, **k):
-            real(self, *a, **k)
-            os._exit(9)   # die mid-write
-        pd.DataFrame.to_parquet = slow
+    code = _DIE_MID_WRITE + textwrap.dedent(f"""
         store.write_result({str(tmp_path / 'r')!r}, analysis='demo', model={{}}, config={{}}, input_hash='',
                            tables={{'a': pd.DataFrame({{'x': [1]}}), 'b': pd.DataFrame({{'y': [2]}})}})
     """)
@@ -98,14 +102,7 @@ def test_killed_replacement_keeps_the_old_result(tmp_path):
     """A process killed while writing a replacement (``replace=True``) leaves the old result readable."""
     old = store.write_result(tmp_path / "r", analysis="demo", model={}, config={"v": 1}, input_hash="",
                              tables={"a": pd.DataFrame({"x": [1]})})
-    code = textwrap.dedent(f"""
-        import os, pandas as pd
-        from analyses import store
-        real = pd.DataFrame.to_parquet
-        def slow(self, *a, **k):
-            real(self, *a, **k)
-            os._exit(9)   # die mid-write
-        pd.DataFrame.to_parquet = slow
+    code = _DIE_MID_WRITE + textwrap.dedent(f"""
         store.write_result({str(old)!r}, analysis='demo', model={{}}, config={{'v': 2}}, input_hash='', replace=True,
                            tables={{'a': pd.DataFrame({{'x': [2]}})}})
     """)
