@@ -32,7 +32,7 @@ from torch import nn
 
 from probes.errors import ConfigError
 
-from . import base
+from .core import base
 
 __all__ = ["Config", "BBData", "BBModel", "BBToyResult", "run", "make_data"]
 

@@ -50,9 +50,9 @@ import torch
 
 from probes.errors import ConfigError, InputError, UnsupportedModelError
 
-from .base import Config as _BaseConfig
-from .base import Result, Timer, register_result
-from . import store
+from .core.base import Config as _BaseConfig
+from .core.base import Result, Timer, register_result
+from .core import store
 
 __all__ = [
     "Config", "BigramResult", "BigramTable", "MaskSet", "run", "evaluate", "train_mask", "apply_mask",
@@ -177,11 +177,11 @@ def load_corpus_ids(probe, corpus: "str | Path | torch.Tensor | Sequence[int]" =
         if not p.is_file():
             raise InputError(f"corpus file {str(p)!r} does not exist.", hint="Pass --corpus builtin or the path of a UTF-8 .txt or .jsonl file.")
         if p.suffix in (".jsonl", ".ndjson", ".json"):
-            from .io import iter_records
+            from .core.io import iter_records
 
             docs = [r.text for r in iter_records(p)]
         else:
-            from .io import read_text
+            from .core.io import read_text
 
             docs = [read_text(p)]
     tok = probe.tokenizer
@@ -709,9 +709,9 @@ def _state_fingerprint(probe, cfg: Config, input_hash: str) -> str:
 
 
 def _save_checkpoint(folder: Path, fp: str, step: int, masks: MaskSet, opt: torch.optim.Optimizer, curve: list[dict]) -> None:
-    """Mask logits + AdamW state + progress in one state file (:func:`analyses.io.save_state`:
+    """Mask logits + AdamW state + progress in one state file (:func:`analyses.core.io.save_state`:
     safetensors + JSON header, one atomic rename, private folder; no pickle)."""
-    from .io import private_dir, save_state
+    from .core.io import private_dir, save_state
 
     private_dir(folder)
     sd = opt.state_dict()
@@ -723,7 +723,7 @@ def _save_checkpoint(folder: Path, fp: str, step: int, masks: MaskSet, opt: torc
 
 
 def _load_checkpoint(folder: Path, fp: str, masks: MaskSet, opt: torch.optim.Optimizer) -> tuple[int, list[dict]]:
-    from .io import load_state
+    from .core.io import load_state
 
     got = load_state(folder / "mask_state.safetensors", fp)
     if got is None:

@@ -17,7 +17,7 @@ A :class:`ComponentProfile` gathers, for one component,
   along its row of W_out ``[d_mlp, d_model]`` (positive activations promote the "+" tokens). Directions go
   through the final norm and the unembedding with the norm's bias removed: score(v) = U(v) − U(0).
 
-Only the math here touches tensors; saved results are read through :mod:`analyses.store`.
+Only the math here touches tensors; saved results are read through :mod:`analyses.core.store`.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ import torch
 
 from probes.errors import ConfigError, InputError
 
-from . import base, store
-from .domains import BUILTIN
+from .core import base, store
+from .core.domains import BUILTIN
 
 __all__ = ["Config", "ComponentProfile", "parse_component", "principal_direction", "direction_tokens",
            "saved_result", "sink_maps", "profile", "output_lens"]
@@ -45,7 +45,7 @@ Kind = Literal["head", "neuron"]
 class Config(base.Config):
     """Settings of a component profile (small defaults: a profile answers in seconds on a CPU)."""
 
-    domains: tuple[str, ...] = BUILTIN  # the built-in domains of analyses.domains
+    domains: tuple[str, ...] = BUILTIN  # the built-in domains of analyses.core.domains
     n_samples: int = 2  # texts per domain for a fresh sink map (dormant.md uses 32; 2 keeps it interactive)
     T: int = 32  # tokens per text (dormant.md: 64)
     theta: float = 0.9  # dormant.md: dormant ⇔ sink mass > θ

@@ -52,9 +52,9 @@ import torch
 
 from probes import ConfigError, InputError, Probe, parse_head
 
-from . import store
-from .base import Config as _BaseConfig
-from .base import Result, Timer, register_result
+from .core import store
+from .core.base import Config as _BaseConfig
+from .core.base import Result, Timer, register_result
 
 __all__ = [
     "Config", "BiasConfig", "CounterfactualResult", "BiasSweepResult", "TokenEdit", "PromptEdit", "ModelEdit",

@@ -45,9 +45,9 @@ import torch
 
 from probes.errors import ConfigError, InputError
 
-from .base import Config as _BaseConfig
-from .base import Result, Timer, register_result
-from .store import hash_inputs
+from .core.base import Config as _BaseConfig
+from .core.base import Result, Timer, register_result
+from .core.store import hash_inputs
 from .tasks import ANSWER_STOP, Checker, CallableChecker, Problem, format_prompt, make_checker
 
 __all__ = [

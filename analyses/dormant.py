@@ -40,9 +40,9 @@ from probes import AttendTo, Edit, ZeroAttention, parse_head
 from probes.errors import ConfigError, InputError
 from probes.sites import site as _site
 
-from . import base, domains as _domains
+from .core import base, domains as _domains
 from .sinks import bos_flag, collect_stats, next_token_loss
-from .store import hash_inputs
+from .core.store import hash_inputs
 
 __all__ = ["Config", "DormantResult", "run", "dormant_map", "status_flips", "detect_sink", "sink_mass_at", "AttendToPositions"]
 
@@ -346,7 +346,7 @@ def run(probe, domains: Sequence[str] | Mapping[str, Sequence[str]] = ("prose", 
 
     Args:
         probe: a loaded probe.
-        domains: built-in domain names, or ``{name: texts}`` (e.g. :func:`analyses.domains.load_jsonl`).
+        domains: built-in domain names, or ``{name: texts}`` (e.g. :func:`analyses.core.domains.load_jsonl`).
         config: :class:`Config`.
         step: optional progress callback ``step(n)``.
     """

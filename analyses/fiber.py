@@ -75,9 +75,9 @@ import torch
 
 from probes import ConfigError, InputError, Probe
 
-from . import store
-from .base import Config as _BaseConfig
-from .base import Result, Timer, register_result
+from .core import store
+from .core.base import Config as _BaseConfig
+from .core.base import Result, Timer, register_result
 
 __all__ = [
     "Config", "FiberResult", "run", "load_matrix", "knn_distances", "pointwise_slopes", "welch_scan",

@@ -27,9 +27,9 @@ import torch
 
 from probes import Collect, ConfigError, InputError, Probe
 
-from . import store
-from .base import Config as _BaseConfig
-from .base import Result, Timer, register_result
+from .core import store
+from .core.base import Config as _BaseConfig
+from .core.base import Result, Timer, register_result
 
 __all__ = ["Config", "LogitLensResult", "run", "lens_topk", "target_probs"]
 

@@ -51,9 +51,9 @@ import torch
 from probes.errors import ConfigError, InputError, OutOfMemoryError, UnsupportedModelError
 from probes.reducers import Reducer
 
-from .base import Config as _BaseConfig
-from .base import Result, Timer, register_result
-from .store import StoredResult, hash_inputs
+from .core.base import Config as _BaseConfig
+from .core.base import Result, Timer, register_result
+from .core.store import StoredResult, hash_inputs
 
 __all__ = [
     "Config", "DatasetConfig", "RoutesResult", "RouteStatsResult", "RouteStats", "run", "run_dataset", "accumulate", "stats_result",
@@ -1167,9 +1167,9 @@ def run_dataset(probe, records: Iterable, *, config: DatasetConfig = DatasetConf
     """Route statistics over many prompts (memory independent of their number).
 
     Args:
-        records: :class:`analyses.io.Record` items (or plain strings); ``domain`` groups the statistics
+        records: :class:`analyses.core.io.Record` items (or plain strings); ``domain`` groups the statistics
             ("all" when absent).
-        checkpoint: an :class:`analyses.io.Checkpoint`; a re-run with the same one resumes after the last save.
+        checkpoint: an :class:`analyses.core.io.Checkpoint`; a re-run with the same one resumes after the last save.
         on_progress: called with 1 after each prompt.
     """
     timer = Timer()

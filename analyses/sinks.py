@@ -41,8 +41,8 @@ from probes.attention import expand_kv
 from probes.errors import ConfigError, InputError, SondeError
 from probes.sites import parse_site
 
-from . import base, domains as _domains
-from .store import hash_inputs
+from .core import base, domains as _domains
+from .core.store import hash_inputs
 
 __all__ = ["Config", "SinksResult", "SinkAlpha", "run", "alpha_from_pattern", "sink_percentage", "collect_stats",
            "EPS_GRID", "bos_flag", "accumulate", "merge_states", "result_from_states", "eps_grid_for", "kv_to_heads"]

@@ -5,9 +5,9 @@
   operations), each with its exact answer.
 * :func:`read_gsm8k` — a JSONL file in GSM8K style (``question``, ``answer`` ending in ``#### n``) or
   MATH style (``problem``, ``solution`` whose final answer is the last ``\\boxed{...}``, or ``answer``),
-  read through :func:`analyses.io.iter_jsonl` (line-numbered errors).
+  read through :func:`analyses.core.io.iter_jsonl` (line-numbered errors).
 * :func:`read_hf` — the same two styles from a Hugging Face dataset (``hf:openai/gsm8k:main:test``),
-  streamed through :func:`analyses.io.open_hf`; offline it fails with one clear message.
+  streamed through :func:`analyses.core.io.open_hf`; offline it fails with one clear message.
 * :func:`extract_answer` — the final answer of a model response: ``#### n``, then
   ``answer is n`` / ``answer: n``, then ``\\boxed{n}``, else the last number. The *first* marked
   answer wins, matching rollouts that stop as soon as an answer is written.
@@ -243,7 +243,7 @@ def read_gsm8k(path: str | Path, *, limit: int | None = None, on_error: Literal[
     A line without a question/answer, or whose answer cannot be parsed, raises :class:`InputError`
     naming the line (``on_error="skip"`` skips it with a warning).
     """
-    from .io import iter_jsonl, skipped
+    from .core.io import iter_jsonl, skipped
 
     out: list[Problem] = []
     name = Path(path).name
@@ -267,8 +267,8 @@ def read_gsm8k(path: str | Path, *, limit: int | None = None, on_error: Literal[
 
 def read_hf(spec: str, *, limit: int | None = None, on_error: Literal["skip", "stop"] = "stop") -> list[Problem]:
     """Problems from a Hugging Face dataset in GSM8K or MATH style, streamed: ``hf:NAME[:CONFIG]:SPLIT``
-    (:func:`analyses.io.parse_hf_spec`), e.g. ``hf:openai/gsm8k:main:test``."""
-    from .io import open_hf, skipped
+    (:func:`analyses.core.io.parse_hf_spec`), e.g. ``hf:openai/gsm8k:main:test``."""
+    from .core.io import open_hf, skipped
 
     label, rows = open_hf(spec)
     out: list[Problem] = []

@@ -43,7 +43,8 @@ def main() -> None:
 
     import ray
 
-    from analyses import cluster, domains, sinks
+    from analyses.core import cluster, domains
+    from analyses import sinks
     from probes import load_model
 
     texts = domains.domain_texts("prose", n=args.samples // 2) + domains.domain_texts("code", n=args.samples - args.samples // 2)

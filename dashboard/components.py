@@ -25,7 +25,7 @@ def safe_name(name: str) -> str:
 
 def figure_to_html(fig: Any) -> bytes:
     """A self-contained interactive HTML file of a plotly figure (plotly.js inlined, works offline)."""
-    from analyses.report import figure_bytes
+    from analyses.core.report import figure_bytes
 
     return figure_bytes(fig, "html")
 
@@ -82,7 +82,7 @@ def export_bar(name: str, *, figure: Any = None, table: Any = None, result: Any 
     ``graph`` is a routes result (its route to ``graph_position`` goes to GraphML); ``figures``/``tables`` go into
     the report (default: ``figure`` and ``table``).
     """
-    from analyses import report
+    from analyses.core import report
 
     stem = safe_name(name)
     k = key or f"exp-{stem}"

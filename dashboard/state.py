@@ -250,7 +250,7 @@ def sidebar_probe(*, load: bool = True) -> Probe | None:
 # ----------------------------------------------------------------------------- results root, uploads
 def inside_results(path: str | Path, root: str | Path | None = None) -> Path | None:
     """``path`` resolved (symlinks followed) when it lies inside the results root, else None."""
-    from analyses import store as _store
+    from analyses.core import store as _store
 
     base = Path(root if root is not None else _store.results_root()).expanduser().resolve()
     try:
@@ -324,7 +324,7 @@ def safe_results_listing(root: Path, limit: int = 5000):
 
 def decode_upload(name: str, data: bytes) -> str:
     """An uploaded file as UTF-8 text; other encodings are refused with the byte offset (as the CLI's read_text)."""
-    from analyses.io import InputError
+    from analyses.core.io import InputError
 
     try:
         return data.decode("utf-8")
@@ -342,7 +342,7 @@ def _stored_folder(key: tuple) -> "Path":
     import hashlib
     from pathlib import Path
 
-    from analyses import store as _store
+    from analyses.core import store as _store
 
     digest = hashlib.sha256(repr(key).encode()).hexdigest()[:20]
     return _store.results_root() / "dashboard" / f"{key[0].split('.')[-1].strip('_') or 'page'}-{key[1].split('.')[-1]}-{digest}"
@@ -352,7 +352,7 @@ def cached(fn: Callable[..., Any], *args: Any, _probe: Probe | None = None, _sto
     """Memoise ``fn(probe, *args, **kwargs)`` per session by (function, model fingerprint, arguments).
 
     Arguments must be hashable by their repr (configs are frozen dataclasses). Errors are shown and
-    ``None`` is returned. With ``_store=True`` a result (an ``analyses.base.Result``) is also written to the
+    ``None`` is returned. With ``_store=True`` a result (an ``analyses.core.base.Result``) is also written to the
     results store under ``<results root>/dashboard/`` and read back from there by later sessions (a pasted link
     shows the saved result instead of recomputing it).
     """
@@ -363,7 +363,7 @@ def cached(fn: Callable[..., Any], *args: Any, _probe: Probe | None = None, _sto
         folder = _stored_folder(key) if _store else None
         if folder is not None and (folder / "manifest.json").is_file():
             try:
-                from analyses.base import load_result
+                from analyses.core.base import load_result
 
                 store[key] = load_result(folder)
                 st.session_state.setdefault("_sonde_loaded", set()).add(str(folder))

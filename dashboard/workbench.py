@@ -180,7 +180,7 @@ def _session_memo(name: str, key: tuple, fn: Callable[[], Any], limit: int = 16)
 
 def _store_readable() -> bool:
     """Whether the results store lists without error (a malformed manifest there must not break a panel)."""
-    from analyses import store
+    from analyses.core import store
 
     try:
         store.list_results()

@@ -4,7 +4,7 @@
     python docs/make_figures.py logit_lens routes  # some of them
 
 Each figure is the analysis's own ``plot()`` of a small run on the embedded model, exported by
-:func:`analyses.report.figure_bytes` (kaleido + a headless Chromium) and kept under 150 KB.
+:func:`analyses.core.report.figure_bytes` (kaleido + a headless Chromium) and kept under 150 KB.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ FIGURES = {"logit_lens": logit_lens, "routes": routes, "sinks": sinks, "counterf
 
 def save_png(fig, path: Path, width: int = 900, height: int = 500) -> int:
     """Export ``fig`` as a PNG under MAX_BYTES (smaller scale until it fits); returns the size in bytes."""
-    from analyses.report import figure_bytes
+    from analyses.core.report import figure_bytes
 
     fig.update_layout(width=width, height=height)
     for scale in (1.0, 0.8, 0.6):

@@ -21,7 +21,7 @@ import torch
 import tiny_models
 from conftest import run_cli
 
-from analyses import store
+from analyses.core import store
 
 LONG = "word " * 400  # more tokens than the tiny model's 128 positions
 
@@ -249,7 +249,7 @@ def test_skipped_line_is_one_warning_line(tmp_path, tiny_dir, capsys, monkeypatc
 
 
 def test_bigram_with_out_writes_only_the_result(tmp_path, tiny_dir, capsys, monkeypatch):
-    from analyses.io import work_dir
+    from analyses.core.io import work_dir
 
     ws = tmp_path / "ws"
     ws.mkdir()

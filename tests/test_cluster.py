@@ -1,4 +1,4 @@
-"""Dataset sweeps (analyses.cluster): shard planning, the merge ledger, retries, resume, Ray workers.
+"""Dataset sweeps (analyses.core.cluster): shard planning, the merge ledger, retries, resume, Ray workers.
 
 The Ray tests share one local Ray instance (started by the engine, bound to 127.0.0.1) and one pair of
 workers per module because Ray startup is slow here; they are exact: at the same torch thread count a
@@ -20,8 +20,9 @@ import pandas as pd
 import pytest
 import torch
 
-from analyses import cluster, domains, routes, sinks
-from analyses.io import iter_records, parse_hf_spec, read_state_header
+from analyses.core import cluster, domains
+from analyses import routes, sinks
+from analyses.core.io import iter_records, parse_hf_spec, read_state_header
 from probes import ConfigError, InputError, SondeError
 
 ROOT = Path(__file__).resolve().parents[1]

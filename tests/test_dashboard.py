@@ -103,7 +103,7 @@ def test_results_page_empty_and_missing_folder(tmp_path, monkeypatch):
 def test_results_page_unregistered_analysis_shows_tables(tmp_path, monkeypatch):
     import pandas as pd
 
-    from analyses import store
+    from analyses.core import store
 
     root = tmp_path / "res"
     store.write_result(root / "x", analysis="not_a_module", model={"name": "m", "fingerprint": "f"}, config={}, input_hash="h",

@@ -167,7 +167,7 @@ def _routes(mode="all", level="head"):
 
 def _routes_dataset(p):
     from analyses import routes
-    from analyses.io import Record
+    from analyses.core.io import Record
 
     recs = [Record(text=t, domain=d) for t, d in [("abc def", "a"), ("ghi jk", "b")]]
     routes.run_dataset(p, recs, config=routes.DatasetConfig(kernel="eager"))

@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from analyses import dormant, domains
+from analyses.core import domains
+from analyses import dormant
 from analyses.dormant import Config, dormant_map, status_flips
 from probes import ConfigError, InputError
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from analyses import logit_lens as ll
-from analyses.base import load_result
+from analyses.core.base import load_result
 from probes import ConfigError, InputError
 
 PROMPT = "The Eiffel Tower is located in the city of"

@@ -24,7 +24,7 @@ def test_plotly_html_is_made_in_one_place():
             text = f.read_text(encoding="utf-8")
             for m in re.finditer(r"\.write_html\(|\.to_html\(|include_plotlyjs", text):
                 offenders.append(f"{f.relative_to(ROOT)}:{text[:m.start()].count(chr(10)) + 1}")
-    assert not offenders, "plotly HTML written outside analyses.report: " + ", ".join(offenders)
+    assert not offenders, "plotly HTML written outside analyses.core.report: " + ", ".join(offenders)
     report = (ROOT / "analyses" / "report.py").read_text(encoding="utf-8")
     assert not re.search(r"include_plotlyjs\s*=\s*['\"]", report), "report.py links plotly.js instead of inlining it"
 
@@ -82,7 +82,7 @@ def test_cli_html_and_report_render_offline(tmp_path, capsys, offline_page):
     assert not re.search(r"<script[^>]*\ssrc=[\"']https?:", html.read_text(encoding="utf-8")), "a script is loaded from the network"
     _renders(offline_page, html)
 
-    from analyses.report import html_report
+    from analyses.core.report import html_report
 
     report = tmp_path / "report.html"
     report.write_bytes(html_report(tmp_path / "ll"))

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from analyses import planner, routes
+from analyses.core import planner
+from analyses import routes
 from analyses.cli import main
 from probes import ConfigError, OutOfMemoryError
 from conftest import run_cli

@@ -195,7 +195,7 @@ def test_save_load_graphml(tiny, tmp_path, results_dir):
     back = routes.RoutesResult.load(path)
     torch.testing.assert_close(back.attn, res.attn)
     assert back.str_tokens == res.str_tokens and set(back.route().edges) == set(res.route().edges)
-    from analyses.base import load_result
+    from analyses.core.base import load_result
 
     assert isinstance(load_result(path), routes.RoutesResult)
     import networkx as nx
@@ -228,7 +228,7 @@ def test_bad_input(tiny):
 
 # ----------------------------------------------------------------------------- dataset mode
 def test_dataset_merge_and_resume(tiny, tmp_path):
-    from analyses.io import Checkpoint, Record
+    from analyses.core.io import Checkpoint, Record
 
     probe = tiny("llama")
     recs = [Record(text=t, domain=d) for t, d in [("abc def", "a"), ("ghi", "b"), ("jkl mno p", "a"), ("qrs", "b"), ("tuv w", "a")]]
@@ -259,7 +259,7 @@ def test_dataset_merge_and_resume(tiny, tmp_path):
     torch.testing.assert_close(again.head_mean, full.head_mean)
     assert again.n.tolist() == full.n.tolist()
     path = again.save(tmp_path / "ds")
-    from analyses.base import load_result
+    from analyses.core.base import load_result
 
     back = load_result(path)
     assert isinstance(back, routes.RouteStatsResult) and back.domains == ["a", "b"]
@@ -345,7 +345,7 @@ def test_route_with_ablated_head(tiny):
 
 
 def test_dataset_mode_top_down_equals_full(tiny):
-    from analyses.io import Record
+    from analyses.core.io import Record
 
     probe = tiny("gpt2")
     recs = [Record(text=t, domain=d) for t, d in [("abc def", "a"), ("ghi jk", "b"), ("jkl mno p", "a")]]

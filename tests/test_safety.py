@@ -14,8 +14,8 @@ import pandas as pd
 import pytest
 import torch
 
-from analyses import cluster, io, store
-from analyses.io import Checkpoint, load_state, private_dir, read_state_header, save_state
+from analyses.core import cluster, io, store
+from analyses.core.io import Checkpoint, load_state, private_dir, read_state_header, save_state
 from probes import InputError, Mean
 from probes.errors import SondeWarning
 
@@ -140,17 +140,17 @@ def test_kill_between_ledger_saves_counts_each_shard_once(tmp_path, k, stage):
 
 
 def test_sweep_fingerprint_covers_checkpoint_contents(tmp_path):
-    from analyses import sweep
+    from analyses.core import checkpoints
 
     ck = tmp_path / "step100"
     ck.mkdir()
     (ck / "config.json").write_text("{}")
     (ck / "model.safetensors").write_bytes(b"weights one")
-    cfg = sweep.Config(analysis="logit_lens", checkpoints=(str(ck),))
-    a = sweep._fingerprint(cfg, None)
-    assert sweep._fingerprint(cfg, None) == a
+    cfg = checkpoints.Config(analysis="logit_lens", checkpoints=(str(ck),))
+    a = checkpoints._fingerprint(cfg, None)
+    assert checkpoints._fingerprint(cfg, None) == a
     (ck / "model.safetensors").write_bytes(b"weights two")  # retrained into the same folder name
-    assert sweep._fingerprint(cfg, None) != a
+    assert checkpoints._fingerprint(cfg, None) != a
 
 
 # ----------------------------------------------------------------------------- the result store

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import tiny_models
-from analyses import sinks, sweep
+from analyses.core import checkpoints
+from analyses import sinks
 from analyses.cli import main
 from probes import Collect, ConfigError, DeviceError, Mean, ModelLoadError, UnknownSiteError, Ablate, from_hf, l2_norm, load_model
 from probes.loading import parse_max_memory
@@ -222,24 +223,24 @@ def ckpt_dir(tmp_path):
 
 
 def test_checkpoint_resolution(ckpt_dir, tmp_path):
-    found = sweep.checkpoints_in(ckpt_dir)
+    found = checkpoints.checkpoints_in(ckpt_dir)
     assert [Path(p).name for p in found] == ["step0", "step500", "step1000"]  # by step, not by name
-    cks = sweep.resolve_checkpoints(["step1000", str(ckpt_dir / "step0")], model="allenai/OLMo-1B-hf")
+    cks = checkpoints.resolve_checkpoints(["step1000", str(ckpt_dir / "step0")], model="allenai/OLMo-1B-hf")
     assert cks[0].name == "allenai/OLMo-1B-hf" and cks[0].revision == "step1000" and cks[0].step == 1000
     assert cks[1].name == str(ckpt_dir / "step0") and cks[1].revision is None and cks[1].step == 0
     with pytest.raises(Exception, match="holds no checkpoint folder"):
-        sweep.checkpoints_in(tmp_path / "ckpts" / "step0")
+        checkpoints.checkpoints_in(tmp_path / "ckpts" / "step0")
     with pytest.raises(ConfigError, match="no checkpoint was given"):
-        sweep.Config(checkpoints=())
+        checkpoints.Config(checkpoints=())
     with pytest.raises(ConfigError, match="has no option"):
-        sweep.Config(checkpoints=("a",), settings={"TT": 3})
+        checkpoints.Config(checkpoints=("a",), settings={"TT": 3})
     with pytest.raises(ConfigError, match="analysis='bigram' cannot be swept"):
-        sweep.Config(analysis="bigram", checkpoints=("a",))
+        checkpoints.Config(analysis="bigram", checkpoints=("a",))
 
 
 def test_sink_sweep_is_one_tidy_table_and_resumes(ckpt_dir, tmp_path):
-    cks = tuple(sweep.checkpoints_in(ckpt_dir))
-    cfg = sweep.Config(analysis="sinks", checkpoints=cks, settings={"T": 32, "n_samples": 6, "mlp_ablation": False})
+    cks = tuple(checkpoints.checkpoints_in(ckpt_dir))
+    cfg = checkpoints.Config(analysis="sinks", checkpoints=cks, settings={"T": 32, "n_samples": 6, "mlp_ablation": False})
     out = tmp_path / "sweep"
 
     loaded = []
@@ -251,12 +252,12 @@ def test_sink_sweep_is_one_tidy_table_and_resumes(ckpt_dir, tmp_path):
         return load_model(ck.name, device="cpu")
 
     with pytest.raises(KeyboardInterrupt):
-        sweep.run(cfg, out=out, load=dies_on_second)
+        checkpoints.run(cfg, out=out, load=dies_on_second)
     seen = []
-    res = sweep.run(cfg, out=out, device="cpu", on_checkpoint=lambda ck, what: seen.append((ck.label, what)))
+    res = checkpoints.run(cfg, out=out, device="cpu", on_checkpoint=lambda ck, what: seen.append((ck.label, what)))
     assert seen == [("step0", "skipped"), ("step500", "done"), ("step1000", "done")]
     df = res.to_frame()
-    assert list(df.columns) == sweep.COLUMNS
+    assert list(df.columns) == checkpoints.COLUMNS
     assert list(df["checkpoint"].unique()) == ["step0", "step500", "step1000"] and list(df["step"].unique()) == [0, 500, 1000]
     per = df[df.metric == "alpha"].groupby("checkpoint").size()
     assert (per == 2 * 4).all()  # L × H per checkpoint
@@ -267,7 +268,7 @@ def test_sink_sweep_is_one_tidy_table_and_resumes(ckpt_dir, tmp_path):
     # different seeds -> different models -> the table tells them apart
     a = df[df.metric == "alpha"].pivot_table(index="checkpoint", columns=["layer", "head"], values="value")
     assert not torch.allclose(torch.tensor(a.loc["step0"].values), torch.tensor(a.loc["step500"].values))
-    again = sweep.SweepResult.load(out)
+    again = checkpoints.SweepResult.load(out)
     pd.testing.assert_frame_equal(again.frame, df)
     assert again.pivot("sink_pct_layer").shape == (3, 2)
 
@@ -278,7 +279,7 @@ def test_cli_sweep_logit_lens_and_errors(ckpt_dir, tmp_path, capsys):
                                  "--device", "cpu", "--out", str(out), "--json"], capsys)
     assert code == 0, err
     assert "step0: done" in err and "step1000: done" in err
-    res = sweep.SweepResult.load(out)
+    res = checkpoints.SweepResult.load(out)
     assert set(res.frame.metric) == {"top1_agree", "p_final"} and len(res.frame) == 3 * 2 * 2
     last = res.frame[(res.frame.metric == "top1_agree") & (res.frame.layer == 1)]
     assert (last["value"] == 1.0).all()  # the last block's lens is the model's own prediction

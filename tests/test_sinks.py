@@ -298,7 +298,7 @@ def test_sink_metric_and_kv_norms_match_eager_tiny(backend):
 def test_sink_metric_and_kv_norms_match_eager_embedded(embedded):
     from transformers import AutoConfig
 
-    from analyses import domains
+    from analyses.core import domains
     from probes.loading import embedded_model_dir
 
     ids = domains.domain_tokens(embedded, "prose", n=4, T=T, seed=0).tokens

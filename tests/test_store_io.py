@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 import torch
 
-from analyses import store
-from analyses.io import Checkpoint, iter_jsonl, iter_records, read_text
+from analyses.core import store
+from analyses.core.io import Checkpoint, iter_jsonl, iter_records, read_text
 from probes import InputError, Mean
 
 
@@ -32,7 +32,7 @@ def test_write_read_round_trip(tmp_path):
 
 _DIE_MID_WRITE = textwrap.dedent("""
     import os, pandas as pd
-    from analyses import store
+    from analyses.core import store
     real = pd.DataFrame.to_parquet
     def slow(self, *a, **k):
         real(self, *a, **k)

@@ -23,7 +23,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from analyses import component as C  # noqa: E402
-from analyses import report  # noqa: E402
+from analyses.core import report  # noqa: E402
 from probes import ConfigError, InputError, SondeError  # noqa: E402
 
 TIMEOUT = 300
@@ -160,7 +160,7 @@ def test_profile_neuron_and_prompt_route(tiny, tmp_path):
 
 
 def test_profile_save_load_roundtrip(tiny, tmp_path):
-    from analyses.base import load_result
+    from analyses.core.base import load_result
 
     p = tiny("llama")
     prof = C.profile(p, "L0H1", config=C.Config(domains=("random",), n_samples=1, T=8, k=3), root=tmp_path / "none")

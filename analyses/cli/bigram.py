@@ -65,8 +65,9 @@ def register(run_app: typer.Typer) -> None:
         """
         import shutil
 
-        from analyses import bigram, store
-        from analyses.io import work_dir
+        from analyses.core import store
+        from analyses import bigram
+        from analyses.core.io import work_dir
 
         from probes import ConfigError
 

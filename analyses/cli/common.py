@@ -118,7 +118,7 @@ def check_side_file(path: Path | None, option: str) -> None:
     folder; an existing one only with ``--replace`` (and only a plain file)."""
     if path is None:
         return
-    from analyses import store
+    from analyses.core import store
 
     try:
         check_out_file(path, store._REPLACE.get(), lambda p: True)
@@ -148,7 +148,7 @@ def write_side_file(path: Path, write: Any) -> None:
 def output_options(*apps: typer.Typer) -> None:
     """Give every registered verb that has an ``out`` parameter the shared ``--replace`` flag and check
     its ``--out`` before any work: a result folder must be new, empty, or a Sonde result (replaced
-    only with ``--replace``, :func:`analyses.store.check_destination`), and writable. Called once after
+    only with ``--replace``, :func:`analyses.core.store.check_destination`), and writable. Called once after
     all verbs are registered, so verbs need nothing of their own."""
     for a in apps:
         for info in a.registered_commands:
@@ -168,7 +168,7 @@ def _with_output(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from analyses import store
+        from analyses.core import store
 
         replace = bool(kwargs["replace"] if own else kwargs.pop("replace", False))
         out = kwargs.get("out")

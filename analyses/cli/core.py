@@ -53,7 +53,7 @@ def capture(
     """Dump activations at some hooks to a safetensors file (one entry per hook and prompt)."""
     from safetensors.torch import save_file
 
-    from analyses.io import iter_records
+    from analyses.core.io import iter_records
     from probes import Collect, InputError, parse_site
 
     if (prompt is None) == (input is None):
@@ -97,7 +97,7 @@ def capture(
 
 def _is_capture(path: Path) -> bool:
     """A safetensors file written by ``sonde capture`` (its header names the hooks and the model)."""
-    from analyses.io import _MAX_HEADER
+    from analyses.core.io import _MAX_HEADER
     import json
 
     try:
@@ -112,7 +112,7 @@ def _is_capture(path: Path) -> bool:
 @results_app.command("ls")
 def results_ls(root: Optional[Path] = typer.Argument(None, help="Results folder (default sonde-results)."), as_json: bool = JsonOpt) -> None:
     """List saved results."""
-    from analyses.store import list_results
+    from analyses.core.store import list_results
     from probes.errors import InputError
 
     if root is not None and root.exists() and not root.is_dir():
@@ -129,7 +129,7 @@ def results_ls(root: Optional[Path] = typer.Argument(None, help="Results folder 
 @results_app.command("show")
 def results_show(path: Path, as_json: bool = JsonOpt) -> None:
     """Show one result's manifest and table sizes."""
-    from analyses.store import read_result
+    from analyses.core.store import read_result
 
     r = read_result(path)
     if as_json:

@@ -95,7 +95,7 @@ def register(run_app: typer.Typer) -> None:
     ) -> None:
         """Swap a protagonist attribute with the same noise and compare extracted attributes (with intervals)."""
         from analyses import counterfactual as cf
-        from analyses.io import read_text
+        from analyses.core.io import read_text
         from probes import InputError
 
         cats = cf.DEFAULT_CATEGORIES

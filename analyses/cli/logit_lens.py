@@ -54,7 +54,7 @@ def register(run_app: typer.Typer) -> None:
             res = logit_lens.run(probe, prompt, config=cfg)
         path = res.save(out)
         if html is not None:
-            from analyses.report import write_html
+            from analyses.core.report import write_html
 
             fig = res.plot()
             write_side_file(html, lambda tmp: write_html(fig, tmp))  # plotly.js inlined: the file opens offline

@@ -70,7 +70,7 @@ def register(run_app: typer.Typer) -> None:
             edits = [Ablate(f"blocks.{l}.attn.hook_z", heads=[h]) for l, h in
                      (parse_head(x) for x in (ablate.split(",") if ablate else []) if x.strip())]
             probe = load_probe(model, backend, device, dtype)
-            from analyses.planner import plan
+            from analyses.core.planner import plan
 
             T = probe.to_tokens(prompt, prepend_bos=cfg.prepend_bos).shape[-1]
             pl = plan("routes", probe, seq_len=T, chunk_mb=cfg.chunk_mb, device=probe.device, weights_loaded=True)
@@ -90,11 +90,11 @@ def register(run_app: typer.Typer) -> None:
                                   "seconds": round(sum(res.timings.values()), 2)})
             return
 
-        from analyses.io import Checkpoint, iter_records, work_dir
-        from analyses.store import hash_inputs, result_key, results_root
+        from analyses.core.io import Checkpoint, iter_records, work_dir
+        from analyses.core.store import hash_inputs, result_key, results_root
 
-        from analyses.domains import corpus_records
-        from analyses.io import is_hf_spec
+        from analyses.core.domains import corpus_records
+        from analyses.core.io import is_hf_spec
 
         cfg = routes.DatasetConfig(**common, max_tokens=max_tokens)
         if domains is not None:
@@ -122,7 +122,7 @@ def register(run_app: typer.Typer) -> None:
         key = result_key(routes.RouteStatsResult.analysis, probe.info.fingerprint, cfg.to_dict(), ih)
         out_dir = Path(out) if out is not None else results_root() / key
         ck = Checkpoint(work_dir(out_dir, "progress"), fingerprint=key)
-        from analyses.cluster import _threads
+        from analyses.core.cluster import _threads
 
         with progress(len(records), "routes") as step, _threads(threads):
             res = routes.run_dataset(probe, records, config=cfg, checkpoint=ck, on_progress=step, input_hash=ih)

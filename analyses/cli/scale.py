@@ -48,7 +48,7 @@ def register(run_app: typer.Typer) -> None:
         as_json: bool = JsonOpt,
     ) -> None:
         """Estimate peak memory from the model's config and pick the largest batch (routes: chunk) that fits."""
-        from analyses import planner
+        from analyses.core import planner
         from probes import resolve_device, resolve_dtype
         from probes.errors import ConfigError
 
@@ -81,8 +81,8 @@ def register(run_app: typer.Typer) -> None:
         out: Optional[Path] = OutOpt, as_json: bool = JsonOpt,
     ) -> None:
         """Run one analysis on every checkpoint and write one tidy table keyed by checkpoint (resumable)."""
-        from analyses import sweep
-        from analyses.io import iter_records
+        from analyses.core import checkpoints as ckpts
+        from analyses.core.io import iter_records
         from probes.errors import ConfigError
 
         if analysis not in SWEEP_ANALYSES:
@@ -90,16 +90,16 @@ def register(run_app: typer.Typer) -> None:
         if (checkpoints is None) == (checkpoint_dir is None):
             raise ConfigError("give exactly one of --checkpoints or --checkpoint-dir.",
                               hint="E.g. --checkpoints step1000,step2000 --model allenai/OLMo-1B-hf, or --checkpoint-dir runs/ckpts.")
-        cks = tuple(c.strip() for c in checkpoints.split(",") if c.strip()) if checkpoints else tuple(sweep.checkpoints_in(checkpoint_dir))
-        cfg = sweep.Config(analysis=SWEEP_ANALYSES[analysis], checkpoints=cks, model=model, domain=domain, prompt=prompt,
+        cks = tuple(c.strip() for c in checkpoints.split(",") if c.strip()) if checkpoints else tuple(ckpts.checkpoints_in(checkpoint_dir))
+        cfg = ckpts.Config(analysis=SWEEP_ANALYSES[analysis], checkpoints=cks, model=model, domain=domain, prompt=prompt,
                            n_prompts=n_prompts, settings=_settings(settings))
         texts = [r.text for r in iter_records(input)] if input is not None else None
 
         def note(ck, what):
             typer.echo(f"{ck.label}: {what}", err=True)
 
-        res = sweep.run(cfg, texts=texts, out=out, backend=backend, device=device, dtype=dtype, device_map=device_map,
+        res = ckpts.run(cfg, texts=texts, out=out, backend=backend, device=device, dtype=dtype, device_map=device_map,
                         max_memory=max_memory, on_checkpoint=note)
-        path = sweep.output_path(cfg, texts, out)
+        path = ckpts.output_path(cfg, texts, out)
         summary = {"checkpoints": len(res.checkpoints), "rows": len(res.frame), "metrics": ", ".join(res.frame["metric"].unique())}
         saved(path, as_json, summary)

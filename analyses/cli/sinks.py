@@ -1,7 +1,7 @@
 """``sonde run sinks``, ``sonde run dormant`` and ``sonde run bb-toy``.
 
 ``--engine local|ray`` turns ``sinks`` (and ``routes --input``) into a sharded, resumable dataset
-sweep (:mod:`analyses.cluster`); the sweep options and :func:`run_sweep` are shared with ``routes``.
+sweep (:mod:`analyses.core.cluster`); the sweep options and :func:`run_sweep` are shared with ``routes``.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ ThreadsOpt = typer.Option(1, "--threads", min=1, help="Torch CPU threads of the 
 
 def _model_spec(model: str, backend: str, device: str, dtype: str):
     """The worker's model: the verb's model options, including the ``@model_options`` ones (revision, device map...)."""
-    from analyses import cluster
+    from analyses.core import cluster
 
     from .common import _SCALE
 
@@ -43,8 +43,8 @@ def run_sweep(analysis: str, items, config, *, engine: str, address, workers, gp
 
     Options and input are checked before any worker (or Ray) starts.
     """
-    from analyses import cluster
-    from analyses.store import result_key, results_root
+    from analyses.core import cluster
+    from analyses.core.store import result_key, results_root
 
     scfg = cluster.SweepConfig(engine=engine, address=address, workers=workers, gpus_per_worker=gpus_per_worker,
                                shard_size=shard_size, max_retries=max_retries, resume=resume, threads=threads)
@@ -117,7 +117,7 @@ def register(run_app: typer.Typer) -> None:
         --input takes JSONL, Parquet, a text file or hf:NAME[:CONFIG]:SPLIT[:FIELD] (streamed, online).
         """
         from analyses import sinks
-        from analyses.io import iter_records
+        from analyses.core.io import iter_records
         from probes.errors import InputError
 
         cfg = sinks.Config(eps=eps, positions=_positions(positions), T=T, n_samples=n_samples, bos=bos,
@@ -125,12 +125,12 @@ def register(run_app: typer.Typer) -> None:
         if sum(x is not None for x in (prompt, input, domain)) > 1:
             raise InputError("give at most one of --prompt, --input or --domain.")
         if domain is not None:
-            from analyses.domains import check_domains
+            from analyses.core.domains import check_domains
 
             check_domains([domain])
         if engine is not None:
-            from analyses import domains as _dom
-            from analyses.store import hash_inputs
+            from analyses.core import domains as _dom
+            from analyses.core.store import hash_inputs
 
             if input is not None:
                 items = [r.text for r in iter_records(input, on_error=on_error, limit=n_samples)][:n_samples]
@@ -151,12 +151,12 @@ def register(run_app: typer.Typer) -> None:
             return
         texts = [prompt] if prompt is not None else [r.text for r in iter_records(input, on_error=on_error)] if input else None
         probe = load_probe(model, backend, device, dtype)
-        from analyses.planner import plan, retry_on_oom
+        from analyses.core.planner import plan, retry_on_oom
 
         pl = plan("sinks", probe, seq_len=cfg.T, batch_size=cfg.batch_size, device=probe.device, weights_loaded=True)
         typer.echo(f"planner: {pl.message}", err=True)
 
-        from analyses.cluster import _threads
+        from analyses.core.cluster import _threads
 
         def go(b: int):
             with progress(n_samples, "samples") as step, _threads(threads):
@@ -186,7 +186,7 @@ def register(run_app: typer.Typer) -> None:
     ) -> None:
         """Active vs dormant heads per domain (Guo et al. 2024), with a per-head causal check."""
         from analyses import dormant
-        from analyses.domains import check_domains, load_jsonl
+        from analyses.core.domains import check_domains, load_jsonl
 
         cfg = dormant.Config(theta=theta, sink_pos=sink_pos, T=T, n_samples=n_samples, bos=bos, intervention=intervention,
                              heads=tuple(h.strip() for h in heads.split(",") if h.strip()) if heads else None, max_heads=max_heads)

@@ -1,7 +1,7 @@
 """Results: browse saved results (CLI, notebooks, dashboard all write the same folders).
 
-Lists ``analyses.store.list_results(folder)``; for a chosen result shows its manifest and tables and,
-when its analysis module is registered, re-plots it with ``analyses.base.load_result(path).plot()``.
+Lists ``analyses.core.store.list_results(folder)``; for a chosen result shows its manifest and tables and,
+when its analysis module is registered, re-plots it with ``analyses.core.base.load_result(path).plot()``.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ if str(_ROOT) not in sys.path:  # run as a file (AppTest)
 
 import streamlit as st  # noqa: E402
 
-from analyses import store  # noqa: E402
-from analyses.base import load_result  # noqa: E402
+from analyses.core import store  # noqa: E402
+from analyses.core.base import load_result  # noqa: E402
 from dashboard import components, state  # noqa: E402
 from probes import SondeError  # noqa: E402
 
@@ -123,7 +123,7 @@ if stored.arrays:
 
 module = man["analysis"].replace("-", "_")
 components.notebook_snippet(f"""
-from analyses.base import load_result
+from analyses.core.base import load_result
 res = load_result({path!r})       # {module} result
 res.to_frame()
 res.plot().show()

@@ -15,7 +15,7 @@ from analyses import routes  # noqa: E402
 from dashboard import components, workbench  # noqa: E402
 from dashboard import state  # noqa: E402
 from dashboard.state import cached, param, show_error, sidebar_probe  # noqa: E402
-from analyses.store import hash_inputs  # noqa: E402
+from analyses.core.store import hash_inputs  # noqa: E402
 from probes import SondeError  # noqa: E402
 
 
@@ -94,7 +94,7 @@ def _dataset_view(probe) -> None:
         use_builtin = st.button("Use the built-in domains (prose, code, arithmetic)", key="routes_dataset_builtin")
         import json
 
-        from analyses.io import Record
+        from analyses.core.io import Record
 
         recs = []
         if up is not None:
@@ -117,7 +117,7 @@ def _dataset_view(probe) -> None:
                 show_error(SondeError(f"{up.name} holds no prompts.", hint="Each line needs a non-empty 'text' field."))
                 return
         elif use_builtin:
-            from analyses.domains import domain_texts
+            from analyses.core.domains import domain_texts
 
             recs = [Record(text=t, domain=d, line=i) for d in ("prose", "code", "arithmetic")
                     for i, t in enumerate(domain_texts(d, n=int(n_builtin)))]

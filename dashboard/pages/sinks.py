@@ -5,7 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from analyses import bbtoy, dormant, sinks
-from analyses.domains import BUILTIN
+from analyses.core.domains import BUILTIN
 from dashboard import components, workbench
 from dashboard import state
 from dashboard.state import cached, param, show_error, sidebar_probe

@@ -18,7 +18,7 @@ A user JSONL file with ``text`` and ``domain`` fields adds its own domains (:fun
 ``hf:NAME[:CONFIG]:SPLIT[:FIELD]`` names a Hugging Face data set streamed as one more text domain
 (online only; offline it fails with one line).
 
-For dataset sweeps (:mod:`analyses.cluster`) :func:`corpus_records` lists a labelled corpus of
+For dataset sweeps (:mod:`analyses.core.cluster`) :func:`corpus_records` lists a labelled corpus of
 several text domains in a fixed order, and :func:`shard_ranges` cuts any item count into
 contiguous shards, so a sharded run sees the same items in the same order as one pass.
 

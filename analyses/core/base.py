@@ -9,7 +9,7 @@ An analysis module ``analyses/<method>.py`` defines
   ``plot()`` (a plotly figure, imported lazily) and ``_from_stored`` for loading;
 * ``run(probe, ..., config) -> <Method>Result``: the pure entry point.
 
-``Result.save(dir)`` / ``Result.load(dir)`` go through :mod:`analyses.store` (Parquet tables +
+``Result.save(dir)`` / ``Result.load(dir)`` go through :mod:`analyses.core.store` (Parquet tables +
 safetensors arrays + JSON manifest).
 """
 
@@ -118,7 +118,7 @@ class Result:
 
     def save(self, out_dir: str | Path | None = None, *, replace: bool = False) -> Path:
         """Write the result (atomically); default folder ``<results_root>/<key>``. An existing result
-        at ``out_dir`` is replaced only with ``replace=True`` (see :func:`analyses.store.write_result`)."""
+        at ``out_dir`` is replaced only with ``replace=True`` (see :func:`analyses.core.store.write_result`)."""
         out = Path(out_dir) if out_dir is not None else store.results_root() / self.key
         return store.write_result(
             out, analysis=self.analysis, model=self.model, config=self.config.to_dict(), input_hash=self.input_hash,

@@ -162,7 +162,7 @@ def html_report(result: Any, *, figures: Mapping[str, Any] | Sequence[Any] | Non
     """One self-contained HTML file (plotly.js inlined once, opens offline) describing ``result``.
 
     Args:
-        result: a :class:`analyses.base.Result` or a saved result folder.
+        result: a :class:`analyses.core.base.Result` or a saved result folder.
         figures: ``{caption: plotly figure}`` (or a list); default: ``result.plot()`` when it draws.
         tables: ``{name: DataFrame}``; default: ``result.tables()`` (the stored tables of a folder).
         title: the heading; default ``"<analysis> on <model>"``.

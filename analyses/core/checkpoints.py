@@ -15,7 +15,7 @@ to a few per-checkpoint numbers and stacks them into one frame keyed by checkpoi
   ``ffn_mean`` per layer (all prompts pooled).
 
 Resumable: each finished checkpoint's rows are written at once (atomically) to ``<i>.parquet`` in a
-private work folder of the per-user cache (:func:`analyses.io.work_dir`, keyed by the result path)
+private work folder of the per-user cache (:func:`analyses.core.io.work_dir`, keyed by the result path)
 beside a JSON fingerprint of the sweep (config, inputs, and for local checkpoint folders the names,
 sizes, mtimes and header hashes of their files); a re-run with the same settings skips the
 checkpoints already there, so a killed sweep loses at most the checkpoint it was on. The work folder
@@ -88,11 +88,11 @@ class Config(base.Config):
 
 def _config_class(analysis: str):
     if analysis == "sinks":
-        from .sinks import Config as C
+        from ..sinks import Config as C
     elif analysis == "logit_lens":
-        from .logit_lens import Config as C
+        from ..logit_lens import Config as C
     else:
-        from .routes import DatasetConfig as C
+        from ..routes import DatasetConfig as C
     return C
 
 
@@ -154,7 +154,7 @@ def _rows(metric: str, values: torch.Tensor, *, layer_offset: int = 0) -> list[d
 
 def summarize(result: base.Result) -> pd.DataFrame:
     """A result's sweep rows: ``metric, layer, head, value``."""
-    from . import logit_lens, routes, sinks
+    from .. import logit_lens, routes, sinks
 
     rows: list[dict] = []
     if isinstance(result, sinks.SinksResult):
@@ -185,7 +185,7 @@ def summarize(result: base.Result) -> pd.DataFrame:
 def _run_one(probe, cfg: Config, texts: Sequence[str] | None, step=None) -> base.Result:
     acfg = cfg.analysis_config()
     if cfg.analysis == "sinks":
-        from . import sinks
+        from .. import sinks
         from .planner import retry_on_oom
 
         # a checkpoint that runs out of memory is retried once with half the batch (same numbers: α is streamed)
@@ -193,10 +193,11 @@ def _run_one(probe, cfg: Config, texts: Sequence[str] | None, step=None) -> base
                                                 config=acfg.replace(batch_size=b), step=step),
                             acfg.batch_size, what=f"sinks on {probe.info.name}")
     if cfg.analysis == "logit_lens":
-        from . import logit_lens
+        from .. import logit_lens
 
         return logit_lens.run(probe, cfg.prompt, config=acfg)
-    from . import domains, routes
+    from . import domains
+    from .. import routes
 
     if texts is None:
         domains.check_domains([cfg.domain])
@@ -313,7 +314,7 @@ def run(config: Config, *, texts: Sequence[str] | None = None, out: str | Path |
         on_checkpoint: called as ``(checkpoint, "done" | "skipped")`` after each checkpoint.
     """
     if not isinstance(config, Config):
-        raise ConfigError(f"config must be analyses.sweep.Config, got {type(config).__name__}.")
+        raise ConfigError(f"config must be analyses.core.checkpoints.Config, got {type(config).__name__}.")
     cks = resolve_checkpoints(config.checkpoints, config.model)
     fp = _fingerprint(config, texts)
     default_out = out is None

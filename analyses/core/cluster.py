@@ -1,7 +1,7 @@
 """Dataset sweeps: shard a corpus, run an analysis on workers, merge the partial reducer states.
 
-A sweep cuts the input items (texts or :class:`analyses.io.Record`) into contiguous shards
-(:func:`analyses.domains.shard_ranges`), runs one analysis' shard function on each, and folds the
+A sweep cuts the input items (texts or :class:`analyses.core.io.Record`) into contiguous shards
+(:func:`analyses.core.domains.shard_ranges`), runs one analysis' shard function on each, and folds the
 shards' partial states **in shard order** into one state, which the analysis turns into its usual
 result. Because every statistic is a float64 sum or an integer count kept in a streaming reducer
 (:mod:`probes.reducers`), the merged result is the one-pass result: the same items in the same
@@ -31,7 +31,7 @@ fails after ``1 + max_retries`` attempts raises one :class:`probes.SondeError` n
 Resume: the **merge ledger** (a private folder, mode 0700; by default in the per-user cache,
 :func:`default_ledger`) holds the fold of the contiguous prefix of finished shards
 (``ledger.safetensors``: ``through`` = shards folded, the merged state) and each finished shard past
-a gap (``shard-NNNNN.safetensors``), all in the one state format of :func:`analyses.io.save_state`
+a gap (``shard-NNNNN.safetensors``), all in the one state format of :func:`analyses.core.io.save_state`
 (safetensors + a JSON header; no pickle). Every file is written to a temporary name and renamed,
 shard file before ledger, so a sweep killed at any instant resumes with each shard counted exactly
 once. A file whose fingerprint (analysis, model, config, input, sharding), read from its JSON header
@@ -229,38 +229,38 @@ class Shardable:
 
 
 def _sinks_cfg():
-    from . import sinks
+    from .. import sinks
     return sinks.Config
 
 
 def _sinks_acc(probe, items, config):
-    from . import sinks
+    from .. import sinks
     return sinks.accumulate(probe, [it if isinstance(it, str) else it.text for it in items], config)
 
 
 def _sinks_merge(a, b, config, info):
-    from . import sinks
+    from .. import sinks
     return sinks.merge_states(a, b, config)
 
 
 def _sinks_finish(probe, state, config, input_hash, timings, source):
-    from . import sinks
+    from .. import sinks
     return sinks.result_from_states(probe, state, config, source=source, input_hash=input_hash, timings=timings)
 
 
 def _routes_cfg():
-    from . import routes
+    from .. import routes
     return routes.DatasetConfig
 
 
 def _routes_acc(probe, items, config):
-    from . import routes
+    from .. import routes
     stats, skipped = routes.accumulate(probe, items, config=config)
     return {"stats": stats.state(), "n_skipped": int(skipped)}
 
 
 def _route_stats(st, info):
-    from . import routes
+    from .. import routes
     r = routes.RouteStats(int(info["n_layers"]), int(info["n_heads"]))
     r.load_state(st)
     return r
@@ -275,7 +275,7 @@ def _routes_merge(a, b, config, info):
 
 
 def _routes_finish(info, state, config, input_hash, timings, source):
-    from . import routes
+    from .. import routes
     stats = _route_stats(state["stats"], info)
     return routes.stats_result(_Info(info), stats, config=config, n_skipped=state["n_skipped"], input_hash=input_hash,
                                timings=timings)
@@ -306,7 +306,7 @@ def _shardable(name: str) -> Shardable:
 
 def default_ledger(out_dir: str | Path) -> Path:
     """The merge-ledger folder of a result folder: a private folder in the per-user cache keyed by the
-    result's absolute path (:func:`analyses.io.work_dir`), never a guessable path beside the result."""
+    result's absolute path (:func:`analyses.core.io.work_dir`), never a guessable path beside the result."""
     from .io import work_dir
 
     return work_dir(out_dir, "sweep")
