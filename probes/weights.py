@@ -118,6 +118,12 @@ def _is_parametrized(mod: torch.nn.Module) -> bool:
     return parametrize.is_parametrized(mod, "weight")
 
 
+def _need_weights(probe: "Probe", what: str) -> None:
+    if getattr(probe, "remote", False) is True:
+        raise UnsupportedModelError(f"{what} need the model's weights, which stay on the NDIF server.",
+                                    hint="Load the model locally (probes.load_model) to mask or adapt its weights.")
+
+
 # ============================================================================== masks
 class _Multiply(torch.nn.Module):
     """Parametrization ``W -> W ⊙ f()`` (``f`` is a closure, so no parameter joins the model)."""
@@ -157,6 +163,7 @@ def weight_masks(probe: "Probe", factors: Mapping[str, Factor]) -> Iterator[None
     """
     from torch.nn.utils import parametrize
 
+    _need_weights(probe, "weight masks")
     model = probe.hf_model
     resolved = []
     for path, factor in factors.items():
@@ -206,6 +213,7 @@ def only_blocks(probe: "Probe", keep: Sequence[int]) -> Iterator[None]:
     is exact when they have no bias (attention and MLP then add nothing to the residual stream of a
     pre-norm block); raises ConfigError for dropped blocks with non-zero biases.
     """
+    _need_weights(probe, "skipped blocks")
     arch = probe.arch
     root = getattr(probe.hf_model, "original_model", probe.hf_model)  # the module that owns arch.layers
     parent_path, _, attr = arch.layers.rpartition(".")
@@ -363,6 +371,7 @@ def adapted(probe: "Probe", lora: LoraSpec) -> AdaptedModel:
 
     if not isinstance(lora, LoraSpec):
         raise ConfigError(f"adapted() takes a LoraSpec, got {type(lora).__name__}.", hint="probe.adapted(LoraSpec(r=8, ...)).")
+    _need_weights(probe, "adapters")
     targets = adapter_targets(probe, lora.target_modules)
     if not targets:
         raise ConfigError(f"target_modules={lora.target_modules} match no module of {probe.info.name}.",
@@ -376,6 +385,7 @@ def load_adapter(probe: "Probe", folder: str | Path) -> AdaptedModel:
     + ``adapter_model.safetensors``; pickle-based ``.bin`` adapters are refused), in eval mode."""
     from peft import PeftModel
 
+    _need_weights(probe, "adapters")
     p = Path(folder)
     if not (p / "adapter_config.json").is_file():
         raise InputError(f"{str(p)!r} is not a LoRA adapter folder (no adapter_config.json).",

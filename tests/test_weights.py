@@ -215,3 +215,23 @@ def test_adapter_bad_inputs(tiny, tmp_path):
     (pickled / "adapter_model.bin").write_bytes(b"not read")
     with pytest.raises(InputError, match="only safetensors adapters"):
         probe.load_adapter(pickled)
+
+
+def test_remote_probe_says_its_weights_stay_on_the_server(tmp_path):
+    import warnings
+
+    from nnsight import LanguageModel
+
+    from probes.remote import RemoteProbe
+
+    m, tok = tiny_models.build("llama")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lm = LanguageModel(m, tokenizer=tok)
+    probe = RemoteProbe(lm, tok, name="tiny", source="ndif:tiny", remote=True)
+    ws = probe.weights()  # shapes come from the config skeleton
+    for call in (lambda: probe.weight_masks({ws[0].path: torch.ones(ws[0].shape)}), lambda: probe.only_blocks([0]),
+                 lambda: probe.adapted(LoraSpec()), lambda: probe.load_adapter(tmp_path)):
+        with pytest.raises(UnsupportedModelError, match="stay on the NDIF server"):
+            with call():
+                pass
