@@ -287,10 +287,35 @@ def _module_matches(name: str, target: str) -> bool:
     return name == target or name.endswith("." + target)
 
 
+def _unwrapped(mod: torch.nn.Module) -> torch.nn.Module:
+    while isinstance(getattr(mod, "original_component", None), torch.nn.Module):
+        mod = mod.original_component
+    return mod
+
+
+def _plain_module_names(root: torch.nn.Module, prefix: str = "") -> Iterator[str]:
+    """Module paths of the HF model as transformers built it (TransformerLens bridge wrappers, and the
+    submodules they add, left out)."""
+    for name, child in root.named_children():
+        path = f"{prefix}{name}"
+        yield path
+        yield from _plain_module_names(_unwrapped(child), path + ".")
+
+
+def _unwrap(root: torch.nn.Module) -> torch.nn.Module:
+    """Put each bridge-wrapped module's original back in its place (in a private copy)."""
+    for name, child in list(root.named_children()):
+        inner = _unwrapped(child)
+        if inner is not child:
+            setattr(root, name, inner)
+        _unwrap(inner)
+    return root
+
+
 def adapter_targets(probe: "Probe", names: Sequence[str]) -> list[str]:
     """The entries of ``names`` that name at least one module of the model (as PEFT matches them: the
     whole path or a suffix after a dot, e.g. ``"down_proj"`` or ``"mlp.c_proj"``), in the given order."""
-    mods = [n for n, _ in probe.hf_model.named_modules()]
+    mods = list(_plain_module_names(probe.hf_model))
     return [t for t in names if any(_module_matches(n, t) for n in mods)]
 
 
@@ -299,7 +324,8 @@ class AdaptedModel:
 
     The copy is made once, at creation; the probe's own model is never modified, so other readers of
     the probe (threads, the dashboard) keep seeing the base weights while the adapter trains. Only
-    the adapter's parameters are trainable. Use it as a context manager to drop the copy on exit.
+    the adapter's parameters are trainable. The copy is the plain HF model on either backend (no
+    hooks; the forward is transformers' own). Use it as a context manager to drop the copy on exit.
     """
 
     def __init__(self, probe: "Probe", model: torch.nn.Module):
@@ -358,7 +384,10 @@ class AdaptedModel:
 
 
 def _copy(probe: "Probe") -> torch.nn.Module:
-    return copy.deepcopy(probe.hf_model)
+    """A deep copy of the HF model as transformers built it: the TransformerLens backend wraps modules
+    in bridges that PEFT cannot adapt, so the copy gets the originals back (the same weights and
+    module paths as under the nnsight backend, so adapter files work with either backend)."""
+    return _unwrap(copy.deepcopy(probe.hf_model))
 
 
 def adapted(probe: "Probe", lora: LoraSpec) -> AdaptedModel:

@@ -235,3 +235,29 @@ def test_remote_probe_says_its_weights_stay_on_the_server(tmp_path):
         with pytest.raises(UnsupportedModelError, match="stay on the NDIF server"):
             with call():
                 pass
+
+
+def test_adapter_on_the_transformer_lens_backend_loads_on_nnsight(tiny, tmp_path):
+    """The bridge's wrappers are not adaptable by PEFT; the copy is the plain HF model, so an adapter
+    trained behind one backend loads behind the other."""
+    tl, nn = tiny("gpt2", backend="transformer_lens"), tiny("gpt2", backend="nnsight")
+    snap = _snapshot(tl.hf_model)
+    assert tl.adapter_targets(("c_attn", "q", "mlp.c_proj")) == ["c_attn", "mlp.c_proj"]  # no bridge-made modules
+    torch.manual_seed(0)
+    with tl.adapted(LoraSpec(r=2, alpha=4, target_modules=("c_attn", "mlp.c_proj"))) as ad:
+        with torch.no_grad():
+            torch.testing.assert_close(ad.logits(TOKS), tl.forward(TOKS), rtol=0, atol=1e-5)
+        opt = torch.optim.AdamW(ad.parameters(), lr=1e-2)
+        ad.train()
+        for _ in range(2):
+            ad.loss(TOKS, TOKS).backward()
+            opt.step()
+            opt.zero_grad()
+        ad.eval()
+        with torch.no_grad():
+            tuned = ad.logits(TOKS)
+        out = ad.save(tmp_path / "ad")
+    assert (tuned - tl.forward(TOKS)).abs().max() > 1e-3
+    _assert_restored(tl.hf_model, snap)
+    with nn.load_adapter(out) as again, torch.no_grad():
+        torch.testing.assert_close(again.logits(TOKS), tuned, rtol=0, atol=1e-5)
