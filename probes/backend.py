@@ -27,7 +27,7 @@ from .sites import Site, execution_order, parse_site
 
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # the weights API's types (probes.weights imports torch-side helpers lazily)
+if TYPE_CHECKING:  # types of the weights API (its module is imported at call time)
     from contextlib import AbstractContextManager as ContextManager
     from pathlib import Path
 

@@ -160,6 +160,10 @@ def weight_masks(probe: "Probe", factors: Mapping[str, Factor]) -> Iterator[None
             :func:`block_weights`.
     Raises InputError for a path that names no weight or a tensor of the wrong shape, ConfigError
     when a weight already carries a mask (masks do not nest). Unnamed weights stay as they are.
+
+    The masks act in place on the probe's model (nothing is copied), so every run of this probe sees
+    them while the block is open, from any thread; give concurrent users that need the unmasked
+    weights meanwhile their own probe.
     """
     from torch.nn.utils import parametrize
 
@@ -324,8 +328,8 @@ class AdaptedModel:
 
     The copy is made once, at creation; the probe's own model is never modified, so other readers of
     the probe (threads, the dashboard) keep seeing the base weights while the adapter trains. Only
-    the adapter's parameters are trainable. The copy is the plain HF model on either backend (no
-    hooks; the forward is transformers' own). Use it as a context manager to drop the copy on exit.
+    the adapter's parameters are trainable. The copy is the HF model as transformers built it on
+    either backend (no TransformerLens bridges). Use it as a context manager to drop the copy on exit.
     """
 
     def __init__(self, probe: "Probe", model: torch.nn.Module):
