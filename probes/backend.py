@@ -25,6 +25,14 @@ from .errors import ConfigError, InputError, OutOfMemoryError, UnknownSiteError,
 from .reducers import Reducer
 from .sites import Site, execution_order, parse_site
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # types of the weights API (its module is imported at call time)
+    from contextlib import AbstractContextManager as ContextManager
+    from pathlib import Path
+
+    from .weights import AdaptedModel, Factor, LoraSpec, WeightSpec
+
 __all__ = ["Probe", "ModelInfo", "Reads", "BACKENDS"]
 
 BACKENDS = ("nnsight", "transformer_lens")
@@ -277,6 +285,58 @@ class Probe:
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap
         return logits
+
+    def weights(self, layers: Sequence[int] | None = None) -> "list[WeightSpec]":
+        """The maskable block weight matrices (path, layer, name, storage shape); see :mod:`probes.weights`."""
+        from .weights import block_weights
+
+        return block_weights(self, layers)
+
+    def weight_masks(self, factors: "Mapping[str, Factor]") -> "ContextManager[None]":
+        """Context: each named weight is ``W ⊙ factor`` on both backends, restored exactly on exit.
+
+        >>> with probe.weight_masks({w.path: keep[w.path] for w in probe.weights()}):
+        ...     logits = probe.run(tokens)
+        """
+        from .weights import weight_masks
+
+        return weight_masks(self, factors)
+
+    def only_blocks(self, keep: Sequence[int]) -> "ContextManager[None]":
+        """Context: the HF forward runs only the blocks in ``keep`` (see :func:`probes.weights.only_blocks`)."""
+        from .weights import only_blocks
+
+        return only_blocks(self, keep)
+
+    def frozen_weights(self) -> "ContextManager[None]":
+        """Context: no model parameter requires grad inside; the flags are restored on exit."""
+        from .weights import frozen_weights
+
+        return frozen_weights(self)
+
+    def trainable_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Plain forward with autograd on (no hooks, no KV cache) -> logits ``[B, T, V]``: for training
+        masks or other parameters outside the model through :meth:`weight_masks`."""
+        ids = torch.as_tensor(tokens).to(self.device)
+        return self.hf_model(input_ids=ids, use_cache=False).logits
+
+    def adapter_targets(self, names: Sequence[str]) -> list[str]:
+        """The entries of ``names`` that name a module of this model (PEFT's suffix rule)."""
+        from .weights import adapter_targets
+
+        return adapter_targets(self, names)
+
+    def adapted(self, lora: "LoraSpec") -> "AdaptedModel":
+        """A trainable private copy of the model with a fresh LoRA adapter (the probe is untouched)."""
+        from .weights import adapted
+
+        return adapted(self, lora)
+
+    def load_adapter(self, folder: "str | Path") -> "AdaptedModel":
+        """A private copy of the model with a saved LoRA adapter (safetensors only), in eval mode."""
+        from .weights import load_adapter
+
+        return load_adapter(self, folder)
 
     # ----------------------------------------------------------------------------- running
     @torch.no_grad()

@@ -220,9 +220,9 @@ def test_others_drop_equals_skipping_the_blocks(trained):
     full = dict(kept, **{w.path: torch.zeros(w.shape, dtype=torch.bool) for w in B.dropped_weights(probe, cfg)})
     with torch.no_grad():
         with B.apply_mask(probe, full):
-            a = probe.hf_model(input_ids=x).logits
-        with B.apply_mask(probe, kept), B._only_blocks(probe, [0]):
-            b = probe.hf_model(input_ids=x).logits
+            a = probe.forward(x)
+        with B.apply_mask(probe, kept), probe.only_blocks([0]):
+            b = probe.forward(x)
     torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
     r = B.run(probe, ids, B.short_run_config(4, lam=3.0, batch=2, seq_len=32, eval_rows=4, layers=(0,), others="drop"), evaluate=False)
     assert set(r.masks) == {w.path for w in B.masked_weights(probe)}
