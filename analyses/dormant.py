@@ -29,8 +29,7 @@ with the largest spread of sink mass across domains).
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Mapping, Sequence
 
 import pandas as pd

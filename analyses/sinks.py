@@ -29,7 +29,6 @@ the test suite checks the two agree.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Mapping, Sequence
 
@@ -291,7 +290,7 @@ def _finalize_reads(reads: Mapping[str, Reducer | list[Reducer]], n: int, *, val
         out["value_norm"] = torch.stack([v[0].finalize().float().T for v in v_reads])
     if kv_norms:  # [T, K] per layer -> [L, K, T]
         out["value_state_norm"] = torch.stack([v[-1].finalize().float().T for v in v_reads])
-        if f"blocks.0.attn.hook_k" in reads:
+        if "blocks.0.attn.hook_k" in reads:
             out["key_norm"] = torch.stack([reads[f"blocks.{L}.attn.hook_k"].finalize().float().T for L in range(n)])
         else:
             out["key_norm"] = torch.zeros(n, out["value_state_norm"].shape[1], 0)

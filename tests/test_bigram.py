@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import math
 import stat
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from analyses import bigram as B
-from probes import ConfigError, InputError, SondeError
+from probes import ConfigError, InputError
 
 ROOT = Path(__file__).resolve().parents[1]
 K = 16  # content tokens 4..19, noise tokens 20..35

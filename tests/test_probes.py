@@ -6,7 +6,7 @@ import torch
 
 import tiny_models
 from probes import (Ablate, AddVector, AttendTo, Collect, ConfigError, InputError, Mean, Patch, UnknownSiteError,
-                    UnsupportedModelError, ZeroAttention, all_sites, from_hf, parse_site)
+                    UnsupportedModelError, ZeroAttention, all_sites, from_hf)
 
 
 def pair(family):

@@ -55,7 +55,6 @@ from __future__ import annotations
 import math
 import os
 import socket
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
