@@ -582,7 +582,7 @@ def _load_checkpoint(folder: Path, fp: str, masks: MaskSet, opt: torch.optim.Opt
 
 def train_mask(probe, train_rows: torch.Tensor, table: BigramTable | None, cfg: Config, *,
                checkpoint: str | Path | None = None, checkpoint_every: int = 50, input_hash: str = "",
-               callback: Callable[[dict], None] | None = None) -> tuple[MaskSet, pd.DataFrame, int, bool]:
+               progress: Callable[[dict], None] | None = None) -> tuple[MaskSet, pd.DataFrame, int, bool]:
     """Continuous sparsification (Eq. 1) of the probe's block weights toward the bigram (or self) target.
 
     Args:
@@ -590,7 +590,7 @@ def train_mask(probe, train_rows: torch.Tensor, table: BigramTable | None, cfg: 
         table: the bigram table (unused for ``target="self"``).
         checkpoint: folder for resumable state (mask logits + AdamW state, safetensors); a run with the
             same model, config and inputs resumes from it.
-        callback: called with each curve point (dict) — the CLI's progress bar.
+        progress: called with each curve point (dict) — the CLI's progress bar.
     Returns ``(mask set, curve DataFrame, steps done, stopped early)``.
     """
     weights = masked_weights(probe, cfg.layers)
@@ -635,8 +635,8 @@ def train_mask(probe, train_rows: torch.Tensor, table: BigramTable | None, cfg: 
                     point = {"step": step, "xent": xent_sum, "loss": xent_sum + cfg.lam * st["mean_sigma"],
                              "kept": st["kept"], "undecided": st["undecided"], "mean_sigma": st["mean_sigma"], "beta": masks.beta}
                     curve.append(point)
-                    if callback is not None:
-                        callback(point)
+                    if progress is not None:
+                        progress(point)
                     # paper code: stop when undecided < 1 % of the masks above 0.9 (checked before β grows)
                     if cfg.stop_undecided is not None and st["n_undecided"] < cfg.stop_undecided * max(st["n_above"], 1):
                         stopped = True
@@ -864,7 +864,7 @@ def _corpus_label(corpus) -> str:
 
 def run(probe, corpus: "str | Path | torch.Tensor | Sequence[int]" = "builtin", config: Config = Config(), *,
         evaluate: bool = True, checkpoint: str | Path | None = None, checkpoint_every: int = 50,
-        callback: Callable[[dict], None] | None = None, table: BigramTable | None = None) -> BigramResult:
+        progress: Callable[[dict], None] | None = None, table: BigramTable | None = None) -> BigramResult:
     """Learn a bigram (or optimal-pruning) subnetwork of ``probe``'s blocks and evaluate it.
 
     Args:
@@ -892,7 +892,7 @@ def run(probe, corpus: "str | Path | torch.Tensor | Sequence[int]" = "builtin", 
         _check_corpus_size(train_rows.shape[0], config)
         with timer("train"):
             ms, curve, steps, stopped = train_mask(probe, train_rows, table, config, checkpoint=checkpoint,
-                                                   checkpoint_every=checkpoint_every, input_hash=input_hash, callback=callback)
+                                                   checkpoint_every=checkpoint_every, input_hash=input_hash, progress=progress)
         masks = ms.binary()
     for w in dropped_weights(probe, config):  # others="drop": outside `layers` nothing is kept
         masks[w.path] = torch.zeros(w.shape, dtype=torch.bool)

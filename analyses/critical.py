@@ -35,7 +35,6 @@ from __future__ import annotations
 import copy
 import inspect
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Literal, Sequence

@@ -29,8 +29,7 @@ with the largest spread of sink mass across domains).
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Mapping, Sequence
 
 import pandas as pd
@@ -341,14 +340,14 @@ def _pick_heads(config: Config, sink_mass: torch.Tensor, dormant: torch.Tensor, 
 
 
 def run(probe, domains: Sequence[str] | Mapping[str, Sequence[str]] = ("prose", "code", "arithmetic"), *,
-        config: Config = Config(), step=None) -> DormantResult:
+        config: Config = Config(), progress=None) -> DormantResult:
     """Sink mass, value drains, residual peaks and the dormant map per domain, plus the causal check.
 
     Args:
         probe: a loaded probe.
         domains: built-in domain names, or ``{name: texts}`` (e.g. :func:`analyses.core.domains.load_jsonl`).
         config: :class:`Config`.
-        step: optional progress callback ``step(n)``.
+        progress: optional progress callback ``progress(n)``.
     """
     timer = base.Timer()
     with timer("tokenize"):
@@ -366,7 +365,7 @@ def run(probe, domains: Sequence[str] | Mapping[str, Sequence[str]] = ("prose", 
     with timer("stats"):
         for b in batches:
             stats.append(collect_stats(probe, b.tokens, positions=(s,), eps_grid=(config.theta,), batch_size=config.batch_size,
-                                       loss=True, per_sample=follow, step=step))
+                                       loss=True, per_sample=follow, progress=progress))
     token_id, agreement, label = None, (), f"position {s}"
     if config.sink_token is not None:
         ids = probe.tokenizer(config.sink_token, add_special_tokens=False).input_ids

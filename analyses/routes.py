@@ -1111,7 +1111,7 @@ def _ffn_on_route(route, n_layers: int) -> torch.Tensor:
 
 
 def accumulate(probe, records: Iterable, *, config: DatasetConfig = DatasetConfig(), stats: RouteStats | None = None,
-               checkpoint=None, on_progress: Callable[[int], None] | None = None) -> tuple[RouteStats, int]:
+               checkpoint=None, progress: Callable[[int], None] | None = None) -> tuple[RouteStats, int]:
     """Fold prompts into a :class:`RouteStats` reducer (the unit a shard worker runs).
 
     Returns ``(stats, n_skipped)``; ``stats`` can be merged with other shards' (``stats.merge``) and
@@ -1143,8 +1143,8 @@ def accumulate(probe, records: Iterable, *, config: DatasetConfig = DatasetConfi
             stats.add(domain, r.head_importance(route=route), _ffn_on_route(route, probe.info.n_layers))
         if checkpoint is not None and n_seen % config.checkpoint_every == 0:
             checkpoint.save(n_seen, {"stats": stats}, extra={"skipped": skipped})
-        if on_progress:
-            on_progress(1)
+        if progress:
+            progress(1)
     return stats, skipped
 
 
@@ -1163,16 +1163,16 @@ def stats_result(probe_or_info, stats: RouteStats, *, config: DatasetConfig, n_s
 
 
 def run_dataset(probe, records: Iterable, *, config: DatasetConfig = DatasetConfig(), checkpoint=None,
-                on_progress: Callable[[int], None] | None = None, input_hash: str = "") -> RouteStatsResult:
+                progress: Callable[[int], None] | None = None, input_hash: str = "") -> RouteStatsResult:
     """Route statistics over many prompts (memory independent of their number).
 
     Args:
         records: :class:`analyses.core.io.Record` items (or plain strings); ``domain`` groups the statistics
             ("all" when absent).
         checkpoint: an :class:`analyses.core.io.Checkpoint`; a re-run with the same one resumes after the last save.
-        on_progress: called with 1 after each prompt.
+        progress: called with 1 after each prompt.
     """
     timer = Timer()
     with timer("routes"):
-        stats, skipped = accumulate(probe, records, config=config, checkpoint=checkpoint, on_progress=on_progress)
+        stats, skipped = accumulate(probe, records, config=config, checkpoint=checkpoint, progress=progress)
     return stats_result(probe, stats, config=config, n_skipped=skipped, input_hash=input_hash, timings=timer.seconds)

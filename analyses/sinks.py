@@ -29,7 +29,6 @@ the test suite checks the two agree.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Mapping, Sequence
 
@@ -243,7 +242,7 @@ def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 def collect_stats(probe, tokens: torch.Tensor, *, positions: Sequence[int], eps_grid: Sequence[float] = EPS_GRID,
                   batch_size: int = 8, values: bool = True, resid: bool = True, loss: bool = False,
-                  kv_norms: bool = False, per_sample: bool = False, step=None) -> dict[str, Any]:
+                  kv_norms: bool = False, per_sample: bool = False, progress=None) -> dict[str, Any]:
     """One streamed pass over ``tokens [S, T]``.
 
     Returns ``alpha_mean [L, H, T]``, ``exceed [E, L, H, K]``, ``n``, and when asked
@@ -264,8 +263,8 @@ def collect_stats(probe, tokens: torch.Tensor, *, positions: Sequence[int], eps_
         logits = probe.run(b, reads=reads, return_logits=loss)
         if loss:
             losses.append(next_token_loss(logits, b).cpu())
-        if step is not None:
-            step(b.shape[0])
+        if progress is not None:
+            progress(b.shape[0])
     if per:
         for L, r in per.items():
             reads[f"blocks.{L}.attn.hook_pattern"] = reads[f"blocks.{L}.attn.hook_pattern"][0]
@@ -291,7 +290,7 @@ def _finalize_reads(reads: Mapping[str, Reducer | list[Reducer]], n: int, *, val
         out["value_norm"] = torch.stack([v[0].finalize().float().T for v in v_reads])
     if kv_norms:  # [T, K] per layer -> [L, K, T]
         out["value_state_norm"] = torch.stack([v[-1].finalize().float().T for v in v_reads])
-        if f"blocks.0.attn.hook_k" in reads:
+        if "blocks.0.attn.hook_k" in reads:
             out["key_norm"] = torch.stack([reads[f"blocks.{L}.attn.hook_k"].finalize().float().T for L in range(n)])
         else:
             out["key_norm"] = torch.zeros(n, out["value_state_norm"].shape[1], 0)
@@ -547,7 +546,7 @@ def _tokens_for(probe, config: Config, texts, tokens, domain) -> tuple[torch.Ten
 
 
 def run(probe, texts: Sequence[str] | str | None = None, *, tokens: torch.Tensor | None = None,
-        domain: str | None = None, config: Config = Config(), step=None) -> SinksResult:
+        domain: str | None = None, config: Config = Config(), progress=None) -> SinksResult:
     """Sink metric, value drains and residual peaks over a corpus.
 
     Args:
@@ -556,7 +555,7 @@ def run(probe, texts: Sequence[str] | str | None = None, *, tokens: torch.Tensor
         tokens: or ids ``[S, ≥T]`` (e.g. the random/repeat controls).
         domain: or a built-in domain name (``prose``, ``code``, ``arithmetic``, ``random``, ``repeat``).
         config: :class:`Config`.
-        step: optional progress callback ``step(n_samples_done)``.
+        progress: optional progress callback ``progress(n_samples_done)``.
     """
     if texts is None and tokens is None and domain is None:
         domain = "prose"
@@ -569,7 +568,7 @@ def run(probe, texts: Sequence[str] | str | None = None, *, tokens: torch.Tensor
     eps_grid = eps_grid_for(config)
     with timer("stats"):
         st = collect_stats(probe, toks, positions=config.positions, eps_grid=eps_grid, batch_size=config.batch_size,
-                           values=config.values, resid=True, kv_norms=config.kv_norms, step=step)
+                           values=config.values, resid=True, kv_norms=config.kv_norms, progress=progress)
     return _result(probe, st, toks[: config.ablation_samples], config=config, eps_grid=eps_grid, n_skipped=skipped,
                    source=source, input_hash=hash_inputs(toks), timer=timer)
 
@@ -606,7 +605,7 @@ def _result(probe, st: Mapping[str, Any], head: torch.Tensor, *, config: Config,
 
 
 # ----------------------------------------------------------------------------- shards (sweeps)
-def accumulate(probe, texts: Sequence[str], config: Config = Config(), *, step=None) -> dict[str, Any]:
+def accumulate(probe, texts: Sequence[str], config: Config = Config(), *, progress=None) -> dict[str, Any]:
     """One shard of a sweep: tokenize ``texts`` (shorter than T tokens: skipped and counted) and stream them.
 
     Returns a plain, picklable partial state: ``reads`` (site -> reducer ``state()``), ``n_skipped``,
@@ -620,8 +619,8 @@ def accumulate(probe, texts: Sequence[str], config: Config = Config(), *, step=N
     for i in range(0, toks.shape[0], config.batch_size):
         b = toks[i:i + config.batch_size]
         probe.run(b, reads=reads, return_logits=False)
-        if step is not None:
-            step(b.shape[0])
+        if progress is not None:
+            progress(b.shape[0])
     return {"reads": {k: _state_of(r) for k, r in reads.items()}, "n_skipped": int(skipped), "n_texts": len(texts),
             "head": toks[: config.ablation_samples].cpu()}
 

@@ -342,7 +342,6 @@ def show_error(e: Exception) -> None:
 
 def _stored_folder(key: tuple) -> "Path":
     import hashlib
-    from pathlib import Path
 
     from analyses.core import store as _store
 

@@ -317,7 +317,7 @@ class Job:
         return 0.0 if not self.total else min(1.0, self.done_steps / self.total)
 
     def step(self, n: int = 1) -> None:
-        """Progress callback for the analysis (``step=`` / ``on_progress=``): counts and checks the cancel flag."""
+        """Progress callback for the analysis (``progress=``): counts and checks the cancel flag."""
         self.done_steps += int(n)
         if self.cancel.is_set():
             raise Cancelled(f"{self.label} was cancelled after {self.done_steps} steps.", hint="Start it again to rerun.")

@@ -81,7 +81,7 @@ def _fingerprint(model: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def _summary(model, name: str, source: str, arch: ArchSpec) -> ModelInfo:
+def _summary(model, name: str, source: str, arch: ArchSpec, fingerprint: str | None = None) -> ModelInfo:
     c = model.config
     n_heads = int(getattr(c, arch.n_heads_attr))
     n_kv = int(getattr(c, arch.n_kv_attr, None) or n_heads) if arch.n_kv_attr else n_heads
@@ -97,7 +97,7 @@ def _summary(model, name: str, source: str, arch: ArchSpec) -> ModelInfo:
         name=name, source=source, family=arch.family, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv,
         d_model=d_model, d_head=d_head, d_mlp=d_mlp, d_vocab=int(c.vocab_size), n_ctx=n_ctx, n_params=n_params,
         positional=positional, parallel_blocks=arch.parallel, dtype=str(p.dtype).replace("torch.", ""),
-        device=str(p.device), fingerprint=_fingerprint(model),
+        device=str(p.device), fingerprint=fingerprint or _fingerprint(model),
     )
 
 

@@ -319,11 +319,10 @@ def load_hf(
     else:
         load_from, tok_src = name, name
         model_kw = {**kw, "use_safetensors": True}
-    device_kw = {} if device_map is not None else {}
     try:
         try:
             tok = AutoTokenizer.from_pretrained(str(tok_src), local_files_only=True, trust_remote_code=trust_remote_code, **({"revision": revision} if revision else {}))
-            model = AutoModelForCausalLM.from_pretrained(load_from, local_files_only=True, **model_kw, **device_kw)
+            model = AutoModelForCausalLM.from_pretrained(load_from, local_files_only=True, **model_kw)
         except OSError as local_err:
             if load_from != name or not _hub_reachable():
                 raise ModelLoadError(

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import math
 import stat
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from analyses import bigram as B
-from probes import ConfigError, InputError, SondeError
+from probes import ConfigError, InputError
 
 ROOT = Path(__file__).resolve().parents[1]
 K = 16  # content tokens 4..19, noise tokens 20..35
@@ -389,11 +388,11 @@ def test_resume_after_kill_matches_uninterrupted(trained, tmp_path):
 
     ck = tmp_path / "ck"
     with pytest.raises(KeyboardInterrupt):
-        B.run(probe, ids, cfg, evaluate=False, checkpoint=ck, checkpoint_every=10, callback=die)
+        B.run(probe, ids, cfg, evaluate=False, checkpoint=ck, checkpoint_every=10, progress=die)
     assert sorted(p.name for p in ck.iterdir()) == ["mask_state.safetensors"]  # one file, one rename per save
     assert stat.S_IMODE(ck.stat().st_mode) == 0o700
     seen = []
-    resumed = B.run(probe, ids, cfg, evaluate=False, checkpoint=ck, checkpoint_every=10, callback=seen.append)
+    resumed = B.run(probe, ids, cfg, evaluate=False, checkpoint=ck, checkpoint_every=10, progress=seen.append)
     assert [p["step"] for p in seen] == [20, 30]  # continued from step 10
     assert all(torch.equal(resumed.masks[k], v) for k, v in ref.masks.items())
     assert resumed.curve["step"].tolist() == ref.curve["step"].tolist()

@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from .common import check_out_file, model_options, writes_file, BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, app, echo_json, load_probe, results_app, status
+from .common import check_out_file, model_options, writes_file, BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, app, echo_json, load_probe, results_app
 
 
 @app.command()
@@ -54,7 +54,7 @@ def capture(
     from safetensors.torch import save_file
 
     from analyses.core.io import iter_records
-    from probes import Collect, InputError, parse_site
+    from probes import InputError, parse_site
 
     if (prompt is None) == (input is None):
         raise InputError("give exactly one of --prompt or --input.")

@@ -125,7 +125,7 @@ def register(run_app: typer.Typer) -> None:
         from analyses.core.cluster import _threads
 
         with progress(len(records), "routes") as step, _threads(threads):
-            res = routes.run_dataset(probe, records, config=cfg, checkpoint=ck, on_progress=step, input_hash=ih)
+            res = routes.run_dataset(probe, records, config=cfg, checkpoint=ck, progress=step, input_hash=ih)
         path = res.save(out_dir)
         ck.clear()
         saved(path, as_json, {"prompts": int(res.n.sum()), "skipped": res.n_skipped, "domains": ", ".join(res.domains)})

@@ -132,7 +132,7 @@ elif train_sig is not None:
         from dashboard.state import model_lock
 
         with model_lock():  # the mask is trained on the shared model: no other forward pass meanwhile
-            return B.run(probe, corpus, cfg, callback=lambda point: job.step(1))
+            return B.run(probe, corpus, cfg, progress=lambda point: job.step(1))
 
     res = workbench.background_result("bigram_train", "Learning a mask", train_sig, _train, total=cfg.steps,
                                       waiting="The mask is being learned in the background; results appear when it finishes.")
