@@ -8,7 +8,6 @@ browser context, so nothing is carried over from an earlier visit but the server
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from urllib.parse import parse_qs, urlencode, urlparse
 
 import pytest
