@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 from typing import Any
 
 import torch
@@ -140,6 +141,7 @@ class RemoteProbe(Probe):
 
         if remote not in (True, "local"):
             raise ConfigError(f"remote={remote!r}; use True (NDIF) or 'local' (simulate the request here).")
+        self._lock = threading.RLock()  # what Probe.__init__ makes (this skips it: no local weights)
         self.nn = lm
         self.remote = remote
         self.hf_model = lm._module
