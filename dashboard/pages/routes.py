@@ -54,7 +54,7 @@ def _dataset_job(probe, recs, cfg):
                 pass
             job.step(n)
 
-        stats, skipped = routes.accumulate(workbench.LockedProbe(probe, job), recs, config=cfg, stats=stats, on_progress=progress)
+        stats, skipped = routes.accumulate(probe, recs, config=cfg, stats=stats, on_progress=progress)
         res = routes.stats_result(probe, stats, config=cfg, n_skipped=skipped,
                                   input_hash=hash_inputs([r.text for r in recs], [r.domain for r in recs]),
                                   timings={"routes": time.time() - job.started})

@@ -102,7 +102,7 @@ with tab_dorm:
         else:
             st.session_state.pop("dormant_res", None)
             workbench.run_job("dormant", "Dormant map",
-                              lambda job: dormant.run(workbench.LockedProbe(probe, job), tuple(doms), config=dcfg, step=job.step),
+                              lambda job: dormant.run(probe, tuple(doms), config=dcfg, step=job.step),
                               total=int(nd) * len(doms), restart=True)
     job = workbench.job_view("dormant")
     if job is not None and job.finished and job.result is not None:
