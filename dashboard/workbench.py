@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import streamlit as st
 
-from probes import SondeError
+from probes import SondeError, head_label
 
 __all__ = ["PAGES", "go", "page_link", "selectable_heads", "head_from_selection", "node_from_selection", "component_panel", "profile_for", "Job",
            "Cancelled", "run_job", "job_view", "component_check"]
@@ -106,7 +106,7 @@ def selectable_heads(fig: Any) -> Any:
         for h in range(H):
             px_.append(xs[h])
             py_.append(ys[l])
-            text.append(f"L{l}H{h}: {z[l, h]:.3f}")
+            text.append(f"{head_label(l, h)}: {z[l, h]:.3f}")
     fig.add_trace(go.Scatter(x=px_, y=py_, mode="markers", customdata=[t.split(":")[0] for t in text], text=text,
                              hovertemplate="%{text}<extra>click to open</extra>", showlegend=False,
                              marker=dict(symbol="square", size=max(6, min(24, int(300 / max(L, H)))), opacity=0.01,
@@ -144,7 +144,7 @@ def head_from_selection(event: Any) -> str | None:
             return label
         x, y = _axis_int(p.get("x")), _axis_int(p.get("y"))
         if x is not None and y is not None:
-            return f"L{y}H{x}"
+            return head_label(y, x)
     return None
 
 

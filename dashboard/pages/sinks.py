@@ -127,11 +127,11 @@ with tab_dorm:
         prompt = st.text_input("Prompt", "Summer is warm. Winter is cold.")
         if lab and probe is not None:
             try:
-                from probes import parse_head
+                from probes import parse_head, site
 
                 l, h = parse_head(lab)
                 toks = probe.to_tokens(prompt, prepend_bos=True)
-                A = probe.cache(toks, [f"blocks.{l}.attn.hook_pattern"])[f"blocks.{l}.attn.hook_pattern"][0, h]
+                A = probe.cache(toks, [site("pattern", l).name])[site("pattern", l).name][0, h]
                 import plotly.graph_objects as pgo
 
                 strs = probe.to_str_tokens(toks[0])
