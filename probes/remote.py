@@ -149,6 +149,14 @@ class RemoteProbe(Probe):
         self.arch = arch_for(self.hf_model)
         self.info = _info(self.hf_model, name, source, self.arch)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # nnsight serializes the probe with a trace's frame; a lock belongs to one process and is remade on arrival
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
+
     def supports(self, feature: str) -> bool:
         if feature in ("remote",):
             return True
