@@ -50,6 +50,7 @@ import pandas as pd
 import torch
 
 from probes.errors import ConfigError, InputError
+from probes.labels import head_label
 from probes.weights import WeightSpec
 
 from .core.base import Config as _BaseConfig
@@ -773,7 +774,7 @@ class BigramResult(Result):
 
     def head_labels(self) -> list[str]:
         L, H = self.head_kept.shape
-        return [f"L{l}H{h}" for l in range(L) for h in range(H)]
+        return [head_label(l, h) for l in range(L) for h in range(H)]
 
     def to_frame(self) -> pd.DataFrame:
         """Tidy per-matrix sparsity: ``model, layer, matrix, kept, total, value`` (value = kept fraction)."""

@@ -49,7 +49,9 @@ import pandas as pd
 import torch
 
 from probes.errors import ConfigError, InputError, OutOfMemoryError, UnsupportedModelError
+from probes.labels import ffn_label, head_label, node_label
 from probes.reducers import Reducer
+from probes.sites import Site
 
 from .core.base import Config as _BaseConfig
 from .core.base import Result, Timer, register_result
@@ -335,7 +337,7 @@ def threshold_renormalize(parts: torch.Tensor, resid: torch.Tensor, tau: float) 
 
 def node_name(kind: Literal["X", "A", "M", "I"], layer: int, pos: int) -> str:
     """LLM-TT node name: ``X0_t``, ``A{l}_t``, ``M{l}_t``, ``I{l}_t``."""
-    return f"X0_{pos}" if kind == "X" else f"{kind}{layer}_{pos}"
+    return node_label(kind, layer, pos)
 
 
 def max_prompt_tokens(n_layers: int, n_heads: int, max_memory_gb: float, itemsize: int = 4) -> int:
@@ -405,8 +407,7 @@ class _Decomposer:
             if self.cfg.level == "neuron":
                 kinds.append("mlp_post")
             for k in kinds:
-                name = ("blocks.{L}.attn.hook_" if k in ("v", "pattern") else "blocks.{L}.mlp.hook_" if k == "mlp_post"
-                        else "blocks.{L}.hook_").format(L=L) + ("post" if k == "mlp_post" else k)
+                name = Site(k, L).name
                 r[name] = _Tap(lambda x, L=L, k=k: self.visit(L, k, x))
         return r
 
@@ -1062,8 +1063,8 @@ class RouteStatsResult(Result):
         for k, dom in enumerate(self.domains):
             for l in range(L):
                 for h in range(H):
-                    rows.append((model, dom, l, h, f"L{l}H{h}", float(self.head_freq[k, l, h]), float(self.head_mean[k, l, h]), int(self.n[k])))
-                rows.append((model, dom, l, None, f"L{l}FFN", float(self.ffn_freq[k, l]), float(self.ffn_mean[k, l]), int(self.n[k])))
+                    rows.append((model, dom, l, h, head_label(l, h), float(self.head_freq[k, l, h]), float(self.head_mean[k, l, h]), int(self.n[k])))
+                rows.append((model, dom, l, None, ffn_label(l), float(self.ffn_freq[k, l]), float(self.ffn_mean[k, l]), int(self.n[k])))
         df = pd.DataFrame(rows, columns=["model", "domain", "layer", "head", "component", "freq", "mean_importance", "n"])
         df["head"] = df["head"].astype("Int64")
         return df

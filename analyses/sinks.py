@@ -38,7 +38,9 @@ import torch
 from probes import Ablate, Collect, Mean, Reducer, l2_norm, reducer_from_state
 from probes.attention import expand_kv
 from probes.errors import ConfigError, InputError, SondeError
+from probes.labels import layer_label
 from probes.sites import parse_site
+from probes.sites import site as _site  # `site` names a local hook name below
 
 from .core import base, domains as _domains
 from .core.store import hash_inputs
@@ -215,20 +217,20 @@ def make_reducers(probe, positions: Sequence[int], eps_grid: Sequence[float], *,
     reads: dict[str, Reducer | list[Reducer]] = {}
     keys = kv_norms and _has_site(probe, "blocks.0.attn.hook_k")
     for L in range(n):
-        reads[f"blocks.{L}.attn.hook_pattern"] = SinkAlpha(positions, eps_grid)
+        reads[_site("pattern", L).name] = SinkAlpha(positions, eps_grid)
         v: list[Reducer] = []
         if values:
             v.append(Mean(dims=(0,), transform=_ValueNorm(probe.W_O(L))))
         if kv_norms:
             v.append(Mean(dims=(0,), transform=l2_norm))
         if v:
-            reads[f"blocks.{L}.attn.hook_v"] = v
+            reads[_site("v", L).name] = v
         if keys:
-            reads[f"blocks.{L}.attn.hook_k"] = Mean(dims=(0,), transform=l2_norm)
+            reads[_site("k", L).name] = Mean(dims=(0,), transform=l2_norm)
     if resid:
         reads["blocks.0.hook_resid_pre"] = Mean(dims=(0,), transform=l2_norm)
         for L in range(n):
-            reads[f"blocks.{L}.hook_resid_post"] = Mean(dims=(0,), transform=l2_norm)
+            reads[_site("resid_post", L).name] = Mean(dims=(0,), transform=l2_norm)
     return reads
 
 
@@ -256,7 +258,7 @@ def collect_stats(probe, tokens: torch.Tensor, *, positions: Sequence[int], eps_
     reads = make_reducers(probe, positions, eps_grid, values=values, resid=resid, kv_norms=kv_norms)
     per = {L: Collect(transform=alpha_from_pattern) for L in range(probe.info.n_layers)} if per_sample else {}
     for L, r in per.items():
-        reads[f"blocks.{L}.attn.hook_pattern"] = [reads[f"blocks.{L}.attn.hook_pattern"], r]
+        reads[_site("pattern", L).name] = [reads[_site("pattern", L).name], r]
     losses = []
     for i in range(0, tokens.shape[0], batch_size):
         b = tokens[i:i + batch_size]
@@ -267,7 +269,7 @@ def collect_stats(probe, tokens: torch.Tensor, *, positions: Sequence[int], eps_
             progress(b.shape[0])
     if per:
         for L, r in per.items():
-            reads[f"blocks.{L}.attn.hook_pattern"] = reads[f"blocks.{L}.attn.hook_pattern"][0]
+            reads[_site("pattern", L).name] = reads[_site("pattern", L).name][0]
     out = _finalize_reads(reads, probe.info.n_layers, values=values, resid=resid, kv_norms=kv_norms)
     if per:
         out["alpha"] = torch.stack([per[L].finalize().float() for L in range(probe.info.n_layers)], dim=1)
@@ -279,24 +281,24 @@ def collect_stats(probe, tokens: torch.Tensor, *, positions: Sequence[int], eps_
 def _finalize_reads(reads: Mapping[str, Reducer | list[Reducer]], n: int, *, values: bool, resid: bool,
                     kv_norms: bool = False) -> dict[str, Any]:
     """Statistics from the (possibly merged) reducers of :func:`make_reducers` (n layers)."""
-    alphas = [reads[f"blocks.{L}.attn.hook_pattern"].finalize() for L in range(n)]
+    alphas = [reads[_site("pattern", L).name].finalize() for L in range(n)]
     out: dict[str, Any] = {
         "alpha_mean": torch.stack([a["alpha_mean"] for a in alphas]),
         "exceed": torch.stack([a["exceed"] for a in alphas], dim=1),
         "n": alphas[0]["n"],
     }
-    v_reads = [reads[f"blocks.{L}.attn.hook_v"] if (values or kv_norms) else [] for L in range(n)]
+    v_reads = [reads[_site("v", L).name] if (values or kv_norms) else [] for L in range(n)]
     if values:  # [T, H] per layer -> [L, H, T]
         out["value_norm"] = torch.stack([v[0].finalize().float().T for v in v_reads])
     if kv_norms:  # [T, K] per layer -> [L, K, T]
         out["value_state_norm"] = torch.stack([v[-1].finalize().float().T for v in v_reads])
-        if "blocks.0.attn.hook_k" in reads:
-            out["key_norm"] = torch.stack([reads[f"blocks.{L}.attn.hook_k"].finalize().float().T for L in range(n)])
+        if _site("k", 0).name in reads:
+            out["key_norm"] = torch.stack([reads[_site("k", L).name].finalize().float().T for L in range(n)])
         else:
             out["key_norm"] = torch.zeros(n, out["value_state_norm"].shape[1], 0)
     if resid:
         out["resid_norm"] = torch.stack([reads["blocks.0.hook_resid_pre"].finalize().float()]
-                                        + [reads[f"blocks.{L}.hook_resid_post"].finalize().float() for L in range(n)])
+                                        + [reads[_site("resid_post", L).name].finalize().float() for L in range(n)])
     return out
 
 
@@ -319,15 +321,15 @@ def mlp_ablation(probe, tokens: torch.Tensor, *, layer: int, pos: int, layers: S
 
     Returns a frame ``ablated, sink_norm, max_other_norm, ratio`` (first row ``ablated="none"``).
     """
-    site = f"blocks.{layer}.hook_resid_post"
+    site = _site("resid_post", layer).name
     rows = []
     for abl in [None, *layers]:
         red = Mean(dims=(0,), transform=l2_norm)
-        edits = [] if abl is None else [Ablate(f"blocks.{abl}.hook_mlp_out")]
+        edits = [] if abl is None else [Ablate(_site("mlp_out", abl).name)]
         probe.run(tokens, reads={site: red}, edits=edits, return_logits=False)
         norms = red.finalize().float()
         other = torch.cat([norms[:pos], norms[pos + 1:]]).max()
-        rows.append({"ablated": "none" if abl is None else f"L{abl} MLP", "layer": abl if abl is not None else pd.NA,
+        rows.append({"ablated": "none" if abl is None else f"{layer_label(abl)} MLP", "layer": abl if abl is not None else pd.NA,
                      "sink_norm": float(norms[pos]), "max_other_norm": float(other),
                      "ratio": float(norms[pos] / other.clamp_min(1e-12))})
     df = pd.DataFrame(rows)
@@ -486,7 +488,7 @@ class SinksResult(base.Result):
         L, H, T = self.alpha_mean.shape
         if kind == "heads":
             fig = go.Figure(go.Heatmap(z=self.alpha_mean[:, :, p].numpy(), x=[f"H{h}" for h in range(H)],
-                                       y=[f"L{l}" for l in range(L)], zmin=0, zmax=1, colorscale="Viridis",
+                                       y=[layer_label(l) for l in range(L)], zmin=0, zmax=1, colorscale="Viridis",
                                        colorbar={"title": f"α_{p + 1}"}))
             fig.update_layout(title=f"Mean attention on position {p} (α_{p + 1}) per head", yaxis_autorange="reversed")
         elif kind == "layers":
@@ -496,7 +498,7 @@ class SinksResult(base.Result):
         elif kind == "values":
             fig = go.Figure()
             for l in range(L):
-                fig.add_trace(go.Scatter(y=self.value_norm[l].mean(dim=0).numpy(), name=f"L{l}", mode="lines"))
+                fig.add_trace(go.Scatter(y=self.value_norm[l].mean(dim=0).numpy(), name=layer_label(l), mode="lines"))
             fig.update_layout(title="Value-state norm ‖v W_O,h‖ per position (mean over heads)", xaxis_title="position",
                               yaxis_type="log")
         elif kind in ("keys", "raw_values"):
@@ -504,11 +506,11 @@ class SinksResult(base.Result):
             x = self.per_head(name)
             fig = go.Figure()
             for l in range(L):
-                fig.add_trace(go.Scatter(y=x[l].mean(dim=0).numpy(), name=f"L{l}", mode="lines"))
+                fig.add_trace(go.Scatter(y=x[l].mean(dim=0).numpy(), name=layer_label(l), mode="lines"))
             what = "Key norm ‖k‖ (cached, post-rotary)" if kind == "keys" else "Raw value norm ‖v‖ (before W_O)"
             fig.update_layout(title=f"{what} per position (mean over heads)", xaxis_title="position", yaxis_type="log")
         elif kind == "resid":
-            fig = go.Figure(go.Heatmap(z=self.resid_norm.clamp_min(1e-6).log10().numpy(), y=["embed"] + [f"L{l}" for l in range(L)],
+            fig = go.Figure(go.Heatmap(z=self.resid_norm.clamp_min(1e-6).log10().numpy(), y=["embed"] + [layer_label(l) for l in range(L)],
                                        colorbar={"title": "log10 ‖x‖"}))
             fig.update_layout(title="Residual norm per layer and position", xaxis_title="position", yaxis_autorange="reversed")
         elif kind == "eps":

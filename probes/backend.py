@@ -12,8 +12,11 @@ reducer updates happen here, so every backend computes the same statistics the s
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
+import threading
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
 
@@ -138,16 +141,48 @@ class _Plan:
         return "read" if s in self.reads else None
 
 
+def _serialized(method: Callable) -> Callable:
+    """Run ``method`` holding the probe's lock (see :meth:`Probe.session`)."""
+
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return locked
+
+
 class Probe:
-    """A loaded model with Sonde's read/edit API. Create it with :func:`probes.load_model`."""
+    """A loaded model with Sonde's read/edit API. Create it with :func:`probes.load_model`.
+
+    A probe may be shared between threads (a dashboard's pages and its background runs): every method
+    that runs the model (``run``, ``cache``, ``forward``, ``unembed``) holds the probe's re-entrant lock,
+    so forward passes never interleave and each sees only its own reads and edits. Hold
+    :meth:`session` to make several calls one atomic step.
+    """
 
     backend: str = "base"
 
     def __init__(self, hf_model: torch.nn.Module, tokenizer: Any, *, name: str, source: str):
+        self._lock = threading.RLock()
         self.hf_model = hf_model
         self.tokenizer = tokenizer
         self.arch = arch_for(hf_model)
         self.info = _summary(hf_model, name, source, self.arch)
+
+    @contextlib.contextmanager
+    def session(self):
+        """Hold the probe's lock for several calls, so no other thread runs the model in between.
+
+        The lock is re-entrant: the probe's own methods work inside. Code that drives ``probe.hf_model``
+        directly (its own hooks, ``generate``) should run inside a session too::
+
+            with probe.session():
+                base = probe.run(tokens, reads=reads)
+                edited = probe.run(tokens, edits=edits)
+        """
+        with self._lock:
+            yield self
 
     # ----------------------------------------------------------------------------- features
     def supports(self, feature: str) -> bool:
@@ -274,6 +309,7 @@ class Probe:
         """Input embedding ``[V, d]``."""
         return get_module(self.hf_model, self.arch.embed).weight
 
+    @_serialized
     @torch.no_grad()
     def unembed(self, resid: torch.Tensor, *, apply_norm: bool = True) -> torch.Tensor:
         """Logit lens: final norm then unembedding of a residual ``[..., d]`` -> ``[..., V]``."""
@@ -339,11 +375,13 @@ class Probe:
         return load_adapter(self, folder)
 
     # ----------------------------------------------------------------------------- running
+    @_serialized
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Plain forward pass (no hooks) -> logits ``[B, T, V]``."""
         return self.hf_model(input_ids=self._ids(tokens), attention_mask=attention_mask).logits
 
+    @_serialized
     def run(self, tokens: torch.Tensor, reads: Reads | None = None, edits: Sequence[Edit] = (), *,
             attention_mask: torch.Tensor | None = None, return_logits: bool = True) -> torch.Tensor | None:
         """One forward pass that updates ``reads``' reducers and applies ``edits`` inside the hooks.
@@ -368,6 +406,7 @@ class Probe:
             ) from e
         return logits if return_logits else None
 
+    @_serialized
     def cache(self, tokens: torch.Tensor, sites: Iterable[str | Site], edits: Sequence[Edit] = ()) -> dict[str, torch.Tensor]:
         """Whole activations of a few sites for one (small) batch: ``{name: tensor}`` on the CPU."""
         from .reducers import Collect

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 from typing import Any
 
 import torch
@@ -124,12 +125,21 @@ class RemoteProbe(Probe):
 
         if remote not in (True, "local"):
             raise ConfigError(f"remote={remote!r}; use True (NDIF) or 'local' (simulate the request here).")
+        self._lock = threading.RLock()  # what Probe.__init__ makes (this skips it: no local weights)
         self.nn = lm
         self.remote = remote
         self.hf_model = lm._module
         self.tokenizer = tokenizer
         self.arch = arch_for(self.hf_model)
         self.info = _info(self.hf_model, name, source, self.arch)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # nnsight serializes the probe with a trace's frame; a lock belongs to one process and is remade on arrival
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
 
     def supports(self, feature: str) -> bool:
         if feature in ("remote",):

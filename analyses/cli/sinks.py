@@ -196,13 +196,10 @@ def register(run_app: typer.Typer) -> None:
             doms = [d.strip() for d in domains.split(",") if d.strip()]
             check_domains(doms)
         probe = load_probe(model, backend, device, dtype)
-        L, H = probe.info.n_layers, probe.info.n_heads
         for lab in cfg.heads or ():  # before the statistics pass, not after it
-            from probes import ConfigError, parse_head
+            from probes import parse_head
 
-            l, h = parse_head(lab)
-            if not (0 <= l < L and 0 <= h < H):
-                raise ConfigError(f"head L{l}H{h} does not exist.", hint=f"Layers 0..{L - 1}, heads 0..{H - 1}.")
+            parse_head(lab, probe.info)
         n_dom = len(doms)
         with progress(n_samples * n_dom, "samples") as step:
             res = dormant.run(probe, doms, config=cfg, progress=step)
