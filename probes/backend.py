@@ -31,6 +31,7 @@ from .sites import Site, execution_order, parse_site
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # types of the weights API (its module is imported at call time)
+    from collections.abc import Iterator
     from contextlib import AbstractContextManager as ContextManager
     from pathlib import Path
 
@@ -328,21 +329,27 @@ class Probe:
 
         return block_weights(self, layers)
 
-    def weight_masks(self, factors: "Mapping[str, Factor]") -> "ContextManager[None]":
+    @contextlib.contextmanager
+    def weight_masks(self, factors: "Mapping[str, Factor]") -> "Iterator[None]":
         """Context: each named weight is ``W ⊙ factor`` on both backends, restored exactly on exit.
+        The block holds the probe's lock (:meth:`session`), so other threads never see masked weights.
 
         >>> with probe.weight_masks({w.path: keep[w.path] for w in probe.weights()}):
         ...     logits = probe.run(tokens)
         """
         from .weights import weight_masks
 
-        return weight_masks(self, factors)
+        with self._lock, weight_masks(self, factors):
+            yield
 
-    def only_blocks(self, keep: Sequence[int]) -> "ContextManager[None]":
-        """Context: the HF forward runs only the blocks in ``keep`` (see :func:`probes.weights.only_blocks`)."""
+    @contextlib.contextmanager
+    def only_blocks(self, keep: Sequence[int]) -> "Iterator[None]":
+        """Context: the HF forward runs only the blocks in ``keep`` (see :func:`probes.weights.only_blocks`);
+        holds the probe's lock like :meth:`weight_masks`."""
         from .weights import only_blocks
 
-        return only_blocks(self, keep)
+        with self._lock, only_blocks(self, keep):
+            yield
 
     def frozen_weights(self) -> "ContextManager[None]":
         """Context: no model parameter requires grad inside; the flags are restored on exit."""
@@ -350,6 +357,7 @@ class Probe:
 
         return frozen_weights(self)
 
+    @_serialized
     def trainable_logits(self, tokens: torch.Tensor) -> torch.Tensor:
         """Plain forward with autograd on (no hooks, no KV cache) -> logits ``[B, T, V]``: for training
         masks or other parameters outside the model through :meth:`weight_masks`."""

@@ -161,9 +161,9 @@ def weight_masks(probe: "Probe", factors: Mapping[str, Factor]) -> Iterator[None
     Raises InputError for a path that names no weight or a tensor of the wrong shape, ConfigError
     when a weight already carries a mask (masks do not nest). Unnamed weights stay as they are.
 
-    The masks act in place on the probe's model (nothing is copied), so every run of this probe sees
-    them while the block is open, from any thread; give concurrent users that need the unmasked
-    weights meanwhile their own probe.
+    The masks act in place on the probe's model (nothing is copied). Through ``probe.weight_masks`` the
+    block holds the probe's lock, so other threads wait until the weights are restored; called directly,
+    every run of this probe from any thread sees them while the block is open.
     """
     from torch.nn.utils import parametrize
 
