@@ -22,6 +22,7 @@ if str(ROOT) not in sys.path:
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
 import tiny_models  # noqa: E402
+from conftest import wait_background  # noqa: E402
 
 TIMEOUT = 180
 
@@ -289,13 +290,22 @@ def _api_result(page: str, probe):
                                                                      bos="tokenizer"))
     if page == "counterfactual.py":
         return cf.run(probe, prompt, "none", config=cf.Config(temperature=0.8, seed=0, max_new_tokens=6, interventional=False))
+    if page == "critical.py":  # the page's defaults: the built-in question, reference 7, the wrong response
+        from analyses import critical as C
+        from analyses.tasks import Problem, format_prompt, make_checker
+
+        q = "Tom has 3 apples and buys 4 more. How many apples does he have?"
+        cfg = C.Config(n_rollouts=3, max_new_tokens=2, granularity="token", temperature=0.7, alternatives="topk", n_alternatives=2,
+                       alt_rollouts=1, seed=0)
+        return C.search(probe, format_prompt(probe, Problem(q, "7")), "3 + 4 = 8.", make_checker(Problem("", "7")), cfg,
+                        question=q, reference="7")
     V = probe.info.d_vocab
     return F.run(probe, config=F.Config(matrix="input", tokens=parse_tokens(f"0:{V}:{max(1, V // 600)}"), vol_max=min(300, V),
                                         mode="calibrated", alpha=1e-3, correction="none", keep_curves="all"))
 
 
 STORE_PAGES = [("model.py", {}), ("routes.py", {"component": "L0H0"}), ("sinks.py", {"T": "16", "n": "1"}),
-               ("counterfactual.py", {"max_new_tokens": "6"}), ("fiber.py", {})]
+               ("counterfactual.py", {"max_new_tokens": "6"}), ("fiber.py", {}), ("critical.py", {})]
 
 
 def _store_captions(at, verb: str) -> list[str]:
@@ -329,7 +339,7 @@ def test_python_api_finds_the_result_a_page_saved(env, page, params, tmp_path, m
     from probes import load_model
 
     monkeypatch.setenv("SONDE_RESULTS", str(tmp_path))
-    at = _page(page, params)
+    at = wait_background(_page(page, params))  # the critical-token search runs in the background
     assert not at.exception and not at.error, [e.value for e in [*at.exception, *at.error]]
     saved = _store_captions(at, "Saved to")
     assert saved, [c.value for c in at.caption]
@@ -337,3 +347,5 @@ def test_python_api_finds_the_result_a_page_saved(env, page, params, tmp_path, m
     found = store.find_result(res.key, tmp_path)
     assert found is not None and str(found.resolve()) in saved
     assert load_result(found).key == res.key
+    if page == "routes.py":  # the head panel's sink map was saved too: later sessions and servers read it, not recompute it
+        assert "dormant" in store.list_results(tmp_path)["analysis"].tolist()
