@@ -1,9 +1,11 @@
-"""Dashboard state: the sidebar's model choice, cached probes and cached results.
+"""Dashboard state: the sidebar's model choice, cached probes and results.
 
 Pages call :func:`sidebar_probe` to get the probe the user chose (loaded once per (model, backend,
-device, dtype) and shared across sessions, so at most two stay in memory) and
-:func:`cached` to memoise an analysis call by its arguments. Pages never touch hooks: they call
-``analyses.<method>.run`` and render the result.
+device, dtype) and shared across sessions, so at most two stay in memory) and :func:`stored` to get an
+analysis result by its content key (:mod:`dashboard.keys`): from memory, else from the results store the
+CLI and notebooks share, else computed and saved there. :func:`memo` and :func:`cached` keep derived
+values in the same in-memory layer. Pages never touch hooks: they call ``analyses.<method>.run`` and
+render the result.
 """
 
 from __future__ import annotations
