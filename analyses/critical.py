@@ -538,7 +538,9 @@ def search(probe, prompt: str | Sequence[int], response: str | Sequence[int], ch
     tr = _Trace(0, 0, question, reference, p_ids, r_ids)
     timer = Timer()
     frames = _search_trace(probe, tr, chk, config, timer, progress)
-    return _build_result(probe, config, [frames], pd.DataFrame(), timer, hash_inputs(p_ids, r_ids))
+    # the reference grades the rollouts, so it is part of the input (a search against another answer is another result)
+    return _build_result(probe, config, [frames], pd.DataFrame(), timer,
+                         hash_inputs(p_ids, r_ids, reference) if reference else hash_inputs(p_ids, r_ids))
 
 
 def run(probe, problems: Sequence[Problem] | None = None, config: Config = Config(), *,

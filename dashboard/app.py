@@ -1,28 +1,13 @@
-"""Sonde dashboard: a Streamlit multipage app (``sonde dashboard`` or ``streamlit run dashboard/app.py``)."""
+"""Sonde dashboard: a Streamlit multipage app (``sonde dashboard`` or ``streamlit run dashboard/app.py``).
+
+The pages are :data:`dashboard.workbench.PAGES` (files in ``dashboard/views``), run through ``st.navigation``.
+"""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import streamlit as st
 
-ROOT = Path(__file__).resolve().parent
-if str(ROOT.parent) not in sys.path:  # `streamlit run dashboard/app.py` from a checkout
-    sys.path.insert(0, str(ROOT.parent))
-
-# (file in dashboard/pages, title, icon); pages whose file is absent are left out
-PAGES = [
-    ("model.py", "Model & prompt", ":material/text_fields:"),
-    ("routes.py", "Information flow", ":material/account_tree:"),
-    ("sinks.py", "Sinks & dormant heads", ":material/water_drop:"),
-    ("bigram.py", "Bigram subnetwork", ":material/grid_on:"),
-    ("fiber.py", "Embedding geometry", ":material/scatter_plot:"),
-    ("critical.py", "Critical tokens", ":material/priority_high:"),
-    ("counterfactual.py", "Counterfactuals", ":material/call_split:"),
-    ("component.py", "Component", ":material/memory:"),
-    ("results.py", "Results", ":material/folder_open:"),
-]
+from dashboard.workbench import PAGES
 
 
 def main() -> None:
@@ -30,8 +15,7 @@ def main() -> None:
     from dashboard import warm
 
     warm.wait_imports()  # `sonde dashboard` imports torch & co. in a warming thread: pages import after it
-    pages = [st.Page(str(ROOT / "pages" / f), title=t, icon=i, url_path=f[:-3])
-             for f, t, i in PAGES if (ROOT / "pages" / f).is_file()]
+    pages = [st.Page(spec.path, title=spec.title, icon=spec.icon, url_path=name) for name, spec in PAGES.items()]
 
     def home() -> None:
         # the root URL opens Model & prompt under its own path, so /model (and every in-app link) names its page

@@ -1,9 +1,11 @@
-"""Dashboard state: the sidebar's model choice, cached probes and cached results.
+"""Dashboard state: the sidebar's model choice, cached probes and results.
 
 Pages call :func:`sidebar_probe` to get the probe the user chose (loaded once per (model, backend,
-device, dtype) and shared across sessions, so at most two stay in memory) and
-:func:`cached` to memoise an analysis call by its arguments. Pages never touch hooks: they call
-``analyses.<method>.run`` and render the result.
+device, dtype) and shared across sessions, so at most two stay in memory) and :func:`stored` to get an
+analysis result by its content key (:mod:`dashboard.keys`): from memory, else from the results store the
+CLI and notebooks share, else computed and saved there. :func:`memo` and :func:`cached` keep derived
+values in the same in-memory layer. Pages never touch hooks: they call ``analyses.<method>.run`` and
+render the result.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import threading
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -19,8 +20,8 @@ import streamlit as st
 
 from probes import BACKENDS, Probe, SondeError
 
-__all__ = ["sidebar_probe", "get_probe", "cached", "show_error", "DEFAULT_PROMPT", "param", "context", "prompt_input",
-           "model_lock", "inside_results", "safe_results_listing", "decode_upload", "url_context", "BACKENDS", "DTYPES", "DEVICES"]
+__all__ = ["sidebar_probe", "get_probe", "cached", "stored", "find", "keep", "memo", "content_key", "show_error", "DEFAULT_PROMPT", "param", "context", "prompt_input",
+           "inside_results", "safe_results_listing", "decode_upload", "url_context", "BACKENDS", "DTYPES", "DEVICES"]
 
 DEFAULT_PROMPT = "The Eiffel Tower is located in the city of"
 DEVICES = ["auto", "cpu", "cuda", "mps"]
@@ -33,20 +34,13 @@ def default_model() -> str:
 
 @st.cache_resource(max_entries=2, show_spinner=False)
 def get_probe(model: str, backend: str, device: str, dtype: str) -> Probe:
-    """Load (once) and share a probe. Probes are used read-only by pages, so sharing is thread-safe
-    for reads; runs that edit activations do so inside one call."""
+    """Load (once) and share a probe between sessions and background runs: the probe serializes its own forward
+    passes (edits and weight masks included), so pages never lock."""
     from dashboard import warm
     from probes import load_model
 
     # `sonde dashboard` starts loading the default model before the first page asks (dashboard.warm)
     return warm.take((model, backend, device, dtype)) or load_model(model, backend=backend, device=device, dtype=dtype)
-
-
-@st.cache_resource(show_spinner=False)
-def model_lock() -> threading.RLock:
-    """One lock around forward passes: background runs (dashboard.workbench) and page computations share
-    probes, whose hooks must not interleave. Background runs take it per step, so a page waits at most one step."""
-    return threading.RLock()
 
 
 # ----------------------------------------------------------------------------- query parameters (user input)
@@ -181,34 +175,9 @@ def bos() -> bool:
     return bool(context()["bos"])
 
 
-def _ensure_navigation() -> None:
-    """Make a link straight to a page (``/routes?...``) on a fresh server run dashboard/app.py.
-
-    Streamlit runs an app that has a ``pages/`` folder next to its main script in the legacy multipage mode
-    (each page file alone, file names in the sidebar) until some session has called ``st.navigation``. A pasted
-    link to a page other than the first would then miss app.py's navigation and layout. Switching the flag off
-    and rerunning runs app.py, whose ``st.navigation`` opens the same page with the same query string.
-    """
-    import sys
-
-    if "streamlit.testing.v1.app_test" in sys.modules:  # AppTest re-reads the pages folder every run and drives pages by file
-        return
-    try:
-        from streamlit.runtime.pages_manager import PagesManager
-        from streamlit.runtime.scriptrunner import get_script_run_ctx
-    except ImportError:  # another Streamlit layout: nothing to fix
-        return
-    ctx = get_script_run_ctx()
-    main = getattr(getattr(ctx, "pages_manager", None), "main_script_path", "") or ""
-    if PagesManager.uses_pages_directory and Path(main).name == "app.py" and Path(main).parent.name == "dashboard":
-        PagesManager.uses_pages_directory = False
-        st.rerun()
-
-
 def sidebar_probe(*, load: bool = True) -> Probe | None:
     """Render the shared context in the sidebar and return the loaded probe (None after an error, or with
     ``load=False``: pages that need no model still show and carry the context)."""
-    _ensure_navigation()
     context()
     with st.sidebar:
         st.markdown("### Model")
@@ -340,52 +309,115 @@ def show_error(e: Exception) -> None:
     st.error(str(e), icon="⚠️")
 
 
-def _stored_folder(key: tuple) -> "Path":
-    import hashlib
+# ----------------------------------------------------------------------------- results: memory, then the store
+# One in-memory layer (st.cache_resource: shared by every session, no copy, no pickle; results are frozen and pages only
+# read them) over the results store, which the CLI and notebooks share: a result is found by its content key
+# (analysis + model fingerprint + config + input hash, edits included) wherever it was computed.
+@st.cache_resource(max_entries=64, show_spinner=False)
+def _memo(scope: str, key: str, _compute: Callable[[], Any]) -> Any:
+    return _compute()
 
+
+def content_key(analysis: str, probe: Probe, config: Any, input_hash: str) -> str:
+    """The content key the analysis's ``Result.key`` will have (:func:`analyses.core.store.result_key`)."""
     from analyses.core import store as _store
 
-    digest = hashlib.sha256(repr(key).encode()).hexdigest()[:20]
-    return _store.results_root() / "dashboard" / f"{key[0].split('.')[-1].strip('_') or 'page'}-{key[1].split('.')[-1]}-{digest}"
+    return _store.result_key(analysis, str(probe.info.to_dict().get("fingerprint", "")), config.to_dict(), input_hash)
 
 
-def cached(fn: Callable[..., Any], *args: Any, _probe: Probe | None = None, _store: bool = False, **kwargs: Any) -> Any:
-    """Memoise ``fn(probe, *args, **kwargs)`` per session by (function, model fingerprint, arguments).
+def _root() -> str:
+    from analyses.core import store as _store
 
-    Arguments must be hashable by their repr (configs are frozen dataclasses). Errors are shown and
-    ``None`` is returned. With ``_store=True`` a result (an ``analyses.core.base.Result``) is also written to the
-    results store under ``<results root>/dashboard/`` and read back from there by later sessions (a pasted link
-    shows the saved result instead of recomputing it).
-    """
-    key = (fn.__module__, fn.__qualname__, _probe.info.fingerprint if _probe else None, _probe.backend if _probe else None,
-           repr(args), repr(sorted(kwargs.items())))
-    store = st.session_state.setdefault("_sonde_cache", {})
-    if key not in store:
-        folder = _stored_folder(key) if _store else None
-        if folder is not None and (folder / "manifest.json").is_file():
-            try:
-                from analyses.core.base import load_result
+    return str(_store.results_root().expanduser().resolve())
 
-                store[key] = load_result(folder)
-                st.session_state.setdefault("_sonde_loaded", set()).add(str(folder))
-            except Exception:  # noqa: BLE001 - an unreadable folder (older format): recompute
-                pass
-        if key not in store:
-            try:
-                with model_lock():
-                    store[key] = fn(_probe, *args, **kwargs) if _probe is not None else fn(*args, **kwargs)
-            except SondeError as e:
-                show_error(e)
-                return None
-            if folder is not None and hasattr(store[key], "save"):
-                try:
-                    store[key].save(folder)
-                except Exception:  # noqa: BLE001 - a read-only results folder must not break the page
-                    pass
-        if len(store) > 32:  # bounded: drop the oldest
-            store.pop(next(iter(store)))
-    if _store:
-        folder = _stored_folder(key)
-        if str(folder) in st.session_state.get("_sonde_loaded", set()):
-            st.caption(f"Loaded from the results store: `{folder}`")
-    return store[key]
+
+class _NotStored(Exception):
+    """Raised inside :func:`_memo` when the store has no result with the key (nothing is memoised then)."""
+
+
+def _load(key: str) -> tuple[Any, str]:
+    """(result, folder) of the stored result with this content key; :class:`_NotStored` when there is none."""
+    from analyses.core import store as _store
+    from analyses.core.base import load_result
+
+    try:
+        found = _store.find_result(key)
+        if found is not None:
+            return load_result(found), str(found)
+    except Exception:  # noqa: BLE001 - an unreadable store, or a folder from an older format: compute again
+        pass
+    raise _NotStored(key)
+
+
+def _save(res: Any) -> str | None:
+    try:
+        return str(res.save()) if hasattr(res, "save") else None
+    except Exception:  # noqa: BLE001 - a read-only results folder must not break the page
+        return None
+
+
+def _caption(key: str, folder: str | None) -> None:
+    if folder is not None:
+        mine = key in st.session_state.get("_sonde_computed", set())
+        st.caption(f"{'Saved to' if mine else 'Loaded from'} the results store: `{folder}`")
+
+
+def find(key: str, *, caption: bool = True) -> Any:
+    """The result with content ``key`` from memory or the results store (:func:`analyses.core.store.find_result`:
+    saved by the CLI, a notebook or any session), else None. Nothing is computed."""
+    try:
+        res, folder = _memo(_root(), key, _compute=lambda: _load(key))
+    except _NotStored:
+        return None
+    if caption:
+        _caption(key, folder)
+    return res
+
+
+def keep(key: str, res: Any, *, caption: bool = True) -> Any:
+    """Save ``res`` (computed here, e.g. in a background run) to the results store and memory under ``key``."""
+    st.session_state.setdefault("_sonde_computed", set()).add(key)
+    res, folder = _memo(_root(), key, _compute=lambda: (res, _save(res)))
+    if caption:
+        _caption(key, folder)
+    return res
+
+
+def stored(key: str, compute: Callable[[], Any], *, caption: bool = True) -> Any:
+    """The result with content ``key``: from memory, else from the results store (:func:`find`), else ``compute()``
+    saved to the store (:func:`keep`). ``key`` must be the key the computed result has
+    (:func:`content_key`), so results of the CLI, notebooks and other sessions are found. A caption names the folder
+    (``Loaded from the results store: …`` unless this session computed it). Errors are shown; returns None then."""
+    got = find(key, caption=caption)
+    if got is not None:
+        return got
+    try:
+        res = compute()  # the probe serializes its own forward passes (Probe.session)
+    except SondeError as e:
+        show_error(e)
+        return None
+    return keep(key, res, caption=caption)
+
+
+def memo(key: str, compute: Callable[[], Any]) -> Any:
+    """A value derived from results (a logit lens of some route nodes, a profile) memoised in memory by ``key``
+    (shared by sessions; make ``key`` name everything the value depends on, e.g. a result's content key).
+    Errors propagate."""
+    return _memo("derived", key, _compute=compute)
+
+
+def cached(fn: Callable[..., Any], *args: Any, _probe: Probe | None = None, **kwargs: Any) -> Any:
+    """Memoise ``fn(probe, *args, **kwargs)`` (shared by sessions) by (function, model fingerprint, backend, arguments),
+    for helper values that are not analysis results (a bigram table, a rollout count). Arguments must be hashable by
+    their repr (configs are frozen dataclasses). Errors are shown and ``None`` is returned."""
+    key = repr((fn.__module__, fn.__qualname__, _probe.info.fingerprint if _probe else None, _probe.backend if _probe else None,
+                args, sorted(kwargs.items())))
+
+    def compute():
+        return fn(_probe, *args, **kwargs) if _probe is not None else fn(*args, **kwargs)
+
+    try:
+        return _memo("helpers", key, _compute=compute)
+    except SondeError as e:
+        show_error(e)
+        return None

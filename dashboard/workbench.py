@@ -24,17 +24,37 @@ import streamlit as st
 
 from probes import SondeError, head_label
 
-__all__ = ["PAGES", "go", "page_link", "selectable_heads", "head_from_selection", "node_from_selection", "component_panel", "profile_for", "Job",
+__all__ = ["PAGES", "PageSpec", "go", "page_link", "selectable_heads", "head_from_selection", "node_from_selection", "component_panel", "profile_for", "Job",
            "Cancelled", "run_job", "job_view", "component_check"]
 
 ROOT = Path(__file__).resolve().parent
-# page name -> (file, title); the files are the ones dashboard/app.py puts in st.navigation
-PAGES = {
-    "model": ("model.py", "Model & prompt"), "routes": ("routes.py", "Information flow"),
-    "sinks": ("sinks.py", "Sinks & dormant heads"), "bigram": ("bigram.py", "Bigram subnetwork"),
-    "fiber": ("fiber.py", "Embedding geometry"), "critical": ("critical.py", "Critical tokens"),
-    "counterfactual": ("counterfactual.py", "Counterfactuals"), "component": ("component.py", "Component"),
-    "results": ("results.py", "Results"),
+
+
+@dataclass(frozen=True)
+class PageSpec:
+    """One page of the dashboard: its file in ``dashboard/views``, title, icon; its URL path is the file's stem."""
+
+    file: str
+    title: str
+    icon: str
+
+    @property
+    def path(self) -> str:
+        return str(ROOT / "views" / self.file)
+
+
+# the dashboard's one page registry, in navigation order: dashboard/app.py builds st.navigation from it, links use it.
+# (The pages live in views/, not pages/: Streamlit would run a pages/ folder in its legacy mode on a fresh server.)
+PAGES: dict[str, PageSpec] = {
+    "model": PageSpec("model.py", "Model & prompt", ":material/text_fields:"),
+    "routes": PageSpec("routes.py", "Information flow", ":material/account_tree:"),
+    "sinks": PageSpec("sinks.py", "Sinks & dormant heads", ":material/water_drop:"),
+    "bigram": PageSpec("bigram.py", "Bigram subnetwork", ":material/grid_on:"),
+    "fiber": PageSpec("fiber.py", "Embedding geometry", ":material/scatter_plot:"),
+    "critical": PageSpec("critical.py", "Critical tokens", ":material/priority_high:"),
+    "counterfactual": PageSpec("counterfactual.py", "Counterfactuals", ":material/call_split:"),
+    "component": PageSpec("component.py", "Component", ":material/memory:"),
+    "results": PageSpec("results.py", "Results", ":material/folder_open:"),
 }
 
 
@@ -46,21 +66,21 @@ def _params(params: dict[str, Any]) -> dict[str, str]:
 def go(page: str, **params: Any) -> None:
     """Switch to ``page`` (a key of :data:`PAGES`) with ``params`` as its URL query string.
 
-    When the page runs on its own (``streamlit run dashboard/pages/x.py``, AppTest of one file) there is no
+    When the page runs on its own (``streamlit run dashboard/views/x.py``, AppTest of one file) there is no
     navigation to switch in: the parameters are written to this page's URL and a link is shown instead.
     """
     from streamlit.errors import StreamlitAPIException
 
     from dashboard.state import url_context
 
-    file, title = PAGES[page]
+    spec = PAGES[page]
     q = _params({**url_context(), **params})  # every link carries the model, backend, dtype, prompt and BOS policy
     st.session_state["_sonde_link"] = {"page": page, **q}  # what the last link asked for (tests and the target page read it)
     try:
-        st.switch_page(str(ROOT / "pages" / file), query_params=q)
+        st.switch_page(spec.path, query_params=q)
     except StreamlitAPIException:
         st.query_params.update(q)
-        st.info(f"Open the **{title}** page with `?" + "&".join(f"{k}={v}" for k, v in q.items()) + "` (this page runs "
+        st.info(f"Open the **{spec.title}** page with `?" + "&".join(f"{k}={v}" for k, v in q.items()) + "` (this page runs "
                 "outside the dashboard's navigation).", icon=":material/link:")
 
 
@@ -70,11 +90,11 @@ def page_link(page: str, label: str, *, icon: str | None = None, **params: Any) 
 
     from dashboard.state import url_context
 
-    file, title = PAGES[page]
+    spec = PAGES[page]
     try:
-        st.page_link(str(ROOT / "pages" / file), label=label, icon=icon, query_params=_params({**url_context(), **params}))
+        st.page_link(spec.path, label=label, icon=icon, query_params=_params({**url_context(), **params}))
     except (StreamlitAPIException, KeyError):
-        st.caption(f"{label}: the {title} page")
+        st.caption(f"{label}: the {spec.title} page")
 
 
 def _axis_int(v: Any) -> int | None:
@@ -169,15 +189,6 @@ def component_check(probe) -> Callable[[str], str | None]:
 
 
 # ----------------------------------------------------------------------------- component panel
-def _session_memo(name: str, key: tuple, fn: Callable[[], Any], limit: int = 16) -> Any:
-    store = st.session_state.setdefault(name, {})
-    if key not in store:
-        store[key] = fn()
-        if len(store) > limit:
-            store.pop(next(iter(store)))
-    return store[key]
-
-
 def _store_readable() -> bool:
     """Whether the results store lists without error (a malformed manifest there must not break a panel)."""
     from analyses.core import store
@@ -191,27 +202,42 @@ def _store_readable() -> bool:
     return True
 
 
-def profile_for(probe, label: str, *, routes_result=None, position: int | None = None):
-    """A cached :class:`analyses.component.ComponentProfile` (the sink map is computed once per model)."""
+def _sink_maps(probe, cfg):
+    """``component.sink_maps``: a saved dormant result of this model, else a small run, saved to the results store
+    (so later sessions, a restarted server and the CLI's panels read it instead of recomputing it)."""
     from analyses import component
 
-    cfg = component.Config(use_saved=_store_readable())
-    fp = probe.info.fingerprint
-    from dashboard.state import model_lock
+    maps, src = component.sink_maps(probe, cfg)
+    if src == "computed" and cfg.use_saved:
+        try:
+            src = str(maps.save())
+        except Exception:  # noqa: BLE001 - a read-only results folder: the map stays in memory
+            pass
+    return maps, src
 
+
+def profile_for(probe, label: str, *, routes_result=None, position: int | None = None):
+    """A cached :class:`analyses.component.ComponentProfile` (the sink map is computed once per model and saved)."""
+    from analyses import component
+    from dashboard.state import _memo, _root
+
+    cfg = component.Config(use_saved=_store_readable())
+    scope = f"{_root()}|{probe.info.fingerprint}|{probe.backend}|{cfg!r}"
     if component.parse_component(label, probe.info)[0] == "head":
-        with st.spinner("Sink map per domain (once per model)…"), model_lock():
-            maps, src = _session_memo("_sonde_sinkmaps", (fp, probe.backend, repr(cfg)), lambda: component.sink_maps(probe, cfg), 2)
+        with st.spinner("Sink map per domain (once per model)…"), probe.session():
+            maps, src = _memo(scope, "sink-maps", _compute=lambda: _sink_maps(probe, cfg))
     else:
         maps, src = None, None
-    rkey = (routes_result.input_hash, repr(routes_result.config), position) if routes_result is not None else None
-    with model_lock():
-        prof = _session_memo("_sonde_profiles", (fp, probe.backend, label, rkey),
-                             lambda: component.profile(probe, label, config=cfg, sinks=maps, routes_result=routes_result,
-                                                       position=position))
-    if src is not None and prof.sources.get("sinks") == "given":
-        prof.sources["sinks"] = src
-    return prof
+    rkey = (routes_result.key, position) if routes_result is not None else None
+
+    def compute():
+        with probe.session():
+            prof = component.profile(probe, label, config=cfg, sinks=maps, routes_result=routes_result, position=position)
+        if src is not None and prof.sources.get("sinks") == "given":
+            prof.sources["sinks"] = src
+        return prof
+
+    return _memo(scope, repr(("profile", label, rkey, src)), _compute=compute)
 
 
 def component_panel(probe, label: str, *, prompt: str, routes_result=None, position: int | None = None,
@@ -365,17 +391,20 @@ def job_view(key: str, *, partial: Callable[[Any], None] | None = None, poll_s: 
     return job
 
 
-def background_result(key: str, label: str, sig: Any, fn: Callable[[Job], Any], *, total: int | None = None,
-                      waiting: str = "Running in the background; results appear when it finishes.", keep: int = 4) -> Any:
-    """The result of ``fn(job)`` for settings ``sig``, computed in the background: starts the run when ``sig``
-    is new, shows its progress bar and Cancel, and stops the page until it finishes (a cancelled or failed run
-    offers "Run again"). Finished results are kept per ``sig`` (the last ``keep``) in the session.
+def background_result(key: str, label: str, content_key: str, fn: Callable[[Job], Any], *, total: int | None = None,
+                      waiting: str = "Running in the background; results appear when it finishes.") -> Any:
+    """The result with ``content_key`` (:func:`dashboard.state.content_key`): from memory or the results store when
+    it is there (computed by the CLI, a notebook or another session), else computed by ``fn(job)`` in the background:
+    starts the run when the key is new, shows its progress bar and Cancel, and stops the page until it finishes (a
+    cancelled or failed run offers "Run again"). A finished result is saved to the results store.
     """
-    done = st.session_state.setdefault(f"_bg_results_{key}", {})
-    if sig in done:
-        return done[sig]
-    if st.session_state.get(f"_bg_sig_{key}") != sig:
-        st.session_state[f"_bg_sig_{key}"] = sig
+    from dashboard import state
+
+    got = state.find(content_key)
+    if got is not None:
+        return got
+    if st.session_state.get(f"_bg_sig_{key}") != content_key:
+        st.session_state[f"_bg_sig_{key}"] = content_key
         run_job(key, label, fn, total=total, restart=True)
     job = job_view(key)
     if job is not None and job.finished and job.result is None:
@@ -386,7 +415,4 @@ def background_result(key: str, label: str, sig: Any, fn: Callable[[Job], Any], 
     if job is None or not job.finished:
         st.caption(waiting)
         st.stop()
-    done[sig] = job.result
-    while len(done) > keep:
-        done.pop(next(iter(done)))
-    return job.result
+    return state.keep(content_key, job.result)

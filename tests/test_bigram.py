@@ -472,7 +472,7 @@ def test_dashboard_page(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT))
     import time
 
-    at = AppTest.from_file(str(ROOT / "dashboard/pages/bigram.py"), default_timeout=120).run()
+    at = AppTest.from_file(str(ROOT / "dashboard/views/bigram.py"), default_timeout=120).run()
     assert not at.exception, at.exception
     # training runs in the background: a progress bar (with Cancel) first, the result when it finishes
     assert at.get("progress") or at.get("plotly_chart")

@@ -43,7 +43,8 @@ def server(tmp_path_factory, embedded):
     logit_lens.run(embedded, "Hello world", config=logit_lens.Config(layers=(0, 10, 20, 29), k=3)).save(results / "hello")
     env = {**os.environ, "SONDE_RESULTS": str(results), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     port = _free_port()
-    log = open(tmp_path_factory.mktemp("browser-log") / "streamlit.log", "w+")
+    log_path = tmp_path_factory.mktemp("browser-log") / "streamlit.log"
+    log = open(log_path, "w+")
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", str(ROOT / "dashboard" / "app.py"), "--server.address", "127.0.0.1",
          "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
@@ -61,7 +62,7 @@ def server(tmp_path_factory, embedded):
                     log.seek(0)
                     pytest.fail(f"streamlit did not start (exit {proc.poll()}):\n{log.read()[-3000:]}")
                 time.sleep(0.5)
-        yield {"url": url, "results": results}
+        yield {"url": url, "results": results, "log": log_path}
     finally:
         proc.terminate()
         try:
@@ -235,3 +236,12 @@ def test_long_prompt_answers_with_a_window(server, browser):
     (ARTIFACTS / "long_prompt_seconds.txt").write_text(f"{elapsed:.1f}\n")
     page.screenshot(path=str(ARTIFACTS / "model_long_prompt.png"), full_page=False)
     page.close()
+
+
+def test_server_log_has_no_deprecation_warnings(server, browser):
+    """After the pages above ran in the browser, the server's log holds no Streamlit deprecation warning (e.g. for
+    ``use_container_width``) and no traceback. Runs last in this module."""
+    text = server["log"].read_text(errors="replace")
+    (ARTIFACTS / "streamlit_server.log").write_text(text)
+    bad = [line for line in text.splitlines() if "deprecat" in line.lower() or "Traceback" in line]
+    assert not bad, bad[:10]

@@ -38,7 +38,7 @@ def test_app_opens_on_model_page_with_heat_map():
 
 
 def test_model_page_default_prompt_and_controls():
-    at = _app("dashboard/pages/model.py").run()
+    at = _app("dashboard/views/model.py").run()
     _ok(at)
     assert at.text_area("ctx_prompt").value.startswith("The Eiffel Tower")
     assert len(_charts(at)) == 1
@@ -55,7 +55,7 @@ def test_model_page_default_prompt_and_controls():
 
 
 def test_model_page_bad_model_shows_error_not_exception():
-    at = _app("dashboard/pages/model.py").run()
+    at = _app("dashboard/views/model.py").run()
     at.sidebar.text_input("ctx_model").set_value("no-such-org/no-such-model").run()
     assert not at.exception
     assert at.error and "no-such-org/no-such-model" in at.error[0].value
@@ -63,7 +63,7 @@ def test_model_page_bad_model_shows_error_not_exception():
 
 
 def test_model_page_empty_prompt_shows_error():
-    at = _app("dashboard/pages/model.py")
+    at = _app("dashboard/views/model.py")
     at.query_params["prompt"] = "   "
     at.run()  # a link's empty prompt: one error line, the default prompt kept
     assert not at.exception
@@ -82,7 +82,7 @@ def test_results_page_lists_and_replots(embedded, tmp_path, monkeypatch):
     root = tmp_path / "res"
     logit_lens.run(embedded, "Hello world", config=logit_lens.Config(layers=(0, 29), k=2)).save(root / "one")
     monkeypatch.setenv("SONDE_RESULTS", str(root))
-    at = _app("dashboard/pages/results.py").run()
+    at = _app("dashboard/views/results.py").run()
     _ok(at)
     assert at.title[0].value == "Results"
     assert len(_charts(at)) == 1  # re-plotted through load_result(...).plot()
@@ -91,7 +91,7 @@ def test_results_page_lists_and_replots(embedded, tmp_path, monkeypatch):
 
 def test_results_page_empty_and_missing_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("SONDE_RESULTS", str(tmp_path / "nothing-here"))
-    at = _app("dashboard/pages/results.py").run()
+    at = _app("dashboard/views/results.py").run()
     _ok(at)
     assert at.info and "No folder" in at.info[0].value
     (tmp_path / "nothing-here" / "empty").mkdir(parents=True)
@@ -109,7 +109,7 @@ def test_results_page_unregistered_analysis_shows_tables(tmp_path, monkeypatch):
     store.write_result(root / "x", analysis="not_a_module", model={"name": "m", "fingerprint": "f"}, config={}, input_hash="h",
                        tables={"main": pd.DataFrame({"a": [1, 2]})})
     monkeypatch.setenv("SONDE_RESULTS", str(root))
-    at = _app("dashboard/pages/results.py").run()
+    at = _app("dashboard/views/results.py").run()
     assert not at.exception
     assert len(_charts(at)) == 0
     assert any("No plot" in i.value for i in at.info)
@@ -141,17 +141,26 @@ def test_analyses_do_not_import_streamlit():
             assert not any(n.split(".")[0] == "streamlit" for n in names), f"{f} imports streamlit"
 
 
-@pytest.mark.parametrize("page", ["model.py", "results.py", "routes.py", "sinks.py", "component.py", "counterfactual.py"])
-def test_pages_listed_in_app(page):
-    # app.py runs st.navigation on import, so read its page table instead of importing it
-    assert f'("{page}"' in (ROOT / "dashboard" / "app.py").read_text()
-    assert (ROOT / "dashboard" / "pages" / page).is_file()
+def test_one_page_registry():
+    """One registry (dashboard.workbench.PAGES) lists every page file, and app.py builds its navigation from it; no
+    page edits sys.path or reaches into Streamlit's private modules, and nothing lives in a legacy pages/ folder."""
+    from dashboard.workbench import PAGES
+
+    files = sorted(p.name for p in (ROOT / "dashboard" / "views").glob("*.py"))
+    assert sorted(spec.file for spec in PAGES.values()) == files
+    assert all(Path(spec.path).is_file() and name == spec.file[:-3] for name, spec in PAGES.items())
+    assert "PAGES" in (ROOT / "dashboard" / "app.py").read_text()
+    assert not (ROOT / "dashboard" / "pages").exists()
+    for f in (ROOT / "dashboard").rglob("*.py"):
+        text = f.read_text()
+        assert "sys.path" not in text, f
+        assert "streamlit.runtime" not in text and "use_container_width" not in text, f
 
 
 # ----------------------------------------------------------------------------- every page through the app
 def _page(page: str, **query) -> AppTest:
     at = _app("dashboard/app.py")
-    at.switch_page(f"pages/{page}")
+    at.switch_page(f"views/{page}")
     at.query_params.update(query)
     return wait_background(at.run())  # bigram training and the critical search run in the background
 

@@ -22,6 +22,7 @@ if str(ROOT) not in sys.path:
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
 import tiny_models  # noqa: E402
+from conftest import wait_background  # noqa: E402
 
 TIMEOUT = 180
 
@@ -66,7 +67,7 @@ def env(tmp_path_factory):
 
 
 def _page(file: str, params: dict[str, str]) -> AppTest:
-    at = AppTest.from_file(str(ROOT / "dashboard" / "pages" / file), default_timeout=TIMEOUT)
+    at = AppTest.from_file(str(ROOT / "dashboard" / "views" / file), default_timeout=TIMEOUT)
     at.query_params.update(params)
     return at.run()
 
@@ -198,14 +199,14 @@ def test_context_survives_page_switch_and_links_carry_it(env):
     """Model, prompt and BOS set on Model & prompt stay when Information flow opens (the same tokens: the same
     BOS policy), and the URL of every page carries them."""
     at = AppTest.from_file(str(ROOT / "dashboard" / "app.py"), default_timeout=TIMEOUT)
-    at.switch_page("pages/model.py").run()
+    at.switch_page("views/model.py").run()
     assert not at.exception, [e.value for e in at.exception]
     at.text_area("ctx_prompt").set_value("Paris is the capital of")
     at.button[0].click().run()  # the form's Run
     at.sidebar.toggle("ctx_bos").set_value(True).run()
     assert not at.exception and not at.error, [e.value for e in at.error]
     n_model = len(at.dataframe[0].value)  # next-token table: one row per position
-    at.switch_page("pages/routes.py").run()
+    at.switch_page("views/routes.py").run()
     assert not at.exception, [e.value for e in at.exception]
     assert at.title[0].value == "Information flow"
     assert at.text_input("ctx_prompt").value == "Paris is the capital of"
@@ -269,3 +270,82 @@ def test_long_prompt_routes_trace_a_window(env):
     assert at.slider("routes_window").value == 256  # "Tokens to trace", the control the note points at
     assert any("Tokens to trace" in c.value for c in at.caption)
     assert len(at.selectbox("routes_position").options) == 256
+
+
+# ----------------------------------------------------------------------------- one results store for CLI, notebooks, dashboard
+def _api_result(page: str, probe):
+    """The result a page shows by default, computed with the Python API (the page's default settings)."""
+    from analyses import counterfactual as cf
+    from analyses import fiber as F
+    from analyses import logit_lens, routes, sinks
+    from analyses.cli.fiber import parse_tokens
+
+    prompt = "The Eiffel Tower is located in the city of"
+    if page == "model.py":
+        return logit_lens.run(probe, prompt, config=logit_lens.Config(k=5, prepend_bos=False))
+    if page == "routes.py":
+        return routes.run(probe, prompt, config=routes.Config(keep_residuals=True, prepend_bos=False))
+    if page == "sinks.py":
+        return sinks.run(probe, domain="prose", config=sinks.Config(eps=0.3, n_samples=1, T=16, batch_size=1, mlp_ablation=False,
+                                                                     bos="tokenizer"))
+    if page == "counterfactual.py":
+        return cf.run(probe, prompt, "none", config=cf.Config(temperature=0.8, seed=0, max_new_tokens=6, interventional=False))
+    if page == "critical.py":  # the page's defaults: the built-in question, reference 7, the wrong response
+        from analyses import critical as C
+        from analyses.tasks import Problem, format_prompt, make_checker
+
+        q = "Tom has 3 apples and buys 4 more. How many apples does he have?"
+        cfg = C.Config(n_rollouts=3, max_new_tokens=2, granularity="token", temperature=0.7, alternatives="topk", n_alternatives=2,
+                       alt_rollouts=1, seed=0)
+        return C.search(probe, format_prompt(probe, Problem(q, "7")), "3 + 4 = 8.", make_checker(Problem("", "7")), cfg,
+                        question=q, reference="7")
+    V = probe.info.d_vocab
+    return F.run(probe, config=F.Config(matrix="input", tokens=parse_tokens(f"0:{V}:{max(1, V // 600)}"), vol_max=min(300, V),
+                                        mode="calibrated", alpha=1e-3, correction="none", keep_curves="all"))
+
+
+STORE_PAGES = [("model.py", {}), ("routes.py", {"component": "L0H0"}), ("sinks.py", {"T": "16", "n": "1"}),
+               ("counterfactual.py", {"max_new_tokens": "6"}), ("fiber.py", {}), ("critical.py", {})]
+
+
+def _store_captions(at, verb: str) -> list[str]:
+    prefix = f"{verb} the results store: `"
+    return [c.value[len(prefix):-1] for c in at.caption if c.value.startswith(prefix)]
+
+
+@pytest.mark.parametrize("page,params", STORE_PAGES, ids=[p for p, _ in STORE_PAGES])
+def test_page_shows_a_result_saved_by_the_python_api(env, page, params, tmp_path, monkeypatch):
+    """A result computed and saved with the Python API (as a notebook or the CLI does) is what the page shows: it is
+    found by its content key in the results store, not computed again."""
+    from analyses.core import store
+    from probes import load_model
+
+    monkeypatch.setenv("SONDE_RESULTS", str(tmp_path))
+    res = _api_result(page, load_model(env["model"], backend="nnsight", device="cpu"))
+    folder = res.save()
+    at = _page(page, params)
+    assert not at.exception and not at.error, [e.value for e in [*at.exception, *at.error]]
+    assert str(folder.resolve()) in _store_captions(at, "Loaded from"), [c.value for c in at.caption]
+    assert str(folder.resolve()) not in _store_captions(at, "Saved to")  # not computed again (other views may be)
+    listed = store.list_results(tmp_path)
+    assert listed[listed["key"] == res.key]["path"].tolist() == [str(folder)]
+
+
+@pytest.mark.parametrize("page,params", STORE_PAGES, ids=[p for p, _ in STORE_PAGES])
+def test_python_api_finds_the_result_a_page_saved(env, page, params, tmp_path, monkeypatch):
+    """The reverse: the page computes and saves its result; the Python API's store lookup by content key finds it."""
+    from analyses.core import store
+    from analyses.core.base import load_result
+    from probes import load_model
+
+    monkeypatch.setenv("SONDE_RESULTS", str(tmp_path))
+    at = wait_background(_page(page, params))  # the critical-token search runs in the background
+    assert not at.exception and not at.error, [e.value for e in [*at.exception, *at.error]]
+    saved = _store_captions(at, "Saved to")
+    assert saved, [c.value for c in at.caption]
+    res = _api_result(page, load_model(env["model"], backend="nnsight", device="cpu"))
+    found = store.find_result(res.key, tmp_path)
+    assert found is not None and str(found.resolve()) in saved
+    assert load_result(found).key == res.key
+    if page == "routes.py":  # the head panel's sink map was saved too: later sessions and servers read it, not recompute it
+        assert "dormant" in store.list_results(tmp_path)["analysis"].tolist()

@@ -377,7 +377,7 @@ def test_dashboard_page():
     from streamlit.testing.v1 import AppTest
 
     sys.path.insert(0, str(ROOT))
-    at = AppTest.from_file(str(ROOT / "dashboard/pages/routes.py"), default_timeout=120)
+    at = AppTest.from_file(str(ROOT / "dashboard/views/routes.py"), default_timeout=120)
     at.run()
     assert not at.exception, at.exception
     assert not at.error, [e.value for e in at.error]

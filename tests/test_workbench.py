@@ -285,7 +285,7 @@ def test_routes_head_panel_ablate_and_compare(store_dir, monkeypatch):
     """Information flow → a head's panel → ablate it in a counterfactual; → compare routes with it ablated."""
     monkeypatch.setenv("SONDE_RESULTS", str(store_dir))
     at = _app()
-    at.switch_page("pages/routes.py")
+    at.switch_page("views/routes.py")
     at.query_params.update({"prompt": "The Eiffel Tower is in", "component": "L5H3", "tau": "0.05"})
     at.run()
     _ok(at)
@@ -321,14 +321,14 @@ def test_shared_url_reproduces_view_and_reads_store(store_dir, monkeypatch):
     monkeypatch.setenv("SONDE_RESULTS", str(store_dir))
     q = {"prompt": "The Eiffel Tower is in", "component": "L5H3", "tau": "0.05", "position": "3"}
     first = _app()
-    first.switch_page("pages/routes.py")
+    first.switch_page("views/routes.py")
     first.query_params.update(q)
     first.run()
     _ok(first)
     shared = {k: (v[0] if isinstance(v, list) else v) for k, v in first.query_params.items()}
     assert {k: shared[k] for k in q} == q  # the page writes back exactly what it shows
     again = _app()
-    again.switch_page("pages/routes.py")
+    again.switch_page("views/routes.py")
     again.query_params.update(shared)
     t0 = time.perf_counter()
     again.run()
@@ -344,7 +344,7 @@ def test_shared_url_reproduces_view_and_reads_store(store_dir, monkeypatch):
 def test_component_page_links_and_bad_label(store_dir, monkeypatch):
     monkeypatch.setenv("SONDE_RESULTS", str(store_dir))
     at = _app()
-    at.switch_page("pages/component.py")
+    at.switch_page("views/component.py")
     at.query_params.update({"component": "L2H8"})
     at.run()
     _ok(at)
@@ -364,7 +364,7 @@ def test_component_page_links_and_bad_label(store_dir, monkeypatch):
 def test_sinks_page_head_panel_from_url(store_dir, monkeypatch):
     monkeypatch.setenv("SONDE_RESULTS", str(store_dir))
     at = _app()
-    at.switch_page("pages/sinks.py")
+    at.switch_page("views/sinks.py")
     at.query_params.update({"component": "L3H1", "T": "16", "n": "1"})
     at.run()
     _ok(at)
@@ -375,7 +375,7 @@ def test_sinks_page_head_panel_from_url(store_dir, monkeypatch):
 def test_sinks_dormant_map_runs_in_background_and_cancels(store_dir, monkeypatch):
     monkeypatch.setenv("SONDE_RESULTS", str(store_dir))
     at = _app()
-    at.switch_page("pages/sinks.py")
+    at.switch_page("views/sinks.py")
     at.query_params.update({"T": "16", "n": "1"})
     at.run()
     _ok(at)

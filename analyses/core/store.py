@@ -430,7 +430,19 @@ def list_results(root: str | Path | None = None) -> pd.DataFrame:
 
 
 def find_result(key: str, root: str | Path | None = None) -> Path | None:
-    """The folder of a stored result with this content key, if any."""
-    df = list_results(root)
+    """The folder of a stored result with this content key (``Result.key``, :func:`result_key`), if any.
+
+    The content-keyed default folder ``<root>/<key>`` (where ``Result.save()`` writes) is checked first, without
+    walking the store; otherwise every result under ``root`` is scanned (results saved to a chosen ``--out``).
+    """
+    base = Path(root) if root is not None else results_root()
+    if not isinstance(key, str) or not key or "/" in key or key.startswith("."):
+        return None
+    default = base / key
+    if not default.is_symlink() and default.is_dir():
+        man = _load_manifest(default)
+        if man is not None and man.get("key") == key:
+            return default
+    df = list_results(base)
     hit = df[df["key"] == key]
     return Path(hit.iloc[-1]["path"]) if len(hit) else None

@@ -6,19 +6,14 @@ when its analysis module is registered, re-plots it with ``analyses.core.base.lo
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-_ROOT = Path(__file__).resolve().parents[2]
-if str(_ROOT) not in sys.path:  # run as a file (AppTest)
-    sys.path.insert(0, str(_ROOT))
+import streamlit as st
 
-import streamlit as st  # noqa: E402
-
-from analyses.core import store  # noqa: E402
-from analyses.core.base import load_result  # noqa: E402
-from dashboard import components, state  # noqa: E402
-from probes import SondeError  # noqa: E402
+from analyses.core import store
+from analyses.core.base import load_result
+from dashboard import components, state
+from probes import SondeError
 
 st.title("Results")
 state.sidebar_probe(load=False)  # the shared context stays in the sidebar and the URL

@@ -7,18 +7,11 @@ Information flow pages on it. Other pages link here with ``?component=L5H3&promp
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import streamlit as st
 
-_ROOT = Path(__file__).resolve().parents[2]
-if str(_ROOT) not in sys.path:  # run as a file (AppTest, `streamlit run dashboard/pages/component.py`)
-    sys.path.insert(0, str(_ROOT))
-
-import streamlit as st  # noqa: E402
-
-from analyses import component  # noqa: E402
-from dashboard import components, state, workbench  # noqa: E402
-from probes import SondeError, format_label  # noqa: E402
+from analyses import component
+from dashboard import components, state, workbench
+from probes import SondeError, format_label
 
 st.title("Component")
 st.caption("A head or an MLP neuron across the workbench: its sink mass per domain (dormant when above θ), how often "

@@ -6,8 +6,7 @@ import streamlit as st
 
 from analyses import bbtoy, dormant, sinks
 from analyses.core.domains import BUILTIN
-from dashboard import components, workbench
-from dashboard import state
+from dashboard import components, keys, state, workbench
 from dashboard.state import cached, param, show_error, sidebar_probe
 
 st.title("Sinks & dormant heads")
@@ -35,7 +34,12 @@ with tab_sink:
             cfg = None
         if cfg is not None:
             with st.spinner("Measuring α per head…"):
-                res = cached(sinks.run, domain=domain, config=cfg, _probe=probe)
+                try:
+                    key = keys.sinks(probe, domain, cfg)
+                except Exception as e:  # noqa: BLE001 - SondeError (a domain that does not tokenize)
+                    show_error(e)
+                else:
+                    res = state.stored(key, lambda: sinks.run(probe, domain=domain, config=cfg))
     if res is not None:
         s = res.summary()
         m1, m2, m3 = st.columns(3)
@@ -100,14 +104,20 @@ with tab_dorm:
         except Exception as e:
             show_error(e)
         else:
-            st.session_state.pop("dormant_res", None)
-            workbench.run_job("dormant", "Dormant map",
-                              lambda job: dormant.run(probe, tuple(doms), config=dcfg, progress=job.step),
-                              total=int(nd) * len(doms), restart=True)
+            # a map saved by the CLI, a notebook or another session is shown at once; else it runs in the background
+            st.session_state["dormant_key"] = dkey = keys.dormant(probe, tuple(doms), dcfg)
+            old = st.session_state.get("_sonde_jobs", {}).pop("dormant", None)
+            if old is not None:  # a run for other settings: its result would not have this key
+                old.cancel.set()
+            if state.find(dkey, caption=False) is None:
+                workbench.run_job("dormant", "Dormant map",
+                                  lambda job: dormant.run(probe, tuple(doms), config=dcfg, progress=job.step),
+                                  total=int(nd) * len(doms), restart=True)
+    dkey = st.session_state.get("dormant_key")
     job = workbench.job_view("dormant")
-    if job is not None and job.finished and job.result is not None:
-        st.session_state["dormant_res"] = job.result
-    dres = st.session_state.get("dormant_res")
+    dres = state.find(dkey) if dkey is not None else None
+    if dres is None and job is not None and job.finished and job.result is not None and dkey is not None:
+        dres = state.keep(dkey, job.result)
     if dres is not None:
         view = st.radio("View", ["map", "diff"], horizontal=True)
         d1 = st.selectbox("Domain", dres.domains)

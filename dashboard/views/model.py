@@ -7,18 +7,12 @@ Opens on ``state.DEFAULT_PROMPT`` so a result shows without typing. All numbers 
 from __future__ import annotations
 
 import html
-import sys
-from pathlib import Path
 
-_ROOT = Path(__file__).resolve().parents[2]
-if str(_ROOT) not in sys.path:  # run as a file (AppTest, `streamlit run dashboard/pages/model.py`)
-    sys.path.insert(0, str(_ROOT))
+import streamlit as st
 
-import streamlit as st  # noqa: E402
-
-from analyses import logit_lens  # noqa: E402
-from dashboard import components, state  # noqa: E402
-from probes import SondeError  # noqa: E402
+from analyses import logit_lens
+from dashboard import components, keys, state
+from probes import SondeError
 
 st.title("Model & prompt")
 probe = state.sidebar_probe()
@@ -44,12 +38,13 @@ st.query_params.update({"k": str(int(k)), "color": color})
 
 try:
     cfg = logit_lens.Config(k=int(k), prepend_bos=bool(bos))
+    key = keys.logit_lens(probe, prompt, cfg)
 except SondeError as e:
     state.show_error(e)
     st.stop()
 
 with st.spinner("Running the logit lens…"):
-    res = state.cached(logit_lens.run, prompt, config=cfg, _probe=probe)
+    res = state.stored(key, lambda: logit_lens.run(probe, prompt, config=cfg))
 if res is None:  # the error is already shown
     st.stop()
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from dashboard import components
+from dashboard import components, keys, state
 from dashboard.state import cached, param, show_error, sidebar_probe
 
 from analyses import fiber as F
@@ -76,7 +76,7 @@ except SondeError as e:
     st.stop()
 
 with st.spinner("Nearest neighbours and change-point tests…"):
-    res = cached(F.run, config=cfg, _probe=probe)
+    res = state.stored(keys.fiber(probe, cfg), lambda: F.run(probe, config=cfg))
 if res is None:
     st.stop()
 
@@ -133,8 +133,6 @@ with st.expander("Stability across volume ranges"):
             st.dataframe(stab, hide_index=True)
             st.caption(f"{res.mode_label} · α = {cfg.alpha:g} · correction: {cfg.correction}. Default volumes 10–1000 "
                        "(the method page's recommendation: the paper's figures span about 10–1000).")
-
-from dashboard import components  # noqa: E402
 
 _code = (f"from probes import load_model\nfrom analyses import fiber as F\n\nprobe = load_model({probe.info.name!r}, backend={probe.backend!r})\n"
          f"res = F.run(probe, config=F.{cfg!r})\nres.counts(); res.plot_hist().show()")

@@ -8,7 +8,7 @@ import streamlit as st
 
 from analyses import critical as C
 from analyses.tasks import Problem, format_prompt, make_checker
-from dashboard import components, workbench
+from dashboard import components, keys, state, workbench
 from dashboard.state import cached, param, show_error, sidebar_probe
 
 st.title("Critical tokens")
@@ -56,10 +56,9 @@ prompt = format_prompt(probe, problem)
 
 # the rollout search runs in the background (progress per rolled-out prefix, Cancel); results are kept per setting
 def _work(job, probe=probe, args=(prompt, response, reference, cfg), q=question):
-    from dashboard.state import model_lock
 
     p, r, ref, c = args
-    with model_lock(), probe.session():  # rollouts call the shared model's generate directly
+    with probe.session():  # rollouts call the shared model's generate directly
         return C.search(probe, p, r, make_checker(Problem("", ref)), c, question=q, reference=ref, progress=job.step)
 
 
@@ -68,9 +67,13 @@ try:  # the progress bar's total: prefixes the search rolls out (an estimate for
     n_prefixes = int(C.estimate_rollouts(len(_ids), cfg, probe.to_str_tokens(_ids))[0]) or None
 except Exception:  # noqa: BLE001 - no total: the bar counts steps
     n_prefixes = None
-res = workbench.background_result("critical_search", "Rolling out prefixes",
-                                  (probe.info.fingerprint, probe.backend, prompt, response, reference, repr(cfg)), _work, total=n_prefixes,
-                                  waiting="Rollouts run in the background; the trace appears when the search finishes.", keep=8)
+try:
+    key = keys.critical_search(probe, prompt, response, cfg, reference)
+except Exception as e:  # noqa: BLE001 - SondeError: a response that does not tokenize
+    show_error(e)
+    st.stop()
+res = workbench.background_result("critical_search", "Rolling out prefixes", key, _work, total=n_prefixes,
+                                  waiting="Rollouts run in the background; the trace appears when the search finishes.")
 row = res.traces.iloc[0]
 tok = res.tokens
 
@@ -152,8 +155,9 @@ with st.expander("Across problems: sample traces, search each failure"):
     if st.button("Run"):
         from analyses.tasks import builtin_arith
 
-        many = cached(C.run, builtin_arith(int(n_prob), seed=int(seed)),
-                      cfg.replace(n_samples=int(n_samp), granularity="bisect", max_new_tokens=max(int(max_new), 48)), _probe=probe)
+        problems = builtin_arith(int(n_prob), seed=int(seed))
+        mcfg = cfg.replace(n_samples=int(n_samp), granularity="bisect", max_new_tokens=max(int(max_new), 48))
+        many = state.stored(keys.critical_run(probe, problems, mcfg), lambda: C.run(probe, problems, mcfg))
         if many is not None:
             st.dataframe(many.traces[["problem", "question", "response", "critical_token", "score_before", "score_after", "note"]], hide_index=True)
             st.write("Most frequent critical tokens")

@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import time
 
-_ROOT = Path(__file__).resolve().parents[2]
-if str(_ROOT) not in sys.path:  # AppTest / `streamlit run` on this file alone
-    sys.path.insert(0, str(_ROOT))
+import streamlit as st
 
-import streamlit as st  # noqa: E402
-
-from analyses import routes  # noqa: E402
-from dashboard import components, workbench  # noqa: E402
-from dashboard import state  # noqa: E402
-from dashboard.state import cached, param, show_error, sidebar_probe  # noqa: E402
-from analyses.core.store import hash_inputs  # noqa: E402
-from probes import SondeError, ffn_label, head_label, parse_node  # noqa: E402
+from analyses import routes
+from analyses.core.store import hash_inputs
+from dashboard import components, keys, state, workbench
+from dashboard.state import param, show_error, sidebar_probe
+from probes import SondeError, ffn_label, head_label, parse_node
 
 
 def run_ids(probe, ids: tuple, *, config, edits=()):
@@ -26,17 +20,20 @@ def run_ids(probe, ids: tuple, *, config, edits=()):
     return routes.run(probe, torch.tensor(ids, dtype=torch.long), config=config, edits=edits)
 
 
+def _routes(probe, ids: tuple, config, edits=()):
+    """The routes result of token ids ``ids``: from the results store when saved (by the CLI, a notebook or a session),
+    else computed and saved there."""
+    try:
+        key = keys.routes(probe, ids, config, edits)
+    except SondeError as e:
+        show_error(e)
+        return None
+    return state.stored(key, lambda: run_ids(probe, ids, config=config, edits=edits))
+
+
 def _lens_cached(probe, res, nodes):
-    key = ("routes_lens", probe.info.fingerprint, res.input_hash, repr(res.config), nodes)
-    store = st.session_state.setdefault("_routes_lens", {})
-    if key not in store:
-        store[key] = res.logit_lens(probe, nodes, k=5)
-        if len(store) > 16:
-            store.pop(next(iter(store)))
-    return store[key]
+    return state.memo(repr(("routes-lens", res.key, nodes)), lambda: res.logit_lens(probe, nodes, k=5))
 
-
-import time  # noqa: E402
 
 IMPORTANCE = "route importance (Σ over edges, mean per prompt)"
 
@@ -67,6 +64,21 @@ def _dataset_job(probe, recs, cfg):
     return work
 
 
+def _upload_records(name: str, data: bytes) -> list:
+    """An uploaded prompts file (.jsonl: ``text`` and optional ``domain`` per line; .txt: one prompt per line) read by
+    :func:`analyses.core.io.iter_records`, the CLI's reader (bad lines are one error naming the line)."""
+    import tempfile
+    from pathlib import Path
+
+    from analyses.core.io import iter_records
+
+    state.decode_upload(name, data)  # other encodings: one error with the byte offset
+    with tempfile.TemporaryDirectory(prefix="sonde-upload-") as d:
+        f = Path(d) / components.safe_name(name)
+        f.write_bytes(data)
+        return list(iter_records(f))
+
+
 def _show_stats(stats, key: str) -> None:
     dom = st.selectbox("Domain", ["(all)"] + stats.domains, key=f"routes_domain_{key}")
     fig = stats.plot(None if dom == "(all)" else dom)
@@ -92,27 +104,15 @@ def _dataset_view(probe) -> None:
         up = st.file_uploader("Prompts (.jsonl)", type=["jsonl", "txt"], key="routes_dataset")
         n_builtin = st.number_input("Built-in prompts per domain", 1, 32, 3, key="routes_dataset_n")
         use_builtin = st.button("Use the built-in domains (prose, code, arithmetic)", key="routes_dataset_builtin")
-        import json
-
         from analyses.core.io import Record
 
         recs = []
         if up is not None:
             try:
-                text = state.decode_upload(up.name, up.getvalue())
+                recs = _upload_records(up.name, up.getvalue())
             except SondeError as e:
                 show_error(e)
                 return
-            for no, line in enumerate(text.splitlines(), start=1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line) if up.name.endswith(".jsonl") else {"text": line}
-                except json.JSONDecodeError as e:
-                    show_error(SondeError(f"{up.name} line {no} is not valid JSON ({e.msg}).", hint="Fix the line and upload again."))
-                    return
-                if isinstance(obj, dict) and isinstance(obj.get("text"), str) and obj["text"].strip():
-                    recs.append(Record(text=obj["text"], domain=obj.get("domain"), line=no))
             if not recs:
                 show_error(SondeError(f"{up.name} holds no prompts.", hint="Each line needs a non-empty 'text' field."))
                 return
@@ -253,7 +253,7 @@ def _ablation_view(probe, res, tokens, cfg, label: str, pos: int, tau: float, re
         show_error(e)
         return
     with st.spinner(f"Routes with {label} ablated…"):
-        abl = cached(run_ids, tokens, config=cfg, edits=edits, _probe=probe, _store=True)
+        abl = _routes(probe, tokens, cfg, edits)
     if abl is None:
         return
     st.subheader(f"Routes with {label} ablated")
@@ -268,7 +268,7 @@ def _ablation_view(probe, res, tokens, cfg, label: str, pos: int, tau: float, re
     c2.metric("Edges lost", len(e0 - e1))
     c3.metric("Edges gained", len(e1 - e0))
     if pred_token is not None:
-        with state.model_lock():
+        with probe.session():
             p0, p1 = _pred_prob(probe, res, pos, pred_token), _pred_prob(probe, abl, pos, pred_token)
         c4.metric(f"p({pred_token!r})", f"{p1:.3f}", f"{p1 - p0:+.3f} vs original {p0:.3f}")
     fig = route_figure(res, r0, compare=r1).update_layout(title=f"Original route vs {label} ablated: grey kept, red dotted lost, green gained")
@@ -352,7 +352,7 @@ def main() -> None:
                               f"{cfg.max_memory_gb:g} GB.", hint="Lower **Tokens to trace** above."))
         return
     with st.spinner("Computing routes…"):
-        res = cached(run_ids, tuple(int(t) for t in tokens.tolist()), config=cfg, _probe=probe, _store=True)
+        res = _routes(probe, tuple(int(t) for t in tokens.tolist()), cfg)
     if res is None:
         return
     T = res.n_tokens
@@ -370,7 +370,7 @@ def main() -> None:
         return
     nodes = tuple(sorted(route.nodes))
     last = f"I{res.n_layers - 1}_{pos}"
-    with state.model_lock():
+    with probe.session():
         lens = _lens_cached(probe, res, nodes)
     hover = {n: "lens: " + ", ".join(f"{t!r} {p:.2f}" for t, p in top[:3]) for n, top in lens.items()}
     pred = lens.get(last, [])
@@ -442,23 +442,20 @@ def main() -> None:
                                 help="What this head (z_h W_O,h) or FFN writes at this position, read through the unembedding.")
             from analyses import component as _component
 
-            key = ("routes_part_lens", probe.info.fingerprint, res.input_hash, part, npos)
-            memo = st.session_state.setdefault("_routes_part_lens", {})
-            if key not in memo:
-                try:
-                    with state.model_lock():
-                        memo[key] = _component.output_lens(probe, res.tokens, part, npos, k=6)
-                except SondeError as e:
-                    show_error(e)
-                    memo[key] = None
-            if memo.get(key):
-                up_, down_ = memo[key]
+            try:
+                part_lens = state.memo(repr(("routes-part-lens", res.key, part, npos)),
+                                       lambda: _component.output_lens(probe, res.tokens, part, npos, k=6))
+            except SondeError as e:
+                show_error(e)
+                part_lens = None
+            if part_lens:
+                up_, down_ = part_lens
                 st.markdown(f"**{part} at position {npos}** promotes " + ", ".join(f"`{t!r}`" for t, _ in up_)
                             + " · suppresses " + ", ".join(f"`{t!r}`" for t, _ in down_))
         tok = res.str_tokens[npos]
         if tok.strip() and npos > 0:
             # propose what the model itself found likely at this position (its prediction one token earlier)
-            with state.model_lock():
+            with probe.session():
                 prev = res.logit_lens(probe, [f"I{res.n_layers - 1}_{npos - 1}"], k=8).get(f"I{res.n_layers - 1}_{npos - 1}", [])
             alt = next((t for t, _ in prev if t.strip() and t.strip() != tok.strip()), None)
             if alt is not None and st.button(f"Intervene on token {npos} ({tok!r} → {alt!r}) in a counterfactual", key="routes_token_cf",

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import streamlit as st
 
-from analyses import bigram as B
-from probes import ConfigError, SondeError
-from dashboard import components, workbench
 from pathlib import Path
 
-from dashboard import state
+from analyses import bigram as B
+from dashboard import components, keys, state, workbench
+from probes import ConfigError, SondeError
 from dashboard.state import cached, param, show_error, sidebar_probe
 
 st.title("Bigram subnetwork")
@@ -106,7 +105,11 @@ def _newest_saved() -> str | None:
 train_sig = st.session_state.get("bigram_train_sig")
 if st.button("Train a mask with these settings", key="bigram_train", icon=":material/model_training:",
              help="Runs in the background (progress bar + Cancel); the page stays usable."):
-    st.session_state["bigram_train_sig"] = train_sig = (probe.info.fingerprint, probe.backend, corpus, repr(cfg))
+    try:  # the content key of this training run: a mask saved with these settings (CLI, notebook, session) is shown at once
+        st.session_state["bigram_train_sig"] = train_sig = keys.bigram(probe, corpus, cfg)
+    except SondeError as e:
+        show_error(e)
+        st.stop()
 source = None
 if saved_dir.strip():
     if state.inside_results(saved_dir.strip()) is None:
@@ -129,9 +132,8 @@ elif source is not None:
 elif train_sig is not None:
     # training runs in the background (progress bar + Cancel); the page stays usable meanwhile
     def _train(job, probe=probe, corpus=corpus, cfg=cfg):
-        from dashboard.state import model_lock
 
-        with model_lock(), probe.session():  # the mask is trained on the shared model: no other forward pass meanwhile
+        with probe.session():  # the mask is trained on the shared model: no other forward pass meanwhile
             return B.run(probe, corpus, cfg, progress=lambda point: job.step(1))
 
     res = workbench.background_result("bigram_train", "Learning a mask", train_sig, _train, total=cfg.steps,

@@ -6,17 +6,10 @@ import html
 
 import streamlit as st
 
-import sys
-from pathlib import Path
-
-_ROOT = Path(__file__).resolve().parents[2]
-if str(_ROOT) not in sys.path:  # run as a file (AppTest)
-    sys.path.insert(0, str(_ROOT))
-
-from analyses import counterfactual as cf  # noqa: E402
-from dashboard import components, state  # noqa: E402
-from dashboard.state import cached, param, show_error, sidebar_probe  # noqa: E402
-from probes import SondeError  # noqa: E402
+from analyses import counterfactual as cf
+from dashboard import components, keys, state
+from dashboard.state import cached, param, show_error, sidebar_probe
+from probes import SondeError
 
 st.title("Counterfactuals")
 st.caption("Gumbel-Max sampling as a causal model (Chatzi et al. 2024): the counterfactual keeps the factual "
@@ -84,12 +77,21 @@ def _spans(strs, factual, ids, start) -> str:
     return "".join(out)
 
 
+def _run(spec, cfg):
+    """``cf.run`` from the results store when saved there (by the CLI, a notebook or a session), else computed and saved."""
+    try:
+        key = keys.counterfactual(probe, prompt, spec, cfg, observed or None)
+    except SondeError as e:
+        show_error(e)
+        return None
+    return state.stored(key, lambda: cf.run(probe, prompt, spec, config=cfg, observed=observed or None))
+
+
 tab_cf, tab_bias = st.tabs(["Counterfactual", "Bias sweep"])
 
 with tab_cf:
-    obs = {"observed": observed} if observed else {}
     with st.spinner("Sampling the factual continuation…"):
-        base = cached(cf.run, prompt, "none", _probe=probe, config=config.replace(interventional=False), **obs)
+        base = _run("none", config.replace(interventional=False))
     if base is None:
         st.stop()
     kind = st.radio("Intervention", ["token edit", "prompt edit", "model edit"], horizontal=True,
@@ -137,7 +139,7 @@ with tab_cf:
     st.query_params["kind"] = {"token edit": "token", "prompt edit": "prompt", "model edit": "ablate"}[kind]
     if spec is not None:
         with st.spinner("Counterfactual and interventional continuations…"):
-            res = cached(cf.run, prompt, spec, _probe=probe, config=config, **obs)
+            res = _run(spec, config)
         if res is not None:
             for note in res.notes:
                 st.info(note)
@@ -195,7 +197,7 @@ with tab_bias:
         except SondeError as e:
             show_error(e)
         else:
-            b = cached(cf.bias_sweep, _probe=probe, config=bcfg)
+            b = state.stored(keys.bias_sweep(probe, bcfg), lambda: cf.bias_sweep(probe, config=bcfg))
             if b is not None:
                 st.plotly_chart(b.plot(), width="stretch")
                 st.dataframe(b.summary[b.summary["count"] > 0], hide_index=True)
