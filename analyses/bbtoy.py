@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import pandas as pd
@@ -33,6 +33,7 @@ from torch import nn
 from probes.errors import ConfigError
 
 from .core import base
+from .core.base import stored
 
 __all__ = ["Config", "BBData", "BBModel", "BBToyResult", "run", "make_data"]
 
@@ -210,6 +211,12 @@ def layer_metrics(stats: dict, x: torch.Tensor, trig: torch.Tensor) -> dict[str,
 
 
 # ----------------------------------------------------------------------------- result
+def _layer_as_int(h: pd.DataFrame) -> pd.DataFrame:
+    """The saved history with its nullable integer ``layer`` column restored."""
+    h["layer"] = h["layer"].astype("Int64")
+    return h
+
+
 @base.register_result
 @dataclass(frozen=True, kw_only=True)
 class BBToyResult(base.Result):
@@ -218,8 +225,10 @@ class BBToyResult(base.Result):
     analysis: ClassVar[str] = "bb-toy"
     config_class: ClassVar[type] = Config
 
-    history: pd.DataFrame
-    triggers: tuple[str, ...] = ()
+    saved_views: ClassVar = (("extra", "summary", lambda r: r.summary()),)
+
+    history: pd.DataFrame = stored("table", key="main", load=_layer_as_int)  # tidy ``step, layer, metric, value``
+    triggers: tuple[str, ...] = stored("extra", default=())
 
     def final(self, metric: str, layer: int | None = None) -> float:
         h = self.history[self.history.metric == metric]
@@ -240,18 +249,6 @@ class BBToyResult(base.Result):
         df = self.history.copy()
         df.insert(0, "model", "bb-toy")
         return df
-
-    def tables(self):
-        return {"main": self.history}
-
-    def extra(self):
-        return {"triggers": list(self.triggers), "summary": self.summary()}
-
-    @classmethod
-    def _from_stored(cls, stored, base_kw):
-        h = stored.tables["main"]
-        h["layer"] = h["layer"].astype("Int64")
-        return cls(**base_kw, history=h, triggers=tuple(stored.extra.get("triggers", ())))
 
     def plot(self, metrics: tuple[str, ...] = ("loss", "bos_mass", "prev_mass", "bos_logit", "bos_value", "resid_peak")):
         """Training curves, one panel per metric (a line per layer)."""

@@ -40,7 +40,7 @@ import os
 import tempfile
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator, Literal, Mapping, Sequence
 
@@ -51,7 +51,7 @@ import torch
 from probes.errors import ConfigError, InputError, UnsupportedModelError
 
 from .core.base import Config as _BaseConfig
-from .core.base import Result, Timer, register_result
+from .core.base import Result, Timer, register_result, stored
 from .core import store
 
 __all__ = [
@@ -918,17 +918,21 @@ class BigramResult(Result):
 
     analysis: ClassVar[str] = "bigram"
 
-    masks: dict[str, torch.Tensor]
-    matrices: pd.DataFrame
-    head_kept: torch.Tensor
-    neuron_kept: torch.Tensor
-    curve: pd.DataFrame
-    ablation: pd.DataFrame
-    sparsity: float
-    steps_done: int = 0
-    stopped_early: bool = False
-    corpus: str = "builtin"
-    overlaps: dict[str, dict[str, float]] = field(default_factory=dict)
+    saved_views: ClassVar = (("table", "main", lambda r: r.to_frame()),
+                             ("extra", "mask_shapes", lambda r: {k: list(v.shape) for k, v in r.masks.items()}))
+
+    masks: dict[str, torch.Tensor] = stored("arrays", key="mask", save=lambda r: {k: _pack(v) for k, v in r.masks.items()},
+                                            read=lambda s: {k: _unpack(s.arrays[f"mask.{k}"], shp) for k, shp in s.extra["mask_shapes"].items()})
+    matrices: pd.DataFrame = stored(None, read=lambda s: s.tables["main"].drop(columns=["model"]).rename(columns={"value": "fraction"}))
+    head_kept: torch.Tensor = stored("array", save=lambda r: r.head_kept.float())
+    neuron_kept: torch.Tensor = stored("array", save=lambda r: r.neuron_kept.float())
+    curve: pd.DataFrame = stored("table")
+    ablation: pd.DataFrame = stored("table")
+    sparsity: float = stored("extra")
+    steps_done: int = stored("extra", default=0)
+    stopped_early: bool = stored("extra", default=False)
+    corpus: str = stored("extra", default="builtin")
+    overlaps: dict[str, dict[str, float]] = stored("extra", default_factory=dict)
 
     # ---- views
     def per_layer(self) -> pd.DataFrame:
@@ -985,32 +989,6 @@ class BigramResult(Result):
         fig.add_trace(go.Scatter(x=c["step"], y=c["undecided"], name="undecided"), secondary_y=True)
         fig.update_layout(title="Training curve", xaxis_title="step")
         return fig
-
-    # ---- storage
-    def tables(self) -> dict[str, pd.DataFrame]:
-        return {"main": self.to_frame(), "curve": self.curve, "ablation": self.ablation}
-
-    def arrays(self) -> dict[str, torch.Tensor]:
-        out = {f"mask.{k}": _pack(v) for k, v in self.masks.items()}
-        out["head_kept"] = self.head_kept.float()
-        out["neuron_kept"] = self.neuron_kept.float()
-        return out
-
-    def extra(self) -> dict[str, Any]:
-        return {"mask_shapes": {k: list(v.shape) for k, v in self.masks.items()}, "sparsity": self.sparsity,
-                "steps_done": self.steps_done, "stopped_early": self.stopped_early, "corpus": self.corpus,
-                "overlaps": self.overlaps}
-
-    @classmethod
-    def _from_stored(cls, stored, base):
-        ex = stored.extra
-        masks = {k: _unpack(stored.arrays[f"mask.{k}"], shp) for k, shp in ex["mask_shapes"].items()}
-        mat = stored.tables["main"].drop(columns=["model"]).rename(columns={"value": "fraction"})
-        return cls(**base, masks=masks, matrices=mat, head_kept=stored.arrays["head_kept"],
-                   neuron_kept=stored.arrays["neuron_kept"], curve=stored.tables["curve"],
-                   ablation=stored.tables["ablation"], sparsity=float(ex["sparsity"]),
-                   steps_done=int(ex.get("steps_done", 0)), stopped_early=bool(ex.get("stopped_early", False)),
-                   corpus=str(ex.get("corpus", "builtin")), overlaps=dict(ex.get("overlaps", {})))
 
 
 # ============================================================================== entry points

@@ -23,7 +23,7 @@ Only the math here touches tensors; saved results are read through :mod:`analyse
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Sequence
 
@@ -33,6 +33,7 @@ import torch
 from probes.errors import ConfigError, InputError
 
 from .core import base, store
+from .core.base import stored
 from .core.domains import BUILTIN
 
 __all__ = ["Config", "ComponentProfile", "parse_component", "principal_direction", "direction_tokens",
@@ -188,6 +189,12 @@ def sink_maps(probe, config: Config = Config(), *, root: str | Path | None = Non
 
 
 # ----------------------------------------------------------------------------- result
+def _read_tokens(stored: store.StoredResult, side: str) -> tuple[tuple[str, float], ...]:
+    """``(token, score)`` pairs of one side (``promoted`` / ``suppressed``) of the saved tokens table."""
+    tok = stored.tables.get("tokens", pd.DataFrame(columns=["promoted", "promoted_score", "suppressed", "suppressed_score"]))
+    return tuple(zip(tok[side], tok[f"{side}_score"].astype(float)))
+
+
 @base.register_result
 @dataclass(frozen=True, kw_only=True)
 class ComponentProfile(base.Result):
@@ -206,17 +213,21 @@ class ComponentProfile(base.Result):
 
     analysis: ClassVar[str] = "component"
 
-    component: str
-    kind: Kind
-    layer: int
-    index: int
-    sink: pd.DataFrame
-    status: str
-    route: pd.DataFrame
-    bigram_kept: float | None
-    top_tokens: tuple[tuple[str, float], ...]
-    bottom_tokens: tuple[tuple[str, float], ...]
-    sources: dict[str, str] = field(default_factory=dict)
+    saved_views: ClassVar = (("table", "main", lambda r: r.to_frame()), ("table", "tokens", lambda r: r.tokens_frame()),
+                             ("extra", "summary", lambda r: r.summary()))
+
+    component: str = stored("extra")
+    kind: Kind = stored("extra")
+    layer: int = stored("extra")
+    index: int = stored("extra")
+    sink: pd.DataFrame = stored("table")
+    status: str = stored("extra")
+    route: pd.DataFrame = stored("table")
+    bigram_kept: float | None = stored("extra", default=None)
+    # both from the saved tokens table
+    top_tokens: tuple[tuple[str, float], ...] = stored(None, read=lambda s: _read_tokens(s, "promoted"))
+    bottom_tokens: tuple[tuple[str, float], ...] = stored(None, read=lambda s: _read_tokens(s, "suppressed"))
+    sources: dict[str, str] = stored("extra", default_factory=dict, load=dict)
 
     @property
     def route_frequency(self) -> float | None:
@@ -273,24 +284,6 @@ class ComponentProfile(base.Result):
             fig = go.Figure(go.Bar(x=[t for t, _ in self.top_tokens], y=[s for _, s in self.top_tokens]))
             fig.update_layout(title=f"{self.component}: tokens its output direction promotes", height=320)
         return fig
-
-    def tables(self) -> dict[str, pd.DataFrame]:
-        return {"main": self.to_frame(), "sink": self.sink, "route": self.route, "tokens": self.tokens_frame()}
-
-    def extra(self) -> dict[str, Any]:
-        return {"component": self.component, "kind": self.kind, "layer": self.layer, "index": self.index, "status": self.status,
-                "bigram_kept": self.bigram_kept, "sources": self.sources, "summary": self.summary()}
-
-    @classmethod
-    def _from_stored(cls, stored, base_kw):
-        x, t = stored.extra, stored.tables
-        tok = t.get("tokens", pd.DataFrame(columns=["promoted", "promoted_score", "suppressed", "suppressed_score"]))
-        return cls(**base_kw, component=x["component"], kind=x["kind"], layer=int(x["layer"]), index=int(x["index"]),
-                   sink=t["sink"], status=x["status"], route=t["route"], bigram_kept=x.get("bigram_kept"),
-                   top_tokens=tuple(zip(tok["promoted"], tok["promoted_score"].astype(float))),
-                   bottom_tokens=tuple(zip(tok["suppressed"], tok["suppressed_score"].astype(float))),
-                   sources=dict(x.get("sources", {})))
-
 
 # ----------------------------------------------------------------------------- entry point
 def _status(dormant_flags: Sequence[bool]) -> str:

@@ -54,7 +54,7 @@ from probes import ConfigError, InputError, Probe, parse_head
 
 from .core import store
 from .core.base import Config as _BaseConfig
-from .core.base import Result, Timer, register_result
+from .core.base import Result, Timer, register_result, stored
 
 __all__ = [
     "Config", "BiasConfig", "CounterfactualResult", "BiasSweepResult", "TokenEdit", "PromptEdit", "ModelEdit",
@@ -601,20 +601,25 @@ class CounterfactualResult(Result):
 
     analysis: ClassVar[str] = "counterfactual"
 
-    prompt: str
-    cf_prompt: str
-    intervention: str
-    edit_pos: int  # first response position the intervention can change (0 for prompt / model edits)
-    factual: tuple[int, ...]
-    factual_str: tuple[str, ...]
-    factual_logprob: torch.Tensor  # [T]
-    alternatives: torch.Tensor  # [T, 5] most likely ids under the factual distribution at each step
-    rows: tuple[tuple[int, ...], ...]
-    str_rows: tuple[tuple[str, ...], ...]
-    kinds: tuple[str, ...]
-    notes: tuple[str, ...] = ()
-    forced: tuple[int, ...] = ()  # token edit: the ids forced at edit_pos (replacing factual[edit_pos]); () otherwise
-    forced_str: tuple[str, ...] = ()  # their token strings
+    saved_views: ClassVar = (("table", "main", lambda r: r.to_frame()), ("table", "divergence", lambda r: r.divergence_frame()))
+
+    prompt: str = stored("extra")
+    cf_prompt: str = stored("extra")
+    intervention: str = stored("extra")
+    edit_pos: int = stored("extra")  # first response position the intervention can change (0 for prompt / model edits)
+    # the token rows are saved in the main table (one row per world, sample and position)
+    factual: tuple[int, ...] = stored(None, read=lambda s: _read_worlds(s)[0])
+    factual_str: tuple[str, ...] = stored(None, read=lambda s: _read_worlds(s)[1])
+    factual_logprob: torch.Tensor = stored("array", save=lambda r: r.factual_logprob.float())  # [T]
+    # [T, 5] most likely ids under the factual distribution at each step
+    alternatives: torch.Tensor = stored("array", save=lambda r: r.alternatives.long())
+    rows: tuple[tuple[int, ...], ...] = stored(None, read=lambda s: _read_worlds(s)[2])
+    str_rows: tuple[tuple[str, ...], ...] = stored(None, read=lambda s: _read_worlds(s)[3])
+    kinds: tuple[str, ...] = stored("extra")
+    notes: tuple[str, ...] = stored("extra", default=())
+    # token edit: the ids forced at edit_pos (replacing factual[edit_pos]); () otherwise
+    forced: tuple[int, ...] = stored("extra", default=())
+    forced_str: tuple[str, ...] = stored("extra", default=())  # their token strings
 
     @property
     def factual_text(self) -> str:
@@ -655,34 +660,6 @@ class CounterfactualResult(Result):
         df.insert(0, "model", self.model.get("name", ""))
         return df
 
-    def tables(self) -> dict[str, pd.DataFrame]:
-        return {"main": self.to_frame(), "divergence": self.divergence_frame()}
-
-    def arrays(self) -> dict[str, torch.Tensor]:
-        return {"factual_logprob": self.factual_logprob.float().contiguous(), "alternatives": self.alternatives.long().contiguous()}
-
-    def extra(self) -> dict[str, Any]:
-        return {"prompt": self.prompt, "cf_prompt": self.cf_prompt, "intervention": self.intervention,
-                "edit_pos": self.edit_pos, "notes": list(self.notes), "kinds": list(self.kinds),
-                "forced": list(self.forced), "forced_str": list(self.forced_str)}
-
-    @classmethod
-    def _from_stored(cls, stored: store.StoredResult, base: dict[str, Any]) -> "CounterfactualResult":
-        df, ex = stored.tables["main"], stored.extra
-        f = df[df.world == "factual"].sort_values("pos")
-        rows, strs = [], []
-        count = {}
-        for k in ex["kinds"]:
-            n = count[k] = count.get(k, -1) + 1
-            d = df[(df.world == k) & (df["sample"] == n)].sort_values("pos")
-            rows.append(tuple(int(x) for x in d.token_id))
-            strs.append(tuple(str(x) for x in d.token))
-        return cls(**base, prompt=ex["prompt"], cf_prompt=ex["cf_prompt"], intervention=ex["intervention"],
-                   edit_pos=int(ex["edit_pos"]), factual=tuple(int(x) for x in f.token_id), factual_str=tuple(str(x) for x in f.token),
-                   factual_logprob=stored.arrays["factual_logprob"], alternatives=stored.arrays["alternatives"],
-                   rows=tuple(rows), str_rows=tuple(strs), kinds=tuple(ex["kinds"]), notes=tuple(ex.get("notes", ())),
-                   forced=tuple(int(x) for x in ex.get("forced", ())), forced_str=tuple(ex.get("forced_str", ())))
-
     def plot(self, *, max_rows: int = 6, width: int = 28):
         """Token grid: factual on top, counterfactual / interventional rows below; changed tokens coloured."""
         import plotly.graph_objects as go
@@ -711,6 +688,20 @@ class CounterfactualResult(Result):
                           height=120 + 45 * len(names), xaxis_title="response position", margin=dict(l=10, r=10, t=50, b=40),
                           xaxis=dict(range=[-0.5, min(T, width) - 0.5]))
         return fig
+
+
+def _read_worlds(stored: store.StoredResult) -> tuple[tuple[int, ...], tuple[str, ...], tuple, tuple]:
+    """``(factual, factual_str, rows, str_rows)`` back from the saved main table."""
+    df, kinds = stored.tables["main"], stored.extra["kinds"]
+    f = df[df.world == "factual"].sort_values("pos")
+    rows, strs = [], []
+    count: dict[str, int] = {}
+    for k in kinds:
+        n = count[k] = count.get(k, -1) + 1
+        d = df[(df.world == k) & (df["sample"] == n)].sort_values("pos")
+        rows.append(tuple(int(x) for x in d.token_id))
+        strs.append(tuple(str(x) for x in d.token))
+    return tuple(int(x) for x in f.token_id), tuple(str(x) for x in f.token), tuple(rows), tuple(strs)
 
 
 # ============================================================================ entry points
@@ -980,20 +971,15 @@ class BiasSweepResult(Result):
     analysis: ClassVar[str] = "counterfactual.bias"  # load_result imports analyses.counterfactual via this name
     config_class: ClassVar[type] = BiasConfig
 
-    samples: pd.DataFrame
-    summary: pd.DataFrame
+    saved_views: ClassVar = (("table", "main", lambda r: r.to_frame()),)
+
+    samples: pd.DataFrame = stored("table")
+    summary: pd.DataFrame = stored(None, read=lambda s: s.tables["main"].drop(columns=["model"]))
 
     def to_frame(self) -> pd.DataFrame:
         df = self.summary.copy()
         df.insert(0, "model", self.model.get("name", ""))
         return df
-
-    def tables(self) -> dict[str, pd.DataFrame]:
-        return {"main": self.to_frame(), "samples": self.samples}
-
-    @classmethod
-    def _from_stored(cls, stored: store.StoredResult, base: dict[str, Any]) -> "BiasSweepResult":
-        return cls(**base, samples=stored.tables["samples"], summary=stored.tables["main"].drop(columns=["model"]))
 
     def plot(self):
         """Grouped bars: share of each category per group, with Wilson intervals."""

@@ -36,7 +36,7 @@ import copy
 import inspect
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Literal, Sequence
 
@@ -46,7 +46,7 @@ import torch
 from probes.errors import ConfigError, InputError
 
 from .core.base import Config as _BaseConfig
-from .core.base import Result, Timer, register_result
+from .core.base import Result, Timer, register_result, stored
 from .core.store import hash_inputs
 from .tasks import ANSWER_STOP, Checker, CallableChecker, Problem, format_prompt, make_checker
 
@@ -743,27 +743,16 @@ class CriticalResult(Result):
 
     analysis: ClassVar[str] = "critical"
 
-    traces: pd.DataFrame
-    tokens: pd.DataFrame
-    prefixes: pd.DataFrame
-    alternatives: pd.DataFrame
-    pass_at_k: pd.DataFrame
-    trajectories: pd.DataFrame = field(default_factory=pd.DataFrame)
-    ids: dict[str, Any] = field(default_factory=dict)  # {"prompt": [[...]], "response": [[...]]} per trace
+    saved_views: ClassVar = ()
 
-    def tables(self) -> dict[str, pd.DataFrame]:
-        return {"traces": self.traces, "tokens": self.tokens, "prefixes": self.prefixes,
-                "alternatives": self.alternatives, "pass_at_k": self.pass_at_k, "trajectories": self.trajectories}
-
-    def extra(self) -> dict[str, Any]:
-        return {"ids": self.ids}
-
-    @classmethod
-    def _from_stored(cls, stored, base):
-        t = stored.tables
-        return cls(traces=t["traces"], tokens=t["tokens"], prefixes=t["prefixes"], alternatives=t.get("alternatives", pd.DataFrame()),
-                   pass_at_k=t.get("pass_at_k", pd.DataFrame()), trajectories=t.get("trajectories", pd.DataFrame()),
-                   ids=stored.extra.get("ids", {}), **base)
+    traces: pd.DataFrame = stored("table")
+    tokens: pd.DataFrame = stored("table")
+    prefixes: pd.DataFrame = stored("table")
+    alternatives: pd.DataFrame = stored("table", default_factory=pd.DataFrame)
+    pass_at_k: pd.DataFrame = stored("table", default_factory=pd.DataFrame)
+    trajectories: pd.DataFrame = stored("table", default_factory=pd.DataFrame)
+    # {"prompt": [[...]], "response": [[...]]} per trace
+    ids: dict[str, Any] = stored("extra", default_factory=dict)
 
     def to_frame(self) -> pd.DataFrame:
         """Tidy: one row per (trace, pos) with ``value`` = success rate after the token."""

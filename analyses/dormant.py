@@ -30,7 +30,7 @@ with the largest spread of sink mass across domains).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Mapping, Sequence
 
 import pandas as pd
@@ -41,6 +41,7 @@ from probes.errors import ConfigError, InputError
 from probes.sites import site as _site
 
 from .core import base, domains as _domains
+from .core.base import stored
 from .sinks import bos_flag, collect_stats, next_token_loss
 from .core.store import hash_inputs
 
@@ -213,22 +214,27 @@ class DormantResult(base.Result):
 
     analysis: ClassVar[str] = "dormant"
 
-    domains: tuple[str, ...]
-    sink_mass: torch.Tensor
-    max_other_mass: torch.Tensor
-    value_norm: torch.Tensor
-    resid_norm: torch.Tensor
-    loss: torch.Tensor
-    delta_loss: torch.Tensor
-    dormant: torch.Tensor
-    tested: tuple[str, ...] = ()
-    n_samples: tuple[int, ...] = ()
-    n_skipped: tuple[int, ...] = ()
-    sink_token: str = "position 0"  # "position p" or the sink token's text (repr) with its id
-    sink_token_id: int | None = None  # None: a fixed position (config.sink_pos)
-    sink_positions: tuple[tuple[int, ...], ...] = ()  # per domain, per sample
-    sink_agreement: tuple[float, ...] = ()  # per domain: share of samples whose α peak (k < T/2) is at their sink
-    n_fallback: tuple[int, ...] = ()  # per domain: samples without the sink token (position sink_pos used)
+    saved_views: ClassVar = (("table", "main", lambda r: r.to_frame()), ("table", "flips", lambda r: r.flips),
+                             ("table", "causal", lambda r: r.causal_frame()), ("extra", "summary", lambda r: r.summary()))
+
+    domains: tuple[str, ...] = stored("extra")
+    sink_mass: torch.Tensor = stored("array")
+    max_other_mass: torch.Tensor = stored("array")
+    value_norm: torch.Tensor = stored("array")
+    resid_norm: torch.Tensor = stored("array")
+    loss: torch.Tensor = stored("array")
+    delta_loss: torch.Tensor = stored("array")
+    dormant: torch.Tensor = stored("array", save=lambda r: r.dormant.to(torch.uint8), load=lambda a: a.bool())
+    tested: tuple[str, ...] = stored("extra", default=())
+    n_samples: tuple[int, ...] = stored("extra", default=())
+    n_skipped: tuple[int, ...] = stored("extra", default=())
+    sink_token: str = stored("extra", default="position 0")  # "position p" or the sink token's text (repr) with its id
+    sink_token_id: int | None = stored("extra", default=None)  # None: a fixed position (config.sink_pos)
+    sink_positions: tuple[tuple[int, ...], ...] = stored("extra", default=())  # per domain, per sample
+    # per domain: share of samples whose α peak (k < T/2) is at their sink
+    sink_agreement: tuple[float, ...] = stored("extra", default=())
+    # per domain: samples without the sink token (position sink_pos used)
+    n_fallback: tuple[int, ...] = stored("extra", default=())
 
     @property
     def flips(self) -> pd.DataFrame:
@@ -268,30 +274,6 @@ class DormantResult(base.Result):
                            "sink_mass": self.sink_mass.reshape(-1).numpy(), "max_other_mass": self.max_other_mass.reshape(-1).numpy(),
                            "dormant": self.dormant.reshape(-1).numpy(), "delta_loss": self.delta_loss.reshape(-1).numpy()})
         return df
-
-    def tables(self):
-        return {"main": self.to_frame(), "flips": self.flips, "causal": self.causal_frame()}
-
-    def arrays(self):
-        return {"sink_mass": self.sink_mass, "max_other_mass": self.max_other_mass, "value_norm": self.value_norm,
-                "resid_norm": self.resid_norm, "loss": self.loss, "delta_loss": self.delta_loss,
-                "dormant": self.dormant.to(torch.uint8)}
-
-    def extra(self):
-        return {"domains": list(self.domains), "tested": list(self.tested), "n_samples": list(self.n_samples),
-                "n_skipped": list(self.n_skipped), "sink_token": self.sink_token, "sink_token_id": self.sink_token_id,
-                "sink_positions": [list(p) for p in self.sink_positions], "sink_agreement": list(self.sink_agreement),
-                "n_fallback": list(self.n_fallback), "summary": self.summary()}
-
-    @classmethod
-    def _from_stored(cls, stored, base_kw):
-        a, e = stored.arrays, stored.extra
-        return cls(**base_kw, domains=tuple(e["domains"]), sink_mass=a["sink_mass"], max_other_mass=a["max_other_mass"],
-                   value_norm=a["value_norm"], resid_norm=a["resid_norm"], loss=a["loss"], delta_loss=a["delta_loss"],
-                   dormant=a["dormant"].bool(), tested=tuple(e.get("tested", ())), n_samples=tuple(e.get("n_samples", ())),
-                   n_skipped=tuple(e.get("n_skipped", ())), sink_token=e.get("sink_token", "position 0"),
-                   sink_token_id=e.get("sink_token_id"), sink_positions=tuple(tuple(p) for p in e.get("sink_positions", ())),
-                   sink_agreement=tuple(e.get("sink_agreement", ())), n_fallback=tuple(e.get("n_fallback", ())))
 
     def plot(self, kind: Literal["map", "diff", "delta"] = "map", domain: str | None = None, other: str | None = None):
         """``map``: sink mass [layer × head] on ``domain``; ``diff``: ``domain − other``; ``delta``: Δloss of tested heads."""

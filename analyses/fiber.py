@@ -65,7 +65,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Literal, Sequence
 
@@ -77,7 +77,7 @@ from probes import ConfigError, InputError, Probe
 
 from .core import store
 from .core.base import Config as _BaseConfig
-from .core.base import Result, Timer, register_result
+from .core.base import Result, Timer, register_result, stored
 
 __all__ = [
     "Config", "FiberResult", "run", "load_matrix", "knn_distances", "pointwise_slopes", "welch_scan",
@@ -694,28 +694,30 @@ class FiberResult(Result):
 
     analysis: ClassVar[str] = "fiber"
 
-    source: str
-    n_points: int
-    dim: int
-    token_ids: torch.Tensor
-    token_strs: list[str]
-    kinds: list[str]
-    p_manifold: torch.Tensor
-    p_raw_min: torch.Tensor
-    p_large: torch.Tensor
-    n_segments: torch.Tensor
-    testable: torch.Tensor
-    n_zero: torch.Tensor
-    seg_start_volume: torch.Tensor
-    seg_start_radius: torch.Tensor
-    seg_dim: torch.Tensor
-    seg_scale: torch.Tensor
-    seg_p: torch.Tensor
-    curve_rows: torch.Tensor
-    radii: torch.Tensor
-    neighbors: torch.Tensor
-    calibration: dict[str, float] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
+    saved_views: ClassVar = (("table", "main", lambda r: r.to_frame()), ("table", "segments", lambda r: r.segments_frame()))
+
+    source: str = stored("extra")
+    n_points: int = stored("extra")
+    dim: int = stored("extra")
+    token_ids: torch.Tensor = stored("array")
+    token_strs: list[str] = stored("extra")
+    kinds: list[str] = stored("extra")
+    p_manifold: torch.Tensor = stored("array")
+    p_raw_min: torch.Tensor = stored("array")
+    p_large: torch.Tensor = stored("array")
+    n_segments: torch.Tensor = stored("array")
+    testable: torch.Tensor = stored("array")
+    n_zero: torch.Tensor = stored("array")
+    seg_start_volume: torch.Tensor = stored("array")
+    seg_start_radius: torch.Tensor = stored("array")
+    seg_dim: torch.Tensor = stored("array")
+    seg_scale: torch.Tensor = stored("array")
+    seg_p: torch.Tensor = stored("array")
+    curve_rows: torch.Tensor = stored("array")
+    radii: torch.Tensor = stored("array")
+    neighbors: torch.Tensor = stored("array")
+    calibration: dict[str, float] = stored("extra", default_factory=dict, load=dict)
+    warnings: list[str] = stored("extra", default_factory=list)
 
     # --- verdicts -------------------------------------------------------------------------------
     @property
@@ -836,27 +838,6 @@ class FiberResult(Result):
                              "slope": slope.numpy(), "segment": seg})
 
     # --- store -------------------------------------------------------------------------------
-    def tables(self) -> dict[str, pd.DataFrame]:
-        return {"main": self.to_frame(), "segments": self.segments_frame()}
-
-    def arrays(self) -> dict[str, torch.Tensor]:
-        return {k: getattr(self, k).contiguous() for k in (
-            "token_ids", "p_manifold", "p_raw_min", "p_large", "n_segments", "testable", "n_zero", "seg_start_volume",
-            "seg_start_radius", "seg_dim", "seg_scale", "seg_p", "curve_rows", "radii", "neighbors")}
-
-    def extra(self) -> dict[str, Any]:
-        return {"source": self.source, "n_points": self.n_points, "dim": self.dim, "token_strs": list(self.token_strs),
-                "kinds": list(self.kinds), "calibration": dict(self.calibration), "warnings": list(self.warnings)}
-
-    @classmethod
-    def _from_stored(cls, stored: store.StoredResult, base: dict[str, Any]) -> "FiberResult":
-        a, ex = stored.arrays, stored.extra
-        return cls(**base, source=ex["source"], n_points=int(ex["n_points"]), dim=int(ex["dim"]), token_strs=list(ex["token_strs"]),
-                   kinds=list(ex["kinds"]), calibration=dict(ex.get("calibration", {})), warnings=list(ex.get("warnings", [])),
-                   **{k: a[k] for k in ("token_ids", "p_manifold", "p_raw_min", "p_large", "n_segments", "testable", "n_zero",
-                                        "seg_start_volume", "seg_start_radius", "seg_dim", "seg_scale", "seg_p", "curve_rows",
-                                        "radii", "neighbors")})
-
     # --- plots -------------------------------------------------------------------------------
     def _title(self, what: str) -> str:
         return f"{what} · {self.model.get('name')} ({self.source}) · {self.mode_label}"

@@ -40,7 +40,7 @@ Example::
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterable, Literal, Sequence
 
@@ -52,8 +52,8 @@ from probes.errors import ConfigError, InputError, OutOfMemoryError, Unsupported
 from probes.reducers import Reducer
 
 from .core.base import Config as _BaseConfig
-from .core.base import Result, Timer, register_result
-from .core.store import StoredResult, hash_inputs
+from .core.base import Result, Timer, register_result, stored
+from .core.store import hash_inputs
 
 __all__ = [
     "Config", "DatasetConfig", "RoutesResult", "RouteStatsResult", "RouteStats", "run", "run_dataset", "accumulate", "stats_result",
@@ -598,19 +598,25 @@ class RoutesResult(Result):
 
     analysis: ClassVar[str] = "routes"
 
-    tokens: torch.Tensor
-    str_tokens: list[str]
-    attn: torch.Tensor
-    attn_resid: torch.Tensor
-    ffn: torch.Tensor
-    ffn_resid: torch.Tensor
-    parallel: bool = False
-    attn_bias: torch.Tensor | None = None
-    neurons: torch.Tensor | None = None
-    neuron_resid: torch.Tensor | None = None
-    residuals: dict[str, torch.Tensor] = field(default_factory=dict)
-    computed: torch.Tensor | None = None  # [L, T] rows computed (top-down mode); None = every row
-    edits: tuple[str, ...] = ()  # interventions applied during the forward pass (e.g. "ZeroAttention L5 heads=[3]")
+    saved_views: ClassVar = (("table", "edges", lambda r: r.to_frame()), ("table", "route", lambda r: r.route_frame()),
+                             ("array", "head_importance", lambda r: r.head_importance().float()),
+                             ("extra", "position", lambda r: r.position), ("extra", "route", lambda r: _node_link(r.route())))
+
+    tokens: torch.Tensor = stored("array")
+    str_tokens: list[str] = stored("extra")
+    attn: torch.Tensor = stored("array")
+    attn_resid: torch.Tensor = stored("array")
+    ffn: torch.Tensor = stored("array")
+    ffn_resid: torch.Tensor = stored("array")
+    parallel: bool = stored("extra", default=False)
+    attn_bias: torch.Tensor | None = stored("array", default=None)
+    neurons: torch.Tensor | None = stored("array", default=None)
+    neuron_resid: torch.Tensor | None = stored("array", default=None)
+    residuals: dict[str, torch.Tensor] = stored("arrays", key="residual", default_factory=dict)
+    # [L, T] rows computed (top-down mode); None = every row
+    computed: torch.Tensor | None = stored("array", default=None, load=lambda a: a.bool())
+    # interventions applied during the forward pass (e.g. "ZeroAttention L5 heads=[3]")
+    edits: tuple[str, ...] = stored("extra", default=())
 
     # ------------------------------------------------------------------ shape helpers
     @property
@@ -871,36 +877,12 @@ class RoutesResult(Result):
         return fig
 
     # ------------------------------------------------------------------ store
-    def tables(self) -> dict[str, pd.DataFrame]:
-        return {"edges": self.to_frame(), "route": self.route_frame()}
 
-    def arrays(self) -> dict[str, torch.Tensor]:
-        out = {"tokens": self.tokens, "attn": self.attn, "attn_resid": self.attn_resid, "ffn": self.ffn, "ffn_resid": self.ffn_resid,
-               "head_importance": self.head_importance().float()}
-        for k in ("attn_bias", "neurons", "neuron_resid"):
-            if getattr(self, k) is not None:
-                out[k] = getattr(self, k)
-        for k, v in self.residuals.items():
-            out[f"residual.{k}"] = v
-        if self.computed is not None:
-            out["computed"] = self.computed
-        return out
 
-    def extra(self) -> dict[str, Any]:
-        import networkx as nx
+def _node_link(g) -> dict[str, Any]:
+    import networkx as nx
 
-        r = self.route()
-        return {"str_tokens": self.str_tokens, "parallel": self.parallel, "position": self.position,
-                "edits": list(self.edits), "route": nx.node_link_data(r, edges="links")}
-
-    @classmethod
-    def _from_stored(cls, stored: StoredResult, base: dict[str, Any]) -> "RoutesResult":
-        a, x = stored.arrays, stored.extra
-        return cls(**base, tokens=a["tokens"], str_tokens=list(x["str_tokens"]), attn=a["attn"], attn_resid=a["attn_resid"],
-                   ffn=a["ffn"], ffn_resid=a["ffn_resid"], parallel=bool(x.get("parallel", False)), attn_bias=a.get("attn_bias"),
-                   neurons=a.get("neurons"), neuron_resid=a.get("neuron_resid"),
-                   residuals={k.split(".", 1)[1]: v for k, v in a.items() if k.startswith("residual.")},
-                   computed=a["computed"].bool() if "computed" in a else None, edits=tuple(x.get("edits", ())))
+    return nx.node_link_data(g, edges="links")
 
 
 def describe_edit(e) -> str:
@@ -1046,13 +1028,15 @@ class RouteStatsResult(Result):
     analysis: ClassVar[str] = "routes.dataset"  # load_result imports analyses.routes (".dataset" is a suffix)
     config_class: ClassVar[type] = DatasetConfig
 
-    domains: list[str]
-    n: torch.Tensor
-    head_freq: torch.Tensor
-    head_mean: torch.Tensor
-    ffn_freq: torch.Tensor
-    ffn_mean: torch.Tensor
-    n_skipped: int = 0
+    saved_views: ClassVar = (("table", "components", lambda r: r.to_frame()),)
+
+    domains: list[str] = stored("extra")
+    n: torch.Tensor = stored("array")
+    head_freq: torch.Tensor = stored("array")
+    head_mean: torch.Tensor = stored("array")
+    ffn_freq: torch.Tensor = stored("array")
+    ffn_mean: torch.Tensor = stored("array")
+    n_skipped: int = stored("extra", default=0)
 
     def to_frame(self) -> pd.DataFrame:
         """Columns: model, domain, layer, head (None for FFN rows), component, freq, mean_importance, n."""
@@ -1085,21 +1069,6 @@ class RouteStatsResult(Result):
         fig = px.imshow(m.numpy(), origin="lower", aspect="auto", color_continuous_scale="Blues",
                         labels=dict(x="head", y="layer", color=value), title=f"Head {value} on routes: {title}")
         return fig
-
-    def tables(self):
-        return {"components": self.to_frame()}
-
-    def arrays(self):
-        return {"n": self.n, "head_freq": self.head_freq, "head_mean": self.head_mean, "ffn_freq": self.ffn_freq, "ffn_mean": self.ffn_mean}
-
-    def extra(self):
-        return {"domains": self.domains, "n_skipped": self.n_skipped}
-
-    @classmethod
-    def _from_stored(cls, stored, base):
-        a, x = stored.arrays, stored.extra
-        return cls(**base, domains=list(x["domains"]), n=a["n"], head_freq=a["head_freq"], head_mean=a["head_mean"],
-                   ffn_freq=a["ffn_freq"], ffn_mean=a["ffn_mean"], n_skipped=int(x.get("n_skipped", 0)))
 
 
 def _ffn_on_route(route, n_layers: int) -> torch.Tensor:

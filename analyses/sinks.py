@@ -30,7 +30,7 @@ the test suite checks the two agree.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Mapping, Sequence
 
 import pandas as pd
@@ -42,6 +42,7 @@ from probes.errors import ConfigError, InputError, SondeError
 from probes.sites import parse_site
 
 from .core import base, domains as _domains
+from .core.base import stored
 from .core.store import hash_inputs
 
 __all__ = ["Config", "SinksResult", "SinkAlpha", "run", "alpha_from_pattern", "sink_percentage", "collect_stats",
@@ -354,19 +355,22 @@ class SinksResult(base.Result):
 
     analysis: ClassVar[str] = "sinks"
 
-    alpha_mean: torch.Tensor
-    exceed: torch.Tensor
-    eps_grid: tuple[float, ...]
-    n_samples: int
-    n_skipped: int
-    value_norm: torch.Tensor
-    resid_norm: torch.Tensor
-    ablation: pd.DataFrame = field(default_factory=pd.DataFrame)
-    peak_layer: int | None = None
-    source: str = ""
-    tokens: tuple[str, ...] = ()  # string tokens of the first sample (axis labels)
-    key_norm: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0, 0))
-    value_state_norm: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0, 0))
+    saved_views: ClassVar = (("table", "main", lambda r: r.to_frame()), ("table", "norms", lambda r: r.norms_frame()),
+                             ("extra", "summary", lambda r: r.summary()))
+
+    alpha_mean: torch.Tensor = stored("array")
+    exceed: torch.Tensor = stored("array")
+    eps_grid: tuple[float, ...] = stored("extra")
+    n_samples: int = stored("extra")
+    n_skipped: int = stored("extra")
+    value_norm: torch.Tensor = stored("array")
+    resid_norm: torch.Tensor = stored("array")
+    ablation: pd.DataFrame = stored("table", default_factory=pd.DataFrame, save=lambda r: r.ablation if len(r.ablation) else None)
+    peak_layer: int | None = stored("extra", default=None)
+    source: str = stored("extra", default="")
+    tokens: tuple[str, ...] = stored("extra", default=())  # string tokens of the first sample (axis labels)
+    key_norm: torch.Tensor = stored("array", default_factory=lambda: torch.zeros(0, 0, 0))
+    value_state_norm: torch.Tensor = stored("array", default_factory=lambda: torch.zeros(0, 0, 0))
 
     def per_head(self, name: Literal["key_norm", "value_state_norm"]) -> torch.Tensor:
         """A per-KV-head array ``[L, H_kv, T]`` mapped to query heads ``[L, H, T]``."""
@@ -450,31 +454,6 @@ class SinksResult(base.Result):
             else:
                 idx[name] = float("nan")
         return idx
-
-    def tables(self):
-        t = {"main": self.to_frame(), "norms": self.norms_frame()}
-        if len(self.ablation):
-            t["ablation"] = self.ablation
-        return t
-
-    def arrays(self):
-        return {"alpha_mean": self.alpha_mean, "exceed": self.exceed, "value_norm": self.value_norm, "resid_norm": self.resid_norm,
-                "key_norm": self.key_norm.contiguous(), "value_state_norm": self.value_state_norm.contiguous()}
-
-    def extra(self):
-        return {"eps_grid": list(self.eps_grid), "n_samples": self.n_samples, "n_skipped": self.n_skipped,
-                "peak_layer": self.peak_layer, "source": self.source, "tokens": list(self.tokens), "summary": self.summary()}
-
-    @classmethod
-    def _from_stored(cls, stored, base_kw):
-        e = stored.extra
-        return cls(**base_kw, alpha_mean=stored.arrays["alpha_mean"], exceed=stored.arrays["exceed"],
-                   value_norm=stored.arrays["value_norm"], resid_norm=stored.arrays["resid_norm"],
-                   eps_grid=tuple(e["eps_grid"]), n_samples=int(e["n_samples"]), n_skipped=int(e["n_skipped"]),
-                   ablation=stored.tables.get("ablation", pd.DataFrame()), peak_layer=e.get("peak_layer"),
-                   source=e.get("source", ""), tokens=tuple(e.get("tokens", ())),
-                   key_norm=stored.arrays.get("key_norm", torch.zeros(0, 0, 0)),
-                   value_state_norm=stored.arrays.get("value_state_norm", torch.zeros(0, 0, 0)))
 
     def plot(self, kind: Literal["heads", "layers", "values", "keys", "raw_values", "resid", "eps"] = "heads",
              position: int | None = None):

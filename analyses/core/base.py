@@ -5,31 +5,36 @@ An analysis module ``analyses/<method>.py`` defines
 * ``Config``: ``@dataclass(frozen=True, kw_only=True)`` subclass of :class:`Config` whose
   ``__post_init__`` only validates (raising :class:`probes.ConfigError` with the legal values);
 * ``<Method>Result``: a subclass of :class:`Result` holding arrays, aligned labels, the config and
-  the model summary; it implements ``tables()``, ``arrays()``, ``extra()``, ``to_frame()`` and
-  ``plot()`` (a plotly figure, imported lazily) and ``_from_stored`` for loading;
+  the model summary; each field says where it is saved with :func:`stored` (a table, an array, a
+  dict of arrays or a JSON extra), and ``saved_views`` lists what is saved but not held (a tidy
+  frame, a summary); it implements ``to_frame()`` and ``plot()`` (a plotly figure, imported lazily);
 * ``run(probe, ..., config) -> <Method>Result``: the pure entry point.
 
 ``Result.save(dir)`` / ``Result.load(dir)`` go through :mod:`analyses.core.store` (Parquet tables +
-safetensors arrays + JSON manifest).
+safetensors arrays + JSON manifest); both are derived once, here, from the fields' :func:`stored`
+metadata, so no result re-lists its fields to save or load them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
+import types
+import typing
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Mapping, TypeVar
+from typing import Any, Callable, ClassVar, Iterator, Literal, Mapping, TypeVar, Union
 
 import pandas as pd
 import torch
 
-from probes.errors import ConfigError
+from probes.errors import ConfigError, InputError
 
 from . import store
 
-__all__ = ["Config", "Result", "Timer", "register_result", "load_result"]
+__all__ = ["Config", "Result", "Timer", "register_result", "load_result", "stored", "StoreKind"]
 
 R = TypeVar("R", bound="Result")
 _RESULTS: dict[str, type["Result"]] = {}
@@ -80,11 +85,74 @@ class Timer:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
 
 
+StoreKind = Literal["table", "array", "arrays", "extra"]
+_KINDS: tuple[str, ...] = typing.get_args(StoreKind)
+_MISSING = dataclasses.MISSING
+
+
+def stored(kind: StoreKind | None, *, key: str | None = None, save: Callable[[Any], Any] | None = None,
+           load: Callable[[Any], Any] | None = None, read: Callable[[store.StoredResult], Any] | None = None,
+           **field_kw: Any) -> Any:
+    """A result field together with where :meth:`Result.save` puts it and how :meth:`Result.load` gets it back.
+
+    Args:
+        kind: ``"table"`` (a DataFrame, ``<key>.parquet``), ``"array"`` (a tensor in ``arrays.safetensors``),
+            ``"arrays"`` (a ``{name: tensor}`` dict, saved as arrays ``<key>.<name>``), ``"extra"`` (a
+            JSON value in the manifest), or ``None`` (not saved itself; ``read`` rebuilds it).
+        key: the stored name (default: the field name).
+        save: ``save(result)`` gives the stored value (default: the field's value); a ``None`` table or
+            array is not written (an extra stores ``null``).
+        load: turns the stored value back into the field's value. By default an extra is converted to
+            the field's annotated type (lists to tuples, numbers to ``int``/``float``, ...).
+        read: ``read(stored_result)`` rebuilds the field from the whole stored result instead.
+        field_kw: passed to :func:`dataclasses.field` (``default``, ``default_factory``, ...). A field with
+            a default takes it when an older result lacks the stored entry.
+    """
+    if kind is not None and kind not in _KINDS:
+        raise ConfigError(f"stored(kind={kind!r}) is not a store kind.", hint=f"Use one of: {', '.join(_KINDS)}, or None.")
+    if kind is None and read is None:
+        raise ConfigError("stored(None) needs read=... to rebuild the field.")
+    md = {"store": kind, "key": key, "save": save, "load": load, "read": read}
+    return field(metadata={**field_kw.pop("metadata", {}), "store": md}, **field_kw)
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(v: Any, hint: Any) -> Any:
+    """A JSON value converted to the annotated type (tuples, lists, dicts, scalars; nested)."""
+    if v is None or hint is Any:
+        return v
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        arms = [a for a in args if a is not type(None)]
+        return _coerce(v, arms[0]) if len(arms) == 1 else v
+    if origin is tuple or hint is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(x, args[0]) for x in v)
+        return tuple(_coerce(x, a) for x, a in zip(v, args)) if args else tuple(v)
+    if origin is list or hint is list:
+        return [_coerce(x, args[0]) for x in v] if args else list(v)
+    if origin in (dict, Mapping) or hint is dict:
+        return {k: _coerce(x, args[1]) for k, x in v.items()} if args else dict(v)
+    if hint in (int, float, bool, str) and not isinstance(v, (list, dict)):
+        return hint(v)
+    return v
+
+
+def _has_default(f: dataclasses.Field) -> bool:
+    return f.default is not _MISSING or f.default_factory is not _MISSING
+
+
 @dataclass(frozen=True, kw_only=True)
 class Result:
     """Base of typed results. Subclasses are frozen dataclasses with ``analysis`` set."""
 
     analysis: ClassVar[str] = "result"
+    # what is saved but not held: (kind, key, fn(result)), e.g. ("table", "main", lambda r: r.to_frame())
+    saved_views: ClassVar[tuple[tuple[str, str, Callable[[Any], Any]], ...]] = (("table", "main", lambda r: r.to_frame()),)
 
     config: Config
     model: dict[str, Any]  # probes.ModelInfo.to_dict()
@@ -92,24 +160,72 @@ class Result:
     timings: dict[str, float] = field(default_factory=dict)
 
     # --- to implement -----------------------------------------------------------------------
-    def tables(self) -> dict[str, pd.DataFrame]:
-        return {"main": self.to_frame()}
-
-    def arrays(self) -> dict[str, torch.Tensor]:
-        return {}
-
-    def extra(self) -> dict[str, Any]:
-        return {}
-
     def to_frame(self) -> pd.DataFrame:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def plot(self, **kwargs):  # pragma: no cover - abstract
         raise NotImplementedError
 
+    # --- storage, derived from the fields' ``stored`` metadata ----------------------------------
     @classmethod
-    def _from_stored(cls, stored: store.StoredResult, base: dict[str, Any]):  # pragma: no cover - abstract
-        raise NotImplementedError
+    def stored_fields(cls) -> list[tuple[dataclasses.Field, dict[str, Any]]]:
+        """The fields saved by :meth:`save`, with their :func:`stored` metadata."""
+        return [(f, f.metadata["store"]) for f in dataclasses.fields(cls) if "store" in f.metadata]
+
+    def _saved(self) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {"table": {}, "array": {}, "extra": {}}
+        for f, md in self.stored_fields():
+            if md["store"] is None:
+                continue
+            v = md["save"](self) if md["save"] is not None else getattr(self, f.name)
+            if v is None and md["store"] != "extra":  # an absent table or array; an extra keeps its None
+                continue
+            key = md["key"] or f.name
+            if md["store"] == "arrays":
+                out["array"].update({f"{key}.{k}": t for k, t in v.items()})
+            else:
+                out[md["store"]][key] = v
+        for kind, key, fn in self.saved_views:
+            v = fn(self)
+            if v is not None:
+                out[kind][key] = v
+        return out
+
+    def tables(self) -> dict[str, pd.DataFrame]:
+        """The tables :meth:`save` writes (``{name: DataFrame}``)."""
+        return self._saved()["table"]
+
+    def arrays(self) -> dict[str, torch.Tensor]:
+        """The arrays :meth:`save` writes (``{name: tensor}``)."""
+        return {k: v.contiguous() for k, v in self._saved()["array"].items()}
+
+    def extra(self) -> dict[str, Any]:
+        """The JSON values :meth:`save` writes into the manifest."""
+        return self._saved()["extra"]
+
+    @classmethod
+    def _from_stored(cls, stored: store.StoredResult, base: dict[str, Any]):
+        """The result rebuilt from its folder: each :func:`stored` field from its table, array(s) or extra."""
+        src = {"table": stored.tables, "array": stored.arrays, "extra": stored.extra}
+        kw = dict(base)
+        hints = _hints(cls)
+        for f, md in cls.stored_fields():
+            key = md["key"] or f.name
+            if md["read"] is not None:
+                kw[f.name] = md["read"](stored)
+                continue
+            if md["store"] == "arrays":
+                pre = f"{key}."
+                kw[f.name] = {k[len(pre):]: v for k, v in stored.arrays.items() if k.startswith(pre)}
+                continue
+            if key not in src[md["store"]]:
+                if _has_default(f):
+                    continue
+                raise InputError(f"{str(stored.path)!r} lacks the {md['store']} {key!r} of its {cls.analysis} result.",
+                                 hint="The result is incomplete or damaged; re-run the analysis.")
+            v = src[md["store"]][key]
+            kw[f.name] = md["load"](v) if md["load"] is not None else (_coerce(v, hints[f.name]) if md["store"] == "extra" else v)
+        return cls(**kw)
 
     # --- shared -------------------------------------------------------------------------------
     @property
