@@ -52,7 +52,7 @@ from probes.errors import ConfigError, InputError, OutOfMemoryError, Unsupported
 from probes.reducers import Reducer
 
 from .core.base import Config as _BaseConfig
-from .core.base import Result, Timer, register_result, stored
+from .core.base import Result, Timer, option, register_result, stored
 from .core.store import hash_inputs
 
 __all__ = [
@@ -69,61 +69,33 @@ Level = Literal["token", "head", "neuron"]
 class Config(_BaseConfig):
     """Settings of one route computation (defaults: shared/methods/routes.md)."""
 
-    tau: float = 0.04  # LLM-TT slider default (range 0.01-0.10)
-    renormalize: bool = True  # LLM-TT "renormalize after threshold", default on
-    p: float = 1.0  # proximity norm; L1 because residual streams are anisotropic (paper §3)
-    eps: float = 1e-5  # LLM-TT clip, so every row sums to exactly 1
-    include_bias: bool = False  # b_O as its own part (LLM-TT leaves it out: parts != whole for GPT-2/OPT)
-    level: Level = "token"  # "head" adds per-head edge rows; "neuron" adds per-neuron FFN importances
-    position: int = -1  # prediction position of the default route (negative counts from the end)
-    mode: Literal["all", "route"] = "all"  # "all": every position; "route": only the queries on the route to `position`
-    prepend_bos: bool = False  # one BOS policy with every analysis: the tokenizer's default (pass True for a BOS sink)
-    query_chunk: int | None = None  # queries per chunk; None sizes chunks to chunk_mb
-    chunk_mb: int = 256  # memory budget of one [Q, T, H, d] chunk
-    max_memory_gb: float = 8.0  # refuse prompts whose stored importances would exceed this
-    keep_residuals: bool = False  # keep resid vectors so nodes can be read through the logit lens
-    dtype: Literal["float32", "float64"] = "float32"  # LLM-TT computes in fp32
-    kernel: Literal["auto", "compiled", "eager"] = "auto"  # proximity kernel; auto = compiled for large prompts
-
-    def __post_init__(self) -> None:
-        if not (isinstance(self.tau, (int, float)) and 0.0 < self.tau < 1.0):
-            raise ConfigError(f"tau={self.tau!r} is outside (0, 1).", hint="Use a threshold such as 0.04 (LLM-TT's range is 0.01-0.10).")
-        if not (isinstance(self.p, (int, float)) and self.p >= 1):
-            raise ConfigError(f"p={self.p!r}; the proximity norm must be >= 1.", hint="Use p=1 (default) or p=2.")
-        if not (isinstance(self.eps, (int, float)) and 0.0 < self.eps < 1e-2):
-            raise ConfigError(f"eps={self.eps!r} is outside (0, 0.01).", hint="Use the reference 1e-5.")
-        if self.level not in ("token", "head", "neuron"):
-            raise ConfigError(f"level={self.level!r}; use 'token', 'head' or 'neuron'.")
-        if self.mode not in ("all", "route"):
-            raise ConfigError(f"mode={self.mode!r}; use 'all' (graph of every position) or 'route' (top-down, one prediction).")
-        if self.dtype not in ("float32", "float64"):
-            raise ConfigError(f"dtype={self.dtype!r}; use 'float32' or 'float64'.")
-        if self.kernel not in ("auto", "compiled", "eager"):
-            raise ConfigError(f"kernel={self.kernel!r}; use 'auto', 'compiled' (torch.compile: fused C++/Triton) or 'eager'.")
-        if self.query_chunk is not None and (not isinstance(self.query_chunk, int) or self.query_chunk < 1):
-            raise ConfigError(f"query_chunk={self.query_chunk!r}; use a positive integer or None (automatic).")
-        if not (isinstance(self.chunk_mb, int) and self.chunk_mb >= 1):
-            raise ConfigError(f"chunk_mb={self.chunk_mb!r}; use a positive integer (megabytes).")
-        if not (isinstance(self.max_memory_gb, (int, float)) and self.max_memory_gb > 0):
-            raise ConfigError(f"max_memory_gb={self.max_memory_gb!r}; use a positive number of gigabytes.")
-        if not isinstance(self.position, int):
-            raise ConfigError(f"position={self.position!r}; use an integer token index (-1 = last).")
+    # defaults: LLM-TT (slider, clip, renormalisation) and the method page
+    tau: float = option(0.04, gt=0, lt=1, help="Edge threshold (LLM-TT's slider default; range 0.01-0.10).",
+                        hint="Use a threshold such as 0.04 (LLM-TT's range is 0.01-0.10).")
+    renormalize: bool = option(True, help="Renormalise after thresholding (LLM-TT default on).")
+    p: float = option(1.0, ge=1, help="Proximity norm (1 = L1: residual streams are anisotropic, paper §3).")
+    eps: float = option(1e-5, gt=0, lt=1e-2, help="Importance clip, so every row sums to exactly 1 (LLM-TT).")
+    include_bias: bool = option(False, help="Count the attention output bias b_O as its own part (LLM-TT leaves it out).")
+    level: Level = option("token", help="token; head adds per-head edge rows; neuron adds per-neuron FFN importances.")
+    position: int = option(-1, help="Prediction position of the route (negative counts from the end; -1 = last token).")
+    mode: Literal["all", "route"] = option("all", help="all (graph of every position) or route (top-down: only the route to --position).")
+    prepend_bos: bool = option(False, help="Start each prompt with BOS (default: the tokenizer's own policy).")
+    query_chunk: int | None = option(None, ge=1, help="Queries per chunk; None sizes chunks to chunk_mb.")
+    chunk_mb: int = option(256, ge=1, help="Memory budget of one [Q, T, H, d] chunk (megabytes).")
+    max_memory_gb: float = option(8.0, gt=0, help="Refuse prompts whose stored importances would exceed this (gigabytes).")
+    keep_residuals: bool = option(False, help="Keep residual vectors so nodes can be read through the logit lens.")
+    dtype: Literal["float32", "float64"] = option("float32", help="Compute dtype (LLM-TT computes in fp32).")
+    kernel: Literal["auto", "compiled", "eager"] = option("auto", help="Proximity kernel: auto, compiled (torch.compile) or eager.")
 
 
 @dataclass(frozen=True, kw_only=True)
 class DatasetConfig(Config):
     """Dataset mode: route statistics of the prediction at ``position`` of every prompt."""
 
-    max_tokens: int = 128  # prompts are cut to this many tokens (memory stays bounded)
-    mode: Literal["all", "route"] = "route"  # only the prediction's route is counted: compute it top-down
-    checkpoint_every: int = 16  # prompts between checkpoints
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not (isinstance(self.max_tokens, int) and self.max_tokens >= 2):
-            raise ConfigError(f"max_tokens={self.max_tokens!r}; use an integer >= 2.")
-        if not (isinstance(self.checkpoint_every, int) and self.checkpoint_every >= 1):
-            raise ConfigError(f"checkpoint_every={self.checkpoint_every!r}; use an integer >= 1.")
+    max_tokens: int = option(128, ge=2, help="Dataset mode: cut prompts to this many tokens (memory stays bounded).")
+    # only the prediction's route is counted: compute it top-down
+    mode: Literal["all", "route"] = option("route", help="all (graph of every position) or route (top-down: only the route to --position).")
+    checkpoint_every: int = option(16, ge=1, help="Prompts between checkpoints.")
 
 
 # ============================================================================ math (no model)

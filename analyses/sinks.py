@@ -42,7 +42,7 @@ from probes.errors import ConfigError, InputError, SondeError
 from probes.sites import parse_site
 
 from .core import base, domains as _domains
-from .core.base import stored
+from .core.base import option, stored
 from .core.store import hash_inputs
 
 __all__ = ["Config", "SinksResult", "SinkAlpha", "run", "alpha_from_pattern", "sink_percentage", "collect_stats",
@@ -56,37 +56,27 @@ EPS_GRID = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 class Config(base.Config):
     """Sink-metric settings (defaults from shared/methods/sinks.md)."""
 
-    T: int = 64  # sinks.md: "T must be fixed for comparisons: T = 64"
-    eps: float = 0.3  # sinks.md: default ε = 0.3 (strict yet insensitive to T)
-    positions: tuple[int, ...] = (0,)  # 0-indexed keys; Sink_1 of the paper = position 0
-    n_samples: int = 100  # sinks.md: 100 natural-text sequences
-    bos: Literal["tokenizer", "always", "never"] = "tokenizer"  # sinks.md: tokenizer defaults (GPT-2 no BOS)
-    batch_size: int = 8
-    seed: int = 0
-    values: bool = True  # value-state drain ‖v_h W_O,h‖ per position (dormant.md)
-    kv_norms: bool = True  # key and raw value norms per KV head and position (sinks.md, companion script)
-    mlp_ablation: bool = True  # which MLPs write the residual peak (dormant.md, Guo et al. notebook)
-    ablation_layers: int = 8  # test the MLPs of the first N layers (the paper: the first two write it)
-    ablation_samples: int = 4
-    peak_layer: int | None = None  # layer whose residual peak is explained; None = strongest peak
+    # defaults: shared/methods/sinks.md (T, ε, positions, corpus size, BOS policy) and dormant.md (drains, peaks)
+    T: int = option(64, ge=2, help="Sequence length; fixed for comparisons (the paper uses 64).")
+    eps: float = option(0.3, gt=0, lt=1, help="Sink threshold ε (strict yet insensitive to T).", hint="Use e.g. --eps 0.3 (the paper's default).")
+    positions: tuple[int, ...] = option((0,), ge=0, help="Sink positions (0-indexed keys; Sink_1 of the paper = position 0).")
+    n_samples: int = option(100, ge=1, help="Texts (sequences) measured.")
+    bos: Literal["tokenizer", "always", "never"] = option("tokenizer", help="BOS policy: the tokenizer's default (GPT-2: no BOS), always or never.")
+    batch_size: int = option(8, ge=1, help="Sequences per forward pass.")
+    seed: int = option(0, help="Seed of the sample order.")
+    values: bool = option(True, help="Value-state drain ‖v_h W_O,h‖ per position.")
+    kv_norms: bool = option(True, help="Key and raw value norms per KV head and position.")
+    mlp_ablation: bool = option(True, help="Find which MLPs write the residual peak (zero one at a time).")
+    ablation_layers: int = option(8, ge=0, help="Test the MLPs of the first N layers (0 = off; the paper: the first two write it).")
+    ablation_samples: int = option(4, ge=1, help="Sequences used by the MLP ablation.")
+    peak_layer: int | None = option(None, help="Layer whose residual peak is explained (default: the strongest peak).")
 
     def __post_init__(self):
-        if not isinstance(self.T, int) or self.T < 2:
-            raise ConfigError(f"T={self.T!r}; use an integer sequence length >= 2 (the paper uses 64).")
-        if not (isinstance(self.eps, (int, float)) and 0 < self.eps < 1):
-            raise ConfigError(f"eps={self.eps!r} is outside (0, 1).", hint="Use e.g. --eps 0.3 (the paper's default).")
         if not self.positions:
             raise ConfigError("positions is empty: there is no sink position to measure.",
                               hint="Give --positions 0 (the first token, BOS when the tokenizer adds one).")
-        if any((not isinstance(p, int)) or p < 0 or p >= self.T for p in self.positions):
+        if any(p >= self.T for p in self.positions):
             raise ConfigError(f"positions={self.positions}; each must be an integer in 0..T-1 = 0..{self.T - 1}.")
-        if self.bos not in ("tokenizer", "always", "never"):
-            raise ConfigError(f"bos={self.bos!r}; use 'tokenizer', 'always' or 'never'.")
-        for name in ("n_samples", "batch_size", "ablation_samples"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}={getattr(self, name)}; use at least 1.")
-        if self.ablation_layers < 0:
-            raise ConfigError(f"ablation_layers={self.ablation_layers}; use 0 (off) or more.")
 
 
 def bos_flag(bos: str) -> bool | None:

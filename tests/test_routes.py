@@ -210,7 +210,7 @@ def test_save_load_graphml(tiny, tmp_path, results_dir):
 
 # ----------------------------------------------------------------------------- bad input
 def test_bad_input(tiny):
-    with pytest.raises(ConfigError, match="tau=1.5 is outside"):
+    with pytest.raises(ConfigError, match=r"tau=1.5 is not allowed; use a number in \(0, 1\)"):
         Config(tau=1.5)
     with pytest.raises(ConfigError, match="level="):
         Config(level="layer")

@@ -34,15 +34,138 @@ from probes.errors import ConfigError, InputError
 
 from . import store
 
-__all__ = ["Config", "Result", "Timer", "register_result", "load_result", "stored", "StoreKind"]
+__all__ = ["Config", "Result", "Timer", "register_result", "load_result", "stored", "StoreKind", "option", "validate_fields"]
 
 R = TypeVar("R", bound="Result")
 _RESULTS: dict[str, type["Result"]] = {}
+_MISSING = dataclasses.MISSING
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    """A dataclass's resolved type hints (string annotations evaluated in its module)."""
+    return typing.get_type_hints(cls)
+
+
+def option(default: Any = _MISSING, *, default_factory: Any = _MISSING, ge: float | None = None, gt: float | None = None,
+           le: float | None = None, lt: float | None = None, help: str | None = None, hint: str | None = None) -> Any:
+    """A config field with its legal range and help text (the CLI reads both; :class:`Config` checks the range).
+
+    Args:
+        ge, gt, le, lt: bounds of a number (or of every number in a tuple): ``>=``, ``>``, ``<=``, ``<``.
+        help: one line for ``--help`` (the CLI option built from this field).
+        hint: a fix suggested after the legal values when the value is refused (e.g. the paper's value).
+    """
+    md = {k: v for k, v in dict(ge=ge, gt=gt, le=le, lt=lt, help=help, hint=hint).items() if v is not None}
+    return field(default=default, default_factory=default_factory, metadata={"option": md})
+
+
+_BOUNDS = (("ge", ">=", lambda v, b: v >= b), ("gt", ">", lambda v, b: v > b), ("le", "<=", lambda v, b: v <= b),
+           ("lt", "<", lambda v, b: v < b))
+_NOUN = {int: ("an integer", "integers"), float: ("a number", "numbers"), bool: ("True or False", "booleans"),
+         str: ("a string", "strings")}
+
+
+def _fits(v: Any, hint: Any) -> bool:
+    """Whether ``v`` has the annotated type (Literal choices, scalars, Optional, tuple elements)."""
+    if hint is Any or hint is object:
+        return True
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is type(None):
+        return v is None
+    if origin in (Union, types.UnionType):
+        return any(_fits(v, a) for a in args)
+    if origin is Literal:
+        return any(v == a and type(v) is type(a) for a in args)
+    if hint is bool:
+        return isinstance(v, bool)
+    if hint is int:
+        return isinstance(v, int) and not isinstance(v, bool)
+    if hint is float:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    if origin is tuple:
+        if not isinstance(v, tuple):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_fits(x, args[0]) for x in v)
+        return len(v) == len(args) and all(_fits(x, a) for x, a in zip(v, args))
+    if origin is not None:  # list[...], dict[...], Callable[...]: the container only
+        return not isinstance(origin, type) or isinstance(v, origin)
+    return not isinstance(hint, type) or isinstance(v, hint)
+
+
+def _describe(hint: Any, md: Mapping[str, Any], plural: bool = False) -> str:
+    """The legal values of a field, in words (``an integer from 1 to 10``, ``one of 'a', 'b'``, ``... or None``)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        arms = [a for a in args if a is not type(None)]
+        text = " or ".join(_describe(a, md, plural) for a in arms)
+        return text + (" or None" if len(arms) < len(args) else "")
+    if origin is Literal:
+        return ("values among " if plural else "one of ") + ", ".join(repr(a) for a in args)
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a tuple of {_describe(args[0], md, plural=True)}"
+        return f"a tuple ({', '.join(_describe(a, md) for a in args)})"
+    noun = _NOUN.get(hint, (getattr(hint, "__name__", str(hint)),) * 2)[1 if plural else 0]
+    bounds = {k: md[k] for k, _, _ in _BOUNDS if k in md}
+    lo = next(((k, b) for k, b in bounds.items() if k in ("ge", "gt")), None)
+    hi = next(((k, b) for k, b in bounds.items() if k in ("le", "lt")), None)
+    if lo and hi and hint is int and lo[0] == "ge" and hi[0] == "le":
+        return f"{noun} from {lo[1]:g} to {hi[1]:g}"
+    if lo and hi:
+        return f"{noun} in {'[' if lo[0] == 'ge' else '('}{lo[1]:g}, {hi[1]:g}{']' if hi[0] == 'le' else ')'}"
+    for k, sym, _ in _BOUNDS:
+        if k in bounds:
+            return f"{noun} {sym} {bounds[k]:g}"
+    return noun
+
+
+def _in_range(v: Any, md: Mapping[str, Any]) -> bool:
+    if isinstance(v, tuple):
+        return all(_in_range(x, md) for x in v)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return True
+    return all(ok(v, md[k]) for k, _, ok in _BOUNDS if k in md)
+
+
+def validate_fields(cfg: "Config") -> None:
+    """Check every field of ``cfg`` against its type hint and :func:`option` range; raise one
+    :class:`ConfigError` naming the field, the value given and the legal values."""
+    hints = _hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        v, hint, md = getattr(cfg, f.name), hints.get(f.name, Any), f.metadata.get("option", {})
+        if not (_fits(v, hint) and _in_range(v, md)):
+            raise ConfigError(f"{f.name}={v!r} is not allowed; use {_describe(hint, md)}.", hint=md.get("hint"))
+
+
+def _tuples(v: Any) -> Any:
+    return tuple(_tuples(x) for x in v) if isinstance(v, list) else v
 
 
 @dataclass(frozen=True, kw_only=True)
 class Config:
-    """Base of analysis configs: frozen, keyword-only, JSON round-trip."""
+    """Base of analysis configs: frozen, keyword-only, JSON round-trip.
+
+    Every field is checked against its type hint (``Literal`` choices, ``int``/``float``/``bool``/``str``,
+    ``Optional``, tuple elements) and its :func:`option` range before the subclass's own
+    ``__post_init__`` runs, so a subclass checks only what spans several fields.
+    """
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        own = cls.__dict__.get("__post_init__")
+        if own is not None and not getattr(own, "_validates_fields", False):
+            def __post_init__(self, _own=own) -> None:
+                validate_fields(self)
+                _own(self)
+
+            __post_init__._validates_fields = True  # type: ignore[attr-defined]
+            __post_init__.__doc__ = own.__doc__
+            cls.__post_init__ = __post_init__  # type: ignore[method-assign]
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -53,12 +176,7 @@ class Config:
         unknown = set(d) - names
         if unknown:
             raise ConfigError(f"{cls.__module__}.{cls.__name__} has no option(s) {sorted(unknown)}.", hint=f"Options: {sorted(names)}.")
-        kw = {}
-        for f in dataclasses.fields(cls):
-            if f.name in d:
-                v = d[f.name]
-                kw[f.name] = tuple(v) if isinstance(v, list) else v
-        return cls(**kw)
+        return cls(**{f.name: _tuples(d[f.name]) for f in dataclasses.fields(cls) if f.name in d})
 
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)
@@ -87,7 +205,6 @@ class Timer:
 
 StoreKind = Literal["table", "array", "arrays", "extra"]
 _KINDS: tuple[str, ...] = typing.get_args(StoreKind)
-_MISSING = dataclasses.MISSING
 
 
 def stored(kind: StoreKind | None, *, key: str | None = None, save: Callable[[Any], Any] | None = None,
@@ -114,11 +231,6 @@ def stored(kind: StoreKind | None, *, key: str | None = None, save: Callable[[An
         raise ConfigError("stored(None) needs read=... to rebuild the field.")
     md = {"store": kind, "key": key, "save": save, "load": load, "read": read}
     return field(metadata={**field_kw.pop("metadata", {}), "store": md}, **field_kw)
-
-
-@functools.cache
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
 
 
 def _coerce(v: Any, hint: Any) -> Any:
