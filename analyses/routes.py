@@ -617,85 +617,22 @@ class RoutesResult(Result):
             return (*_renorm_arrays(self.attn, self.attn_resid, self.ffn, self.ffn_resid, tau, self.parallel), 0.0)
         return self.attn, self.attn_resid, self.ffn, self.ffn_resid, tau
 
-    # ------------------------------------------------------------------ graph
+    # ------------------------------------------------------------------ graph (analyses.routes_graph)
     def graph(self, tau: float | None = None, renormalize: bool | None = None):
-        """The full graph over all positions as a networkx DiGraph (edges bottom-up).
-
-        Edges at or below the extraction threshold are left out (they can never be on a route), so
-        the graph stays sparse. Edge attributes: ``weight``, ``kind`` (attn|resid|ffn), ``layer``, and
-        ``heads`` (per-head weights, attention edges only). Node attributes: ``kind``, ``layer``, ``pos``, ``token``.
-        """
-        import networkx as nx
+        """The full thresholded graph over all positions (see :func:`analyses.routes_graph.build_graph`)."""
+        from .routes_graph import build_graph
 
         attn, ar, ffn, fr, thr = self.weights(tau, renormalize)
-        attn, ar, ffn, fr = (t.detach().cpu().double().numpy() for t in (attn, ar, ffn, fr))
-        L, T = self.n_layers, self.n_tokens
-        g = nx.DiGraph()
-
-        def add_node(name, kind, layer, pos):
-            if name not in g:
-                g.add_node(name, kind=kind, layer=layer, pos=pos, token=self.str_tokens[pos])
-
-        def add_edge(u, v, w, kind, layer, heads=None):
-            if g.has_edge(u, v):  # the self-attention edge and the residual edge share (u, v)
-                g[u][v]["weight"] += w
-                return
-            g.add_edge(u, v, weight=float(w), kind=kind, layer=layer, **({"heads": heads} if heads is not None else {}))
-
-        for t in range(T):
-            add_node(node_name("X", 0, t), "X", -1, t)
-        def src(l, j):  # the residual node feeding layer l at position j
-            name = node_name("X", 0, j) if l == 0 else node_name("I", l - 1, j)
-            add_node(name, "X" if l == 0 else "I", l - 1, j)
-            return name
-
-        for l in range(L):
-            tgt_a = "I" if self.parallel else "A"
-            summed = attn[l].sum(-1)  # [T, T]
-            qi, kj = np.nonzero(summed > thr)
-            for i, j in zip(qi.tolist(), kj.tolist()):
-                add_node(node_name(tgt_a, l, i), tgt_a, l, i)
-                add_edge(src(l, j), node_name(tgt_a, l, i), summed[i, j], "attn", l, [float(x) for x in attn[l, i, j]])
-            for i in np.nonzero(ar[l] > thr)[0].tolist():
-                add_node(node_name(tgt_a, l, i), tgt_a, l, i)
-                add_edge(src(l, i), node_name(tgt_a, l, i), ar[l, i], "resid", l)
-            for i in np.nonzero(ffn[l] > thr)[0].tolist():
-                m, out = node_name("M", l, i), node_name("I", l, i)
-                if self.parallel:
-                    inp = src(l, i)
-                else:
-                    inp = node_name("A", l, i)
-                    add_node(inp, "A", l, i)
-                for n, k in ((m, "M"), (out, "I")):
-                    add_node(n, k, l, i)
-                add_edge(inp, m, ffn[l, i], "ffn", l)
-                add_edge(m, out, ffn[l, i], "ffn", l)
-            if not self.parallel:
-                for i in np.nonzero(fr[l] > thr)[0].tolist():
-                    add_node(node_name("A", l, i), "A", l, i)
-                    add_node(node_name("I", l, i), "I", l, i)
-                    add_edge(node_name("A", l, i), node_name("I", l, i), fr[l, i], "resid", l)
-        return g
+        return build_graph(attn, ar, ffn, fr, thr, self.str_tokens, self.parallel)
 
     def route(self, position: int | None = None, tau: float | None = None, renormalize: bool | None = None, graph=None):
-        """The route to the prediction at ``position`` (LLM-TT ``build_paths_to_predictions``): reverse the
-        graph, keep edges above the threshold, DFS from ``I{L-1}_position``, keep the visited edges."""
-        import networkx as nx
+        """The route to the prediction at ``position`` (see :func:`analyses.routes_graph.extract_route`)."""
+        from .routes_graph import extract_route
 
         pos = _resolve_position(self.config.position if position is None else position, self.n_tokens)
         self._check_partial(pos, tau, renormalize)
         g = graph if graph is not None else self.graph(tau, renormalize)
-        top = node_name("I", self.n_layers - 1, pos)
-        sub = nx.DiGraph(pos=pos)
-        sub.add_node(top, **(g.nodes[top] if top in g else dict(kind="I", layer=self.n_layers - 1, pos=pos, token=self.str_tokens[pos])))
-        if top not in g:
-            return sub
-        rev = g.reverse(copy=False)
-        for u, v in nx.edge_dfs(rev, top):
-            sub.add_node(u, **g.nodes[u])
-            sub.add_node(v, **g.nodes[v])
-            sub.add_edge(v, u, **g[v][u])
-        return sub
+        return extract_route(g, self.n_layers, pos, self.str_tokens[pos])
 
     def _check_partial(self, pos: int, tau: float | None, renormalize: bool | None) -> None:
         """A top-down result holds only the rows its own route reaches: other routes need mode='all'."""
@@ -712,12 +649,9 @@ class RoutesResult(Result):
     def head_importance(self, position: int | None = None, tau: float | None = None, renormalize: bool | None = None,
                         route=None) -> torch.Tensor:
         """[L, H]: Σ of each head's part importances over the attention edges of the route."""
-        r = route if route is not None else self.route(position, tau, renormalize)
-        out = torch.zeros(self.n_layers, self.n_heads, dtype=torch.float64)
-        for _, _, e in r.edges(data=True):
-            if "heads" in e:
-                out[e["layer"]] += torch.tensor(e["heads"], dtype=torch.float64)
-        return out
+        from .routes_graph import head_importance
+
+        return head_importance(route if route is not None else self.route(position, tau, renormalize), self.n_layers, self.n_heads)
 
     def head_importance_all(self) -> torch.Tensor:
         """[L, H]: mean over query positions of each head's total importance (no threshold)."""
@@ -725,40 +659,16 @@ class RoutesResult(Result):
 
     def to_graphml(self, path: str | Path, position: int | None = None, *, full: bool = False) -> Path:
         """Write the route (or the full thresholded graph) as GraphML (per-head vectors as JSON strings)."""
-        import json
+        from .routes_graph import write_graphml
 
-        import networkx as nx
-
-        g = self.graph() if full else self.route(position)
-        h = nx.DiGraph()
-        h.add_nodes_from((n, {k: v for k, v in d.items()}) for n, d in g.nodes(data=True))
-        for u, v, d in g.edges(data=True):
-            h.add_edge(u, v, **{k: (json.dumps(val) if isinstance(val, list) else val) for k, val in d.items()})
-        path = Path(path)
-        nx.write_graphml(h, path)
-        return path
+        return write_graphml(self.graph() if full else self.route(position), path)
 
     def logit_lens(self, probe, nodes: Iterable[str], k: int = 5) -> dict[str, list[tuple[str, float]]]:
-        """Top-k tokens of each node's residual read through the final norm and unembedding (needs keep_residuals)."""
-        if not self.residuals:
-            raise ConfigError("this result kept no residual vectors.", hint="Run with Config(keep_residuals=True).")
-        nodes = list(nodes)
-        vecs, names = [], []
-        for n in nodes:
-            kind, rest = n[0], n[1:]
-            layer, pos = (int(x) for x in rest.split("_"))
-            if kind == "X":
-                vecs.append(self.residuals["embed"][pos])
-            else:
-                key = {"A": "resid_mid", "M": "mlp_out", "I": "resid_post"}[kind]
-                vecs.append(self.residuals[key][layer, pos])
-            names.append(n)
-        if not vecs:
-            return {}
-        logits = probe.unembed(torch.stack(vecs).float()).float()
-        top = logits.softmax(-1).topk(k, dim=-1)
-        tok = probe.tokenizer
-        return {n: [(tok.decode([int(i)]), float(p)) for p, i in zip(top.values[r], top.indices[r])] for r, n in enumerate(names)}
+        """Top-k tokens of each node's residual read through the final norm and unembedding (needs keep_residuals;
+        see :func:`analyses.routes_lens.node_lens`)."""
+        from .routes_lens import node_lens
+
+        return node_lens(probe, self.residuals, nodes, k)
 
     # ------------------------------------------------------------------ tables & plots
     def to_frame(self) -> pd.DataFrame:
@@ -799,62 +709,31 @@ class RoutesResult(Result):
 
     def route_frame(self, position: int | None = None, tau: float | None = None, renormalize: bool | None = None) -> pd.DataFrame:
         """The route's edges: source, target, kind, layer, weight."""
-        r = self.route(position, tau, renormalize)
-        return pd.DataFrame([{"source": u, "target": v, "kind": d["kind"], "layer": d["layer"], "weight": d["weight"]}
-                             for u, v, d in r.edges(data=True)], columns=["source", "target", "kind", "layer", "weight"])
+        from .routes_graph import route_frame
+
+        return route_frame(self.route(position, tau, renormalize))
 
     def plot(self, position: int | None = None, tau: float | None = None, renormalize: bool | None = None,
              hover: dict[str, str] | None = None, route=None):
-        """Route graph over the prompt: tokens left to right, layers bottom to top, edge width by weight."""
-        import plotly.graph_objects as go
+        """Route graph over the prompt (see :func:`analyses.routes_plots.plot_route`)."""
+        from .routes_plots import plot_route
 
         r = route if route is not None else self.route(position, tau, renormalize)
-        L, T = self.n_layers, self.n_tokens
-        sub_y = {"X": -1.0, "A": 0.0, "M": 0.33, "I": 0.66}
-
-        def xy(n):
-            d = r.nodes[n]
-            k = d["kind"]
-            y = -1.0 if k == "X" else d["layer"] + (sub_y[k] if not self.parallel else {"M": 0.33, "I": 0.66}.get(k, 0))
-            return d["pos"] + (0.25 if k == "M" else 0.0), y
-
-        colours = {"attn": "#1f77b4", "resid": "#aaaaaa", "ffn": "#d62728"}
-        fig = go.Figure()
-        maxw = max((d["weight"] for *_, d in r.edges(data=True)), default=1.0) or 1.0
-        for u, v, d in r.edges(data=True):
-            (x0, y0), (x1, y1) = xy(u), xy(v)
-            fig.add_trace(go.Scatter(x=[x0, x1], y=[y0, y1], mode="lines", hoverinfo="text",
-                                     text=f"{u} → {v}: {d['weight']:.3f}", showlegend=False,
-                                     line=dict(width=0.5 + 6 * d["weight"] / maxw, color=colours.get(d["kind"], "#888"))))
-        nodes = list(r.nodes)
-        xs, ys = zip(*(xy(n) for n in nodes)) if nodes else ((), ())
-        text = [f"{n} ({r.nodes[n]['token']!r})" + (f"<br>{hover[n]}" if hover and n in hover else "") for n in nodes]
-        fig.add_trace(go.Scatter(x=xs, y=ys, mode="markers", hoverinfo="text", text=text, customdata=nodes, showlegend=False,
-                                 marker=dict(size=8, color=["#2ca02c" if r.nodes[n]["kind"] == "M" else "#333" for n in nodes])))
-        fig.update_layout(
-            xaxis=dict(tickmode="array", tickvals=list(range(T)), ticktext=[repr(s)[1:-1] for s in self.str_tokens], title="token"),
-            yaxis=dict(title="layer", range=[-1.5, L]), height=max(400, 22 * L), margin=dict(l=40, r=20, t=30, b=40),
-            title=f"Route to position {r.graph.get('pos', '')}",
-        )
-        return fig
+        return plot_route(r, self.str_tokens, self.n_layers, self.parallel, hover)
 
     def plot_heads(self, position: int | None = None, tau: float | None = None, renormalize: bool | None = None):
         """Layer × head heat map of head importance in the route."""
-        import plotly.express as px
+        from .routes_plots import plot_heads
 
-        m = self.head_importance(position, tau, renormalize).numpy()
-        fig = px.imshow(m, origin="lower", aspect="auto", color_continuous_scale="Blues",
-                        labels=dict(x="head", y="layer", color="importance"))
-        fig.update_layout(height=max(300, 14 * self.n_layers), margin=dict(l=40, r=20, t=30, b=40))
-        return fig
+        return plot_heads(self.head_importance(position, tau, renormalize))
 
-    # ------------------------------------------------------------------ store
+
 
 
 def _node_link(g) -> dict[str, Any]:
-    import networkx as nx
+    from .routes_graph import node_link
 
-    return nx.node_link_data(g, edges="links")
+    return node_link(g)
 
 
 def describe_edit(e) -> str:

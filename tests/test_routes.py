@@ -370,7 +370,7 @@ def test_cli(tmp_path, capsys):
     assert got["prompts"] == 2 and got["domains"] == "geo, math"
     with pytest.raises(SystemExit) as e:
         main(["run", "routes", "--prompt", "hi", "--tau", "2", "--device", "cpu"])
-    assert e.value.code == 2 and "tau=2.0 is outside (0, 1)" in capsys.readouterr().err
+    assert e.value.code == 2 and "tau=2.0 is not allowed; use a number in (0, 1)" in capsys.readouterr().err
 
 
 def test_dashboard_page():
