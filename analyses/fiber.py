@@ -815,9 +815,6 @@ class FiberResult(Result):
 
     # --- store -------------------------------------------------------------------------------
     # --- plots -------------------------------------------------------------------------------
-    def _title(self, what: str) -> str:
-        return f"{what} · {self.model.get('name')} ({self.source}) · {self.mode_label}"
-
     def plot(self, kind: Literal["hist", "curve", "counts"] = "hist", *, token_id: int | None = None):
         """``hist``: dimension histograms per segment; ``curve``: one token's log-log curve; ``counts``: by kind."""
         if kind == "hist":
@@ -832,72 +829,28 @@ class FiberResult(Result):
 
     def plot_hist(self, bins: int = 60):
         """Histogram of fitted local dimension, one trace per segment (the paper's multimodal histogram)."""
-        import plotly.graph_objects as go
+        from .fiber_plots import plot_hist
 
-        fig = go.Figure()
-        for j in range(self.seg_dim.shape[1]):
-            d = self.seg_dim[:, j].numpy()
-            d = d[np.isfinite(d)]
-            if d.size:
-                fig.add_trace(go.Histogram(x=d, nbinsx=bins, name=f"segment {j + 1} (n={d.size})", opacity=0.6))
-        fig.update_layout(barmode="overlay", title=self._title("Local dimension per segment"),
-                          xaxis_title="fitted dimension D (slope of log volume vs log radius)", yaxis_title="tokens",
-                          height=420, margin={"t": 60})
-        return fig
+        return plot_hist(self, bins)
 
     def plot_curve(self, token_id: int):
         """Log volume vs log radius with the fitted segments and change points."""
-        import plotly.graph_objects as go
+        from .fiber_plots import plot_curve
 
-        df = self.curve(token_id)
-        row = self._row(token_id)
-        fig = go.Figure(go.Scatter(x=df["log_r"], y=df["log_v"], mode="markers", marker={"size": 4, "color": "#888"},
-                                   name="neighbours", customdata=df[["volume", "slope"]],
-                                   hovertemplate="k=%{customdata[0]}<br>log r=%{x:.4f}<br>slope=%{customdata[1]:.1f}<extra></extra>"))
-        for j in range(self.seg_dim.shape[1]):
-            v0 = int(self.seg_start_volume[row, j])
-            if v0 < 0:
-                continue
-            seg = df[df["segment"] == j + 1]
-            seg = seg[np.isfinite(seg["log_r"])]
-            if len(seg) < 2:
-                continue
-            D = float(self.seg_dim[row, j])
-            c = float(np.mean(seg["log_v"] - D * seg["log_r"]))
-            fig.add_trace(go.Scatter(x=seg["log_r"], y=c + D * seg["log_r"], mode="lines", name=f"segment {j + 1}: D={D:.1f}"))
-            if j > 0:
-                fig.add_vline(x=float(np.log(self.seg_start_radius[row, j])), line_dash="dash",
-                              annotation_text=f"change {j} (p={float(self.seg_p[row, j - 1]):.1e})")
-        v = {k: bool(x[row]) for k, x in self.verdicts().items()}
-        tag = "rejects manifold" if v["reject_manifold"] else "no rejection"
-        if v["reject_fb_small"] or v["reject_fb_large"]:
-            tag += " and fiber bundle (" + ("small" if v["reject_fb_small"] else "large") + " radius)"
-        fig.update_layout(title=self._title(f"Token {token_id} {self.token_strs[row]!r}: {tag}"),
-                          xaxis_title="log radius", yaxis_title="log volume (neighbour count)", height=440, margin={"t": 60})
-        return fig
+        return plot_curve(self, token_id)
 
     def plot_kinds(self):
         """Manifold rejections by token kind (under ``config.correction``)."""
-        import plotly.express as px
+        from .fiber_plots import plot_kinds
 
-        kt = self.kind_table()
-        fig = px.bar(kt, x="kind", y="rejected", hover_data=["tokens", "tested", "rate"],
-                     title=self._title(f"Manifold rejections by token kind ({self.config.correction})"))
-        fig.update_layout(height=380, margin={"t": 60})
-        return fig
+        return plot_kinds(self)
 
     @staticmethod
     def plot_neighbors(frame: pd.DataFrame, title: str = "Neighbourhood"):
         """2-D/3-D scatter of a :func:`neighborhood` frame."""
-        import plotly.express as px
+        from .fiber_plots import plot_neighbors
 
-        kw = dict(color="rank", hover_name="token", hover_data=["token_id", "distance"], title=title)
-        if "pc3" in frame:
-            fig = px.scatter_3d(frame, x="pc1", y="pc2", z="pc3", **kw)
-        else:
-            fig = px.scatter(frame, x="pc1", y="pc2", **kw)
-        fig.update_layout(height=480, margin={"t": 60})
-        return fig
+        return plot_neighbors(frame, title)
 
 
 def neighborhood(E: torch.Tensor, result: FiberResult, token_id: int, *, n: int | None = None, n_components: int = 3) -> pd.DataFrame:
