@@ -41,7 +41,7 @@ from probes.errors import ConfigError, InputError
 from probes.sites import site as _site
 
 from .core import base, domains as _domains
-from .core.base import stored
+from .core.base import option, stored
 from .sinks import bos_flag, collect_stats, next_token_loss
 from .core.store import hash_inputs
 
@@ -52,45 +52,30 @@ __all__ = ["Config", "DormantResult", "run", "dormant_map", "status_flips", "det
 class Config(base.Config):
     """Dormant-head settings (defaults from shared/methods/dormant.md)."""
 
-    T: int = 64  # dormant.md: max_len=64
-    theta: float = 0.9  # dormant.md: dormant ⇔ mean_t A[t, s] > θ, θ = 0.9
-    sink_pos: int = 0  # dormant.md: s = BOS / position 0
-    sink: Literal["position", "auto"] = "position"  # auto: the model's sink token from the attention statistics
-    sink_token: str | None = None  # or name it (e.g. "\n", "."): first occurrence per sample (dormant.md, delimiter)
-    n_samples: int = 32
-    bos: Literal["tokenizer", "always", "never"] = "always"  # the sink is BOS (Guo et al.)
-    intervention: Literal["none", "attn_to_sink", "zero"] = "attn_to_sink"  # move_attn_to_bos / zero_out_attn
-    heads: tuple[str, ...] | None = None  # heads to test, e.g. ("L5H3",); None = top max_heads by spread
-    max_heads: int = 6
-    delta: float | None = None  # optional causal rule: dormant also needs |Δloss| < delta on the domain
-    batch_size: int = 8
-    seed: int = 0
+    # defaults: shared/methods/dormant.md
+    T: int = option(64, ge=2, help="Sequence length (dormant.md: max_len=64).")
+    theta: float = option(0.9, gt=0, lt=1, help="Dormant threshold θ: dormant ⇔ mean_t A[t, s] > θ.",
+                          hint="Use e.g. --theta 0.9 (the default).")
+    sink_pos: int = option(0, ge=0, help="Sink position s (0 = BOS / the first token).")
+    sink: Literal["position", "auto"] = option("position", help="position (sink_pos) or auto (found from the attention statistics).")
+    sink_token: str | None = option(None, help="Or name the sink token (e.g. '\\n', '.'): its first occurrence per sample.")
+    n_samples: int = option(32, ge=1, help="Samples per domain.")
+    bos: Literal["tokenizer", "always", "never"] = option("always", help="BOS policy (the sink is BOS, Guo et al.).")
+    intervention: Literal["none", "attn_to_sink", "zero"] = option("attn_to_sink", help="Causal check: move attention to the sink, zero it, or none.")
+    heads: tuple[str, ...] | None = option(None, help="Heads to test, e.g. L5H3 (default: the top max_heads by spread).")
+    max_heads: int = option(6, ge=0, help="Heads tested when heads is not given (0 = no causal check).")
+    delta: float | None = option(None, gt=0, help="Optional causal rule: dormant also needs |Δloss| < delta on the domain.")
+    batch_size: int = option(8, ge=1, help="Sequences per forward pass.")
+    seed: int = option(0, help="Seed of the sample order.")
 
     def __post_init__(self):
-        if not isinstance(self.T, int) or self.T < 2:
-            raise ConfigError(f"T={self.T!r}; use an integer sequence length >= 2.")
-        if not (isinstance(self.theta, (int, float)) and 0 < self.theta < 1):
-            raise ConfigError(f"theta={self.theta!r} is outside (0, 1).", hint="Use e.g. --theta 0.9 (the default).")
-        if self.sink_pos is None or not 0 <= self.sink_pos < self.T:
+        if self.sink_pos >= self.T:
             raise ConfigError(f"sink_pos={self.sink_pos!r}; use a position in 0..T-1 (0 = the first token/BOS).")
-        if self.sink not in ("position", "auto"):
-            raise ConfigError(f"sink={self.sink!r}; use 'position' (sink_pos) or 'auto' (found from the attention statistics).")
-        if self.sink_token is not None and (not isinstance(self.sink_token, str) or self.sink_token == ""):
+        if self.sink_token == "":
             raise ConfigError(f"sink_token={self.sink_token!r}; give the token's text (e.g. '\\n' or '.') or None.")
-        if self.intervention not in ("none", "attn_to_sink", "zero"):
-            raise ConfigError(f"intervention={self.intervention!r}; use none, attn_to_sink or zero.")
-        if self.bos not in ("tokenizer", "always", "never"):
-            raise ConfigError(f"bos={self.bos!r}; use 'tokenizer', 'always' or 'never'.")
-        for name in ("n_samples", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}={getattr(self, name)}; use at least 1.")
-        if self.max_heads < 0:
-            raise ConfigError(f"max_heads={self.max_heads}; use 0 (no causal check) or more.")
         if self.heads is not None:
             for h in self.heads:
                 parse_head(h)
-        if self.delta is not None and self.delta <= 0:
-            raise ConfigError(f"delta={self.delta}; use a positive loss tolerance or None.")
 
 
 # ----------------------------------------------------------------------------- math
