@@ -2,8 +2,10 @@
 
 An analysis module ``analyses/<method>.py`` defines
 
-* ``Config``: ``@dataclass(frozen=True, kw_only=True)`` subclass of :class:`Config` whose
-  ``__post_init__`` only validates (raising :class:`probes.ConfigError` with the legal values);
+* ``Config``: ``@dataclass(frozen=True, kw_only=True)`` subclass of :class:`Config`; every field is
+  checked from its type hint and :func:`option` range (one :class:`probes.ConfigError` naming the
+  field and the legal values), so its own ``__post_init__`` holds only checks that span fields;
+  :mod:`analyses.cli.options` builds CLI options from the same fields (default and help);
 * ``<Method>Result``: a subclass of :class:`Result` holding arrays, aligned labels, the config and
   the model summary; each field says where it is saved with :func:`stored` (a table, an array, a
   dict of arrays or a JSON extra), and ``saved_views`` lists what is saved but not held (a tidy
