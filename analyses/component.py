@@ -33,7 +33,7 @@ import torch
 from probes.errors import ConfigError, InputError
 
 from .core import base, store
-from .core.base import stored
+from .core.base import option, stored
 from .core.domains import BUILTIN
 
 __all__ = ["Config", "ComponentProfile", "parse_component", "principal_direction", "direction_tokens",
@@ -47,24 +47,17 @@ class Config(base.Config):
     """Settings of a component profile (small defaults: a profile answers in seconds on a CPU)."""
 
     domains: tuple[str, ...] = BUILTIN  # the built-in domains of analyses.core.domains
-    n_samples: int = 2  # texts per domain for a fresh sink map (dormant.md uses 32; 2 keeps it interactive)
-    T: int = 32  # tokens per text (dormant.md: 64)
-    theta: float = 0.9  # dormant.md: dormant ⇔ sink mass > θ
-    k: int = 8  # logit-lens tokens per side
-    tau: float = 0.04  # route threshold when the current prompt's route is used (LLM-TT default)
+    n_samples: int = option(2, ge=1, help="Texts per domain for a fresh sink map (dormant.md uses 32; 2 keeps it interactive).")
+    T: int = option(32, ge=2, help="Tokens per text (dormant.md: 64).")
+    theta: float = option(0.9, gt=0, lt=1, help="Dormant ⇔ sink mass > θ (dormant.md).", hint="Use e.g. 0.9 (the default).")
+    k: int = option(8, ge=1, le=100, help="Logit-lens tokens per side.")
+    tau: float = option(0.04, gt=0, lt=1, help="Route threshold when the current prompt's route is used (LLM-TT default).",
+                        hint="Use a threshold such as 0.04.")
     use_saved: bool = True  # read dormant / routes.dataset / bigram results from the store when present
 
     def __post_init__(self) -> None:
         if not self.domains:
             raise ConfigError("domains=() is empty.", hint=f"Use some of {', '.join(BUILTIN)} (the default is all).")
-        if self.n_samples < 1 or self.T < 2:
-            raise ConfigError(f"n_samples={self.n_samples}, T={self.T}; use n_samples >= 1 and T >= 2.")
-        if not 0 < self.theta < 1:
-            raise ConfigError(f"theta={self.theta!r} is outside (0, 1).", hint="Use e.g. 0.9 (the default).")
-        if not 1 <= self.k <= 100:
-            raise ConfigError(f"k={self.k}; use 1..100 tokens per side.")
-        if not 0 < self.tau < 1:
-            raise ConfigError(f"tau={self.tau!r} is outside (0, 1).", hint="Use a threshold such as 0.04.")
 
 
 # ----------------------------------------------------------------------------- labels

@@ -29,7 +29,7 @@ from probes import Collect, ConfigError, InputError, Probe
 
 from .core import store
 from .core.base import Config as _BaseConfig
-from .core.base import Result, Timer, register_result, stored
+from .core.base import Result, Timer, option, register_result, stored
 
 __all__ = ["Config", "LogitLensResult", "run", "lens_topk", "target_probs"]
 
@@ -48,23 +48,17 @@ class Config(_BaseConfig):
             "raw" variant without the norm, rarely useful except to see why the norm matters).
     """
 
-    layers: tuple[int, ...] | None = None
-    k: int = 5
+    layers: tuple[int, ...] | None = option(None, ge=0, help="Blocks whose resid_post is read (default: every block).")
+    k: int = option(5, ge=1, le=100, help="Top tokens kept per cell.")
     prepend_bos: bool = False
     apply_norm: bool = True
 
     def __post_init__(self) -> None:
-        if not isinstance(self.k, int) or isinstance(self.k, bool) or not 1 <= self.k <= 100:
-            raise ConfigError(f"k={self.k!r} is not allowed.", hint="Use an integer from 1 to 100 (top tokens per cell).")
-        if self.layers is not None:
-            if not isinstance(self.layers, tuple) or not self.layers:
-                raise ConfigError(f"layers={self.layers!r} is not allowed.",
-                                  hint="Give a non-empty tuple of block indices, e.g. layers=(0, 10, 29), or None for all.")
-            for layer in self.layers:
-                if not isinstance(layer, int) or isinstance(layer, bool) or layer < 0:
-                    raise ConfigError(f"layers contains {layer!r}.", hint="Block indices are integers >= 0.")
-            if len(set(self.layers)) != len(self.layers):
-                raise ConfigError(f"layers={self.layers!r} repeats a layer.", hint="List each block once.")
+        if self.layers is not None and not self.layers:
+            raise ConfigError(f"layers={self.layers!r} is not allowed.",
+                              hint="Give a non-empty tuple of block indices, e.g. layers=(0, 10, 29), or None for all.")
+        if self.layers is not None and len(set(self.layers)) != len(self.layers):
+            raise ConfigError(f"layers={self.layers!r} repeats a layer.", hint="List each block once.")
 
 
 # ------------------------------------------------------------------------------------------ math
