@@ -1,6 +1,6 @@
-"""CLI options mirror their config fields: every option of ``sonde run routes|fiber|counterfactual|bias-sweep|sinks``
-that names a config field has that field's default (no default is written twice), and the CLI's static reading
-of the configs (no torch import) agrees with the imported dataclasses."""
+"""CLI options mirror their config fields: every option of ``sonde run`` routes, fiber, counterfactual, bias-sweep,
+sinks, dormant and logit-lens that names a config field has that field's default (no default is written twice),
+and the CLI's static reading of the configs (no torch import) agrees with the imported dataclasses."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import dataclasses
 import pytest
 import typer
 
-from analyses import counterfactual, fiber, routes, sinks
+from analyses import counterfactual, dormant, fiber, logit_lens, routes, sinks
 from analyses.cli import app
 from analyses.cli.options import NOT_STATIC, cli_default, config_fields
 
@@ -26,6 +26,8 @@ VERBS = {
     "bias-sweep": ([counterfactual.BiasConfig], {"template", "groups", "n_samples", "max_new_tokens", "temperature", "top_k",
                                                  "top_p", "seed", "chat"}),
     "sinks": ([sinks.Config], {"eps", "positions", "T", "n_samples", "bos", "batch_size", "mlp_ablation"}),
+    "dormant": ([dormant.Config], {"theta", "sink_pos", "heads", "max_heads", "intervention", "T", "n_samples", "bos"}),
+    "logit-lens": ([logit_lens.Config], {"layers", "k", "prepend_bos"}),
 }
 
 
@@ -51,7 +53,8 @@ def test_every_cli_option_default_is_its_config_default(verb):
 
 
 @pytest.mark.parametrize("module,cls", [(routes, "Config"), (routes, "DatasetConfig"), (fiber, "Config"),
-                                        (counterfactual, "Config"), (counterfactual, "BiasConfig"), (sinks, "Config")])
+                                        (counterfactual, "Config"), (counterfactual, "BiasConfig"), (sinks, "Config"),
+                                        (dormant, "Config"), (logit_lens, "Config")])
 def test_static_config_reading_matches_the_dataclass(module, cls):
     static = config_fields(module.__name__.split(".", 1)[1], cls)
     real = _defaults(getattr(module, cls))
