@@ -286,36 +286,39 @@ class Result:
         """The fields saved by :meth:`save`, with their :func:`stored` metadata."""
         return [(f, f.metadata["store"]) for f in dataclasses.fields(cls) if "store" in f.metadata]
 
-    def _saved(self) -> dict[str, dict[str, Any]]:
-        out: dict[str, dict[str, Any]] = {"table": {}, "array": {}, "extra": {}}
+    def _saved(self, kinds: tuple[str, ...] = ("table", "array", "extra")) -> dict[str, dict[str, Any]]:
+        """What :meth:`save` writes, by kind (only ``kinds`` are computed: views such as a route can be costly)."""
+        out: dict[str, dict[str, Any]] = {k: {} for k in kinds}
         for f, md in self.stored_fields():
-            if md["store"] is None:
+            kind = "array" if md["store"] == "arrays" else md["store"]
+            if kind not in out:
                 continue
             v = md["save"](self) if md["save"] is not None else getattr(self, f.name)
-            if v is None and md["store"] != "extra":  # an absent table or array; an extra keeps its None
+            if v is None and kind != "extra":  # an absent table or array; an extra keeps its None
                 continue
             key = md["key"] or f.name
             if md["store"] == "arrays":
                 out["array"].update({f"{key}.{k}": t for k, t in v.items()})
             else:
-                out[md["store"]][key] = v
-        for kind, key, fn in self.saved_views:
-            v = fn(self)
-            if v is not None:
                 out[kind][key] = v
+        for kind, key, fn in self.saved_views:
+            if kind in out:
+                v = fn(self)
+                if v is not None:
+                    out[kind][key] = v
         return out
 
     def tables(self) -> dict[str, pd.DataFrame]:
         """The tables :meth:`save` writes (``{name: DataFrame}``)."""
-        return self._saved()["table"]
+        return self._saved(("table",))["table"]
 
     def arrays(self) -> dict[str, torch.Tensor]:
         """The arrays :meth:`save` writes (``{name: tensor}``)."""
-        return {k: v.contiguous() for k, v in self._saved()["array"].items()}
+        return {k: v.contiguous() for k, v in self._saved(("array",))["array"].items()}
 
     def extra(self) -> dict[str, Any]:
         """The JSON values :meth:`save` writes into the manifest."""
-        return self._saved()["extra"]
+        return self._saved(("extra",))["extra"]
 
     @classmethod
     def _from_stored(cls, stored: store.StoredResult, base: dict[str, Any]):
@@ -350,9 +353,10 @@ class Result:
         """Write the result (atomically); default folder ``<results_root>/<key>``. An existing result
         at ``out_dir`` is replaced only with ``replace=True`` (see :func:`analyses.core.store.write_result`)."""
         out = Path(out_dir) if out_dir is not None else store.results_root() / self.key
+        parts = self._saved()  # every field and view once
         return store.write_result(
             out, analysis=self.analysis, model=self.model, config=self.config.to_dict(), input_hash=self.input_hash,
-            tables=self.tables(), arrays=self.arrays(), extra=self.extra(), timings=self.timings, replace=replace,
+            tables=parts["table"], arrays=parts["array"], extra=parts["extra"], timings=self.timings, replace=replace,
         )
 
     @classmethod
