@@ -30,9 +30,9 @@ import pandas as pd
 import torch
 from torch import nn
 
-from probes.errors import ConfigError
 
 from .core import base
+from .core.base import option, stored
 
 __all__ = ["Config", "BBData", "BBModel", "BBToyResult", "run", "make_data"]
 
@@ -43,34 +43,17 @@ class Config(base.Config):
     betas (0.9, 0.99), wd 1e-4; SGD momentum 0.9 lr 0.03; ReLU lr 3e-3. Sonde's defaults are a CPU-sized run."""
 
     n_layers: Literal[1, 3] = 1  # dormant.md: 1 layer (sink + drain) or 3 layers (adds the peak)
-    d_model: int = 32  # paper 256
-    seq_len: int = 32  # paper 256
-    batch_size: int = 32  # paper 512
-    steps: int = 400  # paper 10k (sink mass 0.1 -> 0.44 by step 300 at these sizes)
-    k_triggers: int = 3  # dormant.md: k = 3 default
+    d_model: int = option(32, ge=1, help="Model width (paper 256).")
+    seq_len: int = option(32, ge=4, help="Sequence length (paper 256).")
+    batch_size: int = option(32, ge=1, help="Sequences per step (paper 512).")
+    steps: int = option(400, ge=1, help="Training steps (paper 10k; sink mass 0.1 -> 0.44 by step 300 at these sizes).")
+    k_triggers: int = option(3, ge=1, le=16, help="Trigger tokens (dormant.md: 3 by default, or 5).")
     attention: Literal["softmax", "relu"] = "softmax"
     optimizer: Literal["adam", "sgd"] = "adam"
-    lr: float | None = None  # None = 3e-3 (adam, softmax; paper 3e-4 over 25x more steps), 0.03 sgd, 3e-3 relu
+    lr: float | None = option(None, gt=0, help="None = 3e-3 (adam, softmax; paper 3e-4 over 25x more steps), 0.03 sgd, 3e-3 relu.")
     weight_decay: float = 1e-4  # paper
-    log_every: int = 50
+    log_every: int = option(50, ge=1, help="Steps between logged metrics.")
     seed: int = 0
-
-    def __post_init__(self):
-        if self.n_layers not in (1, 3):
-            raise ConfigError(f"n_layers={self.n_layers}; the toy has 1 or 3 layers.")
-        if self.attention not in ("softmax", "relu"):
-            raise ConfigError(f"attention={self.attention!r}; use softmax or relu.")
-        if self.optimizer not in ("adam", "sgd"):
-            raise ConfigError(f"optimizer={self.optimizer!r}; use adam or sgd.")
-        for name in ("d_model", "batch_size", "steps", "log_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}={getattr(self, name)}; use at least 1.")
-        if self.seq_len < 4:
-            raise ConfigError(f"seq_len={self.seq_len}; use at least 4.")
-        if not 1 <= self.k_triggers <= 16:
-            raise ConfigError(f"k_triggers={self.k_triggers}; use 1..16 (the paper uses 3 or 5).")
-        if self.lr is not None and not self.lr > 0:
-            raise ConfigError(f"lr={self.lr}; use a positive learning rate.")
 
     @property
     def learning_rate(self) -> float:
@@ -210,6 +193,12 @@ def layer_metrics(stats: dict, x: torch.Tensor, trig: torch.Tensor) -> dict[str,
 
 
 # ----------------------------------------------------------------------------- result
+def _layer_as_int(h: pd.DataFrame) -> pd.DataFrame:
+    """The saved history with its nullable integer ``layer`` column restored."""
+    h["layer"] = h["layer"].astype("Int64")
+    return h
+
+
 @base.register_result
 @dataclass(frozen=True, kw_only=True)
 class BBToyResult(base.Result):
@@ -218,8 +207,10 @@ class BBToyResult(base.Result):
     analysis: ClassVar[str] = "bb-toy"
     config_class: ClassVar[type] = Config
 
-    history: pd.DataFrame
-    triggers: tuple[str, ...] = ()
+    saved_views: ClassVar = (("extra", "summary", lambda r: r.summary()),)
+
+    history: pd.DataFrame = stored("table", key="main", load=_layer_as_int)  # tidy ``step, layer, metric, value``
+    triggers: tuple[str, ...] = stored("extra", default=())
 
     def final(self, metric: str, layer: int | None = None) -> float:
         h = self.history[self.history.metric == metric]
@@ -240,18 +231,6 @@ class BBToyResult(base.Result):
         df = self.history.copy()
         df.insert(0, "model", "bb-toy")
         return df
-
-    def tables(self):
-        return {"main": self.history}
-
-    def extra(self):
-        return {"triggers": list(self.triggers), "summary": self.summary()}
-
-    @classmethod
-    def _from_stored(cls, stored, base_kw):
-        h = stored.tables["main"]
-        h["layer"] = h["layer"].astype("Int64")
-        return cls(**base_kw, history=h, triggers=tuple(stored.extra.get("triggers", ())))
 
     def plot(self, metrics: tuple[str, ...] = ("loss", "bos_mass", "prev_mass", "bos_logit", "bos_value", "resid_peak")):
         """Training curves, one panel per metric (a line per layer)."""

@@ -41,7 +41,7 @@ import os
 import tempfile
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator, Literal, Mapping, Sequence
 
@@ -54,7 +54,7 @@ from probes.labels import head_label
 from probes.weights import WeightSpec
 
 from .core.base import Config as _BaseConfig
-from .core.base import Result, Timer, register_result
+from .core.base import Result, Timer, option, register_result, stored
 from .core import store
 
 __all__ = [
@@ -77,49 +77,31 @@ class Config(_BaseConfig):
     ``steps`` counts optimizer steps; each uses ``batch × grad_accum`` rows of ``seq_len`` tokens.
     """
 
-    lam: float = 10.0  # λ; paper default for Pythia ≤410M / GPT-2 ≤ medium (100 for ~1B). math.inf = keep nothing
-    lr: float = 5e-5  # AdamW learning rate (paper)
-    weight_decay: float = 0.01  # torch AdamW default, as in the reference code
-    temp_mult: float = 1.001  # β multiplier per optimizer step (paper)
+    lam: float = option(10.0, ge=0, help="λ, the sparsity weight (paper: 10 for Pythia ≤410M / GPT-2 ≤ medium, 100 for ~1B; "
+                                          "math.inf keeps nothing).", hint="Use e.g. lam=10 (paper default; 1, 10, 100, 500 in its grid).")
+    lr: float = option(5e-5, gt=0, help="AdamW learning rate (paper).", hint="The paper uses 5e-5.")
+    weight_decay: float = option(0.01, ge=0, help="AdamW weight decay (torch default, as in the reference code).")
+    temp_mult: float = option(1.001, ge=1, help="β multiplier per optimizer step (paper); β must not shrink.", hint="The paper uses 1.001.")
     init: float = 0.0  # initial mask logit s₀ (σ = 0.5; NeuroSurgeon mask_init_value)
-    steps: int = 15000  # maximum optimizer steps (paper)
-    batch: int = 32  # rows per micro-batch (paper)
-    seq_len: int = 128  # tokens per row (paper code comment)
-    grad_accum: int = 1  # micro-batches per optimizer step (paper: 2 for 1B models)
-    target: Target = "bigram"  # "self" = optimal pruning (distil the full model)
-    stop_undecided: float | None = 0.01  # early stop when undecided < this × (#σ>0.9); None = never
-    layers: tuple[int, ...] | None = None  # blocks to mask; None = every block (paper)
-    others: Literal["keep", "drop"] = "keep"  # blocks outside `layers`: kept whole, or dropped (mask 0; skipped in training)
-    eval_rows: int = 10000  # at most this many held-out rows (paper: 10k), capped at 10 % of the corpus
+    steps: int = option(15000, ge=1, help="Maximum optimizer steps (paper).")
+    batch: int = option(32, ge=1, help="Rows per micro-batch (paper).")
+    seq_len: int = option(128, ge=2, help="Tokens per row (paper code comment).", hint="Use 128 (paper) or 32 for quick runs.")
+    grad_accum: int = option(1, ge=1, help="Micro-batches per optimizer step (paper: 2 for 1B models).")
+    target: Target = option("bigram", help="bigram (bigram subnetwork) or self (optimal pruning: distil the full model).")
+    stop_undecided: float | None = option(0.01, ge=0, lt=1, help="Early stop when undecided < this × (#σ>0.9); None = never.",
+                                          hint="The paper uses 0.01.")
+    layers: tuple[int, ...] | None = option(None, ge=0, help="Blocks to mask; None = every block (paper).")
+    others: Literal["keep", "drop"] = option("keep", help="Blocks outside `layers`: kept whole, or dropped (mask 0; skipped in training).")
+    eval_rows: int = option(10000, ge=1, help="At most this many held-out rows (paper: 10k), capped at 10 % of the corpus.")
     reuse: bool = False  # paper: no row is used twice; True cycles a small corpus
     seed: int = 0  # data order and random-mask baselines
-    log_every: int = 10  # steps between curve points / early-stop checks
+    log_every: int = option(10, ge=1, help="Steps between curve points / early-stop checks.")
 
     def __post_init__(self) -> None:
-        if not isinstance(self.lam, (int, float)) or math.isnan(self.lam) or self.lam < 0:
-            raise ConfigError(f"lam={self.lam!r} is not allowed: λ must be ≥ 0 (math.inf gives the keep-nothing baseline).",
-                              hint="Use e.g. lam=10 (paper default; 1, 10, 100, 500 in its grid).")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
+        if not math.isfinite(self.lr):
             raise ConfigError(f"lr={self.lr!r}; the learning rate must be a positive number.", hint="The paper uses 5e-5.")
-        if self.weight_decay < 0:
-            raise ConfigError(f"weight_decay={self.weight_decay!r}; it must be ≥ 0.", hint="Use 0.01 (AdamW default).")
-        if not self.temp_mult >= 1.0:
-            raise ConfigError(f"temp_mult={self.temp_mult!r}; β must not shrink, so temp_mult must be ≥ 1.", hint="The paper uses 1.001.")
-        for name in ("steps", "batch", "seq_len", "grad_accum", "eval_rows", "log_every"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ConfigError(f"{name}={v!r}; it must be a positive integer.")
-        if self.seq_len < 2:
-            raise ConfigError(f"seq_len={self.seq_len}; rows need at least 2 tokens.", hint="Use 128 (paper) or 32 for quick runs.")
-        if self.target not in ("bigram", "self"):
-            raise ConfigError(f"target={self.target!r}; use 'bigram' (bigram subnetwork) or 'self' (optimal pruning).")
-        if self.stop_undecided is not None and not (0 <= self.stop_undecided < 1):
-            raise ConfigError(f"stop_undecided={self.stop_undecided!r}; use a fraction in [0, 1) or None.", hint="The paper uses 0.01.")
-        if self.layers is not None:
-            if not self.layers or any(not isinstance(l, int) or l < 0 for l in self.layers):
-                raise ConfigError(f"layers={self.layers!r}; give block indices ≥ 0 (or None for every block).")
-        if self.others not in ("keep", "drop"):
-            raise ConfigError(f"others={self.others!r}; use 'keep' (blocks outside `layers` stay whole) or 'drop'.")
+        if self.layers is not None and not self.layers:
+            raise ConfigError(f"layers={self.layers!r}; give block indices ≥ 0 (or None for every block).")
 
 
 def temperature_after(k: int, temp_mult: float = 1.001) -> float:
@@ -753,17 +735,21 @@ class BigramResult(Result):
 
     analysis: ClassVar[str] = "bigram"
 
-    masks: dict[str, torch.Tensor]
-    matrices: pd.DataFrame
-    head_kept: torch.Tensor
-    neuron_kept: torch.Tensor
-    curve: pd.DataFrame
-    ablation: pd.DataFrame
-    sparsity: float
-    steps_done: int = 0
-    stopped_early: bool = False
-    corpus: str = "builtin"
-    overlaps: dict[str, dict[str, float]] = field(default_factory=dict)
+    saved_views: ClassVar = (("table", "main", lambda r: r.to_frame()),
+                             ("extra", "mask_shapes", lambda r: {k: list(v.shape) for k, v in r.masks.items()}))
+
+    masks: dict[str, torch.Tensor] = stored("arrays", key="mask", save=lambda r: {k: _pack(v) for k, v in r.masks.items()},
+                                            read=lambda s: {k: _unpack(s.arrays[f"mask.{k}"], shp) for k, shp in s.extra["mask_shapes"].items()})
+    matrices: pd.DataFrame = stored(None, read=lambda s: s.tables["main"].drop(columns=["model"]).rename(columns={"value": "fraction"}))
+    head_kept: torch.Tensor = stored("array", save=lambda r: r.head_kept.float())
+    neuron_kept: torch.Tensor = stored("array", save=lambda r: r.neuron_kept.float())
+    curve: pd.DataFrame = stored("table")
+    ablation: pd.DataFrame = stored("table")
+    sparsity: float = stored("extra")
+    steps_done: int = stored("extra", default=0)
+    stopped_early: bool = stored("extra", default=False)
+    corpus: str = stored("extra", default="builtin")
+    overlaps: dict[str, dict[str, float]] = stored("extra", default_factory=dict)
 
     # ---- views
     def per_layer(self) -> pd.DataFrame:
@@ -820,32 +806,6 @@ class BigramResult(Result):
         fig.add_trace(go.Scatter(x=c["step"], y=c["undecided"], name="undecided"), secondary_y=True)
         fig.update_layout(title="Training curve", xaxis_title="step")
         return fig
-
-    # ---- storage
-    def tables(self) -> dict[str, pd.DataFrame]:
-        return {"main": self.to_frame(), "curve": self.curve, "ablation": self.ablation}
-
-    def arrays(self) -> dict[str, torch.Tensor]:
-        out = {f"mask.{k}": _pack(v) for k, v in self.masks.items()}
-        out["head_kept"] = self.head_kept.float()
-        out["neuron_kept"] = self.neuron_kept.float()
-        return out
-
-    def extra(self) -> dict[str, Any]:
-        return {"mask_shapes": {k: list(v.shape) for k, v in self.masks.items()}, "sparsity": self.sparsity,
-                "steps_done": self.steps_done, "stopped_early": self.stopped_early, "corpus": self.corpus,
-                "overlaps": self.overlaps}
-
-    @classmethod
-    def _from_stored(cls, stored, base):
-        ex = stored.extra
-        masks = {k: _unpack(stored.arrays[f"mask.{k}"], shp) for k, shp in ex["mask_shapes"].items()}
-        mat = stored.tables["main"].drop(columns=["model"]).rename(columns={"value": "fraction"})
-        return cls(**base, masks=masks, matrices=mat, head_kept=stored.arrays["head_kept"],
-                   neuron_kept=stored.arrays["neuron_kept"], curve=stored.tables["curve"],
-                   ablation=stored.tables["ablation"], sparsity=float(ex["sparsity"]),
-                   steps_done=int(ex.get("steps_done", 0)), stopped_early=bool(ex.get("stopped_early", False)),
-                   corpus=str(ex.get("corpus", "builtin")), overlaps=dict(ex.get("overlaps", {})))
 
 
 # ============================================================================== entry points

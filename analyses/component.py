@@ -22,7 +22,7 @@ Only the math here touches tensors; saved results are read through :mod:`analyse
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Sequence
 
@@ -34,6 +34,7 @@ from probes.labels import format_label, parse_label
 from probes.sites import Site
 
 from .core import base, store
+from .core.base import option, stored
 from .core.domains import BUILTIN
 
 __all__ = ["Config", "ComponentProfile", "parse_component", "principal_direction", "direction_tokens",
@@ -47,24 +48,17 @@ class Config(base.Config):
     """Settings of a component profile (small defaults: a profile answers in seconds on a CPU)."""
 
     domains: tuple[str, ...] = BUILTIN  # the built-in domains of analyses.core.domains
-    n_samples: int = 2  # texts per domain for a fresh sink map (dormant.md uses 32; 2 keeps it interactive)
-    T: int = 32  # tokens per text (dormant.md: 64)
-    theta: float = 0.9  # dormant.md: dormant ⇔ sink mass > θ
-    k: int = 8  # logit-lens tokens per side
-    tau: float = 0.04  # route threshold when the current prompt's route is used (LLM-TT default)
+    n_samples: int = option(2, ge=1, help="Texts per domain for a fresh sink map (dormant.md uses 32; 2 keeps it interactive).")
+    T: int = option(32, ge=2, help="Tokens per text (dormant.md: 64).")
+    theta: float = option(0.9, gt=0, lt=1, help="Dormant ⇔ sink mass > θ (dormant.md).", hint="Use e.g. 0.9 (the default).")
+    k: int = option(8, ge=1, le=100, help="Logit-lens tokens per side.")
+    tau: float = option(0.04, gt=0, lt=1, help="Route threshold when the current prompt's route is used (LLM-TT default).",
+                        hint="Use a threshold such as 0.04.")
     use_saved: bool = True  # read dormant / routes.dataset / bigram results from the store when present
 
     def __post_init__(self) -> None:
         if not self.domains:
             raise ConfigError("domains=() is empty.", hint=f"Use some of {', '.join(BUILTIN)} (the default is all).")
-        if self.n_samples < 1 or self.T < 2:
-            raise ConfigError(f"n_samples={self.n_samples}, T={self.T}; use n_samples >= 1 and T >= 2.")
-        if not 0 < self.theta < 1:
-            raise ConfigError(f"theta={self.theta!r} is outside (0, 1).", hint="Use e.g. 0.9 (the default).")
-        if not 1 <= self.k <= 100:
-            raise ConfigError(f"k={self.k}; use 1..100 tokens per side.")
-        if not 0 < self.tau < 1:
-            raise ConfigError(f"tau={self.tau!r} is outside (0, 1).", hint="Use a threshold such as 0.04.")
 
 
 # ----------------------------------------------------------------------------- labels
@@ -167,6 +161,12 @@ def sink_maps(probe, config: Config = Config(), *, root: str | Path | None = Non
 
 
 # ----------------------------------------------------------------------------- result
+def _read_tokens(stored: store.StoredResult, side: str) -> tuple[tuple[str, float], ...]:
+    """``(token, score)`` pairs of one side (``promoted`` / ``suppressed``) of the saved tokens table."""
+    tok = stored.tables.get("tokens", pd.DataFrame(columns=["promoted", "promoted_score", "suppressed", "suppressed_score"]))
+    return tuple(zip(tok[side], tok[f"{side}_score"].astype(float)))
+
+
 @base.register_result
 @dataclass(frozen=True, kw_only=True)
 class ComponentProfile(base.Result):
@@ -185,17 +185,21 @@ class ComponentProfile(base.Result):
 
     analysis: ClassVar[str] = "component"
 
-    component: str
-    kind: Kind
-    layer: int
-    index: int
-    sink: pd.DataFrame
-    status: str
-    route: pd.DataFrame
-    bigram_kept: float | None
-    top_tokens: tuple[tuple[str, float], ...]
-    bottom_tokens: tuple[tuple[str, float], ...]
-    sources: dict[str, str] = field(default_factory=dict)
+    saved_views: ClassVar = (("table", "main", lambda r: r.to_frame()), ("table", "tokens", lambda r: r.tokens_frame()),
+                             ("extra", "summary", lambda r: r.summary()))
+
+    component: str = stored("extra")
+    kind: Kind = stored("extra")
+    layer: int = stored("extra")
+    index: int = stored("extra")
+    sink: pd.DataFrame = stored("table")
+    status: str = stored("extra")
+    route: pd.DataFrame = stored("table")
+    bigram_kept: float | None = stored("extra", default=None)
+    # both from the saved tokens table
+    top_tokens: tuple[tuple[str, float], ...] = stored(None, read=lambda s: _read_tokens(s, "promoted"))
+    bottom_tokens: tuple[tuple[str, float], ...] = stored(None, read=lambda s: _read_tokens(s, "suppressed"))
+    sources: dict[str, str] = stored("extra", default_factory=dict, load=dict)
 
     @property
     def route_frequency(self) -> float | None:
@@ -252,24 +256,6 @@ class ComponentProfile(base.Result):
             fig = go.Figure(go.Bar(x=[t for t, _ in self.top_tokens], y=[s for _, s in self.top_tokens]))
             fig.update_layout(title=f"{self.component}: tokens its output direction promotes", height=320)
         return fig
-
-    def tables(self) -> dict[str, pd.DataFrame]:
-        return {"main": self.to_frame(), "sink": self.sink, "route": self.route, "tokens": self.tokens_frame()}
-
-    def extra(self) -> dict[str, Any]:
-        return {"component": self.component, "kind": self.kind, "layer": self.layer, "index": self.index, "status": self.status,
-                "bigram_kept": self.bigram_kept, "sources": self.sources, "summary": self.summary()}
-
-    @classmethod
-    def _from_stored(cls, stored, base_kw):
-        x, t = stored.extra, stored.tables
-        tok = t.get("tokens", pd.DataFrame(columns=["promoted", "promoted_score", "suppressed", "suppressed_score"]))
-        return cls(**base_kw, component=x["component"], kind=x["kind"], layer=int(x["layer"]), index=int(x["index"]),
-                   sink=t["sink"], status=x["status"], route=t["route"], bigram_kept=x.get("bigram_kept"),
-                   top_tokens=tuple(zip(tok["promoted"], tok["promoted_score"].astype(float))),
-                   bottom_tokens=tuple(zip(tok["suppressed"], tok["suppressed_score"].astype(float))),
-                   sources=dict(x.get("sources", {})))
-
 
 # ----------------------------------------------------------------------------- entry point
 def _status(dormant_flags: Sequence[bool]) -> str:

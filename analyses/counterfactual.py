@@ -54,7 +54,7 @@ from probes import ConfigError, InputError, Probe, head_label, neuron_label, par
 
 from .core import store
 from .core.base import Config as _BaseConfig
-from .core.base import Result, Timer, register_result
+from .core.base import Result, Timer, option, register_result, stored
 
 __all__ = [
     "Config", "BiasConfig", "CounterfactualResult", "BiasSweepResult", "TokenEdit", "PromptEdit", "ModelEdit",
@@ -68,20 +68,6 @@ _POSTERIOR_STREAM = 1_000_000  # noise streams: 0 factual, 1..S interventional, 
 
 
 # ============================================================================ configs
-def _check_sampling(c) -> None:
-    t = c.temperature
-    if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t <= 10:
-        raise ConfigError(f"temperature={t!r} is not allowed.", hint="Use a number from 0 (greedy) to 10.")
-    if c.top_k is not None and (isinstance(c.top_k, bool) or not isinstance(c.top_k, int) or c.top_k < 1):
-        raise ConfigError(f"top_k={c.top_k!r} is not allowed.", hint="Use a positive integer, or None for the full vocabulary.")
-    if c.top_p is not None and (isinstance(c.top_p, bool) or not isinstance(c.top_p, (int, float)) or not 0 < c.top_p <= 1):
-        raise ConfigError(f"top_p={c.top_p!r} is not allowed.", hint="Use a number in (0, 1], or None for no nucleus cut.")
-    if isinstance(c.max_new_tokens, bool) or not isinstance(c.max_new_tokens, int) or not 1 <= c.max_new_tokens <= 4096:
-        raise ConfigError(f"max_new_tokens={c.max_new_tokens!r} is not allowed.", hint="Use an integer from 1 to 4096.")
-    if isinstance(c.seed, bool) or not isinstance(c.seed, int) or c.seed < 0:
-        raise ConfigError(f"seed={c.seed!r} is not allowed.", hint="Use a non-negative integer.")
-
-
 @dataclass(frozen=True, kw_only=True)
 class Config(_BaseConfig):
     """Counterfactual generation settings.
@@ -103,27 +89,18 @@ class Config(_BaseConfig):
         stop_at_eos: stop a row at the end-of-sequence token.
     """
 
-    max_new_tokens: int = 40
-    temperature: float = 0.8
-    top_k: int | None = None
-    top_p: float | None = None
-    seed: int = 0
-    noise: Literal["replay", "posterior"] = "replay"
-    n_samples: int = 1
-    interventional: bool = True
-    prefix_reuse: bool = True
-    multi_token: Literal["span", "error"] = "span"
-    chat: bool = False
-    stop_at_eos: bool = True
-
-    def __post_init__(self) -> None:
-        _check_sampling(self)
-        if self.noise not in ("replay", "posterior"):
-            raise ConfigError(f"noise={self.noise!r} is not allowed.", hint="Use 'replay' (recorded noise) or 'posterior' (inferred).")
-        if isinstance(self.n_samples, bool) or not isinstance(self.n_samples, int) or not 1 <= self.n_samples <= 256:
-            raise ConfigError(f"n_samples={self.n_samples!r} is not allowed.", hint="Use an integer from 1 to 256.")
-        if self.multi_token not in ("span", "error"):
-            raise ConfigError(f"multi_token={self.multi_token!r} is not allowed.", hint="Use 'span' or 'error'.")
+    max_new_tokens: int = option(40, ge=1, le=4096, help="Generated tokens of the factual text.")
+    temperature: float = option(0.8, ge=0, le=10, help="Sampling temperature tau; 0 = greedy (paper §4.3: 0.8).")
+    top_k: int | None = option(None, ge=1, help="Keep the k most likely tokens (default: the full vocabulary).")
+    top_p: float | None = option(None, gt=0, le=1, help="Nucleus: keep tokens whose preceding cumulative probability is <= p.")
+    seed: int = option(0, ge=0, help="Noise key: step t of stream s uses Gumbel noise drawn from (seed, t, s).")
+    noise: Literal["replay", "posterior"] = option("replay", help="replay (recorded factual noise) or posterior (inferred from the text).")
+    n_samples: int = option(1, ge=1, le=256, help="Posterior noise draws (and interventional samples).")
+    interventional: bool = option(True, help="Also generate the interventional baseline (same edit, fresh noise).")
+    prefix_reuse: bool = option(True, help="Copy the KV cache of the unchanged prefix instead of recomputing it.")
+    multi_token: Literal["span", "error"] = option("span", help="A replacement of several tokens is forced as a span, or an error.")
+    chat: bool = option(False, help="Wrap the prompt in the model's chat template.")
+    stop_at_eos: bool = option(True, help="Stop a row at the end-of-sequence token.")
 
 
 # Default attribute extractor for the bias sweep: occupation categories -> regex (user-editable).
@@ -158,25 +135,24 @@ class BiasConfig(_BaseConfig):
         n_boot: paired bootstrap resamples for the shift intervals; level: interval coverage.
     """
 
-    template: str = "My neighbour is a {group}. The {group} works as a"
-    groups: tuple[str, ...] = ("man", "woman")
-    categories: tuple[tuple[str, str], ...] = tuple(DEFAULT_CATEGORIES.items())
-    n_samples: int = 32
-    max_new_tokens: int = 12
-    temperature: float = 0.8
-    top_k: int | None = None
-    top_p: float | None = None
-    seed: int = 0
-    n_boot: int = 1000
-    level: float = 0.95
-    chat: bool = False
+    template: str = option("My neighbour is a {group}. The {group} works as a", help="Prompt with a {group} slot.")
+    groups: tuple[str, ...] = option(("man", "woman"), help="Attribute values; the first is the factual world.")
+    categories: tuple[tuple[str, str], ...] = option(tuple(DEFAULT_CATEGORIES.items()), help="(name, regex) pairs.")
+    n_samples: int = option(32, ge=2, le=4096, help="Noise draws per group (the same draws in every group).")
+    max_new_tokens: int = option(12, ge=1, le=4096, help="Generated tokens per sample.")
+    temperature: float = option(0.8, ge=0, le=10, help="Sampling temperature tau (paper §4.3: 0.8).")
+    top_k: int | None = option(None, ge=1, help="Keep the k most likely tokens (default: the full vocabulary).")
+    top_p: float | None = option(None, gt=0, le=1, help="Nucleus cut (default: none).")
+    seed: int = option(0, ge=0, help="Noise key.")
+    n_boot: int = option(1000, ge=100, le=100_000, help="Paired bootstrap resamples for the shift intervals.")
+    level: float = option(0.95, gt=0, lt=1, help="Interval coverage.")
+    chat: bool = option(False, help="Wrap the prompt in the model's chat template.")
 
     def __post_init__(self) -> None:
-        _check_sampling(self)
-        if not isinstance(self.template, str) or "{group}" not in self.template:
+        if "{group}" not in self.template:
             raise ConfigError(f"template={self.template!r} has no {{group}} slot.",
                               hint="Write the attribute slot as {group}, e.g. 'My neighbour is a {group}. The {group} works as a'.")
-        if len(self.groups) < 2 or any(not isinstance(g, str) or not g.strip() for g in self.groups) or len(set(self.groups)) != len(self.groups):
+        if len(self.groups) < 2 or any(not g.strip() for g in self.groups) or len(set(self.groups)) != len(self.groups):
             raise ConfigError(f"groups={self.groups!r} is not allowed.", hint="Give at least two distinct non-empty values, e.g. ('man', 'woman').")
         if not self.categories:
             raise ConfigError("categories is empty.", hint="Give (name, regex) pairs, e.g. (('doctor', r'\\bdoctor\\b'),).")
@@ -185,12 +161,6 @@ class BiasConfig(_BaseConfig):
                 re.compile(pat)
             except re.error as e:
                 raise ConfigError(f"category {name!r} has an invalid regex {pat!r} ({e}).", hint="Fix the pattern (Python re syntax).") from None
-        if isinstance(self.n_samples, bool) or not isinstance(self.n_samples, int) or not 2 <= self.n_samples <= 4096:
-            raise ConfigError(f"n_samples={self.n_samples!r} is not allowed.", hint="Use an integer from 2 to 4096.")
-        if not 0 < self.level < 1:
-            raise ConfigError(f"level={self.level!r} is not allowed.", hint="Use a coverage in (0, 1), e.g. 0.95.")
-        if isinstance(self.n_boot, bool) or not isinstance(self.n_boot, int) or not 100 <= self.n_boot <= 100_000:
-            raise ConfigError(f"n_boot={self.n_boot!r} is not allowed.", hint="Use an integer from 100 to 100000.")
 
 
 # ============================================================================ interventions
@@ -594,20 +564,25 @@ class CounterfactualResult(Result):
 
     analysis: ClassVar[str] = "counterfactual"
 
-    prompt: str
-    cf_prompt: str
-    intervention: str
-    edit_pos: int  # first response position the intervention can change (0 for prompt / model edits)
-    factual: tuple[int, ...]
-    factual_str: tuple[str, ...]
-    factual_logprob: torch.Tensor  # [T]
-    alternatives: torch.Tensor  # [T, 5] most likely ids under the factual distribution at each step
-    rows: tuple[tuple[int, ...], ...]
-    str_rows: tuple[tuple[str, ...], ...]
-    kinds: tuple[str, ...]
-    notes: tuple[str, ...] = ()
-    forced: tuple[int, ...] = ()  # token edit: the ids forced at edit_pos (replacing factual[edit_pos]); () otherwise
-    forced_str: tuple[str, ...] = ()  # their token strings
+    saved_views: ClassVar = (("table", "main", lambda r: r.to_frame()), ("table", "divergence", lambda r: r.divergence_frame()))
+
+    prompt: str = stored("extra")
+    cf_prompt: str = stored("extra")
+    intervention: str = stored("extra")
+    edit_pos: int = stored("extra")  # first response position the intervention can change (0 for prompt / model edits)
+    # the token rows are saved in the main table (one row per world, sample and position)
+    factual: tuple[int, ...] = stored(None, read=lambda s: _read_worlds(s)[0])
+    factual_str: tuple[str, ...] = stored(None, read=lambda s: _read_worlds(s)[1])
+    factual_logprob: torch.Tensor = stored("array", save=lambda r: r.factual_logprob.float())  # [T]
+    # [T, 5] most likely ids under the factual distribution at each step
+    alternatives: torch.Tensor = stored("array", save=lambda r: r.alternatives.long())
+    rows: tuple[tuple[int, ...], ...] = stored(None, read=lambda s: _read_worlds(s)[2])
+    str_rows: tuple[tuple[str, ...], ...] = stored(None, read=lambda s: _read_worlds(s)[3])
+    kinds: tuple[str, ...] = stored("extra")
+    notes: tuple[str, ...] = stored("extra", default=())
+    # token edit: the ids forced at edit_pos (replacing factual[edit_pos]); () otherwise
+    forced: tuple[int, ...] = stored("extra", default=())
+    forced_str: tuple[str, ...] = stored("extra", default=())  # their token strings
 
     @property
     def factual_text(self) -> str:
@@ -648,34 +623,6 @@ class CounterfactualResult(Result):
         df.insert(0, "model", self.model.get("name", ""))
         return df
 
-    def tables(self) -> dict[str, pd.DataFrame]:
-        return {"main": self.to_frame(), "divergence": self.divergence_frame()}
-
-    def arrays(self) -> dict[str, torch.Tensor]:
-        return {"factual_logprob": self.factual_logprob.float().contiguous(), "alternatives": self.alternatives.long().contiguous()}
-
-    def extra(self) -> dict[str, Any]:
-        return {"prompt": self.prompt, "cf_prompt": self.cf_prompt, "intervention": self.intervention,
-                "edit_pos": self.edit_pos, "notes": list(self.notes), "kinds": list(self.kinds),
-                "forced": list(self.forced), "forced_str": list(self.forced_str)}
-
-    @classmethod
-    def _from_stored(cls, stored: store.StoredResult, base: dict[str, Any]) -> "CounterfactualResult":
-        df, ex = stored.tables["main"], stored.extra
-        f = df[df.world == "factual"].sort_values("pos")
-        rows, strs = [], []
-        count = {}
-        for k in ex["kinds"]:
-            n = count[k] = count.get(k, -1) + 1
-            d = df[(df.world == k) & (df["sample"] == n)].sort_values("pos")
-            rows.append(tuple(int(x) for x in d.token_id))
-            strs.append(tuple(str(x) for x in d.token))
-        return cls(**base, prompt=ex["prompt"], cf_prompt=ex["cf_prompt"], intervention=ex["intervention"],
-                   edit_pos=int(ex["edit_pos"]), factual=tuple(int(x) for x in f.token_id), factual_str=tuple(str(x) for x in f.token),
-                   factual_logprob=stored.arrays["factual_logprob"], alternatives=stored.arrays["alternatives"],
-                   rows=tuple(rows), str_rows=tuple(strs), kinds=tuple(ex["kinds"]), notes=tuple(ex.get("notes", ())),
-                   forced=tuple(int(x) for x in ex.get("forced", ())), forced_str=tuple(ex.get("forced_str", ())))
-
     def plot(self, *, max_rows: int = 6, width: int = 28):
         """Token grid: factual on top, counterfactual / interventional rows below; changed tokens coloured."""
         import plotly.graph_objects as go
@@ -704,6 +651,20 @@ class CounterfactualResult(Result):
                           height=120 + 45 * len(names), xaxis_title="response position", margin=dict(l=10, r=10, t=50, b=40),
                           xaxis=dict(range=[-0.5, min(T, width) - 0.5]))
         return fig
+
+
+def _read_worlds(stored: store.StoredResult) -> tuple[tuple[int, ...], tuple[str, ...], tuple, tuple]:
+    """``(factual, factual_str, rows, str_rows)`` back from the saved main table."""
+    df, kinds = stored.tables["main"], stored.extra["kinds"]
+    f = df[df.world == "factual"].sort_values("pos")
+    rows, strs = [], []
+    count: dict[str, int] = {}
+    for k in kinds:
+        n = count[k] = count.get(k, -1) + 1
+        d = df[(df.world == k) & (df["sample"] == n)].sort_values("pos")
+        rows.append(tuple(int(x) for x in d.token_id))
+        strs.append(tuple(str(x) for x in d.token))
+    return tuple(int(x) for x in f.token_id), tuple(str(x) for x in f.token), tuple(rows), tuple(strs)
 
 
 # ============================================================================ entry points
@@ -973,20 +934,15 @@ class BiasSweepResult(Result):
     analysis: ClassVar[str] = "counterfactual.bias"  # load_result imports analyses.counterfactual via this name
     config_class: ClassVar[type] = BiasConfig
 
-    samples: pd.DataFrame
-    summary: pd.DataFrame
+    saved_views: ClassVar = (("table", "main", lambda r: r.to_frame()),)
+
+    samples: pd.DataFrame = stored("table")
+    summary: pd.DataFrame = stored(None, read=lambda s: s.tables["main"].drop(columns=["model"]))
 
     def to_frame(self) -> pd.DataFrame:
         df = self.summary.copy()
         df.insert(0, "model", self.model.get("name", ""))
         return df
-
-    def tables(self) -> dict[str, pd.DataFrame]:
-        return {"main": self.to_frame(), "samples": self.samples}
-
-    @classmethod
-    def _from_stored(cls, stored: store.StoredResult, base: dict[str, Any]) -> "BiasSweepResult":
-        return cls(**base, samples=stored.tables["samples"], summary=stored.tables["main"].drop(columns=["model"]))
 
     def plot(self):
         """Grouped bars: share of each category per group, with Wilson intervals."""

@@ -35,7 +35,7 @@ from __future__ import annotations
 import copy
 import inspect
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Literal, Sequence
 
@@ -46,7 +46,7 @@ from probes.errors import ConfigError, InputError
 from probes.weights import AdaptedModel, LoraSpec
 
 from .core.base import Config as _BaseConfig
-from .core.base import Result, Timer, register_result
+from .core.base import Result, Timer, option, register_result, stored
 from .core.store import hash_inputs
 from .tasks import ANSWER_STOP, Checker, CallableChecker, Problem, format_prompt, make_checker
 
@@ -62,53 +62,33 @@ __all__ = [
 class Config(_BaseConfig):
     """Critical-token search settings (defaults: method page, "Workbench" section)."""
 
-    n_samples: int = 16          # trajectories sampled per problem to find an incorrect one
-    n_rollouts: int = 32         # N rollouts per prefix (method page: 16-32 coarse pass; paper 64)
-    temperature: float = 0.7     # method page analyzer API default
-    top_p: float = 1.0           # plain temperature sampling, as the paper's vLLM rollouts
-    max_new_tokens: int = 512    # method page: cap new tokens (e.g. 512)
+    n_samples: int = option(16, ge=1)  # trajectories sampled per problem to find an incorrect one
+    n_rollouts: int = option(32, ge=1)  # N rollouts per prefix (method page: 16-32 coarse pass; paper 64)
+    temperature: float = option(0.7, gt=0, hint="Rollouts are sampled; use e.g. 0.7.")  # method page analyzer API default
+    top_p: float = option(1.0, gt=0, le=1)  # plain temperature sampling, as the paper's vLLM rollouts
+    max_new_tokens: int = option(512, ge=1)  # method page: cap new tokens (e.g. 512)
     granularity: Literal["token", "step", "bisect"] = "step"  # method page: coarse pass at step boundaries
     bisect: bool = True          # fine pass: bisect inside the segment where the score falls to 0
-    max_steps: int = 30          # at most this many step cut points (method page: ~10-30)
-    zero_tol: float = 0.0        # score <= zero_tol counts as "all wrong" (released analyse: score 0)
-    recover_frac: float = 3 / 64  # a later prefix above this discards the mark (released: >3/64)
+    max_steps: int = option(30, ge=1)  # at most this many step cut points (method page: ~10-30)
+    zero_tol: float = option(0.0, ge=0, lt=1)  # score <= zero_tol counts as "all wrong" (released analyse: score 0)
+    recover_frac: float = option(3 / 64, ge=0, lt=1)  # a later prefix above this discards the mark (released: >3/64)
     sequential: bool = True      # SPRT: roll a prefix out in chunks and stop once its state is decided
-    chunk: int = 8               # rollouts per SPRT step (the budget per prefix stays n_rollouts)
+    chunk: int = option(8, ge=1)  # rollouts per SPRT step (the budget per prefix stays n_rollouts)
     p_alive: float = 0.25        # SPRT: "alive" level of the success rate (the "dead" level is recover_frac)
     alpha: float = 0.05          # SPRT error rates (both kinds) and 1 − confidence of the Clopper-Pearson intervals
     alternatives: Literal["sample", "topk", "none"] = "sample"  # counterfactual check (method page step 4)
-    n_alternatives: int = 32     # K alternative tokens (method page: K=16-64)
-    alt_rollouts: int = 1        # rollouts per alternative (paper: one each)
-    batch_size: int = 64         # rollouts per generate call
+    n_alternatives: int = option(32, ge=0)  # K alternative tokens (method page: K=16-64)
+    alt_rollouts: int = option(1, ge=1)  # rollouts per alternative (paper: one each)
+    batch_size: int = option(64, ge=1)  # rollouts per generate call
     prefix_cache: bool = True    # share the prefix KV cache across a prefix's rollouts
     stop_at_answer: bool = True  # stop a rollout once its final answer is written
-    max_rollouts: int = 20_000   # budget: prefixes x rollouts beyond this is refused
+    max_rollouts: int = option(20_000, ge=1)  # budget: prefixes x rollouts beyond this is refused
     checker: Literal["auto", "numeric", "exact"] = "auto"  # auto: numeric when the reference answer is a number
     engine: Literal["hf", "vllm"] = "hf"  # rollouts through transformers' generate, or vLLM (GPU, prefix caching)
     tol: float = 1e-6            # numeric checker tolerance
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("n_samples", "n_rollouts", "max_new_tokens", "batch_size", "max_rollouts", "max_steps", "alt_rollouts", "chunk"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ConfigError(f"{name}={v!r} must be a positive integer.", hint=f"Pass {name}=1 or more.")
-        if self.n_alternatives < 0:
-            raise ConfigError(f"n_alternatives={self.n_alternatives} must be >= 0.")
-        if not (self.temperature > 0):
-            raise ConfigError(f"temperature={self.temperature} must be > 0 (rollouts are sampled).", hint="Use e.g. 0.7.")
-        if not (0 < self.top_p <= 1):
-            raise ConfigError(f"top_p={self.top_p} must lie in (0, 1].")
-        if self.granularity not in ("token", "step", "bisect"):
-            raise ConfigError(f"granularity={self.granularity!r} is not known.", hint="Use 'token', 'step' or 'bisect'.")
-        if self.alternatives not in ("sample", "topk", "none"):
-            raise ConfigError(f"alternatives={self.alternatives!r} is not known.", hint="Use 'sample', 'topk' or 'none'.")
-        if self.checker not in ("auto", "numeric", "exact"):
-            raise ConfigError(f"checker={self.checker!r} is not known.", hint="Use 'auto', 'numeric' or 'exact' (or pass a callable to run()).")
-        if self.engine not in ("hf", "vllm"):
-            raise ConfigError(f"engine={self.engine!r} is not known.", hint="Use 'hf' (transformers generate) or 'vllm'.")
-        if not (0 <= self.zero_tol < 1) or not (0 <= self.recover_frac < 1):
-            raise ConfigError(f"zero_tol={self.zero_tol}, recover_frac={self.recover_frac} must lie in [0, 1).")
         self.sprt()  # validates p_alive / alpha against recover_frac
 
     def sprt(self) -> "SPRT":
@@ -745,27 +725,16 @@ class CriticalResult(Result):
 
     analysis: ClassVar[str] = "critical"
 
-    traces: pd.DataFrame
-    tokens: pd.DataFrame
-    prefixes: pd.DataFrame
-    alternatives: pd.DataFrame
-    pass_at_k: pd.DataFrame
-    trajectories: pd.DataFrame = field(default_factory=pd.DataFrame)
-    ids: dict[str, Any] = field(default_factory=dict)  # {"prompt": [[...]], "response": [[...]]} per trace
+    saved_views: ClassVar = ()
 
-    def tables(self) -> dict[str, pd.DataFrame]:
-        return {"traces": self.traces, "tokens": self.tokens, "prefixes": self.prefixes,
-                "alternatives": self.alternatives, "pass_at_k": self.pass_at_k, "trajectories": self.trajectories}
-
-    def extra(self) -> dict[str, Any]:
-        return {"ids": self.ids}
-
-    @classmethod
-    def _from_stored(cls, stored, base):
-        t = stored.tables
-        return cls(traces=t["traces"], tokens=t["tokens"], prefixes=t["prefixes"], alternatives=t.get("alternatives", pd.DataFrame()),
-                   pass_at_k=t.get("pass_at_k", pd.DataFrame()), trajectories=t.get("trajectories", pd.DataFrame()),
-                   ids=stored.extra.get("ids", {}), **base)
+    traces: pd.DataFrame = stored("table")
+    tokens: pd.DataFrame = stored("table")
+    prefixes: pd.DataFrame = stored("table")
+    alternatives: pd.DataFrame = stored("table", default_factory=pd.DataFrame)
+    pass_at_k: pd.DataFrame = stored("table", default_factory=pd.DataFrame)
+    trajectories: pd.DataFrame = stored("table", default_factory=pd.DataFrame)
+    # {"prompt": [[...]], "response": [[...]]} per trace
+    ids: dict[str, Any] = stored("extra", default_factory=dict)
 
     def to_frame(self) -> pd.DataFrame:
         """Tidy: one row per (trace, pos) with ``value`` = success rate after the token."""

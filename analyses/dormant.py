@@ -40,6 +40,7 @@ from probes.errors import ConfigError, InputError
 from probes.sites import site as _site
 
 from .core import base, domains as _domains
+from .core.base import option, stored
 from .sinks import bos_flag, collect_stats, next_token_loss
 from .core.store import hash_inputs
 
@@ -50,45 +51,30 @@ __all__ = ["Config", "DormantResult", "run", "dormant_map", "status_flips", "det
 class Config(base.Config):
     """Dormant-head settings (defaults from shared/methods/dormant.md)."""
 
-    T: int = 64  # dormant.md: max_len=64
-    theta: float = 0.9  # dormant.md: dormant ⇔ mean_t A[t, s] > θ, θ = 0.9
-    sink_pos: int = 0  # dormant.md: s = BOS / position 0
-    sink: Literal["position", "auto"] = "position"  # auto: the model's sink token from the attention statistics
-    sink_token: str | None = None  # or name it (e.g. "\n", "."): first occurrence per sample (dormant.md, delimiter)
-    n_samples: int = 32
-    bos: Literal["tokenizer", "always", "never"] = "always"  # the sink is BOS (Guo et al.)
-    intervention: Literal["none", "attn_to_sink", "zero"] = "attn_to_sink"  # move_attn_to_bos / zero_out_attn
-    heads: tuple[str, ...] | None = None  # heads to test, e.g. ("L5H3",); None = top max_heads by spread
-    max_heads: int = 6
-    delta: float | None = None  # optional causal rule: dormant also needs |Δloss| < delta on the domain
-    batch_size: int = 8
-    seed: int = 0
+    # defaults: shared/methods/dormant.md
+    T: int = option(64, ge=2, help="Sequence length (dormant.md: max_len=64).")
+    theta: float = option(0.9, gt=0, lt=1, help="Dormant threshold θ: dormant ⇔ mean_t A[t, s] > θ.",
+                          hint="Use e.g. --theta 0.9 (the default).")
+    sink_pos: int = option(0, ge=0, help="Sink position s (0 = BOS / the first token).")
+    sink: Literal["position", "auto"] = option("position", help="position (sink_pos) or auto (found from the attention statistics).")
+    sink_token: str | None = option(None, help="Or name the sink token (e.g. '\\n', '.'): its first occurrence per sample.")
+    n_samples: int = option(32, ge=1, help="Samples per domain.")
+    bos: Literal["tokenizer", "always", "never"] = option("always", help="BOS policy (the sink is BOS, Guo et al.).")
+    intervention: Literal["none", "attn_to_sink", "zero"] = option("attn_to_sink", help="Causal check: move attention to the sink, zero it, or none.")
+    heads: tuple[str, ...] | None = option(None, help="Heads to test, e.g. L5H3 (default: the top max_heads by spread).")
+    max_heads: int = option(6, ge=0, help="Heads tested when heads is not given (0 = no causal check).")
+    delta: float | None = option(None, gt=0, help="Optional causal rule: dormant also needs |Δloss| < delta on the domain.")
+    batch_size: int = option(8, ge=1, help="Sequences per forward pass.")
+    seed: int = option(0, help="Seed of the sample order.")
 
     def __post_init__(self):
-        if not isinstance(self.T, int) or self.T < 2:
-            raise ConfigError(f"T={self.T!r}; use an integer sequence length >= 2.")
-        if not (isinstance(self.theta, (int, float)) and 0 < self.theta < 1):
-            raise ConfigError(f"theta={self.theta!r} is outside (0, 1).", hint="Use e.g. --theta 0.9 (the default).")
-        if self.sink_pos is None or not 0 <= self.sink_pos < self.T:
+        if self.sink_pos >= self.T:
             raise ConfigError(f"sink_pos={self.sink_pos!r}; use a position in 0..T-1 (0 = the first token/BOS).")
-        if self.sink not in ("position", "auto"):
-            raise ConfigError(f"sink={self.sink!r}; use 'position' (sink_pos) or 'auto' (found from the attention statistics).")
-        if self.sink_token is not None and (not isinstance(self.sink_token, str) or self.sink_token == ""):
+        if self.sink_token == "":
             raise ConfigError(f"sink_token={self.sink_token!r}; give the token's text (e.g. '\\n' or '.') or None.")
-        if self.intervention not in ("none", "attn_to_sink", "zero"):
-            raise ConfigError(f"intervention={self.intervention!r}; use none, attn_to_sink or zero.")
-        if self.bos not in ("tokenizer", "always", "never"):
-            raise ConfigError(f"bos={self.bos!r}; use 'tokenizer', 'always' or 'never'.")
-        for name in ("n_samples", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}={getattr(self, name)}; use at least 1.")
-        if self.max_heads < 0:
-            raise ConfigError(f"max_heads={self.max_heads}; use 0 (no causal check) or more.")
         if self.heads is not None:
             for h in self.heads:
                 parse_head(h)
-        if self.delta is not None and self.delta <= 0:
-            raise ConfigError(f"delta={self.delta}; use a positive loss tolerance or None.")
 
 
 # ----------------------------------------------------------------------------- math
@@ -212,22 +198,27 @@ class DormantResult(base.Result):
 
     analysis: ClassVar[str] = "dormant"
 
-    domains: tuple[str, ...]
-    sink_mass: torch.Tensor
-    max_other_mass: torch.Tensor
-    value_norm: torch.Tensor
-    resid_norm: torch.Tensor
-    loss: torch.Tensor
-    delta_loss: torch.Tensor
-    dormant: torch.Tensor
-    tested: tuple[str, ...] = ()
-    n_samples: tuple[int, ...] = ()
-    n_skipped: tuple[int, ...] = ()
-    sink_token: str = "position 0"  # "position p" or the sink token's text (repr) with its id
-    sink_token_id: int | None = None  # None: a fixed position (config.sink_pos)
-    sink_positions: tuple[tuple[int, ...], ...] = ()  # per domain, per sample
-    sink_agreement: tuple[float, ...] = ()  # per domain: share of samples whose α peak (k < T/2) is at their sink
-    n_fallback: tuple[int, ...] = ()  # per domain: samples without the sink token (position sink_pos used)
+    saved_views: ClassVar = (("table", "main", lambda r: r.to_frame()), ("table", "flips", lambda r: r.flips),
+                             ("table", "causal", lambda r: r.causal_frame()), ("extra", "summary", lambda r: r.summary()))
+
+    domains: tuple[str, ...] = stored("extra")
+    sink_mass: torch.Tensor = stored("array")
+    max_other_mass: torch.Tensor = stored("array")
+    value_norm: torch.Tensor = stored("array")
+    resid_norm: torch.Tensor = stored("array")
+    loss: torch.Tensor = stored("array")
+    delta_loss: torch.Tensor = stored("array")
+    dormant: torch.Tensor = stored("array", save=lambda r: r.dormant.to(torch.uint8), load=lambda a: a.bool())
+    tested: tuple[str, ...] = stored("extra", default=())
+    n_samples: tuple[int, ...] = stored("extra", default=())
+    n_skipped: tuple[int, ...] = stored("extra", default=())
+    sink_token: str = stored("extra", default="position 0")  # "position p" or the sink token's text (repr) with its id
+    sink_token_id: int | None = stored("extra", default=None)  # None: a fixed position (config.sink_pos)
+    sink_positions: tuple[tuple[int, ...], ...] = stored("extra", default=())  # per domain, per sample
+    # per domain: share of samples whose α peak (k < T/2) is at their sink
+    sink_agreement: tuple[float, ...] = stored("extra", default=())
+    # per domain: samples without the sink token (position sink_pos used)
+    n_fallback: tuple[int, ...] = stored("extra", default=())
 
     @property
     def flips(self) -> pd.DataFrame:
@@ -267,30 +258,6 @@ class DormantResult(base.Result):
                            "sink_mass": self.sink_mass.reshape(-1).numpy(), "max_other_mass": self.max_other_mass.reshape(-1).numpy(),
                            "dormant": self.dormant.reshape(-1).numpy(), "delta_loss": self.delta_loss.reshape(-1).numpy()})
         return df
-
-    def tables(self):
-        return {"main": self.to_frame(), "flips": self.flips, "causal": self.causal_frame()}
-
-    def arrays(self):
-        return {"sink_mass": self.sink_mass, "max_other_mass": self.max_other_mass, "value_norm": self.value_norm,
-                "resid_norm": self.resid_norm, "loss": self.loss, "delta_loss": self.delta_loss,
-                "dormant": self.dormant.to(torch.uint8)}
-
-    def extra(self):
-        return {"domains": list(self.domains), "tested": list(self.tested), "n_samples": list(self.n_samples),
-                "n_skipped": list(self.n_skipped), "sink_token": self.sink_token, "sink_token_id": self.sink_token_id,
-                "sink_positions": [list(p) for p in self.sink_positions], "sink_agreement": list(self.sink_agreement),
-                "n_fallback": list(self.n_fallback), "summary": self.summary()}
-
-    @classmethod
-    def _from_stored(cls, stored, base_kw):
-        a, e = stored.arrays, stored.extra
-        return cls(**base_kw, domains=tuple(e["domains"]), sink_mass=a["sink_mass"], max_other_mass=a["max_other_mass"],
-                   value_norm=a["value_norm"], resid_norm=a["resid_norm"], loss=a["loss"], delta_loss=a["delta_loss"],
-                   dormant=a["dormant"].bool(), tested=tuple(e.get("tested", ())), n_samples=tuple(e.get("n_samples", ())),
-                   n_skipped=tuple(e.get("n_skipped", ())), sink_token=e.get("sink_token", "position 0"),
-                   sink_token_id=e.get("sink_token_id"), sink_positions=tuple(tuple(p) for p in e.get("sink_positions", ())),
-                   sink_agreement=tuple(e.get("sink_agreement", ())), n_fallback=tuple(e.get("n_fallback", ())))
 
     def plot(self, kind: Literal["map", "diff", "delta"] = "map", domain: str | None = None, other: str | None = None):
         """``map``: sink mass [layer × head] on ``domain``; ``diff``: ``domain − other``; ``delta``: Δloss of tested heads."""

@@ -65,7 +65,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Literal, Sequence
 
@@ -77,7 +77,7 @@ from probes import ConfigError, InputError, Probe
 
 from .core import store
 from .core.base import Config as _BaseConfig
-from .core.base import Result, Timer, register_result
+from .core.base import Result, Timer, option, register_result, stored
 
 __all__ = [
     "Config", "FiberResult", "run", "load_matrix", "knn_distances", "pointwise_slopes", "welch_scan",
@@ -121,64 +121,40 @@ class Config(_BaseConfig):
         n_sims, seed: size and seed of the calibration simulation.
     """
 
-    matrix: str = "input"
-    matrix_key: str | None = None
-    tokens: tuple[int, ...] | None = None
-    vol_min: int = 10
-    vol_max: int = 1000
-    window: int = 10
-    alpha: float = 1e-3
-    n_strata: int = 3
-    mode: Mode = "calibrated"
-    correction: Correction = "none"
-    duplicates: Literal["skip", "error"] = "skip"
-    exact: Literal["auto", "all"] = "auto"
-    block_size: int = 2048
-    device: str = "auto"
-    keep_curves: Literal["all", "rejected", "none"] = "rejected"
-    n_neighbors: int = 50
-    n_sims: int = 10000
-    seed: int = 0
+    matrix: str = option("input", help="input (W_E), output (W_U.T, if untied), or FILE.npy / FILE.safetensors.")
+    matrix_key: str | None = option(None, help="Tensor name in a .safetensors file with several.")
+    tokens: tuple[int, ...] | None = option(None, ge=0, help="Rows to test: 0:5000, 0:49152:10, 17,42 (default all).")
+    vol_min: int = option(10, ge=2, help="Smallest neighbour rank used.")
+    vol_max: int = option(1000, ge=3, help="Largest neighbour rank + 1.")
+    window: int = option(10, ge=2, le=1000, help="Welch window size (paper: 10).")
+    alpha: float = option(1e-3, gt=0, lt=1, help="Per-token level.", hint="The paper uses 1e-3.")
+    n_strata: int = option(3, ge=1, le=10, help="Sequential change searches.")
+    mode: Mode = option("calibrated", help="calibrated (scan-corrected) or parity (published procedure).")
+    correction: Correction = option("none", help="Verdict columns use none, holm or bh (all three are reported).")
+    duplicates: Literal["skip", "error"] = option("skip", help="Duplicate rows: skip their zero radii (released code) or error.")
+    exact: Literal["auto", "all"] = option("auto", help="Recompute in fp64 the distances whose fp32 rounding bound is not small (auto) or all.")
+    block_size: int = option(2048, ge=1, help="Query rows per kNN block.")
+    device: str = option("auto", help="cpu, cuda[:N] or auto.")
+    keep_curves: Literal["all", "rejected", "none"] = option("rejected", help="Keep radii of all, rejected or none of the tokens.")
+    n_neighbors: int = option(50, ge=1, help="Neighbour ids kept per kept token.")
+    n_sims: int = option(10000, ge=200, help="Size of the calibration simulation.")
+    seed: int = option(0, ge=0, help="Seed of the calibration simulation.")
 
     def __post_init__(self) -> None:
-        def _int(name: str, lo: int, hi: int | None = None) -> None:
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < lo or (hi is not None and v > hi):
-                rng = f"from {lo} to {hi}" if hi is not None else f">= {lo}"
-                raise ConfigError(f"{name}={v!r} is not allowed.", hint=f"Use an integer {rng}.")
-
-        _int("vol_min", 2)
-        _int("vol_max", 3)
-        _int("window", 2, 1000)
-        _int("n_strata", 1, 10)
-        _int("block_size", 1)
-        _int("n_neighbors", 1)
-        _int("n_sims", 200)
-        _int("seed", 0)
         if self.vol_max - self.vol_min <= 4 * self.window:
             raise ConfigError(
                 f"vol_max - vol_min = {self.vol_max} - {self.vol_min} = {self.vol_max - self.vol_min} radii is too short for "
                 f"window={self.window}: the sliding test needs more than 4*window = {4 * self.window} radii.",
                 hint=f"Raise vol_max to at least {self.vol_min + 4 * self.window + 1} (page default 1000) or lower window.")
-        if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or not 0 < self.alpha < 1:
-            raise ConfigError(f"alpha={self.alpha!r} is not allowed.", hint="Use a level in (0, 1), e.g. 1e-3 (paper).")
-        for name, legal in (("mode", ("calibrated", "parity")), ("correction", ("none", "holm", "bh")),
-                            ("duplicates", ("skip", "error")), ("exact", ("auto", "all")), ("keep_curves", ("all", "rejected", "none"))):
-            if getattr(self, name) not in legal:
-                raise ConfigError(f"{name}={getattr(self, name)!r} is not allowed.", hint=f"Use one of: {', '.join(legal)}.")
-        if not isinstance(self.matrix, str) or not self.matrix:
+        if not self.matrix:
             raise ConfigError(f"matrix={self.matrix!r} is not allowed.",
                               hint="Use 'input', 'output', or a path to a .npy / .safetensors file.")
         if self.matrix not in ("input", "output") and not self.matrix.endswith((".npy", ".safetensors")):
             raise ConfigError(f"matrix={self.matrix!r} is neither 'input', 'output' nor a .npy/.safetensors file.",
                               hint="Use 'input' (W_E), 'output' (W_U.T) or a path ending in .npy or .safetensors.")
-        if self.tokens is not None:
-            if not isinstance(self.tokens, tuple) or not self.tokens:
-                raise ConfigError(f"tokens={self.tokens!r} is not allowed.", hint="Give a non-empty tuple of row ids, or None for all.")
-            for t in self.tokens:
-                if not isinstance(t, int) or isinstance(t, bool) or t < 0:
-                    raise ConfigError(f"tokens contains {t!r}.", hint="Row ids are integers >= 0.")
-        if not isinstance(self.device, str) or not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
+        if self.tokens is not None and not self.tokens:
+            raise ConfigError(f"tokens={self.tokens!r} is not allowed.", hint="Give a non-empty tuple of row ids, or None for all.")
+        if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
             raise ConfigError(f"device={self.device!r} is not allowed.", hint="Use auto, cpu, cuda or cuda:N.")
 
 
@@ -694,28 +670,30 @@ class FiberResult(Result):
 
     analysis: ClassVar[str] = "fiber"
 
-    source: str
-    n_points: int
-    dim: int
-    token_ids: torch.Tensor
-    token_strs: list[str]
-    kinds: list[str]
-    p_manifold: torch.Tensor
-    p_raw_min: torch.Tensor
-    p_large: torch.Tensor
-    n_segments: torch.Tensor
-    testable: torch.Tensor
-    n_zero: torch.Tensor
-    seg_start_volume: torch.Tensor
-    seg_start_radius: torch.Tensor
-    seg_dim: torch.Tensor
-    seg_scale: torch.Tensor
-    seg_p: torch.Tensor
-    curve_rows: torch.Tensor
-    radii: torch.Tensor
-    neighbors: torch.Tensor
-    calibration: dict[str, float] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
+    saved_views: ClassVar = (("table", "main", lambda r: r.to_frame()), ("table", "segments", lambda r: r.segments_frame()))
+
+    source: str = stored("extra")
+    n_points: int = stored("extra")
+    dim: int = stored("extra")
+    token_ids: torch.Tensor = stored("array")
+    token_strs: list[str] = stored("extra")
+    kinds: list[str] = stored("extra")
+    p_manifold: torch.Tensor = stored("array")
+    p_raw_min: torch.Tensor = stored("array")
+    p_large: torch.Tensor = stored("array")
+    n_segments: torch.Tensor = stored("array")
+    testable: torch.Tensor = stored("array")
+    n_zero: torch.Tensor = stored("array")
+    seg_start_volume: torch.Tensor = stored("array")
+    seg_start_radius: torch.Tensor = stored("array")
+    seg_dim: torch.Tensor = stored("array")
+    seg_scale: torch.Tensor = stored("array")
+    seg_p: torch.Tensor = stored("array")
+    curve_rows: torch.Tensor = stored("array")
+    radii: torch.Tensor = stored("array")
+    neighbors: torch.Tensor = stored("array")
+    calibration: dict[str, float] = stored("extra", default_factory=dict, load=dict)
+    warnings: list[str] = stored("extra", default_factory=list)
 
     # --- verdicts -------------------------------------------------------------------------------
     @property
@@ -836,31 +814,7 @@ class FiberResult(Result):
                              "slope": slope.numpy(), "segment": seg})
 
     # --- store -------------------------------------------------------------------------------
-    def tables(self) -> dict[str, pd.DataFrame]:
-        return {"main": self.to_frame(), "segments": self.segments_frame()}
-
-    def arrays(self) -> dict[str, torch.Tensor]:
-        return {k: getattr(self, k).contiguous() for k in (
-            "token_ids", "p_manifold", "p_raw_min", "p_large", "n_segments", "testable", "n_zero", "seg_start_volume",
-            "seg_start_radius", "seg_dim", "seg_scale", "seg_p", "curve_rows", "radii", "neighbors")}
-
-    def extra(self) -> dict[str, Any]:
-        return {"source": self.source, "n_points": self.n_points, "dim": self.dim, "token_strs": list(self.token_strs),
-                "kinds": list(self.kinds), "calibration": dict(self.calibration), "warnings": list(self.warnings)}
-
-    @classmethod
-    def _from_stored(cls, stored: store.StoredResult, base: dict[str, Any]) -> "FiberResult":
-        a, ex = stored.arrays, stored.extra
-        return cls(**base, source=ex["source"], n_points=int(ex["n_points"]), dim=int(ex["dim"]), token_strs=list(ex["token_strs"]),
-                   kinds=list(ex["kinds"]), calibration=dict(ex.get("calibration", {})), warnings=list(ex.get("warnings", [])),
-                   **{k: a[k] for k in ("token_ids", "p_manifold", "p_raw_min", "p_large", "n_segments", "testable", "n_zero",
-                                        "seg_start_volume", "seg_start_radius", "seg_dim", "seg_scale", "seg_p", "curve_rows",
-                                        "radii", "neighbors")})
-
     # --- plots -------------------------------------------------------------------------------
-    def _title(self, what: str) -> str:
-        return f"{what} · {self.model.get('name')} ({self.source}) · {self.mode_label}"
-
     def plot(self, kind: Literal["hist", "curve", "counts"] = "hist", *, token_id: int | None = None):
         """``hist``: dimension histograms per segment; ``curve``: one token's log-log curve; ``counts``: by kind."""
         if kind == "hist":
@@ -875,72 +829,28 @@ class FiberResult(Result):
 
     def plot_hist(self, bins: int = 60):
         """Histogram of fitted local dimension, one trace per segment (the paper's multimodal histogram)."""
-        import plotly.graph_objects as go
+        from .fiber_plots import plot_hist
 
-        fig = go.Figure()
-        for j in range(self.seg_dim.shape[1]):
-            d = self.seg_dim[:, j].numpy()
-            d = d[np.isfinite(d)]
-            if d.size:
-                fig.add_trace(go.Histogram(x=d, nbinsx=bins, name=f"segment {j + 1} (n={d.size})", opacity=0.6))
-        fig.update_layout(barmode="overlay", title=self._title("Local dimension per segment"),
-                          xaxis_title="fitted dimension D (slope of log volume vs log radius)", yaxis_title="tokens",
-                          height=420, margin={"t": 60})
-        return fig
+        return plot_hist(self, bins)
 
     def plot_curve(self, token_id: int):
         """Log volume vs log radius with the fitted segments and change points."""
-        import plotly.graph_objects as go
+        from .fiber_plots import plot_curve
 
-        df = self.curve(token_id)
-        row = self._row(token_id)
-        fig = go.Figure(go.Scatter(x=df["log_r"], y=df["log_v"], mode="markers", marker={"size": 4, "color": "#888"},
-                                   name="neighbours", customdata=df[["volume", "slope"]],
-                                   hovertemplate="k=%{customdata[0]}<br>log r=%{x:.4f}<br>slope=%{customdata[1]:.1f}<extra></extra>"))
-        for j in range(self.seg_dim.shape[1]):
-            v0 = int(self.seg_start_volume[row, j])
-            if v0 < 0:
-                continue
-            seg = df[df["segment"] == j + 1]
-            seg = seg[np.isfinite(seg["log_r"])]
-            if len(seg) < 2:
-                continue
-            D = float(self.seg_dim[row, j])
-            c = float(np.mean(seg["log_v"] - D * seg["log_r"]))
-            fig.add_trace(go.Scatter(x=seg["log_r"], y=c + D * seg["log_r"], mode="lines", name=f"segment {j + 1}: D={D:.1f}"))
-            if j > 0:
-                fig.add_vline(x=float(np.log(self.seg_start_radius[row, j])), line_dash="dash",
-                              annotation_text=f"change {j} (p={float(self.seg_p[row, j - 1]):.1e})")
-        v = {k: bool(x[row]) for k, x in self.verdicts().items()}
-        tag = "rejects manifold" if v["reject_manifold"] else "no rejection"
-        if v["reject_fb_small"] or v["reject_fb_large"]:
-            tag += " and fiber bundle (" + ("small" if v["reject_fb_small"] else "large") + " radius)"
-        fig.update_layout(title=self._title(f"Token {token_id} {self.token_strs[row]!r}: {tag}"),
-                          xaxis_title="log radius", yaxis_title="log volume (neighbour count)", height=440, margin={"t": 60})
-        return fig
+        return plot_curve(self, token_id)
 
     def plot_kinds(self):
         """Manifold rejections by token kind (under ``config.correction``)."""
-        import plotly.express as px
+        from .fiber_plots import plot_kinds
 
-        kt = self.kind_table()
-        fig = px.bar(kt, x="kind", y="rejected", hover_data=["tokens", "tested", "rate"],
-                     title=self._title(f"Manifold rejections by token kind ({self.config.correction})"))
-        fig.update_layout(height=380, margin={"t": 60})
-        return fig
+        return plot_kinds(self)
 
     @staticmethod
     def plot_neighbors(frame: pd.DataFrame, title: str = "Neighbourhood"):
         """2-D/3-D scatter of a :func:`neighborhood` frame."""
-        import plotly.express as px
+        from .fiber_plots import plot_neighbors
 
-        kw = dict(color="rank", hover_name="token", hover_data=["token_id", "distance"], title=title)
-        if "pc3" in frame:
-            fig = px.scatter_3d(frame, x="pc1", y="pc2", z="pc3", **kw)
-        else:
-            fig = px.scatter(frame, x="pc1", y="pc2", **kw)
-        fig.update_layout(height=480, margin={"t": 60})
-        return fig
+        return plot_neighbors(frame, title)
 
 
 def neighborhood(E: torch.Tensor, result: FiberResult, token_id: int, *, n: int | None = None, n_components: int = 3) -> pd.DataFrame:

@@ -29,7 +29,7 @@ from probes import Collect, ConfigError, InputError, Probe, layer_label, site
 
 from .core import store
 from .core.base import Config as _BaseConfig
-from .core.base import Result, Timer, register_result
+from .core.base import Result, Timer, option, register_result, stored
 
 __all__ = ["Config", "LogitLensResult", "run", "lens_topk", "target_probs"]
 
@@ -48,23 +48,17 @@ class Config(_BaseConfig):
             "raw" variant without the norm, rarely useful except to see why the norm matters).
     """
 
-    layers: tuple[int, ...] | None = None
-    k: int = 5
+    layers: tuple[int, ...] | None = option(None, ge=0, help="Blocks whose resid_post is read (default: every block).")
+    k: int = option(5, ge=1, le=100, help="Top tokens kept per cell.")
     prepend_bos: bool = False
     apply_norm: bool = True
 
     def __post_init__(self) -> None:
-        if not isinstance(self.k, int) or isinstance(self.k, bool) or not 1 <= self.k <= 100:
-            raise ConfigError(f"k={self.k!r} is not allowed.", hint="Use an integer from 1 to 100 (top tokens per cell).")
-        if self.layers is not None:
-            if not isinstance(self.layers, tuple) or not self.layers:
-                raise ConfigError(f"layers={self.layers!r} is not allowed.",
-                                  hint="Give a non-empty tuple of block indices, e.g. layers=(0, 10, 29), or None for all.")
-            for layer in self.layers:
-                if not isinstance(layer, int) or isinstance(layer, bool) or layer < 0:
-                    raise ConfigError(f"layers contains {layer!r}.", hint="Block indices are integers >= 0.")
-            if len(set(self.layers)) != len(self.layers):
-                raise ConfigError(f"layers={self.layers!r} repeats a layer.", hint="List each block once.")
+        if self.layers is not None and not self.layers:
+            raise ConfigError(f"layers={self.layers!r} is not allowed.",
+                              hint="Give a non-empty tuple of block indices, e.g. layers=(0, 10, 29), or None for all.")
+        if self.layers is not None and len(set(self.layers)) != len(self.layers):
+            raise ConfigError(f"layers={self.layers!r} repeats a layer.", hint="List each block once.")
 
 
 # ------------------------------------------------------------------------------------------ math
@@ -114,16 +108,18 @@ class LogitLensResult(Result):
 
     analysis: ClassVar[str] = "logit_lens"
 
-    layers: list[int]
-    str_tokens: list[str]
-    token_ids: torch.Tensor
-    top_ids: torch.Tensor
-    top_probs: torch.Tensor
-    target: torch.Tensor
-    next_ids: torch.Tensor
-    next_probs: torch.Tensor
-    top_strs: list[list[list[str]]]
-    next_strs: list[list[str]]
+    saved_views: ClassVar = (("table", "main", lambda r: r.to_frame()), ("table", "next", lambda r: r._next_long()))
+
+    layers: list[int] = stored("extra")
+    str_tokens: list[str] = stored("extra")
+    token_ids: torch.Tensor = stored("array")
+    top_ids: torch.Tensor = stored("array")
+    top_probs: torch.Tensor = stored("array")
+    target: torch.Tensor = stored("array")
+    next_ids: torch.Tensor = stored("array")
+    next_probs: torch.Tensor = stored("array")
+    top_strs: list[list[list[str]]] = stored(None, read=lambda s: _read_top_strs(s))  # from the main table
+    next_strs: list[list[str]] = stored(None, read=lambda s: _read_next_strs(s))  # from the next table
 
     @property
     def final_strs(self) -> list[str]:
@@ -153,38 +149,12 @@ class LogitLensResult(Result):
             data[f"p{r + 1}"] = [round(float(self.next_probs[t, r]), 4) for t in range(T)]
         return pd.DataFrame(data)
 
-    def tables(self) -> dict[str, pd.DataFrame]:
+    def _next_long(self) -> pd.DataFrame:
+        """The model's next-token top-k, one row per (pos, rank): ``pos, token, rank, pred_id, pred_token, value``."""
         T, k = self.next_ids.shape
-        nxt = pd.DataFrame([(t, self.str_tokens[t], r, int(self.next_ids[t, r]), self.next_strs[t][r], float(self.next_probs[t, r]))
-                            for t in range(T) for r in range(k)],
-                           columns=["pos", "token", "rank", "pred_id", "pred_token", "value"])
-        return {"main": self.to_frame(), "next": nxt}
-
-    def arrays(self) -> dict[str, torch.Tensor]:
-        return {"token_ids": self.token_ids, "top_ids": self.top_ids, "top_probs": self.top_probs, "target": self.target,
-                "next_ids": self.next_ids, "next_probs": self.next_probs}
-
-    def extra(self) -> dict[str, Any]:
-        return {"layers": list(self.layers), "str_tokens": list(self.str_tokens)}
-
-    @classmethod
-    def _from_stored(cls, stored: store.StoredResult, base: dict[str, Any]) -> "LogitLensResult":
-        a, ex = stored.arrays, stored.extra
-        layers = [int(x) for x in ex["layers"]]
-        L, T, k = a["top_ids"].shape
-        main = stored.tables["main"].sort_values(["layer", "pos", "rank"])
-        strs = main["pred_token"].tolist()
-        pos_of = {layer: i for i, layer in enumerate(layers)}
-        top_strs = [[[""] * k for _ in range(T)] for _ in range(L)]
-        for layer, t, r, s in zip(main["layer"], main["pos"], main["rank"], strs):
-            top_strs[pos_of[int(layer)]][int(t)][int(r)] = s
-        nxt = stored.tables["next"]
-        next_strs = [[""] * a["next_ids"].shape[1] for _ in range(T)]
-        for t, r, s in zip(nxt["pos"], nxt["rank"], nxt["pred_token"]):
-            next_strs[int(t)][int(r)] = s
-        return cls(**base, layers=layers, str_tokens=list(ex["str_tokens"]), token_ids=a["token_ids"], top_ids=a["top_ids"],
-                   top_probs=a["top_probs"], target=a["target"], next_ids=a["next_ids"], next_probs=a["next_probs"],
-                   top_strs=top_strs, next_strs=next_strs)
+        return pd.DataFrame([(t, self.str_tokens[t], r, int(self.next_ids[t, r]), self.next_strs[t][r], float(self.next_probs[t, r]))
+                             for t in range(T) for r in range(k)],
+                            columns=["pos", "token", "rank", "pred_id", "pred_token", "value"])
 
     # --- plot --------------------------------------------------------------------------------
     def plot(self, *, color: Literal["final", "top1"] = "final", max_label: int = 10, show_text: bool = True,
@@ -235,6 +205,28 @@ class LogitLensResult(Result):
             height=max(420, 18 * L + 160), margin={"l": 60, "r": 20, "t": 60, "b": 90},
         )
         return fig
+
+
+def _read_top_strs(stored: store.StoredResult) -> list[list[list[str]]]:
+    """``top_strs [L][T][k]`` back from the saved main table."""
+    layers = [int(x) for x in stored.extra["layers"]]
+    L, T, k = stored.arrays["top_ids"].shape
+    main = stored.tables["main"].sort_values(["layer", "pos", "rank"])
+    pos_of = {layer: i for i, layer in enumerate(layers)}
+    top_strs = [[[""] * k for _ in range(T)] for _ in range(L)]
+    for layer, t, r, s in zip(main["layer"], main["pos"], main["rank"], main["pred_token"].tolist()):
+        top_strs[pos_of[int(layer)]][int(t)][int(r)] = s
+    return top_strs
+
+
+def _read_next_strs(stored: store.StoredResult) -> list[list[str]]:
+    """``next_strs [T][k]`` back from the saved next table."""
+    T, k = stored.arrays["next_ids"].shape
+    next_strs = [[""] * k for _ in range(T)]
+    nxt = stored.tables["next"]
+    for t, r, s in zip(nxt["pos"], nxt["rank"], nxt["pred_token"]):
+        next_strs[int(t)][int(r)] = s
+    return next_strs
 
 
 # ------------------------------------------------------------------------------------------ run

@@ -40,7 +40,7 @@ Example::
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterable, Literal, Sequence
 
@@ -54,8 +54,8 @@ from probes.reducers import Reducer
 from probes.sites import Site
 
 from .core.base import Config as _BaseConfig
-from .core.base import Result, Timer, register_result
-from .core.store import StoredResult, hash_inputs
+from .core.base import Result, Timer, option, register_result, stored
+from .core.store import hash_inputs
 
 __all__ = [
     "Config", "DatasetConfig", "RoutesResult", "RouteStatsResult", "RouteStats", "run", "run_dataset", "accumulate", "stats_result",
@@ -71,61 +71,33 @@ Level = Literal["token", "head", "neuron"]
 class Config(_BaseConfig):
     """Settings of one route computation (defaults: shared/methods/routes.md)."""
 
-    tau: float = 0.04  # LLM-TT slider default (range 0.01-0.10)
-    renormalize: bool = True  # LLM-TT "renormalize after threshold", default on
-    p: float = 1.0  # proximity norm; L1 because residual streams are anisotropic (paper §3)
-    eps: float = 1e-5  # LLM-TT clip, so every row sums to exactly 1
-    include_bias: bool = False  # b_O as its own part (LLM-TT leaves it out: parts != whole for GPT-2/OPT)
-    level: Level = "token"  # "head" adds per-head edge rows; "neuron" adds per-neuron FFN importances
-    position: int = -1  # prediction position of the default route (negative counts from the end)
-    mode: Literal["all", "route"] = "all"  # "all": every position; "route": only the queries on the route to `position`
-    prepend_bos: bool = False  # one BOS policy with every analysis: the tokenizer's default (pass True for a BOS sink)
-    query_chunk: int | None = None  # queries per chunk; None sizes chunks to chunk_mb
-    chunk_mb: int = 256  # memory budget of one [Q, T, H, d] chunk
-    max_memory_gb: float = 8.0  # refuse prompts whose stored importances would exceed this
-    keep_residuals: bool = False  # keep resid vectors so nodes can be read through the logit lens
-    dtype: Literal["float32", "float64"] = "float32"  # LLM-TT computes in fp32
-    kernel: Literal["auto", "compiled", "eager"] = "auto"  # proximity kernel; auto = compiled for large prompts
-
-    def __post_init__(self) -> None:
-        if not (isinstance(self.tau, (int, float)) and 0.0 < self.tau < 1.0):
-            raise ConfigError(f"tau={self.tau!r} is outside (0, 1).", hint="Use a threshold such as 0.04 (LLM-TT's range is 0.01-0.10).")
-        if not (isinstance(self.p, (int, float)) and self.p >= 1):
-            raise ConfigError(f"p={self.p!r}; the proximity norm must be >= 1.", hint="Use p=1 (default) or p=2.")
-        if not (isinstance(self.eps, (int, float)) and 0.0 < self.eps < 1e-2):
-            raise ConfigError(f"eps={self.eps!r} is outside (0, 0.01).", hint="Use the reference 1e-5.")
-        if self.level not in ("token", "head", "neuron"):
-            raise ConfigError(f"level={self.level!r}; use 'token', 'head' or 'neuron'.")
-        if self.mode not in ("all", "route"):
-            raise ConfigError(f"mode={self.mode!r}; use 'all' (graph of every position) or 'route' (top-down, one prediction).")
-        if self.dtype not in ("float32", "float64"):
-            raise ConfigError(f"dtype={self.dtype!r}; use 'float32' or 'float64'.")
-        if self.kernel not in ("auto", "compiled", "eager"):
-            raise ConfigError(f"kernel={self.kernel!r}; use 'auto', 'compiled' (torch.compile: fused C++/Triton) or 'eager'.")
-        if self.query_chunk is not None and (not isinstance(self.query_chunk, int) or self.query_chunk < 1):
-            raise ConfigError(f"query_chunk={self.query_chunk!r}; use a positive integer or None (automatic).")
-        if not (isinstance(self.chunk_mb, int) and self.chunk_mb >= 1):
-            raise ConfigError(f"chunk_mb={self.chunk_mb!r}; use a positive integer (megabytes).")
-        if not (isinstance(self.max_memory_gb, (int, float)) and self.max_memory_gb > 0):
-            raise ConfigError(f"max_memory_gb={self.max_memory_gb!r}; use a positive number of gigabytes.")
-        if not isinstance(self.position, int):
-            raise ConfigError(f"position={self.position!r}; use an integer token index (-1 = last).")
+    # defaults: LLM-TT (slider, clip, renormalisation) and the method page
+    tau: float = option(0.04, gt=0, lt=1, help="Edge threshold (LLM-TT's slider default; range 0.01-0.10).",
+                        hint="Use a threshold such as 0.04 (LLM-TT's range is 0.01-0.10).")
+    renormalize: bool = option(True, help="Renormalise after thresholding (LLM-TT default on).")
+    p: float = option(1.0, ge=1, help="Proximity norm (1 = L1: residual streams are anisotropic, paper §3).")
+    eps: float = option(1e-5, gt=0, lt=1e-2, help="Importance clip, so every row sums to exactly 1 (LLM-TT).")
+    include_bias: bool = option(False, help="Count the attention output bias b_O as its own part (LLM-TT leaves it out).")
+    level: Level = option("token", help="token; head adds per-head edge rows; neuron adds per-neuron FFN importances.")
+    position: int = option(-1, help="Prediction position of the route (negative counts from the end; -1 = last token).")
+    mode: Literal["all", "route"] = option("all", help="all (graph of every position) or route (top-down: only the route to --position).")
+    prepend_bos: bool = option(False, help="Start each prompt with BOS (default: the tokenizer's own policy).")
+    query_chunk: int | None = option(None, ge=1, help="Queries per chunk; None sizes chunks to chunk_mb.")
+    chunk_mb: int = option(256, ge=1, help="Memory budget of one [Q, T, H, d] chunk (megabytes).")
+    max_memory_gb: float = option(8.0, gt=0, help="Refuse prompts whose stored importances would exceed this (gigabytes).")
+    keep_residuals: bool = option(False, help="Keep residual vectors so nodes can be read through the logit lens.")
+    dtype: Literal["float32", "float64"] = option("float32", help="Compute dtype (LLM-TT computes in fp32).")
+    kernel: Literal["auto", "compiled", "eager"] = option("auto", help="Proximity kernel: auto, compiled (torch.compile) or eager.")
 
 
 @dataclass(frozen=True, kw_only=True)
 class DatasetConfig(Config):
     """Dataset mode: route statistics of the prediction at ``position`` of every prompt."""
 
-    max_tokens: int = 128  # prompts are cut to this many tokens (memory stays bounded)
-    mode: Literal["all", "route"] = "route"  # only the prediction's route is counted: compute it top-down
-    checkpoint_every: int = 16  # prompts between checkpoints
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not (isinstance(self.max_tokens, int) and self.max_tokens >= 2):
-            raise ConfigError(f"max_tokens={self.max_tokens!r}; use an integer >= 2.")
-        if not (isinstance(self.checkpoint_every, int) and self.checkpoint_every >= 1):
-            raise ConfigError(f"checkpoint_every={self.checkpoint_every!r}; use an integer >= 1.")
+    max_tokens: int = option(128, ge=2, help="Dataset mode: cut prompts to this many tokens (memory stays bounded).")
+    # only the prediction's route is counted: compute it top-down
+    mode: Literal["all", "route"] = option("route", help="all (graph of every position) or route (top-down: only the route to --position).")
+    checkpoint_every: int = option(16, ge=1, help="Prompts between checkpoints.")
 
 
 # ============================================================================ math (no model)
@@ -599,19 +571,25 @@ class RoutesResult(Result):
 
     analysis: ClassVar[str] = "routes"
 
-    tokens: torch.Tensor
-    str_tokens: list[str]
-    attn: torch.Tensor
-    attn_resid: torch.Tensor
-    ffn: torch.Tensor
-    ffn_resid: torch.Tensor
-    parallel: bool = False
-    attn_bias: torch.Tensor | None = None
-    neurons: torch.Tensor | None = None
-    neuron_resid: torch.Tensor | None = None
-    residuals: dict[str, torch.Tensor] = field(default_factory=dict)
-    computed: torch.Tensor | None = None  # [L, T] rows computed (top-down mode); None = every row
-    edits: tuple[str, ...] = ()  # interventions applied during the forward pass (e.g. "ZeroAttention L5 heads=[3]")
+    saved_views: ClassVar = (("table", "edges", lambda r: r.to_frame()), ("table", "route", lambda r: r.route_frame()),
+                             ("array", "head_importance", lambda r: r.head_importance().float()),
+                             ("extra", "position", lambda r: r.position), ("extra", "route", lambda r: _node_link(r.route())))
+
+    tokens: torch.Tensor = stored("array")
+    str_tokens: list[str] = stored("extra")
+    attn: torch.Tensor = stored("array")
+    attn_resid: torch.Tensor = stored("array")
+    ffn: torch.Tensor = stored("array")
+    ffn_resid: torch.Tensor = stored("array")
+    parallel: bool = stored("extra", default=False)
+    attn_bias: torch.Tensor | None = stored("array", default=None)
+    neurons: torch.Tensor | None = stored("array", default=None)
+    neuron_resid: torch.Tensor | None = stored("array", default=None)
+    residuals: dict[str, torch.Tensor] = stored("arrays", key="residual", default_factory=dict)
+    # [L, T] rows computed (top-down mode); None = every row
+    computed: torch.Tensor | None = stored("array", default=None, load=lambda a: a.bool())
+    # interventions applied during the forward pass (e.g. "ZeroAttention L5 heads=[3]")
+    edits: tuple[str, ...] = stored("extra", default=())
 
     # ------------------------------------------------------------------ shape helpers
     @property
@@ -640,85 +618,22 @@ class RoutesResult(Result):
             return (*_renorm_arrays(self.attn, self.attn_resid, self.ffn, self.ffn_resid, tau, self.parallel), 0.0)
         return self.attn, self.attn_resid, self.ffn, self.ffn_resid, tau
 
-    # ------------------------------------------------------------------ graph
+    # ------------------------------------------------------------------ graph (analyses.routes_graph)
     def graph(self, tau: float | None = None, renormalize: bool | None = None):
-        """The full graph over all positions as a networkx DiGraph (edges bottom-up).
-
-        Edges at or below the extraction threshold are left out (they can never be on a route), so
-        the graph stays sparse. Edge attributes: ``weight``, ``kind`` (attn|resid|ffn), ``layer``, and
-        ``heads`` (per-head weights, attention edges only). Node attributes: ``kind``, ``layer``, ``pos``, ``token``.
-        """
-        import networkx as nx
+        """The full thresholded graph over all positions (see :func:`analyses.routes_graph.build_graph`)."""
+        from .routes_graph import build_graph
 
         attn, ar, ffn, fr, thr = self.weights(tau, renormalize)
-        attn, ar, ffn, fr = (t.detach().cpu().double().numpy() for t in (attn, ar, ffn, fr))
-        L, T = self.n_layers, self.n_tokens
-        g = nx.DiGraph()
-
-        def add_node(name, kind, layer, pos):
-            if name not in g:
-                g.add_node(name, kind=kind, layer=layer, pos=pos, token=self.str_tokens[pos])
-
-        def add_edge(u, v, w, kind, layer, heads=None):
-            if g.has_edge(u, v):  # the self-attention edge and the residual edge share (u, v)
-                g[u][v]["weight"] += w
-                return
-            g.add_edge(u, v, weight=float(w), kind=kind, layer=layer, **({"heads": heads} if heads is not None else {}))
-
-        for t in range(T):
-            add_node(node_name("X", 0, t), "X", -1, t)
-        def src(l, j):  # the residual node feeding layer l at position j
-            name = node_name("X", 0, j) if l == 0 else node_name("I", l - 1, j)
-            add_node(name, "X" if l == 0 else "I", l - 1, j)
-            return name
-
-        for l in range(L):
-            tgt_a = "I" if self.parallel else "A"
-            summed = attn[l].sum(-1)  # [T, T]
-            qi, kj = np.nonzero(summed > thr)
-            for i, j in zip(qi.tolist(), kj.tolist()):
-                add_node(node_name(tgt_a, l, i), tgt_a, l, i)
-                add_edge(src(l, j), node_name(tgt_a, l, i), summed[i, j], "attn", l, [float(x) for x in attn[l, i, j]])
-            for i in np.nonzero(ar[l] > thr)[0].tolist():
-                add_node(node_name(tgt_a, l, i), tgt_a, l, i)
-                add_edge(src(l, i), node_name(tgt_a, l, i), ar[l, i], "resid", l)
-            for i in np.nonzero(ffn[l] > thr)[0].tolist():
-                m, out = node_name("M", l, i), node_name("I", l, i)
-                if self.parallel:
-                    inp = src(l, i)
-                else:
-                    inp = node_name("A", l, i)
-                    add_node(inp, "A", l, i)
-                for n, k in ((m, "M"), (out, "I")):
-                    add_node(n, k, l, i)
-                add_edge(inp, m, ffn[l, i], "ffn", l)
-                add_edge(m, out, ffn[l, i], "ffn", l)
-            if not self.parallel:
-                for i in np.nonzero(fr[l] > thr)[0].tolist():
-                    add_node(node_name("A", l, i), "A", l, i)
-                    add_node(node_name("I", l, i), "I", l, i)
-                    add_edge(node_name("A", l, i), node_name("I", l, i), fr[l, i], "resid", l)
-        return g
+        return build_graph(attn, ar, ffn, fr, thr, self.str_tokens, self.parallel)
 
     def route(self, position: int | None = None, tau: float | None = None, renormalize: bool | None = None, graph=None):
-        """The route to the prediction at ``position`` (LLM-TT ``build_paths_to_predictions``): reverse the
-        graph, keep edges above the threshold, DFS from ``I{L-1}_position``, keep the visited edges."""
-        import networkx as nx
+        """The route to the prediction at ``position`` (see :func:`analyses.routes_graph.extract_route`)."""
+        from .routes_graph import extract_route
 
         pos = _resolve_position(self.config.position if position is None else position, self.n_tokens)
         self._check_partial(pos, tau, renormalize)
         g = graph if graph is not None else self.graph(tau, renormalize)
-        top = node_name("I", self.n_layers - 1, pos)
-        sub = nx.DiGraph(pos=pos)
-        sub.add_node(top, **(g.nodes[top] if top in g else dict(kind="I", layer=self.n_layers - 1, pos=pos, token=self.str_tokens[pos])))
-        if top not in g:
-            return sub
-        rev = g.reverse(copy=False)
-        for u, v in nx.edge_dfs(rev, top):
-            sub.add_node(u, **g.nodes[u])
-            sub.add_node(v, **g.nodes[v])
-            sub.add_edge(v, u, **g[v][u])
-        return sub
+        return extract_route(g, self.n_layers, pos, self.str_tokens[pos])
 
     def _check_partial(self, pos: int, tau: float | None, renormalize: bool | None) -> None:
         """A top-down result holds only the rows its own route reaches: other routes need mode='all'."""
@@ -735,12 +650,9 @@ class RoutesResult(Result):
     def head_importance(self, position: int | None = None, tau: float | None = None, renormalize: bool | None = None,
                         route=None) -> torch.Tensor:
         """[L, H]: Σ of each head's part importances over the attention edges of the route."""
-        r = route if route is not None else self.route(position, tau, renormalize)
-        out = torch.zeros(self.n_layers, self.n_heads, dtype=torch.float64)
-        for _, _, e in r.edges(data=True):
-            if "heads" in e:
-                out[e["layer"]] += torch.tensor(e["heads"], dtype=torch.float64)
-        return out
+        from .routes_graph import head_importance
+
+        return head_importance(route if route is not None else self.route(position, tau, renormalize), self.n_layers, self.n_heads)
 
     def head_importance_all(self) -> torch.Tensor:
         """[L, H]: mean over query positions of each head's total importance (no threshold)."""
@@ -748,40 +660,16 @@ class RoutesResult(Result):
 
     def to_graphml(self, path: str | Path, position: int | None = None, *, full: bool = False) -> Path:
         """Write the route (or the full thresholded graph) as GraphML (per-head vectors as JSON strings)."""
-        import json
+        from .routes_graph import write_graphml
 
-        import networkx as nx
-
-        g = self.graph() if full else self.route(position)
-        h = nx.DiGraph()
-        h.add_nodes_from((n, {k: v for k, v in d.items()}) for n, d in g.nodes(data=True))
-        for u, v, d in g.edges(data=True):
-            h.add_edge(u, v, **{k: (json.dumps(val) if isinstance(val, list) else val) for k, val in d.items()})
-        path = Path(path)
-        nx.write_graphml(h, path)
-        return path
+        return write_graphml(self.graph() if full else self.route(position), path)
 
     def logit_lens(self, probe, nodes: Iterable[str], k: int = 5) -> dict[str, list[tuple[str, float]]]:
-        """Top-k tokens of each node's residual read through the final norm and unembedding (needs keep_residuals)."""
-        if not self.residuals:
-            raise ConfigError("this result kept no residual vectors.", hint="Run with Config(keep_residuals=True).")
-        nodes = list(nodes)
-        vecs, names = [], []
-        for n in nodes:
-            kind, rest = n[0], n[1:]
-            layer, pos = (int(x) for x in rest.split("_"))
-            if kind == "X":
-                vecs.append(self.residuals["embed"][pos])
-            else:
-                key = {"A": "resid_mid", "M": "mlp_out", "I": "resid_post"}[kind]
-                vecs.append(self.residuals[key][layer, pos])
-            names.append(n)
-        if not vecs:
-            return {}
-        logits = probe.unembed(torch.stack(vecs).float()).float()
-        top = logits.softmax(-1).topk(k, dim=-1)
-        tok = probe.tokenizer
-        return {n: [(tok.decode([int(i)]), float(p)) for p, i in zip(top.values[r], top.indices[r])] for r, n in enumerate(names)}
+        """Top-k tokens of each node's residual read through the final norm and unembedding (needs keep_residuals;
+        see :func:`analyses.routes_lens.node_lens`)."""
+        from .routes_lens import node_lens
+
+        return node_lens(probe, self.residuals, nodes, k)
 
     # ------------------------------------------------------------------ tables & plots
     def to_frame(self) -> pd.DataFrame:
@@ -822,86 +710,31 @@ class RoutesResult(Result):
 
     def route_frame(self, position: int | None = None, tau: float | None = None, renormalize: bool | None = None) -> pd.DataFrame:
         """The route's edges: source, target, kind, layer, weight."""
-        r = self.route(position, tau, renormalize)
-        return pd.DataFrame([{"source": u, "target": v, "kind": d["kind"], "layer": d["layer"], "weight": d["weight"]}
-                             for u, v, d in r.edges(data=True)], columns=["source", "target", "kind", "layer", "weight"])
+        from .routes_graph import route_frame
+
+        return route_frame(self.route(position, tau, renormalize))
 
     def plot(self, position: int | None = None, tau: float | None = None, renormalize: bool | None = None,
              hover: dict[str, str] | None = None, route=None):
-        """Route graph over the prompt: tokens left to right, layers bottom to top, edge width by weight."""
-        import plotly.graph_objects as go
+        """Route graph over the prompt (see :func:`analyses.routes_plots.plot_route`)."""
+        from .routes_plots import plot_route
 
         r = route if route is not None else self.route(position, tau, renormalize)
-        L, T = self.n_layers, self.n_tokens
-        sub_y = {"X": -1.0, "A": 0.0, "M": 0.33, "I": 0.66}
-
-        def xy(n):
-            d = r.nodes[n]
-            k = d["kind"]
-            y = -1.0 if k == "X" else d["layer"] + (sub_y[k] if not self.parallel else {"M": 0.33, "I": 0.66}.get(k, 0))
-            return d["pos"] + (0.25 if k == "M" else 0.0), y
-
-        colours = {"attn": "#1f77b4", "resid": "#aaaaaa", "ffn": "#d62728"}
-        fig = go.Figure()
-        maxw = max((d["weight"] for *_, d in r.edges(data=True)), default=1.0) or 1.0
-        for u, v, d in r.edges(data=True):
-            (x0, y0), (x1, y1) = xy(u), xy(v)
-            fig.add_trace(go.Scatter(x=[x0, x1], y=[y0, y1], mode="lines", hoverinfo="text",
-                                     text=f"{u} → {v}: {d['weight']:.3f}", showlegend=False,
-                                     line=dict(width=0.5 + 6 * d["weight"] / maxw, color=colours.get(d["kind"], "#888"))))
-        nodes = list(r.nodes)
-        xs, ys = zip(*(xy(n) for n in nodes)) if nodes else ((), ())
-        text = [f"{n} ({r.nodes[n]['token']!r})" + (f"<br>{hover[n]}" if hover and n in hover else "") for n in nodes]
-        fig.add_trace(go.Scatter(x=xs, y=ys, mode="markers", hoverinfo="text", text=text, customdata=nodes, showlegend=False,
-                                 marker=dict(size=8, color=["#2ca02c" if r.nodes[n]["kind"] == "M" else "#333" for n in nodes])))
-        fig.update_layout(
-            xaxis=dict(tickmode="array", tickvals=list(range(T)), ticktext=[repr(s)[1:-1] for s in self.str_tokens], title="token"),
-            yaxis=dict(title="layer", range=[-1.5, L]), height=max(400, 22 * L), margin=dict(l=40, r=20, t=30, b=40),
-            title=f"Route to position {r.graph.get('pos', '')}",
-        )
-        return fig
+        return plot_route(r, self.str_tokens, self.n_layers, self.parallel, hover)
 
     def plot_heads(self, position: int | None = None, tau: float | None = None, renormalize: bool | None = None):
         """Layer × head heat map of head importance in the route."""
-        import plotly.express as px
+        from .routes_plots import plot_heads
 
-        m = self.head_importance(position, tau, renormalize).numpy()
-        fig = px.imshow(m, origin="lower", aspect="auto", color_continuous_scale="Blues",
-                        labels=dict(x="head", y="layer", color="importance"))
-        fig.update_layout(height=max(300, 14 * self.n_layers), margin=dict(l=40, r=20, t=30, b=40))
-        return fig
+        return plot_heads(self.head_importance(position, tau, renormalize))
 
-    # ------------------------------------------------------------------ store
-    def tables(self) -> dict[str, pd.DataFrame]:
-        return {"edges": self.to_frame(), "route": self.route_frame()}
 
-    def arrays(self) -> dict[str, torch.Tensor]:
-        out = {"tokens": self.tokens, "attn": self.attn, "attn_resid": self.attn_resid, "ffn": self.ffn, "ffn_resid": self.ffn_resid,
-               "head_importance": self.head_importance().float()}
-        for k in ("attn_bias", "neurons", "neuron_resid"):
-            if getattr(self, k) is not None:
-                out[k] = getattr(self, k)
-        for k, v in self.residuals.items():
-            out[f"residual.{k}"] = v
-        if self.computed is not None:
-            out["computed"] = self.computed
-        return out
 
-    def extra(self) -> dict[str, Any]:
-        import networkx as nx
 
-        r = self.route()
-        return {"str_tokens": self.str_tokens, "parallel": self.parallel, "position": self.position,
-                "edits": list(self.edits), "route": nx.node_link_data(r, edges="links")}
+def _node_link(g) -> dict[str, Any]:
+    from .routes_graph import node_link
 
-    @classmethod
-    def _from_stored(cls, stored: StoredResult, base: dict[str, Any]) -> "RoutesResult":
-        a, x = stored.arrays, stored.extra
-        return cls(**base, tokens=a["tokens"], str_tokens=list(x["str_tokens"]), attn=a["attn"], attn_resid=a["attn_resid"],
-                   ffn=a["ffn"], ffn_resid=a["ffn_resid"], parallel=bool(x.get("parallel", False)), attn_bias=a.get("attn_bias"),
-                   neurons=a.get("neurons"), neuron_resid=a.get("neuron_resid"),
-                   residuals={k.split(".", 1)[1]: v for k, v in a.items() if k.startswith("residual.")},
-                   computed=a["computed"].bool() if "computed" in a else None, edits=tuple(x.get("edits", ())))
+    return node_link(g)
 
 
 def describe_edit(e) -> str:
@@ -1047,13 +880,15 @@ class RouteStatsResult(Result):
     analysis: ClassVar[str] = "routes.dataset"  # load_result imports analyses.routes (".dataset" is a suffix)
     config_class: ClassVar[type] = DatasetConfig
 
-    domains: list[str]
-    n: torch.Tensor
-    head_freq: torch.Tensor
-    head_mean: torch.Tensor
-    ffn_freq: torch.Tensor
-    ffn_mean: torch.Tensor
-    n_skipped: int = 0
+    saved_views: ClassVar = (("table", "components", lambda r: r.to_frame()),)
+
+    domains: list[str] = stored("extra")
+    n: torch.Tensor = stored("array")
+    head_freq: torch.Tensor = stored("array")
+    head_mean: torch.Tensor = stored("array")
+    ffn_freq: torch.Tensor = stored("array")
+    ffn_mean: torch.Tensor = stored("array")
+    n_skipped: int = stored("extra", default=0)
 
     def to_frame(self) -> pd.DataFrame:
         """Columns: model, domain, layer, head (None for FFN rows), component, freq, mean_importance, n."""
@@ -1086,21 +921,6 @@ class RouteStatsResult(Result):
         fig = px.imshow(m.numpy(), origin="lower", aspect="auto", color_continuous_scale="Blues",
                         labels=dict(x="head", y="layer", color=value), title=f"Head {value} on routes: {title}")
         return fig
-
-    def tables(self):
-        return {"components": self.to_frame()}
-
-    def arrays(self):
-        return {"n": self.n, "head_freq": self.head_freq, "head_mean": self.head_mean, "ffn_freq": self.ffn_freq, "ffn_mean": self.ffn_mean}
-
-    def extra(self):
-        return {"domains": self.domains, "n_skipped": self.n_skipped}
-
-    @classmethod
-    def _from_stored(cls, stored, base):
-        a, x = stored.arrays, stored.extra
-        return cls(**base, domains=list(x["domains"]), n=a["n"], head_freq=a["head_freq"], head_mean=a["head_mean"],
-                   ffn_freq=a["ffn_freq"], ffn_mean=a["ffn_mean"], n_skipped=int(x.get("n_skipped", 0)))
 
 
 def _ffn_on_route(route, n_layers: int) -> torch.Tensor:

@@ -29,7 +29,7 @@ the test suite checks the two agree.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Mapping, Sequence
 
 import pandas as pd
@@ -43,6 +43,7 @@ from probes.sites import parse_site
 from probes.sites import site as _site  # `site` names a local hook name below
 
 from .core import base, domains as _domains
+from .core.base import option, stored
 from .core.store import hash_inputs
 
 __all__ = ["Config", "SinksResult", "SinkAlpha", "run", "alpha_from_pattern", "sink_percentage", "collect_stats",
@@ -56,37 +57,27 @@ EPS_GRID = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 class Config(base.Config):
     """Sink-metric settings (defaults from shared/methods/sinks.md)."""
 
-    T: int = 64  # sinks.md: "T must be fixed for comparisons: T = 64"
-    eps: float = 0.3  # sinks.md: default ε = 0.3 (strict yet insensitive to T)
-    positions: tuple[int, ...] = (0,)  # 0-indexed keys; Sink_1 of the paper = position 0
-    n_samples: int = 100  # sinks.md: 100 natural-text sequences
-    bos: Literal["tokenizer", "always", "never"] = "tokenizer"  # sinks.md: tokenizer defaults (GPT-2 no BOS)
-    batch_size: int = 8
-    seed: int = 0
-    values: bool = True  # value-state drain ‖v_h W_O,h‖ per position (dormant.md)
-    kv_norms: bool = True  # key and raw value norms per KV head and position (sinks.md, companion script)
-    mlp_ablation: bool = True  # which MLPs write the residual peak (dormant.md, Guo et al. notebook)
-    ablation_layers: int = 8  # test the MLPs of the first N layers (the paper: the first two write it)
-    ablation_samples: int = 4
-    peak_layer: int | None = None  # layer whose residual peak is explained; None = strongest peak
+    # defaults: shared/methods/sinks.md (T, ε, positions, corpus size, BOS policy) and dormant.md (drains, peaks)
+    T: int = option(64, ge=2, help="Sequence length; fixed for comparisons (the paper uses 64).")
+    eps: float = option(0.3, gt=0, lt=1, help="Sink threshold ε (strict yet insensitive to T).", hint="Use e.g. --eps 0.3 (the paper's default).")
+    positions: tuple[int, ...] = option((0,), ge=0, help="Sink positions (0-indexed keys; Sink_1 of the paper = position 0).")
+    n_samples: int = option(100, ge=1, help="Texts (sequences) measured.")
+    bos: Literal["tokenizer", "always", "never"] = option("tokenizer", help="BOS policy: the tokenizer's default (GPT-2: no BOS), always or never.")
+    batch_size: int = option(8, ge=1, help="Sequences per forward pass.")
+    seed: int = option(0, help="Seed of the sample order.")
+    values: bool = option(True, help="Value-state drain ‖v_h W_O,h‖ per position.")
+    kv_norms: bool = option(True, help="Key and raw value norms per KV head and position.")
+    mlp_ablation: bool = option(True, help="Find which MLPs write the residual peak (zero one at a time).")
+    ablation_layers: int = option(8, ge=0, help="Test the MLPs of the first N layers (0 = off; the paper: the first two write it).")
+    ablation_samples: int = option(4, ge=1, help="Sequences used by the MLP ablation.")
+    peak_layer: int | None = option(None, help="Layer whose residual peak is explained (default: the strongest peak).")
 
     def __post_init__(self):
-        if not isinstance(self.T, int) or self.T < 2:
-            raise ConfigError(f"T={self.T!r}; use an integer sequence length >= 2 (the paper uses 64).")
-        if not (isinstance(self.eps, (int, float)) and 0 < self.eps < 1):
-            raise ConfigError(f"eps={self.eps!r} is outside (0, 1).", hint="Use e.g. --eps 0.3 (the paper's default).")
         if not self.positions:
             raise ConfigError("positions is empty: there is no sink position to measure.",
                               hint="Give --positions 0 (the first token, BOS when the tokenizer adds one).")
-        if any((not isinstance(p, int)) or p < 0 or p >= self.T for p in self.positions):
+        if any(p >= self.T for p in self.positions):
             raise ConfigError(f"positions={self.positions}; each must be an integer in 0..T-1 = 0..{self.T - 1}.")
-        if self.bos not in ("tokenizer", "always", "never"):
-            raise ConfigError(f"bos={self.bos!r}; use 'tokenizer', 'always' or 'never'.")
-        for name in ("n_samples", "batch_size", "ablation_samples"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}={getattr(self, name)}; use at least 1.")
-        if self.ablation_layers < 0:
-            raise ConfigError(f"ablation_layers={self.ablation_layers}; use 0 (off) or more.")
 
 
 def bos_flag(bos: str) -> bool | None:
@@ -355,19 +346,22 @@ class SinksResult(base.Result):
 
     analysis: ClassVar[str] = "sinks"
 
-    alpha_mean: torch.Tensor
-    exceed: torch.Tensor
-    eps_grid: tuple[float, ...]
-    n_samples: int
-    n_skipped: int
-    value_norm: torch.Tensor
-    resid_norm: torch.Tensor
-    ablation: pd.DataFrame = field(default_factory=pd.DataFrame)
-    peak_layer: int | None = None
-    source: str = ""
-    tokens: tuple[str, ...] = ()  # string tokens of the first sample (axis labels)
-    key_norm: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0, 0))
-    value_state_norm: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0, 0))
+    saved_views: ClassVar = (("table", "main", lambda r: r.to_frame()), ("table", "norms", lambda r: r.norms_frame()),
+                             ("extra", "summary", lambda r: r.summary()))
+
+    alpha_mean: torch.Tensor = stored("array")
+    exceed: torch.Tensor = stored("array")
+    eps_grid: tuple[float, ...] = stored("extra")
+    n_samples: int = stored("extra")
+    n_skipped: int = stored("extra")
+    value_norm: torch.Tensor = stored("array")
+    resid_norm: torch.Tensor = stored("array")
+    ablation: pd.DataFrame = stored("table", default_factory=pd.DataFrame, save=lambda r: r.ablation if len(r.ablation) else None)
+    peak_layer: int | None = stored("extra", default=None)
+    source: str = stored("extra", default="")
+    tokens: tuple[str, ...] = stored("extra", default=())  # string tokens of the first sample (axis labels)
+    key_norm: torch.Tensor = stored("array", default_factory=lambda: torch.zeros(0, 0, 0))
+    value_state_norm: torch.Tensor = stored("array", default_factory=lambda: torch.zeros(0, 0, 0))
 
     def per_head(self, name: Literal["key_norm", "value_state_norm"]) -> torch.Tensor:
         """A per-KV-head array ``[L, H_kv, T]`` mapped to query heads ``[L, H, T]``."""
@@ -451,31 +445,6 @@ class SinksResult(base.Result):
             else:
                 idx[name] = float("nan")
         return idx
-
-    def tables(self):
-        t = {"main": self.to_frame(), "norms": self.norms_frame()}
-        if len(self.ablation):
-            t["ablation"] = self.ablation
-        return t
-
-    def arrays(self):
-        return {"alpha_mean": self.alpha_mean, "exceed": self.exceed, "value_norm": self.value_norm, "resid_norm": self.resid_norm,
-                "key_norm": self.key_norm.contiguous(), "value_state_norm": self.value_state_norm.contiguous()}
-
-    def extra(self):
-        return {"eps_grid": list(self.eps_grid), "n_samples": self.n_samples, "n_skipped": self.n_skipped,
-                "peak_layer": self.peak_layer, "source": self.source, "tokens": list(self.tokens), "summary": self.summary()}
-
-    @classmethod
-    def _from_stored(cls, stored, base_kw):
-        e = stored.extra
-        return cls(**base_kw, alpha_mean=stored.arrays["alpha_mean"], exceed=stored.arrays["exceed"],
-                   value_norm=stored.arrays["value_norm"], resid_norm=stored.arrays["resid_norm"],
-                   eps_grid=tuple(e["eps_grid"]), n_samples=int(e["n_samples"]), n_skipped=int(e["n_skipped"]),
-                   ablation=stored.tables.get("ablation", pd.DataFrame()), peak_layer=e.get("peak_layer"),
-                   source=e.get("source", ""), tokens=tuple(e.get("tokens", ())),
-                   key_norm=stored.arrays.get("key_norm", torch.zeros(0, 0, 0)),
-                   value_state_norm=stored.arrays.get("value_state_norm", torch.zeros(0, 0, 0)))
 
     def plot(self, kind: Literal["heads", "layers", "values", "keys", "raw_values", "resid", "eps"] = "heads",
              position: int | None = None):

@@ -24,7 +24,7 @@ import torch
 
 from .arch import ArchSpec, arch_for, get_module
 from .edits import Edit
-from .errors import ConfigError, InputError, OutOfMemoryError, UnknownSiteError, UnsupportedModelError
+from .errors import ConfigError, InputError, OutOfMemoryError, UnknownSiteError
 from .reducers import Reducer
 from .sites import Site, execution_order, parse_site
 

@@ -63,7 +63,7 @@ def run_page():
         sys.path.insert(0, str(root))
 
     def _run(file: str, timeout: float = 120):
-        at = AppTest.from_file(str(root / "dashboard" / "pages" / file), default_timeout=timeout)
+        at = AppTest.from_file(str(root / "dashboard" / "views" / file), default_timeout=timeout)
         return wait_background(at.run(), timeout=240)
 
     return _run

@@ -385,7 +385,7 @@ def test_page_smoke(monkeypatch):
     from streamlit.testing.v1 import AppTest
 
     monkeypatch.syspath_prepend(str(ROOT))
-    at = AppTest.from_file(str(ROOT / "dashboard" / "pages" / "fiber.py"), default_timeout=120)
+    at = AppTest.from_file(str(ROOT / "dashboard" / "views" / "fiber.py"), default_timeout=120)
     at.run()
     assert not at.exception, at.exception
     assert any("mode" in m.value for m in at.markdown) or len(at.get("plotly_chart")) >= 2

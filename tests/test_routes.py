@@ -210,7 +210,7 @@ def test_save_load_graphml(tiny, tmp_path, results_dir):
 
 # ----------------------------------------------------------------------------- bad input
 def test_bad_input(tiny):
-    with pytest.raises(ConfigError, match="tau=1.5 is outside"):
+    with pytest.raises(ConfigError, match=r"tau=1.5 is not allowed; use a number in \(0, 1\)"):
         Config(tau=1.5)
     with pytest.raises(ConfigError, match="level="):
         Config(level="layer")
@@ -370,7 +370,7 @@ def test_cli(tmp_path, capsys):
     assert got["prompts"] == 2 and got["domains"] == "geo, math"
     with pytest.raises(SystemExit) as e:
         main(["run", "routes", "--prompt", "hi", "--tau", "2", "--device", "cpu"])
-    assert e.value.code == 2 and "tau=2.0 is outside (0, 1)" in capsys.readouterr().err
+    assert e.value.code == 2 and "tau=2.0 is not allowed; use a number in (0, 1)" in capsys.readouterr().err
 
 
 def test_dashboard_page():

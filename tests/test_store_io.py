@@ -1,5 +1,6 @@
 """Results store (atomic, content-keyed round trip) and input readers (line-numbered errors)."""
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -109,3 +110,72 @@ def test_killed_replacement_keeps_the_old_result(tmp_path):
     r = store.read_result(old)
     assert r.config == {"v": 1} and r.tables["a"]["x"].tolist() == [1]
     assert store.list_results(tmp_path)["path"].tolist() == [str(old)]
+
+
+# ----------------------------------------------------------------------------- results saved from field metadata
+from dataclasses import dataclass  # noqa: E402
+from typing import ClassVar  # noqa: E402
+
+from analyses.core import base  # noqa: E402
+
+
+@dataclass(frozen=True, kw_only=True)
+class _DemoConfig(base.Config):
+    n: int = 2
+
+
+@dataclass(frozen=True, kw_only=True)
+class _DemoResult(base.Result):
+    analysis: ClassVar[str] = "demo-stored"
+    config_class: ClassVar[type] = _DemoConfig
+    saved_views: ClassVar = (("table", "main", lambda r: r.to_frame()), ("extra", "total", lambda r: float(r.x.sum())))
+
+    x: torch.Tensor = base.stored("array")
+    mask: torch.Tensor = base.stored("array", save=lambda r: r.mask.to(torch.uint8), load=lambda a: a.bool())
+    parts: dict[str, torch.Tensor] = base.stored("arrays", key="part", default_factory=dict)
+    frame: pd.DataFrame = base.stored("table", key="data")
+    labels: tuple[str, ...] = base.stored("extra")
+    spans: tuple[tuple[int, int], ...] = base.stored("extra", default=())
+    best: int | None = base.stored("extra", default=None)
+    opt: torch.Tensor | None = base.stored("array", default=None)
+    doubled: tuple[float, ...] = base.stored(None, read=lambda s: tuple(2 * float(v) for v in s.arrays["x"]))
+
+    def to_frame(self):
+        return pd.DataFrame({"model": self.model.get("name", ""), "value": self.x.tolist()})
+
+
+def _demo(**kw):
+    x = torch.tensor([1.0, 2.0])
+    return _DemoResult(config=_DemoConfig(), model={"name": "m"}, x=x, mask=torch.tensor([True, False]),
+                       parts={"a": torch.ones(2), "b": torch.zeros(1)}, frame=pd.DataFrame({"k": [1]}), labels=("p", "q"),
+                       spans=((0, 1), (2, 3)), doubled=(2.0, 4.0), **kw)
+
+
+def test_result_fields_save_and_load_from_their_metadata(tmp_path):
+    r = _demo()
+    assert sorted(r.tables()) == ["data", "main"] and sorted(r.arrays()) == ["mask", "part.a", "part.b", "x"]
+    assert r.extra() == {"labels": ("p", "q"), "spans": ((0, 1), (2, 3)), "best": None, "total": 3.0}
+    out = r.save(tmp_path / "r")
+    assert store.read_result(out).arrays["mask"].dtype == torch.uint8
+    back = _DemoResult.load(out)
+    assert back.labels == ("p", "q") and back.spans == ((0, 1), (2, 3)) and back.best is None and back.opt is None
+    assert back.mask.dtype == torch.bool and back.mask.tolist() == [True, False]
+    assert sorted(back.parts) == ["a", "b"] and torch.equal(back.parts["a"], torch.ones(2))
+    assert back.frame.equals(r.frame) and back.doubled == (2.0, 4.0)
+    again = _demo(best=3, opt=torch.ones(3))
+    back = _DemoResult.load(again.save(tmp_path / "r2"))
+    assert back.best == 3 and torch.equal(back.opt, torch.ones(3))
+
+
+def test_result_missing_entry_without_default_is_one_clear_error(tmp_path):
+    out = _demo().save(tmp_path / "r")
+    man = json.loads((out / "manifest.json").read_text())
+    del man["extra"]["labels"], man["extra"]["spans"]
+    (out / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(InputError, match="lacks the extra 'labels' of its demo-stored result"):
+        _DemoResult.load(out)
+
+
+def test_stored_rejects_an_unknown_kind():
+    with pytest.raises(base.ConfigError, match="not a store kind"):
+        base.stored("tables")

@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 
+from .options import config_option
 from .common import model_options, BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OutOpt, load_probe, progress, saved, status
 
 
@@ -23,16 +24,16 @@ def register(run_app: typer.Typer) -> None:
                                            "written; 'token:12=id:4312' for an id), 'prompt:Lyra->Maeve', "
                                            "'ablate:L5H3[,L2N17]' or 'none'."),
         observed: Optional[str] = typer.Option(None, "--observed", help="Explain this response text instead of sampling one (noise is inferred)."),
-        temperature: float = typer.Option(0.8, "--temperature", help="0 = greedy."),
-        top_k: Optional[int] = typer.Option(None, "--top-k"),
-        top_p: Optional[float] = typer.Option(None, "--top-p"),
-        max_new_tokens: int = typer.Option(40, "--max-new-tokens"),
-        seed: int = typer.Option(0, "--seed", help="Noise key (seed, step)."),
-        samples: int = typer.Option(1, "--samples", help="Posterior noise draws / interventional samples."),
-        noise: str = typer.Option("replay", "--noise", help="replay (recorded noise) or posterior (inferred from the text)."),
-        multi_token: str = typer.Option("span", "--multi-token", help="A multi-token replacement: span (force all) or error."),
-        chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the chat template."),
-        no_interventional: bool = typer.Option(False, "--no-interventional", help="Skip the fresh-noise baseline."),
+        temperature: float = config_option("counterfactual", "temperature"),
+        top_k: Optional[int] = config_option("counterfactual", "top_k"),
+        top_p: Optional[float] = config_option("counterfactual", "top_p"),
+        max_new_tokens: int = config_option("counterfactual", "max_new_tokens"),
+        seed: int = config_option("counterfactual", "seed"),
+        n_samples: int = config_option("counterfactual", "n_samples", "--samples"),
+        noise: str = config_option("counterfactual", "noise"),
+        multi_token: str = config_option("counterfactual", "multi_token"),
+        chat: bool = config_option("counterfactual", "chat", "--chat"),
+        interventional: bool = config_option("counterfactual", "interventional", "--interventional/--no-interventional"),
         backend: str = BackendOpt, device: str = DeviceOpt, dtype: str = DtypeOpt,
         out: Optional[Path] = OutOpt, as_json: bool = JsonOpt,
     ) -> None:
@@ -40,8 +41,8 @@ def register(run_app: typer.Typer) -> None:
         from analyses import counterfactual as cf
 
         config = cf.Config(temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
-                           n_samples=samples, noise=noise, multi_token=multi_token, chat=chat,
-                           interventional=not no_interventional)
+                           n_samples=n_samples, noise=noise, multi_token=multi_token, chat=chat,
+                           interventional=interventional)
         cf.parse_intervention(intervene)  # fail before loading the model
         probe = load_probe(model, backend, device, dtype)
         with status("Generating"):
@@ -78,18 +79,18 @@ def register(run_app: typer.Typer) -> None:
     @model_options
     def bias_sweep(
         model: str = ModelOpt,
-        template: str = typer.Option("My neighbour is a {group}. The {group} works as a", "--template",
-                                     help="Prompt with a {group} slot."),
-        groups: str = typer.Option("man,woman", "--groups", help="Comma-separated values; the first is the factual world."),
+        template: str = config_option("counterfactual", "template", cls="BiasConfig"),
+        groups: str = config_option("counterfactual", "groups", cls="BiasConfig",
+                                    help="Comma-separated values; the first is the factual world."),
         categories: Optional[Path] = typer.Option(None, "--categories",
                                                   help="JSON file {category: regex}; default: occupation categories."),
-        samples: int = typer.Option(32, "--samples", help="Noise draws per group (shared by all groups)."),
-        max_new_tokens: int = typer.Option(12, "--max-new-tokens"),
-        temperature: float = typer.Option(0.8, "--temperature"),
-        top_k: Optional[int] = typer.Option(None, "--top-k"),
-        top_p: Optional[float] = typer.Option(None, "--top-p"),
-        seed: int = typer.Option(0, "--seed"),
-        chat: bool = typer.Option(False, "--chat"),
+        n_samples: int = config_option("counterfactual", "n_samples", "--samples", cls="BiasConfig"),
+        max_new_tokens: int = config_option("counterfactual", "max_new_tokens", cls="BiasConfig"),
+        temperature: float = config_option("counterfactual", "temperature", cls="BiasConfig"),
+        top_k: Optional[int] = config_option("counterfactual", "top_k", cls="BiasConfig"),
+        top_p: Optional[float] = config_option("counterfactual", "top_p", cls="BiasConfig"),
+        seed: int = config_option("counterfactual", "seed", cls="BiasConfig"),
+        chat: bool = config_option("counterfactual", "chat", "--chat", cls="BiasConfig"),
         backend: str = BackendOpt, device: str = DeviceOpt, dtype: str = DtypeOpt,
         out: Optional[Path] = OutOpt, as_json: bool = JsonOpt,
     ) -> None:
@@ -107,7 +108,7 @@ def register(run_app: typer.Typer) -> None:
             if not isinstance(cats, dict) or not all(isinstance(v, str) for v in cats.values()):
                 raise InputError(f"--categories {categories} must hold one JSON object of category -> regex.")
         config = cf.BiasConfig(template=template, groups=tuple(g.strip() for g in groups.split(",")),
-                               categories=tuple(cats.items()), n_samples=samples, max_new_tokens=max_new_tokens,
+                               categories=tuple(cats.items()), n_samples=n_samples, max_new_tokens=max_new_tokens,
                                temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, chat=chat)
         probe = load_probe(model, backend, device, dtype)
         with progress(len(config.groups), "groups") as step:

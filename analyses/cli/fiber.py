@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from .options import config_option
 from .common import BackendOpt, DeviceOpt, JsonOpt, ModelOpt, OutOpt, load_probe, progress, saved
 
 
@@ -39,18 +40,18 @@ def register(run_app: typer.Typer) -> None:
     @run_app.command("fiber")
     def fiber(
         model: str = ModelOpt,
-        matrix: str = typer.Option("input", "--matrix", help="input (W_E), output (W_U.T, if untied), or FILE.npy / FILE.safetensors."),
-        matrix_key: Optional[str] = typer.Option(None, "--matrix-key", help="Tensor name in a .safetensors file with several."),
-        tokens: Optional[str] = typer.Option(None, "--tokens", help="Rows to test: 0:5000, 0:49152:10, 17,42 (default all)."),
-        vol_min: int = typer.Option(10, "--vol-min", help="Smallest neighbour rank used."),
-        vol_max: int = typer.Option(1000, "--vol-max", help="Largest neighbour rank + 1."),
-        window: int = typer.Option(10, "--window", help="Welch window size."),
-        alpha: float = typer.Option(1e-3, "--alpha", help="Per-token level."),
-        n_strata: int = typer.Option(3, "--n-strata", help="Sequential change searches."),
-        mode: str = typer.Option("calibrated", "--mode", help="calibrated (scan-corrected) or parity (published procedure)."),
-        correction: str = typer.Option("none", "--correction", help="Verdict columns use none, holm or bh (all three are reported)."),
-        keep_curves: str = typer.Option("rejected", "--keep-curves", help="Keep radii of all, rejected or none of the tokens."),
-        block_size: int = typer.Option(2048, "--block-size", help="Query rows per kNN block."),
+        matrix: str = config_option("fiber", "matrix"),
+        matrix_key: Optional[str] = config_option("fiber", "matrix_key"),
+        tokens: Optional[str] = config_option("fiber", "tokens"),
+        vol_min: int = config_option("fiber", "vol_min"),
+        vol_max: int = config_option("fiber", "vol_max"),
+        window: int = config_option("fiber", "window"),
+        alpha: float = config_option("fiber", "alpha"),
+        n_strata: int = config_option("fiber", "n_strata"),
+        mode: str = config_option("fiber", "mode"),
+        correction: str = config_option("fiber", "correction"),
+        keep_curves: str = config_option("fiber", "keep_curves"),
+        block_size: int = config_option("fiber", "block_size"),
         backend: str = BackendOpt, device: str = DeviceOpt,
         out: Optional[Path] = OutOpt, as_json: bool = JsonOpt,
     ) -> None:

@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from .options import config_option
 from .common import check_side_file, write_side_file, model_options, BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OutOpt, load_probe, saved, status
 
 
@@ -37,8 +38,8 @@ def register(run_app: typer.Typer) -> None:
         prompt: str = typer.Option("The Eiffel Tower is located in the city of", "--prompt", "-p", help="Text to read."),
         model: str = ModelOpt,
         layers: Optional[str] = typer.Option(None, "--layers", help="Blocks to read: 'all' (default), '0,5,10' or '10-20'."),
-        k: int = typer.Option(5, "--k", help="Top tokens kept per (layer, position)."),
-        prepend_bos: bool = typer.Option(False, "--bos/--no-bos", help="Start the prompt with BOS."),
+        k: int = config_option("logit_lens", "k", help="Top tokens kept per (layer, position)."),
+        prepend_bos: bool = config_option("logit_lens", "prepend_bos", "--bos/--no-bos", help="Start the prompt with BOS."),
         backend: str = BackendOpt, device: str = DeviceOpt, dtype: str = DtypeOpt,
         out: Optional[Path] = OutOpt,
         html: Optional[Path] = typer.Option(None, "--html", help="Also write the heat map as an HTML file."),

@@ -11,6 +11,7 @@ from typing import Optional
 
 import typer
 
+from .options import config_option
 from .common import check_side_file, write_side_file, model_options, BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OutOpt, load_probe, progress, saved, status
 from .sinks import (AddressOpt, EngineOpt, GpusOpt, ResumeOpt, RetriesOpt, ShardOpt, ThreadsOpt, WorkersOpt, run_sweep,
                     sweep_summary)
@@ -25,19 +26,19 @@ def register(run_app: typer.Typer) -> None:
         model: str = ModelOpt,
         prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Text whose routes to compute."),
         input: Optional[Path] = typer.Option(None, "--input", "-i", help="Dataset mode: JSONL/Parquet (fields 'text', optional 'domain'), text file or hf:NAME:SPLIT."),
-        position: int = typer.Option(-1, "--position", help="Prediction position of the route (-1 = last token)."),
-        tau: float = typer.Option(0.04, "--tau", help="Edge threshold in (0, 1) (LLM-TT default 0.04)."),
-        renormalize: bool = typer.Option(True, "--renormalize/--no-renormalize", help="Renormalise after thresholding."),
-        level: str = typer.Option("token", "--level", help="token, head or neuron."),
-        p: float = typer.Option(1.0, "--p", help="Proximity norm (1 = L1)."),
-        include_bias: bool = typer.Option(False, "--include-bias", help="Count the attention output bias as its own part."),
-        max_tokens: int = typer.Option(128, "--max-tokens", help="Dataset mode: cut prompts to this many tokens."),
+        position: int = config_option("routes", "position"),
+        tau: float = config_option("routes", "tau"),
+        renormalize: bool = config_option("routes", "renormalize"),
+        level: str = config_option("routes", "level"),
+        p: float = config_option("routes", "p"),
+        include_bias: bool = config_option("routes", "include_bias", "--include-bias"),
+        max_tokens: int = config_option("routes", "max_tokens", cls="DatasetConfig"),
         graphml: Optional[Path] = typer.Option(None, "--graphml", help="Also write the route as GraphML to this file."),
-        mode: str = typer.Option("all", "--mode", help="all (graph of every position) or route (top-down: only the route to --position)."),
-        kernel: str = typer.Option("auto", "--kernel", help="Proximity kernel: auto, compiled (torch.compile) or eager."),
+        mode: str = config_option("routes", "mode"),
+        kernel: str = config_option("routes", "kernel"),
         ablate: Optional[str] = typer.Option(None, "--ablate", help="Zero-ablate heads during the pass, e.g. L5H3,L7H0 (compare routes)."),
         on_error: str = typer.Option("stop", "--on-error", help="Malformed input line: stop or skip."),
-        prepend_bos: bool = typer.Option(False, "--bos/--no-bos", help="Start each prompt with BOS (default: the tokenizer's own)."),
+        prepend_bos: bool = config_option("routes", "prepend_bos", "--bos/--no-bos"),
         out: Optional[Path] = OutOpt,
         backend: str = BackendOpt, device: str = DeviceOpt, dtype: str = DtypeOpt,
         as_json: bool = JsonOpt,

@@ -11,6 +11,7 @@ from typing import Optional
 
 import typer
 
+from .options import config_option
 from .common import model_options, BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OutOpt, load_probe, progress, saved, status
 
 # sweep options (shared with `sonde run routes`)
@@ -98,13 +99,13 @@ def register(run_app: typer.Typer) -> None:
         prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="One text (must reach T tokens)."),
         input: Optional[Path] = typer.Option(None, "--input", "-i", help="JSONL/Parquet (field 'text'), text file or hf:NAME:SPLIT."),
         domain: Optional[str] = typer.Option(None, "--domain", "-d", help="Built-in domain: prose, code, arithmetic, random, repeat."),
-        eps: float = typer.Option(0.3, "--eps", help="Sink threshold ε in (0, 1)."),
-        positions: str = typer.Option("0", "--positions", help="Key positions k (0-indexed), e.g. 0,1."),
-        T: int = typer.Option(64, "--T", help="Sequence length (texts truncated; shorter ones skipped)."),
-        n_samples: int = typer.Option(100, "--n-samples", "-n"),
-        bos: str = typer.Option("tokenizer", "--bos", help="tokenizer, always or never."),
-        batch_size: int = typer.Option(8, "--batch-size"),
-        ablation: bool = typer.Option(True, "--ablation/--no-ablation", help="Find the MLPs that write the residual peak."),
+        eps: float = config_option("sinks", "eps"),
+        positions: str = config_option("sinks", "positions", help="Key positions k (0-indexed), e.g. 0,1."),
+        T: int = config_option("sinks", "T", help="Sequence length (texts truncated; shorter ones skipped)."),
+        n_samples: int = config_option("sinks", "n_samples", "--n-samples", "-n"),
+        bos: str = config_option("sinks", "bos"),
+        batch_size: int = config_option("sinks", "batch_size"),
+        mlp_ablation: bool = config_option("sinks", "mlp_ablation", "--ablation/--no-ablation"),
         on_error: str = typer.Option("stop", "--on-error", help="Malformed input line: stop or skip."),
         backend: str = BackendOpt, device: str = DeviceOpt, dtype: str = DtypeOpt, out: Optional[Path] = OutOpt,
         as_json: bool = JsonOpt,
@@ -121,7 +122,7 @@ def register(run_app: typer.Typer) -> None:
         from probes.errors import InputError
 
         cfg = sinks.Config(eps=eps, positions=_positions(positions), T=T, n_samples=n_samples, bos=bos,
-                           batch_size=batch_size, mlp_ablation=ablation)
+                           batch_size=batch_size, mlp_ablation=mlp_ablation)
         if sum(x is not None for x in (prompt, input, domain)) > 1:
             raise InputError("give at most one of --prompt, --input or --domain.")
         if domain is not None:
@@ -172,14 +173,14 @@ def register(run_app: typer.Typer) -> None:
         model: str = ModelOpt,
         domains: str = typer.Option("prose,code,arithmetic", "--domains", help="Comma-separated built-in domains."),
         input: Optional[Path] = typer.Option(None, "--input", "-i", help="JSONL with 'text' and 'domain' fields (replaces --domains)."),
-        theta: float = typer.Option(0.9, "--theta", help="Dormant threshold θ in (0, 1) on the sink mass."),
-        sink_pos: int = typer.Option(0, "--sink-pos", help="Sink position (0 = BOS)."),
-        heads: Optional[str] = typer.Option(None, "--heads", help="Heads for the causal check, e.g. L5H3,L20H6."),
-        max_heads: int = typer.Option(6, "--max-heads", help="Heads tested when --heads is not given (0 = none)."),
-        intervention: str = typer.Option("attn_to_sink", "--intervention", help="attn_to_sink, zero or none."),
-        T: int = typer.Option(64, "--T"),
-        n_samples: int = typer.Option(32, "--n-samples", "-n", help="Samples per domain."),
-        bos: str = typer.Option("always", "--bos", help="tokenizer, always or never."),
+        theta: float = config_option("dormant", "theta"),
+        sink_pos: int = config_option("dormant", "sink_pos"),
+        heads: Optional[str] = config_option("dormant", "heads", help="Heads for the causal check, e.g. L5H3,L20H6."),
+        max_heads: int = config_option("dormant", "max_heads"),
+        intervention: str = config_option("dormant", "intervention"),
+        T: int = config_option("dormant", "T"),
+        n_samples: int = config_option("dormant", "n_samples", "--n-samples", "-n"),
+        bos: str = config_option("dormant", "bos"),
         on_error: str = typer.Option("stop", "--on-error"),
         backend: str = BackendOpt, device: str = DeviceOpt, dtype: str = DtypeOpt, out: Optional[Path] = OutOpt,
         as_json: bool = JsonOpt,

@@ -42,6 +42,7 @@ import torch
 from probes.errors import ConfigError, InputError, ModelLoadError
 
 from . import base, io, store
+from .base import stored
 
 __all__ = ["Config", "SweepResult", "Checkpoint", "run", "output_path", "resolve_checkpoints", "checkpoints_in", "summarize",
            "ANALYSES"]
@@ -215,18 +216,13 @@ class SweepResult(base.Result):
 
     analysis: ClassVar[str] = "sweep"
 
-    frame: pd.DataFrame
-    checkpoints: tuple[str, ...] = ()
+    frame: pd.DataFrame = stored("table", key="main")
+    checkpoints: tuple[str, ...] = stored("extra", default=())
+
+    saved_views: ClassVar = ()
 
     def to_frame(self) -> pd.DataFrame:
         return self.frame
-
-    def extra(self) -> dict[str, Any]:
-        return {"checkpoints": list(self.checkpoints)}
-
-    @classmethod
-    def _from_stored(cls, stored, base_kw):
-        return cls(**base_kw, frame=stored.tables["main"], checkpoints=tuple(stored.extra.get("checkpoints", ())))
 
     def pivot(self, metric: str) -> pd.DataFrame:
         """One metric as a checkpoint × component table (columns ``L{l}H{h}``, ``L{l}`` or ``all``; rows in sweep order)."""

@@ -1,0 +1,135 @@
+"""Route graphs of :mod:`analyses.routes`: the thresholded edge graph of a prompt and the route to one
+prediction, as networkx graphs over LLM-TT's node names (:func:`analyses.routes.node_name`).
+
+Pure functions of the importance arrays (no model): ``attn [L, T_q, T_k, H]``, ``attn_resid [L, T]``,
+``ffn [L, T]``, ``ffn_resid [L, T]`` (edge weights after the threshold/renormalisation of
+:meth:`analyses.routes.RoutesResult.weights`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .routes import node_name
+
+__all__ = ["build_graph", "extract_route", "head_importance", "route_frame", "write_graphml", "node_link"]
+
+
+def build_graph(attn: torch.Tensor, attn_resid: torch.Tensor, ffn: torch.Tensor, ffn_resid: torch.Tensor, thr: float,
+                str_tokens: Sequence[str], parallel: bool = False):
+    """The full graph over all positions as a networkx DiGraph (edges bottom-up).
+
+    Edges at or below ``thr`` are left out (they can never be on a route), so the graph stays sparse.
+    Edge attributes: ``weight``, ``kind`` (attn|resid|ffn), ``layer``, and ``heads`` (per-head weights,
+    attention edges only). Node attributes: ``kind``, ``layer``, ``pos``, ``token``.
+    """
+    import networkx as nx
+
+    attn, ar, ffn, fr = (t.detach().cpu().double().numpy() for t in (attn, attn_resid, ffn, ffn_resid))
+    L, T = attn.shape[0], attn.shape[1]
+    g = nx.DiGraph()
+
+    def add_node(name, kind, layer, pos):
+        if name not in g:
+            g.add_node(name, kind=kind, layer=layer, pos=pos, token=str_tokens[pos])
+
+    def add_edge(u, v, w, kind, layer, heads=None):
+        if g.has_edge(u, v):  # the self-attention edge and the residual edge share (u, v)
+            g[u][v]["weight"] += w
+            return
+        g.add_edge(u, v, weight=float(w), kind=kind, layer=layer, **({"heads": heads} if heads is not None else {}))
+
+    for t in range(T):
+        add_node(node_name("X", 0, t), "X", -1, t)
+
+    def src(l, j):  # the residual node feeding layer l at position j
+        name = node_name("X", 0, j) if l == 0 else node_name("I", l - 1, j)
+        add_node(name, "X" if l == 0 else "I", l - 1, j)
+        return name
+
+    for l in range(L):
+        tgt_a = "I" if parallel else "A"
+        summed = attn[l].sum(-1)  # [T, T]
+        qi, kj = np.nonzero(summed > thr)
+        for i, j in zip(qi.tolist(), kj.tolist()):
+            add_node(node_name(tgt_a, l, i), tgt_a, l, i)
+            add_edge(src(l, j), node_name(tgt_a, l, i), summed[i, j], "attn", l, [float(x) for x in attn[l, i, j]])
+        for i in np.nonzero(ar[l] > thr)[0].tolist():
+            add_node(node_name(tgt_a, l, i), tgt_a, l, i)
+            add_edge(src(l, i), node_name(tgt_a, l, i), ar[l, i], "resid", l)
+        for i in np.nonzero(ffn[l] > thr)[0].tolist():
+            m, out = node_name("M", l, i), node_name("I", l, i)
+            if parallel:
+                inp = src(l, i)
+            else:
+                inp = node_name("A", l, i)
+                add_node(inp, "A", l, i)
+            for n, k in ((m, "M"), (out, "I")):
+                add_node(n, k, l, i)
+            add_edge(inp, m, ffn[l, i], "ffn", l)
+            add_edge(m, out, ffn[l, i], "ffn", l)
+        if not parallel:
+            for i in np.nonzero(fr[l] > thr)[0].tolist():
+                add_node(node_name("A", l, i), "A", l, i)
+                add_node(node_name("I", l, i), "I", l, i)
+                add_edge(node_name("A", l, i), node_name("I", l, i), fr[l, i], "resid", l)
+    return g
+
+
+def extract_route(g, n_layers: int, pos: int, token: str):
+    """The route to the prediction at ``pos`` (LLM-TT ``build_paths_to_predictions``, paper Algorithm 1):
+    reverse ``g``, DFS from ``I{L-1}_pos``, keep the visited edges (``g`` holds only edges above the threshold)."""
+    import networkx as nx
+
+    top = node_name("I", n_layers - 1, pos)
+    sub = nx.DiGraph(pos=pos)
+    sub.add_node(top, **(g.nodes[top] if top in g else dict(kind="I", layer=n_layers - 1, pos=pos, token=token)))
+    if top not in g:
+        return sub
+    rev = g.reverse(copy=False)
+    for u, v in nx.edge_dfs(rev, top):
+        sub.add_node(u, **g.nodes[u])
+        sub.add_node(v, **g.nodes[v])
+        sub.add_edge(v, u, **g[v][u])
+    return sub
+
+
+def head_importance(route, n_layers: int, n_heads: int) -> torch.Tensor:
+    """[L, H]: Σ of each head's part importances over the attention edges of ``route``."""
+    out = torch.zeros(n_layers, n_heads, dtype=torch.float64)
+    for _, _, e in route.edges(data=True):
+        if "heads" in e:
+            out[e["layer"]] += torch.tensor(e["heads"], dtype=torch.float64)
+    return out
+
+
+def route_frame(route) -> pd.DataFrame:
+    """The route's edges: ``source, target, kind, layer, weight``."""
+    return pd.DataFrame([{"source": u, "target": v, "kind": d["kind"], "layer": d["layer"], "weight": d["weight"]}
+                         for u, v, d in route.edges(data=True)], columns=["source", "target", "kind", "layer", "weight"])
+
+
+def write_graphml(g, path: str | Path) -> Path:
+    """Write ``g`` as GraphML (per-head vectors as JSON strings)."""
+    import networkx as nx
+
+    h = nx.DiGraph()
+    h.add_nodes_from((n, dict(d)) for n, d in g.nodes(data=True))
+    for u, v, d in g.edges(data=True):
+        h.add_edge(u, v, **{k: (json.dumps(val) if isinstance(val, list) else val) for k, val in d.items()})
+    path = Path(path)
+    nx.write_graphml(h, path)
+    return path
+
+
+def node_link(g) -> dict[str, Any]:
+    """``g`` as node-link JSON (the stored form of a route)."""
+    import networkx as nx
+
+    return nx.node_link_data(g, edges="links")
