@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import pandas as pd
@@ -275,7 +275,7 @@ class BBToyResult(base.Result):
         return fig
 
 
-def run(config: Config = Config(), *, step=None) -> BBToyResult:
+def run(config: Config = Config(), *, progress=None) -> BBToyResult:
     """Train the BB toy from scratch and log its dynamics (deterministic for a seed, CPU)."""
     timer = base.Timer()
     torch.manual_seed(config.seed)
@@ -323,8 +323,8 @@ def run(config: Config = Config(), *, step=None) -> BBToyResult:
             opt.step()
             if s % config.log_every == 0 or s == config.steps:
                 log(s)
-            if step is not None:
-                step(1)
+            if progress is not None:
+                progress(1)
     hist = pd.DataFrame(rows)
     hist["layer"] = hist["layer"].astype("Int64")
     info = {"name": "bb-toy", "fingerprint": f"bb-toy-{config.seed}", "family": "bb-toy", "n_layers": config.n_layers,

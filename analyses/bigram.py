@@ -28,8 +28,9 @@ bigram surprisals clipped to the largest finite one; a second r drops them); the
 mean surprisal for full model, subnetwork, random same-size subnetwork (mask shuffled within each
 matrix), complement and random complement; sparsity overall, per layer, matrix, head and MLP neuron.
 
-Masks are applied with ``torch.nn.utils.parametrize`` on the HF model's own modules (no copy), so
-every backend and every other analysis sees the masked weights inside :func:`apply_mask`.
+Masks are applied through the probe's weight-mask context (:meth:`probes.Probe.weight_masks`: torch
+parametrizations on the model's own modules, no copy), so every backend and every other analysis
+sees the masked weights inside :func:`apply_mask`.
 """
 
 from __future__ import annotations
@@ -48,7 +49,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from probes.errors import ConfigError, InputError, UnsupportedModelError
+from probes.errors import ConfigError, InputError
+from probes.labels import head_label
+from probes.weights import WeightSpec
 
 from .core.base import Config as _BaseConfig
 from .core.base import Result, Timer, register_result
@@ -356,122 +359,14 @@ def transform_mask(mask: Mapping[str, torch.Tensor], mode: Mode, seed: int = 0) 
 
 
 # ============================================================================== masked weights
-@dataclass(frozen=True)
-class MaskedWeight:
-    """One maskable weight: full module path, block index, block-relative name, storage shape."""
-
-    path: str
-    layer: int
-    name: str
-    shape: tuple[int, ...]
+# One maskable weight: full module path, block index, block-relative name, storage shape.
+MaskedWeight = WeightSpec
 
 
 def masked_weights(probe, layers: Sequence[int] | None = None) -> list[MaskedWeight]:
     """Every weight matrix in the decoder blocks that the masker handles (``probe.arch.weight_names``;
     biases, norms and embeddings excluded). GPT-2 Conv1D weights keep their ``[in, out]`` storage."""
-    arch = probe.arch
-    n = probe.info.n_layers
-    layers = list(range(n)) if layers is None else list(layers)
-    bad = [l for l in layers if l >= n]
-    if bad:
-        raise ConfigError(f"layers={tuple(layers)} includes {bad}; this model has blocks 0..{n - 1}.")
-    names = arch.weight_names
-    if not names:
-        raise UnsupportedModelError(f"the {probe.info.family} table entry lists no block weight matrices to mask.",
-                                    hint="Add weight_names to its ArchSpec in probes/arch.py.")
-    out = []
-    for l in layers:
-        for wn in names:
-            try:
-                w = _weight_owner(probe.hf_model, f"{arch.layers}.{l}.{wn}").weight
-            except AttributeError:
-                w = None
-            if w is None or w.ndim != 2:
-                continue
-            out.append(MaskedWeight(f"{arch.layers}.{l}.{wn}", l, wn, tuple(w.shape)))
-    if not out:
-        raise UnsupportedModelError(
-            f"no weight matrix of {probe.info.family} blocks matched the masker's names {list(names)}.",
-            hint="Check the ArchSpec weight_names in probes/arch.py for this model.")
-    return out
-
-
-def _weight_owner(root: torch.nn.Module, path: str) -> torch.nn.Module:
-    """The module that owns the ``weight`` Parameter at ``path`` (TransformerLens bridges replace HF
-    modules in the tree by wrappers that keep the original under ``original_component``)."""
-    from probes.arch import get_module
-
-    mod = get_module(root, path)
-    while not isinstance(mod._parameters.get("weight"), torch.Tensor) and not _is_parametrized(mod):
-        inner = getattr(mod, "original_component", None)
-        if not isinstance(inner, torch.nn.Module):
-            raise AttributeError(f"{path} has no weight")
-        mod = inner
-    return mod
-
-
-def _storage_aliases(root: torch.nn.Module) -> dict[int, list[torch.nn.Module]]:
-    """Modules with a ``weight`` Parameter, grouped by the storage that weight lives in."""
-    out: dict[int, list[torch.nn.Module]] = {}
-    for mod in root.modules():
-        w = mod._parameters.get("weight") if hasattr(mod, "_parameters") else None
-        if isinstance(w, torch.Tensor) and w.ndim == 2:
-            out.setdefault(w.untyped_storage().data_ptr(), []).append(mod)
-    return out
-
-
-def _is_parametrized(mod: torch.nn.Module) -> bool:
-    from torch.nn.utils import parametrize
-
-    return parametrize.is_parametrized(mod, "weight")
-
-
-class _Multiply(torch.nn.Module):
-    """Parametrization ``W -> W ⊙ f()`` (``f`` is a closure, so no parameter joins the model)."""
-
-    def __init__(self, fn: Callable[[], torch.Tensor]):
-        super().__init__()
-        self._fn = [fn]  # a list hides the bound method from nn.Module attribute registration
-
-    def forward(self, W: torch.Tensor) -> torch.Tensor:
-        m = self._fn[0]()
-        return W if m is None else W * m.to(W.dtype)
-
-
-@contextmanager
-def _parametrized(probe, factors: Mapping[str, Callable[[], torch.Tensor | None]]) -> Iterator[None]:
-    """Register ``W -> W ⊙ factor()`` on each named module's weight; always removed on exit."""
-    from torch.nn.utils import parametrize
-
-    mods = []
-    aliases = _storage_aliases(probe.hf_model)
-
-    def register(mod, fn, path):
-        if parametrize.is_parametrized(mod, "weight"):
-            raise ConfigError(f"{path}.weight already carries a mask.", hint="Leave the other apply_mask block first (masks do not nest).")
-        parametrize.register_parametrization(mod, "weight", _Multiply(fn), unsafe=True)
-        mods.append(mod)
-
-    try:
-        for path, fn in factors.items():
-            mod = _weight_owner(probe.hf_model, path)
-            W = mod.weight
-            # TransformerLens splits fused weights (GPT-2 c_attn) into q/k/v Linears that are views of
-            # the same storage; mask those views with the matching strided view of the mask.
-            for other in aliases.get(W.untyped_storage().data_ptr(), ()):
-                w2 = other.weight
-                if other is mod or w2 is W:
-                    continue
-                if not W.is_contiguous():
-                    raise UnsupportedModelError(f"{path}.weight is shared with a view but is not contiguous; cannot mask it.")
-                off = w2.storage_offset() - W.storage_offset()
-                register(other, (lambda fn=fn, shp=tuple(w2.shape), st=w2.stride(), off=off:
-                                 None if (f := fn()) is None else f.contiguous().as_strided(shp, st, off)), path)
-            register(mod, fn, path)
-        yield
-    finally:
-        for mod in mods:
-            parametrize.remove_parametrizations(mod, "weight", leave_parametrized=False)
+    return probe.weights(layers)
 
 
 def dropped_weights(probe, cfg: Config) -> list[MaskedWeight]:
@@ -480,48 +375,6 @@ def dropped_weights(probe, cfg: Config) -> list[MaskedWeight]:
         return []
     keep = set(cfg.layers)
     return [w for w in masked_weights(probe, None) if w.layer not in keep]
-
-
-@contextmanager
-def _only_blocks(probe, keep: Sequence[int]) -> Iterator[None]:
-    """Run the model with only the blocks in ``keep`` (in order). For blocks whose masked weights are
-    all zero this is exact when they have no bias: attention and MLP then add nothing to the residual
-    stream (pre-norm blocks). Raises for blocks with biases. Restored on exit."""
-    from probes.arch import get_module
-
-    arch = probe.arch
-    root = _inner(probe.hf_model)
-    parent_path, _, attr = arch.layers.rpartition(".")
-    parent = get_module(root, parent_path) if parent_path else root
-    blocks = getattr(parent, attr)
-    for l, b in enumerate(blocks):
-        if l in keep:
-            continue
-        for n, p in b.named_parameters():
-            if n.endswith("bias") and p is not None and bool((p != 0).any()):
-                raise ConfigError(f"others='drop' needs bias-free blocks; block {l} has {n}.",
-                                  hint="Use others='keep' (--others keep) or mask every block (--layers all) on this model.")
-    cfg = probe.hf_model.config
-    n_old = getattr(cfg, "num_hidden_layers", None)
-    types = getattr(cfg, "layer_types", None)
-    setattr(parent, attr, torch.nn.ModuleList([blocks[l] for l in sorted(keep)]))
-    try:
-        if n_old is not None:
-            cfg.num_hidden_layers = len(keep)
-        if isinstance(types, list):
-            cfg.layer_types = [types[l] for l in sorted(keep)]
-        yield
-    finally:
-        setattr(parent, attr, blocks)
-        if n_old is not None:
-            cfg.num_hidden_layers = n_old
-        if isinstance(types, list):
-            cfg.layer_types = types
-
-
-def _inner(model: torch.nn.Module) -> torch.nn.Module:
-    """The HF model under a TransformerLens/nnsight wrapper (the module that owns ``arch.layers``)."""
-    return getattr(model, "original_model", model)
 
 
 class MaskSet(torch.nn.Module):
@@ -574,7 +427,7 @@ class MaskSet(torch.nn.Module):
 
     @contextmanager
     def applied(self, probe) -> Iterator["MaskSet"]:
-        with _parametrized(probe, {w.path: (lambda i=i: self.factor(i)) for i, w in enumerate(self.weights)}):
+        with probe.weight_masks({w.path: (lambda i=i: self.factor(i)) for i, w in enumerate(self.weights)}):
             yield self
 
 
@@ -597,19 +450,8 @@ def apply_mask(probe, mask: "Mapping[str, torch.Tensor] | BigramResult | str | P
         mask = BigramResult.load(mask)
     if isinstance(mask, BigramResult):
         mask = mask.masks
-    dev = probe.device
     m = transform_mask(mask, mode, seed)
-    for path, t in m.items():
-        try:
-            w = _weight_owner(probe.hf_model, path).weight
-        except AttributeError:
-            raise InputError(f"mask entry {path!r} names no weight of {probe.info.name}.",
-                             hint="Apply a mask trained on this model (same architecture and sizes).") from None
-        if tuple(w.shape) != tuple(t.shape):
-            raise InputError(f"mask {path!r} has shape {tuple(t.shape)} but the weight is {tuple(w.shape)}.",
-                             hint="Apply a mask trained on this model.")
-    factors = {p: (lambda t=t.to(dev): t) for p, t in m.items()}
-    with _parametrized(probe, factors):
+    with probe.weight_masks(m):
         yield m
 
 
@@ -741,7 +583,7 @@ def _load_checkpoint(folder: Path, fp: str, masks: MaskSet, opt: torch.optim.Opt
 
 def train_mask(probe, train_rows: torch.Tensor, table: BigramTable | None, cfg: Config, *,
                checkpoint: str | Path | None = None, checkpoint_every: int = 50, input_hash: str = "",
-               callback: Callable[[dict], None] | None = None) -> tuple[MaskSet, pd.DataFrame, int, bool]:
+               progress: Callable[[dict], None] | None = None) -> tuple[MaskSet, pd.DataFrame, int, bool]:
     """Continuous sparsification (Eq. 1) of the probe's block weights toward the bigram (or self) target.
 
     Args:
@@ -749,7 +591,7 @@ def train_mask(probe, train_rows: torch.Tensor, table: BigramTable | None, cfg: 
         table: the bigram table (unused for ``target="self"``).
         checkpoint: folder for resumable state (mask logits + AdamW state, safetensors); a run with the
             same model, config and inputs resumes from it.
-        callback: called with each curve point (dict) — the CLI's progress bar.
+        progress: called with each curve point (dict) — the CLI's progress bar.
     Returns ``(mask set, curve DataFrame, steps done, stopped early)``.
     """
     weights = masked_weights(probe, cfg.layers)
@@ -762,16 +604,12 @@ def train_mask(probe, train_rows: torch.Tensor, table: BigramTable | None, cfg: 
     start, curve = (_load_checkpoint(ck, fp, masks, opt) if ck is not None else (0, []))
     n_train = train_rows.shape[0]
     perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(cfg.seed))
-    model = probe.hf_model
-    flags = {id(p): p.requires_grad for p in model.parameters()}
     stopped = False
     step = start
     from contextlib import nullcontext
 
-    skip = _only_blocks(probe, sorted(set(cfg.layers))) if (cfg.others == "drop" and cfg.layers is not None) else nullcontext()
-    try:
-        for p in model.parameters():
-            p.requires_grad_(False)
+    skip = probe.only_blocks(sorted(set(cfg.layers))) if (cfg.others == "drop" and cfg.layers is not None) else nullcontext()
+    with probe.frozen_weights():
         with masks.applied(probe), skip:  # paths resolve on the full block list first
             while step < cfg.steps:
                 opt.zero_grad(set_to_none=True)
@@ -781,11 +619,11 @@ def train_mask(probe, train_rows: torch.Tensor, table: BigramTable | None, cfg: 
                     if cfg.target == "self":
                         masks.mode = "off"
                         with torch.no_grad():
-                            target = torch.softmax(model(input_ids=ids, use_cache=False).logits.float(), -1)
+                            target = torch.softmax(probe.trainable_logits(ids).float(), -1)
                         masks.mode = "soft"
                     else:
                         target = table.targets(ids, device=dev)
-                    logits = model(input_ids=ids, use_cache=False).logits
+                    logits = probe.trainable_logits(ids)
                     xent = soft_cross_entropy(logits, target)
                     loss = (xent + cfg.lam / N * masks.l0()) / cfg.grad_accum
                     loss.backward()
@@ -798,8 +636,8 @@ def train_mask(probe, train_rows: torch.Tensor, table: BigramTable | None, cfg: 
                     point = {"step": step, "xent": xent_sum, "loss": xent_sum + cfg.lam * st["mean_sigma"],
                              "kept": st["kept"], "undecided": st["undecided"], "mean_sigma": st["mean_sigma"], "beta": masks.beta}
                     curve.append(point)
-                    if callback is not None:
-                        callback(point)
+                    if progress is not None:
+                        progress(point)
                     # paper code: stop when undecided < 1 % of the masks above 0.9 (checked before β grows)
                     if cfg.stop_undecided is not None and st["n_undecided"] < cfg.stop_undecided * max(st["n_above"], 1):
                         stopped = True
@@ -808,9 +646,6 @@ def train_mask(probe, train_rows: torch.Tensor, table: BigramTable | None, cfg: 
                     _save_checkpoint(ck, fp, step, masks, opt, curve)
                 if stopped:
                     break
-    finally:
-        for p in model.parameters():
-            p.requires_grad_(flags.get(id(p), True))
     masks.mode = "hard"
     cols = ["step", "xent", "loss", "kept", "undecided", "mean_sigma", "beta"]
     return masks, pd.DataFrame(curve, columns=cols), step, stopped
@@ -939,7 +774,7 @@ class BigramResult(Result):
 
     def head_labels(self) -> list[str]:
         L, H = self.head_kept.shape
-        return [f"L{l}H{h}" for l in range(L) for h in range(H)]
+        return [head_label(l, h) for l in range(L) for h in range(H)]
 
     def to_frame(self) -> pd.DataFrame:
         """Tidy per-matrix sparsity: ``model, layer, matrix, kept, total, value`` (value = kept fraction)."""
@@ -1030,7 +865,7 @@ def _corpus_label(corpus) -> str:
 
 def run(probe, corpus: "str | Path | torch.Tensor | Sequence[int]" = "builtin", config: Config = Config(), *,
         evaluate: bool = True, checkpoint: str | Path | None = None, checkpoint_every: int = 50,
-        callback: Callable[[dict], None] | None = None, table: BigramTable | None = None) -> BigramResult:
+        progress: Callable[[dict], None] | None = None, table: BigramTable | None = None) -> BigramResult:
     """Learn a bigram (or optimal-pruning) subnetwork of ``probe``'s blocks and evaluate it.
 
     Args:
@@ -1058,7 +893,7 @@ def run(probe, corpus: "str | Path | torch.Tensor | Sequence[int]" = "builtin", 
         _check_corpus_size(train_rows.shape[0], config)
         with timer("train"):
             ms, curve, steps, stopped = train_mask(probe, train_rows, table, config, checkpoint=checkpoint,
-                                                   checkpoint_every=checkpoint_every, input_hash=input_hash, callback=callback)
+                                                   checkpoint_every=checkpoint_every, input_hash=input_hash, progress=progress)
         masks = ms.binary()
     for w in dropped_weights(probe, config):  # others="drop": outside `layers` nothing is kept
         masks[w.path] = torch.zeros(w.shape, dtype=torch.bool)

@@ -22,7 +22,6 @@ Only the math here touches tensors; saved results are read through :mod:`analyse
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Sequence
@@ -30,7 +29,9 @@ from typing import Any, ClassVar, Literal, Sequence
 import pandas as pd
 import torch
 
-from probes.errors import ConfigError, InputError
+from probes.errors import ConfigError
+from probes.labels import format_label, parse_label
+from probes.sites import Site
 
 from .core import base, store
 from .core.domains import BUILTIN
@@ -67,30 +68,16 @@ class Config(base.Config):
 
 
 # ----------------------------------------------------------------------------- labels
-_LABEL = re.compile(r"\s*L(\d+)([HN])(\d+)\s*", flags=re.I)
-
-
 def parse_component(label: str, info=None) -> tuple[Kind, int, int]:
-    """``"L5H3"`` -> ("head", 5, 3); ``"L2N17"`` -> ("neuron", 2, 17); checked against ``info`` when given."""
-    m = _LABEL.fullmatch(str(label))
-    if not m:
-        raise InputError(f"component={label!r} is not a head or neuron label.",
-                         hint="Use L<layer>H<head> for a head (e.g. L5H3) or L<layer>N<neuron> for an MLP neuron (e.g. L2N17).")
-    kind: Kind = "head" if m.group(2).upper() == "H" else "neuron"
-    layer, idx = int(m.group(1)), int(m.group(3))
-    if info is not None:
-        if layer >= info.n_layers:
-            raise InputError(f"component={label!r}: layer {layer} does not exist ({info.name} has {info.n_layers} layers).",
-                             hint=f"Use a layer in 0..{info.n_layers - 1}.")
-        n = info.n_heads if kind == "head" else info.d_mlp
-        if idx >= n:
-            raise InputError(f"component={label!r}: {kind} {idx} does not exist ({info.name} has {n} {kind}s per layer).",
-                             hint=f"Use a {kind} index in 0..{n - 1}.")
-    return kind, layer, idx
+    """``"L5H3"`` -> ("head", 5, 3); ``"L2N17"`` -> ("neuron", 2, 17); checked against ``info`` when given.
+
+    The grammar and its errors (:class:`probes.LabelError`, an :class:`InputError`) are :func:`probes.parse_label`'s.
+    """
+    return tuple(parse_label(label, ("head", "neuron"), info))
 
 
 def _label(kind: Kind, layer: int, idx: int) -> str:
-    return f"L{layer}{'H' if kind == 'head' else 'N'}{idx}"
+    return format_label(kind, layer, idx)
 
 
 # ----------------------------------------------------------------------------- math
@@ -129,26 +116,18 @@ def output_lens(probe, tokens: torch.Tensor, part: str, position: int, *, k: int
     scored bias-free, U(x) − U(0), as the output directions of :func:`profile`. Returns (promoted, suppressed) top-k
     tokens with their logit scores.
     """
-    import re
-
-    m = re.fullmatch(r"L(\d+)(?:H(\d+)|FFN)", part.strip())
-    if m is None:
-        raise ConfigError(f"part={part!r} is not a head (L5H3) or a block's FFN (L5FFN).")
-    layer = int(m.group(1))
-    if not 0 <= layer < probe.info.n_layers or (m.group(2) is not None and not 0 <= int(m.group(2)) < probe.info.n_heads):
-        raise ConfigError(f"{part} is outside this model ({probe.info.n_layers} layers × {probe.info.n_heads} heads).")
+    kind, layer, h = parse_label(part, ("head", "ffn"), probe.info)
     tokens = torch.as_tensor(tokens)
     tokens = tokens[None] if tokens.ndim == 1 else tokens
     if not 0 <= position < tokens.shape[-1]:
         raise ConfigError(f"position={position} is outside the prompt of {tokens.shape[-1]} tokens.")
-    if m.group(2) is not None:
-        h = int(m.group(2))
-        site = f"blocks.{layer}.attn.hook_z"
+    if kind == "head":
+        site = Site("z", layer).name
         z = probe.cache(tokens[:, : position + 1], [site], edits=edits)[site][0, position, h]
         W = probe.W_O(layer)[h].detach().float().cpu()
         vec = z.float().cpu() @ W
     else:
-        site = f"blocks.{layer}.hook_mlp_out"
+        site = Site("mlp_out", layer).name
         vec = probe.cache(tokens[:, : position + 1], [site], edits=edits)[site][0, position].float().cpu()
     scores = _direction_scores(probe, vec)
     return direction_tokens(scores, lambda i: probe.tokenizer.decode([i]), k)

@@ -48,7 +48,7 @@ from typing import Any, Callable, ClassVar, Literal, Sequence
 import pandas as pd
 import torch
 
-from probes import Ablate, ConfigError, Edit, InputError, Probe, parse_head, site
+from probes import Ablate, ConfigError, Edit, InputError, Probe, head_label, neuron_label, parse_label, site
 from probes.generation import Decoder
 
 from .core import store
@@ -241,7 +241,7 @@ class ModelEdit:
     neurons: tuple[tuple[int, int], ...] = ()
 
     def label(self) -> str:
-        return "ablate:" + ",".join([f"L{l}H{h}" for l, h in self.heads] + [f"L{l}N{n}" for l, n in self.neurons])
+        return "ablate:" + ",".join([head_label(l, h) for l, h in self.heads] + [neuron_label(l, n) for l, n in self.neurons])
 
 
 Intervention = NoEdit | TokenEdit | PromptEdit | ModelEdit
@@ -286,15 +286,8 @@ def parse_intervention(spec: str | Intervention, probe: Probe | None = None) -> 
         elif kind == "ablate":
             heads, neurons = [], []
             for lab in [x.strip() for x in body.split(",") if x.strip()]:
-                mn = re.fullmatch(r"L(\d+)N(\d+)", lab, flags=re.I)
-                if mn:
-                    neurons.append((int(mn.group(1)), int(mn.group(2))))
-                    continue
-                try:
-                    heads.append(parse_head(lab))
-                except ConfigError:
-                    raise ConfigError(f"unknown head label {lab!r} in {spec!r}.",
-                                      hint="Name heads L<layer>H<head> (e.g. L5H3) and neurons L<layer>N<neuron> (e.g. L2N17).") from None
+                kind, layer, idx = parse_label(lab, ("head", "neuron"), where=f" in {spec!r}")
+                (heads if kind == "head" else neurons).append((layer, idx))
             if not heads and not neurons:
                 raise ConfigError(f"model edit {spec!r} names no head or neuron.", hint=_SPEC_HELP)
             iv = ModelEdit(tuple(heads), tuple(neurons))

@@ -32,9 +32,7 @@ likely critical). :func:`compare_contrastive` ranks tokens by CE and by the roll
 
 from __future__ import annotations
 
-import copy
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Literal, Sequence
@@ -43,6 +41,7 @@ import pandas as pd
 import torch
 
 from probes.errors import ConfigError, InputError
+from probes.weights import AdaptedModel, LoraSpec
 
 from .core.base import Config as _BaseConfig
 from .core.base import Result, Timer, register_result
@@ -805,50 +804,50 @@ class TrainConfig(_BaseConfig):
             raise ConfigError(f"lr={self.lr} must be > 0.", hint="Use e.g. 3e-4.")
 
 
-def _peft_copy(probe):
-    """A private copy of the base model (LoRA layers are injected in place; the probe stays clean)."""
-    return copy.deepcopy(probe.hf_model)
+def _lora(probe, r: int, alpha: int, target_modules: Sequence[str], hint: str) -> LoraSpec:
+    """The LoRA spec over the entries of ``target_modules`` that this model has (ConfigError if none)."""
+    targets = probe.adapter_targets(target_modules)
+    if not targets:
+        raise ConfigError(f"target_modules={tuple(target_modules)} match no module of {probe.info.name}.", hint=hint)
+    return LoraSpec(r=r, alpha=alpha, target_modules=tuple(targets), dropout=0.0)
 
 
 def train_contrastive(probe, correct: Sequence[tuple[Sequence[int], Sequence[int]]], incorrect: Sequence[tuple[Sequence[int], Sequence[int]]],
                       out_dir: str | Path, config: TrainConfig = TrainConfig(), *, progress: Callable[[int], None] | None = None) -> Path:
     """Train LoRA adapters ``pos`` (on ``correct``) and ``neg`` (on ``incorrect``) and save them.
 
+    Each adapter trains on its own private copy of the model (:meth:`probes.Probe.adapted`); the probe
+    is never modified.
+
     Args:
         correct, incorrect: lists of ``(prompt_ids, response_ids)``; the loss covers response tokens.
-        out_dir: folder; adapters land in ``out_dir/pos`` and ``out_dir/neg``.
+        out_dir: folder; adapters land in ``out_dir/pos`` and ``out_dir/neg`` (safetensors).
     """
-    from peft import LoraConfig, get_peft_model
-
     if not correct or not incorrect:
         raise InputError(f"contrastive training needs correct and incorrect trajectories; got {len(correct)} correct and "
                          f"{len(incorrect)} incorrect.", hint="Sample more trajectories (--samples) or use problems the model sometimes fails.")
-    targets = [m for m in config.target_modules if any(n.endswith(m) for n, _ in probe.hf_model.named_modules())]
-    if not targets:
-        raise ConfigError(f"target_modules={config.target_modules} match no module of {probe.info.name}.",
-                          hint="Name linear layers of this model, e.g. ('c_fc', 'c_proj') for GPT-2.")
+    spec = _lora(probe, config.r, config.alpha, config.target_modules,
+                 hint="Name linear layers of this model, e.g. ('c_fc', 'c_proj') for GPT-2.")
     out = Path(out_dir)
     for name, data in (("pos", correct), ("neg", incorrect)):
         torch.manual_seed(config.seed)
-        model = get_peft_model(_peft_copy(probe), LoraConfig(r=config.r, lora_alpha=config.alpha, target_modules=list(targets),
-                                                             lora_dropout=0.0, task_type="CAUSAL_LM"))
-        model.train()
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr)
-        for _ in range(config.epochs):
-            for p_ids, r_ids in data:
-                ids = (list(p_ids) + list(r_ids))[: config.max_len]
-                x = torch.tensor([ids], device=probe.device)
-                labels = x.clone()
-                labels[0, : len(p_ids)] = -100
-                loss = model(input_ids=x, labels=labels).loss
-                loss.backward()
-                opt.step()
-                opt.zero_grad()
-                if progress:
-                    progress(1)
-        model.eval()
-        model.save_pretrained(str(out / name))
-        del model
+        with probe.adapted(spec) as model:
+            model.train()
+            opt = torch.optim.AdamW(model.parameters(), lr=config.lr)
+            for _ in range(config.epochs):
+                for p_ids, r_ids in data:
+                    ids = (list(p_ids) + list(r_ids))[: config.max_len]
+                    x = torch.tensor([ids], device=probe.device)
+                    labels = x.clone()
+                    labels[0, : len(p_ids)] = -100
+                    loss = model.loss(x, labels)
+                    loss.backward()
+                    opt.step()
+                    opt.zero_grad()
+                    if progress:
+                        progress(1)
+            model.eval()
+            model.save(out / name)
     return out
 
 
@@ -856,14 +855,12 @@ def train_contrastive(probe, correct: Sequence[tuple[Sequence[int], Sequence[int
 def _logits_with_adapter(probe, adapter: str | Path | None, ids: torch.Tensor) -> torch.Tensor:
     if adapter is None:
         return probe.forward(ids)[0]
-    from peft import PeftModel
-
     p = Path(adapter)
     if not (p / "adapter_config.json").is_file():
         raise InputError(f"{str(p)!r} is not a LoRA adapter folder (no adapter_config.json).",
                          hint="Train one with `sonde run contrastive-train --out DIR` (adapters in DIR/pos and DIR/neg).")
-    m = PeftModel.from_pretrained(_peft_copy(probe), str(p)).eval()
-    return m(input_ids=ids).logits[0]
+    with probe.load_adapter(p) as m:
+        return m.logits(ids)[0]
 
 
 def contrastive_scores(probe, adapters: str | Path | tuple[Any, Any], prompt_ids: Sequence[int], response_ids: Sequence[int],
@@ -989,12 +986,14 @@ def cdpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_ch
     return -torch.nn.functional.logsigmoid(beta * (dc - dr)).mean()
 
 
-def sequence_logps(model: torch.nn.Module, prompt_ids: Sequence[int], response_ids: Sequence[int], device=None) -> torch.Tensor:
-    """Per-token log-probabilities ``[L]`` of ``response_ids`` after ``prompt_ids`` under ``model``
-    (differentiable; wrap in ``torch.no_grad()`` for the reference)."""
+def sequence_logps(model: "AdaptedModel | torch.nn.Module", prompt_ids: Sequence[int], response_ids: Sequence[int], device=None) -> torch.Tensor:
+    """Per-token log-probabilities ``[L]`` of ``response_ids`` after ``prompt_ids`` under ``model`` (an
+    adapted copy from :meth:`probes.Probe.adapted` or a plain HF causal LM); differentiable, wrap in
+    ``torch.no_grad()`` for the reference."""
     P = len(prompt_ids)
     ids = torch.tensor([list(prompt_ids) + list(response_ids)], device=device)
-    logits = model(input_ids=ids, use_cache=False).logits[0, P - 1: -1].float()
+    out = model.logits(ids) if isinstance(model, AdaptedModel) else model(input_ids=ids, use_cache=False).logits
+    logits = out[0, P - 1: -1].float()
     return torch.log_softmax(logits, -1).gather(-1, ids[0, P:, None]).squeeze(-1)
 
 
@@ -1040,8 +1039,6 @@ def train_cdpo(probe, pairs: Sequence[dict[str, Any]], out_dir: str | Path, conf
     """
     import json
 
-    from peft import LoraConfig, get_peft_model
-
     if not pairs:
         raise InputError("cDPO needs at least one (chosen, rejected) pair.",
                          hint="Sample more trajectories (--samples) so that some problem has both a correct and a wrong answer.")
@@ -1052,11 +1049,8 @@ def train_cdpo(probe, pairs: Sequence[dict[str, Any]], out_dir: str | Path, conf
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise InputError(f"{str(out)!r} exists and is not empty; cDPO writes a new adapter folder.", hint="Pass a new --out folder.")
-    names = {n.rsplit(".", 1)[-1] for n, _ in probe.hf_model.named_modules()}
-    targets = [m for m in config.target_modules if m in names]
-    if not targets:
-        raise ConfigError(f"target_modules={config.target_modules} match no module of {probe.info.name}.",
-                          hint="Name linear layers of this model, e.g. ('c_attn', 'c_fc', 'c_proj') for GPT-2.")
+    spec = _lora(probe, config.r, config.alpha, config.target_modules,
+                 hint="Name linear layers of this model, e.g. ('c_attn', 'c_fc', 'c_proj') for GPT-2.")
     dev = probe.device
     cut = lambda p, r: list(r)[: max(1, config.max_len - len(p))]  # noqa: E731
     data = [dict(prompt=list(p["prompt_ids"]), chosen=cut(p["prompt_ids"], p["chosen_ids"]),
@@ -1064,15 +1058,14 @@ def train_cdpo(probe, pairs: Sequence[dict[str, Any]], out_dir: str | Path, conf
                  weights=torch.as_tensor(list(p["weights"]), dtype=torch.float32)[: len(cut(p["prompt_ids"], p["rejected_ids"]))])
             for p in pairs]
     torch.manual_seed(config.seed)
-    model = get_peft_model(_peft_copy(probe), LoraConfig(r=config.r, lora_alpha=config.alpha, target_modules=targets,
-                                                         lora_dropout=0.0, task_type="CAUSAL_LM"))
+    model = probe.adapted(spec)  # a private copy: the probe's model is never modified
     # reference log-probabilities once, offline (the base model = the adapter disabled)
     model.eval()
-    with torch.no_grad(), model.disable_adapter():
+    with torch.no_grad(), model.disabled():
         for d in data:
             d["ref_c"] = sequence_logps(model, d["prompt"], d["chosen"], dev)
             d["ref_r"] = sequence_logps(model, d["prompt"], d["rejected"], dev)
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = model.parameters()
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     total = math.ceil(len(data) / config.grad_accum) * config.epochs
     warm = int(config.warmup * total)
@@ -1102,12 +1095,7 @@ def train_cdpo(probe, pairs: Sequence[dict[str, Any]], out_dir: str | Path, conf
             if progress:
                 progress(1)
     model.eval()
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".partial"
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    for f in tmp.iterdir():
-        f.replace(out / f.name)
-    tmp.rmdir()
+    model.save(out)
     (out / "cdpo.json").write_text(json.dumps({"config": config.to_dict(), "losses": losses, "n_pairs": len(data), "steps": step,
                                                "model": probe.info.name}, indent=1, default=str))
     del model

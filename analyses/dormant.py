@@ -29,14 +29,13 @@ with the largest spread of sink mass across domains).
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Mapping, Sequence
 
 import pandas as pd
 import torch
 
-from probes import AttendTo, Edit, ZeroAttention, parse_head
+from probes import AttendTo, Edit, ZeroAttention, head_label, layer_label, parse_head
 from probes.errors import ConfigError, InputError
 from probes.sites import site as _site
 
@@ -193,7 +192,7 @@ def status_flips(dormant: torch.Tensor, domains: Sequence[str]) -> pd.DataFrame:
     rows = []
     any_d, all_d = dormant.any(dim=0), dormant.all(dim=0)
     for l, h in (any_d & ~all_d).nonzero().tolist():
-        rows.append({"head": f"L{l}H{h}", "layer": l, "head_index": h,
+        rows.append({"head": head_label(l, h), "layer": l, "head_index": h,
                      "dormant_on": ",".join(d for i, d in enumerate(domains) if dormant[i, l, h]),
                      "active_on": ",".join(d for i, d in enumerate(domains) if not dormant[i, l, h])})
     return pd.DataFrame(rows, columns=["head", "layer", "head_index", "dormant_on", "active_on"])
@@ -299,7 +298,7 @@ class DormantResult(base.Result):
 
         D, L, H = self.sink_mass.shape
         di = self.domains.index(domain) if domain in self.domains else 0
-        x, y = [f"H{h}" for h in range(H)], [f"L{l}" for l in range(L)]
+        x, y = [f"H{h}" for h in range(H)], [layer_label(l) for l in range(L)]
         if kind == "map":
             fig = go.Figure(go.Heatmap(z=self.sink_mass[di].numpy(), x=x, y=y, zmin=0, zmax=1, colorscale="Viridis",
                                        colorbar={"title": "sink mass"}))
@@ -328,7 +327,7 @@ def _pick_heads(config: Config, sink_mass: torch.Tensor, dormant: torch.Tensor, 
         return []
     if config.heads is not None:
         out = [parse_head(h) for h in config.heads]
-        bad = [f"L{l}H{h}" for l, h in out if not (0 <= l < n_layers and 0 <= h < n_heads)]
+        bad = [head_label(l, h) for l, h in out if not (0 <= l < n_layers and 0 <= h < n_heads)]
         if bad:
             raise ConfigError(f"head {bad[0]} does not exist.", hint=f"Layers 0..{n_layers - 1}, heads 0..{n_heads - 1}.")
         return out
@@ -341,14 +340,14 @@ def _pick_heads(config: Config, sink_mass: torch.Tensor, dormant: torch.Tensor, 
 
 
 def run(probe, domains: Sequence[str] | Mapping[str, Sequence[str]] = ("prose", "code", "arithmetic"), *,
-        config: Config = Config(), step=None) -> DormantResult:
+        config: Config = Config(), progress=None) -> DormantResult:
     """Sink mass, value drains, residual peaks and the dormant map per domain, plus the causal check.
 
     Args:
         probe: a loaded probe.
         domains: built-in domain names, or ``{name: texts}`` (e.g. :func:`analyses.core.domains.load_jsonl`).
         config: :class:`Config`.
-        step: optional progress callback ``step(n)``.
+        progress: optional progress callback ``progress(n)``.
     """
     timer = base.Timer()
     with timer("tokenize"):
@@ -366,7 +365,7 @@ def run(probe, domains: Sequence[str] | Mapping[str, Sequence[str]] = ("prose", 
     with timer("stats"):
         for b in batches:
             stats.append(collect_stats(probe, b.tokens, positions=(s,), eps_grid=(config.theta,), batch_size=config.batch_size,
-                                       loss=True, per_sample=follow, step=step))
+                                       loss=True, per_sample=follow, progress=progress))
     token_id, agreement, label = None, (), f"position {s}"
     if config.sink_token is not None:
         ids = probe.tokenizer(config.sink_token, add_special_tokens=False).input_ids
@@ -423,7 +422,7 @@ def run(probe, domains: Sequence[str] | Mapping[str, Sequence[str]] = ("prose", 
         config=config, model=probe.info.to_dict(), input_hash=hash_inputs([b.tokens for b in batches], list(names)),
         timings=timer.seconds, domains=names, sink_mass=sink_mass, max_other_mass=max_other,
         value_norm=torch.stack([st["value_norm"] for st in stats]), resid_norm=torch.stack([st["resid_norm"] for st in stats]),
-        loss=loss, delta_loss=delta, dormant=dormant, tested=tuple(f"L{l}H{h}" for l, h in heads),
+        loss=loss, delta_loss=delta, dormant=dormant, tested=tuple(head_label(l, h) for l, h in heads),
         n_samples=tuple(int(b.tokens.shape[0]) for b in batches), n_skipped=tuple(b.n_skipped for b in batches),
         sink_token=label, sink_token_id=token_id, sink_positions=tuple(tuple(int(x) for x in p) for p in positions),
         sink_agreement=agreement, n_fallback=tuple(fallback),

@@ -25,7 +25,7 @@ from typing import Any, ClassVar, Literal, Sequence
 import pandas as pd
 import torch
 
-from probes import Collect, ConfigError, InputError, Probe
+from probes import Collect, ConfigError, InputError, Probe, layer_label, site
 
 from .core import store
 from .core.base import Config as _BaseConfig
@@ -214,7 +214,7 @@ class LogitLensResult(Result):
 
         z = (self.target if color == "final" else self.top_probs[..., 0]).float().numpy()[:, a:b]
         xlab = [f"{t}:{short(self.str_tokens[t])}" for t in cols]
-        ylab = [f"L{layer}" for layer in self.layers]
+        ylab = [layer_label(layer) for layer in self.layers]
         hover = [[("<b>L%d · pos %d %r</b><br>final top-1 %r: p=%.3f<br>" % (layer, t, self.str_tokens[t], self.final_strs[t],
                                                                              float(self.target[li, t])))
                   + "<br>".join(f"{r + 1}. {self.top_strs[li][t][r]!r} {float(self.top_probs[li, t, r]):.3f}" for r in range(k))
@@ -261,13 +261,13 @@ def run(probe: Probe, prompt: str | torch.Tensor | Sequence[int], *, config: Con
         if tokens.ndim != 2 or tokens.shape[0] != 1:
             raise InputError(f"the logit lens takes one prompt; got token ids of shape {tuple(tokens.shape)}.",
                              hint="Pass a string or ids of shape [T] / [1, T].")
-    reads = {f"blocks.{layer}.hook_resid_post": Collect(on_device=True) for layer in layers}  # no copy inside the hooks
+    reads = {site("resid_post", layer).name: Collect(on_device=True) for layer in layers}  # no copy inside the hooks
     with timer("forward"):
         out_logits = probe.run(tokens, reads=reads)
     with timer("unembed"):
         next_probs, next_ids = lens_topk(out_logits[0], config.k)  # [T, k]
         final = next_ids[:, 0]
-        resid = torch.stack([reads[f"blocks.{layer}.hook_resid_post"].finalize()[0].to(probe.device) for layer in layers])  # [L, T, d]
+        resid = torch.stack([reads[site("resid_post", layer).name].finalize()[0].to(probe.device) for layer in layers])  # [L, T, d]
         L, T, d = resid.shape
         flat, tgt = resid.reshape(L * T, d), final.repeat(L)  # row l*T + t
         # unembed many rows per matmul: the [d, V] unembedding is read once per chunk, not once per layer

@@ -49,7 +49,9 @@ import pandas as pd
 import torch
 
 from probes.errors import ConfigError, InputError, OutOfMemoryError, UnsupportedModelError
+from probes.labels import ffn_label, head_label, node_label
 from probes.reducers import Reducer
+from probes.sites import Site
 
 from .core.base import Config as _BaseConfig
 from .core.base import Result, Timer, register_result
@@ -335,7 +337,7 @@ def threshold_renormalize(parts: torch.Tensor, resid: torch.Tensor, tau: float) 
 
 def node_name(kind: Literal["X", "A", "M", "I"], layer: int, pos: int) -> str:
     """LLM-TT node name: ``X0_t``, ``A{l}_t``, ``M{l}_t``, ``I{l}_t``."""
-    return f"X0_{pos}" if kind == "X" else f"{kind}{layer}_{pos}"
+    return node_label(kind, layer, pos)
 
 
 def max_prompt_tokens(n_layers: int, n_heads: int, max_memory_gb: float, itemsize: int = 4) -> int:
@@ -387,8 +389,7 @@ class _Decomposer:
             if self.cfg.level == "neuron":
                 kinds.append("mlp_post")
             for k in kinds:
-                name = ("blocks.{L}.attn.hook_" if k in ("v", "pattern") else "blocks.{L}.mlp.hook_" if k == "mlp_post"
-                        else "blocks.{L}.hook_").format(L=L) + ("post" if k == "mlp_post" else k)
+                name = Site(k, L).name
                 r[name] = lambda x, L=L, k=k: self.visit(L, k, x)
         return r
 
@@ -1044,8 +1045,8 @@ class RouteStatsResult(Result):
         for k, dom in enumerate(self.domains):
             for l in range(L):
                 for h in range(H):
-                    rows.append((model, dom, l, h, f"L{l}H{h}", float(self.head_freq[k, l, h]), float(self.head_mean[k, l, h]), int(self.n[k])))
-                rows.append((model, dom, l, None, f"L{l}FFN", float(self.ffn_freq[k, l]), float(self.ffn_mean[k, l]), int(self.n[k])))
+                    rows.append((model, dom, l, h, head_label(l, h), float(self.head_freq[k, l, h]), float(self.head_mean[k, l, h]), int(self.n[k])))
+                rows.append((model, dom, l, None, ffn_label(l), float(self.ffn_freq[k, l]), float(self.ffn_mean[k, l]), int(self.n[k])))
         df = pd.DataFrame(rows, columns=["model", "domain", "layer", "head", "component", "freq", "mean_importance", "n"])
         df["head"] = df["head"].astype("Int64")
         return df
@@ -1093,7 +1094,7 @@ def _ffn_on_route(route, n_layers: int) -> torch.Tensor:
 
 
 def accumulate(probe, records: Iterable, *, config: DatasetConfig = DatasetConfig(), stats: RouteStats | None = None,
-               checkpoint=None, on_progress: Callable[[int], None] | None = None) -> tuple[RouteStats, int]:
+               checkpoint=None, progress: Callable[[int], None] | None = None) -> tuple[RouteStats, int]:
     """Fold prompts into a :class:`RouteStats` reducer (the unit a shard worker runs).
 
     Returns ``(stats, n_skipped)``; ``stats`` can be merged with other shards' (``stats.merge``) and
@@ -1125,8 +1126,8 @@ def accumulate(probe, records: Iterable, *, config: DatasetConfig = DatasetConfi
             stats.add(domain, r.head_importance(route=route), _ffn_on_route(route, probe.info.n_layers))
         if checkpoint is not None and n_seen % config.checkpoint_every == 0:
             checkpoint.save(n_seen, {"stats": stats}, extra={"skipped": skipped})
-        if on_progress:
-            on_progress(1)
+        if progress:
+            progress(1)
     return stats, skipped
 
 
@@ -1145,16 +1146,16 @@ def stats_result(probe_or_info, stats: RouteStats, *, config: DatasetConfig, n_s
 
 
 def run_dataset(probe, records: Iterable, *, config: DatasetConfig = DatasetConfig(), checkpoint=None,
-                on_progress: Callable[[int], None] | None = None, input_hash: str = "") -> RouteStatsResult:
+                progress: Callable[[int], None] | None = None, input_hash: str = "") -> RouteStatsResult:
     """Route statistics over many prompts (memory independent of their number).
 
     Args:
         records: :class:`analyses.core.io.Record` items (or plain strings); ``domain`` groups the statistics
             ("all" when absent).
         checkpoint: an :class:`analyses.core.io.Checkpoint`; a re-run with the same one resumes after the last save.
-        on_progress: called with 1 after each prompt.
+        progress: called with 1 after each prompt.
     """
     timer = Timer()
     with timer("routes"):
-        stats, skipped = accumulate(probe, records, config=config, checkpoint=checkpoint, on_progress=on_progress)
+        stats, skipped = accumulate(probe, records, config=config, checkpoint=checkpoint, progress=progress)
     return stats_result(probe, stats, config=config, n_skipped=skipped, input_hash=input_hash, timings=timer.seconds)

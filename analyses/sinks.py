@@ -29,7 +29,6 @@ the test suite checks the two agree.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Mapping, Sequence
 
@@ -39,7 +38,9 @@ import torch
 from probes import Ablate, Collect, Mean, Reducer, l2_norm, reducer_from_state
 from probes.attention import expand_kv
 from probes.errors import ConfigError, InputError, SondeError
+from probes.labels import layer_label
 from probes.sites import parse_site
+from probes.sites import site as _site  # `site` names a local hook name below
 
 from .core import base, domains as _domains
 from .core.store import hash_inputs
@@ -216,20 +217,20 @@ def make_reducers(probe, positions: Sequence[int], eps_grid: Sequence[float], *,
     reads: dict[str, Reducer | list[Reducer]] = {}
     keys = kv_norms and _has_site(probe, "blocks.0.attn.hook_k")
     for L in range(n):
-        reads[f"blocks.{L}.attn.hook_pattern"] = SinkAlpha(positions, eps_grid)
+        reads[_site("pattern", L).name] = SinkAlpha(positions, eps_grid)
         v: list[Reducer] = []
         if values:
             v.append(Mean(dims=(0,), transform=_ValueNorm(probe.W_O(L))))
         if kv_norms:
             v.append(Mean(dims=(0,), transform=l2_norm))
         if v:
-            reads[f"blocks.{L}.attn.hook_v"] = v
+            reads[_site("v", L).name] = v
         if keys:
-            reads[f"blocks.{L}.attn.hook_k"] = Mean(dims=(0,), transform=l2_norm)
+            reads[_site("k", L).name] = Mean(dims=(0,), transform=l2_norm)
     if resid:
         reads["blocks.0.hook_resid_pre"] = Mean(dims=(0,), transform=l2_norm)
         for L in range(n):
-            reads[f"blocks.{L}.hook_resid_post"] = Mean(dims=(0,), transform=l2_norm)
+            reads[_site("resid_post", L).name] = Mean(dims=(0,), transform=l2_norm)
     return reads
 
 
@@ -243,7 +244,7 @@ def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 def collect_stats(probe, tokens: torch.Tensor, *, positions: Sequence[int], eps_grid: Sequence[float] = EPS_GRID,
                   batch_size: int = 8, values: bool = True, resid: bool = True, loss: bool = False,
-                  kv_norms: bool = False, per_sample: bool = False, step=None) -> dict[str, Any]:
+                  kv_norms: bool = False, per_sample: bool = False, progress=None) -> dict[str, Any]:
     """One streamed pass over ``tokens [S, T]``.
 
     Returns ``alpha_mean [L, H, T]``, ``exceed [E, L, H, K]``, ``n``, and when asked
@@ -257,18 +258,18 @@ def collect_stats(probe, tokens: torch.Tensor, *, positions: Sequence[int], eps_
     reads = make_reducers(probe, positions, eps_grid, values=values, resid=resid, kv_norms=kv_norms)
     per = {L: Collect(transform=alpha_from_pattern) for L in range(probe.info.n_layers)} if per_sample else {}
     for L, r in per.items():
-        reads[f"blocks.{L}.attn.hook_pattern"] = [reads[f"blocks.{L}.attn.hook_pattern"], r]
+        reads[_site("pattern", L).name] = [reads[_site("pattern", L).name], r]
     losses = []
     for i in range(0, tokens.shape[0], batch_size):
         b = tokens[i:i + batch_size]
         logits = probe.run(b, reads=reads, return_logits=loss)
         if loss:
             losses.append(next_token_loss(logits, b).cpu())
-        if step is not None:
-            step(b.shape[0])
+        if progress is not None:
+            progress(b.shape[0])
     if per:
         for L, r in per.items():
-            reads[f"blocks.{L}.attn.hook_pattern"] = reads[f"blocks.{L}.attn.hook_pattern"][0]
+            reads[_site("pattern", L).name] = reads[_site("pattern", L).name][0]
     out = _finalize_reads(reads, probe.info.n_layers, values=values, resid=resid, kv_norms=kv_norms)
     if per:
         out["alpha"] = torch.stack([per[L].finalize().float() for L in range(probe.info.n_layers)], dim=1)
@@ -280,24 +281,24 @@ def collect_stats(probe, tokens: torch.Tensor, *, positions: Sequence[int], eps_
 def _finalize_reads(reads: Mapping[str, Reducer | list[Reducer]], n: int, *, values: bool, resid: bool,
                     kv_norms: bool = False) -> dict[str, Any]:
     """Statistics from the (possibly merged) reducers of :func:`make_reducers` (n layers)."""
-    alphas = [reads[f"blocks.{L}.attn.hook_pattern"].finalize() for L in range(n)]
+    alphas = [reads[_site("pattern", L).name].finalize() for L in range(n)]
     out: dict[str, Any] = {
         "alpha_mean": torch.stack([a["alpha_mean"] for a in alphas]),
         "exceed": torch.stack([a["exceed"] for a in alphas], dim=1),
         "n": alphas[0]["n"],
     }
-    v_reads = [reads[f"blocks.{L}.attn.hook_v"] if (values or kv_norms) else [] for L in range(n)]
+    v_reads = [reads[_site("v", L).name] if (values or kv_norms) else [] for L in range(n)]
     if values:  # [T, H] per layer -> [L, H, T]
         out["value_norm"] = torch.stack([v[0].finalize().float().T for v in v_reads])
     if kv_norms:  # [T, K] per layer -> [L, K, T]
         out["value_state_norm"] = torch.stack([v[-1].finalize().float().T for v in v_reads])
-        if f"blocks.0.attn.hook_k" in reads:
-            out["key_norm"] = torch.stack([reads[f"blocks.{L}.attn.hook_k"].finalize().float().T for L in range(n)])
+        if _site("k", 0).name in reads:
+            out["key_norm"] = torch.stack([reads[_site("k", L).name].finalize().float().T for L in range(n)])
         else:
             out["key_norm"] = torch.zeros(n, out["value_state_norm"].shape[1], 0)
     if resid:
         out["resid_norm"] = torch.stack([reads["blocks.0.hook_resid_pre"].finalize().float()]
-                                        + [reads[f"blocks.{L}.hook_resid_post"].finalize().float() for L in range(n)])
+                                        + [reads[_site("resid_post", L).name].finalize().float() for L in range(n)])
     return out
 
 
@@ -320,15 +321,15 @@ def mlp_ablation(probe, tokens: torch.Tensor, *, layer: int, pos: int, layers: S
 
     Returns a frame ``ablated, sink_norm, max_other_norm, ratio`` (first row ``ablated="none"``).
     """
-    site = f"blocks.{layer}.hook_resid_post"
+    site = _site("resid_post", layer).name
     rows = []
     for abl in [None, *layers]:
         red = Mean(dims=(0,), transform=l2_norm)
-        edits = [] if abl is None else [Ablate(f"blocks.{abl}.hook_mlp_out")]
+        edits = [] if abl is None else [Ablate(_site("mlp_out", abl).name)]
         probe.run(tokens, reads={site: red}, edits=edits, return_logits=False)
         norms = red.finalize().float()
         other = torch.cat([norms[:pos], norms[pos + 1:]]).max()
-        rows.append({"ablated": "none" if abl is None else f"L{abl} MLP", "layer": abl if abl is not None else pd.NA,
+        rows.append({"ablated": "none" if abl is None else f"{layer_label(abl)} MLP", "layer": abl if abl is not None else pd.NA,
                      "sink_norm": float(norms[pos]), "max_other_norm": float(other),
                      "ratio": float(norms[pos] / other.clamp_min(1e-12))})
     df = pd.DataFrame(rows)
@@ -487,7 +488,7 @@ class SinksResult(base.Result):
         L, H, T = self.alpha_mean.shape
         if kind == "heads":
             fig = go.Figure(go.Heatmap(z=self.alpha_mean[:, :, p].numpy(), x=[f"H{h}" for h in range(H)],
-                                       y=[f"L{l}" for l in range(L)], zmin=0, zmax=1, colorscale="Viridis",
+                                       y=[layer_label(l) for l in range(L)], zmin=0, zmax=1, colorscale="Viridis",
                                        colorbar={"title": f"α_{p + 1}"}))
             fig.update_layout(title=f"Mean attention on position {p} (α_{p + 1}) per head", yaxis_autorange="reversed")
         elif kind == "layers":
@@ -497,7 +498,7 @@ class SinksResult(base.Result):
         elif kind == "values":
             fig = go.Figure()
             for l in range(L):
-                fig.add_trace(go.Scatter(y=self.value_norm[l].mean(dim=0).numpy(), name=f"L{l}", mode="lines"))
+                fig.add_trace(go.Scatter(y=self.value_norm[l].mean(dim=0).numpy(), name=layer_label(l), mode="lines"))
             fig.update_layout(title="Value-state norm ‖v W_O,h‖ per position (mean over heads)", xaxis_title="position",
                               yaxis_type="log")
         elif kind in ("keys", "raw_values"):
@@ -505,11 +506,11 @@ class SinksResult(base.Result):
             x = self.per_head(name)
             fig = go.Figure()
             for l in range(L):
-                fig.add_trace(go.Scatter(y=x[l].mean(dim=0).numpy(), name=f"L{l}", mode="lines"))
+                fig.add_trace(go.Scatter(y=x[l].mean(dim=0).numpy(), name=layer_label(l), mode="lines"))
             what = "Key norm ‖k‖ (cached, post-rotary)" if kind == "keys" else "Raw value norm ‖v‖ (before W_O)"
             fig.update_layout(title=f"{what} per position (mean over heads)", xaxis_title="position", yaxis_type="log")
         elif kind == "resid":
-            fig = go.Figure(go.Heatmap(z=self.resid_norm.clamp_min(1e-6).log10().numpy(), y=["embed"] + [f"L{l}" for l in range(L)],
+            fig = go.Figure(go.Heatmap(z=self.resid_norm.clamp_min(1e-6).log10().numpy(), y=["embed"] + [layer_label(l) for l in range(L)],
                                        colorbar={"title": "log10 ‖x‖"}))
             fig.update_layout(title="Residual norm per layer and position", xaxis_title="position", yaxis_autorange="reversed")
         elif kind == "eps":
@@ -547,7 +548,7 @@ def _tokens_for(probe, config: Config, texts, tokens, domain) -> tuple[torch.Ten
 
 
 def run(probe, texts: Sequence[str] | str | None = None, *, tokens: torch.Tensor | None = None,
-        domain: str | None = None, config: Config = Config(), step=None) -> SinksResult:
+        domain: str | None = None, config: Config = Config(), progress=None) -> SinksResult:
     """Sink metric, value drains and residual peaks over a corpus.
 
     Args:
@@ -556,7 +557,7 @@ def run(probe, texts: Sequence[str] | str | None = None, *, tokens: torch.Tensor
         tokens: or ids ``[S, ≥T]`` (e.g. the random/repeat controls).
         domain: or a built-in domain name (``prose``, ``code``, ``arithmetic``, ``random``, ``repeat``).
         config: :class:`Config`.
-        step: optional progress callback ``step(n_samples_done)``.
+        progress: optional progress callback ``progress(n_samples_done)``.
     """
     if texts is None and tokens is None and domain is None:
         domain = "prose"
@@ -569,7 +570,7 @@ def run(probe, texts: Sequence[str] | str | None = None, *, tokens: torch.Tensor
     eps_grid = eps_grid_for(config)
     with timer("stats"):
         st = collect_stats(probe, toks, positions=config.positions, eps_grid=eps_grid, batch_size=config.batch_size,
-                           values=config.values, resid=True, kv_norms=config.kv_norms, step=step)
+                           values=config.values, resid=True, kv_norms=config.kv_norms, progress=progress)
     return _result(probe, st, toks[: config.ablation_samples], config=config, eps_grid=eps_grid, n_skipped=skipped,
                    source=source, input_hash=hash_inputs(toks), timer=timer)
 
@@ -606,7 +607,7 @@ def _result(probe, st: Mapping[str, Any], head: torch.Tensor, *, config: Config,
 
 
 # ----------------------------------------------------------------------------- shards (sweeps)
-def accumulate(probe, texts: Sequence[str], config: Config = Config(), *, step=None) -> dict[str, Any]:
+def accumulate(probe, texts: Sequence[str], config: Config = Config(), *, progress=None) -> dict[str, Any]:
     """One shard of a sweep: tokenize ``texts`` (shorter than T tokens: skipped and counted) and stream them.
 
     Returns a plain, picklable partial state: ``reads`` (site -> reducer ``state()``), ``n_skipped``,
@@ -620,8 +621,8 @@ def accumulate(probe, texts: Sequence[str], config: Config = Config(), *, step=N
     for i in range(0, toks.shape[0], config.batch_size):
         b = toks[i:i + config.batch_size]
         probe.run(b, reads=reads, return_logits=False)
-        if step is not None:
-            step(b.shape[0])
+        if progress is not None:
+            progress(b.shape[0])
     return {"reads": {k: _state_of(r) for k, r in reads.items()}, "n_skipped": int(skipped), "n_texts": len(texts),
             "head": toks[: config.ablation_samples].cpu()}
 

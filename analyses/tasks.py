@@ -21,7 +21,7 @@ import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Literal
 
 from probes.errors import ConfigError, InputError
 
@@ -311,7 +311,3 @@ def format_prompt(probe: Any, problem: Problem | str, *, instruction: str = INST
     if getattr(tok, "chat_template", None):
         return probe.chat(f"{q} {instruction}".strip())
     return f"Question: {q}\nAnswer:"
-
-
-def _problems_hash(problems: Sequence[Problem]) -> list[tuple[str, str]]:
-    return [(p.question, str(p.answer)) for p in problems]

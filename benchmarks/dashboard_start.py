@@ -5,7 +5,8 @@
 Starts the CLI's `dashboard` verb on a free loopback port (embedded model, a fresh results folder), opens the
 Model & prompt page in Playwright's Chromium and waits until plotly has drawn the logit-lens heat map. Prints the
 seconds to the server's health check, to the first chart, and (as the same-run baseline) the seconds a plain
-`python -c "import torch, transformers"` takes. Goal: first chart within 15 s on 2 idle CPU cores once set-up
+`python -c "import torch, transformers"` takes; runs alternate between the default warm start (the model loads
+while the server starts, see dashboard/warm.py) and SONDE_NO_WARM=1. Goal: first chart within 15 s on 2 idle CPU cores once set-up
 (the venv and the converted embedded model) is done.
 """
 
@@ -31,11 +32,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def once(chromium: str, timeout: float) -> tuple[float, float]:
+def once(chromium: str, timeout: float, warm: bool = True) -> tuple[float, float]:
     from playwright.sync_api import sync_playwright
 
     port = _free_port()
-    env = {**os.environ, "SONDE_RESULTS": tempfile.mkdtemp(prefix="sonde-bench-"), "HF_HUB_OFFLINE": "1",
+    env = {**os.environ, "SONDE_NO_WARM": "0" if warm else "1", "SONDE_RESULTS": tempfile.mkdtemp(prefix="sonde-bench-"), "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-c", "from analyses.cli import main; main()", "dashboard", "--port", str(port)],
@@ -82,12 +83,17 @@ def main() -> int:
     t = time.perf_counter()
     subprocess.run([sys.executable, "-c", "import torch, transformers"], check=True)
     t_import = time.perf_counter() - t
-    runs = [once(a.chromium, a.timeout) for _ in range(a.repeats)]
-    health = statistics.median(r[0] for r in runs)
-    chart = statistics.median(r[1] for r in runs)
+    runs: dict[bool, list] = {True: [], False: []}
+    for _ in range(a.repeats):  # alternate, so both modes see the same machine load
+        for warm in (True, False):
+            runs[warm].append(once(a.chromium, a.timeout, warm))
     print(f"baseline: import torch, transformers {t_import:.1f} s")
-    print(f"dashboard server answers: {health:.1f} s")
-    print(f"first chart drawn: {chart:.1f} s ({chart / t_import:.1f}x the import baseline; goal <= 15 s on 2 idle cores)")
+    for warm in (True, False):
+        health = statistics.median(r[0] for r in runs[warm])
+        chart = statistics.median(r[1] for r in runs[warm])
+        what = "warm start (default)" if warm else "SONDE_NO_WARM=1"
+        print(f"{what}: server answers {health:.1f} s, first chart drawn {chart:.1f} s "
+              f"({chart / t_import:.1f}x the import baseline; goal <= 15 s on 2 idle cores)")
     return 0
 
 

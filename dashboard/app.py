@@ -27,6 +27,9 @@ PAGES = [
 
 def main() -> None:
     st.set_page_config(page_title="Sonde", page_icon="🔭", layout="wide")
+    from dashboard import warm
+
+    warm.wait_imports()  # `sonde dashboard` imports torch & co. in a warming thread: pages import after it
     pages = [st.Page(str(ROOT / "pages" / f), title=t, icon=i, url_path=f[:-3])
              for f, t, i in PAGES if (ROOT / "pages" / f).is_file()]
 

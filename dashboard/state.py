@@ -35,9 +35,11 @@ def default_model() -> str:
 def get_probe(model: str, backend: str, device: str, dtype: str) -> Probe:
     """Load (once) and share a probe. Probes are used read-only by pages, so sharing is thread-safe
     for reads; runs that edit activations do so inside one call."""
+    from dashboard import warm
     from probes import load_model
 
-    return load_model(model, backend=backend, device=device, dtype=dtype)
+    # `sonde dashboard` starts loading the default model before the first page asks (dashboard.warm)
+    return warm.take((model, backend, device, dtype)) or load_model(model, backend=backend, device=device, dtype=dtype)
 
 
 @st.cache_resource(show_spinner=False)
@@ -340,7 +342,6 @@ def show_error(e: Exception) -> None:
 
 def _stored_folder(key: tuple) -> "Path":
     import hashlib
-    from pathlib import Path
 
     from analyses.core import store as _store
 

@@ -22,10 +22,10 @@ from typing import Any, Callable
 
 import streamlit as st
 
-from probes import SondeError
+from probes import SondeError, head_label
 
 __all__ = ["PAGES", "go", "page_link", "selectable_heads", "head_from_selection", "node_from_selection", "component_panel", "profile_for", "Job",
-           "Cancelled", "LockedProbe", "run_job", "job_view", "component_check"]
+           "Cancelled", "run_job", "job_view", "component_check"]
 
 ROOT = Path(__file__).resolve().parent
 # page name -> (file, title); the files are the ones dashboard/app.py puts in st.navigation
@@ -106,7 +106,7 @@ def selectable_heads(fig: Any) -> Any:
         for h in range(H):
             px_.append(xs[h])
             py_.append(ys[l])
-            text.append(f"L{l}H{h}: {z[l, h]:.3f}")
+            text.append(f"{head_label(l, h)}: {z[l, h]:.3f}")
     fig.add_trace(go.Scatter(x=px_, y=py_, mode="markers", customdata=[t.split(":")[0] for t in text], text=text,
                              hovertemplate="%{text}<extra>click to open</extra>", showlegend=False,
                              marker=dict(symbol="square", size=max(6, min(24, int(300 / max(L, H)))), opacity=0.01,
@@ -144,7 +144,7 @@ def head_from_selection(event: Any) -> str | None:
             return label
         x, y = _axis_int(p.get("x")), _axis_int(p.get("y"))
         if x is not None and y is not None:
-            return f"L{y}H{x}"
+            return head_label(y, x)
     return None
 
 
@@ -268,32 +268,6 @@ def _profile_code(probe, label: str) -> str:
 
 
 # ----------------------------------------------------------------------------- background runs
-class LockedProbe:
-    """A probe whose forward passes take :func:`dashboard.state.model_lock` (for use inside background runs).
-
-    With ``job`` given, a pressed Cancel stops the run before its next forward pass (within one step)."""
-
-    _LOCKED = ("run", "forward", "cache", "generate")
-
-    def __init__(self, probe, job: "Job | None" = None):
-        self._probe = probe
-        self._job = job
-
-    def __getattr__(self, name: str):
-        attr = getattr(self._probe, name)
-        if name in self._LOCKED and callable(attr):
-            from dashboard.state import model_lock
-
-            def locked(*a, **k):
-                if self._job is not None and self._job.cancel.is_set():
-                    raise Cancelled(f"{self._job.label} was cancelled after {self._job.done_steps} steps.", hint="Start it again to rerun.")
-                with model_lock():
-                    return attr(*a, **k)
-
-            return locked
-        return attr
-
-
 class Cancelled(SondeError):
     """Raised inside a background run when the user pressed Cancel."""
 
@@ -317,7 +291,7 @@ class Job:
         return 0.0 if not self.total else min(1.0, self.done_steps / self.total)
 
     def step(self, n: int = 1) -> None:
-        """Progress callback for the analysis (``step=`` / ``on_progress=``): counts and checks the cancel flag."""
+        """Progress callback for the analysis (``progress=``): counts and checks the cancel flag."""
         self.done_steps += int(n)
         if self.cancel.is_set():
             raise Cancelled(f"{self.label} was cancelled after {self.done_steps} steps.", hint="Start it again to rerun.")

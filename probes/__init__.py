@@ -27,6 +27,19 @@ from .errors import (
     UnknownSiteError,
     UnsupportedModelError,
 )
+from .labels import (
+    Component,
+    LabelError,
+    ffn_label,
+    format_label,
+    head_label,
+    layer_label,
+    neuron_label,
+    node_label,
+    parse_label,
+    parse_neuron,
+    parse_node,
+)
 from .loading import EMBEDDED, cache_dir, resolve_device, resolve_dtype
 from .reducers import Collect, Histogram, Max, Mean, Min, Moments, Reducer, Sum, TopK, l2_norm, reducer_from_state
 from .sites import Site, all_sites, parse_site, site
@@ -35,7 +48,9 @@ __all__ = [
     "load_model", "from_hf", "Probe", "ModelInfo", "BACKENDS", "EMBEDDED",
     "Site", "site", "parse_site", "all_sites",
     "Reducer", "Mean", "Sum", "Max", "Min", "Moments", "Histogram", "TopK", "Collect", "l2_norm", "reducer_from_state",
-    "Edit", "Ablate", "Patch", "AddVector", "AttendTo", "ZeroAttention", "parse_head",
+    "Edit", "Ablate", "Patch", "AddVector", "AttendTo", "ZeroAttention",
+    "Component", "parse_label", "parse_head", "parse_neuron", "parse_node", "format_label", "head_label", "neuron_label",
+    "ffn_label", "layer_label", "node_label", "LabelError",
     "SondeError", "ConfigError", "InputError", "ModelLoadError", "UnknownSiteError", "UnsupportedModelError",
     "DeviceError", "OutOfMemoryError", "cache_dir",
 ]

@@ -18,13 +18,15 @@ Patterns are never stored across layers: a reducer consumes each layer's pattern
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from typing import Any
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import nn
 
-__all__ = ["HookPoint", "AttnTaps", "install_taps", "recompute_pattern", "expand_kv", "ATTN_IMPL"]
+__all__ = ["HookPoint", "AttnTaps", "install_taps", "tap_run", "recompute_pattern", "expand_kv", "ATTN_IMPL"]
 
 ATTN_IMPL = "sonde"
 
@@ -45,9 +47,22 @@ class AttnTaps(nn.Module):
         self.hook_k = HookPoint()
         self.hook_v = HookPoint()
         self.hook_pattern = HookPoint()
-        # set by the backend for the duration of one run
-        self.qkv_active = False
-        self.pattern_mode: str | None = None  # None | "read" | "edit"
+
+
+# What the current run asks of each tap: {id(taps): (qkv_active, pattern_mode)}, pattern_mode None | "read" | "edit".
+# A context variable, not attributes of the shared modules, so the state belongs to the run (and its thread)
+# and nothing is left behind when it ends.
+_RUN: contextvars.ContextVar[Mapping[int, tuple[bool, str | None]]] = contextvars.ContextVar("sonde_taps", default={})
+
+
+@contextlib.contextmanager
+def tap_run(state: Mapping["AttnTaps", tuple[bool, str | None]]) -> Iterator[None]:
+    """Activate taps for one forward pass: ``{taps: (qkv_active, pattern_mode)}``; taps not named stay idle."""
+    token = _RUN.set({id(t): v for t, v in state.items()})
+    try:
+        yield
+    finally:
+        _RUN.reset(token)
 
 
 def expand_kv(x: torch.Tensor, n_heads: int, dim: int = 2) -> torch.Tensor:
@@ -101,11 +116,11 @@ def _sonde_attention(module: nn.Module, query, key, value, attention_mask, dropo
     taps: AttnTaps | None = getattr(module, "sonde_taps", None)
     if scaling is None:
         scaling = 1.0 / math.sqrt(query.shape[-1])
-    if taps is not None and taps.qkv_active:
+    qkv_active, mode = _RUN.get().get(id(taps), (False, None)) if taps is not None else (False, None)
+    if qkv_active:
         query = taps.hook_q(query.transpose(1, 2)).transpose(1, 2)
         key = taps.hook_k(key.transpose(1, 2)).transpose(1, 2)
         value = taps.hook_v(value.transpose(1, 2)).transpose(1, 2)
-    mode = taps.pattern_mode if taps is not None else None
     if mode is None and softcap is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     sliding = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)

@@ -14,8 +14,11 @@ reducer updates happen here, so every backend computes the same statistics the s
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
+import threading
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Literal, Mapping, Sequence
 
@@ -27,8 +30,13 @@ from .errors import ConfigError, InputError, OutOfMemoryError, UnknownSiteError,
 from .reducers import Reducer
 from .sites import Site, execution_order, parse_site
 
-if TYPE_CHECKING:  # pragma: no cover
+if TYPE_CHECKING:  # types of the weights and generation APIs (their modules are imported at call time)
+    from collections.abc import Iterator
+    from contextlib import AbstractContextManager as ContextManager
+    from pathlib import Path
+
     from .generation import Decoder
+    from .weights import AdaptedModel, Factor, LoraSpec, WeightSpec
 
 __all__ = ["Probe", "ModelInfo", "Reads", "Read", "BACKENDS", "FEATURES", "Feature"]
 
@@ -81,7 +89,7 @@ def _fingerprint(model: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def _summary(model, name: str, source: str, arch: ArchSpec) -> ModelInfo:
+def _summary(model, name: str, source: str, arch: ArchSpec, fingerprint: str | None = None) -> ModelInfo:
     c = model.config
     n_heads = int(getattr(c, arch.n_heads_attr))
     n_kv = int(getattr(c, arch.n_kv_attr, None) or n_heads) if arch.n_kv_attr else n_heads
@@ -97,7 +105,7 @@ def _summary(model, name: str, source: str, arch: ArchSpec) -> ModelInfo:
         name=name, source=source, family=arch.family, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv,
         d_model=d_model, d_head=d_head, d_mlp=d_mlp, d_vocab=int(c.vocab_size), n_ctx=n_ctx, n_params=n_params,
         positional=positional, parallel_blocks=arch.parallel, dtype=str(p.dtype).replace("torch.", ""),
-        device=str(p.device), fingerprint=_fingerprint(model),
+        device=str(p.device), fingerprint=fingerprint or _fingerprint(model),
     )
 
 
@@ -139,16 +147,48 @@ class _Plan:
         return "read" if s in self.reads else None
 
 
+def _serialized(method: Callable) -> Callable:
+    """Run ``method`` holding the probe's lock (see :meth:`Probe.session`)."""
+
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return locked
+
+
 class Probe:
-    """A loaded model with Sonde's read/edit API. Create it with :func:`probes.load_model`."""
+    """A loaded model with Sonde's read/edit API. Create it with :func:`probes.load_model`.
+
+    A probe may be shared between threads (a dashboard's pages and its background runs): every method
+    that runs the model (``run``, ``cache``, ``forward``, ``unembed``, a decoder's ``feed``, ``sample``) holds the probe's re-entrant lock,
+    so forward passes never interleave and each sees only its own reads and edits. Hold
+    :meth:`session` to make several calls one atomic step.
+    """
 
     backend: str = "base"
 
     def __init__(self, hf_model: torch.nn.Module, tokenizer: Any, *, name: str, source: str):
+        self._lock = threading.RLock()
         self.hf_model = hf_model
         self.tokenizer = tokenizer
         self.arch = arch_for(hf_model)
         self.info = _summary(hf_model, name, source, self.arch)
+
+    @contextlib.contextmanager
+    def session(self):
+        """Hold the probe's lock for several calls, so no other thread runs the model in between.
+
+        The lock is re-entrant: the probe's own methods work inside. Code that drives ``probe.hf_model``
+        directly (its own hooks, ``generate``) should run inside a session too::
+
+            with probe.session():
+                base = probe.run(tokens, reads=reads)
+                edited = probe.run(tokens, edits=edits)
+        """
+        with self._lock:
+            yield self
 
     # ----------------------------------------------------------------------------- features
     def supports(self, feature: Feature) -> bool:
@@ -283,6 +323,7 @@ class Probe:
         """Input embedding ``[V, d]``."""
         return get_module(self.hf_model, self.arch.embed).weight
 
+    @_serialized
     @torch.no_grad()
     def unembed(self, resid: torch.Tensor, *, apply_norm: bool = True) -> torch.Tensor:
         """Logit lens: final norm then unembedding of a residual ``[..., d]`` -> ``[..., V]``."""
@@ -295,12 +336,73 @@ class Probe:
             logits = torch.tanh(logits / softcap) * softcap
         return logits
 
+    def weights(self, layers: Sequence[int] | None = None) -> "list[WeightSpec]":
+        """The maskable block weight matrices (path, layer, name, storage shape); see :mod:`probes.weights`."""
+        from .weights import block_weights
+
+        return block_weights(self, layers)
+
+    @contextlib.contextmanager
+    def weight_masks(self, factors: "Mapping[str, Factor]") -> "Iterator[None]":
+        """Context: each named weight is ``W ⊙ factor`` on both backends, restored exactly on exit.
+        The block holds the probe's lock (:meth:`session`), so other threads never see masked weights.
+
+        >>> with probe.weight_masks({w.path: keep[w.path] for w in probe.weights()}):
+        ...     logits = probe.run(tokens)
+        """
+        from .weights import weight_masks
+
+        with self._lock, weight_masks(self, factors):
+            yield
+
+    @contextlib.contextmanager
+    def only_blocks(self, keep: Sequence[int]) -> "Iterator[None]":
+        """Context: the HF forward runs only the blocks in ``keep`` (see :func:`probes.weights.only_blocks`);
+        holds the probe's lock like :meth:`weight_masks`."""
+        from .weights import only_blocks
+
+        with self._lock, only_blocks(self, keep):
+            yield
+
+    def frozen_weights(self) -> "ContextManager[None]":
+        """Context: no model parameter requires grad inside; the flags are restored on exit."""
+        from .weights import frozen_weights
+
+        return frozen_weights(self)
+
+    @_serialized
+    def trainable_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Plain forward with autograd on (no hooks, no KV cache) -> logits ``[B, T, V]``: for training
+        masks or other parameters outside the model through :meth:`weight_masks`."""
+        ids = torch.as_tensor(tokens).to(self.device)
+        return self.hf_model(input_ids=ids, use_cache=False).logits
+
+    def adapter_targets(self, names: Sequence[str]) -> list[str]:
+        """The entries of ``names`` that name a module of this model (PEFT's suffix rule)."""
+        from .weights import adapter_targets
+
+        return adapter_targets(self, names)
+
+    def adapted(self, lora: "LoraSpec") -> "AdaptedModel":
+        """A trainable private copy of the model with a fresh LoRA adapter (the probe is untouched)."""
+        from .weights import adapted
+
+        return adapted(self, lora)
+
+    def load_adapter(self, folder: "str | Path") -> "AdaptedModel":
+        """A private copy of the model with a saved LoRA adapter (safetensors only), in eval mode."""
+        from .weights import load_adapter
+
+        return load_adapter(self, folder)
+
     # ----------------------------------------------------------------------------- running
+    @_serialized
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Plain forward pass (no hooks) -> logits ``[B, T, V]``."""
         return self.hf_model(input_ids=self._ids(tokens), attention_mask=attention_mask).logits
 
+    @_serialized
     def run(self, tokens: torch.Tensor, reads: Reads | None = None, edits: Sequence[Edit] = (), *,
             attention_mask: torch.Tensor | None = None, return_logits: bool = True) -> torch.Tensor | None:
         """One forward pass that updates ``reads``' reducers and applies ``edits`` inside the hooks.
@@ -326,6 +428,7 @@ class Probe:
             ) from e
         return logits if return_logits else None
 
+    @_serialized
     def cache(self, tokens: torch.Tensor, sites: Iterable[str | Site], edits: Sequence[Edit] = ()) -> dict[str, torch.Tensor]:
         """Whole activations of a few sites for one (small) batch: ``{name: tensor}`` on the CPU."""
         from .reducers import Collect

@@ -20,6 +20,7 @@ from typing import Literal, Sequence
 import torch
 
 from .errors import ConfigError
+from .labels import parse_head  # re-exported: the head grammar lives in probes.labels
 from .sites import Site, parse_site, site
 
 __all__ = ["Edit", "Ablate", "Patch", "AddVector", "AttendTo", "ZeroAttention", "parse_head"]
@@ -31,16 +32,6 @@ def _idx(v: Sequence[int] | int | None) -> tuple[int, ...] | None:
     if isinstance(v, int):
         return (v,)
     return tuple(int(i) for i in v)
-
-
-def parse_head(label: str) -> tuple[int, int]:
-    """``"L5H3"`` -> (5, 3)."""
-    import re
-
-    m = re.fullmatch(r"\s*L(\d+)H(\d+)\s*", str(label), flags=re.I)
-    if not m:
-        raise ConfigError(f"head label {label!r} is not of the form L<layer>H<head>, e.g. L5H3.")
-    return int(m.group(1)), int(m.group(2))
 
 
 @dataclass(frozen=True)

@@ -131,7 +131,7 @@ class Decoder:
             raise InputError(f"the sequence would be {self.length + ids.shape[1]} tokens; this model takes at most {self.probe.info.n_ctx}.")
         self.tokens = ids if self.tokens is None else torch.cat([self.tokens, ids], dim=1)
         model = self.probe.hf_model
-        with self._hooks():
+        with self.probe.session(), self._hooks():  # the hooks sit on shared modules: no other run may see them
             if self._no_cache:
                 return model(input_ids=self.tokens).logits[:, -1]
             if self.cache is None:
@@ -238,12 +238,9 @@ def sample(probe: "Probe", tokens: Sequence[int], n: int, *, max_new_tokens: int
         stop: ``stop(new_ids) -> bool`` also ends a row (checked after every step).
         prefix_cache: compute the KV cache of the prefix (all tokens but the last) once and copy it into every batch.
     """
-    from transformers import DynamicCache, StoppingCriteriaList
-
     if not probe.supports("generate"):
         raise ConfigError(f"{type(probe).__name__} cannot generate: the model's weights are not here.",
                           hint="Load the model locally to generate.")
-    model = probe.hf_model
     ids = torch.tensor([list(tokens)], dtype=torch.long, device=probe.device)
     T = ids.shape[1]
     if T == 0:
@@ -251,6 +248,14 @@ def sample(probe: "Probe", tokens: Sequence[int], n: int, *, max_new_tokens: int
     eos = sorted(probe.eos_token_ids if eos is None else set(eos))
     if pad is None:
         pad = probe.tokenizer.pad_token_id if probe.tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
+    with probe.session():  # one atomic step: no other thread runs the model between the prefill and the batches
+        return _sample(probe, ids, n, max_new_tokens, temperature, top_p, top_k, seed, batch_size, eos, pad, stop, prefix_cache)
+
+
+def _sample(probe, ids, n, max_new_tokens, temperature, top_p, top_k, seed, batch_size, eos, pad, stop, prefix_cache):
+    from transformers import DynamicCache, StoppingCriteriaList
+
+    model, T = probe.hf_model, ids.shape[1]
     kw_cache = _cache_kw(model)
     base = None
     if prefix_cache and T > 1:

@@ -12,6 +12,7 @@ second and give identical logits.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import json
@@ -256,6 +257,26 @@ def check_revision(name: str, revision: str | None) -> None:
                              hint="Drop --revision, or point -m at the checkpoint folder you want.")
 
 
+def _progress_bars_off(fn):
+    """Run ``fn`` with transformers' download/loading progress bars off, then restore the caller's setting
+    (loading changes no process-wide state)."""
+
+    @functools.wraps(fn)
+    def quiet(*args, **kwargs):
+        from transformers.utils import logging as hf_logging
+
+        was_on = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if was_on:
+                hf_logging.enable_progress_bar()
+
+    return quiet
+
+
+@_progress_bars_off
 def load_hf(
     name: str = EMBEDDED,
     *,
@@ -275,9 +296,7 @@ def load_hf(
     accelerate, which places whole blocks on devices and moves activations between them.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
     if not isinstance(name, str) or not name.strip():
         raise ModelLoadError("no model was given.", hint="Pass 'embedded', an HF id, a local folder or a .gguf file.")
     name = name.strip()
@@ -319,11 +338,10 @@ def load_hf(
     else:
         load_from, tok_src = name, name
         model_kw = {**kw, "use_safetensors": True}
-    device_kw = {} if device_map is not None else {}
     try:
         try:
             tok = AutoTokenizer.from_pretrained(str(tok_src), local_files_only=True, trust_remote_code=trust_remote_code, **({"revision": revision} if revision else {}))
-            model = AutoModelForCausalLM.from_pretrained(load_from, local_files_only=True, **model_kw, **device_kw)
+            model = AutoModelForCausalLM.from_pretrained(load_from, local_files_only=True, **model_kw)
         except OSError as local_err:
             if load_from != name or not _hub_reachable():
                 raise ModelLoadError(

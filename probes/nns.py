@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from .attention import install_taps
+from .attention import install_taps, tap_run
 from .backend import Probe, _Plan
 from .sites import Site
 
@@ -73,15 +73,11 @@ class NNsightProbe(Probe):
 
     def _run(self, ids: torch.Tensor, plan: _Plan, attention_mask):
         sites = plan.sites()
-        for L, t in enumerate(self._taps):
-            t.qkv_active = any(s.layer == L and s.kind in ("q", "k", "v") for s in sites)
-            t.pattern_mode = plan.pattern_mode(L)
+        state = {t: (any(s.layer == L and s.kind in ("q", "k", "v") for s in sites), plan.pattern_mode(L))
+                 for L, t in enumerate(self._taps)}
         located = [(s, *self._locate(s)) for s in sites]
-        try:
+        with tap_run(state):
             return self._trace(ids, attention_mask, plan, located)
-        finally:
-            for t in self._taps:
-                t.qkv_active, t.pattern_mode = False, None
 
     def _trace(self, ids, attention_mask, plan, located):
         kwargs = {"input_ids": ids}

@@ -26,7 +26,6 @@ Example::
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 from typing import Any
 
 import torch
@@ -105,24 +106,8 @@ def _info(hf_model: torch.nn.Module, name: str, source: str, arch) -> ModelInfo:
         return _summary(hf_model, name, source, arch)
     except (NotImplementedError, RuntimeError):  # meta tensors cannot be read: hash the config only
         pass
-    # _summary without the weight sample: build it on a config-only copy of the numbers
-    c = hf_model.config
-    fp = hashlib.sha256(("remote:" + json.dumps(c.to_dict(), sort_keys=True, default=str)).encode()).hexdigest()[:16]
-    from .arch import get_module
-
-    n_heads = int(getattr(c, arch.n_heads_attr))
-    n_kv = int(getattr(c, arch.n_kv_attr, None) or n_heads) if arch.n_kv_attr else n_heads
-    d_model = int(getattr(c, "hidden_size", None) or getattr(c, "n_embd"))
-    p = next(hf_model.parameters())
-    fields = dict(
-        name=name, source=source, family=arch.family, n_layers=len(get_module(hf_model, arch.layers)), n_heads=n_heads,
-        n_kv_heads=n_kv, d_model=d_model, d_head=int(getattr(c, "head_dim", None) or d_model // n_heads),
-        d_mlp=int(getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or 4 * d_model),
-        d_vocab=int(c.vocab_size), n_ctx=int(getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None) or 2048),
-        n_params=sum(t.numel() for t in {id(t): t for t in hf_model.parameters()}.values()),
-        positional="learned" if arch.pos_embed else "rotary", parallel_blocks=arch.parallel,
-        dtype=str(p.dtype).replace("torch.", ""), device="remote", fingerprint=fp)
-    return ModelInfo(**{f.name: fields[f.name] for f in dataclasses.fields(ModelInfo)})
+    fp = hashlib.sha256(("remote:" + json.dumps(hf_model.config.to_dict(), sort_keys=True, default=str)).encode()).hexdigest()[:16]
+    return dataclasses.replace(_summary(hf_model, name, source, arch, fingerprint=fp), device="remote")
 
 
 class RemoteProbe(Probe):
@@ -140,12 +125,21 @@ class RemoteProbe(Probe):
 
         if remote not in (True, "local"):
             raise ConfigError(f"remote={remote!r}; use True (NDIF) or 'local' (simulate the request here).")
+        self._lock = threading.RLock()  # what Probe.__init__ makes (this skips it: no local weights)
         self.nn = lm
         self.remote = remote
         self.hf_model = lm._module
         self.tokenizer = tokenizer
         self.arch = arch_for(self.hf_model)
         self.info = _info(self.hf_model, name, source, self.arch)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # nnsight serializes the probe with a trace's frame; a lock belongs to one process and is remade on arrival
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
 
     def supports(self, feature: str) -> bool:
         if feature in ("remote",):

@@ -31,6 +31,7 @@ Aliases: ``blocks.{L}.attn.hook_out`` = ``hook_attn_out`` and ``blocks.{L}.mlp.h
 from __future__ import annotations
 
 import difflib
+import operator
 import re
 from dataclasses import dataclass
 from typing import Literal
@@ -103,9 +104,13 @@ def site(kind: str, layer: int | None = None) -> Site:
         if layer is not None:
             raise UnknownSiteError(f"site kind {kind!r} has no layer; call site({kind!r}).")
         return Site(kind, None)
-    if layer is None or not isinstance(layer, int) or layer < 0:
+    try:  # ints, numpy ints and integer 0-d tensors (a loop over an array gives those); never a float or bool
+        index = None if layer is None or isinstance(layer, bool) else operator.index(layer)
+    except TypeError:
+        index = None
+    if index is None or index < 0:
         raise UnknownSiteError(f"site kind {kind!r} needs a layer index >= 0, got layer={layer!r}.")
-    return Site(kind, int(layer))
+    return Site(kind, index)
 
 
 def _patterns():

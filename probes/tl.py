@@ -8,7 +8,6 @@ tests compare it with the nnsight backend's recomputed patterns.
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 
 import torch
@@ -27,6 +26,46 @@ _OVERRIDES = {
 
 _NO_ROTARY_HOOKS = {"gpt_neox"}
 
+# The libraries' own loggers, quieted (by name, restored afterwards) while the bridge boots. Sonde never
+# touches the root logger or sys.stdout: they belong to the application.
+_LIBRARY_LOGGERS = ("transformer_lens", "transformers")
+
+
+@contextlib.contextmanager
+def _quiet(names, level: int = logging.ERROR):
+    """Raise the given loggers to ``level`` for the block, restoring each one's own level after."""
+    loggers = [logging.getLogger(n) for n in names]
+    before = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(max(level, lg.getEffectiveLevel()))
+    try:
+        yield
+    finally:
+        for lg, lv in zip(loggers, before):
+            lg.setLevel(lv)
+
+
+def _bridge_class():
+    """``TransformerBridge``. Importing TransformerLens sets the ``transformers`` logger to ERROR for the whole
+    process; the level the caller had is put back, so loading a model changes no global logging state."""
+    hf = logging.getLogger("transformers")
+    before = hf.level
+    try:
+        from transformer_lens.model_bridge import TransformerBridge
+    finally:
+        hf.setLevel(before)
+    return TransformerBridge
+
+
+def _official_name(name: str) -> str:
+    """TransformerLens's official name for a legacy alias (it would rename it itself, logging a deprecation
+    note on the root logger); any other name unchanged."""
+    try:
+        from transformer_lens.tools.model_registry.registry_io import resolve_model_alias
+    except ImportError:  # pragma: no cover - an older TransformerLens without aliases
+        return name
+    return resolve_model_alias(name) or name
+
 
 class TransformerLensProbe(Probe):
     """Probe backed by :class:`transformer_lens.model_bridge.TransformerBridge`."""
@@ -35,18 +74,10 @@ class TransformerLensProbe(Probe):
 
     def __init__(self, hf_model, tokenizer, *, name: str, source: str):
         super().__init__(hf_model, tokenizer, name=name, source=source)
-        from transformer_lens.model_bridge import TransformerBridge
-
-        # TL logs deprecation notes and prints its own banner; keep the user's console clean.
-        with contextlib.redirect_stdout(io.StringIO()):
-            prev = logging.getLogger().level
-            logging.getLogger().setLevel(logging.ERROR)
-            try:
-                self.bridge = TransformerBridge.boot_transformers(
-                    getattr(tokenizer, "name_or_path", None) or name, hf_model=hf_model, tokenizer=tokenizer
-                )
-            finally:
-                logging.getLogger().setLevel(prev)
+        bridge = _bridge_class()
+        model_name = getattr(tokenizer, "name_or_path", None) or name
+        with _quiet(_LIBRARY_LOGGERS):
+            self.bridge = bridge.boot_transformers(_official_name(model_name), hf_model=hf_model, tokenizer=tokenizer)
         hooks = self.bridge.hook_dict
         self._rot = {k: f"blocks.{{L}}.attn.hook_rot_{k}" for k in ("q", "k") if "blocks.0.attn.hook_rot_q" in hooks}
 

@@ -29,11 +29,6 @@ def embedded_tl():
     return load_model("embedded", backend="transformer_lens", device="cpu")
 
 
-@pytest.fixture(params=tiny_models.FAMILIES)
-def tiny_family(request):
-    return request.param
-
-
 @pytest.fixture
 def tiny():
     """Factory: ``tiny("llama", backend="nnsight")`` -> probe around a fresh tiny random model."""

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import math
 import stat
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from analyses import bigram as B
-from probes import ConfigError, InputError, SondeError
+from probes import ConfigError, InputError
 
 ROOT = Path(__file__).resolve().parents[1]
 K = 16  # content tokens 4..19, noise tokens 20..35
@@ -220,9 +219,9 @@ def test_others_drop_equals_skipping_the_blocks(trained):
     full = dict(kept, **{w.path: torch.zeros(w.shape, dtype=torch.bool) for w in B.dropped_weights(probe, cfg)})
     with torch.no_grad():
         with B.apply_mask(probe, full):
-            a = probe.hf_model(input_ids=x).logits
-        with B.apply_mask(probe, kept), B._only_blocks(probe, [0]):
-            b = probe.hf_model(input_ids=x).logits
+            a = probe.forward(x)
+        with B.apply_mask(probe, kept), probe.only_blocks([0]):
+            b = probe.forward(x)
     torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
     r = B.run(probe, ids, B.short_run_config(4, lam=3.0, batch=2, seq_len=32, eval_rows=4, layers=(0,), others="drop"), evaluate=False)
     assert set(r.masks) == {w.path for w in B.masked_weights(probe)}
@@ -389,11 +388,11 @@ def test_resume_after_kill_matches_uninterrupted(trained, tmp_path):
 
     ck = tmp_path / "ck"
     with pytest.raises(KeyboardInterrupt):
-        B.run(probe, ids, cfg, evaluate=False, checkpoint=ck, checkpoint_every=10, callback=die)
+        B.run(probe, ids, cfg, evaluate=False, checkpoint=ck, checkpoint_every=10, progress=die)
     assert sorted(p.name for p in ck.iterdir()) == ["mask_state.safetensors"]  # one file, one rename per save
     assert stat.S_IMODE(ck.stat().st_mode) == 0o700
     seen = []
-    resumed = B.run(probe, ids, cfg, evaluate=False, checkpoint=ck, checkpoint_every=10, callback=seen.append)
+    resumed = B.run(probe, ids, cfg, evaluate=False, checkpoint=ck, checkpoint_every=10, progress=seen.append)
     assert [p["step"] for p in seen] == [20, 30]  # continued from step 10
     assert all(torch.equal(resumed.masks[k], v) for k, v in ref.masks.items())
     assert resumed.curve["step"].tolist() == ref.curve["step"].tolist()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -237,7 +236,7 @@ def test_bad_inputs(llama):
     c = cf.Config(max_new_tokens=6, temperature=1.0, stop_at_eos=False)
     with pytest.raises(InputError, match="beyond the generated text"):
         cf.run(llama, PROMPT, "token:6=id:40", config=c)
-    with pytest.raises(ConfigError, match="unknown head label 'L5X3'"):
+    with pytest.raises(ConfigError, match="unknown head or neuron label 'L5X3' in 'ablate:L5X3'"):
         cf.run(llama, PROMPT, "ablate:L5X3", config=c)
     with pytest.raises(ConfigError, match="unknown head L5H3: this model has layers 0-1"):
         cf.run(llama, PROMPT, "ablate:L5H3", config=c)

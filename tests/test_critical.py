@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -192,8 +191,6 @@ def test_one_of_eight_then_zero_of_eight_is_undecided_not_critical():
 def test_sprt_error_rates_on_simulated_bernoulli_streams():
     """Thousands of simulated prefixes: at p = p_dead the test calls "alive" at most ~alpha of the time,
     at p = p_alive it calls "dead" at most ~beta; between, it mostly decides within the budget."""
-    import numpy as np
-
     t = C.SPRT(p_dead=3 / 64, p_alive=0.25, alpha=0.05, beta=0.05)
     sims = 4000
     se = math.sqrt(0.05 * 0.95 / sims)

@@ -2,7 +2,7 @@
 
 A low-precision probe wraps the same random weights as its float32 twin, cast with ``model.to(dtype)``; both run
 the same input. Continuous outputs must agree within the tolerances in :data:`TOL`, which were measured: ``python
-tests/test_dtypes.py`` prints the largest difference of every quantity over the six tiny families (where the
+tests/test_dtypes.py`` prints the largest difference of every quantity over the tiny families (where the
 analysis supports them) and seeds 0-2, and each bound is about 3x that maximum, rounded up. Discrete outcomes
 (top-1 ids, routes, sampled tokens, critical tokens) are compared only where their decision margin in float32
 exceeds the measured numeric difference; a skipped comparison is not counted as a pass by luck.
@@ -34,7 +34,7 @@ TOL = {
     "routes.attn": 1.2e-2,              # ε-clipped importances [L, T, T, H]      measured 3.5e-3
     "routes.ffn": 2.5e-2,               # FFN / residual importances [L, T]       measured 8.1e-3
     "routes.neurons": 5e-3,             # neuron importances [L, T, F]            measured 1.7e-3
-    "sinks.alpha_mean": 5e-5,           # α per head and key                      measured 1.3e-5
+    "sinks.alpha_mean": 5e-5,           # α per head and key                      measured 1.8e-5
     "sinks.value_norm_rel": 1e-2,       # ‖v·W_O‖, relative                       measured 3.2e-3
     "sinks.resid_norm_rel": 5e-3,       # residual norms, relative                measured 1.7e-3
     "dormant.sink_mass": 5e-5,          #                                         measured 1.5e-5
@@ -49,6 +49,12 @@ TOL = {
 #: float16 (logit lens and sinks), same families and seeds
 TOL16 = {"logit_lens.top_probs": 1.2e-5, "logit_lens.target": 1.2e-5,   # measured 3.5e-6, 3.5e-6
          "sinks.alpha_mean": 4e-6, "sinks.value_norm_rel": 1.5e-3, "sinks.resid_norm_rel": 6e-4}  # 1.3e-6, 4.9e-4, 2.0e-4
+#: (α reaches 3.5e-6 in float16 on mistral, whose 8-token window sharpens attention; the float16 test runs llama and gpt2)
+#: families with q/k norms: unit-RMS queries and keys give sharp attention even with random weights, so α moves more
+#: under rounding than in the near-uniform attention of the other tiny models. Measured over olmo2 and qwen3, seeds 0-2:
+#: bf16 9.1e-4, fp16 6.3e-5; every other quantity stays within TOL / TOL16.
+QK_NORM = ("olmo2", "qwen3")
+TOL_QK_NORM = {BF16: {"sinks.alpha_mean": 3e-3}, FP16: {"sinks.alpha_mean": 2e-4}}
 #: the embedded SmolLM2-135M in bf16 vs fp32: maxima over two prompts (prose, code) and the prose sinks sample
 TOL_EMBEDDED = {"logit_lens.top_probs": 0.2, "logit_lens.target": 0.2,   # measured 0.076, 0.067
                 "sinks.alpha_mean": 0.045}                                # measured 0.014
@@ -205,8 +211,9 @@ def _check(measured: dict[str, float], tol: dict[str, float] = TOL) -> None:
 @pytest.mark.parametrize("family", tiny_models.FAMILIES)
 def test_logit_lens_and_sinks_bf16(family):
     p32, p16 = twins(family)
-    _check(m_logit_lens(p32, p16))
-    _check(m_sinks(p32, p16))
+    tol = TOL | TOL_QK_NORM[BF16] if family in QK_NORM else TOL
+    _check(m_logit_lens(p32, p16), tol)
+    _check(m_sinks(p32, p16), tol)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox"])
@@ -355,7 +362,7 @@ def test_embedded_bf16_logit_lens_and_sinks(embedded):
 
 
 # ----------------------------------------------------------------------------- measuring the tolerances
-def measure(dtype=BF16, seeds=(0, 1, 2)) -> dict[str, float]:
+def measure(dtype=BF16, seeds=(0, 1, 2), families=tiny_models.FAMILIES) -> dict[str, float]:
     """Largest difference of every quantity over the families and seeds (the basis of :data:`TOL`)."""
     worst: dict[str, float] = {}
 
@@ -364,14 +371,14 @@ def measure(dtype=BF16, seeds=(0, 1, 2)) -> dict[str, float]:
             worst[k] = max(worst.get(k, 0.0), v)
 
     for seed in seeds:
-        for fam in tiny_models.FAMILIES:
+        for fam in families:
             p32, plo = twins(fam, dtype, seed)
             keep(m_logit_lens(p32, plo))
             keep(m_sinks(p32, plo))
-            if dtype is BF16 and fam != "gemma2":
+            if dtype is BF16 and fam not in ("gemma2", "olmo2"):  # routes need pre-LN blocks
                 for kw in ({}, {"mode": "route"}, {"level": "neuron"}):
                     keep(m_routes(p32, plo, **kw))
-        if dtype is BF16:
+        if dtype is BF16 and "llama" in families:
             p32, plo = twins("llama", dtype, seed)
             for f in (m_dormant, m_bigram, m_counterfactual, m_component):
                 keep(f(p32, plo))
@@ -380,7 +387,11 @@ def measure(dtype=BF16, seeds=(0, 1, 2)) -> dict[str, float]:
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
+    plain = tuple(f for f in tiny_models.FAMILIES if f not in QK_NORM)
     for dt in (BF16, FP16):
-        for k, v in sorted(measure(dt).items()):
-            print(f"{str(dt):15} {k:28} max {v:.3g}   bound {(TOL if dt is BF16 else TOL16).get(k, float('nan')):.3g}")
+        for fams, extra in ((plain, {}), (QK_NORM, TOL_QK_NORM[dt])):
+            bounds = (TOL if dt is BF16 else TOL16) | extra
+            for k, v in sorted(measure(dt, families=fams).items()):
+                print(f"{str(dt):15} {'/'.join(fams) if extra else 'others':12} {k:28} max {v:.3g}   "
+                      f"bound {bounds.get(k, float('nan')):.3g}")
     sys.exit(0)

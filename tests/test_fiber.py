@@ -3,7 +3,6 @@ parity with the released procedure, bad input, the embedded model, CLI and page.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from analyses.cli import main
 from probes import ConfigError, DeviceError, ModelLoadError, load_model
 from probes.loading import embedded_gguf_path, embedded_model_dir
 from conftest import run_cli

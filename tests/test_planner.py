@@ -11,7 +11,6 @@ import torch
 
 from analyses.core import planner
 from analyses import routes
-from analyses.cli import main
 from probes import ConfigError, OutOfMemoryError
 from conftest import run_cli
 

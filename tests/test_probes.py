@@ -6,7 +6,7 @@ import torch
 
 import tiny_models
 from probes import (Ablate, AddVector, AttendTo, Collect, ConfigError, InputError, Mean, Patch, UnknownSiteError,
-                    UnsupportedModelError, ZeroAttention, all_sites, from_hf, parse_site)
+                    UnsupportedModelError, ZeroAttention, all_sites, from_hf)
 
 
 def pair(family):
@@ -36,7 +36,36 @@ def test_backends_agree_on_every_site(family):
     torch.testing.assert_close(a.run(toks, reads={s: Mean() for s in sites}), ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2"])
+@pytest.mark.parametrize("family", tiny_models.FAMILIES)
+def test_recomputed_pattern_equals_eager_attention(family):
+    """The nnsight backend's ``hook_pattern`` (recomputed from the q/k that reach SDPA: after q/k norms, rotary,
+    GQA, soft-capping, sliding windows) equals the model's own eager ``output_attentions``, on a left-padded
+    batch longer than the tiny sliding windows (8 for mistral, 16 for gemma2)."""
+    from transformers import AutoModelForCausalLM
+
+    p = tiny_models.probe(family)
+    eager = AutoModelForCausalLM.from_config(tiny_models.config(family), attn_implementation="eager", dtype=torch.float32).eval()
+    eager.load_state_dict(p.hf_model.state_dict(), strict=True)
+    toks = p.to_tokens(["a short one", "a prompt that runs past every sliding window"], prepend_bos=True,
+                       padding_side="left")
+    mask = (toks != p.tokenizer.pad_token_id).long()
+    reads = {f"blocks.{L}.attn.hook_pattern": Collect() for L in range(p.info.n_layers)}
+    p.run(toks, reads=reads, attention_mask=mask)
+    with torch.no_grad():
+        ref = eager(input_ids=toks, attention_mask=mask, output_attentions=True).attentions
+    real = mask.bool()[:, :, None] & mask.bool()[:, None, :]  # rows of pad queries are undefined in eager attention
+    for L, red in enumerate(reads.values()):
+        got, want = red.finalize(), ref[L]
+        assert got.shape == want.shape
+        torch.testing.assert_close(got * real[:, None], want * real[:, None], atol=1e-6, rtol=1e-5, msg=f"layer {L}")
+    window = getattr(p.hf_model.config, "sliding_window", None)
+    if family == "mistral":  # the window is in force: nothing older than 8 tokens is attended
+        T = toks.shape[1]
+        old = torch.arange(T)[:, None] - torch.arange(T)[None, :] >= window
+        assert T > 2 * window and torch.all(got[..., old] == 0)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2", "olmo2"])
 def test_site_identities(family):
     a, _ = pair(family)
     toks = a.to_tokens("identities hold", prepend_bos=True)
@@ -62,7 +91,7 @@ def test_gqa_values_have_kv_heads(tiny):
     assert c["blocks.0.attn.hook_q"].shape[2] == p.info.n_heads == 4
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox", "olmo2", "qwen3", "mistral"])
 def test_edits_agree_across_backends(family):
     a, b = pair(family)
     toks = a.to_tokens("edit me please", prepend_bos=True)

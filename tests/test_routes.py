@@ -254,7 +254,7 @@ def test_dataset_merge_and_resume(tiny, tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        routes.run_dataset(probe, recs, config=cfg, checkpoint=ck, on_progress=stop_after)
+        routes.run_dataset(probe, recs, config=cfg, checkpoint=ck, progress=stop_after)
     again = routes.run_dataset(probe, recs, config=cfg, checkpoint=Checkpoint(tmp_path / "ck", fingerprint="x"))
     torch.testing.assert_close(again.head_mean, full.head_mean)
     assert again.n.tolist() == full.n.tolist()

@@ -10,7 +10,6 @@ import torch
 import tiny_models
 from analyses.core import checkpoints
 from analyses import sinks
-from analyses.cli import main
 from probes import Collect, ConfigError, DeviceError, Mean, ModelLoadError, UnknownSiteError, Ablate, from_hf, l2_norm, load_model
 from probes.loading import parse_max_memory
 from probes.remote import RemoteProbe, check_ndif

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import torch
 import tiny_models
 from analyses import sinks
 from analyses.sinks import Config, SinkAlpha, alpha_from_pattern, head_value_norms, sink_percentage
-from probes import Collect, ConfigError, InputError, SondeError, reducer_from_state
+from probes import Collect, ConfigError, InputError, reducer_from_state
 
 ROOT = Path(__file__).resolve().parents[1]
 T = 64

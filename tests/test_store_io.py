@@ -1,7 +1,5 @@
 """Results store (atomic, content-keyed round trip) and input readers (line-numbered errors)."""
 
-import json
-import os
 import subprocess
 import sys
 import textwrap

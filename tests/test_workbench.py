@@ -24,7 +24,7 @@ if str(ROOT) not in sys.path:
 
 from analyses import component as C  # noqa: E402
 from analyses.core import report  # noqa: E402
-from probes import ConfigError, InputError, SondeError  # noqa: E402
+from probes import ConfigError, InputError  # noqa: E402
 
 TIMEOUT = 300
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-FAMILIES = ("llama", "gpt2", "qwen2", "gemma2", "olmo", "gpt_neox")
+FAMILIES = ("llama", "gpt2", "qwen2", "gemma2", "olmo", "gpt_neox", "olmo2", "qwen3", "mistral")
 VOCAB = 256
 
 
@@ -41,7 +41,8 @@ def config(family: str):
     import transformers as T
 
     arch = {"llama": "LlamaForCausalLM", "gpt2": "GPT2LMHeadModel", "qwen2": "Qwen2ForCausalLM", "gemma2": "Gemma2ForCausalLM",
-            "olmo": "OlmoForCausalLM", "gpt_neox": "GPTNeoXForCausalLM"}[family]
+            "olmo": "OlmoForCausalLM", "gpt_neox": "GPTNeoXForCausalLM", "olmo2": "Olmo2ForCausalLM",
+            "qwen3": "Qwen3ForCausalLM", "mistral": "MistralForCausalLM"}[family]
     common = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=3, architectures=[arch])
     if family == "llama":
         return T.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -61,6 +62,15 @@ def config(family: str):
     if family == "gpt_neox":
         return T.GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                max_position_embeddings=128, rotary_pct=0.25, hidden_dropout=0.0, attention_dropout=0.0, **common)
+    if family == "olmo2":  # q/k RMSNorm over all heads, norms after each branch (no pre-norms)
+        return T.Olmo2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, max_position_embeddings=128, **common)
+    if family == "qwen3":  # per-head q/k RMSNorm; head_dim 32 is not hidden_size / heads, as in Qwen3 checkpoints
+        return T.Qwen3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, head_dim=32, max_position_embeddings=128, **common)
+    if family == "mistral":  # sliding-window attention, shorter than the test prompts
+        return T.MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2, max_position_embeddings=128, sliding_window=8, **common)
     raise KeyError(family)
 
 

@@ -14,11 +14,8 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-import sys
 
-import typer
-
-from .common import app, run_app, results_app, main, output_options  # noqa: F401
+from .common import app, run_app, main, output_options
 
 __all__ = ["app", "main"]
 
@@ -29,6 +26,6 @@ for _mod in sorted(m.name for m in pkgutil.iter_modules(__path__)):
     if hasattr(_m, "register"):
         _m.register(run_app)
 
-from . import core  # noqa: E402,F401  (info, capture, results, dashboard)
+importlib.import_module(f"{__name__}.core")  # info, capture, results, dashboard
 
 output_options(app)  # --replace and the --out check for every verb that writes a result

@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from .common import check_out_file, model_options, writes_file, BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, app, echo_json, load_probe, results_app, status
+from .common import check_out_file, model_options, writes_file, BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, app, echo_json, load_probe, results_app
 
 
 @app.command()
@@ -54,7 +54,7 @@ def capture(
     from safetensors.torch import save_file
 
     from analyses.core.io import iter_records
-    from probes import Collect, InputError, parse_site
+    from probes import InputError, parse_site
 
     if (prompt is None) == (input is None):
         raise InputError("give exactly one of --prompt or --input.")
@@ -149,8 +149,8 @@ def dashboard(host: str = typer.Option("127.0.0.1", "--host", help="Address to b
               port: int = typer.Option(8501, "--port"),
               headless: bool = typer.Option(True, "--headless/--browser", help="Do not open a browser window.")) -> None:
     """Start the Streamlit dashboard (binds 127.0.0.1 unless --host says otherwise)."""
-    app_path = Path(__file__).resolve().parents[2] / "dashboard" / "app.py"
-    cmd = [sys.executable, "-m", "streamlit", "run", str(app_path), "--server.address", host, "--server.port", str(port),
+    # dashboard.serve = `streamlit run dashboard/app.py` plus a head start: the default model loads while the server starts
+    cmd = [sys.executable, "-m", "dashboard.serve", "--server.address", host, "--server.port", str(port),
            "--server.headless", str(headless).lower(), "--browser.gatherUsageStats", "false"]
     typer.echo(f"Sonde dashboard on http://{host}:{port}")
     raise SystemExit(subprocess.call(cmd))

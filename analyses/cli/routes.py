@@ -64,10 +64,10 @@ def register(run_app: typer.Typer) -> None:
         if ablate is not None and prompt is None:
             raise InputError("--ablate compares one prompt's routes; give --prompt.")
         if prompt is not None:
-            from probes import Ablate, parse_head
+            from probes import Ablate, parse_head, site
 
             cfg = routes.Config(**common, mode=mode)  # type: ignore[arg-type]
-            edits = [Ablate(f"blocks.{l}.attn.hook_z", heads=[h]) for l, h in
+            edits = [Ablate(site("z", l).name, heads=[h]) for l, h in
                      (parse_head(x) for x in (ablate.split(",") if ablate else []) if x.strip())]
             probe = load_probe(model, backend, device, dtype)
             from analyses.core.planner import plan
@@ -81,9 +81,11 @@ def register(run_app: typer.Typer) -> None:
             path = res.save(out)
             if graphml is not None:
                 write_side_file(graphml, res.to_graphml)
+            from probes import head_label
+
             r = res.route()
             hi = res.head_importance(route=r)
-            top = sorted(((float(hi[l, h]), f"L{l}H{h}") for l in range(hi.shape[0]) for h in range(hi.shape[1])), reverse=True)[:5]
+            top = sorted(((float(hi[l, h]), head_label(l, h)) for l in range(hi.shape[0]) for h in range(hi.shape[1])), reverse=True)[:5]
             saved(path, as_json, {"tokens": res.n_tokens, "position": res.position, "route_nodes": r.number_of_nodes(),
                                   "route_edges": r.number_of_edges(),
                                   "top_heads": ", ".join(f"{n}={v:.3f}" for v, n in top if v > 0) or "none",
@@ -125,7 +127,7 @@ def register(run_app: typer.Typer) -> None:
         from analyses.core.cluster import _threads
 
         with progress(len(records), "routes") as step, _threads(threads):
-            res = routes.run_dataset(probe, records, config=cfg, checkpoint=ck, on_progress=step, input_hash=ih)
+            res = routes.run_dataset(probe, records, config=cfg, checkpoint=ck, progress=step, input_hash=ih)
         path = res.save(out_dir)
         ck.clear()
         saved(path, as_json, {"prompts": int(res.n.sum()), "skipped": res.n_skipped, "domains": ", ".join(res.domains)})

@@ -64,7 +64,7 @@ def run_sweep(analysis: str, items, config, *, engine: str, address, workers, gp
         ledger = cluster.default_ledger(out_dir)
         with progress(n_shards, "shards") as step:
             run = cluster.sweep(analysis, items, config=config, engine=eng, sweep_config=scfg, ledger=ledger,
-                                input_hash=input_hash, source=source, on_progress=lambda d, n: step.set(d, n))
+                                input_hash=input_hash, source=source, progress=lambda d, n: step.set(d, n))
     finally:
         eng.close()
     path = run.result.save(out_dir)
@@ -160,7 +160,7 @@ def register(run_app: typer.Typer) -> None:
 
         def go(b: int):
             with progress(n_samples, "samples") as step, _threads(threads):
-                return sinks.run(probe, texts, domain=domain if texts is None else None, config=cfg.replace(batch_size=b), step=step)
+                return sinks.run(probe, texts, domain=domain if texts is None else None, config=cfg.replace(batch_size=b), progress=step)
 
         res = retry_on_oom(go, pl.batch_size, what="the sink statistics")
         path = res.save(out)
@@ -196,16 +196,13 @@ def register(run_app: typer.Typer) -> None:
             doms = [d.strip() for d in domains.split(",") if d.strip()]
             check_domains(doms)
         probe = load_probe(model, backend, device, dtype)
-        L, H = probe.info.n_layers, probe.info.n_heads
         for lab in cfg.heads or ():  # before the statistics pass, not after it
-            from probes import ConfigError, parse_head
+            from probes import parse_head
 
-            l, h = parse_head(lab)
-            if not (0 <= l < L and 0 <= h < H):
-                raise ConfigError(f"head L{l}H{h} does not exist.", hint=f"Layers 0..{L - 1}, heads 0..{H - 1}.")
+            parse_head(lab, probe.info)
         n_dom = len(doms)
         with progress(n_samples * n_dom, "samples") as step:
-            res = dormant.run(probe, doms, config=cfg, step=step)
+            res = dormant.run(probe, doms, config=cfg, progress=step)
         path = res.save(out)
         summ = res.summary()
         summ["flips"] = ", ".join(res.flips["head"].tolist()[:20]) or "none"
@@ -230,5 +227,5 @@ def register(run_app: typer.Typer) -> None:
         cfg = bbtoy.Config(n_layers=layers, steps=steps, attention=attention, optimizer=optimizer, d_model=d_model,
                            seq_len=seq_len, batch_size=batch_size, lr=lr, seed=seed)
         with progress(steps, "steps") as step:
-            res = bbtoy.run(cfg, step=step)
+            res = bbtoy.run(cfg, progress=step)
         saved(res.save(out), as_json, res.summary())

@@ -182,7 +182,7 @@ def summarize(result: base.Result) -> pd.DataFrame:
     return df
 
 
-def _run_one(probe, cfg: Config, texts: Sequence[str] | None, step=None) -> base.Result:
+def _run_one(probe, cfg: Config, texts: Sequence[str] | None, progress=None) -> base.Result:
     acfg = cfg.analysis_config()
     if cfg.analysis == "sinks":
         from .. import sinks
@@ -190,7 +190,7 @@ def _run_one(probe, cfg: Config, texts: Sequence[str] | None, step=None) -> base
 
         # a checkpoint that runs out of memory is retried once with half the batch (same numbers: α is streamed)
         return retry_on_oom(lambda b: sinks.run(probe, texts, domain=None if texts is not None else cfg.domain,
-                                                config=acfg.replace(batch_size=b), step=step),
+                                                config=acfg.replace(batch_size=b), progress=progress),
                             acfg.batch_size, what=f"sinks on {probe.info.name}")
     if cfg.analysis == "logit_lens":
         from .. import logit_lens

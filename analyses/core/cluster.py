@@ -55,7 +55,6 @@ from __future__ import annotations
 import math
 import os
 import socket
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -672,7 +671,7 @@ class SweepRun:
 
 def sweep(analysis: str, items: Sequence, *, config, engine, sweep_config: SweepConfig = SweepConfig(),
           ledger: str | Path | None = None, input_hash: str = "", source: str = "texts",
-          on_progress: Callable[[int, int], None] | None = None) -> SweepRun:
+          progress: Callable[[int, int], None] | None = None) -> SweepRun:
     """Run ``analysis`` over ``items`` in shards on ``engine`` and merge the shards exactly.
 
     Args:
@@ -682,7 +681,7 @@ def sweep(analysis: str, items: Sequence, *, config, engine, sweep_config: Sweep
         engine: :class:`LocalEngine` or :class:`RayEngine` (see :func:`make_engine`).
         ledger: merge-ledger folder; a re-run with the same folder resumes (``sweep_config.resume``).
         input_hash: identifies the input in the result key and the ledger fingerprint.
-        on_progress: ``on_progress(shards_done, n_shards)`` after each shard.
+        progress: ``progress(shards_done, n_shards)`` after each shard.
     Returns:
         :class:`SweepRun` (the analysis' usual result, with ``timings["sweep.*"]``, and a report).
     """
@@ -705,8 +704,8 @@ def sweep(analysis: str, items: Sequence, *, config, engine, sweep_config: Sweep
     todo = [s for s in shards if s.index not in led.done]
     faults = parse_faults(os.environ.get(FAULT_ENV))
     exit_after = int(os.environ[EXIT_ENV]) if os.environ.get(EXIT_ENV) else None
-    if on_progress:
-        on_progress(len(led.done), len(shards))
+    if progress:
+        progress(len(led.done), len(shards))
     t_map, t_merge, failed = time.perf_counter(), 0.0, []
     retried: dict[int, int] = {}
     shard_seconds: dict[int, float] = {}
@@ -724,8 +723,8 @@ def sweep(analysis: str, items: Sequence, *, config, engine, sweep_config: Sweep
         led.record(sh.index, out["state"], {"attempts": out["attempts"], "seconds": out["seconds"], "worker": out["worker"]})
         t_merge += time.perf_counter() - t0
         ran += 1
-        if on_progress:
-            on_progress(len(led.done), len(shards))
+        if progress:
+            progress(len(led.done), len(shards))
         if exit_after is not None and led.through >= exit_after:
             os._exit(75)  # test hook: die like a killed process (no clean-up)
     t_map = time.perf_counter() - t_map - t_merge

@@ -73,14 +73,6 @@ def check_domains(names: Sequence[str], extra: Sequence[str] = ()) -> None:
                           + ". Pass --input FILE.jsonl with a 'domain' field for your own, or hf:NAME[:CONFIG]:SPLIT[:FIELD].")
 
 
-def _windows(text: str, n: int, rng: random.Random) -> list[str]:
-    text = " ".join(text.split()) if text.count("\n") < len(text) / 200 else text
-    if len(text) <= _CHARS:
-        return [text]
-    starts = sorted(rng.sample(range(0, len(text) - _CHARS), min(n, max(1, (len(text) - _CHARS) // 200))))
-    return [text[s:s + _CHARS] for s in starts]
-
-
 def _prose(n: int, seed: int) -> list[str]:
     from pydoc_data.topics import topics
 

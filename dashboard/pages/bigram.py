@@ -131,8 +131,8 @@ elif train_sig is not None:
     def _train(job, probe=probe, corpus=corpus, cfg=cfg):
         from dashboard.state import model_lock
 
-        with model_lock():  # the mask is trained on the shared model: no other forward pass meanwhile
-            return B.run(probe, corpus, cfg, callback=lambda point: job.step(1))
+        with model_lock(), probe.session():  # the mask is trained on the shared model: no other forward pass meanwhile
+            return B.run(probe, corpus, cfg, progress=lambda point: job.step(1))
 
     res = workbench.background_result("bigram_train", "Learning a mask", train_sig, _train, total=cfg.steps,
                                       waiting="The mask is being learned in the background; results appear when it finishes.")

@@ -18,7 +18,7 @@ import streamlit as st  # noqa: E402
 
 from analyses import component  # noqa: E402
 from dashboard import components, state, workbench  # noqa: E402
-from probes import SondeError  # noqa: E402
+from probes import SondeError, format_label  # noqa: E402
 
 st.title("Component")
 st.caption("A head or an MLP neuron across the workbench: its sink mass per domain (dormant when above θ), how often "
@@ -46,7 +46,6 @@ except SondeError as e:
 # neighbours: step through heads/neurons without typing
 i = probe.info
 n = i.n_heads if kind == "head" else i.d_mlp
-letter = "H" if kind == "head" else "N"
 
 
 def _step(target: str) -> None:
@@ -55,8 +54,8 @@ def _step(target: str) -> None:
     st.query_params["component"] = target
 
 
-prev_t = f"L{layer}{letter}{idx - 1}" if idx > 0 else f"L{layer - 1}{letter}{n - 1}"
-next_t = f"L{layer}{letter}{idx + 1}" if idx < n - 1 else f"L{layer + 1}{letter}0"
+prev_t = format_label(kind, layer, idx - 1) if idx > 0 else format_label(kind, layer - 1, n - 1)
+next_t = format_label(kind, layer, idx + 1) if idx < n - 1 else format_label(kind, layer + 1, 0)
 b1, b2, _ = st.columns([1, 1, 6])
 b1.button(f"◀ {prev_t}", key="component_prev", disabled=layer == 0 and idx == 0, on_click=_step, args=(prev_t,))
 b2.button(f"{next_t} ▶", key="component_next", disabled=layer == i.n_layers - 1 and idx == n - 1, on_click=_step, args=(next_t,))

@@ -59,7 +59,7 @@ def _work(job, probe=probe, args=(prompt, response, reference, cfg), q=question)
     from dashboard.state import model_lock
 
     p, r, ref, c = args
-    with model_lock():  # rollouts call the shared model's generate directly
+    with model_lock(), probe.session():  # rollouts call the shared model's generate directly
         return C.search(probe, p, r, make_checker(Problem("", ref)), c, question=q, reference=ref, progress=job.step)
 
 

@@ -16,7 +16,7 @@ from dashboard import components, workbench  # noqa: E402
 from dashboard import state  # noqa: E402
 from dashboard.state import cached, param, show_error, sidebar_probe  # noqa: E402
 from analyses.core.store import hash_inputs  # noqa: E402
-from probes import SondeError  # noqa: E402
+from probes import SondeError, ffn_label, head_label, parse_node  # noqa: E402
 
 
 def run_ids(probe, ids: tuple, *, config, edits=()):
@@ -54,7 +54,7 @@ def _dataset_job(probe, recs, cfg):
                 pass
             job.step(n)
 
-        stats, skipped = routes.accumulate(workbench.LockedProbe(probe, job), recs, config=cfg, stats=stats, on_progress=progress)
+        stats, skipped = routes.accumulate(probe, recs, config=cfg, stats=stats, progress=progress)
         res = routes.stats_result(probe, stats, config=cfg, n_skipped=skipped,
                                   input_hash=hash_inputs([r.text for r in recs], [r.domain for r in recs]),
                                   timings={"routes": time.time() - job.started})
@@ -244,11 +244,11 @@ def _pred_prob(probe, result, pos: int, token: str) -> float | None:
 
 def _ablation_view(probe, res, tokens, cfg, label: str, pos: int, tau: float, renorm: bool, pred_token: str | None) -> None:
     """The route recomputed with one head zero-ablated, drawn on ONE graph with the original: kept, lost, gained edges."""
-    from probes import Ablate, parse_head
+    from probes import Ablate, parse_head, site
 
     try:
         l, h = parse_head(label)
-        edits = (Ablate(f"blocks.{l}.attn.hook_z", heads=[h]),)
+        edits = (Ablate(site("z", l).name, heads=[h]),)
     except SondeError as e:
         show_error(e)
         return
@@ -276,7 +276,7 @@ def _ablation_view(probe, res, tokens, cfg, label: str, pos: int, tau: float, re
     d = (abl.head_importance(pos, tau=tau, renormalize=renorm) - res.head_importance(pos, tau=tau, renormalize=renorm))
     import pandas as pd
 
-    flat = [(f"L{i}H{j}", float(d[i, j])) for i in range(d.shape[0]) for j in range(d.shape[1]) if abs(float(d[i, j])) > 1e-9]
+    flat = [(head_label(i, j), float(d[i, j])) for i in range(d.shape[0]) for j in range(d.shape[1]) if abs(float(d[i, j])) > 1e-9]
     df = pd.DataFrame(sorted(flat, key=lambda kv: -abs(kv[1]))[:15], columns=["head", "Δ importance"])
     st.caption("Heads whose importance on the route changed most when the head is ablated.")
     st.dataframe(df, hide_index=True)
@@ -380,7 +380,7 @@ def main() -> None:
 
     # the selected head and node (from the URL, a click, or the boxes below)
     imp = res.head_importance(pos, tau=tau, renormalize=renorm)
-    order = sorted(((f"L{l}H{h}", float(imp[l, h])) for l in range(imp.shape[0]) for h in range(imp.shape[1])), key=lambda kv: -kv[1])
+    order = sorted(((head_label(l, h), float(imp[l, h])) for l in range(imp.shape[0]) for h in range(imp.shape[1])), key=lambda kv: -kv[1])
     head_labels = [k for k, _ in order]
     wanted = param("component", head_labels[0], check=_head_label_ok(probe), widget="routes_component")
     wanted_node = param("node", last, check=lambda v: None if v in nodes else "not a node of this route", widget="routes_node")
@@ -420,7 +420,7 @@ def main() -> None:
             if d["kind"] == "attn" and d.get("heads"):
                 for h, w in enumerate(d["heads"]):
                     if w > 0:
-                        contrib[f"L{d['layer']}H{h}"] = contrib.get(f"L{d['layer']}H{h}", 0.0) + w
+                        contrib[head_label(d["layer"], h)] = contrib.get(head_label(d["layer"], h), 0.0) + w
             else:
                 contrib[f"{u} ({d['kind']})"] = contrib.get(f"{u} ({d['kind']})", 0.0) + d["weight"]
         if contrib:
@@ -433,11 +433,10 @@ def main() -> None:
             st.plotly_chart(bar, key="routes_node_contrib", config={"displaylogo": False})
         else:
             st.caption("No edge enters this node (a token embedding).")
-        npos = int(node.split("_")[1])
-        nlayer = int(node[1:].split("_")[0])
+        _, nlayer, npos = parse_node(node)
         parts = [k for k, _ in sorted(contrib.items(), key=lambda kv: -kv[1]) if k.startswith("L")] if node[0] == "A" else []
         if node[0] in ("M", "I"):
-            parts = [f"L{nlayer}FFN"] + parts
+            parts = [ffn_label(nlayer)] + parts
         if parts:
             part = st.selectbox("Vocabulary projection of", parts, key="routes_part",
                                 help="What this head (z_h W_O,h) or FFN writes at this position, read through the unembedding.")

@@ -102,7 +102,7 @@ with tab_dorm:
         else:
             st.session_state.pop("dormant_res", None)
             workbench.run_job("dormant", "Dormant map",
-                              lambda job: dormant.run(workbench.LockedProbe(probe, job), tuple(doms), config=dcfg, step=job.step),
+                              lambda job: dormant.run(probe, tuple(doms), config=dcfg, progress=job.step),
                               total=int(nd) * len(doms), restart=True)
     job = workbench.job_view("dormant")
     if job is not None and job.finished and job.result is not None:
@@ -127,11 +127,11 @@ with tab_dorm:
         prompt = st.text_input("Prompt", "Summer is warm. Winter is cold.")
         if lab and probe is not None:
             try:
-                from probes import parse_head
+                from probes import parse_head, site
 
                 l, h = parse_head(lab)
                 toks = probe.to_tokens(prompt, prepend_bos=True)
-                A = probe.cache(toks, [f"blocks.{l}.attn.hook_pattern"])[f"blocks.{l}.attn.hook_pattern"][0, h]
+                A = probe.cache(toks, [site("pattern", l).name])[site("pattern", l).name][0, h]
                 import plotly.graph_objects as pgo
 
                 strs = probe.to_str_tokens(toks[0])

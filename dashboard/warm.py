@@ -1,0 +1,76 @@
+"""Start-up warming: load the default model while the Streamlit server starts and the browser connects.
+
+``sonde dashboard`` runs :mod:`dashboard.serve`, which calls :func:`start` before handing over to
+Streamlit. A background thread imports the heavy libraries (torch, transformers, nnsight, plotly, the
+analyses) and loads the default probe; :func:`take` hands that probe to the dashboard's probe cache
+(``dashboard.state.get_probe``) the first time a page asks for the same model, waiting for the load if it
+is still running. A failed warm load is dropped silently: the page then loads the model itself and shows
+the error the usual way. Without :func:`start` (AppTest, ``streamlit run``) nothing is preloaded.
+
+Imports are not thread-safe across packages with import cycles (a second thread can see a partially
+initialised module), so the libraries both sides use (numpy, pandas, pyarrow) are imported before the thread
+starts, and the app waits for the thread's imports (:func:`wait_imports`) before a page imports anything heavy.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future
+from typing import Any
+
+__all__ = ["start", "take", "wait_imports", "DEFAULT_KEY"]
+
+# (model, backend, device, dtype) as dashboard.state.get_probe is called for a fresh session
+DEFAULT_KEY = ("embedded", "nnsight", "auto", "auto")
+
+_lock = threading.Lock()
+_pending: dict[tuple, Future] = {}
+_imported = threading.Event()
+_imported.set()  # nothing to wait for until start() runs
+
+
+def wait_imports(timeout: float = 300) -> None:
+    """Block until the warming thread's imports are done (at once when nothing is warming)."""
+    _imported.wait(timeout)
+
+
+def _load(key: tuple, fut: Future) -> None:
+    try:
+        try:
+            import plotly.graph_objects  # noqa: F401  (first figure)
+            import analyses.logit_lens  # noqa: F401  (the first page's analysis)
+            from probes import load_model
+        finally:
+            _imported.set()
+
+        model, backend, device, dtype = key
+        probe = load_model(model, backend=backend, device=device, dtype=dtype)
+        probe.forward(probe.to_tokens("Hello"))  # first-call allocations and kernel selection
+        fut.set_result(probe)
+    except BaseException as e:  # noqa: BLE001 - the page loads (and reports) on its own
+        fut.set_exception(e)
+
+
+def start(key: tuple = DEFAULT_KEY) -> None:
+    """Begin loading ``key``'s probe in a daemon thread (once per process per key)."""
+    import numpy, pandas, pyarrow  # noqa: E401,F401  (shared with the server: imported here, before the thread)
+
+    with _lock:
+        if key in _pending:
+            return
+        fut: Future = Future()
+        _pending[key] = fut
+        _imported.clear()
+    threading.Thread(target=_load, args=(key, fut), name="sonde-warm", daemon=True).start()
+
+
+def take(key: tuple) -> Any | None:
+    """The preloaded probe for ``key`` (waiting for a load in flight), or None. Each probe is handed out once."""
+    with _lock:
+        fut = _pending.pop(key, None)
+    if fut is None:
+        return None
+    try:
+        return fut.result()
+    except BaseException:  # noqa: BLE001
+        return None
