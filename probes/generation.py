@@ -103,6 +103,7 @@ class Decoder:
         self.edits: tuple["Edit", ...] = tuple(edits)
         self._sites = [(_module_site(probe, s), es) for s, es in plan.edits.items()]
         self.rows = None if rows is None else torch.as_tensor(rows, dtype=torch.bool).reshape(-1)
+        self._editors: list[Callable[[torch.Tensor], torch.Tensor]] | None = None
         self.tokens: torch.Tensor | None = None
         self.cache: Any = None
         self._no_cache = False  # set when the model turned out to ignore the cache
@@ -180,8 +181,9 @@ class Decoder:
         handles = []
         rows = self.rows
         if self._sites and (rows is None or bool(rows.any())):
-            for (module, which, heads), edits in self._sites:
-                fn = _editor(edits, heads, rows)
+            if self._editors is None:
+                self._editors = [_editor(edits, heads, rows) for (_, _, heads), edits in self._sites]
+            for ((module, which, heads), edits), fn in zip(self._sites, self._editors):
                 if which == "input":
                     def pre(mod, args, kwargs, fn=fn):
                         if args:
@@ -205,14 +207,18 @@ class Decoder:
 def _editor(edits: Sequence["Edit"], heads: tuple[int, int] | None, rows: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
     """The function a hook applies to a module's tensor: site layout, the edits in order, only the chosen rows."""
 
+    on_device: dict[torch.device, torch.Tensor] = {}  # the row mask moved once per device, not at every step
+
     def fn(x: torch.Tensor) -> torch.Tensor:
         view = x.view(*x.shape[:-1], *heads) if heads else x
         new = view
         for e in edits:
             new = e.apply(new)
         if rows is not None:
-            r = rows.to(x.device).view(-1, *([1] * (view.ndim - 1)))
-            new = torch.where(r, new, view)
+            r = on_device.get(x.device)
+            if r is None:
+                r = on_device[x.device] = rows.to(x.device)
+            new = torch.where(r.view(-1, *([1] * (view.ndim - 1))), new, view)
         return new.reshape(x.shape)
 
     return fn
