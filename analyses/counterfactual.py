@@ -16,8 +16,8 @@ A counterfactual (abduction - action - prediction):
 
 1. keeps the factual tokens before the intervention (their KV cache is copied, not recomputed);
 2. applies the intervention: a token edit inside the response, a prompt edit, or a model edit (heads /
-   neurons zeroed through forward pre-hooks on the HF modules, only for the counterfactual rows of the
-   batch, so factual and counterfactual decode together);
+   neurons zeroed by :class:`probes.Ablate` on ``hook_z`` / ``mlp.hook_post`` at decode time, only for the
+   counterfactual rows of the batch, so factual and counterfactual decode together: ``probe.decoder``);
 3. continues sampling with the *factual* noise: the k-th token after the edit point uses the noise of the
    k-th factual step after it (alignment by step count, as in the reference code, also when a
    replacement spans several tokens). The *interventional* baseline uses the same edited prefix with
@@ -40,17 +40,16 @@ Axis order: token arrays are ``[row, step]`` (row = counterfactual / interventio
 
 from __future__ import annotations
 
-import copy
 import math
 import re
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterator, Literal, Sequence
+from typing import Any, Callable, ClassVar, Literal, Sequence
 
 import pandas as pd
 import torch
 
-from probes import ConfigError, InputError, Probe, head_label, neuron_label, parse_label
+from probes import Ablate, ConfigError, Edit, InputError, Probe, head_label, neuron_label, parse_label, site
+from probes.generation import Decoder
 
 from .core import store
 from .core.base import Config as _BaseConfig
@@ -415,57 +414,19 @@ class _Gen:
     logprob: list[list[float]]  # model log-prob (tau = 1) of each token
     top: torch.Tensor | None  # [n, 5] top ids of row 0 per step
     step_logp: list[torch.Tensor] = field(default_factory=list)  # forced mode: sampling log-probs per step [V]
-    cache: Any = None
+    decoder: Decoder | None = None  # kept (keep_cache) so later rows can fork the prefix's KV cache
 
 
-@contextmanager
-def _model_edit(probe: Probe, edit: ModelEdit | None, rows: torch.Tensor | None) -> Iterator[None]:
-    """Forward pre-hooks zeroing heads / neurons for the rows in ``rows [B] bool`` (generation-time edit)."""
-    handles = []
-    if edit is not None and rows is not None and bool(rows.any()):
-        dh = probe.info.d_head
-
-        def zero(cols: list[slice]):
-            def hook(mod, args):
-                x = args[0].clone()
-                r = rows.to(x.device)
-                for sl in cols:
-                    x[r, ..., sl] = 0
-                return (x, *args[1:])
-            return hook
-
-        per_layer: dict[tuple[str, int], list[slice]] = {}
-        for l, h in edit.heads:
-            per_layer.setdefault((probe.arch.o_proj, l), []).append(slice(h * dh, (h + 1) * dh))
-        for l, n in edit.neurons:
-            per_layer.setdefault((probe.arch.mlp_down, l), []).append(slice(n, n + 1))
-        for (path, l), cols in per_layer.items():
-            handles.append(probe.module(path, l).register_forward_pre_hook(zero(cols)))
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def _cache_kw(model) -> str:
-    """The forward keyword for the KV cache: ``cache`` in current transformers, ``past_key_values`` before."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def _forward(model, ids: torch.Tensor, cache):
-    if cache is None:
-        from transformers import DynamicCache
-
-        cache = DynamicCache(config=model.config)
-    kw = {_cache_kw(model): cache, "use_cache": True}
-    try:
-        out = model(input_ids=ids, logits_to_keep=1, **kw)
-    except TypeError:  # models without logits_to_keep
-        out = model(input_ids=ids, **kw)
-    return out, cache  # the cache object is updated in place
+def _ablations(edit: ModelEdit) -> list[Edit]:
+    """The probe edits of a model edit: per layer, one head ablation on ``hook_z`` and one neuron ablation on ``mlp.hook_post``."""
+    heads: dict[int, list[int]] = {}
+    neurons: dict[int, list[int]] = {}
+    for l, h in edit.heads:
+        heads.setdefault(l, []).append(h)
+    for l, n in edit.neurons:
+        neurons.setdefault(l, []).append(n)
+    return ([Ablate(site("z", l).name, heads=hs) for l, hs in sorted(heads.items())]
+            + [Ablate(site("mlp_post", l).name, neurons=ns) for l, ns in sorted(neurons.items())])
 
 
 def _vocab_limit(probe: Probe) -> int:
@@ -473,16 +434,16 @@ def _vocab_limit(probe: Probe) -> int:
 
 
 @torch.no_grad()
-def _decode(probe: Probe, suffix: torch.Tensor, *, cache: Any, noises: Sequence[_Noise], step0: int, n_steps: int,
+def _decode(probe: Probe, suffix: torch.Tensor, *, prefix: Decoder | None, noises: Sequence[_Noise], step0: int, n_steps: int,
             temperature: float, top_k: int | None, top_p: float | None, stop_at_eos: bool = True,
             edit: ModelEdit | None = None, edit_rows: torch.Tensor | None = None, forced: Sequence[int] | None = None,
             keep_cache: bool = False) -> _Gen:
-    """Feed ``suffix [B, s]`` on top of ``cache`` then sample ``n_steps`` tokens per row with Gumbel-Max.
+    """Feed ``suffix [B, s]`` on top of ``prefix`` (a decoder holding the prefix's KV cache, or None to start
+    afresh) then sample ``n_steps`` tokens per row with Gumbel-Max; ``edit`` ablates on the rows ``edit_rows``.
 
     Row b's step ``i`` uses ``noises[b].at(step0 + i)``. ``forced`` (one row) takes the given tokens instead of
     sampling and records the sampling log-probs of each step (for noise inference).
     """
-    model = probe.hf_model
     B = suffix.shape[0]
     eos = probe.tokenizer.eos_token_id if stop_at_eos else None
     Vt = _vocab_limit(probe)
@@ -490,66 +451,41 @@ def _decode(probe: Probe, suffix: torch.Tensor, *, cache: Any, noises: Sequence[
     lps: list[list[float]] = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool)
     tops, step_logp = [], []
-    with _model_edit(probe, edit, edit_rows):
-        past = cache.get_seq_length() if cache is not None else 0
-        out, cache = _forward(model, suffix.to(probe.device), cache)
-        # A model whose attention ignores the KV cache (the TransformerLens bridge wraps the HF attention and
-        # leaves the cache empty) would decode every later token from that token alone: re-run the whole
-        # sequence each step instead (a cache handed in was built by this model, so it is never in this case).
-        seq = suffix.to(probe.device) if cache is None or cache.get_seq_length() != past + suffix.shape[1] else None
-        for i in range(n_steps):
-            logits = out.logits[:, -1, :].float()
-            if Vt < logits.shape[-1]:
-                logits[:, Vt:] = float("-inf")
-            lp1 = torch.log_softmax(logits, dim=-1)
-            tops.append(torch.topk(lp1[0], min(5, Vt)).indices.cpu())
-            if forced is not None:
-                logp = sampling_logprobs(logits, temperature, top_k, top_p)
-                step_logp.append(logp[0].cpu())
-                nxt = torch.tensor([forced[i]] * B, device=logits.device)
-            elif temperature == 0:
-                nxt = torch.argmax(logits, dim=-1)
-            else:
-                logp = sampling_logprobs(logits, temperature, top_k, top_p)
-                noise = torch.stack([nz.at(step0 + i, logits.shape[-1]) for nz in noises])
-                nxt = gumbel_max(logp, noise)
-            nxt_c = nxt.cpu()
-            for b in range(B):
-                if not done[b]:
-                    toks[b].append(int(nxt_c[b]))
-                    lps[b].append(float(lp1[b, nxt_c[b]]))
-                    if eos is not None and int(nxt_c[b]) == eos:
-                        done[b] = True
-            if bool(done.all()) or i == n_steps - 1:
-                break
-            if seq is None:
-                out, cache = _forward(model, nxt[:, None], cache)
-            else:
-                seq = torch.cat([seq, nxt[:, None].to(seq.device)], dim=1)
-                out = model(input_ids=seq)
-    return _Gen(toks, lps, torch.stack(tops) if tops else None, step_logp, cache if keep_cache else None)
+    # a prefix decoder was forked from an unedited run (edited prefixes are recomputed, as their KV differs)
+    dec = prefix or probe.decoder(_ablations(edit) if edit is not None else (), rows=edit_rows if edit is not None else None)
+    last = dec.feed(suffix)
+    for i in range(n_steps):
+        logits = last.float()
+        if Vt < logits.shape[-1]:
+            logits[:, Vt:] = float("-inf")
+        lp1 = torch.log_softmax(logits, dim=-1)
+        tops.append(torch.topk(lp1[0], min(5, Vt)).indices.cpu())
+        if forced is not None:
+            logp = sampling_logprobs(logits, temperature, top_k, top_p)
+            step_logp.append(logp[0].cpu())
+            nxt = torch.tensor([forced[i]] * B, device=logits.device)
+        elif temperature == 0:
+            nxt = torch.argmax(logits, dim=-1)
+        else:
+            logp = sampling_logprobs(logits, temperature, top_k, top_p)
+            noise = torch.stack([nz.at(step0 + i, logits.shape[-1]) for nz in noises])
+            nxt = gumbel_max(logp, noise)
+        nxt_c = nxt.cpu()
+        for b in range(B):
+            if not done[b]:
+                toks[b].append(int(nxt_c[b]))
+                lps[b].append(float(lp1[b, nxt_c[b]]))
+                if eos is not None and int(nxt_c[b]) == eos:
+                    done[b] = True
+        if bool(done.all()) or i == n_steps - 1:
+            break
+        last = dec.feed(nxt)
+    return _Gen(toks, lps, torch.stack(tops) if tops else None, step_logp, dec if keep_cache else None)
 
 
-def _reuse(cache: Any, length: int, batch: int) -> Any | None:
-    """A copy of ``cache`` cropped to its first ``length`` tokens and tiled to ``batch`` rows.
-
-    None when there is nothing to reuse or the cache cannot be cropped exactly (sliding-window layers
-    keep only a window, so the prefix is recomputed instead).
-    """
-    if cache is None or length < 1 or cache.get_seq_length() < length:
-        return None
-    sliding = getattr(cache, "is_sliding", None)
-    if isinstance(sliding, (list, tuple)) and any(sliding):
-        return None
-    c = copy.deepcopy(cache)
-    extra = c.get_seq_length() - length
-    if extra:
-        c.crop(-extra)  # negative = tokens to remove (the form every transformers version accepts)
-    if c.get_seq_length() != length:
-        return None
-    if batch > 1:
-        c.batch_repeat_interleave(batch)
-    return c
+def _fork(gen: _Gen | None, length: int, batch: int) -> Decoder | None:
+    """A copy of ``gen``'s KV cache cut to its first ``length`` tokens, ``batch`` rows (None: recompute the prefix)."""
+    return gen.decoder.fork(length, batch) if gen is not None and gen.decoder is not None else None
 
 
 # ============================================================================ result
@@ -680,7 +616,7 @@ def _strs(probe: Probe, ids: Sequence[int]) -> tuple[str, ...]:
 def generate(probe: Probe, prompt: str, config: Config = Config(), *, stream: int = 0) -> tuple[list[int], list[float]]:
     """Factual Gumbel-Max generation: ``(response ids, model log-probs)`` for noise stream ``stream``."""
     ids = _prompt_ids(probe, prompt, config.chat)
-    g = _decode(probe, torch.tensor([ids]), cache=None, noises=[_Noise(config.seed, stream)], step0=0,
+    g = _decode(probe, torch.tensor([ids]), prefix=None, noises=[_Noise(config.seed, stream)], step0=0,
                 n_steps=config.max_new_tokens, temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
                 stop_at_eos=config.stop_at_eos)
     return g.tokens[0], g.logprob[0]
@@ -699,7 +635,7 @@ def decision_scores(probe: Probe, prompt: str, tokens: Sequence[int], config: Co
     tokens = [int(t) for t in tokens]
     if not tokens:
         return torch.zeros(0, probe.info.d_vocab)
-    logits = probe.hf_model(input_ids=torch.tensor([ids + tokens[:-1]], device=probe.device)).logits[0, len(ids) - 1:].float().cpu()
+    logits = probe.forward(torch.tensor([ids + tokens[:-1]]))[0, len(ids) - 1:].float().cpu()
     Vt = _vocab_limit(probe)
     if Vt < logits.shape[-1]:
         logits[:, Vt:] = float("-inf")
@@ -810,14 +746,14 @@ def run(probe: Probe, prompt: str, intervention: str | Intervention = "none", *,
         with timer("generate"):
             B = 1 + S + n_int
             mask = torch.tensor([False] + [True] * (B - 1))
-            g = _decode(probe, torch.tensor([prompt_ids] * B), cache=None, noises=[_Noise(c.seed, 0)] * (1 + S) + int_noises,
+            g = _decode(probe, torch.tensor([prompt_ids] * B), prefix=None, noises=[_Noise(c.seed, 0)] * (1 + S) + int_noises,
                         step0=0, n_steps=c.max_new_tokens, edit=iv, edit_rows=mask, **samp)
         factual, flp, top = g.tokens[0], g.logprob[0], g.top
         rows_out = g.tokens[1:]
         fgen = g
     else:
         with timer("generate"):
-            fgen = _decode(probe, torch.tensor([prompt_ids]), cache=None, noises=[_Noise(c.seed, 0)], step0=0,
+            fgen = _decode(probe, torch.tensor([prompt_ids]), prefix=None, noises=[_Noise(c.seed, 0)], step0=0,
                            n_steps=c.max_new_tokens, keep_cache=c.prefix_reuse, **samp)
         factual, flp, top = fgen.tokens[0], fgen.logprob[0], fgen.top
 
@@ -825,7 +761,7 @@ def run(probe: Probe, prompt: str, intervention: str | Intervention = "none", *,
     tables: list[torch.Tensor | None] = [None] * S
     if posterior:
         with timer("abduction"):
-            fg = _decode(probe, torch.tensor([prompt_ids]), cache=None, noises=[_Noise(c.seed, 0)], step0=0, n_steps=len(factual),
+            fg = _decode(probe, torch.tensor([prompt_ids]), prefix=None, noises=[_Noise(c.seed, 0)], step0=0, n_steps=len(factual),
                          forced=factual, keep_cache=c.prefix_reuse, **{**samp, "stop_at_eos": False})
             flp, top = fg.logprob[0], fg.top
             if fgen is None:
@@ -862,13 +798,13 @@ def run(probe: Probe, prompt: str, intervention: str | Intervention = "none", *,
                 forced = list(new)
                 edit_pos = iv.pos
                 prefix = prompt_ids + factual[: iv.pos]
-                cache = _reuse(fgen.cache, len(prefix), B) if c.prefix_reuse else None
+                cache = _fork(fgen, len(prefix), B) if c.prefix_reuse else None
                 suffix = new if cache is not None else prefix + new
                 if cache is not None:
                     notes.append(f"KV cache of the first {len(prefix)} tokens (prompt + response before position {iv.pos}) reused")
                 n_steps = horizon - iv.pos - 1
                 if n_steps > 0:
-                    g = _decode(probe, torch.tensor([suffix] * B), cache=cache, noises=cf_noises + int_noises, step0=iv.pos + 1,
+                    g = _decode(probe, torch.tensor([suffix] * B), prefix=cache, noises=cf_noises + int_noises, step0=iv.pos + 1,
                                 n_steps=n_steps, **samp)
                     conts = g.tokens
                 else:
@@ -889,9 +825,9 @@ def run(probe: Probe, prompt: str, intervention: str | Intervention = "none", *,
                 while common < min(len(new_ids), P) and new_ids[common] == prompt_ids[common]:
                     common += 1
                 common = min(common, len(new_ids) - 1)
-                cache = _reuse(fgen.cache, common, B) if (c.prefix_reuse and not edited) else None
+                cache = _fork(fgen, common, B) if (c.prefix_reuse and not edited) else None
                 suffix = new_ids[common:] if cache is not None else new_ids
-                g = _decode(probe, torch.tensor([suffix] * B), cache=cache, noises=cf_noises + int_noises, step0=0,
+                g = _decode(probe, torch.tensor([suffix] * B), prefix=cache, noises=cf_noises + int_noises, step0=0,
                             n_steps=horizon, edit=iv if edited else None,
                             edit_rows=torch.ones(B, dtype=torch.bool) if edited else None, **samp)
                 rows_out = g.tokens
@@ -980,7 +916,7 @@ def bias_sweep(probe: Probe, config: BiasConfig = BiasConfig(), *, progress: Cal
     with timer("generate"):
         for g in c.groups:
             ids = _prompt_ids(probe, c.template.replace("{group}", g), c.chat)
-            gen = _decode(probe, torch.tensor([ids] * S), cache=None, noises=[_Noise(c.seed, s) for s in range(S)], step0=0,
+            gen = _decode(probe, torch.tensor([ids] * S), prefix=None, noises=[_Noise(c.seed, s) for s in range(S)], step0=0,
                           n_steps=c.max_new_tokens, **samp)
             labels[g] = []
             for s, t in enumerate(gen.tokens):

@@ -32,8 +32,6 @@ likely critical). :func:`compare_contrastive` ranks tokens by CE and by the roll
 
 from __future__ import annotations
 
-import copy
-import inspect
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -327,20 +325,6 @@ class Trajectory:
     correct: bool
 
 
-class _AnswerStop:
-    """Per-row stopping criterion: the text (response prefix + new tokens) has a written answer."""
-
-    def __init__(self, tokenizer, prefix_resp: list[int], start: int):
-        self.tok, self.prefix, self.start = tokenizer, prefix_resp, start
-
-    def __call__(self, input_ids: torch.Tensor, scores: Any = None, **kw) -> torch.Tensor:
-        out = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        for i, row in enumerate(input_ids.tolist()):
-            text = self.tok.decode(self.prefix + row[self.start:], skip_special_tokens=True)
-            out[i] = ANSWER_STOP.search(text) is not None
-        return out
-
-
 def _strip(ids: list[int], eos: set[int], pad: int | None) -> list[int]:
     out = []
     for t in ids:
@@ -353,10 +337,7 @@ def _strip(ids: list[int], eos: set[int], pad: int | None) -> list[int]:
 
 
 def _eos_ids(probe) -> set[int]:
-    e = probe.hf_model.generation_config.eos_token_id
-    if e is None:
-        e = probe.tokenizer.eos_token_id
-    return set(e if isinstance(e, (list, tuple)) else [e]) - {None}
+    return set(probe.eos_token_ids)
 
 
 @torch.no_grad()
@@ -369,42 +350,21 @@ def _generate(probe, prompt_ids: list[int], prefix_resp: list[int], n: int, cfg:
     """
     if cfg.engine == "vllm":
         return _generate_vllm(probe, prompt_ids, prefix_resp, n, cfg, seed)
-    from transformers import DynamicCache, StoppingCriteriaList
-
-    model, tok = probe.hf_model, probe.tokenizer
-    # the KV-cache keyword: ``cache`` in current transformers, ``past_key_values`` before
-    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    ids = torch.tensor([prompt_ids + prefix_resp], device=probe.device)
-    T = ids.shape[1]
+    tok = probe.tokenizer
+    T = len(prompt_ids) + len(prefix_resp)
     room = probe.info.n_ctx - T
     if room < 1:
         raise InputError(f"prompt + response prefix is {T} tokens; the model takes at most {probe.info.n_ctx}.")
-    max_new = min(cfg.max_new_tokens, room)
     eos = _eos_ids(probe)
     pad = tok.pad_token_id if tok.pad_token_id is not None else next(iter(eos), 0)
-    base = None
-    if cfg.prefix_cache and T > 1:
-        base = DynamicCache(config=model.config)
-        model(input_ids=ids[:, :-1], use_cache=True, **{cache_kw: base})
-    out: list[list[int]] = []
-    devices = [probe.device] if probe.device.type == "cuda" else []
-    for b, start in enumerate(range(0, n, cfg.batch_size)):
-        m = min(cfg.batch_size, n - start)
-        kw: dict[str, Any] = {}
-        if base is not None:
-            c = copy.deepcopy(base)
-            c.batch_repeat_interleave(m)
-            kw[cache_kw] = c
-        if cfg.stop_at_answer:
-            kw["stopping_criteria"] = StoppingCriteriaList([_AnswerStop(tok, prefix_resp, T)])
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed + b)
-            gen = model.generate(input_ids=ids.expand(m, -1), attention_mask=torch.ones(m, T, dtype=torch.long, device=ids.device),
-                                 do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
-                                 max_new_tokens=max_new, pad_token_id=pad, eos_token_id=sorted(eos) or None, **kw)
-        for row in gen[:, T:].tolist():
-            out.append(_strip(row, eos, pad))
-    return out
+
+    def answered(new: list[int]) -> bool:  # the text (response prefix + new tokens) has a written answer
+        return ANSWER_STOP.search(tok.decode(prefix_resp + new, skip_special_tokens=True)) is not None
+
+    rows = probe.sample(prompt_ids + prefix_resp, n, max_new_tokens=min(cfg.max_new_tokens, room), temperature=cfg.temperature,
+                        top_p=cfg.top_p, seed=seed, batch_size=cfg.batch_size, eos=eos, pad=pad,
+                        stop=answered if cfg.stop_at_answer else None, prefix_cache=cfg.prefix_cache)
+    return [_strip(row, eos, pad) for row in rows]
 
 
 _VLLM: dict[str, Any] = {}

@@ -318,25 +318,6 @@ def max_prompt_tokens(n_layers: int, n_heads: int, max_memory_gb: float, itemsiz
 
 
 # ============================================================================ hook plumbing
-class _Tap(Reducer):
-    """A reducer that hands each incoming site tensor to a callback (the layer's decomposer)."""
-
-    kind = "tap"
-
-    def __init__(self, fn: Callable[[torch.Tensor], None]):
-        super().__init__(dims=None)
-        self.fn = fn
-
-    def _update(self, x: torch.Tensor) -> None:
-        self.fn(x)
-
-    def _state(self) -> dict[str, Any]:
-        return {}
-
-    def finalize(self) -> None:
-        return None
-
-
 class _Decomposer:
     """Computes one prompt's importances layer by layer.
 
@@ -370,8 +351,9 @@ class _Decomposer:
         self._cur: dict[str, torch.Tensor] = {}
         self._layers: list[dict[str, torch.Tensor]] = [{} for _ in range(self.L)]
 
-    def reads(self) -> dict[str, Reducer]:
-        r: dict[str, Reducer] = {}
+    def reads(self) -> dict[str, Callable[[torch.Tensor], None]]:
+        """Read functions for ``probe.run``: each site's tensor goes to :meth:`visit` inside the hook."""
+        r: dict[str, Callable[[torch.Tensor], None]] = {}
         for L in range(self.L):
             kinds = ["resid_pre", "v", "pattern", "mlp_out", "resid_post"]
             if not self.parallel:
@@ -380,7 +362,7 @@ class _Decomposer:
                 kinds.append("mlp_post")
             for k in kinds:
                 name = Site(k, L).name
-                r[name] = _Tap(lambda x, L=L, k=k: self.visit(L, k, x))
+                r[name] = lambda x, L=L, k=k: self.visit(L, k, x)
         return r
 
     def visit(self, L: int, kind: str, x: torch.Tensor) -> None:

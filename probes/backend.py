@@ -5,7 +5,9 @@ A probe owns the HF model, its tokenizer and a summary (:class:`ModelInfo`). Its
     logits = probe.run(tokens, reads={"blocks.3.hook_resid_post": Mean(dims=(0,))},
                        edits=[Ablate("blocks.5.attn.hook_z", heads=[3])])
 
-streams each read site's tensor through its reducers inside the hook and applies the edits there.
+streams each read site's tensor through its reducers (or hands it to a function) inside the hook and
+applies the edits there. :meth:`Probe.decoder` decodes token by token over a KV cache with the same
+edits, and :meth:`Probe.sample` draws rollouts (:mod:`probes.generation`).
 Backends (:mod:`probes.tl`, :mod:`probes.nns`) only locate site tensors; edits, derived sites and
 reducer updates happen here, so every backend computes the same statistics the same way.
 """
@@ -18,7 +20,7 @@ import hashlib
 import json
 import threading
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Literal, Mapping, Sequence
 
 import torch
 
@@ -28,19 +30,21 @@ from .errors import ConfigError, InputError, OutOfMemoryError, UnknownSiteError
 from .reducers import Reducer
 from .sites import Site, execution_order, parse_site
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # types of the weights API (its module is imported at call time)
+if TYPE_CHECKING:  # types of the weights and generation APIs (their modules are imported at call time)
     from collections.abc import Iterator
     from contextlib import AbstractContextManager as ContextManager
     from pathlib import Path
 
+    from .generation import Decoder
     from .weights import AdaptedModel, Factor, LoraSpec, WeightSpec
 
-__all__ = ["Probe", "ModelInfo", "Reads", "BACKENDS"]
+__all__ = ["Probe", "ModelInfo", "Reads", "Read", "BACKENDS", "FEATURES", "Feature"]
 
 BACKENDS = ("nnsight", "transformer_lens")
-Reads = Mapping["str | Site", "Reducer | Sequence[Reducer]"]
+Read = Reducer | Callable[[torch.Tensor], None]  # a reducer, or a function called with the site's tensor
+Reads = Mapping["str | Site", "Read | Sequence[Read]"]
+Feature = Literal["resid_mid", "pattern", "pattern_edit", "gqa", "generate", "remote"]
+FEATURES: tuple[str, ...] = Feature.__args__
 
 
 @dataclass(frozen=True)
@@ -109,15 +113,16 @@ class _Plan:
     """What one run does at each site: reducers to update and edits to apply, in execution order."""
 
     def __init__(self, probe: "Probe", reads: Reads | None, edits: Sequence[Edit]):
-        self.reads: dict[Site, list[Reducer]] = {}
+        self.reads: dict[Site, list[Read]] = {}
         self.edits: dict[Site, list[Edit]] = {}
         n = probe.info.n_layers
         for key, reds in (reads or {}).items():
             s = parse_site(key, n)
-            reds = [reds] if isinstance(reds, Reducer) else list(reds)
+            reds = [reds] if isinstance(reds, Reducer) or callable(reds) else list(reds)
             for r in reds:
-                if not isinstance(r, Reducer):
-                    raise ConfigError(f"reads[{s.name!r}] must be a Reducer (or a list of them), got {type(r).__name__}.")
+                if not (isinstance(r, Reducer) or callable(r)):
+                    raise ConfigError(f"reads[{s.name!r}] must be a Reducer or a function of the tensor (or a list of them), "
+                                      f"got {type(r).__name__}.")
             self.reads.setdefault(s, []).extend(reds)
         for e in edits or ():
             if not isinstance(e, Edit):
@@ -157,7 +162,7 @@ class Probe:
     """A loaded model with Sonde's read/edit API. Create it with :func:`probes.load_model`.
 
     A probe may be shared between threads (a dashboard's pages and its background runs): every method
-    that runs the model (``run``, ``cache``, ``forward``, ``unembed``) holds the probe's re-entrant lock,
+    that runs the model (``run``, ``cache``, ``forward``, ``unembed``, a decoder's ``feed``, ``sample``) holds the probe's re-entrant lock,
     so forward passes never interleave and each sees only its own reads and edits. Hold
     :meth:`session` to make several calls one atomic step.
     """
@@ -186,8 +191,16 @@ class Probe:
             yield self
 
     # ----------------------------------------------------------------------------- features
-    def supports(self, feature: str) -> bool:
-        """Feature flags: ``resid_mid``, ``pattern``, ``pattern_edit``, ``gqa``, ``generate``, ``remote``."""
+    def supports(self, feature: Feature) -> bool:
+        """Whether this probe has ``feature``, one of :data:`FEATURES`: ``resid_mid`` (sequential blocks),
+        ``pattern`` (read attention patterns), ``pattern_edit``, ``gqa`` (fewer KV heads than query heads),
+        ``generate`` (:meth:`decoder`, :meth:`sample`), ``remote`` (runs on NDIF)."""
+        if feature not in FEATURES:
+            import difflib
+
+            close = difflib.get_close_matches(str(feature), FEATURES, n=1)
+            raise ConfigError(f"unknown feature {feature!r}.",
+                              hint=(f"Did you mean {close[0]!r}? " if close else "") + f"Features: {', '.join(FEATURES)}.")
         return {
             "resid_mid": self.arch.resid_mid is not None,
             "pattern": True,
@@ -195,7 +208,7 @@ class Probe:
             "gqa": self.info.n_kv_heads < self.info.n_heads,
             "generate": True,
             "remote": False,
-        }.get(feature, False)
+        }[feature]
 
     def _check_site(self, s: Site) -> None:
         if s.kind == "resid_mid" and not self.supports("resid_mid"):
@@ -396,7 +409,8 @@ class Probe:
 
         Args:
             tokens: ids ``[B, T]`` (or ``[T]``).
-            reads: site name (or :class:`Site`) -> reducer or list of reducers.
+            reads: site name (or :class:`Site`) -> a reducer, a function ``fn(x)`` called with the site's tensor
+                inside the hook (after the edits; to stream a computation without keeping the tensor), or a list of them.
             edits: interventions (:mod:`probes.edits`).
             attention_mask: ``[B, T]`` padding mask (1 = real token), if the batch is padded.
             return_logits: return the logits ``[B, T, V]``; ``False`` returns ``None``.
@@ -423,6 +437,41 @@ class Probe:
         self.run(tokens, reads=reds, edits=edits, return_logits=False)
         return {s.name: r.finalize() for s, r in reds.items()}
 
+    def decoder(self, edits: Sequence[Edit] = (), *, rows: Sequence[bool] | torch.Tensor | None = None) -> "Decoder":
+        """An incremental decoder over a KV cache (:class:`probes.generation.Decoder`)::
+
+            dec = probe.decoder(edits=[Ablate("blocks.1.attn.hook_z", heads=[0])], rows=[False, True])
+            logits = dec.feed(prompt_ids)      # [B, s] -> next-token logits [B, V]
+            logits = dec.feed(next_ids)        # [B], one token per row -> [B, V]
+            branch = dec.fork(12, batch=4)     # copy of the first 12 tokens' cache, each row 4 times
+
+        ``edits`` apply at every fed position to the rows where ``rows`` is True (all rows if None).
+        """
+        from .generation import Decoder
+
+        return Decoder(self, edits, rows)
+
+    def sample(self, tokens: Sequence[int], n: int, *, max_new_tokens: int, temperature: float = 1.0,
+               top_p: float | None = None, top_k: int | None = None, seed: int = 0, batch_size: int = 64,
+               eos: Iterable[int] | None = None, pad: int | None = None,
+               stop: Callable[[list[int]], bool] | None = None, prefix_cache: bool = True) -> list[list[int]]:
+        """``n`` sampled continuations (new ids per row, ``pad`` after EOS) of the prefix ``tokens``, its KV cache
+        computed once; batch ``b`` samples under torch seed ``seed + b``. See :func:`probes.generation.sample`."""
+        from .generation import sample
+
+        return sample(self, tokens, n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                      seed=seed, batch_size=batch_size, eos=None if eos is None else list(eos), pad=pad, stop=stop,
+                      prefix_cache=prefix_cache)
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """Ids that end generation: the generation config's ``eos_token_id`` (one id or several), else the tokenizer's."""
+        gc = getattr(self.hf_model, "generation_config", None)
+        e = getattr(gc, "eos_token_id", None)
+        if e is None:
+            e = self.tokenizer.eos_token_id
+        return tuple(sorted(set(e if isinstance(e, (list, tuple)) else [e]) - {None}))
+
     def _ids(self, tokens) -> torch.Tensor:
         if isinstance(tokens, str):
             raise InputError("run() takes token ids; call probe.to_tokens(text) first.")
@@ -446,13 +495,13 @@ class Probe:
             new = e.apply(x if new is None else new)
         cur = x if new is None else new
         for r in plan.reads.get(s, ()):
-            r.update(cur)
+            r.update(cur) if isinstance(r, Reducer) else r(cur)
         if s.kind == "z":
             rs = plan.reads.get(Site("result", s.layer))
             if rs:
                 res = torch.einsum("bthe,hed->bthd", cur.to(self.W_O(s.layer).dtype), self.W_O(s.layer))
                 for r in rs:
-                    r.update(res)
+                    r.update(res) if isinstance(r, Reducer) else r(res)
         return new
 
     def _run(self, ids: torch.Tensor, plan: _Plan, attention_mask: torch.Tensor | None) -> torch.Tensor:  # pragma: no cover

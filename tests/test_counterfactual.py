@@ -129,7 +129,7 @@ def test_factual_frequencies_match_softmax_chi_square(llama):
     tau, n = 0.7, 3000
     logits = llama.forward(ids)[0, -1].float()
     p = torch.softmax(logits / tau, -1).double()
-    g = cf._decode(llama, ids.expand(n, -1), cache=None, noises=[cf._Noise(11, s) for s in range(n)], step0=0, n_steps=1,
+    g = cf._decode(llama, ids.expand(n, -1), prefix=None, noises=[cf._Noise(11, s) for s in range(n)], step0=0, n_steps=1,
                    temperature=tau, top_k=None, top_p=None, stop_at_eos=False)
     counts = torch.bincount(torch.tensor([t[0] for t in g.tokens]), minlength=p.numel()).double()
     exp = p * n
@@ -140,7 +140,7 @@ def test_factual_frequencies_match_softmax_chi_square(llama):
     ex = ex * obs.sum() / ex.sum()
     assert chisquare(obs.numpy(), ex.numpy()).pvalue > 0.001
     # top-k: never outside the set
-    g = cf._decode(llama, ids.expand(500, -1), cache=None, noises=[cf._Noise(3, s) for s in range(500)], step0=0, n_steps=1,
+    g = cf._decode(llama, ids.expand(500, -1), prefix=None, noises=[cf._Noise(3, s) for s in range(500)], step0=0, n_steps=1,
                    temperature=1.0, top_k=3, top_p=None)
     assert {t[0] for t in g.tokens} <= set(torch.topk(logits, 3).indices.tolist())
 
@@ -189,14 +189,17 @@ def test_reproducible_from_seed(llama):
     assert cf.run(llama, PROMPT, "none", config=c.replace(seed=22)).factual != a.factual
 
 
-def test_model_edit_hook_equals_probe_ablation(llama):
-    """The generation-time head ablation (o_proj pre-hook) equals probe.run's Ablate on hook_z."""
+def test_model_edit_decodes_like_probe_ablation(llama):
+    """A model edit decodes with probe Ablate edits on hook_z / mlp.hook_post, on the counterfactual rows only."""
+    iv = cf.ModelEdit(heads=((1, 2),), neurons=((0, 5),))
+    assert cf._ablations(iv) == [Ablate("blocks.1.attn.hook_z", heads=[2]), Ablate("blocks.0.mlp.hook_post", neurons=[5])]
     ids = llama.to_tokens(PROMPT)
-    ref = llama.run(ids, edits=[Ablate("blocks.1.attn.hook_z", heads=[2])])
-    with cf._model_edit(llama, cf.ModelEdit(heads=((1, 2),)), torch.tensor([True])):
-        got = llama.hf_model(input_ids=ids).logits
-    assert torch.allclose(ref, got, atol=1e-5)
-    assert not torch.allclose(llama.forward(ids), got, atol=1e-5)
+    c = cf.Config(max_new_tokens=6, temperature=0.0, stop_at_eos=False)
+    g = cf._decode(llama, ids.expand(2, -1), prefix=None, noises=[cf._Noise(0)] * 2, step0=0, n_steps=6, temperature=0.0,
+                   top_k=None, top_p=None, stop_at_eos=False, edit=iv, edit_rows=torch.tensor([False, True]))
+    seq = torch.cat([ids[0], torch.tensor(g.tokens[1][:-1])])[None]
+    want = llama.run(seq, edits=cf._ablations(iv))[0, ids.shape[1] - 1:].argmax(-1).tolist()
+    assert g.tokens[1] == want and g.tokens[0] == cf.generate(llama, PROMPT, c)[0]
     r = cf.run(llama, PROMPT, "ablate:L1H2,L0N5", config=cf.Config(max_new_tokens=10, temperature=1.0))
     assert r.intervention == "ablate:L1H2,L0N5" and len(r.rows) == 2
 

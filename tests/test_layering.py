@@ -8,14 +8,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 ANALYSES = sorted(p for p in (ROOT / "analyses").rglob("*.py"))
-# Text generation still drives the HF model directly in these modules until the probe's generation API lands.
-_GENERATION = {"analyses/critical.py", "analyses/counterfactual.py"}
 
 
 def _param(p: Path):
-    rel = p.relative_to(ROOT).as_posix()
-    marks = [pytest.mark.xfail(strict=False, reason="generation API lands separately")] if rel in _GENERATION else []
-    return pytest.param(p, id=rel, marks=marks)
+    return pytest.param(p, id=p.relative_to(ROOT).as_posix())
 
 
 def test_the_scan_sees_the_analyses():

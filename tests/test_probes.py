@@ -176,3 +176,95 @@ def test_padded_batch_matches_unpadded(tiny):
     a, b = c1.finalize()[0], c2.finalize()[0]
     n = short.shape[1]
     torch.testing.assert_close(b[:, -n:, -n:], a, atol=1e-5, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- incremental decoding
+DECODE_TOL = dict(atol=2e-6, rtol=1e-5)  # cached vs full-forward logits, fp32 tiny models: measured max |diff| 2.4e-7
+
+
+@pytest.mark.parametrize("backend", ["nnsight", "transformer_lens"])
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_decoder_matches_full_forward_every_step(tiny, family, backend):
+    p = tiny(family, backend=backend)
+    toks = p.to_tokens(["decode me", "and me too"], prepend_bos=True)
+    dec = p.decoder()
+    logits = dec.feed(toks)
+    seq = toks
+    for _ in range(5):
+        torch.testing.assert_close(logits, p.forward(seq)[:, -1], **DECODE_TOL)
+        nxt = logits.argmax(-1)
+        seq = torch.cat([seq, nxt[:, None]], dim=1)
+        logits = dec.feed(nxt)
+    torch.testing.assert_close(logits, p.forward(seq)[:, -1], **DECODE_TOL)
+    assert dec.length == seq.shape[1] and torch.equal(dec.tokens, seq)
+    # a fork continues the first n tokens of every row, each row twice
+    n = toks.shape[1] + 2
+    branch = dec.fork(n, batch=2)
+    if backend == "transformer_lens":  # the bridge leaves the HF cache empty: nothing to fork, the decoder re-runs
+        assert branch is None
+        return
+    nxt = torch.tensor([7, 9, 11, 13])
+    want = p.forward(torch.cat([seq[:, :n].repeat_interleave(2, 0), nxt[:, None]], dim=1))[:, -1]
+    torch.testing.assert_close(branch.feed(nxt), want, **DECODE_TOL)
+    assert dec.fork(0) is None and dec.fork(seq.shape[1] + 1) is None
+
+
+@pytest.mark.parametrize("backend", ["nnsight", "transformer_lens"])
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_decoder_edits_on_chosen_rows_equal_a_full_run(tiny, family, backend):
+    p = tiny(family, backend=backend)
+    edits = [Ablate("blocks.1.attn.hook_z", heads=[0, 2]), Ablate("blocks.0.mlp.hook_post", neurons=[1, 5, 7]),
+             AddVector("blocks.0.hook_resid_post", vector=torch.randn(p.info.d_model))]
+    toks = p.to_tokens("edit while decoding", prepend_bos=True).repeat(2, 1)
+    dec = p.decoder(edits, rows=[True, False])
+    logits, seq = dec.feed(toks), toks
+    for t in (5, 17, 33):
+        edited, plain = p.run(seq, edits=edits)[0, -1], p.forward(seq)[1, -1]
+        torch.testing.assert_close(logits[0], edited, **DECODE_TOL)
+        torch.testing.assert_close(logits[1], plain, **DECODE_TOL)
+        assert (edited - plain).abs().max() > 1e-3  # the edits change the logits
+        seq = torch.cat([seq, torch.tensor([[t], [t]])], dim=1)
+        logits = dec.feed(torch.tensor([t, t]))
+
+
+def test_decoder_bad_input(tiny):
+    p = tiny("llama")
+    with pytest.raises(ConfigError, match="cannot be edited while decoding"):
+        p.decoder([ZeroAttention(layer=0, heads=[1])])
+    with pytest.raises(ConfigError, match="positions"):
+        p.decoder([Ablate("blocks.0.hook_resid_pre", positions=[1])])
+    dec = p.decoder([Ablate("blocks.0.attn.hook_z", heads=[1])], rows=[True])
+    with pytest.raises(ConfigError, match="one boolean per row"):
+        dec.feed(torch.tensor([[1, 5], [1, 6]]))
+    with pytest.raises(InputError, match=r"\[B, s\]"):
+        p.decoder().feed(torch.zeros(1, 0, dtype=torch.long))
+
+
+def test_supports_names_the_legal_features(tiny):
+    p = tiny("llama")
+    assert p.supports("generate") and p.supports("gqa") and not p.supports("remote")
+    with pytest.raises(ConfigError, match="Did you mean 'generate'.*resid_mid, pattern"):
+        p.supports("generat")
+
+
+def test_read_functions_see_the_site_tensor(tiny):
+    p = tiny("gpt2")
+    toks = p.to_tokens("read me", prepend_bos=True)
+    seen = []
+    p.run(toks, reads={"blocks.1.attn.hook_result": seen.append, "blocks.0.hook_resid_post": [seen.append, Mean()]},
+          return_logits=False)
+    want = p.cache(toks, ["blocks.0.hook_resid_post", "blocks.1.attn.hook_result"])
+    torch.testing.assert_close(seen[0], want["blocks.0.hook_resid_post"])
+    torch.testing.assert_close(seen[1], want["blocks.1.attn.hook_result"])
+
+
+def test_sample_is_seeded_and_stops(tiny):
+    p = tiny("llama")
+    assert p.eos_token_ids == (2,)
+    prefix = p.to_tokens("roll", prepend_bos=True)[0].tolist()
+    a = p.sample(prefix, 5, max_new_tokens=6, seed=3, batch_size=2)
+    b = p.sample(prefix, 5, max_new_tokens=6, seed=3, batch_size=2, prefix_cache=False)
+    assert a == b and len(a) == 5 and all(len(r) <= 6 for r in a)
+    assert p.sample(prefix, 5, max_new_tokens=6, seed=4, batch_size=2) != a
+    short = p.sample(prefix, 3, max_new_tokens=6, seed=3, stop=lambda new: len(new) >= 2)
+    assert all(len(r) == 2 for r in short)
