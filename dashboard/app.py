@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import streamlit as st
 
-from dashboard.workbench import PAGES
-
 
 def main() -> None:
     st.set_page_config(page_title="Sonde", page_icon="🔭", layout="wide")
     from dashboard import warm
 
-    warm.wait_imports()  # `sonde dashboard` imports torch & co. in a warming thread: pages import after it
+    warm.wait_imports()  # `sonde dashboard` imports torch & co. in a warming thread: the app imports after it
+    from dashboard.workbench import PAGES
     pages = [st.Page(spec.path, title=spec.title, icon=spec.icon, url_path=name) for name, spec in PAGES.items()]
 
     def home() -> None:
