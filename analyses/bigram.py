@@ -58,7 +58,7 @@ from .core.base import Result, Timer, option, register_result, stored
 from .core import store
 
 __all__ = [
-    "Config", "BigramResult", "BigramTable", "MaskSet", "run", "evaluate", "train_mask", "apply_mask",
+    "Config", "BigramResult", "BigramTable", "MaskSet", "run", "result_key", "evaluate", "train_mask", "apply_mask",
     "load_corpus_ids", "builtin_corpus_text", "train_table", "masked_weights", "mask_overlap", "unit_sparsity",
     "compare_predictions", "soft_cross_entropy", "surprisal_bits", "binarize", "temperature_after",
     "short_run_config", "bigram_entropy_nats", "ship_result", "default_result", "DEFAULT_RESULT", "doc_figures",
@@ -823,6 +823,19 @@ def _corpus_label(corpus) -> str:
     return str(corpus) if isinstance(corpus, (str, Path)) else "ids"
 
 
+def _input_hash(corpus, ids: torch.Tensor) -> str:
+    """The input hash of a run on ``corpus`` (tokenized to ``ids`` ``[N]``): its label and its ids."""
+    return store.hash_inputs(_corpus_label(corpus), ids)
+
+
+def result_key(probe, corpus: "str | Path | torch.Tensor | Sequence[int]" = "builtin", config: Config = Config()) -> str:
+    """The key ``run(probe, corpus, config).key`` will have, computed without training (the corpus is only
+    tokenized): the store and the dashboard find a saved mask by it."""
+    if not isinstance(config, Config):
+        raise ConfigError(f"config must be analyses.bigram.Config, got {type(config).__name__}.")
+    return BigramResult.key_for(probe, config, _input_hash(corpus, load_corpus_ids(probe, corpus)))
+
+
 def run(probe, corpus: "str | Path | torch.Tensor | Sequence[int]" = "builtin", config: Config = Config(), *,
         evaluate: bool = True, checkpoint: str | Path | None = None, checkpoint_every: int = 50,
         progress: Callable[[dict], None] | None = None, table: BigramTable | None = None) -> BigramResult:
@@ -844,7 +857,7 @@ def run(probe, corpus: "str | Path | torch.Tensor | Sequence[int]" = "builtin", 
         ids = load_corpus_ids(probe, corpus)
         train_rows, eval_rows = _split_rows(ids, config)
         table = table or train_table(ids, config, probe.info.d_vocab)
-    input_hash = store.hash_inputs(_corpus_label(corpus), ids)
+    input_hash = _input_hash(corpus, ids)
     weights = masked_weights(probe, config.layers)  # fail early on a model the masker does not handle
     if math.isinf(config.lam):  # keep-nothing baseline: no training
         masks = {w.path: torch.zeros(w.shape, dtype=torch.bool) for w in weights}

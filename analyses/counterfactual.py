@@ -43,7 +43,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Literal, Sequence
+from typing import Any, Callable, ClassVar, Literal, Mapping, Sequence
 
 import pandas as pd
 import torch
@@ -57,7 +57,7 @@ from .core.base import Result, Timer, option, register_result, stored
 
 __all__ = [
     "Config", "BiasConfig", "CounterfactualResult", "BiasSweepResult", "TokenEdit", "PromptEdit", "ModelEdit",
-    "NoEdit", "parse_intervention", "run", "generate", "decision_scores", "bias_sweep", "branches", "gumbel_noise", "sampling_logprobs",
+    "NoEdit", "parse_intervention", "run", "result_key", "generate", "decision_scores", "bias_sweep", "bias_sweep_key", "branches", "gumbel_noise", "sampling_logprobs",
     "gumbel_max", "posterior_gumbel", "levenshtein", "divergence", "wilson", "DEFAULT_CATEGORIES", "starts_word",
     "encode_piece",
 ]
@@ -698,6 +698,19 @@ def encode_piece(tok: Any, text: str) -> list[int]:
     return ids
 
 
+def _input_hash(info: Mapping[str, Any], iv: Intervention, prompt: str, observed: str | Sequence[int] | None) -> str:
+    """The input hash of a counterfactual: the model, the parsed intervention, the prompt and the observed text."""
+    return store.hash_inputs("counterfactual", info["fingerprint"], {"iv": iv.label()}, prompt + "\x00" + str(observed or ""))
+
+
+def result_key(probe: Probe, prompt: str, intervention: str | Intervention = "none", *, config: Config = Config(),
+               observed: str | Sequence[int] | None = None) -> str:
+    """The key ``run(probe, prompt, intervention, config=config, observed=observed).key`` will have, computed
+    without generating anything: the store and the dashboard find a saved counterfactual by it."""
+    info = probe.info.to_dict()
+    return CounterfactualResult.key_for(info, config, _input_hash(info, parse_intervention(intervention, probe), prompt, observed))
+
+
 def run(probe: Probe, prompt: str, intervention: str | Intervention = "none", *, config: Config = Config(),
         observed: str | Sequence[int] | None = None) -> CounterfactualResult:
     """Factual generation (or an observed text) and its counterfactual under ``intervention``.
@@ -836,7 +849,7 @@ def run(probe: Probe, prompt: str, intervention: str | Intervention = "none", *,
     kinds = ("counterfactual",) * S + ("interventional",) * n_int
     info = probe.info.to_dict()
     return CounterfactualResult(
-        config=c, model=info, input_hash=store.hash_inputs("counterfactual", info["fingerprint"], {"iv": iv.label()}, prompt + "\x00" + str(observed or "")),
+        config=c, model=info, input_hash=_input_hash(info, iv, prompt, observed),
         timings=timer.seconds, prompt=prompt, cf_prompt=cf_prompt, intervention=iv.label(), edit_pos=edit_pos,
         factual=tuple(factual), factual_str=_strs(probe, factual), factual_logprob=torch.tensor(flp, dtype=torch.float32),
         alternatives=top[: len(factual)].long() if top is not None else torch.zeros(0, 5, dtype=torch.long),
@@ -903,6 +916,17 @@ def extract_category(text: str, categories: Sequence[tuple[str, str]]) -> str:
     return best
 
 
+def _bias_input_hash(info: Mapping[str, Any], config: BiasConfig) -> str:
+    """The input hash of a bias sweep: the model and the sweep's settings (template, groups, categories)."""
+    return store.hash_inputs("counterfactual.bias", info["fingerprint"], config.to_dict(), "")
+
+
+def bias_sweep_key(probe: Probe, config: BiasConfig = BiasConfig()) -> str:
+    """The key ``bias_sweep(probe, config).key`` will have, computed without generating anything."""
+    info = probe.info.to_dict()
+    return BiasSweepResult.key_for(info, config, _bias_input_hash(info, config))
+
+
 def bias_sweep(probe: Probe, config: BiasConfig = BiasConfig(), *, progress: Callable[[int], None] | None = None) -> BiasSweepResult:
     """Generate ``n_samples`` continuations per group with the same noise streams and compare the
     extracted attribute distributions (paper §4.3, prompt-edit form; total effect). ``progress(1)`` after each group."""
@@ -948,6 +972,6 @@ def bias_sweep(probe: Probe, config: BiasConfig = BiasConfig(), *, progress: Cal
                          "unchanged": unchanged / S, "unchanged_lo": u_lo, "unchanged_hi": u_hi})
     info = probe.info.to_dict()
     return BiasSweepResult(config=c, model=info, timings=timer.seconds,
-                           input_hash=store.hash_inputs("counterfactual.bias", info["fingerprint"], c.to_dict(), ""),
+                           input_hash=_bias_input_hash(info, c),
                            samples=pd.DataFrame(recs), summary=pd.DataFrame(rows))
 

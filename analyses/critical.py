@@ -49,7 +49,7 @@ from .core.store import hash_inputs
 from .tasks import ANSWER_STOP, Checker, CallableChecker, Problem, format_prompt, make_checker
 
 __all__ = [
-    "Config", "CriticalResult", "run", "search", "sample_trajectories", "rollout_success", "pass_at_k",
+    "Config", "CriticalResult", "run", "result_key", "search", "search_key", "sample_trajectories", "rollout_success", "pass_at_k",
     "find_critical", "step_cuts", "Trajectory", "TrainConfig", "train_contrastive", "contrastive_scores",
     "ce_token_scores", "compare_contrastive", "estimate_rollouts", "vllm_engine", "clopper_pearson", "SPRT",
     "token_decision", "cdpo_loss", "sequence_logps", "select_pairs", "select_sft", "CDPOConfig", "train_cdpo",
@@ -456,15 +456,8 @@ class _Trace:
     response_ids: list[int]
 
 
-def search(probe, prompt: str | Sequence[int], response: str | Sequence[int], checker: Callable[[str], bool] | Checker,
-           config: Config = Config(), *, question: str = "", reference: str = "", progress: Callable[[int], None] | None = None) -> "CriticalResult":
-    """Rollout search on one given (incorrect) trace.
-
-    Args:
-        prompt: prompt text (tokenised with the tokenizer's defaults) or ids.
-        response: the response text or ids (the trajectory ``y``).
-        checker: ``fn(text) -> bool`` grading ``response prefix ⊕ continuation``.
-    """
+def _search_ids(probe, prompt: str | Sequence[int], response: str | Sequence[int]) -> tuple[list[int], list[int]]:
+    """The prompt's ids (tokenized with the tokenizer's defaults) and the response's ids (no special tokens)."""
     p_ids = probe.to_tokens(prompt)[0].tolist() if isinstance(prompt, str) else list(prompt)
     if isinstance(response, str):
         if not response.strip():
@@ -474,13 +467,38 @@ def search(probe, prompt: str | Sequence[int], response: str | Sequence[int], ch
         r_ids = list(response)
     if not r_ids:
         raise InputError("the response has no tokens.", hint="Give the incorrect response text (or ids) to analyse.")
+    return p_ids, r_ids
+
+
+def _search_hash(p_ids: Sequence[int], r_ids: Sequence[int], reference: str) -> str:
+    """The input hash of a search. The reference grades the rollouts, so it is part of the input (a search
+    against another answer is another result)."""
+    return hash_inputs(p_ids, r_ids, reference) if reference else hash_inputs(p_ids, r_ids)
+
+
+def search_key(probe, prompt: str | Sequence[int], response: str | Sequence[int], config: Config = Config(), *,
+               reference: str = "") -> str:
+    """The key ``search(probe, prompt, response, checker, config, reference=reference).key`` will have, computed
+    without any rollout (the checker does not enter it): the store and the dashboard find a saved search by it."""
+    p_ids, r_ids = _search_ids(probe, prompt, response)
+    return CriticalResult.key_for(probe, config, _search_hash(p_ids, r_ids, reference))
+
+
+def search(probe, prompt: str | Sequence[int], response: str | Sequence[int], checker: Callable[[str], bool] | Checker,
+           config: Config = Config(), *, question: str = "", reference: str = "", progress: Callable[[int], None] | None = None) -> "CriticalResult":
+    """Rollout search on one given (incorrect) trace.
+
+    Args:
+        prompt: prompt text (tokenised with the tokenizer's defaults) or ids.
+        response: the response text or ids (the trajectory ``y``).
+        checker: ``fn(text) -> bool`` grading ``response prefix ⊕ continuation``.
+    """
+    p_ids, r_ids = _search_ids(probe, prompt, response)
     chk = checker if callable(checker) else CallableChecker(checker)
     tr = _Trace(0, 0, question, reference, p_ids, r_ids)
     timer = Timer()
     frames = _search_trace(probe, tr, chk, config, timer, progress)
-    # the reference grades the rollouts, so it is part of the input (a search against another answer is another result)
-    return _build_result(probe, config, [frames], pd.DataFrame(), timer,
-                         hash_inputs(p_ids, r_ids, reference) if reference else hash_inputs(p_ids, r_ids))
+    return _build_result(probe, config, [frames], pd.DataFrame(), timer, _search_hash(p_ids, r_ids, reference))
 
 
 def run(probe, problems: Sequence[Problem] | None = None, config: Config = Config(), *,
@@ -493,11 +511,7 @@ def run(probe, problems: Sequence[Problem] | None = None, config: Config = Confi
         checkers: one grader per problem (default: ``config.checker`` on the reference answer).
         n_traces: analyse at most this many incorrect traces (default: one per problem).
     """
-    from .tasks import builtin_arith
-
-    problems = list(problems) if problems is not None else builtin_arith(1, seed=config.seed)
-    if not problems:
-        raise InputError("no problems were given.", hint="Pass at least one Problem (e.g. analyses.tasks.builtin_arith(1)).")
+    problems = _problems(problems, config)
     chks = list(checkers) if checkers is not None else [make_checker(p, config.checker, config.tol) for p in problems]
     if config.engine == "vllm":
         vllm_engine(probe)  # fail before any sampling when vLLM or a GPU is missing
@@ -519,7 +533,28 @@ def run(probe, problems: Sequence[Problem] | None = None, config: Config = Confi
         prompt_ids = probe.to_tokens(format_prompt(probe, p))[0].tolist()
         traces.append(_search_trace(probe, _Trace(ti, pi, p.question, str(p.answer), prompt_ids, list(t.response_ids)),
                                     chks[pi], config, timer, progress))
-    return _build_result(probe, config, traces, tdf, timer, hash_inputs([(p.question, str(p.answer)) for p in problems]))
+    return _build_result(probe, config, traces, tdf, timer, _run_hash(problems))
+
+
+def _problems(problems: Sequence[Problem] | None, config: Config) -> list[Problem]:
+    """The problems of a run (default: one built-in arithmetic problem drawn with ``config.seed``)."""
+    from .tasks import builtin_arith
+
+    problems = list(problems) if problems is not None else builtin_arith(1, seed=config.seed)
+    if not problems:
+        raise InputError("no problems were given.", hint="Pass at least one Problem (e.g. analyses.tasks.builtin_arith(1)).")
+    return problems
+
+
+def _run_hash(problems: Sequence[Problem]) -> str:
+    """The input hash of a run: each problem's question and reference answer."""
+    return hash_inputs([(p.question, str(p.answer)) for p in problems])
+
+
+def result_key(probe, problems: Sequence[Problem] | None = None, config: Config = Config()) -> str:
+    """The key ``run(probe, problems, config).key`` will have, computed without sampling anything (checkers and
+    ``n_traces`` do not enter it): the store and the dashboard find a saved run by it."""
+    return CriticalResult.key_for(probe, config, _run_hash(_problems(problems, config)))
 
 
 def _search_trace(probe, tr: _Trace, checker, cfg: Config, timer: Timer, progress) -> dict[str, Any]:

@@ -44,7 +44,7 @@ from .core.base import option, stored
 from .sinks import bos_flag, collect_stats, next_token_loss
 from .core.store import hash_inputs
 
-__all__ = ["Config", "DormantResult", "run", "dormant_map", "status_flips", "detect_sink", "sink_mass_at", "AttendToPositions"]
+__all__ = ["Config", "DormantResult", "run", "result_key", "dormant_map", "status_flips", "detect_sink", "sink_mass_at", "AttendToPositions"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -306,6 +306,23 @@ def _pick_heads(config: Config, sink_mass: torch.Tensor, dormant: torch.Tensor, 
     return [(int(i) // n_heads, int(i) % n_heads) for i in idx]
 
 
+def _batches(probe, domains: Sequence[str] | Mapping[str, Sequence[str]], config: Config) -> list:
+    """The domains' sampled token batches (:func:`analyses.core.domains.resolve`), one per domain."""
+    return _domains.resolve(probe, domains, n=config.n_samples, T=config.T, seed=config.seed, prepend_bos=bos_flag(config.bos))
+
+
+def _input_hash(batches: Sequence) -> str:
+    """The input hash of a dormant run: every domain's tokens and its name."""
+    return hash_inputs([b.tokens for b in batches], [b.name for b in batches])
+
+
+def result_key(probe, domains: Sequence[str] | Mapping[str, Sequence[str]] = ("prose", "code", "arithmetic"), *,
+               config: Config = Config()) -> str:
+    """The key ``run(probe, domains, config=config).key`` will have, computed without running the model (the
+    domains are only tokenized and sampled): the store and the dashboard find a saved result by it."""
+    return DormantResult.key_for(probe, config, _input_hash(_batches(probe, domains, config)))
+
+
 def run(probe, domains: Sequence[str] | Mapping[str, Sequence[str]] = ("prose", "code", "arithmetic"), *,
         config: Config = Config(), progress=None) -> DormantResult:
     """Sink mass, value drains, residual peaks and the dormant map per domain, plus the causal check.
@@ -318,8 +335,7 @@ def run(probe, domains: Sequence[str] | Mapping[str, Sequence[str]] = ("prose", 
     """
     timer = base.Timer()
     with timer("tokenize"):
-        batches = _domains.resolve(probe, domains, n=config.n_samples, T=config.T, seed=config.seed,
-                                   prepend_bos=bos_flag(config.bos))
+        batches = _batches(probe, domains, config)
     for b in batches:
         if b.tokens.shape[0] == 0:
             raise InputError(f"domain {b.name!r}: all {b.n_skipped} texts are shorter than T={config.T} tokens.",
@@ -386,7 +402,7 @@ def run(probe, domains: Sequence[str] | Mapping[str, Sequence[str]] = ("prose", 
         tested = ~torch.isnan(delta)
         dormant = dormant & ~(tested & (delta.abs() >= config.delta))
     return DormantResult(
-        config=config, model=probe.info.to_dict(), input_hash=hash_inputs([b.tokens for b in batches], list(names)),
+        config=config, model=probe.info.to_dict(), input_hash=_input_hash(batches),
         timings=timer.seconds, domains=names, sink_mass=sink_mass, max_other_mass=max_other,
         value_norm=torch.stack([st["value_norm"] for st in stats]), resid_norm=torch.stack([st["resid_norm"] for st in stats]),
         loss=loss, delta_loss=delta, dormant=dormant, tested=tuple(head_label(l, h) for l, h in heads),

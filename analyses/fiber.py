@@ -80,7 +80,7 @@ from .core.base import Config as _BaseConfig
 from .core.base import Result, Timer, option, register_result, stored
 
 __all__ = [
-    "Config", "FiberResult", "run", "load_matrix", "knn_distances", "pointwise_slopes", "welch_scan",
+    "Config", "FiberResult", "run", "result_key", "load_matrix", "knn_distances", "pointwise_slopes", "welch_scan",
     "stratify", "calibration", "calibrate_p", "adjust_p", "token_kind", "neighborhood", "spacing_scores", "spacing_scan",
     "spacing_p", "simulate_scan_min_p",
 ]
@@ -906,6 +906,48 @@ def _resolve(probe: Probe | None, embeddings: Any, config: Config) -> tuple[torc
     return load_matrix(config.matrix, config.matrix_key), Path(config.matrix).name
 
 
+_MODEL_SOURCES = ("input (W_E)", "output (W_U.T)")  # the sources :func:`_resolve` names for a probe's own matrices
+
+
+def _as_tested(E: torch.Tensor, config: Config) -> torch.Tensor:
+    """The float32 matrix ``[V, ℓ]`` the test reads (parity mode rounds it through float16 first)."""
+    E = E.float()
+    if config.mode == "parity":  # the released script casts to float16 before the distances
+        E16 = E.half()
+        if not torch.isfinite(E16).all():
+            raise InputError("the matrix overflows float16, which parity mode reproduces.", hint="Use mode='calibrated'.")
+        E = E16.float()
+    return E
+
+
+def _queries(V: int, config: Config) -> torch.Tensor:
+    """The row ids ``[n]`` that are tested: ``config.tokens``, else every row of the ``V``-row matrix."""
+    return torch.arange(V) if config.tokens is None else torch.tensor(config.tokens, dtype=torch.long)
+
+
+def _identity(probe: Probe | None, embeddings: Any, source: str, E: torch.Tensor | None, q: torch.Tensor
+              ) -> tuple[dict[str, Any], str]:
+    """The result's model (its fingerprint names the matrix when it is not the probe's own) and its input hash.
+
+    ``E`` is the tested matrix (:func:`_as_tested`); it is read only when the matrix is not the probe's own
+    (``None`` is allowed then)."""
+    model = probe.info.to_dict() if probe is not None else {"name": source, "fingerprint": store.hash_inputs(E)[:16]}
+    if probe is not None and source not in _MODEL_SOURCES and embeddings is None:
+        model = {**model, "fingerprint": store.hash_inputs(model.get("fingerprint", ""), E)[:16]}
+    return model, store.hash_inputs(source, q) if embeddings is None else store.hash_inputs(E, q)
+
+
+def result_key(probe: Probe | None = None, *, embeddings: Any = None, config: Config = Config()) -> str:
+    """The key ``run(probe, embeddings=embeddings, config=config).key`` will have, computed without the
+    neighbour search: the store and the dashboard find a saved result by it. A file or array matrix is read
+    and hashed; a probe's own ``W_E`` / ``W_U`` is not copied."""
+    M, source = _resolve(probe, embeddings, config)
+    own = probe is not None and embeddings is None and source in _MODEL_SOURCES
+    E = None if own else _as_tested(M, config)
+    model, input_hash = _identity(probe, embeddings, source, E, _queries(M.shape[0], config))
+    return FiberResult.key_for(model, config, input_hash)
+
+
 def run(probe: Probe | None = None, *, embeddings: Any = None, token_strs: Sequence[str] | None = None, config: Config = Config(),
         progress: Callable[[int, int], None] | None = None) -> FiberResult:
     """Run the fiber-bundle / manifold test.
@@ -928,11 +970,7 @@ def _prepare(probe: Probe | None, embeddings: Any, config: Config, progress: Cal
         E, source = _resolve(probe, embeddings, config)
         E = E.float()
         _check_matrix(E, config.vol_max)
-        if config.mode == "parity":  # the released script casts to float16 before the distances
-            E16 = E.half()
-            if not torch.isfinite(E16).all():
-                raise InputError("the matrix overflows float16, which parity mode reproduces.", hint="Use mode='calibrated'.")
-            E = E16.float()
+        E = _as_tested(E, config)
     V, dim = E.shape
     dev = config.device
     if dev == "auto":
@@ -941,7 +979,7 @@ def _prepare(probe: Probe | None, embeddings: Any, config: Config, progress: Cal
         from probes import DeviceError
 
         raise DeviceError(f"device={config.device!r} but CUDA is not available.", hint="Use device='cpu' or 'auto'.")
-    q = torch.arange(V) if config.tokens is None else torch.tensor(config.tokens, dtype=torch.long)
+    q = _queries(V, config)
     if q.numel() and int(q.max()) >= V:
         raise ConfigError(f"tokens includes {int(q.max())}, but the matrix has {V} rows (0..{V - 1}).",
                           hint=f"Pick row ids below {V}.")
@@ -1004,11 +1042,9 @@ def _finish(config: Config, *, dist: torch.Tensor, idx: torch.Tensor, q: torch.T
         rows = torch.zeros(0, dtype=torch.long)
     else:
         rows = (torch.as_tensor(st["p_scan"]) < config.alpha).nonzero()[:, 0]
-    model = probe.info.to_dict() if probe is not None else {"name": source, "fingerprint": store.hash_inputs(E)[:16]}
-    if probe is not None and source not in ("input (W_E)", "output (W_U.T)") and embeddings is None:
-        model = {**model, "fingerprint": store.hash_inputs(model.get("fingerprint", ""), E)[:16]}
+    model, input_hash = _identity(probe, embeddings, source, E, q)
     return FiberResult(
-        config=config, model=model, input_hash=store.hash_inputs(source, q) if embeddings is None else store.hash_inputs(E, q),
+        config=config, model=model, input_hash=input_hash,
         timings=timer.seconds, source=source, n_points=V, dim=dim, token_ids=q, token_strs=strs, kinds=kinds,
         p_manifold=st["p_scan"].double(), p_raw_min=st["p_raw_min"].double(), p_large=p_large.double(),
         n_segments=st["n_segments"], testable=st["testable"], n_zero=n_zero, seg_start_volume=seg_vol,

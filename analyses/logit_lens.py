@@ -31,7 +31,7 @@ from .core import store
 from .core.base import Config as _BaseConfig
 from .core.base import Result, Timer, option, register_result, stored
 
-__all__ = ["Config", "LogitLensResult", "run", "lens_topk", "target_probs"]
+__all__ = ["Config", "LogitLensResult", "run", "result_key", "lens_topk", "target_probs"]
 
 _CHUNK_ELEMS = 1 << 24  # at most ~16M logits (64 MB in fp32) alive at once
 
@@ -230,6 +230,30 @@ def _read_next_strs(stored: store.StoredResult) -> list[list[str]]:
 
 
 # ------------------------------------------------------------------------------------------ run
+def _tokens(probe: Probe, prompt: str | torch.Tensor | Sequence[int], config: Config) -> torch.Tensor:
+    """The prompt's token ids ``[1, T]`` (text is tokenized with ``config.prepend_bos``)."""
+    if isinstance(prompt, str):
+        return probe.to_tokens(prompt, prepend_bos=config.prepend_bos)
+    tokens = torch.as_tensor(prompt)
+    if tokens.ndim == 1:
+        tokens = tokens[None]
+    if tokens.ndim != 2 or tokens.shape[0] != 1:
+        raise InputError(f"the logit lens takes one prompt; got token ids of shape {tuple(tokens.shape)}.",
+                         hint="Pass a string or ids of shape [T] / [1, T].")
+    return tokens
+
+
+def _input_hash(tokens: torch.Tensor) -> str:
+    """The input hash of a lens over ``tokens`` ``[1, T]``: the prompt's ids."""
+    return store.hash_inputs(tokens[0].cpu())
+
+
+def result_key(probe: Probe, prompt: str | torch.Tensor | Sequence[int], *, config: Config = Config()) -> str:
+    """The key ``run(probe, prompt, config=config).key`` will have, computed without running anything (one
+    tokenization): the results store and the dashboard find a saved lens by it."""
+    return LogitLensResult.key_for(probe, config, _input_hash(_tokens(probe, prompt, config)))
+
+
 def run(probe: Probe, prompt: str | torch.Tensor | Sequence[int], *, config: Config = Config()) -> LogitLensResult:
     """Logit lens of one prompt (text, or token ids ``[T]`` / ``[1, T]``).
 
@@ -244,15 +268,7 @@ def run(probe: Probe, prompt: str | torch.Tensor | Sequence[int], *, config: Con
         raise ConfigError(f"layers={tuple(layers)} includes {bad[0]}, but {probe.info.name} has {n} blocks (0..{n - 1}).",
                           hint=f"Pick block indices from 0 to {n - 1}, or layers=None for all.")
     timer = Timer()
-    if isinstance(prompt, str):
-        tokens = probe.to_tokens(prompt, prepend_bos=config.prepend_bos)
-    else:
-        tokens = torch.as_tensor(prompt)
-        if tokens.ndim == 1:
-            tokens = tokens[None]
-        if tokens.ndim != 2 or tokens.shape[0] != 1:
-            raise InputError(f"the logit lens takes one prompt; got token ids of shape {tuple(tokens.shape)}.",
-                             hint="Pass a string or ids of shape [T] / [1, T].")
+    tokens = _tokens(probe, prompt, config)
     reads = {site("resid_post", layer).name: Collect(on_device=True) for layer in layers}  # no copy inside the hooks
     with timer("forward"):
         out_logits = probe.run(tokens, reads=reads)
@@ -283,7 +299,7 @@ def run(probe: Probe, prompt: str | torch.Tensor | Sequence[int], *, config: Con
     top_strs = [[[dec[i] for i in row] for row in layer_ids] for layer_ids in top_ids.tolist()]
     next_strs = [[dec[i] for i in row] for row in next_ids.cpu().tolist()]
     return LogitLensResult(
-        config=config, model=probe.info.to_dict(), input_hash=store.hash_inputs(ids_row), timings=timer.seconds,
+        config=config, model=probe.info.to_dict(), input_hash=_input_hash(tokens), timings=timer.seconds,
         layers=layers, str_tokens=probe.to_str_tokens(ids_row), token_ids=ids_row, top_ids=top_ids, top_probs=top_probs,
         target=target, next_ids=next_ids.cpu(), next_probs=next_probs.cpu(), top_strs=top_strs, next_strs=next_strs,
     )

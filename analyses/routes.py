@@ -58,7 +58,7 @@ from .core.base import Result, Timer, option, register_result, stored
 from .core.store import hash_inputs
 
 __all__ = [
-    "Config", "DatasetConfig", "RoutesResult", "RouteStatsResult", "RouteStats", "run", "run_dataset", "accumulate", "stats_result",
+    "Config", "DatasetConfig", "RoutesResult", "RouteStatsResult", "RouteStats", "run", "result_key", "run_dataset", "accumulate", "stats_result",
     "proximity", "attention_importance", "ffn_importance", "neuron_importance", "block_importance",
     "decomposed_attention", "threshold_renormalize", "node_name", "max_prompt_tokens", "describe_edit", "resolve_kernel",
 ]
@@ -729,6 +729,35 @@ def describe_edit(e) -> str:
     return " ".join(bits)
 
 
+def _tokens(probe, prompt: str | torch.Tensor | Sequence[int], config: Config) -> torch.Tensor:
+    """The prompt's token ids ``[1, T]`` (text is tokenized with ``config.prepend_bos``)."""
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise InputError("the prompt is empty.", hint="Type a prompt of at least one token.")
+        return probe.to_tokens(prompt, prepend_bos=config.prepend_bos)
+    tokens = torch.as_tensor(prompt)
+    tokens = tokens[None] if tokens.ndim == 1 else tokens
+    if tokens.ndim != 2 or tokens.shape[0] != 1:
+        raise InputError(f"routes take one prompt; got token ids of shape {tuple(tokens.shape)}.", hint="Pass ids of shape [T] or [1, T].")
+    return tokens
+
+
+def _input_hash(tokens: torch.Tensor, described: Sequence[str]) -> str:
+    """The input hash of routes over ``tokens`` ``[1, T]`` with the edits ``described`` (:func:`describe_edit`).
+
+    The edits are part of the input: an ablated run must not share the content key of the unedited one."""
+    return hash_inputs(tokens.cpu(), *described) if described else hash_inputs(tokens.cpu())
+
+
+def result_key(probe, prompt: str | torch.Tensor | Sequence[int], *, config: Config = Config(), edits: Sequence = ()) -> str:
+    """The key ``run(probe, prompt, config=config, edits=edits).key`` will have, computed without running anything
+    (one tokenization): the results store and the dashboard find saved routes by it."""
+    if not isinstance(config, Config):
+        raise ConfigError(f"config must be analyses.routes.Config, got {type(config).__name__}.")
+    described = tuple(describe_edit(e) for e in edits or ())
+    return RoutesResult.key_for(probe, config, _input_hash(_tokens(probe, prompt, config), described))
+
+
 def run(probe, prompt: str | torch.Tensor, *, config: Config = Config(), edits: Sequence = (),
         timer: Timer | None = None) -> RoutesResult:
     """Information-flow routes of one prompt.
@@ -748,15 +777,7 @@ def run(probe, prompt: str | torch.Tensor, *, config: Config = Config(), edits: 
     if not isinstance(config, Config):
         raise ConfigError(f"config must be analyses.routes.Config, got {type(config).__name__}.")
     timer = timer or Timer()
-    if isinstance(prompt, str):
-        if not prompt.strip():
-            raise InputError("the prompt is empty.", hint="Type a prompt of at least one token.")
-        tokens = probe.to_tokens(prompt, prepend_bos=config.prepend_bos)
-    else:
-        tokens = torch.as_tensor(prompt)
-        tokens = tokens[None] if tokens.ndim == 1 else tokens
-        if tokens.ndim != 2 or tokens.shape[0] != 1:
-            raise InputError(f"routes take one prompt; got token ids of shape {tuple(tokens.shape)}.", hint="Pass ids of shape [T] or [1, T].")
+    tokens = _tokens(probe, prompt, config)
     T = tokens.shape[-1]
     _resolve_position(config.position, T)
     with timer("routes"):
@@ -767,10 +788,8 @@ def run(probe, prompt: str | torch.Tensor, *, config: Config = Config(), edits: 
         res["embed"] = dec.embed.cpu()
     cpu = lambda t: None if t is None else t.cpu()  # noqa: E731
     described = tuple(describe_edit(e) for e in edits or ())
-    # the edits are part of the input: an ablated run must not share the content key of the unedited one
-    input_hash = hash_inputs(tokens.cpu(), *described) if described else hash_inputs(tokens.cpu())
     return RoutesResult(
-        config=config, model=probe.info.to_dict(), input_hash=input_hash, timings=dict(timer.seconds),
+        config=config, model=probe.info.to_dict(), input_hash=_input_hash(tokens, described), timings=dict(timer.seconds),
         tokens=tokens[0].cpu(), str_tokens=probe.to_str_tokens(tokens[0]), attn=dec.attn.cpu(), attn_resid=dec.attn_resid.cpu(),
         ffn=dec.ffn.cpu(), ffn_resid=dec.ffn_resid.cpu(), parallel=dec.parallel, attn_bias=cpu(dec.attn_bias),
         neurons=cpu(dec.neurons), neuron_resid=cpu(dec.neuron_resid), residuals=res,

@@ -46,7 +46,7 @@ from .core import base, domains as _domains
 from .core.base import option, stored
 from .core.store import hash_inputs
 
-__all__ = ["Config", "SinksResult", "SinkAlpha", "run", "alpha_from_pattern", "sink_percentage", "collect_stats",
+__all__ = ["Config", "SinksResult", "SinkAlpha", "run", "result_key", "alpha_from_pattern", "sink_percentage", "collect_stats",
            "EPS_GRID", "bos_flag", "accumulate", "merge_states", "result_from_states", "eps_grid_for", "kv_to_heads"]
 
 EPS_GRID = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
@@ -516,6 +516,21 @@ def _tokens_for(probe, config: Config, texts, tokens, domain) -> tuple[torch.Ten
     return batch.tokens, batch.n_skipped, domain
 
 
+def _input_hash(toks: torch.Tensor) -> str:
+    """The input hash of a sinks run over the sampled tokens ``toks`` ``[S, T]``."""
+    return hash_inputs(toks)
+
+
+def result_key(probe, texts: Sequence[str] | str | None = None, *, tokens: torch.Tensor | None = None,
+               domain: str | None = None, config: Config = Config()) -> str:
+    """The key ``run(probe, texts, tokens=tokens, domain=domain, config=config).key`` will have, computed without
+    running the model (the texts or domain are only tokenized and sampled): the store and the dashboard find a
+    saved result by it."""
+    if texts is None and tokens is None and domain is None:
+        domain = "prose"
+    return SinksResult.key_for(probe, config, _input_hash(_tokens_for(probe, config, texts, tokens, domain)[0]))
+
+
 def run(probe, texts: Sequence[str] | str | None = None, *, tokens: torch.Tensor | None = None,
         domain: str | None = None, config: Config = Config(), progress=None) -> SinksResult:
     """Sink metric, value drains and residual peaks over a corpus.
@@ -541,7 +556,7 @@ def run(probe, texts: Sequence[str] | str | None = None, *, tokens: torch.Tensor
         st = collect_stats(probe, toks, positions=config.positions, eps_grid=eps_grid, batch_size=config.batch_size,
                            values=config.values, resid=True, kv_norms=config.kv_norms, progress=progress)
     return _result(probe, st, toks[: config.ablation_samples], config=config, eps_grid=eps_grid, n_skipped=skipped,
-                   source=source, input_hash=hash_inputs(toks), timer=timer)
+                   source=source, input_hash=_input_hash(toks), timer=timer)
 
 
 def eps_grid_for(config: Config) -> tuple[float, ...]:

@@ -20,7 +20,7 @@ import streamlit as st
 
 from probes import BACKENDS, Probe, SondeError
 
-__all__ = ["sidebar_probe", "get_probe", "cached", "stored", "find", "keep", "memo", "content_key", "show_error", "DEFAULT_PROMPT", "param", "context", "prompt_input",
+__all__ = ["sidebar_probe", "get_probe", "cached", "stored", "find", "keep", "memo", "show_error", "DEFAULT_PROMPT", "param", "context", "prompt_input",
            "inside_results", "safe_results_listing", "decode_upload", "url_context", "BACKENDS", "DTYPES", "DEVICES"]
 
 DEFAULT_PROMPT = "The Eiffel Tower is located in the city of"
@@ -318,13 +318,6 @@ def _memo(scope: str, key: str, _compute: Callable[[], Any]) -> Any:
     return _compute()
 
 
-def content_key(analysis: str, probe: Probe, config: Any, input_hash: str) -> str:
-    """The content key the analysis's ``Result.key`` will have (:func:`analyses.core.store.result_key`)."""
-    from analyses.core import store as _store
-
-    return _store.result_key(analysis, str(probe.info.to_dict().get("fingerprint", "")), config.to_dict(), input_hash)
-
-
 def _root() -> str:
     from analyses.core import store as _store
 
@@ -386,7 +379,7 @@ def keep(key: str, res: Any, *, caption: bool = True) -> Any:
 def stored(key: str, compute: Callable[[], Any], *, caption: bool = True) -> Any:
     """The result with content ``key``: from memory, else from the results store (:func:`find`), else ``compute()``
     saved to the store (:func:`keep`). ``key`` must be the key the computed result has
-    (:func:`content_key`), so results of the CLI, notebooks and other sessions are found. A caption names the folder
+    (:mod:`dashboard.keys`), so results of the CLI, notebooks and other sessions are found. A caption names the folder
     (``Loaded from the results store: …`` unless this session computed it). Errors are shown; returns None then."""
     got = find(key, caption=caption)
     if got is not None:

@@ -393,7 +393,7 @@ def job_view(key: str, *, partial: Callable[[Any], None] | None = None, poll_s: 
 
 def background_result(key: str, label: str, content_key: str, fn: Callable[[Job], Any], *, total: int | None = None,
                       waiting: str = "Running in the background; results appear when it finishes.") -> Any:
-    """The result with ``content_key`` (:func:`dashboard.state.content_key`): from memory or the results store when
+    """The result with ``content_key`` (:mod:`dashboard.keys`): from memory or the results store when
     it is there (computed by the CLI, a notebook or another session), else computed by ``fn(job)`` in the background:
     starts the run when the key is new, shows its progress bar and Cancel, and stops the page until it finishes (a
     cancelled or failed run offers "Run again"). A finished result is saved to the results store.

@@ -345,9 +345,17 @@ class Result:
         return cls(**kw)
 
     # --- shared -------------------------------------------------------------------------------
+    @classmethod
+    def key_for(cls, model: Any, config: Config, input_hash: str) -> str:
+        """The key a result of this class will have, known before it is computed: ``model`` is the probe (or its
+        ``info.to_dict()``), ``config`` and ``input_hash`` are the ones the analysis stores. :attr:`key` is built here
+        too, so an analysis's ``result_key(...)`` and its result's ``.key`` cannot differ."""
+        info = model if isinstance(model, Mapping) else model.info.to_dict()
+        return store.result_key(cls.analysis, str(info.get("fingerprint", "")), config.to_dict(), input_hash)
+
     @property
     def key(self) -> str:
-        return store.result_key(self.analysis, str(self.model.get("fingerprint", "")), self.config.to_dict(), self.input_hash)
+        return type(self).key_for(self.model, self.config, self.input_hash)
 
     def save(self, out_dir: str | Path | None = None, *, replace: bool = False) -> Path:
         """Write the result (atomically); default folder ``<results_root>/<key>``. An existing result

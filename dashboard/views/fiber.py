@@ -71,12 +71,13 @@ try:
         raise SondeError(f"Tokens {spec!r}: {why}.")
     cfg = F.Config(matrix=matrix, tokens=parse_tokens(spec), vol_max=int(vol_max), mode=mode, alpha=float(alpha),  # type: ignore[arg-type]
                    correction=correction, keep_curves="all")  # type: ignore[arg-type]
+    key = keys.fiber(probe, cfg)  # a tied output matrix is refused here
 except SondeError as e:
     show_error(e)
     st.stop()
 
 with st.spinner("Nearest neighbours and change-point tests…"):
-    res = state.stored(keys.fiber(probe, cfg), lambda: F.run(probe, config=cfg))
+    res = state.stored(key, lambda: F.run(probe, config=cfg))
 if res is None:
     st.stop()
 
