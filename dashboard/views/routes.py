@@ -229,7 +229,7 @@ def route_figure(res, r, *, hover=None, head=None, compare=None, compare_label="
         xaxis=dict(tickmode="array", tickvals=list(range(T)), ticktext=[f"{t}" for t in ticks], title="prompt token (position →)",
                    range=[-0.6, T - 0.4], tickangle=-45 if T > 12 else 0),
         yaxis=dict(title="layer (−1 = embeddings)", range=[-1.5, L]), height=max(460, 22 * L),
-        margin=dict(l=60, r=20, t=110, b=90), legend=dict(orientation="h", yanchor="bottom", y=1.01, x=0, font=dict(size=11)),
+        margin=dict(l=60, r=20, t=135, b=90), legend=dict(orientation="h", yanchor="bottom", y=1.01, x=0, font=dict(size=11)),
         title=dict(y=0.995, yanchor="top", x=0.01, xanchor="left", font=dict(size=15)),
         clickmode="event+select", dragmode=False,
     )
