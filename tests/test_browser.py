@@ -212,6 +212,7 @@ def test_user_path_routes_head_panel_counterfactual_report(server, browser):
 LONG_PROMPT_BOUND_S = 600  # a 3,000-token lens (forward + 30 x 3,000 x 49,152 unembedding) on a shared 2-core CPU, then a 48-column map
 
 
+@pytest.mark.slow  # 1.5-2.5 min: a 3,000-token logit lens on 2 CPU cores (make test PYTEST_ARGS="-m slow")
 def test_long_prompt_answers_with_a_window(server, browser):
     """A ~3,000-token prompt on Model & prompt (under its own /model path): the page answers within a bound with
     a 48-position window of the heat map and a note, instead of a 90,000-cell figure that freezes the tab."""

@@ -86,6 +86,7 @@ def test_shared_link_round_trips(server, browser, name):  # noqa: F811
     ctx.close()
 
 
+@pytest.mark.slow  # about 4 min on 2 CPU cores (make test PYTEST_ARGS="-m slow")
 @pytest.mark.parametrize("name", [n for n in VIEWS if n != "model"])  # Model & prompt: test_browser's window test
 def test_long_prompt_keeps_every_page_responsive(server, browser, name):  # noqa: F811
     """A ~3,000-token prompt in the link: every page answers within LONG_BOUND_S (a result, a window, or one clear
