@@ -2,27 +2,55 @@
 
 Starts warming the default model (:mod:`dashboard.warm`) in a background thread, then hands over to
 Streamlit's own command line (``streamlit run dashboard/app.py [options]``) in this process, so the
-imports and the model load overlap the server's start and the browser's first connection.
+model is loaded while the browser is opened (warming starts once the server listens, so it never delays it).
 ``SONDE_NO_WARM=1`` skips the warming (the page then loads the model when it first asks).
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import sys
+import time
 from pathlib import Path
 
 APP = Path(__file__).resolve().parent / "app.py"
 
 
+def _option(args: list[str], name: str, default: str) -> str:
+    """The value of ``--name VALUE`` or ``--name=VALUE`` among Streamlit's options."""
+    for i, a in enumerate(args):
+        if a == name and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith(name + "="):
+            return a.split("=", 1)[1]
+    return default
+
+
+def _listening(host: str, port: int, timeout: float = 120) -> None:
+    """Return once ``host:port`` accepts connections (or after ``timeout`` seconds)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.2)
+
+
 def main(argv: list[str] | None = None) -> None:
     from dashboard import warm
 
+    args = list(sys.argv[1:] if argv is None else argv)
     if os.environ.get("SONDE_NO_WARM", "") in ("", "0"):
-        warm.start((os.environ.get("SONDE_MODEL", "embedded"), *warm.DEFAULT_KEY[1:]))
+        host = _option(args, "--server.address", "127.0.0.1")
+        port = int(_option(args, "--server.port", "8501"))
+        # warming starts once the server listens: it shares the interpreter, and must not delay the server's start
+        warm.start((os.environ.get("SONDE_MODEL", "embedded"), *warm.DEFAULT_KEY[1:]),
+                   after=lambda: _listening("127.0.0.1" if host in ("", "0.0.0.0") else host, port))
     from streamlit.web import cli
 
-    sys.argv = ["streamlit", "run", str(APP), *(sys.argv[1:] if argv is None else argv)]
+    sys.argv = ["streamlit", "run", str(APP), *args]
     cli.main(prog_name="streamlit")
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, Callable
 
 __all__ = ["start", "take", "wait_imports", "DEFAULT_KEY"]
 
@@ -34,9 +34,11 @@ def wait_imports(timeout: float = 300) -> None:
     _imported.wait(timeout)
 
 
-def _load(key: tuple, fut: Future) -> None:
+def _load(key: tuple, fut: Future, after: Callable[[], None] | None) -> None:
     try:
         try:
+            if after is not None:
+                after()
             import plotly.graph_objects  # noqa: F401  (first figure)
             import analyses.logit_lens  # noqa: F401  (the first page's analysis)
             from probes import load_model
@@ -51,8 +53,9 @@ def _load(key: tuple, fut: Future) -> None:
         fut.set_exception(e)
 
 
-def start(key: tuple = DEFAULT_KEY) -> None:
-    """Begin loading ``key``'s probe in a daemon thread (once per process per key)."""
+def start(key: tuple = DEFAULT_KEY, *, after: Callable[[], None] | None = None) -> None:
+    """Begin loading ``key``'s probe in a daemon thread (once per process per key); the thread first calls
+    ``after()`` (e.g. wait until the server listens, so warming never delays the server's start)."""
     import numpy, pandas, pyarrow  # noqa: E401,F401  (shared with the server: imported here, before the thread)
 
     with _lock:
@@ -61,7 +64,7 @@ def start(key: tuple = DEFAULT_KEY) -> None:
         fut: Future = Future()
         _pending[key] = fut
         _imported.clear()
-    threading.Thread(target=_load, args=(key, fut), name="sonde-warm", daemon=True).start()
+    threading.Thread(target=_load, args=(key, fut, after), name="sonde-warm", daemon=True).start()
 
 
 def take(key: tuple) -> Any | None:

@@ -1,6 +1,7 @@
 """End-to-end: the real dashboard server in headless Debian Chromium (Playwright, no downloaded browser).
 
-Starts ``streamlit run dashboard/app.py`` on 127.0.0.1 and a free port, opens the "Model & prompt" page
+Starts the server as ``sonde dashboard`` does (``python -m dashboard.serve``: Streamlit plus the warming thread) on
+127.0.0.1 and a free port, opens the "Model & prompt" page
 (the first page), waits for the plotly heat map, checks there is no Streamlit exception box, and saves
 screenshots to ``tests/_artifacts/``. Also opens the Results page on a folder with one saved result.
 """
@@ -46,7 +47,7 @@ def server(tmp_path_factory, embedded):
     log_path = tmp_path_factory.mktemp("browser-log") / "streamlit.log"
     log = open(log_path, "w+")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", str(ROOT / "dashboard" / "app.py"), "--server.address", "127.0.0.1",
+        [sys.executable, "-m", "dashboard.serve", "--server.address", "127.0.0.1",  # what `sonde dashboard` runs
          "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
          "--server.fileWatcherType", "none"],
         cwd=ROOT, env={**env, "SONDE_MODEL": "embedded"}, stdout=log, stderr=subprocess.STDOUT)
