@@ -37,6 +37,17 @@ def _random_masks(probe, seed: int = 0, keep: float = 0.7) -> dict[str, torch.Te
 
 
 # ---------------------------------------------------------------------------- listing
+def _train(ad, *, steps: int) -> None:
+    """A few AdamW steps of an adapted model on TOKS (language-model loss), then eval mode."""
+    opt = torch.optim.AdamW(ad.parameters(), lr=1e-2)
+    ad.train()
+    for _ in range(steps):
+        ad.loss(TOKS, TOKS).backward()
+        opt.step()
+        opt.zero_grad()
+    ad.eval()
+
+
 def test_weights_lists_block_matrices_with_storage_shapes(tiny):
     llama = tiny("llama")
     ws = llama.weights()
@@ -172,13 +183,7 @@ def test_adapter_trains_on_a_private_copy_saves_safetensors_and_loads_back(tiny,
         assert ad.parameters() and all("lora" in n for n, p in ad.model.named_parameters() if p.requires_grad)
         with torch.no_grad():
             torch.testing.assert_close(ad.logits(TOKS), base, rtol=0, atol=1e-6)  # B = 0: starts as the base model
-        ad.train()
-        opt = torch.optim.AdamW(ad.parameters(), lr=1e-2)
-        for _ in range(3):
-            ad.loss(TOKS, TOKS).backward()
-            opt.step()
-            opt.zero_grad()
-        ad.eval()
+        _train(ad, steps=3)
         with torch.no_grad():
             tuned = ad.logits(TOKS)
             with ad.disabled():
@@ -247,13 +252,7 @@ def test_adapter_on_the_transformer_lens_backend_loads_on_nnsight(tiny, tmp_path
     with tl.adapted(LoraSpec(r=2, alpha=4, target_modules=("c_attn", "mlp.c_proj"))) as ad:
         with torch.no_grad():
             torch.testing.assert_close(ad.logits(TOKS), tl.forward(TOKS), rtol=0, atol=1e-5)
-        opt = torch.optim.AdamW(ad.parameters(), lr=1e-2)
-        ad.train()
-        for _ in range(2):
-            ad.loss(TOKS, TOKS).backward()
-            opt.step()
-            opt.zero_grad()
-        ad.eval()
+        _train(ad, steps=2)
         with torch.no_grad():
             tuned = ad.logits(TOKS)
         out = ad.save(tmp_path / "ad")
