@@ -7,7 +7,7 @@ import html
 import streamlit as st
 
 from analyses import counterfactual as cf
-from dashboard import components, keys, state
+from dashboard import components, state
 from dashboard.state import cached, param, show_error, sidebar_probe
 from probes import SondeError
 
@@ -80,7 +80,7 @@ def _spans(strs, factual, ids, start) -> str:
 def _run(spec, cfg):
     """``cf.run`` from the results store when saved there (by the CLI, a notebook or a session), else computed and saved."""
     try:
-        key = keys.counterfactual(probe, prompt, spec, cfg, observed or None)
+        key = cf.result_key(probe, prompt, spec, config=cfg, observed=observed or None)
     except SondeError as e:
         show_error(e)
         return None
@@ -197,7 +197,7 @@ with tab_bias:
         except SondeError as e:
             show_error(e)
         else:
-            b = state.stored(keys.bias_sweep(probe, bcfg), lambda: cf.bias_sweep(probe, config=bcfg))
+            b = state.stored(cf.bias_sweep_key(probe, bcfg), lambda: cf.bias_sweep(probe, config=bcfg))
             if b is not None:
                 st.plotly_chart(b.plot(), width="stretch")
                 st.dataframe(b.summary[b.summary["count"] > 0], hide_index=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from dashboard import components, keys, state
+from dashboard import components, state
 from dashboard.state import cached, param, show_error, sidebar_probe
 
 from analyses import fiber as F
@@ -71,7 +71,7 @@ try:
         raise SondeError(f"Tokens {spec!r}: {why}.")
     cfg = F.Config(matrix=matrix, tokens=parse_tokens(spec), vol_max=int(vol_max), mode=mode, alpha=float(alpha),  # type: ignore[arg-type]
                    correction=correction, keep_curves="all")  # type: ignore[arg-type]
-    key = keys.fiber(probe, cfg)  # a tied output matrix is refused here
+    key = F.result_key(probe, config=cfg)  # a tied output matrix is refused here
 except SondeError as e:
     show_error(e)
     st.stop()

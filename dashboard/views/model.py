@@ -11,7 +11,7 @@ import html
 import streamlit as st
 
 from analyses import logit_lens
-from dashboard import components, keys, state
+from dashboard import components, state
 from probes import SondeError
 
 st.title("Model & prompt")
@@ -38,7 +38,7 @@ st.query_params.update({"k": str(int(k)), "color": color})
 
 try:
     cfg = logit_lens.Config(k=int(k), prepend_bos=bool(bos))
-    key = keys.logit_lens(probe, prompt, cfg)
+    key = logit_lens.result_key(probe, prompt, config=cfg)
 except SondeError as e:
     state.show_error(e)
     st.stop()

@@ -6,7 +6,7 @@ import streamlit as st
 
 from analyses import bbtoy, dormant, sinks
 from analyses.core.domains import BUILTIN
-from dashboard import components, keys, state, workbench
+from dashboard import components, state, workbench
 from dashboard.state import cached, param, show_error, sidebar_probe
 
 st.title("Sinks & dormant heads")
@@ -35,7 +35,7 @@ with tab_sink:
         if cfg is not None:
             with st.spinner("Measuring α per head…"):
                 try:
-                    key = keys.sinks(probe, domain, cfg)
+                    key = sinks.result_key(probe, domain=domain, config=cfg)
                 except Exception as e:  # noqa: BLE001 - SondeError (a domain that does not tokenize)
                     show_error(e)
                 else:
@@ -105,7 +105,7 @@ with tab_dorm:
             show_error(e)
         else:
             # a map saved by the CLI, a notebook or another session is shown at once; else it runs in the background
-            st.session_state["dormant_key"] = dkey = keys.dormant(probe, tuple(doms), dcfg)
+            st.session_state["dormant_key"] = dkey = dormant.result_key(probe, tuple(doms), config=dcfg)
             old = st.session_state.get("_sonde_jobs", {}).pop("dormant", None)
             if old is not None:  # a run for other settings: its result would not have this key
                 old.cancel.set()
