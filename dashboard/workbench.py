@@ -224,15 +224,14 @@ def profile_for(probe, label: str, *, routes_result=None, position: int | None =
     cfg = component.Config(use_saved=_store_readable())
     scope = f"{_root()}|{probe.info.fingerprint}|{probe.backend}|{cfg!r}"
     if component.parse_component(label, probe.info)[0] == "head":
-        with st.spinner("Sink map per domain (once per model)…"), probe.session():
+        with st.spinner("Sink map per domain (once per model)…"):
             maps, src = _memo(scope, "sink-maps", _compute=lambda: _sink_maps(probe, cfg))
     else:
         maps, src = None, None
     rkey = (routes_result.key, position) if routes_result is not None else None
 
     def compute():
-        with probe.session():
-            prof = component.profile(probe, label, config=cfg, sinks=maps, routes_result=routes_result, position=position)
+        prof = component.profile(probe, label, config=cfg, sinks=maps, routes_result=routes_result, position=position)
         if src is not None and prof.sources.get("sinks") == "given":
             prof.sources["sinks"] = src
         return prof
@@ -393,7 +392,7 @@ def job_view(key: str, *, partial: Callable[[Any], None] | None = None, poll_s: 
 
 def background_result(key: str, label: str, content_key: str, fn: Callable[[Job], Any], *, total: int | None = None,
                       waiting: str = "Running in the background; results appear when it finishes.") -> Any:
-    """The result with ``content_key`` (:mod:`dashboard.keys`): from memory or the results store when
+    """The result with ``content_key`` (the analysis's own ``result_key``): from memory or the results store when
     it is there (computed by the CLI, a notebook or another session), else computed by ``fn(job)`` in the background:
     starts the run when the key is new, shows its progress bar and Cancel, and stops the page until it finishes (a
     cancelled or failed run offers "Run again"). A finished result is saved to the results store.

@@ -7,7 +7,7 @@ import streamlit as st
 from pathlib import Path
 
 from analyses import bigram as B
-from dashboard import components, keys, state, workbench
+from dashboard import components, state, workbench
 from probes import ConfigError, SondeError
 from dashboard.state import cached, param, show_error, sidebar_probe
 
@@ -106,7 +106,7 @@ train_sig = st.session_state.get("bigram_train_sig")
 if st.button("Train a mask with these settings", key="bigram_train", icon=":material/model_training:",
              help="Runs in the background (progress bar + Cancel); the page stays usable."):
     try:  # the content key of this training run: a mask saved with these settings (CLI, notebook, session) is shown at once
-        st.session_state["bigram_train_sig"] = train_sig = keys.bigram(probe, corpus, cfg)
+        st.session_state["bigram_train_sig"] = train_sig = B.result_key(probe, corpus, cfg)
     except SondeError as e:
         show_error(e)
         st.stop()
@@ -132,9 +132,8 @@ elif source is not None:
 elif train_sig is not None:
     # training runs in the background (progress bar + Cancel); the page stays usable meanwhile
     def _train(job, probe=probe, corpus=corpus, cfg=cfg):
-
-        with probe.session():  # the mask is trained on the shared model: no other forward pass meanwhile
-            return B.run(probe, corpus, cfg, progress=lambda point: job.step(1))
+        # the masks sit on the shared model: their block holds the probe's lock, so no other run sees them
+        return B.run(probe, corpus, cfg, progress=lambda point: job.step(1))
 
     res = workbench.background_result("bigram_train", "Learning a mask", train_sig, _train, total=cfg.steps,
                                       waiting="The mask is being learned in the background; results appear when it finishes.")

@@ -8,7 +8,7 @@ import streamlit as st
 
 from analyses import critical as C
 from analyses.tasks import Problem, format_prompt, make_checker
-from dashboard import components, keys, state, workbench
+from dashboard import components, state, workbench
 from dashboard.state import cached, param, show_error, sidebar_probe
 
 st.title("Critical tokens")
@@ -56,10 +56,8 @@ prompt = format_prompt(probe, problem)
 
 # the rollout search runs in the background (progress per rolled-out prefix, Cancel); results are kept per setting
 def _work(job, probe=probe, args=(prompt, response, reference, cfg), q=question):
-
     p, r, ref, c = args
-    with probe.session():  # rollouts call the shared model's generate directly
-        return C.search(probe, p, r, make_checker(Problem("", ref)), c, question=q, reference=ref, progress=job.step)
+    return C.search(probe, p, r, make_checker(Problem("", ref)), c, question=q, reference=ref, progress=job.step)
 
 
 try:  # the progress bar's total: prefixes the search rolls out (an estimate for step/bisect)
@@ -68,7 +66,7 @@ try:  # the progress bar's total: prefixes the search rolls out (an estimate for
 except Exception:  # noqa: BLE001 - no total: the bar counts steps
     n_prefixes = None
 try:
-    key = keys.critical_search(probe, prompt, response, cfg, reference)
+    key = C.search_key(probe, prompt, response, cfg, reference=reference)
 except Exception as e:  # noqa: BLE001 - SondeError: a response that does not tokenize
     show_error(e)
     st.stop()
@@ -157,7 +155,7 @@ with st.expander("Across problems: sample traces, search each failure"):
 
         problems = builtin_arith(int(n_prob), seed=int(seed))
         mcfg = cfg.replace(n_samples=int(n_samp), granularity="bisect", max_new_tokens=max(int(max_new), 48))
-        many = state.stored(keys.critical_run(probe, problems, mcfg), lambda: C.run(probe, problems, mcfg))
+        many = state.stored(C.result_key(probe, problems, mcfg), lambda: C.run(probe, problems, mcfg))
         if many is not None:
             st.dataframe(many.traces[["problem", "question", "response", "critical_token", "score_before", "score_after", "note"]], hide_index=True)
             st.write("Most frequent critical tokens")

@@ -8,7 +8,7 @@ import streamlit as st
 
 from analyses import routes
 from analyses.core.store import hash_inputs
-from dashboard import components, keys, state, workbench
+from dashboard import components, state, workbench
 from dashboard.state import param, show_error, sidebar_probe
 from probes import SondeError, ffn_label, head_label, parse_node
 
@@ -24,7 +24,7 @@ def _routes(probe, ids: tuple, config, edits=()):
     """The routes result of token ids ``ids``: from the results store when saved (by the CLI, a notebook or a session),
     else computed and saved there."""
     try:
-        key = keys.routes(probe, ids, config, edits)
+        key = routes.result_key(probe, list(ids), config=config, edits=edits)
     except SondeError as e:
         show_error(e)
         return None
@@ -268,8 +268,7 @@ def _ablation_view(probe, res, tokens, cfg, label: str, pos: int, tau: float, re
     c2.metric("Edges lost", len(e0 - e1))
     c3.metric("Edges gained", len(e1 - e0))
     if pred_token is not None:
-        with probe.session():
-            p0, p1 = _pred_prob(probe, res, pos, pred_token), _pred_prob(probe, abl, pos, pred_token)
+        p0, p1 = _pred_prob(probe, res, pos, pred_token), _pred_prob(probe, abl, pos, pred_token)
         c4.metric(f"p({pred_token!r})", f"{p1:.3f}", f"{p1 - p0:+.3f} vs original {p0:.3f}")
     fig = route_figure(res, r0, compare=r1).update_layout(title=f"Original route vs {label} ablated: grey kept, red dotted lost, green gained")
     st.plotly_chart(fig, key="routes_cmp", config={"displaylogo": False})
@@ -370,8 +369,7 @@ def main() -> None:
         return
     nodes = tuple(sorted(route.nodes))
     last = f"I{res.n_layers - 1}_{pos}"
-    with probe.session():
-        lens = _lens_cached(probe, res, nodes)
+    lens = _lens_cached(probe, res, nodes)
     hover = {n: "lens: " + ", ".join(f"{t!r} {p:.2f}" for t, p in top[:3]) for n, top in lens.items()}
     pred = lens.get(last, [])
     st.markdown(f"**Route to position {pos}** ({res.str_tokens[pos]!r}) — {route.number_of_nodes()} nodes, "
@@ -455,8 +453,7 @@ def main() -> None:
         tok = res.str_tokens[npos]
         if tok.strip() and npos > 0:
             # propose what the model itself found likely at this position (its prediction one token earlier)
-            with probe.session():
-                prev = res.logit_lens(probe, [f"I{res.n_layers - 1}_{npos - 1}"], k=8).get(f"I{res.n_layers - 1}_{npos - 1}", [])
+            prev = res.logit_lens(probe, [f"I{res.n_layers - 1}_{npos - 1}"], k=8).get(f"I{res.n_layers - 1}_{npos - 1}", [])
             alt = next((t for t, _ in prev if t.strip() and t.strip() != tok.strip()), None)
             if alt is not None and st.button(f"Intervene on token {npos} ({tok!r} → {alt!r}) in a counterfactual", key="routes_token_cf",
                                              icon=":material/call_split:",
