@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
         host = _option(args, "--server.address", "127.0.0.1")
         port = int(_option(args, "--server.port", "8501"))
         # warming starts once the server listens: it shares the interpreter, and must not delay the server's start
-        warm.start((os.environ.get("SONDE_MODEL", "embedded"), *warm.DEFAULT_KEY[1:]),
+        warm.start(warm.default_key(),
                    after=lambda: _listening("127.0.0.1" if host in ("", "0.0.0.0") else host, port))
     from streamlit.web import cli
 

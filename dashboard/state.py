@@ -2,7 +2,7 @@
 
 Pages call :func:`sidebar_probe` to get the probe the user chose (loaded once per (model, backend,
 device, dtype) and shared across sessions, so at most two stay in memory) and :func:`stored` to get an
-analysis result by its content key (:mod:`dashboard.keys`): from memory, else from the results store the
+analysis result by its content key (the analysis's own ``result_key``): from memory, else from the results store the
 CLI and notebooks share, else computed and saved there. :func:`memo` and :func:`cached` keep derived
 values in the same in-memory layer. Pages never touch hooks: they call ``analyses.<method>.run`` and
 render the result.
@@ -29,7 +29,9 @@ DTYPES = ["auto", "float32", "bfloat16", "float16"]
 
 
 def default_model() -> str:
-    return os.environ.get("SONDE_MODEL", "embedded")
+    from dashboard.warm import default_key
+
+    return default_key()[0]
 
 
 @st.cache_resource(max_entries=2, show_spinner=False)
@@ -118,7 +120,10 @@ _CTX_SPECS: dict[str, dict[str, Any]] = {
 
 
 def _ctx_defaults() -> dict[str, Any]:
-    return {"model": default_model(), "backend": "nnsight", "device": "auto", "dtype": "auto", "prompt": DEFAULT_PROMPT, "bos": False}
+    from dashboard.warm import DEFAULT_KEY  # the probe `sonde dashboard` preloads is the default context's
+
+    _, backend, device, dtype = DEFAULT_KEY
+    return {"model": default_model(), "backend": backend, "device": device, "dtype": dtype, "prompt": DEFAULT_PROMPT, "bos": False}
 
 
 def context() -> dict[str, Any]:
@@ -379,7 +384,7 @@ def keep(key: str, res: Any, *, caption: bool = True) -> Any:
 def stored(key: str, compute: Callable[[], Any], *, caption: bool = True) -> Any:
     """The result with content ``key``: from memory, else from the results store (:func:`find`), else ``compute()``
     saved to the store (:func:`keep`). ``key`` must be the key the computed result has
-    (:mod:`dashboard.keys`), so results of the CLI, notebooks and other sessions are found. A caption names the folder
+    (the analysis's own ``result_key``), so results of the CLI, notebooks and other sessions are found. A caption names the folder
     (``Loaded from the results store: …`` unless this session computed it). Errors are shown; returns None then."""
     got = find(key, caption=caption)
     if got is not None:

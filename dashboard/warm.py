@@ -14,14 +14,20 @@ starts, and the app waits for the thread's imports (:func:`wait_imports`) before
 
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import Future
 from typing import Any, Callable
 
-__all__ = ["start", "take", "wait_imports", "DEFAULT_KEY"]
+__all__ = ["start", "take", "wait_imports", "default_key", "DEFAULT_KEY"]
 
-# (model, backend, device, dtype) as dashboard.state.get_probe is called for a fresh session
+# (model, backend, device, dtype) of a fresh session's context (dashboard.state builds its defaults from it)
 DEFAULT_KEY = ("embedded", "nnsight", "auto", "auto")
+
+
+def default_key() -> tuple:
+    """:data:`DEFAULT_KEY` with the model a fresh session opens on (``$SONDE_MODEL``, else the embedded one)."""
+    return (os.environ.get("SONDE_MODEL", DEFAULT_KEY[0]), *DEFAULT_KEY[1:])
 
 _lock = threading.Lock()
 _pending: dict[tuple, Future] = {}
