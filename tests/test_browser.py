@@ -8,86 +8,13 @@ screenshots to ``tests/_artifacts/``. Also opens the Results page on a folder wi
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 
+from chromium import ARTIFACTS, COLD_START_S, _no_exception  # the server/browser fixtures are in conftest.py
+
 pytestmark = pytest.mark.browser
-
-ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = "/usr/bin/chromium"
-ARTIFACTS = ROOT / "tests" / "_artifacts"
-COLD_START_S = 180  # a cold server loads torch + the model and runs the first lens before the first paint
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, embedded):
-    if not Path(CHROMIUM).is_file():
-        pytest.skip(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install -y chromium) to run browser tests")
-    pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[test]')")
-    results = tmp_path_factory.mktemp("browser-results")
-    # one saved result for the Results page (the session's embedded probe is already loaded by other tests)
-    from analyses import logit_lens
-
-    logit_lens.run(embedded, "Hello world", config=logit_lens.Config(layers=(0, 10, 20, 29), k=3)).save(results / "hello")
-    env = {**os.environ, "SONDE_RESULTS": str(results), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    port = _free_port()
-    log_path = tmp_path_factory.mktemp("browser-log") / "streamlit.log"
-    log = open(log_path, "w+")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dashboard.serve", "--server.address", "127.0.0.1",  # what `sonde dashboard` runs
-         "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
-         "--server.fileWatcherType", "none"],
-        cwd=ROOT, env={**env, "SONDE_MODEL": "embedded"}, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                urllib.request.urlopen(url + "/_stcore/health", timeout=2).read()
-                break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    log.seek(0)
-                    pytest.fail(f"streamlit did not start (exit {proc.poll()}):\n{log.read()[-3000:]}")
-                time.sleep(0.5)
-        yield {"url": url, "results": results, "log": log_path}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
-
-
-@pytest.fixture(scope="module")
-def browser(server):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        try:
-            yield b
-        finally:
-            b.close()
-
-
-def _no_exception(page) -> None:
-    exc = page.locator("[data-testid='stException']")
-    assert exc.count() == 0, "Streamlit shows an exception: " + exc.first.inner_text()[:2000]
 
 
 def test_model_page_renders_heat_map(server, browser):

@@ -12,7 +12,7 @@ from urllib.parse import parse_qs, urlencode, urlparse
 
 import pytest
 
-from test_browser import ARTIFACTS, COLD_START_S, _no_exception, browser, server  # noqa: F401  (fixtures)
+from chromium import ARTIFACTS, COLD_START_S, _no_exception  # the server/browser fixtures are in conftest.py
 
 pytestmark = pytest.mark.browser
 
@@ -54,7 +54,7 @@ def _settle(page, heading: str, bound_s: float) -> float:
 
 
 @pytest.mark.parametrize("name", list(VIEWS))
-def test_shared_link_round_trips(server, browser, name):  # noqa: F811
+def test_shared_link_round_trips(server, browser, name):
     """A link with the context and non-default view settings opens the same view in a fresh session: after the page
     ran, the URL still holds every setting it was given (none reset to a default), and no error is shown."""
     given = {**CONTEXT, **VIEWS[name]}
@@ -88,7 +88,7 @@ def test_shared_link_round_trips(server, browser, name):  # noqa: F811
 
 @pytest.mark.slow  # about 4 min on 2 CPU cores (make test PYTEST_ARGS="-m slow")
 @pytest.mark.parametrize("name", [n for n in VIEWS if n != "model"])  # Model & prompt: test_browser's window test
-def test_long_prompt_keeps_every_page_responsive(server, browser, name):  # noqa: F811
+def test_long_prompt_keeps_every_page_responsive(server, browser, name):
     """A ~3,000-token prompt in the link: every page answers within LONG_BOUND_S (a result, a window, or one clear
     refusal), shows no exception, and the tab still answers a script at once."""
     ctx = browser.new_context(viewport={"width": 1400, "height": 1000})
