@@ -72,8 +72,8 @@ def long_run(args) -> None:
 
     probe = load_model(args.model, device=args.device)
     layers = None if args.layers == "all" else tuple(int(x) for x in args.layers.split(","))
-    cfg = B.short_run_config(args.steps, lam=args.lam, batch=args.batch, seq_len=args.seq_len, layers=layers,
-                             others=args.others, eval_rows=args.eval_rows)
+    cfg = B.short_run_config(args.steps, lam=args.lam, lr=args.lr, final_beta=args.final_beta, batch=args.batch,
+                             seq_len=args.seq_len, layers=layers, others=args.others, eval_rows=args.eval_rows)
     print(f"config: {json.dumps(cfg.to_dict(), default=str)}", flush=True)
     t0 = time.perf_counter()
 
@@ -103,6 +103,8 @@ def main() -> None:
     ap.add_argument("--long", action="store_true", help="train one whole mask (see the module docstring)")
     ap.add_argument("--steps", type=int, default=250)
     ap.add_argument("--lam", type=float, default=100.0)
+    ap.add_argument("--lr", type=float, default=0.05, help="--long: AdamW learning rate of the mask logits")
+    ap.add_argument("--final-beta", type=float, default=B.SHORT_FINAL_BETA, help="--long: β at the last step")
     ap.add_argument("--others", default="drop", choices=["keep", "drop"])
     ap.add_argument("--eval-rows", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)

@@ -59,7 +59,8 @@ def once(chromium: str, timeout: float, warm: bool = True, delay: float = 0.0) -
                 page = b.new_page(viewport={"width": 1400, "height": 1000})
                 t_open = time.perf_counter()
                 page.goto(url + "/", wait_until="domcontentloaded")
-                page.wait_for_selector(".js-plotly-plot .main-svg", timeout=timeout * 1000)
+                # the logit-lens heat map itself (a hidden chart preloads plotly.js while the model loads: see dashboard.warm)
+                page.wait_for_selector(".st-key-logit_lens_heatmap .js-plotly-plot .main-svg", timeout=timeout * 1000)
                 t_chart = time.perf_counter() - t0
                 t_after_open = time.perf_counter() - t_open
             finally:

@@ -12,6 +12,7 @@ def main() -> None:
     st.set_page_config(page_title="Sonde", page_icon="🔭", layout="wide")
     from dashboard import warm
 
+    warm.preload_plotly()  # the browser loads plotly.js while the model loads
     warm.wait_imports()  # `sonde dashboard` imports torch & co. in a warming thread: the app imports after it
     from dashboard.workbench import PAGES
     pages = [st.Page(spec.path, title=spec.title, icon=spec.icon, url_path=name) for name, spec in PAGES.items()]

@@ -18,6 +18,7 @@ from typing import Any, Callable, Sequence
 
 import streamlit as st
 
+from dashboard import warm
 from probes import BACKENDS, Probe, SondeError
 
 __all__ = ["sidebar_probe", "get_probe", "cached", "stored", "find", "keep", "memo", "show_error", "DEFAULT_PROMPT", "param", "context", "prompt_input",
@@ -183,6 +184,15 @@ def bos() -> bool:
 def sidebar_probe(*, load: bool = True) -> Probe | None:
     """Render the shared context in the sidebar and return the loaded probe (None after an error, or with
     ``load=False``: pages that need no model still show and carry the context)."""
+    probe = None
+    try:
+        probe = _sidebar_probe(load)
+    finally:
+        warm.end_preload(loaded=probe is not None)
+    return probe
+
+
+def _sidebar_probe(load: bool) -> Probe | None:
     context()
     with st.sidebar:
         st.markdown("### Model")

@@ -19,7 +19,7 @@ import threading
 from concurrent.futures import Future
 from typing import Any, Callable
 
-__all__ = ["start", "take", "wait_imports", "default_key", "DEFAULT_KEY"]
+__all__ = ["start", "take", "wait_imports", "preload_plotly", "end_preload", "default_key", "DEFAULT_KEY"]
 
 # (model, backend, device, dtype) of a fresh session's context (dashboard.state builds its defaults from it)
 DEFAULT_KEY = ("embedded", "nnsight", "auto", "auto")
@@ -45,8 +45,8 @@ def _load(key: tuple, fut: Future, after: Callable[[], None] | None) -> None:
         try:
             if after is not None:
                 after()
-            import plotly.graph_objects  # noqa: F401  (first figure)
             import analyses.logit_lens  # noqa: F401  (the first page's analysis)
+            import probes.backend, probes.loading  # noqa: E401,F401  (torch, transformers; `probes` itself is lazy)
             from probes import load_model
         finally:
             _imported.set()
@@ -62,7 +62,7 @@ def _load(key: tuple, fut: Future, after: Callable[[], None] | None) -> None:
 def start(key: tuple = DEFAULT_KEY, *, after: Callable[[], None] | None = None) -> None:
     """Begin loading ``key``'s probe in a daemon thread (once per process per key); the thread first calls
     ``after()`` (e.g. wait until the server listens, so warming never delays the server's start)."""
-    import numpy, pandas, pyarrow  # noqa: E401,F401  (shared with the server: imported here, before the thread)
+    import numpy, pandas, pyarrow, plotly.graph_objects  # noqa: E401,F401  (shared with the server: imported here, before the thread)
 
     with _lock:
         if key in _pending:
@@ -71,6 +71,40 @@ def start(key: tuple = DEFAULT_KEY, *, after: Callable[[], None] | None = None) 
         _pending[key] = fut
         _imported.clear()
     threading.Thread(target=_load, args=(key, fut, after), name="sonde-warm", daemon=True).start()
+
+
+_run = threading.local()  # per script run (Streamlit runs each session's script in its own thread): the preload slot
+
+
+def preload_plotly() -> None:
+    """Have the browser fetch and start plotly.js while the first model loads: Streamlit loads that large chunk only
+    with the first chart, which would otherwise wait for the model. Draws an empty chart, hidden, in the sidebar, in
+    each run of a session until a model is loaded (:func:`end_preload` removes it)."""
+    import streamlit as st
+
+    _run.slot = None
+    if st.session_state.get("_sonde_plotly_loaded"):
+        return
+    import plotly.graph_objects as go  # imported by start() before the warming thread, or by nothing else in flight
+
+    _run.slot = st.sidebar.empty()
+    with _run.slot.container(key="sonde_plotly_preload"):
+        st.html("<style>.st-key-sonde_plotly_preload{display:none}</style>")
+        st.plotly_chart(go.Figure(layout={"height": 40, "width": 40}), key="sonde_plotly_preload_chart",
+                        config={"staticPlot": True, "displayModeBar": False})
+
+
+def end_preload(*, loaded: bool) -> None:
+    """Remove :func:`preload_plotly`'s chart from this run (every page calls this once its model question is settled:
+    hidden or not, a leftover chart would be the page's first); with ``loaded`` (a model is in) the session stops
+    drawing it: its tab has plotly.js by now."""
+    import streamlit as st
+
+    if loaded:
+        st.session_state["_sonde_plotly_loaded"] = True
+    slot, _run.slot = getattr(_run, "slot", None), None
+    if slot is not None:
+        slot.empty()
 
 
 def take(key: tuple) -> Any | None:

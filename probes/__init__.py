@@ -13,36 +13,51 @@ Backends: ``"nnsight"`` (default; the model keeps SDPA attention) and ``"transfo
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from .backend import BACKENDS, ModelInfo, Probe
-from .edits import Ablate, AddVector, AttendTo, Edit, Patch, ZeroAttention, parse_head
-from .errors import (
-    ConfigError,
-    DeviceError,
-    InputError,
-    ModelLoadError,
-    OutOfMemoryError,
-    SondeError,
-    UnknownSiteError,
-    UnsupportedModelError,
-)
-from .labels import (
-    Component,
-    LabelError,
-    ffn_label,
-    format_label,
-    head_label,
-    layer_label,
-    neuron_label,
-    node_label,
-    parse_label,
-    parse_neuron,
-    parse_node,
-)
-from .loading import EMBEDDED, cache_dir, resolve_device, resolve_dtype
-from .reducers import Collect, Histogram, Max, Mean, Min, Moments, Reducer, Sum, TopK, l2_norm, reducer_from_state
-from .sites import Site, all_sites, parse_site, site
+EMBEDDED = "embedded"  # the model name of the embedded SmolLM2-135M-Instruct
+
+# The public names, imported from their modules on first use (PEP 562): `import probes` (or a light submodule such
+# as probes.errors, which the CLI needs before it knows the verb) does not import torch and transformers.
+_EXPORTS = {
+    ".backend": ("BACKENDS", "ModelInfo", "Probe"),
+    ".edits": ("Ablate", "AddVector", "AttendTo", "Edit", "Patch", "ZeroAttention", "parse_head"),
+    ".errors": ("ConfigError", "DeviceError", "InputError", "ModelLoadError", "OutOfMemoryError", "SondeError",
+                "UnknownSiteError", "UnsupportedModelError"),
+    ".labels": ("Component", "LabelError", "ffn_label", "format_label", "head_label", "layer_label", "neuron_label",
+                "node_label", "parse_label", "parse_neuron", "parse_node"),
+    ".loading": ("cache_dir",),
+    ".reducers": ("Collect", "Histogram", "Max", "Mean", "Min", "Moments", "Reducer", "Sum", "TopK", "l2_norm",
+                  "reducer_from_state"),
+    ".sites": ("Site", "all_sites", "parse_site", "site"),
+}
+_WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
+
+if TYPE_CHECKING:  # what static tools see
+    from .backend import BACKENDS, ModelInfo, Probe
+    from .edits import Ablate, AddVector, AttendTo, Edit, Patch, ZeroAttention, parse_head
+    from .errors import (ConfigError, DeviceError, InputError, ModelLoadError, OutOfMemoryError, SondeError,
+                         UnknownSiteError, UnsupportedModelError)
+    from .labels import (Component, LabelError, ffn_label, format_label, head_label, layer_label, neuron_label,
+                         node_label, parse_label, parse_neuron, parse_node)
+    from .loading import cache_dir
+    from .reducers import Collect, Histogram, Max, Mean, Min, Moments, Reducer, Sum, TopK, l2_norm, reducer_from_state
+    from .sites import Site, all_sites, parse_site, site
+
+
+def __getattr__(name: str) -> Any:
+    mod = _WHERE.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'probes' has no attribute {name!r}")
+    value = getattr(importlib.import_module(mod, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_WHERE))
+
 
 __all__ = [
     "load_model", "from_hf", "Probe", "ModelInfo", "BACKENDS", "EMBEDDED",
@@ -62,6 +77,9 @@ def from_hf(hf_model: Any, tokenizer: Any, *, backend: str = "nnsight", name: st
     The transformer_lens backend switches the model to eager attention in place; give each
     backend its own model object.
     """
+    from .backend import BACKENDS
+    from .errors import ConfigError
+
     if backend not in BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}.", hint=f"Use one of: {', '.join(BACKENDS)}.")
     name = name or getattr(hf_model.config, "_name_or_path", None) or hf_model.config.model_type
@@ -103,7 +121,9 @@ def load_model(
         remote: run the model on NDIF through nnsight (needs an API key and network; see
             :mod:`probes.remote`). Only hub ids, the nnsight backend and module-output sites.
     """
-    from .loading import load_hf
+    from .backend import BACKENDS
+    from .errors import ConfigError
+    from .loading import load_hf, resolve_device, resolve_dtype
 
     if backend not in BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}.", hint=f"Use one of: {', '.join(BACKENDS)}.")

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from . import EMBEDDED  # defined by the package (which imports nothing heavy), re-exported here
 from .errors import DeviceError, ModelLoadError
 
 __all__ = [
@@ -43,7 +44,6 @@ __all__ = [
 #: device_map strings accelerate understands (a dict {module path: device} is accepted too)
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
-EMBEDDED = "embedded"
 _EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _EMBEDDED_DIRNAME = "smollm2-135m-instruct"
 

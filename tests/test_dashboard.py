@@ -35,6 +35,7 @@ def test_app_opens_on_model_page_with_heat_map():
     _ok(at)
     assert at.title[0].value == "Model & prompt"
     assert len(_charts(at)) == 1
+    assert not at.sidebar.get("plotly_chart")  # the plotly.js preload chart (dashboard.warm) is gone once the model is in
 
 
 def test_model_page_default_prompt_and_controls():

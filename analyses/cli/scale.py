@@ -49,7 +49,7 @@ def register(run_app: typer.Typer) -> None:
     ) -> None:
         """Estimate peak memory from the model's config and pick the largest batch (routes: chunk) that fits."""
         from analyses.core import planner
-        from probes import resolve_device, resolve_dtype
+        from probes.loading import resolve_device, resolve_dtype
         from probes.errors import ConfigError
 
         if analysis not in PLAN_KINDS:
