@@ -359,6 +359,9 @@ def dropped_weights(probe, cfg: Config) -> list[MaskedWeight]:
     return [w for w in masked_weights(probe, None) if w.layer not in keep]
 
 
+SOFT_FLOOR = 30.0  # β·s is floored here in the soft mask (see MaskSet.soft)
+
+
 class MaskSet(torch.nn.Module):
     """Mask logits ``s`` (one per weight, fp32) for a list of :class:`MaskedWeight`, plus β and a mode.
 
@@ -384,11 +387,18 @@ class MaskSet(torch.nn.Module):
             return None
         if self.mode == "hard":
             return (s > 0).to(s.dtype)
-        return torch.sigmoid(self.beta * s)
+        return self.soft(s)
+
+    def soft(self, s: torch.Tensor) -> torch.Tensor:
+        """σ(β·s) with β·s floored at −:data:`SOFT_FLOOR`: once β is large, σ of a decided-off logit
+        would be a subnormal float, and CPU matmuls over subnormal weights run ~10x slower. The floor
+        changes nothing measurable: σ(−30) ≈ 9e-14, and the logit's gradient there (≤ β·9e-14 per unit of
+        loss) is already far below AdamW's ε, so such a logit had stopped moving anyway."""
+        return torch.sigmoid((self.beta * s).clamp(min=-SOFT_FLOOR))
 
     def l0(self) -> torch.Tensor:
         """Continuous L0 surrogate ``Σ σ(β·s)`` (scalar, differentiable)."""
-        return sum(torch.sigmoid(self.beta * s).sum() for s in self.logits)
+        return sum(self.soft(s).sum() for s in self.logits)
 
     @torch.no_grad()
     def stats(self) -> dict[str, float]:
@@ -563,6 +573,20 @@ def _load_checkpoint(folder: Path, fp: str, masks: MaskSet, opt: torch.optim.Opt
     return int(meta["step"]), list(meta.get("curve", []))
 
 
+@contextmanager
+def _flush_subnormals(device) -> Iterator[None]:
+    """On CPU, treat subnormal floats as zero while training: AdamW's first moment of a logit that has
+    stopped moving decays by 0.9 per step into the subnormal range after a few hundred steps, and
+    arithmetic on subnormals is many times slower there. torch has no getter for this flag; it is off by
+    default and is switched off again on exit."""
+    on = torch.device(device).type == "cpu" and torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        if on:
+            torch.set_flush_denormal(False)
+
+
 def train_mask(probe, train_rows: torch.Tensor, table: BigramTable | None, cfg: Config, *,
                checkpoint: str | Path | None = None, checkpoint_every: int = 50, input_hash: str = "",
                progress: Callable[[dict], None] | None = None) -> tuple[MaskSet, pd.DataFrame, int, bool]:
@@ -591,7 +615,7 @@ def train_mask(probe, train_rows: torch.Tensor, table: BigramTable | None, cfg: 
     from contextlib import nullcontext
 
     skip = probe.only_blocks(sorted(set(cfg.layers))) if (cfg.others == "drop" and cfg.layers is not None) else nullcontext()
-    with probe.frozen_weights():
+    with probe.frozen_weights(), _flush_subnormals(dev):
         with masks.applied(probe), skip:  # paths resolve on the full block list first
             while step < cfg.steps:
                 opt.zero_grad(set_to_none=True)

@@ -159,6 +159,8 @@ CASES = [
     ("bigram-negative-lambda", ["run", "bigram", "-m", "{tiny}", "--lambda", "-1"], "lam=-1"),
     ("bigram-nan-lambda", ["run", "bigram", "-m", "{tiny}", "--lambda", "nan"], "lam"),
     ("bigram-steps-zero", ["run", "bigram", "-m", "{tiny}", "--steps", "0"], "steps"),
+    ("bigram-final-beta-and-temp-mult", ["run", "bigram", "-m", "{tiny}", "--final-beta", "300", "--temp-mult", "1.01"], "both set"),
+    ("bigram-final-beta-below-one", ["run", "bigram", "-m", "{tiny}", "--final-beta", "0.5"], "--final-beta 0.5"),
     ("bigram-bad-target", ["run", "bigram", "-m", "{tiny}", "--target", "trigram"], "trigram"),
     ("bigram-missing-corpus", ["run", "bigram", "-m", "{tiny}", "--corpus", "{ws}/missing.txt"], "missing.txt"),
     ("bigram-non-utf8-corpus", ["run", "bigram", "-m", "{tiny}", "--corpus", "{ws}/latin.txt"], "not UTF-8"),

@@ -102,6 +102,23 @@ def test_binarisation_rule_and_temperature():
     assert math.isclose(B.temperature_after(1000), 1.001 ** 1000) and math.isclose(B.temperature_after(1000), 2.7169, rel_tol=1e-4)
 
 
+def test_soft_mask_never_subnormal_and_flush_is_scoped():
+    """Decided-off logits at large β give σ(β·s) ≥ σ(−SOFT_FLOOR), never a subnormal weight factor; the
+    flush-to-zero switch holds only inside training."""
+    ms = B.MaskSet([])
+    ms.beta = 300.0
+    s = torch.tensor([-5.0, -0.01, 0.0, 0.2])
+    got = ms.soft(s)
+    tiny_normal = torch.finfo(torch.float32).tiny
+    assert float(got.min()) >= tiny_normal and math.isclose(float(got[0]), float(torch.sigmoid(torch.tensor(-B.SOFT_FLOOR))), rel_tol=1e-6)
+    assert torch.equal(got[1:], torch.sigmoid(300.0 * s[1:]))  # above the floor: unchanged
+    sub = torch.tensor([1e-40])
+    assert float(sub * 1.0) != 0.0
+    with B._flush_subnormals("cpu"):
+        assert float(sub * 1.0) == 0.0
+    assert float(sub * 1.0) != 0.0
+
+
 def test_beta_after_k_steps_in_training(tiny):
     probe = tiny("llama")
     ids = torch.randint(4, 40, (4000,), generator=torch.Generator().manual_seed(0))

@@ -46,6 +46,9 @@ def register(run_app: typer.Typer) -> None:
         grad_accum: int = typer.Option(1, "--grad-accum", help="Micro-batches per optimizer step."),
         temp_mult: Optional[float] = typer.Option(None, "--temp-mult", help="β multiplier per step (paper 1.001; short: 1000^(1/steps), e.g. 1.028 "
                                                   "for 250 steps). With 1.001 a 250-step run ends at β≈1.3 and leaves almost every mask entry undecided."),
+        final_beta: Optional[float] = typer.Option(None, "--final-beta", help="β at the last step: sets --temp-mult to final_beta^(1/steps) "
+                                                   "(short default 1000; a gentler 300 with --lr 0.01 over 400–800 steps gives a sharper, better mask, "
+                                                   "see the README)."),
         layers_drop: bool = typer.Option(False, "--drop-other-layers", help="With --layers: blocks outside them are left out of the subnetwork "
                                          "(mask 0) and skipped in training — much faster; exact for bias-free blocks (Llama family)."),
         target: str = typer.Option("bigram", "--target", help="bigram, or self (optimal pruning: distil the full model)."),
@@ -73,13 +76,20 @@ def register(run_app: typer.Typer) -> None:
 
         if schedule not in ("paper", "short"):
             raise ConfigError(f"--schedule {schedule!r} is not known.", hint="Use paper or short.")
+        if final_beta is not None and temp_mult is not None:
+            raise ConfigError("--final-beta and --temp-mult both set the temperature schedule.", hint="Give one of them.")
+        n_steps = steps if steps is not None else (250 if schedule == "short" else 15000)
+        if final_beta is not None:
+            if not final_beta >= 1:
+                raise ConfigError(f"--final-beta {final_beta!r}; it must be ≥ 1.", hint="E.g. --final-beta 300.")
+            temp_mult = float(final_beta) ** (1.0 / n_steps)
         given = {k: v for k, v in dict(lam=lam, lr=lr, temp_mult=temp_mult, reuse=reuse).items() if v is not None}
         rest = dict(batch=batch, seq_len=seq_len, grad_accum=grad_accum, target=target, layers=_layers(layers),
                     others="drop" if layers_drop else "keep", eval_rows=eval_rows, seed=seed)
         if schedule == "short":
-            cfg = bigram.short_run_config(steps if steps is not None else 250, **rest).replace(**given)
+            cfg = bigram.short_run_config(n_steps, **rest).replace(**given)
         else:
-            cfg = bigram.Config(steps=steps if steps is not None else 15000, **rest, **given)
+            cfg = bigram.Config(steps=n_steps, **rest, **given)
         probe = load_probe(model, backend, device, dtype)
         run_fp = store.hash_inputs(probe.info.fingerprint, cfg.to_dict(), corpus)
         ck = checkpoint or work_dir(out if out is not None else store.results_root(), f"bigram-{run_fp}")
