@@ -96,3 +96,49 @@ def test_readme_has_contents_and_no_leftovers():
     for img in re.findall(r"!\[[^\]]*\]\((docs/img/[^)]+)\)", text):
         p = ROOT / img
         assert p.is_file() and p.stat().st_size < 150_000, f"{img} is missing or over 150 KB"
+
+
+def _results_sections() -> list[tuple[str, str]]:
+    """benchmarks/RESULTS.md as (heading, body) pairs in file order (new entries are appended)."""
+    text = (ROOT / "benchmarks" / "RESULTS.md").read_text(encoding="utf-8")
+    parts = text.split("\n## ")[1:]
+    return [(p.split("\n", 1)[0], p.split("\n", 1)[1] if "\n" in p else "") for p in parts]
+
+
+def _latest(pred) -> tuple[str, str]:
+    found = [s for s in _results_sections() if pred(*s)]
+    assert found, "no matching section in benchmarks/RESULTS.md"
+    return found[-1]
+
+
+def _flat(path: str) -> str:
+    return " ".join((ROOT / path).read_text(encoding="utf-8").split())
+
+
+def test_readme_quotes_the_latest_dashboard_start_up_row():
+    import re
+
+    head, body = _latest(lambda h, b: "dashboard start-up" in h)
+    date = head.split()[0]
+    at_once = float(re.search(r"first chart ([\d.]+) s after start", body).group(1))
+    late = float(re.search(r"\| ([\d.]+) s after opening the page", body).group(1))
+    text = _flat("docs/readme/dashboard_intro.md")
+    assert f"about {round(late)} s ({round(at_once)} s when the browser opens at once; 2 idle CPU cores, {date}," in text
+
+
+def test_readme_quotes_the_latest_routes_rows():
+    import re
+
+    head, body = _latest(lambda h, b: "**compiled kernel**" in b and "top-down route" in b)
+    date = head.split()[0]
+    text = _flat("docs/readme/routes.md")
+    assert date in text
+    for T in (128, 512):
+        def ratio(kind: str) -> str:
+            m = re.search(rf"\| `routes.py` \| {kind}[^|]*T={T} \| ([\d.]+×)", body)
+            assert m, (kind, T)
+            return m.group(1)
+
+        compiled = ratio(re.escape("all-position graph, **compiled kernel**"))
+        row = f"| T = {T} | {compiled} | {ratio('all-position graph, eager kernel')} | {ratio('top-down route')} |"
+        assert row in text, row
