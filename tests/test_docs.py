@@ -142,3 +142,14 @@ def test_readme_quotes_the_latest_routes_rows():
         compiled = ratio(re.escape("all-position graph, **compiled kernel**"))
         row = f"| T = {T} | {compiled} | {ratio('all-position graph, eager kernel')} | {ratio('top-down route')} |"
         assert row in text, row
+
+
+def test_readme_quotes_the_latest_fiber_rows():
+    import re
+
+    head, body = _latest(lambda h, b: "`fiber.py` | full vocabulary" in b)
+    knn, peak = re.search(r"`fiber.py` \| full vocabulary[^|]*\|[^|]*kNN ([\d.]+) s[^|]*peak ([\d.]+ GB)", body).groups()
+    blocked, dense = re.search(r"`fiber.py` \| \d+-row subset[^|]*\| ([\d.]+) s blocked vs ([\d.]+) s dense", body).groups()
+    text = _flat("docs/readme/fiber.md")
+    assert f"Measured** ({head.split()[0]}," in text
+    assert f"took {knn} s with a peak RSS of {peak}" in text and f"blocked path took {blocked} s against {dense} s" in text
