@@ -267,11 +267,33 @@ def test_shipped_result_round_trip(short, tmp_path):
         B.default_result(tmp_path)
 
 
+# How far the tiny run's stated figures may move between CPUs: its 80 training steps amplify the last bits
+# of different matmul kernels. Measured, Intel Xeon vs AMD EPYC (same torch 2.13.0, one thread): kept 2.91% vs
+# 2.919%, undecided 0.005% vs 0.001%, random-mask CE 3.29 vs 3.28, the other CEs equal to 0.01.
+TINY_RUN_TOL = {"kept": 0.05, "undecided": 0.02, "ce": 0.05}
+
+
+def _numbers_near(template: str, text: str, tol: float) -> None:
+    """``template`` (a doc figure) occurs in ``text`` with each of its numbers within ``tol``."""
+    import re
+
+    num = r"-?\d+(?:\.\d+)?"
+    want = [float(x) for x in re.findall(num, template)]
+    pattern = f"({num})".join(re.escape(part) for part in re.split(num, template))
+    found = [tuple(float(x) for x in m.groups()) for m in re.finditer(pattern, text)]
+    assert found, f"{template!r}: the README states no such figure"
+    assert any(all(abs(a - b) <= tol for a, b in zip(got, want)) for got in found), (template, found, tol)
+
+
 def test_readme_figures_are_todays(short):
-    """Every figure the README's bigram section states comes from today's code (B.doc_figures)."""
+    """Every figure the README's bigram section states comes from today's code (B.doc_figures): the
+    schedule figures and the shipped result's exactly, the tiny run's within TINY_RUN_TOL."""
     text = " ".join((ROOT / "docs" / "readme" / "bigram.md").read_text().split())
     for name, value in B.doc_figures(short).items():
-        assert value in text, (name, value)
+        if name in TINY_RUN_TOL:
+            _numbers_near(value, text, TINY_RUN_TOL[name])
+        else:
+            assert value in text, (name, value)
     if (B.DEFAULT_RESULT / "result.json").is_file():
         for name, value in B.doc_figures(B.default_result()).items():
             assert value in text, ("shipped", name, value)
@@ -284,6 +306,21 @@ def test_shipped_default_result_loads():
     ab = r.ablation.set_index("variant")
     assert ab.loc["subnetwork", "bigram_xent_nats"] < ab.loc["random", "bigram_xent_nats"]
     assert sum(int(m.sum()) for m in r.masks.values()) == round(r.sparsity * sum(m.numel() for m in r.masks.values()))
+    # the paper's regime (docs/readme/bigram.md): under 0.2% of block weights, CE far below the full model's
+    assert r.sparsity < 0.002
+    assert ab.loc["subnetwork", "bigram_xent_nats"] < ab.loc["full", "bigram_xent_nats"] - 2.0
+    assert ab.loc["complement", "mean_surprisal_bits"] > 2 * ab.loc["random_complement", "mean_surprisal_bits"]
+
+
+def test_shipped_mask_re_evaluated_today(embedded):
+    """The shipped mask, applied by today's code to the embedded model on the last 8 rows of the built-in
+    corpus (held out from training, and from the table that scores them), still beats the full model and
+    a random mask of the same size by a wide margin (stored: 4.41 vs 7.57 and 103.6 nats on 64 rows)."""
+    r = B.evaluate(embedded, B.default_result(), eval_rows=8)
+    ab = r.ablation.set_index("variant")
+    sub, full = ab.loc["subnetwork", "bigram_xent_nats"], ab.loc["full", "bigram_xent_nats"]
+    assert sub < full - 1.5 and sub < ab.loc["random", "bigram_xent_nats"] - 20, ab
+    assert ab.loc["bigram", "bigram_xent_nats"] < sub
 
 
 def test_complement_ablation_hurts_more_than_random(learned):
