@@ -153,3 +153,15 @@ def test_readme_quotes_the_latest_fiber_rows():
     text = _flat("docs/readme/fiber.md")
     assert f"Measured** ({head.split()[0]}," in text
     assert f"took {knn} s with a peak RSS of {peak}" in text and f"blocked path took {blocked} s against {dense} s" in text
+
+
+def test_readme_quotes_the_latest_logit_lens_row():
+    import re
+
+    head, body = _latest(lambda h, b: "| logit lens (page) |" in b)
+    ratio = re.search(r"\| logit lens \(page\) \|[^|]*\| ≈([\d.]+×) forward", body).group(1)
+    date = head.split()[0]
+    for page, phrase in (("docs/readme/logit_lens.md", f"costs ~{ratio} a plain forward"),
+                         ("docs/readme/dashboard.md", f"about {ratio} a plain forward")):
+        text = _flat(page)
+        assert phrase in text and date in text, (page, phrase, date)
