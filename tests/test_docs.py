@@ -165,3 +165,13 @@ def test_readme_quotes_the_latest_logit_lens_row():
                          ("docs/readme/dashboard.md", f"about {ratio} a plain forward")):
         text = _flat(page)
         assert phrase in text and date in text, (page, phrase, date)
+
+
+def test_scale_out_page_quotes_the_latest_ray_sweep_rows():
+    head, body = _latest(lambda h, b: "dataset sweep on Ray" in h)
+    rows = [ln.replace("| scale: ", "| ", 1) for ln in body.splitlines() if ln.startswith("| scale: ")]
+    assert len(rows) == 4
+    text = (ROOT / "docs" / "readme" / "cluster.md").read_text(encoding="utf-8")
+    assert head.split()[0] in text
+    for row in rows:
+        assert row in text, row
