@@ -127,10 +127,15 @@ def short_run_config(steps: int = 250, *, lam: float = 100.0, lr: float = 0.05, 
     """
     if not isinstance(steps, int) or steps < 1:
         raise ConfigError(f"steps={steps!r}; it must be a positive integer.")
-    if not final_beta >= 1:
-        raise ConfigError(f"final_beta={final_beta!r}; it must be ≥ 1.", hint=f"Use {SHORT_FINAL_BETA:g}.")
     kw.setdefault("reuse", True)
-    return Config(lam=lam, lr=lr, steps=steps, temp_mult=float(final_beta) ** (1.0 / steps), **kw)
+    return Config(lam=lam, lr=lr, steps=steps, temp_mult=temp_mult_for(final_beta, steps), **kw)
+
+
+def temp_mult_for(final_beta: float, steps: int) -> float:
+    """The per-step β multiplier that reaches ``final_beta`` after ``steps`` steps (``final_beta ** (1/steps)``)."""
+    if not final_beta >= 1:
+        raise ConfigError(f"final_beta={final_beta!r}; it must be ≥ 1.", hint=f"Use {SHORT_FINAL_BETA:g}, or 300 with lr 0.01.")
+    return float(final_beta) ** (1.0 / steps)
 
 
 # ============================================================================== corpus and bigram table

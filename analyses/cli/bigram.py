@@ -80,9 +80,10 @@ def register(run_app: typer.Typer) -> None:
             raise ConfigError("--final-beta and --temp-mult both set the temperature schedule.", hint="Give one of them.")
         n_steps = steps if steps is not None else (250 if schedule == "short" else 15000)
         if final_beta is not None:
-            if not final_beta >= 1:
-                raise ConfigError(f"--final-beta {final_beta!r}; it must be ≥ 1.", hint="E.g. --final-beta 300.")
-            temp_mult = float(final_beta) ** (1.0 / n_steps)
+            try:
+                temp_mult = bigram.temp_mult_for(final_beta, n_steps)
+            except ConfigError as e:
+                raise ConfigError(f"--final-beta {final_beta!r}; it must be ≥ 1.", hint=e.hint) from None
         given = {k: v for k, v in dict(lam=lam, lr=lr, temp_mult=temp_mult, reuse=reuse).items() if v is not None}
         rest = dict(batch=batch, seq_len=seq_len, grad_accum=grad_accum, target=target, layers=_layers(layers),
                     others="drop" if layers_drop else "keep", eval_rows=eval_rows, seed=seed)
