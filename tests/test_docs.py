@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,8 +32,6 @@ def test_readme_opens_with_the_two_commands():
 
 def _sonde_lines(text: str) -> list[str]:
     """The `sonde ...` commands of a markdown text's bash blocks (continuations joined, `[optional]` groups dropped)."""
-    import re
-
     lines, block, fenced = [], [], False
     for line in text.splitlines():
         if line.startswith("```"):
@@ -91,8 +90,6 @@ def test_readme_has_contents_and_no_leftovers():
     assert "## Contents" in text and ".venv/bin/sonde" in head and "source .venv/bin/activate" in head
     for stale in ("<!-- analysis sections -->", "shared/STYLE.md", "as before", "huggingface-cli", "\n#### "):
         assert stale not in text, f"README.md still says {stale!r}"
-    import re
-
     for img in re.findall(r"!\[[^\]]*\]\((docs/img/[^)]+)\)", text):
         p = ROOT / img
         assert p.is_file() and p.stat().st_size < 150_000, f"{img} is missing or over 150 KB"
@@ -116,8 +113,6 @@ def _flat(path: str) -> str:
 
 
 def test_readme_quotes_the_latest_dashboard_start_up_row():
-    import re
-
     head, body = _latest(lambda h, b: "dashboard start-up" in h)
     date = head.split()[0]
     at_once = float(re.search(r"first chart ([\d.]+) s after start", body).group(1))
@@ -127,8 +122,6 @@ def test_readme_quotes_the_latest_dashboard_start_up_row():
 
 
 def test_readme_quotes_the_latest_routes_rows():
-    import re
-
     head, body = _latest(lambda h, b: "**compiled kernel**" in b and "top-down route" in b)
     date = head.split()[0]
     text = _flat("docs/readme/routes.md")
@@ -145,8 +138,6 @@ def test_readme_quotes_the_latest_routes_rows():
 
 
 def test_readme_quotes_the_latest_fiber_rows():
-    import re
-
     head, body = _latest(lambda h, b: "`fiber.py` | full vocabulary" in b)
     knn, peak = re.search(r"`fiber.py` \| full vocabulary[^|]*\|[^|]*kNN ([\d.]+) s[^|]*peak ([\d.]+ GB)", body).groups()
     blocked, dense = re.search(r"`fiber.py` \| \d+-row subset[^|]*\| ([\d.]+) s blocked vs ([\d.]+) s dense", body).groups()
@@ -156,8 +147,6 @@ def test_readme_quotes_the_latest_fiber_rows():
 
 
 def test_readme_quotes_the_latest_logit_lens_row():
-    import re
-
     head, body = _latest(lambda h, b: "| logit lens (page) |" in b)
     ratio = re.search(r"\| logit lens \(page\) \|[^|]*\| ≈([\d.]+×) forward", body).group(1)
     date = head.split()[0]
@@ -171,7 +160,7 @@ def test_scale_out_page_quotes_the_latest_ray_sweep_rows():
     head, body = _latest(lambda h, b: "dataset sweep on Ray" in h)
     rows = [ln.replace("| scale: ", "| ", 1) for ln in body.splitlines() if ln.startswith("| scale: ")]
     assert len(rows) == 4
-    text = (ROOT / "docs" / "readme" / "cluster.md").read_text(encoding="utf-8")
+    text = _flat("docs/readme/cluster.md")
     assert head.split()[0] in text
     for row in rows:
         assert row in text, row
