@@ -9,12 +9,16 @@ TORCH_INDEX ?=
 # Exact tested versions of every other dependency; `make CONSTRAINTS=` resolves pyproject.toml's ranges instead.
 CONSTRAINTS ?= constraints.txt
 PYTEST_ARGS ?=
+# Test processes (pytest-xdist): one per CPU core, at most 4, each test file in one process; TEST_WORKERS=0 runs the
+# tests in one process (as plain `pytest` does).
+TEST_WORKERS ?= auto
 HOST ?= 127.0.0.1
 PORT ?= 8501
 STAMP := $(VENV)/.sonde-setup
 PIP := $(VENV)/bin/python -m pip
 TORCH_FROM := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 CONSTRAIN := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
+XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --maxprocesses 4 --dist loadfile --no-loadscope-reorder)
 
 .PHONY: setup dashboard test bench clean
 
@@ -43,7 +47,7 @@ dashboard: $(STAMP)
 # `make test` leaves out the tests marked slow; `make test PYTEST_ARGS="-m slow"` runs only those.
 # pytest exits 5 when it collected no test: that is a failure of ours, not a pass.
 test: $(STAMP)
-	@$(VENV)/bin/python -m pytest -q -rs $(PYTEST_ARGS); rc=$$?; \
+	@$(VENV)/bin/python -m pytest -q -rs $(XDIST) $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests"; exit 1; fi; exit $$rc
 
 bench: $(STAMP)

@@ -18,6 +18,32 @@ import chromium  # noqa: E402
 import tiny_models  # noqa: E402
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (`make test` runs one process per core) each process, and every process it starts (notebook
+    kernels, CLI runs), gets its share of the cores as torch threads: two processes with two threads each on two cores
+    spin waiting for each other (a notebook ran 7x slower)."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        share = max(1, (os.cpu_count() or 1) // int(workers))
+        os.environ["OMP_NUM_THREADS"] = str(share)
+        import torch
+
+        torch.set_num_threads(share)
+
+
+# Files whose tests take longest, run first so that parallel processes end together (`make test` passes
+# --no-loadscope-reorder, so pytest-xdist hands out files in this order).
+LONG_FIRST = ("tests/test_cluster.py", "notebooks/", "tests/test_planner.py", "tests/test_browser")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        path = item.nodeid.split("::")[0]
+        return next((i for i, p in enumerate(LONG_FIRST) if path.startswith(p)), len(LONG_FIRST))
+
+    items.sort(key=rank)  # stable: the order within a file, and among the other files, is kept
+
+
 @pytest.fixture(scope="session")
 def embedded():
     """The embedded SmolLM2-135M-Instruct behind the nnsight backend (loaded once per session)."""
