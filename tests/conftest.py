@@ -14,21 +14,23 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).parent))
 
+# Under pytest-xdist (`make test` runs one process per core) each process, and every process it starts (notebook
+# kernels, CLI runs), gets its share of the cores as torch threads, and idle OpenMP workers sleep instead of spinning:
+# two processes spinning on two cores wait for each other (a notebook ran 7x slower). Set before torch loads.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+if _WORKERS:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _WORKERS))
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import chromium  # noqa: E402
 import tiny_models  # noqa: E402
 
 
 def pytest_configure(config):
-    """Under pytest-xdist (`make test` runs one process per core) each process, and every process it starts (notebook
-    kernels, CLI runs), gets its share of the cores as torch threads: two processes with two threads each on two cores
-    spin waiting for each other (a notebook ran 7x slower)."""
-    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
-    if workers:
-        share = max(1, (os.cpu_count() or 1) // int(workers))
-        os.environ["OMP_NUM_THREADS"] = str(share)
+    if _WORKERS:  # in case a plugin imported torch before this file set OMP_NUM_THREADS
         import torch
 
-        torch.set_num_threads(share)
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 # Files whose tests take longest, run first so that parallel processes end together (`make test` passes

@@ -262,3 +262,18 @@ def test_bigram_page_shows_the_shipped_mask_without_training(tmp_path, monkeypat
     assert any("shipped with Sonde" in c.value for c in at.caption)
     assert any(m.label.startswith("Kept") for m in at.metric)
     assert not (tmp_path / "res").exists() or not any((tmp_path / "res").rglob("manifest.json"))  # nothing was trained
+
+
+@pytest.mark.parametrize("preset, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_server_lets_idle_openmp_workers_sleep_unless_told(preset, expected):
+    """`sonde dashboard` (dashboard.serve) sets OMP_WAIT_POLICY=PASSIVE before torch loads, keeping a value the user set:
+    spinning workers fight the browser for the cores (benchmarks/cpu_threads.py)."""
+    import os
+    import subprocess
+
+    code = ("import os, sys\nfrom dashboard import serve\ntry:\n    serve.main(['--server.port', 'not-a-port'])\n"
+            "except SystemExit:\n    pass\nprint('torch' in sys.modules, os.environ.get('OMP_WAIT_POLICY'))")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env.update({"SONDE_NO_WARM": "1", **({"OMP_WAIT_POLICY": preset} if preset else {})})
+    p = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.stdout.split()[-2:] == ["False", expected], (p.stdout, p.stderr[-2000:])
