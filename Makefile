@@ -9,8 +9,8 @@ TORCH_INDEX ?=
 # Exact tested versions of every other dependency; `make CONSTRAINTS=` resolves pyproject.toml's ranges instead.
 CONSTRAINTS ?= constraints.txt
 PYTEST_ARGS ?=
-# Test processes (pytest-xdist): one per CPU core, at most 4, each test file in one process; TEST_WORKERS=0 runs the
-# tests in one process (as plain `pytest` does).
+# Test processes (pytest-xdist): one per CPU core, at most 4 and one per 4 GB of free memory (tests/conftest.py), each
+# test file in one process; TEST_WORKERS=0 runs the tests in one process (as plain `pytest` does), TEST_WORKERS=2 two.
 TEST_WORKERS ?= auto
 HOST ?= 127.0.0.1
 PORT ?= 8501
@@ -18,7 +18,7 @@ STAMP := $(VENV)/.sonde-setup
 PIP := $(VENV)/bin/python -m pip
 TORCH_FROM := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 CONSTRAIN := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
-XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --maxprocesses 4 --dist loadfile --no-loadscope-reorder)
+XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 
 .PHONY: setup dashboard test bench clean
 

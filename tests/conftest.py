@@ -26,6 +26,19 @@ import chromium  # noqa: E402
 import tiny_models  # noqa: E402
 
 
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto`: one process per core, at most 4, and at most one per 4 GB of available memory (a process holds the
+    embedded model behind both backends and starts notebook kernels and CLI runs: about 3 GB at its peak)."""
+    avail_gb = None
+    try:
+        with open("/proc/meminfo") as f:
+            avail_gb = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:")) / 2**20
+    except (OSError, StopIteration, ValueError):
+        pass
+    n = min(os.cpu_count() or 1, 4)
+    return max(1, min(n, int(avail_gb // 4))) if avail_gb is not None else n
+
+
 def pytest_configure(config):
     if _WORKERS:  # in case a plugin imported torch before this file set OMP_NUM_THREADS
         import torch
