@@ -7,7 +7,7 @@ and with one other busy process (as a browser drawing a page on the same machine
 Each policy runs in a fresh process (the OpenMP runtime reads the policy once, when torch loads), alternating, on
 the embedded model: a plain Hugging Face forward pass (batch 8 x 64 tokens and 1 x 10), the logit lens of a
 10-token prompt and a sinks run (``--samples`` texts of 64 tokens, nnsight backend). Prints each policy's median
-seconds and the ratio spinning / sleeping (above 1: sleeping is faster).
+seconds (each a median after one warm-up run) and the ratio spinning / sleeping (above 1: sleeping is faster).
 """
 
 from __future__ import annotations
@@ -23,42 +23,38 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 WORK = r"""
-import json, os, sys, time
+import json, sys
 import torch
 from transformers import AutoModelForCausalLM
+from _common import timeit  # median of the repeats after one warm-up
 from probes import load_model
 from probes.loading import embedded_model_dir
 from analyses import logit_lens, sinks
 
-n = int(sys.argv[2])
+n = int(sys.argv[1])
 out = {"threads": torch.get_num_threads()}
 hf = AutoModelForCausalLM.from_pretrained(embedded_model_dir(), dtype=torch.float32).eval()
 x8, x1 = torch.randint(0, 49152, (8, 64)), torch.randint(0, 49152, (1, 10))
 with torch.inference_mode():
-    hf(x8)
-    t = time.perf_counter(); [hf(x8) for _ in range(3)]; out["hf forward 8x64"] = (time.perf_counter() - t) / 3
-    t = time.perf_counter(); [hf(x1) for _ in range(10)]; out["hf forward 1x10"] = (time.perf_counter() - t) / 10
+    out["hf forward 8x64"] = timeit(lambda: hf(x8), 3, "cpu")
+    out["hf forward 1x10"] = timeit(lambda: hf(x1), 10, "cpu")
 del hf
 probe = load_model("embedded", device="cpu")
 prompt = "The Eiffel Tower is located in the city of"
-logit_lens.run(probe, prompt)
-t = time.perf_counter(); [logit_lens.run(probe, prompt) for _ in range(3)]; out["logit lens, 10 tokens"] = (time.perf_counter() - t) / 3
-sinks.run(probe, domain="prose", config=sinks.Config(n_samples=2, batch_size=2, mlp_ablation=False))
-t = time.perf_counter(); sinks.run(probe, domain="prose", config=sinks.Config(n_samples=n, batch_size=8))
-out[f"sinks, {n} texts x 64"] = time.perf_counter() - t
+out["logit lens, 10 tokens"] = timeit(lambda: logit_lens.run(probe, prompt), 3, "cpu")
+out[f"sinks, {n} texts x 64"] = timeit(lambda: sinks.run(probe, domain="prose", config=sinks.Config(n_samples=n, batch_size=8)), 1, "cpu")
 print("RESULT " + json.dumps(out))
 """
-
 
 def once(policy: str, samples: int, busy: bool) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     if policy == "sleep":
         env["OMP_WAIT_POLICY"] = "PASSIVE"
     env["HF_HUB_OFFLINE"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), str(ROOT / "benchmarks"), os.environ.get("PYTHONPATH")]))
     burner = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
     try:
-        p = subprocess.run([sys.executable, "-c", WORK, policy, str(samples)], env=env, cwd=ROOT, capture_output=True, text=True)
+        p = subprocess.run([sys.executable, "-c", WORK, str(samples)], env=env, cwd=ROOT, capture_output=True, text=True)
     finally:
         if burner is not None:
             burner.kill()

@@ -39,13 +39,6 @@ def pytest_xdist_auto_num_workers(config):
     return max(1, min(n, int(avail_gb // 4))) if avail_gb is not None else n
 
 
-def pytest_configure(config):
-    if _WORKERS:  # in case a plugin imported torch before this file set OMP_NUM_THREADS
-        import torch
-
-        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-
-
 # Files whose tests take longest, run first so that parallel processes end together (`make test` passes
 # --no-loadscope-reorder, so pytest-xdist hands out files in this order).
 LONG_FIRST = ("tests/test_cluster.py", "notebooks/", "tests/test_planner.py", "tests/test_browser")

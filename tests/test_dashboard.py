@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -268,9 +270,6 @@ def test_bigram_page_shows_the_shipped_mask_without_training(tmp_path, monkeypat
 def test_server_lets_idle_openmp_workers_sleep_unless_told(preset, expected):
     """`sonde dashboard` (dashboard.serve) sets OMP_WAIT_POLICY=PASSIVE before torch loads, keeping a value the user set:
     spinning workers fight the browser for the cores (benchmarks/cpu_threads.py)."""
-    import os
-    import subprocess
-
     code = ("import os, sys\nfrom dashboard import serve\ntry:\n    serve.main(['--server.port', 'not-a-port'])\n"
             "except SystemExit:\n    pass\nprint('torch' in sys.modules, os.environ.get('OMP_WAIT_POLICY'))")
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
