@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 
-from .core import base
+from .core import base, registry
 from .core.base import option, stored
 
 __all__ = ["Config", "BBData", "BBModel", "BBToyResult", "run", "make_data"]
@@ -310,3 +310,9 @@ def run(config: Config = Config(), *, progress=None) -> BBToyResult:
             "n_heads": 1, "d_model": config.d_model, "d_vocab": V}
     return BBToyResult(config=config, model=info, input_hash="", timings=timer.seconds, history=hist,
                        triggers=tuple(data.vocab[i] for i in data.triggers))
+
+
+SPEC = registry.register(registry.Analysis(
+    name="bb-toy", title="Bigram-Backcopy toy", summary="a toy transformer trained from scratch to watch a sink form",
+    config=Config, result=BBToyResult, run=run, cli="bb-toy", page="sinks", needs_probe=False,
+))

@@ -55,7 +55,7 @@ from probes.weights import WeightSpec
 
 from .core.base import Config as _BaseConfig
 from .core.base import Result, Timer, option, register_result, stored
-from .core import store
+from .core import planner, registry, store
 
 __all__ = [
     "Config", "BigramResult", "BigramTable", "MaskSet", "run", "result_key", "evaluate", "train_mask", "apply_mask",
@@ -857,15 +857,16 @@ def _input_hash(corpus, ids: torch.Tensor) -> str:
     return store.hash_inputs(_corpus_label(corpus), ids)
 
 
-def result_key(probe, corpus: "str | Path | torch.Tensor | Sequence[int]" = "builtin", config: Config = Config()) -> str:
-    """The key ``run(probe, corpus, config).key`` will have, computed without training (the corpus is only
-    tokenized): the store and the dashboard find a saved mask by it."""
-    if not isinstance(config, Config):
-        raise ConfigError(f"config must be analyses.bigram.Config, got {type(config).__name__}.")
-    return BigramResult.key_for(probe, config, _input_hash(corpus, load_corpus_ids(probe, corpus)))
+def _prepare(probe, corpus: "str | Path | torch.Tensor | Sequence[int]" = "builtin", *, config: Config, **_: Any) -> registry.Inputs:
+    """The corpus's token ids ``[N]`` and the hash of its label and ids (shared by :func:`run` and :data:`result_key`)."""
+    if not isinstance(corpus, (str, Path, torch.Tensor, list, tuple)):
+        raise InputError(f"corpus must be 'builtin', a file path or token ids, got {type(corpus).__name__}.",
+                         hint="E.g. bigram.run(probe, 'builtin') or bigram.run(probe, 'corpus.jsonl').")
+    ids = load_corpus_ids(probe, corpus)
+    return registry.Inputs(_input_hash(corpus, ids), ids)
 
 
-def run(probe, corpus: "str | Path | torch.Tensor | Sequence[int]" = "builtin", config: Config = Config(), *,
+def run(probe, corpus: "str | Path | torch.Tensor | Sequence[int]" = "builtin", *, config: Config = Config(),
         evaluate: bool = True, checkpoint: str | Path | None = None, checkpoint_every: int = 50,
         progress: Callable[[dict], None] | None = None, table: BigramTable | None = None) -> BigramResult:
     """Learn a bigram (or optimal-pruning) subnetwork of ``probe``'s blocks and evaluate it.
@@ -879,14 +880,13 @@ def run(probe, corpus: "str | Path | torch.Tensor | Sequence[int]" = "builtin", 
         table: a prebuilt bigram table (else counted from the training rows of ``corpus``); to keep the
             evaluation held out it must not have seen the held-out rows.
     """
-    if not isinstance(config, Config):
-        raise ConfigError(f"config must be analyses.bigram.Config, got {type(config).__name__}.")
     timer = Timer()
     with timer("tokenize"):
-        ids = load_corpus_ids(probe, corpus)
+        inp = SPEC.inputs(probe, corpus, config=config)
+        ids = inp.data
         train_rows, eval_rows = _split_rows(ids, config)
         table = table or train_table(ids, config, probe.info.d_vocab)
-    input_hash = _input_hash(corpus, ids)
+    input_hash = inp.hash
     weights = masked_weights(probe, config.layers)  # fail early on a model the masker does not handle
     if math.isinf(config.lam):  # keep-nothing baseline: no training
         masks = {w.path: torch.zeros(w.shape, dtype=torch.bool) for w in weights}
@@ -1024,3 +1024,19 @@ def doc_figures(result: "BigramResult | None" = None) -> dict[str, str]:
                    f"{ab.loc['random', 'bigram_xent_nats']:.2f}, full model {ab.loc['full', 'bigram_xent_nats']:.2f}, "
                    f"bigram entropy {ab.loc['bigram', 'bigram_xent_nats']:.2f})")
     return f
+
+
+def _memory(s, B: int, T: int, o) -> dict[str, int]:
+    """Mask training with autograd: per-layer saved activations, the mask logits with their gradients and AdamW
+    moments, and the dense target and logits with their gradients."""
+    return {"saved_activations": s.n_layers * B * T * (6 * s.d_model + 3 * s.d_mlp) * s.itemsize,
+            "mask_optimizer": 4 * s.block_params * 4, "logits": 4 * B * T * s.d_vocab * 4}
+
+
+MEMORY = planner.MemoryModel("bigram", _memory, persistent=("saved_activations", "mask_optimizer"))
+
+SPEC = registry.register(registry.Analysis(
+    name="bigram", title="Bigram subnetworks", summary="a tiny mask of block weights that reproduces next-token bigram predictions",
+    config=Config, result=BigramResult, run=run, prepare=_prepare, cli="bigram", page="bigram", memory=MEMORY,
+))
+result_key = SPEC.key  # the key run() gives this corpus, from the same _prepare

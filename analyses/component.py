@@ -33,7 +33,7 @@ from probes.errors import ConfigError
 from probes.labels import format_label, parse_label
 from probes.sites import Site
 
-from .core import base, store
+from .core import base, registry, store
 from .core.base import option, stored
 from .core.domains import BUILTIN
 
@@ -353,3 +353,10 @@ def profile(probe, component: str, *, config: Config = Config(), sinks=None, rou
                             timings=timer.seconds, component=label, kind=kind, layer=layer, index=idx, sink=sink,
                             status=status, route=route, bigram_kept=bigram_kept, top_tokens=tuple(top),
                             bottom_tokens=tuple(bot), sources=sources)
+
+
+SPEC = registry.register(registry.Analysis(
+    name="component", title="One component as every analysis sees it",
+    summary="a head or neuron's sink mass, route share, bigram membership and output tokens",
+    config=Config, result=ComponentProfile, run=profile, page="component",
+))

@@ -51,7 +51,7 @@ import torch
 from probes import Ablate, ConfigError, Edit, InputError, Probe, head_label, neuron_label, parse_label, site
 from probes.generation import Decoder
 
-from .core import store
+from .core import planner, registry, store
 from .core.base import Config as _BaseConfig
 from .core.base import Result, Timer, option, register_result, stored
 
@@ -703,12 +703,15 @@ def _input_hash(info: Mapping[str, Any], iv: Intervention, prompt: str, observed
     return store.hash_inputs("counterfactual", info["fingerprint"], {"iv": iv.label()}, prompt + "\x00" + str(observed or ""))
 
 
-def result_key(probe: Probe, prompt: str, intervention: str | Intervention = "none", *, config: Config = Config(),
-               observed: str | Sequence[int] | None = None) -> str:
-    """The key ``run(probe, prompt, intervention, config=config, observed=observed).key`` will have, computed
-    without generating anything: the store and the dashboard find a saved counterfactual by it."""
-    info = probe.info.to_dict()
-    return CounterfactualResult.key_for(info, config, _input_hash(info, parse_intervention(intervention, probe), prompt, observed))
+def _prepare(probe: Probe, prompt: str, intervention: str | Intervention = "none", *, config: Config,
+             observed: str | Sequence[int] | None = None) -> registry.Inputs:
+    """The parsed intervention and the hash of prompt, intervention and observed text (shared by :func:`run` and
+    :data:`result_key`)."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise InputError("the prompt is empty." if isinstance(prompt, str) else f"the prompt must be text, got {type(prompt).__name__}.",
+                         hint="Type a prompt with at least one word.")
+    iv = parse_intervention(intervention, probe)
+    return registry.Inputs(_input_hash(probe.info.to_dict(), iv, prompt, observed), iv)
 
 
 def run(probe: Probe, prompt: str, intervention: str | Intervention = "none", *, config: Config = Config(),
@@ -727,9 +730,8 @@ def run(probe: Probe, prompt: str, intervention: str | Intervention = "none", *,
         :class:`CounterfactualResult` with ``n_samples`` counterfactual rows (1 for replay) and as many
         interventional rows if ``config.interventional``.
     """
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise InputError("the prompt is empty.", hint="Type a prompt with at least one word.")
-    iv = parse_intervention(intervention, probe)
+    inp = SPEC.inputs(probe, prompt, intervention, config=config, observed=observed)
+    iv = inp.data
     c = config
     timer = Timer()
     notes: list[str] = []
@@ -921,15 +923,15 @@ def _bias_input_hash(info: Mapping[str, Any], config: BiasConfig) -> str:
     return store.hash_inputs("counterfactual.bias", info["fingerprint"], config.to_dict(), "")
 
 
-def bias_sweep_key(probe: Probe, config: BiasConfig = BiasConfig()) -> str:
-    """The key ``bias_sweep(probe, config).key`` will have, computed without generating anything."""
-    info = probe.info.to_dict()
-    return BiasSweepResult.key_for(info, config, _bias_input_hash(info, config))
+def _prepare_bias(probe: Probe, *, config: BiasConfig) -> registry.Inputs:
+    """A bias sweep's inputs are its settings (template, groups, categories: all in the config)."""
+    return registry.Inputs(_bias_input_hash(probe.info.to_dict(), config))
 
 
-def bias_sweep(probe: Probe, config: BiasConfig = BiasConfig(), *, progress: Callable[[int], None] | None = None) -> BiasSweepResult:
+def bias_sweep(probe: Probe, *, config: BiasConfig = BiasConfig(), progress: Callable[[int], None] | None = None) -> BiasSweepResult:
     """Generate ``n_samples`` continuations per group with the same noise streams and compare the
     extracted attribute distributions (paper §4.3, prompt-edit form; total effect). ``progress(1)`` after each group."""
+    inp = BIAS_SPEC.inputs(probe, config=config)
     c = config
     timer = Timer()
     S = c.n_samples
@@ -972,6 +974,22 @@ def bias_sweep(probe: Probe, config: BiasConfig = BiasConfig(), *, progress: Cal
                          "unchanged": unchanged / S, "unchanged_lo": u_lo, "unchanged_hi": u_hi})
     info = probe.info.to_dict()
     return BiasSweepResult(config=c, model=info, timings=timer.seconds,
-                           input_hash=_bias_input_hash(info, c),
+                           input_hash=inp.hash,
                            samples=pd.DataFrame(recs), summary=pd.DataFrame(rows))
 
+
+
+SPEC = registry.register(registry.Analysis(
+    name="counterfactual", title="Counterfactual token generation",
+    summary="what the model would have written under an intervention, with the same Gumbel noise",
+    config=Config, result=CounterfactualResult, run=run, prepare=_prepare, cli="counterfactual", page="counterfactual",
+    memory=planner.GENERATE,
+))
+BIAS_SPEC = registry.register(registry.Analysis(
+    name="counterfactual.bias", title="Counterfactual bias sweep",
+    summary="attribute distributions across groups of a template, with shared noise",
+    config=BiasConfig, result=BiasSweepResult, run=bias_sweep, prepare=_prepare_bias, cli="bias-sweep", page="counterfactual",
+    memory=planner.GENERATE,
+))
+result_key = SPEC.key  # the key run() gives these inputs, from the same _prepare
+bias_sweep_key = BIAS_SPEC.key  # the key bias_sweep() gives this config

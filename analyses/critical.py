@@ -45,6 +45,7 @@ from probes.weights import AdaptedModel, LoraSpec
 
 from .core.base import Config as _BaseConfig
 from .core.base import Result, Timer, option, register_result, stored
+from .core import planner, registry
 from .core.store import hash_inputs
 from .tasks import ANSWER_STOP, Checker, CallableChecker, Problem, format_prompt, make_checker
 
@@ -203,7 +204,7 @@ def doc_example(probe) -> "CriticalResult":
 
     p = Problem("Tom has 3 apples and buys 4 more. How many apples does he have?", 7.0)
     cfg = Config(n_rollouts=32, granularity="token", max_new_tokens=4, alternatives="topk", n_alternatives=3, alt_rollouts=4)
-    return search(probe, format_prompt(probe, p), "3 + 4 = 8.", make_checker(p), cfg)
+    return search(probe, format_prompt(probe, p), "3 + 4 = 8.", make_checker(p), config=cfg)
 
 
 def doc_figures(example: "CriticalResult | None" = None) -> dict[str, str]:
@@ -476,16 +477,15 @@ def _search_hash(p_ids: Sequence[int], r_ids: Sequence[int], reference: str) -> 
     return hash_inputs(p_ids, r_ids, reference) if reference else hash_inputs(p_ids, r_ids)
 
 
-def search_key(probe, prompt: str | Sequence[int], response: str | Sequence[int], config: Config = Config(), *,
-               reference: str = "") -> str:
-    """The key ``search(probe, prompt, response, checker, config, reference=reference).key`` will have, computed
-    without any rollout (the checker does not enter it): the store and the dashboard find a saved search by it."""
+def _prepare_search(probe, prompt: str | Sequence[int], response: str | Sequence[int], checker: Any = None, *,
+                    config: Config, reference: str = "", **_: Any) -> registry.Inputs:
+    """The trace's ids and the hash that names it (the checker does not enter it; the reference does)."""
     p_ids, r_ids = _search_ids(probe, prompt, response)
-    return CriticalResult.key_for(probe, config, _search_hash(p_ids, r_ids, reference))
+    return registry.Inputs(_search_hash(p_ids, r_ids, reference), (p_ids, r_ids))
 
 
-def search(probe, prompt: str | Sequence[int], response: str | Sequence[int], checker: Callable[[str], bool] | Checker,
-           config: Config = Config(), *, question: str = "", reference: str = "", progress: Callable[[int], None] | None = None) -> "CriticalResult":
+def search(probe, prompt: str | Sequence[int], response: str | Sequence[int], checker: Callable[[str], bool] | Checker, *,
+           config: Config = Config(), question: str = "", reference: str = "", progress: Callable[[int], None] | None = None) -> "CriticalResult":
     """Rollout search on one given (incorrect) trace.
 
     Args:
@@ -493,15 +493,16 @@ def search(probe, prompt: str | Sequence[int], response: str | Sequence[int], ch
         response: the response text or ids (the trajectory ``y``).
         checker: ``fn(text) -> bool`` grading ``response prefix ⊕ continuation``.
     """
-    p_ids, r_ids = _search_ids(probe, prompt, response)
+    inp = SPEC.entry_inputs(_prepare_search, probe, prompt, response, checker, config=config, reference=reference)
+    p_ids, r_ids = inp.data
     chk = checker if callable(checker) else CallableChecker(checker)
     tr = _Trace(0, 0, question, reference, p_ids, r_ids)
     timer = Timer()
     frames = _search_trace(probe, tr, chk, config, timer, progress)
-    return _build_result(probe, config, [frames], pd.DataFrame(), timer, _search_hash(p_ids, r_ids, reference))
+    return _build_result(probe, config, [frames], pd.DataFrame(), timer, inp.hash)
 
 
-def run(probe, problems: Sequence[Problem] | None = None, config: Config = Config(), *,
+def run(probe, problems: Sequence[Problem] | None = None, *, config: Config = Config(),
         checkers: Sequence[Callable[[str], bool]] | None = None, n_traces: int | None = None,
         progress: Callable[[int], None] | None = None) -> "CriticalResult":
     """Sample trajectories for each problem, take the first incorrect one per problem and search it.
@@ -511,7 +512,8 @@ def run(probe, problems: Sequence[Problem] | None = None, config: Config = Confi
         checkers: one grader per problem (default: ``config.checker`` on the reference answer).
         n_traces: analyse at most this many incorrect traces (default: one per problem).
     """
-    problems = _problems(problems, config)
+    inp = SPEC.inputs(probe, problems, config=config)
+    problems = inp.data
     chks = list(checkers) if checkers is not None else [make_checker(p, config.checker, config.tol) for p in problems]
     if config.engine == "vllm":
         vllm_engine(probe)  # fail before any sampling when vLLM or a GPU is missing
@@ -533,7 +535,7 @@ def run(probe, problems: Sequence[Problem] | None = None, config: Config = Confi
         prompt_ids = probe.to_tokens(format_prompt(probe, p))[0].tolist()
         traces.append(_search_trace(probe, _Trace(ti, pi, p.question, str(p.answer), prompt_ids, list(t.response_ids)),
                                     chks[pi], config, timer, progress))
-    return _build_result(probe, config, traces, tdf, timer, _run_hash(problems))
+    return _build_result(probe, config, traces, tdf, timer, inp.hash)
 
 
 def _problems(problems: Sequence[Problem] | None, config: Config) -> list[Problem]:
@@ -551,10 +553,17 @@ def _run_hash(problems: Sequence[Problem]) -> str:
     return hash_inputs([(p.question, str(p.answer)) for p in problems])
 
 
-def result_key(probe, problems: Sequence[Problem] | None = None, config: Config = Config()) -> str:
-    """The key ``run(probe, problems, config).key`` will have, computed without sampling anything (checkers and
-    ``n_traces`` do not enter it): the store and the dashboard find a saved run by it."""
-    return CriticalResult.key_for(probe, config, _run_hash(_problems(problems, config)))
+def _prepare(probe, problems: Sequence[Problem] | None = None, *, config: Config, **_: Any) -> registry.Inputs:
+    """The problems and the hash of their questions and reference answers (checkers and ``n_traces`` do not
+    enter it)."""
+    if problems is not None and (isinstance(problems, (str, Problem)) or not hasattr(problems, "__iter__")):
+        raise InputError(f"problems must be a list of Problem, got {type(problems).__name__}.",
+                         hint="E.g. [Problem('2+3?', 5)] or analyses.tasks.builtin_arith(1).")
+    problems = _problems(problems, config)
+    bad = [type(p).__name__ for p in problems if not isinstance(p, Problem)]
+    if bad:
+        raise InputError(f"problems must be Problem objects, got {bad[0]}.", hint="E.g. [Problem('2+3?', 5)].")
+    return registry.Inputs(_run_hash(problems), problems)
 
 
 def _search_trace(probe, tr: _Trace, checker, cfg: Config, timer: Timer, progress) -> dict[str, Any]:
@@ -1106,3 +1115,11 @@ def train_cdpo(probe, pairs: Sequence[dict[str, Any]], out_dir: str | Path, conf
                                                "model": probe.info.name}, indent=1, default=str))
     del model
     return {"path": out, "losses": losses, "n_pairs": len(data), "steps": step}
+
+
+SPEC = registry.register(registry.Analysis(
+    name="critical", title="Critical tokens", summary="tokens of a failed reasoning trace whose replacement flips the outcome",
+    config=Config, result=CriticalResult, run=run, prepare=_prepare, cli="critical", page="critical", memory=planner.GENERATE,
+))
+result_key = SPEC.key  # the key run() gives these problems, from the same _prepare
+search_key = SPEC.keyer(_prepare_search)  # the key search() gives this trace, from the same _prepare_search

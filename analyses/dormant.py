@@ -39,8 +39,9 @@ from probes import AttendTo, Edit, ZeroAttention, head_label, layer_label, parse
 from probes.errors import ConfigError, InputError
 from probes.sites import site as _site
 
-from .core import base, domains as _domains
+from .core import base, domains as _domains, registry
 from .core.base import option, stored
+from .sinks import MEMORY as _SINKS_MEMORY
 from .sinks import bos_flag, collect_stats, next_token_loss
 from .core.store import hash_inputs
 
@@ -316,11 +317,17 @@ def _input_hash(batches: Sequence) -> str:
     return hash_inputs([b.tokens for b in batches], [b.name for b in batches])
 
 
-def result_key(probe, domains: Sequence[str] | Mapping[str, Sequence[str]] = ("prose", "code", "arithmetic"), *,
-               config: Config = Config()) -> str:
-    """The key ``run(probe, domains, config=config).key`` will have, computed without running the model (the
-    domains are only tokenized and sampled): the store and the dashboard find a saved result by it."""
-    return DormantResult.key_for(probe, config, _input_hash(_batches(probe, domains, config)))
+def _prepare(probe, domains: Sequence[str] | Mapping[str, Sequence[str]] = ("prose", "code", "arithmetic"), *,
+             config: Config) -> registry.Inputs:
+    """The domains' sampled batches and their hash (shared by :func:`run` and :data:`result_key`)."""
+    if isinstance(domains, str):
+        raise InputError(f"domains must be a list of domain names or a {{name: texts}} mapping, got the string {domains!r}.",
+                         hint=f"Pass a list: dormant.run(probe, [{domains!r}]).")
+    if not isinstance(domains, (list, tuple, Mapping)):
+        raise InputError(f"domains must be a list of domain names or a {{name: texts}} mapping, got {type(domains).__name__}.",
+                         hint="E.g. ('prose', 'code') or analyses.core.domains.load_jsonl(path).")
+    batches = _batches(probe, domains, config)
+    return registry.Inputs(_input_hash(batches), batches)
 
 
 def run(probe, domains: Sequence[str] | Mapping[str, Sequence[str]] = ("prose", "code", "arithmetic"), *,
@@ -335,7 +342,8 @@ def run(probe, domains: Sequence[str] | Mapping[str, Sequence[str]] = ("prose", 
     """
     timer = base.Timer()
     with timer("tokenize"):
-        batches = _batches(probe, domains, config)
+        inp = SPEC.inputs(probe, domains, config=config)
+    batches = inp.data
     for b in batches:
         if b.tokens.shape[0] == 0:
             raise InputError(f"domain {b.name!r}: all {b.n_skipped} texts are shorter than T={config.T} tokens.",
@@ -402,7 +410,7 @@ def run(probe, domains: Sequence[str] | Mapping[str, Sequence[str]] = ("prose", 
         tested = ~torch.isnan(delta)
         dormant = dormant & ~(tested & (delta.abs() >= config.delta))
     return DormantResult(
-        config=config, model=probe.info.to_dict(), input_hash=_input_hash(batches),
+        config=config, model=probe.info.to_dict(), input_hash=inp.hash,
         timings=timer.seconds, domains=names, sink_mass=sink_mass, max_other_mass=max_other,
         value_norm=torch.stack([st["value_norm"] for st in stats]), resid_norm=torch.stack([st["resid_norm"] for st in stats]),
         loss=loss, delta_loss=delta, dormant=dormant, tested=tuple(head_label(l, h) for l, h in heads),
@@ -410,3 +418,10 @@ def run(probe, domains: Sequence[str] | Mapping[str, Sequence[str]] = ("prose", 
         sink_token=label, sink_token_id=token_id, sink_positions=tuple(tuple(int(x) for x in p) for p in positions),
         sink_agreement=agreement, n_fallback=tuple(fallback),
     )
+
+
+SPEC = registry.register(registry.Analysis(
+    name="dormant", title="Active and dormant heads", summary="which heads park their attention on the sink, per domain",
+    config=Config, result=DormantResult, run=run, prepare=_prepare, cli="dormant", page="sinks", memory=_SINKS_MEMORY,
+))
+result_key = SPEC.key  # the key run() gives these inputs, from the same _prepare

@@ -75,7 +75,7 @@ import torch
 
 from probes import ConfigError, InputError, Probe
 
-from .core import store
+from .core import registry, store
 from .core.base import Config as _BaseConfig
 from .core.base import Result, Timer, option, register_result, stored
 
@@ -937,15 +937,16 @@ def _identity(probe: Probe | None, embeddings: Any, source: str, E: torch.Tensor
     return model, store.hash_inputs(source, q) if embeddings is None else store.hash_inputs(E, q)
 
 
-def result_key(probe: Probe | None = None, *, embeddings: Any = None, config: Config = Config()) -> str:
-    """The key ``run(probe, embeddings=embeddings, config=config).key`` will have, computed without the
-    neighbour search: the store and the dashboard find a saved result by it. A file or array matrix is read
-    and hashed; a probe's own ``W_E`` / ``W_U`` is not copied."""
+def _key_inputs(probe: Probe | None = None, *, embeddings: Any = None, config: Config, **_: Any) -> registry.Inputs:
+    """The tested matrix's identity without the neighbour search (:func:`_identity`, which :func:`run` uses too):
+    a file or array matrix is read and hashed; a probe's own ``W_E`` / ``W_U`` is not copied."""
+    if probe is not None:
+        registry.check_probe(probe, "fiber")
     M, source = _resolve(probe, embeddings, config)
     own = probe is not None and embeddings is None and source in _MODEL_SOURCES
     E = None if own else _as_tested(M, config)
     model, input_hash = _identity(probe, embeddings, source, E, _queries(M.shape[0], config))
-    return FiberResult.key_for(model, config, input_hash)
+    return registry.Inputs(input_hash, {"model": model})
 
 
 def run(probe: Probe | None = None, *, embeddings: Any = None, token_strs: Sequence[str] | None = None, config: Config = Config(),
@@ -958,6 +959,9 @@ def run(probe: Probe | None = None, *, embeddings: Any = None, token_strs: Seque
         token_strs: labels of the rows (default: the tokenizer's, else the row ids).
         progress: ``progress(done_blocks, total_blocks)`` called after each kNN block.
     """
+    registry.check_config(config, Config, "fiber")
+    if probe is not None:
+        registry.check_probe(probe, "fiber")
     prep = _prepare(probe, embeddings, config, progress)
     return _finish(config, **prep, probe=probe, embeddings=embeddings, token_strs=token_strs)
 
@@ -1165,3 +1169,11 @@ def stability_markdown(records: Sequence[dict[str, Any]]) -> str:
                  *[f"{float(r[f'jaccard {v}']):.2f}" for v in labels]]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
+
+
+SPEC = registry.register(registry.Analysis(
+    name="fiber", title="Fiber-bundle test of token embeddings",
+    summary="a local volume-growth test per token of the embedding or unembedding matrix",
+    config=Config, result=FiberResult, run=run, prepare=_key_inputs, cli="fiber", page="fiber", needs_probe=False,
+))
+result_key = SPEC.key  # the key run() gives this matrix and these tokens (the same _identity)

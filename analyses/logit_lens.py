@@ -27,7 +27,7 @@ import torch
 
 from probes import Collect, ConfigError, InputError, Probe, layer_label, site
 
-from .core import store
+from .core import planner, registry, store
 from .core.base import Config as _BaseConfig
 from .core.base import Result, Timer, option, register_result, stored
 
@@ -248,10 +248,13 @@ def _input_hash(tokens: torch.Tensor) -> str:
     return store.hash_inputs(tokens[0].cpu())
 
 
-def result_key(probe: Probe, prompt: str | torch.Tensor | Sequence[int], *, config: Config = Config()) -> str:
-    """The key ``run(probe, prompt, config=config).key`` will have, computed without running anything (one
-    tokenization): the results store and the dashboard find a saved lens by it."""
-    return LogitLensResult.key_for(probe, config, _input_hash(_tokens(probe, prompt, config)))
+def _prepare(probe: Probe, prompt: str | torch.Tensor | Sequence[int], *, config: Config) -> registry.Inputs:
+    """The prompt's ids ``[1, T]`` and their hash (shared by :func:`run` and :data:`result_key`)."""
+    if not isinstance(prompt, (str, torch.Tensor, list, tuple)):
+        raise InputError(f"the logit lens takes a prompt (text or token ids), got {type(prompt).__name__}.",
+                         hint="Pass a string, or ids of shape [T] / [1, T].")
+    tokens = _tokens(probe, prompt, config)
+    return registry.Inputs(_input_hash(tokens), tokens)
 
 
 def run(probe: Probe, prompt: str | torch.Tensor | Sequence[int], *, config: Config = Config()) -> LogitLensResult:
@@ -261,6 +264,7 @@ def run(probe: Probe, prompt: str | torch.Tensor | Sequence[int], *, config: Con
     each, a few hundred KB for a short prompt); the residuals are then unembedded in row chunks so at
     most ~16M logits (64 MB) are alive at a time.
     """
+    tokens = SPEC.inputs(probe, prompt, config=config).data
     n = probe.info.n_layers
     layers = list(config.layers) if config.layers is not None else list(range(n))
     bad = [layer for layer in layers if layer >= n]
@@ -268,7 +272,6 @@ def run(probe: Probe, prompt: str | torch.Tensor | Sequence[int], *, config: Con
         raise ConfigError(f"layers={tuple(layers)} includes {bad[0]}, but {probe.info.name} has {n} blocks (0..{n - 1}).",
                           hint=f"Pick block indices from 0 to {n - 1}, or layers=None for all.")
     timer = Timer()
-    tokens = _tokens(probe, prompt, config)
     reads = {site("resid_post", layer).name: Collect(on_device=True) for layer in layers}  # no copy inside the hooks
     with timer("forward"):
         out_logits = probe.run(tokens, reads=reads)
@@ -303,3 +306,23 @@ def run(probe: Probe, prompt: str | torch.Tensor | Sequence[int], *, config: Con
         layers=layers, str_tokens=probe.to_str_tokens(ids_row), token_ids=ids_row, top_ids=top_ids, top_probs=top_probs,
         target=target, next_ids=next_ids.cpu(), next_probs=next_probs.cpu(), top_strs=top_strs, next_strs=next_strs,
     )
+
+
+def _sweep_run(probe, config: Config, *, prompt: str, **_: object) -> LogitLensResult:
+    return run(probe, prompt, config=config)
+
+
+def _sweep_rows(result: LogitLensResult) -> list[dict]:
+    """Per layer: how often the lens's top-1 is the model's next token, and the mean p(final top-1)."""
+    agree = (result.top_ids[:, :, 0] == result.next_ids[:, 0].unsqueeze(0)).float().mean(dim=1)
+    return ([{"metric": "top1_agree", "layer": l, "head": None, "value": float(a)} for l, a in zip(result.layers, agree)]
+            + [{"metric": "p_final", "layer": l, "head": None, "value": float(p)}
+               for l, p in zip(result.layers, result.target.float().mean(dim=1))])
+
+
+SPEC = registry.register(registry.Analysis(
+    name="logit_lens", title="Logit lens", summary="each layer's residual read through the unembedding",
+    config=Config, result=LogitLensResult, run=run, prepare=_prepare, cli="logit-lens", page="model",
+    memory=planner.FORWARD, sweep=registry.Sweep(run=_sweep_run, rows=_sweep_rows),
+))
+result_key = SPEC.key  # the key run() gives these inputs, from the same _prepare

@@ -42,7 +42,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterable, Literal, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Literal, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -51,14 +51,16 @@ import torch
 from probes.errors import ConfigError, InputError, OutOfMemoryError, UnsupportedModelError
 from probes.labels import ffn_label, head_label, node_label
 from probes.reducers import Reducer
+from probes.edits import as_edits
 from probes.sites import Site
 
 from .core.base import Config as _BaseConfig
 from .core.base import Result, Timer, option, register_result, stored
+from .core import planner, registry
 from .core.store import hash_inputs
 
 __all__ = [
-    "Config", "DatasetConfig", "RoutesResult", "RouteStatsResult", "RouteStats", "run", "result_key", "run_dataset", "accumulate", "stats_result",
+    "Config", "DatasetConfig", "RoutesResult", "RouteStatsResult", "RouteStats", "run", "result_key", "run_dataset", "dataset_key", "accumulate", "merge_states", "result_from_state",
     "proximity", "attention_importance", "ffn_importance", "neuron_importance", "block_importance",
     "decomposed_attention", "threshold_renormalize", "node_name", "max_prompt_tokens", "describe_edit", "resolve_kernel",
 ]
@@ -749,13 +751,16 @@ def _input_hash(tokens: torch.Tensor, described: Sequence[str]) -> str:
     return hash_inputs(tokens.cpu(), *described) if described else hash_inputs(tokens.cpu())
 
 
-def result_key(probe, prompt: str | torch.Tensor | Sequence[int], *, config: Config = Config(), edits: Sequence = ()) -> str:
-    """The key ``run(probe, prompt, config=config, edits=edits).key`` will have, computed without running anything
-    (one tokenization): the results store and the dashboard find saved routes by it."""
-    if not isinstance(config, Config):
-        raise ConfigError(f"config must be analyses.routes.Config, got {type(config).__name__}.")
-    described = tuple(describe_edit(e) for e in edits or ())
-    return RoutesResult.key_for(probe, config, _input_hash(_tokens(probe, prompt, config), described))
+def _prepare(probe, prompt: str | torch.Tensor | Sequence[int], *, config: Config, edits: Sequence = ()) -> registry.Inputs:
+    """The prompt's ids ``[1, T]`` and the edits (any spelling :func:`probes.edits.as_edits` reads), with the hash
+    that names both (shared by :func:`run` and :data:`result_key`)."""
+    if not isinstance(prompt, (str, torch.Tensor, list, tuple)):
+        raise InputError(f"routes take one prompt (text or token ids), got {type(prompt).__name__}.",
+                         hint="Pass a string, or ids of shape [T] / [1, T].")
+    edits = as_edits(edits, probe.info)
+    tokens = _tokens(probe, prompt, config)
+    described = tuple(describe_edit(e) for e in edits)
+    return registry.Inputs(_input_hash(tokens, described), {"tokens": tokens, "edits": edits, "described": described})
 
 
 def run(probe, prompt: str | torch.Tensor, *, config: Config = Config(), edits: Sequence = (),
@@ -774,10 +779,9 @@ def run(probe, prompt: str | torch.Tensor, *, config: Config = Config(), edits: 
     Returns:
         :class:`RoutesResult`; ``.route()`` is the route to ``config.position``.
     """
-    if not isinstance(config, Config):
-        raise ConfigError(f"config must be analyses.routes.Config, got {type(config).__name__}.")
+    inp = SPEC.inputs(probe, prompt, config=config, edits=edits)
+    tokens, edits, described = inp.data["tokens"], inp.data["edits"], inp.data["described"]
     timer = timer or Timer()
-    tokens = _tokens(probe, prompt, config)
     T = tokens.shape[-1]
     _resolve_position(config.position, T)
     with timer("routes"):
@@ -787,9 +791,8 @@ def run(probe, prompt: str | torch.Tensor, *, config: Config = Config(), edits: 
         res = {k: v.cpu() for k, v in dec.res.items()}
         res["embed"] = dec.embed.cpu()
     cpu = lambda t: None if t is None else t.cpu()  # noqa: E731
-    described = tuple(describe_edit(e) for e in edits or ())
     return RoutesResult(
-        config=config, model=probe.info.to_dict(), input_hash=_input_hash(tokens, described), timings=dict(timer.seconds),
+        config=config, model=probe.info.to_dict(), input_hash=inp.hash, timings=dict(timer.seconds),
         tokens=tokens[0].cpu(), str_tokens=probe.to_str_tokens(tokens[0]), attn=dec.attn.cpu(), attn_resid=dec.attn_resid.cpu(),
         ffn=dec.ffn.cpu(), ffn_resid=dec.ffn_resid.cpu(), parallel=dec.parallel, attn_bias=cpu(dec.attn_bias),
         neurons=cpu(dec.neurons), neuron_resid=cpu(dec.neuron_resid), residuals=res,
@@ -932,26 +935,27 @@ def _ffn_on_route(route, n_layers: int) -> torch.Tensor:
     return out
 
 
-def accumulate(probe, records: Iterable, *, config: DatasetConfig = DatasetConfig(), stats: RouteStats | None = None,
-               checkpoint=None, progress: Callable[[int], None] | None = None) -> tuple[RouteStats, int]:
-    """Fold prompts into a :class:`RouteStats` reducer (the unit a shard worker runs).
+def _text_domain(rec) -> tuple[str, str]:
+    """``(text, domain)`` of a record (a string, or an :class:`analyses.core.io.Record`; domain "all" when absent)."""
+    if isinstance(rec, str):
+        return rec, "all"
+    text = getattr(rec, "text", None)
+    if not isinstance(text, str):
+        raise InputError(f"a dataset item must be a string or a record with a 'text', got {type(rec).__name__}.",
+                         hint="Pass strings, or analyses.core.io.Record(text=..., domain=...).")
+    return text, getattr(rec, "domain", None) or "all"
 
-    Returns ``(stats, n_skipped)``; ``stats`` can be merged with other shards' (``stats.merge``) and
-    turned into a result with :func:`stats_result`.
-    """
-    if not isinstance(config, DatasetConfig):
-        raise ConfigError(f"config must be analyses.routes.DatasetConfig, got {type(config).__name__}.")
+
+def _fold(probe, records: Sequence, config: DatasetConfig, stats: RouteStats, *, checkpoint=None,
+          progress: Callable[[int], None] | None = None) -> int:
+    """Fold ``records`` into ``stats`` (resuming after ``checkpoint``'s last save); returns the prompts skipped."""
     _check_supported(probe)
-    stats = stats if stats is not None else RouteStats(probe.info.n_layers, probe.info.n_heads)
     done = checkpoint.restore({"stats": stats}) if checkpoint is not None else 0
     skipped = int(getattr(checkpoint, "extra", {}).get("skipped", 0)) if done else 0
-    n_seen = 0
-    for rec in records:
-        n_seen += 1
+    for n_seen, rec in enumerate(records, start=1):
         if n_seen <= done:
             continue
-        text = rec if isinstance(rec, str) else rec.text
-        domain = (None if isinstance(rec, str) else rec.domain) or "all"
+        text, domain = _text_domain(rec)
         toks = probe.to_tokens(text, prepend_bos=config.prepend_bos)[:, : config.max_tokens]
         T = toks.shape[-1]
         if not -T <= config.position < T:
@@ -967,34 +971,141 @@ def accumulate(probe, records: Iterable, *, config: DatasetConfig = DatasetConfi
             checkpoint.save(n_seen, {"stats": stats}, extra={"skipped": skipped})
         if progress:
             progress(1)
-    return stats, skipped
+    return skipped
 
 
-def stats_result(probe_or_info, stats: RouteStats, *, config: DatasetConfig, n_skipped: int = 0, input_hash: str = "",
-                 timings: dict[str, float] | None = None) -> RouteStatsResult:
-    """A :class:`RouteStatsResult` from a (possibly merged) :class:`RouteStats`."""
+def _prepare_dataset(probe, records: Iterable, *, config: DatasetConfig) -> registry.Inputs:
+    """The records as a list, with the hash of their ordered ``(text, domain)`` digests (the same hash a sharded
+    sweep of the same records derives from its merged state)."""
+    if isinstance(records, (str, bytes)) or records is None or not hasattr(records, "__iter__"):
+        raise InputError(f"run_dataset takes a list of prompts (strings or records), got {type(records).__name__}.",
+                         hint="For one prompt use routes.run(probe, text).")
+    records = list(records)
+    return registry.Inputs(registry.digests_hash(_digests(records)), records)
+
+
+def _digests(records: Sequence) -> torch.Tensor:
+    return registry.digests([_text_domain(r) for r in records])
+
+
+def accumulate(probe, items: Sequence, config: DatasetConfig) -> dict[str, Any]:
+    """One shard of a dataset sweep (the shard protocol): the shard's :class:`RouteStats` state, its skipped
+    prompts and the digests of its records ``[n, 8]`` (uint8), which name the input in the key."""
+    registry.check_config(config, DatasetConfig, "routes dataset mode")
+    stats = RouteStats(probe.info.n_layers, probe.info.n_heads)
+    skipped = _fold(probe, items, config, stats)
+    return {"stats": stats.state(), "n_skipped": int(skipped), "digests": _digests(items)}
+
+
+def _route_stats(st: Mapping[str, Any], info: Mapping[str, Any]) -> RouteStats:
+    r = RouteStats(int(info["n_layers"]), int(info["n_heads"]))
+    r.load_state(st)
+    return r
+
+
+def merge_states(a: Mapping[str, Any] | None, b: Mapping[str, Any], config: DatasetConfig, info: Mapping[str, Any]) -> dict[str, Any]:
+    """Fold the states of two consecutive shards (``a`` first; ``None``: empty)."""
+    if a is None:
+        return dict(b)
+    r = _route_stats(a["stats"], info)
+    r.merge(_route_stats(b["stats"], info))
+    return {"stats": r.state(), "n_skipped": a["n_skipped"] + b["n_skipped"],
+            "digests": torch.cat([a["digests"], b["digests"]])}
+
+
+def result_from_state(probe_or_info, state: Mapping[str, Any], config: DatasetConfig, *,
+                      timings: Mapping[str, float] | None = None, source: str = "") -> "RouteStatsResult":
+    """The result of a (merged) sweep state; its key names the records by their digests."""
+    info = getattr(probe_or_info, "info", probe_or_info)
+    info = info.to_dict() if hasattr(info, "to_dict") else dict(info)
+    return _stats_result(info, _route_stats(state["stats"], info), config=config, n_skipped=int(state["n_skipped"]),
+                         input_hash=registry.digests_hash(state["digests"]), timings=timings)
+
+
+def _stats_result(model: Mapping[str, Any], stats: RouteStats, *, config: DatasetConfig, n_skipped: int, input_hash: str,
+                  timings: Mapping[str, float] | None = None) -> RouteStatsResult:
     if stats.n_updates == 0 and float(stats.n.sum()) == 0:
         raise InputError("no prompt could be used (the input is empty or every prompt is shorter than the position).",
                          hint="Check the file, or use --position -1.")
-    info = getattr(probe_or_info, "info", probe_or_info)
-    model = info.to_dict() if hasattr(info, "to_dict") else dict(info)
     f = stats.finalize()
-    return RouteStatsResult(config=config, model=model, input_hash=input_hash, timings=dict(timings or {}),
+    return RouteStatsResult(config=config, model=dict(model), input_hash=input_hash, timings=dict(timings or {}),
                             domains=f["domains"], n=f["n"], head_freq=f["head_freq"].float(), head_mean=f["head_mean"].float(),
                             ffn_freq=f["ffn_freq"].float(), ffn_mean=f["ffn_mean"].float(), n_skipped=n_skipped)
 
 
 def run_dataset(probe, records: Iterable, *, config: DatasetConfig = DatasetConfig(), checkpoint=None,
-                progress: Callable[[int], None] | None = None, input_hash: str = "") -> RouteStatsResult:
+                progress: Callable[[int], None] | None = None, partial: Callable[["RouteStatsResult"], None] | None = None,
+                partial_every: int = 8) -> RouteStatsResult:
     """Route statistics over many prompts (memory independent of their number).
 
     Args:
         records: :class:`analyses.core.io.Record` items (or plain strings); ``domain`` groups the statistics
-            ("all" when absent).
+            ("all" when absent). The result's key comes from the records themselves (text and domain, in order).
         checkpoint: an :class:`analyses.core.io.Checkpoint`; a re-run with the same one resumes after the last save.
         progress: called with 1 after each prompt.
+        partial: called with the statistics so far every ``partial_every`` prompts (a live view).
     """
+    inp = SPEC_DATASET.inputs(probe, records, config=config)
     timer = Timer()
+    stats = RouteStats(probe.info.n_layers, probe.info.n_heads)
+    done = [0]
+
+    def step(k: int) -> None:
+        done[0] += k
+        if progress:
+            progress(k)
+        if partial is not None and done[0] % partial_every == 0 and float(stats.n.sum()) > 0:
+            partial(_stats_result(probe.info.to_dict(), stats, config=config, n_skipped=0, input_hash=inp.hash))
+
     with timer("routes"):
-        stats, skipped = accumulate(probe, records, config=config, checkpoint=checkpoint, progress=progress)
-    return stats_result(probe, stats, config=config, n_skipped=skipped, input_hash=input_hash, timings=timer.seconds)
+        skipped = _fold(probe, inp.data, config, stats, checkpoint=checkpoint, progress=step)
+    return _stats_result(probe.info.to_dict(), stats, config=config, n_skipped=skipped, input_hash=inp.hash,
+                         timings=timer.seconds)
+
+
+# ============================================================================ declarations
+def _route_memory(s, B: int, T: int, o: Mapping[str, Any]) -> dict[str, int]:
+    """The proximity chunk (queries by :func:`_chunk_size`), the pattern, the stored importances and, top-down,
+    each layer's residual in and out."""
+    H, d, L, a = s.n_heads, s.d_model, s.n_layers, o["route_itemsize"]
+    q = _chunk_size(T, H, d, o["chunk_mb"], a)
+    return {"proximity_chunk": q * T * H * d * a * 2, "pattern": H * T * T * 4,
+            "importances": L * T * T * H * a + 3 * L * T * a, "residuals": 2 * L * T * d * 4}
+
+
+MEMORY = planner.MemoryModel("routes", _route_memory, persistent=("importances", "residuals"), one_row=True, chunk=_chunk_size)
+
+
+def _sweep_run(probe, config: DatasetConfig, *, texts=None, domain: str = "prose", n_prompts: int = 16, **_: Any):
+    if texts is None:
+        from .core import domains as _domains
+
+        _domains.check_domains([domain])
+        batch = _domains.domain_tokens(probe, domain, n=n_prompts, T=config.max_tokens, prepend_bos=None)
+        texts = [probe.to_string(t) for t in batch.tokens]
+    return run_dataset(probe, list(texts), config=config)
+
+
+def _sweep_rows(result: RouteStatsResult) -> list[dict]:
+    """Head and FFN frequency and mean importance on the routes, the domains pooled by prompt count."""
+    from .core.checkpoints import metric_rows
+
+    w = result.n.float() / result.n.float().sum().clamp_min(1)
+    return (metric_rows("head_freq", torch.einsum("d,dlh->lh", w, result.head_freq.float()))
+            + metric_rows("head_mean", torch.einsum("d,dlh->lh", w, result.head_mean.float()))
+            + metric_rows("ffn_freq", torch.einsum("d,dl->l", w, result.ffn_freq.float()))
+            + metric_rows("ffn_mean", torch.einsum("d,dl->l", w, result.ffn_mean.float())))
+
+
+SPEC = registry.register(registry.Analysis(
+    name="routes", title="Information-flow routes", summary="which heads, FFNs and tokens carry a prediction",
+    config=Config, result=RoutesResult, run=run, prepare=_prepare, cli="routes", page="routes", memory=MEMORY,
+))
+SPEC_DATASET = registry.register(registry.Analysis(
+    name="routes.dataset", title="Route statistics over a dataset", summary="how often each head and FFN is on the route",
+    config=DatasetConfig, result=RouteStatsResult, run=run_dataset, prepare=_prepare_dataset, page="routes", memory=MEMORY,
+    shard=registry.ShardProtocol(accumulate=accumulate, merge=merge_states, finish=result_from_state, name="routes"),
+    sweep=registry.Sweep(run=_sweep_run, rows=_sweep_rows),
+))
+result_key = SPEC.key  # the key run() gives these inputs, from the same _prepare
+dataset_key = SPEC_DATASET.key  # the key run_dataset() gives these records

@@ -42,7 +42,7 @@ from probes.labels import layer_label
 from probes.sites import parse_site
 from probes.sites import site as _site  # `site` names a local hook name below
 
-from .core import base, domains as _domains
+from .core import base, domains as _domains, planner, registry
 from .core.base import option, stored
 from .core.store import hash_inputs
 
@@ -517,18 +517,27 @@ def _tokens_for(probe, config: Config, texts, tokens, domain) -> tuple[torch.Ten
 
 
 def _input_hash(toks: torch.Tensor) -> str:
-    """The input hash of a sinks run over the sampled tokens ``toks`` ``[S, T]``."""
-    return hash_inputs(toks)
+    """The input hash of a sinks run over the sampled tokens ``toks`` ``[S, T]``: the hash of its rows'
+    digests, which a sharded sweep of the same rows derives too (:func:`merge_states`)."""
+    return registry.digests_hash(_row_digests(toks))
 
 
-def result_key(probe, texts: Sequence[str] | str | None = None, *, tokens: torch.Tensor | None = None,
-               domain: str | None = None, config: Config = Config()) -> str:
-    """The key ``run(probe, texts, tokens=tokens, domain=domain, config=config).key`` will have, computed without
-    running the model (the texts or domain are only tokenized and sampled): the store and the dashboard find a
-    saved result by it."""
+def _row_digests(toks: torch.Tensor) -> torch.Tensor:
+    return registry.digests(list(toks.cpu()))
+
+
+def _prepare(probe, texts: Sequence[str] | str | None = None, *, tokens: torch.Tensor | None = None,
+             domain: str | None = None, config: Config) -> registry.Inputs:
+    """The token rows ``[S, T]`` a run measures (texts are tokenized and sampled, a domain is drawn), the number
+    of texts skipped and the source's name, with the hash of the rows (shared by :func:`run` and :data:`result_key`)."""
     if texts is None and tokens is None and domain is None:
         domain = "prose"
-    return SinksResult.key_for(probe, config, _input_hash(_tokens_for(probe, config, texts, tokens, domain)[0]))
+    if texts is not None and not isinstance(texts, str) and not (
+            isinstance(texts, (list, tuple)) and all(isinstance(t, str) for t in texts)):
+        hint = "Pass domain='code' (by keyword)." if isinstance(texts, str) else "Pass a list of strings."
+        raise InputError(f"texts must be a string or a list of strings, got {type(texts).__name__}.", hint=hint)
+    toks, skipped, source = _tokens_for(probe, config, texts, tokens, domain)
+    return registry.Inputs(_input_hash(toks), {"tokens": toks, "skipped": skipped, "source": source})
 
 
 def run(probe, texts: Sequence[str] | str | None = None, *, tokens: torch.Tensor | None = None,
@@ -543,11 +552,10 @@ def run(probe, texts: Sequence[str] | str | None = None, *, tokens: torch.Tensor
         config: :class:`Config`.
         progress: optional progress callback ``progress(n_samples_done)``.
     """
-    if texts is None and tokens is None and domain is None:
-        domain = "prose"
     timer = base.Timer()
     with timer("tokenize"):
-        toks, skipped, source = _tokens_for(probe, config, texts, tokens, domain)
+        inp = SPEC.inputs(probe, texts, tokens=tokens, domain=domain, config=config)
+    toks, skipped, source = inp.data["tokens"], inp.data["skipped"], inp.data["source"]
     if toks.shape[0] == 0:
         raise InputError(f"all {skipped} texts are shorter than T={config.T} tokens; nothing to measure.",
                          hint="Give longer texts or a smaller T (--T).")
@@ -556,7 +564,7 @@ def run(probe, texts: Sequence[str] | str | None = None, *, tokens: torch.Tensor
         st = collect_stats(probe, toks, positions=config.positions, eps_grid=eps_grid, batch_size=config.batch_size,
                            values=config.values, resid=True, kv_norms=config.kv_norms, progress=progress)
     return _result(probe, st, toks[: config.ablation_samples], config=config, eps_grid=eps_grid, n_skipped=skipped,
-                   source=source, input_hash=_input_hash(toks), timer=timer)
+                   source=source, input_hash=inp.hash, timer=timer)
 
 
 def eps_grid_for(config: Config) -> tuple[float, ...]:
@@ -591,15 +599,18 @@ def _result(probe, st: Mapping[str, Any], head: torch.Tensor, *, config: Config,
 
 
 # ----------------------------------------------------------------------------- shards (sweeps)
-def accumulate(probe, texts: Sequence[str], config: Config = Config(), *, progress=None) -> dict[str, Any]:
+def accumulate(probe, texts: Sequence, config: Config = Config(), *, progress=None) -> dict[str, Any]:
     """One shard of a sweep: tokenize ``texts`` (shorter than T tokens: skipped and counted) and stream them.
 
-    Returns a plain, picklable partial state: ``reads`` (site -> reducer ``state()``), ``n_skipped``,
-    ``n_texts`` and ``head`` (the first ``ablation_samples`` token rows ``[k, T]``, for the MLP ablation).
+    Returns a plain partial state: ``reads`` (site -> reducer ``state()``), ``n_skipped``, ``n_texts``,
+    ``digests`` (of the measured rows, ``[S, 8]``: the input's name in the key) and ``head`` (the first
+    ``ablation_samples`` token rows ``[k, T]``, for the MLP ablation).
     Partial states of consecutive shards combine with :func:`merge_states`; batches never straddle a
     shard, so with ``shard_size`` a multiple of ``batch_size`` the batches are those of one pass.
     """
-    toks, skipped = _domains.texts_to_tokens(probe, list(texts), config.T, prepend_bos=bos_flag(config.bos))
+    registry.check_config(config, Config, "a sinks shard")
+    texts = [t if isinstance(t, str) else t.text for t in texts]
+    toks, skipped = _domains.texts_to_tokens(probe, texts, config.T, prepend_bos=bos_flag(config.bos))
     reads = make_reducers(probe, config.positions, eps_grid_for(config), values=config.values, resid=True,
                           kv_norms=config.kv_norms)
     for i in range(0, toks.shape[0], config.batch_size):
@@ -608,7 +619,7 @@ def accumulate(probe, texts: Sequence[str], config: Config = Config(), *, progre
         if progress is not None:
             progress(b.shape[0])
     return {"reads": {k: _state_of(r) for k, r in reads.items()}, "n_skipped": int(skipped), "n_texts": len(texts),
-            "head": toks[: config.ablation_samples].cpu()}
+            "digests": _row_digests(toks), "head": toks[: config.ablation_samples].cpu()}
 
 
 def _state_of(r: Reducer | list[Reducer]):
@@ -631,7 +642,7 @@ def _template(st: Mapping[str, Any], config: Config) -> Reducer:
     raise ConfigError(f"a sinks shard state holds a reducer of kind {kind!r}; expected SinkAlpha or Mean.")
 
 
-def merge_states(a: Mapping[str, Any] | None, b: Mapping[str, Any], config: Config = Config()) -> dict[str, Any]:
+def merge_states(a: Mapping[str, Any] | None, b: Mapping[str, Any], config: Config = Config(), info: Any = None) -> dict[str, Any]:
     """Combine the partial states of two consecutive shards (``a`` first; ``None`` = empty)."""
     if a is None:
         return dict(b)
@@ -643,12 +654,13 @@ def merge_states(a: Mapping[str, Any] | None, b: Mapping[str, Any], config: Conf
         reads[site] = _state_of(ra)
     head = torch.cat([a["head"], b["head"].to(a["head"].dtype)])[: config.ablation_samples]
     return {"reads": reads, "n_skipped": a["n_skipped"] + b["n_skipped"], "n_texts": a["n_texts"] + b["n_texts"],
-            "head": head}
+            "digests": torch.cat([a["digests"], b["digests"]]), "head": head}
 
 
 def result_from_states(probe, state: Mapping[str, Any], config: Config = Config(), *, source: str = "texts",
-                       input_hash: str = "", timings: Mapping[str, float] | None = None) -> SinksResult:
-    """Finish a (merged) shard state into a :class:`SinksResult` (runs the MLP ablation on ``probe``)."""
+                       timings: Mapping[str, float] | None = None) -> SinksResult:
+    """Finish a (merged) shard state into a :class:`SinksResult` (runs the MLP ablation on ``probe``); its key
+    names the measured rows by their digests, as a one-pass :func:`run` over the same rows does."""
     if state is None or int(state["head"].shape[0]) == 0:
         n = 0 if state is None else state["n_skipped"]
         raise InputError(f"all {n} texts are shorter than T={config.T} tokens; nothing to measure.",
@@ -658,4 +670,48 @@ def result_from_states(probe, state: Mapping[str, Any], config: Config = Config(
     timer = base.Timer()
     timer.seconds.update(dict(timings or {}))
     return _result(probe, st, state["head"], config=config, eps_grid=eps_grid_for(config), n_skipped=state["n_skipped"],
-                   source=source, input_hash=input_hash, timer=timer)
+                   source=source, input_hash=registry.digests_hash(state["digests"]), timer=timer)
+
+
+# ----------------------------------------------------------------------------- declaration
+def _memory(s, B: int, T: int, o: Mapping[str, Any]) -> dict[str, int]:
+    """Attention probabilities recomputed in float32 from q/k per layer (scores, masked scores, softmax and the
+    NaN-cleaned copy) and each head's ``v_h W_O,h`` before its norm."""
+    return {"pattern": 4 * B * s.n_heads * T * T * 4, "value_norm": B * T * s.n_heads * s.d_model * 4}
+
+
+MEMORY = planner.MemoryModel("sinks", _memory)
+
+
+def _sweep_run(probe, config: Config, *, texts=None, domain: str = "prose", progress=None, **_: Any) -> SinksResult:
+    from .core.planner import retry_on_oom
+
+    # a checkpoint that runs out of memory is retried once with half the batch (same numbers: α is streamed)
+    return retry_on_oom(lambda b: run(probe, texts, domain=None if texts is not None else domain,
+                                      config=config.replace(batch_size=b), progress=progress),
+                        config.batch_size, what=f"sinks on {probe.info.name}")
+
+
+def _sweep_rows(result: SinksResult) -> list[dict]:
+    """Sink % (overall and per layer), α per head and the residual peak ratio per layer, at the first position."""
+    from .core.checkpoints import metric_rows
+
+    p0 = result.config.positions[0]
+    return (metric_rows("sink_pct", torch.tensor(result.sink_pct(position=p0)))
+            + metric_rows("sink_pct_layer", result.sink_fraction(position=p0).mean(dim=1) * 100)
+            + metric_rows("alpha", result.alpha_mean[:, :, p0])
+            + metric_rows("resid_peak_ratio", peak_ratio(result.resid_norm, p0), layer_offset=-1))
+
+
+def _finish(probe, state, config: Config, timings=None, source: str = "texts") -> SinksResult:
+    return result_from_states(probe, state, config, source=source, timings=timings)
+
+
+SPEC = registry.register(registry.Analysis(
+    name="sinks", title="Attention sinks, value drains, residual peaks",
+    summary="how much each head attends to the first tokens, and the norms that go with it",
+    config=Config, result=SinksResult, run=run, prepare=_prepare, cli="sinks", page="sinks", memory=MEMORY,
+    shard=registry.ShardProtocol(accumulate=accumulate, merge=merge_states, finish=_finish, needs_probe=True),
+    sweep=registry.Sweep(run=_sweep_run, rows=_sweep_rows),
+))
+result_key = SPEC.key  # the key run() gives these inputs, from the same _prepare

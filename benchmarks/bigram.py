@@ -82,7 +82,7 @@ def long_run(args) -> None:
               f"undecided {p['undecided']:.4%} beta {p['beta']:.1f}", flush=True)
 
     ck = (args.out.rstrip("/") + "-checkpoint") if args.out else None  # a crash after training resumes from here
-    res = B.run(probe, "builtin", cfg, progress=cb, checkpoint=ck)
+    res = B.run(probe, "builtin", config=cfg, progress=cb, checkpoint=ck)
     wall = time.perf_counter() - t0
     print(res.ablation.to_string(), flush=True)
     ab = res.ablation.set_index("variant")

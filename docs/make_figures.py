@@ -50,7 +50,7 @@ def critical(probe):
 
     p = Problem("Tom has 3 apples and buys 4 more. How many apples does he have?", 7.0)
     cfg = C.Config(n_rollouts=8, max_new_tokens=8, granularity="token", alternatives="none", seed=0)
-    return C.search(probe, format_prompt(probe, p), "3 + 4 = 8.", make_checker(p), cfg).plot()
+    return C.search(probe, format_prompt(probe, p), "3 + 4 = 8.", make_checker(p), config=cfg).plot()
 
 
 def fiber(probe):

@@ -22,7 +22,7 @@ EMBEDDED = "embedded"  # the model name of the embedded SmolLM2-135M-Instruct
 # as probes.errors, which the CLI needs before it knows the verb) does not import torch and transformers.
 _EXPORTS = {
     ".backend": ("BACKENDS", "ModelInfo", "Probe"),
-    ".edits": ("Ablate", "AddVector", "AttendTo", "Edit", "Patch", "ZeroAttention", "parse_head"),
+    ".edits": ("Ablate", "AddVector", "AttendTo", "Edit", "Patch", "ZeroAttention", "as_edits", "parse_head"),
     ".errors": ("ConfigError", "DeviceError", "InputError", "ModelLoadError", "OutOfMemoryError", "SondeError",
                 "UnknownSiteError", "UnsupportedModelError"),
     ".labels": ("Component", "LabelError", "ffn_label", "format_label", "head_label", "layer_label", "neuron_label",
@@ -36,7 +36,7 @@ _WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
 
 if TYPE_CHECKING:  # what static tools see
     from .backend import BACKENDS, ModelInfo, Probe
-    from .edits import Ablate, AddVector, AttendTo, Edit, Patch, ZeroAttention, parse_head
+    from .edits import Ablate, AddVector, AttendTo, Edit, Patch, ZeroAttention, as_edits, parse_head
     from .errors import (ConfigError, DeviceError, InputError, ModelLoadError, OutOfMemoryError, SondeError,
                          UnknownSiteError, UnsupportedModelError)
     from .labels import (Component, LabelError, ffn_label, format_label, head_label, layer_label, neuron_label,

@@ -23,7 +23,7 @@ from .errors import ConfigError
 from .labels import parse_head  # re-exported: the head grammar lives in probes.labels
 from .sites import Site, parse_site, site
 
-__all__ = ["Edit", "Ablate", "Patch", "AddVector", "AttendTo", "ZeroAttention", "parse_head"]
+__all__ = ["Edit", "Ablate", "Patch", "AddVector", "AttendTo", "ZeroAttention", "parse_head", "as_edits"]
 
 
 def _idx(v: Sequence[int] | int | None) -> tuple[int, ...] | None:
@@ -192,3 +192,40 @@ class ZeroAttention(Edit):
         _check_range("heads", heads, x.shape[1], self)
         out[:, slice(None) if heads is None else list(heads)] = 0.0
         return out
+
+
+def as_edits(edits: "Edit | str | Sequence[Edit | str] | None", info=None, *, where: str = "edits") -> list[Edit]:
+    """Every spelling of an intervention that Sonde's entry points accept, as a list of :class:`Edit`.
+
+    ``edits`` is an :class:`Edit`, a component label or ``"ablate:<label>"`` (``L5H3``: zero head 5.3's output;
+    ``L5N17``: zero MLP neuron 5.17; ``L5FFN``: zero block 5's MLP output), or a list/tuple of these; ``None``
+    means none. Labels are checked against ``info`` (a ``ModelInfo`` or a probe) when it is given. Anything else
+    raises one :class:`probes.errors.InputError` naming the legal forms.
+    """
+    from .errors import InputError
+    from .labels import parse_label
+
+    if edits is None:
+        return []
+    items = [edits] if isinstance(edits, (Edit, str)) else edits
+    if not isinstance(items, (list, tuple)):
+        raise InputError(f"{where} must be a list of edits, got {type(edits).__name__}.",
+                         hint="E.g. edits=[Ablate('blocks.5.attn.hook_z', heads=[3])] or edits=['L5H3'].")
+    out: list[Edit] = []
+    for e in items:
+        if isinstance(e, Edit):
+            out.append(e)
+            continue
+        if not isinstance(e, str):
+            raise InputError(f"{where} holds {type(e).__name__} {e!r}, which is not an edit.",
+                             hint="Use Edit objects (Ablate, Patch, AddVector, AttendTo, ZeroAttention) or labels such as 'L5H3'.")
+        text = e.strip()
+        text = text[len("ablate:"):] if text.lower().startswith("ablate:") else text
+        c = parse_label(text, ("head", "neuron", "ffn"), info, where=f" in {where}")
+        if c.kind == "head":
+            out.append(Ablate(site("z", c.layer).name, heads=[c.index]))
+        elif c.kind == "neuron":
+            out.append(Ablate(site("mlp_post", c.layer).name, neurons=[c.index]))
+        else:
+            out.append(Ablate(site("mlp_out", c.layer).name))
+    return out

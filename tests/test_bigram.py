@@ -69,7 +69,7 @@ def quick(**kw) -> B.Config:
 @pytest.fixture(scope="module")
 def learned(trained):
     probe, ids = trained
-    return B.run(probe, ids, quick(lam=0.3))
+    return B.run(probe, ids, config=quick(lam=0.3))
 
 
 # ---------------------------------------------------------------------------- unit checks (method page)
@@ -148,7 +148,7 @@ def test_keep_nothing_is_embedding_to_unembedding(tiny):
 def test_lambda_inf_baseline_keeps_nothing(tiny):
     probe = tiny("llama")
     ids = torch.randint(4, 40, (3000,), generator=torch.Generator().manual_seed(0))
-    r = B.run(probe, ids, B.Config(lam=math.inf, seq_len=16, eval_rows=4), evaluate=False)
+    r = B.run(probe, ids, config=B.Config(lam=math.inf, seq_len=16, eval_rows=4), evaluate=False)
     assert r.sparsity == 0.0 and r.steps_done == 0
 
 
@@ -157,7 +157,7 @@ def test_lambda_zero_self_target_reproduces_full_model(trained, learned):
     # care about land on either side; what λ = 0 guarantees is that nothing is pruned *for sparsity*:
     # the self-distilled subnetwork matches the full model and keeps far more than any λ > 0 run.
     probe, ids = trained
-    r = B.run(probe, ids, quick(lam=0.0, target="self", steps=60))
+    r = B.run(probe, ids, config=quick(lam=0.0, target="self", steps=60))
     ab = r.ablation.set_index("variant")
     assert ab.loc["subnetwork", "mean_surprisal_bits"] == pytest.approx(ab.loc["full", "mean_surprisal_bits"], rel=0.03)
     assert r.sparsity > 0.4 and r.sparsity > 3 * learned.sparsity
@@ -179,7 +179,7 @@ def test_mask_reaches_bigram_xent_far_below_full_model(learned):
 def short(trained):
     """The short-run schedule the CLI advises (lr 0.05, β reaching 1000 at the last step, λ/N pressure)."""
     probe, ids = trained
-    return B.run(probe, ids, B.short_run_config(80, lam=3.0, batch=8, seq_len=32, eval_rows=20))
+    return B.run(probe, ids, config=B.short_run_config(80, lam=3.0, batch=8, seq_len=32, eval_rows=20))
 
 
 def test_short_run_schedule_binarises(short):
@@ -240,7 +240,7 @@ def test_others_drop_equals_skipping_the_blocks(trained):
         with B.apply_mask(probe, kept), probe.only_blocks([0]):
             b = probe.forward(x)
     torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
-    r = B.run(probe, ids, B.short_run_config(4, lam=3.0, batch=2, seq_len=32, eval_rows=4, layers=(0,), others="drop"), evaluate=False)
+    r = B.run(probe, ids, config=B.short_run_config(4, lam=3.0, batch=2, seq_len=32, eval_rows=4, layers=(0,), others="drop"), evaluate=False)
     assert set(r.masks) == {w.path for w in B.masked_weights(probe)}
     assert not any(r.masks[w.path].any() for w in B.dropped_weights(probe, cfg))
 
@@ -251,7 +251,7 @@ def test_gpt2_blocks_with_biases_refuse_drop(tiny):
         p.data.add_(0.01)  # GPT-2 biases start at zero; make them count
     ids = torch.randint(4, 200, (2000,))
     with pytest.raises(ConfigError, match="bias-free"):
-        B.run(probe, ids, B.short_run_config(2, batch=2, seq_len=16, eval_rows=4, layers=(0,), others="drop"), evaluate=False)
+        B.run(probe, ids, config=B.short_run_config(2, batch=2, seq_len=16, eval_rows=4, layers=(0,), others="drop"), evaluate=False)
 
 
 def test_shipped_result_round_trip(short, tmp_path):
@@ -424,7 +424,7 @@ def test_weight_lists_per_family(tiny):
 
 def test_embedded_short_run(embedded):
     cfg = B.Config(lam=10, lr=0.05, steps=2, batch=1, seq_len=16, eval_rows=2, layers=(0,), log_every=1, reuse=True)
-    r = B.run(embedded, "builtin", cfg)
+    r = B.run(embedded, "builtin", config=cfg)
     assert r.steps_done == 2 and set(r.matrices["layer"]) == {0} and len(r.masks) == 7
     assert r.head_kept.shape == (30, 9) and torch.isnan(r.head_kept[1]).all()
     assert list(r.ablation["variant"])[:5] == ["full", "subnetwork", "random", "complement", "random_complement"]
@@ -434,7 +434,7 @@ def test_embedded_short_run(embedded):
 def test_resume_after_kill_matches_uninterrupted(trained, tmp_path):
     probe, ids = trained
     cfg = quick(lam=1.0, steps=30, layers=(0,), stop_undecided=None)
-    ref = B.run(probe, ids, cfg, evaluate=False)
+    ref = B.run(probe, ids, config=cfg, evaluate=False)
 
     def die(point):
         if point["step"] == 20:
@@ -442,11 +442,11 @@ def test_resume_after_kill_matches_uninterrupted(trained, tmp_path):
 
     ck = tmp_path / "ck"
     with pytest.raises(KeyboardInterrupt):
-        B.run(probe, ids, cfg, evaluate=False, checkpoint=ck, checkpoint_every=10, progress=die)
+        B.run(probe, ids, config=cfg, evaluate=False, checkpoint=ck, checkpoint_every=10, progress=die)
     assert sorted(p.name for p in ck.iterdir()) == ["mask_state.safetensors"]  # one file, one rename per save
     assert stat.S_IMODE(ck.stat().st_mode) == 0o700
     seen = []
-    resumed = B.run(probe, ids, cfg, evaluate=False, checkpoint=ck, checkpoint_every=10, progress=seen.append)
+    resumed = B.run(probe, ids, config=cfg, evaluate=False, checkpoint=ck, checkpoint_every=10, progress=seen.append)
     assert [p["step"] for p in seen] == [20, 30]  # continued from step 10
     assert all(torch.equal(resumed.masks[k], v) for k, v in ref.masks.items())
     assert resumed.curve["step"].tolist() == ref.curve["step"].tolist()
@@ -467,9 +467,9 @@ def test_bad_config_values():
 def test_corpus_too_small(tiny):
     probe = tiny("llama")
     with pytest.raises(InputError, match=r"needs .*reuse"):
-        B.run(probe, torch.randint(4, 40, (2000,)), B.Config(steps=100, batch=8, seq_len=16))
+        B.run(probe, torch.randint(4, 40, (2000,)), config=B.Config(steps=100, batch=8, seq_len=16))
     with pytest.raises(InputError, match="fewer than two rows"):
-        B.run(probe, torch.randint(4, 40, (10,)), B.Config(seq_len=16))
+        B.run(probe, torch.randint(4, 40, (10,)), config=B.Config(seq_len=16))
     with pytest.raises(InputError, match="does not exist"):
         B.load_corpus_ids(probe, "/nonexistent/corpus.txt")
     with pytest.raises(ConfigError, match="layers"):

@@ -266,7 +266,7 @@ def test_embedded_counterfactual_and_bias_sweep(embedded):
     assert r.rows[0] == r.factual
     r = cf.run(embedded, "Once upon a time, Lyra", "prompt:Lyra->Maeve", config=c)
     assert r.cf_prompt == "Once upon a time, Maeve" and r.rows[0]
-    b = cf.bias_sweep(embedded, cf.BiasConfig(n_samples=4, max_new_tokens=6))
+    b = cf.bias_sweep(embedded, config=cf.BiasConfig(n_samples=4, max_new_tokens=6))
     s = b.summary
     assert set(s["group"]) == {"man", "woman"} and (s.p_lo <= s.p).all() and (s.p <= s.p_hi).all()
     assert (s[s["group"] == "man"]["shift"] == 0).all() and (s[s["group"] == "man"].unchanged == 1).all()

@@ -127,7 +127,7 @@ def test_vllm_engine_says_what_it_needs(tiny_llama):
     if importlib.util.find_spec("vllm") is not None and torch.cuda.is_available():
         pytest.skip("vLLM and a GPU are present: the engine would start")
     with pytest.raises(ConfigError, match="engine='vllm' needs"):
-        C.run(tiny_llama, builtin_arith(1), C.Config(engine="vllm", n_samples=1))
+        C.run(tiny_llama, builtin_arith(1), config=C.Config(engine="vllm", n_samples=1))
 
 
 # ------------------------------------------------------------------------------ pure math
@@ -218,14 +218,14 @@ def test_sprt_error_rates_on_simulated_bernoulli_streams():
 
 def test_search_reports_interval_decision_and_warning(tiny_llama):
     # 6 rollouts per prefix cannot call "all wrong" dead (needs 13): the candidate is undecided, with a warning
-    r = C.search(tiny_llama, PROMPT, RESP, NO_Z, FAST.replace(granularity="token", alternatives="none"))
+    r = C.search(tiny_llama, PROMPT, RESP, NO_Z, config=FAST.replace(granularity="token", alternatives="none"))
     t = r.traces.iloc[0]
     assert t.critical_pos == 6 and t.decision == "undecided" and "raise --rollouts" in t.warning
     assert t.ci_after_lo == 0 and t.ci_after_hi == pytest.approx(1 - 0.025 ** (1 / 6))
     assert r.warnings() and not r.tokens.critical.any() and r.tokens.candidate.sum() == 1
     assert r.top_critical_tokens().empty
     # a budget of 16, spent sequentially: every prefix stops once decided, and the drop is critical
-    r = C.search(tiny_llama, PROMPT, RESP, NO_Z, FAST.replace(granularity="token", alternatives="none", n_rollouts=16, chunk=4))
+    r = C.search(tiny_llama, PROMPT, RESP, NO_Z, config=FAST.replace(granularity="token", alternatives="none", n_rollouts=16, chunk=4))
     t = r.traces.iloc[0]
     assert t.decision == "critical" and t.warning == "" and not r.warnings()
     assert t.n_after == 16 and t.n_before == 4     # 4 successes decide "alive"; 13 failures need the whole budget
@@ -259,7 +259,7 @@ def test_rollout_rate_equals_direct_monte_carlo(tiny_llama):
 
 @pytest.mark.parametrize("granularity", ["token", "bisect"])
 def test_forced_token_is_found(tiny_llama, granularity):
-    r = C.search(tiny_llama, PROMPT, RESP, NO_Z, FAST.replace(granularity=granularity))
+    r = C.search(tiny_llama, PROMPT, RESP, NO_Z, config=FAST.replace(granularity=granularity))
     t = r.traces.iloc[0]
     assert t.critical_pos == 6 and t.critical_token == "Z" and t.exact
     assert t.score_before == 1.0 and t.score_after == 0.0 and t["drop"] == 1.0
@@ -278,8 +278,8 @@ def test_forced_token_is_found(tiny_llama, granularity):
 def test_reproducible_and_save_load(tiny_llama, tmp_path):
     cfg = FAST.replace(granularity="token", alternatives="sample", n_alternatives=4, alt_rollouts=1, seed=5)
     chk = lambda t: t.replace(" ", "")[-1:] < "\x80"  # noqa: E731
-    a = C.search(tiny_llama, PROMPT, RESP[:4], chk, cfg)
-    b = C.search(tiny_llama, PROMPT, RESP[:4], chk, cfg)
+    a = C.search(tiny_llama, PROMPT, RESP[:4], chk, config=cfg)
+    b = C.search(tiny_llama, PROMPT, RESP[:4], chk, config=cfg)
     pd.testing.assert_frame_equal(a.prefixes, b.prefixes)
     pd.testing.assert_frame_equal(a.alternatives, b.alternatives)
     p = a.save(tmp_path / "r")
@@ -292,19 +292,19 @@ def test_reproducible_and_save_load(tiny_llama, tmp_path):
 
 def test_budget_message(tiny_llama):
     with pytest.raises(ConfigError, match="granularity='step'.*'bisect'"):
-        C.search(tiny_llama, PROMPT, RESP, NO_Z, FAST.replace(granularity="token", n_rollouts=64, max_rollouts=100))
+        C.search(tiny_llama, PROMPT, RESP, NO_Z, config=FAST.replace(granularity="token", n_rollouts=64, max_rollouts=100))
 
 
 def test_all_correct_says_nothing_to_analyse(tiny_llama):
     cfg = C.Config(n_samples=3, max_new_tokens=2, stop_at_answer=False)
     with pytest.raises(InputError, match="nothing to analyse"):
-        C.run(tiny_llama, [Problem("2+3?", 5.0)], cfg, checkers=[lambda t: True])
+        C.run(tiny_llama, [Problem("2+3?", 5.0)], config=cfg, checkers=[lambda t: True])
 
 
 def test_run_samples_and_searches(tiny_llama):
     cfg = FAST.replace(n_samples=3, granularity="bisect", alternatives="none")
     # grade: wrong iff the sample contains a byte >= 128 (the random model emits many)
-    r = C.run(tiny_llama, [Problem("2+3?", 5.0)], cfg, checkers=[lambda t: all(ord(ch) < 128 for ch in t)])
+    r = C.run(tiny_llama, [Problem("2+3?", 5.0)], config=cfg, checkers=[lambda t: all(ord(ch) < 128 for ch in t)])
     assert len(r.trajectories) == 3 and (~r.trajectories.correct).any()
     assert len(r.traces) == 1 and r.traces.problem[0] == 0
 
@@ -339,7 +339,7 @@ def test_identical_adapters_give_zero_scores(tiny_llama, tmp_path):
     out2 = C.train_contrastive(tiny_llama, data, [(PROMPT, list(b"ab cd Z Z Z"))], tmp_path / "ad2", C.TrainConfig(r=2, lr=1e-2))
     ce2 = C.contrastive_scores(tiny_llama, out2, PROMPT, RESP)
     assert (ce2.log_ratio != 0).any()
-    r = C.search(tiny_llama, PROMPT, RESP, NO_Z, FAST.replace(granularity="token", alternatives="none"))
+    r = C.search(tiny_llama, PROMPT, RESP, NO_Z, config=FAST.replace(granularity="token", alternatives="none"))
     cmp = C.compare_contrastive(r, ce2, k=1)
     assert cmp["n"] == len(RESP) and -1 <= cmp["spearman"] <= 1 and cmp["precision_at_k"] in (0.0, 1.0)
     with pytest.raises(InputError, match="not a LoRA adapter folder"):
@@ -355,7 +355,7 @@ def test_embedded_wrong_digit(embedded):
 
     p = Problem("Tom has 3 apples and buys 4 more. How many apples does he have?", 7.0)
     cfg = C.Config(n_rollouts=2, max_new_tokens=2, granularity="token", alternatives="none", seed=0)
-    r = C.search(embedded, format_prompt(embedded, p), "3 + 4 = 8.", make_checker(p), cfg)
+    r = C.search(embedded, format_prompt(embedded, p), "3 + 4 = 8.", make_checker(p), config=cfg)
     t = r.traces.iloc[0]
     curve = r.curve(0).set_index("prefix_len").score
     assert curve.iloc[-1] == 0.0

@@ -297,7 +297,7 @@ def _api_result(page: str, probe):
         q = "Tom has 3 apples and buys 4 more. How many apples does he have?"
         cfg = C.Config(n_rollouts=3, max_new_tokens=2, granularity="token", temperature=0.7, alternatives="topk", n_alternatives=2,
                        alt_rollouts=1, seed=0)
-        return C.search(probe, format_prompt(probe, Problem(q, "7")), "3 + 4 = 8.", make_checker(Problem("", "7")), cfg,
+        return C.search(probe, format_prompt(probe, Problem(q, "7")), "3 + 4 = 8.", make_checker(Problem("", "7")), config=cfg,
                         question=q, reference="7")
     V = probe.info.d_vocab
     return F.run(probe, config=F.Config(matrix="input", tokens=parse_tokens(f"0:{V}:{max(1, V // 600)}"), vol_max=min(300, V),

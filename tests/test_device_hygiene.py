@@ -200,7 +200,7 @@ def _critical(p):
     from analyses.tasks import CallableChecker
 
     cfg = C.Config(n_rollouts=4, max_new_tokens=3, stop_at_answer=False, alternatives="topk", n_alternatives=2, alt_rollouts=2)
-    C.search(p, [1] + list(b"Q: 2+3=? A:"), list(b"ab cd Z e"), CallableChecker(lambda t: "Z" not in t), cfg)
+    C.search(p, [1] + list(b"Q: 2+3=? A:"), list(b"ab cd Z e"), CallableChecker(lambda t: "Z" not in t), config=cfg)
 
 
 def _counterfactual(p):

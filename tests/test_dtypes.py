@@ -241,7 +241,7 @@ def test_critical_bf16_finds_the_forced_token():
 
     _, p16 = twins("llama")
     cfg = C.Config(n_rollouts=6, max_new_tokens=3, stop_at_answer=False, alternatives="topk", n_alternatives=2, alt_rollouts=2)
-    r = C.search(p16, [1] + list(b"Q: 2+3=? A:"), list(b"ab cd Z ef gh"), CallableChecker(lambda t: "Z" not in t), cfg)
+    r = C.search(p16, [1] + list(b"Q: 2+3=? A:"), list(b"ab cd Z ef gh"), CallableChecker(lambda t: "Z" not in t), config=cfg)
     t = r.traces.iloc[0]
     assert t.critical_pos == 6 and t.critical_token == "Z" and t.score_after == 0.0
 
@@ -273,7 +273,7 @@ def test_other_entry_points_run_in_bf16():
 
     _, p = twins("llama")
     ids = torch.randint(4, 40, (4000,), generator=torch.Generator().manual_seed(0))
-    b = B.run(p, ids, B.Config(lr=0.05, steps=4, batch=2, seq_len=16, eval_rows=4, reuse=True, log_every=2))
+    b = B.run(p, ids, config=B.Config(lr=0.05, steps=4, batch=2, seq_len=16, eval_rows=4, reuse=True, log_every=2))
     assert all(m.dtype == torch.bool for m in b.masks.values())
     f = F.run(p, config=F.Config(vol_min=10, vol_max=60))
     assert torch.isfinite(f.p_manifold).all()
@@ -285,7 +285,7 @@ def test_other_entry_points_run_in_bf16():
     assert len(cf.branches(p, "hello there", 2, k=2, config=cf.Config(max_new_tokens=5, stop_at_eos=False))) == 2
     cf.run(p, "hello there", "ablate:L1H0", config=cf.Config(max_new_tokens=5, stop_at_eos=False, n_samples=2))
     cf.run(p, "hello there Lyra", "prompt:Lyra->Maeve", config=cf.Config(max_new_tokens=5))
-    C.run(p, [Problem("2+3?", 5.0)], C.Config(n_samples=3, max_new_tokens=2, stop_at_answer=False, n_rollouts=2,
+    C.run(p, [Problem("2+3?", 5.0)], config=C.Config(n_samples=3, max_new_tokens=2, stop_at_answer=False, n_rollouts=2,
                                                 alt_rollouts=1, n_alternatives=1), checkers=[lambda t: all(ord(ch) < 128 for ch in t)])
     r = routes.run(p, "abc def", config=routes.Config(kernel="eager", keep_residuals=True))
     assert r.residuals["resid_post"].dtype == torch.float32 and r.logit_lens(p, ["I1_2"])

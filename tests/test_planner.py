@@ -35,9 +35,9 @@ def test_estimate_grows_with_batch_and_length_and_adds_each_analysis_needs():
 
 
 def test_routes_estimate_follows_the_routes_chunk_rule_and_prompt_limit():
+    assert planner.memory_model("routes").chunk is routes._chunk_size  # the kernel's own rule, not a copy
     for T, mb in [(64, 256), (512, 16), (2000, 1)]:
-        q = planner._routes_chunk(T, 9, 576, mb)
-        assert q == routes._chunk_size(T, 9, 576, mb)
+        q = routes._chunk_size(T, 9, 576, mb)
         e = planner.estimate("routes", SMOL, seq_len=T, chunk_mb=mb)
         assert e.parts["proximity_chunk"] == q * T * 9 * 576 * 4 * 2
     T = routes.max_prompt_tokens(30, 9, 2.0)  # longest prompt whose [L,T,T,H] importances fit 2 GiB
@@ -45,7 +45,7 @@ def test_routes_estimate_follows_the_routes_chunk_rule_and_prompt_limit():
 
 
 def test_estimate_errors_name_the_fix():
-    with pytest.raises(ConfigError, match="unknown analysis kind 'sink'.*forward, sinks"):
+    with pytest.raises(ConfigError, match="unknown analysis kind 'sink'.*forward, generate, .*sinks"):
         planner.estimate("sink", SMOL, seq_len=8)
     with pytest.raises(ConfigError, match="seq_len=0"):
         planner.estimate("forward", SMOL, seq_len=0)

@@ -65,7 +65,7 @@ def test_counterfactual_and_bias_sweep(llama):
         assert (m.result_key(llama, "hello there", iv, config=cfg, observed=observed)
                 == m.run(llama, "hello there", iv, config=cfg, observed=observed).key)
     bcfg = m.BiasConfig(n_samples=2, max_new_tokens=1, n_boot=100)
-    assert m.bias_sweep_key(llama, bcfg) == m.bias_sweep(llama, bcfg).key
+    assert m.bias_sweep_key(llama, config=bcfg) == m.bias_sweep(llama, config=bcfg).key
 
 
 def test_fiber(llama, tmp_path):
@@ -91,11 +91,11 @@ def test_critical_search_and_run(llama):
     prompt, resp = [1] + list(b"Q: 2+3=? A:"), list(b"ab Z")
     no_z = lambda t: "Z" not in t  # noqa: E731
     for p, r, ref in ((prompt, resp, ""), (prompt, resp, "5"), ("Q: 2+3=? A:", "ab Z", "")):
-        assert m.search_key(llama, p, r, cfg, reference=ref) == m.search(llama, p, r, no_z, cfg, reference=ref).key
+        assert m.search_key(llama, p, r, config=cfg, reference=ref) == m.search(llama, p, r, no_z, config=cfg, reference=ref).key
     rcfg = cfg.replace(n_samples=1, max_new_tokens=3)
     problems = [Problem("What is 2 + 3?", "5")]
-    assert m.result_key(llama, problems, rcfg) == m.run(llama, problems, rcfg, checkers=[lambda t: False]).key
-    assert m.result_key(llama, None, rcfg) == m.result_key(llama, builtin_arith(1, seed=rcfg.seed), rcfg)
+    assert m.result_key(llama, problems, config=rcfg) == m.run(llama, problems, config=rcfg, checkers=[lambda t: False]).key
+    assert m.result_key(llama, None, config=rcfg) == m.result_key(llama, builtin_arith(1, seed=rcfg.seed), config=rcfg)
 
 
 def test_bigram(llama):
@@ -104,7 +104,7 @@ def test_bigram(llama):
     cfg = m.Config(lam=math.inf, seq_len=16, eval_rows=4)
     ids = torch.randint(4, 200, (16 * 12,), generator=torch.Generator().manual_seed(0))
     for corpus in (ids, ids.tolist()):
-        assert m.result_key(llama, corpus, cfg) == m.run(llama, corpus, cfg, evaluate=False).key
+        assert m.result_key(llama, corpus, config=cfg) == m.run(llama, corpus, config=cfg, evaluate=False).key
 
 
 def test_result_key_is_the_stored_key(llama, results_dir):

@@ -233,7 +233,7 @@ def test_checkpoint_resolution(ckpt_dir, tmp_path):
         checkpoints.Config(checkpoints=())
     with pytest.raises(ConfigError, match="has no option"):
         checkpoints.Config(checkpoints=("a",), settings={"TT": 3})
-    with pytest.raises(ConfigError, match="analysis='bigram' is not allowed; use one of 'sinks', 'logit_lens', 'routes'"):
+    with pytest.raises(ConfigError, match="analysis='bigram' cannot be swept. Use one of logit-lens, routes, sinks"):
         checkpoints.Config(analysis="bigram", checkpoints=("a",))
 
 

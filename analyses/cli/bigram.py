@@ -102,7 +102,7 @@ def register(run_app: typer.Typer) -> None:
                      undecided=f"{point['undecided']:.3%}")
                 last[0] = point["step"]
 
-            res = bigram.run(probe, corpus, cfg, evaluate=not no_eval, checkpoint=ck, progress=cb)
+            res = bigram.run(probe, corpus, config=cfg, evaluate=not no_eval, checkpoint=ck, progress=cb)
         path = res.save(out)
         if checkpoint is None:
             shutil.rmtree(ck, ignore_errors=True)

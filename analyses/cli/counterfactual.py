@@ -112,7 +112,7 @@ def register(run_app: typer.Typer) -> None:
                                temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, chat=chat)
         probe = load_probe(model, backend, device, dtype)
         with progress(len(config.groups), "groups") as step:
-            r = cf.bias_sweep(probe, config, progress=step)
+            r = cf.bias_sweep(probe, config=config, progress=step)
         path = r.save(out)
         s = r.summary[r.summary["count"] > 0]
         if as_json:

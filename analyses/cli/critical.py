@@ -55,7 +55,7 @@ def register(run_app: typer.Typer) -> None:
         probs = load_task(task, problems, seed=seed, on_error=on_error)  # type: ignore[arg-type]
         probe = load_probe(model, backend, device, dtype)
         with progress(None, "prefixes rolled out (after sampling the trajectories)") as step:
-            res = C.run(probe, probs, cfg, progress=step)
+            res = C.run(probe, probs, config=cfg, progress=step)
         if adapters is not None:
             import pandas as pd
 

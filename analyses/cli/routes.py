@@ -13,8 +13,8 @@ import typer
 
 from .options import config_option
 from .common import check_side_file, write_side_file, model_options, BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OutOpt, load_probe, progress, saved, status
-from .sinks import (AddressOpt, EngineOpt, GpusOpt, ResumeOpt, RetriesOpt, ShardOpt, ThreadsOpt, WorkersOpt, run_sweep,
-                    sweep_summary)
+from .sweeps import (AddressOpt, EngineOpt, GpusOpt, ResumeOpt, RetriesOpt, ShardOpt, ThreadsOpt, WorkersOpt, run_sweep,
+                     sweep_summary)
 
 __all__ = ["register"]
 
@@ -65,12 +65,13 @@ def register(run_app: typer.Typer) -> None:
         if ablate is not None and prompt is None:
             raise InputError("--ablate compares one prompt's routes; give --prompt.")
         if prompt is not None:
-            from probes import Ablate, parse_head, site
+            from probes import as_edits
 
             cfg = routes.Config(**common, mode=mode)  # type: ignore[arg-type]
-            edits = [Ablate(site("z", l).name, heads=[h]) for l, h in
-                     (parse_head(x) for x in (ablate.split(",") if ablate else []) if x.strip())]
+            labels = [x.strip() for x in (ablate.split(",") if ablate else []) if x.strip()]
+            as_edits(labels)  # a malformed label is refused before the model loads
             probe = load_probe(model, backend, device, dtype)
+            edits = as_edits(labels, probe.info)
             from analyses.core.planner import plan
 
             T = probe.to_tokens(prompt, prepend_bos=cfg.prepend_bos).shape[-1]
@@ -94,7 +95,7 @@ def register(run_app: typer.Typer) -> None:
             return
 
         from analyses.core.io import Checkpoint, iter_records, work_dir
-        from analyses.core.store import hash_inputs, result_key, results_root
+        from analyses.core.store import results_root
 
         from analyses.core.domains import corpus_records
         from analyses.core.io import is_hf_spec
@@ -102,33 +103,33 @@ def register(run_app: typer.Typer) -> None:
         cfg = routes.DatasetConfig(**common, max_tokens=max_tokens)
         if domains is not None:
             records = corpus_records([d.strip() for d in domains.split(",") if d.strip()], n=n_samples)
-            ih, src = hash_inputs("corpus", domains, n_samples), domains
+            src = domains
         elif is_hf_spec(input):
             records = list(iter_records(str(input), on_error=on_error, limit=n_samples))
-            ih, src = hash_inputs(str(input), n_samples), str(input)
+            src = str(input)
         else:
             if not input.is_file():
                 raise InputError(f"file {str(input)!r} does not exist.", hint="Check the --input path.")
             records = list(iter_records(input, on_error=on_error))
-            ih, src = hash_inputs(input.read_bytes()), str(input)
+            src = str(input)
         if not records:
             raise InputError(f"{src!r} holds no prompts.", hint="Put one JSON object per line with a 'text' field.")
         if engine is not None:
             res, report, path = run_sweep("routes", records, cfg, engine=engine, address=address, workers=workers,
                                           gpus_per_worker=gpus_per_worker, shard_size=shard_size, max_retries=max_retries,
                                           resume=resume, model=model, backend=backend, device=device, dtype=dtype, out=out,
-                                          input_hash=ih, source=src, threads=threads)
+                                          source=src, threads=threads)
             saved(path, as_json, {"prompts": int(res.n.sum()), "skipped": res.n_skipped, "domains": ", ".join(res.domains),
                                   **sweep_summary(report)})
             return
         probe = load_probe(model, backend, device, dtype)
-        key = result_key(routes.RouteStatsResult.analysis, probe.info.fingerprint, cfg.to_dict(), ih)
+        key = routes.dataset_key(probe, records, config=cfg)  # the analysis's own key of these records
         out_dir = Path(out) if out is not None else results_root() / key
         ck = Checkpoint(work_dir(out_dir, "progress"), fingerprint=key)
         from analyses.core.cluster import _threads
 
         with progress(len(records), "routes") as step, _threads(threads):
-            res = routes.run_dataset(probe, records, config=cfg, checkpoint=ck, progress=step, input_hash=ih)
+            res = routes.run_dataset(probe, records, config=cfg, checkpoint=ck, progress=step)
         path = res.save(out_dir)
         ck.clear()
         saved(path, as_json, {"prompts": int(res.n.sum()), "skipped": res.n_skipped, "domains": ", ".join(res.domains)})

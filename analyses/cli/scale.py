@@ -11,10 +11,6 @@ import typer
 from .common import (BackendOpt, DeviceMapOpt, DeviceOpt, DtypeOpt, JsonOpt, MaxMemoryOpt, OutOpt, echo_json, saved,
                      status)
 
-# CLI analysis name -> planner kind
-PLAN_KINDS = {"forward": "forward", "logit-lens": "forward", "sinks": "sinks", "dormant": "sinks", "routes": "routes",
-              "bigram": "bigram", "critical": "generate", "counterfactual": "generate", "generate": "generate"}
-SWEEP_ANALYSES = {"sinks": "sinks", "logit-lens": "logit_lens", "logit_lens": "logit_lens", "routes": "routes"}
 
 
 def _settings(pairs: List[str]) -> dict:
@@ -36,7 +32,7 @@ def _settings(pairs: List[str]) -> dict:
 def register(run_app: typer.Typer) -> None:
     @run_app.command("plan")
     def plan_cmd(
-        analysis: str = typer.Argument(..., help=f"One of: {', '.join(PLAN_KINDS)}."),
+        analysis: str = typer.Argument(..., help="An analysis verb (sinks, routes, bigram, critical, ...), forward or generate."),
         model: str = typer.Option("embedded", "--model", "-m", help="'embedded', an HF id (local cache) or a local folder."),
         seq_len: int = typer.Option(64, "--seq-len", "--T", help="Tokens per row."),
         batch_size: Optional[int] = typer.Option(None, "--batch-size", help="The batch you want (the plan never exceeds it)."),
@@ -52,13 +48,13 @@ def register(run_app: typer.Typer) -> None:
         from probes.loading import resolve_device, resolve_dtype
         from probes.errors import ConfigError
 
-        if analysis not in PLAN_KINDS:
-            raise ConfigError(f"the planner knows no analysis {analysis!r}.", hint=f"Use one of: {', '.join(PLAN_KINDS)}.")
+        if analysis not in planner.kinds():
+            raise ConfigError(f"the planner knows no analysis {analysis!r}.", hint=f"Use one of: {', '.join(planner.kinds())}.")
         dev = resolve_device(device)
         dt = str(resolve_dtype(dtype, dev)).replace("torch.", "")
         with status(f"Reading the config of {model}"):
             shape = planner.shape_of(model, dtype=dt, revision=revision)
-        p = planner.plan(PLAN_KINDS[analysis], shape, seq_len=seq_len, batch_size=batch_size, device=dev,
+        p = planner.plan(analysis, shape, seq_len=seq_len, batch_size=batch_size, device=dev,
                          free_bytes=planner.parse_bytes(free) if free else None, chunk_mb=chunk_mb, new_tokens=new_tokens)
         if as_json:
             echo_json({"model": model, "dtype": dt, **p.to_dict()})
@@ -67,7 +63,7 @@ def register(run_app: typer.Typer) -> None:
 
     @run_app.command("sweep")
     def sweep_cmd(
-        analysis: str = typer.Argument(..., help="sinks, logit-lens or routes."),
+        analysis: str = typer.Argument(..., help="An analysis that declares a checkpoint sweep: sinks, logit-lens or routes."),
         checkpoints: Optional[str] = typer.Option(None, "--checkpoints", help="Comma-separated revisions (of --model) or folders."),
         checkpoint_dir: Optional[Path] = typer.Option(None, "--checkpoint-dir", help="A folder of checkpoint folders (ordered by step)."),
         model: Optional[str] = typer.Option(None, "--model", "-m", help="Hub id whose revisions --checkpoints names (e.g. allenai/OLMo-1B-hf)."),
@@ -85,13 +81,11 @@ def register(run_app: typer.Typer) -> None:
         from analyses.core.io import iter_records
         from probes.errors import ConfigError
 
-        if analysis not in SWEEP_ANALYSES:
-            raise ConfigError(f"sweep cannot run {analysis!r}.", hint=f"Use one of: {', '.join(sorted(set(SWEEP_ANALYSES) - {'logit_lens'}))}.")
         if (checkpoints is None) == (checkpoint_dir is None):
             raise ConfigError("give exactly one of --checkpoints or --checkpoint-dir.",
                               hint="E.g. --checkpoints step1000,step2000 --model allenai/OLMo-1B-hf, or --checkpoint-dir runs/ckpts.")
         cks = tuple(c.strip() for c in checkpoints.split(",") if c.strip()) if checkpoints else tuple(ckpts.checkpoints_in(checkpoint_dir))
-        cfg = ckpts.Config(analysis=SWEEP_ANALYSES[analysis], checkpoints=cks, model=model, domain=domain, prompt=prompt,
+        cfg = ckpts.Config(analysis=ckpts.sweep_name(analysis), checkpoints=cks, model=model, domain=domain, prompt=prompt,
                            n_prompts=n_prompts, settings=_settings(settings))
         texts = [r.text for r in iter_records(input)] if input is not None else None
 

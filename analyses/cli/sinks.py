@@ -1,7 +1,6 @@
 """``sonde run sinks``, ``sonde run dormant`` and ``sonde run bb-toy``.
 
-``--engine local|ray`` turns ``sinks`` (and ``routes --input``) into a sharded, resumable dataset
-sweep (:mod:`analyses.core.cluster`); the sweep options and :func:`run_sweep` are shared with ``routes``.
+``--engine local|ray`` turns ``sinks`` into a sharded, resumable dataset sweep (:mod:`analyses.cli.sweeps`).
 """
 
 from __future__ import annotations
@@ -12,75 +11,9 @@ from typing import Optional
 import typer
 
 from .options import config_option
-from .common import model_options, BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OutOpt, load_probe, progress, saved, status
-
-# sweep options (shared with `sonde run routes`)
-EngineOpt = typer.Option(None, "--engine", help="Sharded dataset sweep: local (this process) or ray. Default: one pass, no shards.")
-AddressOpt = typer.Option(None, "--address", help="Ray cluster to join ('auto', 'ray://head:10001'); default: start Ray here.")
-WorkersOpt = typer.Option(None, "--workers", help="Ray workers (default: one per GPU with --gpus-per-worker, else 2).")
-GpusOpt = typer.Option(0.0, "--gpus-per-worker", help="GPUs per Ray worker (1 = one model per GPU).")
-ShardOpt = typer.Option(32, "--shard-size", help="Items per shard (a multiple of --batch-size keeps one-pass batches).")
-RetriesOpt = typer.Option(2, "--max-retries", help="Extra attempts of a failing shard.")
-ResumeOpt = typer.Option(True, "--resume/--no-resume", help="Resume from the shards of an interrupted sweep (merge ledger).")
-ThreadsOpt = typer.Option(1, "--threads", min=1, help="Torch CPU threads of the statistics, the same in every engine and the "
-                          "one-pass run (so they agree bit for bit); more is faster on a many-core CPU.")
-
-
-def _model_spec(model: str, backend: str, device: str, dtype: str):
-    """The worker's model: the verb's model options, including the ``@model_options`` ones (revision, device map...)."""
-    from analyses.core import cluster
-
-    from .common import _SCALE
-
-    opts = _SCALE.get()
-    return cluster.ModelSpec(model, backend, device, dtype, revision=opts.get("revision"), device_map=opts.get("device_map"),
-                             max_memory=opts.get("max_memory"), remote=bool(opts.get("remote", False)))
-
-
-def run_sweep(analysis: str, items, config, *, engine: str, address, workers, gpus_per_worker: float, shard_size: int,
-              max_retries: int, resume: bool, model: str, backend: str, device: str, dtype: str, out, input_hash: str,
-              source: str, threads: int | None = 1):
-    """Run a sweep, save the result (+ ``sweep.json``) and drop the merge ledger; returns ``(result, report, path)``.
-
-    Options and input are checked before any worker (or Ray) starts.
-    """
-    from analyses.core import cluster
-    from analyses.core.store import result_key, results_root
-
-    scfg = cluster.SweepConfig(engine=engine, address=address, workers=workers, gpus_per_worker=gpus_per_worker,
-                               shard_size=shard_size, max_retries=max_retries, resume=resume, threads=threads)
-    spec = _model_spec(model, backend, device, dtype)
-    n_shards = len(cluster.plan_shards(len(items), shard_size))
-    if engine == "ray":
-        cluster.check_ray_model(spec, scfg)
-        cluster._ray()
-    if engine == "local":
-        eng = cluster.LocalEngine(load_probe(model, backend, device, dtype), max_retries=max_retries)
-    else:
-        with status(f"Starting Ray workers ({model})"):
-            eng = cluster.RayEngine(spec, scfg)
-    try:
-        key = result_key(cluster.SHARDABLE[analysis].result_name, eng.info["fingerprint"], config.to_dict(), input_hash)
-        out_dir = Path(out) if out is not None else results_root() / key
-        ledger = cluster.default_ledger(out_dir)
-        with progress(n_shards, "shards") as step:
-            run = cluster.sweep(analysis, items, config=config, engine=eng, sweep_config=scfg, ledger=ledger,
-                                input_hash=input_hash, source=source, progress=lambda d, n: step.set(d, n))
-    finally:
-        eng.close()
-    path = run.result.save(out_dir)
-    run.report.save(path)
-    import shutil
-
-    shutil.rmtree(ledger, ignore_errors=True)
-    return run.result, run.report, path
-
-
-def sweep_summary(report) -> dict:
-    return {"engine": report.engine, "workers": report.workers, "shards": report.n_shards,
-            "shards resumed": report.shards_resumed,
-            "retried shards": ", ".join(f"{k} ({v} attempts)" for k, v in sorted(report.retried.items())) or "none"}
-
+from .common import model_options, BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OutOpt, load_probe, progress, saved
+from .sweeps import (AddressOpt, EngineOpt, GpusOpt, ResumeOpt, RetriesOpt, ShardOpt, ThreadsOpt, WorkersOpt, run_sweep,
+                     sweep_summary)
 
 def _positions(text: str) -> tuple[int, ...]:
     from probes.errors import ConfigError
@@ -131,7 +64,6 @@ def register(run_app: typer.Typer) -> None:
             check_domains([domain])
         if engine is not None:
             from analyses.core import domains as _dom
-            from analyses.core.store import hash_inputs
 
             if input is not None:
                 items = [r.text for r in iter_records(input, on_error=on_error, limit=n_samples)][:n_samples]
@@ -147,7 +79,7 @@ def register(run_app: typer.Typer) -> None:
             res, report, path = run_sweep("sinks", items, cfg, engine=engine, address=address, workers=workers,
                                           gpus_per_worker=gpus_per_worker, shard_size=shard_size, max_retries=max_retries,
                                           resume=resume, model=model, backend=backend, device=device, dtype=dtype, out=out,
-                                          input_hash=hash_inputs(items), source=src, threads=threads)
+                                          source=src, threads=threads)
             saved(path, as_json, {**res.summary(), **sweep_summary(report)})
             return
         texts = [prompt] if prompt is not None else [r.text for r in iter_records(input, on_error=on_error)] if input else None

@@ -361,11 +361,25 @@ class Result:
         """Write the result (atomically); default folder ``<results_root>/<key>``. An existing result
         at ``out_dir`` is replaced only with ``replace=True`` (see :func:`analyses.core.store.write_result`)."""
         out = Path(out_dir) if out_dir is not None else store.results_root() / self.key
+        self._check_same_inputs(out)
         parts = self._saved()  # every field and view once
         return store.write_result(
             out, analysis=self.analysis, model=self.model, config=self.config.to_dict(), input_hash=self.input_hash,
             tables=parts["table"], arrays=parts["array"], extra=parts["extra"], timings=self.timings, replace=replace,
         )
+
+    def _check_same_inputs(self, out: Path) -> None:
+        """Refuse to replace a result that has this key but other inputs (its recorded input hash differs): one
+        key names one computation, so a mismatch means the key was not derived from the inputs."""
+        try:
+            man = store.read_manifest(out)
+        except InputError:
+            return
+        if man.get("key") == self.key and man.get("input_hash", "") != self.input_hash:
+            raise store.ResultExistsError(
+                f"{str(out)!r} holds a {man.get('analysis')} result with the same key but other inputs "
+                f"(input hash {man.get('input_hash', '')!r}, this run {self.input_hash!r}); not replacing it.",
+                hint="Give another --out; the key of a result must come from its inputs.")
 
     @classmethod
     def load(cls: type[R], path: str | Path) -> R:
@@ -390,18 +404,16 @@ def _resolve_config_class(target: type[Result]) -> type[Config]:
 
 
 def load_result(path: str | Path) -> Result:
-    """Load any registered result type from its folder (imports its analysis module)."""
-    import importlib
+    """Load any registered result type from its folder (its analysis is found through the registry)."""
+    from . import registry
 
     man = store.read_manifest(path)
     name = man["analysis"]
-    for modname in (name.replace("-", "_"), name.replace("-", ""), name.split(".")[0].split("-")[0]):
-        if name in _RESULTS:
-            break
-        try:
-            importlib.import_module(f"analyses.{modname}")
-        except ImportError:
-            pass
     if name not in _RESULTS:
-        raise ConfigError(f"no result type is registered for analysis {name!r}.")
+        specs = registry.all_analyses()  # imports every analysis module once: each registers its result type
+        if name in specs:
+            _RESULTS.setdefault(name, specs[name].result)
+    if name not in _RESULTS:
+        raise ConfigError(f"no result type is registered for analysis {name!r}.",
+                          hint="The result was written by another version of Sonde, or its manifest is damaged.")
     return _RESULTS[name].load(path)

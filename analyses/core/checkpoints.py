@@ -6,13 +6,10 @@ to a few per-checkpoint numbers and stacks them into one frame keyed by checkpoi
 
     checkpoint, order, step, source, metric, layer, head, value
 
-* ``sinks``: ``sink_pct`` (``Sink_1^ε`` over all heads), ``sink_pct_layer`` (per layer),
-  ``alpha`` (mean α on the sink position per head), ``resid_peak_ratio`` (per layer, layer = block
-  index with ``-1`` for the embeddings), ``loss`` is not measured;
-* ``logit_lens``: ``top1_agree`` (fraction of positions where layer l's lens top-1 is the model's
-  top-1) and ``p_final`` (mean lens probability of the model's top-1) per layer;
-* ``routes``: dataset route statistics ``head_freq``/``head_mean`` per head and ``ffn_freq``/
-  ``ffn_mean`` per layer (all prompts pooled).
+Each sweepable analysis declares how a checkpoint runs it and which rows it keeps
+(:class:`analyses.core.registry.Sweep`, beside its code): sinks keep ``sink_pct``, ``sink_pct_layer``,
+``alpha`` and ``resid_peak_ratio``; the logit lens ``top1_agree`` and ``p_final`` per layer; routes (dataset
+mode) ``head_freq``/``head_mean`` per head and ``ffn_freq``/``ffn_mean`` per layer. :func:`sweepable` lists them.
 
 Resumable: each finished checkpoint's rows are written at once (atomically) to ``<i>.parquet`` in a
 private work folder of the per-user cache (:func:`analyses.core.io.work_dir`, keyed by the result path)
@@ -41,13 +38,12 @@ import torch
 
 from probes.errors import ConfigError, InputError, ModelLoadError
 
-from . import base, io, store
+from . import base, io, registry, store
 from .base import stored
 
 __all__ = ["Config", "SweepResult", "Checkpoint", "run", "output_path", "resolve_checkpoints", "checkpoints_in", "summarize",
-           "ANALYSES"]
+           "sweepable", "metric_rows"]
 
-ANALYSES = ("sinks", "logit_lens", "routes")
 COLUMNS = ["checkpoint", "order", "step", "source", "metric", "layer", "head", "value"]
 
 
@@ -59,7 +55,7 @@ class Config(base.Config):
     ``domain`` (sinks, routes) or ``prompt`` (logit_lens) picks the inputs, identical for every checkpoint.
     """
 
-    analysis: Literal["sinks", "logit_lens", "routes"] = "sinks"
+    analysis: str = "sinks"  # a sweepable analysis (:func:`sweepable`): its CLI verb or result name
     checkpoints: tuple[str, ...] = ()
     model: str | None = None  # hub id whose revisions the checkpoints name; None = folders / full ids
     domain: str = "prose"
@@ -68,8 +64,7 @@ class Config(base.Config):
     settings: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        if self.analysis not in ANALYSES:
-            raise ConfigError(f"analysis={self.analysis!r} cannot be swept.", hint=f"Use one of {', '.join(ANALYSES)}.")
+        _spec(self.analysis)
         if not self.checkpoints:
             raise ConfigError("no checkpoint was given.",
                               hint="Pass --checkpoints a,b,c (revisions or folders) or --checkpoint-dir DIR.")
@@ -87,14 +82,29 @@ class Config(base.Config):
         return _config_class(self.analysis).from_dict(self.settings)
 
 
+def sweepable() -> list[str]:
+    """The analyses a checkpoint sweep can run (each declares a :class:`analyses.core.registry.Sweep`)."""
+    return sorted(registry.sweepable())
+
+
+def _spec(analysis: str) -> registry.Analysis:
+    """The declaration of a sweepable analysis, by CLI verb or result name (``logit_lens`` = ``logit-lens``)."""
+    specs = registry.sweepable()
+    for name, spec in specs.items():
+        if analysis in (name, spec.name, name.replace("-", "_")):
+            return spec
+    raise ConfigError(f"analysis={analysis!r} cannot be swept.", hint=f"Use one of {', '.join(sorted(specs))}.")
+
+
+def sweep_name(analysis: str) -> str:
+    """The name a sweep stores for ``analysis`` (``logit-lens`` -> ``logit_lens``); unknown names are refused."""
+    spec = _spec(analysis)
+    return next(k for k, v in registry.sweepable().items() if v is spec).replace("-", "_")
+
+
 def _config_class(analysis: str):
-    if analysis == "sinks":
-        from ..sinks import Config as C
-    elif analysis == "logit_lens":
-        from ..logit_lens import Config as C
-    else:
-        from ..routes import DatasetConfig as C
-    return C
+    spec = _spec(analysis)
+    return spec.sweep.config or spec.config
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -142,8 +152,8 @@ def resolve_checkpoints(checkpoints: Sequence[str], model: str | None = None) ->
 
 
 # ----------------------------------------------------------------------------- per-checkpoint numbers
-def _rows(metric: str, values: torch.Tensor, *, layer_offset: int = 0) -> list[dict]:
-    """``[L]`` or ``[L, H]`` values -> rows (``layer = index + layer_offset``)."""
+def metric_rows(metric: str, values: torch.Tensor, *, layer_offset: int = 0) -> list[dict]:
+    """``[]``, ``[L]`` or ``[L, H]`` values -> sweep rows ``metric, layer, head, value`` (``layer = index + layer_offset``)."""
     v = values.detach().float().cpu()
     if v.ndim == 0:
         return [{"metric": metric, "layer": None, "head": None, "value": float(v)}]
@@ -154,58 +164,19 @@ def _rows(metric: str, values: torch.Tensor, *, layer_offset: int = 0) -> list[d
 
 
 def summarize(result: base.Result) -> pd.DataFrame:
-    """A result's sweep rows: ``metric, layer, head, value``."""
-    from .. import logit_lens, routes, sinks
-
-    rows: list[dict] = []
-    if isinstance(result, sinks.SinksResult):
-        p0 = result.config.positions[0]
-        rows += _rows("sink_pct", torch.tensor(result.sink_pct(position=p0)))
-        rows += _rows("sink_pct_layer", result.sink_fraction(position=p0).mean(dim=1) * 100)
-        rows += _rows("alpha", result.alpha_mean[:, :, p0])
-        rows += _rows("resid_peak_ratio", sinks.peak_ratio(result.resid_norm, p0), layer_offset=-1)
-    elif isinstance(result, logit_lens.LogitLensResult):
-        agree = (result.top_ids[:, :, 0] == result.next_ids[:, 0].unsqueeze(0)).float().mean(dim=1)
-        rows += [{"metric": "top1_agree", "layer": l, "head": None, "value": float(a)} for l, a in zip(result.layers, agree)]
-        rows += [{"metric": "p_final", "layer": l, "head": None, "value": float(p)}
-                 for l, p in zip(result.layers, result.target.float().mean(dim=1))]
-    elif isinstance(result, routes.RouteStatsResult):
-        w = result.n.float() / result.n.float().sum().clamp_min(1)  # pool the domains by prompt count
-        rows += _rows("head_freq", torch.einsum("d,dlh->lh", w, result.head_freq.float()))
-        rows += _rows("head_mean", torch.einsum("d,dlh->lh", w, result.head_mean.float()))
-        rows += _rows("ffn_freq", torch.einsum("d,dl->l", w, result.ffn_freq.float()))
-        rows += _rows("ffn_mean", torch.einsum("d,dl->l", w, result.ffn_mean.float()))
-    else:
-        raise ConfigError(f"a {type(result).__name__} cannot be summarized for a sweep.", hint=f"Sweep one of {', '.join(ANALYSES)}.")
-    df = pd.DataFrame(rows, columns=["metric", "layer", "head", "value"])
+    """A result's sweep rows: ``metric, layer, head, value`` (the rows its analysis declares)."""
+    spec = next((s for s in registry.sweepable().values() if s.name == result.analysis), None)
+    if spec is None:
+        raise ConfigError(f"a {type(result).__name__} cannot be summarized for a sweep.", hint=f"Sweep one of {', '.join(sweepable())}.")
+    df = pd.DataFrame(spec.sweep.rows(result), columns=["metric", "layer", "head", "value"])
     df["layer"] = df["layer"].astype("Int64")
     df["head"] = df["head"].astype("Int64")
     return df
 
 
 def _run_one(probe, cfg: Config, texts: Sequence[str] | None, progress=None) -> base.Result:
-    acfg = cfg.analysis_config()
-    if cfg.analysis == "sinks":
-        from .. import sinks
-        from .planner import retry_on_oom
-
-        # a checkpoint that runs out of memory is retried once with half the batch (same numbers: α is streamed)
-        return retry_on_oom(lambda b: sinks.run(probe, texts, domain=None if texts is not None else cfg.domain,
-                                                config=acfg.replace(batch_size=b), progress=progress),
-                            acfg.batch_size, what=f"sinks on {probe.info.name}")
-    if cfg.analysis == "logit_lens":
-        from .. import logit_lens
-
-        return logit_lens.run(probe, cfg.prompt, config=acfg)
-    from . import domains
-    from .. import routes
-
-    if texts is None:
-        domains.check_domains([cfg.domain])
-        batch = domains.domain_tokens(probe, cfg.domain, n=cfg.n_prompts, T=acfg.max_tokens,
-                                      prepend_bos=None)
-        texts = [probe.to_string(t) for t in batch.tokens]
-    return routes.run_dataset(probe, list(texts), config=acfg)
+    return _spec(cfg.analysis).sweep.run(probe, cfg.analysis_config(), texts=texts, domain=cfg.domain, prompt=cfg.prompt,
+                                          n_prompts=cfg.n_prompts, progress=progress)
 
 
 # ----------------------------------------------------------------------------- result

@@ -44,10 +44,11 @@ Test hooks (read by the driver; documented here because tests use them):
 * ``SONDE_FAULT_EXIT_AFTER=N`` ends the driver process (``os._exit(75)``, no clean-up, like a kill)
   once N shards are folded into the ledger.
 
-Shardable analyses (:data:`SHARDABLE`): ``sinks`` (items: texts; :func:`analyses.sinks.accumulate`)
-and ``routes`` (dataset mode; items: records with domains; :func:`analyses.routes.accumulate`).
+Shardable analyses declare a :class:`analyses.core.registry.ShardProtocol` (accumulate / merge / finish over
+one state dict): ``sinks`` (items: texts) and ``routes`` (dataset mode; items: records with domains).
 ``dormant`` is not shardable: its causal check re-runs the data once per tested head after the
-statistics are known.
+statistics are known. Each analysis derives its result's key from the merged state (the digests of the
+items it measured), so a sweep's result has the key of a one-pass run over the same input.
 """
 
 from __future__ import annotations
@@ -64,11 +65,11 @@ import torch
 
 from probes.errors import ConfigError, InputError, SondeError
 
-from . import base
+from . import base, registry
 from .domains import shard_ranges
 from .store import hash_inputs
 
-__all__ = ["SweepConfig", "ModelSpec", "Shard", "Shardable", "SHARDABLE", "SweepReport", "SweepRun", "Ledger",
+__all__ = ["SweepConfig", "ModelSpec", "Shard", "SweepReport", "SweepRun", "Ledger",
            "LocalEngine", "RayEngine", "make_engine", "check_ray_model", "plan_shards", "sweep", "parse_faults", "ShardFailedError",
            "default_ledger"]
 
@@ -209,98 +210,9 @@ class ShardFailedError(SondeError):
 
 
 # ============================================================================ shardable analyses
-@dataclass(frozen=True)
-class Shardable:
-    """An analysis a sweep can shard.
-
-    ``accumulate(probe, items, config) -> state`` runs on a worker; ``merge(a | None, b, config, info)``
-    folds consecutive shards' states (``a`` first); ``finish(probe_or_info, state, config, input_hash,
-    timings, source) -> Result`` (``needs_probe``: it runs on a worker holding the model).
-    """
-
-    name: str
-    config_cls: Callable[[], type]
-    accumulate: Callable[..., Any]
-    merge: Callable[..., Any]
-    finish: Callable[..., Any]
-    needs_probe: bool = False
-    result_name: str = ""  # the result's ``analysis`` (its key prefix)
-
-
-def _sinks_cfg():
-    from .. import sinks
-    return sinks.Config
-
-
-def _sinks_acc(probe, items, config):
-    from .. import sinks
-    return sinks.accumulate(probe, [it if isinstance(it, str) else it.text for it in items], config)
-
-
-def _sinks_merge(a, b, config, info):
-    from .. import sinks
-    return sinks.merge_states(a, b, config)
-
-
-def _sinks_finish(probe, state, config, input_hash, timings, source):
-    from .. import sinks
-    return sinks.result_from_states(probe, state, config, source=source, input_hash=input_hash, timings=timings)
-
-
-def _routes_cfg():
-    from .. import routes
-    return routes.DatasetConfig
-
-
-def _routes_acc(probe, items, config):
-    from .. import routes
-    stats, skipped = routes.accumulate(probe, items, config=config)
-    return {"stats": stats.state(), "n_skipped": int(skipped)}
-
-
-def _route_stats(st, info):
-    from .. import routes
-    r = routes.RouteStats(int(info["n_layers"]), int(info["n_heads"]))
-    r.load_state(st)
-    return r
-
-
-def _routes_merge(a, b, config, info):
-    if a is None:
-        return dict(b)
-    r = _route_stats(a["stats"], info)
-    r.merge(_route_stats(b["stats"], info))
-    return {"stats": r.state(), "n_skipped": a["n_skipped"] + b["n_skipped"]}
-
-
-def _routes_finish(info, state, config, input_hash, timings, source):
-    from .. import routes
-    stats = _route_stats(state["stats"], info)
-    return routes.stats_result(_Info(info), stats, config=config, n_skipped=state["n_skipped"], input_hash=input_hash,
-                               timings=timings)
-
-
-class _Info:
-    """Model summary dict with the ``to_dict()`` that result builders call."""
-
-    def __init__(self, d: Mapping[str, Any]):
-        self._d = dict(d)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self._d)
-
-
-SHARDABLE: dict[str, Shardable] = {
-    "sinks": Shardable("sinks", _sinks_cfg, _sinks_acc, _sinks_merge, _sinks_finish, needs_probe=True, result_name="sinks"),
-    "routes": Shardable("routes", _routes_cfg, _routes_acc, _routes_merge, _routes_finish, result_name="routes.dataset"),
-}
-
-
-def _shardable(name: str) -> Shardable:
-    if name not in SHARDABLE:
-        raise ConfigError(f"analysis {name!r} cannot be swept over shards.",
-                          hint=f"Shardable analyses: {', '.join(SHARDABLE)}.")
-    return SHARDABLE[name]
+def _shardable(name: str) -> registry.Analysis:
+    """The declaration of a shardable analysis (its :class:`analyses.core.registry.ShardProtocol`)."""
+    return registry.shardable(name)
 
 
 def default_ledger(out_dir: str | Path) -> Path:
@@ -334,7 +246,7 @@ def _run_shard(probe, analysis: str, config, items: Sequence, shard: Shard, atte
         raise ShardFault(f"injected fault ({FAULT_ENV}) in {shard}, attempt {attempt}")
     t0 = time.perf_counter()
     with _threads(threads):
-        state = SHARDABLE[analysis].accumulate(probe, items, config)
+        state = _shardable(analysis).shard.accumulate(probe, items, config)
     return {"state": state, "seconds": time.perf_counter() - t0, "attempts": attempt,
             "worker": f"{socket.gethostname()}:{os.getpid()}"}
 
@@ -447,10 +359,10 @@ class LocalEngine:
             else:
                 yield sh, err
 
-    def finish(self, analysis: str, state, config, input_hash: str, timings: dict, source: str, threads: int | None = None):
-        spec = SHARDABLE[analysis]
+    def finish(self, analysis: str, state, config, timings: dict, source: str, threads: int | None = None):
+        sh = _shardable(analysis).shard
         with _threads(threads):
-            return spec.finish(self.probe if spec.needs_probe else self.info, state, config, input_hash, timings, source)
+            return sh.finish(self.probe if sh.needs_probe else self.info, state, config, timings=timings, source=source)
 
     def close(self) -> None:
         pass
@@ -512,9 +424,9 @@ def _worker_class(ray):
             self.attempts[k] = self.attempts.get(k, 0) + 1
             return _run_shard(self.probe, analysis, config, items, shard, self.attempts[k], faults, threads)
 
-        def finish(self, analysis: str, state, config, input_hash: str, timings: dict, source: str, threads=None):
+        def finish(self, analysis: str, state, config, timings: dict, source: str, threads=None):
             with _threads(threads):
-                return SHARDABLE[analysis].finish(self.probe, state, config, input_hash, timings, source)
+                return _shardable(analysis).shard.finish(self.probe, state, config, timings=timings, source=source)
 
     return SondeWorker
 
@@ -601,12 +513,12 @@ class RayEngine:
             submit(actor)
             yield sh, out
 
-    def finish(self, analysis: str, state, config, input_hash: str, timings: dict, source: str, threads: int | None = None):
-        spec = SHARDABLE[analysis]
-        if not spec.needs_probe:
+    def finish(self, analysis: str, state, config, timings: dict, source: str, threads: int | None = None):
+        sh = _shardable(analysis).shard
+        if not sh.needs_probe:
             with _threads(threads):
-                return spec.finish(self.info, state, config, input_hash, timings, source)
-        return self.ray.get(self.actors[0].finish.remote(analysis, state, config, input_hash, timings, source, threads))
+                return sh.finish(self.info, state, config, timings=timings, source=source)
+        return self.ray.get(self.actors[0].finish.remote(analysis, state, config, timings, source, threads))
 
     def close(self) -> None:
         for a in getattr(self, "actors", []):
@@ -670,34 +582,31 @@ class SweepRun:
 
 
 def sweep(analysis: str, items: Sequence, *, config, engine, sweep_config: SweepConfig = SweepConfig(),
-          ledger: str | Path | None = None, input_hash: str = "", source: str = "texts",
+          ledger: str | Path | None = None, source: str = "texts",
           progress: Callable[[int, int], None] | None = None) -> SweepRun:
     """Run ``analysis`` over ``items`` in shards on ``engine`` and merge the shards exactly.
 
     Args:
-        analysis: a name in :data:`SHARDABLE` (``sinks``: items are texts; ``routes``: records with domains).
+        analysis: a shardable analysis (``sinks``: items are texts; ``routes``: records with domains).
         items: the whole input, in order (shards are contiguous slices of it).
         config: the analysis' config (``sinks.Config`` / ``routes.DatasetConfig``).
         engine: :class:`LocalEngine` or :class:`RayEngine` (see :func:`make_engine`).
         ledger: merge-ledger folder; a re-run with the same folder resumes (``sweep_config.resume``).
-        input_hash: identifies the input in the result key and the ledger fingerprint.
         progress: ``progress(shards_done, n_shards)`` after each shard.
     Returns:
         :class:`SweepRun` (the analysis' usual result, with ``timings["sweep.*"]``, and a report).
     """
     spec = _shardable(analysis)
-    cfg_cls = spec.config_cls()
-    if not isinstance(config, cfg_cls):
-        raise ConfigError(f"config for a {analysis} sweep must be {cfg_cls.__module__}.{cfg_cls.__name__}, "
-                          f"got {type(config).__name__}.")
+    registry.check_config(config, spec.config, f"a {analysis} sweep")
     items = list(items)
     shards = plan_shards(len(items), sweep_config.shard_size)
     info = engine.info
-    input_hash = input_hash or hash_inputs([it if isinstance(it, str) else (it.text, it.domain) for it in items])
+    # the ledger's own resume fingerprint names the items as given (the result's key comes from the analysis)
+    items_hash = registry.digests_hash(registry.digests([it if isinstance(it, str) else (it.text, it.domain or "") for it in items]))
     threads = sweep_config.threads or torch.get_num_threads()
-    fp = hash_inputs(analysis, info.get("fingerprint", ""), config.to_dict(), input_hash, sweep_config.shard_size, len(items),
+    fp = hash_inputs(analysis, info.get("fingerprint", ""), config.to_dict(), items_hash, sweep_config.shard_size, len(items),
                      threads)
-    led = Ledger(ledger, fingerprint=fp, n_shards=len(shards), merge=lambda a, b: spec.merge(a, b, config, info))
+    led = Ledger(ledger, fingerprint=fp, n_shards=len(shards), merge=lambda a, b: spec.shard.merge(a, b, config, info))
     resumed = led.load() if sweep_config.resume else 0
     if not sweep_config.resume:
         led.clear()
@@ -742,7 +651,7 @@ def sweep(analysis: str, items: Sequence, *, config, engine, sweep_config: Sweep
                "sweep.shards": float(len(shards)), "sweep.workers": float(engine.workers),
                "sweep.threads": float(threads)}
     t0 = time.perf_counter()
-    result = engine.finish(analysis, led.state, config, input_hash, timings, source, threads=threads)
+    result = engine.finish(analysis, led.state, config, timings, source, threads=threads)
     t_finish = time.perf_counter() - t0
     result.timings["sweep.finish"] = t_finish
     report = SweepReport(engine=engine.name, workers=engine.workers, n_items=len(items), n_shards=len(shards),

@@ -13,17 +13,20 @@ residual stream plus the largest transient of any one step (each term is one lin
 * ``attn``: ``2·B·T·(H + 2K)·h·a`` (q, k, v and their head-major copies);
 * ``mlp``: ``3·B·T·F·a`` (gate, up and their product);
 * ``logits``: ``B·T·V·a`` (the last step of every forward pass);
-* ``pattern`` (sinks, dormant): ``4·B·H·T²·4`` — probabilities are recomputed in float32 from q/k per
-  layer (scores, masked scores, softmax, the NaN-cleaned copy) while the model keeps SDPA;
-* ``value_norm`` (sinks): ``B·T·H·d·4`` (each head's ``v_h W_O,h`` before its norm);
-* ``routes``: the ``[Q, T, H, d]`` proximity chunk (``Q`` queries, ×2 for the ``whole − part``
-  temporary, capped by ``chunk_mb`` as in :func:`analyses.routes._chunk_size`) plus the stored
-  ``[L, T, T, H]`` importances (``max_prompt_tokens`` bounds the latter);
-* ``kv_cache`` (critical, counterfactual generate): ``2·L·B·K·h·(T + new_tokens)·a``; generation keeps
-  only the last position's logits (``B·V·4``);
-* ``bigram`` (mask training, with autograd): per-layer saved activations ``L·B·T·(6d + 3F)·a``, the
-  mask logits, their gradients and AdamW moments (``4 × block params × 4``) and the dense target and
-  logits with their gradients (``4·B·T·V·4``).
+
+Each analysis declares its own terms with its :class:`MemoryModel` (``memory=`` of its
+:class:`analyses.core.registry.Analysis`), beside the code whose memory they describe:
+
+* sinks and dormant (:data:`analyses.sinks.MEMORY`): the attention probabilities recomputed in float32 from
+  q/k per layer (``pattern``: ``4·B·H·T²·4``) and each head's ``v_h W_O,h`` (``value_norm``: ``B·T·H·d·4``);
+* routes (:data:`analyses.routes.MEMORY`): the ``[Q, T, H, d]`` proximity chunk (``Q`` queries by
+  :func:`analyses.routes._chunk_size`, the rule the kernel itself uses) plus the stored ``[L, T, T, H]``
+  importances; the plan lowers the chunk budget, not a batch;
+* generating analyses (critical, counterfactual; :data:`GENERATE`): ``kv_cache`` ``2·L·B·K·h·(T + new_tokens)·a``;
+  generation keeps only the last position's logits (``B·V·4``);
+* bigram (:data:`analyses.bigram.MEMORY`, mask training with autograd): per-layer saved activations
+  ``L·B·T·(6d + 3F)·a``, the mask logits, their gradients and AdamW moments (``4 × block params × 4``) and the
+  dense target and logits with their gradients (``4·B·T·V·4``).
 
 The test suite measures the real peak resident memory of a forward pass and of the sinks statistics
 on the embedded model (``tests/test_planner.py``) and checks the estimate is within 0.5×–2× of it.
@@ -40,11 +43,9 @@ import torch
 
 from probes.errors import ConfigError, OutOfMemoryError
 
-__all__ = ["KINDS", "ModelShape", "shape_of", "Estimate", "Plan", "estimate", "plan", "free_memory", "retry_on_oom",
+__all__ = ["MemoryModel", "FORWARD", "GENERATE", "memory_model", "kinds", "ModelShape", "shape_of", "Estimate", "Plan", "estimate", "plan", "free_memory", "retry_on_oom",
            "is_oom", "format_bytes", "parse_bytes"]
 
-KINDS = ("forward", "sinks", "routes", "bigram", "generate")
-Kind = Literal["forward", "sinks", "routes", "bigram", "generate"]
 T_ = TypeVar("T_")
 
 GiB = 2**30
@@ -181,63 +182,103 @@ class Estimate:
         return self.weights + self.activations
 
 
-def _routes_chunk(T: int, H: int, d: int, chunk_mb: int, itemsize: int = 4) -> int:
-    """Queries per proximity chunk (the rule of :func:`analyses.routes._chunk_size`)."""
-    per_query = max(1, T * H * d * itemsize * 2)
-    return max(1, min(T, int(chunk_mb * MiB // per_query)))
+@dataclass(frozen=True)
+class MemoryModel:
+    """An analysis's memory terms on top of the forward pass (declared with the analysis, see
+    :mod:`analyses.core.registry`).
+
+    * ``parts(shape, B, T, opts) -> {term: bytes}``: the analysis's own terms; ``opts`` holds ``chunk_mb``,
+      ``new_tokens`` and ``route_itemsize``. A term named like a forward term (``logits``) replaces it;
+    * ``persistent``: the terms alive for the whole run (they add); the others are transients of different
+      steps (only the largest counts);
+    * ``one_row``: the analysis runs one prompt at a time (the plan tunes no batch);
+    * ``chunk(T, H, d, chunk_mb, itemsize) -> queries``: the analysis works in chunks whose budget the plan
+      lowers (in powers of two) until the run fits, instead of the batch.
+    """
+
+    name: str
+    parts: Callable[["ModelShape", int, int, Mapping[str, Any]], dict[str, int]] | None = None
+    persistent: tuple[str, ...] = ()
+    one_row: bool = False
+    chunk: Callable[..., int] | None = None
 
 
-def estimate(kind: Kind, model: Any, *, seq_len: int, batch_size: int = 1, chunk_mb: int = 256,
+def _generate_parts(s: "ModelShape", B: int, T: int, o: Mapping[str, Any]) -> dict[str, int]:
+    return {"kv_cache": 2 * s.n_layers * B * s.n_kv_heads * s.d_head * (T + o["new_tokens"]) * s.itemsize,
+            "logits": B * s.d_vocab * 4}  # generation keeps the last position's logits only
+
+
+FORWARD = MemoryModel("forward")
+GENERATE = MemoryModel("generate", _generate_parts, persistent=("kv_cache",))
+_BASE_PERSISTENT = ("resid", "overhead")
+
+
+def memory_model(kind: "str | MemoryModel") -> MemoryModel:
+    """``forward``, ``generate``, a :class:`MemoryModel`, or the name (or CLI verb) of a registered analysis."""
+    if isinstance(kind, MemoryModel):
+        return kind
+    if kind in ("forward", "generate"):
+        return FORWARD if kind == "forward" else GENERATE
+    from . import registry
+
+    try:
+        spec = registry.get(kind)
+    except ConfigError:
+        spec = None
+    if spec is None or spec.memory is None:
+        raise ConfigError(f"unknown analysis kind {kind!r} for the planner.", hint=f"Use one of {', '.join(kinds())}.")
+    return spec.memory
+
+
+def kinds() -> list[str]:
+    """The names the planner accepts: ``forward``, ``generate`` and every analysis with a memory model."""
+    from . import registry
+
+    return ["forward", "generate"] + [s.cli for s in registry.all_analyses().values() if s.memory is not None and s.cli]
+
+
+def estimate(kind: "str | MemoryModel", model: Any, *, seq_len: int, batch_size: int = 1, chunk_mb: int = 256,
              new_tokens: int = 0, route_itemsize: int = 4) -> Estimate:
     """Peak memory of one step of an analysis (bytes).
 
     Args:
-        kind: ``forward``, ``sinks``, ``routes``, ``bigram`` or ``generate`` (critical/counterfactual).
+        kind: ``forward``, ``generate``, an analysis name (``sinks``, ``routes``, ``bigram``, ``critical``, ...) or
+            a :class:`MemoryModel`.
         model: a probe, a :class:`probes.ModelInfo` (or dict) or a :class:`ModelShape`.
         seq_len: tokens per row ``T``.
-        batch_size: rows per forward pass ``B`` (routes: always one prompt).
-        chunk_mb: routes' proximity-chunk budget (``routes.Config.chunk_mb``).
-        new_tokens: tokens generated after the prompt (``generate``).
+        batch_size: rows per forward pass ``B`` (one-prompt analyses such as routes: always one).
+        chunk_mb: a chunked analysis's chunk budget (``routes.Config.chunk_mb``).
+        new_tokens: tokens generated after the prompt (generating analyses).
         route_itemsize: bytes per stored route importance (4, or 8 for ``dtype="float64"``).
     """
-    if kind not in KINDS:
-        raise ConfigError(f"unknown analysis kind {kind!r} for the planner.", hint=f"Use one of {', '.join(KINDS)}.")
+    mm = memory_model(kind)
     if not isinstance(seq_len, int) or seq_len < 1:
         raise ConfigError(f"seq_len={seq_len!r}; use a positive number of tokens.")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size={batch_size!r}; use a positive integer.")
+    if not isinstance(new_tokens, int) or new_tokens < 0:
+        raise ConfigError(f"new_tokens={new_tokens!r}; use a number of tokens >= 0.")
+    if not isinstance(chunk_mb, int) or chunk_mb < 1:
+        raise ConfigError(f"chunk_mb={chunk_mb!r}; use a positive number of MiB.")
     s = _shape(model)
-    _check_context(s, seq_len + (new_tokens if kind == "generate" else 0))
-    B, T, a = (1 if kind == "routes" else batch_size), seq_len, s.itemsize
-    L, H, K, h, d, F, V = s.n_layers, s.n_heads, s.n_kv_heads, s.d_head, s.d_model, s.d_mlp, s.d_vocab
+    gen = new_tokens if mm.parts is not None and "kv_cache" in mm.persistent else 0
+    _check_context(s, seq_len + gen)
+    B, T, a = (1 if mm.one_row else batch_size), seq_len, s.itemsize
+    d, F, V = s.d_model, s.d_mlp, s.d_vocab
     p: dict[str, int] = {
         "resid": 3 * B * T * d * a,
-        "attn": 2 * B * T * (H + 2 * K) * h * a,
+        "attn": 2 * B * T * (s.n_heads + 2 * s.n_kv_heads) * s.d_head * a,
         "mlp": 3 * B * T * F * a,
         "logits": B * T * V * a,
         "overhead": _OVERHEAD,
     }
-    if kind == "sinks":
-        p["pattern"] = 4 * B * H * T * T * 4
-        p["value_norm"] = B * T * H * d * 4
-    elif kind == "routes":
-        q = _routes_chunk(T, H, d, chunk_mb, route_itemsize)
-        p["proximity_chunk"] = q * T * H * d * route_itemsize * 2
-        p["pattern"] = H * T * T * 4
-        p["importances"] = L * T * T * H * route_itemsize + 3 * L * T * route_itemsize
-        p["residuals"] = 2 * L * T * d * 4  # route mode keeps each layer's residual in and out
-    elif kind == "generate":
-        p["kv_cache"] = 2 * L * B * K * h * (T + new_tokens) * a
-        p["logits"] = B * V * 4  # generate computes the last position's logits only
-    elif kind == "bigram":
-        p["saved_activations"] = L * B * T * (6 * d + 3 * F) * a
-        p["mask_optimizer"] = 4 * s.block_params * 4
-        p["logits"] = 4 * B * T * V * 4
+    if mm.parts is not None:
+        p.update(mm.parts(s, B, T, {"chunk_mb": chunk_mb, "new_tokens": new_tokens, "route_itemsize": route_itemsize}))
     # the live residual stream and persistent stores add; transients of different steps do not
-    persistent = ("resid", "overhead", "kv_cache", "importances", "residuals", "saved_activations", "mask_optimizer")
+    persistent = _BASE_PERSISTENT + mm.persistent
     transient = [v for k, v in p.items() if k not in persistent]
     acts = sum(v for k, v in p.items() if k in persistent) + max(transient)
-    return Estimate(kind=kind, weights=s.weight_bytes, activations=int(acts), parts=p)
+    return Estimate(kind=mm.name, weights=s.weight_bytes, activations=int(acts), parts=p)
 
 
 # ----------------------------------------------------------------------------- free memory
@@ -304,7 +345,7 @@ class Plan:
                 "fits": self.fits, "message": self.message, "parts": dict(self.estimate.parts)}
 
 
-def plan(kind: Kind, model: Any, *, seq_len: int, batch_size: int | None = None, device: str | torch.device = "cpu",
+def plan(kind: "str | MemoryModel", model: Any, *, seq_len: int, batch_size: int | None = None, device: str | torch.device = "cpu",
          free_bytes: int | None = None, headroom: float = 0.8, weights_loaded: bool = False, chunk_mb: int = 256,
          new_tokens: int = 0, max_batch: int = 1024) -> Plan:
     """Largest batch (``routes``: largest chunk budget) whose estimated peak fits the device.
@@ -330,17 +371,19 @@ def plan(kind: Kind, model: Any, *, seq_len: int, batch_size: int | None = None,
     def need(e: Estimate) -> int:
         return e.activations if weights_loaded else e.total
 
-    if kind == "routes":
-        # largest power-of-two chunk budget (≤ the requested one) that fits beside the stored importances
+    mm = memory_model(kind)
+    kind = mm
+    if mm.chunk is not None:
+        # largest power-of-two chunk budget (≤ the requested one) that fits beside the stored results
         mb = chunk_mb
         est = estimate(kind, model, seq_len=seq_len, chunk_mb=mb)
         while need(est) > budget and mb > 1:
             mb //= 2
             est = estimate(kind, model, seq_len=seq_len, chunk_mb=mb)
         fits = need(est) <= budget
-        q = _routes_chunk(seq_len, _shape(model).n_heads, _shape(model).d_model, mb)
-        what = f"chunk_mb={mb} ({q} queries per proximity chunk)"
-        return Plan(kind=kind, device=dev, seq_len=seq_len, batch_size=1, chunk_mb=mb, estimate=est, free=free,
+        q = mm.chunk(seq_len, _shape(model).n_heads, _shape(model).d_model, mb)
+        what = f"chunk_mb={mb} ({q} queries per chunk)"
+        return Plan(kind=mm.name, device=dev, seq_len=seq_len, batch_size=1, chunk_mb=mb, estimate=est, free=free,
                     budget=budget, fits=fits, message=_sentence(kind, dev, seq_len, what, est, free, budget, fits,
                                                                 lowered=mb < chunk_mb, weights_loaded=weights_loaded))
     # batch: the estimate grows monotonically with B, so bisect the largest one that fits
@@ -356,7 +399,7 @@ def plan(kind: Kind, model: Any, *, seq_len: int, batch_size: int | None = None,
                 hi = mid
     est = estimate(kind, model, seq_len=seq_len, batch_size=lo, new_tokens=new_tokens)
     fits = need(est) <= budget
-    return Plan(kind=kind, device=dev, seq_len=seq_len, batch_size=lo, chunk_mb=None, estimate=est, free=free,
+    return Plan(kind=mm.name, device=dev, seq_len=seq_len, batch_size=lo, chunk_mb=None, estimate=est, free=free,
                 budget=budget, fits=fits, message=_sentence(kind, dev, seq_len, f"batch size {lo}", est, free, budget, fits,
                                                             lowered=lo < cap and batch_size is not None,
                                                             weights_loaded=weights_loaded))
@@ -364,7 +407,7 @@ def plan(kind: Kind, model: Any, *, seq_len: int, batch_size: int | None = None,
 
 def _sentence(kind, dev, T, what, est: Estimate, free, budget, fits, *, lowered: bool, weights_loaded: bool) -> str:
     peak = est.activations if weights_loaded else est.total
-    base = (f"{kind} on {dev} at T={T}: {what}, estimated peak {format_bytes(peak)} "
+    base = (f"{est.kind} on {dev} at T={T}: {what}, estimated peak {format_bytes(peak)} "
             f"(weights {format_bytes(est.weights)}{', already loaded' if weights_loaded else ''}, "
             f"activations {format_bytes(est.activations)}) of {format_bytes(free)} free")
     if not fits:

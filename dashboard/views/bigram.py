@@ -106,7 +106,7 @@ train_sig = st.session_state.get("bigram_train_sig")
 if st.button("Train a mask with these settings", key="bigram_train", icon=":material/model_training:",
              help="Runs in the background (progress bar + Cancel); the page stays usable."):
     try:  # the content key of this training run: a mask saved with these settings (CLI, notebook, session) is shown at once
-        st.session_state["bigram_train_sig"] = train_sig = B.result_key(probe, corpus, cfg)
+        st.session_state["bigram_train_sig"] = train_sig = B.result_key(probe, corpus, config=cfg)
     except SondeError as e:
         show_error(e)
         st.stop()
@@ -133,7 +133,7 @@ elif train_sig is not None:
     # training runs in the background (progress bar + Cancel); the page stays usable meanwhile
     def _train(job, probe=probe, corpus=corpus, cfg=cfg):
         # the masks sit on the shared model: their block holds the probe's lock, so no other run sees them
-        return B.run(probe, corpus, cfg, progress=lambda point: job.step(1))
+        return B.run(probe, corpus, config=cfg, progress=lambda point: job.step(1))
 
     res = workbench.background_result("bigram_train", "Learning a mask", train_sig, _train, total=cfg.steps,
                                       waiting="The mask is being learned in the background; results appear when it finishes.")
@@ -201,7 +201,7 @@ else:
     st.info("No training curve (λ = ∞ baseline or a loaded mask without one).")
 
 _code = (f"from probes import load_model\nfrom analyses import bigram as B\n\nprobe = load_model({probe.info.name!r}, backend={probe.backend!r})\n"
-         + (f"res = B.BigramResult.load({saved_dir.strip()!r})\n" if saved_dir.strip() else f"res = B.run(probe, {corpus!r}, B.{cfg!r})\n")
+         + (f"res = B.BigramResult.load({saved_dir.strip()!r})\n" if saved_dir.strip() else f"res = B.run(probe, {corpus!r}, config=B.{cfg!r})\n")
          + "res.plot().show(); res.plot_heads().show()\nres.save()   # component panels then show bigram-mask membership")
 components.export_bar("bigram", figure=res.plot(), table=res.to_frame(), result=res, code=_code, key="exp-bigram",
                       figures={"Sparsity": res.plot(), "Heads": res.plot_heads()})

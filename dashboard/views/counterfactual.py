@@ -197,7 +197,7 @@ with tab_bias:
         except SondeError as e:
             show_error(e)
         else:
-            b = state.stored(cf.bias_sweep_key(probe, bcfg), lambda: cf.bias_sweep(probe, config=bcfg))
+            b = state.stored(cf.bias_sweep_key(probe, config=bcfg), lambda: cf.bias_sweep(probe, config=bcfg))
             if b is not None:
                 st.plotly_chart(b.plot(), width="stretch")
                 st.dataframe(b.summary[b.summary["count"] > 0], hide_index=True)

@@ -57,7 +57,7 @@ prompt = format_prompt(probe, problem)
 # the rollout search runs in the background (progress per rolled-out prefix, Cancel); results are kept per setting
 def _work(job, probe=probe, args=(prompt, response, reference, cfg), q=question):
     p, r, ref, c = args
-    return C.search(probe, p, r, make_checker(Problem("", ref)), c, question=q, reference=ref, progress=job.step)
+    return C.search(probe, p, r, make_checker(Problem("", ref)), config=c, question=q, reference=ref, progress=job.step)
 
 
 try:  # the progress bar's total: prefixes the search rolls out (an estimate for step/bisect)
@@ -66,7 +66,7 @@ try:  # the progress bar's total: prefixes the search rolls out (an estimate for
 except Exception:  # noqa: BLE001 - no total: the bar counts steps
     n_prefixes = None
 try:
-    key = C.search_key(probe, prompt, response, cfg, reference=reference)
+    key = C.search_key(probe, prompt, response, config=cfg, reference=reference)
 except Exception as e:  # noqa: BLE001 - SondeError: a response that does not tokenize
     show_error(e)
     st.stop()
@@ -125,7 +125,7 @@ st.plotly_chart(fig, width="stretch")
 _code = (f"from probes import load_model\nfrom analyses import critical as C\nfrom analyses.tasks import Problem, format_prompt, make_checker\n\n"
          f"probe = load_model({probe.info.name!r}, backend={probe.backend!r})\n"
          f"problem = Problem({question!r}, {reference!r})\n"
-         f"res = C.search(probe, format_prompt(probe, problem), {response!r}, make_checker(problem), C.{cfg!r})\nres.plot(0).show()")
+         f"res = C.search(probe, format_prompt(probe, problem), {response!r}, make_checker(problem), config=C.{cfg!r})\nres.plot(0).show()")
 components.export_bar("critical", figure=fig, table=res.tokens, result=res, code=_code, key="exp-critical")
 components.notebook_snippet(_code)
 
@@ -155,7 +155,7 @@ with st.expander("Across problems: sample traces, search each failure"):
 
         problems = builtin_arith(int(n_prob), seed=int(seed))
         mcfg = cfg.replace(n_samples=int(n_samp), granularity="bisect", max_new_tokens=max(int(max_new), 48))
-        many = state.stored(C.result_key(probe, problems, mcfg), lambda: C.run(probe, problems, mcfg))
+        many = state.stored(C.result_key(probe, problems, config=mcfg), lambda: C.run(probe, problems, config=mcfg))
         if many is not None:
             st.dataframe(many.traces[["problem", "question", "response", "critical_token", "score_before", "score_after", "note"]], hide_index=True)
             st.write("Most frequent critical tokens")
