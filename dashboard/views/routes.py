@@ -8,6 +8,7 @@ import streamlit as st
 
 from analyses import routes
 from analyses.core.store import hash_inputs
+from analyses.routes_lens import top_prediction
 from analyses.routes_plots import plot_route
 from dashboard import components, state, workbench
 from dashboard.state import param, show_error, sidebar_probe
@@ -144,13 +145,7 @@ def _route_figure(res, route, **kw):
     return plot_route(route, res.str_tokens, res.n_layers, res.parallel, **kw)
 
 
-def _pred_prob(probe, result, pos: int, token: str) -> float | None:
-    """Probability of ``token`` in the model's output distribution at ``pos`` (read from the last block output)."""
-    lens = result.logit_lens(probe, [f"I{result.n_layers - 1}_{pos}"], k=50)
-    return next((p for t, p in lens.get(f"I{result.n_layers - 1}_{pos}", []) if t == token), 0.0)
-
-
-def _ablation_view(probe, res, tokens, cfg, label: str, pos: int, tau: float, renorm: bool, pred_token: str | None) -> None:
+def _ablation_view(probe, res, tokens, cfg, label: str, pos: int, tau: float, renorm: bool) -> None:
     """The route recomputed with one head zero-ablated, drawn on ONE graph with the original: kept, lost, gained edges."""
     from probes import Ablate, parse_head, site
 
@@ -175,9 +170,14 @@ def _ablation_view(probe, res, tokens, cfg, label: str, pos: int, tau: float, re
     c1.metric("Edges kept", len(e0 & e1))
     c2.metric("Edges lost", len(e0 - e1))
     c3.metric("Edges gained", len(e1 - e0))
-    if pred_token is not None:
-        p0, p1 = _pred_prob(probe, res, pos, pred_token), _pred_prob(probe, abl, pos, pred_token)
-        c4.metric(f"p({pred_token!r})", f"{p1:.3f}", f"{p1 - p0:+.3f} vs original {p0:.3f}")
+    last = f"I{res.n_layers - 1}_{pos}"
+    try:  # the model's prediction at pos and its probability with the head ablated, from the full output distribution
+        _, pred, p0, p1 = state.memo(repr(("routes-prediction", res.key, abl.key, last)),
+                                     lambda: top_prediction(probe, res.residuals, last, abl.residuals))
+    except SondeError:
+        pred = None
+    if pred is not None:
+        c4.metric(f"p({pred!r})", f"{p1:.3f}", f"{p1 - p0:+.3f} vs original {p0:.3f}")
     fig = _route_figure(res, r0, compare=r1, title=f"Original route vs {label} ablated: grey kept, red dotted lost, green gained")
     st.plotly_chart(fig, key="routes_cmp", config={"displaylogo": False})
     d = (abl.head_importance(pos, tau=tau, renormalize=renorm) - res.head_importance(pos, tau=tau, renormalize=renorm))
@@ -382,7 +382,7 @@ def main() -> None:
     ablated = param("ablated", "", check=_head_label_ok(probe))
     if ablated:
         st.query_params["ablated"] = ablated
-        _ablation_view(probe, res, tuple(int(t) for t in tokens.tolist()), cfg, ablated, pos, tau, renorm, pred[0][0] if pred else None)
+        _ablation_view(probe, res, tuple(int(t) for t in tokens.tolist()), cfg, ablated, pos, tau, renorm)
         if st.button("Hide the ablated comparison", key="routes_hide_ablated"):
             del st.query_params["ablated"]
             st.rerun()
