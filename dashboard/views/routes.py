@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import time
-
 import streamlit as st
 
 from analyses import routes
-from analyses.core.store import hash_inputs
 from analyses.routes_lens import top_prediction
 from analyses.routes_plots import plot_route
 from dashboard import components, state, workbench
@@ -41,25 +38,14 @@ IMPORTANCE = "route importance (Σ over edges, mean per prompt)"
 
 
 def _dataset_job(probe, recs, cfg):
-    """Background work: fold prompts into route statistics, publishing a partial result after each prompt."""
+    """Background work: :func:`analyses.routes.run_dataset` over the prompts (its ``progress`` callback drives the
+    progress bar and Cancel), saved so component panels read route frequencies from it."""
 
     def work(job):
-        stats = routes.RouteStats(probe.info.n_layers, probe.info.n_heads)
-
-        def progress(n):
-            try:
-                job.partial = routes.stats_result(probe, stats, config=cfg)
-            except SondeError:  # nothing usable yet (the first prompts were skipped)
-                pass
-            job.step(n)
-
-        stats, skipped = routes.accumulate(probe, recs, config=cfg, stats=stats, progress=progress)
-        res = routes.stats_result(probe, stats, config=cfg, n_skipped=skipped,
-                                  input_hash=hash_inputs([r.text for r in recs], [r.domain for r in recs]),
-                                  timings={"routes": time.time() - job.started})
-        try:  # saved, so component panels read route frequencies from it
+        res = routes.run_dataset(probe, recs, config=cfg, progress=job.step)
+        try:
             res.save()
-        except OSError:
+        except (OSError, SondeError):  # a read-only results folder: the statistics stay on the page
             pass
         return res
 
@@ -81,21 +67,20 @@ def _upload_records(name: str, data: bytes) -> list:
         return list(iter_records(f))
 
 
-def _show_stats(stats, key: str) -> None:
-    dom = st.selectbox("Domain", ["(all)"] + stats.domains, key=f"routes_domain_{key}")
+def _show_stats(stats) -> None:
+    dom = st.selectbox("Domain", ["(all)"] + stats.domains, key="routes_domain")
     fig = stats.plot(None if dom == "(all)" else dom)
     # head_mean is, per prompt, the head's importance summed over the route's attention edges, then averaged over
     # prompts: a mean of sums (it exceeds 1 when a head carries several edges), so it is labelled as such
     fig.update_layout(coloraxis_colorbar_title_text="Σ importance<br>(mean/prompt)",
                       title=f"Head importance on routes, summed over edges, mean per prompt: {dom}")
-    st.plotly_chart(fig, key=f"routes_stats_{key}")
+    st.plotly_chart(fig, key="routes_stats")
     df = stats.to_frame()
     st.caption(f"**{IMPORTANCE}**: for each prompt, the head's importance summed over the attention edges of its route "
                "(several edges per head, so above 1 is possible), averaged over prompts; **freq**: share of prompts whose route uses it.")
     st.dataframe(df.sort_values("mean_importance", ascending=False).head(30).rename(columns={"mean_importance": IMPORTANCE}),
                  hide_index=True)
-    if key == "final":
-        components.export_bar("routes-dataset", figure=fig, table=df, result=stats, key="exp-routes-dataset")
+    components.export_bar("routes-dataset", figure=fig, table=df, result=stats, key="exp-routes-dataset")
 
 
 def _dataset_view(probe) -> None:
@@ -132,9 +117,9 @@ def _dataset_view(probe) -> None:
                 workbench.run_job("routes_dataset", "Routes over the dataset", _dataset_job(probe, recs, cfg),
                                   total=len(recs), restart=True)
                 st.rerun()
-        job = workbench.job_view("routes_dataset", partial=lambda p: _show_stats(p, "partial"))
+        job = workbench.job_view("routes_dataset")
         if job is not None and job.finished and job.result is not None:
-            _show_stats(job.result, "final")
+            _show_stats(job.result)
 
 
 MAX_TOKENS = 256  # longest window the page traces by default (routes over thousands of tokens take minutes on a CPU)
