@@ -7,6 +7,7 @@ import html
 import streamlit as st
 
 from analyses import counterfactual as cf
+from analyses.tokens_html import Token, token_strip
 from dashboard import components, state
 from dashboard.state import cached, param, show_error, sidebar_probe
 from probes import SondeError
@@ -67,14 +68,9 @@ def _components_ok(v: str) -> str | None:
 
 
 def _spans(strs, factual, ids, start) -> str:
-    out = []
-    for p, (s, t) in enumerate(zip(strs, ids)):
-        same = p < len(factual) and factual[p] == t
-        style = "" if same else "background:#f4a261;border-radius:3px;"
-        if p == start:
-            style += "border-left:2px dashed #c0392b;"
-        out.append(f"<span title='pos {p}' style='{style}'>{html.escape(s).replace(chr(10), '⏎')}</span>")
-    return "".join(out)
+    """A continuation as a token strip: tokens that differ from the factual one highlighted, the edit's start marked."""
+    return token_strip(Token(s, title=f"pos {p}", changed=not (p < len(factual) and factual[p] == t), start=p == start)
+                       for p, (s, t) in enumerate(zip(strs, ids)))
 
 
 def _run(spec, cfg):

@@ -6,11 +6,10 @@ Opens on ``state.DEFAULT_PROMPT`` so a result shows without typing. All numbers 
 
 from __future__ import annotations
 
-import html
-
 import streamlit as st
 
 from analyses import logit_lens
+from analyses.tokens_html import Token, token_strip
 from dashboard import components, state
 from probes import SondeError
 
@@ -53,13 +52,10 @@ st.subheader("Tokens")
 MAX_CHIPS = 400
 ids = res.token_ids.tolist()
 shown = range(max(0, len(ids) - MAX_CHIPS), len(ids))
-chips = " ".join(
-    f"<span title='id {int(ids[t])} · pos {t}' style='display:inline-block;margin:2px;padding:1px 6px;border-radius:6px;"
-    f"background:rgba(49,51,63,0.08);font-family:monospace;white-space:pre'>{html.escape(res.str_tokens[t].replace(chr(10), '⏎'))}</span>"
-    for t in shown)
 if len(ids) > MAX_CHIPS:
     st.caption(f"Showing the last {MAX_CHIPS} of {len(ids):,} tokens.")
-st.markdown(chips, unsafe_allow_html=True)
+st.markdown(token_strip((Token(res.str_tokens[t], title=f"id {int(ids[t])} · pos {t}") for t in shown), chips=True),
+            unsafe_allow_html=True)
 st.caption(f"{len(res.str_tokens)} tokens · model {probe.info.name} · {probe.backend} backend · "
            f"computed in {sum(res.timings.values()):.2f} s")
 
