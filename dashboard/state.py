@@ -20,7 +20,7 @@ import streamlit as st
 from dashboard import warm
 from probes import BACKENDS, Probe, SondeError
 
-__all__ = ["sidebar_probe", "get_probe", "cached", "stored", "find", "keep", "memo", "show_error", "DEFAULT_PROMPT", "param", "context", "prompt_input",
+__all__ = ["sidebar_probe", "get_probe", "cached", "stored", "result", "find", "keep", "memo", "show_error", "DEFAULT_PROMPT", "param", "context", "prompt_input",
            "inside_results", "results_listing", "read_result", "decode_upload", "url_context", "BACKENDS", "DTYPES", "DEVICES"]
 
 DEFAULT_PROMPT = "The Eiffel Tower is located in the city of"
@@ -403,6 +403,21 @@ def stored(key: str, compute: Callable[[], Any], *, caption: bool = True) -> Any
         show_error(e)
         return None
     return keep(key, res, caption=caption)
+
+
+def result(key: Callable[[], str], compute: Callable[[], Any], *, spinner: str | None = None, caption: bool = True) -> Any:
+    """A page's analysis result: ``key()`` (the analysis's own ``result_key``, called here so an input it refuses is one
+    error line) found in memory or the results store, else ``compute()`` saved there (:func:`stored`), under a spinner
+    while it runs. None after an error (shown)."""
+    from contextlib import nullcontext
+
+    try:
+        k = key()
+    except SondeError as e:
+        show_error(e)
+        return None
+    with st.spinner(spinner) if spinner else nullcontext():
+        return stored(k, compute, caption=caption)
 
 
 def memo(key: str, compute: Callable[[], Any]) -> Any:

@@ -8,18 +8,15 @@ import streamlit as st
 
 from analyses import counterfactual as cf
 from analyses.tokens_html import Token, token_strip
-from dashboard import components, state
-from dashboard.state import cached, param, show_error, sidebar_probe
+from dashboard import components, state, workbench
+from dashboard.state import cached, param, show_error
 from probes import SondeError
 
-st.title("Counterfactuals")
-st.caption("Gumbel-Max sampling as a causal model (Chatzi et al. 2024): the counterfactual keeps the factual "
-           "noise, so it differs from the factual text only because of the intervention. The interventional "
-           "baseline uses fresh noise.")
-
-probe = sidebar_probe()
-if probe is None:
-    st.stop()
+probe = workbench.start_page(
+    "Counterfactuals",
+    "Gumbel-Max sampling as a causal model (Chatzi et al. 2024): the counterfactual keeps the factual "
+    "noise, so it differs from the factual text only because of the intervention. The interventional "
+    "baseline uses fresh noise.")
 
 with st.sidebar:
     st.markdown("### Sampling")
@@ -75,12 +72,8 @@ def _spans(strs, factual, ids, start) -> str:
 
 def _run(spec, cfg):
     """``cf.run`` from the results store when saved there (by the CLI, a notebook or a session), else computed and saved."""
-    try:
-        key = cf.result_key(probe, prompt, spec, config=cfg, observed=observed or None)
-    except SondeError as e:
-        show_error(e)
-        return None
-    return state.stored(key, lambda: cf.run(probe, prompt, spec, config=cfg, observed=observed or None))
+    return state.result(lambda: cf.result_key(probe, prompt, spec, config=cfg, observed=observed or None),
+                        lambda: cf.run(probe, prompt, spec, config=cfg, observed=observed or None))
 
 
 tab_cf, tab_bias = st.tabs(["Counterfactual", "Bias sweep"])

@@ -8,16 +8,13 @@ from analyses import critical as C
 from analyses.tasks import Problem, format_prompt, make_checker
 from analyses.tokens_html import Token, token_strip
 from dashboard import components, state, workbench
-from dashboard.state import cached, param, show_error, sidebar_probe
+from dashboard.state import cached, param, show_error
 
-st.title("Critical tokens")
-st.caption("Rollout search on an incorrect reasoning trace (Lin et al. 2024, *Critical Tokens Matter*): each prefix of the "
-           "response is completed by sampled rollouts; the critical token is the one after which no rollout reaches the "
-           "right answer. Keep rollouts small on CPU.")
-
-probe = sidebar_probe()
-if probe is None:
-    st.stop()
+probe = workbench.start_page(
+    "Critical tokens",
+    "Rollout search on an incorrect reasoning trace (Lin et al. 2024, *Critical Tokens Matter*): each prefix of the "
+    "response is completed by sampled rollouts; the critical token is the one after which no rollout reaches the "
+    "right answer. Keep rollouts small on CPU.")
 
 DEFAULT_Q = "Tom has 3 apples and buys 4 more. How many apples does he have?"
 c1, c2 = st.columns([3, 1])
@@ -149,7 +146,7 @@ with st.expander("Across problems: sample traces, search each failure"):
 
         problems = builtin_arith(int(n_prob), seed=int(seed))
         mcfg = cfg.replace(n_samples=int(n_samp), granularity="bisect", max_new_tokens=max(int(max_new), 48))
-        many = state.stored(C.result_key(probe, problems, mcfg), lambda: C.run(probe, problems, mcfg))
+        many = state.result(lambda: C.result_key(probe, problems, mcfg), lambda: C.run(probe, problems, mcfg))
         if many is not None:
             st.dataframe(many.traces[["problem", "question", "response", "critical_token", "score_before", "score_after", "note"]], hide_index=True)
             st.write("Most frequent critical tokens")

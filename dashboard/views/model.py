@@ -10,13 +10,9 @@ import streamlit as st
 
 from analyses import logit_lens
 from analyses.tokens_html import Token, token_strip
-from dashboard import components, state
-from probes import SondeError
+from dashboard import components, state, workbench
 
-st.title("Model & prompt")
-probe = state.sidebar_probe()
-if probe is None:
-    st.stop()
+probe = workbench.start_page("Model & prompt")
 
 WINDOW = 48  # heat-map columns drawn at once (a 3,000-token prompt would be 90,000 text cells)
 COLORS = {"final": "p(final prediction)", "top1": "p(lens top-1)"}
@@ -35,15 +31,9 @@ bos = state.bos()
 
 st.query_params.update({"k": str(int(k)), "color": color})
 
-try:
-    cfg = logit_lens.Config(k=int(k), prepend_bos=bool(bos))
-    key = logit_lens.result_key(probe, prompt, config=cfg)
-except SondeError as e:
-    state.show_error(e)
-    st.stop()
-
-with st.spinner("Running the logit lens…"):
-    res = state.stored(key, lambda: logit_lens.run(probe, prompt, config=cfg))
+cfg = logit_lens.Config(k=int(k), prepend_bos=bool(bos))
+res = state.result(lambda: logit_lens.result_key(probe, prompt, config=cfg), lambda: logit_lens.run(probe, prompt, config=cfg),
+                   spinner="Running the logit lens…")
 if res is None:  # the error is already shown
     st.stop()
 

@@ -12,13 +12,12 @@ import streamlit as st
 
 from analyses.core import store
 from analyses.core.base import load_result
-from dashboard import components, state
+from dashboard import components, state, workbench
 from probes import SondeError
 
-st.title("Results")
-state.sidebar_probe(load=False)  # the shared context stays in the sidebar and the URL
-st.caption("Results saved by `sonde run …`, notebooks (`result.save()`) and the dashboard. "
-           "Each is a folder with manifest.json, Parquet tables and safetensors arrays.")
+workbench.start_page("Results", "Results saved by `sonde run …`, notebooks (`result.save()`) and the dashboard. "
+                     "Each is a folder with manifest.json, Parquet tables and safetensors arrays.",
+                     load=False)  # the shared context stays in the sidebar and the URL
 
 ROOT = Path(store.results_root()).expanduser().resolve()
 

@@ -8,7 +8,7 @@ from analyses import routes
 from analyses.routes_lens import top_prediction
 from analyses.routes_plots import plot_route
 from dashboard import components, state, workbench
-from dashboard.state import param, show_error, sidebar_probe
+from dashboard.state import param, show_error
 from probes import SondeError, ffn_label, head_label, parse_node
 
 
@@ -19,15 +19,11 @@ def run_ids(probe, ids: tuple, *, config, edits=()):
     return routes.run(probe, torch.tensor(ids, dtype=torch.long), config=config, edits=edits)
 
 
-def _routes(probe, ids: tuple, config, edits=()):
+def _routes(probe, ids: tuple, config, edits=(), *, spinner: str | None = None):
     """The routes result of token ids ``ids``: from the results store when saved (by the CLI, a notebook or a session),
     else computed and saved there."""
-    try:
-        key = routes.result_key(probe, list(ids), config=config, edits=edits)
-    except SondeError as e:
-        show_error(e)
-        return None
-    return state.stored(key, lambda: run_ids(probe, ids, config=config, edits=edits))
+    return state.result(lambda: routes.result_key(probe, list(ids), config=config, edits=edits),
+                        lambda: run_ids(probe, ids, config=config, edits=edits), spinner=spinner)
 
 
 def _lens_cached(probe, res, nodes):
@@ -140,8 +136,7 @@ def _ablation_view(probe, res, tokens, cfg, label: str, pos: int, tau: float, re
     except SondeError as e:
         show_error(e)
         return
-    with st.spinner(f"Routes with {label} ablated…"):
-        abl = _routes(probe, tokens, cfg, edits)
+    abl = _routes(probe, tokens, cfg, edits, spinner=f"Routes with {label} ablated…")
     if abl is None:
         return
     st.subheader(f"Routes with {label} ablated")
@@ -200,13 +195,11 @@ def _head_label_ok(probe):
 
 
 def main() -> None:
-    st.title("Information flow")
-    st.caption("Routes (Ferrando & Voita 2024): which tokens, heads and FFNs carry information to a prediction. "
-               "Edges are block parts whose L1 proximity to the block output exceeds τ. Click a head in the heat map "
-               "(or pick it below) to open its component panel.")
-    probe = sidebar_probe()
-    if probe is None:
-        return
+    probe = workbench.start_page(
+        "Information flow",
+        "Routes (Ferrando & Voita 2024): which tokens, heads and FFNs carry information to a prediction. "
+        "Edges are block parts whose L1 proximity to the block output exceeds τ. Click a head in the heat map "
+        "(or pick it below) to open its component panel.")
     prompt = state.prompt_input()
     bos = state.bos()
     c1, c2, c3 = st.columns([2, 1, 2])
@@ -243,8 +236,7 @@ def main() -> None:
         show_error(SondeError(f"{int(tokens.shape[0])} tokens exceed the {limit} this model's route importances fit in "
                               f"{cfg.max_memory_gb:g} GB.", hint="Lower **Tokens to trace** above."))
         return
-    with st.spinner("Computing routes…"):
-        res = _routes(probe, tuple(int(t) for t in tokens.tolist()), cfg)
+    res = _routes(probe, tuple(int(t) for t in tokens.tolist()), cfg, spinner="Computing routes…")
     if res is None:
         return
     T = res.n_tokens
