@@ -1,5 +1,10 @@
 """Figures of :mod:`analyses.routes` (plotly, imported lazily): a route drawn over the prompt and the
-layer × head importance map."""
+layer × head importance map.
+
+:func:`plot_route` is the one route figure: ``RoutesResult.plot()`` and the dashboard's Information flow page
+draw it (the page adds the selected node and head, and the comparison with an ablated route). Node markers
+carry their node name (``X0_3``, ``A5_3`` …) as ``customdata``, so a click on one names the node.
+"""
 
 from __future__ import annotations
 
@@ -7,39 +12,135 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["plot_route", "plot_heads"]
+__all__ = ["plot_route", "plot_heads", "EDGE_COLOURS", "NODE_COLOURS", "NODE_NAMES", "COMPARE_COLOURS"]
+
+# one palette for every route figure
+EDGE_COLOURS = {"attn": "#1f77b4", "ffn": "#d62728", "resid": "#bbbbbb"}
+NODE_COLOURS = {"X": "#7f7f7f", "A": "#1f77b4", "M": "#d62728", "I": "#333333"}
+NODE_NAMES = {"X": "token embedding", "A": "after attention", "M": "FFN output", "I": "block output"}
+COMPARE_COLOURS = {"kept": "#8c8c8c", "lost": "#d62728", "gained": "#2ca02c"}
+HEAD_COLOUR = "#ff7f0e"  # the edges of the selected head
+SELECTED_COLOUR = "#ff7f0e"  # the ring around the selected node
 
 
-def plot_route(route, str_tokens: Sequence[str], n_layers: int, parallel: bool = False, hover: dict[str, str] | None = None):
-    """Route graph over the prompt: tokens left to right, layers bottom to top, edge width by weight."""
+def _xy(g, n: str, parallel: bool) -> tuple[float, float]:
+    """A node's place: its token position on x (FFN outputs a quarter to the right), its layer on y (embeddings at -1;
+    after attention, FFN output and block output at +0, +0.33, +0.66 of their layer)."""
+    d = g.nodes[n]
+    k = d["kind"]
+    y = -1.0 if k == "X" else d["layer"] + ({"A": 0.0, "M": 0.33, "I": 0.66}[k] if not parallel else {"M": 0.33, "I": 0.66}.get(k, 0))
+    return d["pos"] + (0.25 if k == "M" else 0.0), y
+
+
+def _edge_traces(fig, g, edges, parallel: bool, *, name: str = "", colour: str | None = None, dash: str | None = None,
+                 maxw: float = 1.0, width_scale: float = 6.0) -> None:
+    """One trace per edge kind and width (lines joined with None gaps), so the legend names each kind once."""
+    import plotly.graph_objects as go
+
+    by_kind: dict[str, list] = {}
+    for u, v, d in edges:
+        by_kind.setdefault(d["kind"], []).append((u, v, d))
+    for kind, es in sorted(by_kind.items()):
+        # widths differ per edge: bucket them so one trace carries one width
+        buckets: dict[float, list] = {}
+        for u, v, d in es:
+            buckets.setdefault(round(0.6 + width_scale * d["weight"] / maxw, 0), []).append((u, v, d))
+        first = True
+        for w, bes in sorted(buckets.items()):
+            xs, ys, tx = [], [], []
+            for u, v, d in bes:
+                (x0, y0), (x1, y1) = _xy(g, u, parallel), _xy(g, v, parallel)
+                xs += [x0, (x0 + x1) / 2, x1, None]
+                ys += [y0, (y0 + y1) / 2, y1, None]
+                t = f"{u} → {v} · {d['kind']} · weight {d['weight']:.3f}"
+                tx += [t, t, t, None]
+            fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", hoverinfo="text", text=tx, legendgroup=f"{name}-{kind}",
+                                     name=f"{name}{kind} edge", showlegend=first,
+                                     line=dict(width=w, color=colour or EDGE_COLOURS.get(kind, "#888"), dash=dash)))
+            first = False
+
+
+def _head_trace(fig, g, head: str, parallel: bool) -> None:
+    """The attention edges that ``head`` ("L5H3") carries, drawn over the route."""
+    import plotly.graph_objects as go
+
+    from probes import parse_head
+
+    hl, hh = parse_head(head)
+    hx, hy, ht = [], [], []
+    for u, v, d in g.edges(data=True):
+        hs = d.get("heads") or []
+        if d["kind"] == "attn" and d["layer"] == hl and hh < len(hs) and hs[hh] > 0:
+            (x0, y0), (x1, y1) = _xy(g, u, parallel), _xy(g, v, parallel)
+            hx += [x0, x1, None]
+            hy += [y0, y1, None]
+            ht += [f"{head}: {hs[hh]:.3f} of {u} → {v}"] * 2 + [None]
+    fig.add_trace(go.Scatter(x=hx or [None], y=hy or [None], mode="lines", hoverinfo="text", text=ht or [None],
+                             name=f"{head} (selected head)", line=dict(width=5, color=HEAD_COLOUR)))
+
+
+def plot_route(route, str_tokens: Sequence[str], n_layers: int, parallel: bool = False, hover: dict[str, str] | None = None, *,
+               selected: str | None = None, head: str | None = None, compare=None, title: str | None = None):
+    """Route graph over the prompt: tokens left to right (every token on the x axis), layers bottom to top, edge width
+    by weight, one colour per edge and node kind, with a legend.
+
+    Args:
+        hover: extra hover text per node (e.g. its logit lens).
+        selected: a node name drawn with a ring (the node a page inspects).
+        head: a head label ("L5H3") whose attention edges are drawn over the route.
+        compare: another route (e.g. with a head ablated): the figure then shows the edges kept (grey), lost (red,
+            dotted) and gained (green).
+        title: the figure's title (default "Route to position <pos>").
+
+    Traces: the edges, the selected head's edges, the selected node's ring (no hover, so clicks reach the node under
+    it), then one marker trace per node kind whose ``customdata`` are node names (a click selects a node).
+    """
     import plotly.graph_objects as go
 
     r, L, T = route, n_layers, len(str_tokens)
-    sub_y = {"X": -1.0, "A": 0.0, "M": 0.33, "I": 0.66}
-
-    def xy(n):
-        d = r.nodes[n]
-        k = d["kind"]
-        y = -1.0 if k == "X" else d["layer"] + (sub_y[k] if not parallel else {"M": 0.33, "I": 0.66}.get(k, 0))
-        return d["pos"] + (0.25 if k == "M" else 0.0), y
-
-    colours = {"attn": "#1f77b4", "resid": "#aaaaaa", "ffn": "#d62728"}
     fig = go.Figure()
-    maxw = max((d["weight"] for *_, d in r.edges(data=True)), default=1.0) or 1.0
-    for u, v, d in r.edges(data=True):
-        (x0, y0), (x1, y1) = xy(u), xy(v)
-        fig.add_trace(go.Scatter(x=[x0, x1], y=[y0, y1], mode="lines", hoverinfo="text",
-                                 text=f"{u} → {v}: {d['weight']:.3f}", showlegend=False,
-                                 line=dict(width=0.5 + 6 * d["weight"] / maxw, color=colours.get(d["kind"], "#888"))))
-    nodes = list(r.nodes)
-    xs, ys = zip(*(xy(n) for n in nodes)) if nodes else ((), ())
-    text = [f"{n} ({r.nodes[n]['token']!r})" + (f"<br>{hover[n]}" if hover and n in hover else "") for n in nodes]
-    fig.add_trace(go.Scatter(x=xs, y=ys, mode="markers", hoverinfo="text", text=text, customdata=nodes, showlegend=False,
-                             marker=dict(size=8, color=["#2ca02c" if r.nodes[n]["kind"] == "M" else "#333" for n in nodes])))
+    e0 = {(u, v): d for u, v, d in r.edges(data=True)}
+    maxw = max((d["weight"] for d in e0.values()), default=1.0) or 1.0
+    if compare is None:
+        _edge_traces(fig, r, [(u, v, d) for (u, v), d in e0.items()], parallel, maxw=maxw)
+        graphs = [r]
+    else:
+        e1 = {(u, v): d for u, v, d in compare.edges(data=True)}
+        maxw = max([maxw] + [d["weight"] for d in e1.values()])
+        c = COMPARE_COLOURS
+        _edge_traces(fig, r, [(u, v, d) for (u, v), d in e0.items() if (u, v) in e1], parallel, name="kept ", colour=c["kept"], maxw=maxw)
+        _edge_traces(fig, r, [(u, v, d) for (u, v), d in e0.items() if (u, v) not in e1], parallel, name="lost ", colour=c["lost"],
+                     dash="dot", maxw=maxw)
+        _edge_traces(fig, compare, [(u, v, d) for (u, v), d in e1.items() if (u, v) not in e0], parallel, name="gained ",
+                     colour=c["gained"], maxw=maxw)
+        graphs = [r, compare]
+    if head:
+        _head_trace(fig, r, head, parallel)
+    seen: dict = {}
+    for g in graphs:
+        for n in g.nodes:
+            seen.setdefault(n, g)
+    if selected is not None and selected in seen:
+        sx, sy = _xy(seen[selected], selected, parallel)
+        fig.add_trace(go.Scatter(x=[sx], y=[sy], mode="markers", hoverinfo="skip", name=f"{selected} (selected node)",
+                                 marker=dict(symbol="circle-open", size=19, color=SELECTED_COLOUR, line=dict(width=3))))
+    for kind in ("X", "A", "M", "I"):
+        ns = [n for n, g in seen.items() if g.nodes[n]["kind"] == kind]
+        if not ns:
+            continue
+        xs, ys = zip(*(_xy(seen[n], n, parallel) for n in ns))
+        text = [f"{n} ({seen[n].nodes[n]['token']!r})" + (f"<br>{hover[n]}" if hover and n in hover else "") for n in ns]
+        fig.add_trace(go.Scatter(x=xs, y=ys, mode="markers", hoverinfo="text", text=text, customdata=ns, name=NODE_NAMES[kind],
+                                 marker=dict(size=9, color=NODE_COLOURS[kind], line=dict(width=1, color="white"))))
+    ticks = [repr(s)[1:-1] or "·" for s in str_tokens]
     fig.update_layout(
-        xaxis=dict(tickmode="array", tickvals=list(range(T)), ticktext=[repr(s)[1:-1] for s in str_tokens], title="token"),
-        yaxis=dict(title="layer", range=[-1.5, L]), height=max(400, 22 * L), margin=dict(l=40, r=20, t=30, b=40),
-        title=f"Route to position {r.graph.get('pos', '')}",
+        title=dict(text=title if title is not None else f"Route to position {r.graph.get('pos', '')}", y=0.995, yanchor="top",
+                   x=0.01, xanchor="left", font=dict(size=15)),
+        xaxis=dict(tickmode="array", tickvals=list(range(T)), ticktext=ticks, title="prompt token (position →)",
+                   range=[-0.6, T - 0.4], tickangle=-45 if T > 12 else 0),
+        yaxis=dict(title="layer (−1 = embeddings)", range=[-1.5, L]), height=max(460, 22 * L),
+        margin=dict(l=60, r=20, t=135, b=90), legend=dict(orientation="h", yanchor="bottom", y=1.01, x=0, font=dict(size=11)),
+        clickmode="event+select", dragmode=False,
     )
     return fig
 

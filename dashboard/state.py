@@ -11,7 +11,6 @@ render the result.
 from __future__ import annotations
 
 import math
-import os
 import re
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -21,8 +20,8 @@ import streamlit as st
 from dashboard import warm
 from probes import BACKENDS, Probe, SondeError
 
-__all__ = ["sidebar_probe", "get_probe", "cached", "stored", "find", "keep", "memo", "show_error", "DEFAULT_PROMPT", "param", "context", "prompt_input",
-           "inside_results", "safe_results_listing", "decode_upload", "url_context", "BACKENDS", "DTYPES", "DEVICES"]
+__all__ = ["sidebar_probe", "get_probe", "cached", "stored", "result", "find", "keep", "memo", "show_error", "DEFAULT_PROMPT", "param", "context", "prompt_input",
+           "inside_results", "results_listing", "read_result", "decode_upload", "url_context", "BACKENDS", "DTYPES", "DEVICES"]
 
 DEFAULT_PROMPT = "The Eiffel Tower is located in the city of"
 DEVICES = ["auto", "cpu", "cuda", "mps"]
@@ -247,65 +246,64 @@ def inside_results(path: str | Path, root: str | Path | None = None) -> Path | N
     return p if p == base or base in p.parents else None
 
 
-def _valid_manifest(folder: Path, man: Any) -> str | None:
-    """Why a manifest cannot be shown (None when it can): a dict whose tables/arrays stay inside the folder."""
-    if not isinstance(man, dict):
-        return f"its top level is a {type(man).__name__}, not an object"
-    if not isinstance(man.get("analysis"), str):
-        return "it names no analysis"
+def _outside(folder: Path, man: dict[str, Any], root: Path) -> str | None:
+    """Why the result in ``folder`` reaches outside the results root ``root`` (None when it does not): the folder, its
+    manifest or a table file it names is a symbolic link or resolves outside. The manifest's own form and its
+    table names are judged by the store (:func:`analyses.core.store.read_manifest`, ``read_result``)."""
+    if folder.is_symlink() or inside_results(folder, root) is None:
+        return "the folder lies outside the results root"
+    if (folder / "manifest.json").is_symlink():
+        return "manifest.json is a symbolic link"
     tables = man.get("tables", [])
-    if not isinstance(tables, list) or not all(isinstance(t, str) for t in tables):
-        return "its 'tables' is not a list of names"
-    for t in tables:
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", t) or t.startswith("."):
-            return f"table name {t!r} is not a plain file name"
-        f = (folder / f"{t}.parquet")
+    for t in tables if isinstance(tables, list) else ():
+        f = folder / f"{t}.parquet"
         if f.is_symlink() or inside_results(f, folder) is None:
             return f"table {t!r} lies outside the result folder"
-    for k in ("model", "timings", "config"):
-        if k in man and not isinstance(man[k], dict):
-            return f"its {k!r} is not an object"
     return None
 
 
-def read_manifest_safe(folder: Path) -> tuple[dict | None, str | None]:
-    """(manifest, None) for a well-formed manifest inside ``folder``, else (None, reason)."""
-    import json
+def results_listing(root: Path):
+    """Saved results under ``root`` (a folder inside the results root), as :func:`analyses.core.store.list_results`
+    lists them, less those that reach outside the results root; with the skipped ones and why: ``(DataFrame, skipped)``,
+    ``skipped`` a list of reasons, each naming its folder."""
+    import warnings
 
-    f = folder / "manifest.json"
-    if f.is_symlink():
-        return None, "manifest.json is a symbolic link"
-    try:
-        man = json.loads(f.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        return None, f"manifest.json does not read as JSON ({type(e).__name__})"
-    why = _valid_manifest(folder, man)
-    return (None, why) if why else (man, None)
+    from analyses.core import store as _store
+    from probes.errors import SondeWarning
+
+    base = Path(_store.results_root()).expanduser().resolve()
+    with warnings.catch_warnings(record=True) as caught:  # the store skips a malformed manifest with one warning
+        warnings.simplefilter("always", SondeWarning)
+        df = _store.list_results(root)
+    skipped = [str(w.message) for w in caught if issubclass(w.category, SondeWarning)]
+    outside = []
+    for path in df["path"]:
+        folder = Path(path)
+        try:
+            why = _outside(folder, _store.read_manifest(folder), base)
+        except SondeError as e:  # changed since it was listed
+            why = str(e)
+        if why is not None:
+            outside.append(path)
+            skipped.append(f"`{folder.name}` ({why})")
+    df = df[~df["path"].isin(outside)].reset_index(drop=True)
+    df["seconds"] = df["seconds"].where(df["seconds"] > 0)  # no timings recorded: shown empty, not 0
+    return df, skipped
 
 
-def safe_results_listing(root: Path, limit: int = 5000):
-    """Saved results under ``root`` (inside the results root; symbolic links are not followed), with the
-    malformed ones as ``(path, reason)`` pairs: ``(DataFrame, skipped)``."""
-    import pandas as pd
+def read_result(path: str | Path):
+    """The stored result in ``path`` (:func:`analyses.core.store.read_result`) when it lies inside the results root;
+    :class:`probes.errors.InputError` otherwise (or when the store refuses it)."""
+    from analyses.core import store as _store
+    from probes.errors import InputError
 
-    rows, skipped = [], []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and not os.path.islink(os.path.join(dirpath, d)))
-        if "manifest.json" not in filenames:
-            continue
-        folder = Path(dirpath)
-        man, why = read_manifest_safe(folder)
-        if man is None:
-            skipped.append((str(folder), why))
-            continue
-        t = man.get("timings") or {}
-        secs = [v for v in t.values() if isinstance(v, (int, float)) and not isinstance(v, bool)]
-        rows.append({"path": str(folder), "analysis": man.get("analysis"), "model": (man.get("model") or {}).get("name"),
-                     "created_at": str(man.get("created_at", "")), "key": man.get("key"),
-                     "seconds": sum(secs) if secs and sum(secs) > 0 else None})
-        if len(rows) >= limit:
-            break
-    return pd.DataFrame(rows, columns=["path", "analysis", "model", "created_at", "key", "seconds"]), skipped
+    folder = inside_results(path)
+    if folder is None or Path(path).is_symlink():
+        raise InputError(f"{str(path)!r} lies outside the results root.", hint="Point $SONDE_RESULTS at another folder to browse it.")
+    why = _outside(folder, _store.read_manifest(folder), Path(_store.results_root()).expanduser().resolve())
+    if why is not None:
+        raise InputError(f"{Path(path).name!r}: {why}.")
+    return _store.read_result(folder)
 
 
 def decode_upload(name: str, data: bytes) -> str:
@@ -405,6 +403,21 @@ def stored(key: str, compute: Callable[[], Any], *, caption: bool = True) -> Any
         show_error(e)
         return None
     return keep(key, res, caption=caption)
+
+
+def result(key: Callable[[], str], compute: Callable[[], Any], *, spinner: str | None = None, caption: bool = True) -> Any:
+    """A page's analysis result: ``key()`` (the analysis's own ``result_key``, called here so an input it refuses is one
+    error line) found in memory or the results store, else ``compute()`` saved there (:func:`stored`), under a spinner
+    while it runs. None after an error (shown)."""
+    from contextlib import nullcontext
+
+    try:
+        k = key()
+    except SondeError as e:
+        show_error(e)
+        return None
+    with st.spinner(spinner) if spinner else nullcontext():
+        return stored(k, compute, caption=caption)
 
 
 def memo(key: str, compute: Callable[[], Any]) -> Any:

@@ -24,7 +24,7 @@ import streamlit as st
 
 from probes import SondeError, head_label
 
-__all__ = ["PAGES", "PageSpec", "go", "page_link", "selectable_heads", "head_from_selection", "node_from_selection", "component_panel", "profile_for", "Job",
+__all__ = ["PAGES", "PageSpec", "start_page", "go", "page_link", "selectable_heads", "head_from_selection", "node_from_selection", "component_panel", "profile_for", "Job",
            "Cancelled", "run_job", "job_view", "component_check"]
 
 ROOT = Path(__file__).resolve().parent
@@ -56,6 +56,24 @@ PAGES: dict[str, PageSpec] = {
     "component": PageSpec("component.py", "Component", ":material/memory:"),
     "results": PageSpec("results.py", "Results", ":material/folder_open:"),
 }
+
+
+# ----------------------------------------------------------------------------- the head of every page
+def start_page(title: str, caption: str | None = None, *, load: bool = True, stop: bool = True) -> Any:
+    """Every page's head: its title and caption, and the shared context (model, prompt, BOS) in the sidebar.
+
+    Returns the loaded probe; without one (an error is shown) the page stops there, unless ``stop=False`` (a page with
+    parts that need no model). ``load=False``: the context is shown and carried, no model is loaded (returns None).
+    """
+    from dashboard.state import sidebar_probe
+
+    st.title(title)
+    if caption:
+        st.caption(caption)
+    probe = sidebar_probe(load=load)
+    if probe is None and load and stop:
+        st.stop()
+    return probe
 
 
 # ----------------------------------------------------------------------------- links

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -214,6 +215,10 @@ def test_routes_token_opens_counterfactual_prompt_edit(tmp_path, monkeypatch):
     _ok(at)
     at.selectbox(key="routes_node").set_value("X0_3").run()  # "The", " E", "iffel", " Tower" (no BOS by default)
     _ok(at)
+    graph = next(json.loads(c.proto.spec) for c in _charts(at) if "Route to position" in str(json.loads(c.proto.spec)["layout"].get("title")))
+    names = [t.get("name") for t in graph["data"]]
+    assert "X0_3 (selected node)" in names  # the route graph rings the node the page inspects
+    assert any("X0_3" in (t.get("customdata") or []) for t in graph["data"])  # and a click on it names it
     button = [b for b in at.button if b.key == "routes_token_cf"][0]
     assert "' Tower' →" in button.label  # proposes the model's own alternative, not a fixed name
     button.click().run()
@@ -254,6 +259,63 @@ def test_head_from_selection_reads_clicks():
     assert workbench.head_from_selection({"selection": {"points": [{"x": "H4", "y": "L7"}]}}) == "L7H4"
     assert workbench.head_from_selection({"selection": {"points": []}}) is None
     assert workbench.node_from_selection({"selection": {"points": [{"customdata": "A5_3"}]}}) == "A5_3"
+
+
+def test_token_strip_escapes_and_highlights():
+    from analyses.tokens_html import CHANGED, Token, token_strip
+
+    out = token_strip([Token("<b>", title="it's 'q'"), Token("a\nb", changed=True), Token(" x", marked=True, start=True)])
+    assert "<b>" not in out and "&lt;b&gt;" in out and "it&#x27;s" in out  # text and titles escaped
+    assert "a⏎b" in out and "\n" not in out  # line breaks made visible
+    assert f"background:{CHANGED}" in out and "border:2px solid" in out and "border-left:2px dashed" in out
+    assert out.count("<span") == 3 and "white-space:pre-wrap" in out  # one span per token, spaces kept
+    assert "display:inline-block" in token_strip([Token("t")], chips=True)
+
+
+def test_route_figure_is_the_library_figure(tiny):
+    """RoutesResult.plot() and the Information flow page draw one figure (analyses.routes_plots.plot_route): node
+    markers carry their names for clicks, the selected node's ring takes no clicks, one palette."""
+    from analyses import routes
+    from analyses.routes_plots import NODE_COLOURS, NODE_NAMES, plot_route
+    from probes import Ablate, site
+
+    p = tiny("llama")
+    res = routes.run(p, "Hello world again", config=routes.Config(keep_residuals=True))
+    r = res.route()
+    last = f"I{res.n_layers - 1}_{res.n_tokens - 1}"
+    plain = res.plot()
+    nodes = [t for t in plain.data if t.customdata is not None]
+    assert {t.name for t in nodes} <= set(NODE_NAMES.values()) and sum(len(t.customdata) for t in nodes) == r.number_of_nodes()
+    assert all(t.marker.color == NODE_COLOURS[k] for k, name in NODE_NAMES.items() for t in nodes if t.name == name)
+    page = plot_route(r, res.str_tokens, res.n_layers, res.parallel, selected=last, head="L0H0", title="t")
+    names = [t.name for t in page.data]
+    ring = names.index(f"{last} (selected node)")
+    assert page.data[ring].hoverinfo == "skip" and ring < min(i for i, t in enumerate(page.data) if t.customdata is not None)
+    assert "L0H0 (selected head)" in names and page.layout.title.text == "t"
+    assert [t.marker.color for t in page.data if t.customdata is not None] == [t.marker.color for t in nodes]
+    abl = routes.run(p, "Hello world again", config=routes.Config(keep_residuals=True), edits=[Ablate(site("z", 0).name, heads=[0])])
+    cmp = plot_route(r, res.str_tokens, res.n_layers, res.parallel, compare=abl.route())
+    assert any(t.name.startswith(("kept ", "lost ", "gained ")) for t in cmp.data)
+
+
+def test_top_prediction_reads_the_full_distribution(tiny):
+    """p(predicted token) with a head ablated comes from the whole output distribution, not from a top-k list."""
+    import torch
+
+    from analyses import routes
+    from analyses.routes_lens import node_lens, node_probs, top_prediction
+    from probes import Ablate, site
+
+    p = tiny("llama")
+    cfg = routes.Config(keep_residuals=True)
+    res = routes.run(p, "Hello world again", config=cfg)
+    abl = routes.run(p, "Hello world again", config=cfg, edits=[Ablate(site("z", 1).name, heads=[0, 1])])
+    last = f"I{res.n_layers - 1}_{res.n_tokens - 1}"
+    tid, tok, p0, p1 = top_prediction(p, res.residuals, last, abl.residuals)
+    assert (tok, p0) == pytest.approx(node_lens(p, res.residuals, [last], k=1)[last][0])
+    probs = node_probs(p, abl.residuals, [last])[0]
+    assert p1 == pytest.approx(float(probs[tid])) and p1 > 0
+    assert torch.allclose(probs.sum(), torch.tensor(1.0), atol=1e-4)
 
 
 def test_bigram_page_shows_the_shipped_mask_without_training(tmp_path, monkeypatch):

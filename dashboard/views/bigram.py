@@ -9,15 +9,12 @@ from pathlib import Path
 from analyses import bigram as B
 from dashboard import components, state, workbench
 from probes import ConfigError, SondeError
-from dashboard.state import cached, param, show_error, sidebar_probe
+from dashboard.state import cached, param, show_error
 
-st.title("Bigram subnetwork")
-st.caption("Chang & Bergen (2025): the sparse set of block weights that maps the current token to bigram "
-           "next-token predictions (continuous sparsification, soft mask σ(β·s), keep s > 0).")
-
-probe = sidebar_probe()
-if probe is None:
-    st.stop()
+probe = workbench.start_page(
+    "Bigram subnetwork",
+    "Chang & Bergen (2025): the sparse set of block weights that maps the current token to bigram "
+    "next-token predictions (continuous sparsification, soft mask σ(β·s), keep s > 0).")
 
 
 def _table(probe, corpus: str) -> B.BigramTable:

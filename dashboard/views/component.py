@@ -13,13 +13,11 @@ from analyses import component
 from dashboard import components, state, workbench
 from probes import SondeError, format_label
 
-st.title("Component")
-st.caption("A head or an MLP neuron across the workbench: its sink mass per domain (dormant when above θ), how often "
-           "it lies on prediction routes, whether the bigram subnetwork keeps it, and what its output direction "
-           "writes. Saved results are read from the results store when present.")
-probe = state.sidebar_probe()
-if probe is None:
-    st.stop()
+probe = workbench.start_page(
+    "Component",
+    "A head or an MLP neuron across the workbench: its sink mass per domain (dormant when above θ), how often "
+    "it lies on prediction routes, whether the bigram subnetwork keeps it, and what its output direction "
+    "writes. Saved results are read from the results store when present.")
 
 c1, c2 = st.columns([1, 3])
 label = c1.text_input("Head or neuron", value=state.param("component", "L5H3" if probe.info.n_layers > 5 else "L0H0",

@@ -7,18 +7,16 @@ import html
 import streamlit as st
 
 from analyses import counterfactual as cf
-from dashboard import components, state
-from dashboard.state import cached, param, show_error, sidebar_probe
+from analyses.tokens_html import Token, token_strip
+from dashboard import components, state, workbench
+from dashboard.state import cached, param, show_error
 from probes import SondeError
 
-st.title("Counterfactuals")
-st.caption("Gumbel-Max sampling as a causal model (Chatzi et al. 2024): the counterfactual keeps the factual "
-           "noise, so it differs from the factual text only because of the intervention. The interventional "
-           "baseline uses fresh noise.")
-
-probe = sidebar_probe()
-if probe is None:
-    st.stop()
+probe = workbench.start_page(
+    "Counterfactuals",
+    "Gumbel-Max sampling as a causal model (Chatzi et al. 2024): the counterfactual keeps the factual "
+    "noise, so it differs from the factual text only because of the intervention. The interventional "
+    "baseline uses fresh noise.")
 
 with st.sidebar:
     st.markdown("### Sampling")
@@ -67,24 +65,15 @@ def _components_ok(v: str) -> str | None:
 
 
 def _spans(strs, factual, ids, start) -> str:
-    out = []
-    for p, (s, t) in enumerate(zip(strs, ids)):
-        same = p < len(factual) and factual[p] == t
-        style = "" if same else "background:#f4a261;border-radius:3px;"
-        if p == start:
-            style += "border-left:2px dashed #c0392b;"
-        out.append(f"<span title='pos {p}' style='{style}'>{html.escape(s).replace(chr(10), '⏎')}</span>")
-    return "".join(out)
+    """A continuation as a token strip: tokens that differ from the factual one highlighted, the edit's start marked."""
+    return token_strip(Token(s, title=f"pos {p}", changed=not (p < len(factual) and factual[p] == t), start=p == start)
+                       for p, (s, t) in enumerate(zip(strs, ids)))
 
 
 def _run(spec, cfg):
     """``cf.run`` from the results store when saved there (by the CLI, a notebook or a session), else computed and saved."""
-    try:
-        key = cf.result_key(probe, prompt, spec, config=cfg, observed=observed or None)
-    except SondeError as e:
-        show_error(e)
-        return None
-    return state.stored(key, lambda: cf.run(probe, prompt, spec, config=cfg, observed=observed or None))
+    return state.result(lambda: cf.result_key(probe, prompt, spec, config=cfg, observed=observed or None),
+                        lambda: cf.run(probe, prompt, spec, config=cfg, observed=observed or None))
 
 
 tab_cf, tab_bias = st.tabs(["Counterfactual", "Bias sweep"])

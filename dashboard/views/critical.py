@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-import html
-
 import streamlit as st
 
 from analyses import critical as C
 from analyses.tasks import Problem, format_prompt, make_checker
+from analyses.tokens_html import Token, token_strip
 from dashboard import components, state, workbench
-from dashboard.state import cached, param, show_error, sidebar_probe
+from dashboard.state import cached, param, show_error
 
-st.title("Critical tokens")
-st.caption("Rollout search on an incorrect reasoning trace (Lin et al. 2024, *Critical Tokens Matter*): each prefix of the "
-           "response is completed by sampled rollouts; the critical token is the one after which no rollout reaches the "
-           "right answer. Keep rollouts small on CPU.")
-
-probe = sidebar_probe()
-if probe is None:
-    st.stop()
+probe = workbench.start_page(
+    "Critical tokens",
+    "Rollout search on an incorrect reasoning trace (Lin et al. 2024, *Critical Tokens Matter*): each prefix of the "
+    "response is completed by sampled rollouts; the critical token is the one after which no rollout reaches the "
+    "right answer. Keep rollouts small on CPU.")
 
 DEFAULT_Q = "Tom has 3 apples and buys 4 more. How many apples does he have?"
 c1, c2 = st.columns([3, 1])
@@ -95,12 +91,8 @@ alts = res.alternatives
 spans = []
 for _, t in tok.iterrows():
     s = t.score_after
-    if s is None or s != s:
-        bg = "#eeeeee"
-    else:
-        r, g = int(255 * (1 - s)), int(200 * s + 55)
-        bg = f"rgba({r},{g},80,0.45)"
-    tip = [f"pos {t.pos}", f"success after: {'n/a' if s is None or s != s else f'{s:.2f}'}"]
+    scored = s is not None and s == s
+    tip = [f"pos {t.pos}", f"success after: {f'{s:.2f}' if scored else 'n/a'}"]
     if t.score_before is not None and t.score_before == t.score_before:
         tip.append(f"before: {t.score_before:.2f}")
     if bool(t.critical) and len(alts):
@@ -108,10 +100,9 @@ for _, t in tok.iterrows():
     if ce is not None:
         c = ce.iloc[int(t.pos)]
         tip.append(f"CE p_ce {c.p_ce:.3f}, log-ratio {c.log_ratio:+.3f}")
-    border = "2px solid red" if bool(t.critical) else "none"
-    spans.append(f"<span title='{html.escape('; '.join(tip), quote=True)}' style='background:{bg};border:{border};"
-                 f"padding:1px 2px;border-radius:3px;white-space:pre-wrap'>{html.escape(t.token)}</span>")
-st.markdown("<div style='font-family:monospace;line-height:2'>" + "".join(spans) + "</div>", unsafe_allow_html=True)
+    bg = f"rgba({int(255 * (1 - s))},{int(200 * s + 55)},80,0.45)" if scored else "#eeeeee"
+    spans.append(Token(t.token, title="; ".join(tip), background=bg, marked=bool(t.critical)))
+st.markdown(token_strip(spans), unsafe_allow_html=True)
 st.caption("Green: rollouts after this token still succeed; red: they fail; grey: prefix not evaluated. Hover for details.")
 
 if row.critical_pos is not None and row.critical_pos == row.critical_pos:
@@ -155,7 +146,7 @@ with st.expander("Across problems: sample traces, search each failure"):
 
         problems = builtin_arith(int(n_prob), seed=int(seed))
         mcfg = cfg.replace(n_samples=int(n_samp), granularity="bisect", max_new_tokens=max(int(max_new), 48))
-        many = state.stored(C.result_key(probe, problems, config=mcfg), lambda: C.run(probe, problems, config=mcfg))
+        many = state.result(lambda: C.result_key(probe, problems, config=mcfg), lambda: C.run(probe, problems, config=mcfg))
         if many is not None:
             st.dataframe(many.traces[["problem", "question", "response", "critical_token", "score_before", "score_after", "note"]], hide_index=True)
             st.write("Most frequent critical tokens")

@@ -4,21 +4,18 @@ from __future__ import annotations
 
 import streamlit as st
 
-from dashboard import components, state
-from dashboard.state import cached, param, show_error, sidebar_probe
+from dashboard import components, state, workbench
+from dashboard.state import cached, param, show_error
 
 from analyses import fiber as F
 from analyses.cli.fiber import parse_tokens
 from probes import SondeError
 
-st.title("Embedding geometry")
-st.caption("Does the cloud of token embeddings look like a manifold around each token? Log neighbour count vs log radius "
-           "should be piecewise linear with slopes that only drop; a significant change rejects the manifold hypothesis, "
-           "an increase also rejects the fiber bundle (Robinson, Dey & Chiang 2025).")
-
-probe = sidebar_probe()
-if probe is None:
-    st.stop()
+probe = workbench.start_page(
+    "Embedding geometry",
+    "Does the cloud of token embeddings look like a manifold around each token? Log neighbour count vs log radius "
+    "should be piecewise linear with slopes that only drop; a significant change rejects the manifold hypothesis, "
+    "an increase also rejects the fiber bundle (Robinson, Dey & Chiang 2025).")
 
 V = probe.info.d_vocab
 
@@ -71,13 +68,12 @@ try:
         raise SondeError(f"Tokens {spec!r}: {why}.")
     cfg = F.Config(matrix=matrix, tokens=parse_tokens(spec), vol_max=int(vol_max), mode=mode, alpha=float(alpha),  # type: ignore[arg-type]
                    correction=correction, keep_curves="all")  # type: ignore[arg-type]
-    key = F.result_key(probe, config=cfg)  # a tied output matrix is refused here
 except SondeError as e:
     show_error(e)
     st.stop()
 
-with st.spinner("Nearest neighbours and change-point tests…"):
-    res = state.stored(key, lambda: F.run(probe, config=cfg))
+res = state.result(lambda: F.result_key(probe, config=cfg), lambda: F.run(probe, config=cfg),  # a tied output matrix is refused
+                   spinner="Nearest neighbours and change-point tests…")
 if res is None:
     st.stop()
 

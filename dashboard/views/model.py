@@ -6,18 +6,13 @@ Opens on ``state.DEFAULT_PROMPT`` so a result shows without typing. All numbers 
 
 from __future__ import annotations
 
-import html
-
 import streamlit as st
 
 from analyses import logit_lens
-from dashboard import components, state
-from probes import SondeError
+from analyses.tokens_html import Token, token_strip
+from dashboard import components, state, workbench
 
-st.title("Model & prompt")
-probe = state.sidebar_probe()
-if probe is None:
-    st.stop()
+probe = workbench.start_page("Model & prompt")
 
 WINDOW = 48  # heat-map columns drawn at once (a 3,000-token prompt would be 90,000 text cells)
 COLORS = {"final": "p(final prediction)", "top1": "p(lens top-1)"}
@@ -36,15 +31,9 @@ bos = state.bos()
 
 st.query_params.update({"k": str(int(k)), "color": color})
 
-try:
-    cfg = logit_lens.Config(k=int(k), prepend_bos=bool(bos))
-    key = logit_lens.result_key(probe, prompt, config=cfg)
-except SondeError as e:
-    state.show_error(e)
-    st.stop()
-
-with st.spinner("Running the logit lens…"):
-    res = state.stored(key, lambda: logit_lens.run(probe, prompt, config=cfg))
+cfg = logit_lens.Config(k=int(k), prepend_bos=bool(bos))
+res = state.result(lambda: logit_lens.result_key(probe, prompt, config=cfg), lambda: logit_lens.run(probe, prompt, config=cfg),
+                   spinner="Running the logit lens…")
 if res is None:  # the error is already shown
     st.stop()
 
@@ -53,13 +42,10 @@ st.subheader("Tokens")
 MAX_CHIPS = 400
 ids = res.token_ids.tolist()
 shown = range(max(0, len(ids) - MAX_CHIPS), len(ids))
-chips = " ".join(
-    f"<span title='id {int(ids[t])} · pos {t}' style='display:inline-block;margin:2px;padding:1px 6px;border-radius:6px;"
-    f"background:rgba(49,51,63,0.08);font-family:monospace;white-space:pre'>{html.escape(res.str_tokens[t].replace(chr(10), '⏎'))}</span>"
-    for t in shown)
 if len(ids) > MAX_CHIPS:
     st.caption(f"Showing the last {MAX_CHIPS} of {len(ids):,} tokens.")
-st.markdown(chips, unsafe_allow_html=True)
+st.markdown(token_strip((Token(res.str_tokens[t], title=f"id {int(ids[t])} · pos {t}") for t in shown), chips=True),
+            unsafe_allow_html=True)
 st.caption(f"{len(res.str_tokens)} tokens · model {probe.info.name} · {probe.backend} backend · "
            f"computed in {sum(res.timings.values()):.2f} s")
 

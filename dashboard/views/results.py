@@ -12,13 +12,12 @@ import streamlit as st
 
 from analyses.core import store
 from analyses.core.base import load_result
-from dashboard import components, state
+from dashboard import components, state, workbench
 from probes import SondeError
 
-st.title("Results")
-state.sidebar_probe(load=False)  # the shared context stays in the sidebar and the URL
-st.caption("Results saved by `sonde run …`, notebooks (`result.save()`) and the dashboard. "
-           "Each is a folder with manifest.json, Parquet tables and safetensors arrays.")
+workbench.start_page("Results", "Results saved by `sonde run …`, notebooks (`result.save()`) and the dashboard. "
+                     "Each is a folder with manifest.json, Parquet tables and safetensors arrays.",
+                     load=False)  # the shared context stays in the sidebar and the URL
 
 ROOT = Path(store.results_root()).expanduser().resolve()
 
@@ -40,11 +39,10 @@ if not root.is_dir():
             "or point this box at another folder inside the results root.", icon=":material/folder_off:")
     st.stop()
 
-df, skipped = state.safe_results_listing(root)
+df, skipped = state.results_listing(root)
 if skipped:
     st.warning(f"Skipped {len(skipped)} malformed result folder{'s' if len(skipped) > 1 else ''}: "
-               + "; ".join(f"`{Path(p).name}` ({why})" for p, why in skipped[:3]) + ("…" if len(skipped) > 3 else ""),
-               icon=":material/report:")
+               + "; ".join(skipped[:3]) + ("…" if len(skipped) > 3 else ""), icon=":material/report:")
 if df.empty:
     st.info(f"No saved results under {str(root)!r}. Try `sonde run logit-lens --prompt \"...\"`.", icon=":material/inbox:")
     st.stop()
@@ -67,22 +65,19 @@ wanted = state.param("result", paths[0], check=lambda v: None if v in paths else
 path = st.selectbox("Result", paths, index=paths.index(wanted), format_func=_label, key="results_pick")
 st.query_params["result"] = path
 
-man, why = state.read_manifest_safe(Path(path))
-if man is None:
-    st.warning(f"Skipped `{Path(path).name}`: {why}.", icon=":material/report:")
-    st.stop()
 try:
-    stored = store.read_result(path)
+    stored = state.read_result(path)
 except (SondeError, OSError, ValueError, KeyError, TypeError, AttributeError) as e:
     st.warning(f"Could not read `{Path(path).name}`: {type(e).__name__}: {e}", icon=":material/report:")
     st.stop()
 
 man = stored.manifest
-st.subheader(f"{man['analysis']} on {(man.get('model') or {}).get('name')}")
+model, timings = ({} if not isinstance(man.get(k), dict) else man[k] for k in ("model", "timings"))
+st.subheader(f"{man['analysis']} on {model.get('name')}")
 c1, c2, c3 = st.columns(3)
 c1.metric("Tables", len(stored.tables))
 c2.metric("Arrays", len(stored.arrays))
-secs = [v for v in (man.get("timings") or {}).values() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+secs = [v for v in timings.values() if isinstance(v, (int, float)) and not isinstance(v, bool)]
 c3.metric("Seconds", f"{sum(secs):.2f}" if secs and sum(secs) > 0 else "—",
           help=None if secs and sum(secs) > 0 else "This result recorded no timings.")
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import time
-
 import streamlit as st
 
 from analyses import routes
-from analyses.core.store import hash_inputs
+from analyses.routes_lens import top_prediction
+from analyses.routes_plots import plot_route
 from dashboard import components, state, workbench
-from dashboard.state import param, show_error, sidebar_probe
+from dashboard.state import param, show_error
 from probes import SondeError, ffn_label, head_label, parse_node
 
 
@@ -20,15 +19,11 @@ def run_ids(probe, ids: tuple, *, config, edits=()):
     return routes.run(probe, torch.tensor(ids, dtype=torch.long), config=config, edits=edits)
 
 
-def _routes(probe, ids: tuple, config, edits=()):
+def _routes(probe, ids: tuple, config, edits=(), *, spinner: str | None = None):
     """The routes result of token ids ``ids``: from the results store when saved (by the CLI, a notebook or a session),
     else computed and saved there."""
-    try:
-        key = routes.result_key(probe, list(ids), config=config, edits=edits)
-    except SondeError as e:
-        show_error(e)
-        return None
-    return state.stored(key, lambda: run_ids(probe, ids, config=config, edits=edits))
+    return state.result(lambda: routes.result_key(probe, list(ids), config=config, edits=edits),
+                        lambda: run_ids(probe, ids, config=config, edits=edits), spinner=spinner)
 
 
 def _lens_cached(probe, res, nodes):
@@ -39,25 +34,18 @@ IMPORTANCE = "route importance (Σ over edges, mean per prompt)"
 
 
 def _dataset_job(probe, recs, cfg):
-    """Background work: fold prompts into route statistics, publishing a partial result after each prompt."""
+    """Background work: :func:`analyses.routes.run_dataset` over the prompts (its ``progress`` callback drives the
+    progress bar and Cancel, its ``partial`` callback the statistics so far), saved so component panels read route
+    frequencies from it."""
 
     def work(job):
-        stats = routes.RouteStats(probe.info.n_layers, probe.info.n_heads)
+        def partial(res):
+            job.partial = res
 
-        def progress(n):
-            try:
-                job.partial = routes.stats_result(probe, stats, config=cfg)
-            except SondeError:  # nothing usable yet (the first prompts were skipped)
-                pass
-            job.step(n)
-
-        stats, skipped = routes.accumulate(probe, recs, config=cfg, stats=stats, progress=progress)
-        res = routes.stats_result(probe, stats, config=cfg, n_skipped=skipped,
-                                  input_hash=hash_inputs([r.text for r in recs], [r.domain for r in recs]),
-                                  timings={"routes": time.time() - job.started})
-        try:  # saved, so component panels read route frequencies from it
+        res = routes.run_dataset(probe, recs, config=cfg, progress=job.step, partial=partial, partial_every=1)
+        try:
             res.save()
-        except OSError:
+        except (OSError, SondeError):  # a read-only results folder: the statistics stay on the page
             pass
         return res
 
@@ -79,21 +67,20 @@ def _upload_records(name: str, data: bytes) -> list:
         return list(iter_records(f))
 
 
-def _show_stats(stats, key: str) -> None:
-    dom = st.selectbox("Domain", ["(all)"] + stats.domains, key=f"routes_domain_{key}")
+def _show_stats(stats) -> None:
+    dom = st.selectbox("Domain", ["(all)"] + stats.domains, key="routes_domain")
     fig = stats.plot(None if dom == "(all)" else dom)
     # head_mean is, per prompt, the head's importance summed over the route's attention edges, then averaged over
     # prompts: a mean of sums (it exceeds 1 when a head carries several edges), so it is labelled as such
     fig.update_layout(coloraxis_colorbar_title_text="Σ importance<br>(mean/prompt)",
                       title=f"Head importance on routes, summed over edges, mean per prompt: {dom}")
-    st.plotly_chart(fig, key=f"routes_stats_{key}")
+    st.plotly_chart(fig, key="routes_stats")
     df = stats.to_frame()
     st.caption(f"**{IMPORTANCE}**: for each prompt, the head's importance summed over the attention edges of its route "
                "(several edges per head, so above 1 is possible), averaged over prompts; **freq**: share of prompts whose route uses it.")
     st.dataframe(df.sort_values("mean_importance", ascending=False).head(30).rename(columns={"mean_importance": IMPORTANCE}),
                  hide_index=True)
-    if key == "final":
-        components.export_bar("routes-dataset", figure=fig, table=df, result=stats, key="exp-routes-dataset")
+    components.export_bar("routes-dataset", figure=fig, table=df, result=stats, key="exp-routes-dataset")
 
 
 def _dataset_view(probe) -> None:
@@ -130,119 +117,21 @@ def _dataset_view(probe) -> None:
                 workbench.run_job("routes_dataset", "Routes over the dataset", _dataset_job(probe, recs, cfg),
                                   total=len(recs), restart=True)
                 st.rerun()
-        job = workbench.job_view("routes_dataset", partial=lambda p: _show_stats(p, "partial"))
+        job = workbench.job_view("routes_dataset", partial=lambda r: st.plotly_chart(
+            r.plot(), width="stretch", key="routes_dataset_partial"))  # the statistics so far
         if job is not None and job.finished and job.result is not None:
-            _show_stats(job.result, "final")
+            _show_stats(job.result)
 
 
-
-COLOURS = {"attn": "#1f77b4", "ffn": "#d62728", "resid": "#bbbbbb"}
-NODE_COLOURS = {"X": "#7f7f7f", "A": "#1f77b4", "M": "#d62728", "I": "#333333"}
-NODE_NAMES = {"X": "token embedding", "A": "after attention", "M": "FFN output", "I": "block output"}
 MAX_TOKENS = 256  # longest window the page traces by default (routes over thousands of tokens take minutes on a CPU)
 
 
-def _xy(res, r, n):
-    d = r.nodes[n]
-    k = d["kind"]
-    y = -1.0 if k == "X" else d["layer"] + ({"A": 0.0, "M": 0.33, "I": 0.66}[k] if not res.parallel else {"M": 0.33, "I": 0.66}.get(k, 0))
-    return d["pos"] + (0.25 if k == "M" else 0.0), y
+def _route_figure(res, route, **kw):
+    """The route figure of :func:`analyses.routes_plots.plot_route` (the one ``RoutesResult.plot()`` draws)."""
+    return plot_route(route, res.str_tokens, res.n_layers, res.parallel, **kw)
 
 
-def _edge_traces(fig, res, r, edges, *, name, colour=None, dash=None, maxw=1.0, legend=True, width_scale=6.0):
-    """One trace per edge kind (lines joined with None gaps), so the legend names each kind once."""
-    import plotly.graph_objects as go
-
-    by_kind: dict[str, list] = {}
-    for u, v, d in edges:
-        by_kind.setdefault(d["kind"], []).append((u, v, d))
-    for kind, es in sorted(by_kind.items()):
-        # widths differ per edge: bucket them so one trace carries one width
-        buckets: dict[float, list] = {}
-        for u, v, d in es:
-            w = round(0.6 + width_scale * d["weight"] / maxw, 0)
-            buckets.setdefault(w, []).append((u, v, d))
-        first = True
-        for w, bes in sorted(buckets.items()):
-            xs, ys, tx = [], [], []
-            for u, v, d in bes:
-                (x0, y0), (x1, y1) = _xy(res, r, u), _xy(res, r, v)
-                xs += [x0, (x0 + x1) / 2, x1, None]
-                ys += [y0, (y0 + y1) / 2, y1, None]
-                t = f"{u} → {v} · {d['kind']} · weight {d['weight']:.3f}"
-                tx += [t, t, t, None]
-            fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", hoverinfo="text", text=tx, legendgroup=f"{name}-{kind}",
-                                     name=f"{name}{kind} edge" if name else f"{kind} edge", showlegend=legend and first,
-                                     line=dict(width=w, color=colour or COLOURS.get(kind, "#888"), dash=dash)))
-            first = False
-
-
-def route_figure(res, r, *, hover=None, head=None, compare=None, compare_label="ablated"):
-    """The route over the whole prompt (every token on the x axis) with a legend; ``head`` ("L5H3") highlights the
-    attention edges that head carries; ``compare`` (another route) draws kept / lost / gained edges on one graph."""
-    import plotly.graph_objects as go
-
-    L, T = res.n_layers, res.n_tokens
-    fig = go.Figure()
-    e0 = {(u, v): d for u, v, d in r.edges(data=True)}
-    maxw = max((d["weight"] for d in e0.values()), default=1.0) or 1.0
-    if compare is None:
-        _edge_traces(fig, res, r, [(u, v, d) for (u, v), d in e0.items()], name="", maxw=maxw)
-        graphs = [r]
-    else:
-        e1 = {(u, v): d for u, v, d in compare.edges(data=True)}
-        maxw = max([maxw] + [d["weight"] for d in e1.values()])
-        _edge_traces(fig, res, r, [(u, v, d) for (u, v), d in e0.items() if (u, v) in e1], name="kept ", colour="#8c8c8c", maxw=maxw)
-        _edge_traces(fig, res, r, [(u, v, d) for (u, v), d in e0.items() if (u, v) not in e1], name="lost ", colour="#d62728",
-                     dash="dot", maxw=maxw)
-        _edge_traces(fig, res, compare, [(u, v, d) for (u, v), d in e1.items() if (u, v) not in e0], name="gained ",
-                     colour="#2ca02c", maxw=maxw)
-        graphs = [r, compare]
-    if head:
-        from probes import parse_head
-
-        hl, hh = parse_head(head)
-        hx, hy, ht = [], [], []
-        for u, v, d in r.edges(data=True):
-            hs = d.get("heads") or []
-            if d["kind"] == "attn" and d["layer"] == hl and hh < len(hs) and hs[hh] > 0:
-                (x0, y0), (x1, y1) = _xy(res, r, u), _xy(res, r, v)
-                hx += [x0, x1, None]
-                hy += [y0, y1, None]
-                ht += [f"{head}: {hs[hh]:.3f} of {u} → {v}"] * 2 + [None]
-        fig.add_trace(go.Scatter(x=hx or [None], y=hy or [None], mode="lines", hoverinfo="text", text=ht or [None],
-                                 name=f"{head} (selected head)", line=dict(width=5, color="#ff7f0e")))
-    seen = {}
-    for g in graphs:
-        for n in g.nodes:
-            seen.setdefault(n, g)
-    for kind in ("X", "A", "M", "I"):
-        ns = [n for n, g in seen.items() if g.nodes[n]["kind"] == kind]
-        if not ns:
-            continue
-        xs, ys = zip(*(_xy(res, seen[n], n) for n in ns))
-        text = [f"{n} ({seen[n].nodes[n]['token']!r})" + (f"<br>{hover[n]}" if hover and n in hover else "") for n in ns]
-        fig.add_trace(go.Scatter(x=xs, y=ys, mode="markers", hoverinfo="text", text=text, customdata=ns,
-                                 name=NODE_NAMES[kind], marker=dict(size=9, color=NODE_COLOURS[kind], line=dict(width=1, color="white"))))
-    ticks = [repr(s)[1:-1] or "·" for s in res.str_tokens]
-    fig.update_layout(
-        xaxis=dict(tickmode="array", tickvals=list(range(T)), ticktext=[f"{t}" for t in ticks], title="prompt token (position →)",
-                   range=[-0.6, T - 0.4], tickangle=-45 if T > 12 else 0),
-        yaxis=dict(title="layer (−1 = embeddings)", range=[-1.5, L]), height=max(460, 22 * L),
-        margin=dict(l=60, r=20, t=135, b=90), legend=dict(orientation="h", yanchor="bottom", y=1.01, x=0, font=dict(size=11)),
-        title=dict(y=0.995, yanchor="top", x=0.01, xanchor="left", font=dict(size=15)),
-        clickmode="event+select", dragmode=False,
-    )
-    return fig
-
-
-def _pred_prob(probe, result, pos: int, token: str) -> float | None:
-    """Probability of ``token`` in the model's output distribution at ``pos`` (read from the last block output)."""
-    lens = result.logit_lens(probe, [f"I{result.n_layers - 1}_{pos}"], k=50)
-    return next((p for t, p in lens.get(f"I{result.n_layers - 1}_{pos}", []) if t == token), 0.0)
-
-
-def _ablation_view(probe, res, tokens, cfg, label: str, pos: int, tau: float, renorm: bool, pred_token: str | None) -> None:
+def _ablation_view(probe, res, tokens, cfg, label: str, pos: int, tau: float, renorm: bool) -> None:
     """The route recomputed with one head zero-ablated, drawn on ONE graph with the original: kept, lost, gained edges."""
     from probes import Ablate, parse_head, site
 
@@ -252,8 +141,7 @@ def _ablation_view(probe, res, tokens, cfg, label: str, pos: int, tau: float, re
     except SondeError as e:
         show_error(e)
         return
-    with st.spinner(f"Routes with {label} ablated…"):
-        abl = _routes(probe, tokens, cfg, edits)
+    abl = _routes(probe, tokens, cfg, edits, spinner=f"Routes with {label} ablated…")
     if abl is None:
         return
     st.subheader(f"Routes with {label} ablated")
@@ -267,10 +155,15 @@ def _ablation_view(probe, res, tokens, cfg, label: str, pos: int, tau: float, re
     c1.metric("Edges kept", len(e0 & e1))
     c2.metric("Edges lost", len(e0 - e1))
     c3.metric("Edges gained", len(e1 - e0))
-    if pred_token is not None:
-        p0, p1 = _pred_prob(probe, res, pos, pred_token), _pred_prob(probe, abl, pos, pred_token)
-        c4.metric(f"p({pred_token!r})", f"{p1:.3f}", f"{p1 - p0:+.3f} vs original {p0:.3f}")
-    fig = route_figure(res, r0, compare=r1).update_layout(title=f"Original route vs {label} ablated: grey kept, red dotted lost, green gained")
+    last = f"I{res.n_layers - 1}_{pos}"
+    try:  # the model's prediction at pos and its probability with the head ablated, from the full output distribution
+        _, pred, p0, p1 = state.memo(repr(("routes-prediction", res.key, abl.key, last)),
+                                     lambda: top_prediction(probe, res.residuals, last, abl.residuals))
+    except SondeError:
+        pred = None
+    if pred is not None:
+        c4.metric(f"p({pred!r})", f"{p1:.3f}", f"{p1 - p0:+.3f} vs original {p0:.3f}")
+    fig = _route_figure(res, r0, compare=r1, title=f"Original route vs {label} ablated: grey kept, red dotted lost, green gained")
     st.plotly_chart(fig, key="routes_cmp", config={"displaylogo": False})
     d = (abl.head_importance(pos, tau=tau, renormalize=renorm) - res.head_importance(pos, tau=tau, renormalize=renorm))
     import pandas as pd
@@ -307,13 +200,11 @@ def _head_label_ok(probe):
 
 
 def main() -> None:
-    st.title("Information flow")
-    st.caption("Routes (Ferrando & Voita 2024): which tokens, heads and FFNs carry information to a prediction. "
-               "Edges are block parts whose L1 proximity to the block output exceeds τ. Click a head in the heat map "
-               "(or pick it below) to open its component panel.")
-    probe = sidebar_probe()
-    if probe is None:
-        return
+    probe = workbench.start_page(
+        "Information flow",
+        "Routes (Ferrando & Voita 2024): which tokens, heads and FFNs carry information to a prediction. "
+        "Edges are block parts whose L1 proximity to the block output exceeds τ. Click a head in the heat map "
+        "(or pick it below) to open its component panel.")
     prompt = state.prompt_input()
     bos = state.bos()
     c1, c2, c3 = st.columns([2, 1, 2])
@@ -350,8 +241,7 @@ def main() -> None:
         show_error(SondeError(f"{int(tokens.shape[0])} tokens exceed the {limit} this model's route importances fit in "
                               f"{cfg.max_memory_gb:g} GB.", hint="Lower **Tokens to trace** above."))
         return
-    with st.spinner("Computing routes…"):
-        res = _routes(probe, tuple(int(t) for t in tokens.tolist()), cfg)
+    res = _routes(probe, tuple(int(t) for t in tokens.tolist()), cfg, spinner="Computing routes…")
     if res is None:
         return
     T = res.n_tokens
@@ -382,6 +272,14 @@ def main() -> None:
     head_labels = [k for k, _ in order]
     wanted = param("component", head_labels[0], check=_head_label_ok(probe), widget="routes_component")
     wanted_node = param("node", last, check=lambda v: None if v in nodes else "not a node of this route", widget="routes_node")
+    # the selected node: a click on the route graph (read before the graph is drawn, so it rings the node), the URL, the box
+    clicked_node = workbench.node_from_selection(st.session_state.get("routes_graph"))
+    if clicked_node in nodes and clicked_node != st.session_state.get("_routes_last_node"):
+        st.session_state["_routes_last_node"] = clicked_node
+        st.session_state["routes_node"] = clicked_node
+    if st.session_state.get("routes_node") not in nodes:
+        st.session_state.pop("routes_node", None)
+    node = st.session_state.get("routes_node", wanted_node if wanted_node in nodes else last if last in nodes else nodes[0])
     graph_ph = st.container()
 
     left, right = st.columns(2)
@@ -398,19 +296,12 @@ def main() -> None:
         st.session_state.pop("routes_component", None)
     with graph_ph:
         selected_head = st.session_state.get("routes_component", wanted)
-        graph_fig = route_figure(res, route, hover=hover, head=selected_head)
-        graph_fig.update_layout(title=f"Route to position {pos} · {selected_head} highlighted · click a node to inspect it")
-        ev_graph = st.plotly_chart(graph_fig, key="routes_graph", on_select="rerun", selection_mode="points")
-        clicked_node = workbench.node_from_selection(ev_graph)
-        if clicked_node is not None and clicked_node != st.session_state.get("_routes_last_node"):
-            st.session_state["_routes_last_node"] = clicked_node
-            st.session_state["routes_node"] = clicked_node
+        graph_fig = _route_figure(res, route, hover=hover, head=selected_head, selected=node,
+                                  title=f"Route to position {pos} · {selected_head} highlighted · click a node to inspect it")
+        st.plotly_chart(graph_fig, key="routes_graph", on_select="rerun", selection_mode="points")
     with right:
         st.subheader("Inspect a node")
-        if st.session_state.get("routes_node") not in nodes:
-            st.session_state.pop("routes_node", None)
-        node = st.selectbox("Node", nodes, index=nodes.index(wanted_node) if wanted_node in nodes else nodes.index(last) if last in nodes else 0,
-                            key="routes_node")
+        node = st.selectbox("Node", nodes, index=nodes.index(node), key="routes_node")
         st.query_params["node"] = node
         st.markdown("Logit lens: " + ", ".join(f"`{t!r}` {p:.3f}" for t, p in lens.get(node, [])))
         contrib = {}
@@ -473,7 +364,7 @@ def main() -> None:
     ablated = param("ablated", "", check=_head_label_ok(probe))
     if ablated:
         st.query_params["ablated"] = ablated
-        _ablation_view(probe, res, tuple(int(t) for t in tokens.tolist()), cfg, ablated, pos, tau, renorm, pred[0][0] if pred else None)
+        _ablation_view(probe, res, tuple(int(t) for t in tokens.tolist()), cfg, ablated, pos, tau, renorm)
         if st.button("Hide the ablated comparison", key="routes_hide_ablated"):
             del st.query_params["ablated"]
             st.rerun()

@@ -7,14 +7,13 @@ import streamlit as st
 from analyses import bbtoy, dormant, sinks
 from analyses.core.domains import BUILTIN
 from dashboard import components, state, workbench
-from dashboard.state import cached, param, show_error, sidebar_probe
+from dashboard.state import cached, param, show_error
 
-st.title("Sinks & dormant heads")
-st.caption("Attention sinks (Gu et al. 2024), value-state drains, residual-state peaks and active/dormant heads "
-           "(Guo et al. 2024). Small defaults so the page answers in seconds on a CPU. Click a head in a heat map to "
-           "open its component panel.")
-
-probe = sidebar_probe()
+probe = workbench.start_page(
+    "Sinks & dormant heads",
+    "Attention sinks (Gu et al. 2024), value-state drains, residual-state peaks and active/dormant heads "
+    "(Guo et al. 2024). Small defaults so the page answers in seconds on a CPU. Click a head in a heat map to "
+    "open its component panel.", stop=False)  # the Bigram-Backcopy toy needs no model
 tab_sink, tab_dorm, tab_toy = st.tabs(["Sink metric", "Dormant heads by domain", "Bigram-Backcopy toy"])
 
 with tab_sink:
@@ -33,13 +32,8 @@ with tab_sink:
             show_error(e)
             cfg = None
         if cfg is not None:
-            with st.spinner("Measuring α per head…"):
-                try:
-                    key = sinks.result_key(probe, domain=domain, config=cfg)
-                except Exception as e:  # noqa: BLE001 - SondeError (a domain that does not tokenize)
-                    show_error(e)
-                else:
-                    res = state.stored(key, lambda: sinks.run(probe, domain=domain, config=cfg))
+            res = state.result(lambda: sinks.result_key(probe, domain=domain, config=cfg),  # a domain that does not tokenize: an error
+                               lambda: sinks.run(probe, domain=domain, config=cfg), spinner="Measuring α per head…")
     if res is not None:
         s = res.summary()
         m1, m2, m3 = st.columns(3)
