@@ -173,3 +173,19 @@ def test_old_results_load_through_the_registry(tmp_path, llama):
     res = routes.run_dataset(llama, ["abc def ghi"], config=routes.DatasetConfig(max_tokens=6))
     back = load_result(res.save(tmp_path / "r"))
     assert type(back) is routes.RouteStatsResult and back.key == res.key
+
+
+def test_every_declared_verb_is_a_sonde_run_verb_and_every_page_exists():
+    """The CLI and the dashboard hold a verb and a page for each declaration (and the CLI no analysis verb that is
+    not declared, besides its tools: plan, sweep, bigram-eval, cdpo, contrastive-train)."""
+    import typer.main
+
+    from analyses.cli import run_app
+    from analyses.core import registry
+
+    verbs = {c.name for c in typer.main.get_command(run_app).commands.values()}
+    declared = {s.cli for s in registry.all_analyses().values() if s.cli}
+    assert declared <= verbs
+    assert verbs - declared == {"plan", "sweep", "bigram-eval", "cdpo", "contrastive-train"}
+    pages = {p.stem for p in (ROOT / "dashboard" / "views").glob("*.py")}
+    assert {s.page for s in registry.all_analyses().values() if s.page} <= pages
