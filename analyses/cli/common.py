@@ -132,17 +132,26 @@ def check_side_file(path: Path | None, option: str) -> None:
 
 def write_side_file(path: Path, write: Any) -> None:
     """``write(tmp_name)`` then one rename onto ``path`` (no half-written file is ever visible)."""
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = _side_temp(path)
     try:
-        write(tmp)
+        write(str(tmp))
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def _side_temp(path: Path) -> Path:
+    """A new empty temporary file beside ``path`` (named by user, machine and process; a dead run's ones go first)."""
+    import tempfile
+
+    from analyses.core import store
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    store.clean_stale(path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=store.scratch_prefix(path.name), suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
 
 
 def output_options(*apps: typer.Typer) -> None:

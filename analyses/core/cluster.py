@@ -654,11 +654,12 @@ class SweepReport:
                 "shard_workers": {str(k): v for k, v in self.shard_workers.items()}}
 
     def save(self, result_dir: str | Path) -> Path:
+        """Write ``sweep.json`` into a saved result (listed in its signed manifest as one of Sonde's files)."""
         import json
 
-        p = Path(result_dir) / "sweep.json"
-        p.write_text(json.dumps(self.to_dict(), indent=2))
-        return p
+        from .store import attach_file
+
+        return attach_file(result_dir, "sweep.json", json.dumps(self.to_dict(), indent=2).encode())
 
 
 @dataclass(frozen=True)

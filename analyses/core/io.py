@@ -341,7 +341,10 @@ def save_state(path: str | Path, tree: Any, *, fingerprint: str, meta: Mapping[s
     if loose:
         raise TypeError("save_state: meta holds JSON values only; put tensors in the tree.")
     _SAVES[0] += 1
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    from .store import clean_stale, scratch_prefix
+
+    clean_stale(path.parent)  # temporary files of killed runs (this user, this machine, process gone)
+    fd, tmp = tempfile.mkstemp(prefix=scratch_prefix(path.name), suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         save_file(out, tmp, metadata={_STATE_META: json.dumps(header)})

@@ -1,0 +1,257 @@
+"""Sonde never deletes what it did not write, checks resume state before using it, and leaves nothing behind.
+
+* result folders: a signed manifest lists the files Sonde wrote; a replacement keeps every other file
+  (``user-files/``), a hand-written ``manifest.json`` is refused and left as it is;
+* temporary entries are named by user, machine and process; the next write removes those of dead runs only;
+* resume ledgers (``io.Checkpoint``, ``cluster.Ledger``) with altered progress are never used silently;
+* a failed export (``--html``, ``--graphml``) leaves no result, and a refused checkpoint sweep no work folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from analyses.core import cluster, io, store
+from probes import InputError, Mean
+from probes.errors import SondeWarning
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tree_hash(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): ("link" if p.is_symlink() else hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file()
+                                       else "dir") for p in sorted(root.rglob("*"))}
+
+
+def _write(out, *, c=1, replace=False, tables=None):
+    return store.write_result(out, analysis="demo", model={"name": "m", "fingerprint": "f"}, config={"c": c}, input_hash="h",
+                              tables=tables if tables is not None else {"main": pd.DataFrame({"a": [c]})}, replace=replace)
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+# ----------------------------------------------------------------------------- what a result is
+def test_manifest_lists_and_signs_the_files_sonde_wrote(tmp_path):
+    r = _write(tmp_path / "r")
+    man = json.loads((r / "manifest.json").read_text())
+    assert man["format"] == store.FORMAT_VERSION == 2 and man["user_files"] == []
+    assert man["files"] == {"main.parquet": {"size": (r / "main.parquet").stat().st_size,
+                                             "sha256": hashlib.sha256((r / "main.parquet").read_bytes()).hexdigest()}}
+    assert man["signature"] == store._signature(man) and store.is_result(r)
+    forged = dict(man, files={**man["files"], "notes.txt": {"size": 1, "sha256": "0" * 64}})
+    assert store._signature(forged) != man["signature"]  # the signature covers the file list
+
+
+@pytest.mark.parametrize("manifest", [
+    {"analysis": "x"},                                           # hand-written look-alike
+    {"analysis": "demo", "format": 1, "key": "demo-0123456789abcdef", "tables": ["main"], "created_at": "now"},  # tables absent
+    {"analysis": "demo", "format": 2, "key": "demo-0123456789abcdef", "files": {}, "user_files": [], "signature": "0" * 64},
+    {"analysis": "demo", "format": 2, "key": "not-a-key", "files": {}, "user_files": []},
+    {"analysis": "demo", "format": 2, "key": "demo-0123456789abcdef", "files": {"../notes.txt": {"size": 5, "sha256": "0" * 64}},
+     "user_files": []},                                          # signed, but lists a file outside the folder
+])
+def test_lookalike_manifest_is_refused_and_left_untouched(tmp_path, manifest):
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "notes.txt").write_text("my notes")
+    if "files" in manifest and manifest.get("key") != "not-a-key" and manifest["files"]:
+        manifest["signature"] = store._signature(manifest)  # a correct signature does not make outside files Sonde's
+    (proj / "manifest.json").write_text(json.dumps(manifest))
+    before = tree_hash(tmp_path)
+    assert not store.is_result(proj)
+    for replace in (False, True):
+        with pytest.raises(InputError, match="non-empty folder that is not a Sonde result.*not written by Sonde") as e:
+            _write(proj, replace=replace)
+        assert "\n" not in str(e.value)
+    with pytest.raises(InputError, match="not a Sonde result"):
+        store.remove_result(proj)
+    with pytest.raises(InputError, match="not a Sonde result"):
+        store.attach_file(proj, "sweep.json", b"{}")
+    assert tree_hash(tmp_path) == before
+
+
+def test_replace_keeps_the_users_files(tmp_path):
+    r = _write(tmp_path / "r")
+    (r / "my_notes.txt").write_text("remember: layer 5")
+    (r / "sub" / "deeper").mkdir(parents=True)
+    (r / "sub" / "deeper" / "data.csv").write_bytes(b"a,b\n1,2\n")
+    (r / "empty").mkdir()
+    (r / "link").symlink_to("my_notes.txt")
+    user = {k: v for k, v in tree_hash(r).items() if k not in ("main.parquet", "manifest.json")}
+    _write(r, c=2, replace=True)
+    assert store.read_result(r).config == {"c": 2}
+    kept = {k.removeprefix("user-files/"): v for k, v in tree_hash(r).items() if k.startswith("user-files/")}
+    assert kept == user  # byte-identical, relative paths kept, empty folder and link too
+    man = json.loads((r / "manifest.json").read_text())
+    assert man["user_files"] == ["user-files/link", "user-files/my_notes.txt", "user-files/sub/deeper/data.csv"]
+    assert store.is_result(r)
+    # a second replacement keeps them again, in the same place (no user-files/user-files)
+    (r / "late.txt").write_text("added after the first replacement")
+    (r / "main.parquet").write_bytes(b"the user edited the table")  # no longer what Sonde wrote: kept too
+    _write(r, c=3, replace=True)
+    got = tree_hash(r)
+    assert {k.removeprefix("user-files/"): v for k, v in got.items() if k.startswith("user-files/")} == {
+        **user, "late.txt": hashlib.sha256(b"added after the first replacement").hexdigest(),
+        "main.parquet": hashlib.sha256(b"the user edited the table").hexdigest()}
+    assert store.read_result(r).config == {"c": 3} and sorted(p.name for p in tmp_path.iterdir()) == ["r"]
+    assert store.list_results(tmp_path)["path"].tolist() == [str(r)]  # kept files are not results
+    # removing a result removes Sonde's files only
+    left = store.remove_result(r)
+    assert sorted(p.name for p in r.iterdir()) == ["user-files"] and left
+    assert {k.removeprefix("user-files/") for k in tree_hash(r) if k.startswith("user-files/")} >= set(user)
+
+
+def test_same_key_recomputation_keeps_user_files_too(results_dir):
+    key = store.result_key("demo", "f", {"c": 1}, "h")
+    r = _write(results_dir / key)
+    (r / "notes.txt").write_text("mine")
+    _write(results_dir / key)  # no --replace needed for the same content key in its own folder
+    assert (r / "user-files" / "notes.txt").read_text() == "mine"
+
+
+def test_first_format_results_still_load_and_lose_nothing_on_replace(tmp_path):
+    """A result written before manifests listed their files: read as before; a replacement keeps every
+    file beside its manifest (and a copy of the manifest), since nothing proves which ones Sonde wrote."""
+    old = tmp_path / "old"
+    old.mkdir()
+    pd.DataFrame({"a": [7]}).to_parquet(old / "main.parquet", index=False)
+    man = {"format": 1, "analysis": "demo", "key": store.result_key("demo", "f", {"c": 0}, "h"), "model": {"name": "m"},
+           "config": {"c": 0}, "input_hash": "h", "created_at": "2024-01-01T00:00:00+00:00", "tables": ["main"], "arrays": {},
+           "extra": {}}
+    (old / "manifest.json").write_text(json.dumps(man))
+    (old / "notes.txt").write_text("kept")
+    assert store.read_result(old).tables["main"]["a"].tolist() == [7] and store.is_result(old)
+    assert store.list_results(tmp_path)["path"].tolist() == [str(old)]
+    before = tree_hash(old)
+    with pytest.raises(store.ResultExistsError):
+        _write(old)
+    _write(old, replace=True)
+    after = tree_hash(old)
+    assert {f"user-files/{k}": v for k, v in before.items()} == {k: v for k, v in after.items() if k.startswith("user-files/")}
+    assert store.read_result(old).config == {"c": 1} and store.list_results(tmp_path)["path"].tolist() == [str(old)]
+
+
+def test_result_load_reads_first_format(tmp_path):
+    from test_store_io import _DemoResult, _demo
+
+    out = _demo().save(tmp_path / "r")
+    man = json.loads((out / "manifest.json").read_text())
+    for k in ("files", "user_files", "signature"):
+        del man[k]
+    man["format"] = 1
+    (out / "manifest.json").write_text(json.dumps(man))
+    back = _DemoResult.load(out)
+    assert back.labels == ("p", "q") and torch.equal(back.x, torch.tensor([1.0, 2.0]))
+
+
+def test_attached_files_are_sondes(tmp_path):
+    r = _write(tmp_path / "r")
+    store.attach_file(r, "sweep.json", b'{"n_shards": 2}')
+    store.attach_file(r, "sweep.json", b'{"n_shards": 3}')  # its own file: may be rewritten
+    assert json.loads((r / "sweep.json").read_text()) == {"n_shards": 3} and store.is_result(r)
+    (r / "mine.json").write_text("{}")
+    with pytest.raises(InputError, match="not a file Sonde wrote"):
+        store.attach_file(r, "mine.json", b"[]")
+    with pytest.raises(InputError, match="not allowed"):
+        store.attach_file(r, "../x.json", b"[]")
+    _write(r, c=2, replace=True)
+    assert sorted(p.name for p in r.iterdir()) == ["main.parquet", "manifest.json", "user-files"]
+    assert sorted(p.name for p in (r / "user-files").iterdir()) == ["mine.json"]  # sweep.json was Sonde's: gone
+
+
+def test_user_files_that_is_not_a_folder_is_refused(tmp_path):
+    r = _write(tmp_path / "r")
+    (r / "user-files").write_text("a file by that name")
+    before = tree_hash(tmp_path)
+    with pytest.raises(InputError, match="user-files.*is not a folder"):
+        _write(r, c=2, replace=True)
+    assert tree_hash(tmp_path) == before
+
+
+# ----------------------------------------------------------------------------- interrupted writes
+_DIE_IN_SWAP = textwrap.dedent("""
+    import os, pandas as pd
+    from analyses.core import store
+    store._exchange = lambda a, b: os._exit(9)   # killed right before the swap: user files sit in the new folder
+""")
+
+
+def test_kill_before_the_swap_loses_no_user_file(tmp_path):
+    r = _write(tmp_path / "r")
+    (r / "notes.txt").write_text("mine")
+    (r / "sub").mkdir()
+    (r / "sub" / "a.csv").write_text("1")
+    code = _DIE_IN_SWAP + textwrap.dedent(f"""
+        store.write_result({str(r)!r}, analysis='demo', model={{'name': 'm', 'fingerprint': 'f'}}, config={{'c': 2}},
+                           input_hash='h', tables={{'main': pd.DataFrame({{'a': [2]}})}}, replace=True)
+    """)
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert p.returncode == 9
+    stale = [x for x in tmp_path.iterdir() if x.name.startswith(".r.tmp-")]
+    assert len(stale) == 1 and (stale[0] / "user-files" / "notes.txt").read_text() == "mine"
+    assert store.read_result(r).config == {"c": 1}  # the old result is still whole
+    _write(tmp_path / "other")  # the next write into the folder clears the dead run's folder, files go back
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["other", "r"]
+    assert (r / "user-files" / "notes.txt").read_text() == "mine" and (r / "user-files" / "sub" / "a.csv").read_text() == "1"
+    _write(r, c=3, replace=True)
+    assert (r / "user-files" / "notes.txt").read_text() == "mine" and store.read_result(r).config == {"c": 3}
+
+
+def test_stale_temporary_entries_of_dead_runs_only_are_removed(tmp_path):
+    dead, uid, host = _dead_pid(), os.getuid(), store._HOST
+    r = _write(tmp_path / "r")
+    stale_tmp = tmp_path / f".r.tmp-{uid}-{host}-{dead}-abc123"
+    stale_tmp.mkdir()
+    pd.DataFrame({"a": [1]}).to_parquet(stale_tmp / "main.parquet")
+    stale_test = tmp_path / f".sonde-write-test-{uid}-{host}-{dead}-x1"
+    stale_test.mkdir()
+    stale_side = tmp_path / f".page.html.tmp-{uid}-{host}-{dead}-q9z.tmp"
+    stale_side.write_text("<html>half")
+    set_aside = tmp_path / f".gone.old-{uid}-{host}-{dead}-k2"  # a result set aside by a swap that never finished
+    _write(set_aside)
+    keep = {
+        f".r.tmp-{uid}-{host}-{os.getpid()}-live1": "this process is alive",
+        f".r.tmp-{uid + 1}-{host}-{dead}-other": "another user's",
+        f".r.tmp-{uid}-000000-{dead}-elsewhere": "another machine's",
+        ".r.tmp-notes": "not Sonde's naming",
+        f"r.tmp-{uid}-{host}-{dead}-visible": "not hidden: the user's",
+    }
+    for name, text in keep.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "f.txt").write_text(text)
+    before = {k: v for k, v in tree_hash(tmp_path).items() if k.split("/")[0] in keep}
+    _write(tmp_path / "new")
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == sorted(["gone", "new", "r", *keep]), names
+    assert {k: v for k, v in tree_hash(tmp_path).items() if k.split("/")[0] in keep} == before
+    assert store.read_result(tmp_path / "gone").config == {"c": 1}  # put back, not deleted
+
+
+def test_side_file_and_state_temps_are_named_and_cleared(tmp_path):
+    from analyses.cli.common import write_side_file
+
+    dead = _dead_pid()
+    stale = tmp_path / f".out.html.tmp-{os.getuid()}-{store._HOST}-{dead}-abc.tmp"
+    stale.write_text("half")
+    seen = []
+    write_side_file(tmp_path / "out.html", lambda tmp: (seen.append(Path(tmp).name), Path(tmp).write_text("<html>")))
+    assert seen[0].startswith(store.scratch_prefix("out.html"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.html"]
+    stale_state = tmp_path / f".s.safetensors.tmp-{os.getuid()}-{store._HOST}-{dead}-xyz.tmp"
+    stale_state.write_bytes(b"half a state")
+    io.save_state(tmp_path / "s.safetensors", {"x": torch.ones(2)}, fingerprint="fp")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.html", "s.safetensors"]
