@@ -255,3 +255,239 @@ def test_side_file_and_state_temps_are_named_and_cleared(tmp_path):
     stale_state.write_bytes(b"half a state")
     io.save_state(tmp_path / "s.safetensors", {"x": torch.ones(2)}, fingerprint="fp")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.html", "s.safetensors"]
+
+
+# ----------------------------------------------------------------------------- resume state is checked before use
+def _rewrite(path: Path, fingerprint: str, **changes) -> None:
+    """Save the state again through the ordinary writer with some header (meta) values changed: the file's
+    digest is then intact, only the progress it claims differs from the state it holds."""
+    tree, meta = io.load_state(path, fingerprint)
+    io.save_state(path, tree, fingerprint=fingerprint, meta={**meta, **changes})
+
+
+def _rewrite_both(path: Path, fingerprint: str, **changes) -> None:
+    """Save the state again with progress values changed alike in the header and beside the states."""
+    tree, meta = io.load_state(path, fingerprint)
+    tree["progress"] = {**tree["progress"], **changes}
+    io.save_state(path, tree, fingerprint=fingerprint, meta=tree["progress"])
+
+
+def _edit_header(path: Path, **changes) -> None:
+    """Change meta values in the JSON header of a state file by hand (the digest is left as it was)."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    head = json.loads(raw[8:8 + n])
+    info = json.loads(head["__metadata__"]["sonde.state"])
+    info["meta"].update(changes)
+    head["__metadata__"]["sonde.state"] = json.dumps(info)
+    blob = json.dumps(head).encode()
+    blob += b" " * (-len(blob) % 8)
+    path.write_bytes(len(blob).to_bytes(8, "little") + blob + raw[8 + n:])
+
+
+DATA = [torch.full((1, 3), float(i)) for i in range(10)]
+RECORDS = [io.Record(text=t, domain=d) for t, d in (("The cat sat on the mat.", "prose"), ("x = 1 + 2", "code"),
+                                                   ("A dog ran far away.", "prose"), ("def f(a): return a", "code"),
+                                                   ("Rain fell all day long.", "prose"), ("for i in range(3): pass", "code"))]
+BAD_COUNTS = [3, 9, 10, 11, 10 ** 18, -1, "6", 6.0, True, None, [6]]
+
+
+def _mean_run(folder: Path, stop: int | None = None) -> tuple[Mean, int]:
+    """Fold the 10 items into a Mean, saving every 2 items; resumes from the checkpoint; ``stop`` ends early."""
+    r = Mean(dims=(0,))
+    ck = io.Checkpoint(folder, fingerprint="run", n_items=len(DATA))
+    done = ck.restore({"m": r})
+    for i in range(done, stop or len(DATA)):
+        r.update(DATA[i])
+        if (i + 1) % 2 == 0:
+            ck.save(i + 1, {"m": r}, extra={"skipped": 0})
+    return r, done
+
+
+@pytest.mark.parametrize("how", ["rewrite", "header"])
+@pytest.mark.parametrize("bad", BAD_COUNTS, ids=repr)
+def test_checkpoint_with_altered_n_done_starts_over(tmp_path, how, bad):
+    clean, _ = _mean_run(tmp_path / "clean")
+    _mean_run(tmp_path / "ck", stop=6)  # interrupted after 6 items
+    f = tmp_path / "ck" / io.Checkpoint.FILE
+    (_rewrite(f, "run", n_done=bad) if how == "rewrite" else _edit_header(f, n_done=bad))
+    with pytest.warns(SondeWarning) as w:
+        r, done = _mean_run(tmp_path / "ck")
+    msgs = [str(x.message) for x in w if issubclass(x.category, SondeWarning)]
+    assert len(msgs) == 1 and "\n" not in msgs[0] and "starting over" in msgs[0], msgs
+    assert done == 0 and r.count == clean.count == 10 and torch.equal(r.finalize(), clean.finalize())
+
+
+def test_checkpoint_checks_inputs_counts_and_reducers(tmp_path):
+    _mean_run(tmp_path / "ck", stop=6)
+    f = tmp_path / "ck" / io.Checkpoint.FILE
+    assert io.Checkpoint(tmp_path / "ck", fingerprint="run", n_items=10).restore({"m": Mean(dims=(0,))}) == 6  # intact: used
+    with pytest.warns(SondeWarning, match="made for 10 inputs, this run has 8"):
+        assert io.Checkpoint(tmp_path / "ck", fingerprint="run", n_items=8).restore({"m": Mean(dims=(0,))}) == 0
+    with pytest.warns(SondeWarning, match="is a 'Mean', this run has a Sum"):
+        from probes.reducers import Sum
+
+        assert io.Checkpoint(tmp_path / "ck", fingerprint="run", n_items=10).restore({"m": Sum(dims=(0,))}) == 0
+    for k, bad in enumerate((7, -1, "0", 2.5)):
+        _mean_run(tmp_path / f"ck{k}", stop=6)
+        _rewrite_both(tmp_path / f"ck{k}" / io.Checkpoint.FILE, "run", extra={"skipped": bad})
+        with pytest.warns(SondeWarning, match="skipped=.* is not a count"):
+            assert io.Checkpoint(tmp_path / f"ck{k}", fingerprint="run", n_items=10).restore({"m": Mean(dims=(0,))}) == 0
+    # a tensor byte changed on disk: the digest no longer matches
+    raw = bytearray(f.read_bytes())
+    raw[-1] ^= 0xFF
+    f.write_bytes(bytes(raw))
+    with pytest.warns(SondeWarning, match="do not match its digest"):
+        assert io.Checkpoint(tmp_path / "ck", fingerprint="run", n_items=10).restore({"m": Mean(dims=(0,))}) == 0
+
+
+def test_routes_checkpoint_with_altered_progress_gives_the_clean_numbers(tmp_path, tiny):
+    from analyses import routes
+
+    probe = tiny("llama")
+    recs = RECORDS
+    cfg = routes.DatasetConfig(max_tokens=16, checkpoint_every=2)
+    clean = routes.run_dataset(probe, recs, config=cfg)
+
+    def stops_after(n):
+        for i, r in enumerate(recs):
+            if i == n:
+                raise KeyboardInterrupt
+            yield r
+
+    cases = [(_rewrite, 6, 0, "header and its contents disagree"), (_rewrite, "4", 0, "disagree"),
+             (_rewrite_both, 6, 0, "holds 4 updates and skipped=0, not n_done=6"),  # would skip prompts 5 and 6
+             (_rewrite_both, 2, 0, "holds 4 updates and skipped=0, not n_done=2"),  # would count prompts 3 and 4 twice
+             (_rewrite_both, 4, 1, "holds 4 updates and skipped=1, not n_done=4"),
+             (_rewrite_both, 7, 0, "n_done=7 exceeds the 6 inputs"), (_rewrite_both, 10 ** 18, 0, "exceeds"),
+             (_rewrite_both, "4", 0, "n_done='4' is not a count")]
+    for k, (rewrite, n_done, skipped, why) in enumerate(cases):
+        ck = io.Checkpoint(tmp_path / f"ck{k}", fingerprint="routes-run", n_items=len(recs), exact_counts=True)
+        with pytest.raises(KeyboardInterrupt):
+            routes.run_dataset(probe, stops_after(5), config=cfg, checkpoint=ck)
+        assert io.read_state_header(ck.folder / ck.FILE)["meta"]["n_done"] == 4
+        rewrite(ck.folder / ck.FILE, "routes-run", n_done=n_done, extra={"skipped": skipped})
+        with pytest.warns(SondeWarning, match=f"{why}.*starting over"):
+            res = routes.run_dataset(probe, recs, config=cfg, checkpoint=ck)
+        assert res.n.tolist() == clean.n.tolist() == [3.0, 3.0] and res.n_skipped == clean.n_skipped
+        assert torch.equal(res.head_freq, clean.head_freq) and torch.equal(res.ffn_mean, clean.ffn_mean)
+
+
+def _counting_merge(a, b):
+    return dict(b) if a is None else {"x": a["x"] + b["x"], "n_texts": a["n_texts"] + b["n_texts"], "order": a["order"] + b["order"]}
+
+
+def _ledger(folder, sizes=(2, 2, 2, 2)):
+    return cluster.Ledger(folder, fingerprint="f", n_shards=len(sizes), merge=_counting_merge, sizes=list(sizes))
+
+
+def _shard(i, size=2):
+    return {"x": torch.tensor([float(i + 1)], dtype=torch.float64), "n_texts": size, "order": [i]}
+
+
+def _finish(led):
+    for i in range(led.n_shards):
+        if i not in led.done:
+            led.record(i, _shard(i), {"attempts": 1})
+    return led
+
+
+@pytest.mark.parametrize("how", ["rewrite", "header"])
+@pytest.mark.parametrize("bad", [1, 3, 4, 5, 10 ** 18, 0, -1, "2", 2.0, True, None], ids=repr)
+def test_ledger_with_altered_through_starts_over(tmp_path, how, bad):
+    led = _ledger(tmp_path / "L")
+    led.record(0, _shard(0), {"attempts": 1})
+    led.record(1, _shard(1), {"attempts": 1})
+    led.record(3, _shard(3), {"attempts": 1})  # pending past the gap: its own shard file
+    f = tmp_path / "L" / "ledger.safetensors"
+    assert io.read_state_header(f)["meta"]["through"] == 2
+    (_rewrite(f, "f", through=bad) if how == "rewrite" else _edit_header(f, through=bad))
+    again = _ledger(tmp_path / "L")
+    with pytest.warns(SondeWarning) as w:
+        assert again.load() == 0
+    msgs = [str(x.message) for x in w if issubclass(x.category, SondeWarning)]
+    assert len(msgs) == 1 and "\n" not in msgs[0] and ("starts over" in msgs[0] or "starting over" in msgs[0]), msgs
+    assert again.through == 0 and again.state is None and not again.pending  # nothing of it is used
+    _finish(again)
+    assert again.state["order"] == [0, 1, 2, 3] and again.state["n_texts"] == 8 and again.state["x"].tolist() == [10.0]
+    assert sorted(p.name for p in (tmp_path / "L").iterdir()) == ["ledger.safetensors"]
+
+
+def test_ledger_checks_records_counts_and_shard_files(tmp_path):
+    led = _ledger(tmp_path / "L")
+    for i in (0, 1):
+        led.record(i, _shard(i), {"attempts": 1})
+    f = tmp_path / "L" / "ledger.safetensors"
+    # through changed consistently in the header and beside the state: shard 2 was never recorded
+    tree, meta = io.load_state(f, "f")
+    tree["progress"] = dict(tree["progress"], through=3)
+    io.save_state(f, tree, fingerprint="f", meta=tree["progress"])
+    with pytest.warns(SondeWarning, match="shard 2 was never recorded"):
+        assert _ledger(tmp_path / "L").load() == 0
+    # ... and with a record for shard 2 added, the item counts disagree
+    tree["meta"][2] = {"attempts": 1}
+    io.save_state(f, tree, fingerprint="f", meta=tree["progress"])
+    with pytest.warns(SondeWarning, match="counts 4 items for the first 3 shards, which hold 6"):
+        assert _ledger(tmp_path / "L").load() == 0
+    tree["progress"]["items"] = 6
+    io.save_state(f, tree, fingerprint="f", meta=tree["progress"])
+    with pytest.warns(SondeWarning, match="its state covers 4 items, the first 3 shards hold 6"):
+        assert _ledger(tmp_path / "L").load() == 0
+    with pytest.warns(SondeWarning, match="made for n_shards=4, this sweep has 5"):  # another sharding
+        assert _ledger(tmp_path / "L", sizes=(2, 2, 2, 1, 1)).load() == 0
+    # a shard file claiming another index, or another size, is ignored and its shard runs again
+    led = _ledger(tmp_path / "M")
+    led.record(0, _shard(0), {"attempts": 1})
+    led.record(2, _shard(2), {"attempts": 1})
+    led.record(3, _shard(3, size=5), {"attempts": 1})
+    _rewrite(tmp_path / "M" / "shard-00002.safetensors", "f", index=1)
+    with pytest.warns(SondeWarning) as w:
+        again = _ledger(tmp_path / "M")
+        assert again.load() == 1
+    msgs = sorted(str(x.message) for x in w)
+    assert len(msgs) == 2 and "shard-00002" in msgs[0] and "header and its contents disagree" in msgs[0]
+    assert "shard-00003" in msgs[1] and "covers 5 items, shard 3 hold 2" in msgs[1]
+    assert sorted(_finish(again).state["order"]) == [0, 1, 2, 3] and again.state["n_texts"] == 8
+
+
+def test_ledger_clear_removes_only_its_own_files(tmp_path):
+    folder = tmp_path / "L"
+    led = _ledger(folder)
+    led.record(1, _shard(1), {"attempts": 1})
+    led.record(0, _shard(0), {"attempts": 1})
+    led.record(3, _shard(3), {"attempts": 1})
+    (folder / "notes.txt").write_text("the user's")
+    (folder / "shard-99.safetensors").write_text("not a state")
+    led.clear()
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt", "shard-99.safetensors"]
+    ck = io.Checkpoint(tmp_path / "C", fingerprint="run")
+    ck.save(1, {"m": Mean(dims=(0,))})
+    ck.clear()
+    assert not (tmp_path / "C").exists()
+
+
+def test_sweep_with_altered_ledger_gives_the_clean_result(tmp_path, tiny, monkeypatch):
+    """A real routes sweep stops after 2 of 3 shards; its ledger's ``through`` is altered; the re-run warns once,
+    starts over and gives the numbers of a clean sweep."""
+    from analyses import routes
+
+    eng = cluster.LocalEngine(tiny("llama"), max_retries=0)
+    recs = RECORDS
+    cfg, scfg = routes.DatasetConfig(max_tokens=16), cluster.SweepConfig(shard_size=2, max_retries=0)
+    clean = cluster.sweep("routes", recs, config=cfg, engine=eng, sweep_config=scfg).result
+    for bad in (3, 1, "2", 10 ** 18):
+        ledger = tmp_path / f"ledger-{bad}"
+        monkeypatch.setenv(cluster.FAULT_ENV, "2:always")
+        with pytest.raises(cluster.ShardFailedError):
+            cluster.sweep("routes", recs, config=cfg, engine=eng, sweep_config=scfg, ledger=ledger)
+        monkeypatch.delenv(cluster.FAULT_ENV)
+        f = ledger / "ledger.safetensors"
+        assert io.read_state_header(f)["meta"]["through"] == 2
+        fp = io.read_state_header(f)["fingerprint"]
+        _rewrite(f, fp, through=bad)
+        with pytest.warns(SondeWarning, match="ignoring the merge ledger .*the sweep starts over"):
+            run = cluster.sweep("routes", recs, config=cfg, engine=eng, sweep_config=scfg, ledger=ledger)
+        assert run.report.shards_resumed == 0 and run.report.shards_run == 3
+        got = run.result
+        assert got.n.tolist() == clean.n.tolist() == [3.0, 3.0] and got.n_skipped == clean.n_skipped
+        assert torch.equal(got.head_freq, clean.head_freq) and torch.equal(got.ffn_mean, clean.ffn_mean)

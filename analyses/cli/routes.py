@@ -124,7 +124,7 @@ def register(run_app: typer.Typer) -> None:
         probe = load_probe(model, backend, device, dtype)
         key = result_key(routes.RouteStatsResult.analysis, probe.info.fingerprint, cfg.to_dict(), ih)
         out_dir = Path(out) if out is not None else results_root() / key
-        ck = Checkpoint(work_dir(out_dir, "progress"), fingerprint=key)
+        ck = Checkpoint(work_dir(out_dir, "progress"), fingerprint=key, n_items=len(records), exact_counts=True)
         from analyses.core.cluster import _threads
 
         with progress(len(records), "routes") as step, _threads(threads):
