@@ -491,3 +491,88 @@ def test_sweep_with_altered_ledger_gives_the_clean_result(tmp_path, tiny, monkey
         got = run.result
         assert got.n.tolist() == clean.n.tolist() == [3.0, 3.0] and got.n_skipped == clean.n_skipped
         assert torch.equal(got.head_freq, clean.head_freq) and torch.equal(got.ffn_mean, clean.ffn_mean)
+
+
+# ----------------------------------------------------------------------------- failed runs leave nothing
+def _demo_result():
+    from test_store_io import _demo
+
+    return _demo()
+
+
+def test_failed_export_leaves_no_result_and_no_file(tmp_path):
+    from analyses.cli.common import save_result
+
+    out, html = tmp_path / "r", tmp_path / "new" / "deeper" / "page.html"
+
+    def no_space(tmp):
+        Path(tmp).write_text("<html>half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(InputError, match=f"cannot write '{html}' \\(No space left on device\\); nothing was saved") as e:
+        save_result(_demo_result(), out, {html: no_space})
+    assert "\n" not in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no result, no temp file, no folder made for the export
+    with pytest.raises(InputError, match="cannot write .*page.html.*ValueError: bad figure"):
+        save_result(_demo_result(), out, {html: lambda tmp: (_ for _ in ()).throw(ValueError("bad figure\nmore"))})
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    # a result that exists stays as it was when the export of its replacement fails
+    first = save_result(_demo_result(), out, {html: lambda tmp: Path(tmp).write_text("<html>1")})
+    before = tree_hash(tmp_path)
+    with store.replacing(), pytest.raises(InputError, match="nothing was saved"):
+        save_result(_demo_result(), out, {html: no_space, None: no_space})
+    assert tree_hash(tmp_path) == before and first == out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "r"] and html.read_text() == "<html>1"
+
+
+def test_cli_failed_html_export_leaves_nothing(tmp_path, tiny_dir, capsys, monkeypatch):
+    from analyses.core import report
+    from conftest import run_cli
+
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    (ws / "notes.txt").write_text("mine")
+    monkeypatch.chdir(ws)
+    monkeypatch.setenv("SONDE_RESULTS", str(ws / "sonde-results"))
+
+    def disk_full(fig, path):
+        Path(path).write_text("<html>half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(report, "write_html", disk_full)
+    before = tree_hash(ws)
+    code, out, err = run_cli(["run", "logit-lens", "-m", str(tiny_dir), "--prompt", "hi there", "--device", "cpu",
+                              "--out", str(ws / "lens"), "--html", str(ws / "lens.html")], capsys)
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and str(ws / "lens.html") in errors[0] and "No space left" in errors[0], err
+    assert tree_hash(ws) == before  # no result folder, no html, no temporary file
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    import tiny_models
+
+    d = tmp_path_factory.mktemp("tiny") / "llama"
+    model, tok = tiny_models.build("llama")
+    model.save_pretrained(d, safe_serialization=True)
+    tok.save_pretrained(d)
+    return d
+
+
+def test_refused_checkpoint_sweep_leaves_no_work_folder(tmp_path, monkeypatch, capsys):
+    from analyses.core import checkpoints
+    from conftest import run_cli
+    from probes.errors import ModelLoadError
+
+    monkeypatch.setenv("SONDE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "sweep"
+    cfg = checkpoints.Config(analysis="logit_lens", checkpoints=(str(tmp_path / "missing-step100"),))
+    with pytest.raises(ModelLoadError):
+        checkpoints.run(cfg, out=out, device="cpu")
+    assert not io.work_dir(out, "sweep-parts").exists() and not out.exists()
+    code, _, err = run_cli(["run", "sweep", "logit-lens", "--checkpoints", str(tmp_path / "missing-step100"), "--device", "cpu",
+                            "--out", str(out)], capsys)
+    assert code == 2 and err.count("error:") == 1
+    assert not io.work_dir(out, "sweep-parts").exists() and not out.exists()
+    work = tmp_path / "cache" / "work"
+    assert not work.exists() or not list(work.iterdir())

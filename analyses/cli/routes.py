@@ -12,7 +12,7 @@ from typing import Optional
 import typer
 
 from .options import config_option
-from .common import check_side_file, write_side_file, model_options, BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OutOpt, load_probe, progress, saved, status
+from .common import check_side_file, save_result, model_options, BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OutOpt, load_probe, progress, saved, status
 from .sinks import (AddressOpt, EngineOpt, GpusOpt, ResumeOpt, RetriesOpt, ShardOpt, ThreadsOpt, WorkersOpt, run_sweep,
                     sweep_summary)
 
@@ -79,9 +79,7 @@ def register(run_app: typer.Typer) -> None:
             cfg = cfg.replace(chunk_mb=pl.chunk_mb or cfg.chunk_mb)
             with status("Computing routes"):
                 res = routes.run(probe, prompt, config=cfg, edits=edits)
-            path = res.save(out)
-            if graphml is not None:
-                write_side_file(graphml, res.to_graphml)
+            path = save_result(res, out, {graphml: res.to_graphml})
             from probes import head_label
 
             r = res.route()

@@ -171,6 +171,7 @@ def _recover(p: Path, dest: Path, kind: str) -> None:
     if kind == "old" and not os.path.lexists(dest):  # killed between the two renames of a swap
         os.replace(p, dest)
         return
+    clean_stale(p)  # the dead run's own temporary files inside it (a manifest being written)
     kept = p / USER_FILES
     if _real_dir(kept):
         if _real_dir(dest) and not os.path.lexists(dest / USER_FILES):
