@@ -1104,7 +1104,8 @@ SPEC = registry.register(registry.Analysis(
 SPEC_DATASET = registry.register(registry.Analysis(
     name="routes.dataset", title="Route statistics over a dataset", summary="how often each head and FFN is on the route",
     config=DatasetConfig, result=RouteStatsResult, run=run_dataset, prepare=_prepare_dataset, page="routes", memory=MEMORY,
-    shard=registry.ShardProtocol(accumulate=accumulate, merge=merge_states, finish=result_from_state, name="routes"),
+    shard=registry.ShardProtocol(accumulate=accumulate, merge=merge_states, finish=result_from_state, name="routes",
+                                 count=lambda st: st["stats"]["__n_updates__"] + st["n_skipped"]),
     sweep=registry.Sweep(run=_sweep_run, rows=_sweep_rows),
 ))
 result_key = SPEC.key  # the key run() gives these inputs, from the same _prepare

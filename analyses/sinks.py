@@ -711,7 +711,8 @@ SPEC = registry.register(registry.Analysis(
     name="sinks", title="Attention sinks, value drains, residual peaks",
     summary="how much each head attends to the first tokens, and the norms that go with it",
     config=Config, result=SinksResult, run=run, prepare=_prepare, cli="sinks", page="sinks", memory=MEMORY,
-    shard=registry.ShardProtocol(accumulate=accumulate, merge=merge_states, finish=_finish, needs_probe=True),
+    shard=registry.ShardProtocol(accumulate=accumulate, merge=merge_states, finish=_finish, needs_probe=True,
+                                 count=lambda st: st["n_texts"]),
     sweep=registry.Sweep(run=_sweep_run, rows=_sweep_rows),
 ))
 result_key = SPEC.key  # the key run() gives these inputs, from the same _prepare

@@ -12,17 +12,19 @@ from pathlib import Path
 import pandas as pd
 
 VOLATILE = ("created_at", "versions")  # manifest entries that differ between two saves of the same result
+#: the store's bookkeeping, not the result: format version, the files written (sizes, hashes) and the signature
+BOOKKEEPING = ("format", "files", "user_files", "signature")
 
 
 def signature(folder: str | Path) -> dict:
     """What a result folder holds, independent of when and with which library versions it was written:
-    the manifest (less :data:`VOLATILE`), each table's columns, dtypes and values, each array's dtype,
+    the manifest (less :data:`VOLATILE` and :data:`BOOKKEEPING`), each table's columns, dtypes and values, each array's dtype,
     shape and bytes."""
     from safetensors.torch import load_file
 
     p = Path(folder)
     man = json.loads((p / "manifest.json").read_text())
-    out = {"manifest": {k: _small(v) for k, v in man.items() if k not in VOLATILE}, "tables": {}, "arrays": {}}
+    out = {"manifest": {k: _small(v) for k, v in man.items() if k not in VOLATILE + BOOKKEEPING}, "tables": {}, "arrays": {}}
     for name in man["tables"]:
         df = pd.read_parquet(p / f"{name}.parquet")
         body = df.to_json(orient="split", double_precision=15, default_handler=str)

@@ -53,6 +53,9 @@ def _user_tree(ws: Path) -> None:
     m = json.loads((ws / "result" / "manifest.json").read_text())
     m["tables"] = ["../../x"]
     (ws / "escape" / "manifest.json").write_text(json.dumps(m))
+    (ws / "lookalike").mkdir()  # a hand-written manifest beside the user's notes: not a Sonde result
+    (ws / "lookalike" / "manifest.json").write_text('{"analysis": "x"}')
+    (ws / "lookalike" / "notes.txt").write_text("mine\n")
 
 
 def _snapshot(root: Path) -> dict[str, str]:
@@ -117,6 +120,8 @@ CASES = [
     ("lens-out-is-file", ["run", "logit-lens", "--prompt", "hi", "--out", "{ws}/file.txt"], "is a file"),
     ("lens-out-parent-is-file", ["run", "logit-lens", "--prompt", "hi", "--out", "{ws}/file.txt/res"], "is not a folder"),
     ("lens-out-read-only-fs", ["run", "logit-lens", "--prompt", "hi", "--out", "/proc/sonde-test/res"], "cannot write"),
+    ("lens-out-lookalike-replace", ["run", "logit-lens", "--prompt", "hi", "--out", "{ws}/lookalike", "--replace"],
+     "not written by Sonde"),
     ("lens-out-existing-result", ["run", "logit-lens", "--prompt", "hi", "--out", "{ws}/result"], "--replace"),
     ("lens-html-unwritable", ["run", "logit-lens", "-m", "{tiny}", "--prompt", "hi", "--out", "{ws}/new",
                               "--html", "{ws}/file.txt/x.html"], "--html"),

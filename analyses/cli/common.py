@@ -107,7 +107,9 @@ def check_out_file(out: Path, replace: bool, is_ours) -> None:
     try:
         if not base.is_dir():
             raise NotADirectoryError(20, "Not a directory")
-        os.rmdir(tempfile.mkdtemp(prefix=".sonde-write-test-", dir=base))
+        from analyses.core.store import _write_test_prefix
+
+        os.rmdir(tempfile.mkdtemp(prefix=_write_test_prefix(), dir=base))
     except OSError as e:
         raise InputError(f"cannot write {str(out)!r}: {str(base)!r} is not a writable folder ({e.strerror or e}).",
                          hint="Give a writable --out.") from None
@@ -132,17 +134,86 @@ def check_side_file(path: Path | None, option: str) -> None:
 
 def write_side_file(path: Path, write: Any) -> None:
     """``write(tmp_name)`` then one rename onto ``path`` (no half-written file is ever visible)."""
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = _side_temp(path)
     try:
-        write(tmp)
+        write(str(tmp))
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def save_result(result: Any, out: Path | None, side_files: dict | None = None) -> Path:
+    """Save ``result`` (``result.save(out)``) together with its side files (``--html``, ``--graphml``).
+
+    ``side_files`` maps each path (``None``: option not given) to ``write(tmp_name)``. Every side file is
+    written first, under a temporary name beside it; then the result is saved; then the side files are
+    renamed into place. A side file that cannot be written stops the run with one line naming it before
+    anything is saved: a failed export leaves neither the result nor a side file (nor a folder made for
+    them).
+    """
+    from analyses.core import store
+    from probes.errors import InputError, SondeError
+
+    jobs = [(Path(p), w) for p, w in (side_files or {}).items() if p is not None]
+    dest = Path(out) if out is not None else store.results_root() / result.key
+    existed = os.path.lexists(dest) and store.is_result(dest)
+    temps: list[tuple[Path, Path]] = []
+    made: list[Path] = []
+
+    def drop(pending: list[tuple[Path, Path]]) -> None:
+        for tmp, _ in pending:
+            tmp.unlink(missing_ok=True)
+        for d in sorted(set(made), key=lambda d: len(d.parts), reverse=True):  # folders made here, innermost first
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+
+    try:
+        for path, write in jobs:
+            p = path.parent
+            while not os.path.lexists(p) and p != p.parent:
+                made.append(p)
+                p = p.parent
+            tmp = _side_temp(path)
+            temps.append((tmp, path))
+            try:
+                write(str(tmp))
+            except SondeError:
+                raise
+            except Exception as e:  # noqa: BLE001 - any failure of an export is the user's file that could not be written
+                why = (e.strerror or str(e)) if isinstance(e, OSError) else f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+                raise InputError(f"cannot write {str(path)!r} ({why}); nothing was saved.",
+                                 hint="Check the free space and permissions of its folder, or leave the option out.") from e
+        saved = result.save(out)
+    except BaseException:
+        drop(temps)
+        raise
+    for i, (tmp, path) in enumerate(temps):
+        try:
+            os.replace(tmp, path)
+        except OSError as e:
+            drop(temps[i:])
+            if not existed:
+                store.remove_result(saved)
+            raise InputError(f"cannot write {str(path)!r} ({e.strerror or e}); "
+                             + ("the result was not kept." if not existed else f"the result {str(saved)!r} was saved."),
+                             hint="Check the permissions of its folder.") from None
+    return saved
+
+
+def _side_temp(path: Path) -> Path:
+    """A new empty temporary file beside ``path`` (named by user, machine and process; a dead run's ones go first)."""
+    import tempfile
+
+    from analyses.core import store
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    store.clean_stale(path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=store.scratch_prefix(path.name), suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
 
 
 def output_options(*apps: typer.Typer) -> None:

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from .options import config_option
-from .common import check_side_file, write_side_file, model_options, BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OutOpt, load_probe, saved, status
+from .common import check_side_file, save_result, model_options, BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OutOpt, load_probe, saved, status
 
 
 def _parse_layers(text: Optional[str]) -> tuple[int, ...] | None:
@@ -53,12 +53,9 @@ def register(run_app: typer.Typer) -> None:
         probe = load_probe(model, backend, device, dtype)
         with status("Running the logit lens"):
             res = logit_lens.run(probe, prompt, config=cfg)
-        path = res.save(out)
-        if html is not None:
-            from analyses.core.report import write_html
+        from analyses.core.report import write_html
 
-            fig = res.plot()
-            write_side_file(html, lambda tmp: write_html(fig, tmp))  # plotly.js inlined: the file opens offline
+        path = save_result(res, out, {html: lambda tmp: write_html(res.plot(), tmp)})  # plotly.js inlined: the file opens offline
         # the first block where the lens already ranks the final prediction first, per position
         first = []
         for t in range(len(res.str_tokens)):

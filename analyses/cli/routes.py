@@ -12,7 +12,7 @@ from typing import Optional
 import typer
 
 from .options import config_option
-from .common import check_side_file, write_side_file, model_options, BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OutOpt, load_probe, progress, saved, status
+from .common import check_side_file, save_result, model_options, BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OutOpt, load_probe, progress, saved, status
 from .sweeps import (AddressOpt, EngineOpt, GpusOpt, ResumeOpt, RetriesOpt, ShardOpt, ThreadsOpt, WorkersOpt, run_sweep,
                      sweep_summary)
 
@@ -80,9 +80,7 @@ def register(run_app: typer.Typer) -> None:
             cfg = cfg.replace(chunk_mb=pl.chunk_mb or cfg.chunk_mb)
             with status("Computing routes"):
                 res = routes.run(probe, prompt, config=cfg, edits=edits)
-            path = res.save(out)
-            if graphml is not None:
-                write_side_file(graphml, res.to_graphml)
+            path = save_result(res, out, {graphml: res.to_graphml})
             from probes import head_label
 
             r = res.route()
@@ -125,7 +123,7 @@ def register(run_app: typer.Typer) -> None:
         probe = load_probe(model, backend, device, dtype)
         key = routes.dataset_key(probe, records, config=cfg)  # the analysis's own key of these records
         out_dir = Path(out) if out is not None else results_root() / key
-        ck = Checkpoint(work_dir(out_dir, "progress"), fingerprint=key)
+        ck = Checkpoint(work_dir(out_dir, "progress"), fingerprint=key, n_items=len(records), exact_counts=True)
         from analyses.core.cluster import _threads
 
         with progress(len(records), "routes") as step, _threads(threads):

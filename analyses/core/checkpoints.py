@@ -287,16 +287,18 @@ def run(config: Config, *, texts: Sequence[str] | None = None, out: str | Path |
     default_out = out is None
     out = output_path(config, texts, out)
     store.check_destination(out, replace=True if default_out else None)
-    parts = io.private_dir(io.work_dir(out, "sweep-parts"))
+    parts = io.work_dir(out, "sweep-parts")  # made when the first checkpoint is done: a refused run leaves none
     meta = parts / "sweep.json"
-    try:
-        same = json.loads(meta.read_text()).get("fingerprint") == fp
-    except (OSError, ValueError):
-        same = False
-    if not same:
-        for old in parts.glob("*.parquet"):  # another sweep's leftovers (in our private folder): start over
-            old.unlink()
-    meta.write_text(json.dumps({"fingerprint": fp, "config": config.to_dict()}, default=str))
+    same = False
+    if os.path.lexists(parts):
+        io.private_dir(parts)
+        try:
+            same = json.loads(meta.read_text()).get("fingerprint") == fp
+        except (OSError, ValueError):
+            same = False
+        if not same:
+            for old in parts.glob("*.parquet"):  # another sweep's leftovers (in our private folder): start over
+                old.unlink()
 
     if load is None:
         from probes import load_model
@@ -328,6 +330,10 @@ def run(config: Config, *, texts: Sequence[str] | None = None, out: str | Path |
             df["step"] = df["step"].astype("Int64")
             model_info = probe.info.to_dict()
             del probe, res
+        if not same:
+            io.private_dir(parts)
+            meta.write_text(json.dumps({"fingerprint": fp, "config": config.to_dict()}, default=str))
+            same = True
         _write_atomic(df, path)
         frames.append(df)
         if on_checkpoint:

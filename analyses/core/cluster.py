@@ -35,7 +35,11 @@ a gap (``shard-NNNNN.safetensors``), all in the one state format of :func:`analy
 (safetensors + a JSON header; no pickle). Every file is written to a temporary name and renamed,
 shard file before ledger, so a sweep killed at any instant resumes with each shard counted exactly
 once. A file whose fingerprint (analysis, model, config, input, sharding), read from its JSON header
-before any tensor, differs is ignored.
+before any tensor, differs is ignored. A matching file is checked before it is used (its digest;
+``through`` an integer within the shard count and the same in header and contents; every folded
+shard recorded; item counts equal to the shards' sizes and to the counts the merged state keeps): a
+ledger that fails starts the sweep over, a shard file that fails runs its shard again, each with one
+warning line.
 
 Test hooks (read by the driver; documented here because tests use them):
 
@@ -55,6 +59,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import socket
 import time
 from dataclasses import dataclass, field
@@ -252,53 +257,159 @@ def _run_shard(probe, analysis: str, config, items: Sequence, shard: Shard, atte
 
 
 # ============================================================================ ledger
-class Ledger:
-    """The on-disk merge ledger of one sweep (see the module docstring); ``folder=None`` keeps it in memory."""
+def _state_items(state: Any, count: Callable[[Any], int] | None) -> int | None:
+    """How many items a (merged) shard state covers, by the analysis's own ``ShardProtocol.count`` (``None`` when it
+    declares none); :class:`ValueError` when the state's count is not a count."""
+    if count is None or not isinstance(state, Mapping):
+        return None
+    try:
+        n = count(state)
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"the state keeps no item count ({type(e).__name__})") from None
+    if type(n) is not int or n < 0:
+        raise ValueError(f"items={n!r} is not a count")
+    return n
 
-    def __init__(self, folder: str | Path | None, *, fingerprint: str, n_shards: int, merge: Callable[[Any, Any], Any]):
+
+class Ledger:
+    """The on-disk merge ledger of one sweep (see the module docstring); ``folder=None`` keeps it in memory.
+
+    ``sizes`` (items per shard, in order) lets the ledger check item counts: every saved file keeps the
+    number of items it covers, and a state that counts its items (``count``, the analysis's
+    ``ShardProtocol.count``) must agree.
+    Before anything saved is used it is checked: the file digest; ``through`` (an integer between 1
+    and ``n_shards``, kept both in the header and beside the state); ``n_shards``; the per-shard records
+    of every folded shard; the item counts. A ledger that fails is not used: the sweep starts over
+    with one :class:`probes.errors.SondeWarning` line; a shard file that fails is ignored (with one
+    line) and its shard runs again.
+    """
+
+    LEDGER = "ledger.safetensors"
+    _SHARD = re.compile(r"shard-(\d{5,})\.safetensors")
+
+    def __init__(self, folder: str | Path | None, *, fingerprint: str, n_shards: int, merge: Callable[[Any, Any], Any],
+                 sizes: Sequence[int] | None = None, count: Callable[[Any], int] | None = None):
         self.folder = None if folder is None else Path(folder)
-        self.fingerprint, self.n_shards, self._merge = fingerprint, n_shards, merge
+        self._count = count
+        self.fingerprint, self.n_shards, self._merge = fingerprint, int(n_shards), merge
+        if sizes is not None and len(sizes) != self.n_shards:
+            raise ValueError(f"Ledger: {len(sizes)} shard sizes for {self.n_shards} shards.")
+        self.sizes = None if sizes is None else [int(x) for x in sizes]
         self.through = 0
         self.state: Any = None
         self.pending: dict[int, dict] = {}
         self.meta: dict[int, dict] = {}
 
     # -- io ----------------------------------------------------------------------------------------
-    LEDGER = "ledger.safetensors"
-
     def _write(self, name: str, tree: Any, meta: Mapping[str, Any]) -> None:
         from .io import private_dir, save_state
 
         private_dir(self.folder)
         save_state(self.folder / name, tree, fingerprint=self.fingerprint, meta=meta)
 
+    def _items(self, through: int) -> int | None:
+        return None if self.sizes is None else sum(self.sizes[:through])
+
+    def _warn(self, what: str, problem: str, then: str) -> None:
+        import warnings
+
+        from probes.errors import SondeWarning
+
+        warnings.warn(SondeWarning(f"ignoring the {what} ({problem}); {then}"), stacklevel=3)
+
     def load(self) -> int:
-        """Restore a matching ledger; returns the number of shards already done (0 if none matches)."""
+        """Restore a matching ledger; returns the number of shards already done (0 if none matches, or if
+        the saved ledger fails its checks: then one warning line says so and the sweep starts over)."""
         from .io import load_state
 
         if self.folder is None:
             return 0
-        got = load_state(self.folder / self.LEDGER, self.fingerprint)
-        if got is None or got[1].get("n_shards") != self.n_shards:
+        path = self.folder / self.LEDGER
+        got = load_state(path, self.fingerprint)
+        if got is None:
             return 0
-        (tree, meta) = got
-        self.through, self.state, self.meta = int(meta["through"]), tree["state"], dict(tree["meta"])
+        problem = self._ledger_problem(*got)
+        if problem:
+            self._warn(f"merge ledger {str(path)!r}", problem, "the sweep starts over")
+            return 0
+        tree = got[0]
+        self.through, self.state, self.meta = tree["progress"]["through"], tree["state"], dict(tree["meta"])
         for f in sorted(self.folder.glob("shard-*.safetensors")):
-            rec = load_state(f, self.fingerprint)
-            if rec is not None and rec[1]["index"] < self.through:  # already folded (killed before its clean-up)
+            m = self._SHARD.fullmatch(f.name)
+            rec = load_state(f, self.fingerprint) if m else None
+            if rec is None:
+                continue
+            problem = self._shard_problem(int(m.group(1)), *rec)
+            if problem:
+                self._warn(f"shard file {str(f)!r}", problem, "that shard runs again")
+                continue
+            idx = rec[0]["progress"]["index"]
+            if idx < self.through:  # already folded (killed before its clean-up)
                 f.unlink(missing_ok=True)
-            elif rec is not None:
-                idx = int(rec[1]["index"])
+            else:
                 self.pending[idx] = {"index": idx, "state": rec[0]["state"], "meta": rec[0]["meta"]}
                 self.meta[idx] = rec[0]["meta"]
         self._fold()
         return len(self.done)
 
-    def clear(self) -> None:
-        import shutil
+    def _ledger_problem(self, tree: Any, meta: Any) -> str | None:
+        from .io import same_json
 
-        if self.folder is not None:
-            shutil.rmtree(self.folder, ignore_errors=True)
+        if not (isinstance(tree, dict) and isinstance(tree.get("progress"), dict) and "state" in tree
+                and isinstance(tree.get("meta"), dict)):
+            return "not a ledger of this version"
+        prog = tree["progress"]
+        if not same_json(meta, prog):
+            return "its header and its contents disagree"
+        n, t = prog.get("n_shards"), prog.get("through")
+        if n != self.n_shards or type(n) is not int:
+            return f"it was made for n_shards={n!r}, this sweep has {self.n_shards}"
+        if type(t) is not int or not 1 <= t <= self.n_shards:
+            return f"through={t!r} is not a shard count between 1 and {self.n_shards}"
+        if not all(type(i) is int and 0 <= i < self.n_shards and isinstance(m, dict) for i, m in tree["meta"].items()):
+            return "its shard records are damaged"
+        missing = [i for i in range(t) if i not in tree["meta"]]
+        if missing:
+            return f"through={t} but shard {missing[0]} was never recorded"
+        return self._count_problem(prog.get("items"), tree["state"], self._items(t), f"the first {t} shards")
+
+    def _shard_problem(self, name_index: int, tree: Any, meta: Any) -> str | None:
+        from .io import same_json
+
+        if not (isinstance(tree, dict) and isinstance(tree.get("progress"), dict) and "state" in tree
+                and isinstance(tree.get("meta"), dict)):
+            return "not a shard file of this version"
+        prog = tree["progress"]
+        if not same_json(meta, prog):
+            return "its header and its contents disagree"
+        i = prog.get("index")
+        if type(i) is not int or not 0 <= i < self.n_shards or i != name_index:
+            return f"index={i!r} does not name one of the {self.n_shards} shards (file name: shard {name_index})"
+        return self._count_problem(prog.get("items"), tree["state"], None if self.sizes is None else self.sizes[i], f"shard {i}")
+
+    @staticmethod
+    def _count_problem(saved: Any, state: Any, want: int | None, what: str) -> str | None:
+        if saved is not None and type(saved) is not int:
+            return f"items={saved!r} is not a count"
+        if want is not None and saved is not None and saved != want:
+            return f"it counts {saved} items for {what}, which hold {want}"
+        try:
+            have = _state_items(state, self._count)
+        except ValueError as e:
+            return str(e)
+        expect = want if want is not None else saved
+        if have is not None and expect is not None and have != expect:
+            return f"its state covers {have} items, {what} hold {expect}"
+        return None
+
+    def clear(self) -> None:
+        """Remove the ledger's own files (``ledger.safetensors``, ``shard-*.safetensors``), then its folder if
+        that empties it; nothing else in the folder is touched."""
+        from .io import _remove_state_files
+
+        if self.folder is not None and self.folder.is_dir():
+            _remove_state_files(self.folder, [self.LEDGER] + [f.name for f in self.folder.glob("shard-*.safetensors")
+                                                              if self._SHARD.fullmatch(f.name)])
 
     # -- bookkeeping -----------------------------------------------------------------------------
     @property
@@ -312,7 +423,8 @@ class Ledger:
         rec = {"index": index, "state": state, "meta": dict(meta)}
         self.meta[index] = dict(meta)
         if self.folder is not None and index != self.through:
-            self._write(f"shard-{index:05d}.safetensors", {"state": state, "meta": dict(meta)}, {"index": index})
+            prog = {"index": index, "items": None if self.sizes is None else self.sizes[index]}
+            self._write(f"shard-{index:05d}.safetensors", {"state": state, "meta": dict(meta), "progress": prog}, prog)
         self.pending[index] = rec
         self._fold()
 
@@ -324,7 +436,8 @@ class Ledger:
             folded.append(self.through)
             self.through += 1
         if folded and self.folder is not None:
-            self._write(self.LEDGER, {"state": self.state, "meta": self.meta}, {"n_shards": self.n_shards, "through": self.through})
+            prog = {"n_shards": self.n_shards, "through": self.through, "items": self._items(self.through)}
+            self._write(self.LEDGER, {"state": self.state, "meta": self.meta, "progress": prog}, prog)
             for i in folded:  # after the ledger: a crash in between leaves files the ledger already covers
                 (self.folder / f"shard-{i:05d}.safetensors").unlink(missing_ok=True)
 
@@ -566,11 +679,12 @@ class SweepReport:
                 "shard_workers": {str(k): v for k, v in self.shard_workers.items()}}
 
     def save(self, result_dir: str | Path) -> Path:
+        """Write ``sweep.json`` into a saved result (listed in its signed manifest as one of Sonde's files)."""
         import json
 
-        p = Path(result_dir) / "sweep.json"
-        p.write_text(json.dumps(self.to_dict(), indent=2))
-        return p
+        from .store import attach_file
+
+        return attach_file(result_dir, "sweep.json", json.dumps(self.to_dict(), indent=2).encode())
 
 
 @dataclass(frozen=True)
@@ -606,7 +720,8 @@ def sweep(analysis: str, items: Sequence, *, config, engine, sweep_config: Sweep
     threads = sweep_config.threads or torch.get_num_threads()
     fp = hash_inputs(analysis, info.get("fingerprint", ""), config.to_dict(), items_hash, sweep_config.shard_size, len(items),
                      threads)
-    led = Ledger(ledger, fingerprint=fp, n_shards=len(shards), merge=lambda a, b: spec.shard.merge(a, b, config, info))
+    led = Ledger(ledger, fingerprint=fp, n_shards=len(shards), merge=lambda a, b: spec.shard.merge(a, b, config, info),
+                 sizes=[s.stop - s.start for s in shards], count=spec.shard.count)
     resumed = led.load() if sweep_config.resume else 0
     if not sweep_config.resume:
         led.clear()

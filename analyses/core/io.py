@@ -248,8 +248,9 @@ def iter_records(path: str | Path, *, on_error: Literal["skip", "stop"] = "stop"
 # ============================================================================== resumable state
 #: The one on-disk format of every resumable state (batch checkpoints, merge ledgers, mask training):
 #: one safetensors file whose header metadata (plain JSON, read before any tensor) holds the
-#: fingerprint, the JSON skeleton of the saved tree and small JSON values; tensors hold the numbers.
-STATE_FORMAT = 1
+#: fingerprint, the JSON skeleton of the saved tree, small JSON values and a sha256 digest over all of
+#: them and every tensor's bytes; tensors hold the numbers. (1: the same without the digest, not read.)
+STATE_FORMAT = 2
 _STATE_META = "sonde.state"
 _RESERVED = ("__tensor__", "__tuple__", "__map__", "__float__")
 #: Test hook: ``SONDE_FAULT_SAVE="K:write"`` ends the process (``os._exit(75)``, no clean-up, like a
@@ -340,8 +341,12 @@ def save_state(path: str | Path, tree: Any, *, fingerprint: str, meta: Mapping[s
     header = {"format": STATE_FORMAT, "fingerprint": fingerprint, "tree": skeleton, "meta": _encode(dict(meta or {}), loose)}
     if loose:
         raise TypeError("save_state: meta holds JSON values only; put tensors in the tree.")
+    header["digest"] = _digest(json.loads(json.dumps(header)), out)
     _SAVES[0] += 1
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    from .store import clean_stale, scratch_prefix
+
+    clean_stale(path.parent)  # temporary files of killed runs (this user, this machine, process gone)
+    fd, tmp = tempfile.mkstemp(prefix=scratch_prefix(path.name), suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         save_file(out, tmp, metadata={_STATE_META: json.dumps(header)})
@@ -359,6 +364,12 @@ def save_state(path: str | Path, tree: Any, *, fingerprint: str, meta: Mapping[s
 def read_state_header(path: str | Path) -> dict[str, Any] | None:
     """The JSON header of a state file (fingerprint, meta) without reading any tensor; ``None`` when
     the file is missing or is not a Sonde state."""
+    info = _any_state_header(path)
+    return info if info is not None and info.get("format") == STATE_FORMAT else None
+
+
+def _any_state_header(path: str | Path) -> dict[str, Any] | None:
+    """The header of a Sonde state file of any format version (``None``: not a Sonde state)."""
     p = Path(path)
     try:
         with p.open("rb") as f:
@@ -369,7 +380,7 @@ def read_state_header(path: str | Path) -> dict[str, Any] | None:
         info = json.loads(head["__metadata__"][_STATE_META])
     except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError):
         return None
-    return info if isinstance(info, dict) and info.get("format") == STATE_FORMAT else None
+    return info if isinstance(info, dict) and type(info.get("format")) is int else None
 
 
 def load_state(path: str | Path, fingerprint: str) -> tuple[Any, dict[str, Any]] | None:
@@ -384,10 +395,27 @@ def load_state(path: str | Path, fingerprint: str) -> tuple[Any, dict[str, Any]]
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
+        if info.get("digest") != _digest(info, tensors):
+            warnings.warn(SondeWarning(f"ignoring the saved state {str(path)!r} (its contents do not match its digest: "
+                                       "altered or damaged); starting over"))
+            return None
         return _decode(info["tree"], tensors), _decode(info.get("meta", {}), {})
-    except (OSError, KeyError, ValueError, RuntimeError) as e:
+    except (OSError, KeyError, ValueError, TypeError, RuntimeError) as e:
         warnings.warn(SondeWarning(f"ignoring the unreadable saved state {str(path)!r} ({type(e).__name__}); starting over."))
         return None
+
+
+def _digest(header: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over a state's JSON header (format, fingerprint, tree skeleton, meta) and every tensor's name,
+    dtype, shape and bytes: any change to the file after :func:`save_state` wrote it shows."""
+    body = {k: header.get(k) for k in ("format", "fingerprint", "tree", "meta")}
+    h = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(f"\0{name}\0{t.dtype}\0{list(t.shape)}\0".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
 
 
 def private_dir(path: str | Path) -> Path:
@@ -436,9 +464,18 @@ class Checkpoint:
     and the count), replaced by one atomic rename per save, so a run killed at any instant resumes
     from the last completed save with no item lost or counted twice. The folder is private (0700).
 
+    Before a saved state is used it is checked: the file's digest; the count ``n_done`` (an integer,
+    at least 0, at most ``n_items`` when the run gives its number of inputs; the same count is kept
+    in the header and beside the states); the number of inputs it was made for; each reducer's kind
+    and update count against what was recorded at the save; the counts named in ``counts`` (e.g.
+    ``extra["skipped"]``: integers between 0 and ``n_done``); with ``exact_counts`` (each item updates
+    every reducer once unless it is counted in ``counts``), that updates plus those counts make
+    ``n_done``. The fingerprint should bind the run to its inputs (their hash). A state that fails a
+    check is not used: the run starts over with one :class:`probes.errors.SondeWarning` line.
+
     Usage::
 
-        ck = Checkpoint(work_dir(out_dir, "progress"), fingerprint=run_key)
+        ck = Checkpoint(work_dir(out_dir, "progress"), fingerprint=run_key, n_items=len(items))
         done = ck.restore(reducers)              # number of items already folded in (0 on a fresh run)
         for i, item in enumerate(items):
             if i < done: continue
@@ -449,29 +486,113 @@ class Checkpoint:
 
     FILE = "state.safetensors"
 
-    def __init__(self, folder: str | Path, *, fingerprint: str):
+    def __init__(self, folder: str | Path, *, fingerprint: str, n_items: int | None = None, counts: tuple[str, ...] = ("skipped",),
+                 exact_counts: bool = False):
         self.folder = Path(folder)
         self.fingerprint = fingerprint
+        self.n_items = None if n_items is None else int(n_items)
+        self.counts = tuple(counts)
+        self.exact_counts = bool(exact_counts)
         self.extra: dict[str, Any] = {}
 
     def save(self, n_done: int, reducers: Mapping[str, Reducer], extra: Mapping[str, Any] | None = None) -> None:
+        n_done = int(n_done)
+        if n_done < 0 or (self.n_items is not None and n_done > self.n_items):
+            raise ValueError(f"Checkpoint.save: n_done={n_done} is outside 0..{self.n_items}.")
+        progress = {"n_done": n_done, "n_items": self.n_items, "extra": dict(extra or {}),
+                    "updates": {name: int(r.n_updates) for name, r in reducers.items()}}
         private_dir(self.folder)
-        save_state(self.folder / self.FILE, {name: r.state() for name, r in reducers.items()}, fingerprint=self.fingerprint,
-                   meta={"n_done": int(n_done), "extra": dict(extra or {})})
+        save_state(self.folder / self.FILE, {"states": {name: r.state() for name, r in reducers.items()}, "progress": progress},
+                   fingerprint=self.fingerprint, meta=progress)
 
     def restore(self, reducers: Mapping[str, Reducer]) -> int:
-        """Load saved states into ``reducers``; returns items done (0 if nothing matches this run)."""
+        """Load saved states into ``reducers``; returns items done (0 if nothing matches this run, or if
+        the saved state fails its checks: then one warning line says so and the reducers stay empty)."""
         got = load_state(self.folder / self.FILE, self.fingerprint)
         if got is None:
             return 0
-        states, meta = got
+        tree, meta = got
+        problem = self._problem(tree, meta, reducers)
+        if problem:
+            warnings.warn(SondeWarning(f"ignoring the saved progress {str(self.folder / self.FILE)!r} ({problem}); starting over"))
+            return 0
+        states, progress = tree["states"], tree["progress"]
         for name, r in reducers.items():
             if name in states:  # a reducer this checkpoint never saw starts empty
                 r.load_state(dict(states[name]))
-        self.extra = dict(meta.get("extra", {}))
-        return int(meta["n_done"])
+        self.extra = dict(progress["extra"])
+        return progress["n_done"]
+
+    def _problem(self, tree: Any, meta: Any, reducers: Mapping[str, Reducer]) -> str | None:
+        """What is wrong with a saved checkpoint, or ``None`` when it can be used."""
+        if not (isinstance(tree, dict) and isinstance(tree.get("states"), dict) and isinstance(tree.get("progress"), dict)):
+            return "not a checkpoint of this version"
+        progress, states = tree["progress"], tree["states"]
+        if not same_json(meta, progress):
+            return "its header and its contents disagree"
+        n = progress.get("n_done")
+        if not _is_count(n):
+            return f"n_done={n!r} is not a count"
+        saved_items = progress.get("n_items")
+        if saved_items is not None and not _is_count(saved_items):
+            return f"n_items={saved_items!r} is not a count"
+        if saved_items is not None and n > saved_items:
+            return f"n_done={n} exceeds the {saved_items} inputs it was made for"
+        if self.n_items is not None:
+            if saved_items is not None and saved_items != self.n_items:
+                return f"it was made for {saved_items} inputs, this run has {self.n_items}"
+            if n > self.n_items:
+                return f"n_done={n} exceeds the {self.n_items} inputs of this run"
+        extra = progress.get("extra")
+        if not isinstance(extra, dict):
+            return "its extra values are not a mapping"
+        for c in self.counts:
+            if c in extra and not (_is_count(extra[c]) and extra[c] <= n):
+                return f"{c}={extra[c]!r} is not a count between 0 and n_done={n}"
+        updates = progress.get("updates")
+        if not isinstance(updates, dict) or set(updates) != set(states):
+            return "its reducer list is damaged"
+        for name, st in states.items():
+            u = st.get("__n_updates__") if isinstance(st, dict) else None
+            if not (_is_count(u) and updates[name] == u):
+                return f"reducer {name!r} holds {u!r} updates, {updates[name]!r} were saved"
+            if n == 0 and u:
+                return f"reducer {name!r} holds {u} updates but no item is done"
+            if self.exact_counts and u + sum(extra.get(c, 0) for c in self.counts) != n:
+                return f"reducer {name!r} holds {u} updates and {', '.join(f'{c}={extra.get(c, 0)}' for c in self.counts)}, not n_done={n}"
+            r = reducers.get(name)
+            if r is not None and st.get("__kind__") != type(r).__name__:
+                return f"reducer {name!r} is a {st.get('__kind__')!r}, this run has a {type(r).__name__}"
+        return None
 
     def clear(self) -> None:
-        import shutil
+        """Remove the saved progress (its file and temporary files, then the folder if that empties it)."""
+        _remove_state_files(self.folder, [self.FILE])
 
-        shutil.rmtree(self.folder, ignore_errors=True)
+
+def _is_count(x: Any) -> bool:
+    return type(x) is int and x >= 0
+
+
+def same_json(a: Any, b: Any) -> bool:
+    """Equal as JSON values, types included (``6`` is not ``6.0`` and ``1`` is not ``True``)."""
+    try:
+        return json.dumps(a, sort_keys=True, default=repr) == json.dumps(b, sort_keys=True, default=repr)
+    except (TypeError, ValueError):
+        return False
+
+
+def _remove_state_files(folder: Path, names: list[str]) -> None:
+    """Delete the named state files of ``folder`` (and this process's or dead runs' temporary files), then
+    ``folder`` if that leaves it empty; anything else in it stays."""
+    from .store import clean_stale
+
+    for n in names:
+        f = folder / n
+        if f.is_file() and not f.is_symlink() and _any_state_header(f) is not None:
+            f.unlink(missing_ok=True)
+    clean_stale(folder)
+    try:
+        folder.rmdir()
+    except OSError:
+        pass

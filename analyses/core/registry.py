@@ -69,7 +69,8 @@ class ShardProtocol:
     * ``finish(probe_or_info, state, config, timings, source) -> Result``: the result, whose key the
       analysis derives from the merged state (the same key a one-pass run over the same inputs gets);
       ``needs_probe``: it runs where the model is loaded.
-    * ``name``: what a sweep calls it (``sonde run routes --engine``: ``routes``; default: the analysis's name).
+    * ``name``: what a sweep calls it (``sonde run routes --engine``: ``routes``; default: the analysis's name);
+    * ``count(state) -> int``: how many items a state covers (the merge ledger checks it against the shards).
     """
 
     accumulate: Callable[..., dict]
@@ -77,6 +78,7 @@ class ShardProtocol:
     finish: Callable[..., Any]
     needs_probe: bool = False
     name: str | None = None
+    count: Callable[[Mapping[str, Any]], int] | None = None
 
 
 @dataclass(frozen=True)

@@ -92,7 +92,7 @@ def write_html(fig: Any, path: str | Path) -> Path:
     """Write ``fig`` as a self-contained interactive HTML file (opens offline); the file appears complete or not at all."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=store.scratch_prefix(path.name), suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(figure_bytes(fig, "html"))
