@@ -974,14 +974,17 @@ def _fold(probe, records: Sequence, config: DatasetConfig, stats: RouteStats, *,
     return skipped
 
 
-def _prepare_dataset(probe, records: Iterable, *, config: DatasetConfig) -> registry.Inputs:
-    """The records as a list, with the hash of their ordered ``(text, domain)`` digests (the same hash a sharded
-    sweep of the same records derives from its merged state)."""
+def _check_records(records: Any) -> None:
     if isinstance(records, (str, bytes)) or records is None or not hasattr(records, "__iter__"):
         raise InputError(f"run_dataset takes a list of prompts (strings or records), got {type(records).__name__}.",
                          hint="For one prompt use routes.run(probe, text).")
-    records = list(records)
-    return registry.Inputs(registry.digests_hash(_digests(records)), records)
+
+
+def _prepare_dataset(probe, records: Iterable, *, config: DatasetConfig, **_: Any) -> registry.Inputs:
+    """The hash of the records' ordered ``(text, domain)`` digests: the hash :func:`run_dataset` derives while it
+    streams them, and a sharded sweep from its merged state."""
+    _check_records(records)
+    return registry.Inputs(registry.digests_hash(_digests(list(records))))
 
 
 def _digests(records: Sequence) -> torch.Tensor:
@@ -1045,21 +1048,29 @@ def run_dataset(probe, records: Iterable, *, config: DatasetConfig = DatasetConf
         progress: called with 1 after each prompt.
         partial: called with the statistics so far every ``partial_every`` prompts (a live view).
     """
-    inp = SPEC_DATASET.inputs(probe, records, config=config)
+    registry.check_probe(probe, "routes.run_dataset")
+    registry.check_config(config, DatasetConfig, "routes.run_dataset")
+    _check_records(records)
     timer = Timer()
     stats = RouteStats(probe.info.n_layers, probe.info.n_heads)
-    done = [0]
+    done, digests = [0], []
+
+    def digested(items):  # the records stream through; only their 8-byte digests are kept (the key)
+        for rec in items:
+            digests.append(_digests([rec]))
+            yield rec
 
     def step(k: int) -> None:
         done[0] += k
         if progress:
             progress(k)
         if partial is not None and done[0] % partial_every == 0 and float(stats.n.sum()) > 0:
-            partial(_stats_result(probe.info.to_dict(), stats, config=config, n_skipped=0, input_hash=inp.hash))
+            partial(_stats_result(probe.info.to_dict(), stats, config=config, n_skipped=0, input_hash=""))
 
     with timer("routes"):
-        skipped = _fold(probe, inp.data, config, stats, checkpoint=checkpoint, progress=step)
-    return _stats_result(probe.info.to_dict(), stats, config=config, n_skipped=skipped, input_hash=inp.hash,
+        skipped = _fold(probe, digested(records), config, stats, checkpoint=checkpoint, progress=step)
+    input_hash = registry.digests_hash(torch.cat(digests) if digests else torch.zeros(0, 8, dtype=torch.uint8))
+    return _stats_result(probe.info.to_dict(), stats, config=config, n_skipped=skipped, input_hash=input_hash,
                          timings=timer.seconds)
 
 

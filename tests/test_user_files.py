@@ -378,7 +378,8 @@ def _counting_merge(a, b):
 
 
 def _ledger(folder, sizes=(2, 2, 2, 2)):
-    return cluster.Ledger(folder, fingerprint="f", n_shards=len(sizes), merge=_counting_merge, sizes=list(sizes))
+    return cluster.Ledger(folder, fingerprint="f", n_shards=len(sizes), merge=_counting_merge, sizes=list(sizes),
+                          count=lambda st: st["n_texts"])
 
 
 def _shard(i, size=2):

@@ -387,8 +387,7 @@ class Ledger:
             return f"index={i!r} does not name one of the {self.n_shards} shards (file name: shard {name_index})"
         return self._count_problem(prog.get("items"), tree["state"], None if self.sizes is None else self.sizes[i], f"shard {i}")
 
-    @staticmethod
-    def _count_problem(saved: Any, state: Any, want: int | None, what: str) -> str | None:
+    def _count_problem(self, saved: Any, state: Any, want: int | None, what: str) -> str | None:
         if saved is not None and type(saved) is not int:
             return f"items={saved!r} is not a count"
         if want is not None and saved is not None and saved != want:
