@@ -952,7 +952,7 @@ def accumulate(probe, records: Iterable, *, config: DatasetConfig = DatasetConfi
             continue
         text = rec if isinstance(rec, str) else rec.text
         domain = (None if isinstance(rec, str) else rec.domain) or "all"
-        toks = probe.to_tokens(text, prepend_bos=config.prepend_bos)[:, : config.max_tokens]
+        toks = probe.to_tokens(text, prepend_bos=config.prepend_bos, max_length=config.max_tokens, truncate=True)
         T = toks.shape[-1]
         if not -T <= config.position < T:
             skipped += 1
