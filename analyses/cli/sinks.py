@@ -12,7 +12,7 @@ from typing import Optional
 import typer
 
 from .options import config_option
-from .common import model_options, BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OutOpt, load_probe, progress, saved, status
+from .common import input_file, model_options, BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OutOpt, load_probe, progress, saved, status
 
 # sweep options (shared with `sonde run routes`)
 EngineOpt = typer.Option(None, "--engine", help="Sharded dataset sweep: local (this process) or ray. Default: one pass, no shards.")
@@ -22,7 +22,7 @@ GpusOpt = typer.Option(0.0, "--gpus-per-worker", help="GPUs per Ray worker (1 = 
 ShardOpt = typer.Option(32, "--shard-size", help="Items per shard (a multiple of --batch-size keeps one-pass batches).")
 RetriesOpt = typer.Option(2, "--max-retries", help="Extra attempts of a failing shard.")
 ResumeOpt = typer.Option(True, "--resume/--no-resume", help="Resume from the shards of an interrupted sweep (merge ledger).")
-ThreadsOpt = typer.Option(1, "--threads", min=1, help="Torch CPU threads of the statistics, the same in every engine and the "
+ThreadsOpt = typer.Option(1, "--threads", min=1, max=256, help="Torch CPU threads of the statistics, the same in every engine and the "
                           "one-pass run (so they agree bit for bit); more is faster on a many-core CPU.")
 
 
@@ -97,7 +97,7 @@ def register(run_app: typer.Typer) -> None:
     def sinks_cmd(
         model: str = ModelOpt,
         prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="One text (must reach T tokens)."),
-        input: Optional[Path] = typer.Option(None, "--input", "-i", help="JSONL/Parquet (field 'text'), text file or hf:NAME:SPLIT."),
+        input: Optional[Path] = typer.Option(None, "--input", "-i", help="JSONL/Parquet (field 'text'), text file or hf:NAME:SPLIT.", callback=input_file),
         domain: Optional[str] = typer.Option(None, "--domain", "-d", help="Built-in domain: prose, code, arithmetic, random, repeat."),
         eps: float = config_option("sinks", "eps"),
         positions: str = config_option("sinks", "positions", help="Key positions k (0-indexed), e.g. 0,1."),
@@ -172,7 +172,7 @@ def register(run_app: typer.Typer) -> None:
     def dormant_cmd(
         model: str = ModelOpt,
         domains: str = typer.Option("prose,code,arithmetic", "--domains", help="Comma-separated built-in domains."),
-        input: Optional[Path] = typer.Option(None, "--input", "-i", help="JSONL with 'text' and 'domain' fields (replaces --domains)."),
+        input: Optional[Path] = typer.Option(None, "--input", "-i", help="JSONL with 'text' and 'domain' fields (replaces --domains).", callback=input_file),
         theta: float = config_option("dormant", "theta"),
         sink_pos: int = config_option("dormant", "sink_pos"),
         heads: Optional[str] = config_option("dormant", "heads", help="Heads for the causal check, e.g. L5H3,L20H6."),
