@@ -956,7 +956,7 @@ def _fold(probe, records: Sequence, config: DatasetConfig, stats: RouteStats, *,
         if n_seen <= done:
             continue
         text, domain = _text_domain(rec)
-        toks = probe.to_tokens(text, prepend_bos=config.prepend_bos)[:, : config.max_tokens]
+        toks = probe.to_tokens(text, prepend_bos=config.prepend_bos, max_length=config.max_tokens, truncate=True)
         T = toks.shape[-1]
         if not -T <= config.position < T:
             skipped += 1

@@ -38,10 +38,36 @@ def _listening(host: str, port: int, timeout: float = 120) -> None:
             time.sleep(0.2)
 
 
+def address_problem(host: str, port: int | str) -> str | None:
+    """Why the server could not listen on ``host:port`` (one line), or None: a port that is not a number in
+    1..65535, a host that does not resolve, an address that is not this machine's, a port already in use."""
+    try:
+        port = int(str(port).strip())
+    except ValueError:
+        return f"port {port!r} is not a number."
+    if not 1 <= port <= 65535:
+        return f"port {port} is not a TCP port (1..65535)."
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError, ValueError) as e:
+        return f"host {host!r} is not an address or a host name that resolves ({getattr(e, 'strerror', None) or e})."
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as e:
+            return f"cannot listen on {host}:{port} ({e.strerror or e})."
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     from dashboard import warm
 
     args = list(sys.argv[1:] if argv is None else argv)
+    problem = address_problem(_option(args, "--server.address", "127.0.0.1"), _option(args, "--server.port", "8501"))
+    if problem:  # one line instead of the server's traceback
+        print(f"error: {problem}", file=sys.stderr)
+        raise SystemExit(2)
     # Idle OpenMP workers sleep instead of spinning (unless OMP_WAIT_POLICY is set): the browser usually shares the
     # machine, and spinning workers fight it for the cores. On 2 cores the first page's forward pass took 3.1 s
     # spinning and 0.2 s sleeping while Chromium drew the page (benchmarks/RESULTS.md, 2026-12-02). Set before torch loads.

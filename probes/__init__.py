@@ -79,9 +79,11 @@ def from_hf(hf_model: Any, tokenizer: Any, *, backend: str = "nnsight", name: st
     """
     from .backend import BACKENDS
     from .errors import ConfigError
+    from .loading import use_private_compile_caches
 
     if backend not in BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}.", hint=f"Use one of: {', '.join(BACKENDS)}.")
+    use_private_compile_caches()  # before any torch.compile of this probe's kernels
     name = name or getattr(hf_model.config, "_name_or_path", None) or hf_model.config.model_type
     hf_model.eval()
     if backend == "nnsight":
@@ -109,7 +111,8 @@ def load_model(
 
     Args:
         name: ``"embedded"`` (SmolLM2-135M-Instruct, works offline), a Hugging Face id (local cache
-            first), a local folder saved with ``save_pretrained`` (safetensors), or a ``.gguf`` file.
+            first), a local folder saved with ``save_pretrained`` (safetensors), or a ``.gguf`` file
+            (a ``str`` or a ``pathlib.Path``).
         backend: ``"nnsight"`` or ``"transformer_lens"``.
         device: ``auto`` (CUDA if present), ``cpu``, ``cuda``, ``cuda:N``, ``mps``.
         dtype: ``auto`` (fp32 on CPU, bf16 on GPU), ``float32``, ``bfloat16``, ``float16``.
@@ -121,10 +124,14 @@ def load_model(
         remote: run the model on NDIF through nnsight (needs an API key and network; see
             :mod:`probes.remote`). Only hub ids, the nnsight backend and module-output sites.
     """
+    import os
+
     from .backend import BACKENDS
     from .errors import ConfigError
     from .loading import load_hf, resolve_device, resolve_dtype
 
+    if isinstance(name, os.PathLike):  # a pathlib.Path of a folder or .gguf file
+        name = os.fspath(name)
     if backend not in BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}.", hint=f"Use one of: {', '.join(BACKENDS)}.")
     if remote:

@@ -227,36 +227,46 @@ class Probe:
         return self.tokenizer.bos_token_id
 
     def to_tokens(self, text: str | Sequence[str], *, prepend_bos: bool | None = None,
-                  max_length: int | None = None, padding_side: Literal["left", "right"] = "right") -> torch.Tensor:
+                  max_length: int | None = None, padding_side: Literal["left", "right"] = "right",
+                  truncate: bool = False) -> torch.Tensor:
         """Tokenize to ``[B, T]`` ids on the model's device.
 
         ``prepend_bos=None`` follows the tokenizer's default; ``True`` makes sure every row starts with
         BOS, ``False`` strips it. Several texts are padded (``padding_side``) with the pad token.
+        A text longer than ``max_length`` tokens (default: the model's context) is refused, or cut to its
+        first ``max_length`` tokens with ``truncate=True``. Either way only a prefix of a long text is
+        tokenized (a few characters per allowed token), so a huge text costs no more than a short one.
         """
+        if isinstance(text, (bytes, bytearray)) or text is None:
+            raise InputError(f"to_tokens takes a string or a list of strings, not {type(text).__name__}.",
+                             hint="Decode bytes first (text.decode('utf-8')).")
         texts = [text] if isinstance(text, str) else list(text)
         if not texts:
             raise InputError("no text was given.", hint="Pass a non-empty prompt.")
+        if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
+            raise InputError(f"max_length={max_length!r}; give a positive number of tokens.")
+        limit = max_length or self.info.n_ctx
         rows = []
         for i, t in enumerate(texts):
             if not isinstance(t, str):
                 raise InputError(f"text {i} is a {type(t).__name__}, not a string.")
             if not t.strip():
                 raise InputError("the prompt is empty." if len(texts) == 1 else f"text {i} is empty.", hint="Type a prompt with at least one word.")
-            ids = self.tokenizer(t, add_special_tokens=True).input_ids
+            ids, whole = self._encode_prefix(t, limit)
             bos = self.bos_token_id
             if prepend_bos is True and bos is not None and (not ids or ids[0] != bos):
                 ids = [bos] + ids
             elif prepend_bos is False and bos is not None and ids and ids[0] == bos:
                 ids = ids[1:]
+            if len(ids) > limit:
+                if not truncate:
+                    size = f"{len(ids)} tokens long" if whole else f"more than {limit} tokens long ({len(t)} characters)"
+                    which = "" if len(texts) == 1 else f" {i}"
+                    allowed = "this model takes at most" if max_length is None else "at most"
+                    raise InputError(f"the prompt{which} is {size}; {allowed} {limit}{'' if max_length is None else ' are allowed'}.",
+                                     hint="Shorten it (or pass a smaller text).")
+                ids = ids[:limit]
             rows.append(ids)
-        limit = max_length or self.info.n_ctx
-        too_long = [(i, len(r)) for i, r in enumerate(rows) if len(r) > limit]
-        if too_long:
-            i, n = too_long[0]
-            raise InputError(
-                f"the prompt{'' if len(rows) == 1 else f' {i}'} is {n} tokens long; this model takes at most {limit}.",
-                hint="Shorten it (or pass a smaller text).",
-            )
         T = max(len(r) for r in rows)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         out = torch.full((len(rows), T), pad, dtype=torch.long)
@@ -266,6 +276,22 @@ class Probe:
             else:
                 out[i, T - len(r):] = torch.tensor(r)
         return out.to(self.device)
+
+    #: tokens past the limit that a prefix must give before its first ``limit`` tokens are trusted to be those of
+    #: the whole text (a cut only changes the tokens of the word it falls in)
+    _PREFIX_MARGIN = 16
+
+    def _encode_prefix(self, text: str, limit: int) -> tuple[list[int], bool]:
+        """``(ids, whole)``: the ids of ``text``, or of a prefix of it that already gives more than ``limit`` tokens
+        (``whole`` False; its first ``limit + 1`` ids are those of the whole text). The prefix starts at 8 characters per
+        allowed token and grows fourfold, so a text far over the limit is never tokenized as a whole."""
+        n = max(256, 8 * (limit + self._PREFIX_MARGIN))
+        while n < len(text):
+            ids = self.tokenizer(text[:n], add_special_tokens=True).input_ids
+            if len(ids) > limit + self._PREFIX_MARGIN:
+                return ids, False
+            n *= 4
+        return self.tokenizer(text, add_special_tokens=True).input_ids, True
 
     def to_str_tokens(self, tokens: torch.Tensor | Sequence[int]) -> list[str]:
         """Token strings of one row (as the tokenizer decodes each token alone)."""
@@ -403,12 +429,13 @@ class Probe:
         return self.hf_model(input_ids=self._ids(tokens), attention_mask=attention_mask).logits
 
     @_serialized
-    def run(self, tokens: torch.Tensor, reads: Reads | None = None, edits: Sequence[Edit] = (), *,
+    def run(self, tokens: "torch.Tensor | str", reads: Reads | None = None, edits: Sequence[Edit] = (), *,
             attention_mask: torch.Tensor | None = None, return_logits: bool = True) -> torch.Tensor | None:
         """One forward pass that updates ``reads``' reducers and applies ``edits`` inside the hooks.
 
         Args:
-            tokens: ids ``[B, T]`` (or ``[T]``).
+            tokens: ids ``[B, T]`` (or ``[T]``; a tensor, an array or lists of ints), or a text, tokenized as
+                ``to_tokens(text)`` does (the tokenizer's BOS rule).
             reads: site name (or :class:`Site`) -> a reducer, a function ``fn(x)`` called with the site's tensor
                 inside the hook (after the edits; to stream a computation without keeping the tensor), or a list of them.
             edits: interventions (:mod:`probes.edits`).
@@ -473,9 +500,23 @@ class Probe:
         return tuple(sorted(set(e if isinstance(e, (list, tuple)) else [e]) - {None}))
 
     def _ids(self, tokens) -> torch.Tensor:
+        """The ``[B, T]`` ids of what ``run`` was given: token ids (a tensor, array or list of ints, one row or a batch),
+        or a text, tokenized as :meth:`to_tokens` does by default (the tokenizer's BOS rule)."""
         if isinstance(tokens, str):
-            raise InputError("run() takes token ids; call probe.to_tokens(text) first.")
-        ids = torch.as_tensor(tokens)
+            return self.to_tokens(tokens)
+        if tokens is None or isinstance(tokens, (bytes, bytearray, dict, set)) or isinstance(tokens, float):
+            raise InputError(f"run() takes token ids or a text, not {type(tokens).__name__}.",
+                             hint="Pass probe.to_tokens(text), a [B, T] tensor of ids, or the text itself.")
+        if isinstance(tokens, (list, tuple)):
+            flat = [x for row in tokens for x in (row if isinstance(row, (list, tuple)) else [row])]
+            if not flat or not all(isinstance(x, int) and not isinstance(x, bool) for x in flat):
+                raise InputError("run() takes token ids (lists of ints, one row or a batch of equal rows) or a text.",
+                                 hint="Tokenize texts with probe.to_tokens(...) first.")
+        try:
+            ids = torch.as_tensor(tokens)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise InputError(f"tokens cannot be read as a [B, T] array of ids ({' '.join(str(e).split())}).",
+                             hint="Pass equal-length rows of ints, or probe.to_tokens(texts).") from None
         if ids.ndim == 1:
             ids = ids[None]
         if ids.ndim != 2 or ids.dtype not in (torch.int64, torch.int32):

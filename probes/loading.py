@@ -27,11 +27,14 @@ from typing import Any
 import torch
 
 from . import EMBEDDED  # defined by the package (which imports nothing heavy), re-exported here
-from .errors import DeviceError, ModelLoadError
+from .errors import DeviceError, ModelLoadError, check_input_file, reason, user_file
 
 __all__ = [
     "EMBEDDED",
     "cache_dir",
+    "private_cache_dir",
+    "use_private_compile_caches",
+    "check_model_config",
     "embedded_gguf_path",
     "embedded_model_dir",
     "resolve_device",
@@ -55,6 +58,49 @@ def cache_dir() -> Path:
         return Path(root).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME")
     return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "sonde"
+
+
+def private_cache_dir(*parts: str) -> Path:
+    """A folder under :func:`cache_dir` that only this user can use (created with mode 0700). An existing one must
+    be a folder (not a link) that this user owns and no other user can write to; anything else is refused
+    (:class:`ModelLoadError`), since what is read back from it (compiled kernels) is trusted."""
+    import stat
+
+    p = cache_dir().joinpath(*parts)
+    try:
+        p.mkdir(parents=True, exist_ok=True, mode=0o700)
+        st = os.lstat(p)
+    except OSError as e:
+        raise ModelLoadError(f"cannot create the cache folder {str(p)!r} ({e.strerror or e}).",
+                             hint="Set SONDE_CACHE to a writable folder of your own.") from None
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+        raise ModelLoadError(f"{str(p)!r} is not a private folder of this user (a link, another owner, or writable by others).",
+                             hint="Remove it, or set SONDE_CACHE to a folder of your own.")
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        os.chmod(p, 0o700)
+    return p
+
+
+#: torch.compile's caches: the inductor and Triton kernels it writes and later loads back (with pickle); by
+#: default they sit in the shared temp folder (``/tmp/torchinductor_<user>``), where another user could plant one.
+COMPILE_CACHE_VARS = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
+
+
+def use_private_compile_caches() -> Path | None:
+    """Point torch.compile's caches (``TORCHINDUCTOR_CACHE_DIR``, ``TRITON_CACHE_DIR``) at a private folder in
+    Sonde's cache (``<cache>/compile``, mode 0700) unless the user set them. Called before a model is wrapped in a
+    probe, so before any kernel is compiled; returns the folder (None when both were already set, or when the
+    cache cannot be created: torch then keeps its defaults)."""
+    if all(os.environ.get(k) for k in COMPILE_CACHE_VARS):
+        return None
+    try:
+        base = private_cache_dir("compile")
+    except ModelLoadError:
+        return None
+    for var, sub in zip(COMPILE_CACHE_VARS, ("inductor", "triton")):
+        if not os.environ.get(var):
+            os.environ[var] = str(base / sub)
+    return base
 
 
 def embedded_gguf_path() -> Path:
@@ -140,17 +186,28 @@ def embedded_model_dir() -> Path:
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """``auto`` -> CUDA if present, else MPS, else CPU; an explicit ``cuda`` without a GPU is an error."""
+    """``auto`` -> CUDA if present, else MPS, else CPU; a device this machine does not have (``cuda`` without a
+    GPU, ``cuda:3`` on a one-GPU machine, ``mps`` off Apple silicon, ``cpu:7``) is a :class:`DeviceError`."""
+    if isinstance(device, str):
+        device = device.strip()
     if device is None or device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
+    hint = "Use auto, cpu, cuda, cuda:N or mps."
     try:
         dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise DeviceError(f"unknown device {device!r}.", hint="Use auto, cpu, cuda, cuda:N or mps.") from e
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise DeviceError(f"unknown device {device!r}.", hint=hint) from e
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise DeviceError(f"device {device!r} is not supported.", hint=hint)
+    if dev.type in ("cpu", "mps") and dev.index not in (None, 0):
+        raise DeviceError(f"device {device!r} does not exist: there is one {dev.type} device ({dev.type} or {dev.type}:0).", hint=hint)
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise DeviceError(f"device {device!r} was asked for, but this machine has no MPS (Apple GPU) device.",
+                          hint="Use --device cpu (or auto).")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise DeviceError(f"device {device!r} was asked for, but this machine has no CUDA GPU.", hint="Use --device cpu (or auto).")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
@@ -233,6 +290,57 @@ def _check_device_map(device_map: str | dict | None, max_memory: dict | None) ->
                           hint=f"Use one of {', '.join(DEVICE_MAPS)}, a device (cpu, cuda:0) or a dict of module -> device.")
 
 
+#: config fields that are counts or widths: a value that is not a positive integer would build a broken model
+#: (``num_hidden_layers: -3`` builds one with no blocks)
+_SIZE_FIELDS = ("num_hidden_layers", "n_layer", "num_layers", "hidden_size", "n_embd", "num_attention_heads", "n_head",
+                "num_key_value_heads", "head_dim", "intermediate_size", "n_inner", "vocab_size", "max_position_embeddings",
+                "n_positions", "n_ctx")
+
+
+def check_model_config(cfg: Any, where: str) -> None:
+    """Refuse a model config Sonde cannot use, in one line naming ``where`` it came from: not a JSON object, a
+    ``model_type`` outside Sonde's families (:data:`probes.arch.ARCHS`), or a size that is not a positive integer."""
+    from .arch import ARCHS
+
+    hint = "Fix the config, or save the model again with save_pretrained."
+    if not isinstance(cfg, dict):
+        raise ModelLoadError(f"{where} is not a model config (a JSON object).", hint=hint)
+    mt = cfg.get("model_type")
+    if mt not in ARCHS:
+        raise ModelLoadError(f"{where} has model_type {mt!r}, which is not a family Sonde supports "
+                             f"({', '.join(sorted(ARCHS))}).", hint="Add an ArchSpec in probes/arch.py to support it.")
+    for k in _SIZE_FIELDS:
+        v = cfg.get(k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+            raise ModelLoadError(f"{where} sets {k}={v!r}; sizes must be positive integers.", hint=hint)
+
+
+def _read_config(folder: Path) -> None:
+    """Read and check a model folder's ``config.json`` before transformers does (its errors are many lines long)."""
+    f = folder / "config.json"
+    try:
+        text = f.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"cannot read {str(f)!r}: {reason(e)}.") from None
+    try:
+        cfg = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{str(f)!r} is malformed JSON ({e.msg} at line {e.lineno}, column {e.colno}).",
+                             hint="Fix the file, or save the model again with save_pretrained.") from None
+    check_model_config(cfg, repr(str(f)))
+
+
+def _check_gguf(path: Path) -> Path:
+    """A GGUF file the user named: a regular, non-empty file that starts with the GGUF magic bytes."""
+    p = check_input_file(path, "GGUF file", error=ModelLoadError, hint="Give a .gguf model file, a folder, an HF id or 'embedded'.")
+    with user_file(p, "GGUF file", error=ModelLoadError), p.open("rb") as f:
+        head = f.read(8)
+    if head[:4] != b"GGUF" or len(head) < 8:
+        raise ModelLoadError(f"{str(p)!r} is not a GGUF file (it does not start with the GGUF magic bytes).",
+                             hint="Give a .gguf model file, a folder, an HF id or 'embedded'.")
+    return p
+
+
 def _hub_reachable(timeout: float = 3.0) -> bool:
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         return False
@@ -297,6 +405,8 @@ def load_hf(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if isinstance(name, os.PathLike):
+        name = os.fspath(name)
     if not isinstance(name, str) or not name.strip():
         raise ModelLoadError("no model was given.", hint="Pass 'embedded', an HF id, a local folder or a .gguf file.")
     name = name.strip()
@@ -318,10 +428,11 @@ def load_hf(
         model_kw, tok_src = {**kw, "use_safetensors": True}, folder
         load_from = str(folder)
     elif path.suffix == ".gguf":
-        if not path.is_file():
-            raise ModelLoadError(f"GGUF file {str(path)!r} does not exist.")
+        _check_gguf(path)
         digest = hashlib.sha1(f"{path.resolve()}:{path.stat().st_size}:{path.stat().st_mtime_ns}".encode()).hexdigest()[:12]
-        folder = _gguf_to_safetensors(path.resolve(), cache_dir() / "models" / f"{path.stem}-{digest}")
+        # the reader's errors on a damaged file (bad magic, truncated tensors, odd metadata) name the file
+        with user_file(path, "GGUF file", error=ModelLoadError, also=(RuntimeError, KeyError, IndexError)):
+            folder = _gguf_to_safetensors(path.resolve(), cache_dir() / "models" / f"{path.stem}-{digest}")
         model_kw, tok_src, load_from = {**kw, "use_safetensors": True}, folder, str(folder)
     elif path.exists() or name.startswith((".", "/", "~")):
         if not (path / "config.json").is_file():
@@ -329,6 +440,7 @@ def load_hf(
                 f"{str(path)!r} is not a model folder (no config.json).",
                 hint="Give a folder saved with save_pretrained, a .gguf file, an HF id, or 'embedded'.",
             )
+        _read_config(path)
         if not any(path.glob("*.safetensors")):
             raise ModelLoadError(
                 f"{str(path)!r} has no .safetensors weights; Sonde does not load pickled (.bin/.pt) weights.",
@@ -359,9 +471,16 @@ def load_hf(
                 f"model {name!r} needs custom code from its repository.",
                 hint="Sonde never runs remote code by default; pass trust_remote_code=True (CLI: --trust-remote-code) if you trust it.",
             ) from e
-        raise ModelLoadError(f"could not load model {name!r}: {e}") from e
-    except OSError as e:
-        raise ModelLoadError(f"could not load model {name!r}: {e}") from e
+        raise ModelLoadError(f"could not load model {name!r}: {reason(e)}") from e
+    except (OSError, RuntimeError) as e:  # unreadable or damaged weights (a truncated shard, mismatched shapes)
+        raise ModelLoadError(f"could not load model {name!r}: {reason(e)}") from e
+    except Exception as e:
+        from .errors import from_file_library
+
+        if from_file_library(e):  # safetensors' own error type for a damaged shard
+            raise ModelLoadError(f"could not load model {name!r}: {reason(e)}") from e
+        raise
+    check_model_config({**model.config.to_dict(), "model_type": getattr(model.config, "model_type", None)}, f"model {name!r}")
     if device_map is None:
         model = model.to(device)
     else:

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .common import model_options, BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OutOpt, echo_json, load_probe, progress, saved, status
+from .common import data_file, folder_path, model_options, BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OutOpt, echo_json, load_probe, progress, saved, status
 
 __all__ = ["register"]
 
@@ -15,12 +15,15 @@ __all__ = ["register"]
 def _layers(spec: Optional[str]):
     from probes import ConfigError
 
-    if spec is None or spec.strip() in ("", "all"):
+    if spec is None or spec.strip() == "all":
         return None
     try:
-        return tuple(int(x) for x in spec.split(",") if x.strip())
+        out = tuple(int(x) for x in spec.split(",") if x.strip())
     except ValueError:
         raise ConfigError(f"--layers {spec!r} is not a comma-separated list of block indices.", hint="E.g. --layers 0,1 or --layers all.") from None
+    if not out:
+        raise ConfigError(f"--layers {spec!r} names no block.", hint="E.g. --layers 0,1, or leave --layers out for all.")
+    return out
 
 
 def _ablation_lines(df) -> list[str]:
@@ -33,7 +36,8 @@ def register(run_app: typer.Typer) -> None:
     @model_options
     def bigram_cmd(
         model: str = ModelOpt,
-        corpus: str = typer.Option("builtin", "--corpus", "-c", help="'builtin' (Python's pydoc topics, offline), a UTF-8 .txt or a .jsonl (field 'text')."),
+        corpus: str = typer.Option("builtin", "--corpus", "-c", help="'builtin' (Python's pydoc topics, offline), a UTF-8 .txt or a .jsonl (field 'text').",
+                                    callback=data_file("corpus file", keep=("builtin",))),
         schedule: str = typer.Option("paper", "--schedule", help="paper: λ 10, lr 5e-5, β ×1.001 per step, 15000 steps. short: a few hundred "
                                      "steps that still end binary: λ 100, lr 0.05, β ×1000^(1/steps) (reaches 1000 at the last step), "
                                      "250 steps, --reuse. Options given explicitly override either."),
@@ -57,7 +61,8 @@ def register(run_app: typer.Typer) -> None:
         reuse: Optional[bool] = typer.Option(None, "--reuse/--no-reuse", help="Cycle through a corpus smaller than steps × batch (paper: never; short: on)."),
         seed: int = typer.Option(0, "--seed"),
         no_eval: bool = typer.Option(False, "--no-eval", help="Skip the ablation table."),
-        checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Folder for resumable state (default: a private folder in the per-user cache, removed after success)."),
+        checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Folder for resumable state (default: a private folder in the per-user cache, removed after success).",
+                                                   callback=folder_path),
         out: Optional[Path] = OutOpt,
         backend: str = BackendOpt, device: str = DeviceOpt, dtype: str = DtypeOpt,
         as_json: bool = JsonOpt,
@@ -76,6 +81,9 @@ def register(run_app: typer.Typer) -> None:
 
         if schedule not in ("paper", "short"):
             raise ConfigError(f"--schedule {schedule!r} is not known.", hint="Use paper or short.")
+        if layers_drop and _layers(layers) is None:
+            raise ConfigError("--drop-other-layers leaves out the blocks outside --layers, but --layers names none (all blocks).",
+                              hint="Add --layers, e.g. --layers 0,1, or drop --drop-other-layers.")
         if final_beta is not None and temp_mult is not None:
             raise ConfigError("--final-beta and --temp-mult both set the temperature schedule.", hint="Give one of them.")
         n_steps = steps if steps is not None else (250 if schedule == "short" else 15000)
@@ -121,7 +129,8 @@ def register(run_app: typer.Typer) -> None:
     def bigram_eval_cmd(
         mask: Path = typer.Option(..., "--mask", help="Folder of a saved `sonde run bigram` result."),
         model: Optional[str] = typer.Option(None, "--model", "-m", help="Model (default: the one the mask was trained on)."),
-        corpus: Optional[str] = typer.Option(None, "--corpus", "-c", help="Evaluation corpus (default: the training corpus's held-out rows)."),
+        corpus: Optional[str] = typer.Option(None, "--corpus", "-c", help="Evaluation corpus (default: the training corpus's held-out rows).",
+                                              callback=data_file("corpus file", keep=("builtin",))),
         eval_rows: Optional[int] = typer.Option(None, "--eval-rows", help="Held-out rows to evaluate."),
         compare: Optional[Path] = typer.Option(None, "--compare", help="Another mask folder: report the overlap."),
         out: Optional[Path] = OutOpt,

@@ -28,10 +28,108 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for
     _STATE["debug"] = debug
 
 
+# ----------------------------------------------------------------------------- option checks
+# Typer callbacks run while the command line is parsed, before a verb's body: a bad path or value is refused
+# before any model loads or any work starts. They raise SondeError (one `error:` line, exit 2) and import no torch.
+def _parsing_help(ctx) -> bool:
+    return bool(getattr(ctx, "resilient_parsing", False))
+
+
+def _flag(param) -> str:
+    opts = getattr(param, "opts", None) or [f"--{getattr(param, 'name', 'value')}"]
+    return max(opts, key=len)
+
+
+def input_file(ctx: typer.Context, param: typer.CallbackParam, value):
+    """``--input``: an existing regular file (a folder, FIFO or device is refused as what it is), or an
+    ``hf:`` data set reference; a .csv/.tsv file is refused (its header would be read as a prompt)."""
+    from probes.errors import InputError, check_input_file
+
+    if value is None or _parsing_help(ctx) or str(value).startswith("hf:"):
+        return value
+    flag = _flag(param)
+    if Path(str(value)).suffix.lower() in (".csv", ".tsv"):
+        raise InputError(f"{flag} {str(value)!r} is a {Path(str(value)).suffix[1:].upper()} file; Sonde does not guess "
+                         "which column holds the text.",
+                         hint='Convert it to JSONL (one {"text": ...} object per line) or Parquet with a \'text\' column.')
+    check_input_file(value, "file", hint=f"Check the {flag} path.", allow_empty=True)
+    return value
+
+
+def data_file(what: str, *, keep: tuple[str, ...] = ()):
+    """A callback for an option naming a file to read (``what`` names it in messages); the values in ``keep``
+    (e.g. ``builtin``) are not paths. The file must be a regular, non-empty file."""
+
+    def check(ctx: typer.Context, param: typer.CallbackParam, value):
+        from probes.errors import check_input_file
+
+        if value is None or _parsing_help(ctx) or str(value) in keep:
+            return value
+        check_input_file(value, what, hint=f"Check the {_flag(param)} path.")
+        return value
+
+    return check
+
+
+def folder_path(ctx: typer.Context, param: typer.CallbackParam, value):
+    """An option naming a folder Sonde writes into (``--checkpoint``): an existing folder, or a new one whose
+    nearest existing parent is a writable folder. A file is refused before any work."""
+    from probes.errors import InputError
+
+    if value is None or _parsing_help(ctx):
+        return value
+    flag, p = _flag(param), Path(value)
+    if os.path.lexists(p):
+        if p.is_symlink() or not p.is_dir():
+            raise InputError(f"{flag} {str(p)!r} is {'a link' if p.is_symlink() else 'a file'}, not a folder.",
+                             hint=f"Give {flag} a folder (new or one Sonde made).")
+        base = p
+    else:
+        base = p.parent
+        while not os.path.lexists(base) and base != base.parent:
+            base = base.parent
+    if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
+        raise InputError(f"{flag} {str(p)!r}: {str(base)!r} is not a writable folder.", hint=f"Give {flag} a writable folder.")
+    return value
+
+
+def non_empty_list(ctx: typer.Context, param: typer.CallbackParam, value):
+    """A comma-separated option that, when given, must name at least one item (``--hooks ""`` is refused)."""
+    from probes.errors import ConfigError
+
+    if value is None or _parsing_help(ctx):
+        return value
+    if not [x for x in str(value).split(",") if x.strip()]:
+        raise ConfigError(f"{_flag(param)} {value!r} names nothing.", hint="Give at least one item (a comma-separated list).")
+    return value
+
+
+_DEVICE_HINT = "Use auto, cpu, cuda, cuda:N or mps."
+
+
+def device_name(ctx: typer.Context, param: typer.CallbackParam, value):
+    """``--device``: auto, cpu, cuda, cuda:N or mps, checked as text (whether this machine has it is checked
+    when the model loads, :func:`probes.loading.resolve_device`)."""
+    import re
+
+    from probes.errors import DeviceError
+
+    if value is None or _parsing_help(ctx):
+        return value
+    v = str(value).strip()
+    m = re.fullmatch(r"(auto|cpu|cuda|mps)(?::(\d{1,6}))?", v)
+    if m is None or (m.group(1) == "auto" and m.group(2) is not None):
+        raise DeviceError(f"unknown device {value!r}.", hint=_DEVICE_HINT)
+    if m.group(1) in ("cpu", "mps") and m.group(2) not in (None, "0"):
+        raise DeviceError(f"device {value!r} does not exist: there is one {m.group(1)} device ({m.group(1)} or {m.group(1)}:0).",
+                          hint=_DEVICE_HINT)
+    return v
+
+
 # Reusable options (typer reads the default's metadata)
 ModelOpt = typer.Option("embedded", "--model", "-m", help="'embedded', an HF id, a local folder or a .gguf file.")
 BackendOpt = typer.Option("nnsight", "--backend", help="nnsight or transformer_lens.")
-DeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps.")
+DeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps.", callback=device_name)
 DtypeOpt = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16.")
 DeviceMapOpt = typer.Option(None, "--device-map", help="Spread the model with accelerate: auto, balanced, sequential (GPUs, then CPU).")
 MaxMemoryOpt = typer.Option(None, "--max-memory", help="Per-device limits for --device-map, e.g. 0=20GiB,1=20GiB,cpu=64GiB.")
@@ -397,35 +495,51 @@ def main(argv: list[str] | None = None) -> None:
         _main(argv, SondeError)
 
 
+def _error_line(text: str) -> None:
+    """The one ``error: ...`` line, on stderr after everything else the run printed (stdout is flushed first, so the
+    error line is the last line of a terminal that shows both)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    typer.echo("error: " + " ".join(str(text).split()), err=True)
+
+
 def _main(argv, SondeError) -> None:
+    from probes.errors import from_file_library, reason
+
     try:
         app(args=argv, standalone_mode=False)
     except SondeError as e:
         if _STATE["debug"]:
             raise
-        typer.echo(f"error: {e}", err=True)
+        _error_line(str(e))
         raise SystemExit(2)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         raise SystemExit(130)
     except (typer.Exit,) as e:
         raise SystemExit(e.exit_code)
-    except OSError as e:  # a path the user gave that cannot be read or written
+    except OSError as e:  # a path the user gave that cannot be read or written (a full disk, a vanished folder)
         if _STATE["debug"]:
             raise
         where = f" {e.filename!r}" if e.filename else ""
-        typer.echo(f"error: cannot use{where}: {e.strerror or e}.", err=True)
+        _error_line(f"cannot use{where}: {e.strerror or e}.")
         raise SystemExit(2)
     except Exception as e:  # click usage errors
         names = {c.__name__ for c in type(e).__mro__}  # click's classes, or typer's vendored copy of them
         if "ClickException" in names:  # one line, like every other bad input
             msg = " ".join(e.format_message().split())
             usage = "UsageError" in names
-            typer.echo(f"error: {msg}" + (" (see --help)" if usage else ""), err=True)
+            _error_line(msg + (" (see --help)" if usage else ""))
             raise SystemExit(2 if usage else e.exit_code)
         if "Abort" in names:
             raise SystemExit(1)
         if _STATE["debug"]:
             raise
-        typer.echo(f"error: {type(e).__name__}: {e} (run with --debug for the traceback)", err=True)
+        if from_file_library(e):  # last line of defence: a damaged safetensors, Parquet or GGUF file a reader met
+            _error_line(f"a file could not be read or written: {reason(e)} (a damaged, truncated or foreign file?).")
+            raise SystemExit(2)
+        _error_line(f"{type(e).__name__}: {e} (run with --debug for the traceback)")
         raise SystemExit(1)

@@ -9,7 +9,8 @@ from typing import Optional
 
 import typer
 
-from .common import check_out_file, model_options, writes_file, BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, app, echo_json, load_probe, results_app
+from .common import (check_out_file, input_file, model_options, non_empty_list, writes_file, BackendOpt, DeviceOpt, DtypeOpt, JsonOpt,
+                     ModelOpt, app, echo_json, load_probe, results_app)
 
 
 @app.command()
@@ -42,8 +43,9 @@ def info(model: str = ModelOpt, backend: str = BackendOpt, device: str = DeviceO
 def capture(
     model: str = ModelOpt,
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Text to run."),
-    input: Optional[Path] = typer.Option(None, "--input", "-i", help="JSONL (field 'text') or text file, one prompt per line."),
-    hooks: str = typer.Option(..., "--hooks", help="Comma-separated hook names, e.g. blocks.3.hook_resid_post."),
+    input: Optional[Path] = typer.Option(None, "--input", "-i", help="JSONL (field 'text') or text file, one prompt per line.",
+                                         callback=input_file),
+    hooks: str = typer.Option(..., "--hooks", help="Comma-separated hook names, e.g. blocks.3.hook_resid_post.", callback=non_empty_list),
     out: Path = typer.Option(..., "--out", "-o", help="Output .safetensors file."),
     backend: str = BackendOpt, device: str = DeviceOpt, dtype: str = DtypeOpt,
     on_error: str = typer.Option("stop", "--on-error", help="Malformed input line: stop or skip."),
@@ -55,6 +57,7 @@ def capture(
 
     from analyses.core.io import iter_records
     from probes import InputError, parse_site
+    from probes.errors import user_file
 
     if (prompt is None) == (input is None):
         raise InputError("give exactly one of --prompt or --input.")
@@ -83,9 +86,10 @@ def capture(
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata={"sonde": "capture", "model": probe.info.name, "fingerprint": probe.info.fingerprint,
-                                          "hooks": ",".join(s.name for s in sites)})
-        os.replace(tmp, out)
+        with user_file(out, "the capture file", action="write", hint="Free some space, or give another --out."):  # a full disk
+            save_file(tensors, tmp, metadata={"sonde": "capture", "model": probe.info.name, "fingerprint": probe.info.fingerprint,
+                                              "hooks": ",".join(s.name for s in sites)})
+            os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -130,14 +134,20 @@ def results_ls(root: Optional[Path] = typer.Argument(None, help="Results folder 
 def results_show(path: Path, as_json: bool = JsonOpt) -> None:
     """Show one result's manifest and table sizes."""
     from analyses.core.store import read_result
+    from probes.errors import InputError, user_file
 
-    r = read_result(path)
+    with user_file(path, "the result", hint="The result is damaged; re-run the analysis to write it again.", also=(RuntimeError,)):
+        r = read_result(path)
     if as_json:
         echo_json(r.manifest)
         return
     m = r.manifest
-    typer.echo(f"analysis: {m['analysis']}\nmodel: {m['model'].get('name')} ({m['model'].get('fingerprint')})\ncreated: {m['created_at']}")
-    typer.echo(f"config: {m['config']}")
+    model = m.get("model")
+    if not isinstance(model, dict):
+        raise InputError(f"{str(path / 'manifest.json')!r} is not a Sonde manifest: its 'model' is a {type(model).__name__}, "
+                         "not an object.", hint="The result is damaged; re-run the analysis to write it again.")
+    typer.echo(f"analysis: {m['analysis']}\nmodel: {model.get('name')} ({model.get('fingerprint')})\ncreated: {m.get('created_at')}")
+    typer.echo(f"config: {m.get('config')}")
     for name, df in r.tables.items():
         typer.echo(f"table {name}: {len(df)} rows, columns {list(df.columns)}")
     for name, a in r.arrays.items():
@@ -146,9 +156,15 @@ def results_show(path: Path, as_json: bool = JsonOpt) -> None:
 
 @app.command()
 def dashboard(host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (default loopback only)."),
-              port: int = typer.Option(8501, "--port"),
+              port: int = typer.Option(8501, "--port", min=1, max=65535, help="TCP port to listen on (1..65535)."),
               headless: bool = typer.Option(True, "--headless/--browser", help="Do not open a browser window.")) -> None:
     """Start the Streamlit dashboard (binds 127.0.0.1 unless --host says otherwise)."""
+    from dashboard.serve import address_problem
+    from probes.errors import InputError
+
+    problem = address_problem(host, port)
+    if problem:
+        raise InputError(problem, hint="Use --host 127.0.0.1 (this machine only) or 0.0.0.0 (every interface), and a free --port.")
     # dashboard.serve = `streamlit run dashboard/app.py` plus a head start: the default model loads while the server starts
     cmd = [sys.executable, "-m", "dashboard.serve", "--server.address", host, "--server.port", str(port),
            "--server.headless", str(headless).lower(), "--browser.gatherUsageStats", "false"]

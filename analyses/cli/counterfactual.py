@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from .options import config_option
-from .common import model_options, BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OutOpt, load_probe, progress, saved, status
+from .common import data_file, model_options, BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OutOpt, load_probe, progress, saved, status
 
 
 def register(run_app: typer.Typer) -> None:
@@ -83,7 +83,8 @@ def register(run_app: typer.Typer) -> None:
         groups: str = config_option("counterfactual", "groups", cls="BiasConfig",
                                     help="Comma-separated values; the first is the factual world."),
         categories: Optional[Path] = typer.Option(None, "--categories",
-                                                  help="JSON file {category: regex}; default: occupation categories."),
+                                                  help="JSON file {category: regex}; default: occupation categories.",
+                                                  callback=data_file("categories file")),
         n_samples: int = config_option("counterfactual", "n_samples", "--samples", cls="BiasConfig"),
         max_new_tokens: int = config_option("counterfactual", "max_new_tokens", cls="BiasConfig"),
         temperature: float = config_option("counterfactual", "temperature", cls="BiasConfig"),

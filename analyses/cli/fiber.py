@@ -11,13 +11,18 @@ from .options import config_option
 from .common import BackendOpt, DeviceOpt, JsonOpt, ModelOpt, OutOpt, load_probe, progress, saved
 
 
-def parse_tokens(spec: str | None) -> tuple[int, ...] | None:
-    """``"0:5000"``, ``"0:49152:10"``, ``"17,42,99"`` or a mix (``"0:100,500"``) → row ids; ``None``/``"all"`` = all."""
+#: more row ids than any vocabulary has (the largest are ~256k): a bigger --tokens selection is refused unexpanded
+MAX_TOKEN_IDS = 1 << 22
+
+
+def token_spans(spec: str | None) -> list[range] | None:
+    """``--tokens`` as ranges, not yet expanded (``"0:99999999"`` costs nothing until it is checked); ``None`` = all."""
     from probes import ConfigError
 
     if spec is None or spec.strip() in ("", "all"):
         return None
-    out: list[int] = []
+    hint = "Use e.g. --tokens 0:5000, --tokens 0:49152:10 or --tokens 17,42,99."
+    spans: list[range] = []
     try:
         for part in spec.split(","):
             part = part.strip()
@@ -25,15 +30,66 @@ def parse_tokens(spec: str | None) -> tuple[int, ...] | None:
                 continue
             if ":" in part:
                 a = [int(x) for x in part.split(":")]
-                out.extend(range(*a))
+                if not 2 <= len(a) <= 3 or (len(a) == 3 and a[2] == 0):
+                    raise ValueError(part)
+                spans.append(range(*a))
             else:
-                out.append(int(part))
+                i = int(part)
+                spans.append(range(i, i + 1))
     except (ValueError, TypeError):
-        raise ConfigError(f"--tokens {spec!r} is not a list of ids or ranges.",
-                          hint="Use e.g. --tokens 0:5000, --tokens 0:49152:10 or --tokens 17,42,99.") from None
-    if not out:
+        raise ConfigError(f"--tokens {spec!r} is not a list of ids or ranges.", hint=hint) from None
+    spans = [r for r in spans if len(r)]
+    if not spans:
         raise ConfigError(f"--tokens {spec!r} selects no token.", hint="Give a non-empty range, e.g. 0:5000.")
-    return tuple(dict.fromkeys(out))
+    low = min(min(r[0], r[-1]) for r in spans)
+    if low < 0:
+        raise ConfigError(f"--tokens {spec!r} selects the negative id {low}.", hint=hint)
+    total = sum(len(r) for r in spans)
+    if total > MAX_TOKEN_IDS:
+        raise ConfigError(f"--tokens {spec!r} selects {total} ids; no vocabulary has more than {MAX_TOKEN_IDS}.", hint=hint)
+    return spans
+
+
+def parse_tokens(spec: str | None, n_rows: int | None = None) -> tuple[int, ...] | None:
+    """``"0:5000"``, ``"0:49152:10"``, ``"17,42,99"`` or a mix (``"0:100,500"``) → row ids; ``None``/``"all"`` = all.
+
+    With ``n_rows`` (the matrix's rows), an id past the last row is refused before the ranges are expanded."""
+    from probes import ConfigError
+
+    spans = token_spans(spec)
+    if spans is None:
+        return None
+    top = max(max(r[0], r[-1]) for r in spans)
+    if n_rows is not None and top >= n_rows:
+        raise ConfigError(f"--tokens {spec!r} reaches id {top}, but the matrix has {n_rows} rows (0..{n_rows - 1}).",
+                          hint="Keep the ids below the vocabulary size.")
+    return tuple(dict.fromkeys(i for r in spans for i in r))
+
+
+def matrix_rows(path: str, key: str | None = None) -> int | None:
+    """The row count of a ``.npy`` or ``.safetensors`` matrix file, read from its header only (None when the file
+    holds several tensors and no ``key`` picks one). A damaged or foreign file is one error naming it."""
+    from probes.errors import check_input_file, user_file
+
+    p = check_input_file(path, "matrix file", hint="Give an existing .npy or .safetensors file.")
+    with user_file(p, "matrix file", hint="Save the matrix with numpy.save or safetensors.", also=(RuntimeError,)):
+        if p.suffix == ".npy":
+            import numpy as np
+
+            with p.open("rb") as f:
+                major, _ = np.lib.format.read_magic(f)
+                read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+                shape = read(f)[0]
+        else:
+            from safetensors import safe_open
+
+            with safe_open(str(p), framework="numpy") as f:
+                names = list(f.keys())
+                name = key if key is not None else (names[0] if len(names) == 1 else None)
+                if name is None or name not in names:
+                    return None
+                shape = f.get_slice(name).get_shape()
+    return int(shape[0]) if len(shape) >= 1 else None
 
 
 def register(run_app: typer.Typer) -> None:
@@ -58,10 +114,15 @@ def register(run_app: typer.Typer) -> None:
         """Fiber-bundle / manifold test of token embeddings: per-token verdicts, p-values, local dimensions."""
         from analyses import fiber as F
 
-        cfg = F.Config(matrix=matrix, matrix_key=matrix_key, tokens=parse_tokens(tokens), vol_min=vol_min, vol_max=vol_max,
+        token_spans(tokens)  # the syntax now; the ids against the matrix's rows once they are known (unexpanded)
+        cfg = F.Config(matrix=matrix, matrix_key=matrix_key, tokens=None, vol_min=vol_min, vol_max=vol_max,
                        window=window, alpha=alpha, n_strata=n_strata, mode=mode, correction=correction,  # type: ignore[arg-type]
                        keep_curves=keep_curves, block_size=block_size, device="auto" if device == "auto" else device)  # type: ignore[arg-type]
+        rows = matrix_rows(matrix, matrix_key) if matrix not in ("input", "output") else None
         probe = None if matrix not in ("input", "output") and model == "embedded" else load_probe(model, backend, "cpu")
+        if rows is None and probe is not None and matrix in ("input", "output"):
+            rows = probe.info.d_vocab
+        cfg = cfg.replace(tokens=parse_tokens(tokens, rows))
         with progress(None, "kNN blocks") as step:
             def cb(done: int, total: int) -> None:
                 step.set(done, total)

@@ -11,24 +11,48 @@ from .options import config_option
 from .common import check_side_file, save_result, model_options, BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OutOpt, load_probe, saved, status
 
 
-def _parse_layers(text: Optional[str]) -> tuple[int, ...] | None:
+def _layer_spans(text: Optional[str]) -> list[range] | None:
+    """``--layers`` as ranges, not yet expanded (``"0-99999999"`` costs nothing until checked against the model)."""
     from probes import ConfigError
 
-    if text is None or text.strip() in ("", "all"):
+    if text is None or text.strip() == "all":
         return None
-    out = []
+    hint = "Use e.g. --layers 0,5,10 or --layers 0-29 (or 'all')."
+    spans = []
     for part in text.split(","):
         part = part.strip()
+        if not part:
+            continue
         try:
-            if "-" in part:
-                a, b = part.split("-", 1)
-                out.extend(range(int(a), int(b) + 1))
-            else:
-                out.append(int(part))
+            a, b = part.split("-", 1) if "-" in part else (part, part)
+            lo, hi = int(a), int(b)
         except ValueError:
-            raise ConfigError(f"--layers {text!r} is not a list of block indices.",
-                              hint="Use e.g. --layers 0,5,10 or --layers 0-29 (or 'all').") from None
-    return tuple(out)
+            raise ConfigError(f"--layers {text!r} is not a list of block indices.", hint=hint) from None
+        if lo < 0 or hi < lo:
+            raise ConfigError(f"--layers {text!r}: {part!r} is not a range of block indices (from low to high, from 0).", hint=hint)
+        spans.append(range(lo, hi + 1))
+    if not spans:
+        raise ConfigError(f"--layers {text!r} names no block.", hint=hint)
+    ordered = sorted(spans, key=lambda r: r.start)
+    for prev, nxt in zip(ordered, ordered[1:]):
+        if nxt.start <= prev[-1]:
+            raise ConfigError(f"--layers {text!r} repeats block {nxt.start}.", hint="List each block once.")
+    return spans
+
+
+def _parse_layers(text: Optional[str], n_layers: int | None = None) -> tuple[int, ...] | None:
+    """``--layers`` as block indices; with ``n_layers``, an index past the model's blocks is refused before the
+    ranges are expanded."""
+    from probes import ConfigError
+
+    spans = _layer_spans(text)
+    if spans is None:
+        return None
+    top = max(r[-1] for r in spans)
+    if n_layers is not None and top >= n_layers:
+        raise ConfigError(f"--layers {text!r} names block {top}, but the model has {n_layers} blocks (0..{n_layers - 1}).",
+                          hint="Use e.g. --layers 0,5,10 or --layers 0-29 (or 'all').")
+    return tuple(i for r in spans for i in r)
 
 
 def register(run_app: typer.Typer) -> None:
@@ -48,9 +72,11 @@ def register(run_app: typer.Typer) -> None:
         """Logit lens: each layer's residual stream read through the final norm and unembedding."""
         from analyses import logit_lens
 
-        cfg = logit_lens.Config(layers=_parse_layers(layers), k=k, prepend_bos=prepend_bos)
+        _layer_spans(layers)  # the syntax, before the model loads; the range is checked against its blocks after
+        cfg = logit_lens.Config(layers=None, k=k, prepend_bos=prepend_bos)
         check_side_file(html, "--html")
         probe = load_probe(model, backend, device, dtype)
+        cfg = cfg.replace(layers=_parse_layers(layers, probe.info.n_layers))
         with status("Running the logit lens"):
             res = logit_lens.run(probe, prompt, config=cfg)
         from analyses.core.report import write_html

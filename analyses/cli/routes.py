@@ -12,7 +12,7 @@ from typing import Optional
 import typer
 
 from .options import config_option
-from .common import check_side_file, save_result, model_options, BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OutOpt, load_probe, progress, saved, status
+from .common import check_side_file, input_file, save_result, model_options, BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OutOpt, load_probe, progress, saved, status
 from .sweeps import (AddressOpt, EngineOpt, GpusOpt, ResumeOpt, RetriesOpt, ShardOpt, ThreadsOpt, WorkersOpt, run_sweep,
                      sweep_summary)
 
@@ -25,7 +25,7 @@ def register(run_app: typer.Typer) -> None:
     def routes_cmd(
         model: str = ModelOpt,
         prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Text whose routes to compute."),
-        input: Optional[Path] = typer.Option(None, "--input", "-i", help="Dataset mode: JSONL/Parquet (fields 'text', optional 'domain'), text file or hf:NAME:SPLIT."),
+        input: Optional[Path] = typer.Option(None, "--input", "-i", help="Dataset mode: JSONL/Parquet (fields 'text', optional 'domain'), text file or hf:NAME:SPLIT.", callback=input_file),
         position: int = config_option("routes", "position"),
         tau: float = config_option("routes", "tau"),
         renormalize: bool = config_option("routes", "renormalize"),

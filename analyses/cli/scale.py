@@ -8,8 +8,8 @@ from typing import List, Optional
 
 import typer
 
-from .common import (BackendOpt, DeviceMapOpt, DeviceOpt, DtypeOpt, JsonOpt, MaxMemoryOpt, OutOpt, echo_json, saved,
-                     status)
+from .common import (BackendOpt, DeviceMapOpt, DeviceOpt, DtypeOpt, JsonOpt, MaxMemoryOpt, OutOpt, echo_json, input_file,
+                     non_empty_list, saved, status)
 
 
 
@@ -37,8 +37,8 @@ def register(run_app: typer.Typer) -> None:
         seq_len: int = typer.Option(64, "--seq-len", "--T", help="Tokens per row."),
         batch_size: Optional[int] = typer.Option(None, "--batch-size", help="The batch you want (the plan never exceeds it)."),
         device: str = DeviceOpt, dtype: str = DtypeOpt,
-        chunk_mb: int = typer.Option(256, "--chunk-mb", help="routes: the proximity-chunk budget to start from."),
-        new_tokens: int = typer.Option(0, "--new-tokens", help="critical/counterfactual: tokens generated per rollout."),
+        chunk_mb: int = typer.Option(256, "--chunk-mb", min=1, help="routes: the proximity-chunk budget to start from."),
+        new_tokens: int = typer.Option(0, "--new-tokens", min=0, help="critical/counterfactual: tokens generated per rollout."),
         free: Optional[str] = typer.Option(None, "--free", help="Plan for this much free memory (e.g. 24GiB) instead of reading the device."),
         revision: Optional[str] = typer.Option(None, "--revision", help="Revision of a hub id."),
         as_json: bool = JsonOpt,
@@ -64,11 +64,12 @@ def register(run_app: typer.Typer) -> None:
     @run_app.command("sweep")
     def sweep_cmd(
         analysis: str = typer.Argument(..., help="An analysis that declares a checkpoint sweep: sinks, logit-lens or routes."),
-        checkpoints: Optional[str] = typer.Option(None, "--checkpoints", help="Comma-separated revisions (of --model) or folders."),
+        checkpoints: Optional[str] = typer.Option(None, "--checkpoints", help="Comma-separated revisions (of --model) or folders.",
+                                                  callback=non_empty_list),
         checkpoint_dir: Optional[Path] = typer.Option(None, "--checkpoint-dir", help="A folder of checkpoint folders (ordered by step)."),
         model: Optional[str] = typer.Option(None, "--model", "-m", help="Hub id whose revisions --checkpoints names (e.g. allenai/OLMo-1B-hf)."),
         domain: str = typer.Option("prose", "--domain", "-d", help="sinks/routes: built-in inputs (prose, code, arithmetic, random, repeat)."),
-        input: Optional[Path] = typer.Option(None, "--input", "-i", help="sinks/routes: JSONL (field 'text') or text file instead of --domain."),
+        input: Optional[Path] = typer.Option(None, "--input", "-i", help="sinks/routes: JSONL (field 'text') or text file instead of --domain.", callback=input_file),
         prompt: str = typer.Option("The Eiffel Tower is located in the city of", "--prompt", "-p", help="logit-lens: the prompt."),
         n_prompts: int = typer.Option(16, "--n-prompts", help="routes: prompts drawn from --domain."),
         settings: List[str] = typer.Option([], "--set", help="The analysis's own options as KEY=VALUE (JSON values), e.g. --set T=64."),

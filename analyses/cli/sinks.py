@@ -11,7 +11,7 @@ from typing import Optional
 import typer
 
 from .options import config_option
-from .common import model_options, BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OutOpt, load_probe, progress, saved
+from .common import input_file, model_options, BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OutOpt, load_probe, progress, saved
 from .sweeps import (AddressOpt, EngineOpt, GpusOpt, ResumeOpt, RetriesOpt, ShardOpt, ThreadsOpt, WorkersOpt, run_sweep,
                      sweep_summary)
 
@@ -30,7 +30,7 @@ def register(run_app: typer.Typer) -> None:
     def sinks_cmd(
         model: str = ModelOpt,
         prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="One text (must reach T tokens)."),
-        input: Optional[Path] = typer.Option(None, "--input", "-i", help="JSONL/Parquet (field 'text'), text file or hf:NAME:SPLIT."),
+        input: Optional[Path] = typer.Option(None, "--input", "-i", help="JSONL/Parquet (field 'text'), text file or hf:NAME:SPLIT.", callback=input_file),
         domain: Optional[str] = typer.Option(None, "--domain", "-d", help="Built-in domain: prose, code, arithmetic, random, repeat."),
         eps: float = config_option("sinks", "eps"),
         positions: str = config_option("sinks", "positions", help="Key positions k (0-indexed), e.g. 0,1."),
@@ -104,7 +104,7 @@ def register(run_app: typer.Typer) -> None:
     def dormant_cmd(
         model: str = ModelOpt,
         domains: str = typer.Option("prose,code,arithmetic", "--domains", help="Comma-separated built-in domains."),
-        input: Optional[Path] = typer.Option(None, "--input", "-i", help="JSONL with 'text' and 'domain' fields (replaces --domains)."),
+        input: Optional[Path] = typer.Option(None, "--input", "-i", help="JSONL with 'text' and 'domain' fields (replaces --domains).", callback=input_file),
         theta: float = config_option("dormant", "theta"),
         sink_pos: int = config_option("dormant", "sink_pos"),
         heads: Optional[str] = config_option("dormant", "heads", help="Heads for the causal check, e.g. L5H3,L20H6."),

@@ -19,7 +19,7 @@ GpusOpt = typer.Option(0.0, "--gpus-per-worker", help="GPUs per Ray worker (1 = 
 ShardOpt = typer.Option(32, "--shard-size", help="Items per shard (a multiple of --batch-size keeps one-pass batches).")
 RetriesOpt = typer.Option(2, "--max-retries", help="Extra attempts of a failing shard.")
 ResumeOpt = typer.Option(True, "--resume/--no-resume", help="Resume from the shards of an interrupted sweep (merge ledger).")
-ThreadsOpt = typer.Option(1, "--threads", min=1, help="Torch CPU threads of the statistics, the same in every engine and the "
+ThreadsOpt = typer.Option(1, "--threads", min=1, max=256, help="Torch CPU threads of the statistics, the same in every engine and the "
                           "one-pass run (so they agree bit for bit); more is faster on a many-core CPU.")
 
 

@@ -559,7 +559,12 @@ class RayEngine:
                                                                                           "SONDE_RESULTS", "HF_HOME")
                                                                if k in os.environ}}}
             if sweep.address is None:
+                from . import ray_session
+
                 kw["num_cpus"] = max(os.cpu_count() or 1, math.ceil((sweep.workers or 2) * sweep.cpus_per_worker))
+                private = ray_session.folder()  # mode 0700, in Sonde's cache: not the shared /tmp/ray
+                kw["_temp_dir"] = str(ray_session.ray_temp_dir(private))
+                ray_session.stop_stale(private)  # Ray processes a killed Sonde driver left running
             else:
                 kw["address"] = sweep.address
             kw.update(ray_init or {})
@@ -573,6 +578,8 @@ class RayEngine:
                 raise ConfigError(f"cannot reach a Ray cluster at address={sweep.address!r} ({e}).",
                                   hint="Start one with `ray start --head`, or leave --address out to run Ray here.") from None
             self._started = True
+            if sweep.address is None:
+                self._session = ray_session.record(private)  # stopped at the next start if this driver is killed
         res = ray.cluster_resources()
         if sweep.gpus_per_worker > 0:
             gpus = res.get("GPU", 0)
@@ -639,6 +646,8 @@ class RayEngine:
         if self._started:
             self.ray.shutdown()
             self._started = False
+            if getattr(self, "_session", None) is not None:
+                self._session.unlink(missing_ok=True)
 
 
 def make_engine(sweep_cfg: SweepConfig, *, model: ModelSpec | None = None, probe=None):

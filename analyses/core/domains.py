@@ -167,7 +167,7 @@ def texts_to_tokens(probe, texts: Sequence[str], T: int, *, prepend_bos: bool | 
         if not isinstance(t, str) or not t.strip():
             skipped += 1
             continue
-        ids = probe.to_tokens(t, prepend_bos=prepend_bos, max_length=10**9)[0]
+        ids = probe.to_tokens(t, prepend_bos=prepend_bos, max_length=T, truncate=True)[0]  # tokenizes a prefix only
         if ids.shape[0] < T:
             skipped += 1
             continue

@@ -24,7 +24,7 @@ from typing import Any, Iterator, Literal, Mapping
 
 import torch
 
-from probes.errors import InputError, SondeWarning
+from probes.errors import InputError, SondeWarning, check_input_file, user_file
 from probes.reducers import Reducer
 
 __all__ = ["Record", "read_text", "iter_jsonl", "iter_parquet", "iter_hf", "open_hf", "parse_hf_spec", "HFSpec", "iter_records",
@@ -43,11 +43,10 @@ class Record:
 
 
 def read_text(path: str | Path) -> str:
-    """A whole UTF-8 text file (clear error for a missing file or other encodings)."""
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(f"file {str(p)!r} does not exist.")
-    data = p.read_bytes()
+    """A whole UTF-8 text file (clear error for a missing file, a folder, a FIFO or device, or other encodings)."""
+    p = check_input_file(path, allow_empty=True)
+    with user_file(p):
+        data = p.read_bytes()
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -62,9 +61,7 @@ def iter_jsonl(path: str | Path, *, on_error: Literal["skip", "stop"] = "stop", 
     :class:`InputError` naming the line (``on_error="stop"``) or is skipped with a warning
     (``on_error="skip"``).
     """
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(f"file {str(p)!r} does not exist.")
+    p = check_input_file(path, allow_empty=True)
     if on_error not in ("skip", "stop"):
         raise InputError(f"on_error={on_error!r}; use 'skip' or 'stop'.")
     with p.open("rb") as f:
@@ -110,9 +107,7 @@ def iter_parquet(path: str | Path, *, on_error: Literal["skip", "stop"] = "stop"
     """Records from a Parquet file, read in row batches (``line`` is the 1-based row number)."""
     import pyarrow.parquet as pq
 
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(f"file {str(p)!r} does not exist.")
+    p = check_input_file(path)
     if on_error not in ("skip", "stop"):
         raise InputError(f"on_error={on_error!r}; use 'skip' or 'stop'.")
     try:
@@ -125,7 +120,12 @@ def iter_parquet(path: str | Path, *, on_error: Literal["skip", "stop"] = "stop"
                          hint=f"Rename the text column to {text_field!r}.")
     want = [text_field] + ([domain_field] if domain_field in cols else [])
     row = 0
-    for batch in pf.iter_batches(batch_size=batch_rows, columns=want):
+    batches = pf.iter_batches(batch_size=batch_rows, columns=want)
+    while True:
+        with user_file(p, "Parquet file"):  # a damaged row group is found only when it is read
+            batch = next(batches, None)
+        if batch is None:
+            break
         d = batch.to_pydict()
         for j, text in enumerate(d[text_field]):
             row += 1
@@ -221,11 +221,15 @@ def iter_records(path: str | Path, *, on_error: Literal["skip", "stop"] = "stop"
                  domain_field: str = "domain", limit: int | None = None) -> Iterator[Record]:
     """Records from a ``.jsonl`` file (``text`` and optional ``domain`` fields), a ``.parquet`` file (same
     columns), ``hf:NAME[:CONFIG]:SPLIT[:FIELD]`` (streamed; ``limit`` rows) or a plain text file (one
-    record per non-empty line)."""
+    record per non-empty line). A ``.csv``/``.tsv`` file is refused (its header would read as a prompt); a folder,
+    FIFO or device is refused as what it is."""
     if is_hf_spec(path):
         yield from iter_hf(str(path), limit=limit, on_error=on_error, domain_field=domain_field)
         return
     p = Path(path)
+    if p.suffix.lower() in (".csv", ".tsv"):
+        raise InputError(f"{str(p)!r} is a {p.suffix[1:].upper()} file; Sonde does not guess which column holds the text.",
+                         hint="Convert it to JSONL (one {\"text\": ...} object per line) or Parquet with a 'text' column.")
     if p.suffix == ".parquet":
         yield from iter_parquet(p, on_error=on_error, text_field=text_field, domain_field=domain_field)
     elif p.suffix in (".jsonl", ".ndjson", ".json"):
