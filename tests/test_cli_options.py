@@ -9,7 +9,7 @@ import dataclasses
 import pytest
 import typer
 
-from analyses import counterfactual, dormant, fiber, logit_lens, routes, sinks
+from analyses import counterfactual, counterfactual_bias, dormant, fiber, logit_lens, routes, routes_dataset, sinks
 from analyses.cli import app
 from analyses.cli.options import NOT_STATIC, cli_default, config_fields
 
@@ -52,8 +52,8 @@ def test_every_cli_option_default_is_its_config_default(verb):
     assert seen == want
 
 
-@pytest.mark.parametrize("module,cls", [(routes, "Config"), (routes, "DatasetConfig"), (fiber, "Config"),
-                                        (counterfactual, "Config"), (counterfactual, "BiasConfig"), (sinks, "Config"),
+@pytest.mark.parametrize("module,cls", [(routes, "Config"), (routes_dataset, "DatasetConfig"), (fiber, "Config"),
+                                        (counterfactual, "Config"), (counterfactual_bias, "BiasConfig"), (sinks, "Config"),
                                         (dormant, "Config"), (logit_lens, "Config")])
 def test_static_config_reading_matches_the_dataclass(module, cls):
     static = config_fields(module.__name__.split(".", 1)[1], cls)

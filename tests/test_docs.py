@@ -77,6 +77,8 @@ def test_every_sonde_command_in_the_docs_parses():
             except Exception as e:  # typer vendors click: its exceptions are matched by shape, not class
                 if type(e).__name__ == "Exit":  # --help
                     continue
+                if type(e).__name__ == "InputError" and "does not exist" in str(e):
+                    continue  # parsed; the example's own file (prompts.jsonl, ...) is checked while parsing
                 if not hasattr(e, "format_message"):
                     raise
                 bad.append(f"{path.relative_to(ROOT)}: {line}\n    -> {e.format_message()}")

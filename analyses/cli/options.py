@@ -56,8 +56,8 @@ def _choices(node: ast.AST, aliases: dict[str, ast.AST]) -> tuple[Any, ...]:
 
 @functools.cache
 def config_fields(module: str, cls: str = "Config") -> dict[str, FieldSpec]:
-    """The fields of ``analyses.<module>.<cls>`` (with those of its bases in the same module), read from
-    the source without importing it."""
+    """The fields of ``analyses.<module>.<cls>`` (with those of its bases, in the same module or imported from a
+    sibling analysis module, ``from .routes import Config``), read from the source without importing it."""
     spec = importlib.util.find_spec(f"analyses.{module}")
     if spec is None or spec.origin is None:
         raise ValueError(f"no module analyses.{module}")
@@ -69,10 +69,15 @@ def config_fields(module: str, cls: str = "Config") -> dict[str, FieldSpec]:
     classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
     if cls not in classes:
         raise ValueError(f"analyses.{module} has no class {cls}")
+    imported = {a.asname or a.name: (node.module, a.name) for node in tree.body
+                if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module and "." not in node.module
+                for a in node.names}
     out: dict[str, FieldSpec] = {}
     for base in classes[cls].bases:
         if isinstance(base, ast.Name) and base.id in classes:
             out.update(config_fields(module, base.id))
+        elif isinstance(base, ast.Name) and base.id in imported:
+            out.update(config_fields(*imported[base.id]))
     for node in classes[cls].body:
         if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)) or node.value is None:
             continue

@@ -32,7 +32,7 @@ def register(run_app: typer.Typer) -> None:
         level: str = config_option("routes", "level"),
         p: float = config_option("routes", "p"),
         include_bias: bool = config_option("routes", "include_bias", "--include-bias"),
-        max_tokens: int = config_option("routes", "max_tokens", cls="DatasetConfig"),
+        max_tokens: int = config_option("routes_dataset", "max_tokens", cls="DatasetConfig"),
         graphml: Optional[Path] = typer.Option(None, "--graphml", help="Also write the route as GraphML to this file."),
         mode: str = config_option("routes", "mode"),
         kernel: str = config_option("routes", "kernel"),
