@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .common import data_file, folder_path, model_options, BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OutOpt, echo_json, load_probe, progress, saved, status
+from .common import save_result, data_file, folder_path, model_options, BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OutOpt, echo_json, load_probe, progress, saved, status
 
 __all__ = ["register"]
 
@@ -111,7 +111,7 @@ def register(run_app: typer.Typer) -> None:
                 last[0] = point["step"]
 
             res = bigram.run(probe, corpus, config=cfg, evaluate=not no_eval, checkpoint=ck, progress=cb)
-        path = res.save(out)
+        path = save_result(res, out)
         if checkpoint is None:
             shutil.rmtree(ck, ignore_errors=True)
         summary = {"sparsity": f"{res.sparsity:.4%}", "steps": res.steps_done, "stopped_early": res.stopped_early,
@@ -155,7 +155,7 @@ def register(run_app: typer.Typer) -> None:
         if "compare" in ev.overlaps:
             summary["overlap"] = ev.overlaps["compare"]
         if out is not None:
-            path = ev.save(out)
+            path = save_result(ev, out)
             summary["result"] = str(path)
         if as_json:
             echo_json(summary)

@@ -137,6 +137,9 @@ RemoteOpt = typer.Option(False, "--remote", help="Run the model on NDIF through 
 RevisionOpt = typer.Option(None, "--revision", help="Model revision (branch, tag or commit) of a hub id.")
 JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON.")
 OutOpt = typer.Option(None, "--out", "-o", help="Result folder (default: sonde-results/<key>); must be new, empty, or a Sonde result (with --replace).")
+HtmlOpt = typer.Option(None, "--html", help="Also write an HTML report of the result (its figure, tables and manifest; "
+                       "opens offline).")
+_HTML: "contextvars.ContextVar[Path | None]" = contextvars.ContextVar("sonde_html_report", default=None)
 ReplaceOpt = typer.Option(False, "--replace", help="Replace an existing Sonde result at --out (never anything else; the old one stays until the new one is in place).")
 
 
@@ -253,7 +256,13 @@ def save_result(result: Any, out: Path | None, side_files: dict | None = None) -
     from analyses.core import store
     from probes.errors import InputError, SondeError
 
-    jobs = [(Path(p), w) for p, w in (side_files or {}).items() if p is not None]
+    side_files = dict(side_files or {})
+    report = _HTML.get()  # the shared --html of every verb that saves a result
+    if report is not None and report not in side_files:
+        from analyses.core.report import html_report
+
+        side_files[report] = lambda tmp: Path(tmp).write_bytes(html_report(result))
+    jobs = [(Path(p), w) for p, w in side_files.items() if p is not None]
     dest = Path(out) if out is not None else store.results_root() / result.key
     existed = os.path.lexists(dest) and store.is_result(dest)
     temps: list[tuple[Path, Path]] = []
@@ -301,6 +310,25 @@ def save_result(result: Any, out: Path | None, side_files: dict | None = None) -
     return saved
 
 
+def report_saved(path: Path) -> None:
+    """The shared ``--html`` for a verb whose analysis saves its own result folder (checkpoint sweeps): the report
+    is written after the result, which is kept if the report cannot be written (the message says so)."""
+    report = _HTML.get()
+    if report is None:
+        return
+    from analyses.core.report import html_report
+    from probes.errors import InputError
+
+    tmp = _side_temp(Path(report))
+    try:
+        tmp.write_bytes(html_report(path))
+        os.replace(tmp, report)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise InputError(f"cannot write {str(report)!r} ({e.strerror or e}); the result {str(path)!r} was saved.",
+                         hint="Check the free space and permissions of its folder.") from None
+
+
 def _side_temp(path: Path) -> Path:
     """A new empty temporary file beside ``path`` (named by user, machine and process; a dead run's ones go first)."""
     import tempfile
@@ -333,6 +361,7 @@ def _with_output(fn):
     if "out" not in sig.parameters:
         return fn
     own = "replace" in sig.parameters
+    own_html = "html" in sig.parameters
     file_out = getattr(fn, "__sonde_out_file__", False)
 
     @functools.wraps(fn)
@@ -340,21 +369,32 @@ def _with_output(fn):
         from analyses.core import store
 
         replace = bool(kwargs["replace"] if own else kwargs.pop("replace", False))
+        report = None if own_html or file_out else kwargs.pop("html", None)
         out = kwargs.get("out")
         if out is not None and not file_out:
             store.check_destination(out, replace=replace)
-        if not replace:
-            return fn(*args, **kwargs)
-        with store.replacing(True):
-            return fn(*args, **kwargs)
+        check_side_file(report, "--html")
+        token = _HTML.set(report)
+        try:
+            if not replace:
+                return fn(*args, **kwargs)
+            with store.replacing(True):
+                return fn(*args, **kwargs)
+        finally:
+            _HTML.reset(token)
 
     ns = getattr(fn, "__sonde_globals__", getattr(fn, "__globals__", {}))
     params = [p.replace(annotation=eval(p.annotation, ns)) if isinstance(p.annotation, str) else p  # noqa: S307 (own code)
               for p in sig.parameters.values()]
+    extra = []
     if not own:
+        extra.append(inspect.Parameter("replace", inspect.Parameter.KEYWORD_ONLY, default=ReplaceOpt, annotation=bool))
+    if not own_html and not file_out:
+        extra.append(inspect.Parameter("html", inspect.Parameter.KEYWORD_ONLY, default=HtmlOpt, annotation=Optional[Path]))
+    if extra:
         var_kw = [p for p in params if p.kind is inspect.Parameter.VAR_KEYWORD]
         params = [p for p in params if p.kind is not inspect.Parameter.VAR_KEYWORD]
-        params += [inspect.Parameter("replace", inspect.Parameter.KEYWORD_ONLY, default=ReplaceOpt, annotation=bool), *var_kw]
+        params += [*extra, *var_kw]
     wrapper.__signature__ = sig.replace(parameters=params)
     wrapper.__annotations__ = {p.name: p.annotation for p in params}
     wrapper.__sonde_output__ = True

@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from .options import config_option
-from .common import data_file, model_options, BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OutOpt, load_probe, progress, saved, status
+from .common import save_result, data_file, model_options, BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OutOpt, load_probe, progress, saved, status
 
 
 def register(run_app: typer.Typer) -> None:
@@ -47,7 +47,7 @@ def register(run_app: typer.Typer) -> None:
         probe = load_probe(model, backend, device, dtype)
         with status("Generating"):
             r = cf.run(probe, prompt, intervene, config=config, observed=observed)
-        path = r.save(out)
+        path = save_result(r, out)
         div = r.divergence_frame()
         forced = [{"id": t, "token": s} for t, s in zip(r.forced, r.forced_str)]
         summary = {"intervention": r.intervention, "factual": r.factual_text,
@@ -114,7 +114,7 @@ def register(run_app: typer.Typer) -> None:
         probe = load_probe(model, backend, device, dtype)
         with progress(len(config.groups), "groups") as step:
             r = cf.bias_sweep(probe, config=config, progress=step)
-        path = r.save(out)
+        path = save_result(r, out)
         s = r.summary[r.summary["count"] > 0]
         if as_json:
             saved(path, True, {"summary": json.loads(s.to_json(orient="records"))})

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .common import model_options, BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OutOpt, load_probe, progress, saved
+from .common import save_result, model_options, BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OutOpt, load_probe, progress, saved
 
 TaskOpt = typer.Option("builtin-arith", "--task", "-t", help="builtin-arith, builtin-multistep, hf:NAME[:CONFIG]:SPLIT (Hugging Face datasets) or a GSM8K/MATH-style JSONL file.")
 
@@ -68,7 +68,7 @@ def register(run_app: typer.Typer) -> None:
             tokens = res.tokens.merge(ce_all[["trace", "pos", "p_ce", "weight", "log_ratio"]], on=["trace", "pos"], how="left")
             traces = res.traces.assign(ce_spearman=[s["spearman"] for s in stats], ce_precision_at_k=[s["precision_at_k"] for s in stats])
             res = replace(res, tokens=tokens, traces=traces)
-        path = res.save(out)
+        path = save_result(res, out)
         summary = {"traces": len(res.traces)}
         for _, r in res.traces.iterrows():
             if r.critical_pos == r.critical_pos and r.critical_pos is not None:

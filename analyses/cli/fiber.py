@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from .options import config_option
-from .common import BackendOpt, DeviceOpt, JsonOpt, ModelOpt, OutOpt, load_probe, progress, saved
+from .common import save_result, BackendOpt, DeviceOpt, JsonOpt, ModelOpt, OutOpt, load_probe, progress, saved
 
 
 #: more row ids than any vocabulary has (the largest are ~256k): a bigger --tokens selection is refused unexpanded
@@ -128,6 +128,6 @@ def register(run_app: typer.Typer) -> None:
                 step.set(done, total)
 
             res = F.run(probe, config=cfg, progress=cb)
-        path = res.save(out)
+        path = save_result(res, out)
         summ = res.summary()
         saved(path, as_json, summ)

@@ -128,6 +128,6 @@ def register(run_app: typer.Typer) -> None:
 
         with progress(len(records), "routes") as step, _threads(threads):
             res = routes.run_dataset(probe, records, config=cfg, checkpoint=ck, progress=step)
-        path = res.save(out_dir)
+        path = save_result(res, out_dir)
         ck.clear()
         saved(path, as_json, {"prompts": int(res.n.sum()), "skipped": res.n_skipped, "domains": ", ".join(res.domains)})

@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from .common import (BackendOpt, DeviceMapOpt, DeviceOpt, DtypeOpt, JsonOpt, MaxMemoryOpt, OutOpt, echo_json, input_file,
+from .common import (report_saved, BackendOpt, DeviceMapOpt, DeviceOpt, DtypeOpt, JsonOpt, MaxMemoryOpt, OutOpt, echo_json, input_file,
                      non_empty_list, saved, status)
 
 
@@ -96,5 +96,6 @@ def register(run_app: typer.Typer) -> None:
         res = ckpts.run(cfg, texts=texts, out=out, backend=backend, device=device, dtype=dtype, device_map=device_map,
                         max_memory=max_memory, on_checkpoint=note)
         path = ckpts.output_path(cfg, texts, out)
+        report_saved(path)
         summary = {"checkpoints": len(res.checkpoints), "rows": len(res.frame), "metrics": ", ".join(res.frame["metric"].unique())}
         saved(path, as_json, summary)

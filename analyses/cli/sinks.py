@@ -11,7 +11,7 @@ from typing import Optional
 import typer
 
 from .options import config_option
-from .common import input_file, model_options, BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OutOpt, load_probe, progress, saved
+from .common import save_result, input_file, model_options, BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OutOpt, load_probe, progress, saved
 from .sweeps import (AddressOpt, EngineOpt, GpusOpt, ResumeOpt, RetriesOpt, ShardOpt, ThreadsOpt, WorkersOpt, run_sweep,
                      sweep_summary)
 
@@ -96,7 +96,7 @@ def register(run_app: typer.Typer) -> None:
                 return sinks.run(probe, texts, domain=domain if texts is None else None, config=cfg.replace(batch_size=b), progress=step)
 
         res = retry_on_oom(go, pl.batch_size, what="the sink statistics")
-        path = res.save(out)
+        path = save_result(res, out)
         saved(path, as_json, res.summary())
 
     @run_app.command("dormant")
@@ -136,7 +136,7 @@ def register(run_app: typer.Typer) -> None:
         n_dom = len(doms)
         with progress(n_samples * n_dom, "samples") as step:
             res = dormant.run(probe, doms, config=cfg, progress=step)
-        path = res.save(out)
+        path = save_result(res, out)
         summ = res.summary()
         summ["flips"] = ", ".join(res.flips["head"].tolist()[:20]) or "none"
         saved(path, as_json, summ)
@@ -161,4 +161,4 @@ def register(run_app: typer.Typer) -> None:
                            seq_len=seq_len, batch_size=batch_size, lr=lr, seed=seed)
         with progress(steps, "steps") as step:
             res = bbtoy.run(cfg, progress=step)
-        saved(res.save(out), as_json, res.summary())
+        saved(save_result(res, out), as_json, res.summary())

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from .common import load_probe, progress, status
+from .common import save_result, load_probe, progress, status
 
 __all__ = ["EngineOpt", "AddressOpt", "WorkersOpt", "GpusOpt", "ShardOpt", "RetriesOpt", "ResumeOpt", "ThreadsOpt",
            "run_sweep", "sweep_summary"]
@@ -68,7 +68,7 @@ def run_sweep(analysis: str, items, config, *, engine: str, address, workers, gp
                                 source=source, progress=lambda d, n: step.set(d, n))
     finally:
         eng.close()
-    path = run.result.save(Path(out) if out is not None else None)
+    path = save_result(run.result, Path(out) if out is not None else None)
     run.report.save(path)
     import shutil
 
