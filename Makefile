@@ -54,4 +54,4 @@ bench: $(STAMP)
 	for b in benchmarks/*.py; do $(VENV)/bin/python $$b || exit 1; done
 
 clean:
-	rm -rf $(VENV) sonde-results tests/_artifacts
+	rm -rf $(VENV) tests/_artifacts

@@ -863,7 +863,7 @@ def _prepare(probe, corpus: "str | Path | torch.Tensor | Sequence[int]" = "built
         raise InputError(f"corpus must be 'builtin', a file path or token ids, got {type(corpus).__name__}.",
                          hint="E.g. bigram.run(probe, 'builtin') or bigram.run(probe, 'corpus.jsonl').")
     ids = load_corpus_ids(probe, corpus)
-    return registry.Inputs(_input_hash(corpus, ids), ids)
+    return registry.Inputs(_input_hash(corpus, ids), ids, f"corpus {_corpus_label(corpus)} ({ids.numel()} tokens)")
 
 
 def run(probe, corpus: "str | Path | torch.Tensor | Sequence[int]" = "builtin", *, config: Config = Config(),
@@ -899,8 +899,9 @@ def run(probe, corpus: "str | Path | torch.Tensor | Sequence[int]" = "builtin", 
         masks = ms.binary()
     for w in dropped_weights(probe, config):  # others="drop": outside `layers` nothing is kept
         masks[w.path] = torch.zeros(w.shape, dtype=torch.bool)
-    return _finish(probe, masks, config, input_hash, curve, steps, stopped, _corpus_label(corpus),
+    res = _finish(probe, masks, config, input_hash, curve, steps, stopped, _corpus_label(corpus),
                    eval_rows if evaluate else None, table, timer)
+    return dataclasses.replace(res, inputs=inp.label)
 
 
 def _finish(probe, masks, config, input_hash, curve, steps, stopped, corpus, eval_rows, table, timer) -> BigramResult:

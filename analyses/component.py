@@ -276,7 +276,7 @@ def profile(probe, component: str, *, config: Config = Config(), sinks=None, rou
             store's newest of this model, else a small fresh run (:func:`sink_maps`).
         routes_result: the current prompt's :class:`analyses.routes.RoutesResult`, used when no routes dataset is saved.
         position: prediction position of that route (None = the result's own).
-        root: results folder (default ``$SONDE_RESULTS`` or ./sonde-results).
+        root: results folder (default :func:`analyses.core.store.results_root`).
     """
     kind, layer, idx = parse_component(component, probe.info)
     label = _label(kind, layer, idx)

@@ -654,7 +654,8 @@ def _prepare(probe: Probe, prompt: str, intervention: str | Intervention = "none
         raise InputError("the prompt is empty." if isinstance(prompt, str) else f"the prompt must be text, got {type(prompt).__name__}.",
                          hint="Type a prompt with at least one word.")
     iv = parse_intervention(intervention, probe)
-    return registry.Inputs(_input_hash(probe.info.to_dict(), iv, prompt, observed), iv)
+    label = f"{registry.text_label(prompt, 60)!r} under {iv.label()}" + (" (observed text)" if observed is not None else "")
+    return registry.Inputs(_input_hash(probe.info.to_dict(), iv, prompt, observed), iv, label)
 
 
 def run(probe: Probe, prompt: str, intervention: str | Intervention = "none", *, config: Config = Config(),
@@ -794,7 +795,7 @@ def run(probe: Probe, prompt: str, intervention: str | Intervention = "none", *,
     kinds = ("counterfactual",) * S + ("interventional",) * n_int
     info = probe.info.to_dict()
     return CounterfactualResult(
-        config=c, model=info, input_hash=_input_hash(info, iv, prompt, observed),
+        config=c, model=info, input_hash=inp.hash, inputs=inp.label,
         timings=timer.seconds, prompt=prompt, cf_prompt=cf_prompt, intervention=iv.label(), edit_pos=edit_pos,
         factual=tuple(factual), factual_str=_strs(probe, factual), factual_logprob=torch.tensor(flp, dtype=torch.float32),
         alternatives=top[: len(factual)].long() if top is not None else torch.zeros(0, 5, dtype=torch.long),

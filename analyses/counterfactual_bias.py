@@ -138,7 +138,7 @@ def _bias_input_hash(info: Mapping[str, Any], config: BiasConfig) -> str:
 
 def _prepare_bias(probe: Probe, *, config: BiasConfig) -> registry.Inputs:
     """A bias sweep's inputs are its settings (template, groups, categories: all in the config)."""
-    return registry.Inputs(_bias_input_hash(probe.info.to_dict(), config))
+    return registry.Inputs(_bias_input_hash(probe.info.to_dict(), config), label=f"{registry.text_label(config.template, 60)!r} over {', '.join(config.groups)}")
 
 
 def bias_sweep(probe: Probe, *, config: BiasConfig = BiasConfig(), progress: Callable[[int], None] | None = None) -> BiasSweepResult:
@@ -187,7 +187,7 @@ def bias_sweep(probe: Probe, *, config: BiasConfig = BiasConfig(), progress: Cal
                          "unchanged": unchanged / S, "unchanged_lo": u_lo, "unchanged_hi": u_hi})
     info = probe.info.to_dict()
     return BiasSweepResult(config=c, model=info, timings=timer.seconds,
-                           input_hash=inp.hash,
+                           input_hash=inp.hash, inputs=inp.label,
                            samples=pd.DataFrame(recs), summary=pd.DataFrame(rows))
 
 

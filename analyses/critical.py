@@ -32,6 +32,7 @@ likely critical). :func:`compare_contrastive` ranks tokens by CE and by the roll
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Literal, Sequence
@@ -479,7 +480,8 @@ def _prepare_search(probe, prompt: str | Sequence[int], response: str | Sequence
                     config: Config, reference: str = "", **_: Any) -> registry.Inputs:
     """The trace's ids and the hash that names it (the checker does not enter it; the reference does)."""
     p_ids, r_ids = _search_ids(probe, prompt, response)
-    return registry.Inputs(_search_hash(p_ids, r_ids, reference), (p_ids, r_ids))
+    label = f"trace of {len(r_ids)} tokens" + (f" (reference {reference!r})" if reference else "")
+    return registry.Inputs(_search_hash(p_ids, r_ids, reference), (p_ids, r_ids), label)
 
 
 def search(probe, prompt: str | Sequence[int], response: str | Sequence[int], checker: Callable[[str], bool] | Checker, *,
@@ -497,7 +499,7 @@ def search(probe, prompt: str | Sequence[int], response: str | Sequence[int], ch
     tr = _Trace(0, 0, question, reference, p_ids, r_ids)
     timer = Timer()
     frames = _search_trace(probe, tr, chk, config, timer, progress)
-    return _build_result(probe, config, [frames], pd.DataFrame(), timer, inp.hash)
+    return dataclasses.replace(_build_result(probe, config, [frames], pd.DataFrame(), timer, inp.hash), inputs=inp.label)
 
 
 def run(probe, problems: Sequence[Problem] | None = None, *, config: Config = Config(),
@@ -533,7 +535,7 @@ def run(probe, problems: Sequence[Problem] | None = None, *, config: Config = Co
         prompt_ids = probe.to_tokens(format_prompt(probe, p))[0].tolist()
         traces.append(_search_trace(probe, _Trace(ti, pi, p.question, str(p.answer), prompt_ids, list(t.response_ids)),
                                     chks[pi], config, timer, progress))
-    return _build_result(probe, config, traces, tdf, timer, inp.hash)
+    return dataclasses.replace(_build_result(probe, config, traces, tdf, timer, inp.hash), inputs=inp.label)
 
 
 def _problems(problems: Sequence[Problem] | None, config: Config) -> list[Problem]:
@@ -561,7 +563,7 @@ def _prepare(probe, problems: Sequence[Problem] | None = None, *, config: Config
     bad = [type(p).__name__ for p in problems if not isinstance(p, Problem)]
     if bad:
         raise InputError(f"problems must be Problem objects, got {bad[0]}.", hint="E.g. [Problem('2+3?', 5)].")
-    return registry.Inputs(_run_hash(problems), problems)
+    return registry.Inputs(_run_hash(problems), problems, f"{len(problems)} problem(s): {registry.text_label(problems[0].question, 60)!r}")
 
 
 def _search_trace(probe, tr: _Trace, checker, cfg: Config, timer: Timer, progress) -> dict[str, Any]:

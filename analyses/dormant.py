@@ -327,7 +327,8 @@ def _prepare(probe, domains: Sequence[str] | Mapping[str, Sequence[str]] = ("pro
         raise InputError(f"domains must be a list of domain names or a {{name: texts}} mapping, got {type(domains).__name__}.",
                          hint="E.g. ('prose', 'code') or analyses.core.domains.load_jsonl(path).")
     batches = _batches(probe, domains, config)
-    return registry.Inputs(_input_hash(batches), batches)
+    label = ", ".join(f"{b.name} ({b.tokens.shape[0]} rows)" for b in batches)
+    return registry.Inputs(_input_hash(batches), batches, label)
 
 
 def run(probe, domains: Sequence[str] | Mapping[str, Sequence[str]] = ("prose", "code", "arithmetic"), *,
@@ -410,7 +411,7 @@ def run(probe, domains: Sequence[str] | Mapping[str, Sequence[str]] = ("prose", 
         tested = ~torch.isnan(delta)
         dormant = dormant & ~(tested & (delta.abs() >= config.delta))
     return DormantResult(
-        config=config, model=probe.info.to_dict(), input_hash=inp.hash,
+        config=config, model=probe.info.to_dict(), input_hash=inp.hash, inputs=inp.label,
         timings=timer.seconds, domains=names, sink_mass=sink_mass, max_other_mass=max_other,
         value_norm=torch.stack([st["value_norm"] for st in stats]), resid_norm=torch.stack([st["resid_norm"] for st in stats]),
         loss=loss, delta_loss=delta, dormant=dormant, tested=tuple(head_label(l, h) for l, h in heads),

@@ -1048,7 +1048,7 @@ def _finish(config: Config, *, dist: torch.Tensor, idx: torch.Tensor, q: torch.T
         rows = (torch.as_tensor(st["p_scan"]) < config.alpha).nonzero()[:, 0]
     model, input_hash = _identity(probe, embeddings, source, E, q)
     return FiberResult(
-        config=config, model=model, input_hash=input_hash,
+        config=config, model=model, input_hash=input_hash, inputs=f"{source} matrix {V}x{dim}, {len(q)} rows tested",
         timings=timer.seconds, source=source, n_points=V, dim=dim, token_ids=q, token_strs=strs, kinds=kinds,
         p_manifold=st["p_scan"].double(), p_raw_min=st["p_raw_min"].double(), p_large=p_large.double(),
         n_segments=st["n_segments"], testable=st["testable"], n_zero=n_zero, seg_start_volume=seg_vol,

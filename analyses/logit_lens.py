@@ -254,7 +254,7 @@ def _prepare(probe: Probe, prompt: str | torch.Tensor | Sequence[int], *, config
         raise InputError(f"the logit lens takes a prompt (text or token ids), got {type(prompt).__name__}.",
                          hint="Pass a string, or ids of shape [T] / [1, T].")
     tokens = _tokens(probe, prompt, config)
-    return registry.Inputs(_input_hash(tokens), tokens)
+    return registry.Inputs(_input_hash(tokens), tokens, registry.tokens_label(probe, tokens))
 
 
 def run(probe: Probe, prompt: str | torch.Tensor | Sequence[int], *, config: Config = Config()) -> LogitLensResult:
@@ -264,7 +264,8 @@ def run(probe: Probe, prompt: str | torch.Tensor | Sequence[int], *, config: Con
     each, a few hundred KB for a short prompt); the residuals are then unembedded in row chunks so at
     most ~16M logits (64 MB) are alive at a time.
     """
-    tokens = SPEC.inputs(probe, prompt, config=config).data
+    inp = SPEC.inputs(probe, prompt, config=config)
+    tokens = inp.data
     n = probe.info.n_layers
     layers = list(config.layers) if config.layers is not None else list(range(n))
     bad = [layer for layer in layers if layer >= n]
@@ -302,7 +303,7 @@ def run(probe: Probe, prompt: str | torch.Tensor | Sequence[int], *, config: Con
     top_strs = [[[dec[i] for i in row] for row in layer_ids] for layer_ids in top_ids.tolist()]
     next_strs = [[dec[i] for i in row] for row in next_ids.cpu().tolist()]
     return LogitLensResult(
-        config=config, model=probe.info.to_dict(), input_hash=_input_hash(tokens), timings=timer.seconds,
+        config=config, model=probe.info.to_dict(), input_hash=inp.hash, timings=timer.seconds, inputs=inp.label,
         layers=layers, str_tokens=probe.to_str_tokens(ids_row), token_ids=ids_row, top_ids=top_ids, top_probs=top_probs,
         target=target, next_ids=next_ids.cpu(), next_probs=next_probs.cpu(), top_strs=top_strs, next_strs=next_strs,
     )

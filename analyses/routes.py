@@ -749,7 +749,8 @@ def _prepare(probe, prompt: str | torch.Tensor | Sequence[int], *, config: Confi
     edits = as_edits(edits, probe.info)
     tokens = _tokens(probe, prompt, config)
     described = tuple(describe_edit(e) for e in edits)
-    return registry.Inputs(_input_hash(tokens, described), {"tokens": tokens, "edits": edits, "described": described})
+    label = registry.tokens_label(probe, tokens) + (f" with {len(described)} edit(s)" if described else "")
+    return registry.Inputs(_input_hash(tokens, described), {"tokens": tokens, "edits": edits, "described": described}, label)
 
 
 def run(probe, prompt: str | torch.Tensor, *, config: Config = Config(), edits: Sequence = (),
@@ -781,7 +782,7 @@ def run(probe, prompt: str | torch.Tensor, *, config: Config = Config(), edits: 
         res["embed"] = dec.embed.cpu()
     cpu = lambda t: None if t is None else t.cpu()  # noqa: E731
     return RoutesResult(
-        config=config, model=probe.info.to_dict(), input_hash=inp.hash, timings=dict(timer.seconds),
+        config=config, model=probe.info.to_dict(), input_hash=inp.hash, inputs=inp.label, timings=dict(timer.seconds),
         tokens=tokens[0].cpu(), str_tokens=probe.to_str_tokens(tokens[0]), attn=dec.attn.cpu(), attn_resid=dec.attn_resid.cpu(),
         ffn=dec.ffn.cpu(), ffn_resid=dec.ffn_resid.cpu(), parallel=dec.parallel, attn_bias=cpu(dec.attn_bias),
         neurons=cpu(dec.neurons), neuron_resid=cpu(dec.neuron_resid), residuals=res,

@@ -260,16 +260,18 @@ def result_from_state(probe_or_info, state: Mapping[str, Any], config: DatasetCo
     info = getattr(probe_or_info, "info", probe_or_info)
     info = info.to_dict() if hasattr(info, "to_dict") else dict(info)
     return _stats_result(info, _route_stats(state["stats"], info), config=config, n_skipped=int(state["n_skipped"]),
-                         input_hash=registry.digests_hash(state["digests"]), timings=timings)
+                         input_hash=registry.digests_hash(state["digests"]), timings=timings,
+                         n_records=int(state["digests"].shape[0]))
 
 
 def _stats_result(model: Mapping[str, Any], stats: RouteStats, *, config: DatasetConfig, n_skipped: int, input_hash: str,
-                  timings: Mapping[str, float] | None = None) -> RouteStatsResult:
+                  timings: Mapping[str, float] | None = None, n_records: int | None = None) -> RouteStatsResult:
     if stats.n_updates == 0 and float(stats.n.sum()) == 0:
         raise InputError("no prompt could be used (the input is empty or every prompt is shorter than the position).",
                          hint="Check the file, or use --position -1.")
     f = stats.finalize()
-    return RouteStatsResult(config=config, model=dict(model), input_hash=input_hash, timings=dict(timings or {}),
+    label = f"{n_records} records (digest {input_hash[:8]})" if n_records is not None else ""
+    return RouteStatsResult(config=config, model=dict(model), input_hash=input_hash, timings=dict(timings or {}), inputs=label,
                             domains=f["domains"], n=f["n"], head_freq=f["head_freq"].float(), head_mean=f["head_mean"].float(),
                             ffn_freq=f["ffn_freq"].float(), ffn_mean=f["ffn_mean"].float(), n_skipped=n_skipped)
 
@@ -309,7 +311,7 @@ def run_dataset(probe, records: Iterable, *, config: DatasetConfig = DatasetConf
         skipped = _fold(probe, digested(records), config, stats, checkpoint=checkpoint, progress=step)
     input_hash = registry.digests_hash(torch.cat(digests) if digests else torch.zeros(0, 8, dtype=torch.uint8))
     return _stats_result(probe.info.to_dict(), stats, config=config, n_skipped=skipped, input_hash=input_hash,
-                         timings=timer.seconds)
+                         timings=timer.seconds, n_records=len(digests))
 
 
 def _sweep_run(probe, config: DatasetConfig, *, texts=None, domain: str = "prose", n_prompts: int = 16, **_: Any):

@@ -537,7 +537,8 @@ def _prepare(probe, texts: Sequence[str] | str | None = None, *, tokens: torch.T
         hint = "Pass domain='code' (by keyword)." if isinstance(texts, str) else "Pass a list of strings."
         raise InputError(f"texts must be a string or a list of strings, got {type(texts).__name__}.", hint=hint)
     toks, skipped, source = _tokens_for(probe, config, texts, tokens, domain)
-    return registry.Inputs(_input_hash(toks), {"tokens": toks, "skipped": skipped, "source": source})
+    label = f"{source}: {toks.shape[0]} rows of {toks.shape[-1]} tokens" + (f" ({skipped} texts skipped)" if skipped else "")
+    return registry.Inputs(_input_hash(toks), {"tokens": toks, "skipped": skipped, "source": source}, label)
 
 
 def run(probe, texts: Sequence[str] | str | None = None, *, tokens: torch.Tensor | None = None,
@@ -564,7 +565,7 @@ def run(probe, texts: Sequence[str] | str | None = None, *, tokens: torch.Tensor
         st = collect_stats(probe, toks, positions=config.positions, eps_grid=eps_grid, batch_size=config.batch_size,
                            values=config.values, resid=True, kv_norms=config.kv_norms, progress=progress)
     return _result(probe, st, toks[: config.ablation_samples], config=config, eps_grid=eps_grid, n_skipped=skipped,
-                   source=source, input_hash=inp.hash, timer=timer)
+                   source=source, input_hash=inp.hash, timer=timer, inputs=inp.label)
 
 
 def eps_grid_for(config: Config) -> tuple[float, ...]:
@@ -573,7 +574,7 @@ def eps_grid_for(config: Config) -> tuple[float, ...]:
 
 
 def _result(probe, st: Mapping[str, Any], head: torch.Tensor, *, config: Config, eps_grid: tuple[float, ...],
-            n_skipped: int, source: str, input_hash: str, timer: base.Timer) -> SinksResult:
+            n_skipped: int, source: str, input_hash: str, timer: base.Timer, inputs: str = "") -> SinksResult:
     """Peak layer, MLP ablation (on ``head``, the first samples ``[k, T]``) and the result object."""
     p0 = config.positions[0]
     ratios = peak_ratio(st["resid_norm"], p0)
@@ -588,7 +589,7 @@ def _result(probe, st: Mapping[str, Any], head: torch.Tensor, *, config: Config,
             ablation = mlp_ablation(probe, head.to(probe.device), layer=peak_layer, pos=p0, layers=layers)
     L, H = probe.info.n_layers, probe.info.n_heads
     return SinksResult(
-        config=config, model=probe.info.to_dict(), input_hash=input_hash,
+        config=config, model=probe.info.to_dict(), input_hash=input_hash, inputs=inputs,
         timings=timer.seconds, alpha_mean=st["alpha_mean"], exceed=st["exceed"], eps_grid=eps_grid,
         n_samples=int(st["n"]), n_skipped=n_skipped,
         value_norm=st.get("value_norm", torch.zeros(L, H, 0)), resid_norm=st["resid_norm"], ablation=ablation,
@@ -670,7 +671,8 @@ def result_from_states(probe, state: Mapping[str, Any], config: Config = Config(
     timer = base.Timer()
     timer.seconds.update(dict(timings or {}))
     return _result(probe, st, state["head"], config=config, eps_grid=eps_grid_for(config), n_skipped=state["n_skipped"],
-                   source=source, input_hash=registry.digests_hash(state["digests"]), timer=timer)
+                   source=source, input_hash=registry.digests_hash(state["digests"]), timer=timer,
+                   inputs=f"{source}: {int(state['digests'].shape[0])} rows of {config.T} tokens (sharded)")
 
 
 # ----------------------------------------------------------------------------- declaration

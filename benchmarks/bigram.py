@@ -3,7 +3,7 @@
     python benchmarks/bigram.py                       # CPU, embedded model, block 0 masked, short rows
     python benchmarks/bigram.py --layers all --seq-len 64
     python benchmarks/bigram.py --device cuda --gpu-shape llama3-8b --layers 0,1 --batch 4 --seq-len 128
-    python benchmarks/bigram.py --long --out sonde-results/bigram-long   # a full mask search (see below)
+    python benchmarks/bigram.py --long --out bigram-long   # a full mask search (see below)
 
 Prints seconds per step for: a plain forward, a fine-tuning step (AdamW over the same weights the
 mask covers), a mask step (soft mask + soft-label CE + L0, AdamW over the mask logits), the ratio

@@ -12,6 +12,8 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# results a test saves to the default store stay in the checkout (tests/_artifacts), never in the user's store
+os.environ.setdefault("SONDE_RESULTS", str(Path(__file__).resolve().parents[1] / "tests" / "_artifacts" / "results"))
 sys.path.insert(0, str(Path(__file__).parent))
 
 # Under pytest-xdist (`make test` runs one process per core) each process, and every process it starts (notebook

@@ -189,3 +189,21 @@ def test_every_declared_verb_is_a_sonde_run_verb_and_every_page_exists():
     assert verbs - declared == {"plan", "sweep", "bigram-eval", "cdpo", "contrastive-train"}
     pages = {p.stem for p in (ROOT / "dashboard" / "views").glob("*.py")}
     assert {s.page for s in registry.all_analyses().values() if s.page} <= pages
+
+
+def test_results_say_what_their_inputs_were(llama, tmp_path):
+    """The manifest keeps a readable summary of the inputs (the prompt's first characters, a row count), which
+    `sonde results ls` lists beside the analysis, model, date and key."""
+    from analyses import logit_lens, routes, sinks
+    from analyses.core import store
+
+    logit_lens.run(llama, "abc de", config=logit_lens.Config(k=2)).save(tmp_path / "lens")
+    routes.run_dataset(llama, ["abc def", "ghi jkl"], config=routes.DatasetConfig(max_tokens=6)).save(tmp_path / "ds")
+    sinks.run(llama, domain="prose", config=sinks.Config(T=6, n_samples=2, batch_size=2, mlp_ablation=False)).save(tmp_path / "s")
+    df = store.list_results(tmp_path).set_index("analysis")
+    from analyses.core import registry
+
+    want = registry.tokens_label(llama, llama.to_tokens("abc de", prepend_bos=False))
+    assert df.loc["logit_lens", "inputs"] == want and want.endswith(" tokens)") and "c" in want
+    assert df.loc["routes.dataset", "inputs"].startswith("2 records")
+    assert df.loc["sinks", "inputs"].startswith("prose: 2 rows of 6 tokens")

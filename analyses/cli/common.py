@@ -136,7 +136,7 @@ MaxMemoryOpt = typer.Option(None, "--max-memory", help="Per-device limits for --
 RemoteOpt = typer.Option(False, "--remote", help="Run the model on NDIF through nnsight (needs NDIF_API_KEY and network).")
 RevisionOpt = typer.Option(None, "--revision", help="Model revision (branch, tag or commit) of a hub id.")
 JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON.")
-OutOpt = typer.Option(None, "--out", "-o", help="Result folder (default: sonde-results/<key>); must be new, empty, or a Sonde result (with --replace).")
+OutOpt = typer.Option(None, "--out", "-o", help="Result folder (default: <results store>/<key>, see `sonde results ls`); must be new, empty, or a Sonde result (with --replace).")
 HtmlOpt = typer.Option(None, "--html", help="Also write an HTML report of the result (its figure, tables and manifest; "
                        "opens offline).")
 _HTML: "contextvars.ContextVar[Path | None]" = contextvars.ContextVar("sonde_html_report", default=None)

@@ -114,13 +114,13 @@ def _is_capture(path: Path) -> bool:
 
 
 @results_app.command("ls")
-def results_ls(root: Optional[Path] = typer.Argument(None, help="Results folder (default sonde-results)."), as_json: bool = JsonOpt) -> None:
+def results_ls(root: Optional[Path] = typer.Argument(None, help="Results folder (default: the store, $SONDE_RESULTS or ~/.local/share/sonde/results)."), as_json: bool = JsonOpt) -> None:
     """List saved results."""
     from analyses.core.store import list_results
     from probes.errors import InputError
 
     if root is not None and root.exists() and not root.is_dir():
-        raise InputError(f"{str(root)!r} is not a folder of results.", hint="Give the results folder (default sonde-results).")
+        raise InputError(f"{str(root)!r} is not a folder of results.", hint="Give the results folder (default: $SONDE_RESULTS or ~/.local/share/sonde/results).")
     df = list_results(root)
     if as_json:
         echo_json(df.to_dict(orient="records"))

@@ -272,6 +272,7 @@ class Result:
     model: dict[str, Any]  # probes.ModelInfo.to_dict()
     input_hash: str = ""
     timings: dict[str, float] = field(default_factory=dict)
+    inputs: str = ""  # a readable summary of the inputs (registry.Inputs.label), shown by `sonde results ls`
 
     # --- to implement -----------------------------------------------------------------------
     def to_frame(self) -> pd.DataFrame:  # pragma: no cover - abstract
@@ -366,6 +367,7 @@ class Result:
         return store.write_result(
             out, analysis=self.analysis, model=self.model, config=self.config.to_dict(), input_hash=self.input_hash,
             tables=parts["table"], arrays=parts["array"], extra=parts["extra"], timings=self.timings, replace=replace,
+            inputs=self.inputs,
         )
 
     def _check_same_inputs(self, out: Path) -> None:
@@ -389,7 +391,8 @@ class Result:
         target = cls if cls is not Result else _RESULTS[stored.analysis]
         cfg_cls = _resolve_config_class(target)
         base = dict(config=cfg_cls.from_dict(stored.config), model=stored.manifest["model"],
-                    input_hash=stored.manifest.get("input_hash", ""), timings=stored.manifest.get("timings", {}))
+                    input_hash=stored.manifest.get("input_hash", ""), timings=stored.manifest.get("timings", {}),
+                    inputs=stored.manifest.get("inputs", "") if isinstance(stored.manifest.get("inputs"), str) else "")
         return target._from_stored(stored, base)
 
 

@@ -52,11 +52,14 @@ class Inputs:
     """What an analysis was given, checked and prepared once.
 
     ``hash`` names the inputs in the result's key (token ids, records, files, edits: whatever changes the
-    numbers and is not in the config); ``data`` is whatever ``run`` computes on (tokens, batches, ...).
+    numbers and is not in the config); ``data`` is whatever ``run`` computes on (tokens, batches, ...);
+    ``label`` is a readable summary for people (the prompt's first characters, a file name and row count), which
+    the result keeps in its manifest (``sonde results ls`` shows it).
     """
 
     hash: str
     data: Any = None
+    label: str = ""
 
 
 @dataclass(frozen=True)
@@ -244,6 +247,19 @@ def sweepable() -> dict[str, Analysis]:
 def key(name: str, probe: Any = None, *args: Any, config: Any = None, **kw: Any) -> str:
     """The key the analysis ``name`` will give these inputs (see :meth:`Analysis.key`)."""
     return get(name).key(probe, *args, config=config, **kw)
+
+
+def text_label(text: str, n: int = 80) -> str:
+    """A text's first ``n`` characters on one line (``…`` when cut)."""
+    one = " ".join(str(text).split())
+    return one if len(one) <= n else one[: n - 1] + "…"
+
+
+def tokens_label(probe: Any, tokens: torch.Tensor) -> str:
+    """A prompt's summary from its ids ``[1, T]``: its decoded text (first 80 characters) and its length."""
+    ids = tokens.reshape(-1)
+    text = probe.tokenizer.decode(ids[:200].tolist()) if hasattr(probe, "tokenizer") else ""
+    return f"{text_label(text)!r} ({ids.numel()} tokens)"
 
 
 def check_probe(probe: Any, what: str) -> None:

@@ -362,8 +362,13 @@ def check_destination(out_dir: str | Path, *, replace: bool | None = None, key: 
 
 
 def results_root() -> Path:
-    """Default folder for results: ``$SONDE_RESULTS`` or ``./sonde-results``."""
-    return Path(os.environ.get("SONDE_RESULTS", "sonde-results")).expanduser()
+    """The results store, one per user, shared by the CLI, notebooks and the dashboard from any folder:
+    ``$SONDE_RESULTS``, else ``$XDG_DATA_HOME/sonde/results``, else ``~/.local/share/sonde/results``."""
+    root = os.environ.get("SONDE_RESULTS")
+    if root:
+        return Path(root).expanduser()
+    xdg = os.environ.get("XDG_DATA_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".local" / "share") / "sonde" / "results"
 
 
 def _canon(obj: Any) -> Any:
@@ -438,8 +443,12 @@ def write_result(
     timings: Mapping[str, float] | None = None,
     device: str | None = None,
     replace: bool = False,
+    inputs: str = "",
 ) -> Path:
     """Write a result folder atomically and return its path.
+
+    ``inputs`` is a readable summary of the inputs (a prompt's first characters, a file's name, a row count), kept
+    in the manifest for ``sonde results ls``; the key comes from ``input_hash``.
 
     ``extra`` holds small JSON-able values (scalars, short lists, graphs as node-link dicts).
     ``out_dir`` must be new, an empty folder, or a Sonde result; an existing result is replaced only
@@ -478,6 +487,7 @@ def write_result(
             "model": _jsonable(model),
             "config": _jsonable(config),
             "input_hash": input_hash,
+            **({"inputs": str(inputs)[:200]} if inputs else {}),  # absent when unknown (results written before it)
             "versions": library_versions(),
             "device": device or str(model.get("device", "cpu")),
             "timings": _jsonable(dict(timings or {})),
@@ -765,10 +775,11 @@ def list_results(root: str | Path | None = None) -> pd.DataFrame:
             model = m.get("model") if isinstance(m.get("model"), dict) else {}
             rows.append({
                 "path": str(folder), "analysis": m.get("analysis"), "model": model.get("name"),
+                "inputs": m.get("inputs") if isinstance(m.get("inputs"), str) else "",
                 "created_at": m.get("created_at"), "key": m.get("key"),
                 "seconds": sum(v for v in timings.values() if isinstance(v, (int, float))),
             })
-    return pd.DataFrame(rows, columns=["path", "analysis", "model", "created_at", "key", "seconds"])
+    return pd.DataFrame(rows, columns=["path", "analysis", "model", "inputs", "created_at", "key", "seconds"])
 
 
 def find_result(key: str, root: str | Path | None = None) -> Path | None:

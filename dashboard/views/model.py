@@ -82,5 +82,5 @@ probe = load_model({probe.info.name!r}, backend={probe.backend!r})
 res = logit_lens.run(probe, {prompt!r}, config=logit_lens.{cfg!r})
 res.plot(color={color!r}).show()
 res.next_frame()          # next-token top-k per position
-res.save()                # -> sonde-results/<key>, listed on the Results page
+res.save()                # -> <results store>/<key>, listed on the Results page
 """)

@@ -27,7 +27,7 @@ def _dir_ok(v: str) -> str | None:
 
 
 folder = st.text_input("Results folder", value=state.param("dir", str(ROOT), check=_dir_ok, widget="results_dir"), key="results_dir",
-                       help="A folder inside the results root ($SONDE_RESULTS or ./sonde-results).")
+                       help="A folder inside the results store ($SONDE_RESULTS, default ~/.local/share/sonde/results).")
 st.query_params["dir"] = folder
 root = state.inside_results(folder, ROOT)
 if root is None:
