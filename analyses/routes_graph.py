@@ -18,7 +18,7 @@ import torch
 
 from .routes import node_name
 
-__all__ = ["build_graph", "extract_route", "head_importance", "route_frame", "write_graphml", "node_link"]
+__all__ = ["build_graph", "extract_route", "head_importance", "route_frame", "write_graphml", "node_link", "compare_routes"]
 
 
 def build_graph(attn: torch.Tensor, attn_resid: torch.Tensor, ffn: torch.Tensor, ffn_resid: torch.Tensor, thr: float,
@@ -133,3 +133,14 @@ def node_link(g) -> dict[str, Any]:
     import networkx as nx
 
     return nx.node_link_data(g, edges="links")
+
+
+def compare_routes(a, b) -> dict[str, list[tuple[str, str, dict]]]:
+    """Edges of route ``a`` against route ``b`` (e.g. the same prompt with a head ablated): ``kept`` (in both, with
+    ``a``'s data), ``lost`` (only in ``a``) and ``gained`` (only in ``b``, with ``b``'s data); each a list of
+    ``(u, v, data)`` in the graphs' edge order."""
+    ea = {(u, v): d for u, v, d in a.edges(data=True)}
+    eb = {(u, v): d for u, v, d in b.edges(data=True)}
+    return {"kept": [(u, v, d) for (u, v), d in ea.items() if (u, v) in eb],
+            "lost": [(u, v, d) for (u, v), d in ea.items() if (u, v) not in eb],
+            "gained": [(u, v, d) for (u, v), d in eb.items() if (u, v) not in ea]}

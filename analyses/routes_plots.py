@@ -105,14 +105,14 @@ def plot_route(route, str_tokens: Sequence[str], n_layers: int, parallel: bool =
         _edge_traces(fig, r, [(u, v, d) for (u, v), d in e0.items()], parallel, maxw=maxw)
         graphs = [r]
     else:
-        e1 = {(u, v): d for u, v, d in compare.edges(data=True)}
-        maxw = max([maxw] + [d["weight"] for d in e1.values()])
+        from .routes_graph import compare_routes
+
+        diff = compare_routes(r, compare)
+        maxw = max([maxw] + [d["weight"] for _, _, d in diff["gained"]])
         c = COMPARE_COLOURS
-        _edge_traces(fig, r, [(u, v, d) for (u, v), d in e0.items() if (u, v) in e1], parallel, name="kept ", colour=c["kept"], maxw=maxw)
-        _edge_traces(fig, r, [(u, v, d) for (u, v), d in e0.items() if (u, v) not in e1], parallel, name="lost ", colour=c["lost"],
-                     dash="dot", maxw=maxw)
-        _edge_traces(fig, compare, [(u, v, d) for (u, v), d in e1.items() if (u, v) not in e0], parallel, name="gained ",
-                     colour=c["gained"], maxw=maxw)
+        _edge_traces(fig, r, diff["kept"], parallel, name="kept ", colour=c["kept"], maxw=maxw)
+        _edge_traces(fig, r, diff["lost"], parallel, name="lost ", colour=c["lost"], dash="dot", maxw=maxw)
+        _edge_traces(fig, compare, diff["gained"], parallel, name="gained ", colour=c["gained"], maxw=maxw)
         graphs = [r, compare]
     if head:
         _head_trace(fig, r, head, parallel)
