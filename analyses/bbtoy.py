@@ -313,6 +313,6 @@ def run(config: Config = Config(), *, progress=None) -> BBToyResult:
 
 
 SPEC = registry.register(registry.Analysis(
-    name="bb-toy", title="Bigram-Backcopy toy", summary="a toy transformer trained from scratch to watch a sink form",
+    name="bb-toy", order=2, doc="sinks", title="Bigram-Backcopy toy", summary="a toy transformer trained from scratch to watch a sink form",
     config=Config, result=BBToyResult, run=run, cli="bb-toy", page="sinks", needs_probe=False,
 ))

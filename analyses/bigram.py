@@ -1037,7 +1037,7 @@ def _memory(s, B: int, T: int, o) -> dict[str, int]:
 MEMORY = planner.MemoryModel("bigram", _memory, persistent=("saved_activations", "mask_optimizer"))
 
 SPEC = registry.register(registry.Analysis(
-    name="bigram", title="Bigram subnetworks", summary="a tiny mask of block weights that reproduces next-token bigram predictions",
+    name="bigram", order=3, title="Bigram subnetworks", summary="a tiny mask of block weights that reproduces next-token bigram predictions",
     config=Config, result=BigramResult, run=run, prepare=_prepare, cli="bigram", page="bigram", memory=MEMORY,
 ))
 result_key = SPEC.key  # the key run() gives this corpus, from the same _prepare

@@ -356,7 +356,7 @@ def profile(probe, component: str, *, config: Config = Config(), sinks=None, rou
 
 
 SPEC = registry.register(registry.Analysis(
-    name="component", title="One component as every analysis sees it",
+    name="component", order=7, doc="overview", title="One component as every analysis sees it",
     summary="a head or neuron's sink mass, route share, bigram membership and output tokens",
     config=Config, result=ComponentProfile, run=profile, page="component",
 ))

@@ -816,7 +816,7 @@ def branches(probe: Probe, prompt: str, pos: int, *, k: int = 3, config: Config 
 
 
 SPEC = registry.register(registry.Analysis(
-    name="counterfactual", title="Counterfactual token generation",
+    name="counterfactual", order=6, title="Counterfactual token generation",
     summary="what the model would have written under an intervention, with the same Gumbel noise",
     config=Config, result=CounterfactualResult, run=run, prepare=_prepare, cli="counterfactual", page="counterfactual",
     memory=planner.GENERATE,

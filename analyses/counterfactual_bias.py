@@ -193,7 +193,7 @@ def bias_sweep(probe: Probe, *, config: BiasConfig = BiasConfig(), progress: Cal
 
 
 BIAS_SPEC = registry.register(registry.Analysis(
-    name="counterfactual.bias", title="Counterfactual bias sweep",
+    name="counterfactual.bias", order=6, doc="counterfactual", title="Counterfactual bias sweep",
     summary="attribute distributions across groups of a template, with shared noise",
     config=BiasConfig, result=BiasSweepResult, run=bias_sweep, prepare=_prepare_bias, cli="bias-sweep", page="counterfactual",
     memory=planner.GENERATE,

@@ -800,7 +800,7 @@ def _build_result(probe, cfg: Config, traces: list[dict[str, Any]], trajectories
 
 
 SPEC = registry.register(registry.Analysis(
-    name="critical", title="Critical tokens", summary="tokens of a failed reasoning trace whose replacement flips the outcome",
+    name="critical", order=5, title="Critical tokens", summary="tokens of a failed reasoning trace whose replacement flips the outcome",
     config=Config, result=CriticalResult, run=run, prepare=_prepare, cli="critical", page="critical", memory=planner.GENERATE,
 ))
 result_key = SPEC.key  # the key run() gives these problems, from the same _prepare

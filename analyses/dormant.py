@@ -422,7 +422,7 @@ def run(probe, domains: Sequence[str] | Mapping[str, Sequence[str]] = ("prose", 
 
 
 SPEC = registry.register(registry.Analysis(
-    name="dormant", title="Active and dormant heads", summary="which heads park their attention on the sink, per domain",
+    name="dormant", order=2, doc="sinks", title="Active and dormant heads", summary="which heads park their attention on the sink, per domain",
     config=Config, result=DormantResult, run=run, prepare=_prepare, cli="dormant", page="sinks", memory=_SINKS_MEMORY,
 ))
 result_key = SPEC.key  # the key run() gives these inputs, from the same _prepare

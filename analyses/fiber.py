@@ -1172,7 +1172,7 @@ def stability_markdown(records: Sequence[dict[str, Any]]) -> str:
 
 
 SPEC = registry.register(registry.Analysis(
-    name="fiber", title="Fiber-bundle test of token embeddings",
+    name="fiber", order=4, title="Fiber-bundle test of token embeddings",
     summary="a local volume-growth test per token of the embedding or unembedding matrix",
     config=Config, result=FiberResult, run=run, prepare=_key_inputs, cli="fiber", page="fiber", needs_probe=False,
 ))

@@ -322,7 +322,7 @@ def _sweep_rows(result: LogitLensResult) -> list[dict]:
 
 
 SPEC = registry.register(registry.Analysis(
-    name="logit_lens", title="Logit lens", summary="each layer's residual read through the unembedding",
+    name="logit_lens", order=0, title="Logit lens", summary="each layer's residual read through the unembedding",
     config=Config, result=LogitLensResult, run=run, prepare=_prepare, cli="logit-lens", page="model",
     memory=planner.FORWARD, sweep=registry.Sweep(run=_sweep_run, rows=_sweep_rows),
 ))

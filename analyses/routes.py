@@ -804,7 +804,7 @@ MEMORY = planner.MemoryModel("routes", _route_memory, persistent=("importances",
 
 
 SPEC = registry.register(registry.Analysis(
-    name="routes", title="Information-flow routes", summary="which heads, FFNs and tokens carry a prediction",
+    name="routes", order=1, title="Information-flow routes", summary="which heads, FFNs and tokens carry a prediction",
     config=Config, result=RoutesResult, run=run, prepare=_prepare, cli="routes", page="routes", memory=MEMORY,
 ))
 result_key = SPEC.key  # the key run() gives these inputs, from the same _prepare

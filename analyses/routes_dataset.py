@@ -336,7 +336,7 @@ def _sweep_rows(result: RouteStatsResult) -> list[dict]:
 
 
 SPEC_DATASET = registry.register(registry.Analysis(
-    name="routes.dataset", title="Route statistics over a dataset", summary="how often each head and FFN is on the route",
+    name="routes.dataset", order=1, doc="routes", title="Route statistics over a dataset", summary="how often each head and FFN is on the route",
     config=DatasetConfig, result=RouteStatsResult, run=run_dataset, prepare=_prepare_dataset, page="routes", memory=MEMORY,
     shard=registry.ShardProtocol(accumulate=accumulate, merge=merge_states, finish=result_from_state, name="routes",
                                  count=lambda st: st["stats"]["__n_updates__"] + st["n_skipped"]),

@@ -710,7 +710,7 @@ def _finish(probe, state, config: Config, timings=None, source: str = "texts") -
 
 
 SPEC = registry.register(registry.Analysis(
-    name="sinks", title="Attention sinks, value drains, residual peaks",
+    name="sinks", order=2, title="Attention sinks, value drains, residual peaks",
     summary="how much each head attends to the first tokens, and the norms that go with it",
     config=Config, result=SinksResult, run=run, prepare=_prepare, cli="sinks", page="sinks", memory=MEMORY,
     shard=registry.ShardProtocol(accumulate=accumulate, merge=merge_states, finish=_finish, needs_probe=True,

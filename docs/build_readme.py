@@ -18,7 +18,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ROOT / "docs" / "readme"
-ANALYSES = ["logit_lens", "routes", "sinks", "bigram", "fiber", "critical", "counterfactual"]
+
+
+def analyses_sections() -> list[str]:
+    """The README's analysis sections: one per declared analysis (the registry's order), where docs/readme has it."""
+    sys.path.insert(0, str(ROOT))
+    from analyses.core import registry
+
+    return [d for d in registry.doc_sections() if (SECTIONS / f"{d}.md").is_file() and d != "overview"]
 PAGES = {"docs/dashboard.md": (["dashboard"], "Sonde dashboard: pages, links, exports and background runs"),
          "docs/scale-out.md": (["cluster", "scale"], "Sonde beyond one machine: Ray sweeps, big and remote models, "
                                                    "the memory planner, checkpoint sweeps")}
@@ -88,7 +95,7 @@ def build_readme() -> str:
             "## Analyses\n\nOne module per method in `analyses/`, each with a `sonde run` verb, a dashboard page, a notebook in "
             "`notebooks/`, a benchmark in `benchmarks/` and tests. Every example below runs on the embedded model on a "
             "CPU.",
-            *[s for s in (_section(n) for n in ANALYSES) if s],
+            *[s for s in (_section(n) for n in analyses_sections()) if s],
             _relevel(_text("dashboard_intro"), 2),
             _relevel(_text("scale_intro"), 2),
             _relevel(_text("gpu"), 2),

@@ -207,3 +207,17 @@ def test_results_say_what_their_inputs_were(llama, tmp_path):
     assert df.loc["logit_lens", "inputs"] == want and want.endswith(" tokens)") and "c" in want
     assert df.loc["routes.dataset", "inputs"].startswith("2 records")
     assert df.loc["sinks", "inputs"].startswith("prose: 2 rows of 6 tokens")
+
+
+def test_the_docs_index_comes_from_the_registry():
+    """Each declared analysis has its section in docs/readme, and the README lists them in the registry's order."""
+    import sys
+
+    from analyses.core import registry
+
+    sys.path.insert(0, str(ROOT / "docs"))
+    import build_readme
+
+    sections = registry.doc_sections()
+    assert all((ROOT / "docs" / "readme" / f"{d}.md").is_file() for d in sections)
+    assert build_readme.analyses_sections() == [d for d in sections if d != "overview"]

@@ -115,6 +115,8 @@ class Analysis:
     sweep: Sweep | None = None
     memory: Any = None  # analyses.core.planner.MemoryModel
     needs_probe: bool = True
+    order: int = 100  # where it stands in the docs index and menus (the method's paper order)
+    doc: str | None = None  # its section of the docs (docs/readme/<doc>.md); default: its module's name
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -125,6 +127,10 @@ class Analysis:
     @property
     def module(self) -> str:
         return self.run.__module__
+
+    @property
+    def doc_section(self) -> str:
+        return self.doc or self.module.rsplit(".", 1)[-1]
 
     def inputs(self, probe: Any, *args: Any, config: Any = None, **kw: Any) -> Inputs:
         """The checked, prepared inputs of ``run(probe, *args, config=config, **kw)`` (no computation)."""
@@ -205,6 +211,14 @@ def all_analyses() -> dict[str, Analysis]:
     """Every registered analysis by name (in the order their modules registered them)."""
     _scan()
     return dict(_REGISTRY)
+
+
+def doc_sections() -> list[str]:
+    """The docs' analysis sections in order: each declared analysis's :attr:`Analysis.doc_section`, once, by ``order``."""
+    seen: dict[str, int] = {}
+    for s in all_analyses().values():
+        seen[s.doc_section] = min(seen.get(s.doc_section, s.order), s.order)
+    return sorted(seen, key=lambda d: (seen[d], d))
 
 
 def get(name: str) -> Analysis:
