@@ -429,6 +429,8 @@ class FiberResult(Result):
         }
         if self.p_gap is not None:
             data["p_gap"] = self.p_gap.numpy()
+        else:  # a result saved before the gap verdict existed keeps its table
+            del data["verdict"], data["gap"]
         for j in range(S):
             data[f"dim_{j + 1}"] = self.seg_dim[:, j].numpy()
             if j:
@@ -791,15 +793,18 @@ def readme_numbers(probe: Probe, *, full: bool = True, progress: Callable[[int, 
         out[f"subset_{mode}"] = {m: {k: int(c.loc[m, k]) for k in ("singular", "gap", "no_rejection")} for m in ("none", "holm", "bh")}
     out["subset_tokens"] = len(toks)
     if full:
-        st, results = volume_stability(probe, config=Config(keep_curves="none"), progress=progress, return_results=True)
-        res = results[[r.config.vol_max for r in results].index(1000)]
-        c = res.counts().set_index("correction")
-        out["full_calibrated"] = {m: {k: int(c.loc[m, k]) for k in ("singular", "gap", "no_rejection", "reject_fb_small", "reject_fb_large")}
-                                  for m in ("none", "holm", "bh")}
-        out["full_tested"] = int(res.testable.sum())
-        out["kinds"] = res.kind_table("holm").to_dict(orient="records")
-        out["stability"] = st.to_dict(orient="records")
+        out.update(readme_full_numbers(probe, progress=progress))
     return out
+
+
+def readme_full_numbers(probe: Probe, *, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """The full-vocabulary part of :func:`readme_numbers`: calibrated mode, volumes 10–1000, α = 1e−3."""
+    res = run(probe, config=Config(keep_curves="none"), progress=progress)
+    c = res.counts().set_index("correction")
+    return {"full_calibrated": {m: {k: int(c.loc[m, k]) for k in ("singular", "gap", "no_rejection", "reject_fb_small", "reject_fb_large")}
+                                for m in ("none", "holm", "bh")},
+            "full_tested": int(res.testable.sum()), "kinds": res.kind_table("holm").to_dict(orient="records"),
+            "timings": {k: round(v, 1) for k, v in res.timings.items()}}
 
 
 def readme_phrases(numbers: dict[str, Any]) -> list[str]:
@@ -821,7 +826,6 @@ def readme_phrases(numbers: dict[str, Any]) -> list[str]:
         out.append(f"{fc['holm']['reject_fb_small']} singular tokens (Holm) reject “fiber bundle” at the smaller radius and "
                    f"{fc['holm']['reject_fb_large']} at the larger")
         out.append(kinds_markdown(n["kinds"]))
-        out.append(stability_markdown(n["stability"]))
     return out
 
 
