@@ -21,8 +21,9 @@ otherwise drops.
 **Tail: a proven bound** (:func:`calibrate_p`). The token's p is
 ``min(1, M · min_m p_m, U(min_m p_m))``: ``M · min p`` is the Bonferroni (union) bound over the ``M``
 splits, which is never below the true tail of the scan's minimum, at every level, down to the
-≈2e−8 that Holm needs over a 50k vocabulary and beyond (the Beta tails are computed exactly by the
-regularized incomplete beta function, accurate in relative terms far below 1e−300). ``U`` is a
+≈2e−8 that Holm needs over a 50k vocabulary and beyond (each Beta tail is computed directly, not as
+one minus the other, by the regularized incomplete beta function, so it keeps its relative accuracy
+deep in the tail). ``U`` is a
 one-sided 95 % Clopper–Pearson upper bound of the simulated null tail (:func:`calibration`, ``n_sims``
 scans simulated directly as iid exponentials); it is only tighter around α ≳ 1e−3 and is used only for
 tokens that have the full number of scores the simulation had.
