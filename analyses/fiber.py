@@ -28,29 +28,25 @@ Two modes (method page, "Calibration"):
 * ``parity``: the published procedure: float16 cast of the matrix, ``α' = α / n_strata`` on the raw
   Welch p-values (Bonferroni over strata only). The window scan is a multiple test, so smooth data
   is over-rejected (≈1.7 % of a uniform 2-sphere at α = 1e−3).
-* ``calibrated`` (default): the same windows, guard gap, change search and segment fits, but each
-  window pair is compared with a test whose null distribution is exact, and the scan over window
-  positions is corrected with a bound that holds at every level. Below the reach a smooth cloud is
-  locally a homogeneous Poisson process in ``R^D``, and then the Rényi scores
-  ``Y_k = k · (log r_{k+1} − log r_k)`` are iid exponentials with mean ``1/D`` (exactly, for any ``D``;
-  also for uniform points on a flat torus, or on a round 2-sphere in chord distance). The ratio of
-  the two windows' means is then exactly ``F(2ws, 2ws)``, so each position's two-sided p is exactly
-  uniform, and a token's p is the minimum over the scan calibrated as
-  ``min(1, n_windows · p_min, U(p_min))``: the Bonferroni (union) bound over the positions, which is
-  ≥ the true tail at every level (down to the ≈1e−8 that Holm over a 50k vocabulary needs), and
-  ``U``, a one-sided 95 % Clopper–Pearson upper bound from ``n_sims`` simulated null scans, which is
-  tighter only for α of about 1e−2 and above (adjacent positions share most of their scores, but the
-  union bound is within a factor ≈1.5 of the simulated tail from α ≈ 1e−3 down). Measured false-alarm
-  rate on 1.2 million simulated null scans (volumes 10–100): ≈0.7 α at α = 1e−2 … 1e−4.
-  Why not the Welch test of the published procedure: the pointwise slopes are ratios ``Δlog v / Δlog r``
-  whose denominators are (sums of) exponential spacings, so they have infinite variance; a single
-  window's Welch p is anti-conservative by a factor growing into the tail (measured on the Poisson
-  null: P(p ≤ 1e−2) = 0.019, P(p ≤ 1e−6) ≈ 1e−5, P(p ≤ 1e−8) ≈ 6e−7) and the scan's minimum p has no
-  tractable tail, so no extrapolation of simulated quantiles of the Welch scan reaches 1e−8 safely.
-  The reported p of a change is the calibrated p *at the change point* (the first position whose
-  calibrated p is below α); the token's ``p_manifold`` is the calibrated minimum over its first scan.
-  Later strata are searched and calibrated the same way; their p-values are conditional on the
-  earlier change and are descriptive.
+* ``calibrated`` (default): a test built for power whose tail is a proven bound
+  (:mod:`analyses.fiber_stats`). Below the reach a smooth cloud is locally a homogeneous Poisson
+  process, so the Rényi scores ``Y_k = k · (log r_{k+1} − log r_k)`` are iid exponentials with mean
+  ``1/D`` whatever ``D``. The test scans every split of the scores into two segments (at least
+  ``MIN_SEGMENT`` on each side) for a change in the exponential rate: each split's likelihood ratio is a
+  function of ``S_m / S_c ~ Beta(m, c − m)`` (the ratio of the segment means is ``F(2m, 2(c − m))``), so
+  each split's two-sided p is exact, and the token's p is the Bonferroni (union) bound over the splits
+  (never below the true tail, at every level down to and past Holm's ≈2e−8), tightened around
+  α ≳ 1e−3 by a simulated 95 % upper confidence bound. The best split is the change point; the sign of
+  the change says whether the dimension drops or rises there (a rise rejects "fiber bundle": at the
+  smaller radius for the 1st change, the larger for the 2nd). Later strata search the segment after
+  the previous change; their p-values are conditional on it and descriptive.
+  **Gaps.** A tight group of neighbours followed by empty space is one huge score, which any rate test
+  would call a change. Fisher's exact test of the largest score (``p_gap``) finds it; up to
+  ``MAX_GAPS`` such scores are removed before the change search (so that the change found is not the gap
+  itself), and the token's ``p_manifold`` is the larger of the scan's p with and without them. A token is
+  ``gap`` when its gap test rejects (the scales below and beyond a gap are different clouds, so a change
+  across it says nothing about a singular radius), ``singular`` when ``p_manifold`` rejects and there is
+  no gap, else ``no rejection`` (:data:`VERDICTS`).
 
 Across the vocabulary the per-token p-values are reported raw and Holm / Benjamini–Hochberg adjusted.
 
@@ -63,7 +59,6 @@ Axis order: rows of every per-token array follow ``token_ids``; segment arrays a
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,17 +73,17 @@ from probes import ConfigError, InputError, Probe
 from .core import registry, store
 from .core.base import Config as _BaseConfig
 from .core.base import Result, Timer, option, register_result, stored
+from .fiber_stats import (  # the statistics (re-exported)
+    _ZERO_RADIUS, MAX_GAPS, MIN_SEGMENT, Correction, Mode, adjust_p, calibrate_p, calibration, changepoint_scan, gap_test,
+    pointwise_slopes, simulate_scan_min_p, spacing_scores, split_p, stratify, trim_gaps, welch_scan,
+)
 
 __all__ = [
     "Config", "FiberResult", "run", "result_key", "load_matrix", "knn_distances", "pointwise_slopes", "welch_scan",
-    "stratify", "calibration", "calibrate_p", "adjust_p", "token_kind", "neighborhood", "spacing_scores", "spacing_scan",
-    "spacing_p", "simulate_scan_min_p",
+    "stratify", "calibration", "calibrate_p", "adjust_p", "token_kind", "neighborhood", "spacing_scores",
+    "changepoint_scan", "split_p", "gap_test", "trim_gaps", "simulate_scan_min_p", "VERDICTS", "MIN_SEGMENT", "MAX_GAPS",
 ]
 
-Mode = Literal["calibrated", "parity"]
-Correction = Literal["none", "holm", "bh"]
-_EPS_SLOPE = 1e-5  # slopes at or below this are dropped from a window (released code)
-_ZERO_RADIUS = 1e-10  # radii at or below this are duplicates and skipped (released code)
 
 
 # ------------------------------------------------------------------------------------------ config
@@ -103,10 +98,11 @@ class Config(_BaseConfig):
         tokens: rows to test (their neighbours always come from the whole matrix); ``None`` = all.
         vol_min, vol_max: neighbour ranks used, ``k = vol_min … vol_max−1`` (page: 10 and 1000; the
             released CLI's 50 is too short to test anything).
-        window: Welch window ``ws`` (paper: 10); the test needs more than ``4·ws`` radii.
+        window: Welch window ``ws`` of parity mode (paper: 10); both modes need more than ``4·ws`` radii.
         alpha: per-token level (paper: 1e−3).
         n_strata: sequential change searches (paper: 3).
-        mode: ``calibrated`` (default; scan-corrected p) or ``parity`` (published procedure).
+        mode: ``calibrated`` (default; change-point scan of the Rényi scores with a proven tail bound, and a
+            separate "gap" verdict) or ``parity`` (published procedure).
         correction: which vocabulary-level p drives the ``reject_*`` columns (all three are reported).
         exact: ``auto`` recomputes in fp64 only the selected distances whose fp32 rounding bound is not
             small (all of them on CUDA); ``all`` recomputes every selected distance (slower on CPU;
@@ -129,7 +125,7 @@ class Config(_BaseConfig):
     window: int = option(10, ge=2, le=1000, help="Welch window size (paper: 10).")
     alpha: float = option(1e-3, gt=0, lt=1, help="Per-token level.", hint="The paper uses 1e-3.")
     n_strata: int = option(3, ge=1, le=10, help="Sequential change searches.")
-    mode: Mode = option("calibrated", help="calibrated (scan-corrected) or parity (published procedure).")
+    mode: Mode = option("calibrated", help="calibrated (change-point scan, valid p) or parity (published procedure).")
     correction: Correction = option("none", help="Verdict columns use none, holm or bh (all three are reported).")
     duplicates: Literal["skip", "error"] = option("skip", help="Duplicate rows: skip their zero radii (released code) or error.")
     exact: Literal["auto", "all"] = option("auto", help="Recompute in fp64 the distances whose fp32 rounding bound is not small (auto) or all.")
@@ -137,7 +133,7 @@ class Config(_BaseConfig):
     device: str = option("auto", help="cpu, cuda[:N] or auto.")
     keep_curves: Literal["all", "rejected", "none"] = option("rejected", help="Keep radii of all, rejected or none of the tokens.")
     n_neighbors: int = option(50, ge=1, help="Neighbour ids kept per kept token.")
-    n_sims: int = option(10000, ge=200, help="Size of the calibration simulation.")
+    n_sims: int = option(40000, ge=200, help="Size of the calibration simulation (calibrated mode).")
     seed: int = option(0, ge=0, help="Seed of the calibration simulation.")
 
     def __post_init__(self) -> None:
@@ -266,377 +262,8 @@ def knn_distances(X: torch.Tensor, k: int, *, queries: torch.Tensor | None = Non
     return torch.cat(out_d), torch.cat(out_i)
 
 
-# ------------------------------------------------------------------------------------------ math: test
-@torch.no_grad()
-def pointwise_slopes(log_r: torch.Tensor, log_v: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
-    """Local dimension ``Δ log v / Δ log r`` per radius, numpy-gradient style on the segment ``[start, n)``.
-
-    Args:
-        log_r: ``[B, n]`` log radii (ascending; entries before ``start`` may be ``-inf``).
-        log_v: ``[n]`` log volumes.
-        start: ``[B]`` first index of each row's segment.
-
-    Returns:
-        ``[B, n]`` float64 slopes, NaN before ``start``; centred inside, one-sided at ``start`` and ``n−1``.
-    """
-    lr = log_r.double()
-    lv = log_v.double().to(lr.device)
-    B, n = lr.shape
-    s = torch.full_like(lr, float("nan"))
-    s[:, 1:-1] = (lv[2:] - lv[:-2]) / (lr[:, 2:] - lr[:, :-2])
-    s[:, -1] = (lv[-1] - lv[-2]) / (lr[:, -1] - lr[:, -2])
-    st = start.clamp(max=n - 2).long()
-    rows = torch.arange(B, device=lr.device)
-    s[rows, st] = (lv[st + 1] - lv[st]) / (lr[rows, st + 1] - lr[rows, st])
-    idx = torch.arange(n, device=lr.device)
-    s[idx[None, :] < start[:, None]] = float("nan")
-    return s
-
-
-@torch.no_grad()
-def _welch_parts(slopes: torch.Tensor, start: torch.Tensor, ws: int) -> tuple[torch.Tensor, ...]:
-    """Welch ``t``, degrees of freedom and a usable-window mask at ``w = 2ws … n−2ws−1`` (``[B, n−4ws]`` each)."""
-    valid = torch.isfinite(slopes) & (slopes.abs() > _EPS_SLOPE)
-    x = torch.where(valid, slopes, torch.zeros_like(slopes))
-    n = slopes.shape[1]
-    m = n - ws + 1  # windows [i, i+ws), i = 0 … n−ws
-    vf = valid.to(x.dtype)
-    tot, cnt = x[:, :m].clone(), vf[:, :m].clone()
-    for j in range(1, ws):  # ws shifted adds: no [B, n, ws] temporary
-        tot += x[:, j:j + m]
-        cnt += vf[:, j:j + m]
-    mean = tot / cnt.clamp_min(1)
-    ss = torch.zeros_like(mean)
-    for j in range(ws):  # two-pass variance around the window mean
-        d = (x[:, j:j + m] - mean) * vf[:, j:j + m]
-        ss += d * d
-    var = ss / (cnt - 1).clamp_min(1)
-    w = torch.arange(2 * ws, n - 2 * ws, device=slopes.device)
-    a, b = w - 2 * ws, w + ws
-    n1, n2, m1, m2 = cnt[:, a], cnt[:, b], mean[:, a], mean[:, b]
-    e1, e2 = var[:, a] / n1.clamp_min(1), var[:, b] / n2.clamp_min(1)
-    se2 = e1 + e2
-    diff = m1 - m2
-    t = torch.where(se2 > 0, diff / se2.sqrt(), torch.where(diff != 0, diff.sign() * math.inf, torch.zeros_like(diff)))
-    df = se2 ** 2 / (e1 ** 2 / (n1 - 1).clamp_min(1) + e2 ** 2 / (n2 - 1).clamp_min(1))
-    df = torch.where(se2 > 0, df, n1 + n2 - 2)
-    ok = (n1 >= 2) & (n2 >= 2) & (w[None, :] >= start[:, None] + 2 * ws) & torch.isfinite(df) & ~t.isnan()
-    return t, df, ok
-
-
-def _two_sided(t: np.ndarray, df: np.ndarray) -> np.ndarray:
-    from scipy.special import stdtr
-
-    return np.minimum(2.0 * stdtr(df, -np.abs(t)), 1.0)
-
-
-@torch.no_grad()
-def welch_scan(slopes: torch.Tensor, start: torch.Tensor, ws: int) -> np.ndarray:
-    """Welch two-sample p-values of the sliding test, slopes ``[w−2ws, w−ws)`` vs ``[w+ws, w+2ws)``.
-
-    Args:
-        slopes: ``[B, n]`` pointwise slopes (NaN = not in segment).
-        start: ``[B]`` segment starts; positions ``w < start + 2ws`` get ``p = 1``.
-        ws: window size.
-
-    Returns:
-        ``[B, n]`` float64 two-sided p-values at each index ``w`` (1 where no test is made: outside
-        ``[start+2ws, n−2ws)``, fewer than 2 usable slopes in a window, or zero variance and equal means).
-    """
-    B, n = slopes.shape
-    p = np.ones((B, n))
-    if n - 2 * ws <= 2 * ws:
-        return p
-    t, df, ok = _welch_parts(slopes, start, ws)
-    pw = _two_sided(t.cpu().numpy(), df.cpu().numpy())
-    p[:, 2 * ws:n - 2 * ws] = np.where(ok.cpu().numpy() & np.isfinite(pw), pw, 1.0)
-    return p
-
-
-# ------------------------------------------------------------------------------------------ math: calibrated scan
-@torch.no_grad()
-def spacing_scores(log_r: torch.Tensor, ranks: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
-    """Rényi scores ``Y_k = k · (log r_{k+1} − log r_k)`` per column (NaN before ``start`` and in the last column).
-
-    For a homogeneous Poisson process in ``R^D`` (and for uniform points on a flat torus, or on a round
-    2-sphere in chord distance) the ``Y_k`` are independent exponentials with mean ``1/D`` whatever ``k``
-    (Rényi's representation of order statistics: ``(r_k / r_{k+1})^{kD}`` are iid uniform).
-
-    Args:
-        log_r: ``[B, n]`` log radii (ascending; ``-inf`` for zero radii before ``start``).
-        ranks: ``[n]`` neighbour rank ``k`` of each column.
-        start: ``[B]`` first column of each row's segment.
-    """
-    lr = log_r.double()
-    B, n = lr.shape
-    y = torch.full_like(lr, float("nan"))
-    y[:, :-1] = ranks[:-1].double().to(lr.device) * (lr[:, 1:] - lr[:, :-1])
-    idx = torch.arange(n, device=lr.device)
-    y[idx[None, :] < start[:, None]] = float("nan")
-    return y
-
-
-@torch.no_grad()
-def spacing_scan(y: torch.Tensor, ws: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``|log(mean Y[w−2ws, w−ws) / mean Y[w+ws, w+2ws))|`` at every column ``w`` (the calibrated-mode statistic).
-
-    The windows and the guard gap are the released procedure's. Under the null both window sums are
-    independent Gamma(ws) variables with the same scale, so their ratio is exactly ``F(2ws, 2ws)`` and the
-    two-sided p of a position is :func:`spacing_p` of this value.
-
-    Returns:
-        ``(a [B, n], n_windows [B])``: ``a`` is NaN where a window is incomplete (before ``start + 2ws``,
-        from ``n − 2ws`` on, or with a non-finite score); ``n_windows`` counts each row's tested positions.
-    """
-    B, n = y.shape
-    a = torch.full_like(y, float("nan"))
-    if n - 4 * ws < 1:
-        return a, torch.zeros(B, dtype=torch.long)
-    fin = torch.isfinite(y)
-    c0 = torch.zeros(B, 1, dtype=y.dtype, device=y.device)
-    cs = torch.cat([c0, torch.where(fin, y, torch.zeros_like(y)).cumsum(1)], 1)
-    cc = torch.cat([c0, fin.to(y.dtype).cumsum(1)], 1)
-    s, c = cs[:, ws:] - cs[:, :-ws], cc[:, ws:] - cc[:, :-ws]  # window [i, i+ws), i = 0 … n−ws
-    w = torch.arange(2 * ws, n - 2 * ws, device=y.device)
-    sa, sb = s[:, w - 2 * ws], s[:, w + ws]
-    ok = (c[:, w - 2 * ws] == ws) & (c[:, w + ws] == ws)
-    stat = (sa.log() - sb.log()).abs()  # a window of zero scores (ties) gives inf (p = 0), two give NaN (no evidence)
-    stat = torch.where(ok, stat.nan_to_num(nan=0.0), torch.full_like(stat, float("nan")))
-    a[:, 2 * ws:n - 2 * ws] = stat
-    return a, ok.sum(1)
-
-
-def spacing_p(a: np.ndarray | torch.Tensor, ws: int) -> np.ndarray:
-    """Exact two-sided p of the window-ratio statistic: ``2 · P(F(2ws, 2ws) > e^a)`` (NaN → 1)."""
-    from scipy.special import fdtrc
-
-    a = np.asarray(a, dtype=np.float64)
-    with np.errstate(over="ignore"):
-        p = 2.0 * fdtrc(2.0 * ws, 2.0 * ws, np.exp(a))
-    return np.where(np.isnan(a), 1.0, np.clip(p, 0.0, 1.0))
-
-
-def _spacing_crit(x: np.ndarray, ws: int) -> np.ndarray:
-    """Statistic value whose two-sided p is ``x`` (``−log`` of the ``x/2`` quantile of ``F(2ws, 2ws)``)."""
-    from scipy.special import fdtri
-
-    x = np.clip(np.asarray(x, dtype=np.float64), 1e-300, 1.0)
-    return -np.log(fdtri(2.0 * ws, 2.0 * ws, x / 2.0))
-
-
-def calibrate_p(p: np.ndarray, cal: dict[str, Any], n_windows: np.ndarray | int | None = None) -> np.ndarray:
-    """Scan-calibrated p of a raw minimum p: ``min(1, n_windows · p, U(p))`` (see :func:`calibration`).
-
-    ``n_windows · p`` is the Bonferroni (union) bound over the scan's positions, exact because each
-    position's p is exactly uniform under the null; ``U`` is the simulated upper confidence bound of the
-    scan's minimum-p distribution, a step function read at the grid point just above ``p``.
-    """
-    p = np.asarray(p, dtype=np.float64)
-    nw = np.asarray(cal["n_windows"] if n_windows is None else n_windows, dtype=np.float64)
-    ucb = np.asarray(cal["ucb"], dtype=np.float64)
-    step = float(cal["grid_step"])
-    i = np.floor(-np.log10(np.clip(p, 1e-300, 1.0)) / step + 1e-9).astype(np.int64)
-    u = ucb[np.clip(i, 0, ucb.size - 1)]
-    return np.clip(np.minimum(np.maximum(nw, 1.0) * p, u), 0.0, 1.0)
-
-
-def _scan_max(y: torch.Tensor, ws: int) -> torch.Tensor:
-    """Row maximum of :func:`spacing_scan`'s statistic for rows of finite scores (last column NaN), cheaply."""
-    n = y.shape[1] - 1
-    cs = torch.cat([torch.zeros(y.shape[0], 1, dtype=y.dtype), y[:, :n].cumsum(1)], 1)
-    s = cs[:, ws:] - cs[:, :-ws]
-    w = torch.arange(2 * ws, n + 1 - 2 * ws)
-    ratio = s[:, w - 2 * ws] / s[:, w + ws]
-    return torch.maximum(ratio.amax(1).log(), -ratio.amin(1).log())
-
-
-def simulate_scan_min_p(n_scans: int, n: int, ws: int, *, seed: int = 0, chunk: int = 20000) -> np.ndarray:
-    """Minimum raw p of ``n_scans`` null scans over ``n`` radii (Rényi scores simulated directly as iid
-    exponentials, last column NaN as for real radii), through :func:`spacing_scan` and :func:`spacing_p`."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for s in range(0, n_scans, chunk):
-        b = min(chunk, n_scans - s)
-        y = torch.empty(b, n, dtype=torch.float64).exponential_(1.0, generator=g)
-        y[:, -1] = float("nan")
-        out.append(spacing_p(_scan_max(y, ws).numpy(), ws))
-    return np.concatenate(out) if out else np.ones(0)
-
-
-@functools.lru_cache(maxsize=16)
-def calibration(vol_min: int, vol_max: int, window: int, n_sims: int = 10000, seed: int = 0, delta: float = 0.05,
-                grid_step: float = 0.02, grid_min_log10: float = -20.0) -> dict[str, Any]:
-    """Null distribution of the scan's minimum raw p, as an upper confidence bound on a ``log10 p`` grid.
-
-    The null is a locally homogeneous Poisson process (any dimension): the Rényi scores are iid
-    exponentials, so ``n_sims`` scans are simulated directly. ``ucb[i]`` is the one-sided
-    ``1 − delta`` Clopper–Pearson upper bound of ``P(min p ≤ 10^(−i·grid_step))``.
-
-    Returns:
-        ``{"n_windows", "n_sims", "seed", "delta", "grid_step", "ucb"}`` (``ucb`` a list).
-    """
-    from scipy.stats import beta
-
-    n = vol_max - vol_min
-    minp = np.sort(simulate_scan_min_p(n_sims, n, window, seed=seed))
-    grid = 10.0 ** (-np.arange(0.0, -grid_min_log10 + grid_step / 2, grid_step))
-    h = np.searchsorted(minp, grid, side="right")
-    ucb = np.where(h >= n_sims, 1.0, beta.ppf(1.0 - delta, h + 1, np.maximum(n_sims - h, 1)))
-    return {"n_windows": max(0, n - 4 * window), "n_sims": n_sims, "seed": seed, "delta": delta,
-            "grid_step": grid_step, "ucb": [float(u) for u in ucb]}
-
-
-@torch.no_grad()
-def _fit_segments(log_r: torch.Tensor, log_v: torch.Tensor, a: torch.Tensor, b: torch.Tensor, n_points: int
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Least squares ``log v = c + D log r`` on ``[a, b)`` per row → ``(D [B], scale [B])`` (NaN if < 2 points)."""
-    n = log_r.shape[1]
-    idx = torch.arange(n)
-    m = (idx[None] >= a[:, None]) & (idx[None] < b[:, None])
-    x = torch.where(m, log_r.double(), torch.zeros((), dtype=torch.float64))
-    y = torch.where(m, log_v.double()[None].expand_as(x), torch.zeros((), dtype=torch.float64))
-    c = m.double().sum(1)
-    mx, my = x.sum(1) / c.clamp_min(1), y.sum(1) / c.clamp_min(1)
-    dx = torch.where(m, x - mx[:, None], torch.zeros((), dtype=torch.float64))
-    dy = torch.where(m, y - my[:, None], torch.zeros((), dtype=torch.float64))
-    D = (dx * dy).sum(1) / (dx * dx).sum(1)
-    icpt = my - D * mx
-    rss = torch.where(m, y - icpt[:, None] - D[:, None] * x, torch.zeros((), dtype=torch.float64)).pow(2).sum(1)
-    scale = torch.exp(icpt) / n_points * torch.exp(0.5 * rss)
-    bad = c < 2
-    return D.masked_fill(bad, float("nan")), scale.masked_fill(bad, float("nan"))
-
-
-def _calibrated_changes(lr: torch.Tensor, ranks: torch.Tensor, st: torch.Tensor, ws: int, alpha: float,
-                        cal: dict[str, Any]) -> tuple[np.ndarray, ...]:
-    """One calibrated scan per row → ``(first change column (n = none), calibrated p there, raw min p, calibrated min p)``."""
-    n = lr.shape[1]
-    a, nw = spacing_scan(spacing_scores(lr, ranks, st), ws)
-    an = a.nan_to_num(nan=-1.0).numpy()  # incomplete windows never fire
-    nwn = nw.numpy()
-    amax = an.max(1) if n else np.full(len(st), -1.0)
-    pmin_raw = spacing_p(np.where(amax < 0, np.nan, amax), ws)
-    pmin_eff = calibrate_p(pmin_raw, cal, nwn)
-    w = np.full(len(st), n)
-    pchange = np.ones(len(st))
-    found = np.nonzero(pmin_eff < alpha)[0]
-    if found.size:
-        # largest raw p with a calibrated p below alpha: the union bound's alpha/n_windows or the grid point
-        # below which the simulated bound U is under alpha; positions above the matching statistic are candidates
-        ucb = np.asarray(cal["ucb"])
-        below = np.nonzero(ucb < alpha)[0]
-        x_u = 10.0 ** (-below[0] * float(cal["grid_step"])) if below.size else 0.0
-        x_star = np.maximum(alpha / np.maximum(nwn[found], 1), x_u)
-        crit = _spacing_crit(x_star, ws) * (1 - 1e-9)
-        r, c = np.nonzero(an[found] >= crit[:, None])
-        pc = calibrate_p(spacing_p(an[found][r, c], ws), cal, nwn[found][r])
-        ok = pc < alpha
-        r, c, pc = r[ok], c[ok], pc[ok]
-        first = np.full(found.size, n)
-        np.minimum.at(first, r, c)
-        at = first[r] == c
-        w[found] = first
-        pchange[found[r[at]]] = pc[at]
-    return w, pchange, pmin_raw, pmin_eff
-
-
-@torch.no_grad()
-def stratify(radii: torch.Tensor, vol_min: int, *, window: int = 10, alpha: float = 1e-3, n_strata: int = 3,
-             mode: Mode = "calibrated", cal: dict[str, float] | None = None, n_points: int | None = None) -> dict[str, Any]:
-    """Sequential change-point search and segment fits for a batch of tokens.
-
-    Args:
-        radii: ``[B, n]`` sorted distances to neighbours of rank ``vol_min … vol_min+n−1``.
-        vol_min: rank of column 0 (volumes are ``vol_min + column``).
-        mode: ``parity`` thresholds raw p at ``alpha / n_strata``; ``calibrated`` thresholds the
-            scan-calibrated p (``cal`` from :func:`calibration`) at ``alpha``.
-
-    Returns:
-        dict of ``[B, n_strata]`` arrays ``start_index`` (column; −1 = no segment), ``start_radius``,
-        ``dim``, ``scale``, ``p`` (effective p of the change that ends the segment, 1 if none) and ``[B]``
-        arrays ``n_segments``, ``p_scan`` (effective min p of the first scan), ``p_raw_min`` (raw min p of
-        the first scan), ``first_start`` (first non-zero radius column), ``testable``.
-    """
-    B, n = radii.shape
-    if mode == "calibrated" and cal is None:
-        raise ConfigError("stratify(mode='calibrated') needs cal=calibration(...).")
-    n_points = n_points or B
-    log_r = radii.double().clamp_min(1e-300).log()
-    log_r = torch.where(radii > _ZERO_RADIUS, log_r, torch.full_like(log_r, -math.inf))
-    ranks = torch.arange(vol_min, vol_min + n, dtype=torch.float64)
-    log_v = ranks.log()
-    thr = alpha / n_strata if mode == "parity" else alpha
-    S = n_strata
-    start_idx = torch.full((B, S), -1, dtype=torch.long)
-    start_rad = torch.full((B, S), float("nan"), dtype=torch.float64)
-    dims = torch.full((B, S), float("nan"), dtype=torch.float64)
-    scales = torch.full((B, S), float("nan"), dtype=torch.float64)
-    pj = torch.ones((B, S), dtype=torch.float64)
-    first = (radii > _ZERO_RADIUS).double().argmax(1)
-    first = torch.where((radii > _ZERO_RADIUS).any(1), first, torch.full_like(first, n))
-    testable = (n - first) > 4 * window
-    p_scan = np.ones(B)
-    p_raw_min = np.ones(B)
-    active = torch.arange(B)
-    cur = first.clone()
-    cur_active = first < n - 1
-    active = active[cur_active]
-    for j in range(S):
-        if active.numel() == 0:
-            break
-        st = cur[active]
-        lr = log_r[active]
-        rows = np.arange(len(st))
-        if mode == "parity":
-            praw = welch_scan(pointwise_slopes(lr, log_v, st), st, window)
-            hit = praw < thr
-            found = hit.any(1)
-            w = np.where(found, hit.argmax(1), n)
-            pchange = np.where(found, praw[rows, np.minimum(w, n - 1)], 1.0)
-            pmin_raw = praw.min(1)
-            pmin_eff = np.minimum(1.0, pmin_raw * n_strata)
-        else:
-            w, pchange, pmin_raw, pmin_eff = _calibrated_changes(lr, ranks, st, window, thr, cal)
-            found = w < n
-        if j == 0:
-            p_raw_min[active.numpy()] = pmin_raw
-            p_scan[active.numpy()] = pmin_eff
-        wt = torch.as_tensor(w, dtype=torch.long)
-        D, sc = _fit_segments(lr, log_v, st, wt, n_points)
-        start_idx[active, j] = st
-        start_rad[active, j] = radii[active, st].double()
-        dims[active, j], scales[active, j] = D, sc
-        pj[active, j] = torch.as_tensor(pchange, dtype=torch.float64)
-        keep = torch.as_tensor(found)
-        cur[active[keep]] = wt[keep]
-        active = active[keep]
-    n_seg = (start_idx >= 0).sum(1)
-    return {"start_index": start_idx, "start_radius": start_rad, "dim": dims, "scale": scales, "p": pj,
-            "n_segments": n_seg, "p_scan": torch.as_tensor(p_scan), "p_raw_min": torch.as_tensor(p_raw_min),
-            "first_start": first, "testable": testable}
-
-
-def adjust_p(p: np.ndarray, method: Correction) -> np.ndarray:
-    """Vocabulary-level adjustment: ``none``, ``holm`` (FWER) or ``bh`` (Benjamini–Hochberg FDR)."""
-    p = np.asarray(p, dtype=np.float64)
-    n = p.size
-    if method == "none" or n == 0:
-        return p.copy()
-    order = np.argsort(p, kind="stable")
-    ps = p[order]
-    if method == "holm":
-        adj = np.maximum.accumulate(np.minimum(1.0, (n - np.arange(n)) * ps))
-    elif method == "bh":
-        adj = np.minimum.accumulate((ps * n / np.arange(1, n + 1))[::-1])[::-1]
-        adj = np.minimum(adj, 1.0)
-    else:
-        raise ConfigError(f"correction={method!r} is not allowed.", hint="Use none, holm or bh.")
-    out = np.empty(n)
-    out[order] = adj
-    return out
-
-
 # ------------------------------------------------------------------------------------------ token kinds
+VERDICTS = ("singular", "gap", "no rejection")  # a token's verdict (calibrated mode; parity has no "gap")
 KINDS = ("number", "whole word", "word piece", "whitespace/bytes", "punctuation/other")
 
 
@@ -661,10 +288,12 @@ class FiberResult(Result):
     """Fiber-bundle / manifold test of one embedding matrix.
 
     Per-token arrays (axis 0 follows ``token_ids``): ``p_manifold`` (effective token p: parity
-    ``min(1, n_strata·p_raw)``, calibrated scan-corrected), ``p_raw_min``, ``p_large`` (effective p of
+    ``min(1, n_strata·p_raw)``, calibrated: the change-point scan's p, the larger with and without gap scores), ``p_raw_min``, ``p_large`` (effective p of
     the 2nd change, 1 if none), ``n_segments``, ``testable``, ``n_zero`` (duplicate radii skipped).
     Segment arrays ``[token, n_strata]``: ``seg_start_volume`` (−1 = none), ``seg_start_radius``,
-    ``seg_dim``, ``seg_scale``, ``seg_p``. Curves: ``curve_rows`` (rows into ``token_ids``),
+    ``seg_dim``, ``seg_scale``, ``seg_p``, ``seg_rise`` (the dimension rises at the change that ends the
+    segment). Gaps (calibrated mode): ``p_gap`` (Fisher's test of the largest Rényi score), ``n_gaps``
+    (gap scores removed before the change search). Curves: ``curve_rows`` (rows into ``token_ids``),
     ``radii`` ``[m, vol_max]`` (rank 0 … vol_max−1; rank 0 = self), ``neighbors`` ``[m, n_neighbors]``.
     """
 
@@ -689,6 +318,9 @@ class FiberResult(Result):
     seg_dim: torch.Tensor = stored("array")
     seg_scale: torch.Tensor = stored("array")
     seg_p: torch.Tensor = stored("array")
+    seg_rise: torch.Tensor | None = stored("array", default=None)
+    p_gap: torch.Tensor | None = stored("array", default=None)
+    n_gaps: torch.Tensor | None = stored("array", default=None)
     curve_rows: torch.Tensor = stored("array")
     radii: torch.Tensor = stored("array")
     neighbors: torch.Tensor = stored("array")
@@ -699,7 +331,7 @@ class FiberResult(Result):
     @property
     def mode_label(self) -> str:
         c = self.config
-        return f"{c.mode} mode" + (" (published procedure)" if c.mode == "parity" else " (scan-corrected)")
+        return f"{c.mode} mode" + (" (published procedure)" if c.mode == "parity" else " (change-point scan)")
 
     def adjusted(self, method: Correction | None = None) -> np.ndarray:
         """Token p-values adjusted over the tested tokens (``method`` default: ``config.correction``)."""
@@ -710,26 +342,49 @@ class FiberResult(Result):
         out[t] = adjust_p(p[t], method)
         return out
 
+    def _adjust(self, p: np.ndarray, method: Correction) -> np.ndarray:
+        t = self.testable.numpy()
+        out = np.ones_like(p, dtype=np.float64)
+        out[t] = adjust_p(p[t], method)
+        return out
+
     def verdicts(self, method: Correction | None = None) -> dict[str, np.ndarray]:
-        """Boolean ``reject_manifold``, ``reject_fb_small``, ``reject_fb_large`` per token."""
+        """Boolean ``reject_manifold`` (the verdict "singular"), ``gap``, ``reject_fb_small``, ``reject_fb_large``
+        per token. ``gap``: the gap test rejects (always false in parity mode); a gap token is never "singular"."""
         a = self.config.alpha
         method = method or self.config.correction
         rm = self.adjusted(method) < a
-        d = self.seg_dim.numpy()
-        inc1 = (d[:, 1] > d[:, 0]) if d.shape[1] > 1 else np.zeros(len(d), bool)
-        inc2 = (d[:, 2] > d[:, 1]) if d.shape[1] > 2 else np.zeros(len(d), bool)
-        pl = self.p_large.numpy().copy()
-        t = self.testable.numpy()
-        pl_adj = np.ones_like(pl)
-        pl_adj[t] = adjust_p(pl[t], method)
-        return {"reject_manifold": rm, "reject_fb_small": rm & inc1, "reject_fb_large": rm & (pl_adj < a) & inc2}
+        n = len(rm)
+        gap = np.zeros(n, bool)
+        if self.p_gap is not None and self.config.mode == "calibrated":
+            gap = self._adjust(self.p_gap.numpy().copy(), method) < a
+            rm = rm & ~gap
+        if self.seg_rise is not None:
+            r = self.seg_rise.numpy().astype(bool)
+            inc1 = r[:, 0] if r.shape[1] > 1 else np.zeros(n, bool)
+            inc2 = r[:, 1] if r.shape[1] > 2 else np.zeros(n, bool)
+        else:
+            d = self.seg_dim.numpy()
+            inc1 = (d[:, 1] > d[:, 0]) if d.shape[1] > 1 else np.zeros(n, bool)
+            inc2 = (d[:, 2] > d[:, 1]) if d.shape[1] > 2 else np.zeros(n, bool)
+        pl_adj = self._adjust(self.p_large.numpy().copy(), method)
+        return {"reject_manifold": rm, "gap": gap, "reject_fb_small": rm & inc1, "reject_fb_large": rm & (pl_adj < a) & inc2}
+
+    def verdict(self, method: Correction | None = None) -> np.ndarray:
+        """Per token ``"singular"``, ``"gap"`` or ``"no rejection"`` (:data:`VERDICTS`)."""
+        v = self.verdicts(method)
+        return np.where(v["reject_manifold"], VERDICTS[0], np.where(v["gap"], VERDICTS[1], VERDICTS[2]))
 
     def counts(self) -> pd.DataFrame:
-        """Rejection counts under each vocabulary-level correction (rows: none, holm, bh)."""
+        """Tokens by verdict under each vocabulary-level correction (rows: none, holm, bh): ``tested``,
+        ``singular`` (rejects "manifold"), ``gap``, ``no_rejection``, ``reject_fb_small``, ``reject_fb_large``."""
         rows = []
         for m in ("none", "holm", "bh"):
             v = self.verdicts(m)
-            rows.append({"correction": m, "tested": int(self.testable.sum()), **{k: int(x.sum()) for k, x in v.items()}})
+            t = self.testable.numpy()
+            rows.append({"correction": m, "tested": int(t.sum()), "singular": int(v["reject_manifold"].sum()),
+                         "gap": int(v["gap"].sum()), "no_rejection": int((t & ~v["reject_manifold"] & ~v["gap"]).sum()),
+                         "reject_fb_small": int(v["reject_fb_small"].sum()), "reject_fb_large": int(v["reject_fb_large"].sum())})
         return pd.DataFrame(rows)
 
     def summary(self) -> dict[str, Any]:
@@ -738,7 +393,8 @@ class FiberResult(Result):
         d = self.seg_dim.numpy()
         out: dict[str, Any] = {"mode": self.config.mode, "tokens": len(self.token_strs), "tested": int(self.testable.sum())}
         for m in ("none", "holm", "bh"):
-            out[f"reject_manifold[{m}]"] = int(c.loc[m, "reject_manifold"])
+            for k in ("singular", "gap", "no_rejection"):
+                out[f"{k}[{m}]"] = int(c.loc[m, k])
         out["reject_fb_small/large[" + self.config.correction + "]"] = (
             f"{int(c.loc[self.config.correction, 'reject_fb_small'])}/{int(c.loc[self.config.correction, 'reject_fb_large'])}")
         for j in range(d.shape[1]):
@@ -751,11 +407,13 @@ class FiberResult(Result):
         return out
 
     def kind_table(self, method: Correction | None = None) -> pd.DataFrame:
-        """Tokens and manifold rejections by kind (numbers, whole words, word pieces, whitespace/bytes, other)."""
+        """Tokens by kind (numbers, whole words, word pieces, whitespace/bytes, other) and verdict: ``tokens``,
+        ``tested``, ``singular``, ``gap``, ``rate`` (singular / tested)."""
         v = self.verdicts(method)
-        df = pd.DataFrame({"kind": self.kinds, "reject": v["reject_manifold"], "testable": self.testable.numpy()})
-        g = df.groupby("kind").agg(tokens=("testable", "size"), tested=("testable", "sum"), rejected=("reject", "sum"))
-        g["rate"] = g["rejected"] / g["tested"].clip(lower=1)
+        df = pd.DataFrame({"kind": self.kinds, "reject": v["reject_manifold"], "gap": v["gap"], "testable": self.testable.numpy()})
+        g = df.groupby("kind").agg(tokens=("testable", "size"), tested=("testable", "sum"), singular=("reject", "sum"),
+                                   gap=("gap", "sum"))
+        g["rate"] = g["singular"] / g["tested"].clip(lower=1)
         return g.reset_index()
 
     # --- frames ------------------------------------------------------------------------------
@@ -767,8 +425,12 @@ class FiberResult(Result):
             "model": self.model.get("name"), "mode": self.config.mode, "token_id": self.token_ids.numpy(),
             "token": self.token_strs, "kind": self.kinds, "testable": self.testable.numpy(),
             "n_segments": self.n_segments.numpy(), "p_manifold": self.p_manifold.numpy(), "p_raw_min": self.p_raw_min.numpy(),
-            "p_holm": self.adjusted("holm"), "p_bh": self.adjusted("bh"), **v,
+            "p_holm": self.adjusted("holm"), "p_bh": self.adjusted("bh"), "verdict": self.verdict(), **v,
         }
+        if self.p_gap is not None:
+            data["p_gap"] = self.p_gap.numpy()
+        else:  # a result saved before the gap verdict existed keeps its table
+            del data["verdict"], data["gap"]
         for j in range(S):
             data[f"dim_{j + 1}"] = self.seg_dim[:, j].numpy()
             if j:
@@ -1014,7 +676,7 @@ def _finish(config: Config, *, dist: torch.Tensor, idx: torch.Tensor, q: torch.T
     warnings = list(warnings)
     dist, idx = dist[:, :config.vol_max], idx[:, :config.vol_max]
     with timer("calibration"):
-        cal = calibration(config.vol_min, config.vol_max, config.window, config.n_sims, config.seed) if config.mode == "calibrated" else {}
+        cal = calibration(config.vol_min, config.vol_max, MIN_SEGMENT, config.n_sims, config.seed) if config.mode == "calibrated" else {}
     with timer("test"):
         radii = dist[:, config.vol_min:config.vol_max]
         parts = []
@@ -1045,14 +707,15 @@ def _finish(config: Config, *, dist: torch.Tensor, idx: torch.Tensor, q: torch.T
     elif config.keep_curves == "none":
         rows = torch.zeros(0, dtype=torch.long)
     else:
-        rows = (torch.as_tensor(st["p_scan"]) < config.alpha).nonzero()[:, 0]
+        rows = ((torch.as_tensor(st["p_scan"]) < config.alpha) | (st["p_gap"] < config.alpha)).nonzero()[:, 0]
     model, input_hash = _identity(probe, embeddings, source, E, q)
     return FiberResult(
         config=config, model=model, input_hash=input_hash, inputs=f"{source} matrix {V}x{dim}, {len(q)} rows tested",
         timings=timer.seconds, source=source, n_points=V, dim=dim, token_ids=q, token_strs=strs, kinds=kinds,
         p_manifold=st["p_scan"].double(), p_raw_min=st["p_raw_min"].double(), p_large=p_large.double(),
         n_segments=st["n_segments"], testable=st["testable"], n_zero=n_zero, seg_start_volume=seg_vol,
-        seg_start_radius=st["start_radius"], seg_dim=st["dim"], seg_scale=st["scale"], seg_p=st["p"],
+        seg_start_radius=st["start_radius"], seg_dim=st["dim"], seg_scale=st["scale"], seg_p=st["p"], seg_rise=st["rise"],
+        p_gap=st["p_gap"] if config.mode == "calibrated" else None, n_gaps=st["n_gaps"] if config.mode == "calibrated" else None,
         curve_rows=rows, radii=dist[rows].float().contiguous(), neighbors=idx[rows, : config.n_neighbors].int().contiguous(),
         calibration=dict(cal), warnings=warnings,
     )
@@ -1079,8 +742,8 @@ def volume_stability(probe: Probe | None = None, *, embeddings: Any = None, toke
 
     Returns:
         one row per range: ``volumes``, ``vol_min``, ``vol_max``, ``tested``, ``reject_manifold``,
-        ``reject_fb_small``, ``reject_fb_large`` and ``jaccard <volumes>`` per range (Jaccard index of the
-        two sets of manifold rejections; 1 when both are empty); with ``return_results`` also the
+        ``gap``, ``reject_fb_small``, ``reject_fb_large`` and ``jaccard <volumes>`` per range (Jaccard index of the
+        two sets of manifold rejections, i.e. of singular tokens; 1 when both are empty); with ``return_results`` also the
         :class:`FiberResult` of each range.
     """
     if not ranges:
@@ -1127,45 +790,60 @@ def readme_numbers(probe: Probe, *, full: bool = True, progress: Callable[[int, 
     for mode in ("calibrated", "parity"):
         r = run(probe, config=Config(tokens=toks, vol_max=300, mode=mode, keep_curves="none"))  # type: ignore[arg-type]
         c = r.counts().set_index("correction")
-        out[f"subset_{mode}"] = {m: int(c.loc[m, "reject_manifold"]) for m in ("none", "holm", "bh")}
+        out[f"subset_{mode}"] = {m: {k: int(c.loc[m, k]) for k in ("singular", "gap", "no_rejection")} for m in ("none", "holm", "bh")}
     out["subset_tokens"] = len(toks)
     if full:
-        st, results = volume_stability(probe, config=Config(keep_curves="none"), progress=progress, return_results=True)
-        res = results[[r.config.vol_max for r in results].index(1000)]
-        c = res.counts().set_index("correction")
-        out["full_calibrated"] = {m: {k: int(c.loc[m, k]) for k in ("reject_manifold", "reject_fb_small", "reject_fb_large")}
-                                  for m in ("none", "holm", "bh")}
-        out["full_tested"] = int(res.testable.sum())
-        out["stability"] = st.to_dict(orient="records")
+        out.update(readme_full_numbers(probe, progress=progress))
     return out
+
+
+def readme_full_numbers(probe: Probe, *, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """The full-vocabulary part of :func:`readme_numbers`: calibrated mode, volumes 10–1000, α = 1e−3."""
+    res = run(probe, config=Config(keep_curves="none"), progress=progress)
+    c = res.counts().set_index("correction")
+    return {"full_calibrated": {m: {k: int(c.loc[m, k]) for k in ("singular", "gap", "no_rejection", "reject_fb_small", "reject_fb_large")}
+                                for m in ("none", "holm", "bh")},
+            "full_tested": int(res.testable.sum()), "kinds": res.kind_table("holm").to_dict(orient="records"),
+            "timings": {k: round(v, 1) for k, v in res.timings.items()}}
 
 
 def readme_phrases(numbers: dict[str, Any]) -> list[str]:
     """The sentences of the README's fiber section that carry :func:`readme_numbers` (a test checks them)."""
     n = numbers
+    sc, sp = n["subset_calibrated"], n["subset_parity"]
     out = [f"the embedded model has {n['duplicate_rows']} such rows",
            f"it flags {n['sphere_parity']}/1000 points, where calibrated mode flags {n['sphere_calibrated']}/1000",
-           (f"On every 50th token ({n['subset_tokens']} tokens, volumes 10–300, as in the notebook) "
-            f"{n['subset_calibrated']['none']} tokens reject “manifold” in calibrated mode "
-            f"({n['subset_calibrated']['holm']} with Holm, {n['subset_calibrated']['bh']} with BH) and "
-            f"{n['subset_parity']['none']} in parity mode ({n['subset_parity']['holm']} with Holm)")]
+           (f"On every 50th token ({n['subset_tokens']} tokens, volumes 10–300, as in the notebook) calibrated mode finds "
+            f"{sc['none']['singular']} singular, {sc['none']['gap']} gap and {sc['none']['no_rejection']} with no rejection "
+            f"({sc['holm']['singular']}, {sc['holm']['gap']} and {sc['holm']['no_rejection']} with Holm); parity mode rejects "
+            f"“manifold” at {sp['none']['singular']} ({sp['holm']['singular']} with Holm)")]
     if "full_calibrated" in n:
         fc = n["full_calibrated"]
-        out.append(f"{fc['none']['reject_manifold']} of {n['full_tested']} tokens reject “manifold” with no correction, "
-                   f"{fc['holm']['reject_manifold']} with Holm and {fc['bh']['reject_manifold']} with BH")
-        out.append(f"{fc['none']['reject_fb_small']} also reject “fiber bundle” at the smaller radius and "
-                   f"{fc['none']['reject_fb_large']} at the larger")
-        out.append(stability_markdown(n["stability"]))
+        out.append(f"of {n['full_tested']} tokens, {fc['none']['singular']} are singular, {fc['none']['gap']} gap and "
+                   f"{fc['none']['no_rejection']} show no rejection with no correction; with Holm {fc['holm']['singular']}, "
+                   f"{fc['holm']['gap']} and {fc['holm']['no_rejection']}; with BH {fc['bh']['singular']}, {fc['bh']['gap']} and "
+                   f"{fc['bh']['no_rejection']}")
+        out.append(f"{fc['holm']['reject_fb_small']} singular tokens (Holm) reject “fiber bundle” at the smaller radius and "
+                   f"{fc['holm']['reject_fb_large']} at the larger")
+        out.append(kinds_markdown(n["kinds"]))
     return out
+
+
+def kinds_markdown(records: Sequence[dict[str, Any]]) -> str:
+    """A :meth:`FiberResult.kind_table` (``to_dict(orient="records")``) as a Markdown table."""
+    lines = ["| kind | tokens | singular | gap | no rejection |", "|---|---|---|---|---|"]
+    for r in records:
+        lines.append(f"| {r['kind']} | {r['tested']} | {r['singular']} | {r['gap']} | {r['tested'] - r['singular'] - r['gap']} |")
+    return "\n".join(lines)
 
 
 def stability_markdown(records: Sequence[dict[str, Any]]) -> str:
     """A :func:`volume_stability` table (``to_dict(orient="records")``) as a Markdown table."""
     labels = [r["volumes"] for r in records]
-    head = ["volumes", "tested", "reject manifold", "fb small", "fb large", *[f"Jaccard vs {v}" for v in labels]]
+    head = ["volumes", "tested", "singular", "gap", "fb small", "fb large", *[f"Jaccard vs {v}" for v in labels]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in records:
-        cells = [r["volumes"], r["tested"], r["reject_manifold"], r["reject_fb_small"], r["reject_fb_large"],
+        cells = [r["volumes"], r["tested"], r["reject_manifold"], r.get("gap", 0), r["reject_fb_small"], r["reject_fb_large"],
                  *[f"{float(r[f'jaccard {v}']):.2f}" for v in labels]]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)

@@ -58,7 +58,7 @@ def plot_curve(result: "FiberResult", token_id: int):
             fig.add_vline(x=float(np.log(result.seg_start_radius[row, j])), line_dash="dash",
                           annotation_text=f"change {j} (p={float(result.seg_p[row, j - 1]):.1e})")
     v = {k: bool(x[row]) for k, x in result.verdicts().items()}
-    tag = "rejects manifold" if v["reject_manifold"] else "no rejection"
+    tag = "singular: rejects manifold" if v["reject_manifold"] else ("gap in the neighbour spacings" if v["gap"] else "no rejection")
     if v["reject_fb_small"] or v["reject_fb_large"]:
         tag += " and fiber bundle (" + ("small" if v["reject_fb_small"] else "large") + " radius)"
     fig.update_layout(title=_title(result, f"Token {token_id} {result.token_strs[row]!r}: {tag}"),
@@ -67,12 +67,13 @@ def plot_curve(result: "FiberResult", token_id: int):
 
 
 def plot_kinds(result: "FiberResult"):
-    """Manifold rejections by token kind (under ``config.correction``)."""
+    """Tokens by kind and verdict, singular and gap stacked (under ``config.correction``)."""
     import plotly.express as px
 
-    kt = result.kind_table()
-    fig = px.bar(kt, x="kind", y="rejected", hover_data=["tokens", "tested", "rate"],
-                 title=_title(result, f"Manifold rejections by token kind ({result.config.correction})"))
+    kt = result.kind_table().melt(id_vars=["kind", "tokens", "tested", "rate"], value_vars=["singular", "gap"],
+                                  var_name="verdict", value_name="count")
+    fig = px.bar(kt, x="kind", y="count", color="verdict", hover_data=["tokens", "tested", "rate"],
+                 title=_title(result, f"Verdicts by token kind ({result.config.correction})"))
     fig.update_layout(height=380, margin={"t": 60})
     return fig
 

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/fiber.py                       # embedded model, full vocabulary, CPU
     .venv/bin/python benchmarks/fiber.py --tokens 0:49152:8    # a quicker partial run
     .venv/bin/python benchmarks/fiber.py --device cuda --gpu-shape llama3-8b   # random 128256 x 4096 matrix on GPU
-    .venv/bin/python benchmarks/fiber.py --power                # power on synthetic clouds: parity, previous and current calibration
+    .venv/bin/python benchmarks/fiber.py --power                # detection rates on synthetic clouds, with an oracle
 
 Prints wall time, peak memory, the ratio to a plain forward pass measured in the same run, and the
 ratio to a straightforward dense implementation (full V_sub x V_sub distance matrix, sorted per row,
@@ -43,91 +43,134 @@ def dense_reference(E: torch.Tensor, vol_min: int, vol_max: int) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- power
-def _previous_calibration(vol_min: int, vol_max: int, ws: int, n_sims: int = 4000, seed: int = 0, q_ref: float = 0.02) -> dict:
-    """The calibration calibrated mode used before (kept here to compare): the Welch scan's minimum p, an
-    effective number of tests fitted at the 2 % quantile of simulated scans, extrapolated in proportion to z(p)."""
-    import math
-
-    from scipy.stats import norm
-
-    g = torch.Generator().manual_seed(seed)
-    gam = torch.empty(n_sims, vol_max, dtype=torch.float64).exponential_(1.0, generator=g).cumsum(1)
-    st = torch.zeros(n_sims, dtype=torch.long)
-    minp = F.welch_scan(F.pointwise_slopes(gam.log()[:, vol_min:vol_max], torch.arange(vol_min, vol_max).double().log(), st), st, ws).min(1)
-    x_ref = float(np.quantile(minp, q_ref))
-    return {"m_ref": max(1.0, math.log1p(-q_ref) / math.log1p(-max(x_ref, 1e-300))), "z_ref": float(norm.isf(x_ref / 2))}
+POWER_ALPHAS = (1e-3, 1e-2)
+POWER_VOLUMES = (10, 200)
 
 
-def _previous_p(radii: torch.Tensor, vol_min: int, ws: int, cal: dict) -> np.ndarray:
-    """Token p of the previous calibrated mode (first scan)."""
-    from scipy.stats import norm
-
-    lr = torch.where(radii > 1e-10, radii.clamp_min(1e-300).log(), torch.full_like(radii, -np.inf))
-    st = (radii > 1e-10).double().argmax(1)
-    p = F.welch_scan(F.pointwise_slopes(lr, torch.arange(vol_min, vol_min + radii.shape[1]).double().log(), st), st, ws).min(1)
-    m = cal["m_ref"] * np.maximum(1.0, norm.isf(np.clip(p, 1e-300, 1.0) / 2) / cal["z_ref"])
-    return np.clip(-np.expm1(m * np.log1p(-np.clip(p, 0.0, 1.0 - 1e-16))), 0.0, 1.0)
-
-
-def _sphere(n: int, rng: np.random.Generator) -> np.ndarray:
+def _sphere(n: int, rng: np.random.Generator, center=(0.0, 0.0, 0.0)) -> np.ndarray:
     x = rng.normal(size=(n, 3))
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.linalg.norm(x, axis=1, keepdims=True) + np.asarray(center)
 
 
-def power_clouds() -> list[tuple[str, np.ndarray, dict[str, np.ndarray], int, int, float]]:
-    """(name, points, {group: rows}, vol_min, vol_max, alpha) for the synthetic checks."""
-    rng = np.random.default_rng(0)
-    s = _sphere(500, rng)
-    s[:, 0] -= 1
-    stick = np.zeros((1000, 3))
-    stick[:, 0] = np.linspace(0, 5, 1000)
-    lol = np.vstack([s, stick])
-    x = stick[:, 0]
-    lol_groups = {"junction (stick x <= 0.5)": 500 + np.nonzero(x <= 0.5)[0],
-                  "stick middle (1.5 <= x <= 3.5)": 500 + np.nonzero((x >= 1.5) & (x <= 3.5))[0],
-                  "free end (x >= 4.5)": 500 + np.nonzero(x >= 4.5)[0], "sphere": np.arange(0, 500, 5)}
-    stick_r = np.zeros((1000, 3))  # the same stick with uniformly random positions (no lattice of equal spacings)
-    stick_r[:, 0] = np.sort(rng.uniform(0, 5, 1000))
-    lol_r = np.vstack([s, stick_r])
-    xr = stick_r[:, 0]
-    lolr_groups = {"junction (stick x <= 0.5)": 500 + np.nonzero(xr <= 0.5)[0],
-                   "stick middle (1.5 <= x <= 3.5)": 500 + np.nonzero((xr >= 1.5) & (xr <= 3.5))[0],
-                   "free end (x >= 4.5)": 500 + np.nonzero(xr >= 4.5)[0], "sphere": np.arange(0, 500, 5)}
+def power_clouds(seed: int = 0) -> list[dict]:
+    """Randomly sampled clouds with a known singular set: ``{"name", "X", "labels", "groups", "queries"}``.
+
+    ``labels`` names the smooth piece of each point; the change rank of a query is the rank of its first
+    neighbour on another piece. ``groups`` maps a group name to query rows (``None``: the band of queries whose
+    change rank lies in the volume range, ``"far"``: change rank beyond twice ``vol_max``)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    # lollipop: a 4000-point unit sphere centred at (-1, 0, 0) touching a 300-point stick [0, 5] x {0} x {0}, so that
+    # near the junction the sphere's points overtake the stick's within the volume range; 5 independent copies
+    Xs, labs, gs = [], [], {}
+    for c in range(5):
+        s = _sphere(4000, rng, (-1.0, 0.0, 0.0))
+        x = rng.uniform(0, 5, 300)
+        off = 4300 * c
+        Xs.append(np.vstack([s, np.column_stack([x, np.zeros(300), np.zeros(300)])]) + [0.0, 10.0 * c, 0.0])
+        labs.append(np.r_[np.zeros(4000, int), np.ones(300, int)] + 2 * c)
+        for g, m in (("junction: stick x <= 0.25", x <= 0.25), ("junction: stick x <= 0.5", x <= 0.5),
+                     ("stick middle (2 <= x <= 3)", (x >= 2) & (x <= 3)), ("free end (x >= 4.75)", x >= 4.75)):
+            gs.setdefault(g, []).append(off + 4000 + np.nonzero(m)[0])
+    out.append({"name": "lollipop (sphere 4000 + stick 300, 5 copies)", "X": np.vstack(Xs), "labels": np.concatenate(labs),
+                "groups": {g: np.concatenate(v) for g, v in gs.items()}})
+    # sphere crossing a plane: a 2000-point unit sphere and a 4000-point disc of radius 2 through its equator
     sp = _sphere(2000, rng)
-    rho = 2 * np.sqrt(rng.uniform(size=4000))  # uniform disc of radius 2 in the plane z = 0, through the equator
-    th = rng.uniform(0, 2 * np.pi, 4000)
-    pl = np.column_stack([rho * np.cos(th), rho * np.sin(th), np.zeros(4000)])
-    swp = np.vstack([sp, pl])
-    near_s = np.nonzero(np.abs(sp[:, 2]) < 0.05)[0]
-    near_p = 2000 + np.nonzero(np.abs(rho - 1) < 0.05)[0]
-    swp_groups = {"intersection (within 0.05 of the circle)": np.concatenate([near_s, near_p]),
-                  "sphere, |z| > 0.7": np.nonzero(np.abs(sp[:, 2]) > 0.7)[0][:200],
-                  "plane, 1.3 < rho < 1.6": 2000 + np.nonzero((rho > 1.3) & (rho < 1.6))[0][:200]}
-    return [("lollipop (page check 2)", lol, lol_groups, 5, 200, 1e-2),
-            ("lollipop, random stick positions", lol_r, lolr_groups, 5, 200, 1e-2),
-            ("sphere with plane", swp, swp_groups, 10, 300, 1e-3)]
+    rho, th = 2 * np.sqrt(rng.uniform(size=4000)), rng.uniform(0, 2 * np.pi, 4000)
+    X = np.vstack([sp, np.column_stack([rho * np.cos(th), rho * np.sin(th), np.zeros(4000)])])
+    out.append({"name": "sphere crossing a plane (2000 + 4000)", "X": X, "labels": np.r_[np.zeros(2000, int), np.ones(4000, int)],
+                "groups": {}})
+    # double cone z^2 = x^2 + y^2, |z| <= 1, uniform by area (2 x 2000 points): the apex is the singular point
+    t = np.sqrt(rng.uniform(size=4000))  # area density grows linearly with the distance to the apex
+    ph = rng.uniform(0, 2 * np.pi, 4000)
+    sg = np.where(np.arange(4000) < 2000, 1.0, -1.0)
+    X = np.column_stack([t * np.cos(ph), t * np.sin(ph), sg * t])
+    out.append({"name": "double cone (2 x 2000)", "X": X, "labels": (sg > 0).astype(int), "groups": {}})
+    # two unit spheres touching at the origin (2 x 2000)
+    X = np.vstack([_sphere(2000, rng, (-1.0, 0.0, 0.0)), _sphere(2000, rng, (1.0, 0.0, 0.0))])
+    out.append({"name": "two touching spheres (2 x 2000)", "X": X, "labels": np.r_[np.zeros(2000, int), np.ones(2000, int)],
+                "groups": {}})
+    return out
 
 
-def power() -> None:
-    """Fraction of tokens flagged per group: parity, previous calibrated mode, current calibrated mode (and the
-    fraction of those with a slope increase), current calibrated mode with window 25."""
-    print("power: fraction of tokens that reject 'manifold' (no vocabulary correction)")
-    for name, X, groups, vmin, vmax, alpha in power_clouds():
-        q = tuple(int(i) for g in groups.values() for i in g)
-        par = F.run(embeddings=X, config=F.Config(vol_min=vmin, vol_max=vmax, alpha=alpha, mode="parity", tokens=q, keep_curves="none"))
-        cal = F.run(embeddings=X, config=F.Config(vol_min=vmin, vol_max=vmax, alpha=alpha, tokens=q, keep_curves="all"))
-        prev = _previous_p(cal.radii[:, vmin:vmax].double(), vmin, 10, _previous_calibration(vmin, vmax, 10)) < alpha
-        wide = F.run(embeddings=X, config=F.Config(vol_min=vmin, vol_max=vmax, alpha=alpha, tokens=q, window=25, keep_curves="none"))
-        vp, vc, vw = par.verdicts(), cal.verdicts(), wide.verdicts()
-        print(f"\n{name}: {len(X)} points, volumes {vmin}-{vmax}, alpha {alpha:g}")
-        print(f"  {'group':40s} {'n':>5s} {'parity':>7s} {'previous':>9s} {'current':>8s} {'(increase)':>11s} {'current ws=25':>14s}")
-        i = 0
-        for g, rows in groups.items():
-            sl = slice(i, i + len(rows))
-            i += len(rows)
-            inc = vc["reject_fb_small"][sl] | vc["reject_fb_large"][sl]
-            print(f"  {g:40s} {len(rows):5d} {vp['reject_manifold'][sl].mean():7.2f} {prev[sl].mean():9.2f} "
-                  f"{vc['reject_manifold'][sl].mean():8.2f} {inc.mean():11.2f} {vw['reject_manifold'][sl].mean():14.2f}")
+def _change_rank(X: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """Rank of each point's first neighbour on another piece (``k`` when none among its ``k`` nearest)."""
+    _, idx = F.knn_distances(torch.from_numpy(X), k, exact="all")
+    other = labels[idx.numpy()] != labels[:, None]
+    return np.where(other.any(1), other.argmax(1), k)
+
+
+def power_table(vol_min: int = POWER_VOLUMES[0], vol_max: int = POWER_VOLUMES[1], alphas=POWER_ALPHAS, seed: int = 0,
+                max_per_group: int = 300) -> list[dict]:
+    """Detection rates of calibrated mode (verdict "singular", no vocabulary correction) per cloud and group, at
+    each alpha, beside an oracle that knows the change rank (the exact two-segment test at that split, no scan)
+    and parity mode (the published procedure, which over-rejects smooth clouds)."""
+    rows = []
+    rng = np.random.default_rng(seed + 1)
+    for cl in power_clouds(seed):
+        X, lab = cl["X"], cl["labels"]
+        kch = _change_rank(X, lab, 2 * vol_max)
+        groups = dict(cl["groups"])
+        if not groups:
+            groups = {f"band: other piece enters at neighbour {vol_min}-{vol_max}": np.nonzero((kch >= vol_min) & (kch < vol_max))[0],
+                      f"far: other piece beyond neighbour {2 * vol_max}": np.nonzero(kch >= 2 * vol_max)[0]}
+        groups = {g: (np.sort(rng.choice(r, max_per_group, replace=False)) if len(r) > max_per_group else r) for g, r in groups.items()}
+        q = np.unique(np.concatenate(list(groups.values())))
+        pos = {int(i): j for j, i in enumerate(q)}
+        res = F.run(embeddings=X, config=F.Config(vol_min=vol_min, vol_max=vol_max, alpha=max(alphas), tokens=tuple(int(i) for i in q),
+                                                  keep_curves="none", exact="all"))
+        par = F.run(embeddings=X, config=F.Config(vol_min=vol_min, vol_max=vol_max, alpha=max(alphas), tokens=tuple(int(i) for i in q),
+                                                  keep_curves="none", exact="all", mode="parity"))
+        p_par = par.p_manifold.numpy()
+        dist, _ = F.knn_distances(torch.from_numpy(X), vol_max, queries=torch.from_numpy(q), exact="all")
+        r = dist[:, vol_min:vol_max]
+        y = F.spacing_scores(r.log(), torch.arange(vol_min, vol_max).double(), torch.zeros(len(q), dtype=torch.long)).numpy()
+        split = np.clip(kch[q] - vol_min - 1, 1, y.shape[1] - 1)
+        p_or, rise_or = F.split_p(y, split)
+        has_change = (kch[q] >= vol_min) & (kch[q] < vol_max)
+        pm, pg = res.p_manifold.numpy(), res.p_gap.numpy()
+        rise = res.seg_rise.numpy()[:, 0]
+        for g, rws in groups.items():
+            j = np.array([pos[int(i)] for i in rws])
+            row = {"cloud": cl["name"], "group": g, "n": len(j), "in_range": float(has_change[j].mean())}
+            for a in alphas:
+                sing = pm[j] < a
+                row[f"singular@{a:g}"] = float(sing.mean())
+                row[f"rise@{a:g}"] = float((sing & rise[j]).mean())
+                row[f"gap@{a:g}"] = float((~sing & (pg[j] < a)).mean())
+                row[f"parity@{a:g}"] = float((p_par[j] < a).mean())
+                row[f"oracle@{a:g}"] = float((has_change[j] & (p_or[j] < a)).mean()) if has_change[j].any() else float("nan")
+            rows.append(row)
+    return rows
+
+
+def power_markdown(rows: list[dict], alphas=POWER_ALPHAS) -> str:
+    """The power table as Markdown: detection (and oracle) per alpha."""
+    head = ["cloud", "group", "n", *[f"α = {a:g}: singular (rise) / oracle / parity" for a in alphas]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def pc(v: float) -> str:
+        return "—" if v != v else f"{100 * v:.0f} %"
+
+    for r in rows:
+        cells = [r["cloud"], r["group"], str(r["n"])]
+        cells += [f"{pc(r[f'singular@{a:g}'])} ({pc(r[f'rise@{a:g}'])}) / {pc(r[f'oracle@{a:g}'])} / {pc(r[f'parity@{a:g}'])}"
+                  for a in alphas]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def power(vol_min: int = POWER_VOLUMES[0], vol_max: int = POWER_VOLUMES[1]) -> None:
+    """Print the power table (calibrated mode, volumes vol_min-vol_max, no vocabulary correction)."""
+    t0 = time.perf_counter()
+    rows = power_table(vol_min, vol_max)
+    print(f"power: calibrated mode, volumes {vol_min}-{vol_max}, no vocabulary correction; fraction of the group's points with "
+          "verdict 'singular' (in brackets: with a dimension rise at the change) / oracle that knows the change rank / "
+          "parity mode (published procedure, its own p < alpha)")
+    print(power_markdown(rows))
+    gaps = [f"{r['cloud'][:20]}… / {r['group'][:20]}…: {100 * r['gap@0.001']:.0f} %" for r in rows if r["gap@0.001"] > 0]
+    print("verdict 'gap' at alpha 1e-3: " + (", ".join(gaps) or "none"))
+    print(f"({time.perf_counter() - t0:.0f} s)")
 
 
 def main() -> None:
@@ -140,7 +183,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--gpu-shape", default=None, choices=sorted(GPU_SHAPES))
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--power", action="store_true", help="only the power comparison on synthetic clouds")
+    ap.add_argument("--power", action="store_true", help="only the detection rates on synthetic clouds (volumes 10-200)")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)

@@ -111,7 +111,7 @@ def register(run_app: typer.Typer) -> None:
         backend: str = BackendOpt, device: str = DeviceOpt,
         out: Optional[Path] = OutOpt, as_json: bool = JsonOpt,
     ) -> None:
-        """Fiber-bundle / manifold test of token embeddings: per-token verdicts, p-values, local dimensions."""
+        """Fiber-bundle / manifold test of token embeddings: per-token verdicts (singular, gap, no rejection), p-values, local dimensions."""
         from analyses import fiber as F
 
         token_spans(tokens)  # the syntax now; the ids against the matrix's rows once they are known (unexpanded)

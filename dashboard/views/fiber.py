@@ -57,7 +57,8 @@ with st.sidebar:
     vol_max = st.number_input("vol_max", 51, vmax, param("vol_max", min(300, vmax), kind=int, lo=51, hi=vmax), step=50,
                               help="Largest neighbour rank (page default 1000 for the CLI; 300 here to stay fast).")
     mode = st.radio("Mode", ["calibrated", "parity"], index=["calibrated", "parity"].index(param("mode", "calibrated", choices=["calibrated", "parity"])),
-                    help="calibrated: false alarms of the whole window scan held at alpha; parity: the published procedure.")
+                    help="calibrated: a change-point scan of the neighbour spacings, valid at alpha, with gaps apart; "
+                         "parity: the published procedure.")
     alpha = st.select_slider("alpha", [1e-4, 1e-3, 1e-2, 5e-2], value=1e-3)
     correction = st.radio("Vocabulary correction", ["none", "holm", "bh"], horizontal=True,
                           index=["none", "holm", "bh"].index(param("correction", "none", choices=["none", "holm", "bh"])))
@@ -84,6 +85,9 @@ for w in res.warnings:
 c1, c2 = st.columns([1, 1])
 with c1:
     st.dataframe(res.counts(), hide_index=True)
+    if cfg.mode == "calibrated":
+        st.caption("singular: a change of local dimension (rejects “manifold”); gap: a tight group of neighbours, then "
+                   "empty space (not counted as a singularity); no_rejection: neither.")
 with c2:
     st.dataframe(res.kind_table(), hide_index=True)
 
@@ -91,7 +95,7 @@ df = res.to_frame()
 q = st.text_input("Search tokens", value="", help="Substring of the token text.")
 view = df[df["token"].str.contains(q, regex=False)] if q else df
 view = view.sort_values("p_manifold")
-cols = ["token_id", "token", "kind", "p_manifold", "p_holm", "p_bh", "reject_manifold", "reject_fb_small", "reject_fb_large",
+cols = ["token_id", "token", "kind", "verdict", "p_manifold", "p_holm", "p_bh", "p_gap", "reject_fb_small", "reject_fb_large",
         "dim_1", "dim_2", "change_volume_1"]
 st.dataframe(view[[c for c in cols if c in view]], hide_index=True, height=280)
 
