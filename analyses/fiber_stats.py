@@ -343,6 +343,45 @@ def simulate_scan_min_p(n_scans: int, n: int, min_seg: int = MIN_SEGMENT, *, see
 @functools.lru_cache(maxsize=16)
 def calibration(vol_min: int, vol_max: int, min_seg: int = MIN_SEGMENT, n_sims: int = 40000, seed: int = 0,
                 delta: float = 0.05, grid_step: float = 0.02, grid_min_log10: float = -20.0) -> dict[str, Any]:
+    """:func:`simulate_calibration`, kept once per setting in Sonde's per-user cache (``fiber-calibration/``, JSON):
+    the simulation is deterministic (a seeded generator), takes minutes at the default size, and depends on nothing
+    but its arguments, so every later run, process and page reads it back. A damaged cache file is recomputed."""
+    import json
+    import os
+    import tempfile
+
+    from probes.loading import private_cache_dir
+
+    args = dict(vol_min=int(vol_min), vol_max=int(vol_max), min_seg=int(min_seg), n_sims=int(n_sims), seed=int(seed),
+                delta=float(delta), grid_step=float(grid_step), grid_min_log10=float(grid_min_log10))
+    name = "cal-v1-" + "-".join(f"{k}={v}" for k, v in args.items()).replace(".", "p") + ".json"
+    try:
+        folder = private_cache_dir("fiber-calibration")
+    except Exception:  # noqa: BLE001 - no usable cache folder: compute every time
+        folder = None
+    if folder is not None:
+        try:
+            got = json.loads((folder / name).read_text(encoding="utf-8"))
+            ucb = got["ucb"]
+            if (isinstance(ucb, list) and got.get("n_sims") == args["n_sims"]
+                    and all(isinstance(u, float) and 0.0 <= u <= 1.0 for u in ucb)):
+                return got
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    out = simulate_calibration(**args)
+    if folder is not None:
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=folder)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(out, f)
+            os.replace(tmp, folder / name)
+        except OSError:
+            pass
+    return out
+
+
+def simulate_calibration(vol_min: int, vol_max: int, min_seg: int = MIN_SEGMENT, n_sims: int = 40000, seed: int = 0,
+                         delta: float = 0.05, grid_step: float = 0.02, grid_min_log10: float = -20.0) -> dict[str, Any]:
     """Null law of the change-point scan's minimum raw p, as an upper confidence bound on a ``log10 p`` grid.
 
     ``ucb[i]`` is the one-sided ``1 − delta`` Clopper–Pearson upper bound of ``P(min p ≤ 10^(−i·grid_step))``

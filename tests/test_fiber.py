@@ -497,3 +497,21 @@ def test_volume_stability_table():
     assert "| 10–100 |" in F.stability_markdown(df.to_dict(orient="records"))
     with pytest.raises(ConfigError, match="too short"):
         F.volume_stability(embeddings=X, ranges=((10, 30),))
+
+
+def test_calibration_is_kept_in_the_cache_and_read_back_exactly(tmp_path, monkeypatch):
+    """The null simulation is computed once per setting and read back bit for bit; a damaged file is recomputed."""
+    from analyses import fiber_stats as fs
+
+    monkeypatch.setenv("SONDE_CACHE", str(tmp_path))
+    fs.calibration.cache_clear()
+    fresh = fs.simulate_calibration(10, 40, fs.MIN_SEGMENT, 300, 0)
+    first = fs.calibration(10, 40, fs.MIN_SEGMENT, 300, 0)
+    files = list((tmp_path / "fiber-calibration").glob("cal-v1-*.json"))
+    assert first == fresh and len(files) == 1
+    fs.calibration.cache_clear()
+    assert fs.calibration(10, 40, fs.MIN_SEGMENT, 300, 0) == fresh  # read back
+    files[0].write_text('{"ucb": "not a list"}')
+    fs.calibration.cache_clear()
+    assert fs.calibration(10, 40, fs.MIN_SEGMENT, 300, 0) == fresh  # damaged: recomputed
+    fs.calibration.cache_clear()
