@@ -21,7 +21,7 @@ from dashboard import warm
 from probes import BACKENDS, Probe, SondeError
 
 __all__ = ["sidebar_probe", "get_probe", "cached", "stored", "result", "find", "keep", "memo", "show_error", "DEFAULT_PROMPT", "param", "context", "prompt_input",
-           "inside_results", "results_listing", "read_result", "decode_upload", "url_context", "BACKENDS", "DTYPES", "DEVICES"]
+           "inside_results", "results_listing", "read_result", "decode_upload", "url_context", "choose", "BACKENDS", "DTYPES", "DEVICES"]
 
 DEFAULT_PROMPT = "The Eiffel Tower is located in the city of"
 DEVICES = ["auto", "cpu", "cuda", "mps"]
@@ -315,6 +315,19 @@ def decode_upload(name: str, data: bytes) -> str:
     except UnicodeDecodeError as e:
         raise InputError(f"{name!r} is not UTF-8 text (bad byte at offset {e.start}).",
                          hint="Convert it, e.g. `iconv -f latin1 -t utf-8`.") from e
+
+
+def choose(key: str, options: Sequence[Any], default: Any, *, reset: bool = False) -> Any:
+    """The value the widget ``key`` is to show, set before the widget is drawn: its current value while that is one
+    of ``options``, else (or with ``reset``: a new prompt or result) ``default``.
+
+    The value is written through the Session State API, so the browser is told it: a keyed widget keeps its identity
+    when its options change, and a value merely dropped from the session would leave the browser showing the old
+    one. Draw the widget without ``index``/``value`` (the session state holds it).
+    """
+    if reset or key not in st.session_state or st.session_state[key] not in options:
+        st.session_state[key] = default
+    return st.session_state[key]
 
 
 def show_error(e: Exception) -> None:

@@ -349,3 +349,32 @@ def test_python_api_finds_the_result_a_page_saved(env, page, params, tmp_path, m
     assert load_result(found).key == res.key
     if page == "routes.py":  # the head panel's sink map was saved too: later sessions and servers read it, not recompute it
         assert "dormant" in store.list_results(tmp_path)["analysis"].tolist()
+
+
+def _shown(at, kind: str, key: str) -> str | None:
+    """What the browser's box shows after this run: the value the server sent with ``set_value`` (a keyed widget keeps
+    its identity when its options change, so without it the browser keeps showing its old value), else None."""
+    w = _w(at, kind, key)
+    return w.proto.raw_value if w.proto.set_value else None
+
+
+def test_new_prompt_resets_every_routes_selection_in_the_browser(env):
+    """Information flow: after a new prompt the predicted position, node and component boxes show the new prompt's
+    defaults (last position, its block output, the most important head), and the browser is told so."""
+    at = _page("routes.py", {"prompt": "Hello there friend and more words", "position": "2"})
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    nodes = _w(at, "selectbox", "routes_node").options
+    other = next(n for n in nodes if n.startswith("A"))
+    at.selectbox("routes_node").set_value(other).run()
+    heads = _w(at, "selectbox", "routes_component").options
+    at.selectbox("routes_component").set_value(heads[-1].split(" ·")[0]).run()
+    assert at.selectbox("routes_node").value == other
+    at.text_input("ctx_prompt").set_value("A b").run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    pos = _w(at, "selectbox", "routes_position")
+    assert pos.value == pos.options[-1] and _shown(at, "selectbox", "routes_position") == pos.options[-1]
+    node = _w(at, "selectbox", "routes_node")
+    last = f"I{node.value[1:].split('_')[0]}_{len(pos.options) - 1}"
+    assert node.value == last and node.value.startswith("I") and _shown(at, "selectbox", "routes_node") == node.value
+    comp = _w(at, "selectbox", "routes_component")
+    assert comp.value == comp.options[0].split(" ·")[0] and _shown(at, "selectbox", "routes_component") == comp.options[0]
