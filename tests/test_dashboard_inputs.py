@@ -378,3 +378,38 @@ def test_new_prompt_resets_every_routes_selection_in_the_browser(env):
     assert node.value == last and node.value.startswith("I") and _shown(at, "selectbox", "routes_node") == node.value
     comp = _w(at, "selectbox", "routes_component")
     assert comp.value == comp.options[0].split(" ·")[0] and _shown(at, "selectbox", "routes_component") == comp.options[0]
+
+
+def test_background_run_outlives_the_tab_and_a_reload_attaches(env):
+    """Critical tokens' rollout search runs in the server's job registry under its result key: a second session (a
+    reload, another tab) attaches to the running job with its progress instead of starting again from 0; Cancel
+    stops it for both."""
+    from dashboard.workbench import registry
+
+    params = {"rollouts": "64", "max_new": "64", "response": "3 + 4 = 8. So the answer is 8 apples in all."}
+    first = AppTest.from_file(str(ROOT / "dashboard" / "views" / "critical.py"), default_timeout=TIMEOUT)
+    first.query_params.update(params)
+    first.run()
+    assert first.get("progress"), "the search should still be running"
+    job = first.session_state["_sonde_jobs"]["critical_search"]
+    assert any(j is job for j in registry().jobs.values())
+    second = AppTest.from_file(str(ROOT / "dashboard" / "views" / "critical.py"), default_timeout=TIMEOUT)
+    second.query_params.update(params)
+    second.run()  # the reload
+    assert second.session_state["_sonde_jobs"]["critical_search"] is job  # attached, not restarted
+    assert second.get("progress") and "queued" not in second.get("progress")[0].proto.text or job.started is None
+    [b for b in second.button if b.key == "critical_search-cancel"][0].click().run()
+    deadline = __import__("time").time() + 60
+    while not job.finished and __import__("time").time() < deadline:
+        __import__("time").sleep(0.2)
+    assert job.finished and "cancelled" in (job.error or "")
+
+
+def test_a_job_waiting_for_a_worker_says_queued(env):
+    from dashboard.workbench import Job, _progress_text
+
+    text = _progress_text(Job(label="Rolling out prefixes", total=9))
+    assert "queued" in text and "0/9" not in text
+    j = Job(label="Rolling out prefixes", total=9, done_steps=2)
+    j.started = j.queued_at
+    assert "2/9 steps" in _progress_text(j)

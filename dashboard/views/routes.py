@@ -115,8 +115,10 @@ def _dataset_view(probe) -> None:
             sig = (probe.info.fingerprint, tuple((r.text, r.domain) for r in recs))
             if st.session_state.get("_routes_dataset_sig") != sig:
                 st.session_state["_routes_dataset_sig"] = sig
-                workbench.run_job("routes_dataset", "Routes over the dataset", _dataset_job(probe, recs, cfg),
-                                  total=len(recs), restart=True)
+                import hashlib
+
+                workbench.run_job("routes_dataset", "Routes over the dataset", _dataset_job(probe, recs, cfg), total=len(recs),
+                                  job_id="routes-dataset:" + hashlib.sha256(repr(sig).encode()).hexdigest()[:16])
                 st.rerun()
         job = workbench.job_view("routes_dataset", partial=lambda r: st.plotly_chart(
             r.plot(), width="stretch", key="routes_dataset_partial"))  # the statistics so far
