@@ -15,7 +15,7 @@ from typing import Any
 
 import streamlit as st
 
-__all__ = ["download_figure", "download_frame", "notebook_snippet", "frame_to_parquet", "figure_to_html", "safe_name", "export_bar", "axis_titles"]
+__all__ = ["download_figure", "download_frame", "notebook_snippet", "frame_to_parquet", "figure_to_html", "safe_name", "export_bar", "axis_titles", "readable", "p_value_columns"]
 
 
 def safe_name(name: str) -> str:
@@ -45,6 +45,39 @@ def axis_titles(fig: Any, x: str | None = None, y: str | None = None, y2: str | 
     if y2 is not None and "yaxis2" in fig.layout and not (fig.layout.yaxis2.title and fig.layout.yaxis2.title.text):
         fig.update_layout(yaxis2_title=y2)
     return fig
+
+
+def _cell(v: Any, digits: int) -> Any:
+    import math
+
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "—"
+    if isinstance(v, float):
+        return ("∞" if v > 0 else "−∞") if math.isinf(v) else f"{v:.{digits}f}"
+    if isinstance(v, str) and v and not v.strip():  # a whitespace token: make it visible
+        return v.replace(" ", "␣").replace("\n", "⏎").replace("\t", "⇥").replace("\r", "␍")
+    return v
+
+
+def readable(df: Any, *, digits: int = 3) -> Any:
+    """A table for display: missing values as "—", infinities as "∞", whitespace tokens made visible ("␣", "⏎").
+    Float columns holding a missing or infinite value become text (``digits`` decimals); others keep their type."""
+    import numpy as np
+
+    out = df.copy()
+    for c in out.columns:
+        col = out[c]
+        if col.dtype.kind == "f":
+            if not np.isfinite(col.to_numpy()).all():
+                out[c] = [_cell(float(v), digits) for v in col]
+        elif col.dtype.kind not in "biufcmM":  # text and object columns
+            out[c] = [_cell(v, digits) for v in col]
+    return out
+
+
+def p_value_columns(columns: Any) -> dict[str, Any]:
+    """``st.dataframe`` column settings that print p-values (columns named ``p_*``) in scientific notation."""
+    return {c: st.column_config.NumberColumn(c, format="%.2e") for c in columns if str(c).startswith("p_")}
 
 
 def download_figure(fig: Any, name: str, *, key: str | None = None) -> None:

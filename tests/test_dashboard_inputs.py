@@ -413,3 +413,23 @@ def test_a_job_waiting_for_a_worker_says_queued(env):
     j = Job(label="Rolling out prefixes", total=9, done_steps=2)
     j.started = j.queued_at
     assert "2/9 steps" in _progress_text(j)
+
+
+def test_embedding_geometry_prints_p_values_in_scientific_notation(env):
+    at = _page("fiber.py", {})
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    table = next(d for d in at.dataframe if "p_manifold" in d.value.columns)
+    cfg = json.loads(table.proto.columns)
+    assert all(cfg[c]["type_config"]["format"] == "%.2e" for c in table.value.columns if c.startswith("p_")), cfg
+
+
+def test_tables_show_infinity_missing_and_whitespace_tokens():
+    import pandas as pd
+
+    from dashboard.components import readable
+
+    df = pd.DataFrame({"token": [" ", "\n", "a"], "next": ["a", "b", ""], "s": [float("inf"), 1.5, float("nan")],
+                       "p": [0.1, 0.2, 0.3], "x": [None, "y", "z"]})
+    out = readable(df)
+    assert out["token"].tolist() == ["␣", "⏎", "a"] and out["s"].tolist() == ["∞", "1.500", "—"]
+    assert out["x"].tolist()[0] == "—" and out["p"].dtype.kind == "f"  # finite float columns stay numbers

@@ -71,7 +71,7 @@ components.download_figure(fig, "logit-lens", key="dl-lens-fig")
 # --- next-token predictions ----------------------------------------------------------------------
 st.subheader(f"Next-token top-{cfg.k} per position")
 nxt = res.next_frame()
-st.dataframe(nxt.iloc[a:b] if T > WINDOW else nxt, hide_index=True)
+st.dataframe(components.readable(nxt.iloc[a:b] if T > WINDOW else nxt), hide_index=True)  # whitespace tokens visible
 components.download_frame(res.to_frame, "logit-lens", key="dl-lens-table")
 
 components.notebook_snippet(f"""
