@@ -71,8 +71,16 @@ def param(name: str, default: Any, *, kind: type = str, choices: Sequence[Any] |
     empty parameter gives ``default``. A bad one shows one ``st.error`` line, is replaced by the default in the URL
     (so it is reported once) and gives ``default``: a pasted link never raises. With ``widget`` (the key of the
     widget the value initialises) the URL is read only while that widget does not exist yet: afterwards the widget's
-    own value wins, and a value the user typed is judged by the page, not reported as a bad link.
+    own value wins, and a value the user typed is judged by the page, not reported as a bad link. The error line
+    stays on later runs while the URL still holds the replacement: a bad setting is never replaced silently.
     """
+    bad = st.session_state.setdefault("_sonde_bad_links", {})
+    if name in bad:  # a bad link's value, replaced: its line stays while the URL holds the replacement
+        msg, used = bad[name]
+        if st.query_params.get(name, "") == used:
+            st.error(msg, icon="⚠️")
+            return default
+        del bad[name]
     if widget is not None and widget in st.session_state:
         return default
     raw = st.query_params.get(name)
@@ -101,11 +109,13 @@ def param(name: str, default: Any, *, kind: type = str, choices: Sequence[Any] |
         if check is not None and (why := check(value)):
             raise ValueError(why)
     except (ValueError, TypeError, OverflowError, SondeError) as e:
-        st.error(f"Ignored `{name}={_show(raw)}` in the URL: {e}; using {_show(_to_url(default)) or 'the default'!r}.", icon="⚠️")
+        msg = f"Ignored `{name}={_show(raw)}` in the URL: {e}; using {_show(_to_url(default)) or 'the default'!r}."
+        st.error(msg, icon="⚠️")
         if default is None or default == "":
             del st.query_params[name]
         else:
             st.query_params[name] = _to_url(default)
+        bad[name] = (msg, st.query_params.get(name, ""))
         return default
     return value
 

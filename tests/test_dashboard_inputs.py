@@ -433,3 +433,13 @@ def test_tables_show_infinity_missing_and_whitespace_tokens():
     out = readable(df)
     assert out["token"].tolist() == ["␣", "⏎", "a"] and out["s"].tolist() == ["∞", "1.500", "—"]
     assert out["x"].tolist()[0] == "—" and out["p"].dtype.kind == "f"  # finite float columns stay numbers
+
+
+def test_critical_bad_link_setting_is_one_visible_line(env):
+    """``?rollouts=0`` on Critical tokens: one error line on the page itself, not inside the collapsed "Search
+    settings" box, naming the value used instead."""
+    at = wait_background(_page("critical.py", {"rollouts": "0"}))
+    assert not at.exception
+    assert len(at.error) == 1 and "rollouts=0" in at.error[0].value and "using '3'" in at.error[0].value, [e.value for e in at.error]
+    box = next(e for e in at.expander if e.label == "Search settings")
+    assert not box.error, "the error is hidden in the collapsed box"
