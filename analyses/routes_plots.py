@@ -21,6 +21,7 @@ NODE_NAMES = {"X": "token embedding", "A": "after attention", "M": "FFN output",
 COMPARE_COLOURS = {"kept": "#8c8c8c", "lost": "#d62728", "gained": "#2ca02c"}
 HEAD_COLOUR = "#ff7f0e"  # the edges of the selected head
 SELECTED_COLOUR = "#ff7f0e"  # the ring around the selected node
+MAX_TICKS = 40  # token labels on the x axis at most
 
 
 def _xy(g, n: str, parallel: bool) -> tuple[float, float]:
@@ -124,7 +125,7 @@ def _in_edges(g, n: str, k: int = 3) -> str:
 
 
 def plot_route(route, str_tokens: Sequence[str], n_layers: int, parallel: bool = False, hover: dict[str, str] | None = None, *,
-               selected: str | None = None, head: str | None = None, compare=None, title: str | None = None):
+               selected: str | None = None, head: str | None = None, compare=None, title: str | None = None, offset: int = 0):
     """Route graph over the prompt: tokens left to right (every token on the x axis), layers bottom to top, edge width
     by weight, one colour per edge and node kind, with a legend.
 
@@ -135,6 +136,8 @@ def plot_route(route, str_tokens: Sequence[str], n_layers: int, parallel: bool =
         compare: another route (e.g. with a head ablated): the figure then shows the edges kept (grey), lost (red,
             dotted) and gained (green).
         title: the figure's title (default "Route to position <pos>").
+        offset: the prompt position of the first token drawn (a window of a long prompt): thinned labels name
+            positions in the prompt.
 
     Traces: the edges, the selected head's edges, the selected node's ring (no hover, so clicks reach the node under
     it), then one marker trace per node kind whose ``customdata`` are node names (a click selects a node).
@@ -180,11 +183,15 @@ def plot_route(route, str_tokens: Sequence[str], n_layers: int, parallel: bool =
         fig.add_trace(go.Scatter(x=xs, y=ys, mode="markers", hoverinfo="text", text=text, customdata=ns, name=NODE_NAMES[kind],
                                  marker=dict(size=9, color=NODE_COLOURS[kind], line=dict(width=1, color="white"))))
     ticks = [repr(s)[1:-1] or "·" for s in str_tokens]
+    # at most MAX_TICKS labels (every k-th position and the last): a 256-token window would overlap them all
+    k = -(-T // MAX_TICKS)
+    tickvals = sorted(set(range(T - 1, -1, -k)))
     fig.update_layout(
         title=dict(text=title if title is not None else f"Route to position {r.graph.get('pos', '')}", y=0.995, yanchor="top",
                    x=0.01, xanchor="left", font=dict(size=15)),
-        xaxis=dict(tickmode="array", tickvals=list(range(T)), ticktext=ticks, title="prompt token (position →)",
-                   range=[-0.6, T - 0.4], tickangle=-45 if T > 12 else 0),
+        xaxis=dict(tickmode="array", tickvals=tickvals, ticktext=[ticks[t] if k == 1 else f"{t + offset}: {ticks[t]}" for t in tickvals],
+                   title="prompt token (position →)" if k == 1 else f"prompt token (every {k}th position labelled)",
+                   range=[-0.6, T - 0.4], tickangle=-45 if len(tickvals) > 12 else 0),
         yaxis=dict(title="layer (−1 = embeddings)", range=[-1.5, L]), height=height,
         margin=dict(l=60, r=20, t=135, b=90), legend=dict(orientation="h", yanchor="bottom", y=1.01, x=0, font=dict(size=11)),
         clickmode="event+select", dragmode=False,

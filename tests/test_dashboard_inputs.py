@@ -270,6 +270,17 @@ def test_long_prompt_routes_trace_a_window(env):
     assert at.slider("routes_window").value == 256  # "Tokens to trace", the control the note points at
     assert any("Tokens to trace" in c.value for c in at.caption)
     assert len(at.selectbox("routes_position").options) == 256
+    # header, box, note and axis name the same positions: the prompt's, not the window's
+    import re
+
+    note = next(c.value for c in at.caption if "Tokens to trace" in c.value)
+    first, last = map(int, re.search(r"positions (\d+)–(\d+)", note).groups())
+    head = next(m.value for m in at.markdown if m.value.startswith("**Route to position"))
+    assert f"**Route to position {last}**" in head and at.selectbox("routes_position").value.startswith(f"{last}:")
+    assert at.selectbox("routes_position").options[0].startswith(f"{first}:")
+    graph = next(c for c in at.get("plotly_chart") if "routes_graph" in c.proto.id)
+    xaxis = json.loads(graph.proto.spec)["layout"]["xaxis"]
+    assert len(xaxis["tickvals"]) <= 40 and xaxis["ticktext"][-1].startswith(f"{last}:"), xaxis["ticktext"][-3:]
 
 
 # ----------------------------------------------------------------------------- one results store for CLI, notebooks, dashboard

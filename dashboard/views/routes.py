@@ -134,7 +134,7 @@ def _route_figure(res, route, **kw):
     return plot_route(route, res.str_tokens, res.n_layers, res.parallel, **kw)
 
 
-def _ablation_view(probe, res, tokens, cfg, label: str, pos: int, tau: float, renorm: bool) -> None:
+def _ablation_view(probe, res, tokens, cfg, label: str, pos: int, tau: float, renorm: bool, offset: int = 0) -> None:
     """The route recomputed with one head zero-ablated, drawn on ONE graph with the original: kept, lost, gained edges."""
     from probes import Ablate, parse_head, site
 
@@ -166,7 +166,7 @@ def _ablation_view(probe, res, tokens, cfg, label: str, pos: int, tau: float, re
         pred = None
     if pred is not None:
         c4.metric(f"p({pred!r})", f"{p1:.3f}", f"{p1 - p0:+.3f} vs original {p0:.3f}")
-    fig = _route_figure(res, r0, compare=r1, title=f"Original route vs {label} ablated: grey kept, red dotted lost, green gained")
+    fig = _route_figure(res, r0, compare=r1, offset=offset, title=f"Original route vs {label} ablated: grey kept, red dotted lost, green gained")
     st.plotly_chart(fig, key="routes_cmp", config={"displaylogo": False})
     d = (abl.head_importance(pos, tau=tau, renormalize=renorm) - res.head_importance(pos, tau=tau, renormalize=renorm))
     import pandas as pd
@@ -225,10 +225,12 @@ def main() -> None:
         return
     n_all = int(all_ids.shape[0])
     tokens = all_ids
+    offset = 0  # the prompt position of the window's first token: every position shown is a position in the prompt
     if n_all > MAX_TOKENS:
         window = st.slider("Tokens to trace (the last N of the prompt)", 2, n_all, MAX_TOKENS, key="routes_window",
                            help="Routes over thousands of tokens take minutes on a CPU and their graph is unreadable.")
         tokens = all_ids[-int(window):]
+        offset = n_all - int(window)
         st.caption(f"The prompt has {n_all:,} tokens; the route is traced over its last {int(window):,} (positions "
                    f"{n_all - int(window)}–{n_all - 1}; set **Tokens to trace** above).")
     # a new prompt starts at its last position; a link's position applies to the prompt it came with
@@ -249,7 +251,7 @@ def main() -> None:
         return
     T = res.n_tokens
     default_pos = param("position", T - 1, kind=int, lo=0, hi=T - 1, widget="routes_position")
-    labels = [f"{t}: {tok!r}" for t, tok in enumerate(res.str_tokens)]
+    labels = [f"{t + offset}: {tok!r}" for t, tok in enumerate(res.str_tokens)]
     state.choose("routes_position", labels, labels[default_pos], reset=new_prompt)
     choice = c3.selectbox("Predicted position", labels, key="routes_position")
     pos = labels.index(choice)
@@ -264,7 +266,7 @@ def main() -> None:
     lens = _lens_cached(probe, res, nodes)
     hover = {n: "lens: " + ", ".join(f"{t!r} {p:.2f}" for t, p in top[:3]) for n, top in lens.items()}
     pred = lens.get(last, [])
-    st.markdown(f"**Route to position {pos}** ({res.str_tokens[pos]!r}) — {route.number_of_nodes()} nodes, "
+    st.markdown(f"**Route to position {pos + offset}** ({res.str_tokens[pos]!r}) — {route.number_of_nodes()} nodes, "
                 f"{route.number_of_edges()} edges; model predicts "
                 + ", ".join(f"`{t!r}` ({p:.2f})" for t, p in pred[:3]))
 
@@ -291,7 +293,7 @@ def main() -> None:
         heads_fig = workbench.selectable_heads(res.plot_heads(pos, tau=tau, renormalize=renorm))
         heads_fig.update_layout(title="Click a head to open its panel and highlight its edges")
         if all_zero:  # a uniform map would read as data
-            st.info(f"No head is on the route at this τ ({tau:.2f}, position {pos}): every attention edge's proximity "
+            st.info(f"No head is on the route at this τ ({tau:.2f}, position {pos + offset}): every attention edge's proximity "
                     "falls below τ. Lower τ to see heads.", icon=":material/info:")
             clicked = None
         else:
@@ -303,7 +305,7 @@ def main() -> None:
     with graph_ph:
         selected_head = st.session_state["routes_component"]
         graph_fig = _route_figure(res, route, hover=hover, head=selected_head, selected=node,
-                                  title=f"Route to position {pos} · {selected_head} highlighted · click a node to inspect it")
+                                  offset=offset, title=f"Route to position {pos + offset} · {selected_head} highlighted · click a node to inspect it")
         st.plotly_chart(graph_fig, key="routes_graph", on_select="rerun", selection_mode="points")
     with right:
         st.subheader("Inspect a node")
@@ -346,7 +348,7 @@ def main() -> None:
                 part_lens = None
             if part_lens:
                 up_, down_ = part_lens
-                st.markdown(f"**{part} at position {npos}** promotes " + ", ".join(f"`{t!r}`" for t, _ in up_)
+                st.markdown(f"**{part} at position {npos + offset}** promotes " + ", ".join(f"`{t!r}`" for t, _ in up_)
                             + " · suppresses " + ", ".join(f"`{t!r}`" for t, _ in down_))
         tok = res.str_tokens[npos]
         if tok.strip() and npos > 0:
@@ -370,7 +372,7 @@ def main() -> None:
     ablated = param("ablated", "", check=_head_label_ok(probe))
     if ablated:
         st.query_params["ablated"] = ablated
-        _ablation_view(probe, res, tuple(int(t) for t in tokens.tolist()), cfg, ablated, pos, tau, renorm)
+        _ablation_view(probe, res, tuple(int(t) for t in tokens.tolist()), cfg, ablated, pos, tau, renorm, offset)
         if st.button("Hide the ablated comparison", key="routes_hide_ablated"):
             del st.query_params["ablated"]
             st.rerun()
@@ -378,10 +380,10 @@ def main() -> None:
     st.subheader("Export")
     components.export_bar(f"routes-{pos}", figure=graph_fig, table=_edge_table(res, pos, tau, renorm), graph=res,
                           graph_position=pos, result=res, figures={"Route graph": graph_fig, "Head importance": heads_fig},
-                          notes=(f"Prompt: {prompt!r}; position {pos}; τ = {tau:.2f}; renormalize = {renorm}; BOS {bos}.",),
-                          code=_code(probe, prompt, pos, tau, bos), key="exp-routes")
+                          notes=(f"Prompt: {prompt!r}; position {pos + offset}; τ = {tau:.2f}; renormalize = {renorm}; BOS {bos}.",),
+                          code=_code(probe, prompt, pos + offset, tau, bos), key="exp-routes")
     _dataset_view(probe)
-    components.notebook_snippet(_code(probe, prompt, pos, tau, bos))
+    components.notebook_snippet(_code(probe, prompt, pos + offset, tau, bos))
 
 
 def _code(probe, prompt: str, pos: int, tau: float, bos: bool) -> str:
