@@ -63,7 +63,8 @@ def _to_url(v: Any) -> str:
 
 
 def param(name: str, default: Any, *, kind: type = str, choices: Sequence[Any] | None = None, lo: float | None = None,
-          hi: float | None = None, check: Callable[[Any], str | None] | None = None, widget: str | None = None) -> Any:
+          hi: float | None = None, check: Callable[[Any], str | None] | None = None, widget: str | None = None,
+          sticky: bool = True) -> Any:
     """A page setting from the URL (``?prompt=...``), validated: the one reader of query parameters.
 
     ``kind`` is ``str``, ``int``, ``float`` or ``bool`` (``1/0/true/false``); ``choices`` the allowed values;
@@ -72,10 +73,11 @@ def param(name: str, default: Any, *, kind: type = str, choices: Sequence[Any] |
     (so it is reported once) and gives ``default``: a pasted link never raises. With ``widget`` (the key of the
     widget the value initialises) the URL is read only while that widget does not exist yet: afterwards the widget's
     own value wins, and a value the user typed is judged by the page, not reported as a bad link. The error line
-    stays on later runs while the URL still holds the replacement: a bad setting is never replaced silently.
+    stays on later runs while the URL still holds the replacement: a bad setting is never replaced silently
+    (``sticky=False``: reported once, for settings read several times a run whose widget shows the replacement).
     """
     bad = st.session_state.setdefault("_sonde_bad_links", {})
-    if name in bad:  # a bad link's value, replaced: its line stays while the URL holds the replacement
+    if sticky and name in bad:  # a bad link's value, replaced: its line stays while the URL holds the replacement
         msg, used = bad[name]
         if st.query_params.get(name, "") == used:
             st.error(msg, icon="⚠️")
@@ -115,7 +117,8 @@ def param(name: str, default: Any, *, kind: type = str, choices: Sequence[Any] |
             del st.query_params[name]
         else:
             st.query_params[name] = _to_url(default)
-        bad[name] = (msg, st.query_params.get(name, ""))
+        if sticky:
+            bad[name] = (msg, st.query_params.get(name, ""))
         return default
     return value
 
@@ -146,7 +149,7 @@ def context() -> dict[str, Any]:
             ctx[name] = st.session_state[wkey]
         raw = st.query_params.get(name)
         if raw is not None and raw != written.get(name):  # a link (or the user) set it in the URL
-            ctx[name] = param(name, ctx[name], **spec)
+            ctx[name] = param(name, ctx[name], **spec, sticky=False)
     return ctx
 
 
