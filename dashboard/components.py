@@ -91,13 +91,13 @@ def download_frame(df: Any, name: str, *, key: str | None = None) -> None:
     """Two download buttons for a table: CSV and Parquet, side by side (``df`` may be a function building it on click)."""
     stem = safe_name(name)
     frame = df if callable(df) else (lambda: df)
-    c1, c2 = st.columns(2)
-    with c1:
+    with st.container(horizontal=True, gap="small"):
         st.download_button("Download table (CSV)", data=lambda: frame().to_csv(index=False).encode("utf-8"), file_name=f"{stem}.csv",
-                           mime="text/csv", on_click="ignore", key=(key or f"dl-df-{stem}") + "-csv", icon=":material/download:")
-    with c2:
+                           mime="text/csv", on_click="ignore", key=(key or f"dl-df-{stem}") + "-csv", icon=":material/download:",
+                           width="content")
         st.download_button("Download table (Parquet)", data=lambda: frame_to_parquet(frame()), file_name=f"{stem}.parquet",
-                           mime="application/octet-stream", on_click="ignore", key=(key or f"dl-df-{stem}") + "-parquet", icon=":material/download:")
+                           mime="application/octet-stream", on_click="ignore", key=(key or f"dl-df-{stem}") + "-parquet",
+                           icon=":material/download:", width="content")
 
 
 def notebook_snippet(code: str, *, title: str = "Reproduce in a notebook", expanded: bool = False) -> None:
@@ -137,9 +137,9 @@ def export_bar(name: str, *, figure: Any = None, table: Any = None, result: Any 
                         f"{stem}-report.html", "text/html", None))
     if not buttons:
         return
-    cols = st.columns(len(buttons), gap="small")
-    for col, (label, data, file, mime, why) in zip(cols, buttons):
-        with col:
+    # one row that wraps: each button as wide as its label (equal columns cut labels to "Chart HT…" in a narrow window)
+    with st.container(horizontal=True, gap="small", key=f"{k}-bar"):
+        for label, data, file, mime, why in buttons:
             st.download_button(label, data=data, file_name=file, mime=mime, on_click="ignore", key=f"{k}-{label.lower().replace(' ', '-')}",
-                               icon=":material/description:" if label == "Report" else ":material/download:",
+                               icon=":material/description:" if label == "Report" else ":material/download:", width="content",
                                disabled=why is not None, help=why or f"Download {file}", type="primary" if label == "Report" else "secondary")

@@ -196,6 +196,30 @@ def test_routes_after_attention_node_click_and_new_prompt(server, browser):
     page.close()
 
 
+_TRUNCATED = """() => [...document.querySelectorAll('[data-testid="stDownloadButton"] button')].filter(b => {
+    const t = b.querySelector('p') || b; return t.scrollWidth > t.clientWidth + 1 || b.scrollWidth > b.clientWidth + 1; }).map(b => b.innerText)"""
+
+
+@pytest.mark.parametrize("size", [(1280, 800), (1600, 1000)])
+def test_export_buttons_show_their_whole_labels(server, browser, size):
+    """Information flow's export rows (route, component panel) at 1280x800 and 1600x1000: no button label is cut."""
+    w, h = size
+    page = browser.new_page(viewport={"width": w, "height": h})
+    page.goto(server["url"] + "/routes?prompt=The+Eiffel+Tower+is+located+in+the+city+of", wait_until="domcontentloaded")
+    page.locator(".st-key-routes_graph .js-plotly-plot").wait_for(state="visible", timeout=COLD_START_S * 1000)
+    _wait_text(page, "Sink mass per domain", 180)
+    page.wait_for_function("() => document.querySelectorAll('.st-key-exp-routes-bar [data-testid=\"stDownloadButton\"]').length >= 7",
+                           timeout=120_000)
+    page.wait_for_timeout(1500)
+    assert page.evaluate(_TRUNCATED) == []
+    bar = page.locator(".st-key-exp-routes-bar")
+    bar.scroll_into_view_if_needed()
+    bar.screenshot(path=str(ARTIFACTS / f"routes_export_bar_{w}x{h}.png"))
+    page.screenshot(path=str(ARTIFACTS / f"routes_{w}x{h}.png"))
+    _no_exception(page)
+    page.close()
+
+
 LONG_PROMPT_BOUND_S = 600  # a 3,000-token lens (forward + 30 x 3,000 x 49,152 unembedding) on a shared 2-core CPU, then a 48-column map
 
 
