@@ -258,8 +258,9 @@ def profile_for(probe, label: str, *, routes_result=None, position: int | None =
 
 
 def component_panel(probe, label: str, *, prompt: str, routes_result=None, position: int | None = None,
-                    key: str = "cp", actions: bool = True) -> Any:
-    """Render one head/neuron's profile and its actions. Returns the profile (None after an error)."""
+                    key: str = "cp", actions: bool = True, page_link_to_self: bool = True) -> Any:
+    """Render one head/neuron's profile and its actions (``page_link_to_self=False`` on the Component page itself: no
+    link to the page it is on). Returns the profile (None after an error)."""
     from dashboard import components
 
     try:
@@ -275,7 +276,9 @@ def component_panel(probe, label: str, *, prompt: str, routes_result=None, posit
         m2.metric("Max sink mass", sink_max)
         rf = prof.route_frequency
         m3.metric("Route frequency" if prof.sources.get("route") != "prompt" else "On this route",
-                  "—" if rf is None else (f"{rf:.2f}" if prof.sources.get("route") != "prompt" else ("yes" if rf > 0 else "no")))
+                  "not computed" if rf is None else (f"{rf:.2f}" if prof.sources.get("route") != "prompt" else ("yes" if rf > 0 else "no")),
+                  help="Share of a routes dataset's prompts whose route uses it: run the dataset view on Information flow."
+                  if rf is None else None)
         m4.metric("Bigram mask", "—" if prof.bigram_kept is None else ("member" if prof.bigram_member else "not in mask"))
         if prof.bigram_kept is None:
             st.caption(f"Bigram mask: {prof.sources.get('bigram')}.")
@@ -295,9 +298,10 @@ def component_panel(probe, label: str, *, prompt: str, routes_result=None, posit
             if prof.kind == "head" and c2.button("Compare routes with it ablated", key=f"{key}-routes", icon=":material/account_tree:"):
                 go("routes", prompt=prompt, component=prof.component, ablated=prof.component,
                    position=position if position is not None else None)
-            with c3:
-                page_link("component", "Open the Component page", icon=":material/open_in_new:", component=prof.component,
-                          prompt=prompt)
+            if page_link_to_self:
+                with c3:
+                    page_link("component", "Open the Component page", icon=":material/open_in_new:", component=prof.component,
+                              prompt=prompt)
         components.export_bar(prof.component, figure=prof.plot(), table=prof.to_frame(), result=prof, key=f"{key}-export",
                               code=_profile_code(probe, prof.component))
     return prof

@@ -259,6 +259,7 @@ def test_long_prompt_model_page_draws_a_window(env):
     fig = at.get("plotly_chart")[0]
     spec = json.loads(fig.proto.spec)
     assert len(spec["data"][0]["x"]) == 48  # 48 columns, not 3,000
+    assert max(len(t) for row in spec["data"][0]["text"] for t in row) <= 4  # 48 cells a row: short labels, no overlap
     assert any("tokens: positions" in c.value for c in at.caption)
     assert len(at.dataframe[0].value) == 48  # the next-token table follows the window
     assert elapsed < 120, elapsed
@@ -454,3 +455,19 @@ def test_critical_bad_link_setting_is_one_visible_line(env):
     assert len(at.error) == 1 and "rollouts=0" in at.error[0].value and "using '3'" in at.error[0].value, [e.value for e in at.error]
     box = next(e for e in at.expander if e.label == "Search settings")
     assert not box.error, "the error is hidden in the collapsed box"
+
+
+def test_component_page_has_no_link_to_itself_and_names_a_missing_route_frequency(env):
+    at = _page("component.py", {"component": "L0H0"})
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert not any("Open the Component page" in c.value for c in at.caption) and not at.get("page_link")
+    rf = next(m for m in at.metric if m.label == "Route frequency")
+    assert rf.value == "not computed"
+
+
+def test_sinks_log_axis_labels_decades_only(env):
+    at = _page("sinks.py", {"T": "16", "n": "1"})
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    logs = [json.loads(c.proto.spec)["layout"]["yaxis"] for c in at.get("plotly_chart")]
+    logs = [y for y in logs if y.get("type") == "log"]
+    assert logs and all(y.get("dtick") == 1 for y in logs), logs

@@ -64,7 +64,8 @@ if T > WINDOW:
     b = a + WINDOW
     st.caption(f"The prompt has {T:,} tokens: positions {a}–{b - 1} are drawn (move **First position shown**); "
                "the downloads hold every position.")
-fig = res.plot(color=color, positions=(a, b))
+# cell labels shorten as columns grow (about 25 px a column at 48 columns): full labels overlap past ~20 columns
+fig = res.plot(color=color, positions=(a, b), max_label=10 if b - a <= 20 else 6 if b - a <= 32 else 4)
 st.plotly_chart(fig, key="logit_lens_heatmap", config={"displaylogo": False})
 components.download_figure(fig, "logit-lens", key="dl-lens-fig")
 

@@ -378,8 +378,13 @@ def main() -> None:
             st.rerun()
 
     st.subheader("Export")
-    components.export_bar(f"routes-{pos}", figure=graph_fig, table=_edge_table(res, pos, tau, renorm), graph=res,
-                          graph_position=pos, result=res, figures={"Route graph": graph_fig, "Head importance": heads_fig},
+    import plotly.graph_objects as go
+
+    # exported figures are static: their titles carry no click hints
+    graph_out = go.Figure(graph_fig).update_layout(title_text=f"Route to position {pos + offset} · {selected_head} highlighted")
+    heads_out = go.Figure(heads_fig).update_layout(title_text=f"Head importance on the route to position {pos + offset}")
+    components.export_bar(f"routes-{pos}", figure=graph_out, table=_edge_table(res, pos, tau, renorm), graph=res,
+                          graph_position=pos, result=res, figures={"Route graph": graph_out, "Head importance": heads_out},
                           notes=(f"Prompt: {prompt!r}; position {pos + offset}; τ = {tau:.2f}; renormalize = {renorm}; BOS {bos}.",),
                           code=_code(probe, prompt, pos + offset, tau, bos), key="exp-routes")
     _dataset_view(probe)

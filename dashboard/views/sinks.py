@@ -56,8 +56,11 @@ with tab_sink:
             norm_kinds.pop("key ‖k‖")
         if not res.value_state_norm.numel():
             norm_kinds.pop("raw value ‖v‖")
+        state.choose("sinks_norm_metric", list(norm_kinds), list(norm_kinds)[0])  # a kind this backend lacks: the first
         metric = st.selectbox("Norm per position", list(norm_kinds), key="sinks_norm_metric")
         vfig = components.axis_titles(res.plot(norm_kinds[metric]), "position", f"{metric} (log scale)")
+        if vfig.layout.yaxis.type == "log":  # one label per decade (plotly's default labels 2 and 5 too: "100 5 2 10 5 2 1")
+            vfig.update_yaxes(dtick=1)
         import plotly.colors as pc
 
         import plotly.graph_objects as pgo
