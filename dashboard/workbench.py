@@ -276,7 +276,7 @@ def component_panel(probe, label: str, *, prompt: str, routes_result=None, posit
         m2.metric("Max sink mass", sink_max)
         rf = prof.route_frequency
         m3.metric("Route frequency" if prof.sources.get("route") != "prompt" else "On this route",
-                  "not computed" if rf is None else (f"{rf:.2f}" if prof.sources.get("route") != "prompt" else ("yes" if rf > 0 else "no")),
+                  "none" if rf is None else (f"{rf:.2f}" if prof.sources.get("route") != "prompt" else ("yes" if rf > 0 else "no")),
                   help="Share of a routes dataset's prompts whose route uses it: run the dataset view on Information flow."
                   if rf is None else None)
         m4.metric("Bigram mask", "—" if prof.bigram_kept is None else ("member" if prof.bigram_member else "not in mask"))

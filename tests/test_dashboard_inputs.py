@@ -462,7 +462,7 @@ def test_component_page_has_no_link_to_itself_and_names_a_missing_route_frequenc
     assert not at.exception and not at.error, [e.value for e in at.error]
     assert not any("Open the Component page" in c.value for c in at.caption) and not at.get("page_link")
     rf = next(m for m in at.metric if m.label == "Route frequency")
-    assert rf.value == "not computed"
+    assert rf.value == "none" and "dataset view" in rf.help
 
 
 def test_sinks_log_axis_labels_decades_only(env):
@@ -471,3 +471,18 @@ def test_sinks_log_axis_labels_decades_only(env):
     logs = [json.loads(c.proto.spec)["layout"]["yaxis"] for c in at.get("plotly_chart")]
     logs = [y for y in logs if y.get("type") == "log"]
     assert logs and all(y.get("dtick") == 1 for y in logs), logs
+
+
+def test_all_zero_head_map_is_a_note_and_keeps_the_selected_head(env):
+    """Information flow at a τ where no head is on the route (the tiny model's last position at τ = 0.10): a note
+    instead of a uniform heat map, and the component box keeps the head it had rather than falling back to L0H0."""
+    at = _page("routes.py", {"prompt": "A b", "position": "2", "tau": "0.04"})
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert not any("No head is on the route" in i.value for i in at.info)
+    head = _w(at, "selectbox", "routes_component").options[3].split(" ·")[0]
+    at.selectbox("routes_component").set_value(head).run()
+    at.slider("routes_tau").set_value(0.10).run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert any("No head is on the route at this τ" in i.value for i in at.info)
+    assert not any("routes_heads" in c.proto.id for c in at.get("plotly_chart"))
+    assert at.selectbox("routes_component").value == head != "L0H0"
