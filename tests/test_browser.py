@@ -149,6 +149,14 @@ _BOX = """k => { const e = document.querySelector('.st-key-' + k); if (!e) retur
     return e.innerText + ' ' + [...e.querySelectorAll('input')].map(i => i.value + ' ' + (i.getAttribute('aria-label') || '')).join(' '); }"""
 
 
+_IDLE = ("() => { const a = document.querySelector('[data-testid=\"stApp\"]');"
+         "        return a && a.getAttribute('data-test-script-state') === 'notRunning'; }")
+
+
+def _wait_box(page, key: str, text: str, timeout_s: float = 60) -> None:
+    page.wait_for_function(f"([k, t]) => ({_BOX})(k).includes(t)", arg=[key, text], timeout=timeout_s * 1000)
+
+
 def _box_text(page, key: str) -> str:
     """What a selection box shows (its label, its text and its input's value)."""
     return page.evaluate(_BOX, key)
@@ -165,9 +173,11 @@ def test_routes_after_attention_node_click_and_new_prompt(server, browser):
     graph = page.locator(".st-key-routes_graph .js-plotly-plot")
     graph.wait_for(state="visible", timeout=COLD_START_S * 1000)
     _wait_text(page, "Sink mass per domain", 180)
-    assert "9: ' of'" in _box_text(page, "routes_position")
+    _wait_box(page, "routes_position", "9: ' of'")
     picked = []
     for _ in range(3):  # three different A nodes, each click lands on the node
+        page.wait_for_function(_IDLE, timeout=60_000)
+        page.wait_for_function("() => document.querySelectorAll('.st-key-routes_graph .js-plotly-plot').length === 1", timeout=60_000)
         graph.scroll_into_view_if_needed()
         page.wait_for_timeout(500)
         got = graph.evaluate(_NODE_XY, {"kind": "A", "skip": picked})
@@ -184,9 +194,11 @@ def test_routes_after_attention_node_click_and_new_prompt(server, browser):
     box.fill("The capital of France is")
     box.press("Enter")
     page.wait_for_function("() => document.body.innerText.includes('Route to position 4')", timeout=120_000)
-    page.wait_for_timeout(2500)
-    pos = _box_text(page, "routes_position")
-    assert "4: ' is'" in pos, pos
+    _wait_box(page, "routes_position", "4: ' is'")
+    _wait_text(page, "Sink mass per domain", 120)
+    page.wait_for_function(_IDLE, timeout=60_000)
+    page.wait_for_timeout(1500)
+    page.wait_for_function(_IDLE, timeout=60_000)
     node = _box_text(page, "routes_node")
     assert re.search(r"\bI\d+_4\b", node), node
     comp = _box_text(page, "routes_component")
