@@ -21,6 +21,7 @@ NODE_NAMES = {"X": "token embedding", "A": "after attention", "M": "FFN output",
 COMPARE_COLOURS = {"kept": "#8c8c8c", "lost": "#d62728", "gained": "#2ca02c"}
 HEAD_COLOUR = "#ff7f0e"  # the edges of the selected head
 SELECTED_COLOUR = "#ff7f0e"  # the ring around the selected node
+MAX_TICKS = 40  # token labels on the x axis at most
 
 
 def _xy(g, n: str, parallel: bool) -> tuple[float, float]:
@@ -34,7 +35,8 @@ def _xy(g, n: str, parallel: bool) -> tuple[float, float]:
 
 def _edge_traces(fig, g, edges, parallel: bool, *, name: str = "", colour: str | None = None, dash: str | None = None,
                  maxw: float = 1.0, width_scale: float = 6.0) -> None:
-    """One trace per edge kind and width (lines joined with None gaps), so the legend names each kind once."""
+    """One trace per edge kind and width (lines joined with None gaps), so the legend names each kind once. Lines take
+    no hover; each edge's hover text sits on one invisible point at its midpoint, so no edge covers a node."""
     import plotly.graph_objects as go
 
     by_kind: dict[str, list] = {}
@@ -46,18 +48,52 @@ def _edge_traces(fig, g, edges, parallel: bool, *, name: str = "", colour: str |
         for u, v, d in es:
             buckets.setdefault(round(0.6 + width_scale * d["weight"] / maxw, 0), []).append((u, v, d))
         first = True
+        mx, my, mt = [], [], []
         for w, bes in sorted(buckets.items()):
-            xs, ys, tx = [], [], []
+            xs, ys = [], []
             for u, v, d in bes:
                 (x0, y0), (x1, y1) = _xy(g, u, parallel), _xy(g, v, parallel)
-                xs += [x0, (x0 + x1) / 2, x1, None]
-                ys += [y0, (y0 + y1) / 2, y1, None]
-                t = f"{u} → {v} · {d['kind']} · weight {d['weight']:.3f}"
-                tx += [t, t, t, None]
-            fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", hoverinfo="text", text=tx, legendgroup=f"{name}-{kind}",
+                xs += [x0, x1, None]
+                ys += [y0, y1, None]
+                mx.append((x0 + x1) / 2)
+                my.append((y0 + y1) / 2)
+                mt.append(f"{u} → {v} · {d['kind']} · weight {d['weight']:.3f}")
+            fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", hoverinfo="skip", legendgroup=f"{name}-{kind}",
                                      name=f"{name}{kind} edge", showlegend=first,
                                      line=dict(width=w, color=colour or EDGE_COLOURS.get(kind, "#888"), dash=dash)))
             first = False
+        _midpoints(fig, mx, my, mt, group=f"{name}-{kind}")
+
+
+MIN_HOVER_GAP_PX = 12  # an edge's hover point keeps at least this far from every node (at a 1000-px-wide figure)
+
+
+def _midpoints(fig, xs, ys, text, *, group: str) -> None:
+    """Invisible hover points at edge midpoints (``_clear_nodes`` then drops those near a node)."""
+    import plotly.graph_objects as go
+
+    if xs:
+        fig.add_trace(go.Scatter(x=xs, y=ys, mode="markers", hoverinfo="text", text=text, legendgroup=group, showlegend=False,
+                                 name="edges", marker=dict(size=6, opacity=0)))
+
+
+def _clear_nodes(fig, node_xy, T: int, L: int, height: int) -> None:
+    """Drop edge hover points that lie within ``MIN_HOVER_GAP_PX`` of a node (short vertical edges have their midpoint
+    a few pixels from their ends): a click there must reach the node. The node's own hover lists its in-edges."""
+    import numpy as np
+
+    if not node_xy:
+        return
+    px_x, px_y = 1000.0 / max(T, 1), max(height - 225, 100) / (L + 1.5)  # pixels per position and per layer
+    nodes = np.asarray(node_xy, dtype=float) * [px_x, px_y]
+    for t in fig.data:
+        if t.name != "edges" or t.x is None:
+            continue
+        pts = np.asarray(list(zip(t.x, t.y)), dtype=float).reshape(-1, 2) * [px_x, px_y]
+        far = np.sqrt(((pts[:, None, :] - nodes[None, :, :]) ** 2).sum(-1)).min(1) >= MIN_HOVER_GAP_PX
+        t.x = [x for x, k in zip(t.x, far) if k]
+        t.y = [y for y, k in zip(t.y, far) if k]
+        t.text = [x for x, k in zip(t.text, far) if k]
 
 
 def _head_trace(fig, g, head: str, parallel: bool) -> None:
@@ -67,20 +103,29 @@ def _head_trace(fig, g, head: str, parallel: bool) -> None:
     from probes import parse_head
 
     hl, hh = parse_head(head)
-    hx, hy, ht = [], [], []
+    hx, hy, mx, my, mt = [], [], [], [], []
     for u, v, d in g.edges(data=True):
         hs = d.get("heads") or []
         if d["kind"] == "attn" and d["layer"] == hl and hh < len(hs) and hs[hh] > 0:
             (x0, y0), (x1, y1) = _xy(g, u, parallel), _xy(g, v, parallel)
             hx += [x0, x1, None]
             hy += [y0, y1, None]
-            ht += [f"{head}: {hs[hh]:.3f} of {u} → {v}"] * 2 + [None]
-    fig.add_trace(go.Scatter(x=hx or [None], y=hy or [None], mode="lines", hoverinfo="text", text=ht or [None],
+            mx.append((x0 + x1) / 2)
+            my.append((y0 + y1) / 2)
+            mt.append(f"{head}: {hs[hh]:.3f} of {u} → {v}")
+    fig.add_trace(go.Scatter(x=hx or [None], y=hy or [None], mode="lines", hoverinfo="skip", legendgroup="selected-head",
                              name=f"{head} (selected head)", line=dict(width=5, color=HEAD_COLOUR)))
+    _midpoints(fig, mx, my, mt, group="selected-head")
+
+
+def _in_edges(g, n: str, k: int = 3) -> str:
+    """The node's strongest in-edges, for its hover text."""
+    es = sorted(g.in_edges(n, data=True), key=lambda e: -e[2]["weight"])[:k]
+    return "".join(f"<br>← {u} · {d['kind']} · {d['weight']:.3f}" for u, _, d in es)
 
 
 def plot_route(route, str_tokens: Sequence[str], n_layers: int, parallel: bool = False, hover: dict[str, str] | None = None, *,
-               selected: str | None = None, head: str | None = None, compare=None, title: str | None = None):
+               selected: str | None = None, head: str | None = None, compare=None, title: str | None = None, offset: int = 0):
     """Route graph over the prompt: tokens left to right (every token on the x axis), layers bottom to top, edge width
     by weight, one colour per edge and node kind, with a legend.
 
@@ -91,6 +136,8 @@ def plot_route(route, str_tokens: Sequence[str], n_layers: int, parallel: bool =
         compare: another route (e.g. with a head ablated): the figure then shows the edges kept (grey), lost (red,
             dotted) and gained (green).
         title: the figure's title (default "Route to position <pos>").
+        offset: the prompt position of the first token drawn (a window of a long prompt): thinned labels name
+            positions in the prompt.
 
     Traces: the edges, the selected head's edges, the selected node's ring (no hover, so clicks reach the node under
     it), then one marker trace per node kind whose ``customdata`` are node names (a click selects a node).
@@ -120,6 +167,8 @@ def plot_route(route, str_tokens: Sequence[str], n_layers: int, parallel: bool =
     for g in graphs:
         for n in g.nodes:
             seen.setdefault(n, g)
+    height = max(460, 22 * L)
+    _clear_nodes(fig, [_xy(g, n, parallel) for n, g in seen.items()], T, L, height)
     if selected is not None and selected in seen:
         sx, sy = _xy(seen[selected], selected, parallel)
         fig.add_trace(go.Scatter(x=[sx], y=[sy], mode="markers", hoverinfo="skip", name=f"{selected} (selected node)",
@@ -129,16 +178,21 @@ def plot_route(route, str_tokens: Sequence[str], n_layers: int, parallel: bool =
         if not ns:
             continue
         xs, ys = zip(*(_xy(seen[n], n, parallel) for n in ns))
-        text = [f"{n} ({seen[n].nodes[n]['token']!r})" + (f"<br>{hover[n]}" if hover and n in hover else "") for n in ns]
+        text = [f"{n} ({seen[n].nodes[n]['token']!r})" + (f"<br>{hover[n]}" if hover and n in hover else "") + _in_edges(seen[n], n)
+                for n in ns]
         fig.add_trace(go.Scatter(x=xs, y=ys, mode="markers", hoverinfo="text", text=text, customdata=ns, name=NODE_NAMES[kind],
                                  marker=dict(size=9, color=NODE_COLOURS[kind], line=dict(width=1, color="white"))))
     ticks = [repr(s)[1:-1] or "·" for s in str_tokens]
+    # at most MAX_TICKS labels (every k-th position and the last): a 256-token window would overlap them all
+    k = -(-T // MAX_TICKS)
+    tickvals = sorted(set(range(T - 1, -1, -k)))
     fig.update_layout(
         title=dict(text=title if title is not None else f"Route to position {r.graph.get('pos', '')}", y=0.995, yanchor="top",
                    x=0.01, xanchor="left", font=dict(size=15)),
-        xaxis=dict(tickmode="array", tickvals=list(range(T)), ticktext=ticks, title="prompt token (position →)",
-                   range=[-0.6, T - 0.4], tickangle=-45 if T > 12 else 0),
-        yaxis=dict(title="layer (−1 = embeddings)", range=[-1.5, L]), height=max(460, 22 * L),
+        xaxis=dict(tickmode="array", tickvals=tickvals, ticktext=[ticks[t] if k == 1 else f"{t + offset}: {ticks[t]}" for t in tickvals],
+                   title="prompt token (position →)" if k == 1 else f"prompt token (every {k}th position labelled)",
+                   range=[-0.6, T - 0.4], tickangle=-45 if len(tickvals) > 12 else 0),
+        yaxis=dict(title="layer (−1 = embeddings)", range=[-1.5, L]), height=height,
         margin=dict(l=60, r=20, t=135, b=90), legend=dict(orientation="h", yanchor="bottom", y=1.01, x=0, font=dict(size=11)),
         clickmode="event+select", dragmode=False,
     )

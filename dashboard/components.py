@@ -15,7 +15,7 @@ from typing import Any
 
 import streamlit as st
 
-__all__ = ["download_figure", "download_frame", "notebook_snippet", "frame_to_parquet", "figure_to_html", "safe_name", "export_bar", "axis_titles"]
+__all__ = ["download_figure", "download_frame", "notebook_snippet", "frame_to_parquet", "figure_to_html", "safe_name", "export_bar", "axis_titles", "readable", "p_value_columns"]
 
 
 def safe_name(name: str) -> str:
@@ -47,6 +47,39 @@ def axis_titles(fig: Any, x: str | None = None, y: str | None = None, y2: str | 
     return fig
 
 
+def _cell(v: Any, digits: int) -> Any:
+    import math
+
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "—"
+    if isinstance(v, float):
+        return ("∞" if v > 0 else "−∞") if math.isinf(v) else f"{v:.{digits}f}"
+    if isinstance(v, str) and v and not v.strip():  # a whitespace token: make it visible
+        return v.replace(" ", "␣").replace("\n", "⏎").replace("\t", "⇥").replace("\r", "␍")
+    return v
+
+
+def readable(df: Any, *, digits: int = 3) -> Any:
+    """A table for display: missing values as "—", infinities as "∞", whitespace tokens made visible ("␣", "⏎").
+    Float columns holding a missing or infinite value become text (``digits`` decimals); others keep their type."""
+    import numpy as np
+
+    out = df.copy()
+    for c in out.columns:
+        col = out[c]
+        if col.dtype.kind == "f":
+            if not np.isfinite(col.to_numpy()).all():
+                out[c] = [_cell(float(v), digits) for v in col]
+        elif col.dtype.kind not in "biufcmM":  # text and object columns
+            out[c] = [_cell(v, digits) for v in col]
+    return out
+
+
+def p_value_columns(columns: Any) -> dict[str, Any]:
+    """``st.dataframe`` column settings that print p-values (columns named ``p_*``) in scientific notation."""
+    return {c: st.column_config.NumberColumn(c, format="%.2e") for c in columns if str(c).startswith("p_")}
+
+
 def download_figure(fig: Any, name: str, *, key: str | None = None) -> None:
     """A download button for a figure as interactive HTML (built only when clicked)."""
     stem = safe_name(name)
@@ -58,13 +91,13 @@ def download_frame(df: Any, name: str, *, key: str | None = None) -> None:
     """Two download buttons for a table: CSV and Parquet, side by side (``df`` may be a function building it on click)."""
     stem = safe_name(name)
     frame = df if callable(df) else (lambda: df)
-    c1, c2 = st.columns(2)
-    with c1:
+    with st.container(horizontal=True, gap="small"):
         st.download_button("Download table (CSV)", data=lambda: frame().to_csv(index=False).encode("utf-8"), file_name=f"{stem}.csv",
-                           mime="text/csv", on_click="ignore", key=(key or f"dl-df-{stem}") + "-csv", icon=":material/download:")
-    with c2:
+                           mime="text/csv", on_click="ignore", key=(key or f"dl-df-{stem}") + "-csv", icon=":material/download:",
+                           width="content")
         st.download_button("Download table (Parquet)", data=lambda: frame_to_parquet(frame()), file_name=f"{stem}.parquet",
-                           mime="application/octet-stream", on_click="ignore", key=(key or f"dl-df-{stem}") + "-parquet", icon=":material/download:")
+                           mime="application/octet-stream", on_click="ignore", key=(key or f"dl-df-{stem}") + "-parquet",
+                           icon=":material/download:", width="content")
 
 
 def notebook_snippet(code: str, *, title: str = "Reproduce in a notebook", expanded: bool = False) -> None:
@@ -104,9 +137,9 @@ def export_bar(name: str, *, figure: Any = None, table: Any = None, result: Any 
                         f"{stem}-report.html", "text/html", None))
     if not buttons:
         return
-    cols = st.columns(len(buttons), gap="small")
-    for col, (label, data, file, mime, why) in zip(cols, buttons):
-        with col:
+    # one row that wraps: each button as wide as its label (equal columns cut labels to "Chart HT…" in a narrow window)
+    with st.container(horizontal=True, gap="small", key=f"{k}-bar"):
+        for label, data, file, mime, why in buttons:
             st.download_button(label, data=data, file_name=file, mime=mime, on_click="ignore", key=f"{k}-{label.lower().replace(' ', '-')}",
-                               icon=":material/description:" if label == "Report" else ":material/download:",
+                               icon=":material/description:" if label == "Report" else ":material/download:", width="content",
                                disabled=why is not None, help=why or f"Download {file}", type="primary" if label == "Report" else "secondary")

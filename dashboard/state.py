@@ -21,7 +21,7 @@ from dashboard import warm
 from probes import BACKENDS, Probe, SondeError
 
 __all__ = ["sidebar_probe", "get_probe", "cached", "stored", "result", "find", "keep", "memo", "show_error", "DEFAULT_PROMPT", "param", "context", "prompt_input",
-           "inside_results", "results_listing", "read_result", "decode_upload", "url_context", "BACKENDS", "DTYPES", "DEVICES"]
+           "inside_results", "results_listing", "read_result", "decode_upload", "url_context", "choose", "BACKENDS", "DTYPES", "DEVICES"]
 
 DEFAULT_PROMPT = "The Eiffel Tower is located in the city of"
 DEVICES = ["auto", "cpu", "cuda", "mps"]
@@ -63,7 +63,8 @@ def _to_url(v: Any) -> str:
 
 
 def param(name: str, default: Any, *, kind: type = str, choices: Sequence[Any] | None = None, lo: float | None = None,
-          hi: float | None = None, check: Callable[[Any], str | None] | None = None, widget: str | None = None) -> Any:
+          hi: float | None = None, check: Callable[[Any], str | None] | None = None, widget: str | None = None,
+          sticky: bool = True) -> Any:
     """A page setting from the URL (``?prompt=...``), validated: the one reader of query parameters.
 
     ``kind`` is ``str``, ``int``, ``float`` or ``bool`` (``1/0/true/false``); ``choices`` the allowed values;
@@ -71,8 +72,17 @@ def param(name: str, default: Any, *, kind: type = str, choices: Sequence[Any] |
     empty parameter gives ``default``. A bad one shows one ``st.error`` line, is replaced by the default in the URL
     (so it is reported once) and gives ``default``: a pasted link never raises. With ``widget`` (the key of the
     widget the value initialises) the URL is read only while that widget does not exist yet: afterwards the widget's
-    own value wins, and a value the user typed is judged by the page, not reported as a bad link.
+    own value wins, and a value the user typed is judged by the page, not reported as a bad link. The error line
+    stays on later runs while the URL still holds the replacement: a bad setting is never replaced silently
+    (``sticky=False``: reported once, for settings read several times a run whose widget shows the replacement).
     """
+    bad = st.session_state.setdefault("_sonde_bad_links", {})
+    if sticky and name in bad:  # a bad link's value, replaced: its line stays while the URL holds the replacement
+        msg, used = bad[name]
+        if st.query_params.get(name, "") == used:
+            st.error(msg, icon="⚠️")
+            return default
+        del bad[name]
     if widget is not None and widget in st.session_state:
         return default
     raw = st.query_params.get(name)
@@ -101,11 +111,14 @@ def param(name: str, default: Any, *, kind: type = str, choices: Sequence[Any] |
         if check is not None and (why := check(value)):
             raise ValueError(why)
     except (ValueError, TypeError, OverflowError, SondeError) as e:
-        st.error(f"Ignored `{name}={_show(raw)}` in the URL: {e}; using {_show(_to_url(default)) or 'the default'!r}.", icon="⚠️")
+        msg = f"Ignored `{name}={_show(raw)}` in the URL: {e}; using {_show(_to_url(default)) or 'the default'!r}."
+        st.error(msg, icon="⚠️")
         if default is None or default == "":
             del st.query_params[name]
         else:
             st.query_params[name] = _to_url(default)
+        if sticky:
+            bad[name] = (msg, st.query_params.get(name, ""))
         return default
     return value
 
@@ -136,7 +149,7 @@ def context() -> dict[str, Any]:
             ctx[name] = st.session_state[wkey]
         raw = st.query_params.get(name)
         if raw is not None and raw != written.get(name):  # a link (or the user) set it in the URL
-            ctx[name] = param(name, ctx[name], **spec)
+            ctx[name] = param(name, ctx[name], **spec, sticky=False)
     return ctx
 
 
@@ -315,6 +328,19 @@ def decode_upload(name: str, data: bytes) -> str:
     except UnicodeDecodeError as e:
         raise InputError(f"{name!r} is not UTF-8 text (bad byte at offset {e.start}).",
                          hint="Convert it, e.g. `iconv -f latin1 -t utf-8`.") from e
+
+
+def choose(key: str, options: Sequence[Any], default: Any, *, reset: bool = False) -> Any:
+    """The value the widget ``key`` is to show, set before the widget is drawn: its current value while that is one
+    of ``options``, else (or with ``reset``: a new prompt or result) ``default``.
+
+    The value is written through the Session State API, so the browser is told it: a keyed widget keeps its identity
+    when its options change, and a value merely dropped from the session would leave the browser showing the old
+    one. Draw the widget without ``index``/``value`` (the session state holds it).
+    """
+    if reset or key not in st.session_state or st.session_state[key] not in options:
+        st.session_state[key] = default
+    return st.session_state[key]
 
 
 def show_error(e: Exception) -> None:

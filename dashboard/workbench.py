@@ -25,7 +25,7 @@ import streamlit as st
 from probes import SondeError, head_label
 
 __all__ = ["PAGES", "PageSpec", "start_page", "go", "page_link", "selectable_heads", "head_from_selection", "node_from_selection", "component_panel", "profile_for", "Job",
-           "Cancelled", "run_job", "job_view", "component_check"]
+           "Cancelled", "run_job", "job_view", "registry", "component_check"]
 
 ROOT = Path(__file__).resolve().parent
 
@@ -258,8 +258,9 @@ def profile_for(probe, label: str, *, routes_result=None, position: int | None =
 
 
 def component_panel(probe, label: str, *, prompt: str, routes_result=None, position: int | None = None,
-                    key: str = "cp", actions: bool = True) -> Any:
-    """Render one head/neuron's profile and its actions. Returns the profile (None after an error)."""
+                    key: str = "cp", actions: bool = True, page_link_to_self: bool = True) -> Any:
+    """Render one head/neuron's profile and its actions (``page_link_to_self=False`` on the Component page itself: no
+    link to the page it is on). Returns the profile (None after an error)."""
     from dashboard import components
 
     try:
@@ -275,7 +276,9 @@ def component_panel(probe, label: str, *, prompt: str, routes_result=None, posit
         m2.metric("Max sink mass", sink_max)
         rf = prof.route_frequency
         m3.metric("Route frequency" if prof.sources.get("route") != "prompt" else "On this route",
-                  "—" if rf is None else (f"{rf:.2f}" if prof.sources.get("route") != "prompt" else ("yes" if rf > 0 else "no")))
+                  "none" if rf is None else (f"{rf:.2f}" if prof.sources.get("route") != "prompt" else ("yes" if rf > 0 else "no")),
+                  help="Share of a routes dataset's prompts whose route uses it: run the dataset view on Information flow."
+                  if rf is None else None)
         m4.metric("Bigram mask", "—" if prof.bigram_kept is None else ("member" if prof.bigram_member else "not in mask"))
         if prof.bigram_kept is None:
             st.caption(f"Bigram mask: {prof.sources.get('bigram')}.")
@@ -295,9 +298,10 @@ def component_panel(probe, label: str, *, prompt: str, routes_result=None, posit
             if prof.kind == "head" and c2.button("Compare routes with it ablated", key=f"{key}-routes", icon=":material/account_tree:"):
                 go("routes", prompt=prompt, component=prof.component, ablated=prof.component,
                    position=position if position is not None else None)
-            with c3:
-                page_link("component", "Open the Component page", icon=":material/open_in_new:", component=prof.component,
-                          prompt=prompt)
+            if page_link_to_self:
+                with c3:
+                    page_link("component", "Open the Component page", icon=":material/open_in_new:", component=prof.component,
+                              prompt=prompt)
         components.export_bar(prof.component, figure=prof.plot(), table=prof.to_frame(), result=prof, key=f"{key}-export",
                               code=_profile_code(probe, prof.component))
     return prof
@@ -317,7 +321,9 @@ class Cancelled(SondeError):
 
 @dataclass
 class Job:
-    """A background run: progress in [0, 1], a cancel flag checked between steps, the result or the error."""
+    """A background run: progress in [0, 1], a cancel flag checked between steps, the result or the error.
+
+    ``started`` is None while the run waits for a free worker (queued)."""
 
     label: str
     total: int | None = None
@@ -326,12 +332,18 @@ class Job:
     partial: Any = None
     error: str | None = None
     finished: bool = False
-    started: float = field(default_factory=time.time)
+    started: float | None = None
+    queued_at: float = field(default_factory=time.time)
     cancel: threading.Event = field(default_factory=threading.Event)
 
     @property
     def progress(self) -> float:
         return 0.0 if not self.total else min(1.0, self.done_steps / self.total)
+
+    @property
+    def failed(self) -> bool:
+        """Finished without a result (cancelled or an error)."""
+        return self.finished and self.result is None
 
     def step(self, n: int = 1) -> None:
         """Progress callback for the analysis (``progress=``): counts and checks the cancel flag."""
@@ -340,29 +352,82 @@ class Job:
             raise Cancelled(f"{self.label} was cancelled after {self.done_steps} steps.", hint="Start it again to rerun.")
 
 
+WORKERS = 2  # background runs at once on the server; later ones queue
+KEEP_FINISHED = 32  # finished runs the registry remembers (their results are in the store and in memory)
+
+
 @st.cache_resource(show_spinner=False)
 def _executor() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=2, thread_name_prefix="sonde-job")
+    return ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="sonde-job")
+
+
+@dataclass
+class _Registry:
+    """The server's background runs by job id (a result's content key where there is one): shared by every session,
+    so a reload or a second tab attaches to a running job, and a job outlives the tab that started it."""
+
+    jobs: dict[str, Job] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def queued_before(self, job: Job) -> int:
+        with self.lock:
+            return sum(1 for j in self.jobs.values() if j.started is None and not j.finished and j.queued_at < job.queued_at)
+
+    def running(self) -> int:
+        with self.lock:
+            return sum(1 for j in self.jobs.values() if j.started is not None and not j.finished)
+
+
+@st.cache_resource(show_spinner=False)
+def registry() -> _Registry:
+    """The server-wide job registry (one per server process)."""
+    return _Registry()
 
 
 def _jobs() -> dict[str, Job]:
+    """This session's jobs by page slot (each the registry's own Job object)."""
     return st.session_state.setdefault("_sonde_jobs", {})
 
 
-def run_job(key: str, label: str, fn: Callable[[Job], Any], *, total: int | None = None, restart: bool = False) -> Job:
-    """Start ``fn(job)`` in the background unless the job ``key`` exists (or ``restart``); return the job."""
-    jobs = _jobs()
-    job = jobs.get(key)
-    if job is not None and not restart:
-        return job
-    if job is not None and not job.finished:
-        job.cancel.set()
-    job = Job(label=label, total=total)
-    jobs[key] = job
+def run_job(key: str, label: str, fn: Callable[[Job], Any], *, total: int | None = None, restart: bool = False,
+            job_id: str | None = None, on_done: Callable[[Any], None] | None = None) -> Job:
+    """Run ``fn(job)`` in the background as the page slot ``key`` of this session; return the job.
+
+    ``job_id`` names the run in the server's registry (default: the slot, scoped to this session); give the result's
+    content key so that a reload or another tab attaches to the run instead of starting it again. A running or
+    finished job with that id is reused (``restart`` starts a new one, cancelling a running one); a failed or
+    cancelled one is replaced. A job this session started for the slot before, with another id, is cancelled (its
+    settings changed). ``on_done(result)`` runs in the worker when it finishes (e.g. saving to the results store), so a
+    closed tab's job still lands where the next page finds it.
+    """
+    jid = job_id if job_id is not None else f"session:{id(st.session_state)}:{key}"
+    reg = registry()
+    slots = _jobs()
+    with reg.lock:
+        job = reg.jobs.get(jid)
+        if job is not None and not restart and not job.failed:
+            slots[key] = job
+            return job
+        if job is not None and not job.finished:
+            job.cancel.set()
+        old = slots.get(key)
+        if old is not None and old is not job and not old.finished:
+            old.cancel.set()
+        job = Job(label=label, total=total)
+        reg.jobs[jid] = job
+        done = [k for k, j in reg.jobs.items() if j.finished]
+        for k in done[: max(0, len(done) - KEEP_FINISHED)]:
+            del reg.jobs[k]
+    slots[key] = job
 
     def work():
+        job.started = time.time()
         try:
+            if job.cancel.is_set():
+                raise Cancelled(f"{label} was cancelled before it started.", hint="Start it again to rerun.")
             job.result = fn(job)
+            if on_done is not None:
+                on_done(job.result)
         except Cancelled as e:
             job.error = str(e)
         except SondeError as e:
@@ -376,8 +441,18 @@ def run_job(key: str, label: str, fn: Callable[[Job], Any], *, total: int | None
     return job
 
 
+def _progress_text(j: Job) -> str:
+    if j.started is None:
+        ahead = registry().queued_before(j)
+        return (f"{j.label}: queued, waiting for a free worker ({WORKERS} runs at once"
+                + (f"; {ahead} queued ahead" if ahead else "") + f") · {time.time() - j.queued_at:.0f} s")
+    txt = f"{j.label}: {j.done_steps}/{j.total} steps" if j.total else f"{j.label}: {j.done_steps} steps"
+    return f"{txt} · {time.time() - j.started:.0f} s"
+
+
 def job_view(key: str, *, partial: Callable[[Any], None] | None = None, poll_s: float = 0.5) -> Job | None:
-    """Progress bar + Cancel for job ``key`` (re-drawn every ``poll_s`` s); reruns the page once it finishes."""
+    """Progress bar + Cancel for this session's job in slot ``key`` (re-drawn every ``poll_s`` s; "queued" while it
+    waits for a worker); reruns the page once it finishes."""
     job = _jobs().get(key)
     if job is None:
         return None
@@ -393,12 +468,12 @@ def job_view(key: str, *, partial: Callable[[Any], None] | None = None, poll_s: 
             return
         if j.finished:
             st.rerun(scope="app")
-        frac = j.progress
-        txt = f"{j.label}: {j.done_steps}/{j.total} steps" if j.total else f"{j.label}: {j.done_steps} steps"
-        st.progress(frac, text=f"{txt} · {time.time() - j.started:.0f} s")
+        st.progress(j.progress, text=_progress_text(j))
         if j.cancel.is_set():
             st.info("Cancelling: the run stops before its next step.", icon=":material/hourglass_top:")
-        elif st.button("Cancel", key=f"{key}-cancel", icon=":material/stop_circle:", help="Stops the run within one step."):
+        elif st.button("Cancel", key=f"{key}-cancel", icon=":material/stop_circle:",
+                       help="Stops the run within one step (for every tab watching it). Closing the tab does not: the run "
+                            "finishes and its result is saved to the results store."):
             j.cancel.set()
             st.info("Cancelling: the run stops before its next step.", icon=":material/hourglass_top:")
         if partial is not None and j.partial is not None:
@@ -412,19 +487,20 @@ def background_result(key: str, label: str, content_key: str, fn: Callable[[Job]
                       waiting: str = "Running in the background; results appear when it finishes.") -> Any:
     """The result with ``content_key`` (the analysis's own ``result_key``): from memory or the results store when
     it is there (computed by the CLI, a notebook or another session), else computed by ``fn(job)`` in the background:
-    starts the run when the key is new, shows its progress bar and Cancel, and stops the page until it finishes (a
-    cancelled or failed run offers "Run again"). A finished result is saved to the results store.
+    starts the run when the key is new (or attaches to the server's run with this key: a reload, another tab), shows
+    its progress bar and Cancel, and stops the page until it finishes (a cancelled or failed run offers "Run again").
+    The finished result is saved to the results store by the run itself, so it lands there when the tab is closed.
     """
     from dashboard import state
 
     got = state.find(content_key)
     if got is not None:
         return got
-    if st.session_state.get(f"_bg_sig_{key}") != content_key:
+    if st.session_state.get(f"_bg_sig_{key}") != content_key:  # new settings, or a new tab: start or attach
         st.session_state[f"_bg_sig_{key}"] = content_key
-        run_job(key, label, fn, total=total, restart=True)
+        run_job(key, label, fn, total=total, job_id=content_key, on_done=state._save)
     job = job_view(key)
-    if job is not None and job.finished and job.result is None:
+    if job is not None and job.failed:
         if st.button("Run again", key=f"{key}-again", icon=":material/replay:"):
             st.session_state[f"_bg_sig_{key}"] = None
             st.rerun()
@@ -432,4 +508,6 @@ def background_result(key: str, label: str, content_key: str, fn: Callable[[Job]
     if job is None or not job.finished:
         st.caption(waiting)
         st.stop()
-    return state.keep(content_key, job.result)
+    st.session_state.setdefault("_sonde_computed", set()).add(content_key)
+    got = state.find(content_key)  # saved by the run itself
+    return got if got is not None else state.keep(content_key, job.result)  # a read-only store: kept in memory

@@ -137,6 +137,101 @@ def test_user_path_routes_head_panel_counterfactual_report(server, browser):
     page.close()
 
 
+_NODE_XY = """(el, want) => { const r = el.getBoundingClientRect(), f = el._fullLayout;
+    for (const t of el.data) { if (!t.customdata) continue;
+        for (let i = 0; i < t.customdata.length; i++) { const n = t.customdata[i];
+            if (n.startsWith(want.kind) && !want.skip.includes(n))
+                return [n, r.left + f.xaxis._offset + f.xaxis.l2p(t.x[i]), r.top + f.yaxis._offset + f.yaxis.l2p(t.y[i])]; } }
+    return null; }"""
+
+
+_BOX = """k => { const e = document.querySelector('.st-key-' + k); if (!e) return '';
+    return e.innerText + ' ' + [...e.querySelectorAll('input')].map(i => i.value + ' ' + (i.getAttribute('aria-label') || '')).join(' '); }"""
+
+
+_IDLE = ("() => { const a = document.querySelector('[data-testid=\"stApp\"]');"
+         "        return a && a.getAttribute('data-test-script-state') === 'notRunning'; }")
+
+
+def _wait_box(page, key: str, text: str, timeout_s: float = 60) -> None:
+    page.wait_for_function(f"([k, t]) => ({_BOX})(k).includes(t)", arg=[key, text], timeout=timeout_s * 1000)
+
+
+def _box_text(page, key: str) -> str:
+    """What a selection box shows (its label, its text and its input's value)."""
+    return page.evaluate(_BOX, key)
+
+
+def test_routes_after_attention_node_click_and_new_prompt(server, browser):
+    import re
+
+    """On Information flow a click on an "after attention" node (A) selects it (no edge's hover point covers it), and
+    a new prompt resets the Predicted position, Node and Component boxes to the new prompt's defaults."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page = browser.new_page(viewport={"width": 1600, "height": 1000})
+    page.goto(server["url"] + "/routes?prompt=The+Eiffel+Tower+is+located+in+the+city+of", wait_until="domcontentloaded")
+    graph = page.locator(".st-key-routes_graph .js-plotly-plot")
+    graph.wait_for(state="visible", timeout=COLD_START_S * 1000)
+    _wait_text(page, "Sink mass per domain", 180)
+    _wait_box(page, "routes_position", "9: ' of'")
+    picked = []
+    for _ in range(3):  # three different A nodes, each click lands on the node
+        page.wait_for_function(_IDLE, timeout=60_000)
+        page.wait_for_function("() => document.querySelectorAll('.st-key-routes_graph .js-plotly-plot').length === 1", timeout=60_000)
+        graph.scroll_into_view_if_needed()
+        page.wait_for_timeout(500)
+        got = graph.evaluate(_NODE_XY, {"kind": "A", "skip": picked})
+        assert got, "no A node on the route"
+        name, x, y = got
+        page.mouse.click(x, y)
+        page.wait_for_function(f"([k, n]) => ({_BOX})(k).includes(n)", arg=["routes_node", name], timeout=60_000)
+        picked.append(name)
+        _wait_text(page, f"What flows into {name}", 60)
+    _no_exception(page)
+    page.screenshot(path=str(ARTIFACTS / "routes_a_node_selected.png"), full_page=False)
+    # a new prompt: every selection box shows the new prompt's defaults
+    box = page.locator(".st-key-ctx_prompt input")
+    box.fill("The capital of France is")
+    box.press("Enter")
+    page.wait_for_function("() => document.body.innerText.includes('Route to position 4')", timeout=120_000)
+    _wait_box(page, "routes_position", "4: ' is'")
+    _wait_text(page, "Sink mass per domain", 120)
+    page.wait_for_function(_IDLE, timeout=60_000)
+    page.wait_for_timeout(1500)
+    page.wait_for_function(_IDLE, timeout=60_000)
+    node = _box_text(page, "routes_node")
+    assert re.search(r"\bI\d+_4\b", node), node
+    comp = _box_text(page, "routes_component")
+    shown = re.search(r"Component (L\d+H\d+)", page.locator(".st-key-routes-cp-panel").inner_text()).group(1)
+    assert f"{shown} · " in comp and "L1H6 · 0.315" not in comp, (comp, shown)  # the box shows the panel's head
+    _no_exception(page)
+    page.close()
+
+
+_TRUNCATED = """() => [...document.querySelectorAll('[data-testid="stDownloadButton"] button')].filter(b => {
+    const t = b.querySelector('p') || b; return t.scrollWidth > t.clientWidth + 1 || b.scrollWidth > b.clientWidth + 1; }).map(b => b.innerText)"""
+
+
+@pytest.mark.parametrize("size", [(1280, 800), (1600, 1000)])
+def test_export_buttons_show_their_whole_labels(server, browser, size):
+    """Information flow's export rows (route, component panel) at 1280x800 and 1600x1000: no button label is cut."""
+    w, h = size
+    page = browser.new_page(viewport={"width": w, "height": h})
+    page.goto(server["url"] + "/routes?prompt=The+Eiffel+Tower+is+located+in+the+city+of", wait_until="domcontentloaded")
+    page.locator(".st-key-routes_graph .js-plotly-plot").wait_for(state="visible", timeout=COLD_START_S * 1000)
+    _wait_text(page, "Sink mass per domain", 180)
+    page.wait_for_function("() => document.querySelectorAll('.st-key-exp-routes-bar [data-testid=\"stDownloadButton\"]').length >= 7",
+                           timeout=120_000)
+    page.wait_for_timeout(1500)
+    assert page.evaluate(_TRUNCATED) == []
+    bar = page.locator(".st-key-exp-routes-bar")
+    bar.scroll_into_view_if_needed()
+    bar.screenshot(path=str(ARTIFACTS / f"routes_export_bar_{w}x{h}.png"))
+    page.screenshot(path=str(ARTIFACTS / f"routes_{w}x{h}.png"))
+    _no_exception(page)
+    page.close()
+
+
 LONG_PROMPT_BOUND_S = 600  # a 3,000-token lens (forward + 30 x 3,000 x 49,152 unembedding) on a shared 2-core CPU, then a 48-column map
 
 

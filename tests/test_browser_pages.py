@@ -37,6 +37,8 @@ LONG_BOUND_S = 420  # one page's answer to a 3,000-token prompt on a shared 2-co
 RESPONSIVE_S = 5  # after the page answered, the tab evaluates a script within this
 
 
+_TRUNCATED = """() => [...document.querySelectorAll('[data-testid="stDownloadButton"] button')].filter(b => {
+    const t = b.querySelector('p') || b; return t.scrollWidth > t.clientWidth + 1 || b.scrollWidth > b.clientWidth + 1; }).map(b => b.innerText)"""
 _IDLE = ("() => { const a = document.querySelector('[data-testid=\"stApp\"]');"
          "        return a && a.getAttribute('data-test-script-state') === 'notRunning'; }")
 
@@ -71,9 +73,11 @@ def test_shared_link_round_trips(server, browser, name):
     assert not lost, f"{name}: settings not kept in the URL (given, now): {lost}"
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / f"page_{name}_1600x1000.png"), full_page=False)
+    assert page.evaluate(_TRUNCATED) == [], "download buttons with cut labels at 1600x1000"
     page.set_viewport_size({"width": 1280, "height": 800})
     page.wait_for_timeout(700)
     page.screenshot(path=str(ARTIFACTS / f"page_{name}_1280x800.png"), full_page=False)
+    assert page.evaluate(_TRUNCATED) == [], "download buttons with cut labels at 1280x800"
     # the in-app navigation keeps the context: the sidebar link to Model & prompt carries model and prompt
     if name == "routes":  # (one page is enough: the sidebar is the same on every page)
         link = page.locator("[data-testid='stSidebarNav'] a[href*='model']").first

@@ -298,6 +298,27 @@ def test_route_figure_is_the_library_figure(tiny):
     assert any(t.name.startswith(("kept ", "lost ", "gained ")) for t in cmp.data)
 
 
+def test_route_figure_edges_never_cover_nodes(tiny):
+    """Every hover point of the route figure that is not a node lies off the nodes (edge lines take no hover, their
+    hover text sits at edge midpoints), and the nodes are drawn last: a click on any node, A nodes included, names it."""
+    from analyses import routes
+    from analyses.routes_plots import plot_route
+
+    p = tiny("llama")
+    res = routes.run(p, "Hello world again", config=routes.Config(keep_residuals=True))
+    r = res.route()
+    fig = plot_route(r, res.str_tokens, res.n_layers, res.parallel, selected=f"A1_{res.n_tokens - 1}", head="L1H0")
+    node_xy = {(round(x, 6), round(y, 6)) for t in fig.data if t.customdata is not None for x, y in zip(t.x, t.y)}
+    assert any(n.startswith("A") for t in fig.data if t.customdata is not None for n in t.customdata)
+    for t in fig.data:
+        if t.customdata is not None or t.hoverinfo == "skip":
+            continue
+        pts = {(round(x, 6), round(y, 6)) for x, y in zip(t.x, t.y) if x is not None}
+        assert not pts & node_xy, (t.name, sorted(pts & node_xy)[:3])
+    last_non_node = max(i for i, t in enumerate(fig.data) if t.customdata is None)
+    assert last_non_node < min(i for i, t in enumerate(fig.data) if t.customdata is not None)
+
+
 def test_top_prediction_reads_the_full_distribution(tiny):
     """p(predicted token) with a head ablated comes from the whole output distribution, not from a top-k list."""
     import torch

@@ -259,6 +259,7 @@ def test_long_prompt_model_page_draws_a_window(env):
     fig = at.get("plotly_chart")[0]
     spec = json.loads(fig.proto.spec)
     assert len(spec["data"][0]["x"]) == 48  # 48 columns, not 3,000
+    assert max(len(t) for row in spec["data"][0]["text"] for t in row) <= 4  # 48 cells a row: short labels, no overlap
     assert any("tokens: positions" in c.value for c in at.caption)
     assert len(at.dataframe[0].value) == 48  # the next-token table follows the window
     assert elapsed < 120, elapsed
@@ -270,6 +271,17 @@ def test_long_prompt_routes_trace_a_window(env):
     assert at.slider("routes_window").value == 256  # "Tokens to trace", the control the note points at
     assert any("Tokens to trace" in c.value for c in at.caption)
     assert len(at.selectbox("routes_position").options) == 256
+    # header, box, note and axis name the same positions: the prompt's, not the window's
+    import re
+
+    note = next(c.value for c in at.caption if "Tokens to trace" in c.value)
+    first, last = map(int, re.search(r"positions (\d+)–(\d+)", note).groups())
+    head = next(m.value for m in at.markdown if m.value.startswith("**Route to position"))
+    assert f"**Route to position {last}**" in head and at.selectbox("routes_position").value.startswith(f"{last}:")
+    assert at.selectbox("routes_position").options[0].startswith(f"{first}:")
+    graph = next(c for c in at.get("plotly_chart") if "routes_graph" in c.proto.id)
+    xaxis = json.loads(graph.proto.spec)["layout"]["xaxis"]
+    assert len(xaxis["tickvals"]) <= 40 and xaxis["ticktext"][-1].startswith(f"{last}:"), xaxis["ticktext"][-3:]
 
 
 # ----------------------------------------------------------------------------- one results store for CLI, notebooks, dashboard
@@ -349,3 +361,128 @@ def test_python_api_finds_the_result_a_page_saved(env, page, params, tmp_path, m
     assert load_result(found).key == res.key
     if page == "routes.py":  # the head panel's sink map was saved too: later sessions and servers read it, not recompute it
         assert "dormant" in store.list_results(tmp_path)["analysis"].tolist()
+
+
+def _shown(at, kind: str, key: str) -> str | None:
+    """What the browser's box shows after this run: the value the server sent with ``set_value`` (a keyed widget keeps
+    its identity when its options change, so without it the browser keeps showing its old value), else None."""
+    w = _w(at, kind, key)
+    return w.proto.raw_value if w.proto.set_value else None
+
+
+def test_new_prompt_resets_every_routes_selection_in_the_browser(env):
+    """Information flow: after a new prompt the predicted position, node and component boxes show the new prompt's
+    defaults (last position, its block output, the most important head), and the browser is told so."""
+    at = _page("routes.py", {"prompt": "Hello there friend and more words", "position": "2"})
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    nodes = _w(at, "selectbox", "routes_node").options
+    other = next(n for n in nodes if n.startswith("A"))
+    at.selectbox("routes_node").set_value(other).run()
+    heads = _w(at, "selectbox", "routes_component").options
+    at.selectbox("routes_component").set_value(heads[-1].split(" ·")[0]).run()
+    assert at.selectbox("routes_node").value == other
+    at.text_input("ctx_prompt").set_value("A b").run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    pos = _w(at, "selectbox", "routes_position")
+    assert pos.value == pos.options[-1] and _shown(at, "selectbox", "routes_position") == pos.options[-1]
+    node = _w(at, "selectbox", "routes_node")
+    last = f"I{node.value[1:].split('_')[0]}_{len(pos.options) - 1}"
+    assert node.value == last and node.value.startswith("I") and _shown(at, "selectbox", "routes_node") == node.value
+    comp = _w(at, "selectbox", "routes_component")
+    assert comp.value == comp.options[0].split(" ·")[0] and _shown(at, "selectbox", "routes_component") == comp.options[0]
+
+
+def test_background_run_outlives_the_tab_and_a_reload_attaches(env):
+    """Critical tokens' rollout search runs in the server's job registry under its result key: a second session (a
+    reload, another tab) attaches to the running job with its progress instead of starting again from 0; Cancel
+    stops it for both."""
+    from dashboard.workbench import registry
+
+    params = {"rollouts": "64", "max_new": "64", "response": "3 + 4 = 8. So the answer is 8 apples in all."}
+    first = AppTest.from_file(str(ROOT / "dashboard" / "views" / "critical.py"), default_timeout=TIMEOUT)
+    first.query_params.update(params)
+    first.run()
+    assert first.get("progress"), "the search should still be running"
+    job = first.session_state["_sonde_jobs"]["critical_search"]
+    assert any(j is job for j in registry().jobs.values())
+    second = AppTest.from_file(str(ROOT / "dashboard" / "views" / "critical.py"), default_timeout=TIMEOUT)
+    second.query_params.update(params)
+    second.run()  # the reload
+    assert second.session_state["_sonde_jobs"]["critical_search"] is job  # attached, not restarted
+    assert second.get("progress") and "queued" not in second.get("progress")[0].proto.text or job.started is None
+    [b for b in second.button if b.key == "critical_search-cancel"][0].click().run()
+    deadline = __import__("time").time() + 60
+    while not job.finished and __import__("time").time() < deadline:
+        __import__("time").sleep(0.2)
+    assert job.finished and "cancelled" in (job.error or "")
+
+
+def test_a_job_waiting_for_a_worker_says_queued(env):
+    from dashboard.workbench import Job, _progress_text
+
+    text = _progress_text(Job(label="Rolling out prefixes", total=9))
+    assert "queued" in text and "0/9" not in text
+    j = Job(label="Rolling out prefixes", total=9, done_steps=2)
+    j.started = j.queued_at
+    assert "2/9 steps" in _progress_text(j)
+
+
+def test_embedding_geometry_prints_p_values_in_scientific_notation(env):
+    at = _page("fiber.py", {})
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    table = next(d for d in at.dataframe if "p_manifold" in d.value.columns)
+    cfg = json.loads(table.proto.columns)
+    assert all(cfg[c]["type_config"]["format"] == "%.2e" for c in table.value.columns if c.startswith("p_")), cfg
+
+
+def test_tables_show_infinity_missing_and_whitespace_tokens():
+    import pandas as pd
+
+    from dashboard.components import readable
+
+    df = pd.DataFrame({"token": [" ", "\n", "a"], "next": ["a", "b", ""], "s": [float("inf"), 1.5, float("nan")],
+                       "p": [0.1, 0.2, 0.3], "x": [None, "y", "z"]})
+    out = readable(df)
+    assert out["token"].tolist() == ["␣", "⏎", "a"] and out["s"].tolist() == ["∞", "1.500", "—"]
+    assert out["x"].tolist()[0] == "—" and out["p"].dtype.kind == "f"  # finite float columns stay numbers
+
+
+def test_critical_bad_link_setting_is_one_visible_line(env):
+    """``?rollouts=0`` on Critical tokens: one error line on the page itself, not inside the collapsed "Search
+    settings" box, naming the value used instead."""
+    at = wait_background(_page("critical.py", {"rollouts": "0"}))
+    assert not at.exception
+    assert len(at.error) == 1 and "rollouts=0" in at.error[0].value and "using '3'" in at.error[0].value, [e.value for e in at.error]
+    box = next(e for e in at.expander if e.label == "Search settings")
+    assert not box.error, "the error is hidden in the collapsed box"
+
+
+def test_component_page_has_no_link_to_itself_and_names_a_missing_route_frequency(env):
+    at = _page("component.py", {"component": "L0H0"})
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert not any("Open the Component page" in c.value for c in at.caption) and not at.get("page_link")
+    rf = next(m for m in at.metric if m.label == "Route frequency")
+    assert rf.value == "none" and "dataset view" in rf.help
+
+
+def test_sinks_log_axis_labels_decades_only(env):
+    at = _page("sinks.py", {"T": "16", "n": "1"})
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    logs = [json.loads(c.proto.spec)["layout"]["yaxis"] for c in at.get("plotly_chart")]
+    logs = [y for y in logs if y.get("type") == "log"]
+    assert logs and all(y.get("dtick") == 1 for y in logs), logs
+
+
+def test_all_zero_head_map_is_a_note_and_keeps_the_selected_head(env):
+    """Information flow at a τ where no head is on the route (the tiny model's last position at τ = 0.10): a note
+    instead of a uniform heat map, and the component box keeps the head it had rather than falling back to L0H0."""
+    at = _page("routes.py", {"prompt": "A b", "position": "2", "tau": "0.04"})
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert not any("No head is on the route" in i.value for i in at.info)
+    head = _w(at, "selectbox", "routes_component").options[3].split(" ·")[0]
+    at.selectbox("routes_component").set_value(head).run()
+    at.slider("routes_tau").set_value(0.10).run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert any("No head is on the route at this τ" in i.value for i in at.info)
+    assert not any("routes_heads" in c.proto.id for c in at.get("plotly_chart"))
+    assert at.selectbox("routes_component").value == head != "L0H0"

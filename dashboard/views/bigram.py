@@ -187,7 +187,7 @@ else:
             df = B.compare_predictions(probe, res, table, prompt)
             if len(df) > 64:
                 st.caption(f"The prompt has {len(df):,} positions: the last 64 are shown; the export holds all of them.")
-            st.dataframe(df.tail(64), hide_index=True)
+            st.dataframe(components.readable(df.tail(64)), hide_index=True)  # p = 0: surprisal ∞; last position: —
         except SondeError as e:
             show_error(e)
 

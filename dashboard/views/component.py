@@ -51,7 +51,7 @@ b1, b2, _ = st.columns([1, 1, 6])
 b1.button(f"◀ {prev_t}", key="component_prev", disabled=layer == 0 and idx == 0, on_click=_step, args=(prev_t,))
 b2.button(f"{next_t} ▶", key="component_next", disabled=layer == i.n_layers - 1 and idx == n - 1, on_click=_step, args=(next_t,))
 
-prof = workbench.component_panel(probe, label.strip(), prompt=prompt, key="page-cp")
+prof = workbench.component_panel(probe, label.strip(), prompt=prompt, key="page-cp", page_link_to_self=False)
 if prof is not None:
     st.subheader("Tables")
     st.dataframe(prof.to_frame(), hide_index=True)

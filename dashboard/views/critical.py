@@ -23,12 +23,15 @@ question = c1.text_area("Question", value=param("question", DEFAULT_Q, check=_no
 reference = c2.text_input("Reference answer", value=param("answer", "7", check=_nonempty))
 response = st.text_area("Incorrect response to analyse", value=param("response", "3 + 4 = 8.", check=_nonempty), height=70,
                         help="The trace y whose prefixes are rolled out. Sample one with the model under 'Across problems'.")
+# the link's search settings are read here, outside the collapsed box: a bad one is one visible error line
+q_rollouts = param("rollouts", 3, kind=int, lo=1, hi=256)
+q_max_new = param("max_new", 2, kind=int, lo=1, hi=1024)
+q_granularity = param("granularity", "token", choices=["token", "step", "bisect"])
 with st.expander("Search settings", expanded=False):
     s1, s2, s3, s4 = st.columns(4)
-    n_rollouts = s1.number_input("Rollouts per prefix", 1, 256, param("rollouts", 3, kind=int, lo=1, hi=256))
-    max_new = s2.number_input("Max new tokens", 1, 1024, param("max_new", 2, kind=int, lo=1, hi=1024))
-    granularity = s3.selectbox("Granularity", ["token", "step", "bisect"],
-                               index=["token", "step", "bisect"].index(param("granularity", "token", choices=["token", "step", "bisect"])))
+    n_rollouts = s1.number_input("Rollouts per prefix", 1, 256, q_rollouts)
+    max_new = s2.number_input("Max new tokens", 1, 1024, q_max_new)
+    granularity = s3.selectbox("Granularity", ["token", "step", "bisect"], index=["token", "step", "bisect"].index(q_granularity))
     temperature = s4.number_input("Temperature", 0.05, 2.0, 0.7, step=0.05)
     a1, a2, a3 = st.columns(3)
     alternatives = a1.selectbox("Counterfactual", ["topk", "sample", "none"])

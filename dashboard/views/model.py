@@ -64,14 +64,15 @@ if T > WINDOW:
     b = a + WINDOW
     st.caption(f"The prompt has {T:,} tokens: positions {a}–{b - 1} are drawn (move **First position shown**); "
                "the downloads hold every position.")
-fig = res.plot(color=color, positions=(a, b))
+# cell labels shorten as columns grow (about 25 px a column at 48 columns): full labels overlap past ~20 columns
+fig = res.plot(color=color, positions=(a, b), max_label=10 if b - a <= 20 else 6 if b - a <= 32 else 4)
 st.plotly_chart(fig, key="logit_lens_heatmap", config={"displaylogo": False})
 components.download_figure(fig, "logit-lens", key="dl-lens-fig")
 
 # --- next-token predictions ----------------------------------------------------------------------
 st.subheader(f"Next-token top-{cfg.k} per position")
 nxt = res.next_frame()
-st.dataframe(nxt.iloc[a:b] if T > WINDOW else nxt, hide_index=True)
+st.dataframe(components.readable(nxt.iloc[a:b] if T > WINDOW else nxt), hide_index=True)  # whitespace tokens visible
 components.download_frame(res.to_frame, "logit-lens", key="dl-lens-table")
 
 components.notebook_snippet(f"""

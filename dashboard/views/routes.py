@@ -68,6 +68,7 @@ def _upload_records(name: str, data: bytes) -> list:
 
 
 def _show_stats(stats) -> None:
+    state.choose("routes_domain", ["(all)"] + stats.domains, "(all)")
     dom = st.selectbox("Domain", ["(all)"] + stats.domains, key="routes_domain")
     fig = stats.plot(None if dom == "(all)" else dom)
     # head_mean is, per prompt, the head's importance summed over the route's attention edges, then averaged over
@@ -114,8 +115,10 @@ def _dataset_view(probe) -> None:
             sig = (probe.info.fingerprint, tuple((r.text, r.domain) for r in recs))
             if st.session_state.get("_routes_dataset_sig") != sig:
                 st.session_state["_routes_dataset_sig"] = sig
-                workbench.run_job("routes_dataset", "Routes over the dataset", _dataset_job(probe, recs, cfg),
-                                  total=len(recs), restart=True)
+                import hashlib
+
+                workbench.run_job("routes_dataset", "Routes over the dataset", _dataset_job(probe, recs, cfg), total=len(recs),
+                                  job_id="routes-dataset:" + hashlib.sha256(repr(sig).encode()).hexdigest()[:16])
                 st.rerun()
         job = workbench.job_view("routes_dataset", partial=lambda r: st.plotly_chart(
             r.plot(), width="stretch", key="routes_dataset_partial"))  # the statistics so far
@@ -131,7 +134,7 @@ def _route_figure(res, route, **kw):
     return plot_route(route, res.str_tokens, res.n_layers, res.parallel, **kw)
 
 
-def _ablation_view(probe, res, tokens, cfg, label: str, pos: int, tau: float, renorm: bool) -> None:
+def _ablation_view(probe, res, tokens, cfg, label: str, pos: int, tau: float, renorm: bool, offset: int = 0) -> None:
     """The route recomputed with one head zero-ablated, drawn on ONE graph with the original: kept, lost, gained edges."""
     from probes import Ablate, parse_head, site
 
@@ -163,7 +166,7 @@ def _ablation_view(probe, res, tokens, cfg, label: str, pos: int, tau: float, re
         pred = None
     if pred is not None:
         c4.metric(f"p({pred!r})", f"{p1:.3f}", f"{p1 - p0:+.3f} vs original {p0:.3f}")
-    fig = _route_figure(res, r0, compare=r1, title=f"Original route vs {label} ablated: grey kept, red dotted lost, green gained")
+    fig = _route_figure(res, r0, compare=r1, offset=offset, title=f"Original route vs {label} ablated: grey kept, red dotted lost, green gained")
     st.plotly_chart(fig, key="routes_cmp", config={"displaylogo": False})
     d = (abl.head_importance(pos, tau=tau, renormalize=renorm) - res.head_importance(pos, tau=tau, renormalize=renorm))
     import pandas as pd
@@ -222,17 +225,19 @@ def main() -> None:
         return
     n_all = int(all_ids.shape[0])
     tokens = all_ids
+    offset = 0  # the prompt position of the window's first token: every position shown is a position in the prompt
     if n_all > MAX_TOKENS:
         window = st.slider("Tokens to trace (the last N of the prompt)", 2, n_all, MAX_TOKENS, key="routes_window",
                            help="Routes over thousands of tokens take minutes on a CPU and their graph is unreadable.")
         tokens = all_ids[-int(window):]
+        offset = n_all - int(window)
         st.caption(f"The prompt has {n_all:,} tokens; the route is traced over its last {int(window):,} (positions "
                    f"{n_all - int(window)}–{n_all - 1}; set **Tokens to trace** above).")
     # a new prompt starts at its last position; a link's position applies to the prompt it came with
     sig = (prompt, bos, int(tokens.shape[0]))
-    if st.session_state.get("_routes_sig") not in (None, sig):
-        st.session_state.pop("routes_position", None)
-        for k in ("position", "node"):
+    new_prompt = st.session_state.get("_routes_sig") not in (None, sig)
+    if new_prompt:  # every selection starts again from the new prompt's defaults
+        for k in ("position", "node", "component"):
             if k in st.query_params:
                 del st.query_params[k]
     st.session_state["_routes_sig"] = sig
@@ -246,10 +251,9 @@ def main() -> None:
         return
     T = res.n_tokens
     default_pos = param("position", T - 1, kind=int, lo=0, hi=T - 1, widget="routes_position")
-    labels = [f"{t}: {tok!r}" for t, tok in enumerate(res.str_tokens)]
-    if st.session_state.get("routes_position") not in (None, *labels):
-        st.session_state.pop("routes_position")
-    choice = c3.selectbox("Predicted position", labels, index=default_pos, key="routes_position")
+    labels = [f"{t + offset}: {tok!r}" for t, tok in enumerate(res.str_tokens)]
+    state.choose("routes_position", labels, labels[default_pos], reset=new_prompt)
+    choice = c3.selectbox("Predicted position", labels, key="routes_position")
     pos = labels.index(choice)
     st.query_params["position"] = str(pos)
     try:
@@ -262,7 +266,7 @@ def main() -> None:
     lens = _lens_cached(probe, res, nodes)
     hover = {n: "lens: " + ", ".join(f"{t!r} {p:.2f}" for t, p in top[:3]) for n, top in lens.items()}
     pred = lens.get(last, [])
-    st.markdown(f"**Route to position {pos}** ({res.str_tokens[pos]!r}) — {route.number_of_nodes()} nodes, "
+    st.markdown(f"**Route to position {pos + offset}** ({res.str_tokens[pos]!r}) — {route.number_of_nodes()} nodes, "
                 f"{route.number_of_edges()} edges; model predicts "
                 + ", ".join(f"`{t!r}` ({p:.2f})" for t, p in pred[:3]))
 
@@ -272,14 +276,15 @@ def main() -> None:
     head_labels = [k for k, _ in order]
     wanted = param("component", head_labels[0], check=_head_label_ok(probe), widget="routes_component")
     wanted_node = param("node", last, check=lambda v: None if v in nodes else "not a node of this route", widget="routes_node")
+    all_zero = not float(imp.max()) > 0  # no head on the route: keep the selected head rather than fall back to L0H0
+    state.choose("routes_component", head_labels, wanted if wanted in head_labels else head_labels[0], reset=new_prompt and not all_zero)
+    state.choose("routes_node", nodes, wanted_node if wanted_node in nodes else last if last in nodes else nodes[0], reset=new_prompt)
     # the selected node: a click on the route graph (read before the graph is drawn, so it rings the node), the URL, the box
     clicked_node = workbench.node_from_selection(st.session_state.get("routes_graph"))
     if clicked_node in nodes and clicked_node != st.session_state.get("_routes_last_node"):
         st.session_state["_routes_last_node"] = clicked_node
         st.session_state["routes_node"] = clicked_node
-    if st.session_state.get("routes_node") not in nodes:
-        st.session_state.pop("routes_node", None)
-    node = st.session_state.get("routes_node", wanted_node if wanted_node in nodes else last if last in nodes else nodes[0])
+    node = st.session_state["routes_node"]
     graph_ph = st.container()
 
     left, right = st.columns(2)
@@ -287,21 +292,24 @@ def main() -> None:
         st.subheader("Head importance in this route")
         heads_fig = workbench.selectable_heads(res.plot_heads(pos, tau=tau, renormalize=renorm))
         heads_fig.update_layout(title="Click a head to open its panel and highlight its edges")
-        ev = st.plotly_chart(heads_fig, key="routes_heads", on_select="rerun", selection_mode="points")
-        clicked = workbench.head_from_selection(ev)
+        if all_zero:  # a uniform map would read as data
+            st.info(f"No head is on the route at this τ ({tau:.2f}, position {pos + offset}): every attention edge's proximity "
+                    "falls below τ. Lower τ to see heads.", icon=":material/info:")
+            clicked = None
+        else:
+            ev = st.plotly_chart(heads_fig, key="routes_heads", on_select="rerun", selection_mode="points")
+            clicked = workbench.head_from_selection(ev)
     if clicked is not None and clicked != st.session_state.get("_routes_last_click"):
         st.session_state["_routes_last_click"] = clicked
         st.session_state["routes_component"] = clicked
-    if st.session_state.get("routes_component") not in head_labels:
-        st.session_state.pop("routes_component", None)
     with graph_ph:
-        selected_head = st.session_state.get("routes_component", wanted)
+        selected_head = st.session_state["routes_component"]
         graph_fig = _route_figure(res, route, hover=hover, head=selected_head, selected=node,
-                                  title=f"Route to position {pos} · {selected_head} highlighted · click a node to inspect it")
+                                  offset=offset, title=f"Route to position {pos + offset} · {selected_head} highlighted · click a node to inspect it")
         st.plotly_chart(graph_fig, key="routes_graph", on_select="rerun", selection_mode="points")
     with right:
         st.subheader("Inspect a node")
-        node = st.selectbox("Node", nodes, index=nodes.index(node), key="routes_node")
+        node = st.selectbox("Node", nodes, key="routes_node")
         st.query_params["node"] = node
         st.markdown("Logit lens: " + ", ".join(f"`{t!r}` {p:.3f}" for t, p in lens.get(node, [])))
         contrib = {}
@@ -327,6 +335,7 @@ def main() -> None:
         if node[0] in ("M", "I"):
             parts = [ffn_label(nlayer)] + parts
         if parts:
+            state.choose("routes_part", parts, parts[0])
             part = st.selectbox("Vocabulary projection of", parts, key="routes_part",
                                 help="What this head (z_h W_O,h) or FFN writes at this position, read through the unembedding.")
             from analyses import component as _component
@@ -339,7 +348,7 @@ def main() -> None:
                 part_lens = None
             if part_lens:
                 up_, down_ = part_lens
-                st.markdown(f"**{part} at position {npos}** promotes " + ", ".join(f"`{t!r}`" for t, _ in up_)
+                st.markdown(f"**{part} at position {npos + offset}** promotes " + ", ".join(f"`{t!r}`" for t, _ in up_)
                             + " · suppresses " + ", ".join(f"`{t!r}`" for t, _ in down_))
         tok = res.str_tokens[npos]
         if tok.strip() and npos > 0:
@@ -355,8 +364,7 @@ def main() -> None:
         st.dataframe(_edge_table(res, pos, tau, renorm).head(30), width="stretch", hide_index=True)
 
     # ---- the component panel: a click on the heat map, or the selection fallback
-    comp = st.selectbox("Component (heads by importance on this route)", head_labels,
-                        index=head_labels.index(wanted) if wanted in head_labels else 0, key="routes_component",
+    comp = st.selectbox("Component (heads by importance on this route)", head_labels, key="routes_component",
                         format_func=lambda k: f"{k} · {dict(order)[k]:.3f}")
     st.query_params["component"] = comp
     workbench.component_panel(probe, comp, prompt=prompt, routes_result=res, position=pos, key="routes-cp")
@@ -364,18 +372,23 @@ def main() -> None:
     ablated = param("ablated", "", check=_head_label_ok(probe))
     if ablated:
         st.query_params["ablated"] = ablated
-        _ablation_view(probe, res, tuple(int(t) for t in tokens.tolist()), cfg, ablated, pos, tau, renorm)
+        _ablation_view(probe, res, tuple(int(t) for t in tokens.tolist()), cfg, ablated, pos, tau, renorm, offset)
         if st.button("Hide the ablated comparison", key="routes_hide_ablated"):
             del st.query_params["ablated"]
             st.rerun()
 
     st.subheader("Export")
-    components.export_bar(f"routes-{pos}", figure=graph_fig, table=_edge_table(res, pos, tau, renorm), graph=res,
-                          graph_position=pos, result=res, figures={"Route graph": graph_fig, "Head importance": heads_fig},
-                          notes=(f"Prompt: {prompt!r}; position {pos}; τ = {tau:.2f}; renormalize = {renorm}; BOS {bos}.",),
-                          code=_code(probe, prompt, pos, tau, bos), key="exp-routes")
+    import plotly.graph_objects as go
+
+    # exported figures are static: their titles carry no click hints
+    graph_out = go.Figure(graph_fig).update_layout(title_text=f"Route to position {pos + offset} · {selected_head} highlighted")
+    heads_out = go.Figure(heads_fig).update_layout(title_text=f"Head importance on the route to position {pos + offset}")
+    components.export_bar(f"routes-{pos}", figure=graph_out, table=_edge_table(res, pos, tau, renorm), graph=res,
+                          graph_position=pos, result=res, figures={"Route graph": graph_out, "Head importance": heads_out},
+                          notes=(f"Prompt: {prompt!r}; position {pos + offset}; τ = {tau:.2f}; renormalize = {renorm}; BOS {bos}.",),
+                          code=_code(probe, prompt, pos + offset, tau, bos), key="exp-routes")
     _dataset_view(probe)
-    components.notebook_snippet(_code(probe, prompt, pos, tau, bos))
+    components.notebook_snippet(_code(probe, prompt, pos + offset, tau, bos))
 
 
 def _code(probe, prompt: str, pos: int, tau: float, bos: bool) -> str:

@@ -56,8 +56,11 @@ with tab_sink:
             norm_kinds.pop("key ‖k‖")
         if not res.value_state_norm.numel():
             norm_kinds.pop("raw value ‖v‖")
+        state.choose("sinks_norm_metric", list(norm_kinds), list(norm_kinds)[0])  # a kind this backend lacks: the first
         metric = st.selectbox("Norm per position", list(norm_kinds), key="sinks_norm_metric")
         vfig = components.axis_titles(res.plot(norm_kinds[metric]), "position", f"{metric} (log scale)")
+        if vfig.layout.yaxis.type == "log":  # one label per decade (plotly's default labels 2 and 5 too: "100 5 2 10 5 2 1")
+            vfig.update_yaxes(dtick=1)
         import plotly.colors as pc
 
         import plotly.graph_objects as pgo
@@ -100,13 +103,12 @@ with tab_dorm:
         else:
             # a map saved by the CLI, a notebook or another session is shown at once; else it runs in the background
             st.session_state["dormant_key"] = dkey = dormant.result_key(probe, tuple(doms), config=dcfg)
-            old = st.session_state.get("_sonde_jobs", {}).pop("dormant", None)
-            if old is not None:  # a run for other settings: its result would not have this key
-                old.cancel.set()
+            # a run for other settings is cancelled (its result would not have this key); one with this key, from this
+            # or another tab, is attached to; the run saves its result to the store itself
             if state.find(dkey, caption=False) is None:
                 workbench.run_job("dormant", "Dormant map",
                                   lambda job: dormant.run(probe, tuple(doms), config=dcfg, progress=job.step),
-                                  total=int(nd) * len(doms), restart=True)
+                                  total=int(nd) * len(doms), job_id=dkey, on_done=state._save)
     dkey = st.session_state.get("dormant_key")
     job = workbench.job_view("dormant")
     dres = state.find(dkey) if dkey is not None else None
