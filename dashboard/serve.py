@@ -64,14 +64,14 @@ def main(argv: list[str] | None = None) -> None:
     from dashboard import warm
 
     args = list(sys.argv[1:] if argv is None else argv)
-    problem = address_problem(_option(args, "--server.address", "127.0.0.1"), _option(args, "--server.port", "8501"))
-    if problem:  # one line instead of the server's traceback
-        print(f"error: {problem}", file=sys.stderr)
-        raise SystemExit(2)
     # Idle OpenMP workers sleep instead of spinning (unless OMP_WAIT_POLICY is set): the browser usually shares the
     # machine, and spinning workers fight it for the cores. On 2 cores the first page's forward pass took 3.1 s
     # spinning and 0.2 s sleeping while Chromium drew the page (benchmarks/RESULTS.md, 2026-12-02). Set before torch loads.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    problem = address_problem(_option(args, "--server.address", "127.0.0.1"), _option(args, "--server.port", "8501"))
+    if problem:  # one line instead of the server's traceback
+        print(f"error: {problem}", file=sys.stderr)
+        raise SystemExit(2)
     if os.environ.get("SONDE_NO_WARM", "") in ("", "0"):
         host = _option(args, "--server.address", "127.0.0.1")
         port = int(_option(args, "--server.port", "8501"))
