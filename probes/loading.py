@@ -471,14 +471,14 @@ def load_hf(
                 f"model {name!r} needs custom code from its repository.",
                 hint="Sonde never runs remote code by default; pass trust_remote_code=True (CLI: --trust-remote-code) if you trust it.",
             ) from e
-        raise ModelLoadError(f"could not load model {name!r}: {reason(e)}") from e
+        raise ModelLoadError(f"could not load model {name!r}: {reason(e).rstrip('.')}.") from e
     except (OSError, RuntimeError) as e:  # unreadable or damaged weights (a truncated shard, mismatched shapes)
-        raise ModelLoadError(f"could not load model {name!r}: {reason(e)}") from e
+        raise ModelLoadError(f"could not load model {name!r}: {reason(e).rstrip('.')}.") from e
     except Exception as e:
         from .errors import from_file_library
 
         if from_file_library(e):  # safetensors' own error type for a damaged shard
-            raise ModelLoadError(f"could not load model {name!r}: {reason(e)}") from e
+            raise ModelLoadError(f"could not load model {name!r}: {reason(e).rstrip('.')}.") from e
         raise
     check_model_config({**model.config.to_dict(), "model_type": getattr(model.config, "model_type", None)}, f"model {name!r}")
     if device_map is None:

@@ -67,6 +67,8 @@ def _parse(argv: list[str]):
 def test_every_sonde_command_in_the_docs_parses():
     import shlex
 
+    from probes.errors import InputError
+
     texts = {p: p.read_text(encoding="utf-8") for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]}
     seen, bad = 0, []
     for path, text in texts.items():
@@ -77,8 +79,8 @@ def test_every_sonde_command_in_the_docs_parses():
             except Exception as e:  # typer vendors click: its exceptions are matched by shape, not class
                 if type(e).__name__ == "Exit":  # --help
                     continue
-                if type(e).__name__ == "InputError" and "does not exist" in str(e):
-                    continue  # parsed; the example's own file (prompts.jsonl, ...) is checked while parsing
+                if isinstance(e, InputError) and "does not exist" in str(e):  # the example's own file (prompts.jsonl)
+                    continue
                 if not hasattr(e, "format_message"):
                     raise
                 bad.append(f"{path.relative_to(ROOT)}: {line}\n    -> {e.format_message()}")

@@ -148,8 +148,9 @@ def test_bad_input_messages(tiny):
         p.to_tokens("   ")
     with pytest.raises(InputError, match="at most 128"):
         p.to_tokens("x" * 300)
-    with pytest.raises(InputError, match="token ids"):
-        p.run("raw text")
+    assert torch.equal(p.run("raw text"), p.run(p.to_tokens("raw text")))  # a text is tokenized as to_tokens does
+    with pytest.raises(InputError, match="token ids or a text"):
+        p.run(b"raw bytes")
     with pytest.raises(UnknownSiteError, match="unknown hook name"):
         p.run(p.to_tokens("a"), reads={"blocks.0.resid": Mean()})
     with pytest.raises(ConfigError, match="Reducer"):

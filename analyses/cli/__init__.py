@@ -5,7 +5,10 @@ registers its ``run`` verbs in its own module ``analyses/cli/<name>.py`` through
 ``register(run_app)`` function; this package discovers them.
 
 Errors the user can fix (:class:`probes.SondeError`) print one line and exit with status 2;
-``--debug`` shows the traceback instead. Every verb with ``--out`` also takes ``--replace``
+``--debug`` shows the traceback instead. Options are checked while the command line is parsed (paths,
+ranges, devices: :mod:`.common`'s callbacks), before a model loads. A damaged file that a reader meets
+where Sonde did not expect it (a safetensors, Parquet or GGUF reader's own error) is one line with status 2
+too; any other exception is a bug: status 1, its type and message (``--debug`` for the traceback). Every verb with ``--out`` also takes ``--replace``
 (:func:`common.output_options`): ``--out`` must be new, an empty folder, or a Sonde result, which is
 replaced only with ``--replace``; this is checked before the model loads.
 """
