@@ -62,6 +62,7 @@ __all__ = [
     "Config", "RoutesResult", "run", "result_key",
     "proximity", "attention_importance", "ffn_importance", "neuron_importance", "block_importance",
     "decomposed_attention", "threshold_renormalize", "node_name", "max_prompt_tokens", "describe_edit", "resolve_kernel",
+    "explain_attention", "AttentionExplanation",
 ]
 
 Level = Literal["token", "head", "neuron"]
@@ -807,6 +808,8 @@ SPEC = registry.register(registry.Analysis(
     config=Config, result=RoutesResult, run=run, prepare=_prepare, cli="routes", page="routes", memory=MEMORY,
 ))
 result_key = SPEC.key  # the key run() gives these inputs, from the same _prepare
+
+from .routes_explain import AttentionExplanation, explain_attention  # noqa: E402  (QK attribution of one edge)
 
 
 _MOVED = {"routes_dataset": ("DatasetConfig", "RouteStats", "RouteStatsResult", "run_dataset", "dataset_key", "accumulate",
