@@ -62,7 +62,7 @@ __all__ = [
     "Config", "RoutesResult", "run", "result_key",
     "proximity", "attention_importance", "ffn_importance", "neuron_importance", "block_importance",
     "decomposed_attention", "threshold_renormalize", "node_name", "max_prompt_tokens", "describe_edit", "resolve_kernel",
-    "explain_attention", "AttentionExplanation",
+    "explain_attention", "AttentionExplanation", "faithfulness", "Faithfulness",
 ]
 
 Level = Literal["token", "head", "neuron"]
@@ -810,6 +810,7 @@ SPEC = registry.register(registry.Analysis(
 result_key = SPEC.key  # the key run() gives these inputs, from the same _prepare
 
 from .routes_explain import AttentionExplanation, explain_attention  # noqa: E402  (QK attribution of one edge)
+from .routes_faithful import Faithfulness, faithfulness  # noqa: E402  (ablation checks of a route)
 
 
 _MOVED = {"routes_dataset": ("DatasetConfig", "RouteStats", "RouteStatsResult", "run_dataset", "dataset_key", "accumulate",
