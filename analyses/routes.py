@@ -503,10 +503,13 @@ def _compute(probe, tokens: torch.Tensor, cfg: Config, edits: Sequence = ()) -> 
     _check_supported(probe)
     T = tokens.shape[-1]
     i = probe.info
-    limit = max_prompt_tokens(i.n_layers, i.n_heads, cfg.max_memory_gb, 8 if cfg.dtype == "float64" else 4)
+    item = 8 if cfg.dtype == "float64" else 4
+    # top-down mode also keeps every layer's [H, T, T] pattern until the walk, as many bytes again as the importances
+    limit = max_prompt_tokens(i.n_layers, i.n_heads, cfg.max_memory_gb, 2 * item if cfg.mode == "route" else item)
     if T > limit:
+        what = "route importances and stored attention patterns" if cfg.mode == "route" else "route importances"
         raise OutOfMemoryError(
-            f"the prompt is {T} tokens long; with max_memory_gb={cfg.max_memory_gb} this model's route importances "
+            f"the prompt is {T} tokens long; with max_memory_gb={cfg.max_memory_gb} this model's {what} "
             f"fit prompts of at most {limit} tokens.", hint="Shorten the prompt or raise max_memory_gb.")
     dec = _Decomposer(probe, T, cfg)
     probe.run(tokens, reads=dec.reads(), edits=_route_edits(edits), return_logits=False)
