@@ -32,3 +32,19 @@ def test_route_mode_refuses_what_all_mode_would_take(tiny):
     routes.run(probe, ids, config=routes.Config(max_memory_gb=budget))
     with pytest.raises(OutOfMemoryError, match="stored attention patterns fit prompts of at most"):
         routes.run(probe, torch.arange(4, 34)[None], config=routes.Config(mode="route", max_memory_gb=budget))
+
+
+def test_readme_quotes_the_latest_long_rows():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "benchmarks" / "RESULTS.md").read_text(encoding="utf-8")
+    head, body = [s for s in text.split("\n## ") if "routes `--long`" in s.split("\n", 1)[0]][-1].split("\n", 1)
+    ratio, peak, times = re.search(r"top-down route \(long prompt\), T=1024 \| ([\d.]+×) forward[^|]*peak RSS (\d+) MB "
+                                   r"\(([\d.]+×) the forward's\)", body).groups()
+    fwd = re.search(r"plain forward, T=1024 \| [\d.]+ s; peak RSS (\d+) MB", body).group(1)
+    fwd4k = re.search(r"plain forward, T=4096 \| [\d.]+ s; peak RSS (\d+) MB", body).group(1)
+    doc = " ".join((root / "docs" / "readme" / "routes.md").read_text(encoding="utf-8").split())
+    assert head.split()[0] in doc
+    assert f"took {ratio} a plain forward with a peak RSS of {peak} MB, {times} the forward's {fwd} MB" in doc
+    assert f"plain forward peaked at {fwd4k} MB and both modes refused" in doc
