@@ -9,6 +9,7 @@ Pure functions of the importance arrays (no model): ``attn [L, T_q, T_k, H]``, `
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -18,7 +19,8 @@ import torch
 
 from .routes import node_name
 
-__all__ = ["build_graph", "extract_route", "head_importance", "route_frame", "write_graphml", "node_link"]
+__all__ = ["build_graph", "extract_route", "head_importance", "route_frame", "write_graphml", "node_link", "compare_routes",
+           "RouteComparison"]
 
 
 def build_graph(attn: torch.Tensor, attn_resid: torch.Tensor, ffn: torch.Tensor, ffn_resid: torch.Tensor, thr: float,
@@ -133,3 +135,77 @@ def node_link(g) -> dict[str, Any]:
     import networkx as nx
 
     return nx.node_link_data(g, edges="links")
+
+
+# ============================================================================ two contexts side by side
+def compare_routes(route_a, route_b, offset: int = 0) -> pd.DataFrame:
+    """Edges of two routes side by side; ``b``'s positions are shifted by ``-offset`` onto ``a``'s (an edge whose
+    nodes fall before position 0 of ``a`` is ``unaligned``).
+
+    Returns one row per edge: ``source, target, kind, layer, weight_a, weight_b, delta, status`` with status
+    kept (in both), lost (only in a), gained (only in b) or unaligned; sorted by |delta|, largest first."""
+    from probes.labels import node_label, parse_node
+
+    def shift(n):
+        k, l, p = parse_node(n)
+        return None if p - offset < 0 else node_label(k, l, p - offset)
+
+    ea = {(u, v): d for u, v, d in route_a.edges(data=True)}
+    eb, unaligned = {}, []
+    for u, v, d in route_b.edges(data=True):
+        su, sv = shift(u), shift(v)
+        if su is None or sv is None:
+            unaligned.append({"source": u, "target": v, "kind": d["kind"], "layer": d["layer"], "weight_a": np.nan,
+                              "weight_b": d["weight"], "delta": np.nan, "status": "unaligned"})
+        else:
+            eb[(su, sv)] = d
+    rows = []
+    for e in sorted(set(ea) | set(eb)):
+        da, db = ea.get(e), eb.get(e)
+        wa, wb = (da["weight"] if da else 0.0), (db["weight"] if db else 0.0)
+        d = da or db
+        rows.append({"source": e[0], "target": e[1], "kind": d["kind"], "layer": d["layer"], "weight_a": wa, "weight_b": wb,
+                     "delta": wb - wa, "status": "kept" if da and db else ("lost" if da else "gained")})
+    df = pd.DataFrame(rows + unaligned, columns=["source", "target", "kind", "layer", "weight_a", "weight_b", "delta", "status"])
+    return df.iloc[np.argsort(-df["delta"].abs().fillna(-1).to_numpy(), kind="stable")].reset_index(drop=True)
+
+
+@dataclass(frozen=True)
+class RouteComparison:
+    """Two contexts' routes side by side (:func:`analyses.routes.compare`).
+
+    Attributes:
+        edges: :func:`compare_routes` rows (positions in ``a``'s coordinates); head_delta: [L, H] head importance in
+            b's route minus a's; offset: b's position minus a's for aligned positions (right-aligned prompts);
+        p_a, p_b: p(target) in each context (None without probes); target: token id.
+    """
+
+    edges: pd.DataFrame
+    head_delta: torch.Tensor
+    position_a: int
+    position_b: int
+    offset: int
+    target: int | None = None
+    target_token: str | None = None
+    p_a: float | None = None
+    p_b: float | None = None
+
+    @property
+    def delta_p(self) -> float | None:
+        return None if self.p_a is None or self.p_b is None else self.p_b - self.p_a
+
+    def counts(self) -> dict[str, int]:
+        """Edges per status: kept, lost, gained, unaligned."""
+        c = self.edges["status"].value_counts()
+        return {k: int(c.get(k, 0)) for k in ("kept", "lost", "gained", "unaligned")}
+
+    def to_dict(self, k: int = 10) -> dict[str, Any]:
+        from probes.labels import head_label
+
+        hd = self.head_delta
+        order = torch.argsort(hd.abs().flatten(), descending=True)[:k].tolist()
+        heads = [{"head": head_label(i // hd.shape[1], i % hd.shape[1]), "delta": float(hd.flatten()[i])} for i in order]
+        return {"position_a": self.position_a, "position_b": self.position_b, "offset": self.offset, **self.counts(),
+                "target": self.target, "target_token": self.target_token, "p_a": self.p_a, "p_b": self.p_b,
+                "delta_p": self.delta_p, "top_head_deltas": heads,
+                "top_edge_deltas": self.edges.head(k).replace({np.nan: None}).to_dict("records")}
