@@ -62,6 +62,7 @@ __all__ = [
     "Config", "RoutesResult", "run", "result_key",
     "proximity", "attention_importance", "ffn_importance", "neuron_importance", "block_importance",
     "decomposed_attention", "threshold_renormalize", "node_name", "max_prompt_tokens", "describe_edit", "resolve_kernel",
+    "explain_attention", "AttentionExplanation", "faithfulness", "Faithfulness", "compare",
 ]
 
 Level = Literal["token", "head", "neuron"]
@@ -502,10 +503,13 @@ def _compute(probe, tokens: torch.Tensor, cfg: Config, edits: Sequence = ()) -> 
     _check_supported(probe)
     T = tokens.shape[-1]
     i = probe.info
-    limit = max_prompt_tokens(i.n_layers, i.n_heads, cfg.max_memory_gb, 8 if cfg.dtype == "float64" else 4)
+    item = 8 if cfg.dtype == "float64" else 4
+    # top-down mode also keeps every layer's [H, T, T] pattern until the walk, as many bytes again as the importances
+    limit = max_prompt_tokens(i.n_layers, i.n_heads, cfg.max_memory_gb, 2 * item if cfg.mode == "route" else item)
     if T > limit:
+        what = "route importances and stored attention patterns" if cfg.mode == "route" else "route importances"
         raise OutOfMemoryError(
-            f"the prompt is {T} tokens long; with max_memory_gb={cfg.max_memory_gb} this model's route importances "
+            f"the prompt is {T} tokens long; with max_memory_gb={cfg.max_memory_gb} this model's {what} "
             f"fit prompts of at most {limit} tokens.", hint="Shorten the prompt or raise max_memory_gb.")
     dec = _Decomposer(probe, T, cfg)
     probe.run(tokens, reads=dec.reads(), edits=_route_edits(edits), return_logits=False)
@@ -808,6 +812,40 @@ SPEC = registry.register(registry.Analysis(
     config=Config, result=RoutesResult, run=run, prepare=_prepare, cli="routes", page="routes", memory=MEMORY,
 ))
 result_key = SPEC.key  # the key run() gives these inputs, from the same _prepare
+
+from .routes_explain import AttentionExplanation, explain_attention  # noqa: E402  (QK attribution of one edge)
+from .routes_faithful import Faithfulness, faithfulness  # noqa: E402  (ablation checks of a route)
+
+
+def compare(a: RoutesResult, b: RoutesResult, *, position_a: int | None = None, position_b: int | None = None,
+            probe_a=None, probe_b=None, target: int | None = None):
+    """Two contexts side by side: two prompts on one model (clean vs corrupted) or one prompt on two models.
+
+    Positions are right-aligned (b's position = a's + ``b.n_tokens - a.n_tokens``), so prompts of equal length align
+    one to one. Returns a :class:`analyses.routes_graph.RouteComparison`: kept / lost / gained route edges with
+    both weights, Δ head importance [L, H] (b − a) and, with ``probe_a`` (and ``probe_b``, default the same probe),
+    p(target) in each context (target: a's top token at its position unless given).
+    """
+    from .routes_graph import RouteComparison, compare_routes
+
+    if (a.n_layers, a.n_heads) != (b.n_layers, b.n_heads):
+        raise ConfigError(f"the contexts' models differ in shape ({a.n_layers}x{a.n_heads} vs {b.n_layers}x{b.n_heads} "
+                          f"layers x heads); routes compare on models of one shape.",
+                          hint="Compare two prompts on one model, or two checkpoints of one architecture.")
+    pa = _resolve_position(a.config.position if position_a is None else position_a, a.n_tokens)
+    offset = b.n_tokens - a.n_tokens
+    pb = _resolve_position(pa + offset if position_b is None else position_b, b.n_tokens)
+    ra, rb = a.route(pa), b.route(pb)
+    edges = compare_routes(ra, rb, offset)
+    delta = b.head_importance(route=rb) - a.head_importance(route=ra)
+    p = {}
+    if probe_a is not None:
+        with torch.no_grad():
+            la = probe_a.run(a.tokens[None])[0, pa].double().softmax(-1).cpu()
+            lb = (probe_b or probe_a).run(b.tokens[None])[0, pb].double().softmax(-1).cpu()
+        tgt = int(la.argmax()) if target is None else int(target)
+        p = dict(target=tgt, target_token=probe_a.to_str_tokens([tgt])[0], p_a=float(la[tgt]), p_b=float(lb[tgt]))
+    return RouteComparison(edges=edges, head_delta=delta, position_a=pa, position_b=pb, offset=offset, **p)
 
 
 _MOVED = {"routes_dataset": ("DatasetConfig", "RouteStats", "RouteStatsResult", "run_dataset", "dataset_key", "accumulate",

@@ -9,6 +9,7 @@ Pure functions of the importance arrays (no model): ``attn [L, T_q, T_k, H]``, `
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -18,7 +19,8 @@ import torch
 
 from .routes import node_name
 
-__all__ = ["build_graph", "extract_route", "head_importance", "route_frame", "write_graphml", "node_link", "compare_routes"]
+__all__ = ["build_graph", "extract_route", "head_importance", "route_frame", "write_graphml", "node_link", "route_diff",
+           "compare_routes", "RouteComparison"]
 
 
 def build_graph(attn: torch.Tensor, attn_resid: torch.Tensor, ffn: torch.Tensor, ffn_resid: torch.Tensor, thr: float,
@@ -135,12 +137,94 @@ def node_link(g) -> dict[str, Any]:
     return nx.node_link_data(g, edges="links")
 
 
-def compare_routes(a, b) -> dict[str, list[tuple[str, str, dict]]]:
-    """Edges of route ``a`` against route ``b`` (e.g. the same prompt with a head ablated): ``kept`` (in both, with
-    ``a``'s data), ``lost`` (only in ``a``) and ``gained`` (only in ``b``, with ``b``'s data); each a list of
-    ``(u, v, data)`` in the graphs' edge order."""
-    ea = {(u, v): d for u, v, d in a.edges(data=True)}
-    eb = {(u, v): d for u, v, d in b.edges(data=True)}
+# ============================================================================ two contexts side by side
+def _aligned(route_b, offset: int) -> tuple[dict[tuple[str, str], dict], list[tuple[str, str, dict]]]:
+    """``b``'s edges with positions shifted by ``-offset`` (``{(u, v): data}``) and those that fall before 0."""
+    from probes.labels import node_label, parse_node
+
+    def shift(n):
+        if not offset:
+            return n
+        k, l, p = parse_node(n)
+        return None if p - offset < 0 else node_label(k, l, p - offset)
+
+    eb, unaligned = {}, []
+    for u, v, d in route_b.edges(data=True):
+        su, sv = shift(u), shift(v)
+        if su is None or sv is None:
+            unaligned.append((u, v, d))
+        else:
+            eb[(su, sv)] = d
+    return eb, unaligned
+
+
+def route_diff(route_a, route_b, offset: int = 0) -> dict[str, list[tuple[str, str, dict]]]:
+    """Edges of route ``a`` against route ``b`` (the same prompt with a head ablated, or another context), ``b``'s
+    positions shifted by ``-offset`` onto ``a``'s: ``kept`` (in both, with ``a``'s data), ``lost`` (only in ``a``),
+    ``gained`` (only in ``b``, with ``b``'s data, in ``a``'s positions) and ``unaligned`` (``b``'s edges whose nodes
+    fall before ``a``'s position 0, as they are); each a list of ``(u, v, data)`` in the graphs' edge order."""
+    ea = {(u, v): d for u, v, d in route_a.edges(data=True)}
+    eb, unaligned = _aligned(route_b, offset)
     return {"kept": [(u, v, d) for (u, v), d in ea.items() if (u, v) in eb],
             "lost": [(u, v, d) for (u, v), d in ea.items() if (u, v) not in eb],
-            "gained": [(u, v, d) for (u, v), d in eb.items() if (u, v) not in ea]}
+            "gained": [(u, v, d) for (u, v), d in eb.items() if (u, v) not in ea],
+            "unaligned": unaligned}
+
+
+def compare_routes(route_a, route_b, offset: int = 0) -> pd.DataFrame:
+    """:func:`route_diff` as a table: one row per edge, ``source, target, kind, layer, weight_a, weight_b, delta,
+    status`` (kept, lost, gained or unaligned; positions in ``a``'s coordinates), sorted by |delta|, largest first."""
+    ea = {(u, v): d for u, v, d in route_a.edges(data=True)}
+    eb, unaligned = _aligned(route_b, offset)
+    rows = []
+    for e in sorted(set(ea) | set(eb)):
+        da, db = ea.get(e), eb.get(e)
+        wa, wb = (da["weight"] if da else 0.0), (db["weight"] if db else 0.0)
+        d = da or db
+        rows.append({"source": e[0], "target": e[1], "kind": d["kind"], "layer": d["layer"], "weight_a": wa, "weight_b": wb,
+                     "delta": wb - wa, "status": "kept" if da and db else ("lost" if da else "gained")})
+    rows += [{"source": u, "target": v, "kind": d["kind"], "layer": d["layer"], "weight_a": np.nan, "weight_b": d["weight"],
+              "delta": np.nan, "status": "unaligned"} for u, v, d in unaligned]
+    df = pd.DataFrame(rows, columns=["source", "target", "kind", "layer", "weight_a", "weight_b", "delta", "status"])
+    return df.iloc[np.argsort(-df["delta"].abs().fillna(-1).to_numpy(), kind="stable")].reset_index(drop=True)
+
+
+@dataclass(frozen=True)
+class RouteComparison:
+    """Two contexts' routes side by side (:func:`analyses.routes.compare`).
+
+    Attributes:
+        edges: :func:`compare_routes` rows (positions in ``a``'s coordinates); head_delta: [L, H] head importance in
+            b's route minus a's; offset: b's position minus a's for aligned positions (right-aligned prompts);
+        p_a, p_b: p(target) in each context (None without probes); target: token id.
+    """
+
+    edges: pd.DataFrame
+    head_delta: torch.Tensor
+    position_a: int
+    position_b: int
+    offset: int
+    target: int | None = None
+    target_token: str | None = None
+    p_a: float | None = None
+    p_b: float | None = None
+
+    @property
+    def delta_p(self) -> float | None:
+        return None if self.p_a is None or self.p_b is None else self.p_b - self.p_a
+
+    def counts(self) -> dict[str, int]:
+        """Edges per status: kept, lost, gained, unaligned."""
+        c = self.edges["status"].value_counts()
+        return {k: int(c.get(k, 0)) for k in ("kept", "lost", "gained", "unaligned")}
+
+    def to_dict(self, k: int = 10) -> dict[str, Any]:
+        from probes.labels import head_label
+
+        hd = self.head_delta
+        order = torch.argsort(hd.abs().flatten(), descending=True)[:k].tolist()
+        heads = [{"head": head_label(i // hd.shape[1], i % hd.shape[1]), "delta": float(hd.flatten()[i])} for i in order]
+        return {"position_a": self.position_a, "position_b": self.position_b, "offset": self.offset, **self.counts(),
+                "target": self.target, "target_token": self.target_token, "p_a": self.p_a, "p_b": self.p_b,
+                "delta_p": self.delta_p, "top_head_deltas": heads,
+                "top_edge_deltas": self.edges.head(k).replace({np.nan: None}).to_dict("records")}

@@ -152,9 +152,9 @@ def plot_route(route, str_tokens: Sequence[str], n_layers: int, parallel: bool =
         _edge_traces(fig, r, [(u, v, d) for (u, v), d in e0.items()], parallel, maxw=maxw)
         graphs = [r]
     else:
-        from .routes_graph import compare_routes
+        from .routes_graph import route_diff
 
-        diff = compare_routes(r, compare)
+        diff = route_diff(r, compare)
         maxw = max([maxw] + [d["weight"] for _, _, d in diff["gained"]])
         c = COMPARE_COLOURS
         _edge_traces(fig, r, diff["kept"], parallel, name="kept ", colour=c["kept"], maxw=maxw)

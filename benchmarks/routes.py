@@ -3,16 +3,24 @@
     .venv/bin/python benchmarks/routes.py                       # embedded SmolLM2-135M on CPU, T=128
     .venv/bin/python benchmarks/routes.py --lengths 128 512
     .venv/bin/python benchmarks/routes.py --device cuda --gpu-shape llama3-8b --lengths 512
+    .venv/bin/python benchmarks/routes.py --long                # top-down at T=1024 and 4096: time and peak memory
 
 Prints, per prompt length, the forward time, the routes time (hooks + proximities, one pass), their
 ratio, the graph/route extraction time and the peak memory (CUDA: max allocated; CPU: process max RSS).
 The GPU shape builds a random-weight model from a config (no download).
+
+``--long`` (lengths default 1024 4096) runs each measurement in a fresh process, so each peak RSS is that of one
+job: a plain forward pass, top-down routes to the last token (``mode="route"``) and the all-position length check.
+A length whose routes would not fit ``--max-memory-gb`` is refused by routes itself, before the forward pass,
+and the refusal (with the length that fits) is printed in place of the figures.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import resource
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -63,6 +71,71 @@ def timeit(fn, dev, repeat):
     return best
 
 
+def _peak_mb(dev) -> float:
+    return torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def child(args) -> None:
+    """One long-prompt job in this process: print one JSON line (seconds, peak MB, or the refusal)."""
+    from analyses import routes
+    from probes import OutOfMemoryError
+
+    probe = build_probe(args)
+    dev = probe.device
+    T = args.child_len
+    ids = torch.randint(4, min(probe.info.d_vocab, 30000), (1, T), generator=torch.Generator().manual_seed(T)).to(dev)
+    base = _peak_mb(dev)
+    out = {"job": args.child, "T": T, "loaded_mb": round(base)}
+    try:
+        t0 = time.perf_counter()
+        i = probe.info
+        if args.child == "all" and T <= routes.max_prompt_tokens(i.n_layers, i.n_heads, args.max_memory_gb):
+            print(json.dumps({**out, "skipped": f"fits (all-position limit "
+                              f"{routes.max_prompt_tokens(i.n_layers, i.n_heads, args.max_memory_gb)}); not timed here",
+                              "peak_mb": round(_peak_mb(dev))}), flush=True)
+            return
+        if args.child == "forward":
+            probe.forward(ids)
+        else:
+            cfg = routes.Config(mode="route" if args.child == "route" else "all", max_memory_gb=args.max_memory_gb,
+                                kernel=args.kernel)
+            res = routes.run(probe, ids, config=cfg)
+            r = res.route()
+            out["route"] = f"{r.number_of_nodes()} nodes, {r.number_of_edges()} edges"
+        sync(dev)
+        out["seconds"] = round(time.perf_counter() - t0, 2)
+    except OutOfMemoryError as e:
+        out["refused"] = str(e).splitlines()[0]
+    out["peak_mb"] = round(_peak_mb(dev))
+    print(json.dumps(out), flush=True)
+
+
+def long_prompts(args) -> None:
+    """Forward, top-down and all-position jobs per length, each in its own process (peak RSS per job)."""
+    lengths = args.lengths if args.lengths != [128] else [1024, 4096]
+    print(f"long prompts on {args.model} ({args.device}), max_memory_gb={args.max_memory_gb}; one process per job")
+    print(f"{'T':>6} {'job':>8} {'seconds':>9} {'ratio':>7} {'peak MB':>9} {'x fwd peak':>10}  note")
+    for T in lengths:
+        fwd = None
+        for job in ("forward", "route", "all"):
+            cmd = [sys.executable, __file__, "--child", job, "--child-len", str(T), "--model", args.model, "--device", args.device,
+                   "--dtype", args.dtype, "--max-memory-gb", str(args.max_memory_gb), "--kernel", args.kernel]
+            if args.gpu_shape:
+                cmd += ["--gpu-shape", args.gpu_shape]
+            p = subprocess.run(cmd, capture_output=True, text=True)
+            line = next((ln for ln in p.stdout.splitlines()[::-1] if ln.startswith("{")), None)
+            if line is None:
+                print(f"{T:>6} {job:>8}  failed (exit {p.returncode}): {p.stderr.strip().splitlines()[-1:]}")
+                continue
+            o = json.loads(line)
+            if job == "forward":
+                fwd = o
+            ratio = f"{o['seconds'] / fwd['seconds']:.1f}" if "seconds" in o and fwd and job != "forward" else ""
+            mem = f"{o['peak_mb'] / fwd['peak_mb']:.2f}" if fwd else ""
+            print(f"{T:>6} {job:>8} {o.get('seconds', float('nan')):>9.2f} {ratio:>7} {o['peak_mb']:>9} {mem:>10}  "
+                  f"{o.get('refused') or o.get('skipped') or o.get('route', '')}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="embedded")
@@ -74,7 +147,15 @@ def main() -> None:
     ap.add_argument("--chunk-mb", type=int, default=256)
     ap.add_argument("--kernel", choices=["auto", "compiled", "eager"], default="compiled",
                     help="proximity kernel (compiled = torch.compile: C++ on CPU, Triton on GPU; warmed up before timing)")
+    ap.add_argument("--long", action="store_true", help="long prompts (default lengths 1024 4096), one process per job")
+    ap.add_argument("--max-memory-gb", type=float, default=8.0, help="with --long: routes' memory budget (its default)")
+    ap.add_argument("--child", choices=["forward", "route", "all"], help=argparse.SUPPRESS)
+    ap.add_argument("--child-len", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child:
+        return child(args)
+    if args.long:
+        return long_prompts(args)
 
     from analyses import routes
 

@@ -19,6 +19,31 @@ from .sweeps import (AddressOpt, EngineOpt, GpusOpt, ResumeOpt, RetriesOpt, Shar
 __all__ = ["register"]
 
 
+def _echo_faithfulness(f) -> None:
+    """p(target) under each ablation check, one line per ablation mode."""
+    typer.echo(f"faithfulness of the route to {f.target_token!r} at position {f.position} ({len(f.heads)} heads, "
+               f"{len(f.ffns)} FFNs; mean over {f.reference}): p_clean {f.p_clean:.4f}")
+    for r in f.summary().itertuples():
+        typer.echo(f"  {r.ablation:<4}  off-route ablated {r.p_off_route:.4f}  route ablated {r.p_route:.4f}  "
+                   f"random kept {r.p_random_keep_median:.4f} (IQR {r.p_random_keep_iqr:.4f})  "
+                   f"random ablated {r.p_random_median:.4f} (IQR {r.p_random_iqr:.4f})")
+
+
+def _echo_explanation(ex, k: int) -> None:
+    """The top query-side and key-side contributors and pairs of a QK attribution, as text."""
+    model = "n/a" if ex.model_score is None else f"{ex.model_score:.4f}"
+    typer.echo(f"explain {ex.label} ({ex.query_token!r} -> {ex.key_token!r}): score {ex.score:.4f} (model {model}), "
+               f"attention {ex.probability:.3f}; {ex.norm} scales frozen")
+    top = ex.top(k)
+    for side in ("query", "key"):
+        typer.echo(f"  {side}-side contributors:")
+        for row in top[top.side == side].itertuples():
+            typer.echo(f"    {row.component:<14} {row.contribution:+.4f}")
+    typer.echo("  top pairs (query part x key part):")
+    for row in ex.top_pairs(k).itertuples():
+        typer.echo(f"    {row.query_component} x {row.key_component}: {row.contribution:+.4f}")
+
+
 def register(run_app: typer.Typer) -> None:
     @run_app.command("routes")
     @model_options
@@ -37,6 +62,11 @@ def register(run_app: typer.Typer) -> None:
         mode: str = config_option("routes", "mode"),
         kernel: str = config_option("routes", "kernel"),
         ablate: Optional[str] = typer.Option(None, "--ablate", help="Zero-ablate heads during the pass, e.g. L5H3,L7H0 (compare routes)."),
+        explain: Optional[str] = typer.Option(None, "--explain", help="QK attribution of one attention edge, LAYER HEAD @ query -> key, e.g. L5H3@12->4 (norm scales frozen)."),
+        explain_top: int = typer.Option(10, "--explain-top", min=1, help="With --explain: contributors and pairs listed per side."),
+        faithful: bool = typer.Option(False, "--faithfulness", help="Ablation checks of the route: p(target) with off-route / route / random components ablated (zero and mean)."),
+        n_random: int = typer.Option(10, "--n-random", min=0, help="With --faithfulness: random component sets of the route's size."),
+        seed: int = typer.Option(0, "--seed", help="With --faithfulness: seed of the random sets and the reference corpus."),
         on_error: str = typer.Option("stop", "--on-error", help="Malformed input line: stop or skip."),
         prepend_bos: bool = config_option("routes", "prepend_bos", "--bos/--no-bos"),
         out: Optional[Path] = OutOpt,
@@ -64,12 +94,19 @@ def register(run_app: typer.Typer) -> None:
                       kernel=kernel, prepend_bos=prepend_bos)
         if ablate is not None and prompt is None:
             raise InputError("--ablate compares one prompt's routes; give --prompt.")
+        if faithful and prompt is None:
+            raise InputError("--faithfulness checks one prompt's route; give --prompt.")
+        if explain is not None and prompt is None:
+            raise InputError("--explain reads one attention edge of one prompt; give --prompt.")
         if prompt is not None:
             from probes import as_edits
 
             cfg = routes.Config(**common, mode=mode)  # type: ignore[arg-type]
             labels = [x.strip() for x in (ablate.split(",") if ablate else []) if x.strip()]
             as_edits(labels)  # a malformed label is refused before the model loads
+            from analyses.routes_explain import parse_edge
+
+            edge = parse_edge(explain) if explain is not None else None
             probe = load_probe(model, backend, device, dtype)
             edits = as_edits(labels, probe.info)
             from analyses.core.planner import plan
@@ -86,10 +123,25 @@ def register(run_app: typer.Typer) -> None:
             r = res.route()
             hi = res.head_importance(route=r)
             top = sorted(((float(hi[l, h]), head_label(l, h)) for l in range(hi.shape[0]) for h in range(hi.shape[1])), reverse=True)[:5]
-            saved(path, as_json, {"tokens": res.n_tokens, "position": res.position, "route_nodes": r.number_of_nodes(),
-                                  "route_edges": r.number_of_edges(),
-                                  "top_heads": ", ".join(f"{n}={v:.3f}" for v, n in top if v > 0) or "none",
-                                  "seconds": round(sum(res.timings.values()), 2)})
+            summary = {"tokens": res.n_tokens, "position": res.position, "route_nodes": r.number_of_nodes(),
+                       "route_edges": r.number_of_edges(),
+                       "top_heads": ", ".join(f"{n}={v:.3f}" for v, n in top if v > 0) or "none",
+                       "seconds": round(sum(res.timings.values()), 2)}
+            if edge is not None:
+                with status("Explaining the attention edge"):
+                    ex = routes.explain_attention(probe, prompt, *edge, config=cfg)
+                if as_json:
+                    summary["explain"] = ex.to_dict(explain_top)
+                else:
+                    _echo_explanation(ex, explain_top)
+            if faithful:
+                with status("Checking the route by ablation"):
+                    f = routes.faithfulness(probe, prompt, config=cfg, n_random=n_random, seed=seed, result=res)
+                if as_json:
+                    summary["faithfulness"] = f.to_dict()
+                else:
+                    _echo_faithfulness(f)
+            saved(path, as_json, summary)
             return
 
         from analyses.core.io import Checkpoint, iter_records, work_dir

@@ -1,0 +1,48 @@
+"""Two contexts side by side (routes.compare): aligned positions, kept/lost/gained edges, Δ head importance, Δp."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from analyses import routes
+from probes import ConfigError
+
+
+def test_same_context_keeps_every_edge(tiny):
+    probe = tiny("llama")
+    a = routes.run(probe, "abc def gh")
+    c = routes.compare(a, a, probe_a=probe)
+    n = a.route().number_of_edges()
+    assert c.counts() == {"kept": n, "lost": 0, "gained": 0, "unaligned": 0}
+    assert c.head_delta.abs().max() == 0 and c.delta_p == 0 and c.offset == 0
+    json.dumps(c.to_dict())
+
+
+def test_ablated_head_changes_the_route(embedded):
+    cfg = routes.Config(mode="route")
+    a = routes.run(embedded, "The Eiffel Tower is in Paris", config=cfg)
+    hi = a.head_importance()
+    l, h = divmod(int(hi.argmax()), hi.shape[1])
+    b = routes.run(embedded, "The Eiffel Tower is in Paris", config=cfg, edits=[f"L{l}H{h}"])
+    c = routes.compare(a, b)
+    assert c.head_delta[l, h] < 0  # the ablated head leaves the route
+    assert c.counts()["lost"] + c.counts()["gained"] > 0
+    e = c.edges
+    assert set(e.status) <= {"kept", "lost", "gained"}
+    assert (e.loc[e.status == "lost", "weight_b"] == 0).all() and (e.loc[e.status == "gained", "weight_a"] == 0).all()
+    assert torch.allclose(torch.tensor((e.weight_b - e.weight_a).to_numpy()), torch.tensor(e.delta.to_numpy()))
+
+
+def test_two_models_and_right_alignment(tiny, embedded):
+    pa, pb = tiny("llama", seed=0), tiny("llama", seed=1)
+    a = routes.run(pa, torch.arange(10, 16))
+    b = routes.run(pb, torch.arange(8, 16))  # two more tokens in front: b's position t + 2 is a's t
+    c = routes.compare(a, b, probe_a=pa, probe_b=pb)
+    assert c.offset == 2 and c.position_a == 5 and c.position_b == 7
+    assert c.target is not None and 0 <= c.p_a <= 1 and 0 <= c.p_b <= 1
+    assert all(int(n.split("_")[1]) >= 0 for n in c.edges[c.edges.status != "unaligned"].source)
+    with pytest.raises(ConfigError, match="differ in shape"):
+        routes.compare(a, routes.run(embedded, torch.arange(10, 16), config=routes.Config(mode="route")))
