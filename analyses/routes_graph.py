@@ -121,10 +121,18 @@ def write_graphml(g, path: str | Path) -> Path:
     """Write ``g`` as GraphML (per-head vectors as JSON strings)."""
     import networkx as nx
 
+    def plain(k: str, val: Any) -> Any:
+        # one GraphML type per attribute: a weight of 1 (an int) beside 0.5 would declare two "weight" keys
+        if isinstance(val, list):
+            return json.dumps(val)
+        if k == "weight" or isinstance(val, float):
+            return float(val)
+        return int(val) if isinstance(val, (int,)) and not isinstance(val, bool) else val
+
     h = nx.DiGraph()
-    h.add_nodes_from((n, dict(d)) for n, d in g.nodes(data=True))
+    h.add_nodes_from((n, {k: plain(k, val) for k, val in d.items()}) for n, d in g.nodes(data=True))
     for u, v, d in g.edges(data=True):
-        h.add_edge(u, v, **{k: (json.dumps(val) if isinstance(val, list) else val) for k, val in d.items()})
+        h.add_edge(u, v, **{k: plain(k, val) for k, val in d.items()})
     path = Path(path)
     nx.write_graphml(h, path)
     return path

@@ -46,3 +46,25 @@ def test_two_models_and_right_alignment(tiny, embedded):
     assert all(int(n.split("_")[1]) >= 0 for n in c.edges[c.edges.status != "unaligned"].source)
     with pytest.raises(ConfigError, match="differ in shape"):
         routes.compare(a, routes.run(embedded, torch.arange(10, 16), config=routes.Config(mode="route")))
+
+
+def test_graphml_declares_each_attribute_once(tmp_path):
+    """A weight of 1 (an int) beside 0.5 (a float) must not make GraphML declare two "weight" keys."""
+    import re
+    from collections import Counter
+
+    import networkx as nx
+
+    from analyses.routes_graph import write_graphml
+
+    g = nx.DiGraph()
+    g.add_node("X0_0", kind="X", layer=-1, pos=0, token="a")
+    g.add_node("I0_0", kind="I", layer=0, pos=0, token="a")
+    g.add_node("A0_0", kind="A", layer=0, pos=0, token="a")
+    g.add_edge("X0_0", "A0_0", weight=1, kind="resid", layer=0)
+    g.add_edge("A0_0", "I0_0", weight=0.5, kind="resid", layer=0, heads=[0.25, 0.25])
+    text = write_graphml(g, tmp_path / "g.graphml").read_text()
+    keys = Counter(re.findall(r'<key [^>]*for="(\w+)" attr.name="(\w+)"', text))
+    assert all(n == 1 for n in keys.values()), keys
+    back = nx.read_graphml(tmp_path / "g.graphml")
+    assert back.edges["X0_0", "A0_0"]["weight"] == 1.0
