@@ -29,7 +29,7 @@ from typing import Any, ClassVar, Literal, Sequence
 import pandas as pd
 import torch
 
-from probes.errors import ConfigError
+from probes.errors import ConfigError, SondeError
 from probes.labels import format_label, parse_label
 from probes.sites import Site
 
@@ -325,12 +325,23 @@ def profile(probe, component: str, *, config: Config = Config(), sinks=None, rou
     bigram_kept = None
     with timer("bigram"):
         p = saved_result("bigram", fp, root) if config.use_saved else None
-        if p is None:
-            sources["bigram"] = "no bigram result saved"
-        else:
+        b = None
+        if p is not None:
             from .bigram import BigramResult
 
             b = BigramResult.load(p)
+        elif config.use_saved:  # the mask shipped with Sonde, when it was trained on this very model
+            from .bigram import DEFAULT_RESULT, default_result
+
+            try:
+                shipped = default_result()
+            except SondeError:
+                shipped = None
+            if shipped is not None and shipped.model.get("fingerprint") == fp:
+                b, p = shipped, f"the shipped mask ({DEFAULT_RESULT.name})"
+        if b is None:
+            sources["bigram"] = "no bigram result saved"
+        else:
             arr = b.head_kept if kind == "head" else b.neuron_kept
             v = float(arr[layer, idx]) if layer < arr.shape[0] and idx < arr.shape[1] else float("nan")
             if v != v:

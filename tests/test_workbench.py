@@ -427,3 +427,14 @@ def test_output_lens_of_a_head_and_an_ffn(tiny):
     for bad, pos in (("L9H0", 1), ("L0H9", 1), ("X1", 1), ("L0H0", 99)):
         with pytest.raises(ConfigError):
             component.output_lens(probe, ids, bad, pos)
+
+
+def test_profile_reads_the_shipped_bigram_mask_of_the_embedded_model(embedded, tmp_path):
+    """With no bigram result saved, a component of the embedded model reads the mask shipped with Sonde (the one the
+    Bigram page shows), and says so; it never reads it for another model."""
+    from analyses import bigram, component
+
+    p = component.profile(embedded, "L0H0", root=tmp_path)
+    shipped = bigram.default_result()
+    assert "shipped mask" in p.sources["bigram"]
+    assert p.bigram_kept == pytest.approx(float(shipped.head_kept[0, 0]))
