@@ -510,20 +510,22 @@ class CounterfactualResult(Result):
         seqs = [self.factual_str] + list(self.str_rows[:max_rows])
         ids = [self.factual] + list(self.rows[:max_rows])
         T = max(len(s) for s in seqs) if seqs else 0
-        z, text = [], []
+        z, text, full = [], [], []
         for r, (ss, ii) in enumerate(zip(seqs, ids)):
-            zr, tr = [], []
+            zr, tr, fr = [], [], []
             for p in range(T):
                 if p >= len(ss):
-                    zr.append(None), tr.append("")
+                    zr.append(None), tr.append(""), fr.append("")
                     continue
                 same = r == 0 or (p < len(self.factual) and self.factual[p] == ii[p])
                 zr.append(0.0 if same else 1.0)
-                tr.append(ss[p].replace("\n", "⏎")[:10])
-            z.append(zr), text.append(tr)
-        fig = go.Figure(go.Heatmap(z=z, x=list(range(T)), y=names, text=text, texttemplate="%{text}", showscale=False,
-                                   colorscale=[[0, "#eef2f7"], [1, "#f4a261"]], zmin=0, zmax=1, xgap=1, ygap=2,
-                                   hovertemplate="%{y} pos %{x}: %{text}<extra></extra>"))
+                tok = ss[p].replace("\n", "⏎")
+                tr.append(tok if len(tok) <= 10 else tok[:9] + "…")  # a cut token says so; the hover shows it whole
+                fr.append(tok)
+            z.append(zr), text.append(tr), full.append(fr)
+        fig = go.Figure(go.Heatmap(z=z, x=list(range(T)), y=names, text=text, customdata=full, texttemplate="%{text}",
+                                   showscale=False, colorscale=[[0, "#eef2f7"], [1, "#f4a261"]], zmin=0, zmax=1, xgap=1,
+                                   ygap=2, hovertemplate="%{y} pos %{x}: %{customdata}<extra></extra>"))
         fig.add_vline(x=self.edit_pos - 0.5, line_dash="dash", line_color="#c0392b")
         fig.update_yaxes(autorange="reversed")
         fig.update_layout(title=f"{self.intervention} — tokens changed vs factual in orange (dashed line: edit point)",

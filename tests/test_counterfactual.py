@@ -541,3 +541,20 @@ def test_notebook_06_text_matches_its_code():
              ("(8 draws, 6 tokens)", "cf.BiasConfig(n_samples=8, max_new_tokens=6)"), ("token 1 is `' brother'`", "factual_str[1] == ' brother'")]
     for said, done in pairs:
         assert said in md and done in code, (said, done)
+
+
+def test_grid_marks_cut_tokens_and_hovers_them_whole():
+    """A long token is shown cut with an ellipsis (never a silent word fragment) and whole in the hover."""
+    from analyses import counterfactual as cf
+
+    r = cf.CounterfactualResult.__new__(cf.CounterfactualResult)
+    object.__setattr__(r, "factual_str", (" recognizable", " cat"))
+    object.__setattr__(r, "str_rows", ((" recognizable", " dog"),))
+    object.__setattr__(r, "factual", (1, 2))
+    object.__setattr__(r, "rows", ((1, 3),))
+    object.__setattr__(r, "kinds", ("counterfactual",))
+    object.__setattr__(r, "edit_pos", 1)
+    object.__setattr__(r, "intervention", "token:1=dog")
+    fig = r.plot()
+    assert fig.data[0].text[0][0] == " recogniz…" and fig.data[0].customdata[0][0] == " recognizable"
+    assert list(fig.data[0].z[1]) == [0.0, 1.0]
