@@ -181,10 +181,11 @@ def _ablation_view(probe, res, tokens, cfg, label: str, pos: int, tau: float, re
 
 def _attn_edges(route, node: str) -> list[tuple[int, int, int, int, float]]:
     """The attention edges of the route, one per head: ``(layer, head, query position, key position, weight)``,
-    heaviest first; those entering ``node`` when it is an after-attention node (``A…``), else all of them."""
+    heaviest first; those entering ``node`` when it is an after-attention node (``A…``), else all of them. Layer 0 is
+    left out: its heads read the token embeddings alone, so their scores have no earlier parts to split."""
     out = []
     for u, v, d in route.edges(data=True):
-        if d["kind"] != "attn" or (node[0] == "A" and v != node):
+        if d["kind"] != "attn" or int(d["layer"]) == 0 or (node[0] == "A" and v != node):
             continue
         (_, _, kp), (_, _, qp) = parse_node(u), parse_node(v)
         out += [(int(d["layer"]), h, qp, kp, float(w)) for h, w in enumerate(d.get("heads") or []) if w > 0]
@@ -197,7 +198,9 @@ def _qk_view(probe, res, route, node: str, offset: int) -> None:
     st.subheader("Why this head attends")
     edges = _attn_edges(route, node)
     if not edges:
-        st.caption(f"No attention edge of the route enters {node}." if node[0] == "A" else "The route has no attention edge.")
+        st.caption((f"No attention edge of the route enters {node} above layer 0" if node[0] == "A" else
+                    "The route has no attention edge above layer 0")
+                   + " (layer-0 heads read the token embeddings alone: their scores have no earlier parts to split).")
         return
     fmt = {e: f"{head_label(e[0], e[1])} · key {e[3] + offset} {res.str_tokens[e[3]]!r} → query {e[2] + offset} "
               f"{res.str_tokens[e[2]]!r} · weight {e[4]:.3f}" for e in edges}
