@@ -240,7 +240,7 @@ def test_routes_why_this_head_attends_and_faithfulness(tmp_path, monkeypatch):
     _ok(at)
     assert "Why this head attends" in [s.value for s in at.subheader]
     assert at.selectbox(key="routes_qk_edge").value is None  # the last block output: nothing computed until chosen
-    a_node = "A23_5"  # on the embedded model: L23H4 at ' in' reads ' Tower' (position 2)
+    a_node = "A23_5"  # on the embedded model: L23H4 at ' in' reads 'iffel' (position 2)
     assert a_node in at.selectbox(key="routes_node").options
     at.selectbox(key="routes_node").set_value(a_node).run()
     _ok(at)
