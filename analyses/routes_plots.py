@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["plot_route", "plot_heads", "EDGE_COLOURS", "NODE_COLOURS", "NODE_NAMES", "COMPARE_COLOURS"]
+__all__ = ["plot_route", "plot_heads", "plot_qk", "plot_faithfulness", "EDGE_COLOURS", "NODE_COLOURS", "NODE_NAMES", "COMPARE_COLOURS"]
 
 # one palette for every route figure
 EDGE_COLOURS = {"attn": "#1f77b4", "ffn": "#d62728", "resid": "#bbbbbb"}
@@ -206,4 +206,59 @@ def plot_heads(importance: torch.Tensor):
     fig = px.imshow(importance.numpy(), origin="lower", aspect="auto", color_continuous_scale="Blues",
                     labels=dict(x="head", y="layer", color="importance"))
     fig.update_layout(height=max(300, 14 * importance.shape[0]), margin=dict(l=40, r=20, t=30, b=40))
+    return fig
+
+
+def _bars(fig, s, row: int, col: int, colour: str) -> None:
+    import plotly.graph_objects as go
+
+    s = s[::-1]  # largest at the top
+    fig.add_trace(go.Bar(x=s.values, y=list(s.index), orientation="h", showlegend=False,
+                         marker_color=[colour if v >= 0 else "#d62728" for v in s.values],
+                         hovertemplate="%{y}: %{x:.4f}<extra></extra>"), row=row, col=col)
+
+
+def plot_qk(explanation, k: int = 10):
+    """Why a head attends: the ``k`` largest query-side and key-side contributors (by |contribution|) of one
+    attention edge's pre-softmax score (an :class:`analyses.routes_explain.AttentionExplanation`), as two horizontal
+    bar charts side by side; each side's marginals sum to the score named in the title."""
+    from plotly.subplots import make_subplots
+
+    ex = explanation
+    q, kk = ex.query_marginals, ex.key_marginals
+    q = q.reindex(q.abs().sort_values(ascending=False).index)[:k]
+    kk = kk.reindex(kk.abs().sort_values(ascending=False).index)[:k]
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.18,
+                        subplot_titles=(f"query side: position {ex.query_pos} {ex.query_token!r}",
+                                        f"key side: position {ex.key_pos} {ex.key_token!r}"))
+    _bars(fig, q, 1, 1, "#1f77b4")
+    _bars(fig, kk, 1, 2, "#2ca02c")
+    fig.update_xaxes(title_text="contribution to the score", zeroline=True, zerolinecolor="#888")
+    fig.update_layout(title=f"{ex.label}: score {ex.score:.3f} = Σ query parts = Σ key parts · attention weight {ex.probability:.3f}",
+                      height=120 + 24 * max(len(q), len(kk)), margin=dict(l=10, r=10, t=80, b=40))
+    return fig
+
+
+FAITHFUL_KINDS = {"clean": "clean", "off_route": "off-route ablated", "route": "route ablated",
+                  "random_keep": "random kept (median)", "random": "random ablated (median)"}
+
+
+def plot_faithfulness(faith):
+    """p(target) per condition of an :class:`analyses.routes_faithful.Faithfulness` (clean, off-route ablated, route
+    ablated, and the medians of the random sets of the route's size), one bar group per ablation mode."""
+    import plotly.graph_objects as go
+
+    f = faith.frame
+    fig = go.Figure()
+    for ab, colour in (("zero", "#1f77b4"), ("mean", "#ff7f0e")):
+        sub = f[f.ablation == ab]
+        if sub.empty:
+            continue
+        xs = list(FAITHFUL_KINDS.values())
+        ys = [faith.p_clean] + [float(sub[sub.kind == kd].p_target.median()) for kd in list(FAITHFUL_KINDS)[1:]]
+        fig.add_trace(go.Bar(x=xs, y=ys, name=f"{ab} ablation", marker_color=colour,
+                             hovertemplate="%{x}: %{y:.4f}<extra></extra>"))
+    fig.update_layout(barmode="group", height=320, margin=dict(l=10, r=10, t=40, b=40), yaxis_title=f"p({faith.target_token!r})",
+                      title=f"p({faith.target_token!r}) at position {faith.position} per condition",
+                      legend=dict(orientation="h", yanchor="bottom", y=1.0, x=0))
     return fig

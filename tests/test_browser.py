@@ -208,6 +208,24 @@ def test_routes_after_attention_node_click_and_new_prompt(server, browser):
     page.close()
 
 
+def test_routes_why_this_head_attends_panel(server, browser):
+    """Information flow with an after-attention node from the link: the "Why this head attends" panel draws its two
+    bar charts (query side, key side) for the node's heaviest attention edge; screenshot at 1600x1000."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page = browser.new_page(viewport={"width": 1600, "height": 1000})
+    page.goto(server["url"] + "/routes?prompt=The+Eiffel+Tower+is+in&node=A23_5", wait_until="domcontentloaded")
+    qk = page.locator(".st-key-routes_qk .js-plotly-plot")
+    qk.wait_for(state="visible", timeout=COLD_START_S * 1000)
+    page.wait_for_function(_IDLE, timeout=60_000)
+    _wait_box(page, "routes_qk_edge", "L23H4")
+    assert qk.locator(".barlayer .trace").count() == 2  # query side and key side
+    _no_exception(page)
+    page.get_by_role("heading", name="Why this head attends").scroll_into_view_if_needed()
+    page.wait_for_timeout(1000)
+    page.screenshot(path=str(ARTIFACTS / "routes_why_head_attends_1600x1000.png"), full_page=False)
+    page.close()
+
+
 _TRUNCATED = """() => [...document.querySelectorAll('[data-testid="stDownloadButton"] button')].filter(b => {
     const t = b.querySelector('p') || b; return t.scrollWidth > t.clientWidth + 1 || b.scrollWidth > b.clientWidth + 1; }).map(b => b.innerText)"""
 

@@ -231,6 +231,38 @@ def test_routes_token_opens_counterfactual_prompt_edit(tmp_path, monkeypatch):
     assert at.sidebar.text_input("ctx_model").value == "embedded"  # the link carried the model
 
 
+
+def test_routes_why_this_head_attends_and_faithfulness(tmp_path, monkeypatch):
+    """An after-attention node's heaviest incoming attention edge is explained (two bar charts, query side and key
+    side, each summing to the score in the title); the faithfulness button shows its table and p(target) chart."""
+    monkeypatch.setenv("SONDE_RESULTS", str(tmp_path / "res"))
+    at = _page("routes.py", prompt="The Eiffel Tower is in")
+    _ok(at)
+    assert "Why this head attends" in [s.value for s in at.subheader]
+    assert at.selectbox(key="routes_qk_edge").value is None  # the last block output: nothing computed until chosen
+    a_node = "A23_5"  # on the embedded model: L23H4 at ' in' reads 'iffel' (position 2)
+    assert a_node in at.selectbox(key="routes_node").options
+    at.selectbox(key="routes_node").set_value(a_node).run()
+    _ok(at)
+    layer, head, qp, kp, _ = at.selectbox(key="routes_qk_edge").value
+    assert f"A{layer}_{qp}" == a_node  # the box lists the node's own incoming edges
+    qk = [json.loads(c.proto.spec) for c in _charts(at) if "score" in str(json.loads(c.proto.spec)["layout"].get("title"))]
+    assert len(qk) == 1
+    bars = [t for t in qk[0]["data"] if t["type"] == "bar"]
+    assert len(bars) == 2 and all(t["orientation"] == "h" and len(t["y"]) >= 1 for t in bars)
+    assert f"L{layer}H{head}@{qp}->{kp}" in qk[0]["layout"]["title"]["text"]
+    assert not any(d.key == "routes_faith_table" for d in at.dataframe)
+    at.button(key="routes_faith_run").click().run()
+    _ok(at)
+    table = [d for d in at.dataframe if list(d.value.columns[:4]) == ["ablation", "p_clean", "p_off_route", "p_route"]]
+    assert len(table) == 1 and list(table[0].value.ablation) == ["zero"]
+    assert 0 < table[0].value.p_clean.iloc[0] <= 1
+    faith = [json.loads(c.proto.spec) for c in _charts(at) if "per condition" in str(json.loads(c.proto.spec)["layout"].get("title"))]
+    assert len(faith) == 1 and len(faith[0]["data"][0]["x"]) == 5
+    at.run()  # the checks stay on the page after the click
+    _ok(at)
+    assert any(list(d.value.columns[:2]) == ["ablation", "p_clean"] for d in at.dataframe)
+
 @pytest.mark.slow
 def test_critical_token_opens_counterfactual_at_that_position(tmp_path, monkeypatch):
     monkeypatch.setenv("SONDE_RESULTS", str(tmp_path / "res"))

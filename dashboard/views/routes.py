@@ -6,7 +6,7 @@ import streamlit as st
 
 from analyses import routes
 from analyses.routes_lens import top_prediction
-from analyses.routes_plots import plot_route
+from analyses.routes_plots import plot_faithfulness, plot_qk, plot_route
 from dashboard import components, state, workbench
 from dashboard.state import param, show_error
 from probes import SondeError, ffn_label, head_label, parse_node
@@ -179,6 +179,93 @@ def _ablation_view(probe, res, tokens, cfg, label: str, pos: int, tau: float, re
                           graph=abl, graph_position=pos, result=abl, key="exp-routes-ablated")
 
 
+def _attn_edges(route, node: str) -> list[tuple[int, int, int, int, float]]:
+    """The attention edges of the route, one per head: ``(layer, head, query position, key position, weight)``,
+    heaviest first; those entering ``node`` when it is an after-attention node (``A…``), else all of them. Layer 0 is
+    left out: its heads read the token embeddings alone, so their scores have no earlier parts to split."""
+    out = []
+    for u, v, d in route.edges(data=True):
+        if d["kind"] != "attn" or int(d["layer"]) == 0 or (node[0] == "A" and v != node):
+            continue
+        (_, _, kp), (_, _, qp) = parse_node(u), parse_node(v)
+        out += [(int(d["layer"]), h, qp, kp, float(w)) for h, w in enumerate(d.get("heads") or []) if w > 0]
+    return sorted(out, key=lambda e: -e[4])
+
+
+def _qk_view(probe, res, route, node: str, offset: int) -> None:
+    """Why this head attends: the chosen attention edge's score split into query-side and key-side contributors
+    (:func:`analyses.routes.explain_attention`), computed when an edge is set."""
+    st.subheader("Why this head attends")
+    edges = _attn_edges(route, node)
+    if not edges:
+        st.caption((f"No attention edge of the route enters {node} above layer 0" if node[0] == "A" else
+                    "The route has no attention edge above layer 0")
+                   + " (layer-0 heads read the token embeddings alone: their scores have no earlier parts to split).")
+        return
+    fmt = {e: f"{head_label(e[0], e[1])} · key {e[3] + offset} {res.str_tokens[e[3]]!r} → query {e[2] + offset} "
+              f"{res.str_tokens[e[2]]!r} · weight {e[4]:.3f}" for e in edges}
+    options = edges if node[0] == "A" else [None] + edges  # an A node: its heaviest edge; else nothing until chosen
+    state.choose("routes_qk_edge", options, options[0])
+    edge = st.selectbox(f"Attention edge into {node}" if node[0] == "A" else "Attention edge of the route", options,
+                        key="routes_qk_edge", format_func=lambda e: "(choose an edge)" if e is None else fmt[e],
+                        help="Layer, head and key position of an attention edge; its pre-softmax score is split into what "
+                             "the query and key residuals are made of (embedding, earlier heads, FFNs, biases).")
+    if edge is None:
+        st.caption("Select an after-attention node (A…) or choose an edge to see why its head attends there.")
+        return
+    layer, head, qp, kp, _ = edge
+    try:
+        with st.spinner(f"Explaining {head_label(layer, head)} attending from {qp + offset} to {kp + offset}…"):
+            ex = state.memo(repr(("routes-qk", res.key, layer, head, qp, kp)),
+                            lambda: routes.explain_attention(probe, res.tokens, layer, head, qp, kp, config=res.config))
+    except SondeError as e:
+        show_error(e)
+        return
+    fig = plot_qk(ex, k=10)
+    if offset:
+        fig.layout.annotations[0].text = f"query side: position {qp + offset} {ex.query_token!r}"
+        fig.layout.annotations[1].text = f"key side: position {kp + offset} {ex.key_token!r}"
+    st.plotly_chart(fig, key="routes_qk", config={"displaylogo": False})
+    model = "" if ex.model_score is None else f" (the model's own q·k·scale: {ex.model_score:.4f})"
+    st.caption(f"Score {ex.score:.4f}{model}; attention weight {ex.probability:.3f}. Each side's contributors sum to the "
+               f"score; the {ex.norm} scales are frozen at their values on this prompt. `L2H5@3`: head L2H5 reading "
+               "position 3; red bars lower the score.")
+    with st.popover("Top (query part, key part) pairs"):
+        st.dataframe(ex.top_pairs(10), hide_index=True)
+
+
+def _faithfulness_view(probe, res, pos: int, tau: float, renorm: bool) -> None:
+    """Is this route faithful? :func:`analyses.routes.faithfulness` on the route shown (page τ and renormalisation),
+    run on request, its table and p(target) per condition."""
+    import dataclasses
+
+    key = repr(("routes-faithful", res.key, pos, round(tau, 4), renorm))
+    asked = st.session_state.get("_routes_faith") == key
+    with st.expander("Is this route faithful?", expanded=asked):
+        st.caption("p(target) with everything off the route ablated (a faithful route keeps it), with the route's "
+                   "heads and FFNs ablated (it should collapse), and with random sets of the same size (4 draws).")
+        mean = st.checkbox("Mean ablation too (slower: reads a reference corpus)", key="routes_faith_mean")
+        if st.button("Run the ablation checks", key="routes_faith_run", icon=":material/science:"):
+            st.session_state["_routes_faith"] = key
+            asked = True
+        if not asked:
+            return
+        cfg = dataclasses.replace(res.config, tau=tau, renormalize=renorm, position=pos)
+        view = dataclasses.replace(res, config=cfg)  # the same importances, read at the page's τ
+        ablations = ("zero", "mean") if mean else ("zero",)
+        try:
+            with st.spinner("Ablating the route, its complement and random sets…"):
+                f = state.memo(key + repr(ablations), lambda: routes.faithfulness(
+                    probe, res.tokens, config=cfg, n_random=4, seed=0, ablations=ablations, result=view))
+        except SondeError as e:
+            show_error(e)
+            return
+        st.dataframe(f.summary(), hide_index=True, key="routes_faith_table")
+        st.plotly_chart(plot_faithfulness(f), key="routes_faith_chart", config={"displaylogo": False})
+        st.caption(f"Route: {len(f.heads)} of {f.n_heads_total} heads, {len(f.ffns)} of {f.n_ffns_total} FFNs; "
+                   f"target {f.target_token!r}; mean reference: {f.reference}.")
+
+
 def _edge_table(res, pos, tau, renorm):
     """The route's edges by weight; trivial edges last: residual edges (the stay-in-place path) and the FFN reading
     its own block's attention output (A_l → M_l, weight 1 by construction)."""
@@ -307,6 +394,7 @@ def main() -> None:
         graph_fig = _route_figure(res, route, hover=hover, head=selected_head, selected=node,
                                   offset=offset, title=f"Route to position {pos + offset} · {selected_head} highlighted · click a node to inspect it")
         st.plotly_chart(graph_fig, key="routes_graph", on_select="rerun", selection_mode="points")
+        _faithfulness_view(probe, res, pos, tau, renorm)
     with right:
         st.subheader("Inspect a node")
         node = st.selectbox("Node", nodes, key="routes_node")
@@ -362,6 +450,8 @@ def main() -> None:
                 workbench.go("counterfactual", **state.url_context(), kind="prompt", old=tok.strip(), new=alt.strip())
         st.caption("Edges by weight; trivial edges last (residual stay-in-place edges and each FFN reading its own block's input).")
         st.dataframe(_edge_table(res, pos, tau, renorm).head(30), width="stretch", hide_index=True)
+
+    _qk_view(probe, res, route, node, offset)
 
     # ---- the component panel: a click on the heat map, or the selection fallback
     comp = st.selectbox("Component (heads by importance on this route)", head_labels, key="routes_component",
