@@ -262,7 +262,11 @@ def explain_attention(probe, prompt, layer: int, head: int, query_pos: int, key_
         reads[Site("pattern", l).name] = keep(f"pattern{l}", lambda x: x[:, rows])  # [H, n, T]
         reads[Site("v", l).name] = keep(f"v{l}", lambda x: x)  # [T, K, h]
         reads[Site("mlp_out", l).name] = keep(f"mlp{l}", lambda x: x[rows])
-    reads[Site("resid_pre", layer).name] = keep("x", lambda x: x[rows])
+    if layer == 0:  # the layer's input is the embedding itself: one read keeps both names
+        reads[Site("resid_pre", 0).name] = lambda x: (got.__setitem__("embed", x[0][rows].detach().double().cpu()),
+                                                      got.__setitem__("x", x[0][rows].detach().double().cpu()))
+    else:
+        reads[Site("resid_pre", layer).name] = keep("x", lambda x: x[rows])
     reads[Site("pattern", layer).name] = keep("p", lambda x: x[head, qp, kp].reshape(1))
     qk = {Site("q", layer).name: keep("q", lambda x: x[qp, head]), Site("k", layer).name: keep("k", lambda x: x[kp, kv])}
     try:

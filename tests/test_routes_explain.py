@@ -86,3 +86,14 @@ def test_cli_explain(tmp_path, capsys):
     ex = data["explain"]
     assert ex["edge"].startswith("L5H3@") and ex["query"] and ex["key"] and ex["pairs"]
     assert abs(ex["score"] - ex["model_score"]) < 1e-4
+
+
+def test_layer_zero_edges_are_explained_too():
+    """A layer-0 head's input is the embedding alone: its score splits into the embedding and the bias part."""
+    import tiny_models
+
+    from analyses import routes
+
+    p = tiny_models.probe("llama")
+    e = routes.explain_attention(p, "abc def", 0, 1, 4, 2)
+    assert e.layer == 0 and e.model_score is not None
