@@ -1260,13 +1260,17 @@ def doc_figures(result: "BigramResult | None" = None) -> dict[str, str]:
 
 
 def _memory(s, B: int, T: int, o) -> dict[str, int]:
-    """Mask training with autograd: per-layer saved activations, the mask logits with their gradients and AdamW
-    moments, and the dense target and logits with their gradients."""
+    """Mask training with autograd on a micro-batch of ``B`` rows: per-layer saved activations, the mask logits
+    with their gradients and AdamW moments, the masked weights ``W ⊙ σ(β·s)`` one forward pass keeps for its
+    backward pass, and one chunk of the chunked loss (its float32 logits and softmax, plus the ``[B·T, d]``
+    gradient of the final hidden states); no ``[B, T, V]`` tensor exists."""
+    chunk = min(loss_chunk_tokens(s.d_vocab), B * T)
     return {"saved_activations": s.n_layers * B * T * (6 * s.d_model + 3 * s.d_mlp) * s.itemsize,
-            "mask_optimizer": 4 * s.block_params * 4, "logits": 4 * B * T * s.d_vocab * 4}
+            "mask_state": 4 * s.block_params * 4, "masked_weights": s.block_params * s.itemsize,
+            "logits": 2 * chunk * s.d_vocab * 4 + B * T * s.d_model * 4}
 
 
-MEMORY = planner.MemoryModel("bigram", _memory, persistent=("saved_activations", "mask_optimizer"))
+MEMORY = planner.MemoryModel("bigram", _memory, persistent=("saved_activations", "mask_state", "masked_weights"))
 
 SPEC = registry.register(registry.Analysis(
     name="bigram", title="Bigram subnetworks", summary="a tiny mask of block weights that reproduces next-token bigram predictions",
