@@ -31,7 +31,7 @@ def _ablation_lines(df) -> list[str]:
             f"bigram_xent={r.bigram_xent_nats:.3f} nats r={r.pearson_r:.3f}" for r in df.itertuples()]
 
 
-CPU_MICRO_BATCH = 8  # rows of 128 tokens: a CPU matmul over 1,024 tokens already runs at full speed, so bigger passes only cost memory
+CPU_MICRO_TOKENS = 512  # a CPU matmul over 512 tokens already runs at full speed, so bigger passes only cost memory
 
 
 def _plan(model: str, cfg, device: str, dtype: str, micro_batch: int | None) -> int | None:
@@ -41,7 +41,7 @@ def _plan(model: str, cfg, device: str, dtype: str, micro_batch: int | None) -> 
     from probes.loading import resolve_device
 
     dev = resolve_device(device)
-    cap = micro_batch or (CPU_MICRO_BATCH if dev.type == "cpu" else cfg.batch)
+    cap = micro_batch or (max(1, CPU_MICRO_TOKENS // cfg.seq_len) if dev.type == "cpu" else cfg.batch)
     p = planner.preflight("bigram", model, seq_len=cfg.seq_len, batch_size=cfg.batch, max_batch=cap, device=str(dev),
                           dtype=dtype, option="--batch-size")
     if p is None:
@@ -108,7 +108,7 @@ def register(run_app: typer.Typer) -> None:
         seq_len: int = typer.Option(128, "--seq-len", help="Tokens per row (paper 128)."),
         grad_accum: int = typer.Option(1, "--grad-accum", help="Micro-batches per optimizer step."),
         micro_batch: Optional[int] = typer.Option(None, "--micro-batch", min=1, help="Rows per forward/backward pass (default: planned, "
-                                                  "the largest that fits the free memory, at most 8 on a CPU). Gradients of the passes add up, "
+                                                  "the largest that fits the free memory, on a CPU at most 512 tokens). Gradients of the passes add up, "
                                                   "so the result does not depend on it; only the peak memory does."),
         temp_mult: Optional[float] = typer.Option(None, "--temp-mult", help="β multiplier per step (paper 1.001; short: 1000^(1/steps), e.g. 1.028 "
                                                   "for 250 steps). With 1.001 a 250-step run ends at β≈1.3 and leaves almost every mask entry undecided."),
