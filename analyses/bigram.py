@@ -1266,7 +1266,12 @@ def _memory(s, B: int, T: int, o) -> dict[str, int]:
     gradient of the final hidden states); no ``[B, T, V]`` tensor exists."""
     chunk = min(loss_chunk_tokens(s.d_vocab), B * T)
     return {"saved_activations": s.n_layers * B * T * (6 * s.d_model + 3 * s.d_mlp) * s.itemsize,
-            "mask_state": 4 * s.block_params * 4, "masked_weights": s.block_params * s.itemsize,
+            # logits, their gradients and the two AdamW moments (float32); the gradients of a step's first pass
+            # stay alive through its later passes
+            "mask_state": 4 * s.block_params * 4,
+            # W ⊙ σ(β·s) of every block, kept by a forward pass for its backward pass (a step of one pass frees
+            # them as its gradients fill in, so there this overestimates by one copy)
+            "masked_weights": s.block_params * max(s.itemsize, 4),
             "logits": 2 * chunk * s.d_vocab * 4 + B * T * s.d_model * 4}
 
 

@@ -26,7 +26,7 @@ Each analysis declares its own terms with its :class:`MemoryModel` (``memory=`` 
   generation keeps only the last position's logits (``B·V·4``);
 * bigram (:data:`analyses.bigram.MEMORY`, mask training with autograd; ``B`` = rows per micro-batch): per-layer
   saved activations ``L·B·T·(6d + 3F)·a``, the mask logits, their gradients and AdamW moments
-  (``4 × block params × 4``), the masked weights of one forward pass (``block params × a``) and one chunk of
+  (``4 × block params × 4``), the masked weights of one forward pass (``block params × 4``) and one chunk of
   the chunked loss (``2·chunk·V·4``; no ``[B, T, V]`` tensor).
 
 :func:`preflight` plans a CLI run from the model's config before its weights are loaded: it lowers the batch
