@@ -241,29 +241,36 @@ class BigramTable:
             return torch.sparse_csr_tensor(self.crow, self.col, self.count, size=(self.V, self.V))
 
     @torch.no_grad()
+    def rows(self, tokens: torch.Tensor, *, device: torch.device | str | None = None) -> "SparseTarget":
+        """The bigram rows of the current tokens ``[...]`` (flattened to N positions) without densifying them:
+        a :class:`SparseTarget` holding the seen rows' CSR entries and, for unseen contexts, the shared
+        back-off row (unigram; uniform for an empty table)."""
+        dev = torch.device(device) if device is not None else tokens.device
+        flat = tokens.reshape(-1).cpu()
+        V = self.V
+        uni_total = float(self.unigram.sum())
+        backoff = self.unigram / uni_total if uni_total > 0 else torch.full((V,), 1.0 / V)
+        seen = self.row_total[flat] > 0
+        pos = torch.nonzero(seen).reshape(-1)
+        ctx = flat[pos]
+        start, length = self.crow[ctx], self.crow[ctx + 1] - self.crow[ctx]
+        rep_pos = torch.repeat_interleave(pos, length)
+        # index of each entry: start of its row + offset within the row
+        offs = torch.arange(int(length.sum())) - torch.repeat_interleave(torch.cumsum(length, 0) - length, length)
+        idx = torch.repeat_interleave(start, length) + offs
+        val = self.count[idx] / self.row_total[flat[rep_pos]]
+        return SparseTarget(n=flat.numel(), pos=rep_pos.to(dev), col=self.col[idx].to(dev), val=val.to(dev),
+                            unseen=torch.nonzero(~seen).reshape(-1).to(dev), backoff=backoff.to(dev))
+
+    @torch.no_grad()
     def targets(self, tokens: torch.Tensor, *, device: torch.device | str | None = None) -> torch.Tensor:
         """Dense bigram rows for the current tokens: ``[B, T] -> [B, T, V]`` float32 (each row sums to 1).
 
         Seen context → normalised bigram counts; unseen context → unigram; empty table → uniform.
+        Training never calls this for a whole batch (:meth:`rows` keeps the rows sparse).
         """
         dev = torch.device(device) if device is not None else tokens.device
-        flat = tokens.reshape(-1).cpu()
-        N, V = flat.numel(), self.V
-        uni_total = float(self.unigram.sum())
-        backoff = self.unigram / uni_total if uni_total > 0 else torch.full((V,), 1.0 / V)
-        seen = self.row_total[flat] > 0
-        out = torch.zeros(N, V, dtype=torch.float32)
-        out[~seen] = backoff
-        pos = torch.nonzero(seen).reshape(-1)
-        if pos.numel():
-            ctx = flat[pos]
-            start, length = self.crow[ctx], self.crow[ctx + 1] - self.crow[ctx]
-            rep_pos = torch.repeat_interleave(pos, length)
-            # index of each entry: start of its row + offset within the row
-            offs = torch.arange(int(length.sum())) - torch.repeat_interleave(torch.cumsum(length, 0) - length, length)
-            idx = torch.repeat_interleave(start, length) + offs
-            out[rep_pos, self.col[idx]] = self.count[idx] / self.row_total[flat[rep_pos]]
-        return out.reshape(*tokens.shape, V).to(dev)
+        return self.rows(tokens, device="cpu").dense(self.V).reshape(*tokens.shape, self.V).to(dev)
 
     @torch.no_grad()
     def next_prob(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -283,6 +290,150 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tens
     V = target.shape[-1]
     logp = torch.log_softmax(logits[..., :V].float(), dim=-1)
     return -(target * logp).sum(-1).mean()
+
+
+@dataclass(frozen=True)
+class SparseTarget:
+    """Soft targets for ``n`` positions, each row summing to 1, kept sparse: position ``pos[k]`` puts
+    ``val[k]`` on token ``col[k]``; the positions in ``unseen`` all share the dense row ``backoff`` ``[V]``."""
+
+    n: int
+    pos: torch.Tensor
+    col: torch.Tensor
+    val: torch.Tensor
+    unseen: torch.Tensor
+    backoff: torch.Tensor
+
+    def slice(self, lo: int, hi: int) -> "SparseTarget":
+        """Positions ``lo..hi-1`` (renumbered from 0); ``pos`` is sorted, so this is two searches."""
+        a, b = (int(x) for x in torch.searchsorted(self.pos, torch.tensor([lo, hi], device=self.pos.device)))
+        u0, u1 = (int(x) for x in torch.searchsorted(self.unseen, torch.tensor([lo, hi], device=self.unseen.device)))
+        return SparseTarget(n=hi - lo, pos=self.pos[a:b] - lo, col=self.col[a:b], val=self.val[a:b],
+                            unseen=self.unseen[u0:u1] - lo, backoff=self.backoff)
+
+    def dot(self, z: torch.Tensor) -> torch.Tensor:
+        """``Σ_v t_v z_v`` per position: ``z [n, V] -> [n]`` (float32)."""
+        out = torch.zeros(self.n, dtype=torch.float32, device=z.device)
+        if self.pos.numel():
+            out.index_add_(0, self.pos, self.val * z[self.pos, self.col])
+        if self.unseen.numel():
+            out[self.unseen] = z[self.unseen] @ self.backoff
+        return out
+
+    def subtract_from(self, p: torch.Tensor) -> None:
+        """``p -= t`` in place (``p [n, V]``)."""
+        if self.pos.numel():
+            p.index_put_((self.pos, self.col), -self.val, accumulate=True)
+        if self.unseen.numel():
+            p[self.unseen] -= self.backoff
+
+    def dense(self, V: int) -> torch.Tensor:
+        """The rows as a dense ``[n, V]`` float32 tensor."""
+        out = torch.zeros(self.n, V, dtype=torch.float32, device=self.val.device)
+        out[self.unseen] = self.backoff
+        out[self.pos, self.col] = self.val
+        return out
+
+
+@dataclass(frozen=True)
+class _DenseTarget:
+    """Dense soft targets ``[n, V]`` behind the :class:`SparseTarget` interface (the ``self`` target)."""
+
+    t: torch.Tensor
+
+    def slice(self, lo: int, hi: int) -> "_DenseTarget":
+        return _DenseTarget(self.t[lo:hi])
+
+    def dot(self, z: torch.Tensor) -> torch.Tensor:
+        return (self.t * z).sum(-1)
+
+    def subtract_from(self, p: torch.Tensor) -> None:
+        p -= self.t
+
+
+LOSS_CHUNK_MB = 64  # float32 logits of one token chunk in the chunked loss (the loss never holds more)
+
+
+def loss_chunk_tokens(d_vocab: int, chunk_mb: int = LOSS_CHUNK_MB) -> int:
+    """Tokens per chunk of :func:`chunked_soft_cross_entropy`: ``chunk_mb`` MiB of float32 logits."""
+    return max(1, chunk_mb * 2**20 // (4 * d_vocab))
+
+
+class _ChunkedSoftCE(torch.autograd.Function):
+    """Soft CE of ``hidden @ W.T (+ b)`` against a target, chunk by chunk over tokens.
+
+    The forward pass computes each chunk's logits, its loss and its gradient at once and keeps only the
+    gradient with respect to ``hidden`` (``[N, d]``), so no ``[N, V]`` tensor ever lives beyond one chunk
+    and nothing is recomputed in the backward pass. With a frozen unembedding (the mask search) that is
+    the whole backward; a trainable ``W`` or ``b`` also gets its gradient accumulated per chunk."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, chunk, softcap):
+        N = hidden.shape[0]
+        V = target.backoff.numel() if isinstance(target, SparseTarget) else target.t.shape[-1]
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        gh = torch.zeros_like(hidden) if need_h else None
+        gw = torch.zeros_like(weight) if need_w else None
+        gb = torch.zeros_like(bias) if (need_b and bias is not None) else None
+        total = torch.zeros((), dtype=torch.float64, device=hidden.device)
+        Wv = weight[:V]
+        for lo in range(0, N, chunk):
+            hi = min(N, lo + chunk)
+            h = hidden[lo:hi]
+            z = torch.nn.functional.linear(h, Wv, None if bias is None else bias[:V]).float()
+            th = None
+            if softcap:
+                th = torch.tanh(z / softcap)
+                z = th * softcap
+            tg = target.slice(lo, hi)
+            lse = torch.logsumexp(z, -1)
+            total += (lse - tg.dot(z)).double().sum()
+            p = z.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            tg.subtract_from(p)  # d(CE)/d(logits) = softmax - target
+            if th is not None:
+                p.mul_(1 - th.square())
+            g = p.div_(N).to(hidden.dtype)
+            if gh is not None:
+                gh[lo:hi] = g @ Wv
+            if gw is not None:
+                gw[:V] += g.T @ h
+            if gb is not None:
+                gb[:V] += g.sum(0)
+        ctx.save_for_backward(*(x for x in (gh, gw, gb) if x is not None))
+        ctx.has = (gh is not None, gw is not None, gb is not None)
+        return (total / N).float()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        saved = iter(ctx.saved_tensors)
+        outs = []
+        for has in ctx.has:
+            g = next(saved) if has else None
+            outs.append(None if g is None else g * grad_out.to(g.dtype))
+        return outs[0], outs[1], outs[2], None, None, None
+
+
+def chunked_soft_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: "SparseTarget | torch.Tensor", *,
+                               bias: torch.Tensor | None = None, chunk: int | None = None,
+                               softcap: float | None = None) -> torch.Tensor:
+    """:func:`soft_cross_entropy` of the logits ``hidden @ weight.T + bias`` without building them.
+
+    Args:
+        hidden: final (normed) hidden states ``[N, d]`` (or ``[B, T, d]``, flattened).
+        weight: the unembedding ``[V', d]`` (``V' ≥ V``: extra padded rows are ignored, as in
+            :func:`soft_cross_entropy`).
+        target: a :class:`SparseTarget` over the N positions, or dense rows ``[N, V]``.
+        chunk: tokens per chunk (default :func:`loss_chunk_tokens`).
+        softcap: Gemma-2's final logit soft-capping, ``c·tanh(z/c)``.
+    Returns the mean CE over positions (nats, scalar), differentiable in ``hidden`` (and ``weight``/``bias``
+    if they require grad). Equal to the dense loss within float rounding; peak extra memory is one chunk.
+    """
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    if isinstance(target, torch.Tensor):
+        target = _DenseTarget(target.reshape(-1, target.shape[-1]).float())
+    V = target.backoff.numel() if isinstance(target, SparseTarget) else target.t.shape[-1]
+    chunk = chunk or loss_chunk_tokens(V)
+    return _ChunkedSoftCE.apply(hidden, weight, bias, target, int(chunk), softcap)
 
 
 @torch.no_grad()
@@ -367,6 +518,26 @@ def dropped_weights(probe, cfg: Config) -> list[MaskedWeight]:
 SOFT_FLOOR = 30.0  # β·s is floored here in the soft mask (see MaskSet.soft)
 
 
+class _SoftMask(torch.autograd.Function):
+    """``σ(max(β·s, −SOFT_FLOOR))`` that keeps nothing for its backward pass but ``s`` itself (a parameter,
+    alive anyway): autograd's own chain would save ``β·s`` and σ, two more float32 copies of every mask
+    (0.85 GB on a 135M model) per forward. σ is recomputed in the backward pass (one elementwise op)."""
+
+    @staticmethod
+    def forward(ctx, s, beta):
+        ctx.save_for_backward(s)
+        ctx.beta = beta
+        return torch.sigmoid((s * beta).clamp_(min=-SOFT_FLOOR))
+
+    @staticmethod
+    def backward(ctx, g):
+        (s,) = ctx.saved_tensors
+        x = s * ctx.beta
+        live = x >= -SOFT_FLOOR  # clamp's gradient: 1 above the floor (and at it, as torch's clamp), 0 below
+        m = torch.sigmoid(x.clamp_(min=-SOFT_FLOOR))
+        return g * m * (1 - m) * ctx.beta * live, None
+
+
 class MaskSet(torch.nn.Module):
     """Mask logits ``s`` (one per weight, fp32) for a list of :class:`MaskedWeight`, plus β and a mode.
 
@@ -399,7 +570,7 @@ class MaskSet(torch.nn.Module):
         would be a subnormal float, and CPU matmuls over subnormal weights run ~10x slower. The floor
         changes nothing measurable: σ(−30) ≈ 9e-14, and the logit's gradient there (≤ β·9e-14 per unit of
         loss) is already far below AdamW's ε, so such a logit had stopped moving anyway."""
-        return torch.sigmoid((self.beta * s).clamp(min=-SOFT_FLOOR))
+        return _SoftMask.apply(s, float(self.beta))
 
     def l0(self) -> torch.Tensor:
         """Continuous L0 surrogate ``Σ σ(β·s)`` (scalar, differentiable)."""
@@ -592,9 +763,24 @@ def _flush_subnormals(device) -> Iterator[None]:
             torch.set_flush_denormal(False)
 
 
+def _loss(probe, ids: torch.Tensor, target: "SparseTarget | torch.Tensor", chunk: int | None) -> torch.Tensor:
+    """Soft CE of the (masked) model on ``ids`` ``[b, T]``: chunked over tokens from the final hidden
+    states (:func:`chunked_soft_cross_entropy`), so no ``[b, T, V]`` logits exist; models whose layout
+    hides the final hidden states fall back to the dense logits."""
+    h = probe.trainable_hidden(ids)
+    if h is None:
+        logits = probe.trainable_logits(ids)
+        if isinstance(target, SparseTarget):
+            target = target.dense(target.backoff.numel())
+        return soft_cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1, target.shape[-1]))
+    weight, bias, softcap = probe.unembedding()
+    return chunked_soft_cross_entropy(h, weight, target, bias=bias, chunk=chunk, softcap=softcap)
+
+
 def train_mask(probe, train_rows: torch.Tensor, table: BigramTable | None, cfg: Config, *,
                checkpoint: str | Path | None = None, checkpoint_every: int = 50, input_hash: str = "",
-               progress: Callable[[dict], None] | None = None) -> tuple[MaskSet, pd.DataFrame, int, bool]:
+               progress: Callable[[dict], None] | None = None, micro_batch: int | None = None,
+               loss_chunk: int | None = None, on_step: Callable[[dict], None] | None = None) -> tuple[MaskSet, pd.DataFrame, int, bool]:
     """Continuous sparsification (Eq. 1) of the probe's block weights toward the bigram (or self) target.
 
     Args:
@@ -603,6 +789,12 @@ def train_mask(probe, train_rows: torch.Tensor, table: BigramTable | None, cfg: 
         checkpoint: folder for resumable state (mask logits + AdamW state, safetensors); a run with the
             same model, config and inputs resumes from it.
         progress: called with each curve point (dict) — the CLI's progress bar.
+        micro_batch: rows per forward/backward pass (default ``cfg.batch``). Each batch of ``cfg.batch``
+            rows is run in pieces of at most this many rows whose gradients add up (each piece's CE weighted
+            by its share of the rows), so the step, the data order and the result are those of the full
+            batch; only the peak memory of the activations shrinks.
+        loss_chunk: tokens per chunk of the loss (default :func:`loss_chunk_tokens`).
+        on_step: called after every optimizer step with ``{"phase": "train", "step", "steps", "xent"}``.
     Returns ``(mask set, curve DataFrame, steps done, stopped early)``.
     """
     weights = masked_weights(probe, cfg.layers)
@@ -614,6 +806,9 @@ def train_mask(probe, train_rows: torch.Tensor, table: BigramTable | None, cfg: 
     fp = _state_fingerprint(probe, cfg, input_hash)
     start, curve = (_load_checkpoint(ck, fp, masks, opt) if ck is not None else (0, []))
     n_train = train_rows.shape[0]
+    mb = min(cfg.batch, micro_batch or cfg.batch)
+    if mb < 1:
+        raise ConfigError(f"micro_batch={micro_batch!r}; use a positive number of rows.")
     perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(cfg.seed))
     stopped = False
     step = start
@@ -626,21 +821,27 @@ def train_mask(probe, train_rows: torch.Tensor, table: BigramTable | None, cfg: 
                 opt.zero_grad(set_to_none=True)
                 xent_sum = 0.0
                 for micro in range(cfg.grad_accum):
-                    ids = train_rows[_batch_index(step, micro, n_train, cfg, perm)].to(dev)
-                    if cfg.target == "self":
-                        masks.mode = "off"
-                        with torch.no_grad():
-                            target = torch.softmax(probe.trainable_logits(ids).float(), -1)
-                        masks.mode = "soft"
-                    else:
-                        target = table.targets(ids, device=dev)
-                    logits = probe.trainable_logits(ids)
-                    xent = soft_cross_entropy(logits, target)
-                    loss = (xent + cfg.lam / N * masks.l0()) / cfg.grad_accum
-                    loss.backward()
-                    xent_sum += float(xent.detach()) / cfg.grad_accum
+                    rows = _batch_index(step, micro, n_train, cfg, perm)
+                    for lo in range(0, cfg.batch, mb):
+                        ids = train_rows[rows[lo: lo + mb]].to(dev)
+                        share = ids.shape[0] / (cfg.batch * cfg.grad_accum)  # mean over the step's positions
+                        if cfg.target == "self":
+                            masks.mode = "off"
+                            with torch.no_grad():
+                                target = torch.softmax(probe.trainable_logits(ids).float(), -1)
+                            masks.mode = "soft"
+                        else:
+                            target = table.rows(ids, device=dev)
+                        xent = _loss(probe, ids, target, loss_chunk)
+                        (xent * share).backward()
+                        xent_sum += float(xent.detach()) * share
+                        del target, xent
+                if cfg.lam:
+                    (cfg.lam / N * masks.l0()).backward()
                 opt.step()
                 step += 1
+                if on_step is not None:
+                    on_step({"phase": "train", "step": step, "steps": cfg.steps, "xent": xent_sum, "beta": masks.beta})
                 check = step % cfg.log_every == 0 or step == cfg.steps
                 if check:
                     st = masks.stats()
@@ -665,7 +866,7 @@ def train_mask(probe, train_rows: torch.Tensor, table: BigramTable | None, cfg: 
 # ============================================================================== evaluation
 @torch.no_grad()
 def evaluate_mask(probe, mask: Mapping[str, torch.Tensor], eval_rows: torch.Tensor, table: BigramTable, *,
-                  batch: int = 8, seed: int = 0) -> pd.DataFrame:
+                  batch: int = 8, seed: int = 0, on_batch: Callable[[dict], None] | None = None) -> pd.DataFrame:
     """The ablation table: one row per variant (``full``, ``subnetwork``, ``random``, ``complement``,
     ``random_complement``) with ``kept_fraction``, ``mean_surprisal_bits``, ``bigram_xent_nats``,
     ``pearson_r`` (inf bigram surprisals clipped) and ``pearson_r_finite`` (those tokens dropped).
@@ -693,6 +894,10 @@ def evaluate_mask(probe, mask: Mapping[str, torch.Tensor], eval_rows: torch.Tens
                     logits = probe.run(ids)
             ce[name] += float(soft_cross_entropy(logits, tgt.to(logits.device))) * ids.numel()
             surp[name].append(surprisal_bits(logits, ids).reshape(-1).cpu())
+            del logits
+        del tgt
+        if on_batch is not None:
+            on_batch({"phase": "evaluate", "done": min(k + batch, eval_rows.shape[0]), "total": int(eval_rows.shape[0])})
     big = -torch.log2(torch.cat(big_p).double())
     finite = torch.isfinite(big)
     big_clip = big.clone()
@@ -868,7 +1073,8 @@ def _prepare(probe, corpus: "str | Path | torch.Tensor | Sequence[int]" = "built
 
 def run(probe, corpus: "str | Path | torch.Tensor | Sequence[int]" = "builtin", *, config: Config = Config(),
         evaluate: bool = True, checkpoint: str | Path | None = None, checkpoint_every: int = 50,
-        progress: Callable[[dict], None] | None = None, table: BigramTable | None = None) -> BigramResult:
+        progress: Callable[[dict], None] | None = None, table: BigramTable | None = None,
+        micro_batch: int | None = None, on_step: Callable[[dict], None] | None = None) -> BigramResult:
     """Learn a bigram (or optimal-pruning) subnetwork of ``probe``'s blocks and evaluate it.
 
     Args:
@@ -879,12 +1085,20 @@ def run(probe, corpus: "str | Path | torch.Tensor | Sequence[int]" = "builtin", 
         checkpoint: folder for resumable training state (see :func:`train_mask`).
         table: a prebuilt bigram table (else counted from the training rows of ``corpus``); to keep the
             evaluation held out it must not have seen the held-out rows.
+        micro_batch: rows per forward/backward pass (see :func:`train_mask`; the result does not depend on
+            it, the peak memory does: :func:`plan_micro_batch` picks one that fits).
+        on_step: called at every phase and step: ``{"phase": "corpus", "stage": "tokenize"|"table"}``, then
+            ``{"phase": "train", "step", "steps", ...}`` after every optimizer step, then
+            ``{"phase": "evaluate", "done", "total"}`` after every evaluation batch.
     """
     timer = Timer()
+    say = on_step or (lambda _point: None)
     with timer("tokenize"):
+        say({"phase": "corpus", "stage": "tokenize"})
         inp = SPEC.inputs(probe, corpus, config=config)
         ids = inp.data
         train_rows, eval_rows = _split_rows(ids, config)
+        say({"phase": "corpus", "stage": "table", "tokens": int(ids.numel())})
         table = table or train_table(ids, config, probe.info.d_vocab)
     input_hash = inp.hash
     weights = masked_weights(probe, config.layers)  # fail early on a model the masker does not handle
@@ -895,22 +1109,24 @@ def run(probe, corpus: "str | Path | torch.Tensor | Sequence[int]" = "builtin", 
         _check_corpus_size(train_rows.shape[0], config)
         with timer("train"):
             ms, curve, steps, stopped = train_mask(probe, train_rows, table, config, checkpoint=checkpoint,
-                                                   checkpoint_every=checkpoint_every, input_hash=input_hash, progress=progress)
+                                                   checkpoint_every=checkpoint_every, input_hash=input_hash, progress=progress,
+                                                   micro_batch=micro_batch, on_step=on_step)
         masks = ms.binary()
+        del ms  # the float mask logits are not needed for the evaluation
     for w in dropped_weights(probe, config):  # others="drop": outside `layers` nothing is kept
         masks[w.path] = torch.zeros(w.shape, dtype=torch.bool)
     res = _finish(probe, masks, config, input_hash, curve, steps, stopped, _corpus_label(corpus),
-                   eval_rows if evaluate else None, table, timer)
+                  eval_rows if evaluate else None, table, timer, on_step)
     return dataclasses.replace(res, inputs=inp.label)
 
 
-def _finish(probe, masks, config, input_hash, curve, steps, stopped, corpus, eval_rows, table, timer) -> BigramResult:
+def _finish(probe, masks, config, input_hash, curve, steps, stopped, corpus, eval_rows, table, timer, on_step=None) -> BigramResult:
     head, neuron, mat = unit_sparsity(probe, masks)
     total = sum(m.numel() for m in masks.values())
     ablation = pd.DataFrame(columns=["variant", "kept_fraction", "mean_surprisal_bits", "bigram_xent_nats", "pearson_r", "pearson_r_finite"])
     if eval_rows is not None:
         with timer("evaluate"):
-            ablation = evaluate_mask(probe, masks, eval_rows, table, batch=8, seed=config.seed)
+            ablation = evaluate_mask(probe, masks, eval_rows, table, batch=8, seed=config.seed, on_batch=on_step)
     return BigramResult(config=config, model=probe.info.to_dict(), input_hash=input_hash, timings=timer.seconds,
                         masks=masks, matrices=mat, head_kept=head, neuron_kept=neuron, curve=curve, ablation=ablation,
                         sparsity=sum(int(m.sum()) for m in masks.values()) / max(total, 1), steps_done=steps,
@@ -1028,13 +1244,22 @@ def doc_figures(result: "BigramResult | None" = None) -> dict[str, str]:
 
 
 def _memory(s, B: int, T: int, o) -> dict[str, int]:
-    """Mask training with autograd: per-layer saved activations, the mask logits with their gradients and AdamW
-    moments, and the dense target and logits with their gradients."""
+    """Mask training with autograd on a micro-batch of ``B`` rows: per-layer saved activations, the mask logits
+    with their gradients and AdamW moments, the masked weights ``W ⊙ σ(β·s)`` one forward pass keeps for its
+    backward pass, and one chunk of the chunked loss (its float32 logits and softmax, plus the ``[B·T, d]``
+    gradient of the final hidden states); no ``[B, T, V]`` tensor exists."""
+    chunk = min(loss_chunk_tokens(s.d_vocab), B * T)
     return {"saved_activations": s.n_layers * B * T * (6 * s.d_model + 3 * s.d_mlp) * s.itemsize,
-            "mask_optimizer": 4 * s.block_params * 4, "logits": 4 * B * T * s.d_vocab * 4}
+            # logits, their gradients and the two AdamW moments (float32); the gradients of a step's first pass
+            # stay alive through its later passes
+            "mask_state": 4 * s.block_params * 4,
+            # W ⊙ σ(β·s) of every block, kept by a forward pass for its backward pass (a step of one pass frees
+            # them as its gradients fill in, so there this overestimates by one copy)
+            "masked_weights": s.block_params * max(s.itemsize, 4),
+            "logits": 2 * chunk * s.d_vocab * 4 + B * T * s.d_model * 4}
 
 
-MEMORY = planner.MemoryModel("bigram", _memory, persistent=("saved_activations", "mask_optimizer"))
+MEMORY = planner.MemoryModel("bigram", _memory, persistent=("saved_activations", "mask_state", "masked_weights"))
 
 SPEC = registry.register(registry.Analysis(
     name="bigram", order=3, title="Bigram subnetworks", summary="a tiny mask of block weights that reproduces next-token bigram predictions",

@@ -403,6 +403,24 @@ class Probe:
         ids = torch.as_tensor(tokens).to(self.device)
         return self.hf_model(input_ids=ids, use_cache=False).logits
 
+    def trainable_hidden(self, tokens: torch.Tensor) -> torch.Tensor | None:
+        """Final normed hidden states ``[B, T, d]`` with autograd on (the decoder without its unembedding; no hooks, no
+        KV cache), or None when the model's layout does not put the final norm inside the module that holds the
+        blocks. With :meth:`unembedding` it gives the logits chunk by chunk, without a ``[B, T, V]`` tensor."""
+        a = self.arch
+        prefix = a.layers.rsplit(".", 1)[0] if "." in a.layers else ""
+        if not prefix or not a.final_norm.startswith(prefix + ".") or a.lm_head.startswith(prefix + "."):
+            return None
+        ids = torch.as_tensor(tokens).to(self.device)
+        with self.session():
+            return get_module(self.hf_model, prefix)(input_ids=ids, use_cache=False)[0]
+
+    def unembedding(self) -> tuple[torch.Tensor, torch.Tensor | None, float | None]:
+        """The output layer as ``(weight [V, d], bias [V] or None, logit soft-cap or None)``: the logits of a final
+        hidden state ``h`` are ``softcap·tanh((h Wᵀ + b)/softcap)`` (plain ``h Wᵀ + b`` without a soft-cap)."""
+        head = get_module(self.hf_model, self.arch.lm_head)
+        return head.weight, getattr(head, "bias", None), getattr(self.hf_model.config, "final_logit_softcapping", None)
+
     def adapter_targets(self, names: Sequence[str]) -> list[str]:
         """The entries of ``names`` that name a module of this model (PEFT's suffix rule)."""
         from .weights import adapter_targets

@@ -31,6 +31,65 @@ def _ablation_lines(df) -> list[str]:
             f"bigram_xent={r.bigram_xent_nats:.3f} nats r={r.pearson_r:.3f}" for r in df.itertuples()]
 
 
+CPU_MICRO_TOKENS = 512  # a CPU matmul over 512 tokens already runs at full speed, so bigger passes only cost memory
+
+
+def _plan(model: str, cfg, device: str, dtype: str, micro_batch: int | None) -> int | None:
+    """The micro-batch, planned from the model's config before it is loaded (one line on stderr); exit 2 when
+    not even one row fits. ``--micro-batch`` given: checked, never raised."""
+    from analyses.core import planner
+    from probes.loading import resolve_device
+
+    dev = resolve_device(device)
+    cap = micro_batch or (max(1, CPU_MICRO_TOKENS // cfg.seq_len) if dev.type == "cpu" else cfg.batch)
+    p = planner.preflight("bigram", model, seq_len=cfg.seq_len, batch_size=cfg.batch, max_batch=cap, device=str(dev),
+                          dtype=dtype, option="--batch-size")
+    if p is None:
+        return micro_batch
+    typer.echo(f"planner: {p.message}", err=True)
+    return p.batch_size
+
+
+class _Phases:
+    """Progress of every phase on stderr (``--json`` too: stdout stays clean): the corpus, one line per
+    optimizer step while training, one per evaluation batch."""
+
+    def __init__(self, steps: int):
+        self.steps, self.bar, self.eval_bar, self.last, self.fields = steps, None, None, 0, {}
+
+    def __enter__(self):
+        return self
+
+    def curve(self, point: dict) -> None:  # curve points (every log_every steps): the mask's state
+        self.fields = {"kept": f"{point['kept']:.3%}", "undecided": f"{point['undecided']:.3%}"}
+
+    def __call__(self, ev: dict) -> None:
+        if ev["phase"] == "corpus":
+            what = "tokenizing the corpus" if ev["stage"] == "tokenize" else f"counting bigrams over {ev['tokens']:,} tokens"
+            typer.echo(f"corpus: {what}", err=True)
+        elif ev["phase"] == "train":
+            if self.bar is None:
+                self.bar = progress(self.steps, "masking", every=0).__enter__()
+            self.bar(ev["step"] - self.last, xent=f"{ev['xent']:.3f}", **self.fields)
+            self.last = ev["step"]
+        elif ev["phase"] == "evaluate":
+            if self.eval_bar is None:
+                self._close("bar")
+                self.eval_bar = progress(ev["total"], "evaluating (5 variants per batch)", every=0).__enter__()
+            self.eval_bar.set(ev["done"])
+
+    def _close(self, name: str, *exc) -> None:
+        bar = getattr(self, name)
+        if bar is not None:
+            bar.__exit__(*(exc or (None, None, None)))
+            setattr(self, name, None)
+
+    def __exit__(self, *exc):
+        self._close("bar", *exc)
+        self._close("eval_bar", *exc)
+        return None
+
+
 def register(run_app: typer.Typer) -> None:
     @run_app.command("bigram")
     @model_options
@@ -48,6 +107,9 @@ def register(run_app: typer.Typer) -> None:
         batch: int = typer.Option(32, "--batch-size", help="Rows per micro-batch (paper 32)."),
         seq_len: int = typer.Option(128, "--seq-len", help="Tokens per row (paper 128)."),
         grad_accum: int = typer.Option(1, "--grad-accum", help="Micro-batches per optimizer step."),
+        micro_batch: Optional[int] = typer.Option(None, "--micro-batch", min=1, help="Rows per forward/backward pass (default: planned, "
+                                                  "the largest that fits the free memory, on a CPU at most 512 tokens). Gradients of the passes add up, "
+                                                  "so the result does not depend on it; only the peak memory does."),
         temp_mult: Optional[float] = typer.Option(None, "--temp-mult", help="β multiplier per step (paper 1.001; short: 1000^(1/steps), e.g. 1.028 "
                                                   "for 250 steps). With 1.001 a 250-step run ends at β≈1.3 and leaves almost every mask entry undecided."),
         final_beta: Optional[float] = typer.Option(None, "--final-beta", help="β at the last step: sets --temp-mult to final_beta^(1/steps) "
@@ -99,18 +161,13 @@ def register(run_app: typer.Typer) -> None:
             cfg = bigram.short_run_config(n_steps, **rest).replace(**given)
         else:
             cfg = bigram.Config(steps=n_steps, **rest, **given)
+        mb = _plan(model, cfg, device, dtype, micro_batch)
         probe = load_probe(model, backend, device, dtype)
         run_fp = store.hash_inputs(probe.info.fingerprint, cfg.to_dict(), corpus)
         ck = checkpoint or work_dir(out if out is not None else store.results_root(), f"bigram-{run_fp}")
-        with progress(cfg.steps, "masking") as step:
-            last = [0]
-
-            def cb(point):
-                step(point["step"] - last[0], loss=f"{point['loss']:.3f}", kept=f"{point['kept']:.3%}",
-                     undecided=f"{point['undecided']:.3%}")
-                last[0] = point["step"]
-
-            res = bigram.run(probe, corpus, config=cfg, evaluate=not no_eval, checkpoint=ck, progress=cb)
+        with _Phases(cfg.steps) as phases:
+            res = bigram.run(probe, corpus, config=cfg, evaluate=not no_eval, checkpoint=ck, progress=phases.curve,
+                             micro_batch=mb, on_step=phases)
         path = save_result(res, out)
         if checkpoint is None:
             shutil.rmtree(ck, ignore_errors=True)

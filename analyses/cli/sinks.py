@@ -83,10 +83,12 @@ def register(run_app: typer.Typer) -> None:
             saved(path, as_json, {**res.summary(), **sweep_summary(report)})
             return
         texts = [prompt] if prompt is not None else [r.text for r in iter_records(input, on_error=on_error)] if input else None
-        probe = load_probe(model, backend, device, dtype)
-        from analyses.core.planner import plan, retry_on_oom
+        from analyses.core.planner import plan, preflight, retry_on_oom
 
-        pl = plan("sinks", probe, seq_len=cfg.T, batch_size=cfg.batch_size, device=probe.device, weights_loaded=True)
+        pl = preflight("sinks", model, seq_len=cfg.T, batch_size=cfg.batch_size, device=device, dtype=dtype)  # before loading
+        probe = load_probe(model, backend, device, dtype)
+        if pl is None:  # a config that cannot be read without loading the model (GGUF)
+            pl = plan("sinks", probe, seq_len=cfg.T, batch_size=cfg.batch_size, device=probe.device, weights_loaded=True)
         typer.echo(f"planner: {pl.message}", err=True)
 
         from analyses.core.cluster import _threads

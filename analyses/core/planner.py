@@ -24,9 +24,14 @@ Each analysis declares its own terms with its :class:`MemoryModel` (``memory=`` 
   importances; the plan lowers the chunk budget, not a batch;
 * generating analyses (critical, counterfactual; :data:`GENERATE`): ``kv_cache`` ``2·L·B·K·h·(T + new_tokens)·a``;
   generation keeps only the last position's logits (``B·V·4``);
-* bigram (:data:`analyses.bigram.MEMORY`, mask training with autograd): per-layer saved activations
-  ``L·B·T·(6d + 3F)·a``, the mask logits, their gradients and AdamW moments (``4 × block params × 4``) and the
-  dense target and logits with their gradients (``4·B·T·V·4``).
+* bigram (:data:`analyses.bigram.MEMORY`, mask training with autograd; ``B`` = rows per micro-batch): per-layer
+  saved activations ``L·B·T·(6d + 3F)·a``, the mask logits, their gradients and AdamW moments
+  (``4 × block params × 4``), the masked weights of one forward pass (``block params × 4``) and one chunk of
+  the chunked loss (``2·chunk·V·4``; no ``[B, T, V]`` tensor).
+
+:func:`preflight` plans a CLI run from the model's config before its weights are loaded: it lowers the batch
+(bigram: the micro-batch; the step stays the configured batch) and says so, or refuses with the largest
+setting that fits.
 
 The test suite measures the real peak resident memory of a forward pass and of the sinks statistics
 on the embedded model (``tests/test_planner.py``) and checks the estimate is within 0.5×–2× of it.
@@ -34,6 +39,7 @@ on the embedded model (``tests/test_planner.py``) and checks the estimate is wit
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import sys
 from dataclasses import dataclass, field
@@ -43,7 +49,7 @@ import torch
 
 from probes.errors import ConfigError, OutOfMemoryError
 
-__all__ = ["MemoryModel", "FORWARD", "GENERATE", "memory_model", "kinds", "ModelShape", "shape_of", "Estimate", "Plan", "estimate", "plan", "free_memory", "retry_on_oom",
+__all__ = ["MemoryModel", "FORWARD", "GENERATE", "memory_model", "kinds", "ModelShape", "shape_of", "Estimate", "Plan", "estimate", "plan", "preflight", "free_memory", "retry_on_oom",
            "is_oom", "format_bytes", "parse_bytes"]
 
 T_ = TypeVar("T_")
@@ -413,6 +419,52 @@ def _sentence(kind, dev, T, what, est: Estimate, free, budget, fits, *, lowered:
     if not fits:
         return base + f"; even this exceeds the {format_bytes(budget)} budget: use a shorter T, a smaller dtype or a bigger device."
     return base + ("; lowered from the requested setting to fit." if lowered else ".")
+
+
+# ----------------------------------------------------------------------------- before loading
+def preflight(kind: "str | MemoryModel", model: str, *, seq_len: int, batch_size: int, device: str = "cpu",
+              dtype: str = "auto", option: str = "--batch-size", new_tokens: int = 0, free_bytes: int | None = None,
+              headroom: float = 0.8, max_batch: int | None = None, revision: str | None = None) -> Plan | None:
+    """Plan a run from the model's config alone, before its weights are loaded.
+
+    Returns the plan (its batch is the largest ≤ ``batch_size`` and ≤ ``max_batch`` that fits; the caller
+    runs with it and prints ``plan.message``), or None when the config cannot be read without loading
+    (a GGUF file). When not even a batch of one row fits, raises :class:`probes.OutOfMemoryError` (the CLI's
+    exit 2) naming the largest ``seq_len`` that does, so nothing heavy is loaded for a run that cannot finish.
+    """
+    from probes.errors import ModelLoadError
+    from probes.loading import resolve_device, resolve_dtype
+
+    dev = resolve_device(device)
+    dt = str(resolve_dtype(dtype, dev)).replace("torch.", "")
+    try:
+        shape = shape_of(model, dtype=dt, revision=revision)
+    except ModelLoadError:
+        return None
+    cap = min(batch_size, max_batch) if max_batch else batch_size
+    p = plan(kind, shape, seq_len=seq_len, batch_size=cap, device=dev, free_bytes=free_bytes, headroom=headroom,
+             new_tokens=new_tokens)
+    if p.fits:
+        if p.batch_size < batch_size:
+            p = dataclasses.replace(p, message=p.message.rstrip(".").replace("; lowered from the requested setting to fit", "")
+                                    + f"; runs {option} {batch_size} as {-(-batch_size // p.batch_size)} passes of ≤ {p.batch_size} rows.")
+        return p
+    lo, hi = 0, seq_len  # the longest rows that fit one at a time
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if estimate(kind, shape, seq_len=mid, batch_size=1, new_tokens=new_tokens).total <= p.budget:
+            lo = mid
+        else:
+            hi = mid
+    need = format_bytes(p.estimate.total)
+    where = f"{p.kind} on {dev}"
+    if lo >= 1:
+        fix = f"the largest setting that fits is {option} 1 with rows of {lo} tokens (--seq-len {lo})"
+    else:
+        fix = "nothing fits: use a smaller model or dtype (--dtype bfloat16), fewer masked blocks, or a bigger device"
+    raise OutOfMemoryError(f"{where} needs about {need} at {option} 1 and T={seq_len}, more than the "
+                           f"{format_bytes(p.budget)} budget ({format_bytes(p.free)} free); not starting.",
+                           hint=fix[0].upper() + fix[1:] + ".")
 
 
 # ----------------------------------------------------------------------------- OOM retry
