@@ -60,25 +60,30 @@ def cache_dir() -> Path:
     return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "sonde"
 
 
-def private_cache_dir(*parts: str) -> Path:
-    """A folder under :func:`cache_dir` that only this user can use (created with mode 0700). An existing one must
-    be a folder (not a link) that this user owns and no other user can write to; anything else is refused
-    (:class:`ModelLoadError`), since what is read back from it (compiled kernels) is trusted."""
+def private_folder(path: str | Path, *, what: str = "the cache folder", error: type = ModelLoadError,
+                   hint: str = "Set SONDE_CACHE to a writable folder of your own.") -> Path:
+    """Create a folder only this user can use (mode 0700, parents too), or reuse one that this user owns, that is not a
+    symbolic link and that no other user can write to; anything else raises ``error`` naming ``what`` (what is read
+    back from such folders is trusted: compiled kernels, run state, Ray's sockets)."""
     import stat
 
-    p = cache_dir().joinpath(*parts)
+    p = Path(path)
     try:
         p.mkdir(parents=True, exist_ok=True, mode=0o700)
         st = os.lstat(p)
     except OSError as e:
-        raise ModelLoadError(f"cannot create the cache folder {str(p)!r} ({e.strerror or e}).",
-                             hint="Set SONDE_CACHE to a writable folder of your own.") from None
+        raise error(f"cannot create {what} {str(p)!r} ({e.strerror or e}).", hint=hint) from None
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
-        raise ModelLoadError(f"{str(p)!r} is not a private folder of this user (a link, another owner, or writable by others).",
-                             hint="Remove it, or set SONDE_CACHE to a folder of your own.")
+        raise error(f"{str(p)!r} is not a private folder of this user (a link, another owner, or writable by others).",
+                    hint="Remove it, or " + hint[0].lower() + hint[1:])
     if stat.S_IMODE(st.st_mode) != 0o700:
         os.chmod(p, 0o700)
     return p
+
+
+def private_cache_dir(*parts: str) -> Path:
+    """A folder under :func:`cache_dir` that only this user can use (:func:`private_folder`, :class:`ModelLoadError`)."""
+    return private_folder(cache_dir().joinpath(*parts))
 
 
 #: torch.compile's caches: the inductor and Triton kernels it writes and later loads back (with pickle); by

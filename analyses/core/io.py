@@ -15,7 +15,6 @@ import hashlib
 import json
 import math
 import os
-import stat
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -423,25 +422,11 @@ def _digest(header: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> s
 
 
 def private_dir(path: str | Path) -> Path:
-    """Create a folder only this user can use (mode 0700), or reuse one that this user owns, that is
-    not a symbolic link and that no other user can write to; anything else is refused (InputError)."""
-    p = Path(path)
-    try:
-        p.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.mkdir(p, 0o700)
-        created = True
-    except FileExistsError:
-        created = False
-    except OSError as e:
-        raise InputError(f"cannot create the run-state folder {str(p)!r} ({e.strerror or e}).",
-                         hint="Set SONDE_CACHE (or --checkpoint) to a writable folder of your own.") from None
-    st = os.lstat(p)
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or (not created and st.st_mode & 0o022):
-        raise InputError(f"{str(p)!r} is not a private folder of this user (another owner, a link, or writable by others); "
-                         "refusing to keep run state there.", hint="Remove it, or set SONDE_CACHE to a folder of your own.")
-    if created and stat.S_IMODE(st.st_mode) != 0o700:
-        os.chmod(p, 0o700)
-    return p
+    """A folder only this user can use (:func:`probes.loading.private_folder`; anything else is one InputError)."""
+    from probes.loading import private_folder
+
+    return private_folder(path, what="the run-state folder", error=InputError,
+                          hint="Set SONDE_CACHE (or --checkpoint) to a writable folder of your own.")
 
 
 def work_dir(out_dir: str | Path, kind: str) -> Path:

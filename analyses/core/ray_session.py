@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import stat
 import tempfile
 import time
 from pathlib import Path
@@ -28,21 +27,6 @@ _MAX_FOLDER = 42
 _RECORD = "sonde-driver-{pid}.json"
 
 
-def _private(p: Path) -> Path:
-    try:
-        p.mkdir(parents=True, exist_ok=True, mode=0o700)
-        st = os.lstat(p)
-    except OSError as e:
-        raise InputError(f"cannot create Ray's temp folder {str(p)!r} ({e.strerror or e}).",
-                         hint="Set SONDE_CACHE to a writable folder of your own.") from None
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
-        raise InputError(f"{str(p)!r} is not a private folder of this user (a link, another owner, or writable by others); "
-                         "refusing to run Ray there.", hint="Remove it, or set SONDE_CACHE to a folder of your own.")
-    if stat.S_IMODE(st.st_mode) != 0o700:
-        os.chmod(p, 0o700)
-    return p
-
-
 def folder() -> Path:
     """The private folder of Sonde's Ray sessions: ``<Sonde cache>/ray`` (mode 0700), or ``<tmp>/sonde-ray-<uid>``
     when that path is too long for Ray's socket names. It holds Ray's temp folder and the drivers' records."""
@@ -51,7 +35,9 @@ def folder() -> Path:
     p = Path(os.path.abspath(cache_dir() / "ray"))
     if len(str(p)) > _MAX_FOLDER:
         p = Path(tempfile.gettempdir()) / f"sonde-ray-{os.getuid()}"
-    return _private(p)
+    from probes.loading import private_folder
+
+    return private_folder(p, what="Ray's temp folder", error=InputError)
 
 
 def ray_temp_dir(private: Path) -> Path:
