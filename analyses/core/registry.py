@@ -21,8 +21,10 @@ The declaration holds
 * ``sweep`` (optional): how a checkpoint sweep runs it and which rows it keeps (:class:`Sweep`), read by
   :mod:`analyses.core.checkpoints`;
 * ``memory`` (optional): its :class:`analyses.core.planner.MemoryModel`, read by the planner;
-* ``cli`` / ``page`` / ``title`` / ``summary``: the ``sonde run`` verb, the dashboard page and the words the
-  docs index and ``--help`` show.
+* ``cli`` / ``page``: the ``sonde run`` verb and the dashboard page (a test holds both to exist);
+* ``order`` / ``doc``: its place and section in the docs (``docs/build_readme.py`` lists the README's analysis
+  sections from them);
+* ``title`` / ``summary``: the method's name and one line on what it finds, for listings.
 
 The infrastructure (``analyses/core``) finds the methods through :func:`all_analyses`, which imports every
 module of the ``analyses`` package once; it never imports a method module by name (a test checks this).
@@ -36,14 +38,14 @@ import hashlib
 import importlib
 import inspect
 import pkgutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
 from probes.errors import ConfigError, InputError
 
-__all__ = ["Analysis", "Inputs", "ShardProtocol", "Sweep", "register", "get", "all_analyses", "by_cli", "key",
+__all__ = ["Analysis", "Inputs", "ShardProtocol", "Sweep", "register", "get", "all_analyses", "key",
            "shardable", "sweepable", "check_probe", "check_config", "digests", "digests_hash"]
 
 
@@ -117,7 +119,6 @@ class Analysis:
     needs_probe: bool = True
     order: int = 100  # where it stands in the docs index and menus (the method's paper order)
     doc: str | None = None  # its section of the docs (docs/readme/<doc>.md); default: its module's name
-    extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if getattr(self.result, "analysis", None) != self.name:
@@ -234,11 +235,6 @@ def get(name: str) -> Analysis:
     raise ConfigError(f"no analysis is called {name!r}.", hint=f"Analyses: {', '.join(sorted(specs))}.")
 
 
-def by_cli() -> dict[str, Analysis]:
-    """``{cli verb: declaration}`` of the analyses that have a ``sonde run`` verb."""
-    return {s.cli: s for s in all_analyses().values() if s.cli}
-
-
 def shardable(name: str) -> Analysis:
     """The analysis a dataset sweep calls ``name`` (its shard protocol's name or its own)."""
     specs = [s for s in all_analyses().values() if s.shard is not None]
@@ -307,10 +303,6 @@ def signature_matches(spec: Analysis) -> list[str]:
     run = inspect.signature(spec.run).parameters
     return [n for n, p in inspect.signature(spec.prepare).parameters.items()
             if n not in run and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
-
-
-def names(specs: Sequence[Analysis]) -> str:
-    return ", ".join(s.cli or s.name for s in specs)
 
 
 def digests(items: Sequence[Any]) -> torch.Tensor:
