@@ -1,10 +1,6 @@
 """The memory planner: estimates against measured peaks, batch/chunk choice, the OOM retry, `sonde run plan`."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,8 +9,8 @@ from analyses.core import planner
 from analyses import routes
 from probes import ConfigError, OutOfMemoryError
 from conftest import run_cli
+from peaks import measure, needs_proc
 
-ROOT = Path(__file__).resolve().parents[1]
 # SmolLM2-135M's sizes (what ModelInfo reports for the embedded model), so unit tests load no model
 SMOL = planner.ModelShape(n_layers=30, n_heads=9, n_kv_heads=3, d_model=576, d_head=64, d_mlp=1536, d_vocab=49152,
                           n_params=134_515_008)
@@ -141,36 +137,19 @@ def test_retry_on_oom_halves_once_with_a_message():
 
 # ----------------------------------------------------------------------------- against measured peaks
 _MEASURE = r"""
-import json, re, sys, gc, torch
-def status(k):
-    return int(re.search(k + r":\s+(\d+)", open("/proc/self/status").read()).group(1)) * 1024
-def peak(fn):
-    gc.collect()
-    base = status("VmRSS")
-    open("/proc/self/clear_refs", "w").write("5")   # reset VmHWM (peak RSS) to the current RSS
-    fn()
-    return status("VmHWM") - base
-from probes import load_model
 from analyses import sinks
-probe = load_model("embedded", backend="nnsight", device="cpu")
-probe.run(torch.randint(10, 1000, (1, 8)), return_logits=False)  # warm-up (lazy inits, thread pools)
-out = {}
 for B, T in [(1, 64), (8, 64), (4, 256)]:
     toks = torch.randint(10, 1000, (B, T))
     out[f"forward {B}x{T}"] = peak(lambda: probe.run(toks, return_logits=False))
     out[f"sinks {B}x{T}"] = peak(lambda: sinks.collect_stats(probe, toks, positions=(0,), batch_size=B))
-print(json.dumps(out))
 """
 
 
-@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc peak-RSS reset")
+@needs_proc
 def test_estimate_is_within_2x_of_the_measured_peak_on_the_embedded_model():
     """Measured: peak resident memory above the loaded model's (Linux VmHWM after a clear_refs reset), in a
     subprocess whose malloc returns every large block at once (fixed mmap threshold), so RSS follows live tensors."""
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    r = subprocess.run([sys.executable, "-c", _MEASURE], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
-    measured = json.loads(r.stdout.strip().splitlines()[-1])
+    measured = measure(_MEASURE, threads=1, timeout=600)
     from probes.loading import embedded_model_dir
     from transformers import AutoConfig
 
