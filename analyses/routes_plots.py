@@ -24,6 +24,15 @@ SELECTED_COLOUR = "#ff7f0e"  # the ring around the selected node
 MAX_TICKS = 40  # token labels on the x axis at most
 
 
+def _segment(g, u: str, v: str, parallel: bool, xs: list, ys: list, mx: list, my: list) -> None:
+    """Append edge ``u → v`` as a line segment (``None`` breaks the line) and its midpoint (its hover point)."""
+    (x0, y0), (x1, y1) = _xy(g, u, parallel), _xy(g, v, parallel)
+    xs += [x0, x1, None]
+    ys += [y0, y1, None]
+    mx.append((x0 + x1) / 2)
+    my.append((y0 + y1) / 2)
+
+
 def _xy(g, n: str, parallel: bool) -> tuple[float, float]:
     """A node's place: its token position on x (FFN outputs a quarter to the right), its layer on y (embeddings at -1;
     after attention, FFN output and block output at +0, +0.33, +0.66 of their layer)."""
@@ -52,11 +61,7 @@ def _edge_traces(fig, g, edges, parallel: bool, *, name: str = "", colour: str |
         for w, bes in sorted(buckets.items()):
             xs, ys = [], []
             for u, v, d in bes:
-                (x0, y0), (x1, y1) = _xy(g, u, parallel), _xy(g, v, parallel)
-                xs += [x0, x1, None]
-                ys += [y0, y1, None]
-                mx.append((x0 + x1) / 2)
-                my.append((y0 + y1) / 2)
+                _segment(g, u, v, parallel, xs, ys, mx, my)
                 mt.append(f"{u} → {v} · {d['kind']} · weight {d['weight']:.3f}")
             fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", hoverinfo="skip", legendgroup=f"{name}-{kind}",
                                      name=f"{name}{kind} edge", showlegend=first,
@@ -107,11 +112,7 @@ def _head_trace(fig, g, head: str, parallel: bool) -> None:
     for u, v, d in g.edges(data=True):
         hs = d.get("heads") or []
         if d["kind"] == "attn" and d["layer"] == hl and hh < len(hs) and hs[hh] > 0:
-            (x0, y0), (x1, y1) = _xy(g, u, parallel), _xy(g, v, parallel)
-            hx += [x0, x1, None]
-            hy += [y0, y1, None]
-            mx.append((x0 + x1) / 2)
-            my.append((y0 + y1) / 2)
+            _segment(g, u, v, parallel, hx, hy, mx, my)
             mt.append(f"{head}: {hs[hh]:.3f} of {u} → {v}")
     fig.add_trace(go.Scatter(x=hx or [None], y=hy or [None], mode="lines", hoverinfo="skip", legendgroup="selected-head",
                              name=f"{head} (selected head)", line=dict(width=5, color=HEAD_COLOUR)))

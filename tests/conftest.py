@@ -77,6 +77,16 @@ def tiny():
 
 
 @pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny random llama saved as a local model folder (safetensors + tokenizer), for CLI runs by path."""
+    d = tmp_path_factory.mktemp("tiny") / "llama"
+    model, tok = tiny_models.build("llama")
+    model.save_pretrained(d, safe_serialization=True)
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
 def one_thread():
     """One torch thread for a module (tiny matmuls on a shared 2-core box run far slower with threads fighting)."""
     import torch

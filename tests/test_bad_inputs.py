@@ -18,21 +18,11 @@ import pandas as pd
 import pytest
 import torch
 
-import tiny_models
 from conftest import run_cli
 
 from analyses.core import store
 
 LONG = "word " * 400  # more tokens than the tiny model's 128 positions
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny") / "llama"
-    model, tok = tiny_models.build("llama")
-    model.save_pretrained(d, safe_serialization=True)
-    tok.save_pretrained(d)
-    return d
 
 
 def _user_tree(ws: Path) -> None:

@@ -50,15 +50,6 @@ def _snapshot(root: Path) -> dict[str, str]:
     return out
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny") / "llama"
-    model, tok = tiny_models.build("llama")
-    model.save_pretrained(d, safe_serialization=True)
-    tok.save_pretrained(d)
-    return d
-
-
 def _model_variant(src: Path, dst: Path, edit) -> None:
     shutil.copytree(src, dst)
     cfg = dst / "config.json"

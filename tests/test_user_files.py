@@ -549,17 +549,6 @@ def test_cli_failed_html_export_leaves_nothing(tmp_path, tiny_dir, capsys, monke
     assert tree_hash(ws) == before  # no result folder, no html, no temporary file
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    import tiny_models
-
-    d = tmp_path_factory.mktemp("tiny") / "llama"
-    model, tok = tiny_models.build("llama")
-    model.save_pretrained(d, safe_serialization=True)
-    tok.save_pretrained(d)
-    return d
-
-
 def test_refused_checkpoint_sweep_leaves_no_work_folder(tmp_path, monkeypatch, capsys):
     from analyses.core import checkpoints
     from conftest import run_cli

@@ -43,7 +43,7 @@ def run_sweep(analysis: str, items, config, *, engine: str, address, workers, gp
     (derived from the items it measured); the merge ledger is named by what the sweep was given, so a re-run
     of the same command resumes.
     """
-    from analyses.core import cluster, registry
+    from analyses.core import cluster
     from analyses.core.store import hash_inputs, results_root
 
     scfg = cluster.SweepConfig(engine=engine, address=address, workers=workers, gpus_per_worker=gpus_per_worker,
@@ -59,9 +59,7 @@ def run_sweep(analysis: str, items, config, *, engine: str, address, workers, gp
         with status(f"Starting Ray workers ({model})"):
             eng = cluster.RayEngine(spec, scfg)
     try:
-        given = hash_inputs(analysis, eng.info["fingerprint"], config.to_dict(),
-                            registry.digests_hash(registry.digests([it if isinstance(it, str) else (it.text, it.domain or "")
-                                                                    for it in items])))
+        given = hash_inputs(analysis, eng.info["fingerprint"], config.to_dict(), cluster.hash_items(items))
         ledger = cluster.default_ledger(Path(out) if out is not None else results_root() / f"sweep-{given}")
         with progress(n_shards, "shards") as step:
             run = cluster.sweep(analysis, items, config=config, engine=eng, sweep_config=scfg, ledger=ledger,

@@ -220,6 +220,12 @@ def _shardable(name: str) -> registry.Analysis:
     return registry.shardable(name)
 
 
+def hash_items(items: Sequence) -> str:
+    """The hash of a sweep's items as given (texts, or records' text and domain, in order): it names the sweep's
+    merge ledger; the result's key is the analysis's own (derived from what it measured)."""
+    return registry.digests_hash(registry.digests([it if isinstance(it, str) else (it.text, it.domain or "") for it in items]))
+
+
 def default_ledger(out_dir: str | Path) -> Path:
     """The merge-ledger folder of a result folder: a private folder in the per-user cache keyed by the
     result's absolute path (:func:`analyses.core.io.work_dir`), never a guessable path beside the result."""
@@ -352,15 +358,23 @@ class Ledger:
         self._fold()
         return len(self.done)
 
-    def _ledger_problem(self, tree: Any, meta: Any) -> str | None:
+    @staticmethod
+    def _envelope_problem(tree: Any, meta: Any, what: str) -> str | None:
+        """Why a saved ledger or shard file is not one of this version, or its header and contents disagree."""
         from .io import same_json
 
         if not (isinstance(tree, dict) and isinstance(tree.get("progress"), dict) and "state" in tree
                 and isinstance(tree.get("meta"), dict)):
-            return "not a ledger of this version"
-        prog = tree["progress"]
-        if not same_json(meta, prog):
+            return f"not a {what} of this version"
+        if not same_json(meta, tree["progress"]):
             return "its header and its contents disagree"
+        return None
+
+    def _ledger_problem(self, tree: Any, meta: Any) -> str | None:
+        bad = self._envelope_problem(tree, meta, "ledger")
+        if bad:
+            return bad
+        prog = tree["progress"]
         n, t = prog.get("n_shards"), prog.get("through")
         if n != self.n_shards or type(n) is not int:
             return f"it was made for n_shards={n!r}, this sweep has {self.n_shards}"
@@ -374,14 +388,10 @@ class Ledger:
         return self._count_problem(prog.get("items"), tree["state"], self._items(t), f"the first {t} shards")
 
     def _shard_problem(self, name_index: int, tree: Any, meta: Any) -> str | None:
-        from .io import same_json
-
-        if not (isinstance(tree, dict) and isinstance(tree.get("progress"), dict) and "state" in tree
-                and isinstance(tree.get("meta"), dict)):
-            return "not a shard file of this version"
+        bad = self._envelope_problem(tree, meta, "shard file")
+        if bad:
+            return bad
         prog = tree["progress"]
-        if not same_json(meta, prog):
-            return "its header and its contents disagree"
         i = prog.get("index")
         if type(i) is not int or not 0 <= i < self.n_shards or i != name_index:
             return f"index={i!r} does not name one of the {self.n_shards} shards (file name: shard {name_index})"
@@ -724,7 +734,7 @@ def sweep(analysis: str, items: Sequence, *, config, engine, sweep_config: Sweep
     shards = plan_shards(len(items), sweep_config.shard_size)
     info = engine.info
     # the ledger's own resume fingerprint names the items as given (the result's key comes from the analysis)
-    items_hash = registry.digests_hash(registry.digests([it if isinstance(it, str) else (it.text, it.domain or "") for it in items]))
+    items_hash = hash_items(items)
     threads = sweep_config.threads or torch.get_num_threads()
     fp = hash_inputs(analysis, info.get("fingerprint", ""), config.to_dict(), items_hash, sweep_config.shard_size, len(items),
                      threads)
