@@ -33,6 +33,7 @@ from torch import nn
 
 from .core import base, registry
 from .core.base import option, stored
+from .core.progress import ProgressFn, phase
 
 __all__ = ["Config", "BBData", "BBModel", "BBToyResult", "run", "make_data"]
 
@@ -254,8 +255,10 @@ class BBToyResult(base.Result):
         return fig
 
 
-def run(config: Config = Config(), *, progress=None) -> BBToyResult:
-    """Train the BB toy from scratch and log its dynamics (deterministic for a seed, CPU)."""
+def run(config: Config = Config(), *, progress: ProgressFn | None = None) -> BBToyResult:
+    """Train the BB toy from scratch and log its dynamics (deterministic for a seed, CPU).
+
+    ``progress`` receives :class:`~analyses.core.progress.Progress` events: phase ``training``, one per step."""
     timer = base.Timer()
     torch.manual_seed(config.seed)
     g = torch.Generator().manual_seed(config.seed)
@@ -288,6 +291,7 @@ def run(config: Config = Config(), *, progress=None) -> BBToyResult:
         model.train()
 
     with timer("train"):
+        bar = phase(progress, "training", config.steps, "steps")
         log(0)
         for s in range(1, config.steps + 1):
             # a fixed pool of sequences, redrawn every 50 steps (cheaper than fresh batches on a CPU)
@@ -302,8 +306,7 @@ def run(config: Config = Config(), *, progress=None) -> BBToyResult:
             opt.step()
             if s % config.log_every == 0 or s == config.steps:
                 log(s)
-            if progress is not None:
-                progress(1)
+            bar.advance(loss=f"{float(loss.detach()):.3f}")
     hist = pd.DataFrame(rows)
     hist["layer"] = hist["layer"].astype("Int64")
     info = {"name": "bb-toy", "fingerprint": f"bb-toy-{config.seed}", "family": "bb-toy", "n_layers": config.n_layers,

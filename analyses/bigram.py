@@ -43,7 +43,7 @@ import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterator, Literal, Mapping, Sequence
+from typing import Any, ClassVar, Iterator, Literal, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -55,6 +55,7 @@ from probes.weights import WeightSpec
 
 from .core.base import Config as _BaseConfig
 from .core.base import Result, Timer, option, register_result, stored
+from .core.progress import ProgressFn, phase
 from .core import planner, registry, store
 
 __all__ = [
@@ -779,8 +780,8 @@ def _loss(probe, ids: torch.Tensor, target: "SparseTarget | torch.Tensor", chunk
 
 def train_mask(probe, train_rows: torch.Tensor, table: BigramTable | None, cfg: Config, *,
                checkpoint: str | Path | None = None, checkpoint_every: int = 50, input_hash: str = "",
-               progress: Callable[[dict], None] | None = None, micro_batch: int | None = None,
-               loss_chunk: int | None = None, on_step: Callable[[dict], None] | None = None) -> tuple[MaskSet, pd.DataFrame, int, bool]:
+               progress: ProgressFn | None = None, micro_batch: int | None = None,
+               loss_chunk: int | None = None) -> tuple[MaskSet, pd.DataFrame, int, bool]:
     """Continuous sparsification (Eq. 1) of the probe's block weights toward the bigram (or self) target.
 
     Args:
@@ -788,13 +789,14 @@ def train_mask(probe, train_rows: torch.Tensor, table: BigramTable | None, cfg: 
         table: the bigram table (unused for ``target="self"``).
         checkpoint: folder for resumable state (mask logits + AdamW state, safetensors); a run with the
             same model, config and inputs resumes from it.
-        progress: called with each curve point (dict) — the CLI's progress bar.
+        progress: :class:`~analyses.core.progress.Progress` events: phase ``training``, one per optimizer step
+            (a resumed run starts at its checkpoint's step); ``info`` has the step's cross-entropy and, from the
+            last curve point, the kept and undecided fractions.
         micro_batch: rows per forward/backward pass (default ``cfg.batch``). Each batch of ``cfg.batch``
             rows is run in pieces of at most this many rows whose gradients add up (each piece's CE weighted
             by its share of the rows), so the step, the data order and the result are those of the full
             batch; only the peak memory of the activations shrinks.
         loss_chunk: tokens per chunk of the loss (default :func:`loss_chunk_tokens`).
-        on_step: called after every optimizer step with ``{"phase": "train", "step", "steps", "xent"}``.
     Returns ``(mask set, curve DataFrame, steps done, stopped early)``.
     """
     weights = masked_weights(probe, cfg.layers)
@@ -815,6 +817,7 @@ def train_mask(probe, train_rows: torch.Tensor, table: BigramTable | None, cfg: 
     from contextlib import nullcontext
 
     skip = probe.only_blocks(sorted(set(cfg.layers))) if (cfg.others == "drop" and cfg.layers is not None) else nullcontext()
+    bar = phase(progress, "training", cfg.steps, "steps", done=start)
     with probe.frozen_weights(), _flush_subnormals(dev):
         with masks.applied(probe), skip:  # paths resolve on the full block list first
             while step < cfg.steps:
@@ -840,19 +843,17 @@ def train_mask(probe, train_rows: torch.Tensor, table: BigramTable | None, cfg: 
                     (cfg.lam / N * masks.l0()).backward()
                 opt.step()
                 step += 1
-                if on_step is not None:
-                    on_step({"phase": "train", "step": step, "steps": cfg.steps, "xent": xent_sum, "beta": masks.beta})
                 check = step % cfg.log_every == 0 or step == cfg.steps
                 if check:
                     st = masks.stats()
                     point = {"step": step, "xent": xent_sum, "loss": xent_sum + cfg.lam * st["mean_sigma"],
                              "kept": st["kept"], "undecided": st["undecided"], "mean_sigma": st["mean_sigma"], "beta": masks.beta}
                     curve.append(point)
-                    if progress is not None:
-                        progress(point)
+                    bar.info.update(kept=f"{st['kept']:.3%}", undecided=f"{st['undecided']:.3%}")
                     # paper code: stop when undecided < 1 % of the masks above 0.9 (checked before β grows)
                     if cfg.stop_undecided is not None and st["n_undecided"] < cfg.stop_undecided * max(st["n_above"], 1):
                         stopped = True
+                bar.set(step, xent=f"{xent_sum:.3f}")
                 masks.beta *= cfg.temp_mult
                 if ck is not None and (step % checkpoint_every == 0 or stopped):
                     _save_checkpoint(ck, fp, step, masks, opt, curve)
@@ -866,12 +867,13 @@ def train_mask(probe, train_rows: torch.Tensor, table: BigramTable | None, cfg: 
 # ============================================================================== evaluation
 @torch.no_grad()
 def evaluate_mask(probe, mask: Mapping[str, torch.Tensor], eval_rows: torch.Tensor, table: BigramTable, *,
-                  batch: int = 8, seed: int = 0, on_batch: Callable[[dict], None] | None = None) -> pd.DataFrame:
+                  batch: int = 8, seed: int = 0, progress: ProgressFn | None = None) -> pd.DataFrame:
     """The ablation table: one row per variant (``full``, ``subnetwork``, ``random``, ``complement``,
     ``random_complement``) with ``kept_fraction``, ``mean_surprisal_bits``, ``bigram_xent_nats``,
     ``pearson_r`` (inf bigram surprisals clipped) and ``pearson_r_finite`` (those tokens dropped).
 
-    Batches are the outer loop, so each batch's dense ``[b, T, V]`` target is built once."""
+    Batches are the outer loop, so each batch's dense ``[b, T, V]`` target is built once. ``progress``:
+    :class:`~analyses.core.progress.Progress` events, phase ``evaluating`` (held-out rows, 5 variants each)."""
     total = sum(m.numel() for m in mask.values())
     variants: dict[str, dict[str, torch.Tensor] | None] = {"full": None}
     for name, mode in (("subnetwork", "keep"), ("random", "random"), ("complement", "complement"),
@@ -880,6 +882,7 @@ def evaluate_mask(probe, mask: Mapping[str, torch.Tensor], eval_rows: torch.Tens
     ce = {k: 0.0 for k in variants}
     surp: dict[str, list[torch.Tensor]] = {k: [] for k in variants}
     big_p, n, ent = [], 0, 0.0
+    bar = phase(progress, "evaluating", int(eval_rows.shape[0]), "rows")
     for k in range(0, eval_rows.shape[0], batch):
         ids = eval_rows[k: k + batch].to(probe.device)
         tgt = table.targets(ids)
@@ -896,8 +899,7 @@ def evaluate_mask(probe, mask: Mapping[str, torch.Tensor], eval_rows: torch.Tens
             surp[name].append(surprisal_bits(logits, ids).reshape(-1).cpu())
             del logits
         del tgt
-        if on_batch is not None:
-            on_batch({"phase": "evaluate", "done": min(k + batch, eval_rows.shape[0]), "total": int(eval_rows.shape[0])})
+        bar.set(min(k + batch, eval_rows.shape[0]))
     big = -torch.log2(torch.cat(big_p).double())
     finite = torch.isfinite(big)
     big_clip = big.clone()
@@ -1073,8 +1075,8 @@ def _prepare(probe, corpus: "str | Path | torch.Tensor | Sequence[int]" = "built
 
 def run(probe, corpus: "str | Path | torch.Tensor | Sequence[int]" = "builtin", *, config: Config = Config(),
         evaluate: bool = True, checkpoint: str | Path | None = None, checkpoint_every: int = 50,
-        progress: Callable[[dict], None] | None = None, table: BigramTable | None = None,
-        micro_batch: int | None = None, on_step: Callable[[dict], None] | None = None) -> BigramResult:
+        progress: ProgressFn | None = None, table: BigramTable | None = None,
+        micro_batch: int | None = None) -> BigramResult:
     """Learn a bigram (or optimal-pruning) subnetwork of ``probe``'s blocks and evaluate it.
 
     Args:
@@ -1087,19 +1089,20 @@ def run(probe, corpus: "str | Path | torch.Tensor | Sequence[int]" = "builtin", 
             evaluation held out it must not have seen the held-out rows.
         micro_batch: rows per forward/backward pass (see :func:`train_mask`; the result does not depend on
             it, the peak memory does: :func:`plan_micro_batch` picks one that fits).
-        on_step: called at every phase and step: ``{"phase": "corpus", "stage": "tokenize"|"table"}``, then
-            ``{"phase": "train", "step", "steps", ...}`` after every optimizer step, then
-            ``{"phase": "evaluate", "done", "total"}`` after every evaluation batch.
+        progress: :class:`~analyses.core.progress.Progress` events, phase by phase: ``tokenizing`` (the corpus),
+            ``counting bigrams`` (tokens), ``training`` (optimizer steps, see :func:`train_mask`) and
+            ``evaluating`` (held-out rows, see :func:`evaluate_mask`).
     """
     timer = Timer()
-    say = on_step or (lambda _point: None)
     with timer("tokenize"):
-        say({"phase": "corpus", "stage": "tokenize"})
+        tok = phase(progress, "tokenizing", 1, "corpus")
         inp = SPEC.inputs(probe, corpus, config=config)
         ids = inp.data
         train_rows, eval_rows = _split_rows(ids, config)
-        say({"phase": "corpus", "stage": "table", "tokens": int(ids.numel())})
+        tok.advance()
+        counting = phase(progress, "counting bigrams", int(ids.numel()), "tokens")
         table = table or train_table(ids, config, probe.info.d_vocab)
+        counting.set(int(ids.numel()))
     input_hash = inp.hash
     weights = masked_weights(probe, config.layers)  # fail early on a model the masker does not handle
     if math.isinf(config.lam):  # keep-nothing baseline: no training
@@ -1110,23 +1113,23 @@ def run(probe, corpus: "str | Path | torch.Tensor | Sequence[int]" = "builtin", 
         with timer("train"):
             ms, curve, steps, stopped = train_mask(probe, train_rows, table, config, checkpoint=checkpoint,
                                                    checkpoint_every=checkpoint_every, input_hash=input_hash, progress=progress,
-                                                   micro_batch=micro_batch, on_step=on_step)
+                                                   micro_batch=micro_batch)
         masks = ms.binary()
         del ms  # the float mask logits are not needed for the evaluation
     for w in dropped_weights(probe, config):  # others="drop": outside `layers` nothing is kept
         masks[w.path] = torch.zeros(w.shape, dtype=torch.bool)
     res = _finish(probe, masks, config, input_hash, curve, steps, stopped, _corpus_label(corpus),
-                  eval_rows if evaluate else None, table, timer, on_step)
+                  eval_rows if evaluate else None, table, timer, progress)
     return dataclasses.replace(res, inputs=inp.label)
 
 
-def _finish(probe, masks, config, input_hash, curve, steps, stopped, corpus, eval_rows, table, timer, on_step=None) -> BigramResult:
+def _finish(probe, masks, config, input_hash, curve, steps, stopped, corpus, eval_rows, table, timer, progress=None) -> BigramResult:
     head, neuron, mat = unit_sparsity(probe, masks)
     total = sum(m.numel() for m in masks.values())
     ablation = pd.DataFrame(columns=["variant", "kept_fraction", "mean_surprisal_bits", "bigram_xent_nats", "pearson_r", "pearson_r_finite"])
     if eval_rows is not None:
         with timer("evaluate"):
-            ablation = evaluate_mask(probe, masks, eval_rows, table, batch=8, seed=config.seed, on_batch=on_step)
+            ablation = evaluate_mask(probe, masks, eval_rows, table, batch=8, seed=config.seed, progress=progress)
     return BigramResult(config=config, model=probe.info.to_dict(), input_hash=input_hash, timings=timer.seconds,
                         masks=masks, matrices=mat, head_kept=head, neuron_kept=neuron, curve=curve, ablation=ablation,
                         sparsity=sum(int(m.sum()) for m in masks.values()) / max(total, 1), steps_done=steps,
@@ -1134,8 +1137,10 @@ def _finish(probe, masks, config, input_hash, curve, steps, stopped, corpus, eva
 
 
 def evaluate(probe, result: "BigramResult | str | Path", corpus: "str | Path | torch.Tensor | None" = None, *,
-             compare: "BigramResult | str | Path | None" = None, eval_rows: int | None = None) -> BigramResult:
-    """Re-evaluate a saved mask on ``probe`` (default corpus: the one it was trained on).
+             compare: "BigramResult | str | Path | None" = None, eval_rows: int | None = None,
+             progress: ProgressFn | None = None) -> BigramResult:
+    """Re-evaluate a saved mask on ``probe`` (default corpus: the one it was trained on; ``progress``: phase
+    ``evaluating``, see :func:`evaluate_mask`).
 
     ``compare`` adds the overlap with another mask (e.g. the optimal-pruning one, or another λ) under
     ``result.overlaps["compare"]``. Returns a new result with the fresh ablation table.
@@ -1151,7 +1156,7 @@ def evaluate(probe, result: "BigramResult | str | Path", corpus: "str | Path | t
     table = train_table(ids, cfg, probe.info.d_vocab)
     timer = Timer()
     with timer("evaluate"):
-        ablation = evaluate_mask(probe, result.masks, rows, table, batch=8, seed=cfg.seed)
+        ablation = evaluate_mask(probe, result.masks, rows, table, batch=8, seed=cfg.seed, progress=progress)
     overlaps = dict(result.overlaps)
     if compare is not None:
         other = BigramResult.load(compare) if isinstance(compare, (str, Path)) else compare

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import pandas as pd
 import torch
@@ -26,6 +26,7 @@ from probes.errors import ConfigError, InputError
 from probes.weights import AdaptedModel, LoraSpec
 
 from .core.base import Config as _BaseConfig
+from .core.progress import ProgressFn, phase
 from .critical import CriticalResult, Trajectory, ce_token_scores
 
 __all__ = ["TrainConfig", "train_contrastive", "contrastive_scores", "compare_contrastive", "select_sft", "select_pairs",
@@ -61,7 +62,7 @@ def _lora(probe, r: int, alpha: int, target_modules: Sequence[str], hint: str) -
 
 
 def train_contrastive(probe, correct: Sequence[tuple[Sequence[int], Sequence[int]]], incorrect: Sequence[tuple[Sequence[int], Sequence[int]]],
-                      out_dir: str | Path, config: TrainConfig = TrainConfig(), *, progress: Callable[[int], None] | None = None) -> Path:
+                      out_dir: str | Path, config: TrainConfig = TrainConfig(), *, progress: ProgressFn | None = None) -> Path:
     """Train LoRA adapters ``pos`` (on ``correct``) and ``neg`` (on ``incorrect``) and save them.
 
     Each adapter trains on its own private copy of the model (:meth:`probes.Probe.adapted`); the probe
@@ -70,6 +71,8 @@ def train_contrastive(probe, correct: Sequence[tuple[Sequence[int], Sequence[int
     Args:
         correct, incorrect: lists of ``(prompt_ids, response_ids)``; the loss covers response tokens.
         out_dir: folder; adapters land in ``out_dir/pos`` and ``out_dir/neg`` (safetensors).
+        progress: :class:`~analyses.core.progress.Progress` events, phases ``training pos`` and ``training neg``
+            (one per optimizer step).
     """
     if not correct or not incorrect:
         raise InputError(f"contrastive training needs correct and incorrect trajectories; got {len(correct)} correct and "
@@ -78,6 +81,7 @@ def train_contrastive(probe, correct: Sequence[tuple[Sequence[int], Sequence[int
                  hint="Name linear layers of this model, e.g. ('c_fc', 'c_proj') for GPT-2.")
     out = Path(out_dir)
     for name, data in (("pos", correct), ("neg", incorrect)):
+        bar = phase(progress, f"training {name}", config.epochs * len(data), "steps")
         torch.manual_seed(config.seed)
         with probe.adapted(spec) as model:
             model.train()
@@ -92,8 +96,7 @@ def train_contrastive(probe, correct: Sequence[tuple[Sequence[int], Sequence[int
                     loss.backward()
                     opt.step()
                     opt.zero_grad()
-                    if progress:
-                        progress(1)
+                    bar.advance(loss=f"{float(loss.detach()):.3f}")
             model.eval()
             model.save(out / name)
     return out
@@ -275,7 +278,7 @@ class CDPOConfig(_BaseConfig):
 
 
 def train_cdpo(probe, pairs: Sequence[dict[str, Any]], out_dir: str | Path, config: CDPOConfig = CDPOConfig(), *,
-               progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+               progress: ProgressFn | None = None) -> dict[str, Any]:
     """Train a LoRA policy with the cDPO objective; the reference is the base model (adapter disabled).
 
     Args:
@@ -283,6 +286,8 @@ def train_cdpo(probe, pairs: Sequence[dict[str, Any]], out_dir: str | Path, conf
             rejected token, ``1 − p_ce``; see :func:`contrastive_scores`).
         out_dir: a new (or empty) folder: the adapter (``adapter_model.safetensors`` +
             ``adapter_config.json``) and ``cdpo.json`` (config, per-step losses). No pickle.
+        progress: :class:`~analyses.core.progress.Progress` events: phase ``reference`` (one per pair), then
+            ``training`` (one per optimizer step).
     Returns ``{"path", "losses", "n_pairs", "steps"}``. The probe's model is never modified.
     """
     import json
@@ -309,10 +314,12 @@ def train_cdpo(probe, pairs: Sequence[dict[str, Any]], out_dir: str | Path, conf
     model = probe.adapted(spec)  # a private copy: the probe's model is never modified
     # reference log-probabilities once, offline (the base model = the adapter disabled)
     model.eval()
+    ref_bar = phase(progress, "reference", len(data), "pairs")
     with torch.no_grad(), model.disabled():
         for d in data:
             d["ref_c"] = sequence_logps(model, d["prompt"], d["chosen"], dev)
             d["ref_r"] = sequence_logps(model, d["prompt"], d["rejected"], dev)
+            ref_bar.advance()
     params = model.parameters()
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     total = math.ceil(len(data) / config.grad_accum) * config.epochs
@@ -323,6 +330,7 @@ def train_cdpo(probe, pairs: Sequence[dict[str, Any]], out_dir: str | Path, conf
     losses: list[float] = []
     model.train()
     step = 0
+    bar = phase(progress, "training", total, "steps")
     for _ in range(config.epochs):
         order = torch.randperm(len(data), generator=g).tolist()
         for j in range(0, len(order), config.grad_accum):
@@ -340,8 +348,7 @@ def train_cdpo(probe, pairs: Sequence[dict[str, Any]], out_dir: str | Path, conf
             opt.zero_grad(set_to_none=True)
             losses.append(acc)
             step += 1
-            if progress:
-                progress(1)
+            bar.advance(loss=f"{acc:.4f}")
     model.eval()
     model.save(out)
     (out / "cdpo.json").write_text(json.dumps({"config": config.to_dict(), "losses": losses, "n_pairs": len(data), "steps": step,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
 import pandas as pd
 import torch
@@ -21,6 +21,7 @@ from probes import ConfigError, Probe
 from .core import planner, registry, store
 from .core.base import Config as _BaseConfig
 from .core.base import Result, Timer, option, register_result, stored
+from .core.progress import ProgressFn, phase
 from .counterfactual import _decode, _mix64, _Noise, _prompt_ids, wilson
 
 __all__ = ["DEFAULT_CATEGORIES", "BiasConfig", "BiasSweepResult", "bias_sweep", "bias_sweep_key", "extract_category"]
@@ -141,9 +142,10 @@ def _prepare_bias(probe: Probe, *, config: BiasConfig) -> registry.Inputs:
     return registry.Inputs(_bias_input_hash(probe.info.to_dict(), config), label=f"{registry.text_label(config.template, 60)!r} over {', '.join(config.groups)}")
 
 
-def bias_sweep(probe: Probe, *, config: BiasConfig = BiasConfig(), progress: Callable[[int], None] | None = None) -> BiasSweepResult:
+def bias_sweep(probe: Probe, *, config: BiasConfig = BiasConfig(), progress: ProgressFn | None = None) -> BiasSweepResult:
     """Generate ``n_samples`` continuations per group with the same noise streams and compare the
-    extracted attribute distributions (paper §4.3, prompt-edit form; total effect). ``progress(1)`` after each group."""
+    extracted attribute distributions (paper §4.3, prompt-edit form; total effect). ``progress`` receives
+    :class:`~analyses.core.progress.Progress` events: phase ``generating``, one per group."""
     inp = BIAS_SPEC.inputs(probe, config=config)
     c = config
     timer = Timer()
@@ -153,6 +155,7 @@ def bias_sweep(probe: Probe, *, config: BiasConfig = BiasConfig(), progress: Cal
     recs = []
     labels: dict[str, list[str]] = {}
     with timer("generate"):
+        bar = phase(progress, "generating", len(c.groups), "groups")
         for g in c.groups:
             ids = _prompt_ids(probe, c.template.replace("{group}", g), c.chat)
             gen = _decode(probe, torch.tensor([ids] * S), prefix=None, noises=[_Noise(c.seed, s) for s in range(S)], step0=0,
@@ -163,8 +166,7 @@ def bias_sweep(probe: Probe, *, config: BiasConfig = BiasConfig(), progress: Cal
                 cat = extract_category(text, c.categories)
                 labels[g].append(cat)
                 recs.append({"group": g, "sample": s, "text": text, "category": cat})
-            if progress:
-                progress(1)
+            bar.advance()
     gen_ = torch.Generator().manual_seed(_mix64(c.seed, 7))
     boot = torch.randint(0, S, (c.n_boot, S), generator=gen_)
     base = c.groups[0]

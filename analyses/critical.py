@@ -44,6 +44,7 @@ from probes.errors import ConfigError, InputError
 
 from .core.base import Config as _BaseConfig
 from .core.base import Result, Timer, option, register_result, stored
+from .core.progress import ProgressFn, phase
 from .core import planner, registry
 from .core.store import hash_inputs
 from .tasks import ANSWER_STOP, Checker, CallableChecker, Problem, format_prompt, make_checker
@@ -430,9 +431,12 @@ def rollout_success(probe, prompt_ids: Sequence[int], response_ids: Sequence[int
 
 
 def sample_trajectories(probe, problems: Sequence[Problem], cfg: Config = Config(),
-                        checkers: Sequence[Callable[[str], bool]] | None = None) -> list[Trajectory]:
-    """``cfg.n_samples`` sampled responses per problem (one batched generate each), graded."""
+                        checkers: Sequence[Callable[[str], bool]] | None = None, *,
+                        progress: ProgressFn | None = None) -> list[Trajectory]:
+    """``cfg.n_samples`` sampled responses per problem (one batched generate each), graded (``progress``: phase
+    ``sampling``, in responses)."""
     out = []
+    bar = phase(progress, "sampling", len(problems) * cfg.n_samples, "responses")
     for i, p in enumerate(problems):
         chk = checkers[i] if checkers is not None else make_checker(p, cfg.checker, cfg.tol)
         prompt_ids = probe.to_tokens(format_prompt(probe, p))[0].tolist()
@@ -442,6 +446,7 @@ def sample_trajectories(probe, problems: Sequence[Problem], cfg: Config = Config
             from .tasks import extract_answer
 
             out.append(Trajectory(i, j, tuple(c), text, extract_answer(text), bool(chk(text))))
+        bar.advance(cfg.n_samples)
     return out
 
 
@@ -485,13 +490,15 @@ def _prepare_search(probe, prompt: str | Sequence[int], response: str | Sequence
 
 
 def search(probe, prompt: str | Sequence[int], response: str | Sequence[int], checker: Callable[[str], bool] | Checker, *,
-           config: Config = Config(), question: str = "", reference: str = "", progress: Callable[[int], None] | None = None) -> "CriticalResult":
+           config: Config = Config(), question: str = "", reference: str = "", progress: ProgressFn | None = None) -> "CriticalResult":
     """Rollout search on one given (incorrect) trace.
 
     Args:
         prompt: prompt text (tokenised with the tokenizer's defaults) or ids.
         response: the response text or ids (the trajectory ``y``).
         checker: ``fn(text) -> bool`` grading ``response prefix ⊕ continuation``.
+        progress: :class:`~analyses.core.progress.Progress` events: phases ``rollouts`` (the coarse prefixes),
+            ``bisection`` (at most ⌈log2 gap⌉ prefixes; it closes at the number it needed) and ``alternatives``.
     """
     inp = SPEC.entry_inputs(_prepare_search, probe, prompt, response, checker, config=config, reference=reference)
     p_ids, r_ids = inp.data
@@ -504,13 +511,16 @@ def search(probe, prompt: str | Sequence[int], response: str | Sequence[int], ch
 
 def run(probe, problems: Sequence[Problem] | None = None, *, config: Config = Config(),
         checkers: Sequence[Callable[[str], bool]] | None = None, n_traces: int | None = None,
-        progress: Callable[[int], None] | None = None) -> "CriticalResult":
+        progress: ProgressFn | None = None) -> "CriticalResult":
     """Sample trajectories for each problem, take the first incorrect one per problem and search it.
 
     Args:
         problems: tasks with reference answers (default: one built-in arithmetic problem).
         checkers: one grader per problem (default: ``config.checker`` on the reference answer).
         n_traces: analyse at most this many incorrect traces (default: one per problem).
+        progress: :class:`~analyses.core.progress.Progress` events: ``sampling`` (responses), then per searched
+            trace ``trace i/n: rollouts`` (the coarse prefixes), ``trace i/n: bisection`` (at most
+            ⌈log2 gap⌉ prefixes) and ``trace i/n: alternatives`` (alternative tokens), as :func:`search`.
     """
     inp = SPEC.inputs(probe, problems, config=config)
     problems = inp.data
@@ -519,7 +529,7 @@ def run(probe, problems: Sequence[Problem] | None = None, *, config: Config = Co
         vllm_engine(probe)  # fail before any sampling when vLLM or a GPU is missing
     timer = Timer()
     with timer("sample"):
-        trajs = sample_trajectories(probe, problems, config, chks)
+        trajs = sample_trajectories(probe, problems, config, chks, progress=progress)
     tdf = pd.DataFrame([dict(problem=t.problem, sample=t.sample, text=t.text, answer=t.answer, correct=t.correct,
                              n_tokens=len(t.response_ids)) for t in trajs])
     wrong: dict[int, Trajectory] = {}
@@ -530,11 +540,12 @@ def run(probe, problems: Sequence[Problem] | None = None, *, config: Config = Co
         raise InputError(f"all {len(trajs)} sampled trajectories of {len(problems)} problem(s) are correct: nothing to analyse.",
                          hint="Sample more (n_samples / --samples), raise the temperature, or use harder problems (builtin-multistep).")
     traces = []
-    for ti, (pi, t) in enumerate(sorted(wrong.items())[: n_traces or len(wrong)]):
+    picked = sorted(wrong.items())[: n_traces or len(wrong)]
+    for ti, (pi, t) in enumerate(picked):
         p = problems[pi]
         prompt_ids = probe.to_tokens(format_prompt(probe, p))[0].tolist()
         traces.append(_search_trace(probe, _Trace(ti, pi, p.question, str(p.answer), prompt_ids, list(t.response_ids)),
-                                    chks[pi], config, timer, progress))
+                                    chks[pi], config, timer, progress, f"trace {ti + 1}/{len(picked)}: "))
     return dataclasses.replace(_build_result(probe, config, traces, tdf, timer, inp.hash), inputs=inp.label)
 
 
@@ -566,7 +577,8 @@ def _prepare(probe, problems: Sequence[Problem] | None = None, *, config: Config
     return registry.Inputs(_run_hash(problems), problems, f"{len(problems)} problem(s): {registry.text_label(problems[0].question, 60)!r}")
 
 
-def _search_trace(probe, tr: _Trace, checker, cfg: Config, timer: Timer, progress) -> dict[str, Any]:
+def _search_trace(probe, tr: _Trace, checker, cfg: Config, timer: Timer, progress: ProgressFn | None,
+                  label: str = "") -> dict[str, Any]:
     tok = probe.tokenizer
     L = len(tr.response_ids)
     strs = probe.to_str_tokens(tr.response_ids)
@@ -599,13 +611,13 @@ def _search_trace(probe, tr: _Trace, checker, cfg: Config, timer: Timer, progres
                         break
             evals[k] = (n, c, stage)
             examples[k] = texts[0] if texts else ""
-            if progress:
-                progress(1)
+            bar.advance()
         n, c, _ = evals[k]
         return c / n
 
     cuts = list(range(L + 1)) if cfg.granularity == "token" else (
         step_cuts(strs, cfg.max_steps) if cfg.granularity == "step" else [0, L])
+    bar = phase(progress, f"{label}rollouts", len(set(cuts)), "prefixes")
     for k in cuts:
         ev(k, "coarse")
     scores = lambda: {k: c / n for k, (n, c, _) in evals.items()}  # noqa: E731
@@ -613,12 +625,14 @@ def _search_trace(probe, tr: _Trace, checker, cfg: Config, timer: Timer, progres
     if mark is not None and cfg.bisect and cfg.granularity != "token":
         lo = max(k for k in evals if k < mark)
         hi = mark
+        bar = phase(progress, f"{label}bisection", math.ceil(math.log2(hi - lo)) if hi - lo > 1 else 0, "prefixes")
         while hi - lo > 1:
             mid = (lo + hi) // 2
             if ev(mid, "bisect") <= cfg.zero_tol:
                 hi = mid
             else:
                 lo = mid
+        bar.close()
         mark = find_critical(scores(), zero_tol=cfg.zero_tol, recover_frac=cfg.recover_frac)
     sc = scores()
     crit = None if mark is None else mark - 1
@@ -629,7 +643,7 @@ def _search_trace(probe, tr: _Trace, checker, cfg: Config, timer: Timer, progres
     alts: list[dict[str, Any]] = []
     if crit is not None and cfg.alternatives != "none" and cfg.n_alternatives > 0:
         with timer("alternatives"):
-            alts = _alternatives(probe, tr, crit, checker, cfg)
+            alts = _alternatives(probe, tr, crit, checker, cfg, progress, label)
 
     state = {k: test.decide(n, c) for k, (n, c, _) in evals.items()}
     ci = {k: clopper_pearson(n, c, cfg.alpha) for k, (n, c, _) in evals.items()}
@@ -689,7 +703,8 @@ def _search_trace(probe, tr: _Trace, checker, cfg: Config, timer: Timer, progres
 
 
 @torch.no_grad()
-def _alternatives(probe, tr: _Trace, crit: int, checker, cfg: Config) -> list[dict[str, Any]]:
+def _alternatives(probe, tr: _Trace, crit: int, checker, cfg: Config, progress: ProgressFn | None = None,
+                  label: str = "") -> list[dict[str, Any]]:
     """Roll out alternative tokens at position ``crit`` (original token's probability zeroed)."""
     ids = torch.tensor([tr.prompt_ids + tr.response_ids[:crit]], device=probe.device)
     logits = probe.forward(ids)[0, -1].float() / cfg.temperature
@@ -706,11 +721,13 @@ def _alternatives(probe, tr: _Trace, crit: int, checker, cfg: Config) -> list[di
             counts[t] = counts.get(t, 0) + cfg.alt_rollouts
     out = []
     base = tr.response_ids[:crit]
+    bar = phase(progress, f"{label}alternatives", len(counts), "tokens")
     for t, n in counts.items():
         resp = base + [t]
         c, texts = rollout_success(probe, tr.prompt_ids, resp, len(resp), checker, n, cfg, seed=_seed_for(cfg.seed, tr.trace, t))
         out.append(dict(trace=tr.trace, pos=crit, token=probe.tokenizer.decode([t]), token_id=t, prob=float(probs[t]),
                         n=n, n_correct=c, success=c / n, example=texts[0] if texts else ""))
+        bar.advance()
     out.sort(key=lambda a: (-a["success"], -a["prob"]))
     return out
 

@@ -41,6 +41,7 @@ from probes.sites import site as _site
 
 from .core import base, domains as _domains, registry
 from .core.base import option, stored
+from .core.progress import ProgressFn, phase
 from .sinks import MEMORY as _SINKS_MEMORY
 from .sinks import bos_flag, collect_stats, next_token_loss
 from .core.store import hash_inputs
@@ -332,14 +333,15 @@ def _prepare(probe, domains: Sequence[str] | Mapping[str, Sequence[str]] = ("pro
 
 
 def run(probe, domains: Sequence[str] | Mapping[str, Sequence[str]] = ("prose", "code", "arithmetic"), *,
-        config: Config = Config(), progress=None) -> DormantResult:
+        config: Config = Config(), progress: ProgressFn | None = None) -> DormantResult:
     """Sink mass, value drains, residual peaks and the dormant map per domain, plus the causal check.
 
     Args:
         probe: a loaded probe.
         domains: built-in domain names, or ``{name: texts}`` (e.g. :func:`analyses.core.domains.load_jsonl`).
         config: :class:`Config`.
-        progress: optional progress callback ``progress(n)``.
+        progress: :class:`~analyses.core.progress.Progress` events: phase ``measuring <domain>`` (samples) per
+            domain, then ``causal check`` (one unit per head, domain and batch).
     """
     timer = base.Timer()
     with timer("tokenize"):
@@ -357,7 +359,8 @@ def run(probe, domains: Sequence[str] | Mapping[str, Sequence[str]] = ("prose", 
     with timer("stats"):
         for b in batches:
             stats.append(collect_stats(probe, b.tokens, positions=(s,), eps_grid=(config.theta,), batch_size=config.batch_size,
-                                       loss=True, per_sample=follow, progress=progress))
+                                       loss=True, per_sample=follow, progress=progress,
+                                       what=f"measuring {b.name}"))
     token_id, agreement, label = None, (), f"position {s}"
     if config.sink_token is not None:
         ids = probe.tokenizer(config.sink_token, add_special_tokens=False).input_ids
@@ -394,6 +397,8 @@ def run(probe, domains: Sequence[str] | Mapping[str, Sequence[str]] = ("prose", 
     delta = torch.full((len(batches), L, H), float("nan"))
     heads = _pick_heads(config, sink_mass, dormant, L, H)
     with timer("interventions"):
+        n_batches = sum(-(-b.tokens.shape[0] // config.batch_size) for b in batches)
+        bar = phase(progress, "causal check", len(heads) * n_batches, "batches")
         for l, h in heads:
             for i, b in enumerate(batches):
                 losses = []
@@ -406,6 +411,7 @@ def run(probe, domains: Sequence[str] | Mapping[str, Sequence[str]] = ("prose", 
                     else:
                         edit = AttendTo(layer=l, heads=[h], key=s)
                     losses.append(next_token_loss(probe.run(t, edits=[edit]), t).cpu())
+                    bar.advance(head=head_label(l, h))
                 delta[i, l, h] = float(torch.cat(losses).mean()) - float(loss[i])
     if config.delta is not None:
         tested = ~torch.isnan(delta)

@@ -73,6 +73,7 @@ from probes import ConfigError, InputError, Probe
 from .core import registry, store
 from .core.base import Config as _BaseConfig
 from .core.base import Result, Timer, option, register_result, stored
+from .core.progress import ProgressFn, phase
 from .fiber_stats import (  # the statistics (re-exported)
     _ZERO_RADIUS, MAX_GAPS, MIN_SEGMENT, Correction, Mode, adjust_p, calibrate_p, calibration, changepoint_scan, gap_test,
     pointwise_slopes, simulate_scan_min_p, spacing_scores, split_p, stratify, trim_gaps, welch_scan,
@@ -202,7 +203,7 @@ def _check_matrix(E: torch.Tensor, vol_max: int) -> None:
 # ------------------------------------------------------------------------------------------ math: kNN
 @torch.no_grad()
 def knn_distances(X: torch.Tensor, k: int, *, queries: torch.Tensor | None = None, block_size: int = 2048,
-                  exact: Literal["auto", "all"] = "auto", progress: Callable[[int, int], None] | None = None
+                  exact: Literal["auto", "all"] = "auto", progress: ProgressFn | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact ``k`` smallest Euclidean distances from query rows to all rows of ``X`` (self included).
 
@@ -215,6 +216,7 @@ def knn_distances(X: torch.Tensor, k: int, *, queries: torch.Tensor | None = Non
         X: ``[V, ℓ]`` points (any float dtype; the device of ``X`` is used).
         k: neighbours per query (``<= V``).
         queries: ``[n]`` row ids of the query points (default all rows).
+        progress: :class:`~analyses.core.progress.Progress` events: phase ``kNN``, in query blocks.
 
     Returns:
         ``(dist [n, k] float64 ascending, idx [n, k] int64)`` (float64 so that the fp64-recomputed
@@ -236,6 +238,7 @@ def knn_distances(X: torch.Tensor, k: int, *, queries: torch.Tensor | None = Non
     n_blocks = (q_ids.numel() + block_size - 1) // block_size
     prev_tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
+    bar = phase(progress, "kNN", n_blocks, "blocks")
     try:
         for b in range(n_blocks):
             ids = q_ids[b * block_size:(b + 1) * block_size]
@@ -255,8 +258,7 @@ def knn_distances(X: torch.Tensor, k: int, *, queries: torch.Tensor | None = Non
             v, order = v.sort(dim=1)
             out_d.append(v[:, :k].sqrt().cpu())
             out_i.append(i.gather(1, order[:, :k]).cpu())
-            if progress is not None:
-                progress(b + 1, n_blocks)
+            bar.advance()
     finally:
         torch.backends.cuda.matmul.allow_tf32 = prev_tf32
     return torch.cat(out_d), torch.cat(out_i)
@@ -612,14 +614,14 @@ def _key_inputs(probe: Probe | None = None, *, embeddings: Any = None, config: C
 
 
 def run(probe: Probe | None = None, *, embeddings: Any = None, token_strs: Sequence[str] | None = None, config: Config = Config(),
-        progress: Callable[[int, int], None] | None = None) -> FiberResult:
+        progress: ProgressFn | None = None) -> FiberResult:
     """Run the fiber-bundle / manifold test.
 
     Args:
         probe: model whose ``W_E`` / ``W_U`` is tested (optional with a file or ``embeddings``).
         embeddings: a ``[V, ℓ]`` array to test instead (overrides ``config.matrix``).
         token_strs: labels of the rows (default: the tokenizer's, else the row ids).
-        progress: ``progress(done_blocks, total_blocks)`` called after each kNN block.
+        progress: :class:`~analyses.core.progress.Progress` events: phase ``kNN``, in query blocks.
     """
     registry.check_config(config, Config, "fiber")
     if probe is not None:
@@ -628,7 +630,7 @@ def run(probe: Probe | None = None, *, embeddings: Any = None, token_strs: Seque
     return _finish(config, **prep, probe=probe, embeddings=embeddings, token_strs=token_strs)
 
 
-def _prepare(probe: Probe | None, embeddings: Any, config: Config, progress: Callable[[int, int], None] | None
+def _prepare(probe: Probe | None, embeddings: Any, config: Config, progress: ProgressFn | None
              ) -> dict[str, Any]:
     """Matrix, duplicate check and nearest-neighbour distances up to ``config.vol_max``."""
     timer = Timer()
@@ -731,7 +733,7 @@ def _jaccard(a: set[int], b: set[int]) -> float:
 
 def volume_stability(probe: Probe | None = None, *, embeddings: Any = None, token_strs: Sequence[str] | None = None,
                      config: Config = Config(), ranges: Sequence[tuple[int, int]] = STABILITY_RANGES,
-                     correction: Correction | None = None, progress: Callable[[int, int], None] | None = None,
+                     correction: Correction | None = None, progress: ProgressFn | None = None,
                      return_results: bool = False) -> pd.DataFrame | tuple[pd.DataFrame, list[FiberResult]]:
     """How the rejections depend on the volume range: one nearest-neighbour pass, one test per range.
 

@@ -22,6 +22,7 @@ from probes.reducers import Reducer
 
 from .core import registry
 from .core.base import Result, Timer, option, register_result, stored
+from .core.progress import ProgressFn, phase
 from .routes import MEMORY, Config, RoutesResult, _check_supported, _compute
 
 __all__ = ["DatasetConfig", "RouteStats", "RouteStatsResult", "run_dataset", "dataset_key", "accumulate", "merge_states",
@@ -185,8 +186,9 @@ def _text_domain(rec) -> tuple[str, str]:
 
 
 def _fold(probe, records: Sequence, config: DatasetConfig, stats: RouteStats, *, checkpoint=None,
-          progress: Callable[[int], None] | None = None) -> int:
-    """Fold ``records`` into ``stats`` (resuming after ``checkpoint``'s last save); returns the prompts skipped."""
+          on_prompt: Callable[[int], None] | None = None) -> int:
+    """Fold ``records`` into ``stats`` (resuming after ``checkpoint``'s last save); returns the prompts skipped.
+    ``on_prompt(n)`` after each prompt, with the number of prompts done (resumed ones included)."""
     _check_supported(probe)
     done = checkpoint.restore({"stats": stats}) if checkpoint is not None else 0
     skipped = int(getattr(checkpoint, "extra", {}).get("skipped", 0)) if done else 0
@@ -207,8 +209,8 @@ def _fold(probe, records: Sequence, config: DatasetConfig, stats: RouteStats, *,
             stats.add(domain, r.head_importance(route=route), _ffn_on_route(route, probe.info.n_layers))
         if checkpoint is not None and n_seen % config.checkpoint_every == 0:
             checkpoint.save(n_seen, {"stats": stats}, extra={"skipped": skipped})
-        if progress:
-            progress(1)
+        if on_prompt is not None:
+            on_prompt(n_seen)
     return skipped
 
 
@@ -277,7 +279,7 @@ def _stats_result(model: Mapping[str, Any], stats: RouteStats, *, config: Datase
 
 
 def run_dataset(probe, records: Iterable, *, config: DatasetConfig = DatasetConfig(), checkpoint=None,
-                progress: Callable[[int], None] | None = None, partial: Callable[["RouteStatsResult"], None] | None = None,
+                progress: ProgressFn | None = None, partial: Callable[["RouteStatsResult"], None] | None = None,
                 partial_every: int = 8) -> RouteStatsResult:
     """Route statistics over many prompts (memory independent of their number).
 
@@ -285,7 +287,8 @@ def run_dataset(probe, records: Iterable, *, config: DatasetConfig = DatasetConf
         records: :class:`analyses.core.io.Record` items (or plain strings); ``domain`` groups the statistics
             ("all" when absent). The result's key comes from the records themselves (text and domain, in order).
         checkpoint: an :class:`analyses.core.io.Checkpoint`; a re-run with the same one resumes after the last save.
-        progress: called with 1 after each prompt.
+        progress: :class:`~analyses.core.progress.Progress` events: phase ``routes``, in prompts (the total is
+            known when ``records`` has a length).
         partial: called with the statistics so far every ``partial_every`` prompts (a live view).
     """
     registry.check_probe(probe, "routes.run_dataset")
@@ -300,15 +303,16 @@ def run_dataset(probe, records: Iterable, *, config: DatasetConfig = DatasetConf
             digests.append(_digests([rec]))
             yield rec
 
-    def step(k: int) -> None:
-        done[0] += k
-        if progress:
-            progress(k)
+    bar = phase(progress, "routes", len(records) if hasattr(records, "__len__") else None, "prompts")
+
+    def step(n: int) -> None:
+        done[0] = n
+        bar.set(n)
         if partial is not None and done[0] % partial_every == 0 and float(stats.n.sum()) > 0:
             partial(_stats_result(probe.info.to_dict(), stats, config=config, n_skipped=0, input_hash=""))
 
     with timer("routes"):
-        skipped = _fold(probe, digested(records), config, stats, checkpoint=checkpoint, progress=step)
+        skipped = _fold(probe, digested(records), config, stats, checkpoint=checkpoint, on_prompt=step)
     input_hash = registry.digests_hash(torch.cat(digests) if digests else torch.zeros(0, 8, dtype=torch.uint8))
     return _stats_result(probe.info.to_dict(), stats, config=config, n_skipped=skipped, input_hash=input_hash,
                          timings=timer.seconds, n_records=len(digests))

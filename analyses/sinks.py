@@ -44,6 +44,7 @@ from probes.sites import site as _site  # `site` names a local hook name below
 
 from .core import base, domains as _domains, planner, registry
 from .core.base import option, stored
+from .core.progress import ProgressFn, phase
 from .core.store import hash_inputs
 
 __all__ = ["Config", "SinksResult", "SinkAlpha", "run", "result_key", "alpha_from_pattern", "sink_percentage", "collect_stats",
@@ -235,8 +236,9 @@ def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 def collect_stats(probe, tokens: torch.Tensor, *, positions: Sequence[int], eps_grid: Sequence[float] = EPS_GRID,
                   batch_size: int = 8, values: bool = True, resid: bool = True, loss: bool = False,
-                  kv_norms: bool = False, per_sample: bool = False, progress=None) -> dict[str, Any]:
-    """One streamed pass over ``tokens [S, T]``.
+                  kv_norms: bool = False, per_sample: bool = False, progress: ProgressFn | None = None,
+                  what: str = "measuring") -> dict[str, Any]:
+    """One streamed pass over ``tokens [S, T]`` (``progress``: phase ``what``, in samples).
 
     Returns ``alpha_mean [L, H, T]``, ``exceed [E, L, H, K]``, ``n``, and when asked
     ``value_norm [L, H, T]`` (after W_O), ``key_norm`` / ``value_state_norm [L, H_kv, T]`` (per KV head; the key
@@ -251,13 +253,13 @@ def collect_stats(probe, tokens: torch.Tensor, *, positions: Sequence[int], eps_
     for L, r in per.items():
         reads[_site("pattern", L).name] = [reads[_site("pattern", L).name], r]
     losses = []
+    bar = phase(progress, what, tokens.shape[0], "samples")
     for i in range(0, tokens.shape[0], batch_size):
         b = tokens[i:i + batch_size]
         logits = probe.run(b, reads=reads, return_logits=loss)
         if loss:
             losses.append(next_token_loss(logits, b).cpu())
-        if progress is not None:
-            progress(b.shape[0])
+        bar.advance(b.shape[0])
     if per:
         for L, r in per.items():
             reads[_site("pattern", L).name] = reads[_site("pattern", L).name][0]
@@ -542,7 +544,7 @@ def _prepare(probe, texts: Sequence[str] | str | None = None, *, tokens: torch.T
 
 
 def run(probe, texts: Sequence[str] | str | None = None, *, tokens: torch.Tensor | None = None,
-        domain: str | None = None, config: Config = Config(), progress=None) -> SinksResult:
+        domain: str | None = None, config: Config = Config(), progress: ProgressFn | None = None) -> SinksResult:
     """Sink metric, value drains and residual peaks over a corpus.
 
     Args:
@@ -551,7 +553,7 @@ def run(probe, texts: Sequence[str] | str | None = None, *, tokens: torch.Tensor
         tokens: or ids ``[S, ≥T]`` (e.g. the random/repeat controls).
         domain: or a built-in domain name (``prose``, ``code``, ``arithmetic``, ``random``, ``repeat``).
         config: :class:`Config`.
-        progress: optional progress callback ``progress(n_samples_done)``.
+        progress: :class:`~analyses.core.progress.Progress` events: phase ``measuring``, in samples.
     """
     timer = base.Timer()
     with timer("tokenize"):
@@ -600,7 +602,7 @@ def _result(probe, st: Mapping[str, Any], head: torch.Tensor, *, config: Config,
 
 
 # ----------------------------------------------------------------------------- shards (sweeps)
-def accumulate(probe, texts: Sequence, config: Config = Config(), *, progress=None) -> dict[str, Any]:
+def accumulate(probe, texts: Sequence, config: Config = Config(), *, progress: ProgressFn | None = None) -> dict[str, Any]:
     """One shard of a sweep: tokenize ``texts`` (shorter than T tokens: skipped and counted) and stream them.
 
     Returns a plain partial state: ``reads`` (site -> reducer ``state()``), ``n_skipped``, ``n_texts``,
@@ -614,11 +616,11 @@ def accumulate(probe, texts: Sequence, config: Config = Config(), *, progress=No
     toks, skipped = _domains.texts_to_tokens(probe, texts, config.T, prepend_bos=bos_flag(config.bos))
     reads = make_reducers(probe, config.positions, eps_grid_for(config), values=config.values, resid=True,
                           kv_norms=config.kv_norms)
+    bar = phase(progress, "measuring", toks.shape[0], "samples")
     for i in range(0, toks.shape[0], config.batch_size):
         b = toks[i:i + config.batch_size]
         probe.run(b, reads=reads, return_logits=False)
-        if progress is not None:
-            progress(b.shape[0])
+        bar.advance(b.shape[0])
     return {"reads": {k: _state_of(r) for k, r in reads.items()}, "n_skipped": int(skipped), "n_texts": len(texts),
             "digests": _row_digests(toks), "head": toks[: config.ablation_samples].cpu()}
 
@@ -685,7 +687,7 @@ def _memory(s, B: int, T: int, o: Mapping[str, Any]) -> dict[str, int]:
 MEMORY = planner.MemoryModel("sinks", _memory)
 
 
-def _sweep_run(probe, config: Config, *, texts=None, domain: str = "prose", progress=None, **_: Any) -> SinksResult:
+def _sweep_run(probe, config: Config, *, texts=None, domain: str = "prose", progress: ProgressFn | None = None, **_: Any) -> SinksResult:
     from .core.planner import retry_on_oom
 
     # a checkpoint that runs out of memory is retried once with half the batch (same numbers: α is streamed)

@@ -78,9 +78,11 @@ def long_run(args) -> None:
     print(f"config: {json.dumps(cfg.to_dict(), default=str)}", flush=True)
     t0 = time.perf_counter()
 
-    def cb(p):
-        print(f"{time.perf_counter() - t0:8.1f}s step {p['step']:5d} xent {p['xent']:.3f} kept {p['kept']:.4%} "
-              f"undecided {p['undecided']:.4%} beta {p['beta']:.1f}", flush=True)
+    def cb(ev):  # analyses.core.progress.Progress events; one line per curve point while training
+        if ev.phase == "training" and ev.done and (ev.done % cfg.log_every == 0 or ev.finished):
+            print(f"{time.perf_counter() - t0:8.1f}s {ev}", flush=True)
+        elif ev.phase != "training" and ev.done == 0:
+            print(f"{time.perf_counter() - t0:8.1f}s {ev.phase}", flush=True)
 
     ck = (args.out.rstrip("/") + "-checkpoint") if args.out else None  # a crash after training resumes from here
     res = B.run(probe, "builtin", config=cfg, progress=cb, checkpoint=ck)

@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 import streamlit as st
 
+from analyses.core.progress import Progress
 from probes import SondeError, head_label
 
 __all__ = ["PAGES", "PageSpec", "start_page", "go", "page_link", "selectable_heads", "head_from_selection", "node_from_selection", "component_panel", "profile_for", "Job",
@@ -323,11 +324,13 @@ class Cancelled(SondeError):
 class Job:
     """A background run: progress in [0, 1], a cancel flag checked between steps, the result or the error.
 
-    ``started`` is None while the run waits for a free worker (queued)."""
+    ``started`` is None while the run waits for a free worker (queued). ``last`` is the analysis's latest
+    :class:`~analyses.core.progress.Progress` event (its phase, count, total and figures)."""
 
     label: str
     total: int | None = None
     done_steps: int = 0
+    last: Progress | None = None
     result: Any = None
     partial: Any = None
     error: str | None = None
@@ -345,11 +348,12 @@ class Job:
         """Finished without a result (cancelled or an error)."""
         return self.finished and self.result is None
 
-    def step(self, n: int = 1) -> None:
-        """Progress callback for the analysis (``progress=``): counts and checks the cancel flag."""
-        self.done_steps += int(n)
+    def step(self, event: Progress) -> None:
+        """The analysis's ``progress=`` callback: keeps its latest event and checks the cancel flag (raising
+        :class:`Cancelled` stops the run between two units of work)."""
+        self.last, self.done_steps, self.total = event, event.done, event.total
         if self.cancel.is_set():
-            raise Cancelled(f"{self.label} was cancelled after {self.done_steps} steps.", hint="Start it again to rerun.")
+            raise Cancelled(f"{self.label} was cancelled at {event}.", hint="Start it again to rerun.")
 
 
 WORKERS = 2  # background runs at once on the server; later ones queue
@@ -389,7 +393,7 @@ def _jobs() -> dict[str, Job]:
     return st.session_state.setdefault("_sonde_jobs", {})
 
 
-def run_job(key: str, label: str, fn: Callable[[Job], Any], *, total: int | None = None, restart: bool = False,
+def run_job(key: str, label: str, fn: Callable[[Job], Any], *, restart: bool = False,
             job_id: str | None = None, on_done: Callable[[Any], None] | None = None) -> Job:
     """Run ``fn(job)`` in the background as the page slot ``key`` of this session; return the job.
 
@@ -413,7 +417,7 @@ def run_job(key: str, label: str, fn: Callable[[Job], Any], *, total: int | None
         old = slots.get(key)
         if old is not None and old is not job and not old.finished:
             old.cancel.set()
-        job = Job(label=label, total=total)
+        job = Job(label=label)
         reg.jobs[jid] = job
         done = [k for k, j in reg.jobs.items() if j.finished]
         for k in done[: max(0, len(done) - KEEP_FINISHED)]:
@@ -446,7 +450,7 @@ def _progress_text(j: Job) -> str:
         ahead = registry().queued_before(j)
         return (f"{j.label}: queued, waiting for a free worker ({WORKERS} runs at once"
                 + (f"; {ahead} queued ahead" if ahead else "") + f") · {time.time() - j.queued_at:.0f} s")
-    txt = f"{j.label}: {j.done_steps}/{j.total} steps" if j.total else f"{j.label}: {j.done_steps} steps"
+    txt = f"{j.label} · {j.last}" if j.last is not None else f"{j.label}: starting"
     return f"{txt} · {time.time() - j.started:.0f} s"
 
 
@@ -483,7 +487,7 @@ def job_view(key: str, *, partial: Callable[[Any], None] | None = None, poll_s: 
     return job
 
 
-def background_result(key: str, label: str, content_key: str, fn: Callable[[Job], Any], *, total: int | None = None,
+def background_result(key: str, label: str, content_key: str, fn: Callable[[Job], Any], *,
                       waiting: str = "Running in the background; results appear when it finishes.") -> Any:
     """The result with ``content_key`` (the analysis's own ``result_key``): from memory or the results store when
     it is there (computed by the CLI, a notebook or another session), else computed by ``fn(job)`` in the background:
@@ -498,7 +502,7 @@ def background_result(key: str, label: str, content_key: str, fn: Callable[[Job]
         return got
     if st.session_state.get(f"_bg_sig_{key}") != content_key:  # new settings, or a new tab: start or attach
         st.session_state[f"_bg_sig_{key}"] = content_key
-        run_job(key, label, fn, total=total, job_id=content_key, on_done=state._save)
+        run_job(key, label, fn, job_id=content_key, on_done=state._save)
     job = job_view(key)
     if job is not None and job.failed:
         if st.button("Run again", key=f"{key}-again", icon=":material/replay:"):

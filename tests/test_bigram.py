@@ -436,8 +436,8 @@ def test_resume_after_kill_matches_uninterrupted(trained, tmp_path):
     cfg = quick(lam=1.0, steps=30, layers=(0,), stop_undecided=None)
     ref = B.run(probe, ids, config=cfg, evaluate=False)
 
-    def die(point):
-        if point["step"] == 20:
+    def die(ev):
+        if ev.phase == "training" and ev.done == 20:
             raise KeyboardInterrupt
 
     ck = tmp_path / "ck"
@@ -447,7 +447,8 @@ def test_resume_after_kill_matches_uninterrupted(trained, tmp_path):
     assert stat.S_IMODE(ck.stat().st_mode) == 0o700
     seen = []
     resumed = B.run(probe, ids, config=cfg, evaluate=False, checkpoint=ck, checkpoint_every=10, progress=seen.append)
-    assert [p["step"] for p in seen] == [20, 30]  # continued from step 10
+    steps = [e.done for e in seen if e.phase == "training"]
+    assert steps == list(range(10, 31))  # continued from step 10 (the last save), one event per step
     assert all(torch.equal(resumed.masks[k], v) for k, v in ref.masks.items())
     assert resumed.curve["step"].tolist() == ref.curve["step"].tolist()
 

@@ -81,11 +81,12 @@ def test_micro_batches_give_the_full_batch_step(tiny):
     cfg = B.Config(lam=1.0, lr=0.05, steps=3, batch=8, seq_len=8, grad_accum=2, reuse=True, stop_undecided=None, log_every=1)
     steps = []
     full, curve_full, _, _ = B.train_mask(probe, rows, table, cfg)
-    small, curve_small, _, _ = B.train_mask(probe, rows, table, cfg, micro_batch=3, on_step=steps.append)
+    small, curve_small, _, _ = B.train_mask(probe, rows, table, cfg, micro_batch=3, progress=steps.append)
     for a, c in zip(full.logits, small.logits):  # Adam (lr 0.05) magnifies float-rounding in near-zero gradients
         assert torch.allclose(a, c, rtol=0, atol=1e-4)
     assert torch.allclose(torch.tensor(curve_full["xent"].values), torch.tensor(curve_small["xent"].values), rtol=1e-5)
-    assert [s["step"] for s in steps] == [1, 2, 3] and all(s["phase"] == "train" and s["steps"] == 3 for s in steps)
+    assert [s.done for s in steps] == [0, 1, 2, 3] and all(s.phase == "training" and s.total == 3 for s in steps)
+    assert all("xent" in s.info for s in steps[1:])
 
 
 # ---------------------------------------------------------------------------- planned before loading, progress

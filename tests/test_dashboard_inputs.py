@@ -422,9 +422,12 @@ def test_a_job_waiting_for_a_worker_says_queued(env):
 
     text = _progress_text(Job(label="Rolling out prefixes", total=9))
     assert "queued" in text and "0/9" not in text
-    j = Job(label="Rolling out prefixes", total=9, done_steps=2)
+    from analyses.core.progress import Progress
+
+    j = Job(label="Rolling out prefixes", total=9)
     j.started = j.queued_at
-    assert "2/9 steps" in _progress_text(j)
+    j.step(Progress("rollouts", 2, 9, "prefixes", {"trace": 0}))
+    assert "rollouts: 2/9 prefixes (trace 0)" in _progress_text(j) and j.progress == 2 / 9
 
 
 def test_embedding_geometry_prints_p_values_in_scientific_notation(env):

@@ -248,9 +248,9 @@ def test_dataset_merge_and_resume(tiny, tmp_path):
     ck = Checkpoint(tmp_path / "ck", fingerprint="x")
     seen = []
 
-    def stop_after(n):
-        seen.append(n)
-        if len(seen) == 4:
+    def stop_after(ev):
+        seen.append(ev.done)
+        if ev.done == 4:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):

@@ -252,9 +252,12 @@ def test_sink_sweep_is_one_tidy_table_and_resumes(ckpt_dir, tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         checkpoints.run(cfg, out=out, load=dies_on_second)
-    seen = []
-    res = checkpoints.run(cfg, out=out, device="cpu", on_checkpoint=lambda ck, what: seen.append((ck.label, what)))
+    events = []
+    res = checkpoints.run(cfg, out=out, device="cpu", progress=events.append)
+    seen = [(e.info["checkpoint"], e.info["status"]) for e in events if e.phase == "checkpoints" and e.done]
     assert seen == [("step0", "skipped"), ("step500", "done"), ("step1000", "done")]
+    assert [e.done for e in events if e.phase == "checkpoints"] == [0, 1, 2, 3]
+    assert {e.phase for e in events} >= {"step500: measuring", "step1000: measuring"}  # each checkpoint's own phase
     df = res.to_frame()
     assert list(df.columns) == checkpoints.COLUMNS
     assert list(df["checkpoint"].unique()) == ["step0", "step500", "step1000"] and list(df["step"].unique()) == [0, 500, 1000]

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .common import save_result, data_file, folder_path, model_options, BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OutOpt, echo_json, load_probe, progress, saved, status
+from .common import save_result, data_file, folder_path, model_options, BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OutOpt, echo_json, load_probe, progress_bar, saved, status
 
 __all__ = ["register"]
 
@@ -48,46 +48,6 @@ def _plan(model: str, cfg, device: str, dtype: str, micro_batch: int | None) -> 
         return micro_batch
     typer.echo(f"planner: {p.message}", err=True)
     return p.batch_size
-
-
-class _Phases:
-    """Progress of every phase on stderr (``--json`` too: stdout stays clean): the corpus, one line per
-    optimizer step while training, one per evaluation batch."""
-
-    def __init__(self, steps: int):
-        self.steps, self.bar, self.eval_bar, self.last, self.fields = steps, None, None, 0, {}
-
-    def __enter__(self):
-        return self
-
-    def curve(self, point: dict) -> None:  # curve points (every log_every steps): the mask's state
-        self.fields = {"kept": f"{point['kept']:.3%}", "undecided": f"{point['undecided']:.3%}"}
-
-    def __call__(self, ev: dict) -> None:
-        if ev["phase"] == "corpus":
-            what = "tokenizing the corpus" if ev["stage"] == "tokenize" else f"counting bigrams over {ev['tokens']:,} tokens"
-            typer.echo(f"corpus: {what}", err=True)
-        elif ev["phase"] == "train":
-            if self.bar is None:
-                self.bar = progress(self.steps, "masking", every=0).__enter__()
-            self.bar(ev["step"] - self.last, xent=f"{ev['xent']:.3f}", **self.fields)
-            self.last = ev["step"]
-        elif ev["phase"] == "evaluate":
-            if self.eval_bar is None:
-                self._close("bar")
-                self.eval_bar = progress(ev["total"], "evaluating (5 variants per batch)", every=0).__enter__()
-            self.eval_bar.set(ev["done"])
-
-    def _close(self, name: str, *exc) -> None:
-        bar = getattr(self, name)
-        if bar is not None:
-            bar.__exit__(*(exc or (None, None, None)))
-            setattr(self, name, None)
-
-    def __exit__(self, *exc):
-        self._close("bar", *exc)
-        self._close("eval_bar", *exc)
-        return None
 
 
 def register(run_app: typer.Typer) -> None:
@@ -165,9 +125,8 @@ def register(run_app: typer.Typer) -> None:
         probe = load_probe(model, backend, device, dtype)
         run_fp = store.hash_inputs(probe.info.fingerprint, cfg.to_dict(), corpus)
         ck = checkpoint or work_dir(out if out is not None else store.results_root(), f"bigram-{run_fp}")
-        with _Phases(cfg.steps) as phases:
-            res = bigram.run(probe, corpus, config=cfg, evaluate=not no_eval, checkpoint=ck, progress=phases.curve,
-                             micro_batch=mb, on_step=phases)
+        with progress_bar() as bar:
+            res = bigram.run(probe, corpus, config=cfg, evaluate=not no_eval, checkpoint=ck, progress=bar, micro_batch=mb)
         path = save_result(res, out)
         if checkpoint is None:
             shutil.rmtree(ck, ignore_errors=True)
@@ -206,8 +165,8 @@ def register(run_app: typer.Typer) -> None:
             if any(names.get(k) != tuple(v.shape) for k, v in res.masks.items()):
                 raise InputError(f"the mask in {str(mask)!r} was trained on {res.model.get('name')!r} and does not fit {probe.info.name!r}.",
                                  hint="Pass --model with the model the mask was trained on.")
-        with status("Evaluating"):
-            ev = bigram.evaluate(probe, res, corpus, compare=compare, eval_rows=eval_rows)
+        with progress_bar() as bar:
+            ev = bigram.evaluate(probe, res, corpus, compare=compare, eval_rows=eval_rows, progress=bar)
         summary = {"sparsity": f"{ev.sparsity:.4%}", "ablation": ev.ablation.to_dict(orient="records")}
         if "compare" in ev.overlaps:
             summary["overlap"] = ev.overlaps["compare"]

@@ -10,9 +10,11 @@ import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import typer
+
+from analyses.core.progress import Phase, Progress, phase
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Sonde: an interpretability workbench for causal LMs.")
 run_app = typer.Typer(no_args_is_help=True, help="Run an analysis (`sonde run ANALYSIS --help`).")
@@ -433,65 +435,88 @@ def status(msg: str) -> Iterator[None]:
         yield
 
 
-def progress(total: int | None, description: str, *, every: float = 15.0):
-    """A progress bar with elapsed time and ETA on stderr: ``with progress(n, "texts") as step: ... step(k)``.
+@contextmanager
+def progress_bar(*, every: float = 15.0) -> Iterator[Callable[[Progress], None]]:
+    """Show an analysis's :class:`~analyses.core.progress.Progress` events on stderr (stdout stays clean for
+    ``--json``): ``with progress_bar() as bar: analysis.run(..., progress=bar)``.
 
-    ``step(k)`` advances by ``k``; ``step.set(done, total)`` sets both. On a terminal it is a rich bar; otherwise
-    (a log, CI) one plain line every ``every`` seconds and one at the end, so a long run is never silent.
-    stdout stays clean (``--json``).
+    One bar per phase, with its count, total, elapsed time, ETA and figures. On a terminal the bars are rich's; in a
+    log or CI, one plain line when a phase starts, one every ``every`` seconds and one when it ends, so no phase is
+    silent. The ETA extrapolates the phase's own rate (units done since it started, resumed ones excluded).
     """
-    import time
+    bars = _Bars(every)
+    try:
+        yield bars
+    finally:
+        bars.close()
 
-    class _P:
-        def __enter__(self):
-            self.done, self.total, self.t0, self.last, self.fields = 0, total, time.monotonic(), time.monotonic(), ""
-            self.tty = sys.stderr.isatty()
+
+class _Bars:
+    def __init__(self, every: float) -> None:
+        self.every, self.tty, self.ev, self.shown = every, sys.stderr.isatty(), None, None
+        self.rich = self.task = None
+
+    def __call__(self, ev: Progress) -> None:
+        import time
+
+        now = time.monotonic()
+        if self.ev is None or ev.phase != self.ev.phase:
+            self._end()
+            self.t0, self.done0, self.last = now, ev.done, 0.0
             if self.tty:
-                from rich.console import Console
-                from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+                self._rich_task(ev)
+        self.ev = ev
+        if self.tty:
+            self.rich.update(self.task, completed=ev.done, total=ev.total, description=self._label(ev))
+        elif ev.done == self.done0 or ev.finished or now - self.last >= self.every:
+            self._line()
 
-                self.p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                                  TextColumn("ETA"), TimeRemainingColumn(), console=Console(stderr=True), transient=False)
-                self.p.__enter__()
-                self.t = self.p.add_task(description, total=total)
-            return self
+    def _label(self, ev: Progress) -> str:
+        extra = ", ".join(f"{k} {v}" for k, v in ev.info.items())
+        return ev.phase + (f" ({extra})" if extra else "")
 
-        def _line(self) -> None:
-            el = time.monotonic() - self.t0
-            eta = ""
-            if self.total and self.done:
-                eta = f", ETA {_seconds(el * (self.total - self.done) / self.done)}"
-            of = f"/{self.total}" if self.total else ""
-            print(f"{description}{self.fields}: {self.done}{of}, {_seconds(el)} elapsed{eta}", file=sys.stderr, flush=True)
-            self.last, self.shown = time.monotonic(), self.done
+    def _rich_task(self, ev: Progress) -> None:
+        if self.rich is None:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bars, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-        def _tick(self) -> None:
-            if not self.tty and time.monotonic() - self.last >= every:
-                self._line()
+            self.rich = Bars(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                             TextColumn("ETA"), TimeRemainingColumn(), console=Console(stderr=True), transient=False)
+            self.rich.__enter__()
+        self.task = self.rich.add_task(self._label(ev), total=ev.total, completed=ev.done)
 
-        def __call__(self, advance: int = 1, **fields):
-            self.done += int(advance)
-            self.fields = (" " + " ".join(f"{k}={v}" for k, v in fields.items())) if fields else self.fields
-            if self.tty:
-                self.p.update(self.t, advance=advance, **({"description": description + self.fields} if fields else {}))
-            self._tick()
+    def _line(self) -> None:
+        import time
 
-        def set(self, completed: int, total: int | None = None):
-            self.done = int(completed)
-            if total is not None:
-                self.total = total
-            if self.tty:
-                self.p.update(self.t, completed=completed, **({"total": total} if total is not None else {}))
-            self._tick()
+        ev, now = self.ev, time.monotonic()
+        el = now - self.t0
+        of = f"/{ev.total}" if ev.total is not None else ""
+        unit = f" {ev.unit}" if ev.unit else ""
+        eta = ""
+        if ev.total is not None and not ev.finished and ev.done > self.done0:
+            eta = f", ETA {_seconds(el * (ev.total - ev.done) / (ev.done - self.done0))}"
+        extra = ", ".join(f"{k} {v}" for k, v in ev.info.items())
+        print(f"{ev.phase}: {ev.done}{of}{unit}, {_seconds(el)} elapsed{eta}" + (f" ({extra})" if extra else ""),
+              file=sys.stderr, flush=True)
+        self.last, self.shown = now, ev
 
-        def __exit__(self, *a):
-            if self.tty:
-                return self.p.__exit__(*a)
-            if a[0] is None and time.monotonic() - self.t0 >= every and getattr(self, "shown", None) != self.done:
-                self._line()
-            return None
+    def _end(self) -> None:
+        """The phase in course is over: its last state is shown (a plain line unless it already was)."""
+        if self.ev is not None and not self.tty and self.shown is not self.ev:
+            self._line()
 
-    return _P()
+    def close(self) -> None:
+        self._end()
+        if self.rich is not None:
+            self.rich.__exit__(None, None, None)
+            self.rich = None
+
+
+@contextmanager
+def phase_bar(name: str, total: int | None, unit: str = "", **info: Any) -> Iterator[Phase]:
+    """A CLI loop of its own, shown as one phase: ``with phase_bar("capturing", n, "texts") as ph: ... ph.advance()``."""
+    with progress_bar() as bar:
+        yield phase(bar, name, total, unit, **info)
 
 
 def _seconds(s: float) -> str:

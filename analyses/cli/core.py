@@ -69,16 +69,16 @@ def capture(
     sites = [parse_site(h, probe.info.n_layers) for h in names]
     texts = [prompt] if prompt is not None else [r.text for r in iter_records(input, on_error=on_error)]
     tensors = {}
-    from .common import progress
+    from .common import phase_bar
 
-    with progress(len(texts), "capturing") as step:
+    with phase_bar("capturing", len(texts), "texts") as step:
         for i, t in enumerate(texts):
             toks = probe.to_tokens(t)
             got = probe.cache(toks, sites)
             for s in sites:
                 tensors[f"{i}/{s.name}"] = got[s.name][0].contiguous()
             tensors[f"{i}/tokens"] = toks[0].cpu()
-            step()
+            step.advance()
     import os
     import tempfile
 

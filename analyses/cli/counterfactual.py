@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from .options import config_option
-from .common import save_result, data_file, model_options, BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OutOpt, load_probe, progress, saved, status
+from .common import save_result, data_file, model_options, BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OutOpt, load_probe, progress_bar, saved, status
 
 
 def register(run_app: typer.Typer) -> None:
@@ -112,8 +112,8 @@ def register(run_app: typer.Typer) -> None:
                                categories=tuple(cats.items()), n_samples=n_samples, max_new_tokens=max_new_tokens,
                                temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, chat=chat)
         probe = load_probe(model, backend, device, dtype)
-        with progress(len(config.groups), "groups") as step:
-            r = cf.bias_sweep(probe, config=config, progress=step)
+        with progress_bar() as bar:
+            r = cf.bias_sweep(probe, config=config, progress=bar)
         path = save_result(r, out)
         s = r.summary[r.summary["count"] > 0]
         if as_json:

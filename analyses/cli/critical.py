@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .common import save_result, model_options, BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OutOpt, load_probe, progress, saved
+from .common import save_result, model_options, BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OutOpt, load_probe, progress_bar, saved
 
 TaskOpt = typer.Option("builtin-arith", "--task", "-t", help="builtin-arith, builtin-multistep, hf:NAME[:CONFIG]:SPLIT (Hugging Face datasets) or a GSM8K/MATH-style JSONL file.")
 
@@ -54,8 +54,8 @@ def register(run_app: typer.Typer) -> None:
                        checker=checker, engine=engine, sequential=sequential, chunk=chunk, p_alive=p_alive, alpha=alpha)  # type: ignore[arg-type]
         probs = load_task(task, problems, seed=seed, on_error=on_error)  # type: ignore[arg-type]
         probe = load_probe(model, backend, device, dtype)
-        with progress(None, "prefixes rolled out (after sampling the trajectories)") as step:
-            res = C.run(probe, probs, config=cfg, progress=step)
+        with progress_bar() as bar:
+            res = C.run(probe, probs, config=cfg, progress=bar)
         if adapters is not None:
             import pandas as pd
 
@@ -126,15 +126,15 @@ def register(run_app: typer.Typer) -> None:
         if ce_dir is None:
             pos, neg = C.select_sft(trajs)
             ce_dir = out / "ce"
-            with progress(len(pos) + len(neg), "LoRA steps (θ_p, θ_n)") as step:
+            with progress_bar() as bar:
                 C.train_contrastive(probe, [(prompts[t.problem], t.response_ids) for t in pos],
-                                    [(prompts[t.problem], t.response_ids) for t in neg], ce_dir, C.TrainConfig(seed=seed), progress=step)
+                                    [(prompts[t.problem], t.response_ids) for t in neg], ce_dir, C.TrainConfig(seed=seed), progress=bar)
         data = []
         for ch, rj in pairs:
             w = C.contrastive_scores(probe, ce_dir, prompts[rj.problem], rj.response_ids).weight.tolist()
             data.append(dict(prompt_ids=prompts[ch.problem], chosen_ids=ch.response_ids, rejected_ids=rj.response_ids, weights=w))
-        with progress(None, "cDPO steps") as step:
-            res = C.train_cdpo(probe, data, out / "policy", tcfg, progress=step)
+        with progress_bar() as bar:
+            res = C.train_cdpo(probe, data, out / "policy", tcfg, progress=bar)
         loss = res["losses"]
         saved(res["path"], as_json, {"pairs": res["n_pairs"], "steps": res["steps"],
                                      "loss_first": round(loss[0], 4), "loss_last": round(loss[-1], 4)})
@@ -166,11 +166,11 @@ def register(run_app: typer.Typer) -> None:
         tcfg = C.TrainConfig(r=r, lr=lr, epochs=epochs, seed=seed)
         probs = load_task(task, problems, seed=seed, on_error=on_error)  # type: ignore[arg-type]
         probe = load_probe(model, backend, device, dtype)
-        trajs = C.sample_trajectories(probe, probs, cfg)
-        prompts = {i: probe.to_tokens(format_prompt(probe, p))[0].tolist() for i, p in enumerate(probs)}
-        pos, neg = C.select_sft(trajs)
-        good = [(prompts[t.problem], t.response_ids) for t in pos]
-        bad = [(prompts[t.problem], t.response_ids) for t in neg]
-        with progress(len(good) + len(bad), "LoRA steps") as step:
-            path = C.train_contrastive(probe, good, bad, out, tcfg, progress=step)
+        with progress_bar() as bar:
+            trajs = C.sample_trajectories(probe, probs, cfg, progress=bar)
+            prompts = {i: probe.to_tokens(format_prompt(probe, p))[0].tolist() for i, p in enumerate(probs)}
+            pos, neg = C.select_sft(trajs)
+            good = [(prompts[t.problem], t.response_ids) for t in pos]
+            bad = [(prompts[t.problem], t.response_ids) for t in neg]
+            path = C.train_contrastive(probe, good, bad, out, tcfg, progress=bar)
         saved(path, as_json, {"correct": len(good), "incorrect": len(bad)})

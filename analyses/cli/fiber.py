@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from .options import config_option
-from .common import save_result, BackendOpt, DeviceOpt, JsonOpt, ModelOpt, OutOpt, load_probe, progress, saved
+from .common import save_result, BackendOpt, DeviceOpt, JsonOpt, ModelOpt, OutOpt, load_probe, progress_bar, saved
 
 
 #: more row ids than any vocabulary has (the largest are ~256k): a bigger --tokens selection is refused unexpanded
@@ -123,11 +123,8 @@ def register(run_app: typer.Typer) -> None:
         if rows is None and probe is not None and matrix in ("input", "output"):
             rows = probe.info.d_vocab
         cfg = cfg.replace(tokens=parse_tokens(tokens, rows))
-        with progress(None, "kNN blocks") as step:
-            def cb(done: int, total: int) -> None:
-                step.set(done, total)
-
-            res = F.run(probe, config=cfg, progress=cb)
+        with progress_bar() as bar:
+            res = F.run(probe, config=cfg, progress=bar)
         path = save_result(res, out)
         summ = res.summary()
         saved(path, as_json, summ)

@@ -12,7 +12,7 @@ from typing import Optional
 import typer
 
 from .options import config_option
-from .common import check_side_file, input_file, save_result, model_options, BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OutOpt, load_probe, progress, saved, status
+from .common import check_side_file, input_file, save_result, model_options, BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OutOpt, load_probe, progress_bar, saved, status
 from .sweeps import (AddressOpt, EngineOpt, GpusOpt, ResumeOpt, RetriesOpt, ShardOpt, ThreadsOpt, WorkersOpt, run_sweep,
                      sweep_summary)
 
@@ -178,8 +178,8 @@ def register(run_app: typer.Typer) -> None:
         ck = Checkpoint(work_dir(out_dir, "progress"), fingerprint=key, n_items=len(records), exact_counts=True)
         from analyses.core.cluster import _threads
 
-        with progress(len(records), "routes") as step, _threads(threads):
-            res = routes.run_dataset(probe, records, config=cfg, checkpoint=ck, progress=step)
+        with progress_bar() as bar, _threads(threads):
+            res = routes.run_dataset(probe, records, config=cfg, checkpoint=ck, progress=bar)
         path = save_result(res, out_dir)
         ck.clear()
         saved(path, as_json, {"prompts": int(res.n.sum()), "skipped": res.n_skipped, "domains": ", ".join(res.domains)})

@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from .common import (report_saved, BackendOpt, DeviceMapOpt, DeviceOpt, DtypeOpt, JsonOpt, MaxMemoryOpt, OutOpt, echo_json, input_file,
+from .common import (progress_bar, report_saved, BackendOpt, DeviceMapOpt, DeviceOpt, DtypeOpt, JsonOpt, MaxMemoryOpt, OutOpt, echo_json, input_file,
                      non_empty_list, saved, status)
 
 
@@ -90,11 +90,9 @@ def register(run_app: typer.Typer) -> None:
                            n_prompts=n_prompts, settings=_settings(settings))
         texts = [r.text for r in iter_records(input)] if input is not None else None
 
-        def note(ck, what):
-            typer.echo(f"{ck.label}: {what}", err=True)
-
-        res = ckpts.run(cfg, texts=texts, out=out, backend=backend, device=device, dtype=dtype, device_map=device_map,
-                        max_memory=max_memory, on_checkpoint=note)
+        with progress_bar() as bar:
+            res = ckpts.run(cfg, texts=texts, out=out, backend=backend, device=device, dtype=dtype, device_map=device_map,
+                            max_memory=max_memory, progress=bar)
         path = ckpts.output_path(cfg, texts, out)
         report_saved(path)
         summary = {"checkpoints": len(res.checkpoints), "rows": len(res.frame), "metrics": ", ".join(res.frame["metric"].unique())}

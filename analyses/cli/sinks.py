@@ -11,7 +11,7 @@ from typing import Optional
 import typer
 
 from .options import config_option
-from .common import save_result, input_file, model_options, BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OutOpt, load_probe, progress, saved
+from .common import save_result, input_file, model_options, BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OutOpt, load_probe, progress_bar, saved
 from .sweeps import (AddressOpt, EngineOpt, GpusOpt, ResumeOpt, RetriesOpt, ShardOpt, ThreadsOpt, WorkersOpt, run_sweep,
                      sweep_summary)
 
@@ -94,8 +94,8 @@ def register(run_app: typer.Typer) -> None:
         from analyses.core.cluster import _threads
 
         def go(b: int):
-            with progress(n_samples, "samples") as step, _threads(threads):
-                return sinks.run(probe, texts, domain=domain if texts is None else None, config=cfg.replace(batch_size=b), progress=step)
+            with progress_bar() as bar, _threads(threads):
+                return sinks.run(probe, texts, domain=domain if texts is None else None, config=cfg.replace(batch_size=b), progress=bar)
 
         res = retry_on_oom(go, pl.batch_size, what="the sink statistics")
         path = save_result(res, out)
@@ -135,9 +135,8 @@ def register(run_app: typer.Typer) -> None:
             from probes import parse_head
 
             parse_head(lab, probe.info)
-        n_dom = len(doms)
-        with progress(n_samples * n_dom, "samples") as step:
-            res = dormant.run(probe, doms, config=cfg, progress=step)
+        with progress_bar() as bar:
+            res = dormant.run(probe, doms, config=cfg, progress=bar)
         path = save_result(res, out)
         summ = res.summary()
         summ["flips"] = ", ".join(res.flips["head"].tolist()[:20]) or "none"
@@ -161,6 +160,6 @@ def register(run_app: typer.Typer) -> None:
 
         cfg = bbtoy.Config(n_layers=layers, steps=steps, attention=attention, optimizer=optimizer, d_model=d_model,
                            seq_len=seq_len, batch_size=batch_size, lr=lr, seed=seed)
-        with progress(steps, "steps") as step:
-            res = bbtoy.run(cfg, progress=step)
+        with progress_bar() as bar:
+            res = bbtoy.run(cfg, progress=bar)
         saved(save_result(res, out), as_json, res.summary())

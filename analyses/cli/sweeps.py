@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from .common import save_result, load_probe, progress, status
+from .common import save_result, load_probe, progress_bar, status
 
 __all__ = ["EngineOpt", "AddressOpt", "WorkersOpt", "GpusOpt", "ShardOpt", "RetriesOpt", "ResumeOpt", "ThreadsOpt",
            "run_sweep", "sweep_summary"]
@@ -49,7 +49,6 @@ def run_sweep(analysis: str, items, config, *, engine: str, address, workers, gp
     scfg = cluster.SweepConfig(engine=engine, address=address, workers=workers, gpus_per_worker=gpus_per_worker,
                                shard_size=shard_size, max_retries=max_retries, resume=resume, threads=threads)
     spec = _model_spec(model, backend, device, dtype)
-    n_shards = len(cluster.plan_shards(len(items), shard_size))
     if engine == "ray":
         cluster.check_ray_model(spec, scfg)
         cluster._ray()
@@ -61,9 +60,9 @@ def run_sweep(analysis: str, items, config, *, engine: str, address, workers, gp
     try:
         given = hash_inputs(analysis, eng.info["fingerprint"], config.to_dict(), cluster.hash_items(items))
         ledger = cluster.default_ledger(Path(out) if out is not None else results_root() / f"sweep-{given}")
-        with progress(n_shards, "shards") as step:
+        with progress_bar() as bar:
             run = cluster.sweep(analysis, items, config=config, engine=eng, sweep_config=scfg, ledger=ledger,
-                                source=source, progress=lambda d, n: step.set(d, n))
+                                source=source, progress=bar)
     finally:
         eng.close()
     path = save_result(run.result, Path(out) if out is not None else None)

@@ -23,6 +23,7 @@ Checkpoint sweeps in the literature: attention sinks across Pythia/OLMo checkpoi
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -40,6 +41,7 @@ from probes.errors import ConfigError, InputError, ModelLoadError
 
 from . import base, io, registry, store
 from .base import stored
+from .progress import ProgressFn, phase
 
 __all__ = ["Config", "SweepResult", "Checkpoint", "run", "output_path", "resolve_checkpoints", "checkpoints_in", "summarize",
            "sweepable", "metric_rows"]
@@ -174,7 +176,7 @@ def summarize(result: base.Result) -> pd.DataFrame:
     return df
 
 
-def _run_one(probe, cfg: Config, texts: Sequence[str] | None, progress=None) -> base.Result:
+def _run_one(probe, cfg: Config, texts: Sequence[str] | None, progress: ProgressFn | None = None) -> base.Result:
     return _spec(cfg.analysis).sweep.run(probe, cfg.analysis_config(), texts=texts, domain=cfg.domain, prompt=cfg.prompt,
                                           n_prompts=cfg.n_prompts, progress=progress)
 
@@ -269,7 +271,7 @@ def output_path(config: Config, texts: Sequence[str] | None = None, out: str | P
 def run(config: Config, *, texts: Sequence[str] | None = None, out: str | Path | None = None,
         load: Callable[[Checkpoint], Any] | None = None, backend: str = "nnsight", device: str = "auto",
         dtype: str = "auto", device_map: str | dict | None = None, max_memory: str | dict | None = None,
-        on_checkpoint: Callable[[Checkpoint, str], None] | None = None) -> SweepResult:
+        progress: ProgressFn | None = None) -> SweepResult:
     """Run ``config.analysis`` on every checkpoint; save and return the stacked frame.
 
     Args:
@@ -278,7 +280,9 @@ def run(config: Config, *, texts: Sequence[str] | None = None, out: str | Path |
         out: result folder (default ``<results root>/sweep-<analysis>-<fingerprint>``); finished
             checkpoints are kept in a private work folder so a re-run resumes (removed on success).
         load: ``load(checkpoint) -> probe`` (default :func:`probes.load_model` with the options below).
-        on_checkpoint: called as ``(checkpoint, "done" | "skipped")`` after each checkpoint.
+        progress: :class:`~analyses.core.progress.Progress` events: phase ``checkpoints`` (``info``: the checkpoint's
+            label and ``done`` or ``skipped``, when resumed), and each checkpoint's own phases, named
+            ``<label>: <phase>``.
     """
     if not isinstance(config, Config):
         raise ConfigError(f"config must be analyses.core.checkpoints.Config, got {type(config).__name__}.")
@@ -309,19 +313,20 @@ def run(config: Config, *, texts: Sequence[str] | None = None, out: str | Path |
 
     timer = base.Timer()
     frames, model_info = [], None
+    bar = phase(progress, "checkpoints", len(cks), "checkpoints")
     for i, ck in enumerate(cks):
         path = parts / f"{i:04d}.parquet"
         if path.is_file():
             frames.append(pd.read_parquet(path))
-            if on_checkpoint:
-                on_checkpoint(ck, "skipped")
+            bar.advance(checkpoint=ck.label, status="skipped")
             continue
         with timer(f"checkpoint {ck.label}"):
             try:
                 probe = load(ck)
             except ModelLoadError as e:
                 raise ModelLoadError(f"checkpoint {ck.label!r}: {e.message}", hint=e.hint) from e
-            res = _run_one(probe, config, texts)
+            inner = None if progress is None else (lambda ev, ck=ck: progress(dataclasses.replace(ev, phase=f"{ck.label}: {ev.phase}")))
+            res = _run_one(probe, config, texts, progress=inner)
             df = summarize(res)
             df.insert(0, "checkpoint", ck.label)
             df.insert(1, "order", i)
@@ -336,8 +341,7 @@ def run(config: Config, *, texts: Sequence[str] | None = None, out: str | Path |
             same = True
         _write_atomic(df, path)
         frames.append(df)
-        if on_checkpoint:
-            on_checkpoint(ck, "done")
+        bar.advance(checkpoint=ck.label, status="done")
     frame = pd.concat(frames, ignore_index=True)[COLUMNS]
     model = {"name": config.model or "checkpoints", "fingerprint": fp,
              **({"family": model_info.get("family"), "n_layers": model_info.get("n_layers")} if model_info else {})}

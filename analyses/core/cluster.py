@@ -72,6 +72,7 @@ from probes.errors import ConfigError, InputError, SondeError
 
 from . import base, registry
 from .domains import shard_ranges
+from .progress import ProgressFn, phase
 from .store import hash_inputs
 
 __all__ = ["SweepConfig", "ModelSpec", "Shard", "SweepReport", "SweepRun", "Ledger",
@@ -715,7 +716,7 @@ class SweepRun:
 
 def sweep(analysis: str, items: Sequence, *, config, engine, sweep_config: SweepConfig = SweepConfig(),
           ledger: str | Path | None = None, source: str = "texts",
-          progress: Callable[[int, int], None] | None = None) -> SweepRun:
+          progress: ProgressFn | None = None) -> SweepRun:
     """Run ``analysis`` over ``items`` in shards on ``engine`` and merge the shards exactly.
 
     Args:
@@ -724,7 +725,7 @@ def sweep(analysis: str, items: Sequence, *, config, engine, sweep_config: Sweep
         config: the analysis' config (``sinks.Config`` / ``routes.DatasetConfig``).
         engine: :class:`LocalEngine` or :class:`RayEngine` (see :func:`make_engine`).
         ledger: merge-ledger folder; a re-run with the same folder resumes (``sweep_config.resume``).
-        progress: ``progress(shards_done, n_shards)`` after each shard.
+        progress: :class:`~analyses.core.progress.Progress` events: phase ``shards`` (resumed shards count as done).
     Returns:
         :class:`SweepRun` (the analysis' usual result, with ``timings["sweep.*"]``, and a report).
     """
@@ -746,8 +747,7 @@ def sweep(analysis: str, items: Sequence, *, config, engine, sweep_config: Sweep
     todo = [s for s in shards if s.index not in led.done]
     faults = parse_faults(os.environ.get(FAULT_ENV))
     exit_after = int(os.environ[EXIT_ENV]) if os.environ.get(EXIT_ENV) else None
-    if progress:
-        progress(len(led.done), len(shards))
+    bar = phase(progress, "shards", len(shards), "shards", done=len(led.done))
     t_map, t_merge, failed = time.perf_counter(), 0.0, []
     retried: dict[int, int] = {}
     shard_seconds: dict[int, float] = {}
@@ -765,8 +765,7 @@ def sweep(analysis: str, items: Sequence, *, config, engine, sweep_config: Sweep
         led.record(sh.index, out["state"], {"attempts": out["attempts"], "seconds": out["seconds"], "worker": out["worker"]})
         t_merge += time.perf_counter() - t0
         ran += 1
-        if progress:
-            progress(len(led.done), len(shards))
+        bar.set(len(led.done))
         if exit_after is not None and led.through >= exit_after:
             os._exit(75)  # test hook: die like a killed process (no clean-up)
     t_map = time.perf_counter() - t_map - t_merge

@@ -59,17 +59,12 @@ def _work(job, probe=probe, args=(prompt, response, reference, cfg), q=question)
     return C.search(probe, p, r, make_checker(Problem("", ref)), config=c, question=q, reference=ref, progress=job.step)
 
 
-try:  # the progress bar's total: prefixes the search rolls out (an estimate for step/bisect)
-    _ids = probe.tokenizer(response, add_special_tokens=False).input_ids
-    n_prefixes = int(C.estimate_rollouts(len(_ids), cfg, probe.to_str_tokens(_ids))[0]) or None
-except Exception:  # noqa: BLE001 - no total: the bar counts steps
-    n_prefixes = None
 try:
     key = C.search_key(probe, prompt, response, config=cfg, reference=reference)
 except Exception as e:  # noqa: BLE001 - SondeError: a response that does not tokenize
     show_error(e)
     st.stop()
-res = workbench.background_result("critical_search", "Rolling out prefixes", key, _work, total=n_prefixes,
+res = workbench.background_result("critical_search", "Critical-token search", key, _work,
                                   waiting="Rollouts run in the background; the trace appears when the search finishes.")
 row = res.traces.iloc[0]
 tok = res.tokens

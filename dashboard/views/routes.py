@@ -117,7 +117,7 @@ def _dataset_view(probe) -> None:
                 st.session_state["_routes_dataset_sig"] = sig
                 import hashlib
 
-                workbench.run_job("routes_dataset", "Routes over the dataset", _dataset_job(probe, recs, cfg), total=len(recs),
+                workbench.run_job("routes_dataset", "Routes over the dataset", _dataset_job(probe, recs, cfg),
                                   job_id="routes-dataset:" + hashlib.sha256(repr(sig).encode()).hexdigest()[:16])
                 st.rerun()
         job = workbench.job_view("routes_dataset", partial=lambda r: st.plotly_chart(

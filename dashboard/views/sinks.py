@@ -108,7 +108,7 @@ with tab_dorm:
             if state.find(dkey, caption=False) is None:
                 workbench.run_job("dormant", "Dormant map",
                                   lambda job: dormant.run(probe, tuple(doms), config=dcfg, progress=job.step),
-                                  total=int(nd) * len(doms), job_id=dkey, on_done=state._save)
+                                  job_id=dkey, on_done=state._save)
     dkey = st.session_state.get("dormant_key")
     job = workbench.job_view("dormant")
     dres = state.find(dkey) if dkey is not None else None
