@@ -95,6 +95,24 @@ def folder_path(ctx: typer.Context, param: typer.CallbackParam, value):
     return value
 
 
+def adapters_folder(ctx: typer.Context, param: typer.CallbackParam, value):
+    """An option naming the θ_p/θ_n adapters of ``contrastive-train`` (``--adapters``): a folder holding ``pos/`` and
+    ``neg/``, each with its ``adapter_config.json``; anything else is refused before the model loads."""
+    from probes.errors import InputError
+
+    if value is None or _parsing_help(ctx):
+        return value
+    flag, p = _flag(param), Path(value)
+    if not p.is_dir():
+        raise InputError(f"{flag} {str(p)!r} is {'not a folder' if os.path.lexists(p) else 'missing'}.",
+                         hint="Give the --out folder of `sonde run contrastive-train` (it holds pos/ and neg/).")
+    missing = [s for s in ("pos", "neg") if not (p / s / "adapter_config.json").is_file()]
+    if missing:
+        raise InputError(f"{flag} {str(p)!r} holds no {' and no '.join(f'{s}/adapter_config.json' for s in missing)}.",
+                         hint="Give the --out folder of `sonde run contrastive-train` (it holds pos/ and neg/).")
+    return value
+
+
 def non_empty_list(ctx: typer.Context, param: typer.CallbackParam, value):
     """A comma-separated option that, when given, must name at least one item (``--hooks ""`` is refused)."""
     from probes.errors import ConfigError

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .common import save_result, model_options, BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OutOpt, load_probe, progress_bar, saved
+from .common import adapters_folder, save_result, model_options, BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OutOpt, load_probe, progress_bar, saved
 
 TaskOpt = typer.Option("builtin-arith", "--task", "-t", help="builtin-arith, builtin-multistep, hf:NAME[:CONFIG]:SPLIT (Hugging Face datasets) or a GSM8K/MATH-style JSONL file.")
 
@@ -34,7 +34,8 @@ def register(run_app: typer.Typer) -> None:
         n_alternatives: int = typer.Option(32, "--n-alternatives"),
         batch_size: int = typer.Option(64, "--batch-size", help="Rollouts per generate call."),
         max_rollouts: int = typer.Option(20_000, "--max-rollouts", help="Refuse searches planning more rollouts than this."),
-        adapters: Optional[Path] = typer.Option(None, "--adapters", help="Folder from `contrastive-train`: adds CE scores per token."),
+        adapters: Optional[Path] = typer.Option(None, "--adapters", help="Folder from `contrastive-train`: adds CE scores per token.",
+                                                   callback=adapters_folder),
         checker: str = typer.Option("auto", "--checker", help="auto, numeric or exact (auto: numeric for number answers)."),
         engine: str = typer.Option("hf", "--engine", help="hf (transformers generate, shared prefix cache) or vllm (CUDA, prefix caching)."),
         seed: int = typer.Option(0, "--seed"),
@@ -92,7 +93,7 @@ def register(run_app: typer.Typer) -> None:
         samples: int = typer.Option(16, "--samples", help="Trajectories sampled per problem (pairs need a correct and a wrong one)."),
         max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
         temperature: float = typer.Option(0.7, "--temperature"),
-        adapters: Optional[Path] = typer.Option(None, "--adapters", help="θ_p/θ_n folder from `contrastive-train` for the token weights "
+        adapters: Optional[Path] = typer.Option(None, "--adapters", callback=adapters_folder, help="θ_p/θ_n folder from `contrastive-train` for the token weights "
                                                 "1 − p_ce; without it they are trained first into OUT/ce (method-page selection)."),
         r: int = typer.Option(16, "--r", help="LoRA rank of the policy (method page: 16, alpha 32)."),
         lr: float = typer.Option(4e-5, "--lr", help="Method page 4e-5; tiny CPU runs need ~1e-3 to move in a few steps."),
