@@ -36,9 +36,7 @@ sees the masked weights inside :func:`apply_mask`.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import tempfile
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -953,6 +951,13 @@ def _unpack(p: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     return torch.from_numpy(np.unpackbits(p.numpy())[:n].astype(bool)).reshape(*shape)
 
 
+def _read_masks(arrays: Mapping[str, torch.Tensor], shapes: Mapping[str, Sequence[int]]) -> dict[str, torch.Tensor]:
+    """``{path: bool mask}`` from the saved arrays; a mask listed in ``shapes`` without an array keeps nothing (the
+    shipped result stores its all-zero masks by shape only, :func:`ship_result`)."""
+    return {k: (_unpack(arrays[f"mask.{k}"], shp) if f"mask.{k}" in arrays else torch.zeros(shp, dtype=torch.bool))
+            for k, shp in shapes.items()}
+
+
 @register_result
 @dataclass(frozen=True, kw_only=True)
 class BigramResult(Result):
@@ -975,7 +980,7 @@ class BigramResult(Result):
                              ("extra", "mask_shapes", lambda r: {k: list(v.shape) for k, v in r.masks.items()}))
 
     masks: dict[str, torch.Tensor] = stored("arrays", key="mask", save=lambda r: {k: _pack(v) for k, v in r.masks.items()},
-                                            read=lambda s: {k: _unpack(s.arrays[f"mask.{k}"], shp) for k, shp in s.extra["mask_shapes"].items()})
+                                            read=lambda s: _read_masks(s.arrays, s.extra["mask_shapes"]))
     matrices: pd.DataFrame = stored(None, read=lambda s: s.tables["main"].drop(columns=["model"]).rename(columns={"value": "fraction"}))
     head_kept: torch.Tensor = stored("array", save=lambda r: r.head_kept.float())
     neuron_kept: torch.Tensor = stored("array", save=lambda r: r.neuron_kept.float())
@@ -986,6 +991,12 @@ class BigramResult(Result):
     stopped_early: bool = stored("extra", default=False)
     corpus: str = stored("extra", default="builtin")
     overlaps: dict[str, dict[str, float]] = stored("extra", default_factory=dict)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "BigramResult":
+        """The result in the folder ``path``; ``"shipped"`` (when no such folder exists here) is the mask shipped
+        with Sonde (:data:`DEFAULT_RESULT`)."""
+        return super().load(mask_path(path))
 
     # ---- views
     def per_layer(self) -> pd.DataFrame:
@@ -1167,6 +1178,16 @@ def evaluate(probe, result: "BigramResult | str | Path", corpus: "str | Path | t
 
 # ============================================================================== the shipped default result
 DEFAULT_RESULT = Path(__file__).resolve().parent / "data" / "bigram_default"
+SHIPPED = "shipped"  # the name every command accepts for DEFAULT_RESULT (``--mask shipped``)
+
+
+def mask_path(path: str | Path) -> Path:
+    """The folder a mask argument names: ``"shipped"`` is :data:`DEFAULT_RESULT` unless a path of that name
+    exists here (an existing path always wins); anything else is the path itself."""
+    p = Path(path)
+    if str(path) == SHIPPED and not os.path.lexists(p):
+        return DEFAULT_RESULT
+    return p
 
 
 def bigram_entropy_nats(result: "BigramResult") -> float:
@@ -1176,58 +1197,31 @@ def bigram_entropy_nats(result: "BigramResult") -> float:
 
 
 def ship_result(result: "BigramResult", folder: str | Path) -> Path:
-    """Write a compact copy of ``result``: masks with any kept weight bit-packed in ``masks.safetensors``
-    (all-zero masks listed by shape only), per-head/neuron fractions, and every table plus the config
-    and model summary in ``result.json``. No pickle. The folder is written whole or not at all."""
-    from safetensors.torch import save_file
-
+    """Write a compact copy of ``result`` as an ordinary signed result folder (``manifest.json``, tables, arrays;
+    every command and :meth:`BigramResult.load` read it): the same files :meth:`BigramResult.save` writes, except
+    that masks which keep nothing are listed by shape only (the ``mask_shapes`` of the manifest), not stored as
+    bit-packed zeros. A mask over a few blocks of a 30-block model so takes 1 MB instead of 13 MB. Written
+    whole or not at all; an existing folder is replaced only when it is a Sonde result."""
     out = Path(folder)
-    if out.exists() and not (out / "result.json").is_file() and any(out.iterdir()):
-        raise InputError(f"{str(out)!r} exists and is not a shipped bigram result; not overwriting it.", hint="Pass a new folder.")
-    tensors = {f"mask.{k}": _pack(v) for k, v in result.masks.items() if bool(v.any())}
-    tensors["head_kept"] = result.head_kept.float().contiguous()
-    tensors["neuron_kept"] = result.neuron_kept.float().contiguous()
-    meta = {"format": "sonde-bigram-compact-1", "config": result.config.to_dict(), "model": result.model,
-            "input_hash": result.input_hash, "timings": result.timings, "sparsity": result.sparsity,
-            "steps_done": result.steps_done, "stopped_early": result.stopped_early, "corpus": result.corpus,
-            "mask_shapes": {k: list(v.shape) for k, v in result.masks.items()},
-            "tables": {name: json.loads(df.to_json(orient="records")) for name, df in
-                       (("matrices", result.matrices), ("curve", result.curve), ("ablation", result.ablation))}}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".ship-", dir=out.parent))
-    try:
-        save_file(tensors, str(tmp / "masks.safetensors"))
-        (tmp / "result.json").write_text(json.dumps(meta, indent=1, default=str))
-        out.mkdir(exist_ok=True)
-        for f in ("masks.safetensors", "result.json"):
-            os.replace(tmp / f, out / f)
-    finally:
-        for f in tmp.iterdir():
-            f.unlink()
-        tmp.rmdir()
-    return out
+    parts = result._saved()
+    arrays = {k: v for k, v in parts["array"].items()
+              if not (k.startswith("mask.") and not bool(result.masks[k[len("mask."):]].any()))}
+    return store.write_result(out, analysis=result.analysis, model=result.model, config=result.config.to_dict(),
+                              input_hash=result.input_hash, tables=parts["table"], arrays=arrays, extra=parts["extra"],
+                              timings=result.timings, inputs=result.inputs, replace=store.is_result(out))
 
 
 def default_result(folder: str | Path | None = None) -> "BigramResult":
     """The bigram subnetwork shipped with Sonde (embedded SmolLM2-135M, built-in corpus; see
     ``benchmarks/RESULTS.md`` for how it was trained), or a folder written by :func:`ship_result`.
-    Loads in well under a second and needs no model."""
-    from safetensors.torch import load_file
-
+    Loads in well under a second and needs no model. The shipped folder is an ordinary result folder, so
+    ``BigramResult.load(DEFAULT_RESULT)``, ``sonde run bigram-eval --mask shipped`` (or its path) and
+    ``sonde results show`` read it as well."""
     d = Path(folder) if folder is not None else DEFAULT_RESULT
-    if not (d / "result.json").is_file():
-        raise InputError(f"{str(d)!r} holds no shipped bigram result (no result.json).",
+    if not (d / store.MANIFEST).is_file():
+        raise InputError(f"{str(d)!r} holds no shipped bigram result (no {store.MANIFEST}).",
                          hint="Use analyses.bigram.ship_result(result, folder) to write one, or load a result folder with BigramResult.load.")
-    meta = json.loads((d / "result.json").read_text())
-    t = load_file(str(d / "masks.safetensors"))
-    masks = {k: (_unpack(t[f"mask.{k}"], shp) if f"mask.{k}" in t else torch.zeros(shp, dtype=torch.bool))
-             for k, shp in meta["mask_shapes"].items()}
-    tab = {k: pd.DataFrame.from_records(v) for k, v in meta["tables"].items()}
-    return BigramResult(config=Config.from_dict(meta["config"]), model=meta["model"], input_hash=meta["input_hash"],
-                        timings=meta["timings"], masks=masks, matrices=tab["matrices"], head_kept=t["head_kept"],
-                        neuron_kept=t["neuron_kept"], curve=tab["curve"], ablation=tab["ablation"],
-                        sparsity=float(meta["sparsity"]), steps_done=int(meta["steps_done"]),
-                        stopped_early=bool(meta["stopped_early"]), corpus=str(meta["corpus"]))
+    return BigramResult.load(d)
 
 
 def doc_figures(result: "BigramResult | None" = None) -> dict[str, str]:

@@ -255,16 +255,57 @@ def test_gpt2_blocks_with_biases_refuse_drop(tiny):
 
 
 def test_shipped_result_round_trip(short, tmp_path):
-    d = B.ship_result(short, tmp_path / "ship")
+    """ship_result writes an ordinary signed result folder; a mask that keeps nothing is listed by shape only."""
+    import dataclasses
+
+    from analyses.core import store
+
+    empty = next(iter(short.masks))
+    res = dataclasses.replace(short, masks={**short.masks, empty: torch.zeros_like(short.masks[empty])})
+    d = B.ship_result(res, tmp_path / "ship")
+    assert store.is_result(d) and store.read_manifest(d)["key"] == res.key
     back = B.default_result(d)
-    assert back.masks.keys() == short.masks.keys()
-    assert all(torch.equal(back.masks[k], v) for k, v in short.masks.items())
-    assert back.sparsity == short.sparsity and back.config == short.config
+    assert back.masks.keys() == res.masks.keys()
+    assert all(torch.equal(back.masks[k], v) for k, v in res.masks.items())
+    assert back.sparsity == res.sparsity and back.config == res.config
     pd_eq = __import__("pandas").testing.assert_frame_equal
-    pd_eq(back.ablation, short.ablation, check_dtype=False)
-    assert sorted(p.name for p in d.iterdir()) == ["masks.safetensors", "result.json"]
+    pd_eq(back.ablation, res.ablation, check_dtype=False)
+    assert f"mask.{empty}" not in store.read_result(d).arrays and f"mask.{empty}" in res.arrays()
+    assert B.ship_result(back, d) == d  # a shipped folder is replaced by a new copy
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(InputError):
+        B.ship_result(res, tmp_path / "other")  # never over a folder that is not a Sonde result
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
     with pytest.raises(InputError, match="no shipped bigram result"):
         B.default_result(tmp_path)
+
+
+def test_shipped_mask_is_a_result_every_command_reads(tmp_path, capsys, monkeypatch):
+    """The mask shipped with Sonde is a signed result folder: by its name (``shipped``) and by its path it loads
+    through BigramResult.load, load_result, ``sonde results show`` and ``sonde run bigram-eval --mask``, and
+    nothing is written into the package's folder."""
+    from analyses.cli import main
+    from analyses.core import store
+    from analyses.core.base import load_result
+
+    before = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in B.DEFAULT_RESULT.iterdir())
+    assert store.is_result(B.DEFAULT_RESULT)
+    shipped = B.default_result()
+    by_name = B.BigramResult.load("shipped")
+    assert by_name.key == shipped.key == load_result(B.DEFAULT_RESULT).key
+    assert all(torch.equal(by_name.masks[k], v) for k, v in shipped.masks.items())
+    main(["results", "show", str(B.DEFAULT_RESULT), "--json"])
+    assert shipped.key in capsys.readouterr().out
+    monkeypatch.chdir(tmp_path)
+    for mask in ("shipped", str(B.DEFAULT_RESULT)):
+        main(["run", "bigram-eval", "--mask", mask, "--eval-rows", "2", "--json"])
+        assert '"subnetwork"' in capsys.readouterr().out
+    (tmp_path / "shipped").mkdir()  # a folder of that name here wins over the shipped mask (and is refused as no result)
+    with pytest.raises(SystemExit) as e:
+        main(["run", "bigram-eval", "--mask", "shipped", "--eval-rows", "2"])
+    assert e.value.code == 2 and "not a Sonde result" in capsys.readouterr().err
+    assert sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in B.DEFAULT_RESULT.iterdir()) == before
 
 
 # How far the tiny run's stated figures may move between CPUs: its 80 training steps amplify the last bits
@@ -294,7 +335,7 @@ def test_readme_figures_are_todays(short):
             _numbers_near(value, text, TINY_RUN_TOL[name])
         else:
             assert value in text, (name, value)
-    if (B.DEFAULT_RESULT / "result.json").is_file():
+    if (B.DEFAULT_RESULT / "manifest.json").is_file():
         for name, value in B.doc_figures(B.default_result()).items():
             assert value in text, ("shipped", name, value)
 

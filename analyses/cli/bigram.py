@@ -143,12 +143,12 @@ def register(run_app: typer.Typer) -> None:
 
     @model_options
     def bigram_eval_cmd(
-        mask: Path = typer.Option(..., "--mask", help="Folder of a saved `sonde run bigram` result."),
+        mask: Path = typer.Option(..., "--mask", help="Folder of a saved `sonde run bigram` result, or 'shipped' (the mask shipped with Sonde)."),
         model: Optional[str] = typer.Option(None, "--model", "-m", help="Model (default: the one the mask was trained on)."),
         corpus: Optional[str] = typer.Option(None, "--corpus", "-c", help="Evaluation corpus (default: the training corpus's held-out rows).",
                                               callback=data_file("corpus file", keep=("builtin",))),
         eval_rows: Optional[int] = typer.Option(None, "--eval-rows", help="Held-out rows to evaluate."),
-        compare: Optional[Path] = typer.Option(None, "--compare", help="Another mask folder: report the overlap."),
+        compare: Optional[Path] = typer.Option(None, "--compare", help="Another mask folder (or 'shipped'): report the overlap."),
         out: Optional[Path] = OutOpt,
         backend: str = BackendOpt, device: str = DeviceOpt, dtype: str = DtypeOpt,
         as_json: bool = JsonOpt,

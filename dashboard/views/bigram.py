@@ -77,11 +77,11 @@ except (ValueError, ConfigError) as e:
 
 
 def _shipped_fingerprint() -> str | None:
-    import json
+    from analyses.core.store import read_manifest
 
     try:
-        return json.loads((B.DEFAULT_RESULT / "result.json").read_text())["model"]["fingerprint"]
-    except (OSError, ValueError, KeyError, TypeError):
+        return read_manifest(B.DEFAULT_RESULT)["model"]["fingerprint"]
+    except (SondeError, KeyError, TypeError):
         return None
 
 
@@ -116,7 +116,7 @@ if saved_dir.strip():
     source = str(state.inside_results(saved_dir.strip()))
 elif train_sig is None:
     source = _newest_saved()
-    if source is None and (B.DEFAULT_RESULT / "result.json").is_file() and _shipped_fingerprint() == probe.info.fingerprint:
+    if source is None and _shipped_fingerprint() == probe.info.fingerprint:
         source = "shipped"
 if source == "shipped":
     res = cached(_load_shipped)
