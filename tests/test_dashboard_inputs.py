@@ -322,7 +322,8 @@ STORE_PAGES = [("model.py", {}), ("routes.py", {"component": "L0H0"}), ("sinks.p
 
 def _store_captions(at, verb: str) -> list[str]:
     prefix = f"{verb} the results store: `"
-    return [c.value[len(prefix):-1] for c in at.caption if c.value.startswith(prefix)]
+    # "Saved to the results store: `<folder>` (2.3 MB on disk)": the folder, and the size is said
+    return [c.value[len(prefix):c.value.index("` (")] for c in at.caption if c.value.startswith(prefix) and c.value.endswith(" on disk)")]
 
 
 @pytest.mark.parametrize("page,params", STORE_PAGES, ids=[p for p, _ in STORE_PAGES])
