@@ -252,8 +252,12 @@ LONG = "The quick brown fox jumps over the lazy dog. " * 67  # ~3,000 byte token
 def test_long_prompt_model_page_draws_a_window(env):
     import time
 
+    from conftest import wait_background
+
     t0 = time.perf_counter()
     at = _page("model.py", {"prompt": LONG})
+    assert at.get("progress"), "a long prompt's lens runs in the background with a progress bar"
+    at = wait_background(at)
     elapsed = time.perf_counter() - t0
     assert not at.exception and not at.error, [e.value for e in at.error]
     fig = at.get("plotly_chart")[0]
