@@ -144,6 +144,31 @@ def saved_result(analysis: str, fingerprint: str, root: str | Path | None = None
     return None
 
 
+def bigram_masks(fingerprint: str, root: str | Path | None = None) -> list[tuple[str, int, str]]:
+    """The bigram masks of the model with this fingerprint, best first: ``(source, steps_done, created_at)`` with
+    ``source`` a saved result's folder or ``"shipped"`` (the mask shipped with Sonde, when it was trained on this very
+    model). Best = most training steps, then newest: a short test run saved to the store never replaces a longer
+    trained mask as the default (the component panel and the Bigram page both show the first)."""
+    from .bigram import DEFAULT_RESULT
+
+    out: list[tuple[str, int, str]] = []
+    df = store.list_results(root)
+    for p in ([] if df.empty else df[df["analysis"] == "bigram"]["path"].tolist()):
+        try:
+            man = store.read_manifest(p)
+        except Exception:  # noqa: BLE001 - a broken folder is skipped, not fatal
+            continue
+        if man.get("model", {}).get("fingerprint") == fingerprint:
+            out.append((str(p), int(man.get("extra", {}).get("steps_done") or 0), str(man.get("created_at", ""))))
+    try:
+        man = store.read_manifest(DEFAULT_RESULT)
+        if man["model"]["fingerprint"] == fingerprint:
+            out.append(("shipped", int(man["extra"].get("steps_done") or 0), ""))
+    except (SondeError, OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    return sorted(out, key=lambda r: (r[1], r[2]), reverse=True)
+
+
 def sink_maps(probe, config: Config = Config(), *, root: str | Path | None = None):
     """The per-domain sink map of every head: a saved ``dormant`` result of this model, else a small fresh run.
 
@@ -324,21 +349,20 @@ def profile(probe, component: str, *, config: Config = Config(), sinks=None, rou
     # bigram-mask membership
     bigram_kept = None
     with timer("bigram"):
-        p = saved_result("bigram", fp, root) if config.use_saved else None
-        b = None
-        if p is not None:
+        best = bigram_masks(fp, root)[:1] if config.use_saved else []
+        b = p = None
+        if best and best[0][0] != "shipped":
             from .bigram import BigramResult
 
+            p = best[0][0]
             b = BigramResult.load(p)
-        elif config.use_saved:  # the mask shipped with Sonde, when it was trained on this very model
+        elif best:  # the mask shipped with Sonde (trained on this very model)
             from .bigram import DEFAULT_RESULT, default_result
 
             try:
-                shipped = default_result()
+                b, p = default_result(), f"the shipped mask ({DEFAULT_RESULT.name})"
             except SondeError:
-                shipped = None
-            if shipped is not None and shipped.model.get("fingerprint") == fp:
-                b, p = shipped, f"the shipped mask ({DEFAULT_RESULT.name})"
+                b = None
         if b is None:
             sources["bigram"] = "no bigram result saved"
         else:

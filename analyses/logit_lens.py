@@ -20,7 +20,7 @@ Axis order everywhere: ``[layer, pos, rank]``; ``layers`` labels axis 0, ``str_t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, Sequence
+from typing import Any, Callable, ClassVar, Literal, Sequence
 
 import pandas as pd
 import torch
@@ -257,12 +257,22 @@ def _prepare(probe: Probe, prompt: str | torch.Tensor | Sequence[int], *, config
     return registry.Inputs(_input_hash(tokens), tokens, registry.tokens_label(probe, tokens))
 
 
-def run(probe: Probe, prompt: str | torch.Tensor | Sequence[int], *, config: Config = Config()) -> LogitLensResult:
+def n_steps(probe: Probe, n_tokens: int, config: Config = Config()) -> int:
+    """How many times :func:`run` calls ``progress(1)`` for a prompt of ``n_tokens`` tokens: the forward pass, then
+    each unembedding chunk."""
+    n_layers = len(config.layers) if config.layers is not None else probe.info.n_layers
+    step = max(1, _CHUNK_ELEMS // probe.info.d_vocab)
+    return 1 + -(-n_layers * int(n_tokens) // step)
+
+
+def run(probe: Probe, prompt: str | torch.Tensor | Sequence[int], *, config: Config = Config(),
+        progress: Callable[[int], None] | None = None) -> LogitLensResult:
     """Logit lens of one prompt (text, or token ids ``[T]`` / ``[1, T]``).
 
     One forward pass collects ``blocks.{l}.hook_resid_post`` for the chosen layers (``[1, T, d]``
     each, a few hundred KB for a short prompt); the residuals are then unembedded in row chunks so at
-    most ~16M logits (64 MB) are alive at a time.
+    most ~16M logits (64 MB) are alive at a time. ``progress(1)`` after the forward pass and after each chunk
+    (:func:`n_steps` counts them; an exception it raises stops the run there).
     """
     inp = SPEC.inputs(probe, prompt, config=config)
     tokens = inp.data
@@ -276,6 +286,8 @@ def run(probe: Probe, prompt: str | torch.Tensor | Sequence[int], *, config: Con
     reads = {site("resid_post", layer).name: Collect(on_device=True) for layer in layers}  # no copy inside the hooks
     with timer("forward"):
         out_logits = probe.run(tokens, reads=reads)
+    if progress is not None:
+        progress(1)
     with timer("unembed"):
         next_probs, next_ids = lens_topk(out_logits[0], config.k)  # [T, k]
         final = next_ids[:, 0]
@@ -292,6 +304,8 @@ def run(probe: Probe, prompt: str | torch.Tensor | Sequence[int], *, config: Con
             ti.append(i)
             tg.append(target_probs(lg, tgt[s:s + step].to(lg.device)))
             del lg
+            if progress is not None:
+                progress(1)
     kk = tp[0].shape[-1]
     # one device-to-host copy per array, after the last chunk
     top_probs, top_ids, target = (torch.cat(x).cpu() for x in (tp, ti, tg))

@@ -100,10 +100,38 @@ def download_frame(df: Any, name: str, *, key: str | None = None) -> None:
                            icon=":material/download:", width="content")
 
 
+LONG_LITERAL = 240  # characters: a longer string literal (a long prompt) is shortened on screen
+
+
+def short_code(code: str) -> tuple[str, int]:
+    """``code`` with each string literal over :data:`LONG_LITERAL` characters cut to its start and a comment saying
+    how long it is (highlighting a 3,000-token prompt stalled the browser for seconds); and how many were cut."""
+    import io
+    import tokenize
+
+    try:
+        toks = list(tokenize.generate_tokens(io.StringIO(code).readline))
+    except (tokenize.TokenError, SyntaxError):
+        return code, 0
+    lines = code.splitlines(keepends=True)
+    cuts = [t for t in toks if t.type == tokenize.STRING and t.start[0] == t.end[0] and len(t.string) > LONG_LITERAL]
+    for t in reversed(cuts):  # right to left, so earlier columns stay valid
+        row, (a, b) = t.start[0] - 1, (t.start[1], t.end[1])
+        q = t.string[-1]
+        lit = t.string[: 80] + "…" + q
+        lines[row] = lines[row][:a] + lit + lines[row][b:].rstrip("\n") + f"  # cut here: {len(t.string):,} characters in the download\n"
+    return "".join(lines), len(cuts)
+
+
 def notebook_snippet(code: str, *, title: str = "Reproduce in a notebook", expanded: bool = False) -> None:
-    """A collapsible box with the Python that reproduces the current view."""
+    """A collapsible box with the Python that reproduces the current view (long literals shortened on screen; the
+    full code is a download then)."""
+    shown, cut = short_code(code.strip("\n"))
     with st.expander(title, expanded=expanded, icon=":material/code:"):
-        st.code(code.strip("\n"), language="python")
+        st.code(shown, language="python")
+        if cut:
+            st.download_button("Full code (.py)", data=code.strip("\n") + "\n", file_name="sonde_view.py", mime="text/x-python",
+                               on_click="ignore", icon=":material/download:", width="content", key=f"code-{title}")
 
 
 def export_bar(name: str, *, figure: Any = None, table: Any = None, result: Any = None, graph: Any = None,

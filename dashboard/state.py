@@ -388,10 +388,23 @@ def _save(res: Any) -> str | None:
         return None
 
 
+def folder_size(folder: str | Path) -> str:
+    """The bytes a result folder takes on disk, readable (``"2.3 MB"``); ``"?"`` when it cannot be read."""
+    try:
+        n = sum(e.stat().st_size for e in Path(folder).rglob("*") if e.is_file() and not e.is_symlink())
+    except OSError:
+        return "?"
+    for unit in ("bytes", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:,.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    return "?"
+
+
 def _caption(key: str, folder: str | None) -> None:
     if folder is not None:
         mine = key in st.session_state.get("_sonde_computed", set())
-        st.caption(f"{'Saved to' if mine else 'Loaded from'} the results store: `{folder}`")
+        st.caption(f"{'Saved to' if mine else 'Loaded from'} the results store: `{folder}` ({folder_size(folder)} on disk)")
 
 
 def find(key: str, *, caption: bool = True) -> Any:

@@ -252,8 +252,12 @@ LONG = "The quick brown fox jumps over the lazy dog. " * 67  # ~3,000 byte token
 def test_long_prompt_model_page_draws_a_window(env):
     import time
 
+    from conftest import wait_background
+
     t0 = time.perf_counter()
     at = _page("model.py", {"prompt": LONG})
+    assert at.get("progress"), "a long prompt's lens runs in the background with a progress bar"
+    at = wait_background(at)
     elapsed = time.perf_counter() - t0
     assert not at.exception and not at.error, [e.value for e in at.error]
     fig = at.get("plotly_chart")[0]
@@ -322,7 +326,8 @@ STORE_PAGES = [("model.py", {}), ("routes.py", {"component": "L0H0"}), ("sinks.p
 
 def _store_captions(at, verb: str) -> list[str]:
     prefix = f"{verb} the results store: `"
-    return [c.value[len(prefix):-1] for c in at.caption if c.value.startswith(prefix)]
+    # "Saved to the results store: `<folder>` (2.3 MB on disk)": the folder, and the size is said
+    return [c.value[len(prefix):c.value.index("` (")] for c in at.caption if c.value.startswith(prefix) and c.value.endswith(" on disk)")]
 
 
 @pytest.mark.parametrize("page,params", STORE_PAGES, ids=[p for p, _ in STORE_PAGES])

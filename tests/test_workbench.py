@@ -125,7 +125,7 @@ def test_profile_head_computed_then_saved_results(tiny, tmp_path):
     assert C.profile(other, "L1H2", config=cfg, root=root).sources["sinks"] == "computed"
 
 
-def _save_bigram(p, out, head, kept):
+def _save_bigram(p, out, head, kept, steps=0):
     from analyses import bigram as B
 
     L, H = p.info.n_layers, p.info.n_heads
@@ -134,7 +134,7 @@ def _save_bigram(p, out, head, kept):
     res = B.BigramResult(config=B.Config(), model=p.info.to_dict(), masks={},
                          matrices=pd.DataFrame({"layer": [0], "matrix": ["q"], "kept": [1], "total": [2], "fraction": [0.5]}),
                          head_kept=hk, neuron_kept=torch.zeros(L, p.info.d_mlp), curve=pd.DataFrame(), ablation=pd.DataFrame(),
-                         sparsity=0.5)
+                         sparsity=0.5, steps_done=steps)
     return res.save(out)
 
 
@@ -438,3 +438,21 @@ def test_profile_reads_the_shipped_bigram_mask_of_the_embedded_model(embedded, t
     shipped = bigram.default_result()
     assert "shipped mask" in p.sources["bigram"]
     assert p.bigram_kept == pytest.approx(float(shipped.head_kept[0, 0]))
+
+
+def test_the_default_bigram_mask_is_the_most_trained(embedded, tmp_path):
+    """A short test run saved to the store (6 steps) does not replace the shipped mask (hundreds of steps) as the
+    default that the Bigram page and the component panels show; a saved mask trained longer does."""
+    from analyses import bigram, component
+
+    shipped_steps = bigram.default_result().steps_done
+    root = tmp_path / "store"
+    short = _save_bigram(embedded, root / "short", head=(0, 1), kept=0.5, steps=6)
+    rows = component.bigram_masks(embedded.info.fingerprint, root)
+    assert [r[0] for r in rows] == ["shipped", str(short)] and rows[0][1] == shipped_steps > 6
+    prof = component.profile(embedded, "L0H1", config=component.Config(n_samples=1, T=8, domains=("random",)), root=root)
+    assert "shipped mask" in prof.sources["bigram"]
+    long = _save_bigram(embedded, root / "long", head=(0, 1), kept=0.5, steps=shipped_steps + 1)
+    assert component.bigram_masks(embedded.info.fingerprint, root)[0][0] == str(long)
+    assert component.profile(embedded, "L0H1", config=component.Config(n_samples=1, T=8, domains=("random",)),
+                             root=root).sources["bigram"] == str(long)

@@ -76,27 +76,23 @@ except (ValueError, ConfigError) as e:
     st.stop()
 
 
-def _shipped_fingerprint() -> str | None:
-    from analyses.core.store import read_manifest
+def _mask_label(row: tuple[str, int, str]) -> str:
+    src, steps, created = row
+    if src == "shipped":
+        return f"the mask shipped with Sonde · {steps:,} steps"
+    return f"{Path(src).name} · {steps:,} steps · saved {created[:16].replace('T', ' ')}"
+
+
+def _masks() -> list[tuple[str, int, str]]:
+    """This model's masks, best first (:func:`analyses.component.bigram_masks`: most steps, then newest; the
+    component panels read the first one too)."""
+    from analyses.component import bigram_masks
 
     try:
-        return read_manifest(B.DEFAULT_RESULT)["model"]["fingerprint"]
-    except (SondeError, KeyError, TypeError):
-        return None
-
-
-def _load_shipped() -> B.BigramResult:
-    return B.default_result()
-
-
-def _newest_saved() -> str | None:
-    from analyses.component import saved_result
-
-    try:
-        p = saved_result("bigram", probe.info.fingerprint)
-    except Exception:  # noqa: BLE001 - an unreadable results store: nothing saved to show
-        return None
-    return str(p) if p is not None and state.inside_results(p) is not None else None
+        rows = bigram_masks(probe.info.fingerprint)
+    except Exception:  # noqa: BLE001 - an unreadable results store: only the shipped mask, if it fits
+        return []
+    return [r for r in rows if r[0] == "shipped" or state.inside_results(r[0]) is not None]
 
 
 train_sig = st.session_state.get("bigram_train_sig")
@@ -115,11 +111,15 @@ if saved_dir.strip():
     st.query_params["mask"] = saved_dir
     source = str(state.inside_results(saved_dir.strip()))
 elif train_sig is None:
-    source = _newest_saved()
-    if source is None and _shipped_fingerprint() == probe.info.fingerprint:
-        source = "shipped"
+    masks = _masks()
+    if masks:
+        labels = {r[0]: _mask_label(r) for r in masks}
+        state.choose("bigram_mask", list(labels), masks[0][0])
+        source = st.selectbox("Mask", list(labels), key="bigram_mask", format_func=labels.get,
+                              help="This model's masks, the most trained first (a short test run never replaces a "
+                                   "longer one as the default; component panels read the first one).")
 if source == "shipped":
-    res = cached(_load_shipped)
+    res = cached(B.default_result)
     st.caption("Showing the mask shipped with Sonde for this model (trained by `benchmarks/bigram.py --long`; see "
                "benchmarks/RESULTS.md). **Train a mask with these settings** learns a new one.")
 elif source is not None:
@@ -130,9 +130,9 @@ elif train_sig is not None:
     # training runs in the background (progress bar + Cancel); the page stays usable meanwhile
     def _train(job, probe=probe, corpus=corpus, cfg=cfg):
         # the masks sit on the shared model: their block holds the probe's lock, so no other run sees them
-        return B.run(probe, corpus, config=cfg, progress=job.step)
+        return B.run(probe, corpus, config=cfg, progress=lambda point: job.step(1))
 
-    res = workbench.background_result("bigram_train", "Learning a mask", train_sig, _train,
+    res = workbench.background_result("bigram_train", "Learning a mask", train_sig, _train, total=cfg.steps,
                                       waiting="The mask is being learned in the background; results appear when it finishes.")
 else:
     st.info("No saved bigram result for this model yet. Click **Train a mask with these settings** (a short CPU run), or "

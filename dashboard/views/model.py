@@ -11,9 +11,11 @@ import streamlit as st
 from analyses import logit_lens
 from analyses.tokens_html import Token, token_strip
 from dashboard import components, state, workbench
+from probes import SondeError
 
 probe = workbench.start_page("Model & prompt")
 
+BACKGROUND_TOKENS = 256  # longer prompts run the lens in the background (progress bar, Cancel): minutes on a CPU
 WINDOW = 48  # heat-map columns drawn at once (a 3,000-token prompt would be 90,000 text cells)
 COLORS = {"final": "p(final prediction)", "top1": "p(lens top-1)"}
 
@@ -32,8 +34,27 @@ bos = state.bos()
 st.query_params.update({"k": str(int(k)), "color": color})
 
 cfg = logit_lens.Config(k=int(k), prepend_bos=bool(bos))
-res = state.result(lambda: logit_lens.result_key(probe, prompt, config=cfg), lambda: logit_lens.run(probe, prompt, config=cfg),
-                   spinner="Running the logit lens…")
+try:
+    n_tokens = int(probe.to_tokens(prompt, prepend_bos=bool(bos)).shape[-1]) if prompt.strip() else 0
+except SondeError:
+    n_tokens = 0  # logit_lens.result_key below reports the problem in one line
+if n_tokens > BACKGROUND_TOKENS:
+    # a long prompt: the lens runs in the background with a progress bar and Cancel; the page (and the previous
+    # prompt's chart) is cleared meanwhile, so nothing old reads as the new prompt's result
+    try:
+        lens_key = logit_lens.result_key(probe, prompt, config=cfg)
+    except SondeError as e:
+        state.show_error(e)
+        st.stop()
+    res = workbench.background_result(
+        "model_lens", f"Logit lens over {n_tokens:,} tokens (step 1: the forward pass; then the unembedding)", lens_key,
+        lambda job, probe=probe, prompt=prompt, cfg=cfg: logit_lens.run(probe, prompt, config=cfg, progress=job.step),
+        total=logit_lens.n_steps(probe, n_tokens, cfg),
+        waiting=f"The logit lens of this {n_tokens:,}-token prompt runs in the background (a forward pass, then the "
+                "unembedding in chunks); the charts appear when it finishes.")
+else:
+    res = state.result(lambda: logit_lens.result_key(probe, prompt, config=cfg), lambda: logit_lens.run(probe, prompt, config=cfg),
+                       spinner="Running the logit lens…")
 if res is None:  # the error is already shown
     st.stop()
 
