@@ -61,8 +61,8 @@ from .core.store import hash_inputs
 __all__ = [
     "Config", "RoutesResult", "run", "result_key",
     "proximity", "attention_importance", "ffn_importance", "neuron_importance", "block_importance",
-    "decomposed_attention", "threshold_renormalize", "node_name", "max_prompt_tokens", "describe_edit", "resolve_kernel",
-    "explain_attention", "AttentionExplanation", "faithfulness", "Faithfulness", "compare",
+    "decomposed_attention", "threshold_renormalize", "node_name", "max_prompt_tokens", "max_route_tokens", "describe_edit", "resolve_kernel",
+    "explain_attention", "AttentionExplanation", "faithfulness", "Faithfulness", "compare", "memory_model",
 ]
 
 Level = Literal["token", "head", "neuron"]
@@ -182,7 +182,8 @@ def _chunk_size(T: int, H: int, d: int, chunk_mb: int, itemsize: int = 4) -> int
 def attention_importance(resid_pre: torch.Tensor, whole: torch.Tensor, pattern: torch.Tensor, vo: torch.Tensor, *,
                          p: float = 1.0, eps: float = 1e-5, extra_parts: torch.Tensor | None = None,
                          query_chunk: int | None = None, chunk_mb: int = 256, queries: torch.Tensor | None = None,
-                         kernel: Literal["eager", "compiled"] = "eager") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                         kernel: Literal["eager", "compiled"] = "eager",
+                         pattern_rows: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Importances of an attention block's parts, computed in chunks of queries.
 
     Args:
@@ -192,6 +193,7 @@ def attention_importance(resid_pre: torch.Tensor, whole: torch.Tensor, pattern: 
         vo: [T, H, d] v_h[j] · W_O,h per key and head.
         extra_parts: [T, E, d] further parts per query (b_O, a parallel block's mlp_out), or None.
         queries: optional sorted query positions [Q] (top-down mode computes only these rows).
+        pattern_rows: ``pattern`` holds only the rows of ``queries`` ([H, Q, T]), as the top-down walk recomputes them.
         kernel: "eager" (chunks of the [Q, T, H, d] parts tensor) or "compiled" (one fused loop, no parts tensor).
 
     Returns:
@@ -214,7 +216,7 @@ def attention_importance(resid_pre: torch.Tensor, whole: torch.Tensor, pattern: 
         c1 = min(Q, c0 + qc)
         qs = qidx[c0:c1]
         k1 = c1 if qhost is None else int(qhost[c0:c1].max()) + 1  # causal: no key after the last query of the chunk matters
-        a = pattern[:, qs, :k1].permute(1, 2, 0)  # [C, k1, H]
+        a = (pattern[:, c0:c1, :k1] if pattern_rows else pattern[:, qs, :k1]).permute(1, 2, 0)  # [C, k1, H]
         if fused:
             pr = prox_fn(w[c0:c1].contiguous(), a.contiguous(), vo[:k1].contiguous(), float(p), float(eps))
         else:
@@ -315,22 +317,30 @@ class _Decomposer:
 
     ``mode="all"``: inside the forward pass, as each layer's sites arrive; it keeps at most one layer's
     resid_pre, v, pattern (and MLP hidden) at a time, and the ``[Q, T, H, d]`` parts tensor exists for one
-    chunk of queries only. ``mode="route"`` (top-down): the forward pass keeps each layer's residuals,
-    v and pattern (``[H, T, T]``, no ``d`` axis), then :meth:`walk` goes from the prediction node down and
-    computes only the rows of the queries the route can reach at each layer. Rows not computed stay 0.
+    chunk of queries only. ``mode="route"`` (top-down): the forward pass keeps each layer's residuals and its
+    post-rotary q, k and v (``[T, ·]`` each, no ``[T, T]`` pattern), then :meth:`walk` goes from the prediction
+    node down and computes only the rows of the queries the route can reach at each layer, recomputing those
+    rows of the pattern (``softmax(q kᵀ · scale)``, causal, as the model computes it) on the way. Only the
+    visited rows' importances are kept (``rows``: their positions), so memory grows as ``T``, not ``T²``.
+    Where q/k cannot stand in for the pattern (an edit of the pattern, or a backend without post-rotary q/k)
+    the pass keeps each layer's ``[H, T, T]`` pattern instead, as many bytes as all-position importances.
     """
 
-    def __init__(self, probe, T: int, cfg: Config):
+    def __init__(self, probe, T: int, cfg: Config, *, store_patterns: bool = False):
         i = probe.info
         self.probe, self.cfg, self.T = probe, cfg, T
         self.L, self.H, self.d = i.n_layers, i.n_heads, i.d_model
         self.parallel = i.parallel_blocks
         self.dt = getattr(torch, cfg.dtype)
         self.route_mode = cfg.mode == "route"
+        self.store_patterns = store_patterns
         self.kernel = resolve_kernel(cfg.kernel, self.L, T, self.H, self.d)
         dev = probe.device
         z = lambda *s: torch.zeros(*s, dtype=self.dt, device=dev)  # noqa: E731
-        self.attn = z(self.L, T, T, self.H)
+        self.attn = None if self.route_mode else z(self.L, T, T, self.H)
+        self.rows: torch.Tensor | None = None  # top-down: positions of attn's query axis
+        self._attn_rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._row_bytes = 0
         self.attn_resid = z(self.L, T)
         self.ffn = z(self.L, T)
         self.ffn_resid = z(self.L, T)
@@ -346,8 +356,12 @@ class _Decomposer:
     def reads(self) -> dict[str, Callable[[torch.Tensor], None]]:
         """Read functions for ``probe.run``: each site's tensor goes to :meth:`visit` inside the hook."""
         r: dict[str, Callable[[torch.Tensor], None]] = {}
+        recompute = self.route_mode and not self.store_patterns
         for L in range(self.L):
-            kinds = ["resid_pre", "v", "pattern", "mlp_out", "resid_post"]
+            # top-down keeps resid_pre of layer 0 only: layer L's input is layer L - 1's resid_post
+            kinds = ["resid_pre"] if (L == 0 or not self.route_mode) else []
+            kinds += ["q", "k", "v"] if recompute else ["v", "pattern"]
+            kinds += ["mlp_out", "resid_post"]
             if not self.parallel:
                 kinds.append("resid_mid")
             if self.cfg.level == "neuron":
@@ -358,16 +372,19 @@ class _Decomposer:
         return r
 
     def visit(self, L: int, kind: str, x: torch.Tensor) -> None:
+        if self.route_mode:  # kept in the model's dtype until the walk reaches the layer
+            x = x[0]
+            if kind == "resid_pre":
+                self.embed = x.to(self.dt).clone()
+            self._layers[L][kind] = x
+            return
         x = x[0].to(self.dt)  # batch of one
         if kind == "resid_pre" and L == 0:
             self.embed = x.clone()
-        if self.route_mode:
-            self._layers[L][kind] = x
-            return
         c = self._cur
         c[kind] = x
         if kind == "resid_mid" or (kind == "resid_post" and self.parallel):
-            self._attention(L, c, None)
+            self._attention(L, c, None, c["pattern"])
         if kind == "resid_post":
             if not self.parallel:
                 self._ffn(L, c, None)
@@ -376,7 +393,9 @@ class _Decomposer:
             self._cur = {}
 
     # -------------------------------------------------------------- one block, some (or all) queries
-    def _attention(self, L: int, c: dict[str, torch.Tensor], rows: torch.Tensor | None) -> None:
+    def _attention(self, L: int, c: dict[str, torch.Tensor], rows: torch.Tensor | None, pattern: torch.Tensor) -> torch.Tensor:
+        """The block's importances for ``rows`` (None: every query); ``pattern`` is [H, T, T], or [H, R, T] for ``rows``
+        (top-down). Returns the attention part importances [R, T, H]."""
         cfg = self.cfg
         whole = c["resid_post"] if self.parallel else c["resid_mid"]
         W_O = self.probe.W_O(L).to(self.dt)  # [H, h, d]
@@ -392,15 +411,21 @@ class _Decomposer:
             extras.append(b_O.to(self.dt).expand(self.T, self.d))
         if self.parallel:
             extras.append(c["mlp_out"])
-        a, r, e = attention_importance(c["resid_pre"], whole, c["pattern"], vo, p=cfg.p, eps=cfg.eps,
+        a, r, e = attention_importance(c["resid_pre"], whole, pattern, vo, p=cfg.p, eps=cfg.eps,
                                        extra_parts=torch.stack(extras, 1) if extras else None,
-                                       query_chunk=cfg.query_chunk, chunk_mb=cfg.chunk_mb, queries=rows, kernel=self.kernel)
+                                       query_chunk=cfg.query_chunk, chunk_mb=cfg.chunk_mb, queries=rows, kernel=self.kernel,
+                                       pattern_rows=rows is not None)
         idx = slice(None) if rows is None else rows
-        self.attn[L, idx], self.attn_resid[L, idx] = a, r
+        if rows is None:
+            self.attn[L] = a
+        else:
+            self._attn_rows[L] = (rows, a)
+        self.attn_resid[L, idx] = r
         if cfg.include_bias:
             self.attn_bias[L, idx] = e[:, 0] if (b_O is not None) else 0.0
         if self.parallel:
             self.ffn[L, idx] = e[:, -1]
+        return a
 
     def _ffn(self, L: int, c: dict[str, torch.Tensor], rows: torch.Tensor | None) -> None:
         idx = slice(None) if rows is None else rows
@@ -422,6 +447,26 @@ class _Decomposer:
             self.res["resid_mid"][L] = c.get("resid_mid", post_resid - c["mlp_out"])
 
     # -------------------------------------------------------------- top-down walk
+    def _pattern_rows(self, L: int, c: dict[str, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+        """Layer L's attention probabilities of the queries ``rows``: [H, R, T] (recomputed from q and k, or sliced
+        from the stored pattern)."""
+        if "pattern" in c:
+            return c["pattern"][:, rows.to(c["pattern"].device)]
+        from probes.attention import expand_kv
+
+        attn = self.probe.module(self.probe.arch.attn, layer=L)
+        scale = float(getattr(attn, "scaling", None) or 1 / math.sqrt(self.probe.info.d_head))
+        rd = rows.to(c["q"].device)
+        q = c["q"][rd].float()  # [R, H, h], post-rotary (as the model's attention receives it)
+        k = expand_kv(c["k"], self.H, dim=1).float()  # [T, H, h]
+        scores = torch.einsum("rhe,the->hrt", q, k) * scale
+        kpos = torch.arange(self.T, device=q.device)[None, :]
+        allowed = kpos <= rd[:, None]
+        window = _sliding_window(self.probe, attn)
+        if window is not None:
+            allowed = allowed & (rd[:, None] - kpos < window)
+        return torch.softmax(scores.masked_fill_(~allowed, float("-inf")), dim=-1).to(self.dt)
+
     def walk(self, position: int) -> None:
         """Top-down: compute the rows of layer l only for positions whose residual node the route reaches.
 
@@ -429,20 +474,31 @@ class _Decomposer:
         builds its edges, so the route equals the one from ``mode="all"``.
         """
         cfg = self.cfg
+        budget = cfg.max_memory_gb * 2**30  # for the layer store and the visited rows together
+        self._row_bytes = _top_down_bytes(self.probe.info, self.T, getattr(torch, self.probe.info.dtype).itemsize, self.store_patterns)
         need = torch.tensor([position])
         for L in range(self.L - 1, -1, -1):
-            c = self._layers[L]
+            c = {k: v.to(self.dt) for k, v in self._layers[L].items()}
+            c["resid_pre"] = self.embed if L == 0 else self._layers[L - 1]["resid_post"].to(self.dt)
             rows = need.sort().values
+            self._row_bytes += rows.numel() * self.T * self.H * self.dt.itemsize
+            if self._row_bytes > budget:
+                raise OutOfMemoryError(
+                    f"the route reaches {rows.numel()} positions at layer {L}; their importances over {self.T} keys and "
+                    f"the stored layers exceed max_memory_gb={cfg.max_memory_gb}.",
+                    hint="Raise tau (fewer edges), shorten the prompt or raise max_memory_gb.")
             if not self.parallel:
                 self._ffn(L, c, rows)
-            self._attention(L, c, rows)
+            att = self._attention(L, c, rows, self._pattern_rows(L, c, rows))
             self._neurons_and_residuals(L, c, rows)
             self.computed[L, rows] = True
-            self._layers[L] = {}
+            self._layers[L] = {k: v for k, v in self._layers[L].items() if k == "resid_post"}  # layer L + 1 is done
+            if L + 1 < self.L:
+                self._layers[L + 1] = {}
             if L == 0:
                 break
             # positions j whose node I{L-1}_j has an edge into a reached node of layer L
-            att, ar, ffn, fr = self.attn[L, rows], self.attn_resid[L, rows], self.ffn[L, rows], self.ffn_resid[L, rows]
+            ar, ffn, fr = self.attn_resid[L, rows], self.ffn[L, rows], self.ffn_resid[L, rows]
             if cfg.renormalize:
                 att, ar, ffn, fr = _renorm_arrays(att[None], ar[None], ffn[None], fr[None], cfg.tau, self.parallel)
                 att, ar, ffn, fr, thr = att[0], ar[0], ffn[0], fr[0], 0.0
@@ -456,6 +512,38 @@ class _Decomposer:
             need = torch.nonzero(reach).flatten().cpu()  # the one host sync per layer: which rows to compute next
             if need.numel() == 0:
                 break
+        self._layers = [{} for _ in range(self.L)]
+        self._gather()
+
+    def _gather(self) -> None:
+        """The visited rows of every layer in one array: attn [L, R, T, H] over the union of their positions."""
+        rows = sorted({int(p) for r, _ in self._attn_rows.values() for p in r.tolist()})
+        self.rows = torch.tensor(rows, dtype=torch.long)
+        at = {p: n for n, p in enumerate(rows)}
+        dev = self.attn_resid.device
+        self.attn = torch.zeros(self.L, len(rows), self.T, self.H, dtype=self.dt, device=dev)
+        for L, (r, a) in self._attn_rows.items():
+            self.attn[L, torch.tensor([at[int(p)] for p in r.tolist()], device=dev)] = a
+        self._attn_rows = {}
+
+    def fields(self) -> dict[str, Any]:
+        """The result's arrays (on the CPU): the fields :class:`RoutesResult` takes from a decomposition."""
+        cpu = lambda t: None if t is None else t.cpu()  # noqa: E731
+        every = bool(self.computed.all())
+        return dict(attn=self.attn.cpu(), attn_resid=self.attn_resid.cpu(), ffn=self.ffn.cpu(), ffn_resid=self.ffn_resid.cpu(),
+                    parallel=self.parallel, attn_bias=cpu(self.attn_bias), neurons=cpu(self.neurons),
+                    neuron_resid=cpu(self.neuron_resid), computed=None if every else self.computed,
+                    rows=None if self.rows is None or (every and len(self.rows) == self.T) else self.rows)
+
+
+def _sliding_window(probe, attn_module) -> int | None:
+    """The sliding window of a layer's attention (the module's own, else the config's when it is switched on)."""
+    w = getattr(attn_module, "sliding_window", None)
+    if w is None:
+        c = probe.hf_model.config
+        if getattr(c, "use_sliding_window", True) is not False and not hasattr(c, "layer_types"):
+            w = getattr(c, "sliding_window", None)
+    return int(w) if w else None
 
 
 _ROUTE_EDIT_KINDS = ("pattern", "q", "k", "v", "mlp_pre", "mlp_post", "mlp_out")
@@ -498,24 +586,64 @@ def _resolve_position(position: int, T: int) -> int:
     return position % T
 
 
+def max_route_tokens(info, max_memory_gb: float, itemsize: int = 4, *, patterns: bool = False) -> int:
+    """Longest prompt whose top-down (``mode="route"``) store fits in ``max_memory_gb``: every layer's residuals,
+    q, k and v (``itemsize`` bytes each; :func:`_top_down_bytes`), and with ``patterns`` each layer's [H, T, T] pattern too."""
+    budget = max_memory_gb * 2**30
+    lo, hi = 0, 1 << 22
+    while hi - lo > 1:  # the store grows monotonically with T
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if _top_down_bytes(info, mid, itemsize, patterns) <= budget else (lo, mid)
+    return lo
+
+
+def _top_down_bytes(s, T: int, itemsize: int, patterns: bool = False) -> int:
+    """Bytes the top-down pass keeps until its walk: per layer resid_mid, mlp_out, resid_post, q, k and v (or v and the
+    [H, T, T] pattern), and the [L, T] importances of every position. ``s``: a :class:`probes.ModelInfo` or planner shape."""
+    L, H, K, h, d = s.n_layers, s.n_heads, s.n_kv_heads, s.d_head, s.d_model
+    per_token = 3 * d + K * h + (0 if patterns else H * h + K * h)
+    return L * T * per_token * itemsize + (L * H * T * T * 4 if patterns else 0) + 4 * L * T * 4
+
+
 @torch.no_grad()
 def _compute(probe, tokens: torch.Tensor, cfg: Config, edits: Sequence = ()) -> _Decomposer:
     _check_supported(probe)
     T = tokens.shape[-1]
     i = probe.info
     item = 8 if cfg.dtype == "float64" else 4
-    # top-down mode also keeps every layer's [H, T, T] pattern until the walk, as many bytes again as the importances
-    limit = max_prompt_tokens(i.n_layers, i.n_heads, cfg.max_memory_gb, 2 * item if cfg.mode == "route" else item)
-    if T > limit:
-        what = "route importances and stored attention patterns" if cfg.mode == "route" else "route importances"
-        raise OutOfMemoryError(
-            f"the prompt is {T} tokens long; with max_memory_gb={cfg.max_memory_gb} this model's {what} "
-            f"fit prompts of at most {limit} tokens.", hint="Shorten the prompt or raise max_memory_gb.")
-    dec = _Decomposer(probe, T, cfg)
-    probe.run(tokens, reads=dec.reads(), edits=_route_edits(edits), return_logits=False)
+    edits = _route_edits(edits)
+    # top-down recomputes the visited rows of each pattern from q and k, unless an edit changes the pattern itself
+    patterns = cfg.mode == "route" and any(e.target.kind == "pattern" for e in edits)
+    _check_length(probe, T, cfg, item, patterns)
+    dec = _Decomposer(probe, T, cfg, store_patterns=patterns)
+    try:
+        probe.run(tokens, reads=dec.reads(), edits=edits, return_logits=False)
+    except UnsupportedModelError:
+        if cfg.mode != "route" or patterns:
+            raise
+        # no post-rotary q/k on this backend (TransformerLens' GPT-NeoX): keep the patterns instead
+        _check_length(probe, T, cfg, item, True)
+        dec = _Decomposer(probe, T, cfg, store_patterns=True)
+        probe.run(tokens, reads=dec.reads(), edits=edits, return_logits=False)
     if dec.route_mode:
         dec.walk(_resolve_position(cfg.position, T))
     return dec
+
+
+def _check_length(probe, T: int, cfg: Config, item: int, patterns: bool) -> None:
+    """Refuse (before any forward pass) a prompt whose stored arrays exceed ``cfg.max_memory_gb``, naming the length that fits."""
+    i = probe.info
+    if cfg.mode == "route":
+        limit = max_route_tokens(i, cfg.max_memory_gb, getattr(torch, i.dtype).itemsize, patterns=patterns)
+        what = ("stored residuals and attention patterns" if patterns else "stored residuals, queries, keys and values")
+    else:
+        limit = max_prompt_tokens(i.n_layers, i.n_heads, cfg.max_memory_gb, item)
+        what = "route importances"
+    if T > limit:
+        raise OutOfMemoryError(
+            f"the prompt is {T} tokens long; with max_memory_gb={cfg.max_memory_gb} this model's {what} "
+            f"fit prompts of at most {limit} tokens" + ("" if cfg.mode == "route" else " (top-down mode='route' fits longer ones)") + ".",
+            hint="Shorten the prompt or raise max_memory_gb.")
 
 
 # ============================================================================ result
@@ -567,6 +695,8 @@ class RoutesResult(Result):
     computed: torch.Tensor | None = stored("array", default=None, load=lambda a: a.bool())
     # interventions applied during the forward pass (e.g. "ZeroAttention L5 heads=[3]")
     edits: tuple[str, ...] = stored("extra", default=())
+    # top-down: the positions of attn's query axis (the rows the walk visited); None = every position
+    rows: torch.Tensor | None = stored("array", default=None)
 
     # ------------------------------------------------------------------ shape helpers
     @property
@@ -575,7 +705,12 @@ class RoutesResult(Result):
 
     @property
     def n_tokens(self) -> int:
-        return self.attn.shape[1]
+        return self.attn.shape[2]
+
+    @property
+    def query_positions(self) -> torch.Tensor:
+        """The positions of ``attn``'s query axis: every position, or the rows a top-down walk visited."""
+        return torch.arange(self.n_tokens) if self.rows is None else self.rows
 
     @property
     def n_heads(self) -> int:
@@ -591,9 +726,17 @@ class RoutesResult(Result):
         renorm = self.config.renormalize if renormalize is None else renormalize
         if not 0 < tau < 1:
             raise ConfigError(f"tau={tau!r} is outside (0, 1).", hint="Use a threshold such as 0.04.")
+        # attn's rows are query_positions; the per-position arrays are gathered to match them for the threshold
+        q = self.rows
+        ar, ffn, fr = (x if q is None else x[:, q] for x in (self.attn_resid, self.ffn, self.ffn_resid))
         if renorm:
-            return (*_renorm_arrays(self.attn, self.attn_resid, self.ffn, self.ffn_resid, tau, self.parallel), 0.0)
-        return self.attn, self.attn_resid, self.ffn, self.ffn_resid, tau
+            a, ar, ffn, fr = _renorm_arrays(self.attn, ar, ffn, fr, tau, self.parallel)
+            thr = 0.0
+        else:
+            a, thr = self.attn, tau
+        if q is not None:  # back to [L, T] for the per-position arrays (rows not visited stay 0)
+            ar, ffn, fr = (self.attn_resid.new_zeros(self.attn_resid.shape).index_copy_(1, q, x) for x in (ar, ffn, fr))
+        return a, ar, ffn, fr, thr
 
     # ------------------------------------------------------------------ graph (analyses.routes_graph)
     def graph(self, tau: float | None = None, renormalize: bool | None = None):
@@ -601,7 +744,7 @@ class RoutesResult(Result):
         from .routes_graph import build_graph
 
         attn, ar, ffn, fr, thr = self.weights(tau, renormalize)
-        return build_graph(attn, ar, ffn, fr, thr, self.str_tokens, self.parallel)
+        return build_graph(attn, ar, ffn, fr, thr, self.str_tokens, self.parallel, rows=self.rows)
 
     def route(self, position: int | None = None, tau: float | None = None, renormalize: bool | None = None, graph=None):
         """The route to the prediction at ``position`` (see :func:`analyses.routes_graph.extract_route`)."""
@@ -632,8 +775,12 @@ class RoutesResult(Result):
         return head_importance(route if route is not None else self.route(position, tau, renormalize), self.n_layers, self.n_heads)
 
     def head_importance_all(self) -> torch.Tensor:
-        """[L, H]: mean over query positions of each head's total importance (no threshold)."""
-        return self.attn.sum(2).mean(1).double().cpu()
+        """[L, H]: mean over query positions (the computed ones, top-down) of each head's total importance (no threshold)."""
+        a = self.attn.sum(2).double().cpu()  # [L, R, H]
+        if self.computed is None:
+            return a.mean(1)
+        m = self.computed[:, self.query_positions].double()  # [L, R]
+        return (a * m[..., None]).sum(1) / m.sum(1).clamp_min(1)[:, None]
 
     def to_graphml(self, path: str | Path, position: int | None = None, *, full: bool = False) -> Path:
         """Write the route (or the full thresholded graph) as GraphML (per-head vectors as JSON strings)."""
@@ -655,29 +802,32 @@ class RoutesResult(Result):
         Columns: model, layer, head (per-head attention rows at level 'head'; otherwise attention rows are
         head-summed and head is <NA>), pos, token, source_pos, source_token, kind (attn|attn_resid|ffn|ffn_resid), value.
         """
-        L, T, _, H = self.attn.shape
+        L, R, T, H = self.attn.shape
         toks = np.array(self.str_tokens, dtype=object)
         model = self.model.get("name", "")
         frames = []
-        lower = np.tril_indices(T)
+        qpos = self.query_positions.numpy()
+        done = np.ones((L, T), bool) if self.computed is None else self.computed.numpy()
         a = self.attn.detach().cpu().double().numpy()
         for l in range(L):
+            # (row, key) pairs of computed rows, keys up to the query (top-down: the visited rows only)
+            ri, kj = np.nonzero((np.arange(T)[None, :] <= qpos[:, None]) & done[l, qpos][:, None])
+            qi = qpos[ri]
             if self.config.level == "head":
-                vals = a[l][lower]  # [n, H]
-                qi = np.repeat(lower[0], H)
-                kj = np.repeat(lower[1], H)
-                frames.append(pd.DataFrame({"layer": l, "head": np.tile(np.arange(H), len(lower[0])), "pos": qi,
-                                            "source_pos": kj, "kind": "attn", "value": vals.reshape(-1)}))
+                vals = a[l][ri, kj]  # [n, H]
+                frames.append(pd.DataFrame({"layer": l, "head": np.tile(np.arange(H), len(ri)), "pos": np.repeat(qi, H),
+                                            "source_pos": np.repeat(kj, H), "kind": "attn", "value": vals.reshape(-1)}))
             else:
-                frames.append(pd.DataFrame({"layer": l, "head": None, "pos": lower[0], "source_pos": lower[1],
-                                            "kind": "attn", "value": a[l].sum(-1)[lower]}))
+                frames.append(pd.DataFrame({"layer": l, "head": None, "pos": qi, "source_pos": kj,
+                                            "kind": "attn", "value": a[l].sum(-1)[ri, kj]}))
         ar, f, fr = (t.detach().cpu().double().numpy() for t in (self.attn_resid, self.ffn, self.ffn_resid))
-        pos = np.arange(T)
         for l in range(L):
-            frames.append(pd.DataFrame({"layer": l, "head": None, "pos": pos, "source_pos": pos, "kind": "attn_resid", "value": ar[l]}))
-            frames.append(pd.DataFrame({"layer": l, "head": None, "pos": pos, "source_pos": pos, "kind": "ffn", "value": f[l]}))
+            pos = np.nonzero(done[l])[0]
+            ar_l, f_l, fr_l = ar[l][pos], f[l][pos], fr[l][pos]
+            frames.append(pd.DataFrame({"layer": l, "head": None, "pos": pos, "source_pos": pos, "kind": "attn_resid", "value": ar_l}))
+            frames.append(pd.DataFrame({"layer": l, "head": None, "pos": pos, "source_pos": pos, "kind": "ffn", "value": f_l}))
             if not self.parallel:
-                frames.append(pd.DataFrame({"layer": l, "head": None, "pos": pos, "source_pos": pos, "kind": "ffn_resid", "value": fr[l]}))
+                frames.append(pd.DataFrame({"layer": l, "head": None, "pos": pos, "source_pos": pos, "kind": "ffn_resid", "value": fr_l}))
         df = pd.concat(frames, ignore_index=True)
         df["head"] = df["head"].astype("Int64")
         df.insert(0, "model", model)
@@ -784,13 +934,9 @@ def run(probe, prompt: str | torch.Tensor, *, config: Config = Config(), edits: 
     if dec.res is not None:
         res = {k: v.cpu() for k, v in dec.res.items()}
         res["embed"] = dec.embed.cpu()
-    cpu = lambda t: None if t is None else t.cpu()  # noqa: E731
     return RoutesResult(
         config=config, model=probe.info.to_dict(), input_hash=inp.hash, inputs=inp.label, timings=dict(timer.seconds),
-        tokens=tokens[0].cpu(), str_tokens=probe.to_str_tokens(tokens[0]), attn=dec.attn.cpu(), attn_resid=dec.attn_resid.cpu(),
-        ffn=dec.ffn.cpu(), ffn_resid=dec.ffn_resid.cpu(), parallel=dec.parallel, attn_bias=cpu(dec.attn_bias),
-        neurons=cpu(dec.neurons), neuron_resid=cpu(dec.neuron_resid), residuals=res,
-        computed=None if bool(dec.computed.all()) else dec.computed, edits=described,
+        tokens=tokens[0].cpu(), str_tokens=probe.to_str_tokens(tokens[0]), residuals=res, edits=described, **dec.fields(),
     )
 
 
@@ -805,6 +951,28 @@ def _route_memory(s, B: int, T: int, o: Mapping[str, Any]) -> dict[str, int]:
 
 
 MEMORY = planner.MemoryModel("routes", _route_memory, persistent=("importances", "residuals"), one_row=True, chunk=_chunk_size)
+
+ROUTE_ROWS = 8  # positions per layer a top-down route is planned for (at tau=0.04 the embedded model's visit 2-7; the walk checks the budget itself)
+
+
+def _top_down_memory(s, B: int, T: int, o: Mapping[str, Any]) -> dict[str, int]:
+    """Top-down (``mode="route"``): the layer store of :func:`_top_down_bytes` (in the model's dtype) and the visited
+    rows' importances (planned for :data:`ROUTE_ROWS` per layer) stay; the walk's proximity chunk and recomputed
+    pattern rows come after the forward pass, whose logits are the largest transient on a long prompt."""
+    H, d, L, a = s.n_heads, s.d_model, s.n_layers, o["route_itemsize"]
+    R = min(T, ROUTE_ROWS)
+    q = min(R, _chunk_size(T, H, d, o["chunk_mb"], a))
+    return {"layer_store": _top_down_bytes(s, T, s.itemsize), "importances": L * R * T * H * a,
+            "proximity_chunk": q * T * H * d * a * 2, "pattern_rows": 2 * H * R * T * 4}
+
+
+TOP_DOWN_MEMORY = planner.MemoryModel("routes (top-down)", _top_down_memory, persistent=("layer_store", "importances"),
+                                      one_row=True, chunk=_chunk_size)
+
+
+def memory_model(mode: str = "all") -> planner.MemoryModel:
+    """The planner's memory model of a routes run: all positions (:data:`MEMORY`) or top-down (:data:`TOP_DOWN_MEMORY`)."""
+    return TOP_DOWN_MEMORY if mode == "route" else MEMORY
 
 
 SPEC = registry.register(registry.Analysis(

@@ -202,9 +202,7 @@ def _fold(probe, records: Sequence, config: DatasetConfig, stats: RouteStats, *,
             skipped += 1
         else:
             dec = _compute(probe, toks, config)
-            r = RoutesResult(config=config, model={}, tokens=toks[0].cpu(), str_tokens=[""] * T, attn=dec.attn.cpu(),
-                             attn_resid=dec.attn_resid.cpu(), ffn=dec.ffn.cpu(), ffn_resid=dec.ffn_resid.cpu(), parallel=dec.parallel,
-                             computed=None if bool(dec.computed.all()) else dec.computed)
+            r = RoutesResult(config=config, model={}, tokens=toks[0].cpu(), str_tokens=[""] * T, **dec.fields())
             route = r.route()
             stats.add(domain, r.head_importance(route=route), _ffn_on_route(route, probe.info.n_layers))
         if checkpoint is not None and n_seen % config.checkpoint_every == 0:

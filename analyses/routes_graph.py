@@ -24,8 +24,11 @@ __all__ = ["build_graph", "extract_route", "head_importance", "route_frame", "wr
 
 
 def build_graph(attn: torch.Tensor, attn_resid: torch.Tensor, ffn: torch.Tensor, ffn_resid: torch.Tensor, thr: float,
-                str_tokens: Sequence[str], parallel: bool = False):
+                str_tokens: Sequence[str], parallel: bool = False, rows: torch.Tensor | None = None):
     """The full graph over all positions as a networkx DiGraph (edges bottom-up).
+
+    ``attn`` is [L, R, T, H]: its query axis holds the positions ``rows`` (a top-down result's visited rows), or
+    every position (``rows=None``, R = T).
 
     Edges at or below ``thr`` are left out (they can never be on a route), so the graph stays sparse.
     Edge attributes: ``weight``, ``kind`` (attn|resid|ffn), ``layer``, and ``heads`` (per-head weights,
@@ -34,7 +37,8 @@ def build_graph(attn: torch.Tensor, attn_resid: torch.Tensor, ffn: torch.Tensor,
     import networkx as nx
 
     attn, ar, ffn, fr = (t.detach().cpu().double().numpy() for t in (attn, attn_resid, ffn, ffn_resid))
-    L, T = attn.shape[0], attn.shape[1]
+    L, T = attn.shape[0], attn.shape[2]
+    qpos = np.arange(T) if rows is None else np.asarray(rows.cpu() if hasattr(rows, "cpu") else rows)
     g = nx.DiGraph()
 
     def add_node(name, kind, layer, pos):
@@ -58,10 +62,11 @@ def build_graph(attn: torch.Tensor, attn_resid: torch.Tensor, ffn: torch.Tensor,
     for l in range(L):
         tgt_a = "I" if parallel else "A"
         summed = attn[l].sum(-1)  # [T, T]
-        qi, kj = np.nonzero(summed > thr)
-        for i, j in zip(qi.tolist(), kj.tolist()):
+        ri, kj = np.nonzero(summed > thr)
+        for r, j in zip(ri.tolist(), kj.tolist()):
+            i = int(qpos[r])
             add_node(node_name(tgt_a, l, i), tgt_a, l, i)
-            add_edge(src(l, j), node_name(tgt_a, l, i), summed[i, j], "attn", l, [float(x) for x in attn[l, i, j]])
+            add_edge(src(l, j), node_name(tgt_a, l, i), summed[r, j], "attn", l, [float(x) for x in attn[l, r, j]])
         for i in np.nonzero(ar[l] > thr)[0].tolist():
             add_node(node_name(tgt_a, l, i), tgt_a, l, i)
             add_edge(src(l, i), node_name(tgt_a, l, i), ar[l, i], "resid", l)

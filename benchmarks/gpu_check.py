@@ -6,7 +6,8 @@
 
 Sections (each with its own time budget and try/except: a failure or a timeout leaves the other sections' figures):
 
-* ``routes``: plain forward vs routes all-position and top-down at T = 512 and 2048 (ratios, peak memory);
+* ``routes``: plain forward vs routes all-position and top-down at T = 512 and 2048 (ratios, peak memory), then
+  top-down at the model's full context, T = 8192 (time and peak memory against a plain forward of the same input);
 * ``sinks``: sink/dormant statistics throughput vs plain forward on 64 × 512 tokens;
 * ``fiber``: kNN radii of a random 128,256 × 4,096 bf16 matrix (time, peak memory), then the whole
   fiber test on a subset of query tokens;
@@ -48,11 +49,11 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
             vocab_size=256, max_position_embeddings=256)
 
 #: sizes and per-section time budgets (seconds); the full run's budgets add up to about 7 minutes
-FULL = dict(shape=LLAMA3_8B, lengths=(512, 2048), sinks=(64, 512, 8), fiber=(128256, 4096, 2048), fiber_vol=(10, 1000),
+FULL = dict(shape=LLAMA3_8B, lengths=(512, 2048), long=8192, sinks=(64, 512, 8), fiber=(128256, 4096, 2048), fiber_vol=(10, 1000),
             cf_tokens=64, crit=(32, 256, 64),
-            budgets=dict(setup=60, routes=140, sinks=45, fiber=50, counterfactual=30, critical=30, pytest_gpu=50, agreement=40))
+            budgets=dict(setup=60, routes=170, sinks=45, fiber=50, counterfactual=30, critical=30, pytest_gpu=50, agreement=40))
 #: the dry run: every code path on a tiny shape; budgets are loose (a shared CPU may be slow), not a speed goal
-SMALL = dict(shape=TINY, lengths=(16, 32), sinks=(4, 32, 2), fiber=(600, 16, 50), fiber_vol=(10, 60), cf_tokens=6,
+SMALL = dict(shape=TINY, lengths=(16, 32), long=128, sinks=(4, 32, 2), fiber=(600, 16, 50), fiber_vol=(10, 60), cf_tokens=6,
              crit=(4, 16, 4), budgets=dict(setup=300, routes=300, sinks=300, fiber=300, counterfactual=300, critical=300,
                                            pytest_gpu=300, agreement=300))
 GPU_TEST_FILES = ("tests/test_scale_models.py", "tests/test_dtypes.py", "tests/test_device_hygiene.py")
@@ -210,7 +211,35 @@ class Check:
             r["top_down_ratio"] = round(r["top_down_s"] / r["forward_s"], 2)
             r["top_down_rows"] = int(res.computed.sum()) if res.computed is not None else None
             del res
+        self._long_route(rec, kernel)
         rec["compile_failed"] = list(routes._COMPILE_FAILED)  # non-empty: the eager kernel was timed instead
+
+    def _long_route(self, rec, kernel: str):
+        """Top-down at the model's full context (T = 8192 on the big shape, bf16): each layer's residuals, q, k and v
+        stay in bf16 until the walk (about 9.7 GB here), the walk recomputes only the pattern rows it visits."""
+        from analyses import routes
+
+        p, T = self.probe, self.size["long"]
+        r = rec.setdefault("long", {"T": T})
+        x = self.ids(1, T, seed=1)
+        last = rec["lengths"].get(str(self.size["lengths"][-1]), {}).get("top_down_s")
+        if last is not None and last * (T / self.size["lengths"][-1]) * 3 > self._left():
+            r["note"] = f"skipped: predicted {last * T / self.size['lengths'][-1]:.0f} s x 3 > {self._left():.0f} s left"
+            return
+        self.reset_peak()
+        r["forward_s"], _ = self.timed(lambda: p.forward(x))
+        r["forward_peak_mib"] = self.peak_mib()
+        cfg = routes.Config(kernel=kernel, max_memory_gb=100.0, mode="route")
+        r["store_mib"] = round(routes._top_down_bytes(p.info, T, self.dtype.itemsize) / 2**20, 1)
+        self.reset_peak()
+        r["top_down_s"], res = self.timed(lambda: routes.run(p, x, config=cfg))
+        r["top_down_peak_mib"] = self.peak_mib()
+        r["top_down_ratio"] = round(r["top_down_s"] / r["forward_s"], 2)
+        r["peak_ratio"] = round(r["top_down_peak_mib"] / r["forward_peak_mib"], 2)
+        r["visited_rows"] = int(res.computed.sum())
+        g = res.route()
+        r["route"] = f"{g.number_of_nodes()} nodes, {g.number_of_edges()} edges"
+        del res
 
     def _left(self) -> float:
         return float(getattr(signal, "getitimer")(signal.ITIMER_REAL)[0])
@@ -428,6 +457,12 @@ def markdown(r: dict) -> str:
                      f"{_f(v.get('forward_s'), ' s')}); peak {_f(v.get('all_peak_mib'), ' MiB')}" + (f" ({v['all_note']})" if v.get("all_note") else "")))
         rows.append(("routes", f"top-down, T={T}", f"{_f(v.get('top_down_ratio'), '×')} forward ({_f(v.get('top_down_s'), ' s')}); "
                      f"peak {_f(v.get('top_down_peak_mib'), ' MiB')}"))
+    v = s.get("routes", {}).get("long", {})
+    if v:
+        rows.append(("routes", f"top-down, full context T={v['T']}", v["note"] if "note" in v else
+                     f"{_f(v.get('top_down_ratio'), '×')} forward ({_f(v.get('top_down_s'), ' s')} vs {_f(v.get('forward_s'), ' s')}); "
+                     f"peak {_f(v.get('top_down_peak_mib'), ' MiB')} ({_f(v.get('peak_ratio'), '×')} the forward's "
+                     f"{_f(v.get('forward_peak_mib'), ' MiB')}); layer store {_f(v.get('store_mib'), ' MiB')}; {v.get('route', '')}"))
     v = s.get("sinks", {})
     if "stats_s" in v:
         rows.append(("sinks", f"statistics throughput, {v['samples']}×{v['T']} tokens", f"{_f(v.get('throughput_ratio'), '×')} plain forward "

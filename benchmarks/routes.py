@@ -3,13 +3,13 @@
     .venv/bin/python benchmarks/routes.py                       # embedded SmolLM2-135M on CPU, T=128
     .venv/bin/python benchmarks/routes.py --lengths 128 512
     .venv/bin/python benchmarks/routes.py --device cuda --gpu-shape llama3-8b --lengths 512
-    .venv/bin/python benchmarks/routes.py --long                # top-down at T=1024 and 4096: time and peak memory
+    .venv/bin/python benchmarks/routes.py --long                # top-down at T=4096 and 8192: time and peak memory
 
 Prints, per prompt length, the forward time, the routes time (hooks + proximities, one pass), their
 ratio, the graph/route extraction time and the peak memory (CUDA: max allocated; CPU: process max RSS).
 The GPU shape builds a random-weight model from a config (no download).
 
-``--long`` (lengths default 1024 4096) runs each measurement in a fresh process, so each peak RSS is that of one
+``--long`` (lengths default 4096 8192) runs each measurement in a fresh process, so each peak RSS is that of one
 job: a plain forward pass, top-down routes to the last token (``mode="route"``) and the all-position length check.
 A length whose routes would not fit ``--max-memory-gb`` is refused by routes itself, before the forward pass,
 and the refusal (with the length that fits) is printed in place of the figures.
@@ -101,7 +101,8 @@ def child(args) -> None:
                                 kernel=args.kernel)
             res = routes.run(probe, ids, config=cfg)
             r = res.route()
-            out["route"] = f"{r.number_of_nodes()} nodes, {r.number_of_edges()} edges"
+            rows = "" if res.computed is None else f", {int(res.computed.sum())} rows computed"
+            out["route"] = f"{r.number_of_nodes()} nodes, {r.number_of_edges()} edges{rows}"
         sync(dev)
         out["seconds"] = round(time.perf_counter() - t0, 2)
     except OutOfMemoryError as e:
@@ -112,7 +113,7 @@ def child(args) -> None:
 
 def long_prompts(args) -> None:
     """Forward, top-down and all-position jobs per length, each in its own process (peak RSS per job)."""
-    lengths = args.lengths if args.lengths != [128] else [1024, 4096]
+    lengths = args.lengths if args.lengths != [128] else [4096, 8192]
     print(f"long prompts on {args.model} ({args.device}), max_memory_gb={args.max_memory_gb}; one process per job")
     print(f"{'T':>6} {'job':>8} {'seconds':>9} {'ratio':>7} {'peak MB':>9} {'x fwd peak':>10}  note")
     for T in lengths:
@@ -147,7 +148,7 @@ def main() -> None:
     ap.add_argument("--chunk-mb", type=int, default=256)
     ap.add_argument("--kernel", choices=["auto", "compiled", "eager"], default="compiled",
                     help="proximity kernel (compiled = torch.compile: C++ on CPU, Triton on GPU; warmed up before timing)")
-    ap.add_argument("--long", action="store_true", help="long prompts (default lengths 1024 4096), one process per job")
+    ap.add_argument("--long", action="store_true", help="long prompts (default lengths 4096 8192), one process per job")
     ap.add_argument("--max-memory-gb", type=float, default=8.0, help="with --long: routes' memory budget (its default)")
     ap.add_argument("--child", choices=["forward", "route", "all"], help=argparse.SUPPRESS)
     ap.add_argument("--child-len", type=int, help=argparse.SUPPRESS)

@@ -30,6 +30,8 @@ def test_tiny_dry_run_fills_every_section(tmp_path, monkeypatch):
     assert {k: v["status"] for k, v in r["sections"].items()} == {k: "ok" for k in SECTIONS}
     rt = r["sections"]["routes"]["lengths"]
     assert set(rt) == {"16", "32"} and all(v["all_ratio"] > 0 and v["top_down_ratio"] > 0 for v in rt.values())
+    lg = r["sections"]["routes"]["long"]  # the full-context top-down case, on the tiny shape's 128 tokens
+    assert lg["T"] == 128 and lg["top_down_ratio"] > 0 and lg["visited_rows"] > 0 and "nodes" in lg["route"]
     assert r["sections"]["sinks"]["throughput_ratio"] > 0 and r["sections"]["sinks"]["alpha_finite"]
     assert r["sections"]["fiber"]["knn_all_rows_s"] >= 0 and r["sections"]["fiber"]["run_s"] >= 0
     assert r["sections"]["counterfactual"]["ratio"] > 0 and r["sections"]["critical"]["ratio"] > 0
@@ -39,7 +41,7 @@ def test_tiny_dry_run_fills_every_section(tmp_path, monkeypatch):
     assert set(ag["big_shape"]) >= {"final_logprob_maxabs", "lens_top_probs_maxabs", "sink_alpha_maxabs"}
     assert all("error" not in m for m in ag["tiny_families"].values())
     md = (tmp_path / "gpu_check.md").read_text()
-    assert md.startswith("# GPU check") and "| routes | all-position, T=32 |" in md and "| bf16 vs fp32 |" in md
+    assert md.startswith("# GPU check") and "| routes | all-position, T=32 |" in md and "full context T=128" in md and "| bf16 vs fp32 |" in md
 
 
 def test_a_failing_or_slow_section_leaves_the_others(tmp_path):

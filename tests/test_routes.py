@@ -293,10 +293,13 @@ def test_top_down_route_equals_full_graph_route(tiny, family, tau, renorm):
         for u, v in a.edges():
             assert a[u][v]["weight"] == pytest.approx(b[u][v]["weight"], abs=1e-6)
         torch.testing.assert_close(full.head_importance(), top.head_importance())
-        # computed rows are exactly the full result's rows; the rest were never touched
+        # computed rows are exactly the full result's rows; only the visited rows are kept
         m = top.computed
         assert m is not None and 0 < int(m.sum()) < m.numel() and bool(m[-1, top.position])
-        torch.testing.assert_close(top.attn[m], full.attn[m])
+        assert top.rows.tolist() == sorted(set(torch.nonzero(m)[:, 1].tolist()))
+        mr = m[:, top.rows]
+        torch.testing.assert_close(top.attn[mr], full.attn[:, top.rows][mr])
+        torch.testing.assert_close(top.attn_resid[m], full.attn_resid[m])
 
 
 def test_top_down_embedded_and_partial_guard(embedded):

@@ -112,7 +112,7 @@ def register(run_app: typer.Typer) -> None:
             from analyses.core.planner import plan
 
             T = probe.to_tokens(prompt, prepend_bos=cfg.prepend_bos).shape[-1]
-            pl = plan("routes", probe, seq_len=T, chunk_mb=cfg.chunk_mb, device=probe.device, weights_loaded=True)
+            pl = plan(routes.memory_model(cfg.mode), probe, seq_len=T, chunk_mb=cfg.chunk_mb, device=probe.device, weights_loaded=True)
             typer.echo(f"planner: {pl.message}", err=True)
             cfg = cfg.replace(chunk_mb=pl.chunk_mb or cfg.chunk_mb)
             with status("Computing routes"):
