@@ -28,18 +28,19 @@ Two modes (method page, "Calibration"):
 * ``parity``: the published procedure: float16 cast of the matrix, ``α' = α / n_strata`` on the raw
   Welch p-values (Bonferroni over strata only). The window scan is a multiple test, so smooth data
   is over-rejected (≈1.7 % of a uniform 2-sphere at α = 1e−3).
-* ``calibrated`` (default): a test built for power whose tail is a proven bound
+* ``calibrated`` (default): a test built for power whose tail is bounded at every level
   (:mod:`analyses.fiber_stats`). Below the reach a smooth cloud is locally a homogeneous Poisson
   process, so the Rényi scores ``Y_k = k · (log r_{k+1} − log r_k)`` are iid exponentials with mean
-  ``1/D`` whatever ``D``. The test scans every split of the scores into two segments (at least
-  ``MIN_SEGMENT`` on each side) for a change in the exponential rate: each split's likelihood ratio is a
-  function of ``S_m / S_c ~ Beta(m, c − m)`` (the ratio of the segment means is ``F(2m, 2(c − m))``), so
-  each split's two-sided p is exact, and the token's p is the Bonferroni (union) bound over the splits
-  (never below the true tail, at every level down to and past Holm's ≈2e−8), tightened around
-  α ≳ 1e−3 by a simulated 95 % upper confidence bound. The best split is the change point; the sign of
-  the change says whether the dimension drops or rises there (a rise rejects "fiber bundle": at the
-  smaller radius for the 1st change, the larger for the 2nd). Later strata search the segment after
-  the previous change; their p-values are conditional on it and descriptive.
+  ``1/D`` whatever ``D``. The test is a mixture likelihood-ratio scan over the change rank ``k0`` with
+  alternatives that fit the singularities: "a second sheet enters" (rate ratio ``1 + a·k0/k`` after
+  ``k0``, a bump that decays), one change point (a lasting step up or down) and two change points (a
+  step on ``[k0, 2·k0)``). Each component's likelihood ratio is that of the scale-free ``Y / Σ Y``, so
+  the mixture ``A`` has null mean 1 and ``1/A`` is a proven p; a simulated null and an
+  importance-sampling bound (the mixture alternative as proposal) tighten it, down to Holm's ≈2e−8
+  and beyond. The most likely component is the change point; its sign says whether the dimension
+  drops or rises there (a rise rejects "fiber bundle": at the smaller radius for the 1st change, the
+  larger for the 2nd). Later strata search the segment after the previous change; their p-values are
+  conditional on it and descriptive.
   **Gaps.** A tight group of neighbours followed by empty space is one huge score, which any rate test
   would call a change. Fisher's exact test of the largest score (``p_gap``) finds it; up to
   ``MAX_GAPS`` such scores are removed before the change search (so that the change found is not the gap
@@ -76,13 +77,13 @@ from .core.base import Result, Timer, option, register_result, stored
 from .core.progress import ProgressFn, phase
 from .fiber_stats import (  # the statistics (re-exported)
     _ZERO_RADIUS, MAX_GAPS, MIN_SEGMENT, Correction, Mode, adjust_p, calibrate_p, calibration, changepoint_scan, gap_test,
-    pointwise_slopes, simulate_scan_min_p, spacing_scores, split_p, stratify, trim_gaps, welch_scan,
+    lr_scan, pointwise_slopes, scan_components, simulate_scan_p, spacing_scores, split_p, stratify, trim_gaps, welch_scan,
 )
 
 __all__ = [
     "Config", "FiberResult", "run", "result_key", "load_matrix", "knn_distances", "pointwise_slopes", "welch_scan",
     "stratify", "calibration", "calibrate_p", "adjust_p", "token_kind", "neighborhood", "spacing_scores",
-    "changepoint_scan", "split_p", "gap_test", "trim_gaps", "simulate_scan_min_p", "VERDICTS", "MIN_SEGMENT", "MAX_GAPS",
+    "changepoint_scan", "split_p", "gap_test", "trim_gaps", "lr_scan", "scan_components", "simulate_scan_p", "VERDICTS", "MIN_SEGMENT", "MAX_GAPS",
 ]
 
 
@@ -102,7 +103,7 @@ class Config(_BaseConfig):
         window: Welch window ``ws`` of parity mode (paper: 10); both modes need more than ``4·ws`` radii.
         alpha: per-token level (paper: 1e−3).
         n_strata: sequential change searches (paper: 3).
-        mode: ``calibrated`` (default; change-point scan of the Rényi scores with a proven tail bound, and a
+        mode: ``calibrated`` (default; likelihood-ratio scan of the Rényi scores with a bounded tail, and a
             separate "gap" verdict) or ``parity`` (published procedure).
         correction: which vocabulary-level p drives the ``reject_*`` columns (all three are reported).
         exact: ``auto`` recomputes in fp64 only the selected distances whose fp32 rounding bound is not
@@ -126,7 +127,7 @@ class Config(_BaseConfig):
     window: int = option(10, ge=2, le=1000, help="Welch window size (paper: 10).")
     alpha: float = option(1e-3, gt=0, lt=1, help="Per-token level.", hint="The paper uses 1e-3.")
     n_strata: int = option(3, ge=1, le=10, help="Sequential change searches.")
-    mode: Mode = option("calibrated", help="calibrated (change-point scan, valid p) or parity (published procedure).")
+    mode: Mode = option("calibrated", help="calibrated (likelihood-ratio scan, valid p) or parity (published procedure).")
     correction: Correction = option("none", help="Verdict columns use none, holm or bh (all three are reported).")
     duplicates: Literal["skip", "error"] = option("skip", help="Duplicate rows: skip their zero radii (released code) or error.")
     exact: Literal["auto", "all"] = option("auto", help="Recompute in fp64 the distances whose fp32 rounding bound is not small (auto) or all.")
@@ -290,7 +291,7 @@ class FiberResult(Result):
     """Fiber-bundle / manifold test of one embedding matrix.
 
     Per-token arrays (axis 0 follows ``token_ids``): ``p_manifold`` (effective token p: parity
-    ``min(1, n_strata·p_raw)``, calibrated: the change-point scan's p, the larger with and without gap scores), ``p_raw_min``, ``p_large`` (effective p of
+    ``min(1, n_strata·p_raw)``, calibrated: the likelihood-ratio scan's p, the larger with and without gap scores), ``p_raw_min``, ``p_large`` (effective p of
     the 2nd change, 1 if none), ``n_segments``, ``testable``, ``n_zero`` (duplicate radii skipped).
     Segment arrays ``[token, n_strata]``: ``seg_start_volume`` (−1 = none), ``seg_start_radius``,
     ``seg_dim``, ``seg_scale``, ``seg_p``, ``seg_rise`` (the dimension rises at the change that ends the
@@ -333,7 +334,7 @@ class FiberResult(Result):
     @property
     def mode_label(self) -> str:
         c = self.config
-        return f"{c.mode} mode" + (" (published procedure)" if c.mode == "parity" else " (change-point scan)")
+        return f"{c.mode} mode" + (" (published procedure)" if c.mode == "parity" else " (likelihood-ratio scan)")
 
     def adjusted(self, method: Correction | None = None) -> np.ndarray:
         """Token p-values adjusted over the tested tokens (``method`` default: ``config.correction``)."""

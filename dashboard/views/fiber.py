@@ -57,7 +57,7 @@ with st.sidebar:
     vol_max = st.number_input("vol_max", 51, vmax, param("vol_max", min(300, vmax), kind=int, lo=51, hi=vmax), step=50,
                               help="Largest neighbour rank (page default 1000 for the CLI; 300 here to stay fast).")
     mode = st.radio("Mode", ["calibrated", "parity"], index=["calibrated", "parity"].index(param("mode", "calibrated", choices=["calibrated", "parity"])),
-                    help="calibrated: a change-point scan of the neighbour spacings, valid at alpha, with gaps apart; "
+                    help="calibrated: a likelihood-ratio scan of the neighbour spacings, valid at alpha, with gaps apart; "
                          "parity: the published procedure.")
     alpha = st.select_slider("alpha", [1e-4, 1e-3, 1e-2, 5e-2], value=1e-3)
     correction = st.radio("Vocabulary correction", ["none", "holm", "bh"], horizontal=True,
