@@ -20,7 +20,7 @@ Axis order everywhere: ``[layer, pos, rank]``; ``layers`` labels axis 0, ``str_t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Literal, Sequence
+from typing import Any, ClassVar, Literal, Sequence
 
 import pandas as pd
 import torch
@@ -30,6 +30,7 @@ from probes import Collect, ConfigError, InputError, Probe, layer_label, site
 from .core import planner, registry, store
 from .core.base import Config as _BaseConfig
 from .core.base import Result, Timer, option, register_result, stored
+from .core.progress import ProgressFn, phase
 
 __all__ = ["Config", "LogitLensResult", "run", "result_key", "lens_topk", "target_probs"]
 
@@ -257,22 +258,15 @@ def _prepare(probe: Probe, prompt: str | torch.Tensor | Sequence[int], *, config
     return registry.Inputs(_input_hash(tokens), tokens, registry.tokens_label(probe, tokens))
 
 
-def n_steps(probe: Probe, n_tokens: int, config: Config = Config()) -> int:
-    """How many times :func:`run` calls ``progress(1)`` for a prompt of ``n_tokens`` tokens: the forward pass, then
-    each unembedding chunk."""
-    n_layers = len(config.layers) if config.layers is not None else probe.info.n_layers
-    step = max(1, _CHUNK_ELEMS // probe.info.d_vocab)
-    return 1 + -(-n_layers * int(n_tokens) // step)
-
-
 def run(probe: Probe, prompt: str | torch.Tensor | Sequence[int], *, config: Config = Config(),
-        progress: Callable[[int], None] | None = None) -> LogitLensResult:
+        progress: ProgressFn | None = None) -> LogitLensResult:
     """Logit lens of one prompt (text, or token ids ``[T]`` / ``[1, T]``).
 
     One forward pass collects ``blocks.{l}.hook_resid_post`` for the chosen layers (``[1, T, d]``
     each, a few hundred KB for a short prompt); the residuals are then unembedded in row chunks so at
-    most ~16M logits (64 MB) are alive at a time. ``progress(1)`` after the forward pass and after each chunk
-    (:func:`n_steps` counts them; an exception it raises stops the run there).
+    most ~16M logits (64 MB) are alive at a time. ``progress`` receives
+    :class:`~analyses.core.progress.Progress` events: phase ``forward`` (one pass), then ``unembedding`` (row chunks);
+    an exception it raises stops the run there.
     """
     inp = SPEC.inputs(probe, prompt, config=config)
     tokens = inp.data
@@ -285,9 +279,9 @@ def run(probe: Probe, prompt: str | torch.Tensor | Sequence[int], *, config: Con
     timer = Timer()
     reads = {site("resid_post", layer).name: Collect(on_device=True) for layer in layers}  # no copy inside the hooks
     with timer("forward"):
+        fwd = phase(progress, "forward", 1, "pass")
         out_logits = probe.run(tokens, reads=reads)
-    if progress is not None:
-        progress(1)
+        fwd.advance()
     with timer("unembed"):
         next_probs, next_ids = lens_topk(out_logits[0], config.k)  # [T, k]
         final = next_ids[:, 0]
@@ -297,6 +291,7 @@ def run(probe: Probe, prompt: str | torch.Tensor | Sequence[int], *, config: Con
         # unembed many rows per matmul: the [d, V] unembedding is read once per chunk, not once per layer
         step = max(1, _CHUNK_ELEMS // probe.info.d_vocab)
         tp, ti, tg = [], [], []
+        bar = phase(progress, "unembedding", -(-L * T // step), "chunks")
         for s in range(0, L * T, step):
             lg = probe.unembed(flat[s:s + step], apply_norm=config.apply_norm)  # [rows, V]
             p, i = lens_topk(lg, config.k)
@@ -304,8 +299,7 @@ def run(probe: Probe, prompt: str | torch.Tensor | Sequence[int], *, config: Con
             ti.append(i)
             tg.append(target_probs(lg, tgt[s:s + step].to(lg.device)))
             del lg
-            if progress is not None:
-                progress(1)
+            bar.advance()
     kk = tp[0].shape[-1]
     # one device-to-host copy per array, after the last chunk
     top_probs, top_ids, target = (torch.cat(x).cpu() for x in (tp, ti, tg))

@@ -130,9 +130,9 @@ elif train_sig is not None:
     # training runs in the background (progress bar + Cancel); the page stays usable meanwhile
     def _train(job, probe=probe, corpus=corpus, cfg=cfg):
         # the masks sit on the shared model: their block holds the probe's lock, so no other run sees them
-        return B.run(probe, corpus, config=cfg, progress=lambda point: job.step(1))
+        return B.run(probe, corpus, config=cfg, progress=job.step)
 
-    res = workbench.background_result("bigram_train", "Learning a mask", train_sig, _train, total=cfg.steps,
+    res = workbench.background_result("bigram_train", "Learning a mask", train_sig, _train,
                                       waiting="The mask is being learned in the background; results appear when it finishes.")
 else:
     st.info("No saved bigram result for this model yet. Click **Train a mask with these settings** (a short CPU run), or "

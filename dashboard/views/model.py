@@ -47,9 +47,8 @@ if n_tokens > BACKGROUND_TOKENS:
         state.show_error(e)
         st.stop()
     res = workbench.background_result(
-        "model_lens", f"Logit lens over {n_tokens:,} tokens (step 1: the forward pass; then the unembedding)", lens_key,
+        "model_lens", f"Logit lens over {n_tokens:,} tokens", lens_key,
         lambda job, probe=probe, prompt=prompt, cfg=cfg: logit_lens.run(probe, prompt, config=cfg, progress=job.step),
-        total=logit_lens.n_steps(probe, n_tokens, cfg),
         waiting=f"The logit lens of this {n_tokens:,}-token prompt runs in the background (a forward pass, then the "
                 "unembedding in chunks); the charts appear when it finishes.")
 else:
