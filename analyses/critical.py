@@ -207,25 +207,6 @@ def doc_example(probe) -> "CriticalResult":
     return search(probe, format_prompt(probe, p), "3 + 4 = 8.", make_checker(p), config=cfg)
 
 
-def doc_figures(example: "CriticalResult | None" = None) -> dict[str, str]:
-    """Every figure the README's critical-token section states, as the text it shows (the documentation
-    test checks each appears there). ``example``: the result of :func:`doc_example` (adds its figures)."""
-    t = Config().sprt()
-    f = {"min_dead": f"{t.min_dead()} rollouts", "min_alive": f"{t.min_alive()} successes",
-         "one_vs_zero": f"1 of 8 then 0 of 8 is `{token_decision(t.decide(8, 1), t.decide(8, 0), False)}`"}
-    dead, alive = simulate_sprt(t, t.p_dead), simulate_sprt(t, t.p_alive)
-    f["sim_dead"] = f"p = 3/64: called alive {dead['alive']:.1%}, {dead['mean_rollouts']:.1f} rollouts on average"
-    f["sim_alive"] = f"p = 0.25: called dead {alive['dead']:.1%}, {alive['mean_rollouts']:.1f} rollouts on average"
-    if example is not None:
-        r = example.traces.iloc[0]
-        f["example"] = (f"{r.decision}: {r.critical_token.strip()!r} at {r.critical_pos}, success {r.score_before:.2f} "
-                        f"[{r.ci_before_lo:.2f}, {r.ci_before_hi:.2f}] ({r.n_before} rollouts) -> {r.score_after:.2f} "
-                        f"[{r.ci_after_lo:.2f}, {r.ci_after_hi:.2f}] ({r.n_after} rollouts)")
-        alts = example.alternatives
-        f["alternatives"] = ", ".join(f"{a.token.strip()!r} {a.n_correct}/{a.n}" for a in alts.itertuples())
-    return f
-
-
 def token_decision(before: str | None, after: str | None, later_alive: bool) -> str | None:
     """Decision for one token from the SPRT states of the prefixes before and after it.
 

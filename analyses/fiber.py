@@ -771,67 +771,6 @@ def volume_stability(probe: Probe | None = None, *, embeddings: Any = None, toke
     return (df, results) if return_results else df
 
 
-# ------------------------------------------------------------------------------------------ README numbers
-README_SUBSET = (0, 49152, 50)  # the notebook's tokens: every 50th row
-
-
-def readme_numbers(probe: Probe, *, full: bool = True, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    """Every number the README's fiber section states, computed by today's code.
-
-    ``full=False`` skips the full-vocabulary runs (minutes on CPU) and returns the fast part: duplicate
-    rows, the uniform 2-sphere check and the notebook subset (every 50th token, volumes 10–300).
-    """
-    E = probe.W_E.detach().float()
-    _, inv, cnt = torch.unique(E, dim=0, return_inverse=True, return_counts=True)
-    out: dict[str, Any] = {"vocab": int(E.shape[0]), "duplicate_rows": int((cnt[inv] > 1).sum())}
-    x = np.random.default_rng(0).normal(size=(1000, 3))
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    for mode in ("parity", "calibrated"):
-        r = run(embeddings=x, config=Config(vol_min=10, vol_max=100, mode=mode, keep_curves="none"))  # type: ignore[arg-type]
-        out[f"sphere_{mode}"] = int(r.verdicts()["reject_manifold"].sum())
-    toks = tuple(range(*README_SUBSET))
-    for mode in ("calibrated", "parity"):
-        r = run(probe, config=Config(tokens=toks, vol_max=300, mode=mode, keep_curves="none"))  # type: ignore[arg-type]
-        c = r.counts().set_index("correction")
-        out[f"subset_{mode}"] = {m: {k: int(c.loc[m, k]) for k in ("singular", "gap", "no_rejection")} for m in ("none", "holm", "bh")}
-    out["subset_tokens"] = len(toks)
-    if full:
-        out.update(readme_full_numbers(probe, progress=progress))
-    return out
-
-
-def readme_full_numbers(probe: Probe, *, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    """The full-vocabulary part of :func:`readme_numbers`: calibrated mode, volumes 10–1000, α = 1e−3."""
-    res = run(probe, config=Config(keep_curves="none"), progress=progress)
-    c = res.counts().set_index("correction")
-    return {"full_calibrated": {m: {k: int(c.loc[m, k]) for k in ("singular", "gap", "no_rejection", "reject_fb_small", "reject_fb_large")}
-                                for m in ("none", "holm", "bh")},
-            "full_tested": int(res.testable.sum()), "kinds": res.kind_table("holm").to_dict(orient="records"),
-            "timings": {k: round(v, 1) for k, v in res.timings.items()}}
-
-
-def readme_phrases(numbers: dict[str, Any]) -> list[str]:
-    """The sentences of the README's fiber section that carry :func:`readme_numbers` (a test checks them)."""
-    n = numbers
-    sc, sp = n["subset_calibrated"], n["subset_parity"]
-    out = [f"the embedded model has {n['duplicate_rows']} such rows",
-           f"it flags {n['sphere_parity']}/1000 points, where calibrated mode flags {n['sphere_calibrated']}/1000",
-           (f"On every 50th token ({n['subset_tokens']} tokens, volumes 10–300, as in the notebook) calibrated mode finds "
-            f"{sc['none']['singular']} singular, {sc['none']['gap']} gap and {sc['none']['no_rejection']} with no rejection "
-            f"({sc['holm']['singular']}, {sc['holm']['gap']} and {sc['holm']['no_rejection']} with Holm); parity mode rejects "
-            f"“manifold” at {sp['none']['singular']} ({sp['holm']['singular']} with Holm)")]
-    if "full_calibrated" in n:
-        fc = n["full_calibrated"]
-        out.append(f"of {n['full_tested']} tokens, {fc['none']['singular']} are singular, {fc['none']['gap']} gap and "
-                   f"{fc['none']['no_rejection']} show no rejection with no correction; with Holm {fc['holm']['singular']}, "
-                   f"{fc['holm']['gap']} and {fc['holm']['no_rejection']}; with BH {fc['bh']['singular']}, {fc['bh']['gap']} and "
-                   f"{fc['bh']['no_rejection']}")
-        out.append(f"{fc['holm']['reject_fb_small']} singular tokens (Holm) reject “fiber bundle” at the smaller radius and "
-                   f"{fc['holm']['reject_fb_large']} at the larger")
-        out.append(kinds_markdown(n["kinds"]))
-    return out
-
-
 def kinds_markdown(records: Sequence[dict[str, Any]]) -> str:
     """A :meth:`FiberResult.kind_table` (``to_dict(orient="records")``) as a Markdown table."""
     lines = ["| kind | tokens | singular | gap | no rejection |", "|---|---|---|---|---|"]

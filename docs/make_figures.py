@@ -41,7 +41,13 @@ def sinks(probe):
 def counterfactual(probe):
     from analyses import counterfactual as cf
 
-    return cf.run(probe, "Once upon a time, Lyra", "token:5=Maeve", config=cf.Config(max_new_tokens=20, seed=3)).plot()
+    return cf.run(probe, "Once upon a time, Lyra", "token:1=sister", config=cf.Config(max_new_tokens=20, seed=3)).plot()
+
+
+def bigram(probe):
+    from analyses import bigram as B
+
+    return B.default_result().plot()  # the shipped mask (blocks 0-1 of the embedded model): no training here
 
 
 def critical(probe):
@@ -60,7 +66,7 @@ def fiber(probe):
 
 
 FIGURES = {"logit_lens": logit_lens, "routes": routes, "sinks": sinks, "counterfactual": counterfactual,
-           "critical": critical, "fiber": fiber}
+           "critical": critical, "fiber": fiber, "bigram": bigram}
 
 
 def save_png(fig, path: Path, width: int = 900, height: int = 500) -> int:

@@ -1,23 +1,170 @@
-"""The measured figures of the README's sinks and counterfactual sections, computed by today's code.
+"""Every figure the docs state, computed by today's code, in one module.
 
     python docs/readme_numbers.py sinks            # print the "Measured" bullets of docs/readme/sinks.md
     python docs/readme_numbers.py counterfactual   # print the worked example of docs/readme/counterfactual.md
 
-Each function returns the exact Markdown that the section contains; ``tests/test_sinks.py`` and
-``tests/test_counterfactual.py`` check that the section still contains it (so every stated number is
-reproduced). Everything runs on the embedded SmolLM2-135M-Instruct on the CPU in fp32 with fixed seeds.
+* ``GALLERY``: the README's first command per analysis and what it prints on the embedded model
+  (``benchmarks/readme_commands.py`` runs them and checks the printed figures).
+* Sinks, counterfactual, critical tokens, bigram and fiber: functions that return the exact Markdown (or phrases) the
+  manual pages state; the tests of each analysis check that the page still contains them.
+* Tables read from ``benchmarks/RESULTS.md`` (the routes timing table): ``docs/build_readme.py`` writes them into the
+  pages' ``<!-- generated: NAME -->`` blocks.
+
+Everything runs on the embedded SmolLM2-135M-Instruct on the CPU in fp32 with fixed seeds.
 """
 
 from __future__ import annotations
 
+import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-__all__ = ["sinks_measured", "sinks_parts", "render_sinks", "counterfactual_example", "CF_PROMPT", "CF_CONFIG"]
+__all__ = ["GALLERY", "Example", "gallery_checked", "routes_table", "sinks_measured", "sinks_parts", "render_sinks",
+           "counterfactual_example", "CF_PROMPT", "CF_CONFIG", "critical_figures", "bigram_figures", "fiber_numbers",
+           "fiber_full_numbers", "fiber_phrases"]
+
+RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+
+
+# ------------------------------------------------------------------------------------------------ the README gallery
+@dataclass(frozen=True)
+class Example:
+    """One README gallery command: what it prints on the embedded model (``key: value`` lines of its output)."""
+
+    section: str  # its manual page, docs/readme/<section>.md
+    verb: str
+    command: str  # the whole command line, starting with "sonde "
+    prints: tuple[str, ...] = ()  # lines of its output; a number matches within ``tol`` (absolute)
+    tol: float = 0.0
+    note: str = ""  # what else to read from it (shown beside the figures)
+    long: str = ""  # a command known to take over 3 min on 2 idle cores: its time ("about 18 min"); not run by default
+
+    def line(self) -> str:
+        t = self.long or gallery_times().get(self.command, "")
+        return self.command + (f"   # {'long: ' if self.long else ''}{t}" if t else "")
+
+
+PROMPT = "The Eiffel Tower is located in the city of"
+CF_PROMPT = "Once upon a time, Lyra"
+CF_CONFIG = dict(max_new_tokens=20, seed=3)
+GALLERY: tuple[Example, ...] = (
+    Example("logit_lens", "logit-lens", f'sonde run logit-lens --prompt "{PROMPT}" --html lens.html',
+            ("next_token:  Paris", "p_next: 0.7015", "first_layer_top1_last_pos: 27"), tol=0.002,
+            note="`lens.html` is the heat map above (opens offline)"),
+    Example("routes", "routes", f'sonde run routes --prompt "{PROMPT}" --position -1',
+            ("route_nodes: 195", "route_edges: 233"), note="and the heads that carry most of it, L1H6 first"),
+    Example("sinks", "sinks", "sonde run sinks --domain prose -n 16",
+            ("Sink_1^0.3 (%): 71.9", "Sink_1 past layer 1 (%): 77.03", "sink heads (majority): 199/270"), tol=0.1),
+    Example("sinks", "dormant", "sonde run dormant --domains prose,code,arithmetic --heads L20H6 -n 8",
+            ("dormant heads on prose: 3/270", "dormant heads on code: 5/270", "dormant heads on arithmetic: 13/270",
+             "heads that flip between domains: 14")),
+    Example("sinks", "bb-toy", "sonde run bb-toy --layers 1 --steps 300",
+            ("L0 bos_mass: 0.442", "L0 prev_mass: 0.827", "L0 bos_value: 0.425"), tol=0.03,
+            note="a sink forming in a toy transformer trained from scratch"),
+    Example("bigram", "bigram",
+            "sonde run bigram --corpus builtin --schedule short --steps 20 --batch-size 4 --seq-len 32 --layers 0,1 "
+            "--drop-other-layers",
+            note="a short schedule on blocks 0–1 that ends with a binary mask; the shipped mask pictured took 18 min"),
+    Example("fiber", "fiber", "sonde run fiber --tokens 0:49152:200 --vol-max 300",
+            ("tested: 246", "singular[none]: 64", "gap[none]: 17", "singular[holm]: 45"),
+            note="every 200th token, tested against the whole vocabulary"),
+    Example("critical", "critical",
+            "sonde run critical --problems 1 --samples 4 --rollouts 8 --max-new-tokens 32 --granularity step "
+            "--alternatives none",
+            note="samples answers to a built-in word problem until one is wrong, then rolls out each prefix of it"),
+    Example("counterfactual", "counterfactual",
+            f'sonde run counterfactual --prompt "{CF_PROMPT}" --intervene "token:1=sister" --max-new-tokens 20 --seed 3',
+            ("""counterfactual: "'s sister, Nana, had the pleasure of creating a magical creature called the Lyra's Kiss\"""",)),
+)
+# The checker's rows in benchmarks/RESULTS.md start with this heading text.
+CHECK_HEADING = "README commands"
+
+
+def _checks() -> list[tuple[str, list[list[str]]]]:
+    """Every ``README commands`` section of benchmarks/RESULTS.md, oldest first: (heading, table rows as cells)."""
+    text = RESULTS.read_text(encoding="utf-8") if RESULTS.is_file() else ""
+    out = []
+    for part in text.split("\n## ")[1:]:
+        head, _, body = part.partition("\n")
+        if CHECK_HEADING in head:
+            out.append((head, [[c.strip() for c in ln.strip().strip("|").split("|")] for ln in body.splitlines()
+                               if ln.startswith("| `sonde")]))
+    return out
+
+
+def _latest_rows() -> dict[str, tuple[str, str, str]]:
+    """Command -> (result, time, date) of its latest check."""
+    rows = {}
+    for head, cells in _checks():
+        for r in cells:
+            if len(r) >= 3:
+                rows[r[0].strip("`")] = (r[1], r[2], head.split()[0])
+    return rows
+
+
+def gallery_times() -> dict[str, str]:
+    """Command -> its wall-clock time in its latest check (e.g. "41 s")."""
+    return {cmd: t for cmd, (_, t, _) in _latest_rows().items() if t}
+
+
+def gallery_checked() -> str:
+    """When the gallery's commands were last checked, and how they fared (for the README)."""
+    rows = _latest_rows()
+    mine = [rows[ex.command] for ex in GALLERY if ex.command in rows]
+    if not mine:
+        return "not yet run"
+    passed = sum(1 for r in mine if r[0].startswith("pass"))
+    dates = sorted({r[2] for r in mine})
+    when = dates[-1] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}"
+    return f"{passed} of {len(GALLERY)} passed when last run, {when}; times and conditions in benchmarks/RESULTS.md"
+
+
+# ------------------------------------------------------------------------------------- tables from RESULTS.md
+def results_sections() -> list[tuple[str, str]]:
+    """benchmarks/RESULTS.md as (heading, body) pairs in file order (new entries are appended)."""
+    text = RESULTS.read_text(encoding="utf-8")
+    return [(p.split("\n", 1)[0], p.split("\n", 1)[1] if "\n" in p else "") for p in text.split("\n## ")[1:]]
+
+
+def routes_table() -> str:
+    """The routes page's timing table, from the latest benchmarks/RESULTS.md section with the compiled-kernel and
+    top-down rows of ``benchmarks/routes.py``."""
+    found = [(h, b) for h, b in results_sections() if "**compiled kernel**" in b and "top-down route" in b]
+    head, body = found[-1]
+
+    def cell(kind: str, T: int, what: str = "ratio") -> str:
+        m = re.search(rf"\| `routes.py` \| {kind}[^|]*T={T} \| ([^|]*)\|", body)
+        got = m and re.search(r"([\d.]+×)" if what == "ratio" else r"peak RSS ([\d.]+ [GM]B)", m.group(1))
+        return got.group(1) if got else "—"
+
+    compiled = re.escape("all-position graph, **compiled kernel**")
+    rows = ["| Prompt length | All positions, compiled | All positions, eager | Top-down route | Peak RSS (compiled) |",
+            "|---|---|---|---|---|"]
+    for T in (128, 512):
+        rows.append(f"| T = {T} | {cell(compiled, T)} | {cell('all-position graph, eager kernel', T)} | "
+                    f"{cell('top-down route', T)} | {cell(compiled, T, 'peak')} |")
+    date, _, where = head.replace("same machine, ", "2-core CPU, ").partition(" — ")
+    return (f"**Measured numbers** (`benchmarks/routes.py`, {date}, {where or 'CPU'}; embedded model, fp32, ratios "
+            "against a plain SDPA forward of the same input in the same run; warm compiled kernel; the latest rows of "
+            "[benchmarks/RESULTS.md](../../benchmarks/RESULTS.md)):\n\n" + "\n".join(rows))
+
+
+def time_bullet() -> str:
+    """The README's "Time" bullet: the latest `make test` on a fresh clone recorded in benchmarks/RESULTS.md."""
+    found = [(h, b) for h, b in results_sections() if "`make test` on a fresh clone" in h]
+    head, body = found[-1]
+    m = re.search(r"tests (\d+ min \d+ s) \(([\d,]+) passed", " ".join(body.split()))
+    cpu = re.search(r"CPU \(([^)]*)\)", head)
+    return ("* **Time**: every analysis has a first command that runs in seconds to a few minutes on 2 CPU cores (the "
+            "gallery below); longer runs print a progress bar with the time left. `make test` ran "
+            f"{m.group(2)} tests in {m.group(1)} on a fresh clone ({cpu.group(1) if cpu else 'CPU'}, {head.split()[0]}; "
+            "every run: [benchmarks/RESULTS.md](benchmarks/RESULTS.md)).")
+
 
 SINK_SAMPLES = 16
 DORMANT_SAMPLES = 8
@@ -113,8 +260,6 @@ def sinks_measured(probe=None) -> str:
     return render_sinks(sinks_parts(probe))
 
 
-CF_PROMPT = "Once upon a time, Lyra"
-CF_CONFIG = dict(max_new_tokens=20, seed=3)
 
 
 def counterfactual_example(probe=None) -> str:
@@ -139,6 +284,118 @@ def counterfactual_example(probe=None) -> str:
         f"`token:5=Maeve` forces `{''.join(g.forced_str)!r}` (`{g.counterfactual_text[:24]!r}`…); write `token:5=\" Maeve\"` for a new word.",
     ])
 
+
+
+# ------------------------------------------------------------------------------------------------ critical tokens
+def critical_figures(example=None) -> dict[str, str]:
+    """Every figure docs/readme/critical.md states, as the text it shows (``tests/test_critical.py`` checks each appears
+    there). ``example``: the result of :func:`analyses.critical.doc_example` (adds its figures)."""
+    from analyses.critical import Config, simulate_sprt, token_decision
+
+    t = Config().sprt()
+    f = {"min_dead": f"{t.min_dead()} rollouts", "min_alive": f"{t.min_alive()} successes",
+         "one_vs_zero": f"1 of 8 then 0 of 8 is `{token_decision(t.decide(8, 1), t.decide(8, 0), False)}`"}
+    dead, alive = simulate_sprt(t, t.p_dead), simulate_sprt(t, t.p_alive)
+    f["sim_dead"] = f"p = 3/64: called alive {dead['alive']:.1%}, {dead['mean_rollouts']:.1f} rollouts on average"
+    f["sim_alive"] = f"p = 0.25: called dead {alive['dead']:.1%}, {alive['mean_rollouts']:.1f} rollouts on average"
+    if example is not None:
+        r = example.traces.iloc[0]
+        f["example"] = (f"{r.decision}: {r.critical_token.strip()!r} at {r.critical_pos}, success {r.score_before:.2f} "
+                        f"[{r.ci_before_lo:.2f}, {r.ci_before_hi:.2f}] ({r.n_before} rollouts) -> {r.score_after:.2f} "
+                        f"[{r.ci_after_lo:.2f}, {r.ci_after_hi:.2f}] ({r.n_after} rollouts)")
+        alts = example.alternatives
+        f["alternatives"] = ", ".join(f"{a.token.strip()!r} {a.n_correct}/{a.n}" for a in alts.itertuples())
+    return f
+
+
+# ------------------------------------------------------------------------------------------------------- bigram
+def bigram_figures(result=None) -> dict[str, str]:
+    """The figures docs/readme/bigram.md states, as the text it shows (``tests/test_bigram.py`` checks each appears
+    there): the paper schedule cut to 250 steps, and for ``result`` its sparsity, final undecided fraction and held-out
+    bigram CE against the random same-size mask, the full model and the bigram rows' own entropy."""
+    from analyses.bigram import short_run_config, temperature_after
+
+    f = {"paper_250": f"β = {temperature_after(250):.2f} after 250 steps",
+         "short_250": f"temp_mult = {short_run_config(250).temp_mult:.4f}"}
+    if result is not None:
+        ab = result.ablation.set_index("variant")
+        und = float(result.curve["undecided"].iloc[-1]) if len(result.curve) else float("nan")
+        f["kept"] = f"{result.sparsity:.2%} of block weights kept"
+        f["undecided"] = f"{und:.3%} of mask entries undecided"
+        f["ce"] = (f"held-out bigram CE {ab.loc['subnetwork', 'bigram_xent_nats']:.2f} nats (random same-size mask "
+                   f"{ab.loc['random', 'bigram_xent_nats']:.2f}, full model {ab.loc['full', 'bigram_xent_nats']:.2f}, "
+                   f"bigram entropy {ab.loc['bigram', 'bigram_xent_nats']:.2f})")
+    return f
+
+
+# -------------------------------------------------------------------------------------------------------- fiber
+FIBER_SUBSET = (0, 49152, 50)  # the notebook's tokens: every 50th row
+
+
+def fiber_numbers(probe, *, full: bool = True, progress=None) -> dict:
+    """Every number docs/readme/fiber.md states, computed by today's code.
+
+    ``full=False`` skips the full-vocabulary runs (minutes on CPU) and returns the fast part: duplicate
+    rows, the uniform 2-sphere check and the notebook subset (every 50th token, volumes 10–300).
+    """
+    import numpy as np
+    import torch
+
+    from analyses.fiber import Config, run
+
+    E = probe.W_E.detach().float()
+    _, inv, cnt = torch.unique(E, dim=0, return_inverse=True, return_counts=True)
+    out: dict = {"vocab": int(E.shape[0]), "duplicate_rows": int((cnt[inv] > 1).sum())}
+    x = np.random.default_rng(0).normal(size=(1000, 3))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    for mode in ("parity", "calibrated"):
+        r = run(embeddings=x, config=Config(vol_min=10, vol_max=100, mode=mode, keep_curves="none"))
+        out[f"sphere_{mode}"] = int(r.verdicts()["reject_manifold"].sum())
+    toks = tuple(range(*FIBER_SUBSET))
+    for mode in ("calibrated", "parity"):
+        r = run(probe, config=Config(tokens=toks, vol_max=300, mode=mode, keep_curves="none"))
+        c = r.counts().set_index("correction")
+        out[f"subset_{mode}"] = {m: {k: int(c.loc[m, k]) for k in ("singular", "gap", "no_rejection")} for m in ("none", "holm", "bh")}
+    out["subset_tokens"] = len(toks)
+    if full:
+        out.update(fiber_full_numbers(probe, progress=progress))
+    return out
+
+
+def fiber_full_numbers(probe, *, progress=None) -> dict:
+    """The full-vocabulary part of :func:`fiber_numbers`: calibrated mode, volumes 10–1000, α = 1e−3."""
+    from analyses.fiber import Config, run
+
+    res = run(probe, config=Config(keep_curves="none"), progress=progress)
+    c = res.counts().set_index("correction")
+    return {"full_calibrated": {m: {k: int(c.loc[m, k]) for k in ("singular", "gap", "no_rejection", "reject_fb_small", "reject_fb_large")}
+                                for m in ("none", "holm", "bh")},
+            "full_tested": int(res.testable.sum()), "kinds": res.kind_table("holm").to_dict(orient="records"),
+            "timings": {k: round(v, 1) for k, v in res.timings.items()}}
+
+
+def fiber_phrases(numbers: dict) -> list[str]:
+    """The sentences of docs/readme/fiber.md that carry :func:`fiber_numbers` (``tests/test_fiber.py`` checks them)."""
+    from analyses.fiber import kinds_markdown
+
+    n = numbers
+    sc, sp = n["subset_calibrated"], n["subset_parity"]
+    out = [f"the embedded model has {n['duplicate_rows']} such rows",
+           f"it flags {n['sphere_parity']}/1000 points, where calibrated mode flags {n['sphere_calibrated']}/1000",
+           (f"On every 50th token ({n['subset_tokens']} tokens, volumes 10–300, as in the notebook) calibrated mode finds "
+            f"{sc['none']['singular']} singular, {sc['none']['gap']} gap and {sc['none']['no_rejection']} with no rejection "
+            f"({sc['holm']['singular']}, {sc['holm']['gap']} and {sc['holm']['no_rejection']} with Holm); parity mode rejects "
+            f"“manifold” at {sp['none']['singular']} ({sp['holm']['singular']} with Holm)")]
+    if "full_calibrated" in n:
+        fc = n["full_calibrated"]
+        out.append(f"of {n['full_tested']} tokens, {fc['none']['singular']} are singular, {fc['none']['gap']} gap and "
+                   f"{fc['none']['no_rejection']} show no rejection with no correction; with Holm {fc['holm']['singular']}, "
+                   f"{fc['holm']['gap']} and {fc['holm']['no_rejection']}; with BH {fc['bh']['singular']}, {fc['bh']['gap']} and "
+                   f"{fc['bh']['no_rejection']}")
+        out.append(f"{fc['holm']['reject_fb_small']} singular tokens (Holm) reject “fiber bundle” at the smaller radius and "
+                   f"{fc['holm']['reject_fb_large']} at the larger")
+        out.append(kinds_markdown(n["kinds"]))
+    return out
 
 if __name__ == "__main__":
     import json

@@ -12,6 +12,7 @@ import torch
 
 from analyses import bigram as B
 from probes import ConfigError, InputError
+from docs_numbers import numbers
 
 ROOT = Path(__file__).resolve().parents[1]
 K = 16  # content tokens 4..19, noise tokens 20..35
@@ -327,16 +328,16 @@ def _numbers_near(template: str, text: str, tol: float) -> None:
 
 
 def test_readme_figures_are_todays(short):
-    """Every figure the README's bigram section states comes from today's code (B.doc_figures): the
+    """Every figure the README's bigram section states comes from today's code (docs/readme_numbers.py): the
     schedule figures and the shipped result's exactly, the tiny run's within TINY_RUN_TOL."""
     text = " ".join((ROOT / "docs" / "readme" / "bigram.md").read_text().split())
-    for name, value in B.doc_figures(short).items():
+    for name, value in numbers().bigram_figures(short).items():
         if name in TINY_RUN_TOL:
             _numbers_near(value, text, TINY_RUN_TOL[name])
         else:
             assert value in text, (name, value)
     if (B.DEFAULT_RESULT / "manifest.json").is_file():
-        for name, value in B.doc_figures(B.default_result()).items():
+        for name, value in numbers().bigram_figures(B.default_result()).items():
             assert value in text, ("shipped", name, value)
 
 

@@ -12,6 +12,7 @@ import margins
 import tiny_models
 from analyses import counterfactual as cf
 from probes import Ablate, ConfigError, InputError
+from docs_numbers import numbers
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "hello there"
@@ -505,15 +506,6 @@ def test_posterior_noise_replays_observed_text_model_free():
 
 
 # ----------------------------------------------------------------------------- README figures
-def _readme_numbers():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("readme_numbers", ROOT / "docs" / "readme_numbers.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_readme_counterfactual_figures_are_reproduced(embedded):
     """Every figure of docs/readme/counterfactual.md's worked example comes from docs/readme_numbers.py, and the
     stated defaults are the code's."""
@@ -522,7 +514,7 @@ def test_readme_counterfactual_figures_are_reproduced(embedded):
     from analyses.cli import app as cli_app
 
     text = (ROOT / "docs" / "readme" / "counterfactual.md").read_text(encoding="utf-8")
-    assert _readme_numbers().counterfactual_example(embedded) in text
+    assert numbers().counterfactual_example(embedded) in text
     assert "`temperature 0.8`" in text and cf.Config().temperature == 0.8
     assert "40 new tokens (CLI) / 20 (page)" in text
     cmd = typer.main.get_command(cli_app).commands["run"].commands["counterfactual"]  # the CLI default is the config's

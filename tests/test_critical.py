@@ -15,6 +15,7 @@ from analyses import critical as C
 from analyses.tasks import (CallableChecker, ExactChecker, NumericChecker, Problem, builtin_arith, extract_answer,
                             load_task, make_checker, read_gsm8k)
 from probes import ConfigError, InputError
+from docs_numbers import numbers
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -365,7 +366,7 @@ def test_embedded_wrong_digit(embedded):
 def test_readme_figures_are_todays(embedded):
     """Every figure the README's critical-token section states comes from today's code."""
     text = " ".join((ROOT / "docs" / "readme" / "critical.md").read_text().split())
-    figs = C.doc_figures(C.doc_example(embedded))
+    figs = numbers().critical_figures(C.doc_example(embedded))
     for name, value in figs.items():
         assert value in text, (name, value)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import shlex
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,7 +70,7 @@ def test_every_sonde_command_in_the_docs_parses():
 
     from probes.errors import InputError
 
-    texts = {p: p.read_text(encoding="utf-8") for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]}
+    texts = {p: p.read_text(encoding="utf-8") for p in [ROOT / "README.md", *sorted((ROOT / "docs" / "readme").glob("*.md"))]}
     seen, bad = 0, []
     for path, text in texts.items():
         for line in _sonde_lines(text):
@@ -88,10 +89,12 @@ def test_every_sonde_command_in_the_docs_parses():
     assert not bad, "commands in the docs that the CLI rejects:\n" + "\n".join(bad)
 
 
-def test_readme_has_contents_and_no_leftovers():
+def test_readme_is_short_and_has_no_leftovers():
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     head = "\n".join(text.splitlines()[:40])
-    assert "## Contents" in text and ".venv/bin/sonde" in head and "source .venv/bin/activate" in head
+    assert len(text.splitlines()) < 250, "the README is read in five minutes: the manual lives in docs/readme/"
+    assert ".venv/bin/sonde" in head and "source .venv/bin/activate" in head
+    assert "Q4_1" in head and "bf16" in head, "the README says what the embedded model is"
     for stale in ("<!-- analysis sections -->", "shared/STYLE.md", "as before", "huggingface-cli", "\n#### "):
         assert stale not in text, f"README.md still says {stale!r}"
     for img in re.findall(r"!\[[^\]]*\]\((docs/img/[^)]+)\)", text):
@@ -168,3 +171,110 @@ def test_scale_out_page_quotes_the_latest_ray_sweep_rows():
     assert head.split()[0] in text
     for row in rows:
         assert row in text, row
+
+
+def test_gallery_commands_are_their_pages_first_commands():
+    """Each README gallery command is written on its analysis's manual page too, before any other `sonde` line of its
+    verb there (the page and the README show the same first command)."""
+    nums = _builder().numbers()
+    assert {e.section for e in nums.GALLERY} >= {"logit_lens", "routes", "sinks", "bigram", "fiber", "critical",
+                                                   "counterfactual"}
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    for ex in nums.GALLERY:
+        page = (ROOT / "docs" / "readme" / f"{ex.section}.md").read_text(encoding="utf-8")
+        same_verb = [shlex.split(c, comments=True) for c in _sonde_lines(page) if c.split()[:3] == ex.command.split()[:3]]
+        assert same_verb and same_verb[0] == shlex.split(ex.command), (ex.section, ex.command, same_verb[:1])
+        assert ex.line() in readme
+
+
+def test_manual_links_resolve_on_github():
+    """docs/readme/*.md are shown by GitHub as they are: every relative link and picture exists from the page's folder."""
+    bad = []
+    for page in sorted((ROOT / "docs" / "readme").glob("*.md")):
+        for target in re.findall(r"!?\[[^\]]*\]\(([^)\s]+)\)", page.read_text(encoding="utf-8")):
+            if re.match(r"[a-z]+:|#", target):
+                continue
+            base = ROOT if page.stem in ("intro", "docs", "dashboard_intro") else page.parent
+            if not (base / target.split("#")[0]).exists():
+                bad.append(f"{page.name}: {target}")
+    assert not bad, bad
+
+
+def test_site_builds_strict_and_offline(tmp_path):
+    """`mkdocs build --strict` (what `make docs` runs): a broken link, a missing page or any warning fails it. The
+    built site fetches nothing from the network (no Google fonts, no CDN scripts)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1", "PYTHONPATH": str(ROOT)}
+    mkdocs = Path(sys.executable).with_name("mkdocs")
+    out = subprocess.run([str(mkdocs), "build", "--strict", "-q", "-d", str(tmp_path / "site"), "-f", str(ROOT / "mkdocs.yml")],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    site = tmp_path / "site"
+    pages = {p.relative_to(site).as_posix() for p in site.rglob("*.html")}
+    for want in ("index.html", "readme/routes.html", "benchmarks.html", "notebooks/00_quickstart.html", "api/probes.html"):
+        assert want in pages, want
+    assert "probes.reducers.Mean" in (site / "api" / "probes.html").read_text(encoding="utf-8")
+    fetched = set()
+    for p in site.rglob("*"):
+        if p.suffix in (".html", ".css", ".js"):
+            t = p.read_text(encoding="utf-8", errors="replace")
+            fetched |= set(re.findall(r"(?:src=|@import\s+url\(|<link[^>]*href=)[\"']?(https?://[^\"' )>]+)", t))
+    assert not fetched, sorted(fetched)[:5]
+    home = (site / "index.html").read_text(encoding="utf-8")
+    assert 'href="readme/routes.html"' in home and 'src="img/routes.png"' in home
+
+
+def test_notebooks_export_their_figures_and_show_no_progress_warning():
+    """Every notebook's first cell picks a plotly renderer that embeds the figure, so figures survive
+    `jupyter nbconvert --to html` (and show on GitHub). Executed for real: the quickstart's first cell (which loads the
+    embedded model) plus a figure, then exported to HTML. With ipywidgets installed (the test and notebooks extras)
+    the model load's progress bars draw as widgets, so no "IProgress not found" warning appears."""
+    import nbformat
+    from nbclient import NotebookClient
+    from nbconvert import HTMLExporter
+
+    for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        first = next(c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code")
+        assert 'pio.renderers.default = "plotly_mimetype+notebook"' in first.source, path.name
+    nb = nbformat.read(ROOT / "notebooks" / "00_quickstart.ipynb", as_version=4)
+    first = next(c for c in nb.cells if c.cell_type == "code")
+    run = nbformat.v4.new_notebook(cells=[first, nbformat.v4.new_code_cell(
+        "import plotly.graph_objects as go\ngo.Figure(go.Bar(x=['sonde-export-check'], y=[1]))")], metadata=nb.metadata)
+    NotebookClient(run, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+    said = " ".join(str(o.get("text", "")) + str(o.get("data", {}).get("text/plain", ""))
+                    for c in run.cells for o in c.get("outputs", []))
+    assert "IProgress" not in said, said[:500]
+    html, _ = HTMLExporter().from_notebook_node(run)
+    assert "sonde-export-check" in html and "Plotly.newPlot" in html
+    assert "not able to be represented" not in html
+
+
+def _checker():
+    import sys
+
+    spec = importlib.util.spec_from_file_location("readme_commands", ROOT / "benchmarks" / "readme_commands.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["readme_commands"] = mod  # its dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_readme_command_checker_reads_the_gallery_and_compares_figures():
+    """benchmarks/readme_commands.py finds every gallery command with the figures quoted beside it, and its comparison
+    fails on a figure that differs (text exactly; a number beyond the declared tolerance or two units of the last
+    digit shown)."""
+    chk, nums = _checker(), _builder().numbers()
+    cmds = chk.gallery((ROOT / "README.md").read_text(encoding="utf-8"))
+    assert [c.line for c in cmds] == [ex.command for ex in nums.GALLERY]
+    for c, ex in zip(cmds, nums.GALLERY):
+        assert c.prints == list(ex.prints) and c.long == bool(ex.long), c.line
+    out = "tokens: 10\nnext_token:  Paris\np_next: 0.7016\nroute_nodes: 195\n"
+    assert chk.check_output(out, ["next_token:  Paris", "p_next: 0.7015", "route_nodes: 195"]) == []
+    assert chk.check_output(out, ["p_next: 0.7012"]) == ["'p_next: 0.7012' (got '0.7016')"]
+    assert chk.check_output(out, ["p_next: 0.70"], tol=0.002) == []
+    assert chk.check_output(out, ["next_token:  Rome", "route_edges: 233"]) == [
+        "'next_token:  Rome' (got 'Paris')", "'route_edges: 233' (no such line)"]
+    assert chk.check_output(out, ["route_nodes: 196"]) != []

@@ -11,6 +11,7 @@ import torch
 
 from analyses import fiber as F
 from probes import ConfigError, InputError
+from docs_numbers import numbers
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -512,18 +513,18 @@ def _readme_text() -> str:
 
 def test_readme_numbers_fast(embedded):
     """Duplicate rows, the sphere check and the notebook subset, as stated in docs/readme/fiber.md."""
-    nums = F.readme_numbers(embedded, full=False)
+    nums = numbers().fiber_numbers(embedded, full=False)
     text = _readme_text()
-    for phrase in F.readme_phrases(nums):
+    for phrase in numbers().fiber_phrases(nums):
         assert phrase in text, phrase
 
 
 @pytest.mark.slow
 def test_readme_numbers_full_vocabulary(embedded):
     """Every count of the README's fiber section, including the full-vocabulary runs and the stability table."""
-    nums = F.readme_numbers(embedded, full=True)
+    nums = numbers().fiber_numbers(embedded, full=True)
     text = _readme_text()
-    for phrase in F.readme_phrases(nums):
+    for phrase in numbers().fiber_phrases(nums):
         assert phrase in text, phrase
 
 

@@ -12,6 +12,7 @@ import tiny_models
 from analyses import sinks
 from analyses.sinks import Config, SinkAlpha, alpha_from_pattern, head_value_norms, sink_percentage
 from probes import Collect, ConfigError, InputError, reducer_from_state
+from docs_numbers import numbers
 
 ROOT = Path(__file__).resolve().parents[1]
 T = 64
@@ -330,10 +331,5 @@ def test_notebook_02_text_matches_its_code():
 @pytest.mark.slow
 def test_readme_sinks_figures_are_reproduced(embedded):
     """Every figure of docs/readme/sinks.md's "Measured" bullets comes from docs/readme_numbers.py (about a minute)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("readme_numbers", ROOT / "docs" / "readme_numbers.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
     text = (ROOT / "docs" / "readme" / "sinks.md").read_text(encoding="utf-8")
-    assert mod.sinks_measured(embedded) in text
+    assert numbers().sinks_measured(embedded) in text
