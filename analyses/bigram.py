@@ -551,6 +551,7 @@ class MaskSet(torch.nn.Module):
             [torch.nn.Parameter(torch.full(w.shape, float(init), dtype=torch.float32, device=device)) for w in self.weights])
         self.beta = 1.0
         self.mode: Literal["soft", "hard", "off"] = "soft"
+        self._made: dict[Any, int] | None = None  # soft-mask node -> weight index, while recompute_masked() is open
 
     @property
     def n_params(self) -> int:
@@ -562,7 +563,10 @@ class MaskSet(torch.nn.Module):
             return None
         if self.mode == "hard":
             return (s > 0).to(s.dtype)
-        return self.soft(s)
+        m = self.soft(s)
+        if self._made is not None:
+            self._made[m.grad_fn] = i
+        return m
 
     def soft(self, s: torch.Tensor) -> torch.Tensor:
         """σ(β·s) with β·s floored at −:data:`SOFT_FLOOR`: once β is large, σ of a decided-off logit
@@ -591,6 +595,55 @@ class MaskSet(torch.nn.Module):
     @torch.no_grad()
     def binary(self) -> dict[str, torch.Tensor]:
         return {w.path: binarize(s).cpu() for w, s in zip(self.weights, self.logits)}
+
+    @contextmanager
+    def recompute_masked(self, probe) -> Iterator[dict[str, int]]:
+        """Keep no masked weight ``W ⊙ σ(β·s)`` from a forward pass to its backward pass: each linear layer would
+        save its masked weight (one float32 copy of every masked matrix, 0.4 GiB on a 135M model, alive through
+        the whole pass); here it saves only which weight it was, and the backward pass recomputes the product
+        (one elementwise op per matrix, bit-identical). Open it inside :meth:`applied`; forward passes inside it
+        must be followed by their backward pass (:meth:`forget` after each). Yields ``{"packed": n}``, the number
+        of masked weights kept as a reference so far."""
+        names = dict(probe.hf_model.named_parameters())
+        W = [names.get(f"{w.path}.weight", names.get(f"{w.path}.parametrizations.weight.original")) for w in self.weights]
+        self._made = {}
+        count = {"packed": 0}
+
+        def pack(t: torch.Tensor):
+            fn = t.grad_fn
+            if fn is None or t.dim() != 2:
+                return t
+            flip = fn.name() == "TBackward0"  # a linear layer run as t() + mm saves the transposed view
+            if flip:
+                fn = fn.next_functions[0][0]
+                if fn is None:
+                    return t
+            for node, _ in fn.next_functions:
+                i = self._made.get(node) if node is not None else None
+                if i is not None and W[i] is not None and W[i].dtype == t.dtype and W[i].dim() == 2 \
+                        and tuple(W[i].shape) == (tuple(t.shape)[::-1] if flip else tuple(t.shape)):
+                    count["packed"] += 1
+                    return (i, float(self.beta), flip)
+            return t
+
+        def unpack(saved):
+            if isinstance(saved, torch.Tensor):
+                return saved
+            i, beta, flip = saved
+            with torch.no_grad():
+                w = W[i] * torch.sigmoid((self.logits[i] * beta).clamp_(min=-SOFT_FLOOR)).to(W[i].dtype)
+            return w.t() if flip else w
+
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+                yield count
+        finally:
+            self._made = None
+
+    def forget(self) -> None:
+        """Drop the soft-mask nodes :meth:`recompute_masked` remembers for the last forward pass."""
+        if self._made is not None:
+            self._made.clear()
 
     @contextmanager
     def applied(self, probe) -> Iterator["MaskSet"]:
@@ -817,7 +870,7 @@ def train_mask(probe, train_rows: torch.Tensor, table: BigramTable | None, cfg: 
     skip = probe.only_blocks(sorted(set(cfg.layers))) if (cfg.others == "drop" and cfg.layers is not None) else nullcontext()
     bar = phase(progress, "training", cfg.steps, "steps", done=start)
     with probe.frozen_weights(), _flush_subnormals(dev):
-        with masks.applied(probe), skip:  # paths resolve on the full block list first
+        with masks.applied(probe), skip, masks.recompute_masked(probe):  # paths resolve on the full block list first
             while step < cfg.steps:
                 opt.zero_grad(set_to_none=True)
                 xent_sum = 0.0
@@ -837,6 +890,7 @@ def train_mask(probe, train_rows: torch.Tensor, table: BigramTable | None, cfg: 
                         (xent * share).backward()
                         xent_sum += float(xent.detach()) * share
                         del target, xent
+                        masks.forget()
                 if cfg.lam:
                     (cfg.lam / N * masks.l0()).backward()
                 opt.step()
@@ -1226,21 +1280,18 @@ def default_result(folder: str | Path | None = None) -> "BigramResult":
 
 def _memory(s, B: int, T: int, o) -> dict[str, int]:
     """Mask training with autograd on a micro-batch of ``B`` rows: per-layer saved activations, the mask logits
-    with their gradients and AdamW moments, the masked weights ``W ⊙ σ(β·s)`` one forward pass keeps for its
-    backward pass, and one chunk of the chunked loss (its float32 logits and softmax, plus the ``[B·T, d]``
-    gradient of the final hidden states); no ``[B, T, V]`` tensor exists."""
+    with their gradients and AdamW moments, and one chunk of the chunked loss (its float32 logits and softmax,
+    plus the ``[B·T, d]`` gradient of the final hidden states); no ``[B, T, V]`` tensor exists, and no masked
+    weight ``W ⊙ σ(β·s)`` is kept from a forward pass to its backward pass (:meth:`MaskSet.recompute_masked`)."""
     chunk = min(loss_chunk_tokens(s.d_vocab), B * T)
     return {"saved_activations": s.n_layers * B * T * (6 * s.d_model + 3 * s.d_mlp) * s.itemsize,
-            # logits, their gradients and the two AdamW moments (float32); the gradients of a step's first pass
-            # stay alive through its later passes
+            # logits, their gradients and the two AdamW moments (float32)
             "mask_state": 4 * s.block_params * 4,
-            # W ⊙ σ(β·s) of every block, kept by a forward pass for its backward pass (a step of one pass frees
-            # them as its gradients fill in, so there this overestimates by one copy)
-            "masked_weights": s.block_params * max(s.itemsize, 4),
             "logits": 2 * chunk * s.d_vocab * 4 + B * T * s.d_model * 4}
 
 
-MEMORY = planner.MemoryModel("bigram", _memory, persistent=("saved_activations", "mask_state", "masked_weights"))
+MEMORY = planner.MemoryModel("bigram", _memory, persistent=("saved_activations", "mask_state"),
+                             sizes=lambda c: {"seq_len": c.seq_len, "batch_size": c.batch})
 
 SPEC = registry.register(registry.Analysis(
     name="bigram", order=3, title="Bigram subnetworks", summary="a tiny mask of block weights that reproduces next-token bigram predictions",

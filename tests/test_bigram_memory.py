@@ -89,6 +89,44 @@ def test_micro_batches_give_the_full_batch_step(tiny):
     assert all("xent" in s.info for s in steps[1:])
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_masked_weights_are_recomputed_not_kept_and_gradients_stay_exact(tiny, family):
+    """Inside recompute_masked a forward pass keeps no masked weight W ⊙ σ(β·s) for its backward pass (each masked
+    matrix, saved once by its linear layer, is packed as a reference and recomputed), and the mask gradients are
+    bit-identical to those of the plain pass."""
+    probe = tiny(family)
+    V = probe.info.d_vocab
+    table = _table(V)
+    ids = torch.randint(0, V, (2, 10), generator=torch.Generator().manual_seed(4))
+    grads, saved = [], []
+
+    def note(t):  # the plain pass: saved tensors computed from a soft mask (W ⊙ σ(β·s), or its transposed view)
+        fn = t.grad_fn
+        fn = fn.next_functions[0][0] if fn is not None and fn.name() == "TBackward0" else fn
+        if fn is not None and fn.name() == "MulBackward0" and any(type(n).__name__ == "_SoftMaskBackward" for n, _ in fn.next_functions):
+            saved.append(tuple(t.shape))
+        return t
+
+    for lean in (False, True):
+        masks = B.MaskSet(B.masked_weights(probe), init=0.3)
+        masks.beta = 2.5
+        with probe.frozen_weights(), masks.applied(probe):
+            if lean:
+                with masks.recompute_masked(probe) as count:
+                    loss = B._loss(probe, ids, table.rows(ids), chunk=4)
+                    packed = count["packed"]
+                    grads.append(torch.autograd.grad(loss, list(masks.logits)))
+                    masks.forget()
+            else:
+                with torch.autograd.graph.saved_tensors_hooks(note, lambda t: t):
+                    loss = B._loss(probe, ids, table.rows(ids), chunk=4)
+                grads.append(torch.autograd.grad(loss, list(masks.logits)))
+    # block 0's q/k/v read the frozen embeddings, so no gradient flows to their input and nothing keeps those three
+    assert packed == len(saved) >= len(B.masked_weights(probe)) - 3
+    for a, c in zip(*grads):
+        assert torch.equal(a, c)
+
+
 # ---------------------------------------------------------------------------- planned before loading, progress
 def test_preflight_lowers_the_micro_batch_or_refuses_before_loading():
     from analyses.core import planner
