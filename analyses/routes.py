@@ -986,13 +986,15 @@ from .routes_faithful import Faithfulness, faithfulness  # noqa: E402  (ablation
 
 
 def compare(a: RoutesResult, b: RoutesResult, *, position_a: int | None = None, position_b: int | None = None,
-            probe_a=None, probe_b=None, target: int | None = None):
+            probe_a=None, probe_b=None, target: int | None = None, labels: tuple[str, str] | None = None):
     """Two contexts side by side: two prompts on one model (clean vs corrupted) or one prompt on two models.
 
     Positions are right-aligned (b's position = a's + ``b.n_tokens - a.n_tokens``), so prompts of equal length align
     one to one. Returns a :class:`analyses.routes_graph.RouteComparison`: kept / lost / gained route edges with
     both weights, Δ head importance [L, H] (b − a) and, with ``probe_a`` (and ``probe_b``, default the same probe),
-    p(target) in each context (target: a's top token at its position unless given).
+    p(target) in each context (target: a's top token at its position unless given). ``labels`` name the two contexts
+    in exports (default: each result's inputs and model). The comparison keeps both routes:
+    ``.plot()``, ``.to_graphml(path)`` and ``.report_html()`` draw and export them.
     """
     from .routes_graph import RouteComparison, compare_routes
 
@@ -1013,7 +1015,10 @@ def compare(a: RoutesResult, b: RoutesResult, *, position_a: int | None = None, 
             lb = (probe_b or probe_a).run(b.tokens[None])[0, pb].double().softmax(-1).cpu()
         tgt = int(la.argmax()) if target is None else int(target)
         p = dict(target=tgt, target_token=probe_a.to_str_tokens([tgt])[0], p_a=float(la[tgt]), p_b=float(lb[tgt]))
-    return RouteComparison(edges=edges, head_delta=delta, position_a=pa, position_b=pb, offset=offset, **p)
+    if labels is None:
+        labels = tuple(f"{r.inputs or 'prompt'} on {r.model.get('name', 'a model')}" for r in (a, b))
+    return RouteComparison(edges=edges, head_delta=delta, position_a=pa, position_b=pb, offset=offset, route_a=ra, route_b=rb,
+                           str_tokens_a=tuple(a.str_tokens), parallel=a.parallel, labels=tuple(labels), **p)
 
 
 _MOVED = {"routes_dataset": ("DatasetConfig", "RouteStats", "RouteStatsResult", "run_dataset", "dataset_key", "accumulate",

@@ -26,7 +26,7 @@ from .core.progress import ProgressFn, phase
 from .routes import MEMORY, Config, RoutesResult, _check_supported, _compute
 
 __all__ = ["DatasetConfig", "RouteStats", "RouteStatsResult", "run_dataset", "dataset_key", "accumulate", "merge_states",
-           "result_from_state"]
+           "result_from_state", "FAITH_FIGURES", "faith_figures"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -37,6 +37,25 @@ class DatasetConfig(Config):
     # only the prediction's route is counted: compute it top-down
     mode: Literal["all", "route"] = option("route", help="all (graph of every position) or route (top-down: only the route to --position).")
     checkpoint_every: int = option(16, ge=1, help="Prompts between checkpoints.")
+    faithfulness: bool = option(False, help="Also run each route's ablation checks (routes.faithfulness) and keep their distributions per domain.")
+    n_random: int = option(4, ge=0, help="With faithfulness: random component sets per prompt and ablation mode.")
+    seed: int = option(0, help="With faithfulness: seed of the random sets and of the reference corpus.")
+
+
+# the faithfulness figures kept per prompt (p of the target; the random sets' median over draws)
+FAITH_FIGURES = ("p_clean",) + tuple(f"p_{k}_{ab}" for ab in ("zero", "mean") for k in ("off_route", "route", "random_keep", "random"))
+FAITH_BINS = torch.linspace(-8, 0, 33, dtype=torch.float64)  # log10 p; 0.25-decade bins, p < 1e-8 counted in the first
+
+
+def faith_figures(f) -> torch.Tensor:
+    """One prompt's :data:`FAITH_FIGURES` from a :class:`analyses.routes_faithful.Faithfulness` ([F], float64)."""
+    s = f.summary().set_index("ablation")
+    vals = [f.p_clean]
+    for ab in ("zero", "mean"):
+        for k in ("off_route", "route", "random_keep", "random"):
+            col = f"p_{k}" if k in ("off_route", "route") else f"p_{k}_median"
+            vals.append(float(s.loc[ab, col]) if ab in s.index else float("nan"))
+    return torch.tensor(vals, dtype=torch.float64)
 
 
 # ============================================================================ dataset mode
@@ -45,7 +64,9 @@ class RouteStats(Reducer):
 
     For each domain: n prompts; head_on [L, H] prompts whose route uses the head; head_sum [L, H]
     summed head importance in the route; ffn_on [L] prompts whose route passes an FFN node of layer l;
-    ffn_sum [L] summed FFN edge weight on the route.
+    ffn_sum [L] summed FFN edge weight on the route. With faithfulness checks: faith_n prompts checked,
+    faith_sum [F] the sums of the :data:`FAITH_FIGURES` and faith_hist [F, B] their counts in the log10 bins
+    :data:`FAITH_BINS` (a distribution that merges by adding).
     """
 
     kind = "route_stats"
@@ -66,16 +87,29 @@ class RouteStats(Reducer):
         self.head_sum = torch.zeros(0, self.n_layers, self.n_heads, dtype=torch.float64)
         self.ffn_on = torch.zeros(0, self.n_layers, dtype=torch.float64)
         self.ffn_sum = torch.zeros(0, self.n_layers, dtype=torch.float64)
+        F, B = len(FAITH_FIGURES), len(FAITH_BINS) - 1
+        self.faith_n = torch.zeros(0, dtype=torch.float64)
+        self.faith_sum = torch.zeros(0, F, dtype=torch.float64)
+        self.faith_hist = torch.zeros(0, F, B, dtype=torch.float64)
+
+    _PER_DOMAIN = ("n", "head_on", "head_sum", "ffn_on", "ffn_sum", "faith_n", "faith_sum", "faith_hist")
 
     def _index(self, domain: str) -> int:
         if domain not in self.domains:
             self.domains = list(self.domains) + [domain]
-            self.n = torch.cat([self.n, torch.zeros(1, dtype=torch.float64)])
-            self.head_on = torch.cat([self.head_on, torch.zeros(1, self.n_layers, self.n_heads, dtype=torch.float64)])
-            self.head_sum = torch.cat([self.head_sum, torch.zeros(1, self.n_layers, self.n_heads, dtype=torch.float64)])
-            self.ffn_on = torch.cat([self.ffn_on, torch.zeros(1, self.n_layers, dtype=torch.float64)])
-            self.ffn_sum = torch.cat([self.ffn_sum, torch.zeros(1, self.n_layers, dtype=torch.float64)])
+            for k in self._PER_DOMAIN:
+                t = getattr(self, k)
+                setattr(self, k, torch.cat([t, t.new_zeros(1, *t.shape[1:])]))
         return self.domains.index(domain)
+
+    def add_faithfulness(self, domain: str, figures: torch.Tensor) -> None:
+        """Fold one prompt's faithfulness figures ([F], :func:`faith_figures`; NaN where an ablation was not run)."""
+        k = self._index(domain)
+        self.faith_n[k] += 1
+        ok = ~torch.isnan(figures)
+        self.faith_sum[k] += torch.where(ok, figures, torch.zeros_like(figures))
+        b = (torch.bucketize(torch.log10(figures.clamp_min(1e-300)), FAITH_BINS[1:-1], right=True)).clamp(0, len(FAITH_BINS) - 2)
+        self.faith_hist[k, torch.arange(len(figures))[ok], b[ok]] += 1
 
     def add(self, domain: str, head_imp: torch.Tensor, ffn_imp: torch.Tensor) -> None:
         """Fold one prompt: head_imp [L, H] head importance in its route, ffn_imp [L] FFN weight on its route."""
@@ -93,26 +127,31 @@ class RouteStats(Reducer):
     def _merge(self, other: "RouteStats") -> None:
         for j, dom in enumerate(other.domains):
             k = self._index(dom)
-            self.n[k] += other.n[j]
-            self.head_on[k] += other.head_on[j]
-            self.head_sum[k] += other.head_sum[j]
-            self.ffn_on[k] += other.ffn_on[j]
-            self.ffn_sum[k] += other.ffn_sum[j]
+            for name in self._PER_DOMAIN:
+                getattr(self, name)[k] += getattr(other, name)[j]
 
     def _state(self):
-        return {"domains": list(self.domains), "n": self.n, "head_on": self.head_on, "head_sum": self.head_sum,
-                "ffn_on": self.ffn_on, "ffn_sum": self.ffn_sum}
+        return {"domains": list(self.domains), **{k: getattr(self, k) for k in self._PER_DOMAIN}}
 
     def load_state(self, st):
+        fresh = self.empty_like()  # a state saved without faithfulness arrays keeps empty ones
         super().load_state(st)
         self.domains = list(self.domains)
-        for k in ("n", "head_on", "head_sum", "ffn_on", "ffn_sum"):
-            setattr(self, k, getattr(self, k).to(torch.float64))
+        for k in self._PER_DOMAIN:
+            t = getattr(self, k, None)
+            if t is None or t.shape[0] != len(self.domains):
+                base = getattr(fresh, k)
+                t = base.new_zeros(len(self.domains), *base.shape[1:])
+            setattr(self, k, t.to(torch.float64))
 
     def finalize(self) -> dict[str, Any]:
         n = self.n.clamp_min(1)
-        return {"domains": list(self.domains), "n": self.n.clone(), "head_freq": self.head_on / n[:, None, None],
-                "head_mean": self.head_sum / n[:, None, None], "ffn_freq": self.ffn_on / n[:, None], "ffn_mean": self.ffn_sum / n[:, None]}
+        out = {"domains": list(self.domains), "n": self.n.clone(), "head_freq": self.head_on / n[:, None, None],
+               "head_mean": self.head_sum / n[:, None, None], "ffn_freq": self.ffn_on / n[:, None], "ffn_mean": self.ffn_sum / n[:, None]}
+        if float(self.faith_n.sum()) > 0:
+            out.update(faith_n=self.faith_n.clone(), faith_hist=self.faith_hist.clone(),
+                       faith_mean=self.faith_sum / self.faith_n.clamp_min(1)[:, None])
+        return out
 
 
 @register_result
@@ -123,7 +162,8 @@ class RouteStatsResult(Result):
     analysis: ClassVar[str] = "routes.dataset"
     config_class: ClassVar[type] = DatasetConfig
 
-    saved_views: ClassVar = (("table", "components", lambda r: r.to_frame()),)
+    saved_views: ClassVar = (("table", "components", lambda r: r.to_frame()),
+                             ("table", "faithfulness", lambda r: r.faithfulness_frame()))
 
     domains: list[str] = stored("extra")
     n: torch.Tensor = stored("array")
@@ -132,6 +172,33 @@ class RouteStatsResult(Result):
     ffn_freq: torch.Tensor = stored("array")
     ffn_mean: torch.Tensor = stored("array")
     n_skipped: int = stored("extra", default=0)
+    # faithfulness checks (DatasetConfig.faithfulness): prompts checked [D], mean [D, F] and log10 histogram [D, F, B]
+    # of the FAITH_FIGURES
+    faith_n: torch.Tensor | None = stored("array", default=None)
+    faith_mean: torch.Tensor | None = stored("array", default=None)
+    faith_hist: torch.Tensor | None = stored("array", default=None)
+
+    def faithfulness_frame(self) -> pd.DataFrame:
+        """The faithfulness distributions per domain: domain, figure, n, mean, and the 10th, 25th, 50th, 75th and
+        90th percentiles (read from the log10 histogram: within a quarter decade). Empty without faithfulness checks."""
+        cols = ["domain", "figure", "n", "mean", "p10", "p25", "median", "p75", "p90"]
+        if self.faith_hist is None:
+            return pd.DataFrame(columns=cols)
+        rows = []
+        edges = FAITH_BINS.double()
+        for k, dom in enumerate(self.domains):
+            for f, name in enumerate(FAITH_FIGURES):
+                h = self.faith_hist[k, f].double()
+                qs = [_hist_quantile(h, edges, q) for q in (0.1, 0.25, 0.5, 0.75, 0.9)]
+                rows.append([dom, name, int(h.sum()), float(self.faith_mean[k, f]), *qs])
+        return pd.DataFrame(rows, columns=cols)
+
+    def faithfulness_summary(self) -> dict[str, Any]:
+        """JSON-ready: {domain: {figure: {n, mean, median, p25, p75}}} (empty without faithfulness checks)."""
+        out: dict[str, Any] = {}
+        for r in self.faithfulness_frame().itertuples():
+            out.setdefault(r.domain, {})[r.figure] = {"n": r.n, "mean": r.mean, "median": r.median, "p25": r.p25, "p75": r.p75}
+        return out
 
     def to_frame(self) -> pd.DataFrame:
         """Columns: model, domain, layer, head (None for FFN rows), component, freq, mean_importance, n."""
@@ -166,6 +233,19 @@ class RouteStatsResult(Result):
         return fig
 
 
+def _hist_quantile(h: torch.Tensor, edges: torch.Tensor, q: float) -> float:
+    """The q-quantile of p from a histogram ``h`` over log10 bins ``edges`` (linear within a bin); NaN when empty."""
+    n = float(h.sum())
+    if n == 0:
+        return float("nan")
+    c = torch.cumsum(h, 0)
+    i = int(torch.searchsorted(c, torch.tensor(q * n, dtype=c.dtype)))
+    i = min(i, len(h) - 1)
+    before = float(c[i - 1]) if i else 0.0
+    frac = (q * n - before) / max(float(h[i]), 1e-300)
+    return float(10 ** (float(edges[i]) + min(max(frac, 0.0), 1.0) * float(edges[i + 1] - edges[i])))
+
+
 def _ffn_on_route(route, n_layers: int) -> torch.Tensor:
     out = torch.zeros(n_layers, dtype=torch.float64)
     for u, v, d in route.edges(data=True):
@@ -190,6 +270,9 @@ def _fold(probe, records: Sequence, config: DatasetConfig, stats: RouteStats, *,
     """Fold ``records`` into ``stats`` (resuming after ``checkpoint``'s last save); returns the prompts skipped.
     ``on_prompt(n)`` after each prompt, with the number of prompts done (resumed ones included)."""
     _check_supported(probe)
+    from .routes_faithful import faithfulness, reference_means
+
+    means = None
     done = checkpoint.restore({"stats": stats}) if checkpoint is not None else 0
     skipped = int(getattr(checkpoint, "extra", {}).get("skipped", 0)) if done else 0
     for n_seen, rec in enumerate(records, start=1):
@@ -205,6 +288,11 @@ def _fold(probe, records: Sequence, config: DatasetConfig, stats: RouteStats, *,
             r = RoutesResult(config=config, model={}, tokens=toks[0].cpu(), str_tokens=[""] * T, **dec.fields())
             route = r.route()
             stats.add(domain, r.head_importance(route=route), _ffn_on_route(route, probe.info.n_layers))
+            if config.faithfulness:
+                if means is None:  # the reference corpus of the mean ablation: once per run
+                    means = reference_means(probe, seed=config.seed, prepend_bos=config.prepend_bos)
+                f = faithfulness(probe, toks, config=config, n_random=config.n_random, seed=config.seed, result=r, means=means)
+                stats.add_faithfulness(domain, faith_figures(f))
         if checkpoint is not None and n_seen % config.checkpoint_every == 0:
             checkpoint.save(n_seen, {"stats": stats}, extra={"skipped": skipped})
         if on_prompt is not None:
@@ -273,7 +361,8 @@ def _stats_result(model: Mapping[str, Any], stats: RouteStats, *, config: Datase
     label = f"{n_records} records (digest {input_hash[:8]})" if n_records is not None else ""
     return RouteStatsResult(config=config, model=dict(model), input_hash=input_hash, timings=dict(timings or {}), inputs=label,
                             domains=f["domains"], n=f["n"], head_freq=f["head_freq"].float(), head_mean=f["head_mean"].float(),
-                            ffn_freq=f["ffn_freq"].float(), ffn_mean=f["ffn_mean"].float(), n_skipped=n_skipped)
+                            ffn_freq=f["ffn_freq"].float(), ffn_mean=f["ffn_mean"].float(), n_skipped=n_skipped,
+                            faith_n=f.get("faith_n"), faith_mean=f.get("faith_mean"), faith_hist=f.get("faith_hist"))
 
 
 def run_dataset(probe, records: Iterable, *, config: DatasetConfig = DatasetConfig(), checkpoint=None,

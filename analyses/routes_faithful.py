@@ -146,7 +146,7 @@ def _edits(heads: Sequence[tuple[int, int]], ffns: Sequence[int], mode: str, mea
 @torch.no_grad()
 def faithfulness(probe, prompt, *, config=None, n_random: int = 10, seed: int = 0, target: int | None = None,
                  reference: str = "prose", n_reference: int = 16, reference_tokens: int = 32,
-                 ablations: Sequence[str] = ("zero", "mean"), result=None) -> Faithfulness:
+                 ablations: Sequence[str] = ("zero", "mean"), result=None, means=None) -> Faithfulness:
     """Ablation checks of the route to the prediction at ``config.position`` (module docstring).
 
     Args:
@@ -157,6 +157,7 @@ def faithfulness(probe, prompt, *, config=None, n_random: int = 10, seed: int = 
         reference, n_reference, reference_tokens: the corpus of the mean ablation (a domain name).
         ablations: "zero", "mean" or both.
         result: a :class:`RoutesResult` of the same prompt and config, to reuse.
+        means: :func:`reference_means` already computed (dataset mode reads the corpus once), to reuse.
     """
     from .routes import Config, _resolve_position, _tokens, run
 
@@ -183,7 +184,10 @@ def faithfulness(probe, prompt, *, config=None, n_random: int = 10, seed: int = 
     tgt = int(clean.argmax()) if target is None else int(target)
     if not 0 <= tgt < clean.numel():
         raise ConfigError(f"target={tgt} is not a token id of this model (vocabulary {clean.numel()}).")
-    means = reference_means(probe, reference, n=n_reference, T=reference_tokens, seed=seed) if "mean" in ablations else None
+    if "mean" not in ablations:
+        means = None
+    elif means is None:
+        means = reference_means(probe, reference, n=n_reference, T=reference_tokens, seed=seed)
     rng = np.random.default_rng(seed)
     draws = [(sorted(map(tuple, rng.permutation(np.array(all_heads))[: len(heads)].tolist())) if heads else [],
               sorted(rng.permutation(all_ffns)[: len(ffns)].tolist())) for _ in range(n_random)]

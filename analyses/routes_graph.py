@@ -9,6 +9,7 @@ Pure functions of the importance arrays (no model): ``attn [L, T_q, T_k, H]``, `
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -20,7 +21,7 @@ import torch
 from .routes import node_name
 
 __all__ = ["build_graph", "extract_route", "head_importance", "route_frame", "write_graphml", "node_link", "route_diff",
-           "compare_routes", "RouteComparison"]
+           "compare_routes", "RouteComparison", "shift_route"]
 
 
 def build_graph(attn: torch.Tensor, attn_resid: torch.Tensor, ffn: torch.Tensor, ffn_resid: torch.Tensor, thr: float,
@@ -122,6 +123,9 @@ def route_frame(route) -> pd.DataFrame:
                          for u, v, d in route.edges(data=True)], columns=["source", "target", "kind", "layer", "weight"])
 
 
+_XML_BAD = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
+
+
 def write_graphml(g, path: str | Path) -> Path:
     """Write ``g`` as GraphML (per-head vectors as JSON strings)."""
     import networkx as nx
@@ -132,6 +136,8 @@ def write_graphml(g, path: str | Path) -> Path:
             return json.dumps(val)
         if k == "weight" or isinstance(val, float):
             return float(val)
+        if isinstance(val, str):  # XML 1.0 cannot hold control characters (byte-level tokens): write them escaped
+            return _XML_BAD.sub(lambda m: f"\\x{ord(m.group()):02x}", val)
         return int(val) if isinstance(val, (int,)) and not isinstance(val, bool) else val
 
     h = nx.DiGraph()
@@ -202,6 +208,26 @@ def compare_routes(route_a, route_b, offset: int = 0) -> pd.DataFrame:
     return df.iloc[np.argsort(-df["delta"].abs().fillna(-1).to_numpy(), kind="stable")].reset_index(drop=True)
 
 
+def shift_route(route, offset: int):
+    """``route`` with every node's position moved by ``-offset`` (b's route in a's coordinates); nodes that would fall
+    before position 0 are left out with their edges."""
+    import networkx as nx
+
+    from probes.labels import node_label, parse_node
+
+    out = nx.DiGraph(**route.graph)
+    names = {}
+    for n, d in route.nodes(data=True):
+        k, l, p = parse_node(n)
+        if p - offset >= 0:
+            names[n] = node_label(k, l, p - offset)
+            out.add_node(names[n], **{**d, "pos": p - offset})
+    for u, v, d in route.edges(data=True):
+        if u in names and v in names:
+            out.add_edge(names[u], names[v], **d)
+    return out
+
+
 @dataclass(frozen=True)
 class RouteComparison:
     """Two contexts' routes side by side (:func:`analyses.routes.compare`).
@@ -210,6 +236,8 @@ class RouteComparison:
         edges: :func:`compare_routes` rows (positions in ``a``'s coordinates); head_delta: [L, H] head importance in
             b's route minus a's; offset: b's position minus a's for aligned positions (right-aligned prompts);
         p_a, p_b: p(target) in each context (None without probes); target: token id.
+        route_a, route_b: the two routes (b's in its own positions); str_tokens_a: a's tokens; labels: a short
+            description of each context (prompt and model), for exports.
     """
 
     edges: pd.DataFrame
@@ -221,6 +249,11 @@ class RouteComparison:
     target_token: str | None = None
     p_a: float | None = None
     p_b: float | None = None
+    route_a: Any = None
+    route_b: Any = None
+    str_tokens_a: tuple[str, ...] = ()
+    parallel: bool = False
+    labels: tuple[str, str] = ("a", "b")
 
     @property
     def delta_p(self) -> float | None:
@@ -239,5 +272,61 @@ class RouteComparison:
         heads = [{"head": head_label(i // hd.shape[1], i % hd.shape[1]), "delta": float(hd.flatten()[i])} for i in order]
         return {"position_a": self.position_a, "position_b": self.position_b, "offset": self.offset, **self.counts(),
                 "target": self.target, "target_token": self.target_token, "p_a": self.p_a, "p_b": self.p_b,
-                "delta_p": self.delta_p, "top_head_deltas": heads,
+                "delta_p": self.delta_p, "top_head_deltas": heads, "labels": list(self.labels),
                 "top_edge_deltas": self.edges.head(k).replace({np.nan: None}).to_dict("records")}
+
+    # ------------------------------------------------------------------ exports
+    def _routes(self):
+        if self.route_a is None or self.route_b is None:
+            from probes.errors import ConfigError
+
+            raise ConfigError("this comparison holds no routes to draw or export.",
+                              hint="Build it with routes.compare(a, b), which keeps both routes.")
+        return self.route_a, shift_route(self.route_b, self.offset)
+
+    def graph(self):
+        """One graph of both routes in ``a``'s positions: every node of either, every aligned edge once with
+        ``status`` (kept, lost, gained), ``weight_a``, ``weight_b``, ``delta``, ``kind`` and ``layer``."""
+        import networkx as nx
+
+        ra, rb = self._routes()
+        g = nx.DiGraph(position_a=self.position_a, position_b=self.position_b, offset=self.offset,
+                       label_a=self.labels[0], label_b=self.labels[1])
+        for r in (ra, rb):
+            for n, d in r.nodes(data=True):
+                if n not in g:
+                    g.add_node(n, **d)
+        for row in self.edges[self.edges.status != "unaligned"].itertuples():
+            g.add_edge(row.source, row.target, status=row.status, kind=row.kind, layer=int(row.layer),
+                       weight_a=float(row.weight_a), weight_b=float(row.weight_b), delta=float(row.delta),
+                       weight=float(max(row.weight_a, row.weight_b)))
+        return g
+
+    def to_graphml(self, path: str | Path) -> Path:
+        """Write :meth:`graph` as GraphML."""
+        return write_graphml(self.graph(), path)
+
+    def plot(self):
+        """Both routes on one figure over a's tokens: edges kept (grey), lost (red, dotted: only in a) and gained
+        (green: only in b)."""
+        from .routes_plots import plot_route
+
+        ra, rb = self._routes()
+        L = self.head_delta.shape[0]
+        dp = "" if self.delta_p is None else f"; p({self.target_token!r}) {self.p_a:.3f} → {self.p_b:.3f}"
+        return plot_route(ra, list(self.str_tokens_a), L, self.parallel, compare=rb,
+                          title=f"{self.labels[0]} vs {self.labels[1]}: grey kept, red dotted lost, green gained{dp}")
+
+    def report_html(self, k: int = 15) -> bytes:
+        """One self-contained HTML page (plotly.js inlined, opens offline): the figure, the counts, Δp, and the heads
+        and edges that changed most."""
+        from .core.report import html_page
+
+        d = self.to_dict(k)
+        facts = {"context a": self.labels[0], "context b": self.labels[1], "positions": f"{self.position_a} (a), "
+                 f"{self.position_b} (b), offset {self.offset}", **{n: d[n] for n in ("kept", "lost", "gained", "unaligned")}}
+        if self.delta_p is not None:
+            facts[f"p({self.target_token!r})"] = f"{self.p_a:.4f} (a), {self.p_b:.4f} (b), Δp {self.delta_p:+.4f}"
+        return html_page("Routes compared", facts=facts, figures={"Both routes over a's tokens": self.plot()},
+                         tables={"Heads whose importance changed most (b − a)": pd.DataFrame(d["top_head_deltas"]),
+                                 "Edges whose weight changed most": self.edges.head(k)})

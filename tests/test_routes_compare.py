@@ -68,3 +68,56 @@ def test_graphml_declares_each_attribute_once(tmp_path):
     assert all(n == 1 for n in keys.values()), keys
     back = nx.read_graphml(tmp_path / "g.graphml")
     assert back.edges["X0_0", "A0_0"]["weight"] == 1.0
+
+
+def test_exports_graphml_and_offline_html(tiny, tmp_path):
+    import networkx as nx
+
+    pa, pb = tiny("llama", seed=0), tiny("llama", seed=1)
+    a = routes.run(pa, torch.arange(10, 16))
+    b = routes.run(pb, torch.arange(8, 16))
+    c = routes.compare(a, b, probe_a=pa, probe_b=pb, labels=("base", "other"))
+    g = nx.read_graphml(c.to_graphml(tmp_path / "cmp.graphml"))
+    aligned = c.edges[c.edges.status != "unaligned"]
+    assert g.number_of_edges() == len(aligned) > 0
+    for row in aligned.itertuples():  # every aligned edge once, with both weights and its status
+        e = g.edges[row.source, row.target]
+        assert e["status"] == row.status and e["weight_a"] == pytest.approx(row.weight_a) and e["weight_b"] == pytest.approx(row.weight_b)
+    html = c.report_html().decode()
+    assert "base" in html and "other" in html and "Plotly.newPlot" in html
+    assert 'src="http' not in html and len(html) > 1_000_000  # plotly.js inlined, no remote script: opens offline
+
+
+def test_cli_compare_two_prompts_json_html_graphml(tmp_path, capsys, tiny_dir, results_dir):
+    from conftest import run_cli
+
+    args = ["run", "routes", "--model", str(tiny_dir), "--prompt", "abc def gh", "--prompt-b", "abc xyz gh", "--compare",
+            "--device", "cpu", "--mode", "route"]
+    code, out, err = run_cli(args + ["--json", "--html", str(tmp_path / "c.html"), "--graphml", str(tmp_path / "c.graphml")], capsys)
+    assert code == 0, err
+    d = json.loads(out)["compare"]
+    assert d["offset"] == 0 and d["kept"] + d["lost"] + d["gained"] > 0 and 0 <= d["p_a"] <= 1 and d["delta_p"] is not None
+    assert (tmp_path / "c.html").read_text().startswith("<!DOCTYPE html>") and (tmp_path / "c.graphml").stat().st_size > 0
+    code, out, err = run_cli(args, capsys)
+    assert code == 0 and "edges: kept" in out and "result b:" in out
+    for bad, msg in (([], "needs a second context"), (["--prompt-b", "x", "--explain", "L1H0@2->1"], "runs on its own"),
+                     (["--prompt-b", "x", "--out", str(tmp_path / "o")], "saves both")):
+        a = [x for x in args if x not in ("--prompt-b", "abc xyz gh")] + bad
+        code, out, err = run_cli(a, capsys)
+        assert code == 2 and msg in err, err
+    code, out, err = run_cli(["run", "routes", "--model", str(tiny_dir), "--prompt", "abc", "--prompt-b", "x", "--device", "cpu"], capsys)
+    assert code == 2 and "Add --compare" in err
+
+
+def test_graphml_escapes_control_characters(tmp_path):
+    """Byte-level tokens such as a vertical tab cannot stand in XML 1.0: they are written escaped, the file parses."""
+    import networkx as nx
+
+    from analyses.routes_graph import write_graphml
+
+    g = nx.DiGraph()
+    g.add_node("X0_0", kind="X", layer=-1, pos=0, token="\x0b\x01")
+    g.add_node("A0_0", kind="A", layer=0, pos=0, token="a\nb")
+    g.add_edge("X0_0", "A0_0", weight=1.0, kind="resid", layer=0)
+    back = nx.read_graphml(write_graphml(g, tmp_path / "g.graphml"))
+    assert back.nodes["X0_0"]["token"] == "\\x0b\\x01" and back.nodes["A0_0"]["token"] == "a\nb"

@@ -129,3 +129,46 @@ def test_cli_faithfulness(tmp_path, capsys):
     assert f["heads"] and f["reference"].startswith("prose") and f["n_random"] == 1
     assert {r["ablation"] for r in f["summary"]} == {"zero", "mean"}
     assert all(0 <= r["p_route"] <= 1 and 0 <= r["p_off_route"] <= 1 for r in f["summary"])
+
+
+def test_dataset_mode_keeps_faithfulness_distributions_per_domain(tiny):
+    """Dataset mode folds each prompt's faithfulness figures into per-domain sums and log10 histograms: the means are
+    the per-prompt figures' means, every histogram counts every prompt, and two shards merge into the one-pass result."""
+    from analyses.core.io import Record
+    from analyses.routes_dataset import FAITH_FIGURES, accumulate, faith_figures, merge_states, result_from_state
+    from analyses.routes_faithful import reference_means
+
+    probe = tiny("llama")
+    recs = [Record(text=t, domain=d) for t, d in (("abc def gh", "x"), ("hello world", "x"), ("xyz uvw rs", "x"),
+                                                   ("12 + 34 =", "y"), ("5 * 6 = 30", "y"))]
+    cfg = routes.DatasetConfig(faithfulness=True, n_random=2, seed=3)
+    res = routes.run_dataset(probe, recs, config=cfg)
+    assert res.domains == ["x", "y"] and res.faith_n.tolist() == [3, 2]
+    assert (res.faith_hist.sum(-1) == res.faith_n[:, None]).all()  # every figure of every prompt in one bin
+    means = reference_means(probe, seed=3)
+    for k, dom in enumerate(res.domains):
+        figs = torch.stack([faith_figures(routes.faithfulness(probe, r.text, config=cfg, n_random=2, seed=3, means=means))
+                            for r in recs if r.domain == dom])
+        torch.testing.assert_close(res.faith_mean[k].double(), figs.mean(0), atol=1e-9, rtol=1e-6)
+    fr = res.faithfulness_frame()
+    assert len(fr) == 2 * len(FAITH_FIGURES) and set(fr.figure) == set(FAITH_FIGURES)
+    assert ((fr["p10"] <= fr["median"] + 1e-12) & (fr["median"] <= fr["p90"] + 1e-12)).all()
+    info = probe.info.to_dict()
+    state = merge_states(accumulate(probe, recs[:2], cfg), accumulate(probe, recs[2:], cfg), cfg, info)
+    merged = result_from_state(probe, state, cfg)
+    torch.testing.assert_close(merged.faith_hist, res.faith_hist)
+    torch.testing.assert_close(merged.faith_mean, res.faith_mean)
+    plain = routes.run_dataset(probe, recs[:2])
+    assert plain.faith_n is None and plain.faithfulness_frame().empty
+
+
+def test_cli_dataset_faithfulness_json(tmp_path, capsys, tiny_dir, results_dir):
+    from conftest import run_cli
+
+    f = tmp_path / "p.jsonl"
+    f.write_text("\n".join(json.dumps({"text": t, "domain": d}) for t, d in (("abc def", "a"), ("ghi jkl", "b"))))
+    code, out, err = run_cli(["run", "routes", "--model", str(tiny_dir), "--input", str(f), "--faithfulness", "--n-random", "1",
+                              "--device", "cpu", "--json"], capsys)
+    assert code == 0, err
+    d = json.loads(out)["faithfulness"]
+    assert set(d) == {"a", "b"} and d["a"]["p_clean"]["n"] == 1 and 0 < d["a"]["p_clean"]["mean"] <= 1

@@ -44,6 +44,60 @@ def _echo_explanation(ex, k: int) -> None:
         typer.echo(f"    {row.query_component} x {row.key_component}: {row.contribution:+.4f}")
 
 
+def _faith_summary(res, as_json: bool) -> dict:
+    """Dataset mode with --faithfulness: the per-domain distributions (JSON), or one line per domain (text)."""
+    if res.faith_n is None:
+        return {}
+    if as_json:
+        return {"faithfulness": res.faithfulness_summary()}
+    out = {}
+    for dom, figs in res.faithfulness_summary().items():
+        bits = [f"{name[2:]} {figs[name]['median']:.3g}" for name in ("p_clean", "p_off_route_zero", "p_route_zero",
+                                                                   "p_random_zero", "p_off_route_mean", "p_route_mean")]
+        out[f"faithfulness {dom} (medians)"] = ", ".join(bits)
+    return out
+
+
+def _report(res):
+    """``--html``: the result's offline report (figure, tables, manifest)."""
+    from analyses.core.report import html_report
+
+    return lambda tmp: Path(tmp).write_bytes(html_report(res))
+
+
+def _compare(routes, probe, prompt: str, cfg, model: str, prompt_b: str | None, model_b: str | None, backend: str,
+             device: str, dtype: str, graphml: Path | None, html: Path | None, as_json: bool) -> None:
+    """``--compare``: routes of context a (``--prompt`` on ``--model``) and b (``--prompt-b`` and/or ``--model-b``), both
+    saved in the results store, compared (:func:`analyses.routes.compare`); ``--graphml`` / ``--html`` export the comparison."""
+    probe_b = probe if model_b is None else load_probe(model_b, backend, device, dtype)
+    text_b = prompt if prompt_b is None else prompt_b
+    if (probe_b.info.n_layers, probe_b.info.n_heads) != (probe.info.n_layers, probe.info.n_heads):
+        from probes import ConfigError
+
+        raise ConfigError(f"--model-b has {probe_b.info.n_layers}x{probe_b.info.n_heads} layers x heads, --model "
+                          f"{probe.info.n_layers}x{probe.info.n_heads}; routes compare on models of one shape.",
+                          hint="Compare two checkpoints of one architecture, or two prompts on one model.")
+    with status("Computing routes of both contexts"):
+        a = routes.run(probe, prompt, config=cfg)
+        b = routes.run(probe_b, text_b, config=cfg)
+        labels = (f"{prompt!r} on {model}", f"{text_b!r} on {model_b or model}")
+        cmp = routes.compare(a, b, probe_a=probe, probe_b=probe_b, labels=labels)
+    path_b = save_result(b, None)
+    path = save_result(a, None, {graphml: cmp.to_graphml, html: lambda tmp: Path(tmp).write_bytes(cmp.report_html())})
+    d = cmp.to_dict()
+    if as_json:
+        saved(path, True, {"result_b": str(path_b), "compare": d})
+        return
+    typer.echo(f"a: {labels[0]} (position {cmp.position_a})\nb: {labels[1]} (position {cmp.position_b}, offset {cmp.offset})")
+    typer.echo("edges: " + ", ".join(f"{k} {d[k]}" for k in ("kept", "lost", "gained", "unaligned")))
+    if cmp.delta_p is not None:
+        typer.echo(f"p({cmp.target_token!r}): {cmp.p_a:.4f} (a), {cmp.p_b:.4f} (b), delta {cmp.delta_p:+.4f}")
+    typer.echo("heads (b - a): " + (", ".join(f"{h['head']} {h['delta']:+.3f}" for h in d["top_head_deltas"][:5]
+                                             if abs(h["delta"]) > 0) or "no change"))
+    typer.echo(f"result b: {path_b}")
+    saved(path, False)
+
+
 def register(run_app: typer.Typer) -> None:
     @run_app.command("routes")
     @model_options
@@ -64,9 +118,13 @@ def register(run_app: typer.Typer) -> None:
         ablate: Optional[str] = typer.Option(None, "--ablate", help="Zero-ablate heads during the pass, e.g. L5H3,L7H0 (compare routes)."),
         explain: Optional[str] = typer.Option(None, "--explain", help="QK attribution of one attention edge, LAYER HEAD @ query -> key, e.g. L5H3@12->4 (norm scales frozen)."),
         explain_top: int = typer.Option(10, "--explain-top", min=1, help="With --explain: contributors and pairs listed per side."),
-        faithful: bool = typer.Option(False, "--faithfulness", help="Ablation checks of the route: p(target) with off-route / route / random components ablated (zero and mean)."),
+        faithful: bool = typer.Option(False, "--faithfulness", help="Ablation checks of the route: p(target) with off-route / route / random components ablated (zero and mean); in dataset mode, their distributions per domain."),
         n_random: int = typer.Option(10, "--n-random", min=0, help="With --faithfulness: random component sets of the route's size."),
         seed: int = typer.Option(0, "--seed", help="With --faithfulness: seed of the random sets and the reference corpus."),
+        compare: bool = typer.Option(False, "--compare", help="Two contexts side by side: --prompt on --model (a) against --prompt-b and/or --model-b (b); kept/lost/gained edges, Δ head importance, Δp."),
+        prompt_b: Optional[str] = typer.Option(None, "--prompt-b", help="With --compare: the second prompt (default: --prompt)."),
+        model_b: Optional[str] = typer.Option(None, "--model-b", help="With --compare: the second model, of the same shape (default: --model)."),
+        html: Optional[Path] = typer.Option(None, "--html", help="Also write an HTML report (opens offline): of the result, or with --compare of the comparison."),
         on_error: str = typer.Option("stop", "--on-error", help="Malformed input line: stop or skip."),
         prepend_bos: bool = config_option("routes", "prepend_bos", "--bos/--no-bos"),
         out: Optional[Path] = OutOpt,
@@ -90,12 +148,22 @@ def register(run_app: typer.Typer) -> None:
         if graphml is not None and prompt is None:
             raise InputError("--graphml needs --prompt (a dataset has no single route).")
         check_side_file(graphml, "--graphml")
+        check_side_file(html, "--html")
+        if compare and prompt is None:
+            raise InputError("--compare sets one prompt against another; give --prompt (and --prompt-b or --model-b).")
+        if (prompt_b is not None or model_b is not None) and not compare:
+            raise InputError("--prompt-b and --model-b name the second context of --compare.", hint="Add --compare.")
+        if compare and prompt_b is None and model_b is None:
+            raise InputError("--compare needs a second context: --prompt-b TEXT (same model) or --model-b NAME (same prompt).")
+        if compare and (explain is not None or faithful or ablate is not None):
+            raise InputError("--compare runs on its own; --explain, --faithfulness and --ablate read one context.")
+        if compare and out is not None:
+            raise InputError("--out names one result; --compare saves both contexts' results in the results store.",
+                             hint="Leave out --out; write the comparison with --html or --graphml.")
         common = dict(tau=tau, renormalize=renormalize, level=level, p=p, include_bias=include_bias, position=position,
                       kernel=kernel, prepend_bos=prepend_bos)
         if ablate is not None and prompt is None:
             raise InputError("--ablate compares one prompt's routes; give --prompt.")
-        if faithful and prompt is None:
-            raise InputError("--faithfulness checks one prompt's route; give --prompt.")
         if explain is not None and prompt is None:
             raise InputError("--explain reads one attention edge of one prompt; give --prompt.")
         if prompt is not None:
@@ -115,9 +183,11 @@ def register(run_app: typer.Typer) -> None:
             pl = plan(routes.memory_model(cfg.mode), probe, seq_len=T, chunk_mb=cfg.chunk_mb, device=probe.device, weights_loaded=True)
             typer.echo(f"planner: {pl.message}", err=True)
             cfg = cfg.replace(chunk_mb=pl.chunk_mb or cfg.chunk_mb)
+            if compare:
+                return _compare(routes, probe, prompt, cfg, model, prompt_b, model_b, backend, device, dtype, graphml, html, as_json)
             with status("Computing routes"):
                 res = routes.run(probe, prompt, config=cfg, edits=edits)
-            path = save_result(res, out, {graphml: res.to_graphml})
+            path = save_result(res, out, {graphml: res.to_graphml, html: _report(res)})
             from probes import head_label
 
             r = res.route()
@@ -150,7 +220,7 @@ def register(run_app: typer.Typer) -> None:
         from analyses.core.domains import corpus_records
         from analyses.core.io import is_hf_spec
 
-        cfg = routes.DatasetConfig(**common, max_tokens=max_tokens)
+        cfg = routes.DatasetConfig(**common, max_tokens=max_tokens, faithfulness=faithful, n_random=n_random, seed=seed)
         if domains is not None:
             records = corpus_records([d.strip() for d in domains.split(",") if d.strip()], n=n_samples)
             src = domains
@@ -164,13 +234,15 @@ def register(run_app: typer.Typer) -> None:
             src = str(input)
         if not records:
             raise InputError(f"{src!r} holds no prompts.", hint="Put one JSON object per line with a 'text' field.")
+        if html is not None:
+            raise InputError("--html reports one prompt's result; a dataset run has none yet.", hint="Give --prompt, or leave out --html.")
         if engine is not None:
             res, report, path = run_sweep("routes", records, cfg, engine=engine, address=address, workers=workers,
                                           gpus_per_worker=gpus_per_worker, shard_size=shard_size, max_retries=max_retries,
                                           resume=resume, model=model, backend=backend, device=device, dtype=dtype, out=out,
                                           source=src, threads=threads)
             saved(path, as_json, {"prompts": int(res.n.sum()), "skipped": res.n_skipped, "domains": ", ".join(res.domains),
-                                  **sweep_summary(report)})
+                                  **sweep_summary(report), **_faith_summary(res, as_json)})
             return
         probe = load_probe(model, backend, device, dtype)
         key = routes.dataset_key(probe, records, config=cfg)  # the analysis's own key of these records
@@ -182,4 +254,5 @@ def register(run_app: typer.Typer) -> None:
             res = routes.run_dataset(probe, records, config=cfg, checkpoint=ck, progress=bar)
         path = save_result(res, out_dir)
         ck.clear()
-        saved(path, as_json, {"prompts": int(res.n.sum()), "skipped": res.n_skipped, "domains": ", ".join(res.domains)})
+        saved(path, as_json, {"prompts": int(res.n.sum()), "skipped": res.n_skipped, "domains": ", ".join(res.domains),
+                              **_faith_summary(res, as_json)})

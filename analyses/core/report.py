@@ -225,3 +225,22 @@ def html_report(result: Any, *, figures: Mapping[str, Any] | Sequence[Any] | Non
     parts.append("<h2>Manifest</h2><pre>" + esc(json.dumps(man, indent=2, default=str)) + "</pre>")
     parts.append("</body></html>")
     return "\n".join(parts).encode("utf-8")
+
+
+def html_page(title: str, *, facts: Mapping[str, Any] | None = None, figures: Mapping[str, Any] | None = None,
+              tables: Mapping[str, pd.DataFrame] | None = None) -> bytes:
+    """One self-contained HTML page that is not one result's report (e.g. two routes compared): a heading, a list
+    of facts, the figures (plotly.js inlined once, opens offline) and the tables (first :data:`REPORT_ROWS` rows)."""
+    esc = _html.escape
+    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{esc(title)}</title><style>{_CSS}</style></head><body>",
+             f"<h1>{esc(title)}</h1>"]
+    if facts:
+        parts.append("<dl>" + "".join(f"<dt>{esc(str(k))}</dt><dd>{esc(str(v))}</dd>" for k, v in facts.items()) + "</dl>")
+    for i, (cap, fig) in enumerate((figures or {}).items()):
+        parts.append(f"<h2>{esc(cap or 'Chart')}</h2>")
+        parts.append(_figure_html(fig, full=False, plotlyjs=i == 0))
+    for name, df in (tables or {}).items():
+        parts.append(f"<h2>{esc(name)}</h2>")
+        parts.append(df.head(REPORT_ROWS).to_html(index=False, border=0, na_rep="", escape=True))
+    parts.append("</body></html>")
+    return "\n".join(parts).encode("utf-8")
