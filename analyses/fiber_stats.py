@@ -350,9 +350,11 @@ def calibrate_p(p: np.ndarray, cal: dict[str, Any], n_splits: np.ndarray | int |
 
 
 # ------------------------------------------------------------------------------------------ calibrated: LR scan
-BUMP_A = (0.5, 1.0, 2.0, 4.0)  # "a second sheet enters": rate ratio 1 + a·k0/k for k ≥ k0
-STEP_B = (1 / 3, 1 / 2, 2.0, 3.0)  # one change point: rate ratio b for k ≥ k0 (b < 1: the dimension drops)
-SEGMENT_B = (1 / 2, 2.0)  # two change points: rate ratio b for k0 ≤ k < 2·k0, 1 elsewhere
+# magnitudes on a factor-2 grid: the benchmark's singularities need ratios of 1.5-3, token embeddings' dimension
+# changes reach 10x and more (a fixed-ratio alternative far from the truth loses half its log likelihood ratio)
+BUMP_A = (0.5, 1.0, 2.0, 4.0, 8.0)  # "a second sheet enters": rate ratio 1 + a·k0/k for k ≥ k0
+STEP_B = (1 / 8, 1 / 4, 1 / 2, 2.0, 4.0, 8.0)  # one change point: rate ratio b for k ≥ k0 (b < 1: the dimension drops)
+SEGMENT_B = (1 / 4, 1 / 2, 2.0, 4.0)  # two change points: rate ratio b for k0 ≤ k < 2·k0, 1 elsewhere
 K0_RATIO = 1.03  # the change ranks k0 scanned: every rank up to ~33, then a geometric grid of ratio 1.03
 
 
@@ -482,7 +484,8 @@ def calibration(vol_min: int, vol_max: int, min_seg: int = MIN_SEGMENT, n_sims: 
                 delta: float = 0.05, grid_step: float = 0.02, grid_min_log10: float = -20.0) -> dict[str, Any]:
     """:func:`simulate_calibration`, kept once per setting in Sonde's per-user cache (``fiber-calibration/``, JSON):
     the simulation is deterministic (a seeded generator), takes minutes at the default size, and depends on nothing
-    but its arguments, so every later run, process and page reads it back. A damaged cache file is recomputed."""
+    but its arguments and the alternatives (:data:`BUMP_A`, :data:`STEP_B`, :data:`SEGMENT_B`, :data:`K0_RATIO`, hashed
+    into the file name), so every later run, process and page reads it back. A damaged cache file is recomputed."""
     import json
     import os
     import tempfile
@@ -491,7 +494,10 @@ def calibration(vol_min: int, vol_max: int, min_seg: int = MIN_SEGMENT, n_sims: 
 
     args = dict(vol_min=int(vol_min), vol_max=int(vol_max), min_seg=int(min_seg), n_sims=int(n_sims), seed=int(seed),
                 delta=float(delta), grid_step=float(grid_step), grid_min_log10=float(grid_min_log10))
-    name = "cal-v2-" + "-".join(f"{k}={v}" for k, v in args.items()).replace(".", "p") + ".json"
+    import hashlib
+
+    fams = hashlib.sha256(repr((BUMP_A, STEP_B, SEGMENT_B, K0_RATIO)).encode()).hexdigest()[:8]  # the alternatives
+    name = f"cal-v2-{fams}-" + "-".join(f"{k}={v}" for k, v in args.items()).replace(".", "p") + ".json"
     try:
         folder = private_cache_dir("fiber-calibration")
     except Exception:  # noqa: BLE001 - no usable cache folder: compute every time

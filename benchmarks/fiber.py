@@ -62,23 +62,25 @@ def _sphere(n: int, rng: np.random.Generator | None, center=(0.0, 0.0, 0.0)) -> 
 def _unit(n: int, rng: np.random.Generator | None, k: int = 2) -> np.ndarray:
     """``[n, k]`` uniform numbers in [0, 1): at random, or (``rng=None``) a low-discrepancy (Kronecker) sequence."""
     if rng is not None:
-        return rng.uniform(size=(n, k))
+        return np.column_stack([rng.uniform(size=n) for _ in range(k)])
     g = 0.5 + 0.5 * 5 ** 0.5 if k == 1 else 1.32471795724474602596  # golden ratio; plastic number (Roberts' R2 sequence)
     return np.mod(0.5 + np.arange(n)[:, None] / g ** np.arange(1, k + 1)[None, :], 1.0)
 
 
 def _lollipop(rng, m: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """A ``4000m``-point unit sphere centred at (-1, 0, 0) touching a ``300m``-point stick [0, 5] on the x axis."""
+    s = _sphere(4000 * m, rng, (-1.0, 0.0, 0.0))
     x = 5 * _unit(300 * m, rng, 1)[:, 0]
-    X = np.vstack([_sphere(4000 * m, rng, (-1.0, 0.0, 0.0)), np.column_stack([x, np.zeros_like(x), np.zeros_like(x)])])
+    X = np.vstack([s, np.column_stack([x, np.zeros_like(x), np.zeros_like(x)])])
     return X, np.r_[np.zeros(4000 * m, int), np.ones(300 * m, int)]
 
 
 def _sphere_plane(rng, m: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """A ``2000m``-point unit sphere and a ``4000m``-point disc of radius 2 through its equator."""
+    sp = _sphere(2000 * m, rng)
     u = _unit(4000 * m, rng)
     rho, th = 2 * np.sqrt(u[:, 0]), 2 * np.pi * u[:, 1]
-    X = np.vstack([_sphere(2000 * m, rng), np.column_stack([rho * np.cos(th), rho * np.sin(th), np.zeros_like(rho)])])
+    X = np.vstack([sp, np.column_stack([rho * np.cos(th), rho * np.sin(th), np.zeros_like(rho)])])
     return X, np.r_[np.zeros(2000 * m, int), np.ones(4000 * m, int)]
 
 
@@ -86,7 +88,7 @@ def _cone(rng, m: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """The double cone z² = x² + y², |z| ≤ 1, uniform by area (``2 × 2000m`` points): the apex is singular."""
     u = _unit(4000 * m, rng)
     t, ph = np.sqrt(u[:, 0]), 2 * np.pi * u[:, 1]  # area density grows linearly with the distance to the apex
-    sg = np.where(np.arange(4000 * m) % 2 == 0, 1.0, -1.0)
+    sg = np.where(np.arange(4000 * m) < 2000 * m, 1.0, -1.0)
     return np.column_stack([t * np.cos(ph), t * np.sin(ph), sg * t]), (sg > 0).astype(int)
 
 
