@@ -121,7 +121,7 @@ def cpu_name() -> str:
     return "CPU"
 
 
-def record(rows: list[tuple[Command, bool, float, str]], loads: list[float], note: str) -> None:
+def record(rows: list[tuple[Command, bool, float | None, str]], loads: list[float], note: str) -> None:
     day = datetime.date.today().isoformat()
     cores = os.cpu_count()
     head = (f"## {day} — README commands (`benchmarks/readme_commands.py`), {cpu_name()}, {cores} cores, "
@@ -131,7 +131,8 @@ def record(rows: list[tuple[Command, bool, float, str]], loads: list[float], not
         body += [note, ""]
     body += ["| command | result | time |", "|---|---|---|"]
     for cmd, ok, dt, why in rows:
-        body.append(f"| `{cmd.line}` | {'pass' if ok else 'FAIL: ' + why.replace('|', '/')} | {fmt_time(dt)} |")
+        result = "pass" if ok else ("not run: " + why if dt is None else "FAIL: " + why.replace("|", "/"))
+        body.append(f"| `{cmd.line}` | {result} | {'' if dt is None else fmt_time(dt)} |")
     text = RESULTS.read_text(encoding="utf-8").rstrip("\n") + "\n" + "\n".join(body) + "\n"
     RESULTS.write_text(text, encoding="utf-8")
     subprocess.run([sys.executable, str(ROOT / "docs" / "build_readme.py")], check=True)
@@ -142,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--all", action="store_true", help="also the commands marked long (over 3 minutes)")
     ap.add_argument("-k", action="append", default=[], help="only commands containing this text (repeatable)")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per command (default 900)")
+    ap.add_argument("--budget", type=float, default=None,
+                    help="start no command after this many seconds; the rest are recorded as not run")
     ap.add_argument("--record", action="store_true", help="append the rows to benchmarks/RESULTS.md")
     ap.add_argument("--note", default="", help="a sentence for the recorded section (e.g. what else ran)")
     args = ap.parse_args(argv)
@@ -154,16 +157,21 @@ def main(argv: list[str] | None = None) -> int:
     if not cmds:
         print("error: no gallery command matches", file=sys.stderr)
         return 2
-    rows, loads = [], [os.getloadavg()[0]]
+    rows, loads, start = [], [os.getloadavg()[0]], time.monotonic()
     for cmd in cmds:
+        if args.budget is not None and time.monotonic() - start > args.budget:
+            rows.append((cmd, False, None, f"the run's {args.budget:.0f} s budget was spent"))
+            print(f"skip  {'':>8}  {cmd.line}", flush=True)
+            continue
         ok, dt, why = run_one(cmd, args.timeout, tols.get(cmd.line))
         loads.append(os.getloadavg()[0])
         rows.append((cmd, ok, dt, why))
         print(f"{'pass' if ok else 'FAIL'}  {fmt_time(dt):>8}  {cmd.line}" + (f"\n      {why}" if why else ""), flush=True)
-    print(f"{sum(r[1] for r in rows)} passed, {sum(not r[1] for r in rows)} failed")
+    print(f"{sum(r[1] for r in rows)} passed, {sum(not r[1] and r[2] is not None for r in rows)} failed, "
+          f"{sum(r[2] is None for r in rows)} not run")
     if args.record:
         record(rows, loads, args.note)
-    return 0 if all(r[1] for r in rows) else 1
+    return 0 if all(r[1] for r in rows if r[2] is not None) else 1
 
 
 if __name__ == "__main__":
