@@ -441,6 +441,10 @@ def test_embedding_geometry_prints_p_values_in_scientific_notation(env):
     table = next(d for d in at.dataframe if "p_manifold" in d.value.columns)
     cfg = json.loads(table.proto.columns)
     assert all(cfg[c]["type_config"]["format"] == "%.2e" for c in table.value.columns if c.startswith("p_")), cfg
+    assert table.value[[c for c in table.value.columns if c.startswith("p_")]].dtypes.map(lambda t: t.kind == "f").all()
+    # a missing dimension reads "—", not "None" (only single-segment fits leave dim_2 empty; any missing cell will do)
+    others = table.value.drop(columns=[c for c in table.value.columns if c.startswith("p_")])
+    assert not others.isna().to_numpy().any(), others[others.isna().any(axis=1)].head()
 
 
 def test_tables_show_infinity_missing_and_whitespace_tokens():

@@ -160,3 +160,28 @@ def test_cli_bad_input(args, match, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and match in err and "Traceback" not in err
+
+
+def test_progress_counts_the_forward_pass_and_each_chunk_and_can_stop_the_run(tiny, monkeypatch):
+    """``progress(1)`` after the forward pass and after each unembedding chunk, as many times as ``n_steps`` says; an
+    exception it raises stops the run there (the dashboard's Cancel)."""
+    p = tiny("llama")
+    monkeypatch.setattr(ll, "_CHUNK_ELEMS", p.info.d_vocab * 7)  # 7 rows a chunk: several chunks on a short prompt
+    ids = list(range(1, 12))
+    calls = []
+    res = ll.run(p, ids, progress=calls.append)
+    assert calls == [1] * ll.n_steps(p, len(ids)) and len(calls) == 1 + -(-p.info.n_layers * len(ids) // 7)
+    assert res.top_probs.shape[:2] == (p.info.n_layers, len(ids))
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_3(_):
+        calls.append(1)
+        if len(calls) == 3:
+            raise Stop
+
+    calls.clear()
+    with pytest.raises(Stop):
+        ll.run(p, ids, progress=stop_at_3)
+    assert len(calls) == 3

@@ -98,7 +98,10 @@ view = view.sort_values("p_manifold")
 cols = ["token_id", "token", "kind", "verdict", "p_manifold", "p_holm", "p_bh", "p_gap", "reject_fb_small", "reject_fb_large",
         "dim_1", "dim_2", "change_volume_1"]
 shown = view[[c for c in cols if c in view]]
-st.dataframe(shown, hide_index=True, height=280, column_config=components.p_value_columns(shown.columns))  # 9e-37, not 0.0000…
+# p-values in scientific notation (9e-37, not 0.0000…); other numbers with a missing value show "—", not "None"
+pcols = [c for c in shown.columns if str(c).startswith("p_")]
+shown = components.readable(shown.drop(columns=pcols), digits=4).assign(**{c: shown[c] for c in pcols})[list(shown.columns)]
+st.dataframe(shown, hide_index=True, height=280, column_config=components.p_value_columns(shown.columns))
 
 ids = view["token_id"].tolist() or df["token_id"].tolist()
 labels = {int(r.token_id): f"{r.token_id}: {r.token!r} (p={r.p_manifold:.1e})" for r in view.itertuples()}

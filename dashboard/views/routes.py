@@ -476,15 +476,22 @@ def main() -> None:
     components.export_bar(f"routes-{pos}", figure=graph_out, table=_edge_table(res, pos, tau, renorm), graph=res,
                           graph_position=pos, result=res, figures={"Route graph": graph_out, "Head importance": heads_out},
                           notes=(f"Prompt: {prompt!r}; position {pos + offset}; τ = {tau:.2f}; renormalize = {renorm}; BOS {bos}.",),
-                          code=_code(probe, prompt, pos + offset, tau, bos), key="exp-routes")
+                          code=_code(probe, prompt, pos, tau, bos, window=T if offset else None), key="exp-routes")
     _dataset_view(probe)
-    components.notebook_snippet(_code(probe, prompt, pos + offset, tau, bos))
+    components.notebook_snippet(_code(probe, prompt, pos, tau, bos, window=T if offset else None))
 
 
-def _code(probe, prompt: str, pos: int, tau: float, bos: bool) -> str:
-    return (f"from probes import load_model\nfrom analyses import routes\n\nprobe = load_model({probe.info.name!r}, backend={probe.backend!r})\n"
-            f"res = routes.run(probe, {prompt!r}, config=routes.Config(keep_residuals=True, prepend_bos={bos!r}))\n"
-            f"res.plot({pos}, tau={tau:.2f}).show(); res.plot_heads({pos}, tau={tau:.2f}).show()")
+def _code(probe, prompt: str, pos: int, tau: float, bos: bool, window: int | None = None) -> str:
+    """The Python of the view: ``pos`` counts in the traced tokens, which are the prompt's last ``window`` tokens when
+    the page traces a window of a long prompt (then position ``pos`` of the window is prompt position ``pos + offset``)."""
+    head = f"from probes import load_model\nfrom analyses import routes\n\nprobe = load_model({probe.info.name!r}, backend={probe.backend!r})\n"
+    cfg = f"config=routes.Config(keep_residuals=True, prepend_bos={bos!r})"
+    if window is None:
+        run = f"res = routes.run(probe, {prompt!r}, {cfg})\n"
+    else:
+        run = (f"tokens = probe.to_tokens({prompt!r}, prepend_bos={bos!r})[0][-{window}:]  # the traced window: the last {window} tokens\n"
+               f"res = routes.run(probe, tokens, {cfg})  # position {pos} of the window\n")
+    return head + run + f"res.plot({pos}, tau={tau:.2f}).show(); res.plot_heads({pos}, tau={tau:.2f}).show()"
 
 
 main()
