@@ -607,7 +607,6 @@ def _top_down_bytes(s, T: int, itemsize: int, patterns: bool = False) -> int:
 def _compute(probe, tokens: torch.Tensor, cfg: Config, edits: Sequence = ()) -> _Decomposer:
     _check_supported(probe)
     T = tokens.shape[-1]
-    i = probe.info
     item = 8 if cfg.dtype == "float64" else 4
     edits = _route_edits(edits)
     # top-down recomputes the visited rows of each pattern from q and k, unless an edit changes the pattern itself
