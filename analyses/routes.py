@@ -399,12 +399,10 @@ class _Decomposer:
         cfg = self.cfg
         whole = c["resid_post"] if self.parallel else c["resid_mid"]
         W_O = self.probe.W_O(L).to(self.dt)  # [H, h, d]
-        v = c["v"]
-        if v.shape[1] != self.H:  # GQA: query head h reads KV head h // (H / K)
-            from probes.attention import expand_kv
-
-            v = expand_kv(v, self.H, dim=1)
-        vo = torch.einsum("thk,hkd->thd", v, W_O)  # [T, H, d]
+        v = c["v"]  # [T, K, h]
+        T, K, h = v.shape
+        # GQA: query head h reads KV head h // (H / K); grouping the H heads as [K, H / K] needs no copy of v
+        vo = torch.einsum("tkh,kghd->tkgd", v, W_O.reshape(K, self.H // K, h, self.d)).reshape(T, self.H, self.d)
         extras = []
         b_O = self.probe.b_O(L)
         if cfg.include_bias and b_O is not None:
@@ -452,14 +450,14 @@ class _Decomposer:
         from the stored pattern)."""
         if "pattern" in c:
             return c["pattern"][:, rows.to(c["pattern"].device)]
-        from probes.attention import expand_kv
-
         attn = self.probe.module(self.probe.arch.attn, layer=L)
         scale = float(getattr(attn, "scaling", None) or 1 / math.sqrt(self.probe.info.d_head))
         rd = rows.to(c["q"].device)
+        k = c["k"].float()  # [T, K, h]
+        K = k.shape[1]
         q = c["q"][rd].float()  # [R, H, h], post-rotary (as the model's attention receives it)
-        k = expand_kv(c["k"], self.H, dim=1).float()  # [T, H, h]
-        scores = torch.einsum("rhe,the->hrt", q, k) * scale
+        q = q.reshape(q.shape[0], K, self.H // K, q.shape[-1])  # query head h reads KV head h // (H / K)
+        scores = torch.einsum("rkge,tke->kgrt", q, k).reshape(self.H, q.shape[0], self.T) * scale
         kpos = torch.arange(self.T, device=q.device)[None, :]
         allowed = kpos <= rd[:, None]
         window = _sliding_window(self.probe, attn)
@@ -609,7 +607,6 @@ def _top_down_bytes(s, T: int, itemsize: int, patterns: bool = False) -> int:
 def _compute(probe, tokens: torch.Tensor, cfg: Config, edits: Sequence = ()) -> _Decomposer:
     _check_supported(probe)
     T = tokens.shape[-1]
-    i = probe.info
     item = 8 if cfg.dtype == "float64" else 4
     edits = _route_edits(edits)
     # top-down recomputes the visited rows of each pattern from q and k, unless an edit changes the pattern itself

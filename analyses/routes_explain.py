@@ -124,6 +124,32 @@ class AttentionExplanation:
     def label(self) -> str:
         return f"{head_label(self.layer, self.head)}@{self.query_pos}->{self.key_pos}"
 
+    def qk_edges(self, k: int = 5, parallel: bool = False) -> list[dict[str, Any]]:
+        """The top-k query-side and key-side contributors as edges of the route graph (a second kind of edge): each
+        from the contributor's node at its side's position (``embed`` → ``X0_t``, a head ``L2H5`` or ``L2H5@s`` and
+        ``L2.attn_bias`` → the after-attention node ``A2_t`` (``I2_t`` for parallel blocks), ``L2.mlp`` → ``M2_t``) to
+        the node the edge's side reads: the query side into ``A{layer}_{query}`` (``I`` for parallel blocks), the key
+        side into the key position's residual ``I{layer-1}_{key}`` (``X0_{key}`` at layer 0). The ``bias`` part has no
+        node and is left out. Keys: source, target, side, component, contribution."""
+        from probes.labels import node_label
+
+        a = "I" if parallel else "A"
+        out = []
+        top = self.top(k + 1)  # one more: the bias part may be among them
+        for side, pos, target in (("query", self.query_pos, node_label(a, self.layer, self.query_pos)),
+                                  ("key", self.key_pos, node_label("X", 0, self.key_pos) if self.layer == 0
+                                   else node_label("I", self.layer - 1, self.key_pos))):
+            rows = [r for r in top[top.side == side].itertuples() if r.component != "bias"][:k]
+            for r in rows:
+                c = r.component
+                if c == "embed":
+                    src = node_label("X", 0, pos)
+                else:
+                    l = int(c[1:].split("H" if "H" in c.split(".")[0] else ".")[0])
+                    src = node_label("M", l, pos) if c.endswith(".mlp") else node_label(a, l, pos)
+                out.append({"source": src, "target": target, "side": side, "component": c, "contribution": float(r.contribution)})
+        return out
+
     def to_dict(self, k: int = 10) -> dict[str, Any]:
         """JSON-ready summary: the edge, the score, and the top contributors and pairs."""
         top = self.top(k)

@@ -12,7 +12,8 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["plot_route", "plot_heads", "plot_qk", "plot_faithfulness", "EDGE_COLOURS", "NODE_COLOURS", "NODE_NAMES", "COMPARE_COLOURS"]
+__all__ = ["plot_route", "plot_heads", "plot_qk", "plot_faithfulness", "EDGE_COLOURS", "NODE_COLOURS", "NODE_NAMES", "COMPARE_COLOURS",
+           "QK_COLOURS"]
 
 # one palette for every route figure
 EDGE_COLOURS = {"attn": "#1f77b4", "ffn": "#d62728", "resid": "#bbbbbb"}
@@ -125,8 +126,48 @@ def _in_edges(g, n: str, k: int = 3) -> str:
     return "".join(f"<br>← {u} · {d['kind']} · {d['weight']:.3f}" for u, _, d in es)
 
 
+QK_COLOURS = {"query": "#9467bd", "key": "#8c564b"}  # QK contributor edges (why a head attends), per side
+
+
+def _node_xy(n: str, parallel: bool) -> tuple[float, float]:
+    """The place of a node by its name alone (a node the route does not hold), as :func:`_xy` places it."""
+    from probes.labels import parse_node
+
+    k, l, p = parse_node(n)
+    y = -1.0 if k == "X" else l + ({"A": 0.0, "M": 0.33, "I": 0.66}[k] if not parallel else {"M": 0.33, "I": 0.66}.get(k, 0))
+    return p + (0.25 if k == "M" else 0.0), y
+
+
+def _qk_traces(fig, qk, parallel: bool) -> None:
+    """QK contributor edges (:meth:`analyses.routes_explain.AttentionExplanation.qk_edges`): dashed, one trace per side,
+    width by |contribution|, hover on the midpoint; a hollow marker on each contributor node."""
+    import plotly.graph_objects as go
+
+    top = max((abs(e["contribution"]) for e in qk), default=1.0) or 1.0
+    for side in ("query", "key"):
+        es = [e for e in qk if e["side"] == side]
+        if not es:
+            continue
+        mx, my, mt, nx_, ny_ = [], [], [], [], []
+        for i, e in enumerate(es):
+            (x0, y0), (x1, y1) = _node_xy(e["source"], parallel), _node_xy(e["target"], parallel)
+            fig.add_trace(go.Scatter(x=[x0, x1], y=[y0, y1], mode="lines", hoverinfo="skip", legendgroup=f"qk-{side}",
+                                     name=f"QK contributor ({side} side)", showlegend=i == 0,
+                                     line=dict(width=0.8 + 4 * abs(e["contribution"]) / top, color=QK_COLOURS[side], dash="dash")))
+            mx.append((x0 + x1) / 2)
+            my.append((y0 + y1) / 2)
+            mt.append(f"{e['component']} → {side} side of the score ({e['target']}): {e['contribution']:+.4f}")
+            nx_.append(x0)
+            ny_.append(y0)
+        fig.add_trace(go.Scatter(x=mx, y=my, mode="markers", hoverinfo="text", text=mt, legendgroup=f"qk-{side}",
+                                 showlegend=False, marker=dict(size=8, color=QK_COLOURS[side], opacity=0.01)))
+        fig.add_trace(go.Scatter(x=nx_, y=ny_, mode="markers", hoverinfo="skip", legendgroup=f"qk-{side}", showlegend=False,
+                                 marker=dict(symbol="circle-open", size=11, color=QK_COLOURS[side], line=dict(width=2))))
+
+
 def plot_route(route, str_tokens: Sequence[str], n_layers: int, parallel: bool = False, hover: dict[str, str] | None = None, *,
-               selected: str | None = None, head: str | None = None, compare=None, title: str | None = None, offset: int = 0):
+               selected: str | None = None, head: str | None = None, compare=None, title: str | None = None, offset: int = 0,
+               qk: Sequence[dict] | None = None):
     """Route graph over the prompt: tokens left to right (every token on the x axis), layers bottom to top, edge width
     by weight, one colour per edge and node kind, with a legend.
 
@@ -139,6 +180,8 @@ def plot_route(route, str_tokens: Sequence[str], n_layers: int, parallel: bool =
         title: the figure's title (default "Route to position <pos>").
         offset: the prompt position of the first token drawn (a window of a long prompt): thinned labels name
             positions in the prompt.
+        qk: QK contributor edges of one attention edge (:meth:`AttentionExplanation.qk_edges`), drawn dashed as a
+            second kind of edge.
 
     Traces: the edges, the selected head's edges, the selected node's ring (no hover, so clicks reach the node under
     it), then one marker trace per node kind whose ``customdata`` are node names (a click selects a node).
@@ -164,6 +207,8 @@ def plot_route(route, str_tokens: Sequence[str], n_layers: int, parallel: bool =
         graphs = [r, compare]
     if head:
         _head_trace(fig, r, head, parallel)
+    if qk:
+        _qk_traces(fig, qk, parallel)
     seen: dict = {}
     for g in graphs:
         for n in g.nodes:

@@ -71,6 +71,22 @@ def timeit(fn, dev, repeat):
     return best
 
 
+def interleaved(fns: dict, dev, repeat: int) -> dict:
+    """Best wall and process-CPU seconds of each function, the functions run in turn ``repeat`` times: on a shared
+    machine the load drifts, and taking turns exposes each to the same drift. CPU seconds (every thread of this
+    process) are the steadier figure under load."""
+    best = {k: [float("inf"), float("inf")] for k in fns}
+    for _ in range(repeat):
+        for k, fn in fns.items():
+            sync(dev)
+            w, c = time.perf_counter(), time.process_time()
+            fn()
+            sync(dev)
+            best[k][0] = min(best[k][0], time.perf_counter() - w)
+            best[k][1] = min(best[k][1], time.process_time() - c)
+    return best
+
+
 def _peak_mb(dev) -> float:
     return torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -167,11 +183,13 @@ def main() -> None:
     cfg = routes.Config(chunk_mb=args.chunk_mb, max_memory_gb=64, kernel=args.kernel)
     print(f"proximity kernel: {args.kernel}")
     top_cfg = cfg.replace(mode="route")
-    print(f"{'T':>6} {'forward s':>10} {'all-pos s':>10} {'ratio':>7} {'top-down s':>11} {'ratio':>7} {'graph+route s':>14} {'peak MB':>9}")
+    print("wall seconds (best of --repeat, forward / all positions / top-down taking turns); ratios in wall and in "
+          "process CPU time")
+    print(f"{'T':>6} {'forward s':>10} {'all-pos s':>10} {'ratio':>7} {'cpu ratio':>9} {'top-down s':>11} {'ratio':>7} "
+          f"{'cpu ratio':>9} {'graph+route s':>14} {'peak MB':>9}")
     for T in args.lengths:
         g = torch.Generator().manual_seed(T)
         ids = torch.randint(4, min(probe.info.d_vocab, 30000), (1, T), generator=g).to(dev)
-        t_fwd = timeit(lambda: probe.forward(ids), dev, args.repeat)
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         res = None
@@ -180,15 +198,18 @@ def main() -> None:
             nonlocal res
             res = routes.run(probe, ids, config=cfg)
 
-        t_routes = timeit(go, dev, args.repeat)
-        t_top = timeit(lambda: routes.run(probe, ids, config=top_cfg), dev, args.repeat)
+        go()  # warm-up: compiles the kernel for this shape
+        routes.run(probe, ids, config=top_cfg)
+        b = interleaved({"forward": lambda: probe.forward(ids), "all": go,
+                         "top": lambda: routes.run(probe, ids, config=top_cfg)}, dev, args.repeat)
+        (t_fwd, c_fwd), (t_routes, c_routes), (t_top, c_top) = b["forward"], b["all"], b["top"]
         peak = torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         t0 = time.perf_counter()
         r = res.route()
         t_graph = time.perf_counter() - t0
-        print(f"{T:>6} {t_fwd:>10.3f} {t_routes:>10.3f} {t_routes / t_fwd:>7.1f} {t_top:>11.3f} {t_top / t_fwd:>7.1f} "
-              f"{t_graph:>14.3f} {peak:>9.0f}   "
-              f"(route: {r.number_of_nodes()} nodes, {r.number_of_edges()} edges)")
+        print(f"{T:>6} {t_fwd:>10.3f} {t_routes:>10.3f} {t_routes / t_fwd:>7.2f} {c_routes / c_fwd:>9.2f} {t_top:>11.3f} "
+              f"{t_top / t_fwd:>7.2f} {c_top / c_fwd:>9.2f} {t_graph:>14.3f} {peak:>9.0f}   "
+              f"(route: {r.number_of_nodes()} nodes, {r.number_of_edges()} edges)", flush=True)
 
 
 if __name__ == "__main__":

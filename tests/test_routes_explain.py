@@ -97,3 +97,36 @@ def test_layer_zero_edges_are_explained_too():
     p = tiny_models.probe("llama")
     e = routes.explain_attention(p, "abc def", 0, 1, 4, 2)
     assert e.layer == 0 and e.model_score is not None
+
+
+def test_qk_contributors_as_graph_edges():
+    """The top contributors become graph edges: from the contributor's node at its side's position into the node that
+    side reads; drawn on the route figure as a second (dashed) kind of edge."""
+    import tiny_models
+
+    from analyses import routes
+    from probes.labels import parse_node
+
+    p = tiny_models.probe("llama")
+    res = routes.run(p, "abc def")
+    ex = routes.explain_attention(p, "abc def", 1, 2, 5, 3)
+    qk = ex.qk_edges(k=3)
+    top = ex.top(4)
+    for side, target in (("query", "A1_5"), ("key", "I0_3")):
+        es = [e for e in qk if e["side"] == side]
+        assert 1 <= len(es) <= 3 and all(e["target"] == target for e in es)
+        want = {r.component: r.contribution for r in top[top.side == side].itertuples() if r.component != "bias"}
+        for e in es:
+            assert e["contribution"] == pytest.approx(want[e["component"]])
+            k, l, pos = parse_node(e["source"])
+            assert pos == (5 if side == "query" else 3)
+            assert (k, l) == (("X", 0) if e["component"] == "embed" else ("M", int(e["component"][1])) if e["component"].endswith(".mlp")
+                              else ("A", int(e["component"][1])))
+    assert {e["target"] for e in routes.explain_attention(p, "abc def", 0, 1, 4, 2).qk_edges(3) if e["side"] == "key"} == {"X0_2"}
+    fig = res.plot()
+    from analyses.routes_plots import plot_route
+
+    with_qk = plot_route(res.route(), res.str_tokens, res.n_layers, qk=qk)
+    names = [t.name for t in with_qk.data]
+    assert "QK contributor (query side)" in names and "QK contributor (key side)" in names
+    assert len(with_qk.data) > len(fig.data)

@@ -181,11 +181,11 @@ def _ablation_view(probe, res, tokens, cfg, label: str, pos: int, tau: float, re
 
 def _attn_edges(route, node: str) -> list[tuple[int, int, int, int, float]]:
     """The attention edges of the route, one per head: ``(layer, head, query position, key position, weight)``,
-    heaviest first; those entering ``node`` when it is an after-attention node (``A…``), else all of them. Layer 0 is
-    left out: its heads read the token embeddings alone, so their scores have no earlier parts to split."""
+    heaviest first; those entering ``node`` when it is an after-attention node (``A…``), else all of them (layer 0
+    included: its scores split into the embedding and the bias part)."""
     out = []
     for u, v, d in route.edges(data=True):
-        if d["kind"] != "attn" or int(d["layer"]) == 0 or (node[0] == "A" and v != node):
+        if d["kind"] != "attn" or (node[0] == "A" and v != node):
             continue
         (_, _, kp), (_, _, qp) = parse_node(u), parse_node(v)
         out += [(int(d["layer"]), h, qp, kp, float(w)) for h, w in enumerate(d.get("heads") or []) if w > 0]
@@ -198,9 +198,7 @@ def _qk_view(probe, res, route, node: str, offset: int) -> None:
     st.subheader("Why this head attends")
     edges = _attn_edges(route, node)
     if not edges:
-        st.caption((f"No attention edge of the route enters {node} above layer 0" if node[0] == "A" else
-                    "The route has no attention edge above layer 0")
-                   + " (layer-0 heads read the token embeddings alone: their scores have no earlier parts to split).")
+        st.caption(f"No attention edge of the route enters {node}." if node[0] == "A" else "The route has no attention edge.")
         return
     fmt = {e: f"{head_label(e[0], e[1])} · key {e[3] + offset} {res.str_tokens[e[3]]!r} → query {e[2] + offset} "
               f"{res.str_tokens[e[2]]!r} · weight {e[4]:.3f}" for e in edges}
@@ -216,8 +214,7 @@ def _qk_view(probe, res, route, node: str, offset: int) -> None:
     layer, head, qp, kp, _ = edge
     try:
         with st.spinner(f"Explaining {head_label(layer, head)} attending from {qp + offset} to {kp + offset}…"):
-            ex = state.memo(repr(("routes-qk", res.key, layer, head, qp, kp)),
-                            lambda: routes.explain_attention(probe, res.tokens, layer, head, qp, kp, config=res.config))
+            ex = _explained(probe, res, edge)
     except SondeError as e:
         show_error(e)
         return
@@ -232,6 +229,27 @@ def _qk_view(probe, res, route, node: str, offset: int) -> None:
                "position 3; red bars lower the score.")
     with st.popover("Top (query part, key part) pairs"):
         st.dataframe(ex.top_pairs(10), hide_index=True)
+    st.checkbox("Add the top contributors to the graph", key="routes_qk_add",
+                help="Draws the 5 largest query-side and key-side contributors as dashed edges into the route graph: from "
+                     "the component's node to the node each side of the score reads.")
+
+
+def _explained(probe, res, edge):
+    """The QK attribution of one attention edge ``(layer, head, query, key, weight)``, computed once per result."""
+    layer, head, qp, kp, _ = edge
+    return state.memo(repr(("routes-qk", res.key, layer, head, qp, kp)),
+                      lambda: routes.explain_attention(probe, res.tokens, layer, head, qp, kp, config=res.config))
+
+
+def _qk_overlay(probe, res, route) -> list | None:
+    """The QK contributor edges of the chosen attention edge, when "Add the top contributors to the graph" is on."""
+    edge = st.session_state.get("routes_qk_edge")
+    if not st.session_state.get("routes_qk_add") or edge is None or tuple(edge) not in set(_attn_edges(route, "-")):
+        return None
+    try:
+        return _explained(probe, res, tuple(edge)).qk_edges(5, parallel=res.parallel)
+    except SondeError:
+        return None
 
 
 def _faithfulness_view(probe, res, pos: int, tau: float, renorm: bool) -> None:
@@ -391,7 +409,7 @@ def main() -> None:
         st.session_state["routes_component"] = clicked
     with graph_ph:
         selected_head = st.session_state["routes_component"]
-        graph_fig = _route_figure(res, route, hover=hover, head=selected_head, selected=node,
+        graph_fig = _route_figure(res, route, hover=hover, head=selected_head, selected=node, qk=_qk_overlay(probe, res, route),
                                   offset=offset, title=f"Route to position {pos + offset} · {selected_head} highlighted · click a node to inspect it")
         st.plotly_chart(graph_fig, key="routes_graph", on_select="rerun", selection_mode="points")
         _faithfulness_view(probe, res, pos, tau, renorm)
