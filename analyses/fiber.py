@@ -291,7 +291,7 @@ class FiberResult(Result):
     """Fiber-bundle / manifold test of one embedding matrix.
 
     Per-token arrays (axis 0 follows ``token_ids``): ``p_manifold`` (effective token p: parity
-    ``min(1, n_strata·p_raw)``, calibrated: the likelihood-ratio scan's p, the larger with and without gap scores), ``p_raw_min``, ``p_large`` (effective p of
+    ``min(1, n_strata·p_raw)``, calibrated: the likelihood-ratio scan's p, the larger with and without gap scores), ``p_raw_min`` (parity: raw min Welch p; calibrated: ``1/A`` before calibration), ``p_large`` (effective p of
     the 2nd change, 1 if none), ``n_segments``, ``testable``, ``n_zero`` (duplicate radii skipped).
     Segment arrays ``[token, n_strata]``: ``seg_start_volume`` (−1 = none), ``seg_start_radius``,
     ``seg_dim``, ``seg_scale``, ``seg_p``, ``seg_rise`` (the dimension rises at the change that ends the

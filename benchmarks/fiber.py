@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/fiber.py                       # embedded model, full vocabulary, CPU
     .venv/bin/python benchmarks/fiber.py --tokens 0:49152:8    # a quicker partial run
     .venv/bin/python benchmarks/fiber.py --device cuda --gpu-shape llama3-8b   # random 128256 x 4096 matrix on GPU
-    .venv/bin/python benchmarks/fiber.py --power                # detection rates on synthetic clouds, with an oracle
+    .venv/bin/python benchmarks/fiber.py --power                # detection rates on synthetic clouds, with two oracles
 
 Prints wall time, peak memory, the ratio to a plain forward pass measured in the same run, and the
 ratio to a straightforward dense implementation (full V_sub x V_sub distance matrix, sorted per row,
