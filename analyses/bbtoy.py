@@ -24,14 +24,14 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Mapping
 
 import pandas as pd
 import torch
 from torch import nn
 
 
-from .core import base, registry
+from .core import base, planner, registry
 from .core.base import option, stored
 from .core.progress import ProgressFn, phase
 
@@ -315,7 +315,21 @@ def run(config: Config = Config(), *, progress: ProgressFn | None = None) -> BBT
                        triggers=tuple(data.vocab[i] for i in data.triggers))
 
 
+def _memory(s, B: int, T: int, o: Mapping[str, Any]) -> dict[str, int]:
+    """Training the toy from scratch (no model is loaded): per layer the saved activations of one head's q, k, v,
+    output and residual (``5·d``), the ``4·d`` MLP twice (linear and GELU) and the ``[T, T]`` scores and
+    probabilities, and the logits over its small vocabulary with their softmax and gradient (float32)."""
+    c = o.get("config")
+    d, L = (c.d_model, c.n_layers) if c is not None else (32, 1)
+    vocab = 64
+    return {"saved_activations": L * B * T * (13 * d + 2 * T) * 4, "logits": 3 * B * T * vocab * 4}
+
+
+MEMORY = planner.MemoryModel("bb-toy", _memory, persistent=("saved_activations",), forward=False, weights=False,
+                             sizes=lambda c: {"seq_len": c.seq_len, "batch_size": c.batch_size})
+
+
 SPEC = registry.register(registry.Analysis(
     name="bb-toy", order=2, doc="sinks", title="Bigram-Backcopy toy", summary="a toy transformer trained from scratch to watch a sink form",
-    config=Config, result=BBToyResult, run=run, cli="bb-toy", page="sinks", needs_probe=False,
+    config=Config, result=BBToyResult, run=run, cli="bb-toy", page="sinks", needs_probe=False, memory=MEMORY,
 ))

@@ -33,7 +33,7 @@ from probes.errors import ConfigError, SondeError
 from probes.labels import format_label, parse_label
 from probes.sites import Site
 
-from .core import base, registry, store
+from .core import base, planner, registry, store
 from .core.base import option, stored
 from .core.domains import BUILTIN
 
@@ -394,4 +394,5 @@ SPEC = registry.register(registry.Analysis(
     name="component", order=7, doc="overview", title="One component as every analysis sees it",
     summary="a head or neuron's sink mass, route share, bigram membership and output tokens",
     config=Config, result=ComponentProfile, run=profile, page="component",
+    memory=planner.MemoryModel("component", one_row=True),  # forward passes of short rows; saved results are read
 ))

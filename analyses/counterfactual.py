@@ -821,7 +821,8 @@ SPEC = registry.register(registry.Analysis(
     name="counterfactual", order=6, title="Counterfactual token generation",
     summary="what the model would have written under an intervention, with the same Gumbel noise",
     config=Config, result=CounterfactualResult, run=run, prepare=_prepare, cli="counterfactual", page="counterfactual",
-    memory=planner.GENERATE,
+    memory=planner.generating("counterfactual", sizes=lambda c: {"new_tokens": c.max_new_tokens, "batch_size": c.n_samples},
+                              option="--samples"),
 ))
 result_key = SPEC.key  # the key run() gives these inputs, from the same _prepare
 

@@ -198,6 +198,6 @@ BIAS_SPEC = registry.register(registry.Analysis(
     name="counterfactual.bias", order=6, doc="counterfactual", title="Counterfactual bias sweep",
     summary="attribute distributions across groups of a template, with shared noise",
     config=BiasConfig, result=BiasSweepResult, run=bias_sweep, prepare=_prepare_bias, cli="bias-sweep", page="counterfactual",
-    memory=planner.GENERATE,
+    memory=planner.generating("counterfactual.bias", one_row=True, sizes=lambda c: {"new_tokens": c.max_new_tokens}),
 ))
 bias_sweep_key = BIAS_SPEC.key  # the key bias_sweep() gives this config

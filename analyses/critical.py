@@ -799,7 +799,9 @@ def _build_result(probe, cfg: Config, traces: list[dict[str, Any]], trajectories
 
 SPEC = registry.register(registry.Analysis(
     name="critical", order=5, title="Critical tokens", summary="tokens of a failed reasoning trace whose replacement flips the outcome",
-    config=Config, result=CriticalResult, run=run, prepare=_prepare, cli="critical", page="critical", memory=planner.GENERATE,
+    config=Config, result=CriticalResult, run=run, prepare=_prepare, cli="critical", page="critical",
+    memory=planner.generating("critical", sizes=lambda c: {"batch_size": c.batch_size, "new_tokens": c.max_new_tokens},
+                              batch_field="batch_size"),
 ))
 result_key = SPEC.key  # the key run() gives these problems, from the same _prepare
 search_key = SPEC.keyer(_prepare_search)  # the key search() gives this trace, from the same _prepare_search

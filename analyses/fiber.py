@@ -63,7 +63,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Literal, Sequence
+from typing import Any, Callable, ClassVar, Literal, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -71,7 +71,7 @@ import torch
 
 from probes import ConfigError, InputError, Probe
 
-from .core import registry, store
+from .core import planner, registry, store
 from .core.base import Config as _BaseConfig
 from .core.base import Result, Timer, option, register_result, stored
 from .core.progress import ProgressFn, phase
@@ -791,9 +791,27 @@ def stability_markdown(records: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _memory(s, B: int, T: int, o: Mapping[str, Any]) -> dict[str, int]:
+    """The blocked kNN of :func:`knn_distances` over the ``[V, d]`` matrix (``B`` = ``block_size`` query rows): the
+    centred copy (built in float64), one ``[B, V]`` float32 block of distances with its top-k candidates, and the
+    neighbour radii (float64) and ids (int64) of every tested token, kept per block and then concatenated."""
+    c = o.get("config")
+    V, d = s.d_vocab, s.d_model
+    k = c.vol_max if c is not None else 1000
+    n = len(c.tokens) if c is not None and c.tokens is not None else V
+    return {"matrix": V * d * 4, "centring": V * d * 8, "knn_block": B * V * 4 + B * (k + 8) * 28,
+            "neighbours": 2 * n * k * 16}
+
+
+MEMORY = planner.MemoryModel("fiber", _memory, persistent=("matrix", "neighbours"), forward=False,
+                             sizes=lambda c: {"seq_len": 1, "batch_size": c.block_size}, batch_field="block_size",
+                             option="--block-size")
+
+
 SPEC = registry.register(registry.Analysis(
     name="fiber", order=4, title="Fiber-bundle test of token embeddings",
     summary="a local volume-growth test per token of the embedding or unembedding matrix",
     config=Config, result=FiberResult, run=run, prepare=_key_inputs, cli="fiber", page="fiber", needs_probe=False,
+    memory=MEMORY,
 ))
 result_key = SPEC.key  # the key run() gives this matrix and these tokens (the same _identity)

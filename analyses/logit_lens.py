@@ -20,7 +20,7 @@ Axis order everywhere: ``[layer, pos, rank]``; ``layers`` labels axis 0, ``str_t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, Sequence
+from typing import Any, ClassVar, Literal, Mapping, Sequence
 
 import pandas as pd
 import torch
@@ -329,9 +329,19 @@ def _sweep_rows(result: LogitLensResult) -> list[dict]:
                for l, p in zip(result.layers, result.target.float().mean(dim=1))])
 
 
+def _memory(s, B: int, T: int, o: Mapping[str, Any]) -> dict[str, int]:
+    """The forward pass's output logits ``[1, T, V]`` stay alive beside every layer's collected residual ``[L, T, d]``
+    (float32), and one chunk of unembedded rows (at most :data:`_CHUNK_ELEMS` logits, plus their softmax)."""
+    return {"logits": T * s.d_vocab * 4, "resid_store": s.n_layers * T * s.d_model * 4,
+            "lens_chunk": 2 * min(_CHUNK_ELEMS, s.n_layers * T * s.d_vocab) * 4}
+
+
+MEMORY = planner.MemoryModel("logit_lens", _memory, persistent=("logits", "resid_store"), one_row=True)
+
+
 SPEC = registry.register(registry.Analysis(
     name="logit_lens", order=0, title="Logit lens", summary="each layer's residual read through the unembedding",
     config=Config, result=LogitLensResult, run=run, prepare=_prepare, cli="logit-lens", page="model",
-    memory=planner.FORWARD, sweep=registry.Sweep(run=_sweep_run, rows=_sweep_rows),
+    memory=MEMORY, sweep=registry.Sweep(run=_sweep_run, rows=_sweep_rows),
 ))
 result_key = SPEC.key  # the key run() gives these inputs, from the same _prepare

@@ -947,7 +947,8 @@ def _route_memory(s, B: int, T: int, o: Mapping[str, Any]) -> dict[str, int]:
             "importances": L * T * T * H * a + 3 * L * T * a, "residuals": 2 * L * T * d * 4}
 
 
-MEMORY = planner.MemoryModel("routes", _route_memory, persistent=("importances", "residuals"), one_row=True, chunk=_chunk_size)
+MEMORY = planner.MemoryModel("routes", _route_memory, persistent=("importances", "residuals"), one_row=True, chunk=_chunk_size,
+                             sizes=lambda c: {"chunk_mb": c.chunk_mb}, batch_field="chunk_mb", option="--chunk-mb")
 
 ROUTE_ROWS = 8  # positions per layer a top-down route is planned for (at tau=0.04 the embedded model's visit 2-7; the walk checks the budget itself)
 

@@ -684,7 +684,8 @@ def _memory(s, B: int, T: int, o: Mapping[str, Any]) -> dict[str, int]:
     return {"pattern": 4 * B * s.n_heads * T * T * 4, "value_norm": B * T * s.n_heads * s.d_model * 4}
 
 
-MEMORY = planner.MemoryModel("sinks", _memory)
+MEMORY = planner.MemoryModel("sinks", _memory, sizes=lambda c: {"seq_len": c.T, "batch_size": c.batch_size}, batch_field="batch_size",
+                             seq_option="--T")
 
 
 def _sweep_run(probe, config: Config, *, texts=None, domain: str = "prose", progress: ProgressFn | None = None, **_: Any) -> SinksResult:

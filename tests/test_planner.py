@@ -173,3 +173,50 @@ def test_cli_plan(capsys):
     assert code == 2 and err.startswith("error: the planner knows no analysis 'attention'") and len(err.strip().splitlines()) == 1
     code, _, err = run_cli(["run", "plan", "sinks", "--model", "nobody/nothing", "--device", "cpu"], capsys)
     assert code == 2 and "cannot read the config of 'nobody/nothing'" in err
+
+
+# ----------------------------------------------------------------------------- every analysis, planned before loading
+def test_every_analysis_declares_a_memory_model_and_plan_prints_each(capsys):
+    from analyses.core import registry
+
+    specs = registry.all_analyses()
+    assert all(isinstance(s.memory, planner.MemoryModel) for s in specs.values()), [n for n, s in specs.items() if s.memory is None]
+    verbs = {s.cli for s in specs.values() if s.cli}
+    assert verbs <= set(planner.kinds())
+    for verb in sorted(verbs):
+        code, out, err = run_cli(["run", "plan", verb, "--device", "cpu", "--free", "8GiB", "--json"], capsys)
+        assert code == 0, (verb, err)
+        p = json.loads(out)
+        assert p["peak_bytes"] > 0 and p["fits"], (verb, p)
+    # sizes left out come from the analysis's own defaults: bigram plans the paper's 32 x 128 batch
+    code, out, _ = run_cli(["run", "plan", "bigram", "--device", "cpu", "--free", "64GiB", "--json"], capsys)
+    assert json.loads(out)["seq_len"] == 128
+
+
+def test_memory_limit_lowers_the_batch_or_refuses_with_the_largest_setting(monkeypatch, capsys):
+    from analyses import sinks
+
+    """$SONDE_MEMORY_LIMIT caps the free memory the planner reads: a run is lowered to the largest batch that fits
+    (one line), or refused before any model loads (exit 2, naming the largest setting that fits)."""
+    limit = 900 * 2**20
+    monkeypatch.setenv("SONDE_MEMORY_LIMIT", "900MiB")
+    assert planner.free_memory("cpu") <= limit
+    cfg, p = planner.plan_config(sinks.MEMORY, "embedded", sinks.Config(T=256, batch_size=64), device="cpu", dtype="float32")
+    assert cfg.batch_size == p.batch_size < 64 and "runs --batch-size 64 as" in p.message
+    shape = planner.shape_of("embedded")
+    assert planner.estimate("sinks", shape, seq_len=256, batch_size=cfg.batch_size).total <= 0.8 * limit
+    assert planner.estimate("sinks", shape, seq_len=256, batch_size=cfg.batch_size + 1).total > 0.8 * limit
+    # a batch that is part of the experiment (bb-toy) is not lowered: refused, with the largest that fits
+    monkeypatch.setenv("SONDE_MEMORY_LIMIT", "40MiB")
+    code, _, err = run_cli(["run", "bb-toy", "--batch-size", "1024", "--seq-len", "256", "--steps", "1"], capsys)
+    assert code == 2 and "not starting" in err and "The largest setting that fits is --batch-size" in err
+    # not even one row fits: the longest rows that do
+    monkeypatch.setenv("SONDE_MEMORY_LIMIT", "750MiB")
+    code, _, err = run_cli(["run", "sinks", "--device", "cpu", "-n", "2", "--T", "512"], capsys)
+    assert code == 2 and "not starting" in err and "--batch-size 1 with rows of" in err and "(--T " in err
+    code, _, err = run_cli(["run", "critical", "--device", "cpu", "--task", "builtin-arith", "--problems", "1",
+                            "--max-new-tokens", "4096"], capsys)
+    assert code == 2 and "not starting" in err
+    monkeypatch.setenv("SONDE_MEMORY_LIMIT", "lots")
+    code, _, err = run_cli(["run", "plan", "sinks", "--device", "cpu"], capsys)
+    assert code == 2 and "SONDE_MEMORY_LIMIT" in err

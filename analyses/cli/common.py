@@ -441,6 +441,27 @@ def load_probe(model: str, backend: str = "nnsight", device: str = "auto", dtype
                           device_map=device_map, max_memory=max_memory, revision=revision, remote=remote)
 
 
+def planned(config: Any, model: "str | None", device: str = "auto", dtype: str = "auto", **sizes: Any) -> Any:
+    """The memory plan of a ``sonde run`` verb, made from the model's config before any weights load: the verb's
+    config, with its batch (routes: chunk budget) lowered to the largest setting that fits the memory free now
+    (one ``planner:`` line on stderr says so), or unchanged. A run that does not fit at any setting stops here
+    with exit 2 and the largest setting that fits. ``sizes`` adds what the config does not hold (``seq_len`` of a
+    prompt). The analysis's memory model is the one declared with it (the registry entry whose config class
+    ``config`` is); the limit ``$SONDE_MEMORY_LIMIT`` caps the free memory read."""
+    from analyses.core import planner, registry
+
+    if _SCALE.get().get("remote") or _SCALE.get().get("device_map"):  # runs elsewhere, or spread over devices
+        return config
+    spec = next((s for s in registry.all_analyses().values() if type(config) is s.config and s.memory is not None), None)
+    if spec is None:
+        return config
+    new, p = planner.plan_config(spec.memory, model, config, device=device, dtype=dtype, revision=_SCALE.get().get("revision"),
+                                 **sizes)
+    if p is not None and new is not config:
+        typer.echo(f"planner: {p.message}", err=True)
+    return new
+
+
 @contextmanager
 def status(msg: str) -> Iterator[None]:
     """A spinner on stderr for steps over a second (quiet when not a terminal)."""

@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from .options import config_option
-from .common import save_result, data_file, model_options, BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OutOpt, load_probe, progress_bar, saved, status
+from .common import planned, save_result, data_file, model_options, BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OutOpt, load_probe, progress_bar, saved, status
 
 
 def register(run_app: typer.Typer) -> None:
@@ -44,6 +44,9 @@ def register(run_app: typer.Typer) -> None:
                            n_samples=n_samples, noise=noise, multi_token=multi_token, chat=chat,
                            interventional=interventional)
         cf.parse_intervention(intervene)  # fail before loading the model
+        from analyses.core.planner import tokens_bound
+
+        config = planned(config, model, device, dtype, seq_len=tokens_bound(prompt))
         probe = load_probe(model, backend, device, dtype)
         with status("Generating"):
             r = cf.run(probe, prompt, intervene, config=config, observed=observed)
@@ -111,6 +114,9 @@ def register(run_app: typer.Typer) -> None:
         config = cf.BiasConfig(template=template, groups=tuple(g.strip() for g in groups.split(",")),
                                categories=tuple(cats.items()), n_samples=n_samples, max_new_tokens=max_new_tokens,
                                temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, chat=chat)
+        from analyses.core.planner import tokens_bound
+
+        config = planned(config, model, device, dtype, seq_len=tokens_bound(template + max(config.groups, key=len)))
         probe = load_probe(model, backend, device, dtype)
         with progress_bar() as bar:
             r = cf.bias_sweep(probe, config=config, progress=bar)

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .common import adapters_folder, save_result, model_options, BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OutOpt, load_probe, progress_bar, saved
+from .common import adapters_folder, planned, save_result, model_options, BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OutOpt, load_probe, progress_bar, saved
 
 TaskOpt = typer.Option("builtin-arith", "--task", "-t", help="builtin-arith, builtin-multistep, hf:NAME[:CONFIG]:SPLIT (Hugging Face datasets) or a GSM8K/MATH-style JSONL file.")
 
@@ -54,6 +54,9 @@ def register(run_app: typer.Typer) -> None:
                        n_alternatives=n_alternatives, batch_size=batch_size, max_rollouts=max_rollouts, seed=seed,
                        checker=checker, engine=engine, sequential=sequential, chunk=chunk, p_alive=p_alive, alpha=alpha)  # type: ignore[arg-type]
         probs = load_task(task, problems, seed=seed, on_error=on_error)  # type: ignore[arg-type]
+        from analyses.core.planner import tokens_bound
+
+        cfg = planned(cfg, model, device, dtype, seq_len=tokens_bound(*(p.question for p in probs)))
         probe = load_probe(model, backend, device, dtype)
         with progress_bar() as bar:
             res = C.run(probe, probs, config=cfg, progress=bar)

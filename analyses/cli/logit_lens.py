@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from .options import config_option
-from .common import check_side_file, save_result, model_options, BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OutOpt, load_probe, saved, status
+from .common import planned, check_side_file, save_result, model_options, BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OutOpt, load_probe, saved, status
 
 
 def _layer_spans(text: Optional[str]) -> list[range] | None:
@@ -75,6 +75,9 @@ def register(run_app: typer.Typer) -> None:
         _layer_spans(layers)  # the syntax, before the model loads; the range is checked against its blocks after
         cfg = logit_lens.Config(layers=None, k=k, prepend_bos=prepend_bos)
         check_side_file(html, "--html")
+        from analyses.core.planner import tokens_bound
+
+        cfg = planned(cfg, model, device, dtype, seq_len=tokens_bound(prompt))
         probe = load_probe(model, backend, device, dtype)
         cfg = cfg.replace(layers=_parse_layers(layers, probe.info.n_layers))
         with status("Running the logit lens"):

@@ -34,28 +34,36 @@ def register(run_app: typer.Typer) -> None:
     def plan_cmd(
         analysis: str = typer.Argument(..., help="An analysis verb (sinks, routes, bigram, critical, ...), forward or generate."),
         model: str = typer.Option("embedded", "--model", "-m", help="'embedded', an HF id (local cache) or a local folder."),
-        seq_len: int = typer.Option(64, "--seq-len", "--T", help="Tokens per row."),
+        seq_len: Optional[int] = typer.Option(None, "--seq-len", "--T", help="Tokens per row (default: the analysis's own default, else 64)."),
         batch_size: Optional[int] = typer.Option(None, "--batch-size", help="The batch you want (the plan never exceeds it)."),
         device: str = DeviceOpt, dtype: str = DtypeOpt,
         chunk_mb: int = typer.Option(256, "--chunk-mb", min=1, help="routes: the proximity-chunk budget to start from."),
-        new_tokens: int = typer.Option(0, "--new-tokens", min=0, help="critical/counterfactual: tokens generated per rollout."),
+        new_tokens: Optional[int] = typer.Option(None, "--new-tokens", min=0, help="critical/counterfactual: tokens generated per rollout "
+                                                 "(default: the analysis's own default)."),
         free: Optional[str] = typer.Option(None, "--free", help="Plan for this much free memory (e.g. 24GiB) instead of reading the device."),
         revision: Optional[str] = typer.Option(None, "--revision", help="Revision of a hub id."),
         as_json: bool = JsonOpt,
     ) -> None:
-        """Estimate peak memory from the model's config and pick the largest batch (routes: chunk) that fits."""
-        from analyses.core import planner
+        """Estimate peak memory from the model's config and pick the largest batch (routes: chunk) that fits.
+
+        Every analysis declares its memory model with it; sizes left out come from the analysis's default config."""
+        from analyses.core import planner, registry
         from probes.loading import resolve_device, resolve_dtype
         from probes.errors import ConfigError
 
         if analysis not in planner.kinds():
             raise ConfigError(f"the planner knows no analysis {analysis!r}.", hint=f"Use one of: {', '.join(planner.kinds())}.")
+        config = None if analysis in ("forward", "generate") else registry.get(analysis).default_config()
+        defaults = planner.memory_model(analysis).settings(config) if config is not None else {}
+        seq_len = seq_len if seq_len is not None else int(defaults.get("seq_len") or 64)
+        new_tokens = new_tokens if new_tokens is not None else int(defaults.get("new_tokens") or 0)
         dev = resolve_device(device)
         dt = str(resolve_dtype(dtype, dev)).replace("torch.", "")
         with status(f"Reading the config of {model}"):
             shape = planner.shape_of(model, dtype=dt, revision=revision)
         p = planner.plan(analysis, shape, seq_len=seq_len, batch_size=batch_size, device=dev,
-                         free_bytes=planner.parse_bytes(free) if free else None, chunk_mb=chunk_mb, new_tokens=new_tokens)
+                         free_bytes=planner.parse_bytes(free) if free else None, chunk_mb=chunk_mb, new_tokens=new_tokens,
+                         config=config)
         if as_json:
             echo_json({"model": model, "dtype": dt, **p.to_dict()})
         else:

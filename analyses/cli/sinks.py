@@ -11,7 +11,7 @@ from typing import Optional
 import typer
 
 from .options import config_option
-from .common import save_result, input_file, model_options, BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OutOpt, load_probe, progress_bar, saved
+from .common import planned, save_result, input_file, model_options, BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OutOpt, load_probe, progress_bar, saved
 from .sweeps import (AddressOpt, EngineOpt, GpusOpt, ResumeOpt, RetriesOpt, ShardOpt, ThreadsOpt, WorkersOpt, run_sweep,
                      sweep_summary)
 
@@ -83,13 +83,10 @@ def register(run_app: typer.Typer) -> None:
             saved(path, as_json, {**res.summary(), **sweep_summary(report)})
             return
         texts = [prompt] if prompt is not None else [r.text for r in iter_records(input, on_error=on_error)] if input else None
-        from analyses.core.planner import plan, preflight, retry_on_oom
+        from analyses.core.planner import retry_on_oom
 
-        pl = preflight("sinks", model, seq_len=cfg.T, batch_size=cfg.batch_size, device=device, dtype=dtype)  # before loading
+        cfg = planned(cfg, model, device, dtype)  # before loading
         probe = load_probe(model, backend, device, dtype)
-        if pl is None:  # a config that cannot be read without loading the model (GGUF)
-            pl = plan("sinks", probe, seq_len=cfg.T, batch_size=cfg.batch_size, device=probe.device, weights_loaded=True)
-        typer.echo(f"planner: {pl.message}", err=True)
 
         from analyses.core.cluster import _threads
 
@@ -97,7 +94,7 @@ def register(run_app: typer.Typer) -> None:
             with progress_bar() as bar, _threads(threads):
                 return sinks.run(probe, texts, domain=domain if texts is None else None, config=cfg.replace(batch_size=b), progress=bar)
 
-        res = retry_on_oom(go, pl.batch_size, what="the sink statistics")
+        res = retry_on_oom(go, cfg.batch_size, what="the sink statistics")
         path = save_result(res, out)
         saved(path, as_json, res.summary())
 
@@ -130,6 +127,7 @@ def register(run_app: typer.Typer) -> None:
         else:
             doms = [d.strip() for d in domains.split(",") if d.strip()]
             check_domains(doms)
+        cfg = planned(cfg, model, device, dtype)
         probe = load_probe(model, backend, device, dtype)
         for lab in cfg.heads or ():  # before the statistics pass, not after it
             from probes import parse_head
@@ -160,6 +158,7 @@ def register(run_app: typer.Typer) -> None:
 
         cfg = bbtoy.Config(n_layers=layers, steps=steps, attention=attention, optimizer=optimizer, d_model=d_model,
                            seq_len=seq_len, batch_size=batch_size, lr=lr, seed=seed)
+        cfg = planned(cfg, None, "cpu")
         with progress_bar() as bar:
             res = bbtoy.run(cfg, progress=bar)
         saved(save_result(res, out), as_json, res.summary())

@@ -15,31 +15,38 @@ residual stream plus the largest transient of any one step (each term is one lin
 * ``logits``: ``B·T·V·a`` (the last step of every forward pass);
 
 Each analysis declares its own terms with its :class:`MemoryModel` (``memory=`` of its
-:class:`analyses.core.registry.Analysis`), beside the code whose memory they describe:
+:class:`analyses.core.registry.Analysis`, every registered analysis has one), beside the code whose memory they
+describe, together with the sizes its config gives (``sizes``) and the setting a plan may lower (``batch_field``):
 
 * sinks and dormant (:data:`analyses.sinks.MEMORY`): the attention probabilities recomputed in float32 from
   q/k per layer (``pattern``: ``4·B·H·T²·4``) and each head's ``v_h W_O,h`` (``value_norm``: ``B·T·H·d·4``);
 * routes (:data:`analyses.routes.MEMORY`): the ``[Q, T, H, d]`` proximity chunk (``Q`` queries by
   :func:`analyses.routes._chunk_size`, the rule the kernel itself uses) plus the stored ``[L, T, T, H]``
   importances; the plan lowers the chunk budget, not a batch;
-* generating analyses (critical, counterfactual; :data:`GENERATE`): ``kv_cache`` ``2·L·B·K·h·(T + new_tokens)·a``;
-  generation keeps only the last position's logits (``B·V·4``);
+* generating analyses (critical, counterfactual, the bias sweep; :func:`generating`): ``kv_cache``
+  ``2·L·B·K·h·(T + new_tokens)·a``; generation keeps only the last position's logits (``B·V·4``);
+* the logit lens (:data:`analyses.logit_lens.MEMORY`): the output logits beside every layer's residual and one
+  chunk of unembedded rows;
 * bigram (:data:`analyses.bigram.MEMORY`, mask training with autograd; ``B`` = rows per micro-batch): per-layer
   saved activations ``L·B·T·(6d + 3F)·a``, the mask logits, their gradients and AdamW moments
-  (``4 × block params × 4``), the masked weights of one forward pass (``block params × 4``) and one chunk of
-  the chunked loss (``2·chunk·V·4``; no ``[B, T, V]`` tensor).
+  (``4 × block params × 4``) and one chunk of the chunked loss (``2·chunk·V·4``; no ``[B, T, V]`` tensor, and
+  no masked weight kept between a forward pass and its backward pass);
+* fiber (:data:`analyses.fiber.MEMORY`, no forward pass): the kNN block ``[block_size, V]`` and every tested
+  token's neighbour radii and ids; bb-toy (:data:`analyses.bbtoy.MEMORY`): the toy it trains (no model loads).
 
-:func:`preflight` plans a CLI run from the model's config before its weights are loaded: it lowers the batch
-(bigram: the micro-batch; the step stays the configured batch) and says so, or refuses with the largest
-setting that fits.
+:func:`plan_config` plans every ``sonde run`` verb from the model's config before its weights are loaded
+(:func:`analyses.cli.common.planned`): it lowers the batch (bigram: the micro-batch, the step stays the configured
+batch; routes: the chunk budget) and says so, or refuses with the largest setting that fits. The free memory it
+reads is capped by ``$SONDE_MEMORY_LIMIT`` when set (e.g. ``4GiB``).
 
-The test suite measures the real peak resident memory of a forward pass and of the sinks statistics
-on the embedded model (``tests/test_planner.py``) and checks the estimate is within 0.5×–2× of it.
+The test suite measures the real peak resident memory of each analysis on the embedded model at two sizes
+(``tests/test_planner_peaks.py``) and checks the estimate against it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -49,7 +56,7 @@ import torch
 
 from probes.errors import ConfigError, OutOfMemoryError
 
-__all__ = ["MemoryModel", "FORWARD", "GENERATE", "memory_model", "kinds", "ModelShape", "shape_of", "Estimate", "Plan", "estimate", "plan", "preflight", "free_memory", "retry_on_oom",
+__all__ = ["MemoryModel", "FORWARD", "GENERATE", "memory_model", "kinds", "ModelShape", "shape_of", "Estimate", "Plan", "estimate", "plan", "preflight", "plan_config", "generating", "tokens_bound", "free_memory", "retry_on_oom",
            "is_oom", "format_bytes", "parse_bytes"]
 
 T_ = TypeVar("T_")
@@ -194,12 +201,19 @@ class MemoryModel:
     :mod:`analyses.core.registry`).
 
     * ``parts(shape, B, T, opts) -> {term: bytes}``: the analysis's own terms; ``opts`` holds ``chunk_mb``,
-      ``new_tokens`` and ``route_itemsize``. A term named like a forward term (``logits``) replaces it;
+      ``new_tokens``, ``route_itemsize`` and ``config`` (the analysis's config, or None when only sizes are
+      known). A term named like a forward term (``logits``) replaces it;
     * ``persistent``: the terms alive for the whole run (they add); the others are transients of different
       steps (only the largest counts);
     * ``one_row``: the analysis runs one prompt at a time (the plan tunes no batch);
     * ``chunk(T, H, d, chunk_mb, itemsize) -> queries``: the analysis works in chunks whose budget the plan
-      lowers (in powers of two) until the run fits, instead of the batch.
+      lowers (in powers of two) until the run fits, instead of the batch;
+    * ``sizes(config) -> {seq_len, batch_size, new_tokens, chunk_mb}``: the sizes of a run read from the analysis's
+      config (:func:`plan_config` plans every CLI run from them);
+    * ``forward``: False for an analysis that runs no forward pass of the model (its terms are all in ``parts``);
+      ``weights``: False for one that loads no model at all (a toy trained from scratch);
+    * ``batch_field`` / ``option``: the config field the plan may lower to fit (``None``: none, the run is refused
+      instead) and the CLI option that sets it; ``seq_option``: the option of the row length (for messages).
     """
 
     name: str
@@ -207,6 +221,17 @@ class MemoryModel:
     persistent: tuple[str, ...] = ()
     one_row: bool = False
     chunk: Callable[..., int] | None = None
+    sizes: Callable[[Any], Mapping[str, Any]] | None = None
+    forward: bool = True
+    weights: bool = True
+    batch_field: str | None = None
+    option: str = "--batch-size"
+    seq_option: str = "--seq-len"
+
+    def settings(self, config: Any) -> dict[str, Any]:
+        """The planner's sizes of a run with ``config`` (the analysis's own config): ``seq_len``, ``batch_size``,
+        ``new_tokens``, ``chunk_mb``; those ``sizes`` does not give (the prompt's length) come from the caller."""
+        return dict(self.sizes(config)) if self.sizes is not None else {}
 
 
 def _generate_parts(s: "ModelShape", B: int, T: int, o: Mapping[str, Any]) -> dict[str, int]:
@@ -216,6 +241,12 @@ def _generate_parts(s: "ModelShape", B: int, T: int, o: Mapping[str, Any]) -> di
 
 FORWARD = MemoryModel("forward")
 GENERATE = MemoryModel("generate", _generate_parts, persistent=("kv_cache",))
+
+
+def generating(name: str, **kw: Any) -> MemoryModel:
+    """The memory model of a generating analysis (:data:`GENERATE`'s terms) under its own name, with its own
+    ``sizes`` / ``batch_field`` / ``option`` (see :class:`MemoryModel`)."""
+    return MemoryModel(name, _generate_parts, persistent=("kv_cache",), **kw)
 _BASE_PERSISTENT = ("resid", "overhead")
 
 
@@ -244,7 +275,7 @@ def kinds() -> list[str]:
 
 
 def estimate(kind: "str | MemoryModel", model: Any, *, seq_len: int, batch_size: int = 1, chunk_mb: int = 256,
-             new_tokens: int = 0, route_itemsize: int = 4) -> Estimate:
+             new_tokens: int = 0, route_itemsize: int = 4, config: Any = None) -> Estimate:
     """Peak memory of one step of an analysis (bytes).
 
     Args:
@@ -256,6 +287,7 @@ def estimate(kind: "str | MemoryModel", model: Any, *, seq_len: int, batch_size:
         chunk_mb: a chunked analysis's chunk budget (``routes.Config.chunk_mb``).
         new_tokens: tokens generated after the prompt (generating analyses).
         route_itemsize: bytes per stored route importance (4, or 8 for ``dtype="float64"``).
+        config: the analysis's config, for terms that depend on more than these sizes (fiber, bb-toy).
     """
     mm = memory_model(kind)
     if not isinstance(seq_len, int) or seq_len < 1:
@@ -277,30 +309,44 @@ def estimate(kind: "str | MemoryModel", model: Any, *, seq_len: int, batch_size:
         "mlp": 3 * B * T * F * a,
         "logits": B * T * V * a,
         "overhead": _OVERHEAD,
-    }
+    } if mm.forward else {"overhead": _OVERHEAD}
     if mm.parts is not None:
-        p.update(mm.parts(s, B, T, {"chunk_mb": chunk_mb, "new_tokens": new_tokens, "route_itemsize": route_itemsize}))
+        p.update(mm.parts(s, B, T, {"chunk_mb": chunk_mb, "new_tokens": new_tokens, "route_itemsize": route_itemsize,
+                                    "config": config}))
     # the live residual stream and persistent stores add; transients of different steps do not
     persistent = _BASE_PERSISTENT + mm.persistent
     transient = [v for k, v in p.items() if k not in persistent]
-    acts = sum(v for k, v in p.items() if k in persistent) + max(transient)
-    return Estimate(kind=mm.name, weights=s.weight_bytes, activations=int(acts), parts=p)
+    acts = sum(v for k, v in p.items() if k in persistent) + max(transient, default=0)
+    return Estimate(kind=mm.name, weights=s.weight_bytes if mm.weights else 0, activations=int(acts), parts=p)
 
 
 # ----------------------------------------------------------------------------- free memory
+MEMORY_LIMIT_ENV = "SONDE_MEMORY_LIMIT"
+
+
 def free_memory(device: str | torch.device = "cpu") -> int:
-    """Bytes free on ``device``: ``torch.cuda.mem_get_info`` on CUDA, ``MemAvailable`` on the CPU."""
+    """Bytes free on ``device``: ``torch.cuda.mem_get_info`` on CUDA, ``MemAvailable`` on the CPU; at most
+    ``$SONDE_MEMORY_LIMIT`` (e.g. ``4GiB``) when it is set, so a run can be held to less than the machine has."""
     dev = torch.device(device)
     if dev.type == "cuda":
         free, _total = torch.cuda.mem_get_info(dev)
-        return int(free)
-    try:
-        import psutil
+        free = int(free)
+    else:
+        try:
+            import psutil
 
-        return int(psutil.virtual_memory().available)
-    except ImportError:  # pragma: no cover - psutil is a dependency
-        text = open("/proc/meminfo").read()
-        return int(re.search(r"MemAvailable:\s+(\d+)", text).group(1)) * 1024
+            free = int(psutil.virtual_memory().available)
+        except ImportError:  # pragma: no cover - psutil is a dependency
+            text = open("/proc/meminfo").read()
+            free = int(re.search(r"MemAvailable:\s+(\d+)", text).group(1)) * 1024
+    limit = os.environ.get(MEMORY_LIMIT_ENV, "").strip()
+    if limit:
+        try:
+            cap = parse_bytes(limit)
+        except ConfigError as e:
+            raise ConfigError(f"${MEMORY_LIMIT_ENV}={limit!r} is not a memory size.", hint=e.hint) from None
+        free = min(free, cap)
+    return free
 
 
 def format_bytes(n: float) -> str:
@@ -353,7 +399,7 @@ class Plan:
 
 def plan(kind: "str | MemoryModel", model: Any, *, seq_len: int, batch_size: int | None = None, device: str | torch.device = "cpu",
          free_bytes: int | None = None, headroom: float = 0.8, weights_loaded: bool = False, chunk_mb: int = 256,
-         new_tokens: int = 0, max_batch: int = 1024) -> Plan:
+         new_tokens: int = 0, max_batch: int = 1024, config: Any = None) -> Plan:
     """Largest batch (``routes``: largest chunk budget) whose estimated peak fits the device.
 
     Args:
@@ -382,10 +428,10 @@ def plan(kind: "str | MemoryModel", model: Any, *, seq_len: int, batch_size: int
     if mm.chunk is not None:
         # largest power-of-two chunk budget (≤ the requested one) that fits beside the stored results
         mb = chunk_mb
-        est = estimate(kind, model, seq_len=seq_len, chunk_mb=mb)
+        est = estimate(kind, model, seq_len=seq_len, chunk_mb=mb, config=config)
         while need(est) > budget and mb > 1:
             mb //= 2
-            est = estimate(kind, model, seq_len=seq_len, chunk_mb=mb)
+            est = estimate(kind, model, seq_len=seq_len, chunk_mb=mb, config=config)
         fits = need(est) <= budget
         q = mm.chunk(seq_len, _shape(model).n_heads, _shape(model).d_model, mb)
         what = f"chunk_mb={mb} ({q} queries per chunk)"
@@ -394,16 +440,16 @@ def plan(kind: "str | MemoryModel", model: Any, *, seq_len: int, batch_size: int
                                                                 lowered=mb < chunk_mb, weights_loaded=weights_loaded))
     # batch: the estimate grows monotonically with B, so bisect the largest one that fits
     lo, hi = 1, cap
-    if need(estimate(kind, model, seq_len=seq_len, batch_size=hi, new_tokens=new_tokens)) <= budget:
+    if need(estimate(kind, model, seq_len=seq_len, batch_size=hi, new_tokens=new_tokens, config=config)) <= budget:
         lo = hi
     else:
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            if need(estimate(kind, model, seq_len=seq_len, batch_size=mid, new_tokens=new_tokens)) <= budget:
+            if need(estimate(kind, model, seq_len=seq_len, batch_size=mid, new_tokens=new_tokens, config=config)) <= budget:
                 lo = mid
             else:
                 hi = mid
-    est = estimate(kind, model, seq_len=seq_len, batch_size=lo, new_tokens=new_tokens)
+    est = estimate(kind, model, seq_len=seq_len, batch_size=lo, new_tokens=new_tokens, config=config)
     fits = need(est) <= budget
     return Plan(kind=mm.name, device=dev, seq_len=seq_len, batch_size=lo, chunk_mb=None, estimate=est, free=free,
                 budget=budget, fits=fits, message=_sentence(kind, dev, seq_len, f"batch size {lo}", est, free, budget, fits,
@@ -422,9 +468,11 @@ def _sentence(kind, dev, T, what, est: Estimate, free, budget, fits, *, lowered:
 
 
 # ----------------------------------------------------------------------------- before loading
-def preflight(kind: "str | MemoryModel", model: str, *, seq_len: int, batch_size: int, device: str = "cpu",
+def preflight(kind: "str | MemoryModel", model: "str | ModelShape", *, seq_len: int, batch_size: int, device: str = "cpu",
               dtype: str = "auto", option: str = "--batch-size", new_tokens: int = 0, free_bytes: int | None = None,
-              headroom: float = 0.8, max_batch: int | None = None, revision: str | None = None) -> Plan | None:
+              seq_option: str = "--seq-len",
+              headroom: float = 0.8, max_batch: int | None = None, revision: str | None = None,
+              config: Any = None) -> Plan | None:
     """Plan a run from the model's config alone, before its weights are loaded.
 
     Returns the plan (its batch is the largest ≤ ``batch_size`` and ≤ ``max_batch`` that fits; the caller
@@ -438,12 +486,12 @@ def preflight(kind: "str | MemoryModel", model: str, *, seq_len: int, batch_size
     dev = resolve_device(device)
     dt = str(resolve_dtype(dtype, dev)).replace("torch.", "")
     try:
-        shape = shape_of(model, dtype=dt, revision=revision)
+        shape = model if isinstance(model, ModelShape) else shape_of(model, dtype=dt, revision=revision)
     except ModelLoadError:
         return None
     cap = min(batch_size, max_batch) if max_batch else batch_size
     p = plan(kind, shape, seq_len=seq_len, batch_size=cap, device=dev, free_bytes=free_bytes, headroom=headroom,
-             new_tokens=new_tokens)
+             new_tokens=new_tokens, config=config)
     if p.fits:
         if p.batch_size < batch_size:
             p = dataclasses.replace(p, message=p.message.rstrip(".").replace("; lowered from the requested setting to fit", "")
@@ -452,19 +500,84 @@ def preflight(kind: "str | MemoryModel", model: str, *, seq_len: int, batch_size
     lo, hi = 0, seq_len  # the longest rows that fit one at a time
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        if estimate(kind, shape, seq_len=mid, batch_size=1, new_tokens=new_tokens).total <= p.budget:
+        if estimate(kind, shape, seq_len=mid, batch_size=1, new_tokens=new_tokens, config=config).total <= p.budget:
             lo = mid
         else:
             hi = mid
     need = format_bytes(p.estimate.total)
     where = f"{p.kind} on {dev}"
     if lo >= 1:
-        fix = f"the largest setting that fits is {option} 1 with rows of {lo} tokens (--seq-len {lo})"
+        fix = f"the largest setting that fits is {option} 1 with rows of {lo} tokens ({seq_option} {lo})"
     else:
-        fix = "nothing fits: use a smaller model or dtype (--dtype bfloat16), fewer masked blocks, or a bigger device"
+        fix = "nothing fits: use a smaller model or dtype (--dtype bfloat16), or a bigger device"
     raise OutOfMemoryError(f"{where} needs about {need} at {option} 1 and T={seq_len}, more than the "
                            f"{format_bytes(p.budget)} budget ({format_bytes(p.free)} free); not starting.",
                            hint=fix[0].upper() + fix[1:] + ".")
+
+
+def plan_config(kind: "str | MemoryModel", model: "str | None", config: Any, *, device: str = "cpu", dtype: str = "auto",
+                revision: str | None = None, free_bytes: int | None = None, headroom: float = 0.8,
+                **given: Any) -> tuple[Any, Plan | None]:
+    """Plan a run of an analysis from its config alone, before the model's weights load (every ``sonde run`` verb).
+
+    The sizes come from the analysis's :class:`MemoryModel` (``sizes(config)``); ``given`` adds those the config
+    does not hold (``seq_len`` of a prompt, read as an upper bound before tokenizing). Returns ``(config, plan)``:
+    the config with its batch (``batch_field``; routes: its chunk budget) lowered to the largest setting that fits,
+    or unchanged; ``plan`` is None when there is nothing to plan (no sizes, or a GGUF file whose config cannot be
+    read without loading it). A run that does not fit at any setting, or whose batch cannot be lowered, raises
+    :class:`probes.OutOfMemoryError` (the CLI's exit 2) naming the largest setting that fits.
+    """
+    from probes.errors import ModelLoadError
+    from probes.loading import resolve_device
+
+    mm = memory_model(kind)
+    sz = {**mm.settings(config), **{k: v for k, v in given.items() if v is not None}}
+    if not sz.get("seq_len"):
+        return config, None
+    if not mm.weights:  # no model is loaded: the sizes of the analysis's own config are all there is
+        model = ModelShape(n_layers=1, n_heads=1, n_kv_heads=1, d_model=1, d_head=1, d_mlp=1, d_vocab=1, n_params=1)
+    seq_len, batch = int(sz["seq_len"]), int(sz.get("batch_size") or 1)
+    new_tokens = int(sz.get("new_tokens") or 0)
+    if mm.chunk is not None:
+        try:
+            shape = _shape_for(model, device, dtype, revision)
+        except ModelLoadError:
+            return config, None
+        mb = int(sz.get("chunk_mb") or 256)
+        p = plan(mm, shape, seq_len=seq_len, device=resolve_device(device), free_bytes=free_bytes, headroom=headroom, chunk_mb=mb,
+                 config=config)
+        if not p.fits:
+            raise OutOfMemoryError(f"{p.kind} on {p.device} needs about {format_bytes(p.estimate.total)} at T={seq_len}, more "
+                                   f"than the {format_bytes(p.budget)} budget ({format_bytes(p.free)} free) at any chunk size; not starting.",
+                                   hint="Use a shorter prompt, a smaller dtype (--dtype bfloat16) or a bigger device.")
+        if p.chunk_mb is not None and p.chunk_mb < mb and mm.batch_field:
+            config = config.replace(**{mm.batch_field: p.chunk_mb})
+        return config, p
+    p = preflight(mm, model, seq_len=seq_len, batch_size=1 if mm.one_row else batch, device=device, dtype=dtype,
+                  option=mm.option, seq_option=mm.seq_option, new_tokens=new_tokens, free_bytes=free_bytes, headroom=headroom,
+                  revision=revision, config=config)
+    if p is None or p.batch_size >= batch or mm.one_row:
+        return config, p
+    if mm.batch_field is None:
+        shape = model if isinstance(model, ModelShape) else _shape_for(model, device, dtype, revision)
+        need = estimate(mm, shape, seq_len=seq_len, batch_size=batch, new_tokens=new_tokens,
+                        config=config)
+        raise OutOfMemoryError(f"{p.kind} on {p.device} needs about {format_bytes(need.total)} at {mm.option} {batch}, more than the {format_bytes(p.budget)} budget ({format_bytes(p.free)} free); not starting.",
+                               hint=f"The largest setting that fits is {mm.option} {p.batch_size}.")
+    return config.replace(**{mm.batch_field: p.batch_size}), p
+
+
+def tokens_bound(*texts: str, extra: int = 64) -> int:
+    """An upper bound on the tokens of the longest of ``texts`` known before any tokenizer loads: a byte-level
+    tokenizer gives at most one token per UTF-8 byte, plus ``extra`` for special tokens and a chat template."""
+    return max((len(str(t).encode("utf-8")) for t in texts), default=0) + extra
+
+
+def _shape_for(model: str, device: str, dtype: str, revision: str | None) -> ModelShape:
+    from probes.loading import resolve_device, resolve_dtype
+
+    dev = resolve_device(device)
+    return shape_of(model, dtype=str(resolve_dtype(dtype, dev)).replace("torch.", ""), revision=revision)
 
 
 # ----------------------------------------------------------------------------- OOM retry
