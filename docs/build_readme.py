@@ -107,7 +107,8 @@ def gallery() -> str:
            "One first command per analysis, each with what it prints on the embedded model "
            f"(checked by `benchmarks/readme_commands.py`: {nums.gallery_checked()}). The times beside the commands "
            "are those of that check, on 2 CPU cores that were often shared (idle cores are faster); a command marked "
-           "`long:` takes more than 3 minutes even on idle cores. Each title links to the analysis's manual page."]
+           "`long:` takes, or may take, more than 3 minutes (the check leaves it out unless asked). Each title links "
+           "to the analysis's manual page."]
     by_section: dict[str, list] = {}
     for ex in nums.GALLERY:
         by_section.setdefault(ex.section, []).append(ex)
