@@ -22,8 +22,9 @@ for B, T in [(1, 64), (4, 128)]:
 def test_estimate_is_within_25_percent_of_the_measured_peak_for_sinks_and_bigram():
     """Measured: peak resident memory above the loaded model's (VmHWM after a clear_refs reset), in a subprocess
     whose malloc returns every large block at once (fixed mmap threshold), so RSS follows live tensors.
-    Figures of one run (benchmarks/RESULTS.md, 2026-12-06): sinks 1.04x and 0.90x, bigram 1.23x and 1.13x (one pass
-    per step, where the estimate also counts the mask gradients beside the masked weights)."""
+    Figures (benchmarks/RESULTS.md, 2026-12-06): sinks 1.04x and 0.90x; bigram 1.03x at 1 x 64 (measured again once
+    the masked weights were recomputed in the backward pass instead of kept) and 0.96x at 4 x 128 (today's estimate
+    against the earlier measurement of one pass per step, which that change does not lower)."""
     measured = measure(_MEASURE, threads=2, timeout=1500)
     from probes.loading import embedded_model_dir
     from transformers import AutoConfig
