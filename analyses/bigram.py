@@ -537,6 +537,18 @@ class _SoftMask(torch.autograd.Function):
         return g * m * (1 - m) * ctx.beta * live, None
 
 
+def _stored_weight(probe, path: str) -> torch.Tensor | None:
+    """The weight Parameter stored at module ``path`` (under a mask's parametrization, the original one), or None
+    when the module there keeps it elsewhere (a wrapper): such a weight is then saved as usual, not recomputed."""
+    try:
+        mod = probe.module(path)
+    except (AttributeError, KeyError):
+        return None
+    par = getattr(mod, "parametrizations", None)
+    w = par["weight"].original if par is not None and "weight" in par else mod._parameters.get("weight")
+    return w if isinstance(w, torch.Tensor) else None
+
+
 class MaskSet(torch.nn.Module):
     """Mask logits ``s`` (one per weight, fp32) for a list of :class:`MaskedWeight`, plus β and a mode.
 
@@ -604,8 +616,7 @@ class MaskSet(torch.nn.Module):
         (one elementwise op per matrix, bit-identical). Open it inside :meth:`applied`; forward passes inside it
         must be followed by their backward pass (:meth:`forget` after each). Yields ``{"packed": n}``, the number
         of masked weights kept as a reference so far."""
-        names = dict(probe.hf_model.named_parameters())
-        W = [names.get(f"{w.path}.weight", names.get(f"{w.path}.parametrizations.weight.original")) for w in self.weights]
+        W = [_stored_weight(probe, w.path) for w in self.weights]
         self._made = {}
         count = {"packed": 0}
 

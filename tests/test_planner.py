@@ -207,7 +207,7 @@ def test_memory_limit_lowers_the_batch_or_refuses_with_the_largest_setting(monke
     assert planner.estimate("sinks", shape, seq_len=256, batch_size=cfg.batch_size).total <= 0.8 * limit
     assert planner.estimate("sinks", shape, seq_len=256, batch_size=cfg.batch_size + 1).total > 0.8 * limit
     # a batch that is part of the experiment (bb-toy) is not lowered: refused, with the largest that fits
-    monkeypatch.setenv("SONDE_MEMORY_LIMIT", "40MiB")
+    monkeypatch.setenv("SONDE_MEMORY_LIMIT", "120MiB")
     code, _, err = run_cli(["run", "bb-toy", "--batch-size", "1024", "--seq-len", "256", "--steps", "1"], capsys)
     assert code == 2 and "not starting" in err and "The largest setting that fits is --batch-size" in err
     # not even one row fits: the longest rows that do
