@@ -162,7 +162,7 @@ CASES = [
     ("capture-hooks-empty", ["capture", "-m", "{tiny}", "-p", "hi", "--hooks", "", "--out", "{ws}/a.safetensors"], "--hooks"),
     ("sinks-input-csv", ["run", "sinks", "-m", "{tiny}", "-i", "{ws}/data.csv"], "CSV"),
     ("routes-input-csv", ["run", "routes", "-m", "{tiny}", "-i", "{ws}/data.csv"], "JSONL"),
-    ("cdpo-adapters-missing", ["run", "cdpo", "-m", "{tiny}", "--adapters", "{ws}/no-such-folder", "--out", "{ws}/p"], "missing"),
+    ("cdpo-adapters-missing", ["run", "cdpo", "-m", "{tiny}", "--adapters", "{ws}/no-such-folder", "--out", "{ws}/p"], "does not exist"),
     ("critical-adapters-not-adapters", ["run", "critical", "-m", "{tiny}", "--adapters", "{ws}/folder.jsonl"],
      "pos/adapter_config.json"),
 ]

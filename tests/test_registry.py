@@ -223,3 +223,8 @@ def test_the_docs_index_comes_from_the_registry():
     sections = registry.doc_sections()
     assert all((ROOT / "docs" / "readme" / f"{d}.md").is_file() for d in sections)
     assert build_readme.analyses_sections() == [d for d in sections if d != "overview"]
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    titles = [readme.index(f"](docs/readme/{d}.md)") for d in build_readme.analyses_sections()]
+    assert titles == sorted(titles)  # the gallery lists them in the registry's order, each with its first command
+    modules = build_readme.api_modules()["analyses"]
+    assert all(spec.run.__module__ in modules for spec in registry.all_analyses().values())  # and the API reference documents each

@@ -104,7 +104,7 @@ def adapters_folder(ctx: typer.Context, param: typer.CallbackParam, value):
         return value
     flag, p = _flag(param), Path(value)
     if not p.is_dir():
-        raise InputError(f"{flag} {str(p)!r} is {'not a folder' if os.path.lexists(p) else 'missing'}.",
+        raise InputError(f"{flag} {str(p)!r} {'is not a folder' if os.path.lexists(p) else 'does not exist'}.",
                          hint="Give the --out folder of `sonde run contrastive-train` (it holds pos/ and neg/).")
     missing = [s for s in ("pos", "neg") if not (p / s / "adapter_config.json").is_file()]
     if missing:
