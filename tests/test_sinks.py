@@ -195,7 +195,7 @@ def test_cli_sinks(results_dir, capsys):
     code, out, err = run_cli(["run", "sinks", "--domain", "arithmetic", "--n-samples", "2", "--T", "16", "--no-ablation",
                               "--device", "cpu", "--json", "--out", str(results_dir / "cli")], capsys)
     assert code == 0 and "Sink_1" in out
-    assert "planner: sinks on cpu at T=16: batch size" in err  # the memory planner says what it chose
+    assert "planner:" not in err  # it fits: the memory planner speaks only when it lowers a setting (tests/test_planner.py)
     assert (results_dir / "cli" / "manifest.json").is_file()
 
 
