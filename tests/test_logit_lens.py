@@ -162,26 +162,28 @@ def test_cli_bad_input(args, match, capsys):
     assert err.startswith("error: ") and match in err and "Traceback" not in err
 
 
-def test_progress_counts_the_forward_pass_and_each_chunk_and_can_stop_the_run(tiny, monkeypatch):
-    """``progress(1)`` after the forward pass and after each unembedding chunk, as many times as ``n_steps`` says; an
-    exception it raises stops the run there (the dashboard's Cancel)."""
+def test_progress_reports_the_forward_pass_then_each_chunk_and_can_stop_the_run(tiny, monkeypatch):
+    """Progress events: phase ``forward`` (one pass), then ``unembedding`` (one per chunk of rows); an exception the
+    callback raises stops the run there (the dashboard's Cancel)."""
     p = tiny("llama")
     monkeypatch.setattr(ll, "_CHUNK_ELEMS", p.info.d_vocab * 7)  # 7 rows a chunk: several chunks on a short prompt
     ids = list(range(1, 12))
-    calls = []
-    res = ll.run(p, ids, progress=calls.append)
-    assert calls == [1] * ll.n_steps(p, len(ids)) and len(calls) == 1 + -(-p.info.n_layers * len(ids) // 7)
+    events = []
+    res = ll.run(p, ids, progress=events.append)
+    n_chunks = -(-p.info.n_layers * len(ids) // 7)
+    assert [(e.phase, e.done, e.total) for e in events] == \
+        [("forward", 0, 1), ("forward", 1, 1)] + [("unembedding", i, n_chunks) for i in range(n_chunks + 1)]
     assert res.top_probs.shape[:2] == (p.info.n_layers, len(ids))
 
     class Stop(Exception):
         pass
 
-    def stop_at_3(_):
-        calls.append(1)
-        if len(calls) == 3:
+    def stop_in_the_unembedding(ev):
+        events.append(ev)
+        if ev.phase == "unembedding" and ev.done == 1:
             raise Stop
 
-    calls.clear()
+    events.clear()
     with pytest.raises(Stop):
-        ll.run(p, ids, progress=stop_at_3)
-    assert len(calls) == 3
+        ll.run(p, ids, progress=stop_in_the_unembedding)
+    assert events[-1].phase == "unembedding" and events[-1].done == 1
