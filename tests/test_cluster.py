@@ -282,6 +282,25 @@ def test_engines_agree_at_each_thread_count(ray_engine, embedded, shape):
         assert ray_.timings["sweep.threads"] == threads
 
 
+def test_sampled_domain_same_rows_in_every_engine(ray_engine, embedded):
+    """``sinks --domain prose -n 4 --T 90``: two of the first six prose texts are shorter than 90 tokens. Every engine
+    draws the same six texts (domains.draw_texts) and measures the same four rows as the one-pass run."""
+    cfg = sinks.Config(T=90, n_samples=4, batch_size=2, mlp_ablation=False)
+    draw = dict(n=4, T=90, seed=cfg.seed, prepend_bos=sinks.bos_flag(cfg.bos))
+    local = cluster.LocalEngine(embedded)
+    texts = local.call(domains.draw_texts, "prose", **draw)
+    assert ray_engine.call(domains.draw_texts, "prose", **draw) == texts
+    assert len(texts) == 6 and texts == domains.domain_texts("prose", n=8)[:6]
+    with cluster._threads(1):
+        one = sinks.run(embedded, domain="prose", config=cfg)
+    assert (one.n_samples, one.n_skipped) == (4, 2)
+    scfg = cluster.SweepConfig(shard_size=2, threads=1)
+    for name, eng, sc in (("local", local, scfg), ("ray", ray_engine, scfg.replace(engine="ray", shard_size=3))):
+        got = cluster.sweep("sinks", texts, config=cfg, engine=eng, sweep_config=sc).result
+        _same_sinks(got, one, name)
+        assert got.input_hash == one.input_hash, name  # the same rows: the same result key
+
+
 def test_ray_sweep_is_exact(ray_engine, embedded, local_sinks):
     assert ray_engine.workers == 2 and ray_engine.info["fingerprint"] == embedded.info.fingerprint
     texts, _, local = local_sinks

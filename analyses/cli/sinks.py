@@ -75,7 +75,9 @@ def register(run_app: typer.Typer) -> None:
                 if src in _dom.TOKEN_DOMAINS:
                     raise InputError(f"--domain {src} is token-level; a sweep needs texts.",
                                      hint=f"Use a text domain ({', '.join(_dom.TEXT_DOMAINS)}) or --input FILE.")
-                items = _dom.domain_texts(src, n=n_samples, seed=cfg.seed)
+                # the one-pass run's draw (the same texts for every engine), made on the engine's model
+                items = lambda eng: eng.call(_dom.draw_texts, src, n=n_samples, T=cfg.T, seed=cfg.seed,  # noqa: E731
+                                             prepend_bos=sinks.bos_flag(cfg.bos))
             res, report, path = run_sweep("sinks", items, cfg, engine=engine, address=address, workers=workers,
                                           gpus_per_worker=gpus_per_worker, shard_size=shard_size, max_retries=max_retries,
                                           resume=resume, model=model, backend=backend, device=device, dtype=dtype, out=out,

@@ -39,9 +39,10 @@ def run_sweep(analysis: str, items, config, *, engine: str, address, workers, gp
               source: str, threads: int | None = 1):
     """Run a sweep, save the result (+ ``sweep.json``) and drop the merge ledger; returns ``(result, report, path)``.
 
-    Options and input are checked before any worker (or Ray) starts. The result's key is the analysis's own
-    (derived from the items it measured); the merge ledger is named by what the sweep was given, so a re-run
-    of the same command resumes.
+    Options and input are checked before any worker (or Ray) starts. ``items`` is the list of items, or a function
+    ``items(engine)`` that draws them once the engine holds the model (a sampled corpus: the texts depend on the
+    tokenizer). The result's key is the analysis's own (derived from the items it measured); the merge ledger is
+    named by what the sweep was given, so a re-run of the same command resumes.
     """
     from analyses.core import cluster
     from analyses.core.store import hash_inputs, results_root
@@ -49,6 +50,8 @@ def run_sweep(analysis: str, items, config, *, engine: str, address, workers, gp
     scfg = cluster.SweepConfig(engine=engine, address=address, workers=workers, gpus_per_worker=gpus_per_worker,
                                shard_size=shard_size, max_retries=max_retries, resume=resume, threads=threads)
     spec = _model_spec(model, backend, device, dtype)
+    if not callable(items):
+        cluster.plan_shards(len(items), shard_size)  # an empty input is refused before any worker starts
     if engine == "ray":
         cluster.check_ray_model(spec, scfg)
         cluster._ray()
@@ -58,6 +61,9 @@ def run_sweep(analysis: str, items, config, *, engine: str, address, workers, gp
         with status(f"Starting Ray workers ({model})"):
             eng = cluster.RayEngine(spec, scfg)
     try:
+        if callable(items):
+            items = items(eng)
+            cluster.plan_shards(len(items), shard_size)
         given = hash_inputs(analysis, eng.info["fingerprint"], config.to_dict(), cluster.hash_items(items))
         ledger = cluster.default_ledger(Path(out) if out is not None else results_root() / f"sweep-{given}")
         with progress_bar() as bar:

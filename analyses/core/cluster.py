@@ -482,6 +482,11 @@ class LocalEngine:
             else:
                 yield sh, err
 
+    def call(self, fn: Callable[..., Any], *args, **kwargs) -> Any:
+        """``fn(probe, *args, **kwargs)`` on this engine's probe (e.g. drawing a sampled corpus:
+        :func:`analyses.core.domains.draw_texts`)."""
+        return fn(self.probe, *args, **kwargs)
+
     def finish(self, analysis: str, state, config, timings: dict, source: str, threads: int | None = None):
         sh = _shardable(analysis).shard
         with _threads(threads):
@@ -546,6 +551,9 @@ def _worker_class(ray):
             k = (key, shard.index)
             self.attempts[k] = self.attempts.get(k, 0) + 1
             return _run_shard(self.probe, analysis, config, items, shard, self.attempts[k], faults, threads)
+
+        def call(self, fn, args, kwargs):
+            return fn(self.probe, *args, **kwargs)
 
         def finish(self, analysis: str, state, config, timings: dict, source: str, threads=None):
             with _threads(threads):
@@ -642,6 +650,10 @@ class RayEngine:
                 out = e
             submit(actor)
             yield sh, out
+
+    def call(self, fn: Callable[..., Any], *args, **kwargs) -> Any:
+        """``fn(probe, *args, **kwargs)`` on the first worker's probe (every worker holds the same model)."""
+        return self.ray.get(self.actors[0].call.remote(fn, args, kwargs))
 
     def finish(self, analysis: str, state, config, timings: dict, source: str, threads: int | None = None):
         sh = _shardable(analysis).shard

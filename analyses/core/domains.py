@@ -39,7 +39,7 @@ import torch
 
 from probes.errors import ConfigError, InputError
 
-__all__ = ["BUILTIN", "TEXT_DOMAINS", "TOKEN_DOMAINS", "domain_texts", "domain_tokens", "texts_to_tokens",
+__all__ = ["BUILTIN", "TEXT_DOMAINS", "TOKEN_DOMAINS", "domain_texts", "domain_tokens", "draw_texts", "texts_to_tokens",
            "load_jsonl", "DomainBatch", "check_domains", "corpus_records", "shard_ranges"]
 
 TEXT_DOMAINS = ("prose", "code", "arithmetic")
@@ -207,12 +207,36 @@ def domain_tokens(probe, name: str, *, n: int = 100, T: int = 64, seed: int = 0,
             ids = torch.cat([torch.full((n, 1), bos, dtype=ids.dtype), ids[:, : T - 1]], dim=1)
         return DomainBatch(name, ids.to(probe.device), 0, n)
     if texts is None:
-        # ask for extra texts so that skipping short ones still leaves n
-        texts = domain_texts(name, n=2 * n, seed=seed)
-        toks, skipped = texts_to_tokens(probe, texts, T, prepend_bos=prepend_bos)
-        return DomainBatch(name, toks[:n], skipped, len(texts))
+        drawn, toks = _draw(probe, name, n=n, T=T, seed=seed, prepend_bos=prepend_bos)
+        return DomainBatch(name, toks, len(drawn) - toks.shape[0], len(drawn))
     toks, skipped = texts_to_tokens(probe, list(texts)[:n], T, prepend_bos=prepend_bos)
     return DomainBatch(name, toks, skipped, min(len(texts), n))
+
+
+def _draw(probe, name: str, *, n: int, T: int, seed: int, prepend_bos: bool | None) -> tuple[list[str], torch.Tensor]:
+    """``(texts, tokens [S, T])``: the texts a sampled run of text domain ``name`` measures and their tokens (see
+    :func:`draw_texts`)."""
+    candidates = domain_texts(name, n=2 * n, seed=seed)  # extra texts, so that skipping short ones still leaves n
+    rows, used = [], 0
+    for t in candidates:  # the shortest prefix of the candidates that holds n long-enough texts
+        used += 1
+        row, _ = texts_to_tokens(probe, [t], T, prepend_bos=prepend_bos)
+        if row.shape[0]:
+            rows.append(row)
+            if len(rows) == n:
+                break
+    toks = torch.cat(rows) if rows else torch.zeros(0, T, dtype=torch.long, device=probe.device)
+    return candidates[:used], toks
+
+
+def draw_texts(probe, name: str, *, n: int, T: int, seed: int = 0, prepend_bos: bool | None = None) -> list[str]:
+    """The texts a sampled run of the text domain ``name`` measures, the same for every engine.
+
+    ``2n`` texts are drawn with ``seed`` (:func:`domain_texts`), and the shortest prefix of them that holds ``n``
+    texts of at least ``T`` tokens is kept (all ``2n`` when fewer are long enough). A one-pass run
+    (:func:`domain_tokens`) measures the long-enough texts of this prefix; a sweep shards the prefix itself, so its
+    shards skip the same short texts and measure the same ``n`` rows."""
+    return _draw(probe, name, n=n, T=T, seed=seed, prepend_bos=prepend_bos)[0]
 
 
 def load_jsonl(path: str | Path, *, on_error: Literal["skip", "stop"] = "stop",
