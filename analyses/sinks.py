@@ -46,7 +46,6 @@ from probes.sites import site as _site  # `site` names a local hook name below
 from .core import base, domains as _domains, planner, registry
 from .core.base import option, stored
 from .core.progress import ProgressFn, phase
-from .core.store import hash_inputs
 
 __all__ = ["Config", "SinksResult", "SinkAlpha", "run", "result_key", "alpha_from_pattern", "sink_percentage", "collect_stats",
            "EPS_GRID", "bos_flag", "accumulate", "merge_states", "result_from_states", "eps_grid_for", "kv_to_heads"]
