@@ -460,7 +460,7 @@ class _Decomposer:
         scores = torch.einsum("rkge,tke->kgrt", q, k).reshape(self.H, q.shape[0], self.T) * scale
         kpos = torch.arange(self.T, device=q.device)[None, :]
         allowed = kpos <= rd[:, None]
-        window = _sliding_window(self.probe, attn)
+        window = self.probe.attention_window(L)
         if window is not None:
             allowed = allowed & (rd[:, None] - kpos < window)
         return torch.softmax(scores.masked_fill_(~allowed, float("-inf")), dim=-1).to(self.dt)
@@ -532,16 +532,6 @@ class _Decomposer:
                     parallel=self.parallel, attn_bias=cpu(self.attn_bias), neurons=cpu(self.neurons),
                     neuron_resid=cpu(self.neuron_resid), computed=None if every else self.computed,
                     rows=None if self.rows is None or (every and len(self.rows) == self.T) else self.rows)
-
-
-def _sliding_window(probe, attn_module) -> int | None:
-    """The sliding window of a layer's attention (the module's own, else the config's when it is switched on)."""
-    w = getattr(attn_module, "sliding_window", None)
-    if w is None:
-        c = probe.hf_model.config
-        if getattr(c, "use_sliding_window", True) is not False and not hasattr(c, "layer_types"):
-            w = getattr(c, "sliding_window", None)
-    return int(w) if w else None
 
 
 _ROUTE_EDIT_KINDS = ("pattern", "q", "k", "v", "mlp_pre", "mlp_post", "mlp_out")

@@ -320,6 +320,16 @@ class Probe:
             return get_module(self.hf_model, path)
         return get_module(get_module(self.hf_model, self.arch.layers)[layer], path)
 
+    def attention_window(self, layer: int) -> int | None:
+        """The sliding window of block ``layer``'s attention (keys at most this many positions back), or None: the
+        attention module's own, else the config's when the config switches it on for every layer."""
+        w = getattr(self.module(self.arch.attn, layer=layer), "sliding_window", None)
+        if w is None:
+            c = self.hf_model.config
+            if getattr(c, "use_sliding_window", True) is not False and not hasattr(c, "layer_types"):
+                w = getattr(c, "sliding_window", None)
+        return int(w) if w else None
+
     def linear_weight(self, path: str, layer: int) -> torch.Tensor:
         """Weight of a block's projection as ``[out, in]`` (GPT-2's Conv1D transposed)."""
         w = self.module(path, layer).weight

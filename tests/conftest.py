@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -118,6 +119,15 @@ def run_page():
         return wait_background(at.run(), timeout=240)
 
     return _run
+
+
+# a progress line of the CLI in a log: "<phase>: <done>[/<total>][ <unit>], <m:ss> elapsed[, ETA ...][ (figures)]"
+PROGRESS_LINE = re.compile(r"^(.+?): (\d+)(?:/(\d+))?(?: [a-z][a-z ]*)?, \d+:\d\d(?::\d\d)? elapsed")
+
+
+def messages(err: str) -> list[str]:
+    """stderr's lines other than progress lines (warnings, errors, the planner's line)."""
+    return [line for line in err.splitlines() if line.strip() and not PROGRESS_LINE.match(line)]
 
 
 def run_cli(args, capsys):

@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import messages, run_cli
 
 from analyses.core import store
 
@@ -235,7 +235,7 @@ def test_skipped_line_is_one_warning_line(tmp_path, tiny_dir, capsys, monkeypatc
     code, out, err = run_cli(["capture", "-m", str(tiny_dir), "--input", str(ws / "bad.jsonl"), "--on-error", "skip",
                               "--hooks", "blocks.0.hook_resid_post", "--out", str(ws / "acts.safetensors")], capsys)
     assert code == 0, err
-    warn = [line for line in err.splitlines() if line.strip()]
+    warn = messages(err)  # besides the progress lines of the capture
     assert warn == ["warning: bad.jsonl line 2 is not valid JSON (Expecting property name enclosed in double quotes at column 2); "
                     "skipped."], err
     # the capture file is Sonde's: --replace may overwrite it, and nothing else appeared

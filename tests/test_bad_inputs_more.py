@@ -28,7 +28,7 @@ import pytest
 import torch
 
 import tiny_models
-from conftest import run_cli
+from conftest import messages, run_cli
 
 from analyses.core import store
 from probes import DeviceError, InputError, ModelLoadError
@@ -206,8 +206,9 @@ def test_full_disk_while_writing_a_capture(ws, tiny_dir, capsys):
                                 "--out", str(ws / "acts.safetensors")], capsys)
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-    lines = [line for line in err.splitlines() if line.strip()]
+    lines = messages(err)  # after the capture loop's progress lines: one error line, the last
     assert code == 2 and len(lines) == 1 and "cannot write the capture file" in lines[0], err
+    assert err.strip().splitlines()[-1] == lines[0]
     assert not (ws / "acts.safetensors").exists() and not list(ws.glob(".acts.safetensors.*"))
 
 

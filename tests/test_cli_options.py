@@ -15,10 +15,13 @@ from analyses.cli.options import NOT_STATIC, cli_default, config_fields
 
 # the model-loading and output options every verb shares (common.py), not analysis settings
 SHARED = {"model", "backend", "device", "dtype", "out", "as_json", "replace"}
-OTHER_MEANING = {("bias-sweep", "categories")}  # the CLI takes a JSON file of categories, the config the pairs
+# the CLI takes a JSON file of categories, the config the pairs; --n-random defaults to the analysis's own default, which
+# differs between one prompt (routes.faithfulness: 10) and a dataset (DatasetConfig: 4 per prompt)
+OTHER_MEANING = {("bias-sweep", "categories"), ("routes", "n_random")}
 VERBS = {
     "routes": ([routes.Config, routes.DatasetConfig],
-               {"tau", "renormalize", "level", "p", "include_bias", "position", "mode", "kernel", "prepend_bos", "max_tokens"}),
+               {"tau", "renormalize", "level", "p", "include_bias", "position", "mode", "kernel", "prepend_bos", "max_tokens",
+                "seed"}),
     "fiber": ([fiber.Config], {"matrix", "matrix_key", "tokens", "vol_min", "vol_max", "window", "alpha", "n_strata", "mode",
                                "correction", "keep_curves", "block_size"}),
     "counterfactual": ([counterfactual.Config], {"temperature", "top_k", "top_p", "max_new_tokens", "seed", "n_samples",

@@ -9,7 +9,7 @@ import re
 import pytest
 
 from analyses.core.progress import Progress, phase
-from conftest import run_cli
+from conftest import PROGRESS_LINE, run_cli
 from probes.errors import ConfigError
 
 
@@ -55,7 +55,7 @@ def _phases(err: str) -> dict[str, list[str]]:
     """stderr's progress lines by phase ("<phase>: <done>[/<total>] <unit>, <elapsed> elapsed...")."""
     out: dict[str, list[str]] = {}
     for line in err.splitlines():
-        m = re.match(r"^(.+?): (\d+)(/\d+)?( [a-z]+)?, \d+:\d\d elapsed", line)
+        m = PROGRESS_LINE.match(line)
         if m:
             out.setdefault(m.group(1), []).append(line)
     return out

@@ -13,7 +13,7 @@ from analyses import sinks
 from probes import Collect, ConfigError, DeviceError, Mean, ModelLoadError, UnknownSiteError, Ablate, from_hf, l2_norm, load_model
 from probes.loading import parse_max_memory
 from probes.remote import RemoteProbe, check_ndif
-from conftest import run_cli
+from conftest import messages, run_cli
 
 
 def _save(tmp: Path, name: str, seed: int = 0, family: str = "llama") -> Path:
@@ -280,7 +280,7 @@ def test_cli_sweep_logit_lens_and_errors(ckpt_dir, tmp_path, capsys):
     code, stdout, err = run_cli(["run", "sweep", "logit-lens", "--checkpoint-dir", str(ckpt_dir), "--prompt", "hello there",
                                  "--device", "cpu", "--out", str(out), "--json"], capsys)
     assert code == 0, err
-    assert "step0: done" in err and "step1000: done" in err
+    assert "(checkpoint step0, status done)" in err and "(checkpoint step1000, status done)" in err  # a line each
     res = checkpoints.SweepResult.load(out)
     assert set(res.frame.metric) == {"top1_agree", "p_final"} and len(res.frame) == 3 * 2 * 2
     last = res.frame[(res.frame.metric == "top1_agree") & (res.frame.layer == 1)]
@@ -289,11 +289,12 @@ def test_cli_sweep_logit_lens_and_errors(ckpt_dir, tmp_path, capsys):
     assert code == 2 and "already holds a Sonde result" in err and "--replace" in err  # never replaced unasked
     code, _, err = run_cli(["run", "sweep", "logit-lens", "--checkpoint-dir", str(ckpt_dir), "--device", "cpu", "--out", str(out),
                             "--replace"], capsys)
-    assert code == 0 and "step0: skipped" not in err  # a different prompt is a different sweep: no stale parts
+    assert code == 0 and "status skipped" not in err  # a different prompt is a different sweep: no stale parts
     assert not [p.name for p in tmp_path.iterdir() if p.name not in ("ll", "ckpts")]  # no <out>.parts or work folder beside it
     code, _, err = run_cli(["run", "sweep", "sinks", "--device", "cpu"], capsys)
     assert code == 2 and "exactly one of --checkpoints or --checkpoint-dir" in err
     code, _, err = run_cli(["run", "sweep", "sinks", "--checkpoints", f"{ckpt_dir}/step0,{tmp_path}/missing", "--set", "T=16",
                             "--set", "n_samples=2", "--set", "mlp_ablation=false", "--device", "cpu", "--out", str(tmp_path / "s")], capsys)
     lines = err.strip().splitlines()
-    assert code == 2 and lines[0] == "step0: done" and lines[-1].startswith("error: checkpoint 'missing'") and len(lines) == 2
+    assert code == 2 and "(checkpoint step0, status done)" in err  # the first checkpoint's line, then the error, last
+    assert lines[-1].startswith("error: checkpoint 'missing'") and messages(err) == [lines[-1]]

@@ -481,13 +481,17 @@ def progress_bar(*, every: float = 15.0) -> Iterator[Callable[[Progress], None]]
 
     One bar per phase, with its count, total, elapsed time, ETA and figures. On a terminal the bars are rich's; in a
     log or CI, one plain line when a phase starts, one every ``every`` seconds and one when it ends, so no phase is
-    silent. The ETA extrapolates the phase's own rate (units done since it started, resumed ones excluded).
+    silent; a phase of at most ``FEW`` units (checkpoints, prefixes: each one long) has a line per unit. The ETA
+    extrapolates the phase's own rate (units done since it started, resumed ones excluded).
     """
     bars = _Bars(every)
     try:
         yield bars
     finally:
         bars.close()
+
+
+FEW = 32  # a phase of at most this many units shows each of them in a log
 
 
 class _Bars:
@@ -507,7 +511,7 @@ class _Bars:
         self.ev = ev
         if self.tty:
             self.rich.update(self.task, completed=ev.done, total=ev.total, description=self._label(ev))
-        elif ev.done == self.done0 or ev.finished or now - self.last >= self.every:
+        elif ev.done == self.done0 or ev.finished or now - self.last >= self.every or (ev.total or FEW + 1) <= FEW:
             self._line()
 
     def _label(self, ev: Progress) -> str:

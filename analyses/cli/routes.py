@@ -119,7 +119,8 @@ def register(run_app: typer.Typer) -> None:
         explain: Optional[str] = typer.Option(None, "--explain", help="QK attribution of one attention edge, LAYER HEAD @ query -> key, e.g. L5H3@12->4 (norm scales frozen)."),
         explain_top: int = typer.Option(10, "--explain-top", min=1, help="With --explain: contributors and pairs listed per side."),
         faithful: bool = typer.Option(False, "--faithfulness", help="Ablation checks of the route: p(target) with off-route / route / random components ablated (zero and mean); in dataset mode, their distributions per domain."),
-        n_random: int = typer.Option(10, "--n-random", min=0, help="With --faithfulness: random component sets of the route's size."),
+        n_random: Optional[int] = typer.Option(None, "--n-random", min=0, help="With --faithfulness: random component sets of the "
+                                               "route's size (default: 10 for one prompt, DatasetConfig's 4 per prompt of a dataset)."),
         seed: int = typer.Option(0, "--seed", help="With --faithfulness: seed of the random sets and the reference corpus."),
         compare: bool = typer.Option(False, "--compare", help="Two contexts side by side: --prompt on --model (a) against --prompt-b and/or --model-b (b); kept/lost/gained edges, Δ head importance, Δp."),
         prompt_b: Optional[str] = typer.Option(None, "--prompt-b", help="With --compare: the second prompt (default: --prompt)."),
@@ -206,7 +207,8 @@ def register(run_app: typer.Typer) -> None:
                     _echo_explanation(ex, explain_top)
             if faithful:
                 with status("Checking the route by ablation"):
-                    f = routes.faithfulness(probe, prompt, config=cfg, n_random=n_random, seed=seed, result=res)
+                    f = routes.faithfulness(probe, prompt, config=cfg, seed=seed, result=res,
+                                        **({} if n_random is None else {"n_random": n_random}))
                 if as_json:
                     summary["faithfulness"] = f.to_dict()
                 else:
@@ -220,7 +222,8 @@ def register(run_app: typer.Typer) -> None:
         from analyses.core.domains import corpus_records
         from analyses.core.io import is_hf_spec
 
-        cfg = routes.DatasetConfig(**common, max_tokens=max_tokens, faithfulness=faithful, n_random=n_random, seed=seed)
+        cfg = routes.DatasetConfig(**common, max_tokens=max_tokens, faithfulness=faithful, seed=seed,
+                                   **({} if n_random is None else {"n_random": n_random}))
         if domains is not None:
             records = corpus_records([d.strip() for d in domains.split(",") if d.strip()], n=n_samples)
             src = domains
