@@ -1,4 +1,5 @@
-"""docs/readme_numbers.py, the one module that holds the docs' figures, for the tests that check the pages state them."""
+"""docs/build_readme.py (the docs' one generator) and docs/readme_numbers.py (the one module that holds the docs'
+figures), for the tests that check the pages: imported by path, since docs/ is not a package."""
 
 from __future__ import annotations
 
@@ -9,11 +10,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def numbers():
-    """The module docs/readme_numbers.py (imported once, by path: docs/ is not a package)."""
-    if "readme_numbers" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("readme_numbers", ROOT / "docs" / "readme_numbers.py")
+def builder():
+    """The module docs/build_readme.py (imported once)."""
+    if "build_readme" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("build_readme", ROOT / "docs" / "build_readme.py")
         mod = importlib.util.module_from_spec(spec)
-        sys.modules["readme_numbers"] = mod
+        sys.modules["build_readme"] = mod
         spec.loader.exec_module(mod)
-    return sys.modules["readme_numbers"]
+    return sys.modules["build_readme"]
+
+
+def numbers():
+    """The module docs/readme_numbers.py (imported once, by build_readme's own loader)."""
+    return builder().numbers()

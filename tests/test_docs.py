@@ -7,18 +7,13 @@ import re
 import shlex
 from pathlib import Path
 
+from docs_numbers import builder
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _builder():
-    spec = importlib.util.spec_from_file_location("build_readme", ROOT / "docs" / "build_readme.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_readme_is_assembled_from_sections():
-    for path, text in _builder().outputs().items():
+    for path, text in builder().outputs().items():
         assert path.is_file() and path.read_text(encoding="utf-8") == text, \
             f"{path.relative_to(ROOT)} is out of date: run python docs/build_readme.py"
 
@@ -176,7 +171,7 @@ def test_scale_out_page_quotes_the_latest_ray_sweep_rows():
 def test_gallery_commands_are_their_pages_first_commands():
     """Each README gallery command is written on its analysis's manual page too, before any other `sonde` line of its
     verb there (the page and the README show the same first command)."""
-    nums = _builder().numbers()
+    nums = builder().numbers()
     assert {e.section for e in nums.GALLERY} >= {"logit_lens", "routes", "sinks", "bigram", "fiber", "critical",
                                                    "counterfactual"}
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -266,7 +261,7 @@ def test_readme_command_checker_reads_the_gallery_and_compares_figures():
     """benchmarks/readme_commands.py finds every gallery command with the figures quoted beside it, and its comparison
     fails on a figure that differs (text exactly; a number beyond the declared tolerance or two units of the last
     digit shown)."""
-    chk, nums = _checker(), _builder().numbers()
+    chk, nums = _checker(), builder().numbers()
     cmds = chk.gallery((ROOT / "README.md").read_text(encoding="utf-8"))
     assert [c.line for c in cmds] == [ex.command for ex in nums.GALLERY]
     for c, ex in zip(cmds, nums.GALLERY):
