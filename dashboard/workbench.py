@@ -328,8 +328,6 @@ class Job:
     :class:`~analyses.core.progress.Progress` event (its phase, count, total and figures)."""
 
     label: str
-    total: int | None = None
-    done_steps: int = 0
     last: Progress | None = None
     result: Any = None
     partial: Any = None
@@ -341,7 +339,7 @@ class Job:
 
     @property
     def progress(self) -> float:
-        return 0.0 if not self.total else min(1.0, self.done_steps / self.total)
+        return (self.last.fraction or 0.0) if self.last is not None else 0.0
 
     @property
     def failed(self) -> bool:
@@ -351,7 +349,7 @@ class Job:
     def step(self, event: Progress) -> None:
         """The analysis's ``progress=`` callback: keeps its latest event and checks the cancel flag (raising
         :class:`Cancelled` stops the run between two units of work)."""
-        self.last, self.done_steps, self.total = event, event.done, event.total
+        self.last = event
         if self.cancel.is_set():
             raise Cancelled(f"{self.label} was cancelled at {event}.", hint="Start it again to rerun.")
 

@@ -423,13 +423,12 @@ def test_background_run_outlives_the_tab_and_a_reload_attaches(env):
 
 
 def test_a_job_waiting_for_a_worker_says_queued(env):
+    from analyses.core.progress import Progress
     from dashboard.workbench import Job, _progress_text
 
-    text = _progress_text(Job(label="Rolling out prefixes", total=9))
+    text = _progress_text(Job(label="Rolling out prefixes", last=Progress("rollouts", 0, 9, "prefixes")))
     assert "queued" in text and "0/9" not in text
-    from analyses.core.progress import Progress
-
-    j = Job(label="Rolling out prefixes", total=9)
+    j = Job(label="Rolling out prefixes")
     j.started = j.queued_at
     j.step(Progress("rollouts", 2, 9, "prefixes", {"trace": 0}))
     assert "rollouts: 2/9 prefixes (trace 0)" in _progress_text(j) and j.progress == 2 / 9

@@ -515,8 +515,7 @@ class _Bars:
             self._line()
 
     def _label(self, ev: Progress) -> str:
-        extra = ", ".join(f"{k} {v}" for k, v in ev.info.items())
-        return ev.phase + (f" ({extra})" if extra else "")
+        return ev.phase + ev.figures
 
     def _rich_task(self, ev: Progress) -> None:
         if self.rich is None:
@@ -533,14 +532,10 @@ class _Bars:
 
         ev, now = self.ev, time.monotonic()
         el = now - self.t0
-        of = f"/{ev.total}" if ev.total is not None else ""
-        unit = f" {ev.unit}" if ev.unit else ""
         eta = ""
         if ev.total is not None and not ev.finished and ev.done > self.done0:
             eta = f", ETA {_seconds(el * (ev.total - ev.done) / (ev.done - self.done0))}"
-        extra = ", ".join(f"{k} {v}" for k, v in ev.info.items())
-        print(f"{ev.phase}: {ev.done}{of}{unit}, {_seconds(el)} elapsed{eta}" + (f" ({extra})" if extra else ""),
-              file=sys.stderr, flush=True)
+        print(f"{ev.phase}: {ev.count}, {_seconds(el)} elapsed{eta}{ev.figures}", file=sys.stderr, flush=True)
         self.last, self.shown = now, ev
 
     def _end(self) -> None:

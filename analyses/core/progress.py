@@ -50,11 +50,20 @@ class Progress:
         """True on a phase's last event (its total is known and reached)."""
         return self.total is not None and self.done >= self.total
 
-    def __str__(self) -> str:
-        of = f"/{self.total}" if self.total is not None else ""
-        unit = f" {self.unit}" if self.unit else ""
+    @property
+    def figures(self) -> str:
+        """``info`` as shown beside a bar: `` (loss 0.5, kept 3%)``, or ``""``."""
         extra = ", ".join(f"{k} {v}" for k, v in self.info.items())
-        return f"{self.phase}: {self.done}{of}{unit}" + (f" ({extra})" if extra else "")
+        return f" ({extra})" if extra else ""
+
+    @property
+    def count(self) -> str:
+        """``3/9 prefixes`` (``3 prefixes`` when the total is unknown)."""
+        of = f"/{self.total}" if self.total is not None else ""
+        return f"{self.done}{of}" + (f" {self.unit}" if self.unit else "")
+
+    def __str__(self) -> str:
+        return f"{self.phase}: {self.count}{self.figures}"
 
 
 ProgressFn = Callable[[Progress], None]
