@@ -103,6 +103,9 @@ class Config(_BaseConfig):
             raise ConfigError(f"layers={self.layers!r}; give block indices ≥ 0 (or None for every block).")
 
 
+EVAL_BATCH = 8  # held-out rows per forward pass of the evaluation (the numbers do not depend on it)
+
+
 def temperature_after(k: int, temp_mult: float = 1.001) -> float:
     """β after ``k`` optimizer steps: ``temp_mult ** k`` (β₀ = 1)."""
     return float(temp_mult) ** k
@@ -930,7 +933,7 @@ def train_mask(probe, train_rows: torch.Tensor, table: BigramTable | None, cfg: 
 # ============================================================================== evaluation
 @torch.no_grad()
 def evaluate_mask(probe, mask: Mapping[str, torch.Tensor], eval_rows: torch.Tensor, table: BigramTable, *,
-                  batch: int = 8, seed: int = 0, progress: ProgressFn | None = None) -> pd.DataFrame:
+                  batch: int = EVAL_BATCH, seed: int = 0, progress: ProgressFn | None = None) -> pd.DataFrame:
     """The ablation table: one row per variant (``full``, ``subnetwork``, ``random``, ``complement``,
     ``random_complement``) with ``kept_fraction``, ``mean_surprisal_bits``, ``bigram_xent_nats``,
     ``pearson_r`` (inf bigram surprisals clipped) and ``pearson_r_finite`` (those tokens dropped).
@@ -1164,7 +1167,7 @@ def run(probe, corpus: "str | Path | torch.Tensor | Sequence[int]" = "builtin", 
         table: a prebuilt bigram table (else counted from the training rows of ``corpus``); to keep the
             evaluation held out it must not have seen the held-out rows.
         micro_batch: rows per forward/backward pass (see :func:`train_mask`; the result does not depend on
-            it, the peak memory does: :func:`plan_micro_batch` picks one that fits).
+            it, the peak memory does: the planner picks one that fits, :data:`MEMORY`).
         progress: :class:`~analyses.core.progress.Progress` events, phase by phase: ``tokenizing`` (the corpus),
             ``counting bigrams`` (tokens), ``training`` (optimizer steps, see :func:`train_mask`) and
             ``evaluating`` (held-out rows, see :func:`evaluate_mask`).
@@ -1205,7 +1208,7 @@ def _finish(probe, masks, config, input_hash, curve, steps, stopped, corpus, eva
     ablation = pd.DataFrame(columns=["variant", "kept_fraction", "mean_surprisal_bits", "bigram_xent_nats", "pearson_r", "pearson_r_finite"])
     if eval_rows is not None:
         with timer("evaluate"):
-            ablation = evaluate_mask(probe, masks, eval_rows, table, batch=8, seed=config.seed, progress=progress)
+            ablation = evaluate_mask(probe, masks, eval_rows, table, batch=EVAL_BATCH, seed=config.seed, progress=progress)
     return BigramResult(config=config, model=probe.info.to_dict(), input_hash=input_hash, timings=timer.seconds,
                         masks=masks, matrices=mat, head_kept=head, neuron_kept=neuron, curve=curve, ablation=ablation,
                         sparsity=sum(int(m.sum()) for m in masks.values()) / max(total, 1), steps_done=steps,
@@ -1214,9 +1217,10 @@ def _finish(probe, masks, config, input_hash, curve, steps, stopped, corpus, eva
 
 def evaluate(probe, result: "BigramResult | str | Path", corpus: "str | Path | torch.Tensor | None" = None, *,
              compare: "BigramResult | str | Path | None" = None, eval_rows: int | None = None,
-             progress: ProgressFn | None = None) -> BigramResult:
+             progress: ProgressFn | None = None, batch: int = EVAL_BATCH) -> BigramResult:
     """Re-evaluate a saved mask on ``probe`` (default corpus: the one it was trained on; ``progress``: phase
-    ``evaluating``, see :func:`evaluate_mask`).
+    ``evaluating``, see :func:`evaluate_mask`; ``batch``: held-out rows per forward pass, which the numbers do not
+    depend on, only the peak memory does: :data:`EVAL_MEMORY`).
 
     ``compare`` adds the overlap with another mask (e.g. the optimal-pruning one, or another λ) under
     ``result.overlaps["compare"]``. Returns a new result with the fresh ablation table.
@@ -1232,7 +1236,7 @@ def evaluate(probe, result: "BigramResult | str | Path", corpus: "str | Path | t
     table = train_table(ids, cfg, probe.info.d_vocab)
     timer = Timer()
     with timer("evaluate"):
-        ablation = evaluate_mask(probe, result.masks, rows, table, batch=8, seed=cfg.seed, progress=progress)
+        ablation = evaluate_mask(probe, result.masks, rows, table, batch=batch, seed=cfg.seed, progress=progress)
     overlaps = dict(result.overlaps)
     if compare is not None:
         other = BigramResult.load(compare) if isinstance(compare, (str, Path)) else compare
@@ -1293,19 +1297,48 @@ def _memory(s, B: int, T: int, o) -> dict[str, int]:
     """Mask training with autograd on a micro-batch of ``B`` rows: per-layer saved activations, the mask logits
     with their gradients and AdamW moments, and one chunk of the chunked loss (its float32 logits and softmax,
     plus the ``[B·T, d]`` gradient of the final hidden states); no ``[B, T, V]`` tensor exists, and no masked
-    weight ``W ⊙ σ(β·s)`` is kept from a forward pass to its backward pass (:meth:`MaskSet.recompute_masked`)."""
+    weight ``W ⊙ σ(β·s)`` is kept from a forward pass to its backward pass (:meth:`MaskSet.recompute_masked`). With
+    ``layers``, the mask state is that of the masked blocks; with ``others="drop"`` only those blocks run."""
     chunk = min(loss_chunk_tokens(s.d_vocab), B * T)
-    return {"saved_activations": s.n_layers * B * T * (6 * s.d_model + 3 * s.d_mlp) * s.itemsize,
-            # logits, their gradients and the two AdamW moments (float32)
-            "mask_state": 4 * s.block_params * 4,
+    c = o.get("config")
+    masked = min(len(set(c.layers)), s.n_layers) if c is not None and c.layers is not None else s.n_layers
+    run = masked if c is not None and c.others == "drop" and c.layers is not None else s.n_layers  # blocks that run
+    return {"saved_activations": run * B * T * (6 * s.d_model + 3 * s.d_mlp) * s.itemsize,
+            # logits, their gradients and the two AdamW moments (float32), of the masked blocks' weights
+            "mask_state": 4 * s.block_params * 4 * masked // s.n_layers,
             "logits": 2 * chunk * s.d_vocab * 4 + B * T * s.d_model * 4}
 
 
+CPU_MICRO_TOKENS = 512  # a CPU matmul over 512 tokens already runs at full speed, so bigger passes only cost memory
+
+
+def _cpu_cap(c: Config, device_type: str) -> int | None:
+    return max(1, CPU_MICRO_TOKENS // c.seq_len) if device_type == "cpu" else None
+
+
 MEMORY = planner.MemoryModel("bigram", _memory, persistent=("saved_activations", "mask_state"),
-                             sizes=lambda c: {"seq_len": c.seq_len, "batch_size": c.batch})
+                             sizes=lambda c: {"seq_len": c.seq_len, "batch_size": c.batch}, batch_arg="micro_batch",
+                             option="--micro-batch", max_batch=_cpu_cap, fields=(("--batch-size", "batch"),))
+
+
+def _eval_memory(s, B: int, T: int, o) -> dict[str, int]:
+    """The evaluation (no autograd) of ``B`` held-out rows: the five variants' boolean masks (the mask read and its
+    four transforms, one byte per block weight; ``layers``: of those blocks) and the batch's dense ``[B, T, V]`` float32 bigram target stay alive;
+    the entropy of the target (its clamp, log and product) and each variant's logits with their float32
+    log-softmax and product with the target are transients of different steps."""
+    btv = B * T * s.d_vocab * 4
+    c = o.get("config")
+    masked = min(len(set(c.layers)), s.n_layers) if c is not None and c.layers is not None else s.n_layers
+    return {"masks": 5 * s.block_params * masked // s.n_layers, "target": btv, "entropy": 3 * btv,
+            "logits": B * T * s.d_vocab * s.itemsize + 2 * btv}
+
+
+EVAL_MEMORY = planner.MemoryModel("bigram-eval", _eval_memory, persistent=("masks", "target"),
+                                  sizes=lambda c: {"seq_len": c.seq_len, "batch_size": EVAL_BATCH}, batch_arg="batch")
 
 SPEC = registry.register(registry.Analysis(
     name="bigram", order=3, title="Bigram subnetworks", summary="a tiny mask of block weights that reproduces next-token bigram predictions",
     config=Config, result=BigramResult, run=run, prepare=_prepare, cli="bigram", page="bigram", memory=MEMORY,
+    verbs=(("bigram-eval", EVAL_MEMORY),),
 ))
 result_key = SPEC.key  # the key run() gives this corpus, from the same _prepare

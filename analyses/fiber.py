@@ -807,7 +807,7 @@ def _memory(s, B: int, T: int, o: Mapping[str, Any]) -> dict[str, int]:
 
 MEMORY = planner.MemoryModel("fiber", _memory, persistent=("matrix",), forward=False,
                              sizes=lambda c: {"seq_len": 1, "batch_size": c.block_size}, batch_field="block_size",
-                             option="--block-size")
+                             option="--block-size", hint="Test fewer tokens (--tokens), or free memory.")
 
 
 SPEC = registry.register(registry.Analysis(

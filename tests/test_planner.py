@@ -1,4 +1,4 @@
-"""The memory planner: estimates against measured peaks, batch/chunk choice, the OOM retry, `sonde run plan`."""
+"""The memory planner: estimates against measured peaks, batch/chunk choice, the OOM retry, `sonde plan`."""
 
 import json
 
@@ -41,7 +41,7 @@ def test_routes_estimate_follows_the_routes_chunk_rule_and_prompt_limit():
 
 
 def test_estimate_errors_name_the_fix():
-    with pytest.raises(ConfigError, match="unknown analysis kind 'sink'.*forward, generate, .*sinks"):
+    with pytest.raises(ConfigError, match="knows no analysis 'sink'.*forward, generate, .*sinks"):
         planner.estimate("sink", SMOL, seq_len=8)
     with pytest.raises(ConfigError, match="seq_len=0"):
         planner.estimate("forward", SMOL, seq_len=0)
@@ -164,14 +164,14 @@ def test_estimate_is_within_2x_of_the_measured_peak_on_the_embedded_model():
 
 # ----------------------------------------------------------------------------- CLI
 def test_cli_plan(capsys):
-    code, out, err = run_cli(["run", "plan", "sinks", "--seq-len", "64", "--batch-size", "16", "--device", "cpu", "--free", "8GiB"], capsys)
+    code, out, err = run_cli(["plan", "sinks", "--seq-len", "64", "--batch-size", "16", "--device", "cpu", "--free", "8GiB"], capsys)
     assert code == 0 and out.startswith("sinks on cpu at T=64: batch size 16, estimated peak") and "8.0 GiB free" in out
-    code, out, _ = run_cli(["run", "plan", "routes", "--seq-len", "256", "--device", "cpu", "--json"], capsys)
+    code, out, _ = run_cli(["plan", "routes", "--seq-len", "256", "--device", "cpu", "--json"], capsys)
     d = json.loads(out)
     assert code == 0 and d["kind"] == "routes" and d["chunk_mb"] == 256 and d["weights_bytes"] == SMOL.n_params * 4
-    code, _, err = run_cli(["run", "plan", "attention", "--device", "cpu"], capsys)
+    code, _, err = run_cli(["plan", "attention", "--device", "cpu"], capsys)
     assert code == 2 and err.startswith("error: the planner knows no analysis 'attention'") and len(err.strip().splitlines()) == 1
-    code, _, err = run_cli(["run", "plan", "sinks", "--model", "nobody/nothing", "--device", "cpu"], capsys)
+    code, _, err = run_cli(["plan", "sinks", "--model", "nobody/nothing", "--device", "cpu"], capsys)
     assert code == 2 and "cannot read the config of 'nobody/nothing'" in err
 
 
@@ -184,12 +184,12 @@ def test_every_analysis_declares_a_memory_model_and_plan_prints_each(capsys):
     verbs = {s.cli for s in specs.values() if s.cli}
     assert verbs <= set(planner.kinds())
     for verb in sorted(verbs):
-        code, out, err = run_cli(["run", "plan", verb, "--device", "cpu", "--free", "8GiB", "--json"], capsys)
+        code, out, err = run_cli(["plan", verb, "--device", "cpu", "--free", "8GiB", "--json"], capsys)
         assert code == 0, (verb, err)
         p = json.loads(out)
         assert p["peak_bytes"] > 0 and p["fits"], (verb, p)
     # sizes left out come from the analysis's own defaults: bigram plans the paper's 32 x 128 batch
-    code, out, _ = run_cli(["run", "plan", "bigram", "--device", "cpu", "--free", "64GiB", "--json"], capsys)
+    code, out, _ = run_cli(["plan", "bigram", "--device", "cpu", "--free", "64GiB", "--json"], capsys)
     assert json.loads(out)["seq_len"] == 128
 
 
@@ -218,5 +218,5 @@ def test_memory_limit_lowers_the_batch_or_refuses_with_the_largest_setting(monke
                             "--max-new-tokens", "4096"], capsys)
     assert code == 2 and "not starting" in err
     monkeypatch.setenv("SONDE_MEMORY_LIMIT", "lots")
-    code, _, err = run_cli(["run", "plan", "sinks", "--device", "cpu"], capsys)
+    code, _, err = run_cli(["plan", "sinks", "--device", "cpu"], capsys)
     assert code == 2 and "SONDE_MEMORY_LIMIT" in err

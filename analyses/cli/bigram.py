@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .common import save_result, data_file, folder_path, model_options, BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OutOpt, echo_json, load_probe, progress_bar, saved, status
+from .common import planned, save_result, data_file, folder_path, model_options, BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OutOpt, echo_json, load_probe, progress_bar, saved, status
 
 __all__ = ["register"]
 
@@ -29,25 +29,6 @@ def _layers(spec: Optional[str]):
 def _ablation_lines(df) -> list[str]:
     return [f"{r.variant:>18}: kept={r.kept_fraction:.4%} surprisal={r.mean_surprisal_bits:.3f} bits "
             f"bigram_xent={r.bigram_xent_nats:.3f} nats r={r.pearson_r:.3f}" for r in df.itertuples()]
-
-
-CPU_MICRO_TOKENS = 512  # a CPU matmul over 512 tokens already runs at full speed, so bigger passes only cost memory
-
-
-def _plan(model: str, cfg, device: str, dtype: str, micro_batch: int | None) -> int | None:
-    """The micro-batch, planned from the model's config before it is loaded (one line on stderr); exit 2 when
-    not even one row fits. ``--micro-batch`` given: checked, never raised."""
-    from analyses.core import planner
-    from probes.loading import resolve_device
-
-    dev = resolve_device(device)
-    cap = micro_batch or (max(1, CPU_MICRO_TOKENS // cfg.seq_len) if dev.type == "cpu" else cfg.batch)
-    p = planner.preflight("bigram", model, seq_len=cfg.seq_len, batch_size=cfg.batch, max_batch=cap, device=str(dev),
-                          dtype=dtype, option="--batch-size")
-    if p is None:
-        return micro_batch
-    typer.echo(f"planner: {p.message}", err=True)
-    return p.batch_size
 
 
 def register(run_app: typer.Typer) -> None:
@@ -121,7 +102,8 @@ def register(run_app: typer.Typer) -> None:
             cfg = bigram.short_run_config(n_steps, **rest).replace(**given)
         else:
             cfg = bigram.Config(steps=n_steps, **rest, **given)
-        mb = _plan(model, cfg, device, dtype, micro_batch)
+        cfg, plan = planned(cfg, model, device, dtype, max_batch=micro_batch, with_plan=True)  # before loading
+        mb = plan.batch_size if plan is not None else micro_batch
         probe = load_probe(model, backend, device, dtype)
         run_fp = store.hash_inputs(probe.info.fingerprint, cfg.to_dict(), corpus)
         ck = checkpoint or work_dir(out if out is not None else store.results_root(), f"bigram-{run_fp}")
@@ -149,6 +131,8 @@ def register(run_app: typer.Typer) -> None:
                                               callback=data_file("corpus file", keep=("builtin",))),
         eval_rows: Optional[int] = typer.Option(None, "--eval-rows", help="Held-out rows to evaluate."),
         compare: Optional[Path] = typer.Option(None, "--compare", help="Another mask folder (or 'shipped'): report the overlap."),
+        batch: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Held-out rows per forward pass (default 8; lowered by "
+                                            "the planner to fit the free memory; the numbers do not depend on it)."),
         out: Optional[Path] = OutOpt,
         backend: str = BackendOpt, device: str = DeviceOpt, dtype: str = DtypeOpt,
         as_json: bool = JsonOpt,
@@ -159,14 +143,18 @@ def register(run_app: typer.Typer) -> None:
 
         with status("Reading mask"):
             res = bigram.BigramResult.load(mask)
-        probe = load_probe(model or res.model.get("source") or res.model.get("name", "embedded"), backend, device, dtype)
+        name = model or res.model.get("source") or res.model.get("name", "embedded")
+        cfg = res.config if eval_rows is None else res.config.replace(eval_rows=eval_rows)
+        _, plan = planned(cfg, name, device, dtype, verb="bigram-eval", batch_size=batch, with_plan=True)  # before loading
+        probe = load_probe(name, backend, device, dtype)
         if probe.info.fingerprint != res.model.get("fingerprint"):
             names = {w.path: w.shape for w in bigram.masked_weights(probe)}
             if any(names.get(k) != tuple(v.shape) for k, v in res.masks.items()):
                 raise InputError(f"the mask in {str(mask)!r} was trained on {res.model.get('name')!r} and does not fit {probe.info.name!r}.",
                                  hint="Pass --model with the model the mask was trained on.")
         with progress_bar() as bar:
-            ev = bigram.evaluate(probe, res, corpus, compare=compare, eval_rows=eval_rows, progress=bar)
+            ev = bigram.evaluate(probe, res, corpus, compare=compare, eval_rows=eval_rows, progress=bar,
+                                 batch=plan.batch_size if plan is not None else (batch or bigram.EVAL_BATCH))
         summary = {"sparsity": f"{ev.sparsity:.4%}", "ablation": ev.ablation.to_dict(orient="records")}
         if "compare" in ev.overlaps:
             summary["overlap"] = ev.overlaps["compare"]

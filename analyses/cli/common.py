@@ -441,25 +441,34 @@ def load_probe(model: str, backend: str = "nnsight", device: str = "auto", dtype
                           device_map=device_map, max_memory=max_memory, revision=revision, remote=remote)
 
 
-def planned(config: Any, model: "str | None", device: str = "auto", dtype: str = "auto", **sizes: Any) -> Any:
+def planned(config: Any, model: "Any", device: str = "auto", dtype: str = "auto", *, verb: str | None = None,
+            with_plan: bool = False, **sizes: Any) -> Any:
     """The memory plan of a ``sonde run`` verb, made from the model's config before any weights load: the verb's
     config, with its batch (routes: chunk budget) lowered to the largest setting that fits the memory free now
     (one ``planner:`` line on stderr says so), or unchanged. A run that does not fit at any setting stops here
     with exit 2 and the largest setting that fits. ``sizes`` adds what the config does not hold (``seq_len`` of a
-    prompt). The analysis's memory model is the one declared with it (the registry entry whose config class
-    ``config`` is); the limit ``$SONDE_MEMORY_LIMIT`` caps the free memory read."""
+    prompt; ``batch_size`` / ``max_batch`` of a batch that is a run argument). The analysis's memory model is the one
+    declared with it (the registry entry whose config class ``config`` is; ``verb`` names a further verb of it, such
+    as ``bigram-eval``); the limit ``$SONDE_MEMORY_LIMIT`` caps the free memory read. ``with_plan``: returns
+    ``(config, plan)`` (``plan`` None when nothing was planned; a ``batch_arg`` model's rows per pass are
+    ``plan.batch_size``). ``model`` is a model spec, or a
+    :class:`analyses.core.planner.ModelShape` when the sizes are not a model's (fiber's matrix file)."""
     from analyses.core import planner, registry
 
     if _SCALE.get().get("remote") or _SCALE.get().get("device_map"):  # runs elsewhere, or spread over devices
-        return config
-    spec = next((s for s in registry.all_analyses().values() if type(config) is s.config and s.memory is not None), None)
-    if spec is None:
-        return config
-    new, p = planner.plan_config(spec.memory, model, config, device=device, dtype=dtype, revision=_SCALE.get().get("revision"),
+        return (config, None) if with_plan else config
+    if verb is not None:
+        spec, mm = planner.analysis_of(verb)
+    else:
+        spec = next((s for s in registry.all_analyses().values() if type(config) is s.config and s.memory is not None), None)
+        mm = spec.memory if spec is not None else None
+    if mm is None:
+        return (config, None) if with_plan else config
+    new, p = planner.plan_config(mm, model, config, device=device, dtype=dtype, revision=_SCALE.get().get("revision"),
                                  **sizes)
-    if p is not None and new is not config:
+    if p is not None and p.lowered:
         typer.echo(f"planner: {p.message}", err=True)
-    return new
+    return (new, p) if with_plan else new
 
 
 @contextmanager

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from .options import config_option
-from .common import save_result, BackendOpt, DeviceOpt, JsonOpt, ModelOpt, OutOpt, load_probe, progress_bar, saved
+from .common import planned, save_result, BackendOpt, DeviceOpt, JsonOpt, ModelOpt, OutOpt, load_probe, progress_bar, saved
 
 
 #: more row ids than any vocabulary has (the largest are ~256k): a bigger --tokens selection is refused unexpanded
@@ -66,9 +66,9 @@ def parse_tokens(spec: str | None, n_rows: int | None = None) -> tuple[int, ...]
     return tuple(dict.fromkeys(i for r in spans for i in r))
 
 
-def matrix_rows(path: str, key: str | None = None) -> int | None:
-    """The row count of a ``.npy`` or ``.safetensors`` matrix file, read from its header only (None when the file
-    holds several tensors and no ``key`` picks one). A damaged or foreign file is one error naming it."""
+def matrix_shape(path: str, key: str | None = None) -> tuple[int, ...] | None:
+    """The shape of a ``.npy`` or ``.safetensors`` matrix file, read from its header only (None when the file holds
+    several tensors and no ``key`` picks one). A damaged or foreign file is one error naming it."""
     from probes.errors import check_input_file, user_file
 
     p = check_input_file(path, "matrix file", hint="Give an existing .npy or .safetensors file.")
@@ -89,7 +89,25 @@ def matrix_rows(path: str, key: str | None = None) -> int | None:
                 if name is None or name not in names:
                     return None
                 shape = f.get_slice(name).get_shape()
-    return int(shape[0]) if len(shape) >= 1 else None
+    return tuple(int(x) for x in shape) if len(shape) >= 1 else None
+
+
+def _planning_shape(model: str, matrix: str, dims: tuple[int, ...] | None, loads: bool):
+    """The sizes fiber's memory model reads (``d_vocab`` × ``d_model``: the matrix's rows and columns; the weights:
+    the model's when one loads), from configs and file headers only; None when they are not known before loading."""
+    from analyses.core import planner
+    from probes.errors import ModelLoadError
+
+    try:
+        model_shape = planner.shape_of(model) if loads else None
+    except ModelLoadError:  # a GGUF file: its sizes are known once it is loaded
+        return None
+    if matrix in ("input", "output"):
+        return model_shape
+    if dims is None or len(dims) != 2 or min(dims) < 1:
+        return None
+    return planner.ModelShape(n_layers=1, n_heads=1, n_kv_heads=1, d_model=dims[1], d_head=1, d_mlp=1, d_vocab=dims[0],
+                              n_params=model_shape.n_params if model_shape is not None else 1)
 
 
 def register(run_app: typer.Typer) -> None:
@@ -118,11 +136,16 @@ def register(run_app: typer.Typer) -> None:
         cfg = F.Config(matrix=matrix, matrix_key=matrix_key, tokens=None, vol_min=vol_min, vol_max=vol_max,
                        window=window, alpha=alpha, n_strata=n_strata, mode=mode, correction=correction,  # type: ignore[arg-type]
                        keep_curves=keep_curves, block_size=block_size, device="auto" if device == "auto" else device)  # type: ignore[arg-type]
-        rows = matrix_rows(matrix, matrix_key) if matrix not in ("input", "output") else None
-        probe = None if matrix not in ("input", "output") and model == "embedded" else load_probe(model, backend, "cpu")
-        if rows is None and probe is not None and matrix in ("input", "output"):
-            rows = probe.info.d_vocab
+        loads = matrix in ("input", "output") or model != "embedded"
+        dims = matrix_shape(matrix, matrix_key) if matrix not in ("input", "output") else None
+        shape = _planning_shape(model, matrix, dims, loads)
+        rows = dims[0] if dims else (shape.d_vocab if shape is not None else None)
         cfg = cfg.replace(tokens=parse_tokens(tokens, rows))
+        if shape is not None:
+            cfg = planned(cfg, shape, device)  # before loading: the kNN block that fits
+        probe = load_probe(model, backend, "cpu") if loads else None
+        if rows is None and probe is not None and matrix in ("input", "output"):
+            cfg = cfg.replace(tokens=parse_tokens(tokens, probe.info.d_vocab))
         with progress_bar() as bar:
             res = F.run(probe, config=cfg, progress=bar)
         path = save_result(res, out)

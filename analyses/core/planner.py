@@ -189,10 +189,17 @@ class Estimate:
     weights: int
     activations: int
     parts: Mapping[str, int] = field(default_factory=dict)
+    persistent: tuple[str, ...] = ()  # the parts alive for the whole run (they add; of the others only the largest counts)
 
     @property
     def total(self) -> int:
         return self.weights + self.activations
+
+    @property
+    def transient(self) -> str | None:
+        """The largest transient part (the one that counts), or None."""
+        rest = {k: v for k, v in self.parts.items() if k not in self.persistent}
+        return max(rest, key=rest.get) if rest else None
 
 
 @dataclass(frozen=True)
@@ -213,7 +220,14 @@ class MemoryModel:
     * ``forward``: False for an analysis that runs no forward pass of the model (its terms are all in ``parts``);
       ``weights``: False for one that loads no model at all (a toy trained from scratch);
     * ``batch_field`` / ``option``: the config field the plan may lower to fit (``None``: none, the run is refused
-      instead) and the CLI option that sets it; ``seq_option``: the option of the row length (for messages).
+      instead) and the CLI option that sets it; ``seq_option``: the option of the row length (for messages);
+    * ``batch_arg``: the batch is run in passes of fewer rows whose results add up (bigram's micro-batch): the plan
+      picks the rows per pass, the caller hands them to the run's keyword ``batch_arg`` and the config stays as it is;
+    * ``max_batch(config, device_type) -> rows | None``: a cap on the rows per pass that is not memory's (bigram on a
+      CPU: 512 tokens per pass already run at full speed);
+    * ``fields``: CLI options named otherwise than the config field they set (``{"--batch-size": "batch"}``), for
+      ``sonde plan``;
+    * ``hint``: what to do when nothing fits at the smallest setting and the rows cannot be shortened.
     """
 
     name: str
@@ -227,6 +241,10 @@ class MemoryModel:
     batch_field: str | None = None
     option: str = "--batch-size"
     seq_option: str = "--seq-len"
+    batch_arg: str | None = None
+    max_batch: Callable[[Any, str], int | None] | None = None
+    fields: tuple[tuple[str, str], ...] = ()
+    hint: str | None = None
 
     def settings(self, config: Any) -> dict[str, Any]:
         """The planner's sizes of a run with ``config`` (the analysis's own config): ``seq_len``, ``batch_size``,
@@ -256,22 +274,34 @@ def memory_model(kind: "str | MemoryModel") -> MemoryModel:
         return kind
     if kind in ("forward", "generate"):
         return FORWARD if kind == "forward" else GENERATE
+    return analysis_of(kind)[1]
+
+
+def analysis_of(verb: str) -> tuple[Any, MemoryModel]:
+    """``(declaration, memory model)`` of an analysis named by its name or a ``sonde run`` verb, read from the registry
+    (a further verb of an analysis, such as ``bigram-eval``, has the memory model declared with it)."""
     from . import registry
 
     try:
-        spec = registry.get(kind)
+        spec = registry.get(verb)
     except ConfigError:
+        spec = next((s for s in registry.all_analyses().values() if verb in dict(s.verbs)), None)
+        if spec is not None:
+            return spec, dict(spec.verbs)[verb]
         spec = None
     if spec is None or spec.memory is None:
-        raise ConfigError(f"unknown analysis kind {kind!r} for the planner.", hint=f"Use one of {', '.join(kinds())}.")
-    return spec.memory
+        raise ConfigError(f"the planner knows no analysis {verb!r}.", hint=f"Use one of: {', '.join(kinds())}.")
+    return spec, spec.memory
 
 
 def kinds() -> list[str]:
-    """The names the planner accepts: ``forward``, ``generate`` and every analysis with a memory model."""
+    """The names the planner accepts: ``forward``, ``generate`` and the verb of every analysis with a memory model."""
     from . import registry
 
-    return ["forward", "generate"] + [s.cli for s in registry.all_analyses().values() if s.memory is not None and s.cli]
+    out = ["forward", "generate"]
+    for s in registry.all_analyses().values():
+        out += ([s.cli] if s.memory is not None and s.cli else []) + [v for v, _ in s.verbs]
+    return out
 
 
 def estimate(kind: "str | MemoryModel", model: Any, *, seq_len: int, batch_size: int = 1, chunk_mb: int = 256,
@@ -317,7 +347,8 @@ def estimate(kind: "str | MemoryModel", model: Any, *, seq_len: int, batch_size:
     persistent = _BASE_PERSISTENT + mm.persistent
     transient = [v for k, v in p.items() if k not in persistent]
     acts = sum(v for k, v in p.items() if k in persistent) + max(transient, default=0)
-    return Estimate(kind=mm.name, weights=s.weight_bytes if mm.weights else 0, activations=int(acts), parts=p)
+    return Estimate(kind=mm.name, weights=s.weight_bytes if mm.weights else 0, activations=int(acts), parts=p,
+                    persistent=tuple(k for k in p if k in persistent))
 
 
 # ----------------------------------------------------------------------------- free memory
@@ -389,12 +420,16 @@ class Plan:
     budget: int
     fits: bool
     message: str
+    setting: str = ""  # the chosen setting as the CLI writes it (``--batch-size 16``, ``--chunk-mb 64``)
+    lowered: bool = False  # the plan lowered the requested setting to fit (:func:`plan_config`)
 
     def to_dict(self) -> dict[str, Any]:
+        e = self.estimate
         return {"kind": self.kind, "device": self.device, "seq_len": self.seq_len, "batch_size": self.batch_size,
-                "chunk_mb": self.chunk_mb, "peak_bytes": self.estimate.total, "weights_bytes": self.estimate.weights,
-                "activation_bytes": self.estimate.activations, "free_bytes": self.free, "budget_bytes": self.budget,
-                "fits": self.fits, "message": self.message, "parts": dict(self.estimate.parts)}
+                "chunk_mb": self.chunk_mb, "setting": self.setting, "lowered": self.lowered, "peak_bytes": e.total,
+                "weights_bytes": e.weights, "activation_bytes": e.activations, "free_bytes": self.free,
+                "budget_bytes": self.budget, "fits": self.fits, "message": self.message, "parts": dict(e.parts),
+                "persistent_parts": list(e.persistent), "largest_transient": e.transient}
 
 
 def plan(kind: "str | MemoryModel", model: Any, *, seq_len: int, batch_size: int | None = None, device: str | torch.device = "cpu",
@@ -469,20 +504,23 @@ def _sentence(kind, dev, T, what, est: Estimate, free, budget, fits, *, lowered:
 
 # ----------------------------------------------------------------------------- before loading
 def preflight(kind: "str | MemoryModel", model: "str | ModelShape", *, seq_len: int, batch_size: int, device: str = "cpu",
-              dtype: str = "auto", option: str = "--batch-size", new_tokens: int = 0, free_bytes: int | None = None,
-              seq_option: str = "--seq-len",
-              headroom: float = 0.8, max_batch: int | None = None, revision: str | None = None,
-              config: Any = None) -> Plan | None:
+              dtype: str = "auto", option: str | None = None, new_tokens: int = 0, free_bytes: int | None = None,
+              seq_option: str | None = None, headroom: float = 0.8, max_batch: int | None = None, revision: str | None = None,
+              config: Any = None, refuse: bool = True) -> Plan | None:
     """Plan a run from the model's config alone, before its weights are loaded.
 
     Returns the plan (its batch is the largest ≤ ``batch_size`` and ≤ ``max_batch`` that fits; the caller
     runs with it and prints ``plan.message``), or None when the config cannot be read without loading
     (a GGUF file). When not even a batch of one row fits, raises :class:`probes.OutOfMemoryError` (the CLI's
-    exit 2) naming the largest ``seq_len`` that does, so nothing heavy is loaded for a run that cannot finish.
+    exit 2) naming the largest ``seq_len`` that does, so nothing heavy is loaded for a run that cannot finish
+    (``refuse=False``: returns that plan, ``fits`` False, with the refusal as its message). ``option`` /
+    ``seq_option`` default to the memory model's.
     """
     from probes.errors import ModelLoadError
     from probes.loading import resolve_device, resolve_dtype
 
+    mm = memory_model(kind)
+    option, seq_option = option or mm.option, seq_option or mm.seq_option
     dev = resolve_device(device)
     dt = str(resolve_dtype(dtype, dev)).replace("torch.", "")
     try:
@@ -490,42 +528,50 @@ def preflight(kind: "str | MemoryModel", model: "str | ModelShape", *, seq_len: 
     except ModelLoadError:
         return None
     cap = min(batch_size, max_batch) if max_batch else batch_size
-    p = plan(kind, shape, seq_len=seq_len, batch_size=cap, device=dev, free_bytes=free_bytes, headroom=headroom,
+    p = plan(mm, shape, seq_len=seq_len, batch_size=cap, device=dev, free_bytes=free_bytes, headroom=headroom,
              new_tokens=new_tokens, config=config)
+    p = dataclasses.replace(p, setting=f"{option} {p.batch_size}")
     if p.fits:
         if p.batch_size < batch_size:
-            p = dataclasses.replace(p, message=p.message.rstrip(".").replace("; lowered from the requested setting to fit", "")
-                                    + f"; runs {option} {batch_size} as {-(-batch_size // p.batch_size)} passes of ≤ {p.batch_size} rows.")
+            n = -(-batch_size // p.batch_size)
+            tail = (f"; runs each batch of {batch_size} rows as {n} passes of ≤ {p.batch_size} rows ({option} {p.batch_size})."
+                    if mm.batch_arg else f"; runs {option} {batch_size} as {n} passes of ≤ {p.batch_size} rows.")
+            p = dataclasses.replace(p, message=p.message.rstrip(".").replace("; lowered from the requested setting to fit", "") + tail)
         return p
     lo, hi = 0, seq_len  # the longest rows that fit one at a time
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        if estimate(kind, shape, seq_len=mid, batch_size=1, new_tokens=new_tokens, config=config).total <= p.budget:
+        if estimate(mm, shape, seq_len=mid, batch_size=1, new_tokens=new_tokens, config=config).total <= p.budget:
             lo = mid
         else:
             hi = mid
-    need = format_bytes(p.estimate.total)
-    where = f"{p.kind} on {dev}"
     if lo >= 1:
-        fix = f"the largest setting that fits is {option} 1 with rows of {lo} tokens ({seq_option} {lo})"
+        fix = f"The largest setting that fits is {option} 1 with rows of {lo} tokens ({seq_option} {lo})."
     else:
-        fix = "nothing fits: use a smaller model or dtype (--dtype bfloat16), or a bigger device"
-    raise OutOfMemoryError(f"{where} needs about {need} at {option} 1 and T={seq_len}, more than the "
-                           f"{format_bytes(p.budget)} budget ({format_bytes(p.free)} free); not starting.",
-                           hint=fix[0].upper() + fix[1:] + ".")
+        fix = mm.hint or "Nothing fits: use a smaller model or dtype (--dtype bfloat16), or a bigger device."
+    message = (f"{p.kind} on {dev} needs about {format_bytes(p.estimate.total)} at {option} 1 and T={seq_len}, more than the "
+               f"{format_bytes(p.budget)} budget ({format_bytes(p.free)} free); not starting.")
+    if refuse:
+        raise OutOfMemoryError(message, hint=fix)
+    return dataclasses.replace(p, message=f"{message} {fix}")
 
 
-def plan_config(kind: "str | MemoryModel", model: "str | None", config: Any, *, device: str = "cpu", dtype: str = "auto",
-                revision: str | None = None, free_bytes: int | None = None, headroom: float = 0.8,
-                **given: Any) -> tuple[Any, Plan | None]:
-    """Plan a run of an analysis from its config alone, before the model's weights load (every ``sonde run`` verb).
+def plan_config(kind: "str | MemoryModel", model: "str | ModelShape | None", config: Any, *, device: str = "cpu",
+                dtype: str = "auto", revision: str | None = None, free_bytes: int | None = None, headroom: float = 0.8,
+                refuse: bool = True, max_batch: int | None = None, **given: Any) -> tuple[Any, Plan | None]:
+    """Plan a run of an analysis from its config alone, before the model's weights load (every ``sonde run`` verb
+    and ``sonde plan``).
 
     The sizes come from the analysis's :class:`MemoryModel` (``sizes(config)``); ``given`` adds those the config
-    does not hold (``seq_len`` of a prompt, read as an upper bound before tokenizing). Returns ``(config, plan)``:
-    the config with its batch (``batch_field``; routes: its chunk budget) lowered to the largest setting that fits,
-    or unchanged; ``plan`` is None when there is nothing to plan (no sizes, or a GGUF file whose config cannot be
-    read without loading it). A run that does not fit at any setting, or whose batch cannot be lowered, raises
-    :class:`probes.OutOfMemoryError` (the CLI's exit 2) naming the largest setting that fits.
+    does not hold (``seq_len`` of a prompt, read as an upper bound before tokenizing; ``batch_size`` of a run
+    argument; ``max_batch``: the most rows per pass a ``batch_arg`` run was given, else the memory model's own cap).
+    Returns ``(config, plan)``: the config with its batch (``batch_field``; routes: its chunk budget)
+    lowered to the largest setting that fits, or unchanged (a ``batch_arg`` model: the rows per pass are
+    ``plan.batch_size``); ``plan.lowered`` says whether memory lowered the setting. ``plan`` is None when there is
+    nothing to plan (no sizes, or a GGUF file whose config cannot be read without loading it). A run that does not
+    fit at any setting, or whose batch cannot be lowered, raises :class:`probes.OutOfMemoryError` (the CLI's exit 2)
+    naming the largest setting that fits; with ``refuse=False`` it returns that plan instead (``fits`` False, the
+    refusal as its message).
     """
     from probes.errors import ModelLoadError
     from probes.loading import resolve_device
@@ -538,32 +584,49 @@ def plan_config(kind: "str | MemoryModel", model: "str | None", config: Any, *, 
         model = ModelShape(n_layers=1, n_heads=1, n_kv_heads=1, d_model=1, d_head=1, d_mlp=1, d_vocab=1, n_params=1)
     seq_len, batch = int(sz["seq_len"]), int(sz.get("batch_size") or 1)
     new_tokens = int(sz.get("new_tokens") or 0)
+    dev = resolve_device(device)
+
+    def refused(p: Plan, message: str, hint: str) -> tuple[Any, Plan]:
+        if refuse:
+            raise OutOfMemoryError(message, hint=hint)
+        return config, dataclasses.replace(p, fits=False, message=f"{message} {hint}")
+
     if mm.chunk is not None:
         try:
-            shape = _shape_for(model, device, dtype, revision)
+            shape = model if isinstance(model, ModelShape) else _shape_for(model, device, dtype, revision)
         except ModelLoadError:
             return config, None
         mb = int(sz.get("chunk_mb") or 256)
-        p = plan(mm, shape, seq_len=seq_len, device=resolve_device(device), free_bytes=free_bytes, headroom=headroom, chunk_mb=mb,
-                 config=config)
+        p = plan(mm, shape, seq_len=seq_len, device=dev, free_bytes=free_bytes, headroom=headroom, chunk_mb=mb, config=config)
+        p = dataclasses.replace(p, setting=f"--chunk-mb {p.chunk_mb}", lowered=p.chunk_mb < mb)
         if not p.fits:
-            raise OutOfMemoryError(f"{p.kind} on {p.device} needs about {format_bytes(p.estimate.total)} at T={seq_len}, more "
-                                   f"than the {format_bytes(p.budget)} budget ({format_bytes(p.free)} free) at any chunk size; not starting.",
-                                   hint="Use a shorter prompt, a smaller dtype (--dtype bfloat16) or a bigger device.")
-        if p.chunk_mb is not None and p.chunk_mb < mb and mm.batch_field:
+            return refused(p, f"{p.kind} on {p.device} needs about {format_bytes(p.estimate.total)} at T={seq_len}, more "
+                              f"than the {format_bytes(p.budget)} budget ({format_bytes(p.free)} free) at any chunk size; not starting.",
+                           "Use a shorter prompt, a smaller dtype (--dtype bfloat16) or a bigger device.")
+        if p.lowered and mm.batch_field:
             config = config.replace(**{mm.batch_field: p.chunk_mb})
         return config, p
-    p = preflight(mm, model, seq_len=seq_len, batch_size=1 if mm.one_row else batch, device=device, dtype=dtype,
-                  option=mm.option, seq_option=mm.seq_option, new_tokens=new_tokens, free_bytes=free_bytes, headroom=headroom,
-                  revision=revision, config=config)
-    if p is None or p.batch_size >= batch or mm.one_row:
+    cap = batch
+    if max_batch is not None:
+        cap = min(cap, max_batch)
+    elif mm.max_batch is not None and not mm.one_row:
+        cap = min(cap, mm.max_batch(config, dev.type) or cap)
+    p = preflight(mm, model, seq_len=seq_len, batch_size=1 if mm.one_row else batch, max_batch=None if mm.one_row else cap,
+                  device=device, dtype=dtype, new_tokens=new_tokens, free_bytes=free_bytes, headroom=headroom,
+                  revision=revision, config=config, refuse=refuse)
+    if p is None or not p.fits:
+        return config, p
+    if mm.one_row:
+        return config, dataclasses.replace(p, setting="one row per pass")
+    p = dataclasses.replace(p, lowered=p.batch_size < cap)
+    if not p.lowered or mm.batch_arg:
         return config, p
     if mm.batch_field is None:
         shape = model if isinstance(model, ModelShape) else _shape_for(model, device, dtype, revision)
-        need = estimate(mm, shape, seq_len=seq_len, batch_size=batch, new_tokens=new_tokens,
-                        config=config)
-        raise OutOfMemoryError(f"{p.kind} on {p.device} needs about {format_bytes(need.total)} at {mm.option} {batch}, more than the {format_bytes(p.budget)} budget ({format_bytes(p.free)} free); not starting.",
-                               hint=f"The largest setting that fits is {mm.option} {p.batch_size}.")
+        need = estimate(mm, shape, seq_len=seq_len, batch_size=batch, new_tokens=new_tokens, config=config)
+        return refused(p, f"{p.kind} on {p.device} needs about {format_bytes(need.total)} at {mm.option} {batch}, more than the "
+                          f"{format_bytes(p.budget)} budget ({format_bytes(p.free)} free); not starting.",
+                       f"The largest setting that fits is {mm.option} {p.batch_size}.")
     return config.replace(**{mm.batch_field: p.batch_size}), p
 
 
@@ -619,7 +682,7 @@ def retry_on_oom(fn: Callable[[int], T_], batch_size: int, *, what: str = "the r
         _empty_cache()
         raise OutOfMemoryError(f"{what} ran out of memory at batch size {batch_size} and again at {half}.",
                                hint=f"Use a smaller batch (--batch-size {max(1, half // 2)}), a shorter sequence, "
-                                    "or run `sonde run plan` to see what fits.") from e
+                                    "or run `sonde plan` to see what fits.") from e
 
 
 def _empty_cache() -> None:

@@ -20,7 +20,8 @@ The declaration holds
   finish over one state dict), read by :mod:`analyses.core.cluster`;
 * ``sweep`` (optional): how a checkpoint sweep runs it and which rows it keeps (:class:`Sweep`), read by
   :mod:`analyses.core.checkpoints`;
-* ``memory`` (optional): its :class:`analyses.core.planner.MemoryModel`, read by the planner;
+* ``memory`` (optional): its :class:`analyses.core.planner.MemoryModel`, read by the planner; ``verbs``: its further
+  ``sonde run`` verbs, each with the memory model it runs with (bigram: ``bigram-eval``);
 * ``cli`` / ``page``: the ``sonde run`` verb and the dashboard page (a test holds both to exist);
 * ``order`` / ``doc``: its place and section in the docs (``docs/build_readme.py`` lists the README's analysis
   sections from them);
@@ -116,6 +117,7 @@ class Analysis:
     shard: ShardProtocol | None = None
     sweep: Sweep | None = None
     memory: Any = None  # analyses.core.planner.MemoryModel
+    verbs: tuple[tuple[str, Any], ...] = ()  # further `sonde run` verbs of the analysis, each with its memory model
     needs_probe: bool = True
     order: int = 100  # where it stands in the docs index and menus (the method's paper order)
     doc: str | None = None  # its section of the docs (docs/readme/<doc>.md); default: its module's name
