@@ -34,6 +34,7 @@ from probes.labels import format_label, parse_label
 from probes.sites import Site
 
 from .core import base, planner, registry, store
+from .dormant import _memory as dormant_memory
 from .core.base import option, stored
 from .core.domains import BUILTIN
 
@@ -394,5 +395,6 @@ SPEC = registry.register(registry.Analysis(
     name="component", order=7, doc="overview", title="One component as every analysis sees it",
     summary="a head or neuron's sink mass, route share, bigram membership and output tokens",
     config=Config, result=ComponentProfile, run=profile, page="component",
-    memory=planner.MemoryModel("component", one_row=True),  # forward passes of short rows; saved results are read
+    # a fresh sink map is a dormant run of n_samples rows per domain (its loss included); the lens reads one position
+    memory=planner.MemoryModel("component", dormant_memory, sizes=lambda c: {"seq_len": c.T, "batch_size": c.n_samples}),
 ))

@@ -22,7 +22,7 @@ from .core import planner, registry, store
 from .core.base import Config as _BaseConfig
 from .core.base import Result, Timer, option, register_result, stored
 from .core.progress import ProgressFn, phase
-from .counterfactual import _decode, _mix64, _Noise, _prompt_ids, wilson
+from .counterfactual import _decode, _mix64, _Noise, _prompt_ids, sampling_memory, wilson
 
 __all__ = ["DEFAULT_CATEGORIES", "BiasConfig", "BiasSweepResult", "bias_sweep", "bias_sweep_key", "extract_category"]
 
@@ -198,6 +198,8 @@ BIAS_SPEC = registry.register(registry.Analysis(
     name="counterfactual.bias", order=6, doc="counterfactual", title="Counterfactual bias sweep",
     summary="attribute distributions across groups of a template, with shared noise",
     config=BiasConfig, result=BiasSweepResult, run=bias_sweep, prepare=_prepare_bias, cli="bias-sweep", page="counterfactual",
-    memory=planner.generating("counterfactual.bias", one_row=True, sizes=lambda c: {"new_tokens": c.max_new_tokens}),
+    # each group's n_samples rows are decoded together (the same noise streams in every group)
+    memory=planner.MemoryModel("counterfactual.bias", sampling_memory, persistent=("kv_cache",), option="--samples",
+                               sizes=lambda c: {"new_tokens": c.max_new_tokens, "batch_size": c.n_samples}),
 ))
 bias_sweep_key = BIAS_SPEC.key  # the key bias_sweep() gives this config

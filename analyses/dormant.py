@@ -42,7 +42,8 @@ from probes.sites import site as _site
 from .core import base, domains as _domains, registry
 from .core.base import option, stored
 from .core.progress import ProgressFn, phase
-from .sinks import MEMORY as _SINKS_MEMORY
+from .core import planner
+from .sinks import _memory as _sinks_memory
 from .sinks import bos_flag, collect_stats, next_token_loss
 from .core.store import hash_inputs
 
@@ -427,8 +428,19 @@ def run(probe, domains: Sequence[str] | Mapping[str, Sequence[str]] = ("prose", 
     )
 
 
+def _memory(s, B: int, T: int, o: Mapping[str, Any]) -> dict[str, int]:
+    """Sinks' terms (:data:`analyses.sinks.MEMORY`: the float32 patterns recomputed from q/k and the value norms), and
+    the next-token loss every batch computes (:func:`analyses.sinks.next_token_loss`, for the domain's loss and each
+    causal check): the ``[B, T, V]`` logits beside their float32 log-softmax."""
+    return {**_sinks_memory(s, B, T, o), "logits": B * T * s.d_vocab * (s.itemsize + 4)}
+
+
+MEMORY = planner.MemoryModel("dormant", _memory, sizes=lambda c: {"seq_len": c.T, "batch_size": c.batch_size},
+                             batch_field="batch_size", seq_option="--T")
+
+
 SPEC = registry.register(registry.Analysis(
     name="dormant", order=2, doc="sinks", title="Active and dormant heads", summary="which heads park their attention on the sink, per domain",
-    config=Config, result=DormantResult, run=run, prepare=_prepare, cli="dormant", page="sinks", memory=_SINKS_MEMORY,
+    config=Config, result=DormantResult, run=run, prepare=_prepare, cli="dormant", page="sinks", memory=MEMORY,
 ))
 result_key = SPEC.key  # the key run() gives these inputs, from the same _prepare
