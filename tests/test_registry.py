@@ -156,15 +156,19 @@ def test_store_refuses_same_key_other_inputs(llama, tmp_path, monkeypatch):
 
 
 def test_planner_reads_each_analysis_memory_model():
-    from analyses import bigram, routes, sinks
+    from analyses import bigram, counterfactual, dormant, routes, sinks
     from analyses.core import planner
 
-    assert planner.memory_model("sinks") is sinks.MEMORY and planner.memory_model("dormant") is sinks.MEMORY
+    assert planner.memory_model("sinks") is sinks.MEMORY and planner.memory_model("dormant") is dormant.MEMORY
     assert planner.memory_model("routes") is routes.MEMORY and planner.memory_model("bigram") is bigram.MEMORY
-    # generating analyses: GENERATE's terms under their own name and sizes
-    assert planner.memory_model("critical").parts is planner.GENERATE.parts is planner.memory_model("counterfactual").parts
+    # a further verb of an analysis has the memory model declared with it
+    assert planner.memory_model("bigram-eval") is bigram.EVAL_MEMORY and planner.analysis_of("bigram-eval")[0] is bigram.SPEC
+    # critical: GENERATE's terms under its own name and sizes; counterfactual and the bias sweep: their sampler's terms
+    assert planner.memory_model("critical").parts is planner.GENERATE.parts
     assert planner.memory_model("critical").name == "critical" and planner.memory_model("critical").batch_field == "batch_size"
-    assert set(planner.kinds()) >= {"forward", "generate", "sinks", "dormant", "routes", "bigram", "critical", "counterfactual"}
+    assert planner.memory_model("bias-sweep").parts is counterfactual.sampling_memory
+    assert set(planner.kinds()) >= {"forward", "generate", "sinks", "dormant", "routes", "bigram", "bigram-eval", "critical",
+                                    "counterfactual", "bias-sweep", "fiber"}
 
 
 def test_old_results_load_through_the_registry(tmp_path, llama):
@@ -179,7 +183,7 @@ def test_old_results_load_through_the_registry(tmp_path, llama):
 
 def test_every_declared_verb_is_a_sonde_run_verb_and_every_page_exists():
     """The CLI and the dashboard hold a verb and a page for each declaration (and the CLI no analysis verb that is
-    not declared, besides its tools: plan, sweep, bigram-eval, cdpo, contrastive-train)."""
+    not declared, besides its tools: sweep, cdpo, contrastive-train; bigram-eval is declared as a further verb of bigram)."""
     import typer.main
 
     from analyses.cli import run_app

@@ -58,6 +58,15 @@ def _value(text: str, default: Any, annotation: str):
     return text
 
 
+def _count(opt: str, text: str, least: int) -> int:
+    from probes.errors import ConfigError
+
+    n = int(text)
+    if n < least:
+        raise ConfigError(f"{opt} {n} is below {least}.", hint=f"Give {opt} a whole number ≥ {least}.")
+    return n
+
+
 def _size_options(args: List[str]) -> list[tuple[str, str]]:
     """``["--block-size", "1024", "--T=64"]`` -> ``[("--block-size", "1024"), ("--T", "64")]``."""
     from probes.errors import ConfigError
@@ -99,31 +108,29 @@ def plan_run(analysis: str, options: List[str], *, model: str = "embedded", devi
         config = spec.default_config()
     fields = {f.name: f for f in dataclasses.fields(config)} if config is not None else {}
     alias = dict(mm.fields)
-    changes: dict[str, Any] = {}
     given: dict[str, Any] = {}
     max_batch = None
     for opt, text in _size_options(options):
         name = alias.get(opt) or opt[2:].replace("-", "_")
-        if opt == mm.option and mm.batch_arg:
-            max_batch = int(text)
-        elif opt == mm.option and mm.batch_field:
-            changes[mm.batch_field] = int(text)
-        elif name in fields:
-            changes[name] = _value(text, getattr(config, name), str(fields[name].type))
-        elif opt == mm.option or opt in _GIVEN or opt == mm.seq_option:
-            key = "batch_size" if opt == mm.option else ("seq_len" if opt == mm.seq_option else _GIVEN[opt])
-            try:
-                given[key] = int(text)
-            except ValueError:
-                raise ConfigError(f"{opt} {text!r} is not a whole number.", hint=f"E.g. {opt} 64.") from None
-        else:
-            known = sorted({*(f"--{n.replace('_', '-')}" for n in fields), *alias, mm.option, mm.seq_option, *_GIVEN})
-            raise ConfigError(f"sonde plan {analysis}: unknown option {opt}.", hint=f"It takes: {', '.join(known)}.")
-    if changes:
         try:
-            config = config.replace(**changes)
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"sonde plan {analysis}: {e}.") from None
+            if opt == mm.option and mm.batch_arg:
+                max_batch = _count(opt, text, 1)
+            elif opt == mm.option and mm.batch_field:
+                config = config.replace(**{mm.batch_field: _count(opt, text, 1)})
+            elif name in fields:
+                config = config.replace(**{name: _value(text, getattr(config, name), str(fields[name].type))})
+            elif opt == mm.option or opt in _GIVEN or opt == mm.seq_option:
+                key = "batch_size" if opt == mm.option else ("seq_len" if opt == mm.seq_option else _GIVEN[opt])
+                given[key] = _count(opt, text, 0 if key == "new_tokens" else 1)
+            else:
+                known = sorted({*(f"--{n.replace('_', '-')}" for n in fields), *alias, mm.option, mm.seq_option, *_GIVEN})
+                raise ConfigError(f"sonde plan {analysis}: unknown option {opt}.", hint=f"It takes: {', '.join(known)}.")
+        except ConfigError as e:
+            if e.message.startswith(("sonde plan", opt)):
+                raise
+            raise ConfigError(f"{opt} {text!r}: {e.message}", hint=e.hint) from None
+        except ValueError:
+            raise ConfigError(f"{opt} {text!r} is not a value of this option.", hint=f"E.g. {opt} 64.") from None
     sz = {**mm.settings(config), **given} if config is not None else given
     if not sz.get("seq_len"):
         given["seq_len"] = 64  # a prompt's length (the run reads it from the prompt)

@@ -18,26 +18,33 @@ Each analysis declares its own terms with its :class:`MemoryModel` (``memory=`` 
 :class:`analyses.core.registry.Analysis`, every registered analysis has one), beside the code whose memory they
 describe, together with the sizes its config gives (``sizes``) and the setting a plan may lower (``batch_field``):
 
-* sinks and dormant (:data:`analyses.sinks.MEMORY`): the attention probabilities recomputed in float32 from
-  q/k per layer (``pattern``: ``4·B·H·T²·4``) and each head's ``v_h W_O,h`` (``value_norm``: ``B·T·H·d·4``);
+* sinks (:data:`analyses.sinks.MEMORY`): the attention probabilities recomputed in float32 from q/k per layer
+  (``pattern``: ``4·B·H·T²·4``) and each head's ``v_h W_O,h`` (``value_norm``: ``B·T·H·d·4``); dormant
+  (:data:`analyses.dormant.MEMORY`) adds the next-token loss's float32 log-softmax beside the ``[B, T, V]`` logits, and
+  component plans the dormant run of its fresh sink map;
 * routes (:data:`analyses.routes.MEMORY`): the ``[Q, T, H, d]`` proximity chunk (``Q`` queries by
   :func:`analyses.routes._chunk_size`, the rule the kernel itself uses) plus the stored ``[L, T, T, H]``
   importances; the plan lowers the chunk budget, not a batch;
-* generating analyses (critical, counterfactual, the bias sweep; :func:`generating`): ``kv_cache``
-  ``2·L·B·K·h·(T + new_tokens)·a``; generation keeps only the last position's logits (``B·V·4``);
+* generating analyses (critical; :func:`generating`): ``kv_cache`` ``2·L·B·K·h·(T + new_tokens)·a``; generation
+  keeps only the last position's logits (``B·V·4``); counterfactual and the bias sweep
+  (:func:`analyses.counterfactual.sampling_memory`) count every decoded row's cache and the sampler's ``[B, V]``
+  tensors;
 * the logit lens (:data:`analyses.logit_lens.MEMORY`): the output logits beside every layer's residual and one
   chunk of unembedded rows;
 * bigram (:data:`analyses.bigram.MEMORY`, mask training with autograd; ``B`` = rows per micro-batch): per-layer
   saved activations ``L·B·T·(6d + 3F)·a``, the mask logits, their gradients and AdamW moments
   (``4 × block params × 4``) and one chunk of the chunked loss (``2·chunk·V·4``; no ``[B, T, V]`` tensor, and
-  no masked weight kept between a forward pass and its backward pass);
+  no masked weight kept between a forward pass and its backward pass); ``bigram-eval``
+  (:data:`analyses.bigram.EVAL_MEMORY`, declared as a further verb of bigram): the variants' masks and the batch's dense
+  bigram targets;
 * fiber (:data:`analyses.fiber.MEMORY`, no forward pass): the kNN block ``[block_size, V]`` and every tested
   token's neighbour radii and ids; bb-toy (:data:`analyses.bbtoy.MEMORY`): the toy it trains (no model loads).
 
 :func:`plan_config` plans every ``sonde run`` verb from the model's config before its weights are loaded
 (:func:`analyses.cli.common.planned`): it lowers the batch (bigram: the micro-batch, the step stays the configured
-batch; routes: the chunk budget) and says so, or refuses with the largest setting that fits. The free memory it
-reads is capped by ``$SONDE_MEMORY_LIMIT`` when set (e.g. ``4GiB``).
+batch; bigram-eval: the held-out rows per pass; fiber: the kNN block; routes: the chunk budget) and says so, or
+refuses with the largest setting that fits. ``sonde plan`` prints the same plan without running anything. The free
+memory it reads is capped by ``$SONDE_MEMORY_LIMIT`` when set (e.g. ``4GiB``).
 
 The test suite measures the real peak resident memory of each analysis on the embedded model at two sizes
 (``tests/test_planner_peaks.py``) and checks the estimate against it.
