@@ -49,7 +49,7 @@ import torch
 
 from probes.errors import ConfigError, InputError
 from probes.labels import head_label
-from probes.weights import WeightSpec
+from probes.weights import WeightMap, WeightSpec
 
 from .core.base import Config as _BaseConfig
 from .core.base import Result, Timer, option, register_result, stored
@@ -520,24 +520,64 @@ def dropped_weights(probe, cfg: Config) -> list[MaskedWeight]:
 SOFT_FLOOR = 30.0  # β·s is floored here in the soft mask (see MaskSet.soft)
 
 
+def _sigma(s: torch.Tensor, beta: float) -> torch.Tensor:
+    """``σ(max(β·s, −SOFT_FLOOR))`` in one new buffer."""
+    return (s * beta).clamp_(min=-SOFT_FLOOR).sigmoid_()
+
+
+def _sigma_slope(s: torch.Tensor, beta: float) -> torch.Tensor:
+    """``d σ(max(β·s, −SOFT_FLOOR)) / ds``: ``β·σ·(1 − σ)`` above the floor (and at it, as torch's clamp), 0 below;
+    one new buffer besides a boolean one."""
+    x = s * beta
+    below = x < -SOFT_FLOOR
+    m = x.clamp_(min=-SOFT_FLOOR).sigmoid_()
+    return m.addcmul_(m, m, value=-1).mul_(beta).masked_fill_(below, 0.0)
+
+
+def _masked(W: torch.Tensor, s: torch.Tensor, beta: float) -> torch.Tensor:
+    """``W ⊙ σ(max(β·s, −SOFT_FLOOR))`` (the factor cast to ``W``'s dtype first), in one new buffer."""
+    m = _sigma(s, beta)
+    return m.mul_(W) if m.dtype == W.dtype else W * m.to(W.dtype)
+
+
 class _SoftMask(torch.autograd.Function):
     """``σ(max(β·s, −SOFT_FLOOR))`` that keeps nothing for its backward pass but ``s`` itself (a parameter,
-    alive anyway): autograd's own chain would save ``β·s`` and σ, two more float32 copies of every mask
-    (0.85 GB on a 135M model) per forward. σ is recomputed in the backward pass (one elementwise op)."""
+    alive anyway); σ is recomputed in the backward pass."""
 
     @staticmethod
     def forward(ctx, s, beta):
         ctx.save_for_backward(s)
         ctx.beta = beta
-        return torch.sigmoid((s * beta).clamp_(min=-SOFT_FLOOR))
+        return _sigma(s, beta)
 
     @staticmethod
     def backward(ctx, g):
         (s,) = ctx.saved_tensors
-        x = s * ctx.beta
-        live = x >= -SOFT_FLOOR  # clamp's gradient: 1 above the floor (and at it, as torch's clamp), 0 below
-        m = torch.sigmoid(x.clamp_(min=-SOFT_FLOOR))
-        return g * m * (1 - m) * ctx.beta * live, None
+        return _sigma_slope(s, ctx.beta).mul_(g), None
+
+
+class _MaskedWeight(torch.autograd.Function):
+    """``W ⊙ σ(max(β·s, −SOFT_FLOOR))`` as one operation that keeps only ``s`` (alive anyway) for its backward
+    pass: built from ``σ`` and a product, autograd would save ``β·s``, ``σ`` and run six more elementwise passes
+    over every mask (0.4 GiB each on a 135M model) per forward and backward. Here the forward pass writes one
+    buffer, and the backward pass one buffer and one boolean mask."""
+
+    @staticmethod
+    def forward(ctx, W, s, beta):
+        ctx.save_for_backward(s)
+        ctx.beta, ctx.W = beta, W
+        return _masked(W, s, beta)
+
+    @staticmethod
+    def backward(ctx, g):
+        (s,) = ctx.saved_tensors
+        W = ctx.W
+        gw = g * _sigma(s, ctx.beta).to(g.dtype) if ctx.needs_input_grad[0] else None
+        gs = None
+        if ctx.needs_input_grad[1]:
+            gs = _sigma_slope(s, ctx.beta)
+            gs = gs.mul_(g).mul_(W) if g.dtype == gs.dtype == W.dtype else gs.mul_(g.float()).mul_(W.float())
+        return gw, gs, None
 
 
 def _stored_weight(probe, path: str) -> torch.Tensor | None:
@@ -566,22 +606,33 @@ class MaskSet(torch.nn.Module):
             [torch.nn.Parameter(torch.full(w.shape, float(init), dtype=torch.float32, device=device)) for w in self.weights])
         self.beta = 1.0
         self.mode: Literal["soft", "hard", "off"] = "soft"
-        self._made: dict[Any, int] | None = None  # soft-mask node -> weight index, while recompute_masked() is open
+        self._made: dict[Any, int] | None = None  # masked-weight node -> weight index, while recompute_masked() is open
 
     @property
     def n_params(self) -> int:
         return sum(p.numel() for p in self.logits)
 
     def factor(self, i: int) -> torch.Tensor | None:
+        """Mask ``i``'s factor: ``σ(β·s)`` (soft), ``s > 0`` (hard) or None (off)."""
         s = self.logits[i]
         if self.mode == "off":
             return None
         if self.mode == "hard":
             return (s > 0).to(s.dtype)
-        m = self.soft(s)
-        if self._made is not None:
-            self._made[m.grad_fn] = i
-        return m
+        return self.soft(s)
+
+    def masked(self, i: int, W: torch.Tensor) -> torch.Tensor | None:
+        """Weight ``W`` under mask ``i``: ``W ⊙ σ(β·s)`` in one fused operation (soft), ``W ⊙ (s > 0)`` (hard), or
+        None (off: ``W`` as it is)."""
+        s = self.logits[i]
+        if self.mode == "off":
+            return None
+        if self.mode == "hard":
+            return W * (s > 0).to(W.dtype)
+        out = _MaskedWeight.apply(W, s, float(self.beta))
+        if self._made is not None and out.grad_fn is not None:
+            self._made[out.grad_fn] = i
+        return out
 
     def soft(self, s: torch.Tensor) -> torch.Tensor:
         """σ(β·s) with β·s floored at −:data:`SOFT_FLOOR`: once β is large, σ of a decided-off logit
@@ -593,6 +644,20 @@ class MaskSet(torch.nn.Module):
     def l0(self) -> torch.Tensor:
         """Continuous L0 surrogate ``Σ σ(β·s)`` (scalar, differentiable)."""
         return sum(self.soft(s).sum() for s in self.logits)
+
+    @torch.no_grad()
+    def add_l0_grad(self, scale: float) -> float:
+        """Add ``scale · ∂L0/∂s`` to every logit's gradient, without autograd (one buffer per mask at a time, the
+        same gradient as ``(scale * l0()).backward()`` within float rounding); returns ``L0``."""
+        total = 0.0
+        for s in self.logits:
+            total += float(_sigma(s, self.beta).sum(dtype=torch.float64))
+            g = _sigma_slope(s, self.beta).mul_(scale)
+            if s.grad is None:
+                s.grad = g
+            else:
+                s.grad.add_(g)
+        return total
 
     @torch.no_grad()
     def stats(self) -> dict[str, float]:
@@ -630,14 +695,11 @@ class MaskSet(torch.nn.Module):
             flip = fn.name() == "TBackward0"  # a linear layer run as t() + mm saves the transposed view
             if flip:
                 fn = fn.next_functions[0][0]
-                if fn is None:
-                    return t
-            for node, _ in fn.next_functions:
-                i = self._made.get(node) if node is not None else None
-                if i is not None and W[i] is not None and W[i].dtype == t.dtype and W[i].dim() == 2 \
-                        and tuple(W[i].shape) == (tuple(t.shape)[::-1] if flip else tuple(t.shape)):
-                    count["packed"] += 1
-                    return (i, float(self.beta), flip)
+            i = self._made.get(fn) if fn is not None else None
+            if i is not None and W[i] is not None and W[i].dtype == t.dtype \
+                    and tuple(W[i].shape) == (tuple(t.shape)[::-1] if flip else tuple(t.shape)):
+                count["packed"] += 1
+                return (i, float(self.beta), flip)
             return t
 
         def unpack(saved):
@@ -645,7 +707,7 @@ class MaskSet(torch.nn.Module):
                 return saved
             i, beta, flip = saved
             with torch.no_grad():
-                w = W[i] * torch.sigmoid((self.logits[i] * beta).clamp_(min=-SOFT_FLOOR)).to(W[i].dtype)
+                w = _masked(W[i], self.logits[i], beta)
             return w.t() if flip else w
 
         try:
@@ -661,7 +723,7 @@ class MaskSet(torch.nn.Module):
 
     @contextmanager
     def applied(self, probe) -> Iterator["MaskSet"]:
-        with probe.weight_masks({w.path: (lambda i=i: self.factor(i)) for i, w in enumerate(self.weights)}):
+        with probe.weight_masks({w.path: WeightMap(lambda W, i=i: self.masked(i, W)) for i, w in enumerate(self.weights)}):
             yield self
 
 
@@ -905,8 +967,10 @@ def train_mask(probe, train_rows: torch.Tensor, table: BigramTable | None, cfg: 
                         xent_sum += float(xent.detach()) * share
                         del target, xent
                         masks.forget()
+                        if dev.type == "cpu":
+                            planner.trim_heap()
                 if cfg.lam:
-                    (cfg.lam / N * masks.l0()).backward()
+                    masks.add_l0_grad(cfg.lam / N)
                 opt.step()
                 step += 1
                 check = step % cfg.log_every == 0 or step == cfg.steps

@@ -30,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from analyses import bigram as B  # noqa: E402
+from analyses.core import planner  # noqa: E402
 
 
 def build_probe(args):
@@ -176,7 +177,9 @@ def main() -> None:
             part = ids[lo: lo + mb]
             (B._loss(probe, part, table.rows(part, device=probe.device), None) * (part.shape[0] / args.batch)).backward()
             masks.forget()
-        (10.0 / N * masks.l0()).backward()
+            if probe.device.type == "cpu":
+                planner.trim_heap()
+        masks.add_l0_grad(10.0 / N)
         mopt.step()
         masks.beta *= 1.001
 

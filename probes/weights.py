@@ -35,12 +35,27 @@ from .errors import ConfigError, InputError, UnsupportedModelError
 if TYPE_CHECKING:
     from .backend import Probe
 
-__all__ = ["WeightSpec", "LoraSpec", "AdaptedModel", "Factor", "block_weights", "weight_masks", "only_blocks",
+__all__ = ["WeightSpec", "LoraSpec", "AdaptedModel", "Factor", "WeightMap", "block_weights", "weight_masks", "only_blocks",
            "frozen_weights", "adapter_targets", "adapted", "load_adapter"]
 
-# A mask factor: a fixed tensor (bool or float, storage shape) or a zero-argument callable that
-# returns one (or None = leave the weight as it is) at every forward, e.g. a trainable soft mask.
-Factor = Union[torch.Tensor, Callable[[], "torch.Tensor | None"]]
+
+class WeightMap:
+    """A mask given as a map of the weight itself: ``fn(W)`` returns the weight to use at this forward (or None to
+    leave ``W`` as it is). For masks that compute ``W ⊙ f`` in one fused operation instead of building ``f`` first
+    (a trainable soft mask whose backward pass should keep nothing but its logits)."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable[[torch.Tensor], "torch.Tensor | None"]):
+        self.fn = fn
+
+    def __call__(self, W: torch.Tensor) -> "torch.Tensor | None":
+        return self.fn(W)
+
+
+# A mask factor: a fixed tensor (bool or float, storage shape), a zero-argument callable that returns one (or
+# None = leave the weight as it is) at every forward, e.g. a trainable soft mask, or a :class:`WeightMap`.
+Factor = Union[torch.Tensor, Callable[[], "torch.Tensor | None"], WeightMap]
 
 
 # ============================================================================== listing
@@ -128,16 +143,22 @@ def _need_weights(probe: "Probe", what: str) -> None:
 class _Multiply(torch.nn.Module):
     """Parametrization ``W -> W ⊙ f()`` (``f`` is a closure, so no parameter joins the model)."""
 
-    def __init__(self, fn: Callable[[], torch.Tensor | None]):
+    def __init__(self, fn: "Callable[[], torch.Tensor | None] | WeightMap"):
         super().__init__()
         self._fn = [fn]  # a list hides the callable from nn.Module attribute registration
 
     def forward(self, W: torch.Tensor) -> torch.Tensor:
-        m = self._fn[0]()
+        fn = self._fn[0]
+        if isinstance(fn, WeightMap):
+            out = fn(W)
+            return W if out is None else out
+        m = fn()
         return W if m is None else W * m.to(W.dtype)
 
 
-def _as_factor(path: str, factor: Factor, W: torch.Tensor) -> Callable[[], torch.Tensor | None]:
+def _as_factor(path: str, factor: Factor, W: torch.Tensor) -> "Callable[[], torch.Tensor | None] | WeightMap":
+    if isinstance(factor, WeightMap):
+        return factor
     if callable(factor) and not isinstance(factor, torch.Tensor):
         return factor
     if not isinstance(factor, torch.Tensor):
@@ -155,9 +176,9 @@ def weight_masks(probe: "Probe", factors: Mapping[str, Factor]) -> Iterator[None
 
     Args:
         factors: ``{module path: factor}``; a factor is a tensor of the weight's storage shape (bool
-            or float) or a zero-argument callable evaluated at each forward (a trainable soft mask;
-            returning ``None`` leaves the weight as it is for that forward). Paths as in
-            :func:`block_weights`.
+            or float), a zero-argument callable evaluated at each forward (a trainable soft mask;
+            returning ``None`` leaves the weight as it is for that forward), or a :class:`WeightMap` that
+            returns the masked weight itself. Paths as in :func:`block_weights`.
     Raises InputError for a path that names no weight or a tensor of the wrong shape, ConfigError
     when a weight already carries a mask (masks do not nest). Unnamed weights stay as they are.
 
@@ -198,8 +219,13 @@ def weight_masks(probe: "Probe", factors: Mapping[str, Factor]) -> Iterator[None
                 if not W.is_contiguous():
                     raise UnsupportedModelError(f"{path}.weight is shared with a view but is not contiguous; cannot mask it.")
                 off = w2.storage_offset() - W.storage_offset()
-                register(other, (lambda fn=fn, shp=tuple(w2.shape), st=w2.stride(), off=off:
-                                 None if (f := fn()) is None else f.contiguous().as_strided(shp, st, off)), path)
+                if isinstance(fn, WeightMap):  # the view of the whole masked weight
+                    view = WeightMap(lambda _w2, fn=fn, W=W, shp=tuple(w2.shape), st=w2.stride(), off=off:
+                                     None if (o := fn(W)) is None else o.contiguous().as_strided(shp, st, off))
+                else:
+                    view = (lambda fn=fn, shp=tuple(w2.shape), st=w2.stride(), off=off:
+                            None if (f := fn()) is None else f.contiguous().as_strided(shp, st, off))
+                register(other, view, path)
             register(mod, fn, path)
         yield
     finally:

@@ -698,3 +698,27 @@ def _empty_cache() -> None:
     import gc
 
     gc.collect()
+
+
+_LIBC: list = []
+
+
+def trim_heap() -> None:
+    """Give the freed parts of the C heap back to the system (glibc ``malloc_trim``; nothing elsewhere). A loop
+    that frees and allocates tensors of many sizes, as a training pass does, otherwise keeps the holes between
+    live blocks resident: on the embedded model's bigram search, 0.1–0.3 GiB more per pass. Costs one system call
+    and the page faults of re-touching the memory, a few ms per pass."""
+    if not _LIBC:
+        import ctypes
+        import ctypes.util
+
+        lib = None
+        if sys.platform.startswith("linux"):
+            try:
+                lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+                lib = lib if hasattr(lib, "malloc_trim") else None
+            except OSError:
+                lib = None
+        _LIBC.append(lib)
+    if _LIBC[0] is not None:
+        _LIBC[0].malloc_trim(0)
