@@ -70,10 +70,9 @@ GALLERY: tuple[Example, ...] = (
             "sonde run bigram --corpus builtin --schedule short --steps 20 --batch-size 4 --seq-len 32 --layers 0,1 "
             "--drop-other-layers --eval-rows 16",
             note="20 steps show the training and the ablation table, not yet a sparse mask: the shipped mask pictured "
-                 "took 800 steps (about 18 min, the page's last command)",
-            long="did not finish within 15 min on 2 shared cores (load 20); not yet timed on idle ones"),
+                 "took 800 steps (about 18 min, the page's last command)"),
     Example("fiber", "fiber", "sonde run fiber --tokens 0:49152:200 --vol-max 300",
-            ("tested: 246", "singular[none]: 64", "gap[none]: 17", "singular[holm]: 45"),
+            ("tested: 246", "singular[none]: 71", "gap[none]: 17", "singular[holm]: 52"),
             note="every 200th token, tested against the whole vocabulary"),
     Example("critical", "critical",
             "sonde run critical --problems 1 --samples 4 --rollouts 8 --max-new-tokens 32 --granularity step "
