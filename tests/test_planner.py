@@ -38,9 +38,9 @@ def test_routes_estimate_follows_the_routes_chunk_rule_and_prompt_limit():
         e = planner.estimate("routes", SMOL, seq_len=T, chunk_mb=mb, config=eager)
         # one [Q, k, H, d] temporary, k the chunk's last query + 1: at most the last full chunk's or the partial one's
         assert e.parts["proximity_chunk"] == max(q * q * (T // q), (T % q) * T) * 9 * 576 * 4 <= q * T * 9 * 576 * 4
-        # the fused kernel holds only [Q, T, H] weights and output, for at most T / 16 queries (but 32) per chunk
+        # the fused kernel holds only [Q, T, H] weights and output
         fused = planner.estimate("routes", SMOL, seq_len=T, chunk_mb=mb, config=eager.replace(kernel="compiled"))
-        assert fused.parts["proximity_chunk"] == min(T, max(32, -(-T // 16)), routes._chunk_size(T, 9, 2, mb)) * T * 9 * 4 * 2
+        assert fused.parts["proximity_chunk"] == routes._chunk_size(T, 9, 2, mb) * T * 9 * 4 * 2
     # the config's mode picks the terms: top-down stores no [T, T] arrays
     top = planner.estimate("routes", SMOL, seq_len=2000, config=routes.Config(mode="route"))
     assert "layer_store" in top.parts and top.parts["importances"] == 30 * 8 * 2000 * 9 * 4
