@@ -944,8 +944,8 @@ def _itemsize_of(o: Mapping[str, Any]) -> int:
 
 def _fused_chunk(Q: int, T: int, H: int, chunk_mb: int, itemsize: int) -> int:
     """Queries per chunk of the fused kernel for ``Q`` queries over ``T`` keys: its ``[C, T, H]`` weights and output
-    within ``chunk_mb``. (Smaller chunks, each stopping at its last query's key, skip most of the masked half of the
-    square, but measured no faster on CPU: the kernel's time goes to reading the values, not to the masked keys.)"""
+    within ``chunk_mb``. (Smaller chunks, each stopping at its last query's key, would skip most of the masked half of
+    the square; on a 2-core CPU they measured slower, not faster: benchmarks/RESULTS.md, 2026-12-06.)"""
     return max(1, min(Q, _chunk_size(T, H, 2, chunk_mb, itemsize)))
 
 
