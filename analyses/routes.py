@@ -83,7 +83,7 @@ class Config(_BaseConfig):
     level: Level = option("token", help="token; head adds per-head edge rows; neuron adds per-neuron FFN importances.")
     position: int = option(-1, help="Prediction position of the route (negative counts from the end; -1 = last token).")
     mode: Literal["all", "route"] = option("all", help="all (graph of every position) or route (top-down: only the route to --position).")
-    prepend_bos: bool = option(False, help="Start each prompt with BOS (default: the tokenizer's own policy).")
+    prepend_bos: bool = option(False, help="Start each prompt with BOS (default off: no BOS, and a BOS the tokenizer adds is removed).")
     query_chunk: int | None = option(None, ge=1, help="Queries per chunk; None sizes chunks to chunk_mb.")
     chunk_mb: int = option(256, ge=1, help="Memory budget of one [Q, T, H, d] chunk (megabytes).")
     max_memory_gb: float = option(8.0, gt=0, help="Refuse prompts whose stored importances would exceed this (gigabytes).")
@@ -128,11 +128,21 @@ def _scaled_prox(w: torch.Tensor, a: torch.Tensor, u: torch.Tensor, p: float, ep
     return (_norm(w, p)[:, None, None] - _norm(diff, p)).clamp_min(eps)
 
 
+def _scaled_prox_eager(w: torch.Tensor, a: torch.Tensor, u: torch.Tensor, p: float, eps: float) -> torch.Tensor:
+    """:func:`_scaled_prox` in eager PyTorch with one ``[C, K, H, d]`` temporary: the parts, turned in place into
+    ``w − parts`` and their absolute values (bit for bit the same numbers as ``w − parts``)."""
+    x = a.unsqueeze(-1) * u.unsqueeze(0)
+    x.neg_().add_(w[:, None, None, :])
+    nx = x.abs_().sum(-1) if p == 1 else _norm(x, p)
+    del x
+    return (_norm(w, p)[:, None, None] - nx).clamp_min(eps)
+
+
 def _prox_kernel(kernel: str) -> Callable:
     """The proximity function for ``kernel`` ("compiled" falls back to eager, with a warning, when
     torch.compile is unavailable, e.g. no C++ compiler)."""
     if kernel != "compiled" or _COMPILE_FAILED:
-        return _scaled_prox
+        return _scaled_prox_eager
 
     def run(w, a, u, p, eps):
         fn = _COMPILED.get(p)
@@ -145,7 +155,7 @@ def _prox_kernel(kernel: str) -> Callable:
 
             _COMPILE_FAILED.append(f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
             warnings.warn(f"routes: torch.compile failed ({_COMPILE_FAILED[-1]}); using the eager proximity kernel.", stacklevel=2)
-            return _scaled_prox(w, a, u, p, eps)
+            return _scaled_prox_eager(w, a, u, p, eps)
 
     return run
 
@@ -174,7 +184,7 @@ def decomposed_attention(pattern: torch.Tensor, vo: torch.Tensor, queries: slice
 
 
 def _chunk_size(T: int, H: int, d: int, chunk_mb: int, itemsize: int = 4) -> int:
-    per_query = max(1, T * H * d * itemsize * 2)  # parts + the (whole - parts) temporary
+    per_query = max(1, T * H * d * itemsize)  # the parts, turned in place into |whole - parts| (_scaled_prox_eager)
     return max(1, min(T, int(chunk_mb * 2**20 // per_query)))
 
 
@@ -190,7 +200,7 @@ def attention_importance(resid_pre: torch.Tensor, whole: torch.Tensor, pattern: 
         resid_pre: [T, d] residual input (one part).
         whole: [T, d] block output residual (resid_mid; resid_post for parallel blocks).
         pattern: [H, T, T] attention probabilities (causal: zero for keys after the query).
-        vo: [T, H, d] v_h[j] · W_O,h per key and head.
+        vo: [T', H, d] v_h[j] · W_O,h per key and head (T' ≤ T: keys after the last query may be left out).
         extra_parts: [T, E, d] further parts per query (b_O, a parallel block's mlp_out), or None.
         queries: optional sorted query positions [Q] (top-down mode computes only these rows).
         pattern_rows: ``pattern`` holds only the rows of ``queries`` ([H, Q, T]), as the top-down walk recomputes them.
@@ -200,13 +210,13 @@ def attention_importance(resid_pre: torch.Tensor, whole: torch.Tensor, pattern: 
         attn [Q, T, H] (query, key, head), resid [Q], extra [Q, E] or None (Q = T when ``queries`` is None);
         each query's entries sum to 1, keys after the query get exactly eps / Σ.
     """
-    T, H, d = vo.shape
+    T, (_, H, d) = pattern.shape[-1], vo.shape
     qhost = None if queries is None else torch.as_tensor(queries).cpu().long()  # chunk bounds without a device sync
     qidx = torch.arange(T, device=vo.device) if qhost is None else qhost.to(vo.device)
     Q = qidx.numel()
     fused = kernel == "compiled"
-    # eager chunks hold [C, T, H, d] parts; the fused kernel only its [C, T, H] output
-    qc = query_chunk or (_chunk_size(T, H, 1, chunk_mb, vo.element_size()) if fused else _chunk_size(T, H, d, chunk_mb, vo.element_size()))
+    # eager chunks hold [C, T, H, d] parts; the fused kernel only its [C, T, H] weights and output
+    qc = query_chunk or (_fused_chunk(Q, T, H, chunk_mb, vo.element_size()) if fused else _chunk_size(T, H, d, chunk_mb, vo.element_size()))
     prox_fn = _prox_kernel(kernel)
     attn = torch.full((Q, T, H), eps, dtype=vo.dtype, device=vo.device)
     w = whole[qidx]
@@ -219,10 +229,8 @@ def attention_importance(resid_pre: torch.Tensor, whole: torch.Tensor, pattern: 
         a = (pattern[:, c0:c1, :k1] if pattern_rows else pattern[:, qs, :k1]).permute(1, 2, 0)  # [C, k1, H]
         if fused:
             pr = prox_fn(w[c0:c1].contiguous(), a.contiguous(), vo[:k1].contiguous(), float(p), float(eps))
-        else:
-            parts = a.unsqueeze(-1) * vo[:k1].unsqueeze(0)  # [C, k1, H, d]
-            pr = _prox(w[c0:c1, None], parts, p, eps)  # [C, k1, H]
-            del parts
+        else:  # one [C, k1, H, d] temporary
+            pr = _scaled_prox_eager(w[c0:c1], a, vo[:k1], p, eps)  # [C, k1, H]
         # keys after the query hold exact zero parts; pin them to eps (float reduction order aside)
         future = torch.arange(k1, device=vo.device)[None, :] > qs[:, None]
         pr.masked_fill_(future[..., None], eps)
@@ -266,7 +274,7 @@ def neuron_importance(rest: torch.Tensor, post: torch.Tensor, W_out: torch.Tenso
     T, F = post.shape
     d = W_out.shape[1]
     fused = kernel == "compiled"
-    per_query = F * (1 if fused else d) * post.element_size() * 2
+    per_query = F * (2 if fused else d) * post.element_size()
     qc = query_chunk or max(1, min(T, int(chunk_mb * 2**20 // max(1, per_query))))
     neurons = torch.empty(T, F, dtype=post.dtype, device=post.device)
     resid = _prox(whole, rest.unsqueeze(-2), p, eps)[..., 0]
@@ -276,9 +284,8 @@ def neuron_importance(rest: torch.Tensor, post: torch.Tensor, W_out: torch.Tenso
         if fused:  # parts post[i, n] · W_out[n] as the scaled-part kernel with one "head"
             neurons[q0:q1] = prox_fn(whole[q0:q1].contiguous(), post[q0:q1, :, None].contiguous(),
                                      W_out[:, None, :].contiguous(), float(p), float(eps))[..., 0]
-        else:
-            parts = post[q0:q1, :, None] * W_out[None]  # [Q, F, d]
-            neurons[q0:q1] = _prox(whole[q0:q1], parts, p, eps)
+        else:  # one [Q, F, d] temporary
+            neurons[q0:q1] = _scaled_prox_eager(whole[q0:q1], post[q0:q1, :, None], W_out[:, None, :], p, eps)[..., 0]
     total = neurons.sum(-1) + resid
     return neurons / total[:, None], resid / total
 
@@ -399,7 +406,8 @@ class _Decomposer:
         cfg = self.cfg
         whole = c["resid_post"] if self.parallel else c["resid_mid"]
         W_O = self.probe.W_O(L).to(self.dt)  # [H, h, d]
-        v = c["v"]  # [T, K, h]
+        # keys after the last query read no value: top-down projects only the keys up to its last row
+        v = c["v"] if rows is None else c["v"][: int(rows.max()) + 1]  # [T', K, h]
         T, K, h = v.shape
         # GQA: query head h reads KV head h // (H / K); grouping the H heads as [K, H / K] needs no copy of v
         vo = torch.einsum("tkh,kghd->tkgd", v, W_O.reshape(K, self.H // K, h, self.d)).reshape(T, self.H, self.d)
@@ -928,17 +936,38 @@ def run(probe, prompt: str | torch.Tensor, *, config: Config = Config(), edits: 
 
 
 # ============================================================================ declarations
+def _itemsize_of(o: Mapping[str, Any]) -> int:
+    """Bytes per stored importance: the config's dtype when the plan has the config, else ``route_itemsize``."""
+    cfg = o.get("config")
+    return 8 if getattr(cfg, "dtype", None) == "float64" else (4 if cfg is not None else o["route_itemsize"])
+
+
+def _fused_chunk(Q: int, T: int, H: int, chunk_mb: int, itemsize: int) -> int:
+    """Queries per chunk of the fused kernel for ``Q`` queries over ``T`` keys: its ``[C, T, H]`` weights and output
+    within ``chunk_mb``. (Smaller chunks, each stopping at its last query's key, would skip most of the masked half of
+    the square; on a 2-core CPU they measured slower, not faster: benchmarks/RESULTS.md, 2026-12-06.)"""
+    return max(1, min(Q, _chunk_size(T, H, 2, chunk_mb, itemsize)))
+
+
 def _route_memory(s, B: int, T: int, o: Mapping[str, Any]) -> dict[str, int]:
-    """The proximity chunk (queries by :func:`_chunk_size`), the pattern, the stored importances and, top-down,
-    each layer's residual in and out."""
-    H, d, L, a = s.n_heads, s.d_model, s.n_layers, o["route_itemsize"]
-    q = _chunk_size(T, H, d, o["chunk_mb"], a)
-    return {"proximity_chunk": q * T * H * d * a * 2, "pattern": H * T * T * 4,
-            "importances": L * T * T * H * a + 3 * L * T * a, "residuals": 2 * L * T * d * 4}
+    """All positions (``mode="all"``; a config with ``mode="route"`` gets :func:`_top_down_memory`): the stored
+    ``[L, T, T, H]`` importances stay; inside each layer's hook its recomputed ``[H, T, T]`` pattern (scores and
+    probabilities, float32), the layer's ``[T, T, H]`` importances and one proximity chunk live together (eager:
+    ``[Q, T, H, d]`` parts for ``Q`` queries by :func:`_chunk_size`; fused: the chunk's ``[Q, T, H]`` weights and
+    output). The kernel is the one the config resolves to (no config: the default ``kernel="auto"``)."""
+    cfg = o.get("config")
+    if getattr(cfg, "mode", "all") == "route":
+        return _top_down_memory(s, B, T, o)
+    H, d, L, a = s.n_heads, s.d_model, s.n_layers, _itemsize_of(o)
+    kernel = resolve_kernel(getattr(cfg, "kernel", "auto"), L, T, H, d)
+    if kernel == "compiled":
+        chunk = _fused_chunk(T, T, H, o["chunk_mb"], a) * T * H * a * 2
+    else:  # chunk c of q queries ends at key (c + 1)·q: the largest is the last full chunk, or the partial one after it
+        q = _chunk_size(T, H, d, o["chunk_mb"], a)
+        chunk = max(q * q * (T // q), (T % q) * T) * H * d * a
+    return {"proximity_chunk": chunk, "layer": 2 * H * T * T * 4 + T * T * H * a,
+            "importances": L * T * T * H * a + 3 * L * T * a}
 
-
-MEMORY = planner.MemoryModel("routes", _route_memory, persistent=("importances", "residuals"), one_row=True, chunk=_chunk_size,
-                             sizes=lambda c: {"chunk_mb": c.chunk_mb}, batch_field="chunk_mb", option="--chunk-mb")
 
 ROUTE_ROWS = 8  # positions per layer a top-down route is planned for (at tau=0.04 the embedded model's visit 2-7; the walk checks the budget itself)
 
@@ -947,15 +976,19 @@ def _top_down_memory(s, B: int, T: int, o: Mapping[str, Any]) -> dict[str, int]:
     """Top-down (``mode="route"``): the layer store of :func:`_top_down_bytes` (in the model's dtype) and the visited
     rows' importances (planned for :data:`ROUTE_ROWS` per layer) stay; the walk's proximity chunk and recomputed
     pattern rows come after the forward pass, whose logits are the largest transient on a long prompt."""
-    H, d, L, a = s.n_heads, s.d_model, s.n_layers, o["route_itemsize"]
+    H, d, L, a = s.n_heads, s.d_model, s.n_layers, _itemsize_of(o)
     R = min(T, ROUTE_ROWS)
     q = min(R, _chunk_size(T, H, d, o["chunk_mb"], a))
     return {"layer_store": _top_down_bytes(s, T, s.itemsize), "importances": L * R * T * H * a,
-            "proximity_chunk": q * T * H * d * a * 2, "pattern_rows": 2 * H * R * T * 4}
+            "proximity_chunk": q * T * H * d * a, "pattern_rows": 2 * H * R * T * 4}
 
 
+# one memory model for both modes: the terms follow the config's mode (without a config: all positions)
+MEMORY = planner.MemoryModel("routes", _route_memory, persistent=("importances", "layer_store"), one_row=True, chunk=_chunk_size,
+                             sizes=lambda c: {"chunk_mb": c.chunk_mb}, batch_field="chunk_mb", option="--chunk-mb")
 TOP_DOWN_MEMORY = planner.MemoryModel("routes (top-down)", _top_down_memory, persistent=("layer_store", "importances"),
-                                      one_row=True, chunk=_chunk_size)
+                                      one_row=True, chunk=_chunk_size, sizes=lambda c: {"chunk_mb": c.chunk_mb},
+                                      batch_field="chunk_mb", option="--chunk-mb")
 
 
 def memory_model(mode: str = "all") -> planner.MemoryModel:

@@ -87,6 +87,13 @@ def interleaved(fns: dict, dev, repeat: int) -> dict:
     return best
 
 
+def _load() -> str:
+    """The 1-, 5- and 15-minute load averages (a shared machine's timings are only comparable at similar load)."""
+    import os
+
+    return " / ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+
+
 def _peak_mb(dev) -> float:
     return torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -181,7 +188,7 @@ def main() -> None:
     print(f"model {probe.info.name}: {probe.info.n_layers} layers, {probe.info.n_heads} heads/{probe.info.n_kv_heads} kv, "
           f"d={probe.info.d_model}, {probe.info.dtype} on {dev}; torch threads {torch.get_num_threads()}")
     cfg = routes.Config(chunk_mb=args.chunk_mb, max_memory_gb=64, kernel=args.kernel)
-    print(f"proximity kernel: {args.kernel}")
+    print(f"proximity kernel: {args.kernel}; load average {_load()} at the start")
     top_cfg = cfg.replace(mode="route")
     print("wall seconds (best of --repeat, forward / all positions / top-down taking turns); ratios in wall and in "
           "process CPU time")
@@ -210,6 +217,7 @@ def main() -> None:
         print(f"{T:>6} {t_fwd:>10.3f} {t_routes:>10.3f} {t_routes / t_fwd:>7.2f} {c_routes / c_fwd:>9.2f} {t_top:>11.3f} "
               f"{t_top / t_fwd:>7.2f} {c_top / c_fwd:>9.2f} {t_graph:>14.3f} {peak:>9.0f}   "
               f"(route: {r.number_of_nodes()} nodes, {r.number_of_edges()} edges)", flush=True)
+    print(f"load average {_load()} at the end (other jobs on the machine inflate both sides of each ratio unevenly)")
 
 
 if __name__ == "__main__":

@@ -151,8 +151,9 @@ def routes_table() -> str:
         rows.append(f"| T = {T} | {cell(compiled, T)} | {cell('all-position graph, eager kernel', T)} | "
                     f"{cell('top-down route', T)} | {cell(compiled, T, 'peak')} |")
     date, _, where = head.replace("same machine, ", "2-core CPU, ").partition(" — ")
+    timing = "in process CPU time " if "in CPU time" in body else ""
     return (f"**Measured numbers** (`benchmarks/routes.py`, {date}, {where or 'CPU'}; embedded model, fp32, ratios "
-            "against a plain SDPA forward of the same input in the same run; warm compiled kernel; the latest rows of "
+            f"{timing}against a plain SDPA forward of the same input in the same run; warm compiled kernel; the latest rows of "
             "[benchmarks/RESULTS.md](../../benchmarks/RESULTS.md)):\n\n" + "\n".join(rows))
 
 

@@ -32,10 +32,18 @@ def test_estimate_grows_with_batch_and_length_and_adds_each_analysis_needs():
 
 def test_routes_estimate_follows_the_routes_chunk_rule_and_prompt_limit():
     assert planner.memory_model("routes").chunk is routes._chunk_size  # the kernel's own rule, not a copy
+    eager = routes.Config(kernel="eager")
     for T, mb in [(64, 256), (512, 16), (2000, 1)]:
         q = routes._chunk_size(T, 9, 576, mb)
-        e = planner.estimate("routes", SMOL, seq_len=T, chunk_mb=mb)
-        assert e.parts["proximity_chunk"] == q * T * 9 * 576 * 4 * 2
+        e = planner.estimate("routes", SMOL, seq_len=T, chunk_mb=mb, config=eager)
+        # one [Q, k, H, d] temporary, k the chunk's last query + 1: at most the last full chunk's or the partial one's
+        assert e.parts["proximity_chunk"] == max(q * q * (T // q), (T % q) * T) * 9 * 576 * 4 <= q * T * 9 * 576 * 4
+        # the fused kernel holds only [Q, T, H] weights and output
+        fused = planner.estimate("routes", SMOL, seq_len=T, chunk_mb=mb, config=eager.replace(kernel="compiled"))
+        assert fused.parts["proximity_chunk"] == routes._chunk_size(T, 9, 2, mb) * T * 9 * 4 * 2
+    # the config's mode picks the terms: top-down stores no [T, T] arrays
+    top = planner.estimate("routes", SMOL, seq_len=2000, config=routes.Config(mode="route"))
+    assert "layer_store" in top.parts and top.parts["importances"] == 30 * 8 * 2000 * 9 * 4
     T = routes.max_prompt_tokens(30, 9, 2.0)  # longest prompt whose [L,T,T,H] importances fit 2 GiB
     assert planner.estimate("routes", SMOL, seq_len=T).parts["importances"] <= 2.0 * 2**30 * 1.01
 
@@ -79,8 +87,9 @@ def test_plan_picks_the_largest_batch_that_fits():
 
 def test_plan_for_routes_lowers_the_chunk_budget():
     T = 1024
-    small = planner.estimate("routes", SMOL, seq_len=T, chunk_mb=1).total
-    p = planner.plan("routes", SMOL, seq_len=T, free_bytes=int((small + 200 * 2**20) / 0.8), chunk_mb=4096)
+    eager = routes.Config(kernel="eager")  # (the fused kernel's chunks hold no [Q, T, H, d] parts)
+    small = planner.estimate("routes", SMOL, seq_len=T, chunk_mb=1, config=eager).total
+    p = planner.plan("routes", SMOL, seq_len=T, free_bytes=int((small + 200 * 2**20) / 0.8), chunk_mb=4096, config=eager)
     assert p.fits and p.chunk_mb < 4096 and p.batch_size == 1
     assert p.estimate.total <= p.budget and "chunk_mb=" in p.message
 
@@ -220,3 +229,23 @@ def test_memory_limit_lowers_the_batch_or_refuses_with_the_largest_setting(monke
     monkeypatch.setenv("SONDE_MEMORY_LIMIT", "lots")
     code, _, err = run_cli(["plan", "sinks", "--device", "cpu"], capsys)
     assert code == 2 and "SONDE_MEMORY_LIMIT" in err
+
+
+def test_routes_cli_plans_its_chunk_before_loading(monkeypatch, capsys):
+    """`sonde run routes` plans from the model's config before loading (cli.common.planned): under a memory limit it
+    lowers --chunk-mb to the largest budget that fits, in one line, or refuses with exit 2 before any weights load."""
+    prompt = "hi there"
+    T = planner.tokens_bound(prompt)  # the length it plans for, known before the tokenizer loads
+    shape = planner.shape_of("embedded")
+    eager = routes.Config(kernel="eager")
+    fits_16 = planner.estimate("routes", shape, seq_len=T, chunk_mb=16, config=eager).total
+    fits_32 = planner.estimate("routes", shape, seq_len=T, chunk_mb=32, config=eager).total
+    assert fits_32 > fits_16 + 2**20  # a budget just above the 16 MB chunk's estimate: 256 down to 32 do not fit
+    monkeypatch.setenv("SONDE_MEMORY_LIMIT", str(int((fits_16 + 2**20) / 0.8)))
+    code, out, err = run_cli(["run", "routes", "--prompt", prompt, "--kernel", "eager", "--device", "cpu", "--json"], capsys)
+    assert code == 0, err
+    line = [ln for ln in err.splitlines() if ln.startswith("planner: ")]
+    assert len(line) == 1 and "chunk_mb=16 " in line[0] and "lowered from the requested setting" in line[0]
+    monkeypatch.setenv("SONDE_MEMORY_LIMIT", "300MiB")  # not even the weights fit
+    code, _, err = run_cli(["run", "routes", "--prompt", prompt, "--device", "cpu"], capsys)
+    assert code == 2 and "not starting" in err and "planner" not in err

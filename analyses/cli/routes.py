@@ -12,7 +12,7 @@ from typing import Optional
 import typer
 
 from .options import config_option
-from .common import check_side_file, input_file, save_result, model_options, BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OutOpt, load_probe, progress_bar, saved, status
+from .common import planned, check_side_file, input_file, save_result, model_options, BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OutOpt, load_probe, progress_bar, saved, status
 from .sweeps import (AddressOpt, EngineOpt, GpusOpt, ResumeOpt, RetriesOpt, ShardOpt, ThreadsOpt, WorkersOpt, run_sweep,
                      sweep_summary)
 
@@ -176,14 +176,12 @@ def register(run_app: typer.Typer) -> None:
             from analyses.routes_explain import parse_edge
 
             edge = parse_edge(explain) if explain is not None else None
+            from analyses.core.planner import tokens_bound
+
+            # before loading: the chunk budget that fits (or exit 2), for the longer of the two prompts
+            cfg = planned(cfg, model, device, dtype, seq_len=tokens_bound(prompt, *([prompt_b] if prompt_b else [])))
             probe = load_probe(model, backend, device, dtype)
             edits = as_edits(labels, probe.info)
-            from analyses.core.planner import plan
-
-            T = probe.to_tokens(prompt, prepend_bos=cfg.prepend_bos).shape[-1]
-            pl = plan(routes.memory_model(cfg.mode), probe, seq_len=T, chunk_mb=cfg.chunk_mb, device=probe.device, weights_loaded=True)
-            typer.echo(f"planner: {pl.message}", err=True)
-            cfg = cfg.replace(chunk_mb=pl.chunk_mb or cfg.chunk_mb)
             if compare:
                 return _compare(routes, probe, prompt, cfg, model, prompt_b, model_b, backend, device, dtype, graphml, html, as_json)
             with status("Computing routes"):
@@ -247,6 +245,7 @@ def register(run_app: typer.Typer) -> None:
             saved(path, as_json, {"prompts": int(res.n.sum()), "skipped": res.n_skipped, "domains": ", ".join(res.domains),
                                   **sweep_summary(report), **_faith_summary(res, as_json)})
             return
+        cfg = planned(cfg, model, device, dtype, seq_len=cfg.max_tokens)  # prompts are cut to max_tokens
         probe = load_probe(model, backend, device, dtype)
         key = routes.dataset_key(probe, records, config=cfg)  # the analysis's own key of these records
         out_dir = Path(out) if out is not None else results_root() / key

@@ -22,9 +22,11 @@ describe, together with the sizes its config gives (``sizes``) and the setting a
   (``pattern``: ``4·B·H·T²·4``) and each head's ``v_h W_O,h`` (``value_norm``: ``B·T·H·d·4``); dormant
   (:data:`analyses.dormant.MEMORY`) adds the next-token loss's float32 log-softmax beside the ``[B, T, V]`` logits, and
   component plans the dormant run of its fresh sink map;
-* routes (:data:`analyses.routes.MEMORY`): the ``[Q, T, H, d]`` proximity chunk (``Q`` queries by
-  :func:`analyses.routes._chunk_size`, the rule the kernel itself uses) plus the stored ``[L, T, T, H]``
-  importances; the plan lowers the chunk budget, not a batch;
+* routes (:data:`analyses.routes.MEMORY`, one model for both modes, its terms chosen by the config's ``mode``): all
+  positions keep the ``[L, T, T, H]`` importances beside one layer's pattern and one proximity chunk (eager:
+  ``[Q, k, H, d]`` parts, ``Q`` queries by :func:`analyses.routes._chunk_size`, the rule the kernel itself uses; fused:
+  ``[Q, T, H]``); top-down keeps each layer's residuals, q, k and v and the visited rows; the plan lowers the chunk
+  budget, not a batch;
 * generating analyses (critical; :func:`generating`): ``kv_cache`` ``2·L·B·K·h·(T + new_tokens)·a``; generation
   keeps only the last position's logits (``B·V·4``); counterfactual and the bias sweep
   (:func:`analyses.counterfactual.sampling_memory`) count every decoded row's cache and the sampler's ``[B, V]``
@@ -57,7 +59,7 @@ import os
 import re
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Mapping, TypeVar
+from typing import Any, Callable, Mapping, TypeVar
 
 import torch
 
