@@ -115,6 +115,8 @@ class _Plan:
     def __init__(self, probe: "Probe", reads: Reads | None, edits: Sequence[Edit]):
         self.reads: dict[Site, list[Read]] = {}
         self.edits: dict[Site, list[Edit]] = {}
+        # False: nobody reads the logits, so a backend may compute them for the last position only
+        self.all_logits = True
         n = probe.info.n_layers
         for key, reds in (reads or {}).items():
             s = parse_site(key, n)
@@ -471,6 +473,7 @@ class Probe:
             return_logits: return the logits ``[B, T, V]``; ``False`` returns ``None``.
         """
         plan = _Plan(self, reads, edits)
+        plan.all_logits = return_logits or any(x.kind == "logits" for x in plan.sites())
         ids = self._ids(tokens)
         try:
             with torch.no_grad():
