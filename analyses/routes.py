@@ -966,7 +966,8 @@ def _route_memory(s, B: int, T: int, o: Mapping[str, Any]) -> dict[str, int]:
         q = _chunk_size(T, H, d, o["chunk_mb"], a)
         chunk = max(q * q * (T // q), (T % q) * T) * H * d * a
     return {"proximity_chunk": chunk, "layer": 2 * H * T * T * 4 + T * T * H * a,
-            "importances": L * T * T * H * a + 3 * L * T * a}
+            "importances": L * T * T * H * a + 3 * L * T * a,
+            "logits": s.d_vocab * s.itemsize}  # the forward pass computes the last position's logits only
 
 
 ROUTE_ROWS = 8  # positions per layer a top-down route is planned for (at tau=0.04 the embedded model's visit 2-7; the walk checks the budget itself)
@@ -975,12 +976,15 @@ ROUTE_ROWS = 8  # positions per layer a top-down route is planned for (at tau=0.
 def _top_down_memory(s, B: int, T: int, o: Mapping[str, Any]) -> dict[str, int]:
     """Top-down (``mode="route"``): the layer store of :func:`_top_down_bytes` (in the model's dtype) and the visited
     rows' importances (planned for :data:`ROUTE_ROWS` per layer) stay; the walk's proximity chunk and recomputed
-    pattern rows come after the forward pass, whose logits are the largest transient on a long prompt."""
+    pattern rows come after the forward pass (which computes the last position's logits only)."""
     H, d, L, a = s.n_heads, s.d_model, s.n_layers, _itemsize_of(o)
     R = min(T, ROUTE_ROWS)
-    q = min(R, _chunk_size(T, H, d, o["chunk_mb"], a))
+    # the proximity chunk holds one layer's visited rows at once: planned for half the row budget, the middle of the
+    # 2-7 a route visits (measured: 186 and 544 MiB peaks at T = 512 and 1,536, estimates 1.19x and 1.16x); a walk
+    # that visits more rows checks its budget itself
+    q = min(max(1, R // 2), _chunk_size(T, H, d, o["chunk_mb"], a))
     return {"layer_store": _top_down_bytes(s, T, s.itemsize), "importances": L * R * T * H * a,
-            "proximity_chunk": q * T * H * d * a, "pattern_rows": 2 * H * R * T * 4}
+            "proximity_chunk": q * T * H * d * a, "pattern_rows": 2 * H * R * T * 4, "logits": s.d_vocab * s.itemsize}
 
 
 # one memory model for both modes: the terms follow the config's mode (without a config: all positions)

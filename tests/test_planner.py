@@ -149,7 +149,7 @@ _MEASURE = r"""
 from analyses import sinks
 for B, T in [(1, 64), (8, 64), (4, 256)]:
     toks = torch.randint(10, 1000, (B, T))
-    out[f"forward {B}x{T}"] = peak(lambda: probe.run(toks, return_logits=False))
+    out[f"forward {B}x{T}"] = peak(lambda: probe.run(toks))  # a plain forward: its [B, T, V] logits are returned
     out[f"sinks {B}x{T}"] = peak(lambda: sinks.collect_stats(probe, toks, positions=(0,), batch_size=B))
 """
 
@@ -249,3 +249,16 @@ def test_routes_cli_plans_its_chunk_before_loading(monkeypatch, capsys):
     monkeypatch.setenv("SONDE_MEMORY_LIMIT", "300MiB")  # not even the weights fit
     code, _, err = run_cli(["run", "routes", "--prompt", prompt, "--device", "cpu"], capsys)
     assert code == 2 and "not starting" in err and "planner" not in err
+
+
+def test_tokens_bound_counts_with_the_tokenizer_alone_and_falls_back_to_bytes(tmp_path):
+    """Before the weights load, a prompt is counted by the model's tokenizer (so a long English prompt is planned at
+    its real length, about a quarter of its bytes), and by its UTF-8 bytes when no tokenizer can be read."""
+    from probes import load_model
+
+    text = "The Eiffel Tower is located in the city of Paris. " * 40
+    n = len(load_model("embedded", device="cpu").tokenizer(text, add_special_tokens=False)["input_ids"])
+    assert planner.tokens_bound(text, model="embedded") == n + 64
+    assert n < len(text) // 3
+    assert planner.tokens_bound(text, "short", model=str(tmp_path / "nothing-here")) == len(text.encode()) + 64
+    assert planner.tokens_bound(text) == len(text.encode()) + 64

@@ -179,7 +179,7 @@ def register(run_app: typer.Typer) -> None:
             from analyses.core.planner import tokens_bound
 
             # before loading: the chunk budget that fits (or exit 2), for the longer of the two prompts
-            cfg = planned(cfg, model, device, dtype, seq_len=tokens_bound(prompt, *([prompt_b] if prompt_b else [])))
+            cfg = planned(cfg, model, device, dtype, seq_len=tokens_bound(prompt, *([prompt_b] if prompt_b else []), model=model))
             probe = load_probe(model, backend, device, dtype)
             edits = as_edits(labels, probe.info)
             if compare:

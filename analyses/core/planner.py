@@ -639,10 +639,32 @@ def plan_config(kind: "str | MemoryModel", model: "str | ModelShape | None", con
     return config.replace(**{mm.batch_field: p.batch_size}), p
 
 
-def tokens_bound(*texts: str, extra: int = 64) -> int:
-    """An upper bound on the tokens of the longest of ``texts`` known before any tokenizer loads: a byte-level
-    tokenizer gives at most one token per UTF-8 byte, plus ``extra`` for special tokens and a chat template."""
+def tokens_bound(*texts: str, extra: int = 64, model: str | None = None, revision: str | None = None) -> int:
+    """An upper bound on the tokens of the longest of ``texts`` before any weights load, plus ``extra`` for special
+    tokens and a chat template: with ``model``, its tokenizer's count (the tokenizer alone loads: ``embedded``, a
+    local folder or an id in the local cache); without it, or when the tokenizer cannot be read, one token per
+    UTF-8 byte (a byte-level tokenizer gives no more)."""
+    if model is not None:
+        n = _counted_tokens(model, texts, revision)
+        if n is not None:
+            return n + extra
     return max((len(str(t).encode("utf-8")) for t in texts), default=0) + extra
+
+
+def _counted_tokens(model: str, texts: "tuple[str, ...]", revision: str | None) -> int | None:
+    """The longest of ``texts`` in tokens of ``model``'s tokenizer (loaded from local files only), or None."""
+    from probes.loading import EMBEDDED, embedded_model_dir
+
+    src = str(embedded_model_dir()) if model == EMBEDDED else model
+    if src.endswith(".gguf") or not texts:
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(src, local_files_only=True, **({"revision": revision} if revision else {}))
+        return max(len(tok(str(t), add_special_tokens=False)["input_ids"]) for t in texts)
+    except Exception:  # noqa: BLE001 - any failure falls back to the byte bound; loading reports real errors later
+        return None
 
 
 def _shape_for(model: str, device: str, dtype: str, revision: str | None) -> ModelShape:
