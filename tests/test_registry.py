@@ -161,9 +161,11 @@ def test_planner_reads_each_analysis_memory_model():
 
     assert planner.memory_model("sinks") is sinks.MEMORY and planner.memory_model("dormant") is sinks.MEMORY
     assert planner.memory_model("routes") is routes.MEMORY and planner.memory_model("bigram") is bigram.MEMORY
-    # generating analyses: GENERATE's terms under their own name and sizes
-    assert planner.memory_model("critical").parts is planner.GENERATE.parts is planner.memory_model("counterfactual").parts
-    assert planner.memory_model("critical").name == "critical" and planner.memory_model("critical").batch_field == "batch_size"
+    # generating analyses: GENERATE's terms under their own name and sizes; critical: its rollout engine's own terms
+    from analyses import critical
+
+    assert planner.memory_model("counterfactual").parts is planner.GENERATE.parts
+    assert planner.memory_model("critical") is critical.MEMORY and critical.MEMORY.batch_field == "batch_size"
     assert set(planner.kinds()) >= {"forward", "generate", "sinks", "dormant", "routes", "bigram", "critical", "counterfactual"}
 
 

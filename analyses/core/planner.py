@@ -23,8 +23,11 @@ describe, together with the sizes its config gives (``sizes``) and the setting a
 * routes (:data:`analyses.routes.MEMORY`): the ``[Q, T, H, d]`` proximity chunk (``Q`` queries by
   :func:`analyses.routes._chunk_size`, the rule the kernel itself uses) plus the stored ``[L, T, T, H]``
   importances; the plan lowers the chunk budget, not a batch;
-* generating analyses (critical, counterfactual, the bias sweep; :func:`generating`): ``kv_cache``
+* generating analyses (counterfactual, the bias sweep; :func:`generating`): ``kv_cache``
   ``2·L·B·K·h·(T + new_tokens)·a``; generation keeps only the last position's logits (``B·V·4``);
+* critical (:data:`analyses.critical.MEMORY`, the rollout engine): no ``[B, T]`` forward pass; the batch's KV cache
+  over prompt, response prefix and rollout, the shared prefix's one-row cache, and the larger of the one-row
+  prefill and one decode step;
 * the logit lens (:data:`analyses.logit_lens.MEMORY`): the output logits beside every layer's residual and one
   chunk of unembedded rows;
 * bigram (:data:`analyses.bigram.MEMORY`, mask training with autograd; ``B`` = rows per micro-batch): per-layer
