@@ -79,7 +79,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=96)
     ap.add_argument("--new", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=2, help="timed runs of each (the best counts)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs of each (the best counts)")
     args = ap.parse_args()
 
     from transformers import DynamicCache
@@ -107,10 +107,10 @@ def main() -> None:
 
     plain(), engine()()  # warm-up
     runs = {"plain": [], "engine": [], "engine_nocache": []}
-    for _ in range(args.repeats):  # interleaved, so a change of load hits both alike
+    for _ in range(args.repeats):  # interleaved, so a change of load hits all alike
         runs["plain"].append(measured(plain, dev))
         runs["engine"].append(measured(engine(), dev))
-    runs["engine_nocache"].append(measured(engine(False), dev))
+        runs["engine_nocache"].append(measured(engine(False), dev))
     n_plain = (runs["plain"][0][2].shape[1] - len(ids)) * B
     n_eng = sum(len(r) for r in runs["engine"][0][2])
     assert n_plain == n_eng == B * N, (n_plain, n_eng)
