@@ -50,7 +50,7 @@ from .core.store import hash_inputs
 from .tasks import ANSWER_STOP, Checker, CallableChecker, Problem, format_prompt, make_checker
 
 __all__ = [
-    "Config", "CriticalResult", "run", "result_key", "search", "search_key", "sample_trajectories", "rollout_success", "pass_at_k",
+    "Config", "CriticalResult", "run", "result_key", "search", "search_key", "sample_trajectories", "rollout_success", "sequential_rollouts", "pass_at_k",
     "find_critical", "step_cuts", "Trajectory",
     "ce_token_scores", "estimate_rollouts", "vllm_engine", "clopper_pearson", "SPRT",
     "token_decision",
@@ -72,7 +72,7 @@ class Config(_BaseConfig):
     zero_tol: float = option(0.0, ge=0, lt=1)  # score <= zero_tol counts as "all wrong" (released analyse: score 0)
     recover_frac: float = option(3 / 64, ge=0, lt=1)  # a later prefix above this discards the mark (released: >3/64)
     sequential: bool = True      # SPRT: roll a prefix out in chunks and stop once its state is decided
-    chunk: int = option(8, ge=1)  # rollouts per SPRT step (the budget per prefix stays n_rollouts)
+    chunk: int = option(8, ge=1)  # sequential: rollouts decoded together, the test read as each ends (budget stays n_rollouts)
     p_alive: float = 0.25        # SPRT: "alive" level of the success rate (the "dead" level is recover_frac)
     alpha: float = 0.05          # SPRT error rates (both kinds) and 1 − confidence of the Clopper-Pearson intervals
     alternatives: Literal["sample", "topk", "none"] = "sample"  # counterfactual check (method page step 4)
@@ -322,31 +322,52 @@ def _eos_ids(probe) -> set[int]:
     return set(probe.eos_token_ids)
 
 
+_TAIL = 48  # tokens of text the answer check reads: a written answer ("The answer is 12.") is far shorter
+
+
 @torch.no_grad()
-def _generate(probe, prompt_ids: list[int], prefix_resp: list[int], n: int, cfg: Config, seed: int) -> list[list[int]]:
+def _generate(probe, prompt_ids: list[int], prefix_resp: list[int], n: int, cfg: Config, seed: int, *,
+              first: Sequence[int] | None = None, batch_size: int | None = None,
+              on_row: Callable[[int, list[int]], bool] | None = None) -> list[list[int] | None]:
     """``n`` sampled continuations (new token ids, EOS stripped) of ``prompt ⊕ prefix_resp``.
 
-    One prefill of the prefix (all tokens but the last) is computed once and its KV cache repeated
-    for each batch of rollouts (``cfg.prefix_cache``); sampling uses ``seed`` for the first batch and
-    ``seed + b`` for batch ``b`` (in a forked RNG, so the global RNG is untouched).
+    One batched decode (:meth:`probes.Probe.sample`): the prefix's KV cache is computed once and copied into each
+    batch of ``batch_size`` rows (default ``cfg.batch_size``); row ``r`` samples from its own stream seeded by
+    ``(seed, r)``, so its continuation does not depend on the batching. ``first``: one forced token per row (the
+    alternatives; each row's ids start with it). ``on_row(r, ids) -> bool`` sees each row as it ends (EOS stripped)
+    and may stop the call (rows not ended yet come back as None).
     """
     if cfg.engine == "vllm":
-        return _generate_vllm(probe, prompt_ids, prefix_resp, n, cfg, seed)
+        if first is not None:
+            raise ConfigError("forced first tokens are not sent to vLLM.", hint="Roll each forced token out as its own prefix.")
+        rows = _generate_vllm(probe, prompt_ids, prefix_resp, n, cfg, seed)
+        if on_row is not None:
+            for r, row in enumerate(rows):
+                if on_row(r, row):
+                    return rows[: r + 1] + [None] * (n - r - 1)
+        return rows
     tok = probe.tokenizer
-    T = len(prompt_ids) + len(prefix_resp)
+    T = len(prompt_ids) + len(prefix_resp) + (first is not None)
     room = probe.info.n_ctx - T
     if room < 1:
         raise InputError(f"prompt + response prefix is {T} tokens; the model takes at most {probe.info.n_ctx}.")
     eos = _eos_ids(probe)
     pad = tok.pad_token_id if tok.pad_token_id is not None else next(iter(eos), 0)
+    # the text (response prefix + new tokens) has a written answer: an answer already in the prefix stops a row after
+    # one token; a new one ends within the last token, so only the text's tail is read at each step
+    done_before = ANSWER_STOP.search(tok.decode(prefix_resp, skip_special_tokens=True)) is not None
 
-    def answered(new: list[int]) -> bool:  # the text (response prefix + new tokens) has a written answer
-        return ANSWER_STOP.search(tok.decode(prefix_resp + new, skip_special_tokens=True)) is not None
+    def answered(new: list[int]) -> bool:
+        if done_before:
+            return True
+        tail = (prefix_resp + new)[-_TAIL:] if len(new) < _TAIL else new[-_TAIL:]
+        return ANSWER_STOP.search(tok.decode(tail, skip_special_tokens=True)) is not None
 
+    report = None if on_row is None else (lambda r, ids: on_row(r, _strip(ids, eos, pad)))
     rows = probe.sample(prompt_ids + prefix_resp, n, max_new_tokens=min(cfg.max_new_tokens, room), temperature=cfg.temperature,
-                        top_p=cfg.top_p, seed=seed, batch_size=cfg.batch_size, eos=eos, pad=pad,
-                        stop=answered if cfg.stop_at_answer else None, prefix_cache=cfg.prefix_cache)
-    return [_strip(row, eos, pad) for row in rows]
+                        top_p=cfg.top_p, seed=seed, batch_size=batch_size or cfg.batch_size, eos=eos, pad=pad,
+                        stop=answered if cfg.stop_at_answer else None, prefix_cache=cfg.prefix_cache, first=first, on_row=report)
+    return [None if row is None else _strip(row, eos, pad) for row in rows]
 
 
 _VLLM: dict[str, Any] = {}
@@ -403,12 +424,49 @@ def _seed_for(seed: int, *parts: int) -> int:
 def rollout_success(probe, prompt_ids: Sequence[int], response_ids: Sequence[int], k: int, checker: Callable[[str], bool],
                     n: int, cfg: Config, *, seed: int | None = None) -> tuple[int, list[str]]:
     """``(n_correct, texts)`` of ``n`` rollouts from ``prompt ⊕ response[:k]`` (graded on
-    ``response[:k] ⊕ continuation``)."""
+    ``response[:k] ⊕ continuation``), in one batched decode over the prefix's shared KV cache."""
     prefix = list(response_ids[:k])
     s = _seed_for(cfg.seed if seed is None else seed, k)
     conts = _generate(probe, list(prompt_ids), prefix, n, cfg, s)
     texts = [probe.tokenizer.decode(prefix + c, skip_special_tokens=True) for c in conts]
     return sum(bool(checker(t)) for t in texts), texts
+
+
+def sequential_rollouts(probe, prompt_ids: Sequence[int], response_ids: Sequence[int], k: int, checker: Callable[[str], bool],
+                        cfg: Config, *, seed: int | None = None) -> tuple[list[bool], list[str]]:
+    """The rollouts of prefix ``k`` the search counts: outcomes and texts of rows ``0..n-1`` in row order.
+
+    All ``cfg.n_rollouts`` rows share the prefix's KV cache and decode in batches of ``cfg.chunk`` rows
+    (``cfg.batch_size`` with ``sequential=False``). With ``cfg.sequential`` the SPRT reads the outcomes in row order
+    as rows end, and the call stops as soon as rows ``0..n-1`` decide it: exactly the rows a test fed one rollout
+    at a time would have drawn (rows after the deciding one are not counted, nor sampled further). Row ``r``'s
+    rollout depends only on the seed and ``r``, so the first ``n`` outcomes equal those of a full-budget run, and
+    the decision is the one the sequential rule takes on that run's outcomes."""
+    prefix = list(response_ids[:k])
+    s = _seed_for(cfg.seed if seed is None else seed, k)
+    tok = probe.tokenizer
+    test = cfg.sprt()
+    outcome: dict[int, bool] = {}
+    texts: dict[int, str] = {}
+    state = {"n": 0, "c": 0, "done": False}
+
+    def on_row(r: int, ids: list[int]) -> bool:
+        texts[r] = tok.decode(prefix + ids, skip_special_tokens=True)
+        outcome[r] = bool(checker(texts[r]))
+        while state["n"] in outcome and not state["done"]:  # feed the test in row order
+            state["c"] += outcome[state["n"]]
+            state["n"] += 1
+            state["done"] = test.decide(state["n"], state["c"]) != "undecided"
+        return state["done"]
+
+    if cfg.sequential:
+        _generate(probe, list(prompt_ids), prefix, cfg.n_rollouts, cfg, s, batch_size=min(cfg.chunk, cfg.batch_size), on_row=on_row)
+        n = state["n"]
+    else:
+        for r, ids in enumerate(_generate(probe, list(prompt_ids), prefix, cfg.n_rollouts, cfg, s)):
+            on_row(r, ids)
+        n = cfg.n_rollouts
+    return [outcome[r] for r in range(n)], [texts[r] for r in range(n)]
 
 
 def sample_trajectories(probe, problems: Sequence[Problem], cfg: Config = Config(),
@@ -577,19 +635,10 @@ def _search_trace(probe, tr: _Trace, checker, cfg: Config, timer: Timer, progres
 
     def ev(k: int, stage: str) -> float:
         if k not in evals:
-            n = c = 0
-            texts: list[str] = []
-            base_seed = _seed_for(cfg.seed, tr.trace)
-            step = cfg.chunk if cfg.sequential else cfg.n_rollouts
-            with timer("rollouts"):
-                while n < cfg.n_rollouts:  # sequential: stop as soon as the SPRT decides
-                    m = min(step, cfg.n_rollouts - n)
-                    seed = base_seed if n == 0 else _seed_for(base_seed, k, 5000 + n)
-                    ci, t = rollout_success(probe, tr.prompt_ids, tr.response_ids, k, checker, m, cfg, seed=seed)
-                    n, c = n + m, c + ci
-                    texts.extend(t)
-                    if cfg.sequential and test.decide(n, c) != "undecided":
-                        break
+            with timer("rollouts"):  # sequential: the prefix stops as soon as the SPRT decides
+                outs, texts = sequential_rollouts(probe, tr.prompt_ids, tr.response_ids, k, checker, cfg,
+                                                  seed=_seed_for(cfg.seed, tr.trace))
+            n, c = len(outs), sum(outs)
             evals[k] = (n, c, stage)
             examples[k] = texts[0] if texts else ""
             bar.advance()
@@ -703,12 +752,34 @@ def _alternatives(probe, tr: _Trace, crit: int, checker, cfg: Config, progress: 
     out = []
     base = tr.response_ids[:crit]
     bar = phase(progress, f"{label}alternatives", len(counts), "tokens")
-    for t, n in counts.items():
-        resp = base + [t]
-        c, texts = rollout_success(probe, tr.prompt_ids, resp, len(resp), checker, n, cfg, seed=_seed_for(cfg.seed, tr.trace, t))
-        out.append(dict(trace=tr.trace, pos=crit, token=probe.tokenizer.decode([t]), token_id=t, prob=float(probs[t]),
-                        n=n, n_correct=c, success=c / n, example=texts[0] if texts else ""))
-        bar.advance()
+    tok = probe.tokenizer
+    if cfg.engine == "vllm":  # one request per token (vLLM shares the prefix blocks itself)
+        for t, n in counts.items():
+            resp = base + [t]
+            c, texts = rollout_success(probe, tr.prompt_ids, resp, len(resp), checker, n, cfg, seed=_seed_for(cfg.seed, tr.trace, t))
+            out.append(dict(trace=tr.trace, pos=crit, token=tok.decode([t]), token_id=t, prob=float(probs[t]),
+                            n=n, n_correct=c, success=c / n, example=texts[0] if texts else ""))
+            bar.advance()
+    else:  # every alternative in one batched decode: the prefix's KV cache once, each row forced to its token first
+        first = [t for t, n in counts.items() for _ in range(n)]
+        left = dict(counts)
+        texts: dict[int, str] = {}
+
+        def on_row(r: int, ids: list[int]) -> bool:
+            texts[r] = tok.decode(base + ids, skip_special_tokens=True)
+            left[first[r]] -= 1
+            if not left[first[r]]:
+                bar.advance()
+            return False
+
+        _generate(probe, tr.prompt_ids, base, len(first), cfg, _seed_for(cfg.seed, tr.trace, 78), first=first, on_row=on_row)
+        r = 0
+        for t, n in counts.items():
+            rows = [texts[i] for i in range(r, r + n)]
+            c = sum(bool(checker(x)) for x in rows)
+            out.append(dict(trace=tr.trace, pos=crit, token=tok.decode([t]), token_id=t, prob=float(probs[t]),
+                            n=n, n_correct=c, success=c / n, example=rows[0]))
+            r += n
     out.sort(key=lambda a: (-a["success"], -a["prob"]))
     return out
 
@@ -797,11 +868,41 @@ def _build_result(probe, cfg: Config, traces: list[dict[str, Any]], trajectories
     )
 
 
+def _rows(c: Config) -> int:
+    """Rows one batched decode of the search holds: the sampled responses, a prefix's rollouts (``chunk`` of them in
+    the sequential test) or every alternative's rollouts, at most ``batch_size``."""
+    roll = min(c.chunk, c.n_rollouts) if c.sequential else c.n_rollouts
+    alts = 0 if c.alternatives == "none" else c.n_alternatives * c.alt_rollouts
+    return min(c.batch_size, max(roll, c.n_samples, alts))
+
+
+def _memory_parts(s: "planner.ModelShape", B: int, T: int, o: Any) -> dict[str, int]:
+    """The rollout engine's memory (:func:`probes.generation.sample`) for prompts of ``T`` tokens and ``B`` rows.
+
+    A row holds the prompt, a response prefix and a rollout, each of the last two at most ``new_tokens``
+    (``max_new_tokens``) long: ``R = T + 2·new`` tokens (at most the context). ``kv_cache``: the batch's cache at its
+    longest, ``2·L·B·K·h·R·a``; ``prefix_kv``: the shared prefix's one-row cache kept while batches run; the
+    transients (the largest counts): ``prefill`` (one row over ``T + new`` tokens, logits of the last position only)
+    and ``step`` (one decode step: float32 logits, float64 probabilities and their cumulative sums ``[B, V]``, and the
+    cache's copy of one layer's keys and values as it grows or drops an ended row). No ``[B, T]`` forward runs."""
+    new = int(o["new_tokens"])
+    R = T + 2 * new if s.n_ctx is None else min(s.n_ctx, T + 2 * new)
+    P = R - new
+    a, per_token = s.itemsize, 2 * s.n_kv_heads * s.d_head * s.itemsize  # one layer's keys and values, one token
+    return {"kv_cache": s.n_layers * B * R * per_token, "prefix_kv": s.n_layers * P * per_token,
+            "prefill": 3 * P * s.d_model * a + max(2 * P * (s.n_heads + 2 * s.n_kv_heads) * s.d_head * a, 3 * P * s.d_mlp * a)
+                       + s.d_vocab * 4,
+            "step": 20 * B * s.d_vocab + B * R * per_token}
+
+
+MEMORY = planner.MemoryModel("critical", _memory_parts, persistent=("kv_cache", "prefix_kv"), forward=False,
+                             sizes=lambda c: {"batch_size": _rows(c), "new_tokens": c.max_new_tokens}, batch_field="batch_size")
+
+
 SPEC = registry.register(registry.Analysis(
     name="critical", order=5, title="Critical tokens", summary="tokens of a failed reasoning trace whose replacement flips the outcome",
     config=Config, result=CriticalResult, run=run, prepare=_prepare, cli="critical", page="critical",
-    memory=planner.generating("critical", sizes=lambda c: {"batch_size": c.batch_size, "new_tokens": c.max_new_tokens},
-                              batch_field="batch_size"),
+    memory=MEMORY,
 ))
 result_key = SPEC.key  # the key run() gives these problems, from the same _prepare
 search_key = SPEC.keyer(_prepare_search)  # the key search() gives this trace, from the same _prepare_search

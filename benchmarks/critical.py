@@ -1,11 +1,15 @@
-"""Benchmark: critical-token rollouts vs plain batched ``generate``.
+"""Benchmark: Sonde's rollout engine vs plain batched ``generate`` over the same shared prefix cache.
 
 Prints, measured in the same run on the same model, batch and lengths:
 
-* rollout tokens/s of :func:`analyses.critical.rollout_success` (shared prefix KV cache, answer
-  stopping off so lengths match) as a ratio of plain ``hf_model.generate`` tokens/s (goal >= 0.8x);
-* the prefix-reuse speed-up: per-position rollouts with the prefix cache vs without;
-* peak memory (CUDA: max allocated; CPU: max RSS).
+* rollout tokens/s of :func:`probes.generation.sample` (the engine of :mod:`analyses.critical`: the prefix's KV
+  cache computed once and copied into the batch, one batched decode loop, a seeded stream per row) as a ratio of
+  plain ``hf_model.generate`` tokens/s on the same batch, its cache built the same way (the prefix run once, the
+  cache repeated along the batch and passed as ``past_key_values``), goal >= 0.8x. EOS is off on both sides
+  (``eos=()`` / ``min_new_tokens``), so both generate exactly ``batch x new`` tokens;
+* the engine without the prefix cache (the prefix run again for every row) for the prefix-reuse speed-up;
+* peak memory of each (CUDA: max allocated; CPU: peak resident memory above the loaded model, VmHWM after a
+  clear_refs reset on Linux, else max RSS).
 
     python benchmarks/critical.py                      # CPU, embedded model, small sizes
     python benchmarks/critical.py --device cuda --gpu-shape llama3-8b --batch 64 --prompt-len 512 --new 128
@@ -14,6 +18,9 @@ Prints, measured in the same run on the same model, batch and lengths:
 from __future__ import annotations
 
 import argparse
+import copy
+import os
+import re
 import resource
 import time
 
@@ -36,14 +43,34 @@ def build(args):
     return from_hf(model, tok, name=f"random-{args.gpu_shape}")
 
 
-def timed(fn, sync):
-    sync()
+def _rss(key: str) -> int:
+    return int(re.search(key + r":\s+(\d+)", open("/proc/self/status").read()).group(1)) * 1024
+
+
+def measured(fn, dev):
+    """``(seconds, peak bytes, result)`` of ``fn()``."""
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    elif os.path.exists("/proc/self/clear_refs"):
+        base = _rss("VmRSS")
+        open("/proc/self/clear_refs", "w").write("5")  # reset VmHWM to the current RSS
     t = time.perf_counter()
     out = fn()
-    sync()
-    return time.perf_counter() - t, out
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t
+    if dev.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() - base
+    elif os.path.exists("/proc/self/clear_refs"):
+        peak = _rss("VmHWM") - base
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return dt, peak, out
 
 
+@torch.no_grad()
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="embedded")
@@ -51,51 +78,52 @@ def main() -> None:
     ap.add_argument("--gpu-shape", default=None, choices=[None, "llama3-8b"])
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=96)
-    ap.add_argument("--new", type=int, default=16)
-    ap.add_argument("--positions", type=int, default=3, help="prefix positions for the reuse comparison")
-    ap.add_argument("--vllm", action="store_true", help="also time rollouts through vLLM (CUDA, `pip install vllm`)")
+    ap.add_argument("--new", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs of each (the best counts)")
     args = ap.parse_args()
 
-    from analyses import critical as C
+    from transformers import DynamicCache
 
     probe = build(args)
-    dev = probe.device
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    dev, model, B, N = probe.device, probe.hf_model, args.batch, args.new
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(100, min(probe.info.d_vocab, 30000), (args.prompt_len,), generator=g).tolist()
-    prompt, resp = ids[: args.prompt_len // 2], ids[args.prompt_len // 2:]
-    cfg = C.Config(n_rollouts=args.batch, batch_size=args.batch, max_new_tokens=args.new, stop_at_answer=False, temperature=1.0)
-    never_eos = lambda t: False  # noqa: E731
-    eos = sorted(C._eos_ids(probe))
+    x = torch.tensor([ids], device=dev)
+    pad = probe.tokenizer.pad_token_id or 0
 
-    def plain():
-        x = torch.tensor([ids], device=dev).expand(args.batch, -1)
-        return probe.hf_model.generate(input_ids=x, attention_mask=torch.ones_like(x), do_sample=True, temperature=1.0, top_k=0,
-                                       max_new_tokens=args.new, min_new_tokens=args.new, pad_token_id=eos[0] if eos else 0)
+    def plain():  # transformers' generate over the same shared prefix cache: prefix once, cache repeated B times
+        base = DynamicCache(config=model.config)
+        model(input_ids=x[:, :-1], past_key_values=base, use_cache=True)
+        cache = copy.deepcopy(base)
+        cache.batch_repeat_interleave(B)
+        xb = x.expand(B, -1)
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+            torch.manual_seed(0)
+            return model.generate(input_ids=xb, attention_mask=torch.ones_like(xb), past_key_values=cache, do_sample=True,
+                                  temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=N, min_new_tokens=N, pad_token_id=pad)
 
-    def roll(pc):
-        return lambda: C.rollout_success(probe, prompt, resp, len(resp), never_eos, args.batch, cfg.replace(prefix_cache=pc))
+    def engine(prefix_cache=True):
+        return lambda: probe.sample(ids, B, max_new_tokens=N, temperature=1.0, seed=0, batch_size=B, eos=(), prefix_cache=prefix_cache)
 
-    timed(plain, sync)  # warm-up
-    t_plain, out = timed(plain, sync)
-    n_plain = (out.shape[1] - len(ids)) * args.batch
-    t_roll, _ = timed(roll(True), sync)
-    n_roll = args.new * args.batch  # random ids rarely hit EOS; count the cap (as min_new_tokens forces for plain)
-    # per-position rollouts: with vs without the shared prefix cache
-    pos = [len(resp) * (i + 1) // (args.positions + 1) for i in range(args.positions)]
-    t_cache = sum(timed(lambda k=k: C.rollout_success(probe, prompt, resp, k, never_eos, args.batch, cfg), sync)[0] for k in pos)
-    t_nocache = sum(timed(lambda k=k: C.rollout_success(probe, prompt, resp, k, never_eos, args.batch, cfg.replace(prefix_cache=False)), sync)[0] for k in pos)
-    peak = (torch.cuda.max_memory_allocated() / 2**20) if dev.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"model {probe.info.name} on {dev}, batch {args.batch}, prompt {len(ids)} tokens, {args.new} new tokens")
-    print(f"plain generate     : {n_plain / t_plain:8.1f} tok/s ({t_plain:.2f} s)")
-    print(f"rollouts (cached)  : {n_roll / t_roll:8.1f} tok/s ({t_roll:.2f} s)  ratio {t_plain / t_roll * n_roll / n_plain:.2f}x (goal >= 0.8x)")
-    print(f"{args.positions} positions      : cached {t_cache:.2f} s vs uncached {t_nocache:.2f} s  -> prefix reuse {t_nocache / t_cache:.2f}x")
-    if args.vllm:
-        vcfg = cfg.replace(engine="vllm")
-        C.rollout_success(probe, prompt, resp, len(resp), never_eos, args.batch, vcfg)  # engine start + warm-up
-        t_v, _ = timed(lambda: C.rollout_success(probe, prompt, resp, len(resp), never_eos, args.batch, vcfg), sync)
-        print(f"rollouts (vLLM)    : {n_roll / t_v:8.1f} tok/s ({t_v:.2f} s)  ratio {t_plain / t_v * n_roll / n_plain:.2f}x vs plain generate")
-    print(f"peak memory        : {peak:.0f} MiB ({'CUDA allocated' if dev.type == 'cuda' else 'max RSS'})")
+    plain(), engine()()  # warm-up
+    runs = {"plain": [], "engine": [], "engine_nocache": []}
+    for _ in range(args.repeats):  # interleaved, so a change of load hits all alike
+        runs["plain"].append(measured(plain, dev))
+        runs["engine"].append(measured(engine(), dev))
+        runs["engine_nocache"].append(measured(engine(False), dev))
+    n_plain = (runs["plain"][0][2].shape[1] - len(ids)) * B
+    n_eng = sum(len(r) for r in runs["engine"][0][2])
+    assert n_plain == n_eng == B * N, (n_plain, n_eng)
+    best = {k: min(r[0] for r in v) for k, v in runs.items()}
+    peak = {k: max(r[1] for r in v) for k, v in runs.items()}
+    what = "CUDA allocated" if dev.type == "cuda" else "peak RSS above the model"
+    print(f"model {probe.info.name} on {dev} ({torch.get_num_threads()} threads), batch {B}, prompt {len(ids)} tokens, "
+          f"{N} new tokens per row, best of {args.repeats}; load average {os.getloadavg()[0]:.2f}")
+    print(f"plain generate, shared cache : {B * N / best['plain']:8.1f} tok/s ({best['plain']:.2f} s), peak {peak['plain'] / 2**20:.0f} MiB ({what})")
+    print(f"rollout engine               : {B * N / best['engine']:8.1f} tok/s ({best['engine']:.2f} s), peak {peak['engine'] / 2**20:.0f} MiB"
+          f"  ratio {best['plain'] / best['engine']:.2f}x (goal >= 0.8x)")
+    print(f"engine without prefix cache  : {B * N / best['engine_nocache']:8.1f} tok/s ({best['engine_nocache']:.2f} s)"
+          f"  -> prefix reuse {best['engine_nocache'] / best['engine']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -512,14 +512,17 @@ class Probe:
     def sample(self, tokens: Sequence[int], n: int, *, max_new_tokens: int, temperature: float = 1.0,
                top_p: float | None = None, top_k: int | None = None, seed: int = 0, batch_size: int = 64,
                eos: Iterable[int] | None = None, pad: int | None = None,
-               stop: Callable[[list[int]], bool] | None = None, prefix_cache: bool = True) -> list[list[int]]:
-        """``n`` sampled continuations (new ids per row, ``pad`` after EOS) of the prefix ``tokens``, its KV cache
-        computed once; batch ``b`` samples under torch seed ``seed + b``. See :func:`probes.generation.sample`."""
+               stop: Callable[[list[int]], bool] | None = None, prefix_cache: bool = True,
+               first: Sequence[int] | None = None,
+               on_row: Callable[[int, list[int]], bool] | None = None) -> list[list[int] | None]:
+        """``n`` sampled continuations (new ids per row, ending at EOS) of the prefix ``tokens`` in one batched decode
+        loop over the prefix's KV cache computed once; row ``r`` samples from its own stream seeded by ``(seed, r)``.
+        See :func:`probes.generation.sample`."""
         from .generation import sample
 
         return sample(self, tokens, n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                       seed=seed, batch_size=batch_size, eos=None if eos is None else list(eos), pad=pad, stop=stop,
-                      prefix_cache=prefix_cache)
+                      prefix_cache=prefix_cache, first=first, on_row=on_row)
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:

@@ -18,9 +18,10 @@ A model that leaves the cache empty (the TransformerLens bridge wraps the HF att
 is detected on the first feed: the decoder then re-runs the whole sequence at every feed, which gives
 the same logits more slowly, and :meth:`Decoder.fork` returns None (there is no cache to copy).
 
-:func:`sample` draws many continuations of one prefix with the model's own sampler (transformers'
-``generate``: temperature, top-k, top-p, multinomial), the prefix's KV cache computed once and copied
-into every batch, each batch under its own torch seed in a forked RNG.
+:func:`sample` draws many continuations of one prefix in one batched decode loop: the prefix's KV cache is
+computed once and copied into every batch, rows leave the batch as they end (a caller may stop the whole call
+once it has what it needs), and each row samples from its own seeded random stream with transformers' warpers
+(temperature, top-k, top-p) and exact inverse-CDF draws, so a row's continuation does not depend on its batch.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .backend import Probe
     from .edits import Edit
 
-__all__ = ["Decoder", "sample", "DECODE_SITES"]
+__all__ = ["Decoder", "sample", "row_seed", "warp", "draw", "DECODE_SITES"]
 
 # site kinds a decode-time edit can target: the module (by ArchSpec path) and which end of it carries the tensor
 DECODE_SITES = ("embed", "resid_pre", "z", "attn_out", "resid_mid", "mlp_pre", "mlp_post", "mlp_out", "resid_post",
@@ -228,70 +229,148 @@ def _editor(edits: Sequence["Edit"], heads: tuple[int, int] | None, rows: torch.
 def sample(probe: "Probe", tokens: Sequence[int], n: int, *, max_new_tokens: int, temperature: float = 1.0,
            top_p: float | None = None, top_k: int | None = None, seed: int = 0, batch_size: int = 64,
            eos: Collection[int] | None = None, pad: int | None = None,
-           stop: Callable[[list[int]], bool] | None = None, prefix_cache: bool = True) -> list[list[int]]:
-    """``n`` sampled continuations of one prefix: new token ids per row (after EOS, rows are filled with ``pad``).
+           stop: Callable[[list[int]], bool] | None = None, prefix_cache: bool = True,
+           first: Sequence[int] | None = None,
+           on_row: Callable[[int, list[int]], bool] | None = None) -> list[list[int] | None]:
+    """``n`` sampled continuations of one prefix: the new token ids of each row (ending at its EOS, if any).
+
+    One batched decode loop: the prefix's KV cache is computed once and copied into each batch of rows (the
+    batches run one after another), a row leaves the batch (and its cache) as soon as it ends, and each row draws
+    its tokens from its own random stream, so row ``r``'s continuation depends on ``seed`` and ``r`` only, never on
+    the batch it ran in, on ``batch_size`` or on when other rows ended.
 
     Args:
         probe: the model.
         tokens: the prefix ids (one row).
-        n: number of continuations.
-        max_new_tokens: at most this many new tokens per row.
-        temperature, top_p, top_k: the sampler (None: no top-p / top-k cut).
-        seed: batch ``b`` (of ``batch_size`` rows) samples under ``torch.manual_seed(seed + b)`` in a forked RNG
-            (the caller's RNG is untouched).
-        eos: ids that end a row (default :attr:`Probe.eos_token_ids`).
-        pad: the filler after a row ends (default the tokenizer's pad token, else the first EOS id).
-        stop: ``stop(new_ids) -> bool`` also ends a row (checked after every step).
-        prefix_cache: compute the KV cache of the prefix (all tokens but the last) once and copy it into every batch.
+        n: number of continuations (rows ``0..n-1``).
+        max_new_tokens: at most this many sampled tokens per row.
+        temperature, top_p, top_k: the sampler (transformers' warpers: temperature, then top-k, then top-p; None: no
+            cut). A token is drawn by inverting the cumulative distribution at a uniform number from the row's stream
+            (``torch.Generator`` seeded from ``(seed, r)``), which is exact categorical sampling; the caller's RNG is
+            untouched.
+        eos: ids that end a row (default :attr:`Probe.eos_token_ids`); the EOS id is the row's last id.
+        pad: accepted for callers of the padded form; rows are never padded (an ended row leaves the batch).
+        stop: ``stop(new_ids) -> bool`` also ends a row (checked after every sampled token).
+        prefix_cache: compute the prefix's KV cache (all tokens but the last; with ``first``, all tokens) once and
+            copy it into every batch; False runs the prefix again for every batch (rows repeated).
+        first: one forced token per row (``n`` ids) fed after the prefix: row ``r`` continues ``tokens ⊕ first[r]``
+            and its ids start with ``first[r]`` (``max_new_tokens`` sampled tokens follow it).
+        on_row: ``on_row(r, ids) -> bool``, called as each row ends; True stops the whole call at once (rows not yet
+            ended are left out).
+    Returns:
+        one list of ids per row; ``None`` for rows that ``on_row`` left out.
     """
     if not probe.supports("generate"):
         raise ConfigError(f"{type(probe).__name__} cannot generate: the model's weights are not here.",
                           hint="Load the model locally to generate.")
     ids = torch.tensor([list(tokens)], dtype=torch.long, device=probe.device)
-    T = ids.shape[1]
-    if T == 0:
+    if ids.shape[1] == 0:
         raise InputError("sample() needs a non-empty prefix.")
+    if first is not None and len(first) != n:
+        raise InputError(f"first has {len(first)} ids for {n} rows.", hint="Give one forced token per row.")
     eos = sorted(probe.eos_token_ids if eos is None else set(eos))
     if pad is None:
         pad = probe.tokenizer.pad_token_id if probe.tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
     with probe.session():  # one atomic step: no other thread runs the model between the prefill and the batches
-        return _sample(probe, ids, n, max_new_tokens, temperature, top_p, top_k, seed, batch_size, eos, pad, stop, prefix_cache)
+        return _sample(probe, ids, n, max_new_tokens, temperature, top_p, top_k, seed, max(1, batch_size), set(eos), pad, stop,
+                       prefix_cache, None if first is None else list(first), on_row)
 
 
-def _sample(probe, ids, n, max_new_tokens, temperature, top_p, top_k, seed, batch_size, eos, pad, stop, prefix_cache):
-    from transformers import DynamicCache, StoppingCriteriaList
+def row_seed(seed: int, row: int) -> int:
+    """The seed of row ``row``'s random stream in :func:`sample` (a 63-bit mix of the two, so nearby seeds and rows
+    give unrelated streams)."""
+    x = (seed * 0x9E3779B97F4A7C15 + row * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) % 2**64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) % 2**64
+    return (x ^ (x >> 31)) % 2**63
+
+
+def warp(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """transformers' sampling warpers on ``[B, V]`` float logits: divide by ``temperature``, keep the ``top_k`` largest
+    (ties with the k-th kept), then the smallest set whose probability reaches ``top_p`` (at least one token); removed
+    tokens get ``-inf``."""
+    x = logits / temperature if temperature != 1.0 else logits
+    if top_k:
+        k = min(int(top_k), x.shape[-1])
+        x = x.masked_fill(x < torch.topk(x, k, dim=-1).values[..., -1:], float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        srt, idx = torch.sort(x, descending=False, dim=-1)
+        cum = srt.softmax(-1).cumsum(-1)
+        drop = cum <= 1 - top_p
+        drop[..., -1:] = False
+        x = x.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
+    return x
+
+
+def draw(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Categorical draws ``[B]`` from warped logits ``[B, V]`` by inverting the cumulative distribution at uniforms
+    ``u`` ``[B]`` in [0, 1): token ``i`` is drawn for ``u`` in ``[F(i-1), F(i))`` (float64 sums), so with uniform ``u`` it
+    comes with probability ``p_i`` exactly as from ``torch.multinomial``; a token of probability 0 is never drawn."""
+    cdf = torch.softmax(logits.double(), dim=-1).cumsum(-1)
+    x = (u.double().to(cdf.device) * cdf[:, -1]).unsqueeze(-1)
+    return torch.searchsorted(cdf, x, right=True).squeeze(-1).clamp_(max=logits.shape[-1] - 1)
+
+
+def _sample(probe, ids, n, max_new_tokens, temperature, top_p, top_k, seed, batch_size, eos, pad, stop, prefix_cache, first, on_row):
+    from transformers import DynamicCache
 
     model, T = probe.hf_model, ids.shape[1]
     kw_cache = _cache_kw(model)
-    base = None
-    if prefix_cache and T > 1:
-        base = DynamicCache(config=model.config)
-        model(input_ids=ids[:, :-1], use_cache=True, **{kw_cache: base})
-    out: list[list[int]] = []
-    devices = [probe.device] if probe.device.type == "cuda" else []
-    for b, start in enumerate(range(0, n, batch_size)):
-        m = min(batch_size, n - start)
-        kw: dict[str, Any] = {}
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    shared = ids if first is not None else ids[:, :-1]  # what the prefix cache holds; then one token per row is fed
+    out: list[list[int] | None] = [None] * n
+
+    def prefill(rows: int) -> Any:
+        c = DynamicCache(config=model.config)
+        if shared.shape[1]:
+            model(input_ids=shared.expand(rows, -1), use_cache=True, **{kw_cache: c}, **keep)
+        return c
+
+    base = prefill(1) if prefix_cache else None
+    for start in range(0, n, batch_size):
+        rows = list(range(start, min(n, start + batch_size)))
+        m = len(rows)
         if base is not None:
-            c = copy.deepcopy(base)
-            c.batch_repeat_interleave(m)
-            kw[kw_cache] = c
-        if stop is not None:
-            kw["stopping_criteria"] = StoppingCriteriaList([_Stop(stop, T)])
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed + b)
-            gen = model.generate(input_ids=ids.expand(m, -1), attention_mask=torch.ones(m, T, dtype=torch.long, device=ids.device),
-                                 do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k or 0,
-                                 max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos or None, **kw)
-        out.extend(gen[:, T:].tolist())
+            cache = copy.deepcopy(base)
+            if m > 1 and cache.get_seq_length() > 0:
+                cache.batch_repeat_interleave(m)
+        else:
+            cache = prefill(m)
+        u = torch.stack([torch.rand(max_new_tokens, generator=torch.Generator().manual_seed(row_seed(seed, r))) for r in rows])
+        new: list[list[int]] = [[first[r]] if first is not None else [] for r in rows]
+        x = torch.tensor([first[r] for r in rows] if first is not None else [int(ids[0, -1])] * m, device=ids.device)
+        live = list(range(m))  # positions in this batch still decoding, in cache order
+        halted = False
+        for t in range(max_new_tokens):
+            logits = model(input_ids=x[:, None], use_cache=True, **{kw_cache: cache}, **keep).logits[:, -1].float()
+            tok = draw(warp(logits, temperature, top_k, top_p), u[live, t]).tolist()
+            ended = []
+            for j, i in enumerate(live):
+                new[i].append(tok[j])
+                if tok[j] in eos or t + 1 == max_new_tokens or (stop is not None and stop(new[i])):
+                    ended.append(j)
+            for j in ended:
+                i = live[j]
+                out[rows[i]] = new[i]
+                if on_row is not None and on_row(rows[i], new[i]):
+                    halted = True
+                    break
+            if halted or len(ended) == len(live):
+                break
+            if ended:  # drop the ended rows from the batch and from its cache
+                gone = set(ended)
+                keep_j = [j for j in range(len(live)) if j not in gone]
+                cache.batch_select_indices(torch.tensor(keep_j, device=ids.device))
+                live = [live[j] for j in keep_j]
+                tok = [tok[j] for j in keep_j]
+            x = torch.tensor(tok, device=ids.device)
+        if max_new_tokens == 0:
+            for i in range(m):
+                out[rows[i]] = new[i]
+                if on_row is not None and on_row(rows[i], new[i]):
+                    halted = True
+                    break
+        del cache
+        if halted:
+            break
     return out
-
-
-class _Stop:
-    """transformers stopping criterion from a per-row ``stop(new_ids) -> bool``."""
-
-    def __init__(self, stop: Callable[[list[int]], bool], start: int):
-        self.stop, self.start = stop, start
-
-    def __call__(self, input_ids: torch.Tensor, scores: Any = None, **kw) -> torch.Tensor:
-        return torch.tensor([bool(self.stop(row[self.start:])) for row in input_ids.tolist()], dtype=torch.bool, device=input_ids.device)

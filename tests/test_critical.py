@@ -16,6 +16,7 @@ from analyses.tasks import (CallableChecker, ExactChecker, NumericChecker, Probl
                             load_task, make_checker, read_gsm8k)
 from probes import ConfigError, InputError
 from docs_numbers import numbers
+from peaks import measure, needs_proc
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -229,7 +230,8 @@ def test_search_reports_interval_decision_and_warning(tiny_llama):
     r = C.search(tiny_llama, PROMPT, RESP, NO_Z, config=FAST.replace(granularity="token", alternatives="none", n_rollouts=16, chunk=4))
     t = r.traces.iloc[0]
     assert t.decision == "critical" and t.warning == "" and not r.warnings()
-    assert t.n_after == 16 and t.n_before == 4     # 4 successes decide "alive"; 13 failures need the whole budget
+    # each prefix stops at the rollout that decides it: 2 successes call "alive", 13 failures "dead" (of 16)
+    assert t.n_after == C.Config().sprt().min_dead() == 13 and t.n_before == C.Config().sprt().min_alive() == 2
     pre = r.prefixes.set_index("prefix_len")
     assert (pre.loc[:6, "state"] == "alive").all() and (pre.loc[7:, "state"] == "dead").all()
     assert r.tokens.set_index("pos").decision[6] == "critical" and r.tokens.critical.sum() == 1
@@ -238,24 +240,68 @@ def test_search_reports_interval_decision_and_warning(tiny_llama):
 
 # ------------------------------------------------------------------------------ rollouts
 def test_rollout_rate_equals_direct_monte_carlo(tiny_llama):
-    """Shared-prefix-cache rollouts = plain full-prefix sampling with the same seed."""
+    """Shared-prefix-cache batched rollouts = each row sampled alone from the full sequence (no cache), from the same
+    row stream: the cache, the batching and rows leaving the batch change nothing."""
+    from probes.generation import draw, row_seed, warp
+
     cfg = C.Config(n_rollouts=16, max_new_tokens=4, stop_at_answer=False, batch_size=16, temperature=1.0)
     chk = lambda t: t.replace(" ", "")[-1:] < "\x80"  # noqa: E731 - continuation ends in an ASCII byte
     k = 5
     c, texts = C.rollout_success(tiny_llama, PROMPT, RESP, k, chk, 16, cfg, seed=11)
     m = tiny_llama.hf_model
-    ids = torch.tensor([PROMPT + RESP[:k]])
-    with torch.random.fork_rng():
-        torch.manual_seed(C._seed_for(11, k))
-        gen = m.generate(input_ids=ids.expand(16, -1), attention_mask=torch.ones(16, ids.shape[1], dtype=torch.long),
-                         do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=4, pad_token_id=3, eos_token_id=[2])
-    direct = [tiny_llama.tokenizer.decode(RESP[:k] + C._strip(r, {2}, 3), skip_special_tokens=True) for r in gen[:, ids.shape[1]:].tolist()]
+    direct = []
+    for r in range(16):
+        u = torch.rand(4, generator=torch.Generator().manual_seed(row_seed(C._seed_for(11, k), r)))
+        seq, new = PROMPT + RESP[:k], []
+        for t in range(4):
+            tok = int(draw(warp(m(input_ids=torch.tensor([seq])).logits[:, -1].float(), 1.0), u[t:t + 1])[0])
+            new, seq = new + [tok], seq + [tok]
+            if tok == 2:
+                break
+        direct.append(tiny_llama.tokenizer.decode(RESP[:k] + C._strip(new, {2}, 3), skip_special_tokens=True))
     assert texts == direct
     assert c == sum(chk(t) for t in direct)
     assert 0 < c < 16  # a non-trivial rate
-    # and the no-cache engine gives the same
-    c2, texts2 = C.rollout_success(tiny_llama, PROMPT, RESP, k, chk, 16, cfg.replace(prefix_cache=False, batch_size=5), seed=11)
-    assert c2 == c or texts2 != texts  # different batching changes the seeds; rates are still a valid MC estimate
+    # other batch sizes and the no-cache engine give the same rollouts (a row's stream is its own)
+    for kw in (dict(prefix_cache=False, batch_size=5), dict(batch_size=3)):
+        assert C.rollout_success(tiny_llama, PROMPT, RESP, k, chk, 16, cfg.replace(**kw), seed=11) == (c, texts)
+
+
+def test_sampler_draws_each_token_with_its_probability():
+    """Inverse-CDF draws: over a fine grid of uniforms each token takes a share equal to its probability (the
+    transformers warpers decide the support)."""
+    from probes.generation import draw, warp
+
+    logits = torch.tensor([[0.0, 1.0, -1.0, 2.0, -30.0, float("-inf")]])
+    p = torch.softmax(logits.double(), -1)[0]
+    N = 200_000
+    u = (torch.arange(N, dtype=torch.float64) + 0.5) / N
+    got = torch.bincount(draw(logits.expand(N, -1), u), minlength=6).double() / N
+    torch.testing.assert_close(got, p, atol=1.5 / N, rtol=0)
+    assert got[5] == 0
+    # top-k keeps the k largest, top-p the smallest set reaching p (at least one token), as transformers does
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    x = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(warp(x, 0.7, top_k=5), TopKLogitsWarper(5)(None, x / 0.7))
+    torch.testing.assert_close(warp(x, 1.0, top_p=0.8), TopPLogitsWarper(0.8)(None, x))
+
+
+def test_sequential_stop_gives_the_full_budget_decision(tiny_llama):
+    """Stopping a prefix early counts exactly the rows the sequential rule reads: the first n outcomes of a
+    full-budget run, and the decision SPRT.run takes on that run."""
+    chk = lambda t: t.replace(" ", "")[-1:] < "\x80"  # noqa: E731
+    cfg = C.Config(n_rollouts=24, max_new_tokens=3, stop_at_answer=False, chunk=5, p_alive=0.5, recover_frac=0.2)
+    test = cfg.sprt()
+    seen = set()
+    for k, grade in [(0, NO_Z), (len(RESP), NO_Z), (3, chk), (5, chk), (9, chk)]:
+        full, ftexts = C.sequential_rollouts(tiny_llama, PROMPT, RESP, k, grade, cfg.replace(sequential=False), seed=4)
+        seq, stexts = C.sequential_rollouts(tiny_llama, PROMPT, RESP, k, grade, cfg, seed=4)
+        assert len(full) == 24 and seq == full[:len(seq)] and stexts == ftexts[:len(seq)]
+        d, n, c = test.run(full)
+        assert (len(seq), sum(seq)) == (n, c) and test.decide(n, c) == d
+        seen.add(d)
+    assert {"alive", "dead"} <= seen  # both early decisions were exercised
 
 
 @pytest.mark.parametrize("granularity", ["token", "bisect"])
@@ -477,3 +523,25 @@ def test_cdpo_cli_bad_input(tmp_path, capsys):
             main(["run", "cdpo", *args])
         assert e.value.code == 2 and msg in capsys.readouterr().err
     assert (tmp_path / "busy" / "keep.txt").read_text() == "x" and not (tmp_path / "n").exists()
+
+
+# ------------------------------------------------------------------------------ memory plan
+_PEAK = r"""
+for B in (8, 32):
+    ids = torch.randint(10, 30000, (320 + 32,)).tolist()  # a 320-token prompt and a 32-token response prefix
+    out[f"critical {B}x320"] = peak(lambda: probe.sample(ids, B, max_new_tokens=32, eos=(), batch_size=B))
+"""
+
+
+@needs_proc
+def test_memory_estimate_is_within_25_percent_of_the_measured_peak():
+    """The planner's critical model against the rollout engine's measured peak resident memory (tests/peaks.py) at
+    8 and 32 rows: 320-token prompts, a 32-token response prefix and 32-token rollouts (EOS off, so every row runs
+    to its end). The batch's KV cache dominates (141 MiB and 566 MiB)."""
+    from analyses.core import planner
+
+    measured = measure(_PEAK, threads=2, timeout=900)
+    shape = planner.shape_of("embedded")
+    ratios = {k: planner.estimate("critical", shape, seq_len=320, batch_size=int(k.split()[1].split("x")[0]),
+                                  new_tokens=32).activations / v for k, v in measured.items()}
+    assert all(0.75 <= r <= 1.25 for r in ratios.values()), (ratios, measured)

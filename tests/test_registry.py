@@ -163,9 +163,10 @@ def test_planner_reads_each_analysis_memory_model():
     assert planner.memory_model("routes") is routes.MEMORY and planner.memory_model("bigram") is bigram.MEMORY
     # a further verb of an analysis has the memory model declared with it
     assert planner.memory_model("bigram-eval") is bigram.EVAL_MEMORY and planner.analysis_of("bigram-eval")[0] is bigram.SPEC
-    # critical: GENERATE's terms under its own name and sizes; counterfactual and the bias sweep: their sampler's terms
-    assert planner.memory_model("critical").parts is planner.GENERATE.parts
-    assert planner.memory_model("critical").name == "critical" and planner.memory_model("critical").batch_field == "batch_size"
+    # critical: its rollout engine's own terms; counterfactual and the bias sweep: their sampler's terms
+    from analyses import critical
+
+    assert planner.memory_model("critical") is critical.MEMORY and critical.MEMORY.batch_field == "batch_size"
     assert planner.memory_model("bias-sweep").parts is counterfactual.sampling_memory
     assert set(planner.kinds()) >= {"forward", "generate", "sinks", "dormant", "routes", "bigram", "bigram-eval", "critical",
                                     "counterfactual", "bias-sweep", "fiber"}

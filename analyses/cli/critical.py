@@ -23,7 +23,7 @@ def register(run_app: typer.Typer) -> None:
         rollouts: int = typer.Option(32, "--rollouts", help="Rollout budget per prefix (paper: 64). A prefix with no success needs >= 13 "
                                      "to be called hopeless at the default --alpha/--p-alive; fewer leave candidates 'undecided'."),
         sequential: bool = typer.Option(True, "--sequential/--fixed", help="SPRT: roll out in chunks and stop a prefix once decided (default), or spend the whole budget."),
-        chunk: int = typer.Option(8, "--chunk", help="Rollouts per sequential step."),
+        chunk: int = typer.Option(8, "--chunk", help="Rollouts decoded together in the sequential test (it reads each as it ends and stops the prefix once decided)."),
         p_alive: float = typer.Option(0.25, "--p-alive", help="Success rate the test calls 'alive' (the 'dead' level is the paper's 3/64)."),
         alpha: float = typer.Option(0.05, "--alpha", help="Error rate of each prefix test and 1 - confidence of the Clopper-Pearson intervals."),
         granularity: str = typer.Option("step", "--granularity", help="token, step or bisect."),
@@ -32,12 +32,12 @@ def register(run_app: typer.Typer) -> None:
         temperature: float = typer.Option(0.7, "--temperature"),
         alternatives: str = typer.Option("sample", "--alternatives", help="Counterfactual check: sample, topk or none."),
         n_alternatives: int = typer.Option(32, "--n-alternatives"),
-        batch_size: int = typer.Option(64, "--batch-size", help="Rollouts per generate call."),
+        batch_size: int = typer.Option(64, "--batch-size", help="Most rows of one batched decode (rollouts of a prefix, samples, alternatives)."),
         max_rollouts: int = typer.Option(20_000, "--max-rollouts", help="Refuse searches planning more rollouts than this."),
         adapters: Optional[Path] = typer.Option(None, "--adapters", help="Folder from `contrastive-train`: adds CE scores per token.",
                                                    callback=adapters_folder),
         checker: str = typer.Option("auto", "--checker", help="auto, numeric or exact (auto: numeric for number answers)."),
-        engine: str = typer.Option("hf", "--engine", help="hf (transformers generate, shared prefix cache) or vllm (CUDA, prefix caching)."),
+        engine: str = typer.Option("hf", "--engine", help="hf (Sonde's batched decode over the shared prefix cache) or vllm (CUDA, prefix caching)."),
         seed: int = typer.Option(0, "--seed"),
         on_error: str = typer.Option("stop", "--on-error", help="Malformed JSONL line: stop or skip."),
         backend: str = BackendOpt, device: str = DeviceOpt, dtype: str = DtypeOpt,
@@ -56,7 +56,7 @@ def register(run_app: typer.Typer) -> None:
         probs = load_task(task, problems, seed=seed, on_error=on_error)  # type: ignore[arg-type]
         from analyses.core.planner import tokens_bound
 
-        cfg = planned(cfg, model, device, dtype, seq_len=tokens_bound(*(p.question for p in probs)))
+        cfg = planned(cfg, model, device, dtype, seq_len=tokens_bound(*(p.question for p in probs), model=model))
         probe = load_probe(model, backend, device, dtype)
         with progress_bar() as bar:
             res = C.run(probe, probs, config=cfg, progress=bar)

@@ -27,10 +27,11 @@ describe, together with the sizes its config gives (``sizes``) and the setting a
   ``[Q, k, H, d]`` parts, ``Q`` queries by :func:`analyses.routes._chunk_size`, the rule the kernel itself uses; fused:
   ``[Q, T, H]``); top-down keeps each layer's residuals, q, k and v and the visited rows; the plan lowers the chunk
   budget, not a batch;
-* generating analyses (critical; :func:`generating`): ``kv_cache`` ``2·L·B·K·h·(T + new_tokens)·a``; generation
-  keeps only the last position's logits (``B·V·4``); counterfactual and the bias sweep
-  (:func:`analyses.counterfactual.sampling_memory`) count every decoded row's cache and the sampler's ``[B, V]``
-  tensors;
+* counterfactual and the bias sweep (:func:`analyses.counterfactual.sampling_memory`): every decoded row's cache
+  (``2·L·B·K·h·(T + new_tokens)·a``) and the sampler's ``[B, V]`` tensors;
+* critical (:data:`analyses.critical.MEMORY`, the rollout engine): no ``[B, T]`` forward pass; the batch's KV cache
+  over prompt, response prefix and rollout, the shared prefix's one-row cache, and the larger of the one-row
+  prefill and one decode step;
 * the logit lens (:data:`analyses.logit_lens.MEMORY`): the output logits beside every layer's residual and one
   chunk of unembedded rows;
 * bigram (:data:`analyses.bigram.MEMORY`, mask training with autograd; ``B`` = rows per micro-batch): per-layer
