@@ -314,7 +314,7 @@ def draw(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 def _sample(probe, ids, n, max_new_tokens, temperature, top_p, top_k, seed, batch_size, eos, pad, stop, prefix_cache, first, on_row):
     from transformers import DynamicCache
 
-    model, T = probe.hf_model, ids.shape[1]
+    model = probe.hf_model
     kw_cache = _cache_kw(model)
     keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     shared = ids if first is not None else ids[:, :-1]  # what the prefix cache holds; then one token per row is fed
