@@ -441,7 +441,9 @@ def _compare_view(probe, res, cfg, mode: str, text: str, *, prompt: str, bos: bo
     if cmp.delta_p is not None:
         m4.metric(f"p({cmp.target_token!r})", f"{cmp.p_b:.3f}", f"{cmp.delta_p:+.3f} vs a's {cmp.p_a:.3f}",
                   help="The target is a's top token at its position; the value is its probability in b, the delta b − a.")
-    fig = cmp.plot()
+    fig = cmp.plot()  # the figure of the CLI's --html, titled here without the labels (the caption above has them)
+    dp = "" if cmp.delta_p is None else f"; p({cmp.target_token!r}) {cmp.p_a:.3f} (a) → {cmp.p_b:.3f} (b)"
+    fig.update_layout(title_text=f"Both routes over a's tokens: grey kept, red dotted lost, green gained{dp}")
     st.plotly_chart(fig, key="routes_compare_graph", config={"displaylogo": False})
     left, right = st.columns(2)
     with left:
