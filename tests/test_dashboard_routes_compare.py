@@ -121,3 +121,15 @@ def test_compare_same_prompt_on_a_second_model(env):
     assert int(_metric(at, "Edges lost").value) == 0 and int(_metric(at, "Edges gained").value) == 0
     assert int(_metric(at, "Edges kept").value) > 0
     assert _q(at, "model_b") == "embedded" and "prompt_b" not in at.query_params
+
+
+@pytest.mark.parametrize("query,says", [
+    ({"cmp": "model", "model_b": "/nonexistent/folder"}, "is not a model folder"),
+    ({"cmp": "prompt", "prompt_b": "Paris", "position": "0"}, "no aligned position in b"),
+], ids=["missing-model-b", "b-too-short-for-the-position"])
+def test_compare_context_b_that_cannot_run_is_one_error_line(env, query, says):
+    at = _page(prompt=A, **query)
+    assert not at.exception, [e.value for e in at.exception]
+    assert len(at.error) == 1 and says in at.error[0].value, [e.value for e in at.error]
+    assert "Two contexts side by side" in [s.value for s in at.subheader]
+    assert not [m for m in at.metric if m.label.startswith("Edges")]

@@ -417,6 +417,11 @@ def _compare_view(probe, res, cfg, mode: str, text: str, *, prompt: str, bos: bo
     res_b = _routes(probe_b, tuple(int(t) for t in ids_b.tolist()), cfg, spinner="Computing routes of context b…")
     if res_b is None:
         return
+    if pos + res_b.n_tokens - res.n_tokens < 0:  # right-aligned: b, shorter, has no position facing a's
+        show_error(SondeError(f"position {pos + offset} of a has no aligned position in b: b has {res_b.n_tokens} tokens, "
+                              f"{res.n_tokens - res_b.n_tokens} fewer than a, and positions are right-aligned.",
+                              hint="Pick a later predicted position, or a longer prompt b."))
+        return
     labels = (f"{prompt!r} on {model_a}", f"{prompt_b!r} on {model_b}")  # as `sonde run routes --compare` names them
 
     def view(r):  # the same importances, read at the page's τ and renormalisation
@@ -465,7 +470,7 @@ def _compare_view(probe, res, cfg, mode: str, text: str, *, prompt: str, bos: bo
                            on_click="ignore", key="exp-routes-compare-html", icon=":material/description:",
                            width="content", type="primary", help="One offline HTML page: figure, counts, Δp, the heads "
                            "and edges that changed most (the CLI's --compare --html).")
-    components.notebook_snippet(_compare_code(probe, prompt, prompt_b, model_a, model_b, pos, tau, renorm, bos),
+    components.notebook_snippet(_compare_code(probe, prompt, prompt_b, model_a, model_b, pos + offset, tau, renorm, bos),
                                 title="Reproduce the comparison in a notebook")
 
 
