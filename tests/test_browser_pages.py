@@ -126,8 +126,17 @@ def test_routes_compare_link_draws_both_contexts(server, browser):
     heading.wait_for(timeout=30_000)
     page.locator(".js-plotly-plot").first.wait_for(timeout=30_000)
     assert "Edges kept" in page.inner_text("body")
+    assert page.evaluate(_TRUNCATED) == [], "download buttons with cut labels at 1600x1000"
     heading.evaluate("e => e.scrollIntoView({block: 'start'})")  # the picture: counts, Δp and the graph of both routes
     page.wait_for_timeout(1000)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "routes_compare_1600x1000.png"), full_page=False)
+    # the downloads are the CLI's --compare --graphml and --html files: one graph with both weights, one offline page
+    got = {}
+    for label in ("GraphML", "Comparison report"):
+        with page.expect_download(timeout=60_000) as dl:
+            page.locator("[data-testid='stDownloadButton'] button", has_text=label).first.click()
+        got[label] = open(dl.value.path(), "rb").read()
+    assert b"<graphml" in got["GraphML"] and b"weight_a" in got["GraphML"] and b'"status"' in got["GraphML"]
+    assert b"Routes compared" in got["Comparison report"] and b"Colosseum" in got["Comparison report"]
     ctx.close()
