@@ -322,7 +322,7 @@ def _compare_controls() -> tuple[str, str]:
     state.choose("routes_compare", list(COMPARE), wanted)
     mode = st.radio("Compare with", list(COMPARE), key="routes_compare", format_func=COMPARE.get, horizontal=True,
                     help="Context b beside this one: a second prompt on this model (clean vs corrupted) or this prompt "
-                         "on a second model of the same shape (another checkpoint, another dtype).")
+                         "on a second model of the same shape (another checkpoint; backend, device and dtype are the sidebar's).")
     for name in ("prompt_b", "model_b"):
         if f"routes_{name}" not in st.session_state:
             st.session_state[f"routes_{name}"] = param(name, "", check=_nonempty(name.replace("_b", " b")),
