@@ -108,3 +108,35 @@ def test_long_prompt_keeps_every_page_responsive(server, browser, name):
     with open(ARTIFACTS / "long_prompt_pages.txt", "a") as f:
         f.write(f"{name}\t{took:.1f}\n")
     ctx.close()
+
+
+def test_routes_compare_link_draws_both_contexts(server, browser):
+    """A link to compare mode (a second prompt) draws the comparison in a fresh session, keeps its settings in the URL
+    and shows no error; its screenshot at 1600x1000 is the documentation's picture of the mode."""
+    given = {**CONTEXT, "cmp": "prompt", "prompt_b": "The Colosseum is located in the city of"}
+    ctx = browser.new_context(viewport={"width": 1600, "height": 1000})
+    page = ctx.new_page()
+    page.goto(f"{server['url']}/routes?{urlencode(given)}", wait_until="domcontentloaded")
+    _settle(page, HEADINGS["routes"], COLD_START_S)
+    _no_exception(page)
+    assert page.locator("[data-testid='stAlertContentError']").count() == 0, page.inner_text("body")[:1500]
+    back = {k: v[0] for k, v in parse_qs(urlparse(page.url).query).items()}
+    assert {k: back.get(k) for k in given} == given
+    heading = page.get_by_role("heading", name="Two contexts side by side").first
+    heading.wait_for(timeout=30_000)
+    page.locator(".js-plotly-plot").first.wait_for(timeout=30_000)
+    assert "Edges kept" in page.inner_text("body")
+    assert page.evaluate(_TRUNCATED) == [], "download buttons with cut labels at 1600x1000"
+    heading.evaluate("e => e.scrollIntoView({block: 'start'})")  # the picture: counts, Δp and the graph of both routes
+    page.wait_for_timeout(1000)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "routes_compare_1600x1000.png"), full_page=False)
+    # the downloads are the CLI's --compare --graphml and --html files: one graph with both weights, one offline page
+    got = {}
+    for label in ("GraphML", "Comparison report"):
+        with page.expect_download(timeout=60_000) as dl:
+            page.locator("[data-testid='stDownloadButton'] button", has_text=label).first.click()
+        got[label] = open(dl.value.path(), "rb").read()
+    assert b"<graphml" in got["GraphML"] and b"weight_a" in got["GraphML"] and b'"status"' in got["GraphML"]
+    assert b"Routes compared" in got["Comparison report"] and b"Colosseum" in got["Comparison report"]
+    ctx.close()

@@ -108,6 +108,9 @@ CASES = [
     ("routes.py", {"ablated": "L0H99"}, lambda at: "ablated" not in at.query_params),
     ("routes.py", {"node": "Z9_9"}, lambda at: _w(at, "selectbox", "routes_node").value.startswith("I")),
     ("routes.py", {"renorm": "maybe"}, lambda at: _w(at, "checkbox", "routes_renorm").value is True),
+    ("routes.py", {"cmp": "bogus"}, lambda at: _w(at, "radio", "routes_compare").value == "off" and "cmp" not in at.query_params),
+    ("routes.py", {"cmp": "prompt", "prompt_b": "   "}, lambda at: _w(at, "text_input", "routes_prompt_b").value == ""
+     and any("Type the second prompt" in i.value for i in at.info)),
     # Counterfactuals
     ("counterfactual.py", {"temperature": "abc"}, lambda at: _by_label(at, "slider", "Temperature (0 = greedy)").value == pytest.approx(0.8)),
     ("counterfactual.py", {"temperature": "inf"}, lambda at: _by_label(at, "slider", "Temperature (0 = greedy)").value == pytest.approx(0.8)),

@@ -307,6 +307,185 @@ def _head_label_ok(probe):
     return check
 
 
+# ----------------------------------------------------------------------------- two contexts side by side
+COMPARE = {"off": "off", "prompt": "a second prompt (same model)", "model": "a second model (same prompt)"}
+
+
+def _nonempty(what: str):
+    return lambda v: f"the {what} is empty" if not v.strip() else None
+
+
+def _compare_controls() -> tuple[str, str]:
+    """The compare mode and context b's text (a prompt or a model name), from the widgets or a link's ``cmp``,
+    ``prompt_b`` and ``model_b``; every one validated by :func:`dashboard.state.param` and written back to the URL."""
+    wanted = param("cmp", "off", choices=list(COMPARE), widget="routes_compare")
+    state.choose("routes_compare", list(COMPARE), wanted)
+    mode = st.radio("Compare with", list(COMPARE), key="routes_compare", format_func=COMPARE.get, horizontal=True,
+                    help="Context b beside this one: a second prompt on this model (clean vs corrupted) or this prompt "
+                         "on a second model of the same shape (another checkpoint; backend, device and dtype are the sidebar's).")
+    for name in ("prompt_b", "model_b"):
+        if f"routes_{name}" not in st.session_state:
+            st.session_state[f"routes_{name}"] = param(name, "", check=_nonempty(name.replace("_b", " b")),
+                                                       widget=f"routes_{name}")
+    if mode == "off":
+        for name in ("cmp", "prompt_b", "model_b"):
+            if name in st.query_params:
+                del st.query_params[name]
+        return mode, ""
+    name = "prompt_b" if mode == "prompt" else "model_b"
+    other = "model_b" if mode == "prompt" else "prompt_b"
+    if mode == "prompt":
+        text = st.text_input("Prompt b", key="routes_prompt_b", help="The second prompt, e.g. the corrupted one. "
+                             "Positions are right-aligned: prompts of equal length align one to one.")
+    else:
+        text = st.text_input("Model b", key="routes_model_b", help="'embedded', an HF id or a local folder: a model "
+                             "with as many layers and heads as this one (the prompt and BOS policy stay the same).")
+    st.query_params["cmp"] = mode
+    if text.strip():
+        st.query_params[name] = text
+    elif name in st.query_params:
+        del st.query_params[name]
+    if other in st.query_params:
+        del st.query_params[other]
+    return mode, text
+
+
+def _delta_heads_figure(delta, pos_label: str):
+    """Layer × head heat map of Δ head importance (b − a) on the two routes, diverging around 0."""
+    import plotly.express as px
+
+    m = float(delta.abs().max()) or 1.0
+    fig = px.imshow(delta.numpy(), origin="lower", aspect="auto", color_continuous_scale="RdBu", zmin=-m, zmax=m,
+                    labels=dict(x="head", y="layer", color="Δ importance"))
+    fig.update_layout(height=max(300, 14 * delta.shape[0]), margin=dict(l=40, r=20, t=40, b=40),
+                      title=f"Δ head importance (b − a) at {pos_label}: red lower in b, blue higher")
+    return fig
+
+
+def _aligned_frame(cmp, tokens_a, tokens_b, offset_a: int, offset_b: int):
+    """The right-aligned positions of both contexts (prompt positions), the compared one marked."""
+    import pandas as pd
+
+    rows = []
+    for t, tok in enumerate(tokens_a):
+        tb = t + cmp.offset
+        if 0 <= tb < len(tokens_b):
+            rows.append({"a": t + offset_a, "token a": repr(tok), "b": tb + offset_b, "token b": repr(tokens_b[tb]),
+                         "same token": tok == tokens_b[tb], "compared": "◀" if t == cmp.position_a else ""})
+    return pd.DataFrame(rows)
+
+
+def _comparison_graphml(cmp) -> bytes:
+    """:meth:`RouteComparison.to_graphml` (the CLI's ``--graphml``) as bytes."""
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory(prefix="sonde-compare-") as d:
+        return Path(cmp.to_graphml(Path(d) / "compare.graphml")).read_bytes()
+
+
+def _compare_view(probe, res, cfg, mode: str, text: str, *, prompt: str, bos: bool, pos: int, tau: float,
+                  renorm: bool, offset: int) -> None:
+    """Two contexts side by side: this page's route (a) against a second prompt or a second model (b), by
+    :func:`analyses.routes.compare` (the one ``sonde run routes --compare`` calls): aligned positions, kept/lost/gained
+    edges on one graph, Δ head importance, Δp of the target, and the CLI's GraphML and offline HTML exports."""
+    import dataclasses
+
+    st.subheader("Two contexts side by side")
+    if not text.strip():
+        st.info("Type " + ("the second prompt" if mode == "prompt" else "the second model") + " above to compare.",
+                icon=":material/info:")
+        return
+    ctx = state.context()
+    model_a = str(ctx["model"]).strip()
+    model_b = text.strip() if mode == "model" else model_a
+    prompt_b = text if mode == "prompt" else prompt
+    try:
+        if mode == "model":
+            with st.spinner(f"Loading {model_b}…"):
+                probe_b = state.get_probe(model_b, ctx["backend"], ctx["device"], ctx["dtype"])
+        else:
+            probe_b = probe
+        ids_b = probe_b.to_tokens(prompt_b, prepend_bos=bos)[0]
+    except SondeError as e:
+        show_error(e)
+        return
+    offset_b = max(0, int(ids_b.shape[0]) - MAX_TOKENS)
+    if offset_b:
+        ids_b = ids_b[-MAX_TOKENS:]
+        st.caption(f"Context b has {int(ids_b.shape[0]) + offset_b:,} tokens; its route is traced over its last {MAX_TOKENS}.")
+    res_b = _routes(probe_b, tuple(int(t) for t in ids_b.tolist()), cfg, spinner="Computing routes of context b…")
+    if res_b is None:
+        return
+    if pos + res_b.n_tokens - res.n_tokens < 0:  # right-aligned: b, shorter, has no position facing a's
+        show_error(SondeError(f"position {pos + offset} of a has no aligned position in b: b has {res_b.n_tokens} tokens, "
+                              f"{res.n_tokens - res_b.n_tokens} fewer than a, and positions are right-aligned.",
+                              hint="Pick a later predicted position, or a longer prompt b."))
+        return
+    labels = (f"{prompt!r} on {model_a}", f"{prompt_b!r} on {model_b}")  # as `sonde run routes --compare` names them
+
+    def view(r):  # the same importances, read at the page's τ and renormalisation
+        return dataclasses.replace(r, config=r.config.replace(tau=tau, renormalize=renorm))
+
+    try:
+        cmp = state.memo(repr(("routes-compare", res.key, res_b.key, pos, round(tau, 4), renorm, labels)),
+                         lambda: routes.compare(view(res), view(res_b), position_a=pos, probe_a=probe, probe_b=probe_b,
+                                                labels=labels))
+    except SondeError as e:
+        show_error(e)
+        return
+    pa, pb = cmp.position_a + offset, cmp.position_b + offset_b
+    st.caption(f"**a**: {labels[0]}, position {pa} ({res.str_tokens[cmp.position_a]!r}) · **b**: {labels[1]}, position "
+               f"{pb} ({res_b.str_tokens[cmp.position_b]!r}); positions right-aligned (offset {cmp.offset:+d}).")
+    n = cmp.counts()
+    m1, m2, m3, m4 = st.columns(4)
+    m1.metric("Edges kept", n["kept"])
+    m2.metric("Edges lost", n["lost"], help="On a's route only.")
+    m3.metric("Edges gained", n["gained"], help="On b's route only." + (f" {n['unaligned']} of b's edges read positions "
+                                                                        "before a's first token." if n["unaligned"] else ""))
+    if cmp.delta_p is not None:
+        m4.metric(f"p({cmp.target_token!r})", f"{cmp.p_b:.3f}", f"{cmp.delta_p:+.3f} vs a's {cmp.p_a:.3f}",
+                  help="The target is a's top token at its position; the value is its probability in b, the delta b − a.")
+    fig = cmp.plot()  # the figure of the CLI's --html, titled here without the labels (the caption above has them)
+    dp = "" if cmp.delta_p is None else f"; p({cmp.target_token!r}) {cmp.p_a:.3f} (a) → {cmp.p_b:.3f} (b)"
+    fig.update_layout(title_text=f"Both routes over a's tokens: grey kept, red dotted lost, green gained{dp}")
+    st.plotly_chart(fig, key="routes_compare_graph", config={"displaylogo": False})
+    left, right = st.columns(2)
+    with left:
+        heads = _delta_heads_figure(cmp.head_delta, f"position {pa} (a)")
+        st.plotly_chart(heads, key="routes_compare_heads", config={"displaylogo": False})
+    with right:
+        st.caption("Aligned positions")
+        st.dataframe(_aligned_frame(cmp, res.str_tokens, res_b.str_tokens, offset, offset_b), hide_index=True,
+                     key="routes_compare_aligned", height=min(400, 40 + 35 * res.n_tokens))
+    st.caption("Edges whose weight changed most (positions in a's tokens; lost edges weigh 0 in b, gained ones 0 in a).")
+    st.dataframe(cmp.edges.head(30), hide_index=True, key="routes_compare_edges")
+    stem = components.safe_name(f"routes-compare-{pa}")
+    with st.container(horizontal=True, gap="small", key="exp-routes-compare-bar"):
+        st.download_button("GraphML", data=lambda: _comparison_graphml(cmp), file_name=f"{stem}.graphml",
+                           mime="application/xml", on_click="ignore", key="exp-routes-compare-graphml",
+                           icon=":material/download:", width="content", help="One graph of both routes; edges carry "
+                           "status, weight_a, weight_b and delta (the CLI's --compare --graphml).")
+        st.download_button("Comparison report", data=cmp.report_html, file_name=f"{stem}.html", mime="text/html",
+                           on_click="ignore", key="exp-routes-compare-html", icon=":material/description:",
+                           width="content", type="primary", help="One offline HTML page: figure, counts, Δp, the heads "
+                           "and edges that changed most (the CLI's --compare --html).")
+    components.notebook_snippet(_compare_code(probe, prompt, prompt_b, model_a, model_b, pos + offset, tau, renorm, bos),
+                                title="Reproduce the comparison in a notebook")
+
+
+def _compare_code(probe, prompt: str, prompt_b: str, model_a: str, model_b: str, pos: int, tau: float, renorm: bool,
+                  bos: bool) -> str:
+    head = f"from probes import load_model\nfrom analyses import routes\n\nprobe = load_model({model_a!r}, backend={probe.backend!r})\n"
+    probe_b = "probe" if model_b == model_a else "probe_b"
+    if probe_b != "probe":
+        head += f"probe_b = load_model({model_b!r}, backend={probe.backend!r})\n"
+    cfg = f"routes.Config(tau={tau:.2f}, renormalize={renorm!r}, prepend_bos={bos!r})"
+    return (head + f"cfg = {cfg}\na = routes.run(probe, {prompt!r}, config=cfg)\nb = routes.run({probe_b}, {prompt_b!r}, config=cfg)\n"
+            f"cmp = routes.compare(a, b, position_a={pos}, probe_a=probe, probe_b={probe_b})\n"
+            "cmp.to_dict(); cmp.plot().show(); cmp.to_graphml('compare.graphml'); open('compare.html', 'wb').write(cmp.report_html())")
+
+
 def main() -> None:
     probe = workbench.start_page(
         "Information flow",
@@ -319,6 +498,7 @@ def main() -> None:
     tau = c1.slider("τ (threshold)", 0.01, 0.10, param("tau", 0.04, kind=float, lo=0.01, hi=0.10, widget="routes_tau"), 0.01, key="routes_tau")
     renorm = c2.checkbox("Renormalize", value=param("renorm", True, kind=bool, widget="routes_renorm"), key="routes_renorm")
     st.query_params.update({"tau": f"{tau:.2f}", "renorm": "1" if renorm else "0"})
+    cmp_mode, cmp_text = _compare_controls()
     if not prompt.strip():
         show_error(SondeError("the prompt is empty.", hint="Type a prompt of at least one token."))
         return
@@ -374,6 +554,11 @@ def main() -> None:
     st.markdown(f"**Route to position {pos + offset}** ({res.str_tokens[pos]!r}) — {route.number_of_nodes()} nodes, "
                 f"{route.number_of_edges()} edges; model predicts "
                 + ", ".join(f"`{t!r}` ({p:.2f})" for t, p in pred[:3]))
+
+    if cmp_mode != "off":
+        _compare_view(probe, res, cfg, cmp_mode, cmp_text, prompt=prompt, bos=bos, pos=pos, tau=tau, renorm=renorm,
+                      offset=offset)
+        st.divider()
 
     # the selected head and node (from the URL, a click, or the boxes below)
     imp = res.head_importance(pos, tau=tau, renormalize=renorm)
