@@ -189,7 +189,7 @@ def prompt_input(label: str = "Prompt", *, area: bool = False, where: Any = None
 
 
 def bos() -> bool:
-    """The BOS policy (one toggle in the sidebar; default off: the tokenizer's own default for SmolLM2)."""
+    """The BOS policy (one toggle in the sidebar; default off: no BOS, which is also SmolLM2's tokenizer's own default)."""
     return bool(context()["bos"])
 
 
