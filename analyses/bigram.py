@@ -649,15 +649,15 @@ class MaskSet(torch.nn.Module):
     def add_l0_grad(self, scale: float) -> float:
         """Add ``scale · ∂L0/∂s`` to every logit's gradient, without autograd (one buffer per mask at a time, the
         same gradient as ``(scale * l0()).backward()`` within float rounding); returns ``L0``."""
-        total = 0.0
+        parts = []
         for s in self.logits:
-            total += float(_sigma(s, self.beta).sum(dtype=torch.float64))
+            parts.append(_sigma(s, self.beta).sum(dtype=torch.float64))
             g = _sigma_slope(s, self.beta).mul_(scale)
             if s.grad is None:
                 s.grad = g
             else:
                 s.grad.add_(g)
-        return total
+        return float(torch.stack(parts).sum()) if parts else 0.0  # one host sync for all masks
 
     @torch.no_grad()
     def stats(self) -> dict[str, float]:
