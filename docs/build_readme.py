@@ -124,7 +124,7 @@ def gallery() -> str:
     out = ["## Gallery", "",
            "One first command per analysis, each with what it prints on the embedded model "
            f"(checked by `benchmarks/readme_commands.py`: {nums.gallery_checked()}). The times beside the commands "
-           "are those of that check, on 2 CPU cores that were often shared (idle cores are faster); a command marked "
+           "are those of that check (2 CPU cores; the conditions are in benchmarks/RESULTS.md); a command marked "
            "`long:` takes, or may take, more than 3 minutes (the check leaves it out unless asked). Each title links "
            "to the analysis's manual page."]
     by_section: dict[str, list] = {}

@@ -77,8 +77,7 @@ GALLERY: tuple[Example, ...] = (
     Example("critical", "critical",
             "sonde run critical --problems 1 --samples 4 --rollouts 8 --max-new-tokens 32 --granularity step "
             "--alternatives none",
-            note="samples answers to a built-in word problem until one is wrong, then rolls out each prefix of it",
-            long="did not finish within 8 min on 2 shared cores (load 20); not yet timed on idle ones"),
+            note="samples answers to a built-in word problem until one is wrong, then rolls out each prefix of it"),
     Example("counterfactual", "counterfactual",
             f'sonde run counterfactual --prompt "{CF_PROMPT}" --intervene "token:1=sister" --max-new-tokens 20 --seed 3',
             ("""counterfactual: "'s sister, Nana, had the pleasure of creating a magical creature called the Lyra's Kiss\"""",)),
