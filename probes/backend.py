@@ -112,11 +112,9 @@ def _summary(model, name: str, source: str, arch: ArchSpec, fingerprint: str | N
 class _Plan:
     """What one run does at each site: reducers to update and edits to apply, in execution order."""
 
-    def __init__(self, probe: "Probe", reads: Reads | None, edits: Sequence[Edit]):
+    def __init__(self, probe: "Probe", reads: Reads | None, edits: Sequence[Edit], *, return_logits: bool = True):
         self.reads: dict[Site, list[Read]] = {}
         self.edits: dict[Site, list[Edit]] = {}
-        # False: nobody reads the logits, so a backend may compute them for the last position only
-        self.all_logits = True
         n = probe.info.n_layers
         for key, reds in (reads or {}).items():
             s = parse_site(key, n)
@@ -135,6 +133,8 @@ class _Plan:
             probe._check_site(s)
         if any(s.kind == "result" for s in self.edits):
             raise ConfigError("hook_result is read-only; edit blocks.{L}.attn.hook_z (per-head) instead.")
+        # False: nobody reads the logits, so a backend may compute them for the last position only
+        self.all_logits = return_logits or any(s.kind == "logits" for s in self.sites())
 
     def sites(self) -> list[Site]:
         """Sites a backend must visit (``result`` is derived from ``z``)."""
@@ -472,8 +472,7 @@ class Probe:
             attention_mask: ``[B, T]`` padding mask (1 = real token), if the batch is padded.
             return_logits: return the logits ``[B, T, V]``; ``False`` returns ``None``.
         """
-        plan = _Plan(self, reads, edits)
-        plan.all_logits = return_logits or any(x.kind == "logits" for x in plan.sites())
+        plan = _Plan(self, reads, edits, return_logits=return_logits)
         ids = self._ids(tokens)
         try:
             with torch.no_grad():

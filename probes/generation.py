@@ -52,6 +52,12 @@ def _cache_kw(model: torch.nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+def last_logits_only(model: torch.nn.Module) -> dict[str, int]:
+    """Forward keywords that make ``model`` compute the last position's logits only (``logits_to_keep=1`` where its
+    forward takes it, else none): for passes that read no other position's logits."""
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+
 def _module_site(probe: "Probe", s: Site) -> tuple[torch.nn.Module, str, tuple[int, int] | None]:
     """(module, 'input'|'output', per-head split) carrying site ``s`` in the HF module tree."""
     a, L, i = probe.arch, s.layer, probe.info
@@ -110,7 +116,7 @@ class Decoder:
         self._no_cache = False  # set when the model turned out to ignore the cache
         model = probe.hf_model
         self._kw = _cache_kw(model)
-        self._keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self._keep = last_logits_only(model)
 
     @property
     def length(self) -> int:
@@ -141,9 +147,7 @@ class Decoder:
 
                 self.cache = DynamicCache(config=model.config)
             past = self.cache.get_seq_length()
-            kw = {self._kw: self.cache, "use_cache": True}
-            if self._keep:
-                kw["logits_to_keep"] = 1
+            kw = {self._kw: self.cache, "use_cache": True, **self._keep}
             out = model(input_ids=ids, **kw)  # the cache object is updated in place
         if self.cache.get_seq_length() != past + ids.shape[1]:
             # the model ignores the cache (only possible on the first feed: a cache that grew once keeps growing)
@@ -316,7 +320,7 @@ def _sample(probe, ids, n, max_new_tokens, temperature, top_p, top_k, seed, batc
 
     model = probe.hf_model
     kw_cache = _cache_kw(model)
-    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    keep = last_logits_only(model)
     shared = ids if first is not None else ids[:, :-1]  # what the prefix cache holds; then one token per row is fed
     out: list[list[int] | None] = [None] * n
 

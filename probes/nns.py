@@ -33,9 +33,9 @@ class NNsightProbe(Probe):
         from nnsight import NNsight
 
         self.nn = NNsight(hf_model)
-        import inspect
+        from .generation import last_logits_only
 
-        self._keeps_logits = "logits_to_keep" in inspect.signature(hf_model.forward).parameters
+        self._last_logits = last_logits_only(hf_model)
 
     # envoy lookup -----------------------------------------------------------------------
     def _envoy(self, path: str, layer: int | None = None):
@@ -86,8 +86,8 @@ class NNsightProbe(Probe):
         kwargs = {"input_ids": ids}
         if attention_mask is not None:
             kwargs["attention_mask"] = attention_mask
-        if not plan.all_logits and self._keeps_logits:
-            kwargs["logits_to_keep"] = 1  # the output layer for the last position only: up to a fifth of a small model's pass
+        if not plan.all_logits:
+            kwargs.update(self._last_logits)  # the output layer for the last position only: up to a fifth of a small model's pass
         with self.nn.trace(**kwargs):
             for s, envoy, which, heads in located:
                 raw = envoy.input if which == "input" else envoy.output
