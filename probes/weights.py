@@ -143,31 +143,33 @@ def _need_weights(probe: "Probe", what: str) -> None:
 class _Multiply(torch.nn.Module):
     """Parametrization ``W -> W ⊙ f()`` (``f`` is a closure, so no parameter joins the model)."""
 
-    def __init__(self, fn: "Callable[[], torch.Tensor | None] | WeightMap"):
+    def __init__(self, fn: WeightMap):
         super().__init__()
         self._fn = [fn]  # a list hides the callable from nn.Module attribute registration
 
     def forward(self, W: torch.Tensor) -> torch.Tensor:
-        fn = self._fn[0]
-        if isinstance(fn, WeightMap):
-            out = fn(W)
-            return W if out is None else out
-        m = fn()
-        return W if m is None else W * m.to(W.dtype)
+        out = self._fn[0](W)
+        return W if out is None else out
 
 
-def _as_factor(path: str, factor: Factor, W: torch.Tensor) -> "Callable[[], torch.Tensor | None] | WeightMap":
+def _times(fn: Callable[[], "torch.Tensor | None"]) -> WeightMap:
+    """The :class:`WeightMap` ``W -> W ⊙ fn()`` (``fn()`` None: ``W`` as it is)."""
+    return WeightMap(lambda W: None if (m := fn()) is None else W * m.to(W.dtype))
+
+
+def _as_factor(path: str, factor: Factor, W: torch.Tensor) -> WeightMap:
+    """Every kind of factor as the one map the parametrization applies."""
     if isinstance(factor, WeightMap):
         return factor
     if callable(factor) and not isinstance(factor, torch.Tensor):
-        return factor
+        return _times(factor)
     if not isinstance(factor, torch.Tensor):
         raise InputError(f"the mask of {path!r} is a {type(factor).__name__}; give a tensor or a zero-argument callable.")
     if tuple(factor.shape) != tuple(W.shape):
         raise InputError(f"mask {path!r} has shape {tuple(factor.shape)} but the weight is {tuple(W.shape)}.",
                          hint="Apply a mask trained on this model (same architecture and sizes).")
     t = factor.to(W.device)
-    return lambda: t
+    return _times(lambda: t)
 
 
 @contextmanager
@@ -219,13 +221,9 @@ def weight_masks(probe: "Probe", factors: Mapping[str, Factor]) -> Iterator[None
                 if not W.is_contiguous():
                     raise UnsupportedModelError(f"{path}.weight is shared with a view but is not contiguous; cannot mask it.")
                 off = w2.storage_offset() - W.storage_offset()
-                if isinstance(fn, WeightMap):  # the view of the whole masked weight
-                    view = WeightMap(lambda _w2, fn=fn, W=W, shp=tuple(w2.shape), st=w2.stride(), off=off:
-                                     None if (o := fn(W)) is None else o.contiguous().as_strided(shp, st, off))
-                else:
-                    view = (lambda fn=fn, shp=tuple(w2.shape), st=w2.stride(), off=off:
-                            None if (f := fn()) is None else f.contiguous().as_strided(shp, st, off))
-                register(other, view, path)
+                # the view's weight is the matching strided view of the whole masked weight
+                register(other, WeightMap(lambda _w2, fn=fn, W=W, shp=tuple(w2.shape), st=w2.stride(), off=off:
+                                          None if (o := fn(W)) is None else o.contiguous().as_strided(shp, st, off)), path)
             register(mod, fn, path)
         yield
     finally:
