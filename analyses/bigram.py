@@ -540,22 +540,6 @@ def _masked(W: torch.Tensor, s: torch.Tensor, beta: float) -> torch.Tensor:
     return m.mul_(W) if m.dtype == W.dtype else W * m.to(W.dtype)
 
 
-class _SoftMask(torch.autograd.Function):
-    """``σ(max(β·s, −SOFT_FLOOR))`` that keeps nothing for its backward pass but ``s`` itself (a parameter,
-    alive anyway); σ is recomputed in the backward pass."""
-
-    @staticmethod
-    def forward(ctx, s, beta):
-        ctx.save_for_backward(s)
-        ctx.beta = beta
-        return _sigma(s, beta)
-
-    @staticmethod
-    def backward(ctx, g):
-        (s,) = ctx.saved_tensors
-        return _sigma_slope(s, ctx.beta).mul_(g), None
-
-
 class _MaskedWeight(torch.autograd.Function):
     """``W ⊙ σ(max(β·s, −SOFT_FLOOR))`` as one operation that keeps only ``s`` (alive anyway) for its backward
     pass: built from ``σ`` and a product, autograd would save ``β·s``, ``σ`` and run six more elementwise passes
@@ -612,15 +596,6 @@ class MaskSet(torch.nn.Module):
     def n_params(self) -> int:
         return sum(p.numel() for p in self.logits)
 
-    def factor(self, i: int) -> torch.Tensor | None:
-        """Mask ``i``'s factor: ``σ(β·s)`` (soft), ``s > 0`` (hard) or None (off)."""
-        s = self.logits[i]
-        if self.mode == "off":
-            return None
-        if self.mode == "hard":
-            return (s > 0).to(s.dtype)
-        return self.soft(s)
-
     def masked(self, i: int, W: torch.Tensor) -> torch.Tensor | None:
         """Weight ``W`` under mask ``i``: ``W ⊙ σ(β·s)`` in one fused operation (soft), ``W ⊙ (s > 0)`` (hard), or
         None (off: ``W`` as it is)."""
@@ -638,17 +613,14 @@ class MaskSet(torch.nn.Module):
         """σ(β·s) with β·s floored at −:data:`SOFT_FLOOR`: once β is large, σ of a decided-off logit
         would be a subnormal float, and CPU matmuls over subnormal weights run ~10x slower. The floor
         changes nothing measurable: σ(−30) ≈ 9e-14, and the logit's gradient there (≤ β·9e-14 per unit of
-        loss) is already far below AdamW's ε, so such a logit had stopped moving anyway."""
-        return _SoftMask.apply(s, float(self.beta))
-
-    def l0(self) -> torch.Tensor:
-        """Continuous L0 surrogate ``Σ σ(β·s)`` (scalar, differentiable)."""
-        return sum(self.soft(s).sum() for s in self.logits)
+        loss) is already far below AdamW's ε, so such a logit had stopped moving anyway. (Values only: training
+        goes through :meth:`masked` and :meth:`add_l0_grad`.)"""
+        return _sigma(s, float(self.beta))
 
     @torch.no_grad()
     def add_l0_grad(self, scale: float) -> float:
-        """Add ``scale · ∂L0/∂s`` to every logit's gradient, without autograd (one buffer per mask at a time, the
-        same gradient as ``(scale * l0()).backward()`` within float rounding); returns ``L0``."""
+        """Add ``scale · ∂L0/∂s`` to every logit's gradient for the continuous L0 surrogate ``L0 = Σ σ(β·s)``,
+        without autograd (one buffer per mask at a time); returns ``L0``."""
         parts = []
         for s in self.logits:
             parts.append(_sigma(s, self.beta).sum(dtype=torch.float64))
@@ -905,6 +877,22 @@ def _loss(probe, ids: torch.Tensor, target: "SparseTarget | torch.Tensor", chunk
     return chunked_soft_cross_entropy(h, weight, target, bias=bias, chunk=chunk, softcap=softcap)
 
 
+def mask_pass(probe, masks: MaskSet, ids: torch.Tensor, target: "SparseTarget | torch.Tensor", share: float,
+              loss_chunk: int | None = None) -> float:
+    """One forward/backward pass of a mask step (inside :meth:`MaskSet.applied` and :meth:`MaskSet.recompute_masked`):
+    the soft CE on ``ids``, its gradient weighted by ``share`` (the pass's part of the step) added to the mask logits;
+    then the pass's bookkeeping is dropped and, on a CPU, the freed heap returned (:func:`planner.trim_heap`).
+    Returns the pass's CE (nats)."""
+    xent = _loss(probe, ids, target, loss_chunk)
+    (xent * share).backward()
+    out = float(xent.detach())
+    del xent
+    masks.forget()
+    if ids.device.type == "cpu":
+        planner.trim_heap()
+    return out
+
+
 def train_mask(probe, train_rows: torch.Tensor, table: BigramTable | None, cfg: Config, *,
                checkpoint: str | Path | None = None, checkpoint_every: int = 50, input_hash: str = "",
                progress: ProgressFn | None = None, micro_batch: int | None = None,
@@ -962,13 +950,8 @@ def train_mask(probe, train_rows: torch.Tensor, table: BigramTable | None, cfg: 
                             masks.mode = "soft"
                         else:
                             target = table.rows(ids, device=dev)
-                        xent = _loss(probe, ids, target, loss_chunk)
-                        (xent * share).backward()
-                        xent_sum += float(xent.detach()) * share
-                        del target, xent
-                        masks.forget()
-                        if dev.type == "cpu":
-                            planner.trim_heap()
+                        xent_sum += mask_pass(probe, masks, ids, target, share, loss_chunk) * share
+                        del target
                 if cfg.lam:
                     masks.add_l0_grad(cfg.lam / N)
                 opt.step()

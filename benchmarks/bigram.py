@@ -30,7 +30,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from analyses import bigram as B  # noqa: E402
-from analyses.core import planner  # noqa: E402
 
 
 def build_probe(args):
@@ -175,10 +174,7 @@ def main() -> None:
         mopt.zero_grad(set_to_none=True)
         for lo in range(0, args.batch, mb):
             part = ids[lo: lo + mb]
-            (B._loss(probe, part, table.rows(part, device=probe.device), None) * (part.shape[0] / args.batch)).backward()
-            masks.forget()
-            if probe.device.type == "cpu":
-                planner.trim_heap()
+            B.mask_pass(probe, masks, part, table.rows(part, device=probe.device), part.shape[0] / args.batch)
         masks.add_l0_grad(10.0 / N)
         mopt.step()
         masks.beta *= 1.001
