@@ -16,7 +16,6 @@ The site (``docs/site_hooks.py``) adds: ``index.md`` (this README, links re-poin
 
 from __future__ import annotations
 
-import importlib.util
 import posixpath
 import re
 import sys
@@ -54,13 +53,12 @@ def api_modules() -> dict[str, list[str]]:
 
 
 def numbers():
-    """docs/readme_numbers.py (the one module that holds the docs' figures), imported by path."""
-    if "readme_numbers" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("readme_numbers", ROOT / "docs" / "readme_numbers.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["readme_numbers"] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules["readme_numbers"]
+    """docs/readme_numbers.py (the one module that holds the docs' figures), imported from docs/ beside this file."""
+    if str(ROOT / "docs") not in sys.path:
+        sys.path.insert(0, str(ROOT / "docs"))
+    import readme_numbers
+
+    return readme_numbers
 
 
 def _text(name: str) -> str:

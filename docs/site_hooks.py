@@ -9,7 +9,7 @@ All of it comes from docs/build_readme.py, the one generator of the docs.
 
 from __future__ import annotations
 
-import importlib.util
+import sys
 from pathlib import Path
 
 from mkdocs.plugins import event_priority
@@ -19,10 +19,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _builder():
-    spec = importlib.util.spec_from_file_location("build_readme", ROOT / "docs" / "build_readme.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    if str(ROOT / "docs") not in sys.path:
+        sys.path.insert(0, str(ROOT / "docs"))
+    import build_readme
+
+    return build_readme
 
 
 @event_priority(100)  # before mkdocs-jupyter looks for notebooks among the files
