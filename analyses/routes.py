@@ -62,7 +62,7 @@ __all__ = [
     "Config", "RoutesResult", "run", "result_key",
     "proximity", "attention_importance", "ffn_importance", "neuron_importance", "block_importance",
     "decomposed_attention", "threshold_renormalize", "node_name", "max_prompt_tokens", "max_route_tokens", "describe_edit", "resolve_kernel",
-    "explain_attention", "AttentionExplanation", "faithfulness", "Faithfulness", "compare", "memory_model",
+    "explain_attention", "AttentionExplanation", "faithfulness", "Faithfulness", "context_label", "compare", "memory_model",
 ]
 
 Level = Literal["token", "head", "neuron"]
@@ -1008,6 +1008,11 @@ result_key = SPEC.key  # the key run() gives these inputs, from the same _prepar
 
 from .routes_explain import AttentionExplanation, explain_attention  # noqa: E402  (QK attribution of one edge)
 from .routes_faithful import Faithfulness, faithfulness  # noqa: E402  (ablation checks of a route)
+
+
+def context_label(prompt: str, model: str) -> str:
+    """How a comparison names one context (a prompt on a model): the CLI's ``--compare`` and the page's compare mode."""
+    return f"{prompt!r} on {model}"
 
 
 def compare(a: RoutesResult, b: RoutesResult, *, position_a: int | None = None, position_b: int | None = None,

@@ -80,7 +80,7 @@ def _compare(routes, probe, prompt: str, cfg, model: str, prompt_b: str | None, 
     with status("Computing routes of both contexts"):
         a = routes.run(probe, prompt, config=cfg)
         b = routes.run(probe_b, text_b, config=cfg)
-        labels = (f"{prompt!r} on {model}", f"{text_b!r} on {model_b or model}")
+        labels = (routes.context_label(prompt, model), routes.context_label(text_b, model_b or model))
         cmp = routes.compare(a, b, probe_a=probe, probe_b=probe_b, labels=labels)
     path_b = save_result(b, None)
     path = save_result(a, None, {graphml: cmp.to_graphml, html: lambda tmp: Path(tmp).write_bytes(cmp.report_html())})

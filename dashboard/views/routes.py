@@ -422,7 +422,7 @@ def _compare_view(probe, res, cfg, mode: str, text: str, *, prompt: str, bos: bo
                               f"{res.n_tokens - res_b.n_tokens} fewer than a, and positions are right-aligned.",
                               hint="Pick a later predicted position, or a longer prompt b."))
         return
-    labels = (f"{prompt!r} on {model_a}", f"{prompt_b!r} on {model_b}")  # as `sonde run routes --compare` names them
+    labels = (routes.context_label(prompt, model_a), routes.context_label(prompt_b, model_b))
 
     def view(r):  # the same importances, read at the page's τ and renormalisation
         return dataclasses.replace(r, config=r.config.replace(tau=tau, renormalize=renorm))
