@@ -56,6 +56,7 @@ The test suite measures the real peak resident memory of each analysis on the em
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 import sys
@@ -725,7 +726,18 @@ def _empty_cache() -> None:
     gc.collect()
 
 
-_LIBC: list = []
+@functools.lru_cache(maxsize=None)
+def _malloc_trim() -> "Callable[[int], int] | None":
+    """glibc's ``malloc_trim`` (Linux), or None."""
+    import ctypes
+    import ctypes.util
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), "malloc_trim", None)
+    except OSError:
+        return None
 
 
 def trim_heap() -> None:
@@ -733,17 +745,6 @@ def trim_heap() -> None:
     that frees and allocates tensors of many sizes, as a training pass does, otherwise keeps the holes between
     live blocks resident: on the embedded model's bigram search, 0.1–0.3 GiB more per pass. Costs one system call
     and the page faults of re-touching the memory, a few ms per pass."""
-    if not _LIBC:
-        import ctypes
-        import ctypes.util
-
-        lib = None
-        if sys.platform.startswith("linux"):
-            try:
-                lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-                lib = lib if hasattr(lib, "malloc_trim") else None
-            except OSError:
-                lib = None
-        _LIBC.append(lib)
-    if _LIBC[0] is not None:
-        _LIBC[0].malloc_trim(0)
+    fn = _malloc_trim()
+    if fn is not None:
+        fn(0)
