@@ -727,13 +727,15 @@ def result_from_states(probe, state: Mapping[str, Any], config: Config = Config(
 # ----------------------------------------------------------------------------- declaration
 def _memory(s, B: int, T: int, o: Mapping[str, Any]) -> dict[str, int]:
     """Attention probabilities recomputed in float32 from q/k per layer (scores, masked scores, softmax and the
-    NaN-cleaned copy) and each head's ``v_h W_O,h`` before its norm; the forward pass computes the last position's
+    NaN-cleaned copy, beside the layer's q, k and v) and each head's ``v_h W_O,h`` before its norm; the forward pass computes the last position's
     logits only (nobody reads them: ``Probe.run(return_logits=False)``)."""
     return {"pattern": 4 * B * s.n_heads * T * T * 4, "value_norm": B * T * s.n_heads * s.d_model * 4,
+            # the layer's q, k and v, alive while its hooks recompute the pattern or the value norms from them
+            "layer_qkv": 2 * B * T * (s.n_heads + 2 * s.n_kv_heads) * s.d_head * s.itemsize,
             "logits": B * s.d_vocab * s.itemsize}
 
 
-MEMORY = planner.MemoryModel("sinks", _memory, sizes=lambda c: {"seq_len": c.T, "batch_size": c.batch_size}, batch_field="batch_size",
+MEMORY = planner.MemoryModel("sinks", _memory, persistent=("layer_qkv",), sizes=lambda c: {"seq_len": c.T, "batch_size": c.batch_size}, batch_field="batch_size",
                              seq_option="--T")
 
 
