@@ -50,7 +50,7 @@ from .core.store import hash_inputs
 from .tasks import ANSWER_STOP, Checker, CallableChecker, Problem, format_prompt, make_checker
 
 __all__ = [
-    "Config", "CriticalResult", "run", "result_key", "search", "search_key", "sample_trajectories", "rollout_success", "sequential_rollouts", "pass_at_k",
+    "Config", "CriticalResult", "run", "result_key", "search", "search_key", "sample_trajectories", "rollout_success", "sequential_rollouts", "sequential_rollouts_many", "pass_at_k",
     "find_critical", "step_cuts", "Trajectory",
     "ce_token_scores", "estimate_rollouts", "vllm_engine", "clopper_pearson", "SPRT",
     "token_decision",
@@ -325,49 +325,83 @@ def _eos_ids(probe) -> set[int]:
 _TAIL = 48  # tokens of text the answer check reads: a written answer ("The answer is 12.") is far shorter
 
 
+@dataclass(frozen=True)
+class _Rows:
+    """One prefix's rollouts for :func:`_generate_many`: ``n`` continuations of ``prompt ⊕ prefix_resp`` from rows
+    seeded by ``(seed, r)``; ``first``: one forced token per row; ``on_row(r, ids) -> bool`` sees each row as it ends
+    (EOS stripped) and True stops this prefix."""
+
+    prompt_ids: list[int]
+    prefix_resp: list[int]
+    n: int
+    seed: int
+    first: Sequence[int] | None = None
+    on_row: Callable[[int, list[int]], bool] | None = None
+
+
 @torch.no_grad()
 def _generate(probe, prompt_ids: list[int], prefix_resp: list[int], n: int, cfg: Config, seed: int, *,
               first: Sequence[int] | None = None, batch_size: int | None = None,
               on_row: Callable[[int, list[int]], bool] | None = None) -> list[list[int] | None]:
-    """``n`` sampled continuations (new token ids, EOS stripped) of ``prompt ⊕ prefix_resp``.
+    """``n`` sampled continuations (new token ids, EOS stripped) of ``prompt ⊕ prefix_resp``: :func:`_generate_many`
+    for one prefix."""
+    return _generate_many(probe, [_Rows(prompt_ids, prefix_resp, n, seed, first, on_row)], cfg, batch_size=batch_size)[0]
 
-    One batched decode (:meth:`probes.Probe.sample`): the prefix's KV cache is computed once and copied into each
-    batch of ``batch_size`` rows (default ``cfg.batch_size``); row ``r`` samples from its own stream seeded by
-    ``(seed, r)``, so its continuation does not depend on the batching. ``first``: one forced token per row (the
-    alternatives; each row's ids start with it). ``on_row(r, ids) -> bool`` sees each row as it ends (EOS stripped)
-    and may stop the call (rows not ended yet come back as None).
-    """
+
+@torch.no_grad()
+def _generate_many(probe, groups: Sequence[_Rows], cfg: Config, *, batch_size: int | None = None,
+                   chunk: int | None = None) -> list[list[list[int] | None]]:
+    """The continuations of several prefixes (new token ids, EOS stripped), per prefix and row.
+
+    One batched decode (:func:`probes.generation.sample_many`): each prefix's KV cache is computed once and copied
+    into its rows; prefixes of different lengths share batches (left-padded, masked) of up to ``batch_size`` rows
+    (default ``cfg.batch_size``), at most ``chunk`` rows of one prefix each. Row ``r`` of a prefix samples from its
+    own stream seeded by ``(seed, r)``, so its continuation does not depend on the batching. A prefix's ``on_row``
+    may stop it (its rows not ended yet come back as None)."""
     if cfg.engine == "vllm":
-        if first is not None:
-            raise ConfigError("forced first tokens are not sent to vLLM.", hint="Roll each forced token out as its own prefix.")
-        rows = _generate_vllm(probe, prompt_ids, prefix_resp, n, cfg, seed)
-        if on_row is not None:
-            for r, row in enumerate(rows):
-                if on_row(r, row):
-                    return rows[: r + 1] + [None] * (n - r - 1)
-        return rows
+        out = []
+        for g in groups:
+            if g.first is not None:
+                raise ConfigError("forced first tokens are not sent to vLLM.", hint="Roll each forced token out as its own prefix.")
+            rows = _generate_vllm(probe, g.prompt_ids, g.prefix_resp, g.n, cfg, g.seed)
+            if g.on_row is not None:
+                for r, row in enumerate(rows):
+                    if g.on_row(r, row):
+                        rows = rows[: r + 1] + [None] * (g.n - r - 1)
+                        break
+            out.append(rows)
+        return out
+    from probes.generation import Rollouts, sample_many
+
     tok = probe.tokenizer
-    T = len(prompt_ids) + len(prefix_resp) + (first is not None)
-    room = probe.info.n_ctx - T
-    if room < 1:
-        raise InputError(f"prompt + response prefix is {T} tokens; the model takes at most {probe.info.n_ctx}.")
     eos = _eos_ids(probe)
     pad = tok.pad_token_id if tok.pad_token_id is not None else next(iter(eos), 0)
-    # the text (response prefix + new tokens) has a written answer: an answer already in the prefix stops a row after
-    # one token; a new one ends within the last token, so only the text's tail is read at each step
-    done_before = ANSWER_STOP.search(tok.decode(prefix_resp, skip_special_tokens=True)) is not None
+    jobs = []
+    for g in groups:
+        T = len(g.prompt_ids) + len(g.prefix_resp) + (g.first is not None)
+        room = probe.info.n_ctx - T
+        if room < 1:
+            raise InputError(f"prompt + response prefix is {T} tokens; the model takes at most {probe.info.n_ctx}.")
+        jobs.append(Rollouts(list(g.prompt_ids) + list(g.prefix_resp), g.n, g.seed, g.first,
+                             _answer_stop(tok, g.prefix_resp) if cfg.stop_at_answer else None,
+                             None if g.on_row is None else (lambda r, ids, f=g.on_row: f(r, _strip(ids, eos, pad))),
+                             min(cfg.max_new_tokens, room)))
+    rows = sample_many(probe, jobs, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                       batch_size=batch_size or cfg.batch_size, chunk=chunk, eos=eos, pad=pad, prefix_cache=cfg.prefix_cache)
+    return [[None if row is None else _strip(row, eos, pad) for row in g] for g in rows]
+
+
+def _answer_stop(tok, prefix_resp: list[int]) -> Callable[[list[int]], bool]:
+    """``stop(new_ids)``: the text (response prefix + new tokens) has a written answer. An answer already in the
+    prefix stops a row after one token; a new one ends within the last token, so only the text's tail is read."""
+    if ANSWER_STOP.search(tok.decode(prefix_resp, skip_special_tokens=True)) is not None:
+        return lambda new: True
 
     def answered(new: list[int]) -> bool:
-        if done_before:
-            return True
         tail = (prefix_resp + new)[-_TAIL:] if len(new) < _TAIL else new[-_TAIL:]
         return ANSWER_STOP.search(tok.decode(tail, skip_special_tokens=True)) is not None
 
-    report = None if on_row is None else (lambda r, ids: on_row(r, _strip(ids, eos, pad)))
-    rows = probe.sample(prompt_ids + prefix_resp, n, max_new_tokens=min(cfg.max_new_tokens, room), temperature=cfg.temperature,
-                        top_p=cfg.top_p, seed=seed, batch_size=batch_size or cfg.batch_size, eos=eos, pad=pad,
-                        stop=answered if cfg.stop_at_answer else None, prefix_cache=cfg.prefix_cache, first=first, on_row=report)
-    return [None if row is None else _strip(row, eos, pad) for row in rows]
+    return answered
 
 
 _VLLM: dict[str, Any] = {}
@@ -441,51 +475,65 @@ def sequential_rollouts(probe, prompt_ids: Sequence[int], response_ids: Sequence
     as rows end, and the call stops as soon as rows ``0..n-1`` decide it: exactly the rows a test fed one rollout
     at a time would have drawn (rows after the deciding one are not counted, nor sampled further). Row ``r``'s
     rollout depends only on the seed and ``r``, so the first ``n`` outcomes equal those of a full-budget run, and
-    the decision is the one the sequential rule takes on that run's outcomes."""
-    prefix = list(response_ids[:k])
-    s = _seed_for(cfg.seed if seed is None else seed, k)
+    the decision is the one the sequential rule takes on that run's outcomes. :func:`sequential_rollouts_many`
+    rolls several prefixes out in shared batches."""
+    return sequential_rollouts_many(probe, prompt_ids, response_ids, [k], checker, cfg, seed=seed)[k]
+
+
+def sequential_rollouts_many(probe, prompt_ids: Sequence[int], response_ids: Sequence[int], ks: Sequence[int],
+                             checker: Callable[[str], bool], cfg: Config, *, seed: int | None = None,
+                             on_done: Callable[[int], None] | None = None) -> dict[int, tuple[list[bool], list[str]]]:
+    """:func:`sequential_rollouts` of every prefix length in ``ks`` in one batched decode: up to ``cfg.chunk`` rows of
+    each prefix per batch (all ``cfg.n_rollouts`` with ``sequential=False``), ``cfg.batch_size`` rows in all. Each
+    prefix keeps its own test and stops on its own; its outcomes are those it gives alone. ``on_done(k)`` is called
+    as each prefix is decided (or has all its rows)."""
     tok = probe.tokenizer
     test = cfg.sprt()
-    outcome: dict[int, bool] = {}
-    texts: dict[int, str] = {}
-    state = {"n": 0, "c": 0, "done": False}
+    ks = list(dict.fromkeys(ks))
+    out: dict[int, tuple[list[bool], list[str]]] = {}
+    groups = []
+    for k in ks:
+        prefix = list(response_ids[:k])
+        outcome: dict[int, bool] = {}
+        texts: dict[int, str] = {}
+        state = {"n": 0, "c": 0, "done": False}
 
-    def on_row(r: int, ids: list[int]) -> bool:
-        texts[r] = tok.decode(prefix + ids, skip_special_tokens=True)
-        outcome[r] = bool(checker(texts[r]))
-        while state["n"] in outcome and not state["done"]:  # feed the test in row order
-            state["c"] += outcome[state["n"]]
-            state["n"] += 1
-            state["done"] = test.decide(state["n"], state["c"]) != "undecided"
-        return state["done"]
+        def on_row(r: int, ids: list[int], prefix=prefix, outcome=outcome, texts=texts, state=state, k=k) -> bool:
+            texts[r] = tok.decode(prefix + ids, skip_special_tokens=True)
+            outcome[r] = bool(checker(texts[r]))
+            while state["n"] in outcome and not state["done"]:  # feed the test in row order
+                state["c"] += outcome[state["n"]]
+                state["n"] += 1
+                state["done"] = cfg.sequential and test.decide(state["n"], state["c"]) != "undecided"
+            if state["done"] or state["n"] == cfg.n_rollouts:
+                n = state["n"]
+                out[k] = ([outcome[r] for r in range(n)], [texts[r] for r in range(n)])
+                if on_done is not None:
+                    on_done(k)
+            return state["done"]
 
-    if cfg.sequential:
-        _generate(probe, list(prompt_ids), prefix, cfg.n_rollouts, cfg, s, batch_size=min(cfg.chunk, cfg.batch_size), on_row=on_row)
-        n = state["n"]
-    else:
-        for r, ids in enumerate(_generate(probe, list(prompt_ids), prefix, cfg.n_rollouts, cfg, s)):
-            on_row(r, ids)
-        n = cfg.n_rollouts
-    return [outcome[r] for r in range(n)], [texts[r] for r in range(n)]
+        groups.append(_Rows(list(prompt_ids), prefix, cfg.n_rollouts, _seed_for(cfg.seed if seed is None else seed, k), None, on_row))
+    chunk = min(cfg.chunk, cfg.batch_size) if cfg.sequential else cfg.batch_size
+    _generate_many(probe, groups, cfg, chunk=chunk)
+    return out
 
 
 def sample_trajectories(probe, problems: Sequence[Problem], cfg: Config = Config(),
                         checkers: Sequence[Callable[[str], bool]] | None = None, *,
                         progress: ProgressFn | None = None) -> list[Trajectory]:
-    """``cfg.n_samples`` sampled responses per problem (one batched generate each), graded (``progress``: phase
-    ``sampling``, in responses)."""
+    """``cfg.n_samples`` sampled responses per problem (every problem's rows in shared batches), graded
+    (``progress``: phase ``sampling``, in responses)."""
+    from .tasks import extract_answer
+
     out = []
     bar = phase(progress, "sampling", len(problems) * cfg.n_samples, "responses")
-    for i, p in enumerate(problems):
+    groups = [_Rows(probe.to_tokens(format_prompt(probe, p))[0].tolist(), [], cfg.n_samples, _seed_for(cfg.seed, 10_000 + i),
+                    on_row=lambda r, ids: bool(bar.advance())) for i, p in enumerate(problems)]
+    for i, (p, conts) in enumerate(zip(problems, _generate_many(probe, groups, cfg))):
         chk = checkers[i] if checkers is not None else make_checker(p, cfg.checker, cfg.tol)
-        prompt_ids = probe.to_tokens(format_prompt(probe, p))[0].tolist()
-        conts = _generate(probe, prompt_ids, [], cfg.n_samples, cfg, _seed_for(cfg.seed, 10_000 + i))
         for j, c in enumerate(conts):
             text = probe.tokenizer.decode(c, skip_special_tokens=True)
-            from .tasks import extract_answer
-
             out.append(Trajectory(i, j, tuple(c), text, extract_answer(text), bool(chk(text))))
-        bar.advance(cfg.n_samples)
     return out
 
 
@@ -633,23 +681,27 @@ def _search_trace(probe, tr: _Trace, checker, cfg: Config, timer: Timer, progres
     examples: dict[int, str] = {}
     test = cfg.sprt()
 
-    def ev(k: int, stage: str) -> float:
-        if k not in evals:
-            with timer("rollouts"):  # sequential: the prefix stops as soon as the SPRT decides
-                outs, texts = sequential_rollouts(probe, tr.prompt_ids, tr.response_ids, k, checker, cfg,
-                                                  seed=_seed_for(cfg.seed, tr.trace))
-            n, c = len(outs), sum(outs)
-            evals[k] = (n, c, stage)
+    def ev(ks: Sequence[int], stage: str) -> None:
+        """Roll the prefixes ``ks`` not yet measured out together (each stops as soon as its SPRT decides)."""
+        todo = [k for k in dict.fromkeys(ks) if k not in evals]
+        if not todo:
+            return
+        with timer("rollouts"):
+            got = sequential_rollouts_many(probe, tr.prompt_ids, tr.response_ids, todo, checker, cfg,
+                                           seed=_seed_for(cfg.seed, tr.trace), on_done=lambda k: bar.advance())
+        for k in todo:
+            outs, texts = got[k]
+            evals[k] = (len(outs), sum(outs), stage)
             examples[k] = texts[0] if texts else ""
-            bar.advance()
+
+    def score(k: int) -> float:
         n, c, _ = evals[k]
         return c / n
 
     cuts = list(range(L + 1)) if cfg.granularity == "token" else (
         step_cuts(strs, cfg.max_steps) if cfg.granularity == "step" else [0, L])
     bar = phase(progress, f"{label}rollouts", len(set(cuts)), "prefixes")
-    for k in cuts:
-        ev(k, "coarse")
+    ev(cuts, "coarse")
     scores = lambda: {k: c / n for k, (n, c, _) in evals.items()}  # noqa: E731
     mark = find_critical(scores(), zero_tol=cfg.zero_tol, recover_frac=cfg.recover_frac)
     if mark is not None and cfg.bisect and cfg.granularity != "token":
@@ -658,7 +710,8 @@ def _search_trace(probe, tr: _Trace, checker, cfg: Config, timer: Timer, progres
         bar = phase(progress, f"{label}bisection", math.ceil(math.log2(hi - lo)) if hi - lo > 1 else 0, "prefixes")
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            if ev(mid, "bisect") <= cfg.zero_tol:
+            ev([mid], "bisect")
+            if score(mid) <= cfg.zero_tol:
                 hi = mid
             else:
                 lo = mid
@@ -869,19 +922,24 @@ def _build_result(probe, cfg: Config, traces: list[dict[str, Any]], trajectories
 
 
 def _rows(c: Config) -> int:
-    """Rows one batched decode of the search holds: the sampled responses, a prefix's rollouts (``chunk`` of them in
-    the sequential test) or every alternative's rollouts, at most ``batch_size``."""
-    roll = min(c.chunk, c.n_rollouts) if c.sequential else c.n_rollouts
-    alts = 0 if c.alternatives == "none" else c.n_alternatives * c.alt_rollouts
-    return min(c.batch_size, max(roll, c.n_samples, alts))
+    """Rows one batched decode of the search holds, at most ``batch_size``: the sampled responses of every problem
+    (their count is not in the config, so a full batch), the rollouts of a trace's prefixes (``chunk`` rows of each in
+    the sequential test) or every alternative's rollouts."""
+    return c.batch_size
+
+
+def _groups(c: Config) -> int:
+    """Prefixes one batched decode holds at most (each keeps its one-row cache while its rows run)."""
+    return max(1, c.batch_size // max(1, min(c.chunk, c.n_rollouts) if c.sequential else c.n_rollouts))
 
 
 def _memory_parts(s: "planner.ModelShape", B: int, T: int, o: Any) -> dict[str, int]:
     """The rollout engine's memory (:func:`probes.generation.sample`) for prompts of ``T`` tokens and ``B`` rows.
 
     A row holds the prompt, a response prefix and a rollout, each of the last two at most ``new_tokens``
-    (``max_new_tokens``) long: ``R = T + 2·new`` tokens (at most the context). ``kv_cache``: the batch's cache at its
-    longest, ``2·L·B·K·h·R·a``; ``prefix_kv``: the shared prefix's one-row cache kept while batches run; the
+    (``max_new_tokens``) long: ``R = T + 2·new`` tokens (at most the context; rows of shorter prefixes are padded to
+    the longest). ``kv_cache``: the batch's cache at its longest, ``2·L·B·K·h·R·a``; ``prefix_kv``: the one-row caches
+    of the prefixes in the batch (``groups``, default 1), kept while their rows run; the
     transients (the largest counts): ``prefill`` (one row over ``T + new`` tokens, logits of the last position only)
     and ``step`` (one decode step: float32 logits, float64 probabilities and their cumulative sums ``[B, V]``, and the
     cache's copy of one layer's keys and values as it grows or drops an ended row). No ``[B, T]`` forward runs."""
@@ -889,14 +947,14 @@ def _memory_parts(s: "planner.ModelShape", B: int, T: int, o: Any) -> dict[str, 
     R = T + 2 * new if s.n_ctx is None else min(s.n_ctx, T + 2 * new)
     P = R - new
     a, per_token = s.itemsize, 2 * s.n_kv_heads * s.d_head * s.itemsize  # one layer's keys and values, one token
-    return {"kv_cache": s.n_layers * B * R * per_token, "prefix_kv": s.n_layers * P * per_token,
+    return {"kv_cache": s.n_layers * B * R * per_token, "prefix_kv": int(o.get("groups", 1)) * s.n_layers * P * per_token,
             "prefill": 3 * P * s.d_model * a + max(2 * P * (s.n_heads + 2 * s.n_kv_heads) * s.d_head * a, 3 * P * s.d_mlp * a)
                        + s.d_vocab * 4,
             "step": 20 * B * s.d_vocab + B * R * per_token}
 
 
 MEMORY = planner.MemoryModel("critical", _memory_parts, persistent=("kv_cache", "prefix_kv"), forward=False,
-                             sizes=lambda c: {"batch_size": _rows(c), "new_tokens": c.max_new_tokens}, batch_field="batch_size")
+                             sizes=lambda c: {"batch_size": _rows(c), "new_tokens": c.max_new_tokens, "groups": _groups(c)}, batch_field="batch_size")
 
 
 SPEC = registry.register(registry.Analysis(

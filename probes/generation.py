@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import inspect
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Collection, Iterator, Sequence
 
 import torch
@@ -40,7 +41,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .backend import Probe
     from .edits import Edit
 
-__all__ = ["Decoder", "sample", "row_seed", "warp", "draw", "DECODE_SITES"]
+__all__ = ["Decoder", "Rollouts", "sample", "sample_many", "row_seed", "warp", "draw", "DECODE_SITES"]
 
 # site kinds a decode-time edit can target: the module (by ArchSpec path) and which end of it carries the tensor
 DECODE_SITES = ("embed", "resid_pre", "z", "attn_out", "resid_mid", "mlp_pre", "mlp_post", "mlp_out", "resid_post",
@@ -229,6 +230,32 @@ def _editor(edits: Sequence["Edit"], heads: tuple[int, int] | None, rows: torch.
     return fn
 
 
+@dataclass
+class Rollouts:
+    """One prefix's rows in :func:`sample_many`: ``n`` continuations of ``tokens``, row ``r`` drawn from the stream
+    seeded by ``(seed, r)``.
+
+    Attributes:
+        tokens: the prefix ids (one row).
+        n: number of continuations (rows ``0..n-1``).
+        seed: the group's seed (:func:`row_seed` mixes it with the row).
+        first: one forced token per row (``n`` ids) fed after the prefix: row ``r`` continues ``tokens ⊕ first[r]``
+            and its ids start with ``first[r]`` (``max_new_tokens`` sampled tokens follow it).
+        stop: ``stop(new_ids) -> bool`` also ends a row (checked after every sampled token).
+        on_row: ``on_row(r, ids) -> bool``, called as each row ends; True stops this group at once (its rows still
+            decoding leave the batch and its later rows never start: they come back as None).
+        max_new_tokens: this group's limit on sampled tokens per row (None: the call's).
+    """
+
+    tokens: Sequence[int]
+    n: int
+    seed: int = 0
+    first: Sequence[int] | None = None
+    stop: Callable[[list[int]], bool] | None = None
+    on_row: Callable[[int, list[int]], bool] | None = None
+    max_new_tokens: int | None = None
+
+
 @torch.no_grad()
 def sample(probe: "Probe", tokens: Sequence[int], n: int, *, max_new_tokens: int, temperature: float = 1.0,
            top_p: float | None = None, top_k: int | None = None, seed: int = 0, batch_size: int = 64,
@@ -241,7 +268,8 @@ def sample(probe: "Probe", tokens: Sequence[int], n: int, *, max_new_tokens: int
     One batched decode loop: the prefix's KV cache is computed once and copied into each batch of rows (the
     batches run one after another), a row leaves the batch (and its cache) as soon as it ends, and each row draws
     its tokens from its own random stream, so row ``r``'s continuation depends on ``seed`` and ``r`` only, never on
-    the batch it ran in, on ``batch_size`` or on when other rows ended.
+    the batch it ran in, on ``batch_size`` or on when other rows ended. :func:`sample_many` does the same for
+    several prefixes in one batch.
 
     Args:
         probe: the model.
@@ -264,20 +292,51 @@ def sample(probe: "Probe", tokens: Sequence[int], n: int, *, max_new_tokens: int
     Returns:
         one list of ids per row; ``None`` for rows that ``on_row`` left out.
     """
+    group = Rollouts(tokens, n, seed, first, stop, on_row)
+    return sample_many(probe, [group], max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                       batch_size=batch_size, eos=eos, pad=pad, prefix_cache=prefix_cache)[0]
+
+
+@torch.no_grad()
+def sample_many(probe: "Probe", groups: Sequence[Rollouts], *, max_new_tokens: int, temperature: float = 1.0,
+                top_p: float | None = None, top_k: int | None = None, batch_size: int = 64, chunk: int | None = None,
+                eos: Collection[int] | None = None, pad: int | None = None,
+                prefix_cache: bool = True) -> list[list[list[int] | None]]:
+    """The rows of several prefixes (:class:`Rollouts`) sampled in shared batches: ``out[g][r]`` as :func:`sample`.
+
+    Each batch takes up to ``chunk`` rows (default ``batch_size``) of every group that has rows left, in group
+    order, at most ``batch_size`` rows in all. Prefixes of different lengths sit left-padded in one KV cache (each
+    prefix's cache computed once, unpadded, and copied into its rows), with an attention mask over the padding and
+    each row's own positions, so a row sees exactly its own prefix. Rows draw from their own streams, so a row's
+    continuation does not depend on the other groups in its batch; the padding changes the arithmetic's order only
+    (the logits agree to float rounding). Models whose cache cannot be padded (sliding-window or recurrent layers)
+    run one group per batch.
+
+    Args:
+        groups: the prefixes and their rows.
+        chunk: at most this many rows of one group per batch (None: ``batch_size``). A group whose ``on_row`` stops
+            it early wastes at most one chunk's decoding.
+        max_new_tokens, temperature, top_p, top_k, eos, pad, prefix_cache: as :func:`sample`.
+    Returns:
+        per group, one list of ids per row (None for rows its ``on_row`` left out).
+    """
     if not probe.supports("generate"):
         raise ConfigError(f"{type(probe).__name__} cannot generate: the model's weights are not here.",
                           hint="Load the model locally to generate.")
-    ids = torch.tensor([list(tokens)], dtype=torch.long, device=probe.device)
-    if ids.shape[1] == 0:
-        raise InputError("sample() needs a non-empty prefix.")
-    if first is not None and len(first) != n:
-        raise InputError(f"first has {len(first)} ids for {n} rows.", hint="Give one forced token per row.")
+    prepared = []
+    for g in groups:
+        ids = torch.tensor([list(g.tokens)], dtype=torch.long, device=probe.device)
+        if ids.shape[1] == 0:
+            raise InputError("sample() needs a non-empty prefix.")
+        if g.first is not None and len(g.first) != g.n:
+            raise InputError(f"first has {len(g.first)} ids for {g.n} rows.", hint="Give one forced token per row.")
+        prepared.append(ids)
     eos = sorted(probe.eos_token_ids if eos is None else set(eos))
     if pad is None:
         pad = probe.tokenizer.pad_token_id if probe.tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
-    with probe.session():  # one atomic step: no other thread runs the model between the prefill and the batches
-        return _sample(probe, ids, n, max_new_tokens, temperature, top_p, top_k, seed, max(1, batch_size), set(eos), pad, stop,
-                       prefix_cache, None if first is None else list(first), on_row)
+    with probe.session():  # one atomic step: no other thread runs the model between the prefills and the batches
+        return _Engine(probe, list(groups), prepared, max_new_tokens, temperature, top_p, top_k, set(eos), prefix_cache).run(
+            max(1, batch_size), max(1, chunk or batch_size))
 
 
 def row_seed(seed: int, row: int) -> int:
@@ -315,66 +374,150 @@ def draw(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cdf, x, right=True).squeeze(-1).clamp_(max=logits.shape[-1] - 1)
 
 
-def _sample(probe, ids, n, max_new_tokens, temperature, top_p, top_k, seed, batch_size, eos, pad, stop, prefix_cache, first, on_row):
-    from transformers import DynamicCache
+class _Engine:
+    """The batched decode loop of :func:`sample_many` (one call)."""
 
-    model = probe.hf_model
-    kw_cache = _cache_kw(model)
-    keep = last_logits_only(model)
-    shared = ids if first is not None else ids[:, :-1]  # what the prefix cache holds; then one token per row is fed
-    out: list[list[int] | None] = [None] * n
+    def __init__(self, probe, groups, ids, max_new, temperature, top_p, top_k, eos, prefix_cache):
+        self.probe, self.groups, self.eos, self.prefix_cache = probe, groups, eos, prefix_cache
+        self.model = probe.hf_model
+        self.kw_cache, self.keep = _cache_kw(self.model), last_logits_only(self.model)
+        self.warp = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+        self.max_new = [max_new if g.max_new_tokens is None else g.max_new_tokens for g in groups]
+        # what a group's prefix cache holds: all its tokens with forced first tokens, else all but the last (fed per row)
+        self.shared = [x if g.first is not None else x[:, :-1] for g, x in zip(groups, ids)]
+        self.ids = ids
+        self.out: list[list[list[int] | None]] = [[None] * g.n for g in groups]
+        self.stopped = [False] * len(groups)
+        self.bases: dict[int, Any] = {}
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
 
-    def prefill(rows: int) -> Any:
-        c = DynamicCache(config=model.config)
-        if shared.shape[1]:
-            model(input_ids=shared.expand(rows, -1), use_cache=True, **{kw_cache: c}, **keep)
+        # prefixes of different lengths share a batch only in a cache of plain layers (no sliding window, no state)
+        layers = getattr(DynamicCache(config=self.model.config), "layers", None)
+        self.paddable = bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+    def prefill(self, g: int, rows: int) -> Any:
+        from transformers import DynamicCache
+
+        c = DynamicCache(config=self.model.config)
+        if self.shared[g].shape[1]:
+            self.model(input_ids=self.shared[g].expand(rows, -1), use_cache=True, **{self.kw_cache: c}, **self.keep)
         return c
 
-    base = prefill(1) if prefix_cache else None
-    for start in range(0, n, batch_size):
-        rows = list(range(start, min(n, start + batch_size)))
-        m = len(rows)
-        if base is not None:
-            cache = copy.deepcopy(base)
-            if m > 1 and cache.get_seq_length() > 0:
-                cache.batch_repeat_interleave(m)
-        else:
-            cache = prefill(m)
-        u = torch.stack([torch.rand(max_new_tokens, generator=torch.Generator().manual_seed(row_seed(seed, r))) for r in rows])
-        new: list[list[int]] = [[first[r]] if first is not None else [] for r in rows]
-        x = torch.tensor([first[r] for r in rows] if first is not None else [int(ids[0, -1])] * m, device=ids.device)
-        live = list(range(m))  # positions in this batch still decoding, in cache order
-        halted = False
-        for t in range(max_new_tokens):
-            logits = model(input_ids=x[:, None], use_cache=True, **{kw_cache: cache}, **keep).logits[:, -1].float()
-            tok = draw(warp(logits, temperature, top_k, top_p), u[live, t]).tolist()
-            ended = []
-            for j, i in enumerate(live):
-                new[i].append(tok[j])
-                if tok[j] in eos or t + 1 == max_new_tokens or (stop is not None and stop(new[i])):
-                    ended.append(j)
-            for j in ended:
-                i = live[j]
-                out[rows[i]] = new[i]
-                if on_row is not None and on_row(rows[i], new[i]):
-                    halted = True
+    def report(self, g: int, r: int, ids: list[int]) -> None:
+        self.out[g][r] = ids
+        cb = self.groups[g].on_row
+        if cb is not None and cb(r, ids):
+            self.stopped[g] = True
+
+    def run(self, batch_size: int, chunk: int) -> list[list[list[int] | None]]:
+        nxt = [0] * len(self.groups)  # next row of each group to start
+        while True:
+            wave: list[tuple[int, int]] = []
+            for g, grp in enumerate(self.groups):
+                if self.stopped[g] or nxt[g] >= grp.n:
+                    continue
+                if wave and not self.paddable:
+                    break  # this model's cache cannot hold two prefixes: one group per batch
+                take = min(chunk, grp.n - nxt[g], batch_size - len(wave))
+                wave += [(g, r) for r in range(nxt[g], nxt[g] + take)]
+                nxt[g] += take
+                if len(wave) >= batch_size:
                     break
-            if halted or len(ended) == len(live):
-                break
-            if ended:  # drop the ended rows from the batch and from its cache
-                gone = set(ended)
+            if not wave:
+                return self.out
+            self.decode(wave)
+            for g in list(self.bases):  # a prefix whose rows have all started no longer needs its cache
+                if self.stopped[g] or nxt[g] >= self.groups[g].n:
+                    del self.bases[g]
+
+    def cache_for(self, wave: list[tuple[int, int]]) -> tuple[Any, torch.Tensor | None]:
+        """The batch's KV cache (rows in wave order) and its padding mask ``[B, S]`` (None when no row is padded)."""
+        gs = [g for g, _ in wave]
+        order = list(dict.fromkeys(gs))
+        count = {g: gs.count(g) for g in order}
+        if len(order) == 1:
+            g = order[0]
+            if not self.prefix_cache:
+                return self.prefill(g, count[g]), None
+            if g not in self.bases:
+                self.bases[g] = self.prefill(g, 1)
+            cache = copy.deepcopy(self.bases[g])
+            if count[g] > 1 and cache.get_seq_length() > 0:
+                cache.batch_repeat_interleave(count[g])
+            return cache, None
+        if self.prefix_cache:
+            parts = {g: self.bases[g] if g in self.bases else self.bases.setdefault(g, self.prefill(g, 1)) for g in order}
+            rows = torch.tensor([order.index(g) for g in gs], device=self.probe.device)
+        else:
+            parts = {g: self.prefill(g, count[g]) for g in order}
+            rows = torch.arange(len(gs), device=self.probe.device)
+        from transformers import DynamicCache
+
+        lens = {g: self.shared[g].shape[1] for g in order}
+        S = max(lens.values())
+        mask = torch.stack([torch.arange(S, device=self.probe.device) >= S - lens[g] for g in gs]).long()
+        if S == 0:
+            return DynamicCache(config=self.model.config), mask
+        ref = next(parts[g] for g in order if lens[g])
+        cache = DynamicCache(config=self.model.config)
+        for li, layer in enumerate(ref.layers):
+            ks, vs = [], []
+            for g in order:
+                c = parts[g]
+                if lens[g]:
+                    k, v = c.layers[li].keys, c.layers[li].values
+                else:
+                    k = layer.keys.new_zeros((count[g] if not self.prefix_cache else 1, *layer.keys.shape[1:-2], 0, layer.keys.shape[-1]))
+                    v = layer.values.new_zeros((k.shape[0], *layer.values.shape[1:-2], 0, layer.values.shape[-1]))
+                pad = S - lens[g]
+                ks.append(torch.nn.functional.pad(k, (0, 0, pad, 0)))
+                vs.append(torch.nn.functional.pad(v, (0, 0, pad, 0)))
+            cache.update(torch.cat(ks).index_select(0, rows), torch.cat(vs).index_select(0, rows), li)
+        return cache, mask
+
+    def decode(self, wave: list[tuple[int, int]]) -> None:
+        dev = self.probe.device
+        groups, eos = self.groups, self.eos
+        if max(self.max_new[g] for g, _ in wave) == 0:
+            for g, r in wave:
+                if not self.stopped[g]:
+                    self.report(g, r, [groups[g].first[r]] if groups[g].first is not None else [])
+            return
+        cache, mask = self.cache_for(wave)
+        T = max(self.max_new[g] for g, _ in wave)
+        u = torch.stack([torch.rand(T, generator=torch.Generator().manual_seed(row_seed(groups[g].seed, r))) for g, r in wave])
+        new = [[groups[g].first[r]] if groups[g].first is not None else [] for g, r in wave]
+        x = torch.tensor([groups[g].first[r] if groups[g].first is not None else int(self.ids[g][0, -1]) for g, r in wave], device=dev)
+        pos = torch.tensor([self.shared[g].shape[1] for g, _ in wave], device=dev)  # where each row's next token sits
+        live = list(range(len(wave)))  # wave indices still decoding, in cache order
+        for t in range(T):
+            kw: dict[str, Any] = {}
+            if mask is not None:
+                mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+                kw = dict(attention_mask=mask, position_ids=(pos + t)[:, None])
+            logits = self.model(input_ids=x[:, None], use_cache=True, **{self.kw_cache: cache}, **self.keep, **kw).logits[:, -1].float()
+            tok = draw(warp(logits, **self.warp), u[live, t]).tolist()
+            gone = set()
+            for j, i in enumerate(live):
+                g, r = wave[i]
+                if self.stopped[g]:
+                    gone.add(j)
+                    continue
+                new[i].append(tok[j])
+                stop = groups[g].stop
+                if tok[j] in eos or t + 1 >= self.max_new[g] or (stop is not None and stop(new[i])):
+                    gone.add(j)
+                    self.report(g, r, new[i])
+            gone |= {j for j, i in enumerate(live) if self.stopped[wave[i][0]]}  # a group stopped: its other rows leave
+            if len(gone) == len(live):
+                return
+            if gone:  # drop the ended rows from the batch and from its cache
                 keep_j = [j for j in range(len(live)) if j not in gone]
-                cache.batch_select_indices(torch.tensor(keep_j, device=ids.device))
+                sel = torch.tensor(keep_j, device=dev)
+                cache.batch_select_indices(sel)
+                if mask is not None:
+                    mask, pos = mask[sel], pos[sel]
                 live = [live[j] for j in keep_j]
                 tok = [tok[j] for j in keep_j]
-            x = torch.tensor(tok, device=ids.device)
-        if max_new_tokens == 0:
-            for i in range(m):
-                out[rows[i]] = new[i]
-                if on_row is not None and on_row(rows[i], new[i]):
-                    halted = True
-                    break
-        del cache
-        if halted:
-            break
-    return out
+            x = torch.tensor(tok, device=dev)

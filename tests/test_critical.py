@@ -267,6 +267,69 @@ def test_rollout_rate_equals_direct_monte_carlo(tiny_llama):
         assert C.rollout_success(tiny_llama, PROMPT, RESP, k, chk, 16, cfg.replace(**kw), seed=11) == (c, texts)
 
 
+def _draw_margin(logits: torch.Tensor, u: float) -> float:
+    """How far the uniform ``u`` lies from the nearest edge of the drawn token's interval of the cumulative
+    distribution (probability units): a logit change of at most ``d`` moves each edge by at most ``e^(2d) - 1``."""
+    from probes.generation import warp
+
+    cdf = torch.softmax(warp(logits[None].float()).double(), -1)[0].cumsum(0)
+    x = u * float(cdf[-1])
+    i = int(torch.searchsorted(cdf, torch.tensor([x], dtype=torch.float64), right=True)[0])
+    lo = float(cdf[i - 1]) if i > 0 else 0.0
+    return min(x - lo, float(cdf[min(i, len(cdf) - 1)]) - x)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2"])
+def test_prefixes_of_different_lengths_share_a_batch(family):
+    """sample_many: rows of prefixes of different lengths (left-padded in one cache, masked, each row at its own
+    positions) are the rows each prefix gives alone, compared draw by draw while the draw's margin exceeds what the
+    padding's measured logit difference could move; one group's on_row stops that group only. gemma2's sliding
+    layers cannot be padded: its groups run one per batch and equal the lone runs exactly."""
+    import math
+
+    import tiny_models
+    from probes.generation import Rollouts, row_seed, sample, sample_many
+
+    p = tiny_models.probe(family)
+    m = p.hf_model
+    prefs = [PROMPT[:4], PROMPT + RESP[:7], PROMPT[:9], PROMPT + RESP]
+    N = 6
+    alone = [sample(p, q, 3, max_new_tokens=N, seed=20 + g, eos=()) for g, q in enumerate(prefs)]
+    stopped: list[int] = []
+    groups = [Rollouts(q, 3, 20 + g, on_row=(lambda r, ids: stopped.append(r) or True) if g == 2 else None)
+              for g, q in enumerate(prefs)]
+    many = sample_many(p, groups, max_new_tokens=N, eos=(), batch_size=64, chunk=2)
+    assert stopped == [0] and many[2][1:] == [None, None]  # group 2 stopped at its first row; its others never ran
+    # the padding's numeric effect: last-position logits of the prefixes left-padded in one batch vs each alone
+    S = max(len(q) for q in prefs)
+    ids = torch.tensor([[0] * (S - len(q)) + q for q in prefs])
+    mask = (torch.arange(S)[None] >= torch.tensor([S - len(q) for q in prefs])[:, None]).long()
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        padded = m(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1].float()
+        lone = torch.stack([m(input_ids=torch.tensor([q])).logits[0, -1].float() for q in prefs])
+    d = float((padded - lone).abs().max())
+    tol = max(10 * (math.exp(2 * d) - 1), 1e-6)
+    compared = 0
+    for g, q in enumerate(prefs):
+        for r in range(3):
+            if many[g][r] is None:
+                continue
+            u = torch.rand(N, generator=torch.Generator().manual_seed(row_seed(20 + g, r)))
+            seq = list(q)
+            for t, tok in enumerate(alone[g][r]):
+                with torch.no_grad():
+                    logits = m(input_ids=torch.tensor([seq])).logits[0, -1]
+                if not _draw_margin(logits, float(u[t])) > tol:
+                    break
+                assert many[g][r][t] == tok, (family, g, r, t)
+                compared += 1
+                seq.append(tok)
+    assert compared >= 0.9 * (3 * 3 + 1) * N, compared  # nearly every draw was safely decided
+    if family == "gemma2":
+        assert many[:2] == alone[:2] and many[3] == alone[3]
+
+
 def test_sampler_draws_each_token_with_its_probability():
     """Inverse-CDF draws: over a fine grid of uniforms each token takes a share equal to its probability (the
     transformers warpers decide the support)."""
