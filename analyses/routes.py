@@ -62,7 +62,7 @@ __all__ = [
     "Config", "RoutesResult", "run", "result_key",
     "proximity", "attention_importance", "ffn_importance", "neuron_importance", "block_importance",
     "decomposed_attention", "threshold_renormalize", "node_name", "max_prompt_tokens", "max_route_tokens", "describe_edit", "resolve_kernel",
-    "explain_attention", "AttentionExplanation", "faithfulness", "Faithfulness", "context_label", "compare", "memory_model",
+    "explain_attention", "AttentionExplanation", "faithfulness", "Faithfulness", "context_label", "context_model", "compare", "memory_model",
 ]
 
 Level = Literal["token", "head", "neuron"]
@@ -1013,6 +1013,12 @@ from .routes_faithful import Faithfulness, faithfulness  # noqa: E402  (ablation
 def context_label(prompt: str, model: str) -> str:
     """How a comparison names one context (a prompt on a model): the CLI's ``--compare`` and the page's compare mode."""
     return f"{prompt!r} on {model}"
+
+
+def context_model(model: str, *, adapter: "str | Path | None" = None, dtype: str | None = None) -> str:
+    """How a comparison names a context's model: the model, the LoRA adapter merged into it and its dtype, where given
+    (the CLI's ``--model-b`` / ``--adapter-b`` / ``--dtype-b`` and the page's compare modes)."""
+    return str(model) + (f" + adapter {str(adapter)!r}" if adapter else "") + (f" in {dtype}" if dtype else "")
 
 
 def compare(a: RoutesResult, b: RoutesResult, *, position_a: int | None = None, position_b: int | None = None,

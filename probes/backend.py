@@ -451,6 +451,12 @@ class Probe:
 
         return load_adapter(self, folder)
 
+    def adapter_probe(self, folder: "str | Path") -> "Probe":
+        """A new probe of this model with a saved LoRA adapter merged into a private copy of its weights."""
+        from .weights import adapter_probe
+
+        return adapter_probe(self, folder)
+
     # ----------------------------------------------------------------------------- running
     @_serialized
     @torch.no_grad()

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from .backend import Probe
 
 __all__ = ["WeightSpec", "LoraSpec", "AdaptedModel", "Factor", "WeightMap", "block_weights", "weight_masks", "only_blocks",
-           "frozen_weights", "adapter_targets", "adapted", "load_adapter"]
+           "frozen_weights", "adapter_targets", "adapted", "load_adapter", "adapter_probe", "check_adapter_folder"]
 
 
 class WeightMap:
@@ -437,12 +437,9 @@ def adapted(probe: "Probe", lora: LoraSpec) -> AdaptedModel:
     return AdaptedModel(probe, get_peft_model(_copy(probe), cfg))
 
 
-def load_adapter(probe: "Probe", folder: str | Path) -> AdaptedModel:
-    """A copy of the probe's model with the LoRA adapter saved in ``folder`` (``adapter_config.json``
-    + ``adapter_model.safetensors``; pickle-based ``.bin`` adapters are refused), in eval mode."""
-    from peft import PeftModel
-
-    _need_weights(probe, "adapters")
+def check_adapter_folder(folder: str | Path) -> Path:
+    """``folder`` when it holds a LoRA adapter as :func:`load_adapter` reads it (``adapter_config.json`` and
+    ``adapter_model.safetensors``), else :class:`InputError` saying what is missing (nothing is loaded)."""
     p = Path(folder)
     if not (p / "adapter_config.json").is_file():
         raise InputError(f"{str(p)!r} is not a LoRA adapter folder (no adapter_config.json).",
@@ -450,5 +447,28 @@ def load_adapter(probe: "Probe", folder: str | Path) -> AdaptedModel:
     if not (p / "adapter_model.safetensors").is_file():
         raise InputError(f"{str(p)!r} holds no adapter_model.safetensors; only safetensors adapters are loaded (no pickle).",
                          hint="Re-save the adapter with safe_serialization=True.")
+    return p
+
+
+def load_adapter(probe: "Probe", folder: str | Path) -> AdaptedModel:
+    """A copy of the probe's model with the LoRA adapter saved in ``folder`` (``adapter_config.json``
+    + ``adapter_model.safetensors``; pickle-based ``.bin`` adapters are refused), in eval mode."""
+    from peft import PeftModel
+
+    _need_weights(probe, "adapters")
+    p = check_adapter_folder(folder)
     model = PeftModel.from_pretrained(_copy(probe), str(p), is_trainable=False)
     return AdaptedModel(probe, model).eval()
+
+
+def adapter_probe(probe: "Probe", folder: str | Path) -> "Probe":
+    """A new probe of the probe's model with the LoRA adapter saved in ``folder`` merged into a private copy of
+    its weights (W + scale·B·A; safetensors only, as :func:`load_adapter` reads it), on the same backend, device and
+    dtype; every analysis runs on it as on any probe. The probe itself is untouched. Its name is the base model's
+    with the adapter folder's name after a ``+``."""
+    from . import from_hf
+
+    merged = load_adapter(probe, folder).model.merge_and_unload()
+    p = Path(folder)
+    return from_hf(merged, probe.tokenizer, backend=probe.backend, name=f"{probe.info.name}+{p.name}",
+                   source=str(p.resolve()))

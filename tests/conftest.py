@@ -64,6 +64,29 @@ def embedded():
 
 
 @pytest.fixture(scope="session")
+def embedded_adapter(embedded, tmp_path_factory):
+    """A LoRA adapter of the embedded model (r 4 on q, v and o; B drawn N(0, 0.02) with seed 0, as a trained
+    adapter's B is non-zero) saved by PEFT as safetensors: ``(folder, PEFT's unmerged logits of ADAPTER_PROMPT)``."""
+    import torch
+
+    from probes.weights import LoraSpec
+
+    folder = tmp_path_factory.mktemp("adapter") / "lora-qvo"
+    torch.manual_seed(0)
+    with embedded.adapted(LoraSpec(r=4, alpha=8, target_modules=("q_proj", "v_proj", "o_proj"))) as ad:
+        for name, p in ad.model.named_parameters():
+            if "lora_B" in name:
+                p.data.normal_(0, 0.02)
+        ad.save(folder)
+        with torch.no_grad():
+            ref = ad.logits(embedded.to_tokens(ADAPTER_PROMPT)).double()
+    return folder, ref
+
+
+ADAPTER_PROMPT = "The Eiffel Tower is in"
+
+
+@pytest.fixture(scope="session")
 def embedded_tl():
     """The embedded model behind the TransformerLens backend (its own model object)."""
     from probes import load_model

@@ -140,3 +140,46 @@ def test_routes_compare_link_draws_both_contexts(server, browser):
     assert b"<graphml" in got["GraphML"] and b"weight_a" in got["GraphML"] and b'"status"' in got["GraphML"]
     assert b"Routes compared" in got["Comparison report"] and b"Colosseum" in got["Comparison report"]
     ctx.close()
+
+
+def _heaviest_attention_node(probe, prompt: str) -> str:
+    """The after-attention node of the page's route (default τ) whose entering head edge reads another position with the
+    largest weight: the node a reader clicks to ask why that head attends there."""
+    from analyses import routes
+    from probes import parse_node
+
+    route = routes.run(probe, prompt, config=routes.Config(keep_residuals=True)).route()
+    best = max(((max(d.get("heads") or [0]), v) for u, v, d in route.edges(data=True)
+                if d["kind"] == "attn" and parse_node(u)[2] != parse_node(v)[2]), default=(0, None))
+    assert best[1] is not None, "the route has no attention edge across positions"
+    return best[1]
+
+
+def test_routes_explain_and_faithfulness_views(server, browser, embedded):
+    """A link naming an after-attention node opens its heaviest attention edge explained (query-side and key-side
+    contributor bars); the faithfulness panel beside the graph runs its ablation checks. Their 1600x1000 screenshots
+    are the documentation's pictures of the two views (docs/img/routes_explain.png, routes_faithful.png)."""
+    node = _heaviest_attention_node(embedded, CONTEXT["prompt"])
+    ctx = browser.new_context(viewport={"width": 1600, "height": 1000})
+    page = ctx.new_page()
+    page.goto(f"{server['url']}/routes?{urlencode({**CONTEXT, 'node': node})}", wait_until="domcontentloaded")
+    _settle(page, HEADINGS["routes"], COLD_START_S)
+    _no_exception(page)
+    assert page.locator("[data-testid='stAlertContentError']").count() == 0, page.inner_text("body")[:1500]
+    heading = page.get_by_role("heading", name="Why this head attends").first
+    heading.wait_for(timeout=60_000)
+    heading.evaluate("e => e.scrollIntoView({block: 'start'})")
+    page.wait_for_timeout(1500)
+    body = page.inner_text("body")
+    assert "query side" in body and "key side" in body and "Each side's contributors sum to the score" in body
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "routes_explain_1600x1000.png"), full_page=False)
+    page.get_by_text("Is this route faithful?").first.click()
+    page.locator("button", has_text="Run the ablation checks").first.click()
+    _settle(page, HEADINGS["routes"], COLD_START_S)
+    _no_exception(page)
+    assert "Route:" in page.inner_text("body") and "heads" in page.inner_text("body")
+    page.get_by_text("Is this route faithful?").first.evaluate("e => e.scrollIntoView({block: 'start'})")
+    page.wait_for_timeout(1500)
+    page.screenshot(path=str(ARTIFACTS / "routes_faithful_1600x1000.png"), full_page=False)
+    ctx.close()

@@ -111,6 +111,9 @@ CASES = [
     ("routes.py", {"cmp": "bogus"}, lambda at: _w(at, "radio", "routes_compare").value == "off" and "cmp" not in at.query_params),
     ("routes.py", {"cmp": "prompt", "prompt_b": "   "}, lambda at: _w(at, "text_input", "routes_prompt_b").value == ""
      and any("Type the second prompt" in i.value for i in at.info)),
+    ("routes.py", {"cmp": "dtype", "dtype_b": "fp8"}, lambda at: _w(at, "selectbox", "routes_dtype_b").value == "bfloat16"),
+    ("routes.py", {"cmp": "adapter", "adapter_b": "/etc"}, lambda at: _w(at, "text_input", "routes_adapter_b").value == ""
+     and "not a LoRA adapter folder" in at.error[0].value and any("Type the adapter folder" in i.value for i in at.info)),
     # Counterfactuals
     ("counterfactual.py", {"temperature": "abc"}, lambda at: _by_label(at, "slider", "Temperature (0 = greedy)").value == pytest.approx(0.8)),
     ("counterfactual.py", {"temperature": "inf"}, lambda at: _by_label(at, "slider", "Temperature (0 = greedy)").value == pytest.approx(0.8)),

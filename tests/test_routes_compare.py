@@ -121,3 +121,54 @@ def test_graphml_escapes_control_characters(tmp_path):
     g.add_edge("X0_0", "A0_0", weight=1.0, kind="resid", layer=0)
     back = nx.read_graphml(write_graphml(g, tmp_path / "g.graphml"))
     assert back.nodes["X0_0"]["token"] == "\\x0b\\x01" and back.nodes["A0_0"]["token"] == "a\nb"
+
+
+# ----------------------------------------------------------------------------- one prompt on two models
+def test_base_vs_adapter(embedded, embedded_adapter):
+    """The adapter merged into a private copy (probe.adapter_probe) gives PEFT's own logits; the base probe is
+    untouched; routes.compare reads p(target) of the adapted model. Measured: merged vs unmerged logits differ by
+    5e-5 at most (p by 4e-6); Δp(' Paris') +0.030 at 'The Eiffel Tower is located in the city of'."""
+    from conftest import ADAPTER_PROMPT
+
+    folder, ref = embedded_adapter
+    ids = embedded.to_tokens(ADAPTER_PROMPT)
+    before = embedded.forward(ids).double()
+    b = embedded.adapter_probe(folder)
+    assert b.info.name == "embedded+lora-qvo" and b.info.fingerprint != embedded.info.fingerprint
+    assert (b.forward(ids).double() - ref).abs().max() < 5e-4
+    assert torch.equal(embedded.forward(ids).double(), before)  # the base probe kept its weights
+    cfg = routes.Config(mode="route")
+    ra, rb = routes.run(embedded, ADAPTER_PROMPT, config=cfg), routes.run(b, ADAPTER_PROMPT, config=cfg)
+    assert ra.key != rb.key  # two models: two results in the store
+    c = routes.compare(ra, rb, probe_a=embedded, probe_b=b)
+    assert c.p_a == pytest.approx(float(before[0, -1].softmax(-1)[c.target]), abs=1e-5)
+    assert c.p_b == pytest.approx(float(ref[0, -1].softmax(-1)[c.target]), abs=1e-4)
+    assert abs(c.delta_p) > 1e-3 and c.head_delta.abs().max() > 0  # the adapter moves the prediction and the route
+
+
+def test_cli_compare_adapter_and_dtype(embedded, embedded_adapter, tmp_path, capsys, results_dir):
+    """--adapter-b and --dtype-b: base vs adapter, and one model in fp32 vs bf16. bf16 rounding moves p(' Paris') by
+    -0.013 at 'The Eiffel Tower is located in the city of' (measured; also -0.010 and +0.010 on two other prompts,
+    2026-12-07), and keeps all but a few edges: the bound is 0.05."""
+    from conftest import ADAPTER_PROMPT, run_cli
+
+    folder, ref = embedded_adapter
+    args = ["run", "routes", "--prompt", "The Eiffel Tower is located in the city of", "--compare", "--device", "cpu",
+            "--mode", "route", "--json"]
+    code, out, err = run_cli(args + ["--dtype-b", "bfloat16"], capsys)
+    assert code == 0, err
+    d = json.loads(out)["compare"]
+    assert d["target_token"] == " Paris" and 0 < abs(d["delta_p"]) < 0.05, d
+    assert d["kept"] > 10 * (d["lost"] + d["gained"])
+    assert "in bfloat16" in d["labels"][1]
+    code, out, err = run_cli(["run", "routes", "--prompt", ADAPTER_PROMPT, "--compare", "--device", "cpu", "--mode", "route",
+                              "--json", "--adapter-b", str(folder)], capsys)
+    assert code == 0, err
+    d = json.loads(out)["compare"]
+    assert d["p_b"] == pytest.approx(float(ref[0, -1].softmax(-1)[d["target"]]), abs=1e-4)
+    assert "adapter" in d["labels"][1]
+    for bad, msg in ((["--dtype-b", "fp8"], "is not a dtype"), (["--adapter-b", str(tmp_path)], "not a LoRA adapter folder")):
+        code, out, err = run_cli(args + bad, capsys)
+        assert code == 2 and msg in err and "Traceback" not in err, err
+    code, out, err = run_cli(["run", "routes", "--prompt", "abc", "--dtype-b", "bfloat16", "--device", "cpu"], capsys)
+    assert code == 2 and "Add --compare" in err

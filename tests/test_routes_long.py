@@ -104,3 +104,56 @@ def test_readme_quotes_the_latest_long_rows():
     doc = " ".join((root / "docs" / "readme" / "routes.md").read_text(encoding="utf-8").split())
     assert head.split()[0] in doc
     assert f"took {ratio} a plain forward with a peak RSS of {peak} MB, {times} the forward's {fwd} MB" in doc
+
+
+# ----------------------------------------------------------------------------- the model's full context (8,192)
+def _full_context_prompt() -> str:
+    """A text of exactly the embedded model's context, 8,192 tokens (' the' is one token of SmolLM2's tokenizer)."""
+    from transformers import AutoTokenizer
+
+    from probes.loading import embedded_model_dir
+
+    text = " the" * 8192
+    assert len(AutoTokenizer.from_pretrained(embedded_model_dir())(text)["input_ids"]) == 8192
+    return text
+
+
+def test_full_context_plans_at_the_context_not_past_it():
+    """A prompt of exactly n_ctx tokens is planned at n_ctx: the bound that tokens_bound adds for special tokens
+    does not push it past the context (it was refused as '8256 tokens per row'). Top-down fits 20 GiB free."""
+    text = _full_context_prompt()
+    bound = planner.tokens_bound(text, model="embedded")
+    assert bound > 8192
+    cfg, p = planner.plan_config(routes.MEMORY, "embedded", routes.Config(mode="route"), device="cpu", dtype="float32",
+                                 free_bytes=20 * 2**30, seq_len=bound, prompt_bound=True)
+    assert p.fits and p.seq_len == 8192
+
+
+def test_all_positions_refuse_the_full_context_with_the_length_that_fits():
+    """All-position mode at 8,192 tokens (74.8 GiB of importances) is refused before loading, naming the longest prompt
+    whose estimate fits the budget: that length fits, one token more does not."""
+    shape = planner.shape_of("embedded", dtype="float32")
+    free = 22 * 2**30
+    with pytest.raises(OutOfMemoryError) as e:
+        planner.plan_config(routes.MEMORY, shape, routes.Config(mode="all"), device="cpu", free_bytes=free, seq_len=8192)
+    n = int(re.search(r"Prompts of at most (\d+) tokens fit", e.value.hint).group(1))
+    budget = int(free * 0.8)
+    est = lambda T: planner.estimate(routes.MEMORY, shape, seq_len=T, chunk_mb=1, config=routes.Config(mode="all")).total  # noqa: E731
+    assert 1000 < n < 8192 and est(n) <= budget < est(n + 1)
+
+
+def test_full_context_top_down_refused_under_a_memory_limit(capsys, monkeypatch, results_dir):
+    """`sonde run routes --mode route` on an 8,192-token prompt with $SONDE_MEMORY_LIMIT below its plan exits 2 before
+    the weights load, with the longest prompt that fits; without the limit the plan fits (the run itself: 6 min,
+    peak RSS 5.8 GiB, benchmarks/RESULTS.md)."""
+    from conftest import run_cli
+
+    monkeypatch.setenv(planner.MEMORY_LIMIT_ENV, "3GiB")
+    code, out, err = run_cli(["run", "routes", "--prompt", _full_context_prompt(), "--mode", "route", "--position", "-1",
+                              "--device", "cpu"], capsys)
+    assert code == 2 and "at T=8192" in err and "Traceback" not in err, err
+    n = int(re.search(r"Prompts of at most (\d+) tokens fit", err).group(1))
+    shape = planner.shape_of("embedded", dtype="float32")
+    est = lambda T: planner.estimate(routes.MEMORY, shape, seq_len=T, chunk_mb=1, config=routes.Config(mode="route")).total  # noqa: E731
+    assert 1000 < n < 8192 and est(n) <= int(3 * 2**30 * 0.8) < est(n + 1)
+    assert not any(results_dir.glob("*")) if results_dir.exists() else True  # nothing saved

@@ -46,7 +46,7 @@ def register(run_app: typer.Typer) -> None:
         cf.parse_intervention(intervene)  # fail before loading the model
         from analyses.core.planner import tokens_bound
 
-        config = planned(config, model, device, dtype, seq_len=tokens_bound(prompt, model=model))
+        config = planned(config, model, device, dtype, seq_len=tokens_bound(prompt, model=model), prompt_bound=True)
         probe = load_probe(model, backend, device, dtype)
         with status("Generating"):
             r = cf.run(probe, prompt, intervene, config=config, observed=observed)
@@ -116,7 +116,7 @@ def register(run_app: typer.Typer) -> None:
                                temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, chat=chat)
         from analyses.core.planner import tokens_bound
 
-        config = planned(config, model, device, dtype, seq_len=tokens_bound(template + max(config.groups, key=len), model=model))
+        config = planned(config, model, device, dtype, seq_len=tokens_bound(template + max(config.groups, key=len), model=model), prompt_bound=True)
         probe = load_probe(model, backend, device, dtype)
         with progress_bar() as bar:
             r = cf.bias_sweep(probe, config=config, progress=bar)

@@ -56,7 +56,7 @@ def register(run_app: typer.Typer) -> None:
         probs = load_task(task, problems, seed=seed, on_error=on_error)  # type: ignore[arg-type]
         from analyses.core.planner import tokens_bound
 
-        cfg = planned(cfg, model, device, dtype, seq_len=tokens_bound(*(p.question for p in probs), model=model))
+        cfg = planned(cfg, model, device, dtype, seq_len=tokens_bound(*(p.question for p in probs), model=model), prompt_bound=True)
         probe = load_probe(model, backend, device, dtype)
         with progress_bar() as bar:
             res = C.run(probe, probs, config=cfg, progress=bar)

@@ -77,7 +77,7 @@ def register(run_app: typer.Typer) -> None:
         check_side_file(html, "--html")
         from analyses.core.planner import tokens_bound
 
-        cfg = planned(cfg, model, device, dtype, seq_len=tokens_bound(prompt, model=model))
+        cfg = planned(cfg, model, device, dtype, seq_len=tokens_bound(prompt, model=model), prompt_bound=True)
         probe = load_probe(model, backend, device, dtype)
         cfg = cfg.replace(layers=_parse_layers(layers, probe.info.n_layers))
         with status("Running the logit lens"):

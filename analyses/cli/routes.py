@@ -11,6 +11,8 @@ from typing import Optional
 
 import typer
 
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+
 from .options import config_option
 from .common import planned, check_side_file, input_file, save_result, model_options, BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OutOpt, load_probe, progress_bar, saved, status
 from .sweeps import (AddressOpt, EngineOpt, GpusOpt, ResumeOpt, RetriesOpt, ShardOpt, ThreadsOpt, WorkersOpt, run_sweep,
@@ -66,10 +68,16 @@ def _report(res):
 
 
 def _compare(routes, probe, prompt: str, cfg, model: str, prompt_b: str | None, model_b: str | None, backend: str,
-             device: str, dtype: str, graphml: Path | None, html: Path | None, as_json: bool) -> None:
-    """``--compare``: routes of context a (``--prompt`` on ``--model``) and b (``--prompt-b`` and/or ``--model-b``), both
-    saved in the results store, compared (:func:`analyses.routes.compare`); ``--graphml`` / ``--html`` export the comparison."""
-    probe_b = probe if model_b is None else load_probe(model_b, backend, device, dtype)
+             device: str, dtype: str, graphml: Path | None, html: Path | None, as_json: bool, *,
+             adapter_b: Path | None = None, dtype_b: str | None = None) -> None:
+    """``--compare``: routes of context a (``--prompt`` on ``--model``) and b (``--prompt-b``, ``--model-b``,
+    ``--adapter-b`` and/or ``--dtype-b``), both saved in the results store, compared (:func:`analyses.routes.compare`);
+    ``--graphml`` / ``--html`` export the comparison."""
+    same = model_b is None and dtype_b is None
+    probe_b = probe if same else load_probe(model_b or model, backend, device, dtype_b or dtype)
+    if adapter_b is not None:
+        with status(f"Merging the adapter {adapter_b}"):
+            probe_b = probe_b.adapter_probe(adapter_b)
     text_b = prompt if prompt_b is None else prompt_b
     if (probe_b.info.n_layers, probe_b.info.n_heads) != (probe.info.n_layers, probe.info.n_heads):
         from probes import ConfigError
@@ -80,7 +88,8 @@ def _compare(routes, probe, prompt: str, cfg, model: str, prompt_b: str | None, 
     with status("Computing routes of both contexts"):
         a = routes.run(probe, prompt, config=cfg)
         b = routes.run(probe_b, text_b, config=cfg)
-        labels = (routes.context_label(prompt, model), routes.context_label(text_b, model_b or model))
+        labels = (routes.context_label(prompt, model),
+                  routes.context_label(text_b, routes.context_model(model_b or model, adapter=adapter_b, dtype=dtype_b)))
         cmp = routes.compare(a, b, probe_a=probe, probe_b=probe_b, labels=labels)
     path_b = save_result(b, None)
     path = save_result(a, None, {graphml: cmp.to_graphml, html: lambda tmp: Path(tmp).write_bytes(cmp.report_html())})
@@ -125,6 +134,8 @@ def register(run_app: typer.Typer) -> None:
         compare: bool = typer.Option(False, "--compare", help="Two contexts side by side: --prompt on --model (a) against --prompt-b and/or --model-b (b); kept/lost/gained edges, Δ head importance, Δp."),
         prompt_b: Optional[str] = typer.Option(None, "--prompt-b", help="With --compare: the second prompt (default: --prompt)."),
         model_b: Optional[str] = typer.Option(None, "--model-b", help="With --compare: the second model, of the same shape (default: --model)."),
+        adapter_b: Optional[Path] = typer.Option(None, "--adapter-b", help="With --compare: a LoRA adapter folder (adapter_config.json + adapter_model.safetensors) merged into b's model: base vs adapter."),
+        dtype_b: Optional[str] = typer.Option(None, "--dtype-b", help="With --compare: b's dtype (default --dtype), e.g. float32 vs bfloat16 of one model."),
         html: Optional[Path] = typer.Option(None, "--html", help="Also write an HTML report (opens offline): of the result, or with --compare of the comparison."),
         on_error: str = typer.Option("stop", "--on-error", help="Malformed input line: stop or skip."),
         prepend_bos: bool = config_option("routes", "prepend_bos", "--bos/--no-bos"),
@@ -152,10 +163,19 @@ def register(run_app: typer.Typer) -> None:
         check_side_file(html, "--html")
         if compare and prompt is None:
             raise InputError("--compare sets one prompt against another; give --prompt (and --prompt-b or --model-b).")
-        if (prompt_b is not None or model_b is not None) and not compare:
-            raise InputError("--prompt-b and --model-b name the second context of --compare.", hint="Add --compare.")
-        if compare and prompt_b is None and model_b is None:
-            raise InputError("--compare needs a second context: --prompt-b TEXT (same model) or --model-b NAME (same prompt).")
+        second = {"--prompt-b": prompt_b, "--model-b": model_b, "--adapter-b": adapter_b, "--dtype-b": dtype_b}
+        given = [k for k, v in second.items() if v is not None]
+        if given and not compare:
+            raise InputError(f"{', '.join(given)} name{'s' if len(given) == 1 else ''} the second context of --compare.", hint="Add --compare.")
+        if compare and not given:
+            raise InputError("--compare needs a second context: --prompt-b TEXT (same model), --model-b NAME, "
+                             "--adapter-b FOLDER or --dtype-b DTYPE (same prompt).")
+        if dtype_b is not None and dtype_b not in DTYPE_CHOICES:
+            raise InputError(f"--dtype-b {dtype_b!r} is not a dtype.", hint=f"Use one of {', '.join(DTYPE_CHOICES)}.")
+        if adapter_b is not None:
+            from probes.weights import check_adapter_folder
+
+            check_adapter_folder(adapter_b)  # before any model loads
         if compare and (explain is not None or faithful or ablate is not None):
             raise InputError("--compare runs on its own; --explain, --faithfulness and --ablate read one context.")
         if compare and out is not None:
@@ -179,11 +199,12 @@ def register(run_app: typer.Typer) -> None:
             from analyses.core.planner import tokens_bound
 
             # before loading: the chunk budget that fits (or exit 2), for the longer of the two prompts
-            cfg = planned(cfg, model, device, dtype, seq_len=tokens_bound(prompt, *([prompt_b] if prompt_b else []), model=model))
+            cfg = planned(cfg, model, device, dtype, seq_len=tokens_bound(prompt, *([prompt_b] if prompt_b else []), model=model), prompt_bound=True)
             probe = load_probe(model, backend, device, dtype)
             edits = as_edits(labels, probe.info)
             if compare:
-                return _compare(routes, probe, prompt, cfg, model, prompt_b, model_b, backend, device, dtype, graphml, html, as_json)
+                return _compare(routes, probe, prompt, cfg, model, prompt_b, model_b, backend, device, dtype, graphml, html,
+                                as_json, adapter_b=adapter_b, dtype_b=dtype_b)
             with status("Computing routes"):
                 res = routes.run(probe, prompt, config=cfg, edits=edits)
             path = save_result(res, out, {graphml: res.to_graphml, html: _report(res)})

@@ -67,7 +67,7 @@ import torch
 
 from probes.errors import ConfigError, OutOfMemoryError
 
-__all__ = ["MemoryModel", "FORWARD", "GENERATE", "memory_model", "kinds", "ModelShape", "shape_of", "Estimate", "Plan", "estimate", "plan", "preflight", "plan_config", "generating", "tokens_bound", "free_memory", "retry_on_oom",
+__all__ = ["MemoryModel", "FORWARD", "GENERATE", "memory_model", "kinds", "ModelShape", "shape_of", "Estimate", "Plan", "estimate", "plan", "preflight", "plan_config", "generating", "tokens_bound", "longest_fitting", "free_memory", "retry_on_oom",
            "is_oom", "format_bytes", "parse_bytes"]
 
 T_ = TypeVar("T_")
@@ -569,7 +569,8 @@ def preflight(kind: "str | MemoryModel", model: "str | ModelShape", *, seq_len: 
 
 def plan_config(kind: "str | MemoryModel", model: "str | ModelShape | None", config: Any, *, device: str = "cpu",
                 dtype: str = "auto", revision: str | None = None, free_bytes: int | None = None, headroom: float = 0.8,
-                refuse: bool = True, max_batch: int | None = None, **given: Any) -> tuple[Any, Plan | None]:
+                refuse: bool = True, max_batch: int | None = None, prompt_bound: bool = False,
+                **given: Any) -> tuple[Any, Plan | None]:
     """Plan a run of an analysis from its config alone, before the model's weights load (every ``sonde run`` verb
     and ``sonde plan``).
 
@@ -582,7 +583,9 @@ def plan_config(kind: "str | MemoryModel", model: "str | ModelShape | None", con
     nothing to plan (no sizes, or a GGUF file whose config cannot be read without loading it). A run that does not
     fit at any setting, or whose batch cannot be lowered, raises :class:`probes.OutOfMemoryError` (the CLI's exit 2)
     naming the largest setting that fits; with ``refuse=False`` it returns that plan instead (``fits`` False, the
-    refusal as its message).
+    refusal as its message; a chunked analysis's refusal names the longest prompt that fits, :func:`longest_fitting`).
+    ``prompt_bound``: ``seq_len`` is :func:`tokens_bound` of a prompt, an upper bound: a bound past the model's context
+    is planned at the context (the prompt itself is refused when it is tokenized, if it is longer).
     """
     from probes.errors import ModelLoadError
     from probes.loading import resolve_device
@@ -602,6 +605,15 @@ def plan_config(kind: "str | MemoryModel", model: "str | ModelShape | None", con
             raise OutOfMemoryError(message, hint=hint)
         return config, dataclasses.replace(p, fits=False, message=f"{message} {hint}")
 
+    if prompt_bound and isinstance(model, str):
+        # a prompt's bound (tokens_bound) may pass the context while the prompt itself does not: plan for at most the
+        # context; a longer prompt is refused when it is tokenized (probes' to_tokens), before any forward pass
+        try:
+            n_ctx = _shape_for(model, device, dtype, revision).n_ctx
+        except ModelLoadError:
+            n_ctx = None
+        if n_ctx is not None and seq_len > n_ctx:
+            seq_len = n_ctx
     if mm.chunk is not None:
         try:
             shape = model if isinstance(model, ModelShape) else _shape_for(model, device, dtype, revision)
@@ -611,9 +623,12 @@ def plan_config(kind: "str | MemoryModel", model: "str | ModelShape | None", con
         p = plan(mm, shape, seq_len=seq_len, device=dev, free_bytes=free_bytes, headroom=headroom, chunk_mb=mb, config=config)
         p = dataclasses.replace(p, setting=f"--chunk-mb {p.chunk_mb}", lowered=p.chunk_mb < mb)
         if not p.fits:
+            lo = longest_fitting(mm, shape, p.budget, seq_len, chunk_mb=1, config=config)
+            fix = (f"Prompts of at most {lo} tokens fit this budget" if lo >= 1 else "Not even one token fits this budget")
+            fix += "; " + (mm.hint or "use a shorter prompt, a smaller dtype (--dtype bfloat16) or a bigger device.")
             return refused(p, f"{p.kind} on {p.device} needs about {format_bytes(p.estimate.total)} at T={seq_len}, more "
-                              f"than the {format_bytes(p.budget)} budget ({format_bytes(p.free)} free) at any chunk size; not starting.",
-                           "Use a shorter prompt, a smaller dtype (--dtype bfloat16) or a bigger device.")
+                              f"than the {format_bytes(p.budget)} budget ({format_bytes(p.free)} free) at any chunk size; "
+                              f"not starting.", fix)
         if p.lowered and mm.batch_field:
             config = config.replace(**{mm.batch_field: p.chunk_mb})
         return config, p
@@ -639,6 +654,20 @@ def plan_config(kind: "str | MemoryModel", model: "str | ModelShape | None", con
                           f"{format_bytes(p.budget)} budget ({format_bytes(p.free)} free); not starting.",
                        f"The largest setting that fits is {mm.option} {p.batch_size}.")
     return config.replace(**{mm.batch_field: p.batch_size}), p
+
+
+def longest_fitting(kind: "str | MemoryModel", model: Any, budget: int, seq_len: int, *, chunk_mb: int = 1,
+                    config: Any = None) -> int:
+    """The longest ``T`` ≤ ``seq_len`` whose estimated peak (weights included) fits ``budget`` bytes at ``chunk_mb``
+    (0 when not one token fits): bisection, the estimate growing with ``T``."""
+    lo, hi = 0, seq_len + 1
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if estimate(kind, model, seq_len=mid, chunk_mb=chunk_mb, config=config).total <= budget:
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 def tokens_bound(*texts: str, extra: int = 64, model: str | None = None, revision: str | None = None) -> int:

@@ -9,7 +9,7 @@ from analyses.routes_lens import top_prediction
 from analyses.routes_plots import plot_faithfulness, plot_qk, plot_route
 from dashboard import components, state, workbench
 from dashboard.state import param, show_error
-from probes import SondeError, ffn_label, head_label, parse_node
+from probes import Probe, SondeError, ffn_label, head_label, parse_node
 
 
 def run_ids(probe, ids: tuple, *, config, edits=()):
@@ -308,46 +308,106 @@ def _head_label_ok(probe):
 
 
 # ----------------------------------------------------------------------------- two contexts side by side
-COMPARE = {"off": "off", "prompt": "a second prompt (same model)", "model": "a second model (same prompt)"}
+COMPARE = {"off": "off", "prompt": "a second prompt (same model)", "model": "a second model (same prompt)",
+           "adapter": "this model with a LoRA adapter", "dtype": "this model in another dtype"}
+B_PARAM = {"prompt": "prompt_b", "model": "model_b", "adapter": "adapter_b", "dtype": "dtype_b"}  # context b's URL parameter
+B_DTYPES = ["float32", "bfloat16", "float16"]
 
 
 def _nonempty(what: str):
     return lambda v: f"the {what} is empty" if not v.strip() else None
 
 
+def _adapter_folder(v: str) -> str | None:
+    """Why ``v`` is no LoRA adapter folder (:func:`probes.weights.check_adapter_folder`), or None."""
+    from probes.weights import check_adapter_folder
+
+    if not v.strip():
+        return "the adapter folder is empty"
+    try:
+        check_adapter_folder(v.strip())
+    except SondeError as e:
+        return str(e).rstrip(".")
+    return None
+
+
 def _compare_controls() -> tuple[str, str]:
-    """The compare mode and context b's text (a prompt or a model name), from the widgets or a link's ``cmp``,
-    ``prompt_b`` and ``model_b``; every one validated by :func:`dashboard.state.param` and written back to the URL."""
+    """The compare mode and context b (a prompt, a model name, an adapter folder or a dtype), from the widgets or a
+    link's ``cmp``, ``prompt_b``, ``model_b``, ``adapter_b`` and ``dtype_b``; every one validated by
+    :func:`dashboard.state.param` and written back to the URL."""
     wanted = param("cmp", "off", choices=list(COMPARE), widget="routes_compare")
     state.choose("routes_compare", list(COMPARE), wanted)
     mode = st.radio("Compare with", list(COMPARE), key="routes_compare", format_func=COMPARE.get, horizontal=True,
-                    help="Context b beside this one: a second prompt on this model (clean vs corrupted) or this prompt "
-                         "on a second model of the same shape (another checkpoint; backend, device and dtype are the sidebar's).")
-    for name in ("prompt_b", "model_b"):
+                    help="Context b beside this one: a second prompt on this model (clean vs corrupted), or this prompt "
+                         "on a second model of the same shape (another checkpoint), on this model with a LoRA adapter "
+                         "merged (base vs adapter), or on this model in another dtype (fp32 vs bf16). Backend and device "
+                         "are the sidebar's.")
+    checks = {"prompt_b": _nonempty("prompt b"), "model_b": _nonempty("model b"), "adapter_b": _adapter_folder}
+    for name, check in checks.items():
         if f"routes_{name}" not in st.session_state:
-            st.session_state[f"routes_{name}"] = param(name, "", check=_nonempty(name.replace("_b", " b")),
-                                                       widget=f"routes_{name}")
+            st.session_state[f"routes_{name}"] = param(name, "", check=check, widget=f"routes_{name}")
+    if "routes_dtype_b" not in st.session_state:
+        st.session_state["routes_dtype_b"] = param("dtype_b", "bfloat16", choices=B_DTYPES, widget="routes_dtype_b")
     if mode == "off":
-        for name in ("cmp", "prompt_b", "model_b"):
+        for name in ("cmp", *B_PARAM.values()):
             if name in st.query_params:
                 del st.query_params[name]
         return mode, ""
-    name = "prompt_b" if mode == "prompt" else "model_b"
-    other = "model_b" if mode == "prompt" else "prompt_b"
+    name = B_PARAM[mode]
     if mode == "prompt":
         text = st.text_input("Prompt b", key="routes_prompt_b", help="The second prompt, e.g. the corrupted one. "
                              "Positions are right-aligned: prompts of equal length align one to one.")
+    elif mode == "model":
+        text = st.text_input("Model b", key="routes_model_b", help="'embedded', an HF id, a local folder or a .gguf "
+                             "file: a model with as many layers and heads as this one (the prompt and BOS policy stay the same).")
+    elif mode == "adapter":
+        text = st.text_input("Adapter folder", key="routes_adapter_b", help="A LoRA adapter saved by PEFT "
+                             "(adapter_config.json + adapter_model.safetensors; no pickle): merged into a private copy "
+                             "of this model's weights.")
     else:
-        text = st.text_input("Model b", key="routes_model_b", help="'embedded', an HF id or a local folder: a model "
-                             "with as many layers and heads as this one (the prompt and BOS policy stay the same).")
+        text = st.selectbox("Dtype b", B_DTYPES, key="routes_dtype_b", help="This model loaded again in this dtype "
+                            "(on the sidebar's device): rounding's effect on the route and on p(target).")
     st.query_params["cmp"] = mode
     if text.strip():
         st.query_params[name] = text
     elif name in st.query_params:
         del st.query_params[name]
-    if other in st.query_params:
-        del st.query_params[other]
+    for other in B_PARAM.values():
+        if other != name and other in st.query_params:
+            del st.query_params[other]
     return mode, text
+
+
+@st.cache_resource(max_entries=1, show_spinner=False)
+def _adapter_probe(model: str, backend: str, device: str, dtype: str, folder: str, stamp: float) -> Probe:
+    """The sidebar's model with the adapter in ``folder`` merged (one kept; ``stamp``: the adapter file's mtime, so a
+    re-saved adapter loads again)."""
+    return state.get_probe(model, backend, device, dtype).adapter_probe(folder)
+
+
+def _context_b(probe, mode: str, text: str, ctx) -> tuple[Probe, str, str]:
+    """Context b's probe, its model as the comparison names it (:func:`analyses.routes.context_model`) and its model
+    argument for the notebook snippet; raises SondeError for a b that cannot load."""
+    from pathlib import Path
+
+    model_a = str(ctx["model"]).strip()
+    if mode == "prompt":
+        return probe, model_a, model_a
+    if mode == "model":
+        model_b = text.strip()
+        with st.spinner(f"Loading {model_b}…"):
+            return state.get_probe(model_b, ctx["backend"], ctx["device"], ctx["dtype"]), model_b, model_b
+    if mode == "dtype":
+        with st.spinner(f"Loading {model_a} in {text}…"):
+            return (state.get_probe(model_a, ctx["backend"], ctx["device"], text),
+                    routes.context_model(model_a, dtype=text), model_a)
+    from probes.weights import check_adapter_folder
+
+    folder = check_adapter_folder(text.strip())
+    with st.spinner(f"Merging the adapter {folder}…"):
+        pb = _adapter_probe(model_a, ctx["backend"], ctx["device"], ctx["dtype"], str(folder.resolve()),
+                            (folder / "adapter_model.safetensors").stat().st_mtime)
+    return pb, routes.context_model(model_a, adapter=text.strip()), model_a
 
 
 def _delta_heads_figure(delta, pos_label: str):
@@ -393,19 +453,15 @@ def _compare_view(probe, res, cfg, mode: str, text: str, *, prompt: str, bos: bo
 
     st.subheader("Two contexts side by side")
     if not text.strip():
-        st.info("Type " + ("the second prompt" if mode == "prompt" else "the second model") + " above to compare.",
+        st.info("Type " + {"prompt": "the second prompt", "model": "the second model", "adapter": "the adapter folder"}.get(mode, "context b")
+                + " above to compare.",
                 icon=":material/info:")
         return
     ctx = state.context()
     model_a = str(ctx["model"]).strip()
-    model_b = text.strip() if mode == "model" else model_a
     prompt_b = text if mode == "prompt" else prompt
     try:
-        if mode == "model":
-            with st.spinner(f"Loading {model_b}…"):
-                probe_b = state.get_probe(model_b, ctx["backend"], ctx["device"], ctx["dtype"])
-        else:
-            probe_b = probe
+        probe_b, model_b, load_b = _context_b(probe, mode, text, ctx)
         ids_b = probe_b.to_tokens(prompt_b, prepend_bos=bos)[0]
     except SondeError as e:
         show_error(e)
@@ -470,16 +526,20 @@ def _compare_view(probe, res, cfg, mode: str, text: str, *, prompt: str, bos: bo
                            on_click="ignore", key="exp-routes-compare-html", icon=":material/description:",
                            width="content", type="primary", help="One offline HTML page: figure, counts, Δp, the heads "
                            "and edges that changed most (the CLI's --compare --html).")
-    components.notebook_snippet(_compare_code(probe, prompt, prompt_b, model_a, model_b, pos + offset, tau, renorm, bos),
+    components.notebook_snippet(_compare_code(probe, prompt, prompt_b, model_a, load_b, pos + offset, tau, renorm, bos,
+                                              adapter=text.strip() if mode == "adapter" else None,
+                                              dtype=text if mode == "dtype" else None),
                                 title="Reproduce the comparison in a notebook")
 
 
 def _compare_code(probe, prompt: str, prompt_b: str, model_a: str, model_b: str, pos: int, tau: float, renorm: bool,
-                  bos: bool) -> str:
+                  bos: bool, *, adapter: str | None = None, dtype: str | None = None) -> str:
     head = f"from probes import load_model\nfrom analyses import routes\n\nprobe = load_model({model_a!r}, backend={probe.backend!r})\n"
-    probe_b = "probe" if model_b == model_a else "probe_b"
-    if probe_b != "probe":
-        head += f"probe_b = load_model({model_b!r}, backend={probe.backend!r})\n"
+    probe_b = "probe" if model_b == model_a and adapter is None and dtype is None else "probe_b"
+    if adapter is not None:
+        head += f"probe_b = probe.adapter_probe({adapter!r})  # the LoRA adapter merged into a private copy\n"
+    elif probe_b != "probe":
+        head += f"probe_b = load_model({model_b!r}, backend={probe.backend!r}{'' if dtype is None else f', dtype={dtype!r}'})\n"
     cfg = f"routes.Config(tau={tau:.2f}, renormalize={renorm!r}, prepend_bos={bos!r})"
     return (head + f"cfg = {cfg}\na = routes.run(probe, {prompt!r}, config=cfg)\nb = routes.run({probe_b}, {prompt_b!r}, config=cfg)\n"
             f"cmp = routes.compare(a, b, position_a={pos}, probe_a=probe, probe_b={probe_b})\n"
