@@ -983,8 +983,12 @@ def _top_down_memory(s, B: int, T: int, o: Mapping[str, Any]) -> dict[str, int]:
     # 2-7 a route visits (measured: 186 and 544 MiB peaks at T = 512 and 1,536, estimates 1.19x and 1.16x); a walk
     # that visits more rows checks its budget itself
     q = min(max(1, R // 2), _chunk_size(T, H, d, o["chunk_mb"], a))
+    # the forward pass's attention scores of one layer, [H, T, T] in the model's dtype, live beside the full store at
+    # the last layer: measured at the full context (T = 8,192: 5.8 GiB peak RSS where the terms without it planned
+    # 3.3 GiB; benchmarks/RESULTS.md, 2026-12-07); below T ≈ 2,000 the proximity chunk is larger
     return {"layer_store": _top_down_bytes(s, T, s.itemsize), "importances": L * R * T * H * a,
-            "proximity_chunk": q * T * H * d * a, "pattern_rows": 2 * H * R * T * 4, "logits": s.d_vocab * s.itemsize}
+            "proximity_chunk": q * T * H * d * a, "pattern_rows": 2 * H * R * T * 4, "logits": s.d_vocab * s.itemsize,
+            "scores": H * T * T * s.itemsize}
 
 
 # one memory model for both modes: the terms follow the config's mode (without a config: all positions)
