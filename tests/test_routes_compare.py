@@ -167,7 +167,7 @@ def test_cli_compare_adapter_and_dtype(embedded, embedded_adapter, tmp_path, cap
     d = json.loads(out)["compare"]
     assert d["p_b"] == pytest.approx(float(ref[0, -1].softmax(-1)[d["target"]]), abs=1e-4)
     assert "adapter" in d["labels"][1]
-    for bad, msg in ((["--dtype-b", "fp8"], "is not a dtype"), (["--adapter-b", str(tmp_path)], "not a LoRA adapter folder")):
+    for bad, msg in ((["--dtype-b", "fp8"], "unknown dtype 'fp8'"), (["--adapter-b", str(tmp_path)], "not a LoRA adapter folder")):
         code, out, err = run_cli(args + bad, capsys)
         assert code == 2 and msg in err and "Traceback" not in err, err
     code, out, err = run_cli(["run", "routes", "--prompt", "abc", "--dtype-b", "bfloat16", "--device", "cpu"], capsys)

@@ -11,8 +11,6 @@ from typing import Optional
 
 import typer
 
-DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
-
 from .options import config_option
 from .common import planned, check_side_file, input_file, save_result, model_options, BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OutOpt, load_probe, progress_bar, saved, status
 from .sweeps import (AddressOpt, EngineOpt, GpusOpt, ResumeOpt, RetriesOpt, ShardOpt, ThreadsOpt, WorkersOpt, run_sweep,
@@ -170,8 +168,12 @@ def register(run_app: typer.Typer) -> None:
         if compare and not given:
             raise InputError("--compare needs a second context: --prompt-b TEXT (same model), --model-b NAME, "
                              "--adapter-b FOLDER or --dtype-b DTYPE (same prompt).")
-        if dtype_b is not None and dtype_b not in DTYPE_CHOICES:
-            raise InputError(f"--dtype-b {dtype_b!r} is not a dtype.", hint=f"Use one of {', '.join(DTYPE_CHOICES)}.")
+        if dtype_b is not None:
+            import torch
+
+            from probes.loading import resolve_dtype
+
+            resolve_dtype(dtype_b, torch.device("cpu"))  # an unknown dtype is refused before any model loads
         if adapter_b is not None:
             from probes.weights import check_adapter_folder
 
