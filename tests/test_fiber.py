@@ -3,6 +3,8 @@ parity with the released procedure, bad input, the embedded model, CLI and page.
 
 from __future__ import annotations
 
+import re
+
 from pathlib import Path
 
 import numpy as np
@@ -488,6 +490,9 @@ def test_cli(results_dir, capsys):
     assert "singular[holm]" in out and "gap[holm]" in out and "no_rejection[holm]" in out
     r = F.FiberResult.load(results_dir / "f")
     assert len(r.token_strs) == 60
+    main(["run", "fiber", "--tokens", "100:160", "--vol-max", "100", "--out", str(results_dir / "g")])
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("min_p: "))
+    assert re.fullmatch(r"min_p: (\d\.\d\de[+-]\d{1,3}|< 1e-300)", line), line  # as the page prints p, not 1.7257732074307614e-46
     with pytest.raises(SystemExit) as e:
         main(["run", "fiber", "--tokens", "a:b", "--vol-max", "100"])
     assert e.value.code == 2
