@@ -55,9 +55,9 @@ shown = df[df["analysis"].isin(pick)].sort_values("created_at", ascending=False)
 listing = shown.assign(folder=[str(Path(p).relative_to(root)) if Path(p).is_relative_to(root) else Path(p).name for p in shown["path"]],
                        created=[str(c)[:16].replace("T", " ") for c in shown["created_at"]])
 st.dataframe(listing, hide_index=True, column_order=["folder", "analysis", "model", "inputs", "created", "seconds"], column_config={
-    "folder": st.column_config.TextColumn("folder", width=170, help="The result's folder under the results folder above."),
-    "analysis": st.column_config.TextColumn("analysis", width=90), "model": st.column_config.TextColumn("model", width=120),
-    "inputs": st.column_config.TextColumn("inputs", width=230, help="What the analysis read (a long one is cut: the chosen result's details show it whole)."),
+    "folder": st.column_config.TextColumn("folder", width=160, help="The result's folder under the results folder above."),
+    "analysis": st.column_config.TextColumn("analysis", width=104), "model": st.column_config.TextColumn("model", width=120),
+    "inputs": st.column_config.TextColumn("inputs", width=226, help="What the analysis read (a long one is cut: the chosen result's details show it whole)."),
     "created": st.column_config.TextColumn("created (UTC)", width=130),
     "seconds": st.column_config.NumberColumn("seconds", format="%.2f", width=70)})
 if shown.empty:
