@@ -475,6 +475,14 @@ def test_p_values_read_the_same_everywhere():
     assert isinstance(plain, pd.DataFrame)  # nothing to spell out: a plain frame, numbers formatted by the grid
 
 
+def test_component_table_shows_missing_numbers_as_dashes(env):
+    """With no routes dataset saved, the component's route columns read "—", not "None"."""
+    at = _page("component.py", {})
+    assert not at.exception
+    table = next(d.value for d in at.dataframe if "route_freq" in d.value.columns)
+    assert set(table["route_freq"]) == set(table["route_importance"]) == {"—"}, table
+
+
 def test_tables_show_infinity_missing_and_whitespace_tokens():
     import pandas as pd
 
