@@ -32,17 +32,19 @@ def _open(server, browser, path: str, heading: str):
     return ctx, page
 
 
-@pytest.mark.parametrize("path,name", [("fiber", "fiber"), ("fiber?mode=parity&correction=holm", "fiber"), ("results", "results")])
+@pytest.mark.parametrize("path,name", [("fiber", "fiber"), ("fiber?mode=parity&correction=holm", "fiber"), ("results", "results"),
+                                       ("bigram", "bigram"), ("component", "component")])
 def test_tables_fit_a_1280_window(server, browser, path, name):
-    """Embedding geometry's tables (the corrections, the kinds, the tokens with their verdict and p-values) and the
-    Results listing (with its inputs) are no wider than the space they have: nothing to scroll sideways to read."""
+    """Embedding geometry's tables (the corrections, the kinds, the tokens with their verdict and p-values), the
+    Results listing (with its inputs), the bigram predictions and the component's tables are no wider than the space
+    they have: nothing to scroll sideways to read."""
     if name == "results":  # the saved "Hello world" lens (pages run before may have saved more)
         path += "?" + urlencode({"result": str(server["results"] / "hello")})
     ctx, page = _open(server, browser, path, HEADINGS[name])
     page.locator("[data-testid='stDataFrame']").first.wait_for(timeout=60_000)
     grids = page.evaluate(_GRIDS)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / f"narrow_{name}.png"), full_page=False)
+    page.screenshot(path=str(ARTIFACTS / f"narrow_{path.split('?')[0]}.png"), full_page=False)
     assert grids and all(g["content"] <= g["box"] + 1 and g["right"] <= NARROW["width"] for g in grids), grids
     if name == "results":  # the chosen result's inputs read whole under its heading
         assert "Inputs: 'Hello world' (2 tokens)" in page.inner_text("body")
