@@ -56,13 +56,13 @@ _CELLS = """() => { const g = [...document.querySelectorAll('.js-plotly-plot')].
         p.data[0].type === 'heatmap' && p.data[0].customdata);
     if (!g) return null;
     const t = g.data[0], cols = t.x.length, cell = g._fullLayout.xaxis._length / cols;
-    return {cell: cell, texts: [...g.querySelectorAll('.heatmaplayer text, text.textpoint')].map(e =>
+    return {cell: cell, title: g.layout.title.text, texts: [...g.querySelectorAll('.heatmaplayer text, text.textpoint')].map(e =>
         ({text: e.textContent, width: e.getBBox().width, size: parseFloat(getComputedStyle(e).fontSize)}))}; }"""
 
 
 def test_counterfactual_grid_shows_whole_tokens_at_1280(server, browser):
     """At 1280x800 the grid's cells hold whole tokens (no "recogniz…"), in a font of at least 11 px, each inside
-    its cell."""
+    its cell; its title names the edit by its text, as the header does (not "id:253")."""
     q = "&".join(f"{k}={v}" for k, v in {**CONTEXT, "kind": "token", "pos": "3", "max_new_tokens": "16"}.items())
     ctx, page = _open(server, browser, f"counterfactual?{q.replace(' ', '+')}", HEADINGS["counterfactual"])
     page.wait_for_function("() => [...document.querySelectorAll('.js-plotly-plot')].some(p => p.data && p.data[0] && "
@@ -71,6 +71,7 @@ def test_counterfactual_grid_shows_whole_tokens_at_1280(server, browser):
     page.locator(".js-plotly-plot").first.scroll_into_view_if_needed()
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "narrow_counterfactual.png"), full_page=False)
+    assert "token:3='" in grid["title"] and "id:" not in grid["title"], grid["title"]  # the edit as text, as in the header
     texts = [t for t in grid["texts"] if t["text"].strip()]
     assert len(texts) >= 10, grid
     cut = [t["text"] for t in texts if t["text"].endswith("…")]
