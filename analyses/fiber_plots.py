@@ -57,7 +57,8 @@ def plot_curve(result: "FiberResult", token_id: int):
         c = float(np.mean(seg["log_v"] - D * seg["log_r"]))
         fig.add_trace(go.Scatter(x=seg["log_r"], y=c + D * seg["log_r"], mode="lines", name=f"segment {j + 1}: D={D:.1f}"))
         if j > 0:
-            fig.add_vline(x=float(np.log(result.seg_start_radius[row, j])), line_dash="dash",
+            fig.add_vline(x=float(np.log(result.seg_start_radius[row, j])), line_dash="dash",  # labels point away from each
+                          annotation_position="top left" if j % 2 else "top right",  # other: close changes never overlap
                           annotation_text=f"change {j} (p = {format_p(result.seg_p[row, j - 1].item(), 1)})")
     v = {k: bool(x[row]) for k, x in result.verdicts().items()}
     tag = "singular: rejects manifold" if v["reject_manifold"] else ("gap in the neighbour spacings" if v["gap"] else "no rejection")

@@ -470,6 +470,10 @@ def test_embedded_subset_save_load(embedded, tmp_path):
     assert r2.token_strs == r.token_strs
     fig = r.plot_curve(int(cfg.tokens[3]))
     assert "calibrated" in fig.layout.title.text
+    two = df[df["n_segments"] >= 3]  # two change points: their labels point away from each other
+    assert len(two), df["n_segments"].value_counts()
+    anns = r.plot_curve(int(two["token_id"].iloc[0])).layout.annotations
+    assert [a.text.split(" (")[0] for a in anns] == ["change 1", "change 2"] and [a.xanchor for a in anns] == ["right", "left"]
     nb = F.neighborhood(embedded.W_E.detach().float(), r, int(cfg.tokens[3]), n=20)
     assert len(nb) == 20 and nb["distance"].iloc[0] == 0
     with pytest.raises(ConfigError, match="ties its output"):
