@@ -504,34 +504,38 @@ class CounterfactualResult(Result):
         return df
 
     def plot(self, *, max_rows: int = 6, width: int = 28):
-        """Token grid: factual on top, counterfactual / interventional rows below; changed tokens coloured."""
+        """Token grid: one column per world (factual first, then up to ``max_rows`` counterfactual / interventional
+        samples), one row per response position (the first ``width`` in view, pan down for more); tokens changed vs
+        the factual coloured. Columns this wide show every token whole (a row of positions cut them at 1280 px)."""
+        import html
+
         import plotly.graph_objects as go
 
         names = ["factual"] + [f"{k[:14]} {i}" for i, k in enumerate(self.kinds)][:max_rows]
         seqs = [self.factual_str] + list(self.str_rows[:max_rows])
         ids = [self.factual] + list(self.rows[:max_rows])
         T = max(len(s) for s in seqs) if seqs else 0
-        z, text, full = [], [], []
-        for r, (ss, ii) in enumerate(zip(seqs, ids)):
-            zr, tr, fr = [], [], []
-            for p in range(T):
+        z, text = [], []  # [position][world]
+        for p in range(T):
+            zr, tr = [], []
+            for r, (ss, ii) in enumerate(zip(seqs, ids)):
                 if p >= len(ss):
-                    zr.append(None), tr.append(""), fr.append("")
+                    zr.append(None), tr.append("")
                     continue
                 same = r == 0 or (p < len(self.factual) and self.factual[p] == ii[p])
                 zr.append(0.0 if same else 1.0)
-                tok = ss[p].replace("\n", "⏎")
-                tr.append(tok if len(tok) <= 10 else tok[:9] + "…")  # a cut token says so; the hover shows it whole
-                fr.append(tok)
-            z.append(zr), text.append(tr), full.append(fr)
-        fig = go.Figure(go.Heatmap(z=z, x=list(range(T)), y=names, text=text, customdata=full, texttemplate="%{text}",
-                                   showscale=False, colorscale=[[0, "#eef2f7"], [1, "#f4a261"]], zmin=0, zmax=1, xgap=1,
-                                   ygap=2, hovertemplate="%{y} pos %{x}: %{customdata}<extra></extra>"))
-        fig.add_vline(x=self.edit_pos - 0.5, line_dash="dash", line_color="#c0392b")
-        fig.update_yaxes(autorange="reversed")
-        fig.update_layout(title=f"{self.intervention} — tokens changed vs factual in orange (dashed line: edit point)",
-                          height=120 + 45 * len(names), xaxis_title="response position", margin=dict(l=10, r=10, t=50, b=40),
-                          xaxis=dict(range=[-0.5, min(T, width) - 0.5]))
+                tok = ss[p].replace("\n", "⏎").replace("\t", "⇥")
+                tr.append(html.escape(tok.replace(" ", "␣") if not tok.strip() else tok))  # "<|im_end|>" is text, not a tag
+            z.append(zr), text.append(tr)
+        shown = min(T, width)
+        fig = go.Figure(go.Heatmap(z=z, x=names, y=list(range(T)), text=text, customdata=text, texttemplate="%{text}",
+                                   textfont=dict(size=13), showscale=False, colorscale=[[0, "#eef2f7"], [1, "#f4a261"]], zmin=0,
+                                   zmax=1, xgap=2, ygap=1, hovertemplate="%{x} · position %{y}: %{customdata}<extra></extra>"))
+        fig.add_hline(y=self.edit_pos - 0.5, line_dash="dash", line_color="#c0392b")
+        fig.update_xaxes(side="top")
+        fig.update_yaxes(autorange=False, range=[shown - 0.5, -0.5], title_text="response position", dtick=5 if shown > 12 else 1)
+        fig.update_layout(title=f"{self.intervention}: tokens changed vs factual in orange (dashed line: edit point)",
+                          height=130 + 24 * shown, margin=dict(l=10, r=10, t=90, b=10))
         return fig
 
 

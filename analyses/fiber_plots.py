@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from .core.report import format_p
+
 if TYPE_CHECKING:
     from .fiber import FiberResult
 
@@ -15,7 +17,7 @@ __all__ = ["plot_hist", "plot_curve", "plot_kinds", "plot_neighbors"]
 
 
 def _title(result: "FiberResult", what: str) -> str:
-    return f"{what} · {result.model.get('name')} ({result.source}) · {result.mode_label}"
+    return f"{what}<br><sup>{result.model.get('name')} ({result.source}) · {result.mode_label}</sup>"  # two lines: fits 1280 px
 
 
 def plot_hist(result: "FiberResult", bins: int = 60):
@@ -55,8 +57,9 @@ def plot_curve(result: "FiberResult", token_id: int):
         c = float(np.mean(seg["log_v"] - D * seg["log_r"]))
         fig.add_trace(go.Scatter(x=seg["log_r"], y=c + D * seg["log_r"], mode="lines", name=f"segment {j + 1}: D={D:.1f}"))
         if j > 0:
-            fig.add_vline(x=float(np.log(result.seg_start_radius[row, j])), line_dash="dash",
-                          annotation_text=f"change {j} (p={float(result.seg_p[row, j - 1]):.1e})")
+            fig.add_vline(x=float(np.log(result.seg_start_radius[row, j])), line_dash="dash",  # labels point away from each
+                          annotation_position="top left" if j % 2 else "top right",  # other: close changes never overlap
+                          annotation_text=f"change {j} (p = {format_p(result.seg_p[row, j - 1].item(), 1)})")
     v = {k: bool(x[row]) for k, x in result.verdicts().items()}
     tag = "singular: rejects manifold" if v["reject_manifold"] else ("gap in the neighbour spacings" if v["gap"] else "no rejection")
     if v["reject_fb_small"] or v["reject_fb_large"]:

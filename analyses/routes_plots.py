@@ -217,7 +217,7 @@ def plot_route(route, str_tokens: Sequence[str], n_layers: int, parallel: bool =
     _clear_nodes(fig, [_xy(g, n, parallel) for n, g in seen.items()], T, L, height)
     if selected is not None and selected in seen:
         sx, sy = _xy(seen[selected], selected, parallel)
-        fig.add_trace(go.Scatter(x=[sx], y=[sy], mode="markers", hoverinfo="skip", name=f"{selected} (selected node)",
+        fig.add_trace(go.Scatter(x=[sx], y=[sy], mode="markers", hoverinfo="skip", name=f"{selected} (selected node)", cliponaxis=False,  # whole at the top row
                                  marker=dict(symbol="circle-open", size=19, color=SELECTED_COLOUR, line=dict(width=3))))
     for kind in ("X", "A", "M", "I"):
         ns = [n for n, g in seen.items() if g.nodes[n]["kind"] == kind]

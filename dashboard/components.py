@@ -15,7 +15,7 @@ from typing import Any
 
 import streamlit as st
 
-__all__ = ["download_figure", "download_frame", "notebook_snippet", "frame_to_parquet", "figure_to_html", "safe_name", "export_bar", "axis_titles", "readable", "p_value_columns"]
+__all__ = ["download_figure", "download_frame", "notebook_snippet", "frame_to_parquet", "figure_to_html", "safe_name", "export_bar", "axis_titles", "readable", "p_value_table"]
 
 
 def safe_name(name: str) -> str:
@@ -75,9 +75,33 @@ def readable(df: Any, *, digits: int = 3) -> Any:
     return out
 
 
-def p_value_columns(columns: Any) -> dict[str, Any]:
-    """``st.dataframe`` column settings that print p-values (columns named ``p_*``) in scientific notation."""
-    return {c: st.column_config.NumberColumn(c, format="%.2e") for c in columns if str(c).startswith("p_")}
+def p_value_table(df: Any, columns: Any, *, labels: dict[str, str] | None = None, helps: dict[str, str] | None = None,
+                  width: int | None = None) -> tuple[Any, dict[str, Any]]:
+    """``(data, column_config)`` for ``st.dataframe`` showing the p-value ``columns`` of ``df`` as
+    :func:`analyses.core.report.format_p` writes them: "9.00e-37", an exact 0 (underflow) as "< 1e-300", "∞", "—".
+
+    A column of finite values stays numeric (sorting by it sorts by p); one holding an exact 0 keeps its numbers
+    and shows them through a Styler; one with a missing or infinite value becomes text. Each column's header help
+    says how to read it (``helps``: what the column is), ``labels`` renames headers, ``width`` sets their width (px)."""
+    import numpy as np
+
+    from analyses.core.report import P_FLOOR_NOTE, format_p
+
+    labels, helps = labels or {}, helps or {}
+    out, config, zero = df, {}, []
+    for c in [c for c in columns if c in df.columns]:
+        v = df[c].to_numpy(dtype=float, na_value=np.nan)
+        help_ = " ".join(x for x in (helps.get(c), P_FLOOR_NOTE) if x)
+        if not np.isfinite(v).all():
+            out = out.assign(**{c: [format_p(x) for x in v]})
+            config[c] = st.column_config.TextColumn(labels.get(c, c), help=help_, width=width)
+            continue
+        config[c] = st.column_config.NumberColumn(labels.get(c, c), format="%.2e", help=help_, width=width)
+        if (v == 0).any():
+            zero.append(c)
+    if zero:  # the numbers stay (sorting works), their text comes from format_p
+        out = out.style.format({c: format_p for c in zero})
+    return out, config
 
 
 def download_figure(fig: Any, name: str, *, key: str | None = None) -> None:

@@ -535,18 +535,22 @@ def test_notebook_06_text_matches_its_code():
         assert said in md and done in code, (said, done)
 
 
-def test_grid_marks_cut_tokens_and_hovers_them_whole():
-    """A long token is shown cut with an ellipsis (never a silent word fragment) and whole in the hover."""
+def test_grid_shows_every_token_whole():
+    """One column per world, one row per position: a long token is shown whole (not "recogniz…"), a special token
+    as text (not swallowed as an HTML tag), a whitespace token visibly; changed tokens are marked."""
     from analyses import counterfactual as cf
 
     r = cf.CounterfactualResult.__new__(cf.CounterfactualResult)
-    object.__setattr__(r, "factual_str", (" recognizable", " cat"))
-    object.__setattr__(r, "str_rows", ((" recognizable", " dog"),))
-    object.__setattr__(r, "factual", (1, 2))
-    object.__setattr__(r, "rows", ((1, 3),))
+    object.__setattr__(r, "factual_str", (" recognizable", " cat", "<|im_end|>"))
+    object.__setattr__(r, "str_rows", ((" recognizable", " dog", " "),))
+    object.__setattr__(r, "factual", (1, 2, 5))
+    object.__setattr__(r, "rows", ((1, 3, 4),))
     object.__setattr__(r, "kinds", ("counterfactual",))
     object.__setattr__(r, "edit_pos", 1)
     object.__setattr__(r, "intervention", "token:1=dog")
     fig = r.plot()
-    assert fig.data[0].text[0][0] == " recogniz…" and fig.data[0].customdata[0][0] == " recognizable"
-    assert list(fig.data[0].z[1]) == [0.0, 1.0]
+    t = fig.data[0]
+    assert list(t.x) == ["factual", "counterfactual 0"] and list(t.y) == [0, 1, 2]
+    assert [list(row) for row in t.text] == [[" recognizable", " recognizable"], [" cat", " dog"], ["&lt;|im_end|&gt;", "␣"]]
+    assert [list(row) for row in t.z] == [[0.0, 0.0], [0.0, 1.0], [0.0, 1.0]]
+    assert t.textfont.size >= 11  # a fixed size: plotly would otherwise shrink the text to the cell (5 px at 1280)

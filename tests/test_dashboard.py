@@ -323,6 +323,7 @@ def test_route_figure_is_the_library_figure(tiny):
     names = [t.name for t in page.data]
     ring = names.index(f"{last} (selected node)")
     assert page.data[ring].hoverinfo == "skip" and ring < min(i for i, t in enumerate(page.data) if t.customdata is not None)
+    assert page.data[ring].cliponaxis is False  # the ring around a top-row node is drawn whole, not cut by the plot's edge
     assert "L0H0 (selected head)" in names and page.layout.title.text == "t"
     assert [t.marker.color for t in page.data if t.customdata is not None] == [t.marker.color for t in nodes]
     abl = routes.run(p, "Hello world again", config=routes.Config(keep_residuals=True), edits=[Ablate(site("z", 0).name, heads=[0])])

@@ -452,6 +452,40 @@ def test_embedding_geometry_prints_p_values_in_scientific_notation(env):
     assert not others.isna().to_numpy().any(), others[others.isna().any(axis=1)].head()
 
 
+def test_p_values_read_the_same_everywhere():
+    """One formatter: scientific notation with an unpadded exponent (as the page's number columns print), an exact 0
+    (underflow) as "< 1e-300", infinity as "∞", a missing value as "—". On the page a column with a 0 keeps its
+    numbers (sorting sorts by p) and shows the text; one with a missing value becomes text; every header says why."""
+    import numpy as np
+    import pandas as pd
+
+    from analyses.core.report import P_FLOOR, format_p
+    from dashboard.components import p_value_table
+
+    assert [format_p(v) for v in (9e-37, 1.0, 0.05, 0.0, float("inf"), float("nan"), None)] == [
+        "9.00e-37", "1.00e+0", "5.00e-2", P_FLOOR, "∞", "—", "—"] and P_FLOOR == "< 1e-300"
+    assert format_p(1.7257e-46, 1) == "1.7e-46" and format_p(5e-324) == "4.94e-324"
+    df = pd.DataFrame({"token": ["a", "b", "c"], "p_manifold": [0.0, 3e-5, 1.0], "p_gap": [0.5, np.nan, np.inf],
+                       "p_bh": [0.1, 0.2, 0.3]})
+    data, config = p_value_table(df, ["p_manifold", "p_gap", "p_bh"], labels={"p_manifold": "p"}, width=78)
+    html = data.to_html()
+    assert ">< 1e-300<" in html and "3.00e-5" in html and "1.00e+0" in html
+    assert data.data["p_manifold"].dtype.kind == "f" and data.data["p_bh"].dtype.kind == "f"
+    assert data.data["p_gap"].tolist() == ["5.00e-1", "—", "∞"]
+    assert config["p_manifold"]["label"] == "p" and config["p_manifold"]["type_config"]["format"] == "%.2e"
+    assert config["p_gap"]["type_config"]["type"] == "text" and all("underflowed" in c["help"] and c["width"] == 78 for c in config.values())
+    plain, _ = p_value_table(df.drop(columns="p_gap").assign(p_manifold=[1e-9, 3e-5, 1.0]), ["p_manifold", "p_bh"])
+    assert isinstance(plain, pd.DataFrame)  # nothing to spell out: a plain frame, numbers formatted by the grid
+
+
+def test_component_table_shows_missing_numbers_as_dashes(env):
+    """With no routes dataset saved, the component's route columns read "—", not "None"."""
+    at = _page("component.py", {})
+    assert not at.exception
+    table = next(d.value for d in at.dataframe if "route_freq" in d.value.columns)
+    assert set(table["route_freq"]) == set(table["route_importance"]) == {"—"}, table
+
+
 def test_tables_show_infinity_missing_and_whitespace_tokens():
     import pandas as pd
 

@@ -84,6 +84,7 @@ def test_compare_two_prompts_shows_the_deltas_of_routes_compare(env, embedded):
     z = _array(heat["data"][0]["z"])
     assert z.shape == tuple(ref.head_delta.shape)
     assert np.abs(z - ref.head_delta.numpy()).max() < 1e-6
+    assert heat["layout"]["title"]["text"].count("<br>") == 1  # two short lines: the title fits half a 1280-px window
     graph = _chart(at, "routes_compare_graph")
     assert "grey kept, red dotted lost, green gained" in graph["layout"]["title"]["text"]
     aligned = [d.value for d in at.dataframe if list(d.value.columns[:4]) == ["a", "token a", "b", "token b"]]

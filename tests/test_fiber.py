@@ -3,6 +3,8 @@ parity with the released procedure, bad input, the embedded model, CLI and page.
 
 from __future__ import annotations
 
+import re
+
 from pathlib import Path
 
 import numpy as np
@@ -468,6 +470,10 @@ def test_embedded_subset_save_load(embedded, tmp_path):
     assert r2.token_strs == r.token_strs
     fig = r.plot_curve(int(cfg.tokens[3]))
     assert "calibrated" in fig.layout.title.text
+    two = df[df["n_segments"] >= 3]  # two change points: their labels point away from each other
+    assert len(two), df["n_segments"].value_counts()
+    anns = r.plot_curve(int(two["token_id"].iloc[0])).layout.annotations
+    assert [a.text.split(" (")[0] for a in anns] == ["change 1", "change 2"] and [a.xanchor for a in anns] == ["right", "left"]
     nb = F.neighborhood(embedded.W_E.detach().float(), r, int(cfg.tokens[3]), n=20)
     assert len(nb) == 20 and nb["distance"].iloc[0] == 0
     with pytest.raises(ConfigError, match="ties its output"):
@@ -488,6 +494,9 @@ def test_cli(results_dir, capsys):
     assert "singular[holm]" in out and "gap[holm]" in out and "no_rejection[holm]" in out
     r = F.FiberResult.load(results_dir / "f")
     assert len(r.token_strs) == 60
+    main(["run", "fiber", "--tokens", "100:160", "--vol-max", "100", "--out", str(results_dir / "g")])
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("min_p: "))
+    assert re.fullmatch(r"min_p: (\d\.\d\de[+-]\d{1,3}|< 1e-300)", line), line  # as the page prints p, not 1.7257732074307614e-46
     with pytest.raises(SystemExit) as e:
         main(["run", "fiber", "--tokens", "a:b", "--vol-max", "100"])
     assert e.value.code == 2

@@ -150,4 +150,8 @@ def register(run_app: typer.Typer) -> None:
             res = F.run(probe, config=cfg, progress=bar)
         path = save_result(res, out)
         summ = res.summary()
+        if not as_json:  # the text line reads like the page: 1.73e-46, "< 1e-300" for an underflowed 0 (JSON keeps the float)
+            from analyses.core.report import format_p
+
+            summ["min_p"] = format_p(summ["min_p"])
         saved(path, as_json, summ)

@@ -8,6 +8,8 @@
 * :func:`table_bytes` — a table as ``csv`` or ``parquet``.
 * :func:`graphml_bytes` — a routes result's route (or full thresholded graph) as GraphML
   (:meth:`analyses.routes.RoutesResult.to_graphml`; networkx reads it back with ``read_graphml``).
+* :func:`format_p` — a p-value as text, the way every table, label and CLI line shows it ("3.00e-5", "< 1e-300"
+  for one that underflowed to 0, "∞", "—").
 * :func:`html_report` — one self-contained HTML file: title, summary, figures (interactive), tables and the
   result's manifest (model, config, input hash, library versions, timings), the same fields a saved result's
   ``manifest.json`` holds.
@@ -33,10 +35,35 @@ from probes.errors import ConfigError, SondeError
 from . import store
 
 __all__ = ["FIGURE_FORMATS", "TABLE_FORMATS", "ExportError", "figure_bytes", "write_html", "table_bytes", "graphml_bytes",
-           "manifest_of", "html_report", "static_export_available"]
+           "manifest_of", "html_report", "static_export_available", "format_p", "P_FLOOR", "P_FLOOR_NOTE"]
 
 FIGURE_FORMATS = ("html", "png", "svg")
 TABLE_FORMATS = ("csv", "parquet")
+P_FLOOR = "< 1e-300"  # how a p-value stored as exactly 0 is shown
+P_FLOOR_NOTE = ("A p-value shown as “< 1e-300” was stored as exactly 0: the computation underflowed below the smallest "
+                "positive double (about 5e-324), so the true value is tiny but not zero; “—” marks a missing value.")
+
+
+def format_p(p: Any, digits: int = 2) -> str:
+    """A p-value as text: scientific notation with ``digits`` decimals and an unpadded exponent ("3.00e-5",
+    "1.00e+0", as the dashboard's number columns print it); an exact 0 (floating-point underflow, not a measured
+    zero) as :data:`P_FLOOR`; ∞ as "∞"; a missing value (None, NaN) as "—"."""
+    import math
+
+    try:
+        v = float(p)
+    except (TypeError, ValueError):
+        return "—"
+    if math.isnan(v):
+        return "—"
+    if math.isinf(v):
+        return "∞" if v > 0 else "−∞"
+    if v == 0:
+        return P_FLOOR
+    mant, exp = f"{v:.{digits}e}".split("e")
+    return f"{mant}e{exp[0]}{int(exp[1:])}"
+
+
 CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome")
 REPORT_ROWS = 500  # rows per table shown in a report (the CSV/Parquet export has them all)
 

@@ -171,11 +171,23 @@ else:
 st.subheader("Ablations")
 st.caption("Mean surprisal of held-out tokens (bits), soft CE to the bigram rows (nats), Pearson r with bigram surprisal.")
 if len(res.ablation):
-    st.dataframe(res.ablation, hide_index=True)
+    st.dataframe(components.readable(res.ablation, digits=4), hide_index=True)  # the bigram row keeps no mask: kept —
 else:
     st.info("This result has no ablation table (run `sonde run bigram-eval --mask DIR`).")
 
 st.subheader("Predictions for a prompt")
+_SOURCES = {"bigram": "the bigram table", "full": "the full model", "subnetwork": "the model with only the mask's weights"}
+# short headers with help, so the twelve columns fit a 1280-px window (none scrolls sideways)
+_PRED_COLUMNS = {"pos": st.column_config.NumberColumn("pos", width=44),
+                 "token": st.column_config.TextColumn("token", width=74),
+                 "next": st.column_config.TextColumn("next", width=74, help="The prompt's next token (— at the last position)."),
+                 **{k: st.column_config.TextColumn("subnet" if k == "subnetwork" else k, width=74, help=f"Top-1 next token of {v}.")
+                    for k, v in _SOURCES.items()},
+                 **{f"p_{k}": st.column_config.NumberColumn("p", width=60, format="%.3f", help=f"Probability of {v}'s top-1.")
+                    for k, v in _SOURCES.items()},
+                 **{f"s_{k}": st.column_config.Column("bits", width=60, help=f"Surprisal of the next token under {v} (bits; "
+                                                                            "∞: probability 0, —: no next token).")
+                    for k, v in _SOURCES.items()}}
 prompt = state.prompt_input()
 if res.model.get("fingerprint") != probe.info.fingerprint:
     st.warning("This mask was trained on another model; pick that model in the sidebar to compare predictions.")
@@ -187,7 +199,7 @@ else:
             df = B.compare_predictions(probe, res, table, prompt)
             if len(df) > 64:
                 st.caption(f"The prompt has {len(df):,} positions: the last 64 are shown; the export holds all of them.")
-            st.dataframe(components.readable(df.tail(64)), hide_index=True)  # p = 0: surprisal ∞; last position: —
+            st.dataframe(components.readable(df.tail(64)), hide_index=True, column_config=_PRED_COLUMNS)  # p = 0: ∞ bits; last: —
         except SondeError as e:
             show_error(e)
 

@@ -54,6 +54,6 @@ b2.button(f"{next_t} ▶", key="component_next", disabled=layer == i.n_layers - 
 prof = workbench.component_panel(probe, label.strip(), prompt=prompt, key="page-cp", page_link_to_self=False)
 if prof is not None:
     st.subheader("Tables")
-    st.dataframe(prof.to_frame(), hide_index=True)
+    st.dataframe(components.readable(prof.to_frame(), digits=4), hide_index=True)  # no routes saved: route columns read —
     st.dataframe(prof.tokens_frame(), hide_index=True)
     components.notebook_snippet(workbench._profile_code(probe, prof.component) + "\nprof.plot().show()\nprof.save()")

@@ -142,6 +142,7 @@ with tab_cf:
                 cols[1].markdown(_spans(res.str_rows[1], res.factual, res.rows[1], res.edit_pos), unsafe_allow_html=True)
             st.dataframe(res.divergence_frame(), hide_index=True)
             fig = res.plot()
+            fig.update_layout(title_text=fig.layout.title.text.replace(res.intervention, _readable(res.intervention), 1))  # as the header
             st.plotly_chart(fig, width="stretch", key="cf_plot")
             code = (f"from probes import load_model\nfrom analyses import counterfactual as cf\n\n"
                     f"probe = load_model({probe.info.name!r}, backend={probe.backend!r})\n"

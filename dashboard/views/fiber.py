@@ -9,6 +9,7 @@ from dashboard.state import cached, param, show_error
 
 from analyses import fiber as F
 from analyses.cli.fiber import parse_tokens
+from analyses.core.report import format_p
 from probes import SondeError
 
 probe = workbench.start_page(
@@ -82,29 +83,60 @@ st.markdown(f"**{res.mode_label}** · {res.source} · {len(res.token_strs)} toke
             f"(dim {res.dim}) · volumes {cfg.vol_min}–{cfg.vol_max - 1} · α = {cfg.alpha:g}")
 for w in res.warnings:
     st.warning(w)
-c1, c2 = st.columns([1, 1])
-with c1:
-    st.dataframe(res.counts(), hide_index=True)
-    if cfg.mode == "calibrated":
-        st.caption("singular: a change of local dimension (rejects “manifold”); gap: a tight group of neighbours, then "
-                   "empty space (not counted as a singularity); no_rejection: neither.")
-with c2:
-    st.dataframe(res.kind_table(), hide_index=True)
+# the two summary tables side by side where they fit, one under the other in a narrower window (none scrolls sideways)
+COUNT_LABELS = {"no_rejection": ("neither", "Neither singular nor gap."),
+                "reject_fb_small": ("FB small", "Singular with a dimension rise at the first change: rejects the fiber bundle at small radii."),
+                "reject_fb_large": ("FB large", "Singular with a significant rise at the second change: rejects the fiber bundle at large radii.")}
+with st.container(horizontal=True, gap="medium", key="fiber-summary"):
+    with st.container(width="content"):
+        st.dataframe(res.counts(), hide_index=True, width="content",
+                     column_config={k: st.column_config.NumberColumn(lab, help=h) for k, (lab, h) in COUNT_LABELS.items()})
+        if cfg.mode == "calibrated":
+            st.caption("singular: a change of local dimension (rejects “manifold”); gap: a tight group of neighbours, "
+                       "then empty space (not counted as a singularity); neither: no rejection.", width=420)
+    st.dataframe(res.kind_table(), hide_index=True, width="content",
+                 column_config={"rate": st.column_config.NumberColumn("rate", format="%.3f", help="singular / tested")})
+
+def _num(frame, col: str, label: str, help_: str, width: int, fmt: str = "%.2f"):
+    """A number column's settings, or a text column's where :func:`components.readable` made it text ("—", "∞")."""
+    if col in frame and frame[col].dtype.kind in "iuf":
+        return st.column_config.NumberColumn(label, help=help_, width=width, format=fmt)
+    return st.column_config.TextColumn(label, help=help_, width=width)
+
 
 df = res.to_frame()
+if "verdict" not in df:  # parity mode keeps no gap test: its verdict is singular or no rejection
+    df["verdict"] = res.verdict()
 q = st.text_input("Search tokens", value="", help="Substring of the token text.")
 view = df[df["token"].str.contains(q, regex=False)] if q else df
 view = view.sort_values("p_manifold")
-cols = ["token_id", "token", "kind", "verdict", "p_manifold", "p_holm", "p_bh", "p_gap", "reject_fb_small", "reject_fb_large",
-        "dim_1", "dim_2", "change_volume_1"]
-shown = view[[c for c in cols if c in view]]
-# p-values in scientific notation (9e-37, not 0.0000…); other numbers with a missing value show "—", not "None"
-pcols = [c for c in shown.columns if str(c).startswith("p_")]
-shown = components.readable(shown.drop(columns=pcols), digits=4).assign(**{c: shown[c] for c in pcols})[list(shown.columns)]
-st.dataframe(shown, hide_index=True, height=280, column_config=components.p_value_columns(shown.columns))
+adj = {"holm": "p_holm", "bh": "p_bh"}.get(correction)  # the adjusted p of the chosen correction (all are in the CSV)
+cols = ["token_id", "token", "kind", "verdict", "p_manifold", adj, "p_gap", "dim_1", "dim_2", "change_volume_1"]
+shown = view[[c for c in cols if c and c in view]]
+if "reject_fb_small" in view:  # the two fiber-bundle rejections in one short column
+    fb = view["reject_fb_small"].astype(int) + 2 * view["reject_fb_large"].astype(int)
+    shown = shown.assign(fb=fb.map({0: "no", 1: "small", 2: "large", 3: "both"}).to_numpy())
+pcols = [c for c in ("p_manifold", "p_holm", "p_bh", "p_gap") if c in shown]
+shown = components.readable(shown.drop(columns=pcols), digits=2).assign(**{c: shown[c] for c in pcols})[list(shown.columns)]
+data, pconf = components.p_value_table(
+    shown, pcols, labels={"p_manifold": "p", "p_holm": "p (Holm)", "p_bh": "p (BH)", "p_gap": "p gap"},
+    helps={"p_manifold": "The token's p of a change in the neighbour spacings (no vocabulary correction).",
+           "p_holm": "p adjusted over the tested tokens (Holm, family-wise error).",
+           "p_bh": "p adjusted over the tested tokens (Benjamini–Hochberg, false discovery rate).",
+           "p_gap": "p of a gap: a tight group of neighbours, then empty space."}, width=78)
+st.dataframe(data, hide_index=True, height=280, column_config={
+    "token_id": st.column_config.NumberColumn("id", width=56), "token": st.column_config.TextColumn("token", width=110),
+    "kind": st.column_config.TextColumn("kind", width=110), "verdict": st.column_config.TextColumn("verdict", width=96),
+    "dim_1": _num(shown, "dim_1", "D₁", "Local dimension of the first segment.", 56),
+    "dim_2": _num(shown, "dim_2", "D₂", "Local dimension of the second segment.", 56),
+    "change_volume_1": _num(shown, "change_volume_1", "change k", "Neighbour count where the second segment starts.", 72, "%d"),
+    "fb": st.column_config.TextColumn("FB", width=56, help="Rejects the fiber bundle: at small radii (a dimension rise at the "
+                                                           "first change), at large radii (at the second), both, or no."),
+    **pconf})
+st.caption("Every column, with the p of each correction, is in the table download below.")
 
 ids = view["token_id"].tolist() or df["token_id"].tolist()
-labels = {int(r.token_id): f"{r.token_id}: {r.token!r} (p={r.p_manifold:.1e})" for r in view.itertuples()}
+labels = {int(r.token_id): f"{r.token_id}: {r.token!r} (p = {format_p(r.p_manifold, 1)})" for r in view.itertuples()}
 tok = st.selectbox("Token", ids[:500], format_func=lambda i: labels.get(int(i), str(i)))
 tab1, tab2, tab3 = st.tabs(["Volume curve", "Neighbourhood", "Dimension histogram"])
 with tab1:

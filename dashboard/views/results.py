@@ -50,7 +50,16 @@ if df.empty:
 analyses_found = sorted(a for a in df["analysis"].dropna().unique())
 pick = st.multiselect("Analyses", analyses_found, default=analyses_found, key="results_filter")
 shown = df[df["analysis"].isin(pick)].sort_values("created_at", ascending=False).reset_index(drop=True)
-st.dataframe(shown, hide_index=True, column_config={"seconds": st.column_config.NumberColumn(format="%.2f")})
+# what fits a 1280-px window without scrolling sideways: the folder under the root, not its absolute path; the key and
+# the path are in the chosen result's details below, long inputs are cut here and shown whole there
+listing = shown.assign(folder=[str(Path(p).relative_to(root)) if Path(p).is_relative_to(root) else Path(p).name for p in shown["path"]],
+                       created=[str(c)[:16].replace("T", " ") for c in shown["created_at"]])
+st.dataframe(listing, hide_index=True, column_order=["folder", "analysis", "model", "inputs", "created", "seconds"], column_config={
+    "folder": st.column_config.TextColumn("folder", width=160, help="The result's folder under the results folder above."),
+    "analysis": st.column_config.TextColumn("analysis", width=104), "model": st.column_config.TextColumn("model", width=120),
+    "inputs": st.column_config.TextColumn("inputs", width=226, help="What the analysis read (a long one is cut: the chosen result's details show it whole)."),
+    "created": st.column_config.TextColumn("created (UTC)", width=130),
+    "seconds": st.column_config.NumberColumn("seconds", format="%.2f", width=70)})
 if shown.empty:
     st.stop()
 
@@ -74,6 +83,7 @@ except (SondeError, OSError, ValueError, KeyError, TypeError, AttributeError) as
 man = stored.manifest
 model, timings = ({} if not isinstance(man.get(k), dict) else man[k] for k in ("model", "timings"))
 st.subheader(f"{man['analysis']} on {model.get('name')}")
+st.caption(f"Inputs: {man.get('inputs') or '—'} · key `{man.get('key', '—')}` · folder `{path}`")
 c1, c2, c3 = st.columns(3)
 c1.metric("Tables", len(stored.tables))
 c2.metric("Arrays", len(stored.arrays))

@@ -417,8 +417,8 @@ def _delta_heads_figure(delta, pos_label: str):
     m = float(delta.abs().max()) or 1.0
     fig = px.imshow(delta.numpy(), origin="lower", aspect="auto", color_continuous_scale="RdBu", zmin=-m, zmax=m,
                     labels=dict(x="head", y="layer", color="Δ importance"))
-    fig.update_layout(height=max(300, 14 * delta.shape[0]), margin=dict(l=40, r=20, t=40, b=40),
-                      title=f"Δ head importance (b − a) at {pos_label}: red lower in b, blue higher")
+    fig.update_layout(height=max(300, 14 * delta.shape[0]), margin=dict(l=40, r=20, t=60, b=40),  # two title lines: half a 1280 window
+                      title=f"Δ head importance (b − a) at {pos_label}<br><sup>red: lower in b · blue: higher in b</sup>")
     return fig
 
 
