@@ -66,6 +66,12 @@ def plot_curve(result: "FiberResult", token_id: int):
         tag += " and fiber bundle (" + ("small" if v["reject_fb_small"] else "large") + " radius)"
     fig.update_layout(title=_title(result, f"Token {token_id} {result.token_strs[row]!r}: {tag}"),
                       xaxis_title="log radius", yaxis_title="log volume (neighbour count)", height=440, margin={"t": 60})
+    y = np.concatenate([np.asarray(tr.y, dtype=float) for tr in fig.data if tr.y is not None])
+    y = y[np.isfinite(y)]
+    if y.size:  # headroom above the data for the change labels, which sit at the top of the plot
+        lo, hi = float(y.min()), float(y.max())
+        span = max(hi - lo, 1e-6)
+        fig.update_yaxes(range=[lo - 0.05 * span, hi + 0.15 * span])
     return fig
 
 

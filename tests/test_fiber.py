@@ -472,8 +472,12 @@ def test_embedded_subset_save_load(embedded, tmp_path):
     assert "calibrated" in fig.layout.title.text
     two = df[df["n_segments"] >= 3]  # two change points: their labels point away from each other
     assert len(two), df["n_segments"].value_counts()
-    anns = r.plot_curve(int(two["token_id"].iloc[0])).layout.annotations
+    fig = r.plot_curve(int(two["token_id"].iloc[0]))
+    anns = fig.layout.annotations
     assert [a.text.split(" (")[0] for a in anns] == ["change 1", "change 2"] and [a.xanchor for a in anns] == ["right", "left"]
+    ys = np.concatenate([np.asarray(t.y, dtype=float) for t in fig.data])  # every point and fitted line is inside
+    lo, hi = fig.layout.yaxis.range                                            # the axis, with room for the labels
+    assert lo < np.nanmin(ys) and np.nanmax(ys) + 0.1 * (np.nanmax(ys) - np.nanmin(ys)) < hi
     nb = F.neighborhood(embedded.W_E.detach().float(), r, int(cfg.tokens[3]), n=20)
     assert len(nb) == 20 and nb["distance"].iloc[0] == 0
     with pytest.raises(ConfigError, match="ties its output"):
