@@ -302,9 +302,11 @@ def plot_faithfulness(faith):
             continue
         xs = list(FAITHFUL_KINDS.values())
         ys = [faith.p_clean] + [float(sub[sub.kind == kd].p_target.median()) for kd in list(FAITHFUL_KINDS)[1:]]
-        fig.add_trace(go.Bar(x=xs, y=ys, name=f"{ab} ablation", marker_color=colour,
-                             hovertemplate="%{x}: %{y:.4f}<extra></extra>"))
-    fig.update_layout(barmode="group", height=320, margin=dict(l=10, r=10, t=40, b=40), yaxis_title=f"p({faith.target_token!r})",
+        fig.add_trace(go.Bar(x=xs, y=ys, name=f"{ab} ablation", marker_color=colour, text=[f"{y:.2g}" for y in ys],
+                             textposition="outside", hovertemplate="%{x}: %{y:.3g}<extra></extra>"))
+    # probabilities span many decades (0.7 clean, 1e-9 with the route ablated): a log axis shows every bar
+    fig.update_layout(barmode="group", height=340, margin=dict(l=10, r=10, t=40, b=40),
+                      yaxis=dict(type="log", title=f"p({faith.target_token!r}), log scale", exponentformat="power"),
                       title=f"p({faith.target_token!r}) at position {faith.position} per condition",
                       legend=dict(orientation="h", yanchor="bottom", y=1.0, x=0))
     return fig

@@ -102,6 +102,11 @@ def test_route_finds_planted_head_and_is_faithful(planted):
     assert (fr[fr.kind == "random"].n_heads == 1).all() and (fr[fr.kind == "off_route"].n_heads == 2 * H - 1).all()
     assert len(fr) == 1 + 2 * (2 + 2 * 6)
     json.dumps(f.to_dict())
+    from analyses.routes_plots import plot_faithfulness
+
+    fig = plot_faithfulness(f)  # one bar group per ablation on a log axis: p(target) spans decades
+    assert fig.layout.yaxis.type == "log" and [t.name for t in fig.data] == ["zero ablation", "mean ablation"]
+    assert fig.data[0].y[0] == f.p_clean and fig.data[0].y[2] == s.loc["zero"].p_route
 
 
 def test_faithfulness_same_on_tl(tiny):

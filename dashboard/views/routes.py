@@ -278,7 +278,10 @@ def _faithfulness_view(probe, res, pos: int, tau: float, renorm: bool) -> None:
         except SondeError as e:
             show_error(e)
             return
-        st.dataframe(f.summary(), hide_index=True, key="routes_faith_table")
+        table = f.summary()
+        st.dataframe(table, hide_index=True, key="routes_faith_table",  # probabilities down to 1e-9: scientific notation
+                     column_config={c: st.column_config.NumberColumn(c, format="%.2e") for c in table.columns
+                                    if c.startswith("p_")})
         st.plotly_chart(plot_faithfulness(f), key="routes_faith_chart", config={"displaylogo": False})
         st.caption(f"Route: {len(f.heads)} of {f.n_heads_total} heads, {len(f.ffns)} of {f.n_ffns_total} FFNs; "
                    f"target {f.target_token!r}; mean reference: {f.reference}.")
