@@ -75,6 +75,12 @@ def readable(df: Any, *, digits: int = 3) -> Any:
     return out
 
 
+def token_chip(t: str) -> str:
+    """A token as a Markdown code chip, ``repr`` quoted (so whitespace shows), with no-break spaces inside: the chip
+    never wraps in the middle (a line of chips used to break ``' comprom'`` after its quote)."""
+    return "`" + repr(t).replace(" ", "\u00a0") + "`"
+
+
 def p_value_table(df: Any, columns: Any, *, labels: dict[str, str] | None = None, helps: dict[str, str] | None = None,
                   width: int | None = None) -> tuple[Any, dict[str, Any]]:
     """``(data, column_config)`` for ``st.dataframe`` showing the p-value ``columns`` of ``df`` as

@@ -288,8 +288,8 @@ def component_panel(probe, label: str, *, prompt: str, routes_result=None, posit
                                                                     for r in prof.sink.itertuples()))
             st.plotly_chart(prof.plot(), key=f"{key}-sink-chart", config={"displaylogo": False})
         st.markdown("**Output direction through the unembedding** · promotes "
-                    + ", ".join(f"`{t!r}`" for t, _ in prof.top_tokens[:6]) + " · suppresses "
-                    + ", ".join(f"`{t!r}`" for t, _ in prof.bottom_tokens[:6]))
+                    + ", ".join(components.token_chip(t) for t, _ in prof.top_tokens[:6]) + " · suppresses "
+                    + ", ".join(components.token_chip(t) for t, _ in prof.bottom_tokens[:6]))
         st.caption("Sources: " + "; ".join(f"{k}: {v}" for k, v in prof.sources.items()))
         if actions:
             c1, c2, c3 = st.columns(3)

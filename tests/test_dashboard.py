@@ -392,3 +392,12 @@ def test_server_lets_idle_openmp_workers_sleep_unless_told(preset, expected):
     env.update({"SONDE_NO_WARM": "1", **({"OMP_WAIT_POLICY": preset} if preset else {})})
     p = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.stdout.split()[-2:] == ["False", expected], (p.stdout, p.stderr[-2000:])
+
+
+def test_token_chips_do_not_wrap_inside():
+    """A token chip keeps its quotes and whitespace visible and holds no breakable space, so a line of chips
+    wraps between chips, never after a chip's opening quote."""
+    from dashboard.components import token_chip
+
+    assert token_chip(" comprom") == "`'\u00a0comprom'`" and " " not in token_chip(" a b ")
+    assert token_chip("\n") == "`'\\n'`"

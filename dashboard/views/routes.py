@@ -616,7 +616,7 @@ def main() -> None:
     pred = lens.get(last, [])
     st.markdown(f"**Route to position {pos + offset}** ({res.str_tokens[pos]!r}) — {route.number_of_nodes()} nodes, "
                 f"{route.number_of_edges()} edges; model predicts "
-                + ", ".join(f"`{t!r}` ({p:.2f})" for t, p in pred[:3]))
+                + ", ".join(f"{components.token_chip(t)} ({p:.2f})" for t, p in pred[:3]))
 
     if cmp_mode != "off":
         _compare_view(probe, res, cfg, cmp_mode, cmp_text, prompt=prompt, bos=bos, pos=pos, tau=tau, renorm=renorm,
@@ -665,7 +665,7 @@ def main() -> None:
         st.subheader("Inspect a node")
         node = st.selectbox("Node", nodes, key="routes_node")
         st.query_params["node"] = node
-        st.markdown("Logit lens: " + ", ".join(f"`{t!r}` {p:.3f}" for t, p in lens.get(node, [])))
+        st.markdown("Logit lens: " + ", ".join(f"{components.token_chip(t)} {p:.3f}" for t, p in lens.get(node, [])))
         contrib = {}
         for u, v, d in route.in_edges(node, data=True):
             if d["kind"] == "attn" and d.get("heads"):
@@ -702,8 +702,8 @@ def main() -> None:
                 part_lens = None
             if part_lens:
                 up_, down_ = part_lens
-                st.markdown(f"**{part} at position {npos + offset}** promotes " + ", ".join(f"`{t!r}`" for t, _ in up_)
-                            + " · suppresses " + ", ".join(f"`{t!r}`" for t, _ in down_))
+                st.markdown(f"**{part} at position {npos + offset}** promotes " + ", ".join(components.token_chip(t) for t, _ in up_)
+                            + " · suppresses " + ", ".join(components.token_chip(t) for t, _ in down_))
         tok = res.str_tokens[npos]
         if tok.strip() and npos > 0:
             # propose what the model itself found likely at this position (its prediction one token earlier)
