@@ -167,13 +167,22 @@ def run_cli(args, capsys):
 
 
 def wait_background(at, timeout: float = 240):
-    """Re-run an AppTest while a page shows a background run's progress bar (the run finishes in a thread)."""
+    """Re-run an AppTest while a page shows a background run's progress bar, or holds a run not finished yet (a run
+    still queued shows no bar; the run finishes in a thread)."""
     import time
 
+    def busy() -> bool:
+        jobs = at.session_state["_sonde_jobs"] if "_sonde_jobs" in at.session_state else {}
+        return bool(at.get("progress")) or any(not getattr(j, "finished", True) for j in jobs.values())
+
     deadline = time.time() + timeout
-    while at.get("progress") and not at.exception and time.time() < deadline:
+    reran = False
+    while busy() and not at.exception and time.time() < deadline:
         time.sleep(0.5)
         at.run()
+        reran = True
+    if not reran and "_sonde_jobs" in at.session_state and not at.exception:
+        at.run()  # the page ran before its run finished (it was queued): the run that shows the result
     return at
 
 
