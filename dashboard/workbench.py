@@ -495,6 +495,8 @@ def background_result(key: str, label: str, content_key: str, fn: Callable[[Job]
     """
     from dashboard import state
 
+    if st.session_state.get(f"_bg_sig_{key}") == content_key:  # this tab's run: it saved what the store now holds
+        st.session_state.setdefault("_sonde_computed", set()).add(content_key)
     got = state.find(content_key)
     if got is not None:
         return got
