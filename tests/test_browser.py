@@ -286,7 +286,7 @@ def test_long_prompt_answers_with_a_window(server, browser, embedded):
     2 cores), and the wall time of the page's lens grows with it. Measured on AMD EPYC, 2 cores, 2026-12-07, load
     average 5-10: 940.6 s wall against a forward pass of 48.0 s before and 8.8 s after it (wall ratios 19.6 and 106,
     so a wall-time ratio would depend on when the load changed). In CPU time, at load average 5-7: the server spent
-    372.5 s on the page (490.2 s wall) against 22.8 s for the forward pass, a ratio of 16.4 (benchmarks/RESULTS.md)."""
+    372.5 s on the page (490.2 s wall) against 22.8 s for the forward pass, a ratio of 16.4; at load average 3-6, 278.3 s (255.7 s wall) against 19.2 s, 14.5 (benchmarks/RESULTS.md)."""
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page = browser.new_page(viewport={"width": 1400, "height": 1100})
     page.goto(server["url"] + "/model", wait_until="domcontentloaded")
