@@ -63,6 +63,7 @@ __all__ = [
     "proximity", "attention_importance", "ffn_importance", "neuron_importance", "block_importance",
     "decomposed_attention", "threshold_renormalize", "node_name", "max_prompt_tokens", "max_route_tokens", "describe_edit", "resolve_kernel",
     "explain_attention", "AttentionExplanation", "faithfulness", "Faithfulness", "context_label", "context_model", "compare", "memory_model",
+    "pack_causal", "unpack_causal", "half_if_fits",
 ]
 
 Level = Literal["token", "head", "neuron"]
@@ -673,11 +674,16 @@ class RoutesResult(Result):
 
     saved_views: ClassVar = (("table", "edges", lambda r: r.to_frame()), ("table", "route", lambda r: r.route_frame()),
                              ("array", "head_importance", lambda r: r.head_importance().float()),
-                             ("extra", "position", lambda r: r.position), ("extra", "route", lambda r: _node_link(r.route())))
+                             ("extra", "position", lambda r: r.position), ("extra", "route", lambda r: _node_link(r.route())),
+                             ("table", "attn_lower", lambda r: _lower_table(pack_causal(r.attn, r.rows))),
+                             ("array", "attn_upper", lambda r: pack_causal(r.attn, r.rows).get("upper")),
+                             ("array", "attn", lambda r: pack_causal(r.attn, r.rows).get("dense")))
 
     tokens: torch.Tensor = stored("array")
     str_tokens: list[str] = stored("extra")
-    attn: torch.Tensor = stored("array")
+    # stored packed (see saved_views): the keys up to each query, zstd-compressed in the table ``attn_lower``, and each
+    # row's one value beyond them in the array ``attn_upper``; results saved before packing hold the array ``attn``
+    attn: torch.Tensor = stored(None, read=lambda s: _read_attn(s))
     attn_resid: torch.Tensor = stored("array")
     ffn: torch.Tensor = stored("array")
     ffn_resid: torch.Tensor = stored("array")
@@ -685,7 +691,10 @@ class RoutesResult(Result):
     attn_bias: torch.Tensor | None = stored("array", default=None)
     neurons: torch.Tensor | None = stored("array", default=None)
     neuron_resid: torch.Tensor | None = stored("array", default=None)
-    residuals: dict[str, torch.Tensor] = stored("arrays", key="residual", default_factory=dict)
+    # float16 on disk when every value fits (they are only read through the logit lens), float32 again on load
+    residuals: dict[str, torch.Tensor] = stored("arrays", key="residual", default_factory=dict,
+                                                save=lambda r: {k: half_if_fits(v) for k, v in r.residuals.items()},
+                                                read=lambda s: _read_residuals(s))
     # [L, T] rows computed (top-down mode); None = every row
     computed: torch.Tensor | None = stored("array", default=None, load=lambda a: a.bool())
     # interventions applied during the forward pass (e.g. "ZeroAttention L5 heads=[3]")
@@ -851,6 +860,86 @@ class RoutesResult(Result):
         return plot_heads(self.head_importance(position, tau, renormalize))
 
 
+
+
+def pack_causal(attn: torch.Tensor, rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The stored form of importances ``attn`` [L, R, T, H] (R query rows at positions ``rows``, every position when
+    None): ``lower`` [L, N, H] holds each row's keys up to its query (N = Σ (q + 1): T(T + 1)/2 for a whole result),
+    ``upper`` [L, R] the one value every later key of that row holds (ε divided by the row's sum; 0 for the last
+    position, which has no later key). :func:`unpack_causal` gives ``attn`` back bit for bit; importances whose later
+    keys do not hold one value per row are returned whole (``{"dense": attn}``), never approximated."""
+    L, R, T, H = attn.shape
+    mask = _causal_mask(rows, R, T)
+    upper = attn[:, :, T - 1, 0].clone()
+    q = torch.arange(T) if rows is None else rows.cpu().long()
+    upper[:, q == T - 1] = 0
+    if not torch.equal(torch.where(mask[None, :, :, None], attn, upper[:, :, None, None]), attn):
+        return {"dense": attn}
+    return {"lower": attn[:, mask], "upper": upper}
+
+
+def unpack_causal(lower: torch.Tensor, upper: torch.Tensor, T: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """The importances [L, R, T, H] that :func:`pack_causal` stored as ``lower`` [L, N, H] and ``upper`` [L, R]."""
+    (L, R), H = upper.shape, lower.shape[-1]
+    mask = _causal_mask(rows, R, T)
+    if lower.shape[:2] != (L, int(mask.sum())):
+        raise InputError(f"the stored importances ({tuple(lower.shape)}) do not fit {R} rows over {T} tokens; the result is damaged.",
+                         hint="Re-run the analysis.")
+    attn = upper[:, :, None, None].expand(L, R, T, H).clone()
+    attn[:, mask] = lower
+    return attn
+
+
+def _causal_mask(rows: torch.Tensor | None, R: int, T: int) -> torch.Tensor:
+    """[R, T]: key k is at or before row r's query position."""
+    q = torch.arange(T) if rows is None else rows.cpu().long()
+    if q.numel() != R:
+        raise InputError(f"{R} stored importance rows but {q.numel()} query positions; the result is damaged.", hint="Re-run the analysis.")
+    return torch.arange(T)[None, :] <= q[:, None]
+
+
+def _lower_table(packed: Mapping[str, torch.Tensor]) -> pd.DataFrame | None:
+    """The packed importances ``lower`` [L, N, H] as a one-column table (``value``, in [L, N, H] order), or None when
+    :func:`pack_causal` kept them whole."""
+    if "lower" not in packed:
+        return None
+    return pd.DataFrame({"value": packed["lower"].reshape(-1).numpy()})
+
+
+def _read_attn(s) -> torch.Tensor:
+    """The importances of a stored result: packed (the table ``attn_lower`` and the array ``attn_upper``) or whole
+    (the array ``attn``: results saved before packing, and importances :func:`pack_causal` keeps whole)."""
+    a = s.arrays
+    if "attn" in a:
+        return a["attn"]
+    if "attn_lower" not in s.tables or "attn_upper" not in a or "tokens" not in a:
+        raise InputError(f"{str(s.path)!r} lacks the importances of its routes result (attn).",
+                         hint="The result is incomplete or damaged; re-run the analysis.")
+    upper, T, rows = a["attn_upper"], int(a["tokens"].numel()), a.get("rows")
+    values = torch.from_numpy(s.tables["attn_lower"]["value"].to_numpy(dtype=upper.numpy().dtype, copy=True))
+    L, N = upper.shape[0], int(_causal_mask(rows, upper.shape[1], T).sum())
+    if L * N == 0:  # no stored row: the head count comes from the model
+        return unpack_causal(values.reshape(L, N, int(s.manifest["model"]["n_heads"])), upper, T, rows)
+    if values.numel() % (L * N):
+        raise InputError(f"the stored importances ({values.numel()} values) do not fit {upper.shape[1]} rows over {T} tokens "
+                         f"in {L} layers; the result is damaged.", hint="Re-run the analysis.")
+    return unpack_causal(values.reshape(L, N, -1), upper, T, rows)
+
+
+FLOAT16_MAX = float(torch.finfo(torch.float16).max)
+
+
+def half_if_fits(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as float16 when every value is finite and within float16's range (a relative error of at most 2^-11 for
+    normal values), else unchanged."""
+    if not x.is_floating_point() or x.dtype == torch.float16 or x.numel() == 0:
+        return x
+    return x.half() if bool(torch.isfinite(x).all()) and float(x.abs().max()) <= FLOAT16_MAX else x
+
+
+def _read_residuals(s) -> dict[str, torch.Tensor]:
+    """The kept residuals (``residual.<name>``), float16 ones widened to float32."""
+    return {k[len("residual."):]: (v.float() if v.dtype == torch.float16 else v) for k, v in s.arrays.items() if k.startswith("residual.")}
 
 
 def _node_link(g) -> dict[str, Any]:

@@ -390,15 +390,12 @@ def _save(res: Any) -> str | None:
 
 def folder_size(folder: str | Path) -> str:
     """The bytes a result folder takes on disk, readable (``"2.3 MB"``); ``"?"`` when it cannot be read."""
+    from analyses.core.store import readable_bytes, stored_bytes
+
     try:
-        n = sum(e.stat().st_size for e in Path(folder).rglob("*") if e.is_file() and not e.is_symlink())
+        return readable_bytes(stored_bytes(folder))
     except OSError:
         return "?"
-    for unit in ("bytes", "kB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:,.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1000
-    return "?"
 
 
 def _caption(key: str, folder: str | None) -> None:

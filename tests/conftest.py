@@ -224,7 +224,7 @@ def server(tmp_path_factory, embedded):
                     log.seek(0)
                     pytest.fail(f"streamlit did not start (exit {proc.poll()}):\n{log.read()[-3000:]}")
                 time.sleep(0.5)
-        yield {"url": url, "results": results, "log": log_path}
+        yield {"url": url, "results": results, "log": log_path, "pid": proc.pid}
     finally:
         proc.terminate()
         try:

@@ -5,6 +5,7 @@ backend parity, route extraction, dataset mode, CLI and dashboard page."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -366,6 +367,13 @@ def test_cli(tmp_path, capsys):
     main(["run", "routes", "--prompt", "Paris is the capital of", "--out", str(out), "--graphml", str(tmp_path / "g.graphml"), "--json", "--device", "cpu"])
     got = json.loads(capsys.readouterr().out)
     assert got["result"] == str(out) and got["route_edges"] > 0 and (tmp_path / "g.graphml").is_file()
+    from analyses.core import store
+
+    assert got["stored_bytes"] == store.stored_bytes(out) > 0  # the size of what was saved
+    main(["run", "routes", "--prompt", "Paris is the capital of", "--out", str(tmp_path / "res2"), "--device", "cpu"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last == f"saved {tmp_path / 'res2'} ({store.readable_bytes(store.stored_bytes(tmp_path / 'res2'))})", last
+    assert re.fullmatch(r"saved .* \([\d.]+ (kB|MB)\)", last)
     data = tmp_path / "p.jsonl"
     data.write_text('{"text": "Paris is in", "domain": "geo"}\n{"text": "2 + 2 =", "domain": "math"}\n')
     main(["run", "routes", "--input", str(data), "--out", str(tmp_path / "ds"), "--json", "--device", "cpu"])

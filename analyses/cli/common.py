@@ -576,12 +576,16 @@ def echo_json(obj: Any) -> None:
 
 
 def saved(path: Path, as_json: bool, summary: dict | None = None) -> None:
+    """Report a saved result: its summary, its folder and the bytes it takes on disk (JSON: ``stored_bytes``)."""
+    from analyses.core.store import readable_bytes, stored_bytes
+
+    size = stored_bytes(path)
     if as_json:
-        echo_json({"result": str(path), **(summary or {})})
+        echo_json({"result": str(path), "stored_bytes": size, **(summary or {})})
     else:
         for k, v in (summary or {}).items():
             typer.echo(f"{k}: {v}")
-        typer.echo(f"saved {path}")
+        typer.echo(f"saved {path} ({readable_bytes(size)})")
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None, _orig=None):

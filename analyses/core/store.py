@@ -77,6 +77,8 @@ __all__ = [
     "remove_result",
     "scratch_prefix",
     "clean_stale",
+    "stored_bytes",
+    "readable_bytes",
 ]
 
 MANIFEST = "manifest.json"
@@ -475,7 +477,10 @@ def write_result(
         for name in tables:
             _check_table_name(name)
         for name, df in tables.items():
-            df.to_parquet(tmp / f"{name}.parquet", index=False)
+            # zstd: smaller than snappy and as fast to read; dictionaries for labels only (a float column's values
+            # rarely repeat, and dictionary-encoding them made a table of 8.9M importances 19 % larger and 5x slower to write)
+            df.to_parquet(tmp / f"{name}.parquet", index=False, compression="zstd",
+                          use_dictionary=[str(c) for c, t in df.dtypes.items() if not pd.api.types.is_float_dtype(t)])
         if arrays:
             from safetensors.torch import save_file
 
@@ -750,6 +755,21 @@ def read_result(path: str | Path) -> StoredResult:
 
         arrays = load_file(str(p / ARRAYS))
     return StoredResult(p, man, tables, arrays)
+
+
+def stored_bytes(folder: str | Path) -> int:
+    """The bytes a result folder takes on disk: its plain files, at any depth (links are not followed)."""
+    return sum(e.stat().st_size for e in Path(folder).rglob("*") if e.is_file() and not e.is_symlink())
+
+
+def readable_bytes(n: int) -> str:
+    """A byte count for people: ``"812 bytes"``, ``"2.3 MB"`` (powers of 1000)."""
+    x = float(n)
+    for unit in ("bytes", "kB", "MB", "GB"):
+        if x < 1000 or unit == "GB":
+            return f"{x:,.0f} {unit}" if unit == "bytes" else f"{x:.1f} {unit}"
+        x /= 1000
+    return f"{x:.1f} GB"
 
 
 def list_results(root: str | Path | None = None) -> pd.DataFrame:
