@@ -303,6 +303,7 @@ class FiberResult(Result):
     analysis: ClassVar[str] = "fiber"
 
     saved_views: ClassVar = (("table", "main", lambda r: r.to_frame()), ("table", "segments", lambda r: r.segments_frame()))
+    p_value_columns: ClassVar = ("p_manifold", "p_raw_min", "p_holm", "p_bh", "p_gap", "p")
 
     source: str = stored("extra")
     n_points: int = stored("extra")

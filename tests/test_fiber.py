@@ -569,3 +569,21 @@ def test_calibration_is_kept_in_the_cache_and_read_back_exactly(tmp_path, monkey
     fs.calibration.cache_clear()
     assert fs.calibration(10, 40, fs.MIN_SEGMENT, 300, 0) == fresh  # damaged: recomputed
     fs.calibration.cache_clear()
+
+
+def test_report_prints_p_values_as_the_pages_do(tiny, tmp_path):
+    """The one-file HTML report prints the columns the result declares as p-values with format_p: scientific
+    notation, an exact 0 (underflow) as "< 1e-300" with the note saying why; other numbers stay as they were."""
+    import dataclasses
+
+    from analyses.core.report import P_FLOOR, format_p, html_report
+
+    r = F.run(tiny("gpt2"), config=F.Config(vol_max=100, keep_curves="none"))
+    p = r.p_manifold.clone()
+    p[0] = 0.0  # an underflowed p
+    r = dataclasses.replace(r, p_manifold=p)
+    for src in (r, r.save(tmp_path / "fib")):  # a result in memory and a saved folder
+        html = html_report(src).decode()
+        assert f"<td>{P_FLOOR}</td>" in html.replace("&lt;", "<") and "underflowed" in html
+        assert f"<td>{format_p(float(p[1]))}</td>" in html
+    assert "p" in F.FiberResult.p_value_columns and "p_manifold" in F.FiberResult.p_value_columns

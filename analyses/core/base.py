@@ -267,6 +267,9 @@ class Result:
     analysis: ClassVar[str] = "result"
     # what is saved but not held: (kind, key, fn(result)), e.g. ("table", "main", lambda r: r.to_frame())
     saved_views: ClassVar[tuple[tuple[str, str, Callable[[Any], Any]], ...]] = (("table", "main", lambda r: r.to_frame()),)
+    # table columns that hold p-values: reports and pages print them with analyses.core.report.format_p
+    # ("9.00e-37", an exact 0 as "< 1e-300"); other "p_*" columns of some analyses are plain probabilities
+    p_value_columns: ClassVar[tuple[str, ...]] = ()
 
     config: Config
     model: dict[str, Any]  # probes.ModelInfo.to_dict()

@@ -241,17 +241,37 @@ def html_report(result: Any, *, figures: Mapping[str, Any] | Sequence[Any] | Non
         parts.append(f"<h2>{esc(cap or 'Chart')}</h2>")
         parts.append(_figure_html(fig, full=False, plotlyjs=first))
         first = False
+    pcols = set(_p_value_columns(man, loaded))
     for name, df in tables.items():
         if df is None or not len(df.columns):
             continue
         more = f" (first {REPORT_ROWS} of {len(df)} rows)" if len(df) > REPORT_ROWS else f" ({len(df)} rows)"
         parts.append(f"<h2>Table {esc(name)}{more}</h2>")
-        parts.append(df.head(REPORT_ROWS).to_html(index=False, border=0, na_rep="", escape=True))
+        head = df.head(REPORT_ROWS)
+        ps = [c for c in head.columns if c in pcols]
+        if ps:  # p-values as the pages print them: "9.00e-37", an exact 0 (underflow) as "< 1e-300", "∞", "—"
+            head = head.assign(**{c: head[c].map(format_p) for c in ps})
+            parts.append(f"<p class='meta'>{esc(P_FLOOR_NOTE)}</p>")
+        parts.append(head.to_html(index=False, border=0, na_rep="", escape=True))
     if code:
         parts.append(f"<h2>Reproduce in a notebook</h2><pre>{esc(code.strip())}</pre>")
     parts.append("<h2>Manifest</h2><pre>" + esc(json.dumps(man, indent=2, default=str)) + "</pre>")
     parts.append("</body></html>")
     return "\n".join(parts).encode("utf-8")
+
+
+def _p_value_columns(man: Mapping[str, Any], loaded: Any) -> tuple[str, ...]:
+    """The p-value columns the result's class declares (:attr:`Result.p_value_columns`), found from the loaded result
+    or, for a folder that does not load, from the analysis the manifest names."""
+    cols = getattr(type(loaded), "p_value_columns", None) if loaded is not None else None
+    if cols is None:
+        try:
+            from . import registry
+
+            cols = getattr(registry.get(str(man.get("analysis"))).result, "p_value_columns", ())
+        except Exception:  # noqa: BLE001 - an unknown analysis prints its numbers plainly
+            cols = ()
+    return tuple(cols)
 
 
 def html_page(title: str, *, facts: Mapping[str, Any] | None = None, figures: Mapping[str, Any] | None = None,

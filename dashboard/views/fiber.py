@@ -116,7 +116,7 @@ shown = view[[c for c in cols if c and c in view]]
 if "reject_fb_small" in view:  # the two fiber-bundle rejections in one short column
     fb = view["reject_fb_small"].astype(int) + 2 * view["reject_fb_large"].astype(int)
     shown = shown.assign(fb=fb.map({0: "no", 1: "small", 2: "large", 3: "both"}).to_numpy())
-pcols = [c for c in ("p_manifold", "p_holm", "p_bh", "p_gap") if c in shown]
+pcols = [c for c in F.FiberResult.p_value_columns if c in shown]  # the columns the result declares as p-values
 shown = components.readable(shown.drop(columns=pcols), digits=2).assign(**{c: shown[c] for c in pcols})[list(shown.columns)]
 data, pconf = components.p_value_table(
     shown, pcols, labels={"p_manifold": "p", "p_holm": "p (Holm)", "p_bh": "p (BH)", "p_gap": "p gap"},
