@@ -1163,10 +1163,17 @@ class BigramResult(Result):
 
         c = self.curve
         fig = make_subplots(specs=[[{"secondary_y": True}]])
-        fig.add_trace(go.Scatter(x=c["step"], y=c["xent"], name="xent (nats)"), secondary_y=False)
-        fig.add_trace(go.Scatter(x=c["step"], y=c["kept"], name="kept (s>0)"), secondary_y=True)
-        fig.add_trace(go.Scatter(x=c["step"], y=c["undecided"], name="undecided"), secondary_y=True)
+        fig.add_trace(go.Scatter(x=c["step"], y=c["xent"], name="xent (nats)", line=dict(color="#1f77b4", width=2)),
+                      secondary_y=False)
+        # the two mask fractions on the right axis, in colours and dashes of their own (not a lighter blue)
+        fig.add_trace(go.Scatter(x=c["step"], y=c["kept"], name="kept (s>0)", line=dict(color="#2ca02c", width=2, dash="dash")),
+                      secondary_y=True)
+        fig.add_trace(go.Scatter(x=c["step"], y=c["undecided"], name="undecided", line=dict(color="#d62728", width=2, dash="dot")),
+                      secondary_y=True)
         fig.update_layout(title="Training curve", xaxis_title="step")
+        fig.update_yaxes(title_text="cross-entropy (nats)", secondary_y=False)
+        fig.update_yaxes(title_text="fraction of masked weights", range=[0, 1.02], tickformat=".0%", tickmode="linear",
+                         tick0=0, dtick=0.2, showgrid=False, secondary_y=True)
         return fig
 
 

@@ -390,6 +390,9 @@ def test_unit_sparsity_shapes_and_totals(learned):
     assert set(learned.per_layer()["layer"]) == {0, 1}
     fig = learned.plot()
     assert fig.data and learned.plot_curve().data and learned.plot_heads().data
+    curve = learned.plot_curve()  # the mask fractions read on a 0-100 % right axis, each line in its own colour
+    assert curve.layout.yaxis2.range == (0, 1.02) and curve.layout.yaxis2.tickformat == ".0%" and curve.layout.yaxis2.dtick == 0.2
+    assert len({t.line.color for t in curve.data}) == 3
 
 
 def test_save_load_roundtrip_packed_masks(learned, tmp_path):
