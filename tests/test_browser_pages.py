@@ -110,16 +110,23 @@ def test_long_prompt_keeps_every_page_responsive(server, browser, name):
     ctx.close()
 
 
+def _open_routes(server, browser, params: dict):
+    """A fresh 1600x1000 browser context on /routes with ``params`` in the URL, settled, with no exception and no
+    error shown: ``(context, page)``."""
+    ctx = browser.new_context(viewport={"width": 1600, "height": 1000})
+    page = ctx.new_page()
+    page.goto(f"{server['url']}/routes?{urlencode(params)}", wait_until="domcontentloaded")
+    _settle(page, HEADINGS["routes"], COLD_START_S)
+    _no_exception(page)
+    assert page.locator("[data-testid='stAlertContentError']").count() == 0, page.inner_text("body")[:1500]
+    return ctx, page
+
+
 def test_routes_compare_link_draws_both_contexts(server, browser):
     """A link to compare mode (a second prompt) draws the comparison in a fresh session, keeps its settings in the URL
     and shows no error; its screenshot at 1600x1000 is the documentation's picture of the mode."""
     given = {**CONTEXT, "cmp": "prompt", "prompt_b": "The Colosseum is located in the city of"}
-    ctx = browser.new_context(viewport={"width": 1600, "height": 1000})
-    page = ctx.new_page()
-    page.goto(f"{server['url']}/routes?{urlencode(given)}", wait_until="domcontentloaded")
-    _settle(page, HEADINGS["routes"], COLD_START_S)
-    _no_exception(page)
-    assert page.locator("[data-testid='stAlertContentError']").count() == 0, page.inner_text("body")[:1500]
+    ctx, page = _open_routes(server, browser, given)
     back = {k: v[0] for k, v in parse_qs(urlparse(page.url).query).items()}
     assert {k: back.get(k) for k in given} == given
     heading = page.get_by_role("heading", name="Two contexts side by side").first
@@ -160,12 +167,7 @@ def test_routes_explain_and_faithfulness_views(server, browser, embedded):
     contributor bars); the faithfulness panel beside the graph runs its ablation checks. Their 1600x1000 screenshots
     are the documentation's pictures of the two views (docs/img/routes_explain.png, routes_faithful.png)."""
     node = _heaviest_attention_node(embedded, CONTEXT["prompt"])
-    ctx = browser.new_context(viewport={"width": 1600, "height": 1000})
-    page = ctx.new_page()
-    page.goto(f"{server['url']}/routes?{urlencode({**CONTEXT, 'node': node})}", wait_until="domcontentloaded")
-    _settle(page, HEADINGS["routes"], COLD_START_S)
-    _no_exception(page)
-    assert page.locator("[data-testid='stAlertContentError']").count() == 0, page.inner_text("body")[:1500]
+    ctx, page = _open_routes(server, browser, {**CONTEXT, "node": node})
     heading = page.get_by_role("heading", name="Why this head attends").first
     heading.wait_for(timeout=60_000)
     heading.evaluate("e => e.scrollIntoView({block: 'start'})")
