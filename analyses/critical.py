@@ -41,6 +41,7 @@ import pandas as pd
 import torch
 
 from probes.errors import ConfigError, InputError
+from probes.generation import Rollouts, sample_many
 
 from .core.base import Config as _BaseConfig
 from .core.base import Result, Timer, option, register_result, stored
@@ -325,18 +326,26 @@ def _eos_ids(probe) -> set[int]:
 _TAIL = 48  # tokens of text the answer check reads: a written answer ("The answer is 12.") is far shorter
 
 
-@dataclass(frozen=True)
-class _Rows:
-    """One prefix's rollouts for :func:`_generate_many`: ``n`` continuations of ``prompt ⊕ prefix_resp`` from rows
-    seeded by ``(seed, r)``; ``first``: one forced token per row; ``on_row(r, ids) -> bool`` sees each row as it ends
-    (EOS stripped) and True stops this prefix."""
+def _rollouts(probe, cfg: Config, prompt_ids: Sequence[int], prefix_resp: Sequence[int], n: int, seed: int, *,
+              first: Sequence[int] | None = None,
+              on_row: Callable[[int, list[int]], bool] | None = None) -> Rollouts:
+    """One prefix's rows for :func:`_generate_many`: ``n`` continuations of ``prompt ⊕ prefix_resp`` (rows seeded by
+    ``(seed, r)``, at most ``cfg.max_new_tokens`` and the context's room), stopped at a written answer when
+    ``cfg.stop_at_answer``; ``on_row(r, ids) -> bool`` sees each row as it ends (EOS stripped), True stops this prefix."""
+    T = len(prompt_ids) + len(prefix_resp) + (first is not None)
+    room = probe.info.n_ctx - T
+    if room < 1:
+        raise InputError(f"prompt + response prefix is {T} tokens; the model takes at most {probe.info.n_ctx}.")
+    eos, pad = _eos_ids(probe), _pad_id(probe)
+    return Rollouts(list(prompt_ids) + list(prefix_resp), n, seed, first,
+                    _answer_stop(probe.tokenizer, list(prefix_resp)) if cfg.stop_at_answer else None,
+                    None if on_row is None else (lambda r, ids: on_row(r, _strip(ids, eos, pad))),
+                    min(cfg.max_new_tokens, room))
 
-    prompt_ids: list[int]
-    prefix_resp: list[int]
-    n: int
-    seed: int
-    first: Sequence[int] | None = None
-    on_row: Callable[[int, list[int]], bool] | None = None
+
+def _pad_id(probe) -> int:
+    tok = probe.tokenizer
+    return tok.pad_token_id if tok.pad_token_id is not None else next(iter(_eos_ids(probe)), 0)
 
 
 @torch.no_grad()
@@ -345,13 +354,14 @@ def _generate(probe, prompt_ids: list[int], prefix_resp: list[int], n: int, cfg:
               on_row: Callable[[int, list[int]], bool] | None = None) -> list[list[int] | None]:
     """``n`` sampled continuations (new token ids, EOS stripped) of ``prompt ⊕ prefix_resp``: :func:`_generate_many`
     for one prefix."""
-    return _generate_many(probe, [_Rows(prompt_ids, prefix_resp, n, seed, first, on_row)], cfg, batch_size=batch_size)[0]
+    group = _rollouts(probe, cfg, prompt_ids, prefix_resp, n, seed, first=first, on_row=on_row)
+    return _generate_many(probe, [group], cfg, batch_size=batch_size)[0]
 
 
 @torch.no_grad()
-def _generate_many(probe, groups: Sequence[_Rows], cfg: Config, *, batch_size: int | None = None,
+def _generate_many(probe, groups: Sequence[Rollouts], cfg: Config, *, batch_size: int | None = None,
                    chunk: int | None = None) -> list[list[list[int] | None]]:
-    """The continuations of several prefixes (new token ids, EOS stripped), per prefix and row.
+    """The continuations of several prefixes (:func:`_rollouts`; new token ids, EOS stripped), per prefix and row.
 
     One batched decode (:func:`probes.generation.sample_many`): each prefix's KV cache is computed once and copied
     into its rows; prefixes of different lengths share batches (left-padded, masked) of up to ``batch_size`` rows
@@ -363,7 +373,7 @@ def _generate_many(probe, groups: Sequence[_Rows], cfg: Config, *, batch_size: i
         for g in groups:
             if g.first is not None:
                 raise ConfigError("forced first tokens are not sent to vLLM.", hint="Roll each forced token out as its own prefix.")
-            rows = _generate_vllm(probe, g.prompt_ids, g.prefix_resp, g.n, cfg, g.seed)
+            rows = _generate_vllm(probe, list(g.tokens), [], g.n, cfg, g.seed)
             if g.on_row is not None:
                 for r, row in enumerate(rows):
                     if g.on_row(r, row):
@@ -371,22 +381,8 @@ def _generate_many(probe, groups: Sequence[_Rows], cfg: Config, *, batch_size: i
                         break
             out.append(rows)
         return out
-    from probes.generation import Rollouts, sample_many
-
-    tok = probe.tokenizer
-    eos = _eos_ids(probe)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else next(iter(eos), 0)
-    jobs = []
-    for g in groups:
-        T = len(g.prompt_ids) + len(g.prefix_resp) + (g.first is not None)
-        room = probe.info.n_ctx - T
-        if room < 1:
-            raise InputError(f"prompt + response prefix is {T} tokens; the model takes at most {probe.info.n_ctx}.")
-        jobs.append(Rollouts(list(g.prompt_ids) + list(g.prefix_resp), g.n, g.seed, g.first,
-                             _answer_stop(tok, g.prefix_resp) if cfg.stop_at_answer else None,
-                             None if g.on_row is None else (lambda r, ids, f=g.on_row: f(r, _strip(ids, eos, pad))),
-                             min(cfg.max_new_tokens, room)))
-    rows = sample_many(probe, jobs, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+    eos, pad = _eos_ids(probe), _pad_id(probe)
+    rows = sample_many(probe, groups, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                        batch_size=batch_size or cfg.batch_size, chunk=chunk, eos=eos, pad=pad, prefix_cache=cfg.prefix_cache)
     return [[None if row is None else _strip(row, eos, pad) for row in g] for g in rows]
 
@@ -512,7 +508,8 @@ def sequential_rollouts_many(probe, prompt_ids: Sequence[int], response_ids: Seq
                     on_done(k)
             return state["done"]
 
-        groups.append(_Rows(list(prompt_ids), prefix, cfg.n_rollouts, _seed_for(cfg.seed if seed is None else seed, k), None, on_row))
+        groups.append(_rollouts(probe, cfg, prompt_ids, prefix, cfg.n_rollouts, _seed_for(cfg.seed if seed is None else seed, k),
+                                on_row=on_row))
     chunk = min(cfg.chunk, cfg.batch_size) if cfg.sequential else cfg.batch_size
     _generate_many(probe, groups, cfg, chunk=chunk)
     return out
@@ -527,8 +524,8 @@ def sample_trajectories(probe, problems: Sequence[Problem], cfg: Config = Config
 
     out = []
     bar = phase(progress, "sampling", len(problems) * cfg.n_samples, "responses")
-    groups = [_Rows(probe.to_tokens(format_prompt(probe, p))[0].tolist(), [], cfg.n_samples, _seed_for(cfg.seed, 10_000 + i),
-                    on_row=lambda r, ids: bool(bar.advance())) for i, p in enumerate(problems)]
+    groups = [_rollouts(probe, cfg, probe.to_tokens(format_prompt(probe, p))[0].tolist(), [], cfg.n_samples,
+                        _seed_for(cfg.seed, 10_000 + i), on_row=lambda r, ids: bool(bar.advance())) for i, p in enumerate(problems)]
     for i, (p, conts) in enumerate(zip(problems, _generate_many(probe, groups, cfg))):
         chk = checkers[i] if checkers is not None else make_checker(p, cfg.checker, cfg.tol)
         for j, c in enumerate(conts):

@@ -404,6 +404,12 @@ class _Engine:
             self.model(input_ids=self.shared[g].expand(rows, -1), use_cache=True, **{self.kw_cache: c}, **self.keep)
         return c
 
+    def base(self, g: int) -> Any:
+        """Group ``g``'s one-row prefix cache, computed on first use and kept while its rows still start."""
+        if g not in self.bases:
+            self.bases[g] = self.prefill(g, 1)
+        return self.bases[g]
+
     def report(self, g: int, r: int, ids: list[int]) -> None:
         self.out[g][r] = ids
         cb = self.groups[g].on_row
@@ -440,14 +446,12 @@ class _Engine:
             g = order[0]
             if not self.prefix_cache:
                 return self.prefill(g, count[g]), None
-            if g not in self.bases:
-                self.bases[g] = self.prefill(g, 1)
-            cache = copy.deepcopy(self.bases[g])
+            cache = copy.deepcopy(self.base(g))  # any cache type (sliding windows too): copied, never rebuilt
             if count[g] > 1 and cache.get_seq_length() > 0:
                 cache.batch_repeat_interleave(count[g])
             return cache, None
         if self.prefix_cache:
-            parts = {g: self.bases[g] if g in self.bases else self.bases.setdefault(g, self.prefill(g, 1)) for g in order}
+            parts = {g: self.base(g) for g in order}
             rows = torch.tensor([order.index(g) for g in gs], device=self.probe.device)
         else:
             parts = {g: self.prefill(g, count[g]) for g in order}
@@ -456,23 +460,23 @@ class _Engine:
 
         lens = {g: self.shared[g].shape[1] for g in order}
         S = max(lens.values())
-        mask = torch.stack([torch.arange(S, device=self.probe.device) >= S - lens[g] for g in gs]).long()
-        if S == 0:
-            return DynamicCache(config=self.model.config), mask
-        ref = next(parts[g] for g in order if lens[g])
+        mask = None if min(lens.values()) == S else \
+            torch.stack([torch.arange(S, device=self.probe.device) >= S - lens[g] for g in gs]).long()
         cache = DynamicCache(config=self.model.config)
+        if S == 0:
+            return cache, mask
+        ref = next(parts[g] for g in order if lens[g])
         for li, layer in enumerate(ref.layers):
             ks, vs = [], []
             for g in order:
-                c = parts[g]
                 if lens[g]:
-                    k, v = c.layers[li].keys, c.layers[li].values
-                else:
-                    k = layer.keys.new_zeros((count[g] if not self.prefix_cache else 1, *layer.keys.shape[1:-2], 0, layer.keys.shape[-1]))
-                    v = layer.values.new_zeros((k.shape[0], *layer.values.shape[1:-2], 0, layer.values.shape[-1]))
-                pad = S - lens[g]
-                ks.append(torch.nn.functional.pad(k, (0, 0, pad, 0)))
-                vs.append(torch.nn.functional.pad(v, (0, 0, pad, 0)))
+                    pad = (0, 0, S - lens[g], 0)  # left: the prefix ends where every other row's does
+                    ks.append(torch.nn.functional.pad(parts[g].layers[li].keys, pad))
+                    vs.append(torch.nn.functional.pad(parts[g].layers[li].values, pad))
+                else:  # an empty prefix (one token, fed per row): its rows hold padding only
+                    b = 1 if self.prefix_cache else count[g]
+                    ks.append(layer.keys.new_zeros((b, *layer.keys.shape[1:-2], S, layer.keys.shape[-1])))
+                    vs.append(layer.values.new_zeros((b, *layer.values.shape[1:-2], S, layer.values.shape[-1])))
             cache.update(torch.cat(ks).index_select(0, rows), torch.cat(vs).index_select(0, rows), li)
         return cache, mask
 
