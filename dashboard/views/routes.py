@@ -314,7 +314,7 @@ def _head_label_ok(probe):
 COMPARE = {"off": "off", "prompt": "a second prompt (same model)", "model": "a second model (same prompt)",
            "adapter": "this model with a LoRA adapter", "dtype": "this model in another dtype"}
 B_PARAM = {"prompt": "prompt_b", "model": "model_b", "adapter": "adapter_b", "dtype": "dtype_b"}  # context b's URL parameter
-B_DTYPES = ["float32", "bfloat16", "float16"]
+B_DTYPES = [d for d in state.DTYPES if d != "auto"]  # the sidebar's dtypes: b names one explicitly
 
 
 def _nonempty(what: str):
